@@ -1,0 +1,232 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * The parts of ngx_http_meter_module that do not need nginx: key hashing,
+ * hour bucketing, directive argument parsing, the shared-memory counter
+ * table and flush batching.  Kept free of nginx types so that cmocka tests
+ * link them directly.
+ *
+ * The counter table is a fixed-size open-addressing hash table placed in
+ * the shared-memory zone.  Requests update it without any lock:
+ *
+ *   - a slot is claimed with a compare-and-swap of its state
+ *     (EMPTY or reusable TOMB -> CLAIM), filled, then published as LIVE;
+ *   - a LIVE slot's count grows with a compare-and-swap that fails when the
+ *     slot's DEAD bit is set (it is being evicted);
+ *   - eviction (flusher only) sets the DEAD bit with a compare-and-swap that
+ *     succeeds only when count == flushed, so no increment is ever lost;
+ *   - a tombstone is reused only after METER_TOMB_GRACE seconds, so a request
+ *     that matched the old key can no longer be between its lookup and its
+ *     compare-and-swap.
+ *
+ * Two slots for the same (hour, key, meter) may exist (two workers claiming
+ * at once, a slot skipped while CLAIM).  That is harmless by design: every
+ * slot has its own GEN, hence its own Redis field, and totals are sums over
+ * fields (docs/redis-schema.md).  A worker killed in the middle of a claim
+ * leaves a CLAIM slot that the flusher turns into a tombstone later; nothing
+ * a killed process leaves behind is a lock.
+ */
+
+
+#ifndef _METER_CORE_H_INCLUDED_
+#define _METER_CORE_H_INCLUDED_
+
+
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+
+#define METER_HASH_LEN          32      /* binary SHA-256 */
+#define METER_HEX_LEN           64
+#define METER_NAME_MAX          32
+#define METER_HOUR_LEN          10      /* "YYYYMMDDHH" */
+#define METER_STATUS_RANGES_MAX 16
+
+#define METER_DEAD              ((uint64_t) 1 << 63)
+#define METER_VALUE_MAX         (METER_DEAD - 1)
+
+#define METER_SLOT_EMPTY        0
+#define METER_SLOT_CLAIM        1
+#define METER_SLOT_LIVE         2
+#define METER_SLOT_TOMB         3
+
+#define METER_TOMB_GRACE        60      /* seconds before a tombstone is reused */
+#define METER_CLAIM_STUCK       60      /* seconds before a CLAIM is abandoned */
+#define METER_PROBE_MAX         256     /* probe length limit: table "full" */
+
+/* redis key/field buffer sizes, including the terminating NUL */
+#define METER_DATA_KEY_SIZE     (sizeof("mtr:u:{}:") - 1 + METER_HEX_LEN  \
+                                 + METER_HOUR_LEN + 1)
+#define METER_IDX_KEY_SIZE      (sizeof("mtr:idx:") - 1 + METER_HOUR_LEN + 1)
+#define METER_FIELD_SIZE        (METER_NAME_MAX + 1 + 16 + 1 + 10 + 1)
+
+
+/* key hashing: out gets the binary SHA-256 of the key */
+void meter_key_hash(const void *key, size_t len,
+    uint8_t out[METER_HASH_LEN]);
+/* lowercase hex of n bytes; out must have room for 2 * n + 1 chars */
+void meter_hex(const uint8_t *in, size_t n, char *out);
+
+
+/* hour bucketing: hours since the Unix epoch, UTC */
+uint32_t meter_hour(time_t t);
+time_t meter_hour_start(uint32_t hour);
+/* writes "YYYYMMDDHH" + NUL into buf (METER_HOUR_LEN + 1 bytes), returns 10 */
+size_t meter_hour_format(uint32_t hour, char *buf);
+
+
+/*
+ * Directive argument parsing.  All return 0 on success and -1 on error,
+ * with *err set to a static message naming the bad part.
+ */
+
+typedef struct {
+    uint16_t                    lo;
+    uint16_t                    hi;
+} meter_status_range_t;
+
+typedef struct {
+    meter_status_range_t        r[METER_STATUS_RANGES_MAX];
+    unsigned                    n;          /* 0: every status matches */
+} meter_status_filter_t;
+
+/* "200", "2xx", "200-299", comma separated lists thereof; 100..599 */
+int meter_parse_status(const char *s, size_t len, meter_status_filter_t *f,
+    const char **err);
+int meter_status_match(const meter_status_filter_t *f, unsigned status);
+
+/*
+ * "GET,POST,..." (case sensitive, as HTTP methods are) -> bit mask.
+ * Known: GET HEAD POST PUT DELETE MKCOL COPY MOVE OPTIONS PROPFIND
+ * PROPPATCH LOCK UNLOCK PATCH TRACE CONNECT.
+ */
+int meter_parse_methods(const char *s, size_t len, uint32_t *mask,
+    const char **err);
+/* bit of one method name, 0 when unknown */
+uint32_t meter_method_bit(const char *name, size_t len);
+
+/*
+ * A variable's value as a count: decimal digits only, no sign, no spaces,
+ * at most METER_VALUE_MAX.  Empty and "-" (nginx's "no value") are errors.
+ */
+int meter_parse_value(const char *s, size_t len, uint64_t *v);
+
+/* meter names: [A-Za-z0-9_.-]{1,32} */
+int meter_valid_name(const char *s, size_t len);
+
+
+/* the shared-memory counter table */
+
+typedef struct {
+    uint64_t                    count;      /* atomic; METER_DEAD bit */
+    uint64_t                    flushed;    /* atomic max, flusher only */
+    uint32_t                    state;      /* atomic METER_SLOT_* */
+    uint32_t                    hour;
+    uint32_t                    gen;
+    uint32_t                    stamp;      /* claim/tombstone time, s */
+    uint8_t                     key[METER_HASH_LEN];
+    char                        meter[METER_NAME_MAX]; /* NUL padded */
+} meter_entry_t;
+
+typedef struct {
+    uint64_t                    epoch;      /* random, set at creation */
+    uint32_t                    nslots;
+    uint32_t                    gen;        /* atomic, next GEN */
+    uint64_t                    live;       /* atomic, LIVE slots */
+    uint64_t                    dropped;    /* atomic, calls not counted */
+    uint64_t                    dropped_value; /* atomic, their values */
+    meter_entry_t               slots[];
+} meter_table_t;
+
+/* bytes needed for n slots; how many slots fit into size bytes */
+size_t meter_table_size(uint32_t nslots);
+uint32_t meter_table_slots_for(size_t size);
+void meter_table_init(meter_table_t *t, uint32_t nslots, uint64_t epoch);
+
+/*
+ * Adds value to the counter of (hour, key, meter), claiming a slot when
+ * there is none.  Lock-free, safe from many processes at once.
+ * Returns 0, or -1 when no slot could be found within METER_PROBE_MAX
+ * probes (the call is then added to dropped/dropped_value).
+ */
+int meter_table_add(meter_table_t *t, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
+    uint64_t value, uint32_t now);
+
+/* the first LIVE slot of (hour, key, meter), or NULL */
+meter_entry_t *meter_table_find(meter_table_t *t, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen);
+
+/*
+ * Flusher only.  Evicts one LIVE slot if everything it counted is flushed:
+ * returns 1 if evicted, 0 if not.
+ */
+int meter_table_evict(meter_table_t *t, meter_entry_t *e, uint32_t now);
+
+/*
+ * Flusher only.  Evicts flushed slots of hours before current_hour; when
+ * more than 3/4 of the slots are LIVE, flushed slots of the current hour
+ * too.  Turns CLAIM slots older than METER_CLAIM_STUCK into tombstones.
+ * Returns the number of slots evicted.
+ */
+unsigned meter_table_sweep(meter_table_t *t, uint32_t current_hour,
+    uint32_t now);
+
+/* slot's current count without the DEAD bit; its unflushed part */
+uint64_t meter_entry_count(meter_entry_t *e);
+uint64_t meter_entry_pending(meter_entry_t *e);
+
+
+/* flush batching */
+
+typedef struct {
+    meter_entry_t              *e;
+    uint32_t                    gen;        /* e->gen when collected */
+    uint32_t                    hour;
+    uint64_t                    value;      /* absolute count sent */
+} meter_batch_item_t;
+
+typedef struct {
+    meter_batch_item_t         *items;      /* caller-owned array */
+    unsigned                    cap;
+    unsigned                    n;
+    uint32_t                    cursor;     /* next slot to scan */
+    unsigned                    wrapped;    /* cursor passed the end */
+} meter_batch_t;
+
+/*
+ * Collects up to b->cap LIVE slots whose count differs from flushed,
+ * scanning at most max_scan slots from b->cursor and advancing it; sets
+ * b->wrapped when the scan reached the end of the table (cursor is then 0).
+ * Resets b->n first.  Returns b->n.
+ */
+unsigned meter_batch_collect(meter_table_t *t, meter_batch_t *b,
+    uint32_t max_scan);
+
+/*
+ * Redis acknowledged item->value: raises the slot's flushed to it (atomic
+ * max) unless the slot was reused since (gen differs).
+ */
+void meter_batch_confirm(const meter_batch_item_t *item);
+
+
+/* redis names (docs/redis-schema.md); each returns the length written */
+
+/* "mtr:u:{KH}:HOUR" */
+size_t meter_fmt_data_key(char *buf, const uint8_t key[METER_HASH_LEN],
+    uint32_t hour);
+/* "mtr:idx:HOUR" */
+size_t meter_fmt_idx_key(char *buf, uint32_t hour);
+/* "METER|EPOCH.GEN" with EPOCH as 16 lowercase hex digits */
+size_t meter_fmt_field(char *buf, const char *meter, uint64_t epoch,
+    uint32_t gen);
+/* decimal */
+size_t meter_fmt_u64(char *buf, uint64_t v);
+
+/* the max-only script of docs/redis-schema.md */
+extern const char meter_script_max[];
+
+
+#endif /* _METER_CORE_H_INCLUDED_ */
