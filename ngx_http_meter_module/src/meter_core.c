@@ -1,0 +1,866 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * See meter_core.h for the lock-free table design.  Memory ordering:
+ * a claimer fills a slot while it is CLAIM and publishes it with a release
+ * compare-and-swap to LIVE; readers acquire-load the state before they look
+ * at hour, key, meter or gen.  Evict and sweep write stamp before they
+ * publish TOMB, so a reader that sees TOMB also sees its fresh stamp.
+ */
+
+
+/* gmtime_r() under -std=c11; nginx's CFLAGS may already define it */
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE
+#endif
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/evp.h>
+
+#include "meter_core.h"
+
+
+#define meter_load(p)        __atomic_load_n(p, __ATOMIC_ACQUIRE)
+#define meter_load_relaxed(p) __atomic_load_n(p, __ATOMIC_RELAXED)
+#define meter_store(p, v)    __atomic_store_n(p, v, __ATOMIC_RELEASE)
+#define meter_store_relaxed(p, v)                                             \
+    __atomic_store_n(p, v, __ATOMIC_RELAXED)
+#define meter_cas(p, expp, v)                                                 \
+    __atomic_compare_exchange_n(p, expp, v, 0, __ATOMIC_ACQ_REL,              \
+                                __ATOMIC_ACQUIRE)
+#define meter_fetch_add(p, v) __atomic_fetch_add(p, v, __ATOMIC_RELAXED)
+#define meter_fetch_sub(p, v) __atomic_fetch_sub(p, v, __ATOMIC_RELAXED)
+
+/* last hour whose "YYYYMMDDHH" still has a 4-digit year: 9999-12-31 23h */
+#define METER_HOUR_LAST      70389527
+
+
+static uint32_t meter_slot_home(meter_table_t *t, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen);
+static int meter_entry_match(meter_entry_t *e, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen);
+static void meter_digits(char *p, unsigned v, unsigned n);
+static int meter_parse_status_item(const char *s, size_t len,
+    meter_status_range_t *r, const char **err);
+static unsigned meter_sweep_pass(meter_table_t *t, uint32_t current_hour,
+    uint32_t now, int pressure);
+
+
+static const char  *meter_methods[] = {
+    "GET", "HEAD", "POST", "PUT", "DELETE", "MKCOL", "COPY", "MOVE",
+    "OPTIONS", "PROPFIND", "PROPPATCH", "LOCK", "UNLOCK", "PATCH", "TRACE",
+    "CONNECT", NULL
+};
+
+
+/* verbatim from docs/redis-schema.md */
+const char  meter_script_max[] =
+    "-- KEYS[1] = mtr:u:{KH}:HOUR, ARGV = field, value [, field, value ...]\n"
+    "for i = 1, #ARGV, 2 do\n"
+    "  local cur = redis.call('HGET', KEYS[1], ARGV[i])\n"
+    "  local v = ARGV[i + 1]\n"
+    "  if not cur or #v > #cur or (#v == #cur and v > cur) then\n"
+    "    redis.call('HSET', KEYS[1], ARGV[i], v)\n"
+    "  end\n"
+    "end\n"
+    "return 1\n";
+
+
+void
+meter_key_hash(const void *key, size_t len, uint8_t out[METER_HASH_LEN])
+{
+    unsigned int  n;
+
+    if (key == NULL) {
+        key = "";
+        len = 0;
+    }
+
+    n = METER_HASH_LEN;
+
+    if (EVP_Digest(key, len, out, &n, EVP_sha256(), NULL) != 1
+        || n != METER_HASH_LEN)
+    {
+        /* cannot happen with a working libcrypto; never leave garbage */
+        memset(out, 0, METER_HASH_LEN);
+    }
+}
+
+
+void
+meter_hex(const uint8_t *in, size_t n, char *out)
+{
+    size_t             i;
+    static const char  hex[] = "0123456789abcdef";
+
+    for (i = 0; i < n; i++) {
+        *out++ = hex[in[i] >> 4];
+        *out++ = hex[in[i] & 0xf];
+    }
+
+    *out = '\0';
+}
+
+
+uint32_t
+meter_hour(time_t t)
+{
+    if (t < 0) {
+        return 0;
+    }
+
+    return (uint32_t) (t / 3600);
+}
+
+
+time_t
+meter_hour_start(uint32_t hour)
+{
+    return (time_t) hour * 3600;
+}
+
+
+static void
+meter_digits(char *p, unsigned v, unsigned n)
+{
+    while (n--) {
+        p[n] = (char) ('0' + v % 10);
+        v /= 10;
+    }
+}
+
+
+size_t
+meter_hour_format(uint32_t hour, char *buf)
+{
+    time_t     t;
+    struct tm  tm;
+
+    /* keeps the output at 10 characters whatever the argument */
+    if (hour > METER_HOUR_LAST) {
+        hour = METER_HOUR_LAST;
+    }
+
+    t = meter_hour_start(hour);
+
+    if (gmtime_r(&t, &tm) == NULL) {
+        memset(&tm, 0, sizeof(struct tm));
+        tm.tm_year = 70;
+        tm.tm_mday = 1;
+    }
+
+    meter_digits(buf, (unsigned) tm.tm_year + 1900, 4);
+    meter_digits(buf + 4, (unsigned) tm.tm_mon + 1, 2);
+    meter_digits(buf + 6, (unsigned) tm.tm_mday, 2);
+    meter_digits(buf + 8, (unsigned) tm.tm_hour, 2);
+    buf[METER_HOUR_LEN] = '\0';
+
+    return METER_HOUR_LEN;
+}
+
+
+int
+meter_parse_status(const char *s, size_t len, meter_status_filter_t *f,
+    const char **err)
+{
+    size_t       i, start;
+    unsigned     n;
+
+    n = 0;
+    start = 0;
+
+    for (i = 0; i <= len; i++) {
+
+        if (i < len && s[i] != ',') {
+            continue;
+        }
+
+        if (n == METER_STATUS_RANGES_MAX) {
+            *err = "too many status ranges";
+            f->n = 0;
+            return -1;
+        }
+
+        if (meter_parse_status_item(s + start, i - start, &f->r[n], err)
+            != 0)
+        {
+            f->n = 0;
+            return -1;
+        }
+
+        n++;
+        start = i + 1;
+    }
+
+    f->n = n;
+
+    return 0;
+}
+
+
+static int
+meter_parse_status_item(const char *s, size_t len, meter_status_range_t *r,
+    const char **err)
+{
+    size_t    i;
+    unsigned  v[2];
+
+    *err = "status must be NNN, Nxx or NNN-NNN between 100 and 599";
+
+    if (len == 3 && s[0] >= '1' && s[0] <= '5'
+        && s[1] == 'x' && s[2] == 'x')
+    {
+        r->lo = (uint16_t) ((s[0] - '0') * 100);
+        r->hi = (uint16_t) (r->lo + 99);
+        return 0;
+    }
+
+    if (len != 3 && !(len == 7 && s[3] == '-')) {
+        return -1;
+    }
+
+    for (i = 0; i < len; i++) {
+        if (i == 3) {
+            continue;
+        }
+
+        if (s[i] < '0' || s[i] > '9') {
+            return -1;
+        }
+    }
+
+    v[0] = (s[0] - '0') * 100 + (s[1] - '0') * 10 + (s[2] - '0');
+    v[1] = v[0];
+
+    if (len == 7) {
+        v[1] = (s[4] - '0') * 100 + (s[5] - '0') * 10 + (s[6] - '0');
+    }
+
+    if (v[0] < 100 || v[0] > 599 || v[1] < 100 || v[1] > 599) {
+        return -1;
+    }
+
+    if (v[0] > v[1]) {
+        *err = "status range must not end below its start";
+        return -1;
+    }
+
+    r->lo = (uint16_t) v[0];
+    r->hi = (uint16_t) v[1];
+
+    return 0;
+}
+
+
+int
+meter_status_match(const meter_status_filter_t *f, unsigned status)
+{
+    unsigned  i;
+
+    if (f->n == 0) {
+        return 1;
+    }
+
+    for (i = 0; i < f->n; i++) {
+        if (status >= f->r[i].lo && status <= f->r[i].hi) {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+int
+meter_parse_methods(const char *s, size_t len, uint32_t *mask,
+    const char **err)
+{
+    size_t    i, start;
+    uint32_t  m, bit;
+
+    m = 0;
+    start = 0;
+
+    for (i = 0; i <= len; i++) {
+
+        if (i < len && s[i] != ',') {
+            continue;
+        }
+
+        bit = meter_method_bit(s + start, i - start);
+
+        if (bit == 0) {
+            *err = "unknown method (names are case sensitive: GET, POST, ...)";
+            return -1;
+        }
+
+        m |= bit;
+        start = i + 1;
+    }
+
+    *mask = m;
+
+    return 0;
+}
+
+
+uint32_t
+meter_method_bit(const char *name, size_t len)
+{
+    size_t  i;
+
+    /* the bits are nginx's NGX_HTTP_GET (0x2) ... NGX_HTTP_CONNECT */
+    for (i = 0; meter_methods[i] != NULL; i++) {
+        if (strlen(meter_methods[i]) == len
+            && memcmp(meter_methods[i], name, len) == 0)
+        {
+            return (uint32_t) 2 << i;
+        }
+    }
+
+    return 0;
+}
+
+
+int
+meter_parse_value(const char *s, size_t len, uint64_t *v)
+{
+    size_t    i;
+    uint64_t  n, d;
+
+    if (len == 0) {
+        return -1;
+    }
+
+    n = 0;
+
+    for (i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9') {
+            return -1;
+        }
+
+        d = (uint64_t) (s[i] - '0');
+
+        if (n > (METER_VALUE_MAX - d) / 10) {
+            return -1;
+        }
+
+        n = n * 10 + d;
+    }
+
+    *v = n;
+
+    return 0;
+}
+
+
+int
+meter_valid_name(const char *s, size_t len)
+{
+    size_t  i;
+    char    c;
+
+    if (len == 0 || len > METER_NAME_MAX) {
+        return 0;
+    }
+
+    for (i = 0; i < len; i++) {
+        c = s[i];
+
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+            || (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-')
+        {
+            continue;
+        }
+
+        return 0;
+    }
+
+    return 1;
+}
+
+
+size_t
+meter_table_size(uint32_t nslots)
+{
+    return sizeof(meter_table_t) + (size_t) nslots * sizeof(meter_entry_t);
+}
+
+
+uint32_t
+meter_table_slots_for(size_t size)
+{
+    size_t  n;
+
+    if (size < sizeof(meter_table_t)) {
+        return 0;
+    }
+
+    n = (size - sizeof(meter_table_t)) / sizeof(meter_entry_t);
+
+    return n > UINT32_MAX ? UINT32_MAX : (uint32_t) n;
+}
+
+
+void
+meter_table_init(meter_table_t *t, uint32_t nslots, uint64_t epoch)
+{
+    memset(t, 0, meter_table_size(nslots));
+
+    t->epoch = epoch;
+    t->nslots = nslots;
+}
+
+
+static uint32_t
+meter_slot_home(meter_table_t *t, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen)
+{
+    size_t    i;
+    uint64_t  h, k, fnv;
+
+    fnv = 0xcbf29ce484222325ULL;
+
+    for (i = 0; i < mlen; i++) {
+        fnv ^= (uint8_t) meter[i];
+        fnv *= 0x100000001b3ULL;
+    }
+
+    memcpy(&k, key, sizeof(uint64_t));
+
+    h = k ^ ((uint64_t) hour * 0x9e3779b97f4a7c15ULL)
+        ^ (fnv * 0xc2b2ae3d27d4eb4fULL);
+
+    /* splitmix64 finalizer */
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ULL;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebULL;
+    h ^= h >> 31;
+
+    return (uint32_t) (h % t->nslots);
+}
+
+
+static int
+meter_entry_match(meter_entry_t *e, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen)
+{
+    return e->hour == hour
+           && memcmp(e->key, key, METER_HASH_LEN) == 0
+           && memcmp(e->meter, meter, mlen) == 0
+           && (mlen == METER_NAME_MAX || e->meter[mlen] == '\0');
+}
+
+
+int
+meter_table_add(meter_table_t *t, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
+    uint64_t value, uint32_t now)
+{
+    uint32_t        home, nprobe, i, tomb, st, stamp, expect;
+    uint64_t        c;
+    meter_entry_t  *e;
+
+    if (t->nslots == 0 || mlen == 0 || mlen > METER_NAME_MAX
+        || value > METER_VALUE_MAX)
+    {
+        goto dropped;
+    }
+
+    home = meter_slot_home(t, hour, key, meter, mlen);
+    nprobe = t->nslots < METER_PROBE_MAX ? t->nslots : METER_PROBE_MAX;
+
+again:
+
+    tomb = UINT32_MAX;
+    i = 0;
+
+    for ( ;; ) {
+
+        if (i == nprobe) {
+            if (tomb == UINT32_MAX) {
+                goto dropped;
+            }
+
+            e = &t->slots[(home + tomb) % t->nslots];
+            expect = METER_SLOT_TOMB;
+
+        } else {
+            e = &t->slots[(home + i) % t->nslots];
+            st = meter_load(&e->state);
+
+            if (st == METER_SLOT_LIVE) {
+
+                if (meter_entry_match(e, hour, key, meter, mlen)) {
+                    c = meter_load_relaxed(&e->count);
+
+                    /* a dead slot is being evicted, an almost full one
+                     * would overflow into the DEAD bit: look further,
+                     * a new slot is a new Redis field */
+
+                    while ((c & METER_DEAD) == 0
+                           && value <= METER_VALUE_MAX - c)
+                    {
+                        if (meter_cas(&e->count, &c, c + value)) {
+                            return 0;
+                        }
+                    }
+                }
+
+                i++;
+                continue;
+            }
+
+            if (st == METER_SLOT_CLAIM) {
+                i++;
+                continue;
+            }
+
+            if (st == METER_SLOT_TOMB) {
+                stamp = meter_load_relaxed(&e->stamp);
+
+                if (tomb == UINT32_MAX
+                    && now >= stamp && now - stamp >= METER_TOMB_GRACE)
+                {
+                    tomb = i;
+                }
+
+                i++;
+                continue;
+            }
+
+            /* EMPTY: the key is not further down the chain */
+
+            if (tomb != UINT32_MAX) {
+                e = &t->slots[(home + tomb) % t->nslots];
+                expect = METER_SLOT_TOMB;
+
+            } else {
+                expect = METER_SLOT_EMPTY;
+            }
+        }
+
+        st = expect;
+
+        if (meter_cas(&e->state, &st, METER_SLOT_CLAIM)) {
+            break;
+        }
+
+        /* lost the race for that slot: look at it again */
+
+        if (expect == METER_SLOT_TOMB) {
+            i = tomb;
+            tomb = UINT32_MAX;
+        }
+    }
+
+    /* first the stamp, so that a sweep does not take the claim as stuck */
+    meter_store_relaxed(&e->stamp, now);
+
+    e->hour = hour;
+    memcpy(e->key, key, METER_HASH_LEN);
+    memset(e->meter, 0, METER_NAME_MAX);
+    memcpy(e->meter, meter, mlen);
+    meter_store_relaxed(&e->flushed, 0);
+    meter_store_relaxed(&e->count, value);
+    e->gen = meter_fetch_add(&t->gen, 1);
+
+    meter_fetch_add(&t->live, 1);
+
+    st = METER_SLOT_CLAIM;
+
+    if (!meter_cas(&e->state, &st, METER_SLOT_LIVE)) {
+        /* a sweep took this claim for stuck: start over */
+        meter_fetch_sub(&t->live, 1);
+        goto again;
+    }
+
+    return 0;
+
+dropped:
+
+    meter_fetch_add(&t->dropped, 1);
+    meter_fetch_add(&t->dropped_value, value);
+
+    return -1;
+}
+
+
+meter_entry_t *
+meter_table_find(meter_table_t *t, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen)
+{
+    uint32_t        home, nprobe, i, st;
+    meter_entry_t  *e;
+
+    if (t->nslots == 0 || mlen == 0 || mlen > METER_NAME_MAX) {
+        return NULL;
+    }
+
+    home = meter_slot_home(t, hour, key, meter, mlen);
+    nprobe = t->nslots < METER_PROBE_MAX ? t->nslots : METER_PROBE_MAX;
+
+    for (i = 0; i < nprobe; i++) {
+        e = &t->slots[(home + i) % t->nslots];
+        st = meter_load(&e->state);
+
+        if (st == METER_SLOT_EMPTY) {
+            break;
+        }
+
+        if (st == METER_SLOT_LIVE
+            && meter_entry_match(e, hour, key, meter, mlen))
+        {
+            return e;
+        }
+    }
+
+    return NULL;
+}
+
+
+int
+meter_table_evict(meter_table_t *t, meter_entry_t *e, uint32_t now)
+{
+    uint64_t  c;
+
+    if (meter_load(&e->state) != METER_SLOT_LIVE) {
+        return 0;
+    }
+
+    c = meter_load(&e->count);
+
+    if ((c & METER_DEAD) || c != meter_load(&e->flushed)) {
+        return 0;
+    }
+
+    /* fails if a request added to the slot since it was read */
+    if (!meter_cas(&e->count, &c, c | METER_DEAD)) {
+        return 0;
+    }
+
+    meter_store_relaxed(&e->stamp, now);
+    meter_store(&e->state, METER_SLOT_TOMB);
+    meter_fetch_sub(&t->live, 1);
+
+    return 1;
+}
+
+
+unsigned
+meter_table_sweep(meter_table_t *t, uint32_t current_hour, uint32_t now)
+{
+    unsigned  n;
+
+    n = meter_sweep_pass(t, current_hour, now, 0);
+
+    /* evicting current-hour slots costs new Redis fields: only as needed */
+    if (meter_load_relaxed(&t->live) * 4 > (uint64_t) t->nslots * 3) {
+        n += meter_sweep_pass(t, current_hour, now, 1);
+    }
+
+    return n;
+}
+
+
+static unsigned
+meter_sweep_pass(meter_table_t *t, uint32_t current_hour, uint32_t now,
+    int pressure)
+{
+    uint32_t        i, st, stamp;
+    unsigned        n;
+    meter_entry_t  *e;
+
+    n = 0;
+
+    for (i = 0; i < t->nslots; i++) {
+        e = &t->slots[i];
+        st = meter_load(&e->state);
+
+        if (st == METER_SLOT_LIVE) {
+
+            if (pressure) {
+                if (meter_load_relaxed(&t->live) * 4
+                    <= (uint64_t) t->nslots * 3)
+                {
+                    break;
+                }
+
+            } else if (e->hour >= current_hour) {
+                continue;
+            }
+
+            n += meter_table_evict(t, e, now);
+            continue;
+        }
+
+        if (st == METER_SLOT_CLAIM && !pressure) {
+            stamp = meter_load_relaxed(&e->stamp);
+
+            if (now > stamp && now - stamp > METER_CLAIM_STUCK) {
+                /* fresh stamp first: the tombstone then gets its grace */
+                meter_store_relaxed(&e->stamp, now);
+                meter_cas(&e->state, &st, METER_SLOT_TOMB);
+            }
+        }
+    }
+
+    return n;
+}
+
+
+uint64_t
+meter_entry_count(meter_entry_t *e)
+{
+    return meter_load(&e->count) & ~METER_DEAD;
+}
+
+
+uint64_t
+meter_entry_pending(meter_entry_t *e)
+{
+    uint64_t  c, f;
+
+    c = meter_entry_count(e);
+    f = meter_load(&e->flushed);
+
+    return c > f ? c - f : 0;
+}
+
+
+unsigned
+meter_batch_collect(meter_table_t *t, meter_batch_t *b, uint32_t max_scan)
+{
+    uint32_t             scanned;
+    uint64_t             c;
+    meter_entry_t       *e;
+    meter_batch_item_t  *item;
+
+    b->n = 0;
+    b->wrapped = 0;
+
+    if (t->nslots == 0) {
+        b->cursor = 0;
+        b->wrapped = 1;
+        return 0;
+    }
+
+    if (b->cursor >= t->nslots) {
+        b->cursor = 0;
+    }
+
+    for (scanned = 0; scanned < max_scan && b->n < b->cap; scanned++) {
+        e = &t->slots[b->cursor];
+
+        if (meter_load(&e->state) == METER_SLOT_LIVE) {
+            c = meter_load(&e->count);
+
+            if ((c & METER_DEAD) == 0 && c != meter_load(&e->flushed)) {
+                item = &b->items[b->n++];
+                item->e = e;
+                item->gen = e->gen;
+                item->hour = e->hour;
+                item->value = c;
+            }
+        }
+
+        if (++b->cursor == t->nslots) {
+            b->cursor = 0;
+            b->wrapped = 1;
+            break;
+        }
+    }
+
+    return b->n;
+}
+
+
+void
+meter_batch_confirm(const meter_batch_item_t *item)
+{
+    uint64_t        f;
+    meter_entry_t  *e;
+
+    e = item->e;
+
+    if (meter_load(&e->state) != METER_SLOT_LIVE || e->gen != item->gen) {
+        return;
+    }
+
+    f = meter_load(&e->flushed);
+
+    while (f < item->value) {
+        if (meter_cas(&e->flushed, &f, item->value)) {
+            return;
+        }
+    }
+}
+
+
+size_t
+meter_fmt_data_key(char *buf, const uint8_t key[METER_HASH_LEN],
+    uint32_t hour)
+{
+    char  *p;
+
+    p = buf;
+
+    memcpy(p, "mtr:u:{", sizeof("mtr:u:{") - 1);
+    p += sizeof("mtr:u:{") - 1;
+
+    meter_hex(key, METER_HASH_LEN, p);
+    p += METER_HEX_LEN;
+
+    *p++ = '}';
+    *p++ = ':';
+
+    p += meter_hour_format(hour, p);
+
+    return (size_t) (p - buf);
+}
+
+
+size_t
+meter_fmt_idx_key(char *buf, uint32_t hour)
+{
+    memcpy(buf, "mtr:idx:", sizeof("mtr:idx:") - 1);
+
+    return sizeof("mtr:idx:") - 1
+           + meter_hour_format(hour, buf + sizeof("mtr:idx:") - 1);
+}
+
+
+size_t
+meter_fmt_field(char *buf, const char *meter, uint64_t epoch, uint32_t gen)
+{
+    char    *p;
+    size_t   len;
+
+    /* an entry's meter is NUL padded, not terminated when 32 long */
+    for (len = 0; len < METER_NAME_MAX && meter[len] != '\0'; len++) {
+        /* void */
+    }
+
+    p = buf;
+
+    memcpy(p, meter, len);
+    p += len;
+
+    p += snprintf(p, METER_FIELD_SIZE - len, "|%016llx.%lu",
+                  (unsigned long long) epoch, (unsigned long) gen);
+
+    return (size_t) (p - buf);
+}
+
+
+size_t
+meter_fmt_u64(char *buf, uint64_t v)
+{
+    return (size_t) snprintf(buf, sizeof("18446744073709551615"), "%llu",
+                             (unsigned long long) v);
+}

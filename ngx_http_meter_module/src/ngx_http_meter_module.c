@@ -1,0 +1,2262 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * Usage metering for nginx: counts requests per key (usually an API key)
+ * in shared memory at the log phase and flushes the cumulative counters
+ * to Redis from a timer, through hiredis attached to nginx's event loop.
+ *
+ * The request path touches shared memory only (meter_core.c: a lock-free
+ * table).  One worker at a time flushes a zone, under a lease kept in the
+ * zone that expires on its own, so a killed worker leaves nothing locked.
+ * The flush writes absolute values with a max-only script, so a lost reply
+ * is retried without double counting (docs/redis-schema.md).
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <hiredis/hiredis.h>
+#include <hiredis/async.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include "meter_core.h"
+
+
+#define NGX_HTTP_METER_BATCH        512     /* items per pipelined slice */
+#define NGX_HTTP_METER_SCAN         4096    /* slots scanned per slice */
+#define NGX_HTTP_METER_BACKOFF_MIN  100
+#define NGX_HTTP_METER_BACKOFF_MAX  10000
+
+#define NGX_HTTP_METER_REDIS_DOWN   0
+#define NGX_HTTP_METER_REDIS_CONN   1
+#define NGX_HTTP_METER_REDIS_READY  2
+
+#define NGX_HTTP_METER_STATUS_JSON  0
+#define NGX_HTTP_METER_STATUS_PROM  1
+
+
+typedef struct {
+    uint64_t                     lease;     /* pid << 32 | expiry (s) */
+    uint64_t                     flushed_total;
+    uint64_t                     flushes;
+    uint64_t                     flush_errors;
+    uint64_t                     last_flush_ms;
+    uint64_t                     value_errors;
+    uint64_t                     dropped_logged; /* time of last log (s) */
+    meter_table_t                table;     /* last: slots follow */
+} ngx_http_meter_shctx_t;
+
+
+typedef struct {
+    ngx_http_meter_shctx_t      *sh;
+    ngx_slab_pool_t             *shpool;
+    ngx_http_complex_value_t     key;
+    ngx_shm_zone_t              *shm_zone;
+} ngx_http_meter_zone_ctx_t;
+
+
+typedef struct {
+    ngx_str_t                    name;
+    ngx_shm_zone_t              *shm_zone;
+    meter_status_filter_t        status;
+    uint32_t                     methods;   /* 0: all */
+    ngx_http_complex_value_t    *value;
+    ngx_http_complex_value_t    *filter;    /* if= */
+    ngx_str_t                    file;      /* where it was defined */
+    ngx_uint_t                   line;
+} ngx_http_meter_t;
+
+
+typedef struct {
+    ngx_array_t                  zones;     /* ngx_shm_zone_t * */
+    ngx_array_t                  meters;    /* ngx_http_meter_t *, all */
+
+    ngx_str_t                    redis_host;    /* empty: unix socket */
+    ngx_str_t                    redis_path;
+    ngx_int_t                    redis_port;
+    ngx_str_t                    redis_password;
+    ngx_int_t                    redis_db;
+    ngx_msec_t                   redis_timeout;
+    ngx_uint_t                   redis_set;
+
+    ngx_msec_t                   flush_interval;
+} ngx_http_meter_main_conf_t;
+
+
+typedef struct {
+    ngx_array_t                 *meters;    /* ngx_http_meter_t */
+    ngx_uint_t                   status;    /* meter_status format */
+    ngx_flag_t                   status_on;
+} ngx_http_meter_loc_conf_t;
+
+
+/* per worker process */
+typedef struct {
+    ngx_http_meter_main_conf_t  *mcf;
+    ngx_log_t                   *log;
+
+    redisAsyncContext           *ac;
+    ngx_uint_t                   state;
+    ngx_msec_t                   backoff;
+    ngx_msec_t                   next_connect;
+    ngx_uint_t                   down_logged;
+    ngx_uint_t                   reload_script;
+    char                         script_sha[41];
+
+    ngx_event_t                  tick;      /* flush interval timer */
+    ngx_event_t                  slice;     /* next slice, posted */
+    ngx_event_t                  timeout;   /* connect/command timeout */
+
+    ngx_uint_t                   pass;      /* a flush pass is running */
+    ngx_uint_t                   zone;      /* index into mcf->zones */
+    ngx_msec_t                   zone_start;
+    ngx_uint_t                   outstanding;
+    ngx_uint_t                   failed;
+    meter_batch_t                batch;
+    meter_batch_item_t           items[NGX_HTTP_METER_BATCH];
+} ngx_http_meter_worker_t;
+
+
+static ngx_int_t ngx_http_meter_log_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_meter_count(ngx_http_request_t *r,
+    ngx_http_meter_t *m, ngx_str_t *key, uint8_t *hash, ngx_uint_t status,
+    uint32_t method);
+static ngx_int_t ngx_http_meter_status_handler(ngx_http_request_t *r);
+
+static ngx_int_t ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+static ngx_int_t ngx_http_meter_lease(ngx_http_meter_shctx_t *sh,
+    ngx_msec_t interval);
+static void ngx_http_meter_lease_release(ngx_http_meter_shctx_t *sh);
+
+static void ngx_http_meter_tick(ngx_event_t *ev);
+static void ngx_http_meter_slice_handler(ngx_event_t *ev);
+static void ngx_http_meter_timeout_handler(ngx_event_t *ev);
+static void ngx_http_meter_next_slice(ngx_http_meter_worker_t *w);
+static ngx_int_t ngx_http_meter_send_batch(ngx_http_meter_worker_t *w,
+    ngx_http_meter_zone_ctx_t *ctx);
+static void ngx_http_meter_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static void ngx_http_meter_batch_done(ngx_http_meter_worker_t *w);
+static void ngx_http_meter_zone_done(ngx_http_meter_worker_t *w,
+    ngx_http_meter_zone_ctx_t *ctx);
+
+static void ngx_http_meter_redis_connect(ngx_http_meter_worker_t *w);
+static void ngx_http_meter_redis_fail(ngx_http_meter_worker_t *w,
+    const char *why, const char *err);
+static void ngx_http_meter_redis_connected(const redisAsyncContext *ac,
+    int status);
+static void ngx_http_meter_redis_disconnected(const redisAsyncContext *ac,
+    int status);
+static void ngx_http_meter_redis_setup_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static void ngx_http_meter_redis_add_read(void *privdata);
+static void ngx_http_meter_redis_del_read(void *privdata);
+static void ngx_http_meter_redis_add_write(void *privdata);
+static void ngx_http_meter_redis_del_write(void *privdata);
+static void ngx_http_meter_redis_cleanup(void *privdata);
+static void ngx_http_meter_redis_read(ngx_event_t *ev);
+static void ngx_http_meter_redis_write(ngx_event_t *ev);
+
+static void ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf,
+    ngx_log_t *log);
+
+static void *ngx_http_meter_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_meter_init_main_conf(ngx_conf_t *cf, void *conf);
+static void *ngx_http_meter_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_meter_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static char *ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_meter_status(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_meter_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_meter_init_process(ngx_cycle_t *cycle);
+static void ngx_http_meter_exit_process(ngx_cycle_t *cycle);
+
+
+static ngx_command_t  ngx_http_meter_commands[] = {
+
+    { ngx_string("meter_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE2,
+      ngx_http_meter_zone,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("meter"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_meter,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("meter_redis"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_meter_redis,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("meter_flush_interval"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_meter_main_conf_t, flush_interval),
+      NULL },
+
+    { ngx_string("meter_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS|NGX_CONF_TAKE1,
+      ngx_http_meter_status,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_meter_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    ngx_http_meter_init,                   /* postconfiguration */
+
+    ngx_http_meter_create_main_conf,       /* create main configuration */
+    ngx_http_meter_init_main_conf,         /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_meter_create_loc_conf,        /* create location configuration */
+    ngx_http_meter_merge_loc_conf          /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_meter_module = {
+    NGX_MODULE_V1,
+    &ngx_http_meter_module_ctx,            /* module context */
+    ngx_http_meter_commands,               /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    ngx_http_meter_init_process,           /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_meter_exit_process,           /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_http_meter_worker_t  *ngx_http_meter_worker;
+
+
+/* the request path */
+
+static ngx_int_t
+ngx_http_meter_log_handler(ngx_http_request_t *r)
+{
+    uint8_t                     hash[METER_HASH_LEN];
+    uint32_t                    method;
+    ngx_str_t                   key;
+    ngx_uint_t                  i, status;
+    ngx_shm_zone_t             *keyed;
+    ngx_http_meter_t           *m;
+    ngx_http_meter_loc_conf_t  *mlcf;
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
+
+    if (mlcf->meters == NULL) {
+        return NGX_OK;
+    }
+
+    /* the status the access log shows */
+    if (r->err_status) {
+        status = r->err_status;
+
+    } else if (r->headers_out.status) {
+        status = r->headers_out.status;
+
+    } else if (r->http_version == NGX_HTTP_VERSION_9) {
+        status = 9;
+
+    } else {
+        status = 0;
+    }
+
+    method = meter_method_bit((const char *) r->method_name.data,
+                              r->method_name.len);
+
+    /* the key is evaluated and hashed once per zone, not once per meter */
+    keyed = NULL;
+    ngx_str_null(&key);
+
+    m = mlcf->meters->elts;
+
+    for (i = 0; i < mlcf->meters->nelts; i++) {
+
+        if (m[i].shm_zone != keyed) {
+            keyed = m[i].shm_zone;
+            ngx_str_null(&key);
+        }
+
+        if (ngx_http_meter_count(r, &m[i], &key, hash, status, method)
+            != NGX_OK)
+        {
+            return NGX_OK;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
+    ngx_str_t *key, uint8_t *hash, ngx_uint_t status, uint32_t method)
+{
+    time_t                      now;
+    uint64_t                    value, last;
+    ngx_str_t                   v;
+    ngx_http_meter_shctx_t     *sh;
+    ngx_http_meter_zone_ctx_t  *ctx;
+    ngx_http_meter_main_conf_t *mcf;
+
+    if (!meter_status_match(&m->status, status)) {
+        return NGX_OK;
+    }
+
+    if (m->methods && (m->methods & method) == 0) {
+        return NGX_OK;
+    }
+
+    ctx = m->shm_zone->data;
+    sh = ctx->sh;
+
+    if (m->filter) {
+        if (ngx_http_complex_value(r, m->filter, &v) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        if (v.len == 0 || (v.len == 1 && v.data[0] == '0')) {
+            return NGX_OK;
+        }
+    }
+
+    if (key->data == NULL) {
+        if (ngx_http_complex_value(r, &ctx->key, key) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        if (key->len == 0) {
+            /* keep "evaluated" distinct from "not yet evaluated" */
+            key->data = (u_char *) "";
+            return NGX_OK;
+        }
+
+        meter_key_hash(key->data, key->len, hash);
+    }
+
+    if (key->len == 0) {
+        return NGX_OK;
+    }
+
+    value = 1;
+
+    if (m->value) {
+        if (ngx_http_complex_value(r, m->value, &v) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        if (meter_parse_value((const char *) v.data, v.len, &value) != 0) {
+            (void) __atomic_fetch_add(&sh->value_errors, 1,
+                                      __ATOMIC_RELAXED);
+            return NGX_OK;
+        }
+    }
+
+    now = ngx_time();
+
+    if (meter_table_add(&sh->table, meter_hour(r->start_sec), hash,
+                        (const char *) m->name.data, m->name.len, value,
+                        (uint32_t) now)
+        == 0)
+    {
+        return NGX_OK;
+    }
+
+    /* zone full: counted in "dropped" by the table, logged once a period */
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_meter_module);
+
+    last = __atomic_load_n(&sh->dropped_logged, __ATOMIC_RELAXED);
+
+    if ((ngx_msec_t) ((uint64_t) now - last) * 1000
+        >= ngx_max(mcf->flush_interval, 1000)
+        && __atomic_compare_exchange_n(&sh->dropped_logged, &last,
+                                       (uint64_t) now,
+                                       0, __ATOMIC_RELAXED,
+                                       __ATOMIC_RELAXED))
+    {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "meter_zone \"%V\" is full, %uL calls not counted "
+                      "so far; increase its size",
+                      &m->shm_zone->shm.name,
+                      (uint64_t) __atomic_load_n(&sh->table.dropped,
+                                                 __ATOMIC_RELAXED));
+    }
+
+    return NGX_OK;
+}
+
+
+/* status */
+
+typedef struct {
+    const char                  *name;
+    const char                  *help;
+    const char                  *type;
+} ngx_http_meter_stat_t;
+
+
+static ngx_http_meter_stat_t  ngx_http_meter_stats[] = {
+    { "keys", "Counters in use.", "gauge" },
+    { "slots", "Counter slots in the zone.", "gauge" },
+    { "shm_bytes", "Zone size in bytes.", "gauge" },
+    { "shm_used", "Zone bytes in use.", "gauge" },
+    { "shm_free", "Zone bytes free.", "gauge" },
+    { "pending", "Units counted and not yet confirmed by Redis.", "gauge" },
+    { "flushed_total", "Units confirmed by Redis.", "counter" },
+    { "flushes", "Completed flush passes.", "counter" },
+    { "flush_errors", "Failed flush batches.", "counter" },
+    { "last_flush_ms", "Duration of the last flush pass.", "gauge" },
+    { "redis_connected", "This worker's Redis connection is up.", "gauge" },
+    { "dropped", "Calls not counted because the zone was full.", "counter" },
+    { "dropped_value", "Units not counted because the zone was full.",
+      "counter" },
+    { "value_errors", "Meter values that were not an integer.", "counter" }
+};
+
+#define NGX_HTTP_METER_NSTATS                                                 \
+    (sizeof(ngx_http_meter_stats) / sizeof(ngx_http_meter_stat_t))
+#define NGX_HTTP_METER_STAT_CONNECTED  10
+
+
+static void
+ngx_http_meter_collect_stats(ngx_shm_zone_t *zone, ngx_uint_t connected,
+    uint64_t *v)
+{
+    uint32_t                    i;
+    uint64_t                    pending, nfree;
+    meter_table_t              *t;
+    ngx_http_meter_shctx_t     *sh;
+    ngx_http_meter_zone_ctx_t  *ctx;
+
+    ctx = zone->data;
+    sh = ctx->sh;
+    t = &sh->table;
+
+    pending = 0;
+
+    for (i = 0; i < t->nslots; i++) {
+        if (__atomic_load_n(&t->slots[i].state, __ATOMIC_ACQUIRE)
+            == METER_SLOT_LIVE)
+        {
+            pending += meter_entry_pending(&t->slots[i]);
+        }
+    }
+
+    nfree = (uint64_t) ctx->shpool->pfree * ngx_pagesize;
+
+    v[0] = __atomic_load_n(&t->live, __ATOMIC_RELAXED);
+    v[1] = t->nslots;
+    v[2] = zone->shm.size;
+    v[3] = zone->shm.size - nfree;
+    v[4] = nfree;
+    v[5] = pending;
+    v[6] = __atomic_load_n(&sh->flushed_total, __ATOMIC_RELAXED);
+    v[7] = __atomic_load_n(&sh->flushes, __ATOMIC_RELAXED);
+    v[8] = __atomic_load_n(&sh->flush_errors, __ATOMIC_RELAXED);
+    v[9] = __atomic_load_n(&sh->last_flush_ms, __ATOMIC_RELAXED);
+    v[10] = connected;
+    v[11] = __atomic_load_n(&t->dropped, __ATOMIC_RELAXED);
+    v[12] = __atomic_load_n(&t->dropped_value, __ATOMIC_RELAXED);
+    v[13] = __atomic_load_n(&sh->value_errors, __ATOMIC_RELAXED);
+}
+
+
+static ngx_int_t
+ngx_http_meter_status_handler(ngx_http_request_t *r)
+{
+    size_t                       size;
+    uint64_t                    *v;
+    ngx_int_t                    rc;
+    ngx_buf_t                   *b;
+    ngx_uint_t                   z, i, n, connected;
+    ngx_chain_t                  out;
+    ngx_shm_zone_t             **zones;
+    ngx_http_meter_loc_conf_t   *mlcf;
+    ngx_http_meter_main_conf_t  *mcf;
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+
+    rc = ngx_http_discard_request_body(r);
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_meter_module);
+
+    zones = mcf->zones.elts;
+    n = NGX_HTTP_METER_NSTATS;
+
+    connected = (ngx_http_meter_worker
+                 && ngx_http_meter_worker->state
+                    == NGX_HTTP_METER_REDIS_READY);
+
+    v = ngx_palloc(r->pool, sizeof(uint64_t) * n * (mcf->zones.nelts + 1));
+    if (v == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    for (z = 0; z < mcf->zones.nelts; z++) {
+        ngx_http_meter_collect_stats(zones[z], connected, &v[z * n]);
+    }
+
+    size = sizeof("{\"version\":1,\"zones\":[]}\n");
+
+    for (i = 0; i < n; i++) {
+        size += 2 * ngx_strlen(ngx_http_meter_stats[i].name)
+                + ngx_strlen(ngx_http_meter_stats[i].help)
+                + sizeof("# HELP nginx_meter_ \n# TYPE nginx_meter_ counter\n");
+
+        for (z = 0; z < mcf->zones.nelts; z++) {
+            size += sizeof("nginx_meter_{zone=\"\"} \n") + NGX_INT64_LEN
+                    + ngx_strlen(ngx_http_meter_stats[i].name)
+                    + zones[z]->shm.name.len;
+        }
+    }
+
+    for (z = 0; z < mcf->zones.nelts; z++) {
+        size += sizeof(",{\"name\":\"\"}") + zones[z]->shm.name.len;
+    }
+
+    b = ngx_create_temp_buf(r->pool, size);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (mlcf->status == NGX_HTTP_METER_STATUS_JSON) {
+        b->last = ngx_cpymem(b->last, "{\"version\":1,\"zones\":[",
+                             sizeof("{\"version\":1,\"zones\":[") - 1);
+
+        for (z = 0; z < mcf->zones.nelts; z++) {
+            b->last = ngx_sprintf(b->last, "%s{\"name\":\"%V\"",
+                                  z ? "," : "", &zones[z]->shm.name);
+
+            for (i = 0; i < n; i++) {
+                if (i == NGX_HTTP_METER_STAT_CONNECTED) {
+                    b->last = ngx_sprintf(b->last, ",\"%s\":%s",
+                                          ngx_http_meter_stats[i].name,
+                                          v[z * n + i] ? "true" : "false");
+                    continue;
+                }
+
+                b->last = ngx_sprintf(b->last, ",\"%s\":%uL",
+                                      ngx_http_meter_stats[i].name,
+                                      v[z * n + i]);
+            }
+
+            *b->last++ = '}';
+        }
+
+        b->last = ngx_cpymem(b->last, "]}\n", 3);
+        ngx_str_set(&r->headers_out.content_type, "application/json");
+
+    } else {
+        /* one group per metric family, as the text format requires */
+        for (i = 0; i < n; i++) {
+            b->last = ngx_sprintf(b->last,
+                                  "# HELP nginx_meter_%s %s\n"
+                                  "# TYPE nginx_meter_%s %s\n",
+                                  ngx_http_meter_stats[i].name,
+                                  ngx_http_meter_stats[i].help,
+                                  ngx_http_meter_stats[i].name,
+                                  ngx_http_meter_stats[i].type);
+
+            for (z = 0; z < mcf->zones.nelts; z++) {
+                b->last = ngx_sprintf(b->last,
+                                      "nginx_meter_%s{zone=\"%V\"} %uL\n",
+                                      ngx_http_meter_stats[i].name,
+                                      &zones[z]->shm.name, v[z * n + i]);
+            }
+        }
+
+        ngx_str_set(&r->headers_out.content_type,
+                    "text/plain; version=0.0.4");
+    }
+
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.status = NGX_HTTP_OK;
+    r->headers_out.content_length_n = b->last - b->pos;
+
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+/* shared memory */
+
+static ngx_int_t
+ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_meter_zone_ctx_t  *octx = data;
+
+    size_t                      size;
+    uint32_t                    nslots;
+    uint64_t                    epoch;
+    ngx_http_meter_shctx_t     *sh;
+    ngx_http_meter_zone_ctx_t  *ctx;
+
+    ctx = shm_zone->data;
+
+    if (octx) {
+        if (ctx->key.value.len != octx->key.value.len
+            || ngx_strncmp(ctx->key.value.data, octx->key.value.data,
+                           ctx->key.value.len)
+               != 0)
+        {
+            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                          "meter_zone \"%V\" uses the \"%V\" key "
+                          "while previously it used the \"%V\" key",
+                          &shm_zone->shm.name, &ctx->key.value,
+                          &octx->key.value);
+            return NGX_ERROR;
+        }
+
+        /* reload: counters and unflushed values carry over */
+        ctx->sh = octx->sh;
+        ctx->shpool = octx->shpool;
+
+        return NGX_OK;
+    }
+
+    ctx->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        ctx->sh = ctx->shpool->data;
+        return NGX_OK;
+    }
+
+    /* the largest table the slab allocator can place; failed tries are
+     * expected, so keep them out of the log */
+    ctx->shpool->log_nomem = 0;
+
+    size = shm_zone->shm.size;
+    nslots = meter_table_slots_for(size - sizeof(ngx_http_meter_shctx_t));
+
+    for ( ;; ) {
+        if (nslots < 64) {
+            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                          "meter_zone \"%V\" is too small",
+                          &shm_zone->shm.name);
+            return NGX_ERROR;
+        }
+
+        sh = ngx_slab_alloc(ctx->shpool, sizeof(ngx_http_meter_shctx_t)
+                                         + meter_table_size(nslots));
+        if (sh != NULL) {
+            break;
+        }
+
+        nslots -= nslots / 16 + 1;
+    }
+
+    ngx_memzero(sh, sizeof(ngx_http_meter_shctx_t));
+
+    if (RAND_bytes((unsigned char *) &epoch, sizeof(epoch)) != 1) {
+        epoch = ((uint64_t) ngx_random() << 32) ^ (uint64_t) ngx_random()
+                ^ (uint64_t) ngx_time();
+    }
+
+    meter_table_init(&sh->table, nslots, epoch);
+
+    ctx->sh = sh;
+    ctx->shpool->data = sh;
+
+    size = sizeof(" in meter_zone \"\"") + shm_zone->shm.name.len;
+
+    ctx->shpool->log_ctx = ngx_slab_alloc(ctx->shpool, size);
+    if (ctx->shpool->log_ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_sprintf(ctx->shpool->log_ctx, " in meter_zone \"%V\"%Z",
+                &shm_zone->shm.name);
+
+    ctx->shpool->log_nomem = 0;
+
+    return NGX_OK;
+}
+
+
+/*
+ * One flusher per zone at a time.  The lease is a pid and an expiry in one
+ * word, taken with a compare-and-swap; a dead holder's lease just expires.
+ */
+
+static ngx_int_t
+ngx_http_meter_lease(ngx_http_meter_shctx_t *sh, ngx_msec_t interval)
+{
+    time_t    now;
+    uint64_t  cur, mine, ttl;
+
+    now = ngx_time();
+    ttl = ngx_max(interval * 3 / 1000, 5);
+
+    cur = __atomic_load_n(&sh->lease, __ATOMIC_ACQUIRE);
+    mine = ((uint64_t) ngx_pid << 32) | (uint32_t) (now + ttl);
+
+    if ((cur >> 32) != (uint64_t) ngx_pid
+        && (cur & 0xffffffff) >= (uint64_t) now)
+    {
+        return NGX_DECLINED;
+    }
+
+    if (!__atomic_compare_exchange_n(&sh->lease, &cur, mine, 0,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_meter_lease_release(ngx_http_meter_shctx_t *sh)
+{
+    uint64_t  cur;
+
+    cur = __atomic_load_n(&sh->lease, __ATOMIC_ACQUIRE);
+
+    if ((cur >> 32) == (uint64_t) ngx_pid) {
+        (void) __atomic_compare_exchange_n(&sh->lease, &cur, 0, 0,
+                                           __ATOMIC_ACQ_REL,
+                                           __ATOMIC_ACQUIRE);
+    }
+}
+
+
+/* the flush */
+
+static void
+ngx_http_meter_tick(ngx_event_t *ev)
+{
+    ngx_http_meter_worker_t  *w = ev->data;
+
+    if (ngx_exiting || ngx_quit || ngx_terminate) {
+        return;
+    }
+
+    if (w->state == NGX_HTTP_METER_REDIS_DOWN) {
+        if ((ngx_msec_int_t) (ngx_current_msec - w->next_connect) >= 0) {
+            ngx_http_meter_redis_connect(w);
+        }
+
+    } else if (w->state == NGX_HTTP_METER_REDIS_READY && !w->pass) {
+        w->pass = 1;
+        w->zone = 0;
+        w->zone_start = ngx_current_msec;
+        w->batch.cursor = 0;
+        w->batch.wrapped = 0;
+
+        ngx_http_meter_next_slice(w);
+    }
+
+    ngx_add_timer(&w->tick, w->mcf->flush_interval);
+}
+
+
+static void
+ngx_http_meter_slice_handler(ngx_event_t *ev)
+{
+    ngx_http_meter_worker_t  *w = ev->data;
+
+    if (w->pass && w->outstanding == 0) {
+        ngx_http_meter_next_slice(w);
+    }
+}
+
+
+/*
+ * Sends the next slice of dirty counters, or moves on to the next zone.
+ * A slice scans a bounded number of slots, so a large zone never stalls
+ * the event loop: the scan goes on from a posted event.
+ */
+
+static void
+ngx_http_meter_next_slice(ngx_http_meter_worker_t *w)
+{
+    ngx_shm_zone_t             **zones;
+    ngx_http_meter_zone_ctx_t   *ctx;
+
+    zones = w->mcf->zones.elts;
+
+    while (w->zone < w->mcf->zones.nelts) {
+
+        if (w->state != NGX_HTTP_METER_REDIS_READY) {
+            w->pass = 0;
+            return;
+        }
+
+        ctx = zones[w->zone]->data;
+
+        if (ngx_http_meter_lease(ctx->sh, w->mcf->flush_interval) != NGX_OK)
+        {
+            w->zone++;
+            w->zone_start = ngx_current_msec;
+            w->batch.cursor = 0;
+            w->batch.wrapped = 0;
+            continue;
+        }
+
+        if (meter_batch_collect(&ctx->sh->table, &w->batch,
+                                NGX_HTTP_METER_SCAN)
+            > 0)
+        {
+            if (ngx_http_meter_send_batch(w, ctx) == NGX_OK) {
+                return;
+            }
+
+            w->pass = 0;
+            return;
+        }
+
+        if (w->batch.wrapped) {
+            ngx_http_meter_zone_done(w, ctx);
+            continue;
+        }
+
+        ngx_post_event(&w->slice, &ngx_posted_events);
+        return;
+    }
+
+    w->pass = 0;
+}
+
+
+static ngx_int_t
+ngx_http_meter_send_batch(ngx_http_meter_worker_t *w,
+    ngx_http_meter_zone_ctx_t *ctx)
+{
+    char                 data[METER_DATA_KEY_SIZE], idx[METER_IDX_KEY_SIZE];
+    char                 field[METER_FIELD_SIZE], value[24], hex[METER_HEX_LEN
+                                                              + 1];
+    char                 hour[METER_HOUR_LEN + 1], start[24];
+    size_t               len[7];
+    uint32_t             last_hour;
+    ngx_uint_t           i;
+    const char          *argv[7];
+    meter_entry_t       *e;
+    meter_batch_item_t  *it;
+
+    last_hour = 0;
+    w->outstanding = 0;
+    w->failed = 0;
+
+    if (w->reload_script) {
+        argv[0] = "SCRIPT"; len[0] = 6;
+        argv[1] = "LOAD"; len[1] = 4;
+        argv[2] = meter_script_max; len[2] = ngx_strlen(meter_script_max);
+
+        if (redisAsyncCommandArgv(w->ac, ngx_http_meter_redis_setup_reply,
+                                  w, 3, argv, len)
+            != REDIS_OK)
+        {
+            ngx_http_meter_redis_fail(w, "send", w->ac->errstr);
+            return NGX_ERROR;
+        }
+
+        w->reload_script = 0;
+    }
+
+    for (i = 0; i < w->batch.n; i++) {
+        it = &w->batch.items[i];
+        e = it->e;
+
+        if (it->hour != last_hour) {
+            /* the hour index first: it must exist before its data */
+            last_hour = it->hour;
+
+            argv[0] = "ZADD"; len[0] = 4;
+            argv[1] = "mtr:hours"; len[1] = 9;
+            argv[2] = "NX"; len[2] = 2;
+            argv[3] = start;
+            len[3] = meter_fmt_u64(start, meter_hour_start(it->hour));
+            argv[4] = hour; len[4] = meter_hour_format(it->hour, hour);
+
+            if (redisAsyncCommandArgv(w->ac, NULL, NULL, 5, argv, len)
+                != REDIS_OK)
+            {
+                goto failed;
+            }
+        }
+
+        meter_hex(e->key, METER_HASH_LEN, hex);
+
+        argv[0] = "SADD"; len[0] = 4;
+        argv[1] = idx; len[1] = meter_fmt_idx_key(idx, it->hour);
+        argv[2] = hex; len[2] = METER_HEX_LEN;
+
+        if (redisAsyncCommandArgv(w->ac, NULL, NULL, 3, argv, len)
+            != REDIS_OK)
+        {
+            goto failed;
+        }
+
+        argv[0] = "EVALSHA"; len[0] = 7;
+        argv[1] = w->script_sha; len[1] = 40;
+        argv[2] = "1"; len[2] = 1;
+        argv[3] = data; len[3] = meter_fmt_data_key(data, e->key, it->hour);
+        argv[4] = field;
+        len[4] = meter_fmt_field(field, e->meter, ctx->sh->table.epoch,
+                                 it->gen);
+        argv[5] = value; len[5] = meter_fmt_u64(value, it->value);
+
+        if (redisAsyncCommandArgv(w->ac, ngx_http_meter_reply,
+                                  (void *) (uintptr_t) i, 6, argv, len)
+            != REDIS_OK)
+        {
+            goto failed;
+        }
+
+        w->outstanding++;
+    }
+
+    ngx_add_timer(&w->timeout, w->mcf->redis_timeout);
+
+    return NGX_OK;
+
+failed:
+
+    /* callbacks already queued will be called with no reply */
+    w->failed = 1;
+    ngx_http_meter_redis_fail(w, "send", w->ac ? w->ac->errstr : "");
+
+    return NGX_ERROR;
+}
+
+
+static void
+ngx_http_meter_reply(redisAsyncContext *ac, void *r, void *privdata)
+{
+    redisReply               *reply = r;
+    ngx_http_meter_worker_t  *w = ngx_http_meter_worker;
+
+    if (w == NULL || w->outstanding == 0) {
+        return;
+    }
+
+    if (reply == NULL) {
+        w->failed = 1;
+
+    } else if (reply->type == REDIS_REPLY_ERROR) {
+        if (!w->failed) {
+            ngx_log_error(NGX_LOG_ERR, w->log, 0,
+                          "meter: redis refused a flush: %*s",
+                          (int) ngx_min(reply->len, 256), reply->str);
+        }
+
+        if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+            w->reload_script = 1;
+        }
+
+        w->failed = 1;
+
+    } else {
+        /* acknowledged: only this item's value is known to be in Redis */
+        meter_batch_item_t  *it = &w->batch.items[(uintptr_t) privdata];
+        ngx_http_meter_shctx_t  *sh;
+        ngx_shm_zone_t     **zones = w->mcf->zones.elts;
+        uint64_t             before;
+
+        sh = ((ngx_http_meter_zone_ctx_t *) zones[w->zone]->data)->sh;
+        before = __atomic_load_n(&it->e->flushed, __ATOMIC_ACQUIRE);
+
+        meter_batch_confirm(it);
+
+        if (it->value > before && it->e->gen == it->gen) {
+            (void) __atomic_fetch_add(&sh->flushed_total,
+                                      it->value - before, __ATOMIC_RELAXED);
+        }
+    }
+
+    if (--w->outstanding == 0) {
+        ngx_http_meter_batch_done(w);
+    }
+}
+
+
+static void
+ngx_http_meter_batch_done(ngx_http_meter_worker_t *w)
+{
+    ngx_shm_zone_t             **zones;
+    ngx_http_meter_zone_ctx_t   *ctx;
+
+    if (w->timeout.timer_set) {
+        ngx_del_timer(&w->timeout);
+    }
+
+    zones = w->mcf->zones.elts;
+    ctx = zones[w->zone]->data;
+
+    if (w->failed) {
+        /* unconfirmed values stay pending and go with the next pass */
+        (void) __atomic_fetch_add(&ctx->sh->flush_errors, 1,
+                                  __ATOMIC_RELAXED);
+        w->pass = 0;
+        return;
+    }
+
+    if (w->batch.wrapped) {
+        ngx_http_meter_zone_done(w, ctx);
+    }
+
+    if (ngx_exiting || ngx_quit || ngx_terminate) {
+        w->pass = 0;
+        return;
+    }
+
+    ngx_post_event(&w->slice, &ngx_posted_events);
+}
+
+
+static void
+ngx_http_meter_zone_done(ngx_http_meter_worker_t *w,
+    ngx_http_meter_zone_ctx_t *ctx)
+{
+    time_t  now;
+
+    now = ngx_time();
+
+    (void) meter_table_sweep(&ctx->sh->table, meter_hour(now),
+                             (uint32_t) now);
+
+    (void) __atomic_fetch_add(&ctx->sh->flushes, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&ctx->sh->last_flush_ms,
+                     (uint64_t) (ngx_current_msec - w->zone_start),
+                     __ATOMIC_RELAXED);
+
+    w->zone++;
+    w->zone_start = ngx_current_msec;
+    w->batch.cursor = 0;
+    w->batch.wrapped = 0;
+}
+
+
+static void
+ngx_http_meter_timeout_handler(ngx_event_t *ev)
+{
+    ngx_http_meter_worker_t  *w = ev->data;
+
+    ngx_http_meter_redis_fail(w, w->state == NGX_HTTP_METER_REDIS_CONN
+                                 ? "connect" : "command",
+                              "timed out");
+}
+
+
+/* redis connection: hiredis' async API on nginx's event loop */
+
+static void
+ngx_http_meter_redis_connect(ngx_http_meter_worker_t *w)
+{
+    char                        *host, *path;
+    ngx_connection_t            *c;
+    redisAsyncContext           *ac;
+    ngx_http_meter_main_conf_t  *mcf;
+
+    mcf = w->mcf;
+
+    if (mcf->redis_path.len) {
+        path = (char *) mcf->redis_path.data;
+        ac = redisAsyncConnectUnix(path);
+
+    } else {
+        host = (char *) mcf->redis_host.data;
+        ac = redisAsyncConnect(host, (int) mcf->redis_port);
+    }
+
+    if (ac == NULL) {
+        ngx_http_meter_redis_fail(w, "connect", "out of memory");
+        return;
+    }
+
+    if (ac->err) {
+        ngx_http_meter_redis_fail(w, "connect", ac->errstr);
+        redisAsyncFree(ac);
+        return;
+    }
+
+    c = ngx_get_connection(ac->c.fd, w->log);
+    if (c == NULL) {
+        redisAsyncFree(ac);
+        ngx_http_meter_redis_fail(w, "connect", "no free connection");
+        return;
+    }
+
+    c->data = ac;
+    c->read->log = w->log;
+    c->write->log = w->log;
+
+    ac->data = w;
+    ac->ev.data = c;
+    ac->ev.addRead = ngx_http_meter_redis_add_read;
+    ac->ev.delRead = ngx_http_meter_redis_del_read;
+    ac->ev.addWrite = ngx_http_meter_redis_add_write;
+    ac->ev.delWrite = ngx_http_meter_redis_del_write;
+    ac->ev.cleanup = ngx_http_meter_redis_cleanup;
+
+    w->ac = ac;
+    w->state = NGX_HTTP_METER_REDIS_CONN;
+
+    redisAsyncSetConnectCallback(ac, ngx_http_meter_redis_connected);
+    redisAsyncSetDisconnectCallback(ac, ngx_http_meter_redis_disconnected);
+
+    /* the non-blocking connect completes on the first write event */
+    ngx_http_meter_redis_add_write(c);
+
+    ngx_add_timer(&w->timeout, mcf->redis_timeout);
+}
+
+
+static void
+ngx_http_meter_redis_connected(const redisAsyncContext *cac, int status)
+{
+    char                        db[24];
+    size_t                      len[3];
+    const char                 *argv[3];
+    redisAsyncContext          *ac = (redisAsyncContext *) cac;
+    ngx_http_meter_worker_t    *w = ac->data;
+    ngx_http_meter_main_conf_t *mcf;
+
+    if (status != REDIS_OK) {
+        /* hiredis frees the context after this callback */
+        w->ac = NULL;
+        ngx_http_meter_redis_fail(w, "connect", ac->errstr);
+        return;
+    }
+
+    mcf = w->mcf;
+
+    if (mcf->redis_password.len) {
+        argv[0] = "AUTH"; len[0] = 4;
+        argv[1] = (char *) mcf->redis_password.data;
+        len[1] = mcf->redis_password.len;
+        (void) redisAsyncCommandArgv(ac, ngx_http_meter_redis_setup_reply, w,
+                                     2, argv, len);
+    }
+
+    if (mcf->redis_db) {
+        argv[0] = "SELECT"; len[0] = 6;
+        argv[1] = db; len[1] = meter_fmt_u64(db, (uint64_t) mcf->redis_db);
+        (void) redisAsyncCommandArgv(ac, ngx_http_meter_redis_setup_reply, w,
+                                     2, argv, len);
+    }
+
+    /* queued before any EVALSHA, so the script exists when they run */
+    w->reload_script = 1;
+
+    if (w->timeout.timer_set) {
+        ngx_del_timer(&w->timeout);
+    }
+
+    w->state = NGX_HTTP_METER_REDIS_READY;
+    w->backoff = 0;
+
+    if (w->down_logged) {
+        ngx_log_error(NGX_LOG_NOTICE, w->log, 0,
+                      "meter: redis connection restored");
+        w->down_logged = 0;
+    }
+}
+
+
+static void
+ngx_http_meter_redis_setup_reply(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    redisReply               *reply = r;
+    ngx_http_meter_worker_t  *w = privdata;
+
+    if (reply == NULL) {
+        return;
+    }
+
+    if (reply->type == REDIS_REPLY_ERROR) {
+        ngx_log_error(NGX_LOG_ERR, w->log, 0,
+                      "meter: redis setup failed: %*s",
+                      (int) ngx_min(reply->len, 256), reply->str);
+
+        /* AUTH/SELECT/SCRIPT LOAD refused: the flushes would fail too */
+        w->failed = 1;
+        redisAsyncDisconnect(ac);
+        return;
+    }
+}
+
+
+static void
+ngx_http_meter_redis_disconnected(const redisAsyncContext *ac, int status)
+{
+    ngx_http_meter_worker_t  *w = ac->data;
+
+    /* hiredis frees the context after this callback */
+    w->ac = NULL;
+
+    if (status == REDIS_OK && (ngx_exiting || ngx_quit || ngx_terminate)) {
+        w->state = NGX_HTTP_METER_REDIS_DOWN;
+        return;
+    }
+
+    ngx_http_meter_redis_fail(w, "connection",
+                              ac->errstr[0] ? ac->errstr : "closed");
+}
+
+
+/*
+ * Marks the connection down, drops it, and schedules a reconnect with
+ * exponential backoff.  Logged once per outage, not per attempt.
+ */
+
+static void
+ngx_http_meter_redis_fail(ngx_http_meter_worker_t *w, const char *why,
+    const char *err)
+{
+    redisAsyncContext  *ac;
+
+    if (!w->down_logged) {
+        ngx_log_error(NGX_LOG_ERR, w->log, 0,
+                      "meter: redis %s failed: %s; counters are kept in "
+                      "shared memory and retried",
+                      why, err ? err : "");
+        w->down_logged = 1;
+    }
+
+    if (w->timeout.timer_set) {
+        ngx_del_timer(&w->timeout);
+    }
+
+    w->state = NGX_HTTP_METER_REDIS_DOWN;
+    w->pass = 0;
+
+    w->backoff = w->backoff ? ngx_min(w->backoff * 2,
+                                      NGX_HTTP_METER_BACKOFF_MAX)
+                            : NGX_HTTP_METER_BACKOFF_MIN;
+    w->next_connect = ngx_current_msec + w->backoff;
+
+    ac = w->ac;
+
+    if (ac != NULL) {
+        w->ac = NULL;
+        ac->data = w;
+
+        /* pending callbacks run now, with no reply: the batch fails */
+        redisAsyncSetDisconnectCallback(ac, NULL);
+        redisAsyncFree(ac);
+    }
+
+    if (w->outstanding) {
+        w->outstanding = 0;
+        w->failed = 1;
+    }
+}
+
+
+static void
+ngx_http_meter_redis_read(ngx_event_t *ev)
+{
+    ngx_connection_t  *c = ev->data;
+
+    redisAsyncHandleRead(c->data);
+}
+
+
+static void
+ngx_http_meter_redis_write(ngx_event_t *ev)
+{
+    ngx_connection_t  *c = ev->data;
+
+    redisAsyncHandleWrite(c->data);
+}
+
+
+/* level-triggered: hiredis reads at most 16k a call; the rest waits */
+
+static void
+ngx_http_meter_redis_add_read(void *privdata)
+{
+    ngx_connection_t  *c = privdata;
+
+    c->read->handler = ngx_http_meter_redis_read;
+
+    if (!c->read->active) {
+        if (ngx_add_event(c->read, NGX_READ_EVENT, NGX_LEVEL_EVENT)
+            != NGX_OK)
+        {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "meter: cannot watch the redis socket");
+        }
+    }
+}
+
+
+static void
+ngx_http_meter_redis_del_read(void *privdata)
+{
+    ngx_connection_t  *c = privdata;
+
+    if (c->read->active) {
+        (void) ngx_del_event(c->read, NGX_READ_EVENT, 0);
+    }
+}
+
+
+static void
+ngx_http_meter_redis_add_write(void *privdata)
+{
+    ngx_connection_t  *c = privdata;
+
+    c->write->handler = ngx_http_meter_redis_write;
+
+    if (!c->write->active) {
+        if (ngx_add_event(c->write, NGX_WRITE_EVENT, NGX_LEVEL_EVENT)
+            != NGX_OK)
+        {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "meter: cannot watch the redis socket");
+        }
+    }
+}
+
+
+static void
+ngx_http_meter_redis_del_write(void *privdata)
+{
+    ngx_connection_t  *c = privdata;
+
+    if (c->write->active) {
+        (void) ngx_del_event(c->write, NGX_WRITE_EVENT, 0);
+    }
+}
+
+
+/* hiredis closes the socket itself: release the connection, not the fd */
+
+static void
+ngx_http_meter_redis_cleanup(void *privdata)
+{
+    ngx_connection_t  *c = privdata;
+
+    if (c == NULL) {
+        return;
+    }
+
+    ngx_http_meter_redis_del_read(c);
+    ngx_http_meter_redis_del_write(c);
+
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+
+    if (c->read->posted) {
+        ngx_delete_posted_event(c->read);
+    }
+
+    if (c->write->posted) {
+        ngx_delete_posted_event(c->write);
+    }
+
+    c->read->closed = 1;
+    c->write->closed = 1;
+
+    ngx_free_connection(c);
+    c->fd = (ngx_socket_t) -1;
+}
+
+
+/*
+ * On exit nothing drives the event loop any more: one last blocking
+ * pipeline with the same commands and the same max-only script.  What it
+ * cannot send stays in the zone, which outlives a reload.
+ */
+
+static void
+ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf, ngx_log_t *log)
+{
+    char                        data[METER_DATA_KEY_SIZE];
+    char                        idx[METER_IDX_KEY_SIZE];
+    char                        field[METER_FIELD_SIZE], value[24];
+    char                        hex[METER_HEX_LEN + 1], db[24];
+    char                        hour[METER_HOUR_LEN + 1], start[24];
+    size_t                      len[6];
+    uint64_t                    before;
+    ngx_uint_t                  z, i, n, sent, ok;
+    const char                 *argv[6];
+    redisReply                 *reply;
+    struct timeval              tv;
+    redisContext               *rc;
+    meter_batch_t               batch;
+    meter_batch_item_t         *items, *it;
+    ngx_shm_zone_t            **zones;
+    ngx_http_meter_shctx_t     *sh;
+    ngx_http_meter_zone_ctx_t  *ctx;
+
+    tv.tv_sec = mcf->redis_timeout / 1000;
+    tv.tv_usec = (mcf->redis_timeout % 1000) * 1000;
+
+    if (mcf->redis_path.len) {
+        rc = redisConnectUnixWithTimeout((char *) mcf->redis_path.data, tv);
+
+    } else {
+        rc = redisConnectWithTimeout((char *) mcf->redis_host.data,
+                                     (int) mcf->redis_port, tv);
+    }
+
+    if (rc == NULL || rc->err) {
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "meter: final flush: redis unreachable (%s); counters "
+                      "stay in shared memory",
+                      rc ? rc->errstr : "out of memory");
+        goto done;
+    }
+
+    (void) redisSetTimeout(rc, tv);
+
+    if (mcf->redis_password.len) {
+        argv[0] = "AUTH"; len[0] = 4;
+        argv[1] = (char *) mcf->redis_password.data;
+        len[1] = mcf->redis_password.len;
+        redisAppendCommandArgv(rc, 2, argv, len);
+    }
+
+    if (mcf->redis_db) {
+        argv[0] = "SELECT"; len[0] = 6;
+        argv[1] = db; len[1] = meter_fmt_u64(db, (uint64_t) mcf->redis_db);
+        redisAppendCommandArgv(rc, 2, argv, len);
+    }
+
+    n = (mcf->redis_password.len ? 1 : 0) + (mcf->redis_db ? 1 : 0);
+
+    for (i = 0; i < n; i++) {
+        if (redisGetReply(rc, (void **) &reply) != REDIS_OK) {
+            goto done;
+        }
+
+        ok = (reply->type != REDIS_REPLY_ERROR);
+        freeReplyObject(reply);
+
+        if (!ok) {
+            ngx_log_error(NGX_LOG_WARN, log, 0,
+                          "meter: final flush: redis refused AUTH/SELECT");
+            goto done;
+        }
+    }
+
+    items = ngx_alloc(sizeof(meter_batch_item_t) * NGX_HTTP_METER_BATCH,
+                      log);
+    if (items == NULL) {
+        goto done;
+    }
+
+    zones = mcf->zones.elts;
+
+    for (z = 0; z < mcf->zones.nelts; z++) {
+        ctx = zones[z]->data;
+        sh = ctx->sh;
+
+        ngx_memzero(&batch, sizeof(meter_batch_t));
+        batch.items = items;
+        batch.cap = NGX_HTTP_METER_BATCH;
+
+        while (!batch.wrapped) {
+            if (meter_batch_collect(&sh->table, &batch, sh->table.nslots)
+                == 0)
+            {
+                continue;
+            }
+
+            /* EVAL, not EVALSHA: this connection loaded no script */
+            for (i = 0; i < batch.n; i++) {
+                it = &batch.items[i];
+
+                argv[0] = "ZADD"; len[0] = 4;
+                argv[1] = "mtr:hours"; len[1] = 9;
+                argv[2] = "NX"; len[2] = 2;
+                argv[3] = start;
+                len[3] = meter_fmt_u64(start, meter_hour_start(it->hour));
+                argv[4] = hour; len[4] = meter_hour_format(it->hour, hour);
+                redisAppendCommandArgv(rc, 5, argv, len);
+
+                meter_hex(it->e->key, METER_HASH_LEN, hex);
+                argv[0] = "SADD"; len[0] = 4;
+                argv[1] = idx; len[1] = meter_fmt_idx_key(idx, it->hour);
+                argv[2] = hex; len[2] = METER_HEX_LEN;
+                redisAppendCommandArgv(rc, 3, argv, len);
+
+                argv[0] = "EVAL"; len[0] = 4;
+                argv[1] = meter_script_max;
+                len[1] = ngx_strlen(meter_script_max);
+                argv[2] = "1"; len[2] = 1;
+                argv[3] = data;
+                len[3] = meter_fmt_data_key(data, it->e->key, it->hour);
+                argv[4] = field;
+                len[4] = meter_fmt_field(field, it->e->meter,
+                                         sh->table.epoch, it->gen);
+                argv[5] = value; len[5] = meter_fmt_u64(value, it->value);
+                redisAppendCommandArgv(rc, 6, argv, len);
+            }
+
+            sent = 0;
+
+            for (i = 0; i < batch.n * 3; i++) {
+                if (redisGetReply(rc, (void **) &reply) != REDIS_OK) {
+                    ngx_log_error(NGX_LOG_WARN, log, 0,
+                                  "meter: final flush: %s; counters stay "
+                                  "in shared memory", rc->errstr);
+                    ngx_free(items);
+                    goto done;
+                }
+
+                ok = (reply->type != REDIS_REPLY_ERROR);
+                freeReplyObject(reply);
+
+                if (i % 3 != 2 || !ok) {
+                    continue;
+                }
+
+                it = &batch.items[i / 3];
+                before = __atomic_load_n(&it->e->flushed, __ATOMIC_ACQUIRE);
+
+                meter_batch_confirm(it);
+
+                if (it->value > before && it->e->gen == it->gen) {
+                    (void) __atomic_fetch_add(&sh->flushed_total,
+                                              it->value - before,
+                                              __ATOMIC_RELAXED);
+                }
+
+                sent++;
+            }
+
+            ngx_log_debug2(NGX_LOG_DEBUG_HTTP, log, 0,
+                           "meter: final flush sent %ui of %ui",
+                           sent, batch.n);
+        }
+    }
+
+    ngx_free(items);
+
+done:
+
+    if (rc) {
+        redisFree(rc);
+    }
+}
+
+
+/* configuration */
+
+static void *
+ngx_http_meter_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_meter_main_conf_t  *mcf;
+
+    mcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_meter_main_conf_t));
+    if (mcf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&mcf->zones, cf->pool, 2, sizeof(ngx_shm_zone_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    if (ngx_array_init(&mcf->meters, cf->pool, 4,
+                       sizeof(ngx_http_meter_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    mcf->redis_port = NGX_CONF_UNSET;
+    mcf->redis_db = NGX_CONF_UNSET;
+    mcf->redis_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->flush_interval = NGX_CONF_UNSET_MSEC;
+
+    return mcf;
+}
+
+
+static char *
+ngx_http_meter_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_http_meter_main_conf_t  *mcf = conf;
+
+    ngx_conf_init_value(mcf->redis_port, 6379);
+    ngx_conf_init_value(mcf->redis_db, 0);
+    ngx_conf_init_msec_value(mcf->redis_timeout, 1000);
+    ngx_conf_init_msec_value(mcf->flush_interval, 1000);
+
+    if (mcf->flush_interval < 10) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"meter_flush_interval\" must be at least 10ms");
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static void *
+ngx_http_meter_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_meter_loc_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool, sizeof(ngx_http_meter_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    conf->meters = NGX_CONF_UNSET_PTR;
+    conf->status = NGX_CONF_UNSET_UINT;
+
+    return conf;
+}
+
+
+static char *
+ngx_http_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_http_meter_loc_conf_t  *prev = parent;
+    ngx_http_meter_loc_conf_t  *conf = child;
+
+    /* like access_log: a level that defines no meter inherits them all */
+    ngx_conf_merge_ptr_value(conf->meters, prev->meters, NULL);
+    ngx_conf_merge_uint_value(conf->status, prev->status,
+                              NGX_HTTP_METER_STATUS_JSON);
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_meter_main_conf_t  *mcf = conf;
+
+    u_char                            *p;
+    size_t                             size;
+    ngx_str_t                         *value, name, s;
+    ngx_uint_t                         i;
+    ngx_shm_zone_t                    *shm_zone, **zp;
+    ngx_http_meter_zone_ctx_t         *ctx;
+    ngx_http_compile_complex_value_t   ccv;
+
+    value = cf->args->elts;
+
+    ctx = ngx_pcalloc(cf->pool, sizeof(ngx_http_meter_zone_ctx_t));
+    if (ctx == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+    ccv.cf = cf;
+    ccv.value = &value[1];
+    ccv.complex_value = &ctx->key;
+
+    if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    size = 0;
+    name.len = 0;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "zone=", 5) == 0) {
+
+            name.data = value[i].data + 5;
+
+            p = (u_char *) ngx_strchr(name.data, ':');
+
+            if (p == NULL) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid zone size \"%V\", expected "
+                                   "zone=NAME:SIZE", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            name.len = p - name.data;
+
+            s.data = p + 1;
+            s.len = value[i].data + value[i].len - s.data;
+
+            size = ngx_parse_size(&s);
+
+            if (size == (size_t) NGX_ERROR) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid zone size \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            if (size < (size_t) (8 * ngx_pagesize)) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "zone \"%V\" is too small, the minimum "
+                                   "is %uz bytes", &value[i],
+                                   (size_t) (8 * ngx_pagesize));
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (name.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"zone\" parameter",
+                           &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    shm_zone = ngx_shared_memory_add(cf, &name, size,
+                                     &ngx_http_meter_module);
+    if (shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (shm_zone->data) {
+        ctx = shm_zone->data;
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "%V \"%V\" is already bound to key \"%V\"",
+                           &cmd->name, &name, &ctx->key.value);
+        return NGX_CONF_ERROR;
+    }
+
+    shm_zone->init = ngx_http_meter_init_zone;
+    shm_zone->data = ctx;
+    ctx->shm_zone = shm_zone;
+
+    zp = ngx_array_push(&mcf->zones);
+    if (zp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *zp = shm_zone;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_meter_loc_conf_t  *mlcf = conf;
+
+    ngx_str_t                         *value, s, zone;
+    ngx_uint_t                         i;
+    const char                        *err;
+    ngx_http_meter_t                  *m, **mp;
+    ngx_http_meter_main_conf_t        *mcf;
+    ngx_http_complex_value_t         **cvp;
+    ngx_http_compile_complex_value_t   ccv;
+
+    value = cf->args->elts;
+
+    if (cf->args->nelts == 2 && ngx_strcmp(value[1].data, "off") == 0) {
+        if (mlcf->meters != NGX_CONF_UNSET_PTR) {
+            return "is duplicate";
+        }
+
+        mlcf->meters = NULL;
+        return NGX_CONF_OK;
+    }
+
+    if (mlcf->meters == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"meter off\" cannot be mixed with meters at "
+                           "the same level");
+        return NGX_CONF_ERROR;
+    }
+
+    if (mlcf->meters == NGX_CONF_UNSET_PTR) {
+        mlcf->meters = ngx_array_create(cf->pool, 2,
+                                        sizeof(ngx_http_meter_t));
+        if (mlcf->meters == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    m = ngx_array_push(mlcf->meters);
+    if (m == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(m, sizeof(ngx_http_meter_t));
+
+    m->file = cf->conf_file->file.name;
+    m->line = cf->conf_file->line;
+
+    ngx_str_null(&zone);
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "zone=", 5) == 0) {
+            zone.data = value[i].data + 5;
+            zone.len = value[i].len - 5;
+
+            if (zone.len == 0) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "status=", 7) == 0) {
+            if (meter_parse_status((const char *) value[i].data + 7,
+                                   value[i].len - 7, &m->status, &err)
+                != 0)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\": %s", &value[i], err);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "method=", 7) == 0) {
+            if (meter_parse_methods((const char *) value[i].data + 7,
+                                    value[i].len - 7, &m->methods, &err)
+                != 0)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\": %s", &value[i], err);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        cvp = NULL;
+
+        if (ngx_strncmp(value[i].data, "value=", 6) == 0) {
+            cvp = &m->value;
+            s.data = value[i].data + 6;
+            s.len = value[i].len - 6;
+
+        } else if (ngx_strncmp(value[i].data, "if=", 3) == 0) {
+            cvp = &m->filter;
+            s.data = value[i].data + 3;
+            s.len = value[i].len - 3;
+        }
+
+        if (cvp != NULL) {
+            if (s.len == 0 || ngx_http_script_variables_count(&s) == 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\": a variable is "
+                                   "expected, such as $bytes_sent",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            *cvp = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
+            if (*cvp == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+            ccv.cf = cf;
+            ccv.value = &s;
+            ccv.complex_value = *cvp;
+
+            if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (m->name.len == 0 && ngx_strchr(value[i].data, '=') == NULL) {
+            if (!meter_valid_name((const char *) value[i].data,
+                                  value[i].len))
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid meter name \"%V\": use 1 to "
+                                   "%d of A-Z a-z 0-9 _ . -",
+                                   &value[i], METER_NAME_MAX);
+                return NGX_CONF_ERROR;
+            }
+
+            m->name = value[i];
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (zone.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"meter\" must have \"zone\" parameter");
+        return NGX_CONF_ERROR;
+    }
+
+    if (m->name.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"meter\" must have a meter name");
+        return NGX_CONF_ERROR;
+    }
+
+    m->shm_zone = ngx_shared_memory_add(cf, &zone, 0,
+                                        &ngx_http_meter_module);
+    if (m->shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_meter_module);
+
+    mp = ngx_array_push(&mcf->meters);
+    if (mp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *mp = m;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid parameter \"%V\"",
+                       &value[i]);
+    return NGX_CONF_ERROR;
+}
+
+
+static char *
+ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_meter_main_conf_t  *mcf = conf;
+
+    u_char      *p;
+    ngx_int_t    n;
+    ngx_str_t   *value, s;
+    ngx_uint_t   i;
+
+    if (mcf->redis_set) {
+        return "is duplicate";
+    }
+
+    mcf->redis_set = 1;
+
+    value = cf->args->elts;
+
+    if (ngx_strncmp(value[1].data, "unix:", 5) == 0) {
+        if (value[1].len == 5 || value[1].data[5] != '/') {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid redis address \"%V\": expected "
+                               "unix:/absolute/path", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+
+        mcf->redis_path.data = value[1].data + 5;
+        mcf->redis_path.len = value[1].len - 5;
+
+    } else {
+        p = (u_char *) ngx_strlchr(value[1].data,
+                                   value[1].data + value[1].len, ':');
+
+        n = (p == NULL) ? NGX_ERROR
+                        : ngx_atoi(p + 1, value[1].data + value[1].len - p
+                                          - 1);
+
+        if (p == NULL || p == value[1].data || n < 1 || n > 65535) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid redis address \"%V\": expected "
+                               "host:port or unix:/path", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+
+        mcf->redis_host.len = p - value[1].data;
+        mcf->redis_host.data = ngx_pnalloc(cf->pool,
+                                           mcf->redis_host.len + 1);
+        if (mcf->redis_host.data == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        (void) ngx_cpystrn(mcf->redis_host.data, value[1].data,
+                           mcf->redis_host.len + 1);
+        mcf->redis_port = n;
+    }
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "password=", 9) == 0) {
+            mcf->redis_password.data = value[i].data + 9;
+            mcf->redis_password.len = value[i].len - 9;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "db=", 3) == 0) {
+            mcf->redis_db = ngx_atoi(value[i].data + 3, value[i].len - 3);
+
+            if (mcf->redis_db == NGX_ERROR) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\": a database number is "
+                                   "expected", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
+            s.data = value[i].data + 8;
+            s.len = value[i].len - 8;
+
+            mcf->redis_timeout = ngx_parse_time(&s, 0);
+
+            if (mcf->redis_timeout == (ngx_msec_t) NGX_ERROR
+                || mcf->redis_timeout == 0)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\": a time such as 500ms "
+                                   "or 2s is expected", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid parameter \"%V\"",
+                           &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_meter_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_meter_loc_conf_t  *mlcf = conf;
+
+    ngx_str_t                 *value;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    if (mlcf->status_on) {
+        return "is duplicate";
+    }
+
+    mlcf->status_on = 1;
+    mlcf->status = NGX_HTTP_METER_STATUS_JSON;
+
+    value = cf->args->elts;
+
+    if (cf->args->nelts == 2) {
+        if (ngx_strcmp(value[1].data, "prometheus") == 0) {
+            mlcf->status = NGX_HTTP_METER_STATUS_PROM;
+
+        } else if (ngx_strcmp(value[1].data, "json") != 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid format \"%V\": use json or "
+                               "prometheus", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_meter_status_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_init(ngx_conf_t *cf)
+{
+    ngx_uint_t                   i;
+    ngx_http_handler_pt         *h;
+    ngx_http_meter_t           **m;
+    ngx_http_core_main_conf_t   *cmcf;
+    ngx_http_meter_main_conf_t  *mcf;
+
+    mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_meter_module);
+
+    /* a meter may name a zone defined further down: check them now */
+    m = mcf->meters.elts;
+
+    for (i = 0; i < mcf->meters.nelts; i++) {
+        if (m[i]->shm_zone->data == NULL) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "meter \"%V\" uses unknown meter_zone \"%V\" "
+                          "in %V:%ui", &m[i]->name,
+                          &m[i]->shm_zone->shm.name, &m[i]->file,
+                          m[i]->line);
+            return NGX_ERROR;
+        }
+    }
+
+    if (mcf->zones.nelts == 0) {
+        return NGX_OK;
+    }
+
+    if (!mcf->redis_set) {
+        ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                      "meter_zone is defined without meter_redis: usage "
+                      "is counted but never flushed");
+    }
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_meter_log_handler;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_init_process(ngx_cycle_t *cycle)
+{
+    uint8_t                      sha[20];
+    ngx_http_meter_worker_t     *w;
+    ngx_http_meter_main_conf_t  *mcf;
+
+    if (ngx_process != NGX_PROCESS_WORKER
+        && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        return NGX_OK;
+    }
+
+    mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_meter_module);
+
+    if (mcf == NULL || mcf->zones.nelts == 0 || !mcf->redis_set) {
+        return NGX_OK;
+    }
+
+    w = ngx_pcalloc(cycle->pool, sizeof(ngx_http_meter_worker_t));
+    if (w == NULL) {
+        return NGX_ERROR;
+    }
+
+    w->mcf = mcf;
+    w->log = cycle->log;
+    w->batch.items = w->items;
+    w->batch.cap = NGX_HTTP_METER_BATCH;
+
+    w->tick.handler = ngx_http_meter_tick;
+    w->tick.data = w;
+    w->tick.log = cycle->log;
+    w->tick.cancelable = 1;
+
+    w->slice.handler = ngx_http_meter_slice_handler;
+    w->slice.data = w;
+    w->slice.log = cycle->log;
+
+    w->timeout.handler = ngx_http_meter_timeout_handler;
+    w->timeout.data = w;
+    w->timeout.log = cycle->log;
+    w->timeout.cancelable = 1;
+
+    /* the script's SHA-1 is its name in Redis: known before SCRIPT LOAD
+     * answers, so EVALSHA can follow it in the same pipeline */
+    if (EVP_Digest(meter_script_max, ngx_strlen(meter_script_max), sha,
+                   NULL, EVP_sha1(), NULL)
+        != 1)
+    {
+        return NGX_ERROR;
+    }
+
+    meter_hex(sha, 20, w->script_sha);
+
+    ngx_http_meter_worker = w;
+
+    ngx_http_meter_redis_connect(w);
+
+    ngx_add_timer(&w->tick, mcf->flush_interval);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_meter_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                   z;
+    ngx_shm_zone_t             **zones;
+    ngx_http_meter_worker_t     *w;
+    ngx_http_meter_zone_ctx_t   *ctx;
+
+    w = ngx_http_meter_worker;
+
+    if (w == NULL) {
+        return;
+    }
+
+    if (w->ac) {
+        redisAsyncSetDisconnectCallback(w->ac, NULL);
+        redisAsyncFree(w->ac);
+        w->ac = NULL;
+    }
+
+    w->state = NGX_HTTP_METER_REDIS_DOWN;
+
+    ngx_http_meter_final_flush(w->mcf, cycle->log);
+
+    zones = w->mcf->zones.elts;
+
+    for (z = 0; z < w->mcf->zones.nelts; z++) {
+        ctx = zones[z]->data;
+        ngx_http_meter_lease_release(ctx->sh);
+    }
+
+    ngx_http_meter_worker = NULL;
+}
