@@ -59,12 +59,15 @@ static const char  *meter_methods[] = {
 
 /* verbatim from docs/redis-schema.md */
 const char  meter_script_max[] =
-    "-- KEYS[1] = mtr:u:{KH}:HOUR, ARGV = field, value [, field, value ...]\n"
+    "-- KEYS[1] = mtr:u:{KH}:HOUR, KEYS[2] = mtr:used:{KH}\n"
+    "-- ARGV = field, value [, field, value ...]\n"
     "for i = 1, #ARGV, 2 do\n"
     "  local cur = redis.call('HGET', KEYS[1], ARGV[i])\n"
     "  local v = ARGV[i + 1]\n"
     "  if not cur or #v > #cur or (#v == #cur and v > cur) then\n"
     "    redis.call('HSET', KEYS[1], ARGV[i], v)\n"
+    "    local meter = string.match(ARGV[i], '^[^|]+')\n"
+    "    redis.call('HINCRBY', KEYS[2], meter, tonumber(v) - tonumber(cur or '0'))\n"
     "  end\n"
     "end\n"
     "return 1\n";
@@ -863,4 +866,16 @@ meter_fmt_u64(char *buf, uint64_t v)
 {
     return (size_t) snprintf(buf, sizeof("18446744073709551615"), "%llu",
                              (unsigned long long) v);
+}
+
+
+size_t
+meter_fmt_used_key(char *buf, const uint8_t key[METER_HASH_LEN])
+{
+    memcpy(buf, "mtr:used:{", sizeof("mtr:used:{") - 1);
+    meter_hex(key, METER_HASH_LEN, buf + sizeof("mtr:used:{") - 1);
+    buf[METER_USED_KEY_SIZE - 2] = '}';
+    buf[METER_USED_KEY_SIZE - 1] = '\0';
+
+    return METER_USED_KEY_SIZE - 1;
 }

@@ -61,6 +61,7 @@
                                  + METER_HOUR_LEN + 1)
 #define METER_IDX_KEY_SIZE      (sizeof("mtr:idx:") - 1 + METER_HOUR_LEN + 1)
 #define METER_FIELD_SIZE        (METER_NAME_MAX + 1 + 16 + 1 + 10 + 1)
+#define METER_USED_KEY_SIZE     (sizeof("mtr:used:{}") - 1 + METER_HEX_LEN + 1)
 
 
 /* key hashing: out gets the binary SHA-256 of the key */
@@ -217,6 +218,8 @@ void meter_batch_confirm(const meter_batch_item_t *item);
 /* "mtr:u:{KH}:HOUR" */
 size_t meter_fmt_data_key(char *buf, const uint8_t key[METER_HASH_LEN],
     uint32_t hour);
+/* "mtr:used:{KH}" */
+size_t meter_fmt_used_key(char *buf, const uint8_t key[METER_HASH_LEN]);
 /* "mtr:idx:HOUR" */
 size_t meter_fmt_idx_key(char *buf, uint32_t hour);
 /* "METER|EPOCH.GEN" with EPOCH as 16 lowercase hex digits */

@@ -38,6 +38,48 @@
 #define NGX_HTTP_METER_STATUS_JSON  0
 #define NGX_HTTP_METER_STATUS_PROM  1
 
+#define NGX_HTTP_METER_GOV_CREDITS  4       /* credit meters per customer */
+
+/* why a request was refused; indexes the shm counters */
+#define NGX_HTTP_METER_DENY_OVERDUE 0
+#define NGX_HTTP_METER_DENY_CREDIT  1
+#define NGX_HTTP_METER_DENY_UNKNOWN 2
+#define NGX_HTTP_METER_DENY_DOWN    3
+#define NGX_HTTP_METER_DENY_N       4
+
+#define NGX_HTTP_METER_REASON_OVERDUE  1
+#define NGX_HTTP_METER_REASON_CREDIT   2
+
+
+/* governance: a compact copy of mtr:gov in shared memory */
+
+typedef struct {
+    uint8_t                      key[METER_HASH_LEN];
+    uint32_t                     cust;      /* index + 1; 0: free slot */
+    uint32_t                     revoked;
+} ngx_http_meter_gov_key_t;
+
+typedef struct {
+    char                         meter[METER_NAME_MAX];
+    int64_t                      remaining; /* when the copy was made */
+    int64_t                      local;     /* atomic: counted here since */
+} ngx_http_meter_gov_credit_t;
+
+typedef struct {
+    uint32_t                     reason;    /* 0: in good standing */
+    uint32_t                     ncredits;
+    int64_t                      since;
+    ngx_http_meter_gov_credit_t  credits[NGX_HTTP_METER_GOV_CREDITS];
+} ngx_http_meter_gov_cust_t;
+
+typedef struct {
+    uint64_t                     version;
+    uint32_t                     mask;      /* key slots - 1 */
+    uint32_t                     ncust;
+    ngx_http_meter_gov_key_t    *keys;
+    ngx_http_meter_gov_cust_t   *custs;
+} ngx_http_meter_gov_snap_t;
+
 
 typedef struct {
     uint64_t                     lease;     /* pid << 32 | expiry (s) */
@@ -47,6 +89,20 @@ typedef struct {
     uint64_t                     last_flush_ms;
     uint64_t                     value_errors;
     uint64_t                     dropped_logged; /* time of last log (s) */
+
+    /*
+     * Governance: two buffers, one of them published in gov_snap.  The
+     * refresher fills the other and swaps; a request reads one pointer.
+     */
+    uint64_t                     gov_lease;
+    ngx_http_meter_gov_snap_t   *gov_snap;
+    ngx_http_meter_gov_snap_t   *gov_buf[2];
+    size_t                       gov_cap[2];
+    uint64_t                     gov_refreshed; /* Unix s, last refresh */
+    uint64_t                     gov_delinquent;
+    uint64_t                     gov_blocked;
+    uint64_t                     gov_denied[NGX_HTTP_METER_DENY_N];
+
     meter_table_t                table;     /* last: slots follow */
 } ngx_http_meter_shctx_t;
 
@@ -56,7 +112,24 @@ typedef struct {
     ngx_slab_pool_t             *shpool;
     ngx_http_complex_value_t     key;
     ngx_shm_zone_t              *shm_zone;
+    ngx_uint_t                   governance;
 } ngx_http_meter_zone_ctx_t;
+
+
+typedef struct {
+    ngx_shm_zone_t              *shm_zone;
+    ngx_uint_t                   closed;    /* on_redis_down=closed */
+    ngx_uint_t                   unknown;   /* 0 allow, 401, 403 */
+    time_t                       grace;
+} ngx_http_meter_gov_conf_t;
+
+
+/* per request: the key's hash and customer, found once */
+typedef struct {
+    uint8_t                      hash[METER_HASH_LEN];
+    ngx_shm_zone_t              *zone;      /* hash is of this zone's key */
+    ngx_http_meter_gov_cust_t   *cust;
+} ngx_http_meter_req_ctx_t;
 
 
 typedef struct {
@@ -84,6 +157,8 @@ typedef struct {
     ngx_uint_t                   redis_set;
 
     ngx_msec_t                   flush_interval;
+    ngx_msec_t                   gov_refresh;
+    ngx_uint_t                   governance;    /* some zone has it */
 } ngx_http_meter_main_conf_t;
 
 
@@ -91,7 +166,37 @@ typedef struct {
     ngx_array_t                 *meters;    /* ngx_http_meter_t */
     ngx_uint_t                   status;    /* meter_status format */
     ngx_flag_t                   status_on;
+    ngx_http_meter_gov_conf_t   *gov;
+    ngx_flag_t                   gov_headers;
 } ngx_http_meter_loc_conf_t;
+
+
+/* the refresher's own view of mtr:gov, kept between refreshes */
+typedef struct {
+    uint8_t                      key[METER_HASH_LEN];
+    ngx_uint_t                   cust;
+    uint32_t                     revoked;
+} ngx_http_meter_gov_ckey_t;
+
+typedef struct {
+    ngx_str_t                    meter;
+    int64_t                      granted;
+    int64_t                      used;
+} ngx_http_meter_gov_ccredit_t;
+
+typedef struct {
+    ngx_str_t                    id;
+    uint32_t                     reason;
+    int64_t                      since;
+    ngx_uint_t                   ncredits;
+    ngx_http_meter_gov_ccredit_t credits[NGX_HTTP_METER_GOV_CREDITS];
+} ngx_http_meter_gov_ccust_t;
+
+typedef struct {
+    ngx_str_t                    cust;
+    ngx_str_t                    meter;
+    int64_t                      granted;
+} ngx_http_meter_gov_grant_t;
 
 
 /* per worker process */
@@ -118,20 +223,31 @@ typedef struct {
     ngx_uint_t                   failed;
     meter_batch_t                batch;
     meter_batch_item_t           items[NGX_HTTP_METER_BATCH];
+
+    ngx_event_t                  gov_tick;  /* governance refresh timer */
+    ngx_uint_t                   gov_busy;  /* replies outstanding */
+    ngx_uint_t                   gov_failed;
+    ngx_uint_t                   gov_valid; /* gov_version/keys/custs */
+    uint64_t                     gov_version;
+    uint64_t                     gov_new_version;
+    ngx_pool_t                  *gov_pool;  /* keys, custs */
+    ngx_array_t                  gov_keys;  /* ngx_http_meter_gov_ckey_t */
+    ngx_array_t                  gov_custs; /* ngx_http_meter_gov_ccust_t */
+    ngx_pool_t                  *gov_tmp;   /* one refresh */
+    ngx_array_t                  gov_grants; /* ngx_http_meter_gov_grant_t */
 } ngx_http_meter_worker_t;
 
 
 static ngx_int_t ngx_http_meter_log_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_meter_count(ngx_http_request_t *r,
-    ngx_http_meter_t *m, ngx_str_t *key, uint8_t *hash, ngx_uint_t status,
+    ngx_http_meter_t *m, ngx_http_meter_req_ctx_t *rctx, ngx_uint_t status,
     uint32_t method);
 static ngx_int_t ngx_http_meter_status_handler(ngx_http_request_t *r);
 
 static ngx_int_t ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
-static ngx_int_t ngx_http_meter_lease(ngx_http_meter_shctx_t *sh,
-    ngx_msec_t interval);
-static void ngx_http_meter_lease_release(ngx_http_meter_shctx_t *sh);
+static ngx_int_t ngx_http_meter_lease(uint64_t *lease, ngx_msec_t interval);
+static void ngx_http_meter_lease_release(uint64_t *lease);
 
 static void ngx_http_meter_tick(ngx_event_t *ev);
 static void ngx_http_meter_slice_handler(ngx_event_t *ev);
@@ -162,6 +278,37 @@ static void ngx_http_meter_redis_cleanup(void *privdata);
 static void ngx_http_meter_redis_read(ngx_event_t *ev);
 static void ngx_http_meter_redis_write(ngx_event_t *ev);
 
+static ngx_int_t ngx_http_meter_access_handler(ngx_http_request_t *r);
+static ngx_http_meter_req_ctx_t *ngx_http_meter_req_ctx(
+    ngx_http_request_t *r, ngx_shm_zone_t *zone, ngx_str_t *key);
+static ngx_http_meter_gov_key_t *ngx_http_meter_gov_find(
+    ngx_http_meter_gov_snap_t *snap, uint8_t *hash);
+static ngx_int_t ngx_http_meter_deny(ngx_http_request_t *r,
+    ngx_http_meter_shctx_t *sh, ngx_uint_t status, ngx_uint_t why,
+    const char *reason, const char *detail);
+static ngx_int_t ngx_http_meter_warn(ngx_http_request_t *r, time_t until);
+static ngx_int_t ngx_http_meter_header(ngx_http_request_t *r,
+    const char *name, const char *meter, int64_t value);
+static void ngx_http_meter_gov_tick(ngx_event_t *ev);
+static ngx_http_meter_zone_ctx_t *ngx_http_meter_gov_zone(
+    ngx_http_meter_main_conf_t *mcf);
+static ngx_int_t ngx_http_meter_gov_reply_ok(ngx_http_meter_worker_t *w,
+    redisReply *reply, int type);
+static void ngx_http_meter_gov_version_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static void ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static void ngx_http_meter_gov_stage2(ngx_http_meter_worker_t *w);
+static void ngx_http_meter_gov_map_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static ngx_int_t ngx_http_meter_hex_decode(uint8_t *dst, u_char *hex);
+static void ngx_http_meter_gov_stage3(ngx_http_meter_worker_t *w);
+static void ngx_http_meter_gov_used_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static void ngx_http_meter_gov_done(ngx_http_meter_worker_t *w);
+static void ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
+    ngx_http_meter_zone_ctx_t *ctx);
+
 static void ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf,
     ngx_log_t *log);
 
@@ -177,7 +324,12 @@ static char *ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_meter_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static ngx_int_t ngx_http_meter_init(ngx_conf_t *cf);
+static ngx_int_t ngx_http_meter_gov_check(ngx_conf_t *cf,
+    ngx_http_meter_loc_conf_t *mlcf);
+static ngx_int_t ngx_http_meter_gov_walk(ngx_conf_t *cf);
 static ngx_int_t ngx_http_meter_init_process(ngx_cycle_t *cycle);
 static void ngx_http_meter_exit_process(ngx_cycle_t *cycle);
 
@@ -210,6 +362,27 @@ static ngx_command_t  ngx_http_meter_commands[] = {
       ngx_conf_set_msec_slot,
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_meter_main_conf_t, flush_interval),
+      NULL },
+
+    { ngx_string("meter_governance"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_meter_governance,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("meter_governance_refresh"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_meter_main_conf_t, gov_refresh),
+      NULL },
+
+    { ngx_string("meter_governance_headers"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_meter_loc_conf_t, gov_headers),
       NULL },
 
     { ngx_string("meter_status"),
@@ -262,12 +435,13 @@ static ngx_http_meter_worker_t  *ngx_http_meter_worker;
 static ngx_int_t
 ngx_http_meter_log_handler(ngx_http_request_t *r)
 {
-    uint8_t                     hash[METER_HASH_LEN];
     uint32_t                    method;
     ngx_str_t                   key;
     ngx_uint_t                  i, status;
     ngx_shm_zone_t             *keyed;
     ngx_http_meter_t           *m;
+    ngx_http_meter_req_ctx_t   *rctx;
+    ngx_http_meter_zone_ctx_t  *ctx;
     ngx_http_meter_loc_conf_t  *mlcf;
 
     mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
@@ -295,7 +469,7 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
 
     /* the key is evaluated and hashed once per zone, not once per meter */
     keyed = NULL;
-    ngx_str_null(&key);
+    rctx = NULL;
 
     m = mlcf->meters->elts;
 
@@ -303,12 +477,26 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
 
         if (m[i].shm_zone != keyed) {
             keyed = m[i].shm_zone;
-            ngx_str_null(&key);
+            ctx = keyed->data;
+            rctx = NULL;
+
+            if (ngx_http_complex_value(r, &ctx->key, &key) != NGX_OK) {
+                return NGX_OK;
+            }
+
+            if (key.len) {
+                rctx = ngx_http_meter_req_ctx(r, keyed, &key);
+                if (rctx == NULL) {
+                    return NGX_OK;
+                }
+            }
         }
 
-        if (ngx_http_meter_count(r, &m[i], &key, hash, status, method)
-            != NGX_OK)
-        {
+        if (rctx == NULL) {
+            continue;
+        }
+
+        if (ngx_http_meter_count(r, &m[i], rctx, status, method) != NGX_OK) {
             return NGX_OK;
         }
     }
@@ -319,12 +507,14 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
 
 static ngx_int_t
 ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
-    ngx_str_t *key, uint8_t *hash, ngx_uint_t status, uint32_t method)
+    ngx_http_meter_req_ctx_t *rctx, ngx_uint_t status, uint32_t method)
 {
     time_t                      now;
+    uint32_t                    j;
     uint64_t                    value, last;
     ngx_str_t                   v;
     ngx_http_meter_shctx_t     *sh;
+    ngx_http_meter_gov_cust_t  *cust;
     ngx_http_meter_zone_ctx_t  *ctx;
     ngx_http_meter_main_conf_t *mcf;
 
@@ -349,24 +539,6 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
         }
     }
 
-    if (key->data == NULL) {
-        if (ngx_http_complex_value(r, &ctx->key, key) != NGX_OK) {
-            return NGX_ERROR;
-        }
-
-        if (key->len == 0) {
-            /* keep "evaluated" distinct from "not yet evaluated" */
-            key->data = (u_char *) "";
-            return NGX_OK;
-        }
-
-        meter_key_hash(key->data, key->len, hash);
-    }
-
-    if (key->len == 0) {
-        return NGX_OK;
-    }
-
     value = 1;
 
     if (m->value) {
@@ -383,7 +555,23 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
 
     now = ngx_time();
 
-    if (meter_table_add(&sh->table, meter_hour(r->start_sec), hash,
+    /* prepaid credit: what this node counts draws the balance down now */
+    cust = rctx->cust;
+
+    if (cust != NULL) {
+        for (j = 0; j < cust->ncredits; j++) {
+            if (ngx_strncmp(cust->credits[j].meter, m->name.data,
+                            m->name.len) == 0
+                && (m->name.len == METER_NAME_MAX
+                    || cust->credits[j].meter[m->name.len] == '\0'))
+            {
+                (void) __atomic_fetch_add(&cust->credits[j].local,
+                                          (int64_t) value, __ATOMIC_RELAXED);
+            }
+        }
+    }
+
+    if (meter_table_add(&sh->table, meter_hour(r->start_sec), rctx->hash,
                         (const char *) m->name.data, m->name.len, value,
                         (uint32_t) now)
         == 0)
@@ -440,7 +628,21 @@ static ngx_http_meter_stat_t  ngx_http_meter_stats[] = {
     { "dropped", "Calls not counted because the zone was full.", "counter" },
     { "dropped_value", "Units not counted because the zone was full.",
       "counter" },
-    { "value_errors", "Meter values that were not an integer.", "counter" }
+    { "value_errors", "Meter values that were not an integer.", "counter" },
+    { "gov_customers_delinquent", "Customers marked delinquent.", "gauge" },
+    { "gov_keys_blocked", "Keys refused at the last refresh.", "gauge" },
+    { "gov_refreshed", "Unix time of the last governance refresh.",
+      "gauge" },
+    { "gov_refresh_age", "Seconds since the last governance refresh.",
+      "gauge" },
+    { "gov_denied_invoice_overdue", "Requests refused: invoice overdue.",
+      "counter" },
+    { "gov_denied_credit_exhausted", "Requests refused: credit used up.",
+      "counter" },
+    { "gov_denied_unknown_key", "Requests refused: missing, unknown or "
+      "revoked key.", "counter" },
+    { "gov_denied_redis_down", "Requests refused: state unavailable.",
+      "counter" }
 };
 
 #define NGX_HTTP_METER_NSTATS                                                 \
@@ -488,6 +690,18 @@ ngx_http_meter_collect_stats(ngx_shm_zone_t *zone, ngx_uint_t connected,
     v[11] = __atomic_load_n(&t->dropped, __ATOMIC_RELAXED);
     v[12] = __atomic_load_n(&t->dropped_value, __ATOMIC_RELAXED);
     v[13] = __atomic_load_n(&sh->value_errors, __ATOMIC_RELAXED);
+    v[14] = __atomic_load_n(&sh->gov_delinquent, __ATOMIC_RELAXED);
+    v[15] = __atomic_load_n(&sh->gov_blocked, __ATOMIC_RELAXED);
+    v[16] = __atomic_load_n(&sh->gov_refreshed, __ATOMIC_RELAXED);
+    v[17] = v[16] ? (uint64_t) ngx_time() - v[16] : 0;
+    v[18] = __atomic_load_n(&sh->gov_denied[NGX_HTTP_METER_DENY_OVERDUE],
+                            __ATOMIC_RELAXED);
+    v[19] = __atomic_load_n(&sh->gov_denied[NGX_HTTP_METER_DENY_CREDIT],
+                            __ATOMIC_RELAXED);
+    v[20] = __atomic_load_n(&sh->gov_denied[NGX_HTTP_METER_DENY_UNKNOWN],
+                            __ATOMIC_RELAXED);
+    v[21] = __atomic_load_n(&sh->gov_denied[NGX_HTTP_METER_DENY_DOWN],
+                            __ATOMIC_RELAXED);
 }
 
 
@@ -674,6 +888,12 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     ctx->shpool->log_nomem = 0;
 
     size = shm_zone->shm.size;
+
+    if (ctx->governance) {
+        /* the other half holds two copies of the governance state */
+        size /= 2;
+    }
+
     nslots = meter_table_slots_for(size - sizeof(ngx_http_meter_shctx_t));
 
     for ( ;; ) {
@@ -727,7 +947,7 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
  */
 
 static ngx_int_t
-ngx_http_meter_lease(ngx_http_meter_shctx_t *sh, ngx_msec_t interval)
+ngx_http_meter_lease(uint64_t *lease, ngx_msec_t interval)
 {
     time_t    now;
     uint64_t  cur, mine, ttl;
@@ -735,7 +955,7 @@ ngx_http_meter_lease(ngx_http_meter_shctx_t *sh, ngx_msec_t interval)
     now = ngx_time();
     ttl = ngx_max(interval * 3 / 1000, 5);
 
-    cur = __atomic_load_n(&sh->lease, __ATOMIC_ACQUIRE);
+    cur = __atomic_load_n(lease, __ATOMIC_ACQUIRE);
     mine = ((uint64_t) ngx_pid << 32) | (uint32_t) (now + ttl);
 
     if ((cur >> 32) != (uint64_t) ngx_pid
@@ -744,7 +964,7 @@ ngx_http_meter_lease(ngx_http_meter_shctx_t *sh, ngx_msec_t interval)
         return NGX_DECLINED;
     }
 
-    if (!__atomic_compare_exchange_n(&sh->lease, &cur, mine, 0,
+    if (!__atomic_compare_exchange_n(lease, &cur, mine, 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
     {
         return NGX_DECLINED;
@@ -755,14 +975,14 @@ ngx_http_meter_lease(ngx_http_meter_shctx_t *sh, ngx_msec_t interval)
 
 
 static void
-ngx_http_meter_lease_release(ngx_http_meter_shctx_t *sh)
+ngx_http_meter_lease_release(uint64_t *lease)
 {
     uint64_t  cur;
 
-    cur = __atomic_load_n(&sh->lease, __ATOMIC_ACQUIRE);
+    cur = __atomic_load_n(lease, __ATOMIC_ACQUIRE);
 
     if ((cur >> 32) == (uint64_t) ngx_pid) {
-        (void) __atomic_compare_exchange_n(&sh->lease, &cur, 0, 0,
+        (void) __atomic_compare_exchange_n(lease, &cur, 0, 0,
                                            __ATOMIC_ACQ_REL,
                                            __ATOMIC_ACQUIRE);
     }
@@ -833,7 +1053,8 @@ ngx_http_meter_next_slice(ngx_http_meter_worker_t *w)
 
         ctx = zones[w->zone]->data;
 
-        if (ngx_http_meter_lease(ctx->sh, w->mcf->flush_interval) != NGX_OK)
+        if (ngx_http_meter_lease(&ctx->sh->lease, w->mcf->flush_interval)
+            != NGX_OK)
         {
             w->zone++;
             w->zone_start = ngx_current_msec;
@@ -875,6 +1096,7 @@ ngx_http_meter_send_batch(ngx_http_meter_worker_t *w,
     char                 field[METER_FIELD_SIZE], value[24], hex[METER_HEX_LEN
                                                               + 1];
     char                 hour[METER_HOUR_LEN + 1], start[24];
+    char                 used[METER_USED_KEY_SIZE];
     size_t               len[7];
     uint32_t             last_hour;
     ngx_uint_t           i;
@@ -938,15 +1160,16 @@ ngx_http_meter_send_batch(ngx_http_meter_worker_t *w,
 
         argv[0] = "EVALSHA"; len[0] = 7;
         argv[1] = w->script_sha; len[1] = 40;
-        argv[2] = "1"; len[2] = 1;
+        argv[2] = "2"; len[2] = 1;
         argv[3] = data; len[3] = meter_fmt_data_key(data, e->key, it->hour);
-        argv[4] = field;
-        len[4] = meter_fmt_field(field, e->meter, ctx->sh->table.epoch,
+        argv[4] = used; len[4] = meter_fmt_used_key(used, e->key);
+        argv[5] = field;
+        len[5] = meter_fmt_field(field, e->meter, ctx->sh->table.epoch,
                                  it->gen);
-        argv[5] = value; len[5] = meter_fmt_u64(value, it->value);
+        argv[6] = value; len[6] = meter_fmt_u64(value, it->value);
 
         if (redisAsyncCommandArgv(w->ac, ngx_http_meter_reply,
-                                  (void *) (uintptr_t) i, 6, argv, len)
+                                  (void *) (uintptr_t) i, 7, argv, len)
             != REDIS_OK)
         {
             goto failed;
@@ -1195,6 +1418,12 @@ ngx_http_meter_redis_connected(const redisAsyncContext *cac, int status)
     w->state = NGX_HTTP_METER_REDIS_READY;
     w->backoff = 0;
 
+    /* a new connection may see a new state: refresh now */
+    if (w->gov_tick.timer_set) {
+        ngx_del_timer(&w->gov_tick);
+        ngx_add_timer(&w->gov_tick, 1);
+    }
+
     if (w->down_logged) {
         ngx_log_error(NGX_LOG_NOTICE, w->log, 0,
                       "meter: redis connection restored");
@@ -1291,6 +1520,8 @@ ngx_http_meter_redis_fail(ngx_http_meter_worker_t *w, const char *why,
         w->outstanding = 0;
         w->failed = 1;
     }
+
+    w->gov_busy = 0;
 }
 
 
@@ -1424,10 +1655,11 @@ ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf, ngx_log_t *log)
     char                        field[METER_FIELD_SIZE], value[24];
     char                        hex[METER_HEX_LEN + 1], db[24];
     char                        hour[METER_HOUR_LEN + 1], start[24];
-    size_t                      len[6];
+    char                        used[METER_USED_KEY_SIZE];
+    size_t                      len[7];
     uint64_t                    before;
     ngx_uint_t                  z, i, n, sent, ok;
-    const char                 *argv[6];
+    const char                 *argv[7];
     redisReply                 *reply;
     struct timeval              tv;
     redisContext               *rc;
@@ -1532,14 +1764,15 @@ ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf, ngx_log_t *log)
                 argv[0] = "EVAL"; len[0] = 4;
                 argv[1] = meter_script_max;
                 len[1] = ngx_strlen(meter_script_max);
-                argv[2] = "1"; len[2] = 1;
+                argv[2] = "2"; len[2] = 1;
                 argv[3] = data;
                 len[3] = meter_fmt_data_key(data, it->e->key, it->hour);
-                argv[4] = field;
-                len[4] = meter_fmt_field(field, it->e->meter,
+                argv[4] = used; len[4] = meter_fmt_used_key(used, it->e->key);
+                argv[5] = field;
+                len[5] = meter_fmt_field(field, it->e->meter,
                                          sh->table.epoch, it->gen);
-                argv[5] = value; len[5] = meter_fmt_u64(value, it->value);
-                redisAppendCommandArgv(rc, 6, argv, len);
+                argv[6] = value; len[6] = meter_fmt_u64(value, it->value);
+                redisAppendCommandArgv(rc, 7, argv, len);
             }
 
             sent = 0;
@@ -1590,6 +1823,1084 @@ done:
 }
 
 
+/* governance: the request side */
+
+static ngx_int_t
+ngx_http_meter_access_handler(ngx_http_request_t *r)
+{
+    time_t                      now;
+    int64_t                     left;
+    uint32_t                    i;
+    ngx_str_t                   key;
+    ngx_uint_t                  j;
+    ngx_http_meter_shctx_t     *sh;
+    ngx_http_meter_req_ctx_t   *rctx;
+    ngx_http_meter_gov_key_t   *k;
+    ngx_http_meter_gov_conf_t  *gcf;
+    ngx_http_meter_gov_cust_t  *cust;
+    ngx_http_meter_gov_snap_t  *snap;
+    ngx_http_meter_zone_ctx_t  *ctx;
+    ngx_http_meter_loc_conf_t  *mlcf;
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
+    gcf = mlcf->gov;
+
+    /* an error_page redirect serves the refusal itself */
+    if (gcf == NULL || r->error_page) {
+        return NGX_DECLINED;
+    }
+
+    ctx = gcf->shm_zone->data;
+    sh = ctx->sh;
+
+    if (ngx_http_complex_value(r, &ctx->key, &key) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (key.len == 0) {
+        if (gcf->unknown == 0) {
+            return NGX_DECLINED;
+        }
+
+        return ngx_http_meter_deny(r, sh, gcf->unknown,
+                                   NGX_HTTP_METER_DENY_UNKNOWN,
+                                   "missing_key",
+                                   "This API needs an API key.");
+    }
+
+    rctx = ngx_http_meter_req_ctx(r, gcf->shm_zone, &key);
+    if (rctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    snap = __atomic_load_n(&sh->gov_snap, __ATOMIC_ACQUIRE);
+
+    k = (snap != NULL) ? ngx_http_meter_gov_find(snap, rctx->hash) : NULL;
+
+    if (k == NULL) {
+        /* never seen: without Redis nobody can say who this is */
+        if (snap == NULL
+            || ngx_http_meter_worker == NULL
+            || ngx_http_meter_worker->state != NGX_HTTP_METER_REDIS_READY)
+        {
+            if (!gcf->closed) {
+                return NGX_DECLINED;
+            }
+
+            return ngx_http_meter_deny(r, sh, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                       NGX_HTTP_METER_DENY_DOWN,
+                                       "state_unavailable",
+                                       "The billing state cannot be read "
+                                       "right now; try again later.");
+        }
+
+        if (gcf->unknown == 0) {
+            return NGX_DECLINED;
+        }
+
+        return ngx_http_meter_deny(r, sh, gcf->unknown,
+                                   NGX_HTTP_METER_DENY_UNKNOWN,
+                                   "unknown_key",
+                                   "This API key is not known.");
+    }
+
+    if (k->revoked) {
+        return ngx_http_meter_deny(r, sh,
+                                   gcf->unknown == NGX_HTTP_FORBIDDEN
+                                   ? NGX_HTTP_FORBIDDEN
+                                   : NGX_HTTP_UNAUTHORIZED,
+                                   NGX_HTTP_METER_DENY_UNKNOWN,
+                                   "revoked_key",
+                                   "This API key has been revoked.");
+    }
+
+    cust = &snap->custs[k->cust - 1];
+    rctx->cust = cust;
+
+    now = ngx_time();
+
+    if (cust->reason) {
+        if (gcf->grace && now - cust->since < gcf->grace) {
+            if (ngx_http_meter_warn(r, cust->since + gcf->grace) != NGX_OK) {
+                return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            }
+
+        } else if (cust->reason == NGX_HTTP_METER_REASON_CREDIT) {
+            return ngx_http_meter_deny(r, sh, 402,
+                                       NGX_HTTP_METER_DENY_CREDIT,
+                                       "credit_exhausted",
+                                       "The prepaid credit of this account "
+                                       "is used up; top it up to go on.");
+
+        } else {
+            return ngx_http_meter_deny(r, sh, 402,
+                                       NGX_HTTP_METER_DENY_OVERDUE,
+                                       "invoice_overdue",
+                                       "An invoice of this account is "
+                                       "overdue; pay it to go on.");
+        }
+    }
+
+    for (i = 0; i < cust->ncredits; i++) {
+        left = cust->credits[i].remaining
+               - __atomic_load_n(&cust->credits[i].local, __ATOMIC_RELAXED);
+
+        if (left <= 0) {
+            return ngx_http_meter_deny(r, sh, 402,
+                                       NGX_HTTP_METER_DENY_CREDIT,
+                                       "credit_exhausted",
+                                       "The prepaid credit of this account "
+                                       "is used up; top it up to go on.");
+        }
+
+        if (mlcf->gov_headers) {
+            j = ngx_http_meter_header(r, "X-Credit-Remaining",
+                                      cust->credits[i].meter, left);
+            if (j != NGX_OK) {
+                return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            }
+        }
+    }
+
+    return NGX_DECLINED;
+}
+
+
+static ngx_http_meter_req_ctx_t *
+ngx_http_meter_req_ctx(ngx_http_request_t *r, ngx_shm_zone_t *zone,
+    ngx_str_t *key)
+{
+    ngx_http_meter_req_ctx_t  *rctx;
+
+    rctx = ngx_http_get_module_ctx(r, ngx_http_meter_module);
+
+    if (rctx == NULL) {
+        rctx = ngx_pcalloc(r->pool, sizeof(ngx_http_meter_req_ctx_t));
+        if (rctx == NULL) {
+            return NULL;
+        }
+
+        ngx_http_set_ctx(r, rctx, ngx_http_meter_module);
+    }
+
+    if (rctx->zone != zone) {
+        meter_key_hash(key->data, key->len, rctx->hash);
+        rctx->zone = zone;
+        rctx->cust = NULL;
+    }
+
+    return rctx;
+}
+
+
+static ngx_http_meter_gov_key_t *
+ngx_http_meter_gov_find(ngx_http_meter_gov_snap_t *snap, uint8_t *hash)
+{
+    uint32_t                   i, n;
+    ngx_http_meter_gov_key_t  *k;
+
+    ngx_memcpy(&i, hash, sizeof(uint32_t));
+
+    for (n = 0; n <= snap->mask; n++) {
+        k = &snap->keys[(i + n) & snap->mask];
+
+        if (k->cust == 0) {
+            return NULL;
+        }
+
+        if (ngx_memcmp(k->key, hash, METER_HASH_LEN) == 0) {
+            return k;
+        }
+    }
+
+    return NULL;
+}
+
+
+/*
+ * The refusal: an RFC 9457 problem body, unless the configuration has an
+ * error_page for the status, which nginx then serves as usual.
+ */
+
+static ngx_int_t
+ngx_http_meter_deny(ngx_http_request_t *r, ngx_http_meter_shctx_t *sh,
+    ngx_uint_t status, ngx_uint_t why, const char *reason,
+    const char *detail)
+{
+    u_char                    *p;
+    ngx_str_t                  type;
+    ngx_int_t                  rc;
+    ngx_uint_t                 i;
+    ngx_table_elt_t           *h;
+    ngx_http_err_page_t       *err_page;
+    ngx_http_complex_value_t   cv;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    (void) __atomic_fetch_add(&sh->gov_denied[why], 1, __ATOMIC_RELAXED);
+
+    if (status == NGX_HTTP_UNAUTHORIZED) {
+        h = ngx_list_push(&r->headers_out.headers);
+        if (h == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        h->hash = 1;
+        ngx_str_set(&h->key, "WWW-Authenticate");
+        ngx_str_set(&h->value, "ApiKey realm=\"api\"");
+        r->headers_out.www_authenticate = h;
+    }
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+    if (clcf->error_pages) {
+        err_page = clcf->error_pages->elts;
+
+        for (i = 0; i < clcf->error_pages->nelts; i++) {
+            if ((ngx_uint_t) err_page[i].status == status) {
+                return status;
+            }
+        }
+    }
+
+    ngx_memzero(&cv, sizeof(ngx_http_complex_value_t));
+
+    cv.value.data = ngx_pnalloc(r->pool, 512);
+    if (cv.value.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_snprintf(cv.value.data, 512,
+                     "{\"type\":\"urn:nginx-meter:problem:%s\","
+                     "\"title\":\"%s\",\"status\":%ui,"
+                     "\"detail\":\"%s\",\"reason\":\"%s\"}\n",
+                     reason,
+                     status == 402 ? "Payment Required"
+                     : status == NGX_HTTP_UNAUTHORIZED ? "Unauthorized"
+                     : status == NGX_HTTP_FORBIDDEN ? "Forbidden"
+                     : "Service Unavailable",
+                     status, detail, reason);
+
+    cv.value.len = p - cv.value.data;
+
+    ngx_str_set(&type, "application/problem+json");
+
+    rc = ngx_http_send_response(r, status, &type, &cv);
+
+    ngx_http_finalize_request(r, rc);
+
+    return NGX_DONE;
+}
+
+
+static ngx_int_t
+ngx_http_meter_warn(ngx_http_request_t *r, time_t until)
+{
+    u_char           *p;
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_pnalloc(r->pool, sizeof("299 - \"Payment overdue; service stops"
+                                    " at \"") + sizeof("Mon, 28 Sep 1970 "
+                                    "06:00:00 GMT"));
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Warning");
+    h->value.data = p;
+
+    p = ngx_cpymem(p, "299 - \"Payment overdue; service stops at ",
+                   sizeof("299 - \"Payment overdue; service stops at ") - 1);
+    p = ngx_http_time(p, until);
+    *p++ = '"';
+
+    h->value.len = p - h->value.data;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_header(ngx_http_request_t *r, const char *name,
+    const char *meter, int64_t value)
+{
+    u_char           *p;
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_pnalloc(r->pool, METER_NAME_MAX + 1 + NGX_INT64_LEN);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    h->key.data = (u_char *) name;
+    h->key.len = ngx_strlen(name);
+    h->value.data = p;
+    h->value.len = ngx_sprintf(p, "%s=%L", meter, value) - p;
+
+    return NGX_OK;
+}
+
+
+/* governance: the refresh, through the flush's Redis connection */
+
+static void
+ngx_http_meter_gov_tick(ngx_event_t *ev)
+{
+    size_t                      len[2];
+    const char                 *argv[2];
+    ngx_shm_zone_t            **zones;
+    ngx_http_meter_worker_t    *w = ev->data;
+    ngx_http_meter_zone_ctx_t  *ctx;
+
+    if (ngx_exiting || ngx_quit || ngx_terminate) {
+        return;
+    }
+
+    ngx_add_timer(&w->gov_tick, w->mcf->gov_refresh);
+
+    if (w->state != NGX_HTTP_METER_REDIS_READY || w->gov_busy) {
+        return;
+    }
+
+    /* one refresher per node: the first governance zone's lease */
+    zones = w->mcf->zones.elts;
+    ctx = ngx_http_meter_gov_zone(w->mcf);
+
+    if (ngx_http_meter_lease(&ctx->sh->gov_lease, w->mcf->gov_refresh)
+        != NGX_OK)
+    {
+        return;
+    }
+
+    (void) zones;
+
+    if (w->gov_tmp) {
+        ngx_destroy_pool(w->gov_tmp);
+    }
+
+    w->gov_tmp = ngx_create_pool(4096, w->log);
+    if (w->gov_tmp == NULL) {
+        return;
+    }
+
+    if (ngx_array_init(&w->gov_grants, w->gov_tmp, 8,
+                       sizeof(ngx_http_meter_gov_grant_t))
+        != NGX_OK)
+    {
+        return;
+    }
+
+    w->gov_failed = 0;
+    w->gov_busy = 2;
+
+    argv[0] = "GET"; len[0] = 3;
+    argv[1] = "mtr:gov:version"; len[1] = sizeof("mtr:gov:version") - 1;
+    (void) redisAsyncCommandArgv(w->ac, ngx_http_meter_gov_version_reply, w,
+                                 2, argv, len);
+
+    argv[0] = "HGETALL"; len[0] = 7;
+    argv[1] = "mtr:gov:credit"; len[1] = sizeof("mtr:gov:credit") - 1;
+    (void) redisAsyncCommandArgv(w->ac, ngx_http_meter_gov_credit_reply, w,
+                                 2, argv, len);
+}
+
+
+static ngx_http_meter_zone_ctx_t *
+ngx_http_meter_gov_zone(ngx_http_meter_main_conf_t *mcf)
+{
+    ngx_uint_t                  z;
+    ngx_shm_zone_t            **zones;
+    ngx_http_meter_zone_ctx_t  *ctx;
+
+    zones = mcf->zones.elts;
+
+    for (z = 0; z < mcf->zones.nelts; z++) {
+        ctx = zones[z]->data;
+
+        if (ctx->governance) {
+            return ctx;
+        }
+    }
+
+    return NULL;
+}
+
+
+/* a reply ends a stage when it is the stage's last one */
+
+static ngx_int_t
+ngx_http_meter_gov_reply_ok(ngx_http_meter_worker_t *w, redisReply *reply,
+    int type)
+{
+    if (reply == NULL) {
+        w->gov_failed = 1;
+        return NGX_ERROR;
+    }
+
+    if (reply->type == REDIS_REPLY_ERROR) {
+        if (!w->gov_failed) {
+            ngx_log_error(NGX_LOG_ERR, w->log, 0,
+                          "meter: governance refresh refused: %*s",
+                          (int) ngx_min(reply->len, 256), reply->str);
+        }
+
+        w->gov_failed = 1;
+        return NGX_ERROR;
+    }
+
+    if (type != REDIS_REPLY_NIL && reply->type != type
+        && reply->type != REDIS_REPLY_NIL)
+    {
+        w->gov_failed = 1;
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_meter_gov_version_reply(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    redisReply               *reply = r;
+    ngx_int_t                 n;
+    ngx_http_meter_worker_t  *w = privdata;
+
+    if (ngx_http_meter_gov_reply_ok(w, reply, REDIS_REPLY_STRING) == NGX_OK)
+    {
+        n = 0;
+
+        if (reply->type == REDIS_REPLY_STRING) {
+            n = ngx_atoi((u_char *) reply->str, reply->len);
+        }
+
+        w->gov_new_version = (n == NGX_ERROR) ? 0 : (uint64_t) n;
+    }
+
+    if (--w->gov_busy == 0) {
+        ngx_http_meter_gov_stage2(w);
+    }
+}
+
+
+static void
+ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    redisReply                  *reply = r;
+    u_char                      *bar, *f;
+    size_t                       i, flen;
+    ngx_int_t                    n;
+    ngx_http_meter_worker_t     *w = privdata;
+    ngx_http_meter_gov_grant_t  *g;
+
+    if (ngx_http_meter_gov_reply_ok(w, reply, REDIS_REPLY_ARRAY) == NGX_OK
+        && reply->type == REDIS_REPLY_ARRAY)
+    {
+        for (i = 0; i + 1 < reply->elements; i += 2) {
+            f = (u_char *) reply->element[i]->str;
+            flen = reply->element[i]->len;
+
+            bar = ngx_strlchr(f, f + flen, '|');
+            n = ngx_atoi((u_char *) reply->element[i + 1]->str,
+                         reply->element[i + 1]->len);
+
+            if (bar == NULL || bar == f || n == NGX_ERROR
+                || !meter_valid_name((char *) bar + 1, f + flen - bar - 1))
+            {
+                continue;
+            }
+
+            g = ngx_array_push(&w->gov_grants);
+            if (g == NULL) {
+                w->gov_failed = 1;
+                break;
+            }
+
+            g->cust.len = bar - f;
+            g->cust.data = ngx_pnalloc(w->gov_tmp, g->cust.len);
+            g->meter.len = f + flen - bar - 1;
+            g->meter.data = ngx_pnalloc(w->gov_tmp, g->meter.len + 1);
+
+            if (g->cust.data == NULL || g->meter.data == NULL) {
+                w->gov_failed = 1;
+                break;
+            }
+
+            ngx_memcpy(g->cust.data, f, g->cust.len);
+            (void) ngx_cpystrn(g->meter.data, bar + 1, g->meter.len + 1);
+            g->granted = n;
+        }
+    }
+
+    if (--w->gov_busy == 0) {
+        ngx_http_meter_gov_stage2(w);
+    }
+}
+
+
+/* stage 2: the key map, only when its version moved */
+
+static void
+ngx_http_meter_gov_stage2(ngx_http_meter_worker_t *w)
+{
+    size_t       len[2];
+    const char  *argv[2];
+
+    if (w->gov_failed || w->ac == NULL) {
+        w->gov_failed = 1;
+        ngx_http_meter_gov_done(w);
+        return;
+    }
+
+    if (w->gov_valid && w->gov_version == w->gov_new_version) {
+        ngx_http_meter_gov_stage3(w);
+        return;
+    }
+
+    w->gov_busy = 1;
+
+    argv[0] = "HGETALL"; len[0] = 7;
+    argv[1] = "mtr:gov"; len[1] = sizeof("mtr:gov") - 1;
+
+    if (redisAsyncCommandArgv(w->ac, ngx_http_meter_gov_map_reply, w, 2,
+                              argv, len)
+        != REDIS_OK)
+    {
+        w->gov_busy = 0;
+        w->gov_failed = 1;
+        ngx_http_meter_gov_done(w);
+    }
+}
+
+
+typedef struct {
+    ngx_str_t                    id;
+    uint8_t                      key[METER_HASH_LEN];
+    uint32_t                     reason;
+    uint32_t                     revoked;
+    int64_t                      since;
+} ngx_http_meter_gov_rec_t;
+
+
+static int ngx_libc_cdecl
+ngx_http_meter_gov_cmp(const void *a, const void *b)
+{
+    const ngx_http_meter_gov_rec_t  *x = a;
+    const ngx_http_meter_gov_rec_t  *y = b;
+    ngx_int_t                        rc;
+
+    rc = ngx_memn2cmp(x->id.data, y->id.data, x->id.len, y->id.len);
+
+    return (rc > 0) - (rc < 0);
+}
+
+
+static void
+ngx_http_meter_gov_map_reply(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    redisReply                  *reply = r;
+    u_char                      *v, *end, *tab[4];
+    size_t                       i, n, t, nrec;
+    ngx_int_t                    since, revoked;
+    ngx_pool_t                  *pool;
+    redisReply                  *f, *val;
+    ngx_http_meter_worker_t     *w = privdata;
+    ngx_http_meter_gov_rec_t    *recs, *rec;
+    ngx_http_meter_gov_ckey_t   *k;
+    ngx_http_meter_gov_ccust_t  *c;
+
+    w->gov_busy = 0;
+    pool = NULL;
+
+    if (ngx_http_meter_gov_reply_ok(w, reply, REDIS_REPLY_ARRAY) != NGX_OK) {
+        goto failed;
+    }
+
+    pool = ngx_create_pool(16384, w->log);
+    if (pool == NULL) {
+        goto failed;
+    }
+
+    n = (reply->type == REDIS_REPLY_ARRAY) ? reply->elements / 2 : 0;
+
+    recs = ngx_palloc(pool, sizeof(ngx_http_meter_gov_rec_t) * (n + 1));
+    if (recs == NULL) {
+        goto failed;
+    }
+
+    /* KH -> "CUSTOMER\tSTATUS\tREASON\tSINCE\tREVOKED" */
+    nrec = 0;
+
+    for (i = 0; i < n; i++) {
+        f = reply->element[2 * i];
+        val = reply->element[2 * i + 1];
+
+        if (f->type != REDIS_REPLY_STRING || val->type != REDIS_REPLY_STRING
+            || f->len != METER_HEX_LEN)
+        {
+            continue;
+        }
+
+        v = (u_char *) val->str;
+        end = v + val->len;
+
+        for (t = 0; t < 4; t++) {
+            tab[t] = ngx_strlchr(t ? tab[t - 1] + 1 : v, end, '\t');
+            if (tab[t] == NULL) {
+                break;
+            }
+        }
+
+        if (t < 4 || tab[0] == v) {
+            continue;
+        }
+
+        rec = &recs[nrec];
+
+        if (ngx_http_meter_hex_decode(rec->key, (u_char *) f->str)
+            != NGX_OK)
+        {
+            continue;
+        }
+
+        since = ngx_atoi(tab[2] + 1, tab[3] - tab[2] - 1);
+        revoked = ngx_atoi(tab[3] + 1, end - tab[3] - 1);
+
+        rec->id.len = tab[0] - v;
+        rec->id.data = ngx_pnalloc(pool, rec->id.len);
+        if (rec->id.data == NULL) {
+            goto failed;
+        }
+
+        ngx_memcpy(rec->id.data, v, rec->id.len);
+
+        rec->reason = 0;
+
+        if (tab[1] - tab[0] - 1 == 1 && tab[0][1] == 'd') {
+            rec->reason = (tab[2] - tab[1] - 1
+                           == sizeof("credit_exhausted") - 1
+                           && ngx_strncmp(tab[1] + 1, "credit_exhausted",
+                                          sizeof("credit_exhausted") - 1)
+                              == 0)
+                          ? NGX_HTTP_METER_REASON_CREDIT
+                          : NGX_HTTP_METER_REASON_OVERDUE;
+        }
+
+        rec->since = (since == NGX_ERROR) ? 0 : since;
+        rec->revoked = (revoked != NGX_ERROR && revoked > 0);
+
+        nrec++;
+    }
+
+    /* keys of one customer side by side: one customer entry each */
+    ngx_qsort(recs, nrec, sizeof(ngx_http_meter_gov_rec_t),
+              ngx_http_meter_gov_cmp);
+
+    if (ngx_array_init(&w->gov_keys, pool, nrec ? nrec : 1,
+                       sizeof(ngx_http_meter_gov_ckey_t))
+        != NGX_OK
+        || ngx_array_init(&w->gov_custs, pool, 16,
+                          sizeof(ngx_http_meter_gov_ccust_t))
+           != NGX_OK)
+    {
+        goto failed;
+    }
+
+    c = NULL;
+
+    for (i = 0; i < nrec; i++) {
+        if (i == 0 || ngx_http_meter_gov_cmp(&recs[i - 1], &recs[i]) != 0) {
+            c = ngx_array_push(&w->gov_custs);
+            if (c == NULL) {
+                goto failed;
+            }
+
+            ngx_memzero(c, sizeof(ngx_http_meter_gov_ccust_t));
+
+            c->id = recs[i].id;
+            c->reason = recs[i].reason;
+            c->since = recs[i].since;
+        }
+
+        k = ngx_array_push(&w->gov_keys);
+        if (k == NULL) {
+            goto failed;
+        }
+
+        ngx_memcpy(k->key, recs[i].key, METER_HASH_LEN);
+        k->cust = w->gov_custs.nelts - 1;
+        k->revoked = recs[i].revoked;
+    }
+
+    if (w->gov_pool) {
+        ngx_destroy_pool(w->gov_pool);
+    }
+
+    w->gov_pool = pool;
+    w->gov_version = w->gov_new_version;
+    w->gov_valid = 1;
+
+    ngx_http_meter_gov_stage3(w);
+    return;
+
+failed:
+
+    w->gov_failed = 1;
+    w->gov_valid = 0;
+
+    if (pool) {
+        ngx_destroy_pool(pool);
+    }
+
+    ngx_http_meter_gov_done(w);
+}
+
+
+static ngx_int_t
+ngx_http_meter_hex_decode(uint8_t *dst, u_char *hex)
+{
+    u_char      ch;
+    ngx_uint_t  i, nib, v;
+
+    for (i = 0; i < METER_HEX_LEN; i++) {
+        ch = hex[i];
+
+        if (ch >= '0' && ch <= '9') {
+            nib = ch - '0';
+
+        } else if (ch >= 'a' && ch <= 'f') {
+            nib = ch - 'a' + 10;
+
+        } else {
+            return NGX_ERROR;
+        }
+
+        v = (i & 1) ? (dst[i / 2] | nib) : (nib << 4);
+        dst[i / 2] = (uint8_t) v;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Stage 3: credit.  Grants go onto their customers; then, for the keys of
+ * customers with credit, their lifetime usage, because usage moves even
+ * when the version does not.
+ */
+
+static void
+ngx_http_meter_gov_stage3(ngx_http_meter_worker_t *w)
+{
+    char                          data[sizeof("mtr:used:{}")
+                                       + METER_HEX_LEN];
+    size_t                        i, j, lo, hi, mid, len[2 + NGX_HTTP_METER_GOV_CREDITS];
+    ngx_int_t                     rc;
+    ngx_str_t                     id;
+    const char                   *argv[2 + NGX_HTTP_METER_GOV_CREDITS];
+    ngx_http_meter_gov_ckey_t    *keys;
+    ngx_http_meter_gov_ccust_t   *custs, *c;
+    ngx_http_meter_gov_grant_t   *g;
+
+    custs = w->gov_custs.elts;
+    keys = w->gov_keys.elts;
+    g = w->gov_grants.elts;
+
+    for (i = 0; i < w->gov_custs.nelts; i++) {
+        custs[i].ncredits = 0;
+    }
+
+    for (i = 0; i < w->gov_grants.nelts; i++) {
+        id = g[i].cust;
+
+        /* customers are sorted by id */
+        lo = 0;
+        hi = w->gov_custs.nelts;
+        c = NULL;
+
+        while (lo < hi) {
+            mid = (lo + hi) / 2;
+            rc = ngx_memn2cmp(custs[mid].id.data, id.data, custs[mid].id.len,
+                              id.len);
+            if (rc == 0) {
+                c = &custs[mid];
+                break;
+            }
+
+            if (rc < 0) {
+                lo = mid + 1;
+
+            } else {
+                hi = mid;
+            }
+        }
+
+        if (c == NULL || c->ncredits == NGX_HTTP_METER_GOV_CREDITS) {
+            continue;
+        }
+
+        c->credits[c->ncredits].meter = g[i].meter;
+        c->credits[c->ncredits].granted = g[i].granted;
+        c->credits[c->ncredits].used = 0;
+        c->ncredits++;
+    }
+
+    w->gov_busy = 0;
+
+    for (i = 0; i < w->gov_keys.nelts && w->ac != NULL; i++) {
+        c = &custs[keys[i].cust];
+
+        if (c->ncredits == 0) {
+            continue;
+        }
+
+        argv[0] = "HMGET"; len[0] = 5;
+        argv[1] = data;
+        len[1] = ngx_sprintf((u_char *) data, "mtr:used:{") - (u_char *) data;
+        meter_hex(keys[i].key, METER_HASH_LEN, data + len[1]);
+        len[1] += METER_HEX_LEN;
+        data[len[1]++] = '}';
+
+        for (j = 0; j < c->ncredits; j++) {
+            argv[2 + j] = (char *) c->credits[j].meter.data;
+            len[2 + j] = c->credits[j].meter.len;
+        }
+
+        if (redisAsyncCommandArgv(w->ac, ngx_http_meter_gov_used_reply,
+                                  (void *) (uintptr_t) i, 2 + c->ncredits,
+                                  argv, len)
+            != REDIS_OK)
+        {
+            w->gov_failed = 1;
+            break;
+        }
+
+        w->gov_busy++;
+    }
+
+    if (w->gov_busy == 0) {
+        ngx_http_meter_gov_done(w);
+    }
+}
+
+
+static void
+ngx_http_meter_gov_used_reply(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    redisReply                  *reply = r;
+    size_t                       j;
+    ngx_int_t                    n;
+    ngx_http_meter_worker_t     *w = ngx_http_meter_worker;
+    ngx_http_meter_gov_ckey_t   *k;
+    ngx_http_meter_gov_ccust_t  *c;
+
+    if (w == NULL) {
+        return;
+    }
+
+    if (ngx_http_meter_gov_reply_ok(w, reply, REDIS_REPLY_ARRAY) == NGX_OK
+        && reply->type == REDIS_REPLY_ARRAY && w->gov_valid)
+    {
+        k = &((ngx_http_meter_gov_ckey_t *) w->gov_keys.elts)
+                                                    [(uintptr_t) privdata];
+        c = &((ngx_http_meter_gov_ccust_t *) w->gov_custs.elts)[k->cust];
+
+        for (j = 0; j < reply->elements && j < c->ncredits; j++) {
+            if (reply->element[j]->type != REDIS_REPLY_STRING) {
+                continue;
+            }
+
+            n = ngx_atoi((u_char *) reply->element[j]->str,
+                         reply->element[j]->len);
+
+            if (n != NGX_ERROR) {
+                c->credits[j].used += n;
+            }
+        }
+    }
+
+    if (--w->gov_busy == 0) {
+        ngx_http_meter_gov_done(w);
+    }
+}
+
+
+/* the end of a refresh: publish a new copy into every governance zone */
+
+static void
+ngx_http_meter_gov_done(ngx_http_meter_worker_t *w)
+{
+    ngx_uint_t                   z;
+    ngx_shm_zone_t             **zones;
+    ngx_http_meter_zone_ctx_t   *ctx;
+
+    w->gov_busy = 0;
+
+    if (w->gov_failed || !w->gov_valid) {
+        /* the last known state stays in force */
+        return;
+    }
+
+    zones = w->mcf->zones.elts;
+
+    for (z = 0; z < w->mcf->zones.nelts; z++) {
+        ctx = zones[z]->data;
+
+        if (ctx->governance) {
+            ngx_http_meter_gov_publish(w, ctx);
+        }
+    }
+}
+
+
+static void
+ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
+    ngx_http_meter_zone_ctx_t *ctx)
+{
+    size_t                        size, nslots;
+    uint32_t                      h, n;
+    ngx_uint_t                    i, j, b, blocked, delinquent;
+    ngx_http_meter_shctx_t       *sh;
+    ngx_http_meter_gov_key_t     *slot;
+    ngx_http_meter_gov_snap_t    *snap;
+    ngx_http_meter_gov_ckey_t    *keys;
+    ngx_http_meter_gov_ccust_t   *custs;
+    ngx_http_meter_gov_cust_t    *c;
+
+    sh = ctx->sh;
+    keys = w->gov_keys.elts;
+    custs = w->gov_custs.elts;
+
+    for (nslots = 16; nslots < w->gov_keys.nelts * 2; nslots *= 2) {
+        /* load factor at most 1/2 */
+    }
+
+    size = sizeof(ngx_http_meter_gov_snap_t)
+           + nslots * sizeof(ngx_http_meter_gov_key_t)
+           + (w->gov_custs.nelts + 1) * sizeof(ngx_http_meter_gov_cust_t);
+
+    /* the buffer that is not published */
+    b = (sh->gov_snap == sh->gov_buf[0]) ? 1 : 0;
+
+    if (sh->gov_cap[b] < size) {
+        ngx_shmtx_lock(&ctx->shpool->mutex);
+
+        if (sh->gov_buf[b]) {
+            ngx_slab_free_locked(ctx->shpool, sh->gov_buf[b]);
+            sh->gov_buf[b] = NULL;
+            sh->gov_cap[b] = 0;
+        }
+
+        snap = ngx_slab_alloc_locked(ctx->shpool, size);
+
+        ngx_shmtx_unlock(&ctx->shpool->mutex);
+
+        if (snap == NULL) {
+            ngx_log_error(NGX_LOG_ALERT, w->log, 0,
+                          "meter_zone \"%V\" has no room for the governance "
+                          "state of %ui keys (%uz bytes); the last one "
+                          "stays in force: give the zone more memory",
+                          &ctx->shm_zone->shm.name, w->gov_keys.nelts,
+                          size);
+            return;
+        }
+
+        sh->gov_buf[b] = snap;
+        sh->gov_cap[b] = size;
+    }
+
+    snap = sh->gov_buf[b];
+    ngx_memzero(snap, size);
+
+    snap->version = w->gov_version;
+    snap->mask = nslots - 1;
+    snap->ncust = w->gov_custs.nelts;
+    snap->keys = (ngx_http_meter_gov_key_t *) (snap + 1);
+    snap->custs = (ngx_http_meter_gov_cust_t *) (snap->keys + nslots);
+
+    delinquent = 0;
+
+    for (i = 0; i < w->gov_custs.nelts; i++) {
+        c = &snap->custs[i];
+
+        c->reason = custs[i].reason;
+        c->since = custs[i].since;
+        c->ncredits = custs[i].ncredits;
+
+        for (j = 0; j < custs[i].ncredits; j++) {
+            (void) ngx_cpystrn((u_char *) c->credits[j].meter,
+                               custs[i].credits[j].meter.data,
+                               ngx_min(custs[i].credits[j].meter.len + 1,
+                                       METER_NAME_MAX));
+            c->credits[j].remaining = custs[i].credits[j].granted
+                                      - custs[i].credits[j].used;
+            c->credits[j].local = 0;
+        }
+
+        if (c->reason) {
+            delinquent++;
+        }
+    }
+
+    blocked = 0;
+
+    for (i = 0; i < w->gov_keys.nelts; i++) {
+        ngx_memcpy(&h, keys[i].key, sizeof(uint32_t));
+
+        /* at most half full: a free slot is always found */
+        slot = &snap->keys[h & snap->mask];
+
+        for (n = 0; n < nslots; n++) {
+            slot = &snap->keys[(h + n) & snap->mask];
+
+            if (slot->cust == 0) {
+                break;
+            }
+        }
+
+        ngx_memcpy(slot->key, keys[i].key, METER_HASH_LEN);
+        slot->cust = keys[i].cust + 1;
+        slot->revoked = keys[i].revoked;
+
+        c = &snap->custs[keys[i].cust];
+
+        if (slot->revoked || c->reason) {
+            blocked++;
+            continue;
+        }
+
+        for (j = 0; j < c->ncredits; j++) {
+            if (c->credits[j].remaining <= 0) {
+                blocked++;
+                break;
+            }
+        }
+    }
+
+    __atomic_store_n(&sh->gov_snap, snap, __ATOMIC_RELEASE);
+    __atomic_store_n(&sh->gov_refreshed, (uint64_t) ngx_time(),
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&sh->gov_delinquent, (uint64_t) delinquent,
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&sh->gov_blocked, (uint64_t) blocked, __ATOMIC_RELAXED);
+}
+
+
 /* configuration */
 
 static void *
@@ -1619,6 +2930,7 @@ ngx_http_meter_create_main_conf(ngx_conf_t *cf)
     mcf->redis_db = NGX_CONF_UNSET;
     mcf->redis_timeout = NGX_CONF_UNSET_MSEC;
     mcf->flush_interval = NGX_CONF_UNSET_MSEC;
+    mcf->gov_refresh = NGX_CONF_UNSET_MSEC;
 
     return mcf;
 }
@@ -1633,6 +2945,14 @@ ngx_http_meter_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_value(mcf->redis_db, 0);
     ngx_conf_init_msec_value(mcf->redis_timeout, 1000);
     ngx_conf_init_msec_value(mcf->flush_interval, 1000);
+    ngx_conf_init_msec_value(mcf->gov_refresh, 5000);
+
+    if (mcf->gov_refresh < 10) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"meter_governance_refresh\" must be at least "
+                           "10ms");
+        return NGX_CONF_ERROR;
+    }
 
     if (mcf->flush_interval < 10) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -1656,6 +2976,8 @@ ngx_http_meter_create_loc_conf(ngx_conf_t *cf)
 
     conf->meters = NGX_CONF_UNSET_PTR;
     conf->status = NGX_CONF_UNSET_UINT;
+    conf->gov = NGX_CONF_UNSET_PTR;
+    conf->gov_headers = NGX_CONF_UNSET;
 
     return conf;
 }
@@ -1671,6 +2993,8 @@ ngx_http_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_ptr_value(conf->meters, prev->meters, NULL);
     ngx_conf_merge_uint_value(conf->status, prev->status,
                               NGX_HTTP_METER_STATUS_JSON);
+    ngx_conf_merge_ptr_value(conf->gov, prev->gov, NULL);
+    ngx_conf_merge_value(conf->gov_headers, prev->gov_headers, 0);
 
     return NGX_CONF_OK;
 }
@@ -2115,6 +3439,149 @@ ngx_http_meter_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+static char *
+ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_meter_loc_conf_t  *mlcf = conf;
+
+    ngx_str_t                   *value, s;
+    ngx_int_t                    t;
+    ngx_uint_t                   i;
+    ngx_http_meter_gov_conf_t   *gcf;
+    ngx_http_meter_main_conf_t  *mcf;
+
+    if (mlcf->gov != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+        if (cf->args->nelts != 2) {
+            return "takes no parameters after \"off\"";
+        }
+
+        mlcf->gov = NULL;
+        return NGX_CONF_OK;
+    }
+
+    gcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_meter_gov_conf_t));
+    if (gcf == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "zone=", 5) == 0) {
+            s.data = value[i].data + 5;
+            s.len = value[i].len - 5;
+
+            if (s.len == 0) {
+                goto invalid;
+            }
+
+            gcf->shm_zone = ngx_shared_memory_add(cf, &s, 0,
+                                                  &ngx_http_meter_module);
+            if (gcf->shm_zone == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "on_redis_down=open") == 0) {
+            gcf->closed = 0;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "on_redis_down=closed") == 0) {
+            gcf->closed = 1;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "unknown_key=allow") == 0) {
+            gcf->unknown = 0;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "unknown_key=401") == 0) {
+            gcf->unknown = NGX_HTTP_UNAUTHORIZED;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "unknown_key=403") == 0) {
+            gcf->unknown = NGX_HTTP_FORBIDDEN;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "grace=", 6) == 0) {
+            s.data = value[i].data + 6;
+            s.len = value[i].len - 6;
+
+            t = ngx_parse_time(&s, 1);
+
+            if (t == NGX_ERROR) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\": a time such as 3d or "
+                                   "12h is expected", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            gcf->grace = (time_t) t;
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (gcf->shm_zone == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"zone\" parameter",
+                           &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    mlcf->gov = gcf;
+
+    mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_meter_module);
+    mcf->governance = 1;
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\" (expected zone=, "
+                       "on_redis_down=open|closed, unknown_key=allow|401|403 "
+                       "or grace=)", &value[i]);
+    return NGX_CONF_ERROR;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_check(ngx_conf_t *cf, ngx_http_meter_loc_conf_t *mlcf)
+{
+    ngx_http_meter_zone_ctx_t  *ctx;
+
+    if (mlcf->gov == NULL || mlcf->gov == NGX_CONF_UNSET_PTR) {
+        return NGX_OK;
+    }
+
+    ctx = mlcf->gov->shm_zone->data;
+
+    if (ctx == NULL) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "meter_governance uses unknown meter_zone \"%V\"",
+                      &mlcf->gov->shm_zone->shm.name);
+        return NGX_ERROR;
+    }
+
+    ctx->governance = 1;
+
+    return NGX_OK;
+}
+
+
 static ngx_int_t
 ngx_http_meter_init(ngx_conf_t *cf)
 {
@@ -2159,6 +3626,91 @@ ngx_http_meter_init(ngx_conf_t *cf)
 
     *h = ngx_http_meter_log_handler;
 
+    if (!mcf->governance) {
+        return NGX_OK;
+    }
+
+    if (ngx_http_meter_gov_walk(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_meter_access_handler;
+
+    return NGX_OK;
+}
+
+
+/* marks the zones governance uses, so that they keep room for its state */
+
+static ngx_int_t
+ngx_http_meter_gov_walk_locations(ngx_conf_t *cf, ngx_queue_t *locations)
+{
+    ngx_queue_t                *q;
+    ngx_http_location_queue_t  *lq;
+    ngx_http_core_loc_conf_t   *clcf;
+
+    if (locations == NULL) {
+        return NGX_OK;
+    }
+
+    for (q = ngx_queue_head(locations);
+         q != ngx_queue_sentinel(locations);
+         q = ngx_queue_next(q))
+    {
+        lq = (ngx_http_location_queue_t *) q;
+        clcf = lq->exact ? lq->exact : lq->inclusive;
+
+        if (ngx_http_meter_gov_check(cf,
+                clcf->loc_conf[ngx_http_meter_module.ctx_index])
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        if (ngx_http_meter_gov_walk_locations(cf, clcf->locations)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_walk(ngx_conf_t *cf)
+{
+    ngx_uint_t                  s;
+    ngx_http_core_srv_conf_t  **cscfp;
+    ngx_http_core_loc_conf_t   *clcf;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+    cscfp = cmcf->servers.elts;
+
+    for (s = 0; s < cmcf->servers.nelts; s++) {
+        clcf = cscfp[s]->ctx->loc_conf[ngx_http_core_module.ctx_index];
+
+        if (ngx_http_meter_gov_check(cf,
+                cscfp[s]->ctx->loc_conf[ngx_http_meter_module.ctx_index])
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        if (ngx_http_meter_gov_walk_locations(cf, clcf->locations)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
     return NGX_OK;
 }
 
@@ -2201,6 +3753,11 @@ ngx_http_meter_init_process(ngx_cycle_t *cycle)
     w->slice.data = w;
     w->slice.log = cycle->log;
 
+    w->gov_tick.handler = ngx_http_meter_gov_tick;
+    w->gov_tick.data = w;
+    w->gov_tick.log = cycle->log;
+    w->gov_tick.cancelable = 1;
+
     w->timeout.handler = ngx_http_meter_timeout_handler;
     w->timeout.data = w;
     w->timeout.log = cycle->log;
@@ -2222,6 +3779,10 @@ ngx_http_meter_init_process(ngx_cycle_t *cycle)
     ngx_http_meter_redis_connect(w);
 
     ngx_add_timer(&w->tick, mcf->flush_interval);
+
+    if (ngx_http_meter_gov_zone(mcf) != NULL) {
+        ngx_add_timer(&w->gov_tick, 1);
+    }
 
     return NGX_OK;
 }
@@ -2255,7 +3816,18 @@ ngx_http_meter_exit_process(ngx_cycle_t *cycle)
 
     for (z = 0; z < w->mcf->zones.nelts; z++) {
         ctx = zones[z]->data;
-        ngx_http_meter_lease_release(ctx->sh);
+        ngx_http_meter_lease_release(&ctx->sh->lease);
+        ngx_http_meter_lease_release(&ctx->sh->gov_lease);
+    }
+
+    if (w->gov_pool) {
+        ngx_destroy_pool(w->gov_pool);
+        w->gov_pool = NULL;
+    }
+
+    if (w->gov_tmp) {
+        ngx_destroy_pool(w->gov_tmp);
+        w->gov_tmp = NULL;
     }
 
     ngx_http_meter_worker = NULL;
