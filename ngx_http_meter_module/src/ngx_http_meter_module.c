@@ -128,6 +128,7 @@ typedef struct {
 typedef struct {
     uint8_t                      hash[METER_HASH_LEN];
     ngx_shm_zone_t              *zone;      /* hash is of this zone's key */
+    ngx_http_meter_gov_snap_t   *snap;      /* cust points into it */
     ngx_http_meter_gov_cust_t   *cust;
 } ngx_http_meter_req_ctx_t;
 
@@ -306,6 +307,8 @@ static void ngx_http_meter_gov_stage3(ngx_http_meter_worker_t *w);
 static void ngx_http_meter_gov_used_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 static void ngx_http_meter_gov_done(ngx_http_meter_worker_t *w);
+static void ngx_http_meter_gov_seed(ngx_http_meter_shctx_t *sh,
+    ngx_http_meter_gov_snap_t *snap);
 static void ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
     ngx_http_meter_zone_ctx_t *ctx);
 
@@ -514,7 +517,9 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
     uint64_t                    value, last;
     ngx_str_t                   v;
     ngx_http_meter_shctx_t     *sh;
+    ngx_http_meter_gov_key_t   *k;
     ngx_http_meter_gov_cust_t  *cust;
+    ngx_http_meter_gov_snap_t  *snap;
     ngx_http_meter_zone_ctx_t  *ctx;
     ngx_http_meter_main_conf_t *mcf;
 
@@ -555,8 +560,24 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
 
     now = ngx_time();
 
-    /* prepaid credit: what this node counts draws the balance down now */
-    cust = rctx->cust;
+    /*
+     * Prepaid credit: what this node counts draws the balance down now.
+     * A request that outlived a refresh must not write into a copy that
+     * may be recycled: find its customer again in the current one.
+     */
+    cust = NULL;
+
+    if (rctx->cust != NULL) {
+        snap = __atomic_load_n(&sh->gov_snap, __ATOMIC_ACQUIRE);
+
+        if (snap == rctx->snap) {
+            cust = rctx->cust;
+
+        } else if (snap != NULL) {
+            k = ngx_http_meter_gov_find(snap, rctx->hash);
+            cust = (k != NULL) ? &snap->custs[k->cust - 1] : NULL;
+        }
+    }
 
     if (cust != NULL) {
         for (j = 0; j < cust->ncredits; j++) {
@@ -1915,6 +1936,7 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     }
 
     cust = &snap->custs[k->cust - 1];
+    rctx->snap = snap;
     rctx->cust = cust;
 
     now = ngx_time();
@@ -2768,13 +2790,57 @@ ngx_http_meter_gov_done(ngx_http_meter_worker_t *w)
 }
 
 
+/*
+ * The balance read from Redis lacks what this node counted and has not
+ * flushed yet: start the local count with it.  What is left out is only
+ * what Redis confirmed between the read and now.
+ */
+
+static void
+ngx_http_meter_gov_seed(ngx_http_meter_shctx_t *sh,
+    ngx_http_meter_gov_snap_t *snap)
+{
+    uint32_t                    i, j;
+    meter_entry_t              *e;
+    meter_table_t              *t;
+    ngx_http_meter_gov_key_t   *k;
+    ngx_http_meter_gov_cust_t  *c;
+
+    t = &sh->table;
+
+    for (i = 0; i < t->nslots; i++) {
+        e = &t->slots[i];
+
+        if (__atomic_load_n(&e->state, __ATOMIC_ACQUIRE) != METER_SLOT_LIVE)
+        {
+            continue;
+        }
+
+        k = ngx_http_meter_gov_find(snap, e->key);
+        if (k == NULL) {
+            continue;
+        }
+
+        c = &snap->custs[k->cust - 1];
+
+        for (j = 0; j < c->ncredits; j++) {
+            if (ngx_strncmp(c->credits[j].meter, e->meter, METER_NAME_MAX)
+                == 0)
+            {
+                c->credits[j].local += (int64_t) meter_entry_pending(e);
+            }
+        }
+    }
+}
+
+
 static void
 ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
     ngx_http_meter_zone_ctx_t *ctx)
 {
     size_t                        size, nslots;
     uint32_t                      h, n;
-    ngx_uint_t                    i, j, b, blocked, delinquent;
+    ngx_uint_t                    i, j, b, blocked, delinquent, credits;
     ngx_http_meter_shctx_t       *sh;
     ngx_http_meter_gov_key_t     *slot;
     ngx_http_meter_gov_snap_t    *snap;
@@ -2834,6 +2900,7 @@ ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
     snap->custs = (ngx_http_meter_gov_cust_t *) (snap->keys + nslots);
 
     delinquent = 0;
+    credits = 0;
 
     for (i = 0; i < w->gov_custs.nelts; i++) {
         c = &snap->custs[i];
@@ -2843,13 +2910,14 @@ ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
         c->ncredits = custs[i].ncredits;
 
         for (j = 0; j < custs[i].ncredits; j++) {
-            (void) ngx_cpystrn((u_char *) c->credits[j].meter,
-                               custs[i].credits[j].meter.data,
-                               ngx_min(custs[i].credits[j].meter.len + 1,
-                                       METER_NAME_MAX));
+            /* NUL padded like a table entry's name (snap is zeroed) */
+            ngx_memcpy(c->credits[j].meter, custs[i].credits[j].meter.data,
+                       ngx_min(custs[i].credits[j].meter.len,
+                               METER_NAME_MAX));
             c->credits[j].remaining = custs[i].credits[j].granted
                                       - custs[i].credits[j].used;
             c->credits[j].local = 0;
+            credits = 1;
         }
 
         if (c->reason) {
@@ -2890,6 +2958,10 @@ ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
                 break;
             }
         }
+    }
+
+    if (credits) {
+        ngx_http_meter_gov_seed(sh, snap);
     }
 
     __atomic_store_n(&sh->gov_snap, snap, __ATOMIC_RELEASE);

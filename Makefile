@@ -1,0 +1,129 @@
+# nginx-meter: build, test, demo.
+#
+#   make deps     install the Debian packages (apt) that are missing
+#   make          build build/nginx/ngx_http_meter_module.so, smoke-test it
+#   make worker   build worker/meter-worker and worker/meterctl
+#   make unit     cmocka unit tests (module core, worker) under ASan/UBSan
+#   make test     deps + everything above + pytest integration tests
+#   make demo     deps + build + a short end-to-end demo
+#   make bench    plain nginx vs nginx with metering (wrk); not a test
+
+# bash: conf_flags defines a bash array
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+ROOT      := $(CURDIR)
+NGX_SRC   := /usr/share/nginx/src
+BUILD     := $(ROOT)/build
+NGX_BUILD := $(BUILD)/nginx
+MODULE_SO := $(NGX_BUILD)/ngx_http_meter_module.so
+MOD_DIR   := $(ROOT)/ngx_http_meter_module
+PYTHON    := /usr/bin/python3
+
+PKGS := build-essential pkg-config nginx nginx-dev libhiredis-dev \
+        libcurl4-openssl-dev libcjson-dev libcmocka-dev libsystemd-dev \
+        libssl-dev redis-server python3-pytest wrk curl ca-certificates
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+UNIT_CFLAGS := -std=c11 -Wall -Wextra -Werror -g -fsanitize=address,undefined
+
+# the steps of "test" and "demo" run in order, even under make -j
+.NOTPARALLEL:
+
+.PHONY: all module smoke deps worker unit integration test demo bench clean
+
+all: module
+
+
+deps:
+	@missing=$$(for p in $(PKGS); do \
+	    dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null \
+	        | grep -q '^ii' || echo $$p; \
+	done); \
+	if [ -z "$$missing" ]; then \
+	    echo "deps: all Debian packages present"; \
+	else \
+	    echo "deps: installing" $$missing; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    $(SUDO) apt-get update; \
+	    $(SUDO) apt-get install -y --no-install-recommends $(PKGS); \
+	    : "the packages start their services; free ports 80/6379"; \
+	    $(SUDO) service nginx stop >/dev/null 2>&1 || true; \
+	    $(SUDO) service redis-server stop >/dev/null 2>&1 || true; \
+	fi
+
+
+# configure only when there is no build dir yet or the module's config
+# (its list of sources and libraries) changed
+$(NGX_BUILD)/Makefile: $(MOD_DIR)/config
+	@mkdir -p $(BUILD)
+	@echo "configure: $(NGX_SRC) -> $(NGX_BUILD) (log: build/configure.log)"
+	@cd $(NGX_SRC) && . ./conf_flags && \
+	./configure "$${NGX_CONF_FLAGS[@]}" \
+	    --with-cc-opt=-fPIC --with-ld-opt=-fPIC \
+	    --add-dynamic-module=$(MOD_DIR) \
+	    --builddir=$(NGX_BUILD) > $(BUILD)/configure.log 2>&1 \
+	|| { tail -n 30 $(BUILD)/configure.log; rm -f $@; exit 1; }
+	@touch $@
+
+# nginx's generated Makefile tracks the sources itself; its CFLAGS
+# already hold -W (-Wextra) -Wall -Werror (auto/cc/gcc)
+module: $(NGX_BUILD)/Makefile
+	$(MAKE) -f $(NGX_BUILD)/Makefile -C $(NGX_SRC) modules
+	@$(MAKE) --no-print-directory smoke
+
+smoke:
+	@tmp=$$(mktemp -d); \
+	printf 'load_module %s;\nerror_log stderr;\nevents {}\n' \
+	    '$(MODULE_SO)' > $$tmp/nginx.conf; \
+	if nginx -t -q -p $$tmp/ -c $$tmp/nginx.conf -e stderr \
+	       -g "pid $$tmp/nginx.pid;"; then \
+	    rm -rf $$tmp; echo "smoke: nginx loads $(MODULE_SO)"; \
+	else \
+	    rm -rf $$tmp; echo "smoke: nginx -t failed"; exit 1; \
+	fi
+
+
+worker:
+	@if [ -f worker/Makefile ]; then \
+	    $(MAKE) -C worker; \
+	else \
+	    echo "worker: worker/Makefile missing, skipped"; \
+	fi
+
+
+unit:
+	@mkdir -p $(BUILD)
+	@if [ -f t/unit/test_meter_core.c ] \
+	    && [ -f $(MOD_DIR)/src/meter_core.c ]; then \
+	    cc $(UNIT_CFLAGS) -I $(MOD_DIR)/src t/unit/test_meter_core.c \
+	        $(MOD_DIR)/src/meter_core.c -lcmocka -lcrypto \
+	        -o $(BUILD)/test_meter_core; \
+	    $(BUILD)/test_meter_core; \
+	else \
+	    echo "unit: t/unit/test_meter_core.c or meter_core.c missing, skipped"; \
+	fi
+	@if [ -f worker/Makefile ]; then \
+	    $(MAKE) -C worker test; \
+	else \
+	    echo "unit: worker/Makefile missing, worker tests skipped"; \
+	fi
+
+
+integration:
+	$(PYTHON) -m pytest -q t/
+
+test: deps module worker unit integration
+
+
+demo: deps module worker
+	$(PYTHON) t/demo.py
+
+bench: deps module
+	$(PYTHON) bench/run.py
+
+
+clean:
+	rm -rf $(BUILD) t/__pycache__ t/integration/__pycache__ .pytest_cache
+	@if [ -f worker/Makefile ]; then $(MAKE) -C worker clean; fi

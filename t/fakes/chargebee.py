@@ -1,0 +1,275 @@
+"""A fake Chargebee API v2 (the parts nginx-meter uses).
+
+Usage: POST /api/v2/subscriptions/{id}/usages (form: item_price_id,
+quantity, usage_date, id, note), GET /api/v2/usages (filters id[is],
+subscription_id[is], item_price_id[is]; limit / offset).  Usage ids are
+unique, one usage per (subscription, item price, usage_date), at most 5000
+usages per subscription.  chargebee-idempotency-key: the first answer
+(2xx/4xx) is replayed with chargebee-idempotency-replayed: true while the
+key lives (``expire_idempotency()`` ends the 30-minute window at once).
+
+Lists: customers, subscriptions (status[is]), invoices (status[in]).
+``send_webhook`` posts an event with Basic auth.
+"""
+
+import base64
+import itertools
+import json
+import time
+import urllib.request
+
+from .base import FakeServer, Response
+
+
+MAX_USAGES = 5000
+ACTIVE = ("active", "non_renewing", "in_trial")
+
+
+def send_webhook(url, event_type, content, user, password, event_id=None):
+    """POST a Chargebee event to url with Basic auth; (status, body)."""
+    ev = {"id": event_id or "ev_%d" % int(time.time() * 1e6),
+          "occurred_at": int(time.time()), "object": "event",
+          "event_type": event_type, "api_version": "v2",
+          "content": content}
+    auth = base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+    req = urllib.request.Request(
+        url, data=json.dumps(ev).encode(), method="POST",
+        headers={"Content-Type": "application/json",
+                 "Authorization": "Basic " + auth})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class FakeChargebee(FakeServer):
+
+    routes = [
+        ("POST", r"/api/v2/subscriptions/([^/]+)/usages", "create_usage"),
+        ("GET", r"/api/v2/usages", "list_usages"),
+        ("GET", r"/api/v2/customers", "list_customers"),
+        ("GET", r"/api/v2/subscriptions", "list_subscriptions"),
+        ("GET", r"/api/v2/subscriptions/([^/]+)", "get_subscription"),
+        ("GET", r"/api/v2/invoices", "list_invoices"),
+    ]
+
+    def __init__(self, api_key="test_cb_fake", **kw):
+        super().__init__(**kw)
+        self.api_key = api_key
+        self.subscriptions = {}     # id -> subscription
+        self.customers = []
+        self.invoices = []
+        self.usages = []            # accepted
+        self.idem = {}              # key -> Response
+        self.now = time.time
+        self._ids = itertools.count(1)
+
+    def error(self, status, kind, message, code=None, param=None, **extra):
+        body = {"message": message, "type": kind,
+                "api_error_code": code or {
+                    400: "invalid_request", 401: "api_authentication_failed",
+                    404: "resource_not_found",
+                    429: "api_request_limit_exceeded",
+                }.get(status, "internal_error"),
+                "http_status_code": status}
+        if kind in ("api_error", "rate_limit"):
+            body["type"] = "operation_failed" if status >= 500 \
+                else "invalid_request"
+        if param:
+            body["param"] = param
+        body["error_code"] = body["api_error_code"]
+        body["error_msg"] = message
+        return Response(status, body)
+
+    def check_auth(self, req):
+        ba = req.basic_auth()
+        if ba is None or ba[0] != self.api_key or ba[1] != "":
+            return self.error(401, "invalid_request",
+                              "Sorry, authentication failed. Invalid api key",
+                              code="api_authentication_failed")
+        return None
+
+    def check_request(self, req):
+        if req.method == "POST":
+            if req.form is None:
+                return self.error(400, "invalid_request",
+                                  "Content-Type must be "
+                                  "application/x-www-form-urlencoded",
+                                  code="invalid_request")
+            key = req.headers.get("chargebee-idempotency-key")
+            if key is not None:
+                if len(key) > 100:
+                    return self.error(400, "invalid_request",
+                                      "idempotency key too long")
+                with self.lock:
+                    saved = self.idem.get(key)
+                if saved is not None:
+                    return Response(saved.status, saved.body, dict(
+                        saved.headers,
+                        **{"chargebee-idempotency-replayed": "true"}))
+        return None
+
+    def _route(self, req):
+        resp = super()._route(req)
+        key = req.headers.get("chargebee-idempotency-key")
+        if req.method == "POST" and key is not None and resp.status < 500 \
+                and resp.status != 429:
+            self.idem.setdefault(key, resp)
+        return resp
+
+    def expire_idempotency(self):
+        """The 30-minute window passed: keys are forgotten."""
+        with self.lock:
+            self.idem.clear()
+
+    # setup
+
+    def add_customer(self, cid=None, **fields):
+        c = {"id": cid or "cust_%d" % next(self._ids), "object": "customer"}
+        c.update(fields)
+        with self.lock:
+            self.customers.append(c)
+        return c
+
+    def add_subscription(self, sid=None, customer_id=None, status="active",
+                         item_prices=None, **fields):
+        s = {"id": sid or "sub_%d" % next(self._ids), "object": "subscription",
+             "customer_id": customer_id, "status": status,
+             "due_invoices_count": 0, "total_dues": 0,
+             "subscription_items": [{"item_price_id": p, "item_type": "addon"}
+                                    for p in (item_prices or [])]}
+        s.update(fields)
+        with self.lock:
+            self.subscriptions[s["id"]] = s
+        return s
+
+    def add_invoice(self, customer_id, subscription_id=None,
+                    status="payment_due", amount_due=1000):
+        inv = {"id": "inv_%d" % next(self._ids), "object": "invoice",
+               "customer_id": customer_id, "subscription_id": subscription_id,
+               "status": status, "amount_due": amount_due,
+               "date": int(self.now())}
+        with self.lock:
+            self.invoices.append(inv)
+        return inv
+
+    # usage
+
+    def create_usage(self, req, sid):
+        f = req.form
+        sub = self.subscriptions.get(sid)
+        if sub is None:
+            return self.error(404, "invalid_request",
+                              "Sorry, we couldn't find that resource",
+                              code="resource_not_found")
+        item = f.get("item_price_id")
+        if not item:
+            return self.error(400, "invalid_request",
+                              "item_price_id : cannot be blank",
+                              code="param_wrong_value", param="item_price_id")
+        if sub["subscription_items"] and item not in [
+                i["item_price_id"] for i in sub["subscription_items"]]:
+            return self.error(400, "invalid_request",
+                              "item_price_id : %s is not part of the "
+                              "subscription" % item,
+                              code="param_wrong_value", param="item_price_id")
+        q = f.get("quantity", "")
+        if not q or len(q) > 40 or not q.replace(".", "", 1).isdigit():
+            return self.error(400, "invalid_request",
+                              "quantity : invalid value",
+                              code="param_wrong_value", param="quantity")
+        d = f.get("usage_date", "")
+        if not d.isdigit():
+            return self.error(400, "invalid_request",
+                              "usage_date : cannot be blank",
+                              code="param_wrong_value", param="usage_date")
+        d = int(d)
+        uid = f.get("id") or "usage_%d" % next(self._ids)
+        if len(uid) > 100:
+            return self.error(400, "invalid_request",
+                              "id : length exceeds 100", param="id")
+        if any(u["id"] == uid for u in self.usages):
+            return self.error(400, "invalid_request",
+                              "The value %s is already present." % uid,
+                              code="duplicate_entry", param="id")
+        if any(u["subscription_id"] == sid and u["item_price_id"] == item
+               and u["usage_date"] == d for u in self.usages):
+            return self.error(400, "invalid_request",
+                              "usage_date : A usage record already exists "
+                              "for this item price and usage date",
+                              code="duplicate_entry", param="usage_date")
+        if sum(u["subscription_id"] == sid for u in self.usages) \
+                >= MAX_USAGES:
+            return self.error(400, "invalid_request",
+                              "Usage limit of %d reached for the "
+                              "subscription" % MAX_USAGES,
+                              code="usage_limit_exceeded")
+        u = {"id": uid, "object": "usage", "subscription_id": sid,
+             "item_price_id": item, "quantity": q, "usage_date": d,
+             "source": "api", "note": f.get("note"),
+             "created_at": int(self.now()), "updated_at": int(self.now())}
+        self.usages.append(u)
+        return Response(200, {"usage": u})
+
+    def _list(self, req, items, wrap):
+        try:
+            limit = max(1, min(100, int(req.q("limit", "10"))))
+            offset = int(req.q("offset", "0"))
+        except ValueError:
+            return self.error(400, "invalid_request", "invalid limit/offset")
+        page = items[offset:offset + limit]
+        body = {"list": [{wrap: o} for o in page]}
+        if offset + limit < len(items):
+            body["next_offset"] = str(offset + limit)
+        return Response(200, body)
+
+    def list_usages(self, req):
+        items = self.usages
+        for param, field in (("id[is]", "id"),
+                             ("subscription_id[is]", "subscription_id"),
+                             ("item_price_id[is]", "item_price_id")):
+            v = req.q(param)
+            if v is not None:
+                items = [u for u in items if u[field] == v]
+        return self._list(req, items, "usage")
+
+    def list_customers(self, req):
+        return self._list(req, self.customers, "customer")
+
+    def list_subscriptions(self, req):
+        items = list(self.subscriptions.values())
+        if req.q("status[is]"):
+            items = [s for s in items if s["status"] == req.q("status[is]")]
+        if req.q("customer_id[is]"):
+            items = [s for s in items
+                     if s["customer_id"] == req.q("customer_id[is]")]
+        return self._list(req, items, "subscription")
+
+    def get_subscription(self, req, sid):
+        s = self.subscriptions.get(sid)
+        if s is None:
+            return self.error(404, "invalid_request",
+                              "Sorry, we couldn't find that resource",
+                              code="resource_not_found")
+        return Response(200, {"subscription": s})
+
+    def list_invoices(self, req):
+        items = self.invoices
+        v = req.q("status[in]")
+        if v is not None:
+            try:
+                wanted = json.loads(v)
+            except ValueError:
+                return self.error(400, "invalid_request",
+                                  "status[in] : invalid value")
+            items = [i for i in items if i["status"] in wanted]
+        return self._list(req, items, "invoice")
+
+    # totals (tests)
+
+    def total(self, subscription, item_price):
+        with self.lock:
+            return sum(int(u["quantity"]) for u in self.usages
+                       if u["subscription_id"] == subscription
+                       and u["item_price_id"] == item_price)

@@ -1,0 +1,434 @@
+"""End to end through the real worker binary: usage seeded in a real Redis
+the way the module writes it, `meter-worker --once --before ...`, and a
+provider fake.  The fake's deduped totals must equal the seeded usage
+exactly, per customer and meter, through 500s, 429s, lost answers and
+reruns; a 400 is dead-lettered, not dropped."""
+
+import datetime
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, key_hash
+from fakes import (FakeChargebee, FakeLago, FakeOpenMeter, FakeRecurly,
+                   FakeStripe)
+
+WORKER = Path(os.environ.get("METER_WORKER",
+                           ROOT / "worker" / "meter-worker"))
+EPOCH = "3f2a9c0d11b2e4f7"
+
+pytestmark = pytest.mark.skipif(not WORKER.exists(),
+                                reason="worker/meter-worker not built")
+
+
+def hour_name(ts):
+    return datetime.datetime.fromtimestamp(
+        ts, datetime.timezone.utc).strftime("%Y%m%d%H")
+
+
+def iso(ts):
+    return datetime.datetime.fromtimestamp(
+        ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Seed:
+    """Writes usage, keys and customers as the module and meterctl do, and
+    keeps the expected totals."""
+
+    def __init__(self, redis):
+        self.redis = redis
+        self.expected = {}          # (customer, meter) -> total
+        self.gen = 0
+
+    def customer(self, name, provider, **fields):
+        args = ["provider", provider, "status", "active", "created",
+                str(int(time.time()))]
+        for k, v in fields.items():
+            args += [k.replace("__", "."), v]
+        self.redis.cmd("HSET", "mtr:cust:{%s}" % name, *args)
+        self.redis.cmd("SADD", "mtr:customers", name)
+
+    def key(self, key, customer):
+        kh = key_hash(key)
+        if customer is not None:
+            self.redis.cmd("HSET", "mtr:key:{%s}" % kh, "customer", customer,
+                           "prefix", key[:12], "created",
+                           str(int(time.time())))
+        return kh
+
+    def usage(self, key, customer, meter, hour_ts, values, billable=True):
+        """One key-hour of a meter, counted by len(values) writers."""
+        kh = key_hash(key)
+        h = hour_name(hour_ts)
+        args = []
+        for v in values:
+            self.gen += 1
+            args += ["%s|%s.%d" % (meter, EPOCH, self.gen), str(v)]
+        self.redis.cmd("SADD", "mtr:idx:%s" % h, kh)
+        self.redis.cmd("ZADD", "mtr:hours", "NX", str(hour_ts), h)
+        self.redis.cmd("HSET", "mtr:u:{%s}:%s" % (kh, h), *args)
+        if customer is not None and billable:
+            k = (customer, meter)
+            self.expected[k] = self.expected.get(k, 0) + sum(values)
+
+
+class Worker:
+    def __init__(self, tmp, redis, provider, settings):
+        self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        key = self.tmp / "api-key"
+        key.write_text("%s\n" % settings.pop("_api_key", "unused"))
+        key.chmod(0o600)
+        lines = ["# written by test_providers.py",
+                 "redis = %s" % redis.address,
+                 "provider = %s" % provider,
+                 "grace = 5m",
+                 "retry.base = 1s",
+                 "retry.max = 2s",
+                 "log_level = debug",
+                 "audit.path = %s" % (self.tmp / "audit.jsonl")]
+        for k, v in settings.items():
+            lines.append("%s = %s" % (k, str(v).replace("@KEY@", str(key))))
+        self.conf = self.tmp / "worker.conf"
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.runs = []
+
+    def run(self, before, timeout=120):
+        env = dict(os.environ)
+        env.pop("CREDENTIALS_DIRECTORY", None)
+        r = subprocess.run([str(WORKER), "-c", str(self.conf), "--once",
+                            "--before", iso(before)],
+                           capture_output=True, text=True, timeout=timeout,
+                           env=env, stdin=subprocess.DEVNULL)
+        self.runs.append(r)
+        print("---- meter-worker rc=%d\n%s" % (r.returncode, r.stderr))
+        return r
+
+
+def hours_ago(n):
+    return (int(time.time()) // 3600 - n) * 3600
+
+
+def now_hour():
+    return (int(time.time()) // 3600) * 3600
+
+
+def no_secret_in(runs, secret):
+    for r in runs:
+        assert secret not in r.stdout and secret not in r.stderr
+
+
+# ---------------------------------------------------------------- stripe
+
+STRIPE_KEY = "sk_test_e2e_0123456789"
+
+
+def stripe_setup(redis, tmp_path, fake, **extra):
+    seed = Seed(redis)
+    customers = {"acme": "cus_A", "globex": "cus_B", "initech": "cus_C"}
+    for c, cus in customers.items():
+        seed.customer(c, "stripe", provider_customer=cus,
+                      subscription="sub_" + c)
+    # two keys for acme, one each for the others; two meters; three hours
+    keys = {"mk_live_acme_1": "acme", "mk_live_acme_2": "acme",
+            "mk_live_globex": "globex", "mk_live_initech": "initech"}
+    for k, c in keys.items():
+        seed.key(k, c)
+    n = 0
+    for h in (hours_ago(2), hours_ago(3), hours_ago(27)):
+        for k, c in keys.items():
+            n += 1
+            seed.usage(k, c, "calls", h, [100 + n, 7 * n, 1])
+            if c != "initech":
+                seed.usage(k, c, "bytes", h, [10000 + n])
+    # a key without customer: held, never sent to Stripe
+    seed.key("mk_orphan", None)
+    seed.usage("mk_orphan", None, "calls", hours_ago(2), [999])
+    settings = {"stripe.base_url": fake.url,
+                "stripe.api_key_file": "@KEY@",
+                "_api_key": STRIPE_KEY,
+                "stripe.backoff": "50ms",
+                "stripe.timeout": "2s",
+                "meter.calls": "api_calls",
+                "meter.bytes": "api_bytes"}
+    settings.update(extra)
+    worker = Worker(tmp_path / "worker", redis, "stripe", settings)
+    return seed, customers, worker
+
+
+def stripe_totals(fake, seed, customers):
+    names = {"calls": "api_calls", "bytes": "api_bytes"}
+    return {(c, m): fake.total(customers[c], names[m])
+            for (c, m) in seed.expected}
+
+
+def test_stripe_totals_exact_and_rerun_sends_nothing(redis, tmp_path):
+    with FakeStripe(api_key=STRIPE_KEY) as fake:
+        seed, customers, worker = stripe_setup(redis, tmp_path, fake)
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert stripe_totals(fake, seed, customers) == seed.expected
+        # one event per (customer, hour, meter): 3 x 3 calls + 2 x 3 bytes
+        assert len(fake.events) == 15
+        assert fake.duplicates == 0
+        for ev in fake.events:
+            req_ts = ev["timestamp"]
+            assert req_ts % 3600 == 3599          # period_end - 1
+        posts = fake.requests_to("POST", r"/v1/billing/meter_events")
+        assert all(p.headers["Idempotency-Key"] == p.form["identifier"]
+                   for p in posts)
+        assert all(p.headers["Authorization"] == "Bearer " + STRIPE_KEY
+                   for p in posts)
+        # nothing is sent twice
+        n = len(fake.requests)
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert len(fake.requests) == n
+        assert stripe_totals(fake, seed, customers) == seed.expected
+        # the key without customer is held, not sent
+        assert all(e["payload"]["value"] != "999" for e in fake.events)
+        assert "held" in r.stderr
+        no_secret_in(worker.runs, STRIPE_KEY)
+
+
+def test_stripe_500_and_429_retried(redis, tmp_path):
+    with FakeStripe(api_key=STRIPE_KEY) as fake:
+        seed, customers, worker = stripe_setup(redis, tmp_path, fake)
+        # saved 500s (replayed under their key), then a 429 with
+        # Retry-After, then a timeout
+        fake.fail_next(2, 500)
+        fake.rate_limit_next(1, retry_after=1)
+        fake.fail_next(1, 503)
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert stripe_totals(fake, seed, customers) == seed.expected
+        assert len(fake.events) == 15
+        # the saved 500s were replayed to the worker under their keys,
+        # which then went on under fresh keys (the identifier dedupes)
+        saved500 = {k for k, (_, _, resp) in fake.idem.items()
+                    if resp.status == 500}
+        assert len(saved500) == 2
+        posts = fake.requests_to("POST", r"/v1/billing/meter_events")
+        keys = [p.headers["Idempotency-Key"] for p in posts]
+        assert sum(k in saved500 for k in keys) > 2
+        fresh = [k for k in keys if "-r" in k]
+        assert fresh and all(k.split("-r")[0] in
+                             {p.form["identifier"] for p in posts}
+                             for k in fresh)
+        # the 429 was not saved: its key went through on the retry
+        assert not any(resp.status == 429 for (_, _, resp)
+                       in fake.idem.values())
+
+
+def test_stripe_lost_answer_counts_once(redis, tmp_path):
+    with FakeStripe(api_key=STRIPE_KEY) as fake:
+        seed, customers, worker = stripe_setup(
+            redis, tmp_path, fake, **{"stripe.timeout": "1s"})
+        # processed, then the answer never comes: twice
+        fake.hang_next(2, seconds=3, after=True)
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert stripe_totals(fake, seed, customers) == seed.expected
+        assert len(fake.events) == 15
+        # the two lost answers were resent under the same key and replayed
+        keys = [p.headers["Idempotency-Key"]
+                for p in fake.requests_to("POST", r"/meter_events$")]
+        assert len(keys) == 17 and len(set(keys)) == 15
+
+
+def test_stripe_400_dead_lettered_others_billed(redis, tmp_path):
+    with FakeStripe(api_key=STRIPE_KEY) as fake:
+        seed, customers, worker = stripe_setup(redis, tmp_path, fake)
+        bad = {"error": {"type": "invalid_request_error",
+                         "code": "resource_missing",
+                         "message": "No such customer: 'cus_B'"}}
+        fake.fail_next(100, 400, body=bad, match=lambda q: q.form.get(
+            "payload[stripe_customer_id]") == "cus_B")
+        r = worker.run(now_hour())
+        assert r.returncode == 65, r.stderr
+        assert "No such customer" in r.stderr
+        got = stripe_totals(fake, seed, customers)
+        want = {k: (0 if k[0] == "globex" else v)
+                for k, v in seed.expected.items()}
+        assert got == want
+        # globex's usage stays unbilled in Redis (nothing lost)
+        kh = key_hash("mk_live_globex")
+        billed = redis.hgetall("mtr:b:{%s}:%s" % (kh, hour_name(hours_ago(2))))
+        assert all(not f.startswith("calls|") for f in billed)
+
+
+def test_stripe_wrong_key_is_fatal_and_not_logged(redis, tmp_path):
+    with FakeStripe(api_key="sk_test_other") as fake:
+        seed, customers, worker = stripe_setup(redis, tmp_path, fake)
+        r = worker.run(now_hour())
+        assert r.returncode == 65, r.stderr
+        assert "Invalid API Key" in r.stderr
+        assert fake.events == []
+        no_secret_in(worker.runs, STRIPE_KEY)
+
+
+def test_stripe_meter_event_stream(redis, tmp_path):
+    with FakeStripe(api_key=STRIPE_KEY) as fake:
+        seed, customers, worker = stripe_setup(
+            redis, tmp_path, fake, **{"stripe.mode": "meter_event_stream",
+                                      "stripe.stream_url": fake.url})
+        # the session dies after the third event: renewed, nothing lost
+        fake.expire_after = 3
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert stripe_totals(fake, seed, customers) == seed.expected
+        assert len(fake.events) == 15
+        sessions = fake.requests_to("POST", r"/meter_event_session$")
+        assert len(sessions) == 2
+        streams = fake.requests_to("POST", r"/meter_event_stream$")
+        assert len(streams) == 16
+        assert all(q.headers["Authorization"] != "Bearer " + STRIPE_KEY
+                   for q in streams)
+        assert all(q.json["events"][0]["timestamp"].endswith(":59:59Z")
+                   for q in streams)
+        no_secret_in(worker.runs, STRIPE_KEY)
+        for tok in fake.sessions:
+            no_secret_in(worker.runs, tok)
+
+
+# ---------------------------------------------------------------- chargebee
+
+CB_KEY = "cb_test_key_42"
+
+
+def test_chargebee_daily_totals(redis, tmp_path):
+    with FakeChargebee(api_key=CB_KEY) as fake:
+        seed = Seed(redis)
+        day = (int(time.time()) // 86400) * 86400
+        subs = {"acme": "sub_acme", "globex": "sub_globex"}
+        for c, s in subs.items():
+            seed.customer(c, "chargebee", provider_customer="cust_" + c,
+                          subscription=s)
+            fake.add_subscription(s, customer_id="cust_" + c,
+                                  item_prices=["calls-USD-Monthly"])
+            seed.key("key_" + c, c)
+        n = 0
+        # yesterday and the day before; today is not closed
+        for h in (day - 3600, day - 5 * 3600, day - 30 * 3600):
+            for c in subs:
+                n += 1
+                seed.usage("key_" + c, c, "calls", h, [50 * n, n])
+        # today is not closed for a daily period: not billed yet
+        seed.usage("key_acme", "acme", "calls", day, [12345],
+                   billable=False)
+        worker = Worker(tmp_path / "w", redis, "chargebee", {
+            "chargebee.base_url": fake.url,
+            "chargebee.api_key_file": "@KEY@", "_api_key": CB_KEY,
+            "chargebee.max_rps": 0, "chargebee.backoff": "50ms",
+            "meter.calls": "calls-USD-Monthly"})
+        fake.fail_next(1, 500)
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        for c, s in subs.items():
+            assert fake.total(s, "calls-USD-Monthly") == \
+                seed.expected[(c, "calls")]
+        # one usage per subscription and day: two closed days
+        assert len(fake.usages) == 4
+        for u in fake.usages:
+            assert (u["usage_date"] // 86400) * 86400 in (day - 86400,
+                                                         day - 2 * 86400)
+        posts = fake.requests_to("POST", r"/usages$")
+        assert all(p.headers["chargebee-idempotency-key"].startswith(
+            p.form["id"]) for p in posts)
+        # the 30-minute window passed: a resend is deduped by usage id
+        fake.expire_idempotency()
+        n = len(fake.usages)
+        r = worker.run(now_hour())
+        assert r.returncode == 0 and len(fake.usages) == n
+        no_secret_in(worker.runs, CB_KEY)
+
+
+# ---------------------------------------------------------------- recurly
+
+RK = "rk_test_e2e"
+
+
+def test_recurly_lost_answer_looked_up_not_resent(redis, tmp_path):
+    with FakeRecurly(api_key=RK) as fake:
+        seed = Seed(redis)
+        for c in ("acme", "globex"):
+            fake.add_subscription("sub_" + c, add_ons=["api_calls"])
+            seed.customer(c, "recurly", provider_customer="acct_" + c,
+                          subscription="sub_" + c)
+            seed.key("key_" + c, c)
+            for i, h in enumerate((hours_ago(2), hours_ago(4))):
+                seed.usage("key_" + c, c, "calls", h, [300 + i, 11])
+        worker = Worker(tmp_path / "w", redis, "recurly", {
+            "recurly.base_url": fake.url,
+            "recurly.api_key_file": "@KEY@", "_api_key": RK,
+            "recurly.timeout": "1s", "recurly.backoff": "50ms",
+            "recurly.max_rps": 0, "meter.calls": "api_calls"})
+        # the first usage is stored but its answer is lost; a 500 next
+        fake.hang_next(1, seconds=3, after=True)
+        fake.fail_next(1, 500)
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        for c in ("acme", "globex"):
+            assert fake.total("sub_" + c, "api_calls") == \
+                seed.expected[(c, "calls")]
+        assert len(fake.usages) == 4
+        assert len(fake.requests_to("GET", r"/usage$")) >= 1
+        tags = [u["merchant_tag"] for u in fake.usages]
+        assert len(set(tags)) == 4
+
+
+# ---------------------------------------------------------------- http
+
+def ingest_seed(redis):
+    seed = Seed(redis)
+    seed.customer("acme", "http", subscription="sub_acme",
+                  provider_customer="acme")
+    seed.key("key_acme", "acme")
+    seed.usage("key_acme", "acme", "calls", hours_ago(2), [5, 6])
+    seed.usage("key_acme", "acme", "calls", hours_ago(3), [7])
+    return seed
+
+
+def test_openmeter(redis, tmp_path):
+    with FakeOpenMeter(token="om_tok") as om:
+        seed = ingest_seed(redis)
+        w = Worker(tmp_path / "om", redis, "http", {
+            "http.url": om.url + "/api/v1/events", "http.format": "openmeter",
+            "http.auth_file": "@KEY@", "_api_key": "om_tok",
+            "http.backoff": "50ms", "meter.calls": "api-calls"})
+        om.fail_next(1, 503)
+        r = w.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert om.total("acme", "api-calls") == seed.expected[("acme",
+                                                               "calls")]
+        assert len(om.events) == 2
+        assert {e["source"] for e in om.events} == {"nginx-meter"}
+        assert {e["data"]["key_hash"] for e in om.events} == {
+            key_hash("key_acme")}
+        # a rerun sends nothing; a resend would be deduped by id + source
+        n = len(om.requests)
+        assert w.run(now_hour()).returncode == 0
+        assert len(om.requests) == n
+
+
+def test_lago_resend_after_lost_answer(redis, tmp_path):
+    with FakeLago(token="lg_tok") as lg:
+        seed = ingest_seed(redis)
+        w = Worker(tmp_path / "lago", redis, "http", {
+            "http.url": lg.url + "/api/v1/events", "http.format": "lago",
+            "http.auth_file": "@KEY@", "_api_key": "lg_tok",
+            "http.timeout": "1s", "http.backoff": "50ms"})
+        # the first event is stored, its answer lost: the resend gets 422
+        # value_already_exist, which counts as accepted
+        lg.hang_next(1, seconds=3, after=True)
+        r = w.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert lg.total("sub_acme", "calls") == seed.expected[("acme",
+                                                               "calls")]
+        assert len(lg.events) == 2
+        posts = lg.requests_to("POST", r"/api/v1/events$")
+        assert len(posts) == 3
+        assert posts[0].json == posts[1].json

@@ -1,0 +1,1719 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * Unit tests of ngx_http_meter_module/src/meter_core.c.
+ *
+ * Build and run from the project root:
+ *
+ * cc -std=c11 -Wall -Wextra -Werror -g -fsanitize=address,undefined -I ngx_http_meter_module/src t/unit/test_meter_core.c ngx_http_meter_module/src/meter_core.c -lcmocka -lcrypto -o build/test_meter_core && ./build/test_meter_core
+ */
+
+
+/* fork(), waitpid(), mmap(MAP_ANONYMOUS) under -std=c11 */
+#define _DEFAULT_SOURCE
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+
+#include "meter_core.h"
+
+
+#define TEST_EPOCH         0x3f2a9c0d11b2e4f7ULL
+#define TEST_HOUR          490000          /* 2025-11-24 16:00 UTC */
+#define TEST_NOW           1764000000u
+#define TEST_SLOTS         1024
+#define TEST_SMALL         16
+
+#define CONC_PROCS         4
+#define CONC_ITERS         100000
+#define CONC_KEYS          50
+#define CONC_GENS          (1 << 20)
+#define CONC_EVICT_MAX     1500
+
+
+typedef struct {
+    int                         done;       /* adders finished */
+    int                         fail;       /* flusher's own check */
+    uint64_t                    evicted;
+    struct {
+        uint64_t                value;      /* max value "in redis" */
+        int32_t                 key;        /* -1: gen never flushed */
+    }                           redis[CONC_GENS];
+} conc_shared_t;
+
+
+static uint8_t  conc_keys[CONC_KEYS][METER_HASH_LEN];
+
+
+static void
+key_of(unsigned n, uint8_t key[METER_HASH_LEN])
+{
+    int   len;
+    char  buf[32];
+
+    len = snprintf(buf, sizeof(buf), "key-%u", n);
+    meter_key_hash(buf, (size_t) len, key);
+}
+
+
+static meter_table_t *
+table_new(uint32_t nslots)
+{
+    meter_table_t  *t;
+
+    t = malloc(meter_table_size(nslots));
+    assert_non_null(t);
+
+    /* garbage first: init must not rely on zeroed memory */
+    memset(t, 0xa5, meter_table_size(nslots));
+    meter_table_init(t, nslots, TEST_EPOCH);
+
+    return t;
+}
+
+
+static int
+add(meter_table_t *t, uint32_t hour, const uint8_t *key, const char *meter,
+    uint64_t value, uint32_t now)
+{
+    return meter_table_add(t, hour, key, meter, strlen(meter), value, now);
+}
+
+
+static meter_entry_t *
+find(meter_table_t *t, uint32_t hour, const uint8_t *key, const char *meter)
+{
+    return meter_table_find(t, hour, key, meter, strlen(meter));
+}
+
+
+/* what the flusher does when Redis acknowledged the slot's whole count */
+static void
+flush_entry(meter_entry_t *e)
+{
+    meter_batch_item_t  item;
+
+    item.e = e;
+    item.gen = e->gen;
+    item.hour = e->hour;
+    item.value = meter_entry_count(e);
+
+    meter_batch_confirm(&item);
+}
+
+
+static unsigned
+count_state(meter_table_t *t, uint32_t state)
+{
+    uint32_t  i;
+    unsigned  n;
+
+    n = 0;
+
+    for (i = 0; i < t->nslots; i++) {
+        n += t->slots[i].state == state;
+    }
+
+    return n;
+}
+
+
+static int
+setup_table(void **state)
+{
+    *state = table_new(TEST_SLOTS);
+    return 0;
+}
+
+
+static int
+setup_small(void **state)
+{
+    *state = table_new(TEST_SMALL);
+    return 0;
+}
+
+
+static int
+teardown_table(void **state)
+{
+    free(*state);
+    return 0;
+}
+
+
+/* parsing */
+
+static void
+test_status_parse(void **state)
+{
+    const char             *err;
+    meter_status_filter_t   f;
+
+    (void) state;
+
+    assert_int_equal(meter_parse_status("200", 3, &f, &err), 0);
+    assert_int_equal(f.n, 1);
+    assert_int_equal(f.r[0].lo, 200);
+    assert_int_equal(f.r[0].hi, 200);
+
+    assert_int_equal(meter_parse_status("2xx", 3, &f, &err), 0);
+    assert_int_equal(f.n, 1);
+    assert_int_equal(f.r[0].lo, 200);
+    assert_int_equal(f.r[0].hi, 299);
+
+    assert_int_equal(meter_parse_status("100-599", 7, &f, &err), 0);
+    assert_int_equal(f.r[0].lo, 100);
+    assert_int_equal(f.r[0].hi, 599);
+
+    assert_int_equal(meter_parse_status("201,404-410,5xx", 15, &f, &err), 0);
+    assert_int_equal(f.n, 3);
+    assert_int_equal(f.r[0].lo, 201);
+    assert_int_equal(f.r[0].hi, 201);
+    assert_int_equal(f.r[1].lo, 404);
+    assert_int_equal(f.r[1].hi, 410);
+    assert_int_equal(f.r[2].lo, 500);
+    assert_int_equal(f.r[2].hi, 599);
+
+    /* only len bytes count, as with nginx's ngx_str_t */
+    assert_int_equal(meter_parse_status("200,junk", 3, &f, &err), 0);
+    assert_int_equal(f.n, 1);
+
+    /* 16 items are allowed */
+    assert_int_equal(meter_parse_status(
+        "100,101,102,103,104,105,106,107,108,109,110,111,112,113,114,115",
+        63, &f, &err), 0);
+    assert_int_equal(f.n, 16);
+    assert_int_equal(f.r[15].lo, 115);
+}
+
+
+static void
+test_status_match(void **state)
+{
+    const char             *err;
+    meter_status_filter_t   f;
+
+    (void) state;
+
+    f.n = 0;
+    assert_true(meter_status_match(&f, 100));
+    assert_true(meter_status_match(&f, 599));
+
+    assert_int_equal(meter_parse_status("2xx,404", 7, &f, &err), 0);
+    assert_false(meter_status_match(&f, 199));
+    assert_true(meter_status_match(&f, 200));
+    assert_true(meter_status_match(&f, 299));
+    assert_false(meter_status_match(&f, 300));
+    assert_false(meter_status_match(&f, 403));
+    assert_true(meter_status_match(&f, 404));
+    assert_false(meter_status_match(&f, 405));
+}
+
+
+static void
+test_status_errors(void **state)
+{
+    size_t                  i;
+    const char             *err;
+    meter_status_filter_t   f;
+    static const char      *bad[] = {
+        "2x", "600", "99", "abc", "", ",", "200,", ",200", "200,,201",
+        "6xx", "0xx", "2xX", "2XX", "x00", "2000", "020", " 200", "200 ",
+        "200-", "-200", "200-2000", "099-200", "200-600", "2xx-3xx",
+        "200_299", "+20", "2e2"
+    };
+
+    (void) state;
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err = NULL;
+        f.n = 7;
+        assert_int_equal(meter_parse_status(bad[i], strlen(bad[i]), &f, &err),
+                         -1);
+        assert_string_equal(err,
+            "status must be NNN, Nxx or NNN-NNN between 100 and 599");
+        assert_int_equal(f.n, 0);
+    }
+
+    err = NULL;
+    assert_int_equal(meter_parse_status("200-100", 7, &f, &err), -1);
+    assert_string_equal(err, "status range must not end below its start");
+
+    err = NULL;
+    assert_int_equal(meter_parse_status(
+        "100,101,102,103,104,105,106,107,108,109,110,111,112,113,114,115,116",
+        67, &f, &err), -1);
+    assert_string_equal(err, "too many status ranges");
+    assert_int_equal(f.n, 0);
+}
+
+
+static void
+test_methods(void **state)
+{
+    size_t              i;
+    uint32_t            mask;
+    const char         *err;
+    static const char  *names[] = {
+        "GET", "HEAD", "POST", "PUT", "DELETE", "MKCOL", "COPY", "MOVE",
+        "OPTIONS", "PROPFIND", "PROPPATCH", "LOCK", "UNLOCK", "PATCH",
+        "TRACE", "CONNECT"
+    };
+    static const char  *bad[] = {
+        "get", "GET,,POST", "", ",", "GET,", ",GET", "FOO", "GETS", "GE",
+        "GET POST", " GET", "Post"
+    };
+
+    (void) state;
+
+    /* the bits are nginx's NGX_HTTP_GET (0x2) ... NGX_HTTP_CONNECT */
+    for (i = 0; i < 16; i++) {
+        assert_int_equal(meter_method_bit(names[i], strlen(names[i])),
+                         (uint32_t) 2 << i);
+    }
+
+    assert_int_equal(meter_method_bit("GETX", 4), 0);
+    assert_int_equal(meter_method_bit("GET", 2), 0);
+    assert_int_equal(meter_method_bit("", 0), 0);
+
+    assert_int_equal(meter_parse_methods("GET", 3, &mask, &err), 0);
+    assert_int_equal(mask, 0x2);
+
+    assert_int_equal(meter_parse_methods("GET,POST,CONNECT", 16, &mask,
+                                         &err), 0);
+    assert_int_equal(mask, 0x2 | 0x8 | 0x10000);
+
+    assert_int_equal(meter_parse_methods("PUT,PUT", 7, &mask, &err), 0);
+    assert_int_equal(mask, 0x10);
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err = NULL;
+        mask = 12345;
+        assert_int_equal(meter_parse_methods(bad[i], strlen(bad[i]), &mask,
+                                             &err), -1);
+        assert_non_null(err);
+        assert_int_equal(mask, 12345);
+    }
+}
+
+
+static void
+test_value(void **state)
+{
+    size_t              i;
+    uint64_t            v;
+    static const char  *bad[] = {
+        "", "-", "-1", "+1", " 1", "1 ", "1.5", "0x10", "1e3", "abc",
+        "9223372036854775808", "18446744073709551615",
+        "18446744073709551616", "99999999999999999999999"
+    };
+
+    (void) state;
+
+    assert_int_equal(meter_parse_value("0", 1, &v), 0);
+    assert_int_equal(v, 0);
+
+    assert_int_equal(meter_parse_value("1234", 4, &v), 0);
+    assert_int_equal(v, 1234);
+
+    assert_int_equal(meter_parse_value("007", 3, &v), 0);
+    assert_int_equal(v, 7);
+
+    assert_int_equal(meter_parse_value("9223372036854775807", 19, &v), 0);
+    assert_true(v == METER_VALUE_MAX);
+
+    /* only len bytes count */
+    assert_int_equal(meter_parse_value("42abc", 2, &v), 0);
+    assert_int_equal(v, 42);
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        v = 77;
+        assert_int_equal(meter_parse_value(bad[i], strlen(bad[i]), &v), -1);
+        assert_int_equal(v, 77);
+    }
+}
+
+
+static void
+test_name(void **state)
+{
+    (void) state;
+
+    assert_true(meter_valid_name("calls", 5));
+    assert_true(meter_valid_name("A-Z_a.z-09", 10));
+    assert_true(meter_valid_name("x", 1));
+    assert_true(meter_valid_name("abcdefghijklmnopqrstuvwxyz012345", 32));
+
+    assert_false(meter_valid_name("abcdefghijklmnopqrstuvwxyz0123456", 33));
+    assert_false(meter_valid_name("", 0));
+    assert_false(meter_valid_name("a b", 3));
+    assert_false(meter_valid_name("a|b", 3));
+    assert_false(meter_valid_name("a:b", 3));
+    assert_false(meter_valid_name("caf\xc3\xa9", 5));
+    assert_false(meter_valid_name("a\0b", 3));
+}
+
+
+/* hours */
+
+static void
+test_hour(void **state)
+{
+    (void) state;
+
+    assert_int_equal(meter_hour(0), 0);
+    assert_int_equal(meter_hour(3599), 0);
+    assert_int_equal(meter_hour(3600), 1);
+    assert_int_equal(meter_hour(1764000000 - 1), 489999);
+    assert_int_equal(meter_hour(1764000000), 490000);
+    assert_int_equal(meter_hour(1764000000 + 3599), 490000);
+    assert_int_equal(meter_hour(1764000000 + 3600), 490001);
+
+    assert_true(meter_hour_start(0) == 0);
+    assert_true(meter_hour_start(490000) == 1764000000);
+    assert_true(meter_hour_start(490896) == 1767225600);
+}
+
+
+static void
+test_hour_format(void **state)
+{
+    char  buf[METER_HOUR_LEN + 2];
+
+    (void) state;
+
+    memset(buf, 'Z', sizeof(buf));
+    assert_int_equal(meter_hour_format(490000, buf), 10);
+    assert_string_equal(buf, "2025112416");
+    assert_int_equal(buf[11], 'Z');
+
+    assert_int_equal(meter_hour_format(meter_hour(1764000000 + 3599), buf),
+                     10);
+    assert_string_equal(buf, "2025112416");
+
+    assert_int_equal(meter_hour_format(meter_hour(1764000000 + 3600), buf),
+                     10);
+    assert_string_equal(buf, "2025112417");
+
+    meter_hour_format(0, buf);
+    assert_string_equal(buf, "1970010100");
+
+    /* year and leap-day boundaries */
+    meter_hour_format(490895, buf);
+    assert_string_equal(buf, "2025123123");
+    meter_hour_format(490896, buf);
+    assert_string_equal(buf, "2026010100");
+    meter_hour_format(474780, buf);
+    assert_string_equal(buf, "2024022912");
+
+    /* never longer than 10 characters */
+    memset(buf, 'Z', sizeof(buf));
+    assert_int_equal(meter_hour_format(UINT32_MAX, buf), 10);
+    assert_string_equal(buf, "9999123123");
+    assert_int_equal(buf[11], 'Z');
+}
+
+
+/* hashing and names */
+
+static void
+test_key_hash(void **state)
+{
+    char     hex[METER_HEX_LEN + 1];
+    uint8_t  h[METER_HASH_LEN];
+
+    (void) state;
+
+    meter_key_hash("", 0, h);
+    meter_hex(h, METER_HASH_LEN, hex);
+    assert_string_equal(hex,
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+
+    meter_key_hash("abc", 3, h);
+    meter_hex(h, METER_HASH_LEN, hex);
+    assert_string_equal(hex,
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+
+    /* only len bytes are hashed */
+    meter_key_hash("abcdef", 3, h);
+    meter_hex(h, METER_HASH_LEN, hex);
+    assert_string_equal(hex,
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+
+    meter_hex((const uint8_t *) "\x00\xff\x0a\xa0", 4, hex);
+    assert_string_equal(hex, "00ff0aa0");
+
+    meter_hex(h, 0, hex);
+    assert_string_equal(hex, "");
+}
+
+
+static void
+test_fmt(void **state)
+{
+    char     meter[METER_NAME_MAX + 1];
+    char     idx[METER_IDX_KEY_SIZE];
+    char     field[METER_FIELD_SIZE];
+    char     used[METER_USED_KEY_SIZE];
+    char     data[METER_DATA_KEY_SIZE];
+    char     num[sizeof("18446744073709551615")];
+    uint8_t  h[METER_HASH_LEN];
+
+    (void) state;
+
+    meter_key_hash("abc", 3, h);
+
+    assert_int_equal(meter_fmt_data_key(data, h, 490000),
+                     METER_DATA_KEY_SIZE - 1);
+    assert_string_equal(data, "mtr:u:{ba7816bf8f01cfea414140de5dae2223"
+                        "b00361a396177a9cb410ff61f20015ad}:2025112416");
+
+    memset(used, 'Z', sizeof(used));
+    assert_int_equal(meter_fmt_used_key(used, h), METER_USED_KEY_SIZE - 1);
+    assert_string_equal(used, "mtr:used:{ba7816bf8f01cfea414140de5dae2223"
+                        "b00361a396177a9cb410ff61f20015ad}");
+
+    assert_int_equal(meter_fmt_idx_key(idx, 490000), METER_IDX_KEY_SIZE - 1);
+    assert_string_equal(idx, "mtr:idx:2025112416");
+
+    assert_int_equal(meter_fmt_field(field, "calls", TEST_EPOCH, 42), 25);
+    assert_string_equal(field, "calls|3f2a9c0d11b2e4f7.42");
+
+    assert_int_equal(meter_fmt_field(field, "b", 1, 0), 20);
+    assert_string_equal(field, "b|0000000000000001.0");
+
+    /* an entry's 32-char meter has no NUL: the guard must not be read */
+    memset(meter, 'm', METER_NAME_MAX);
+    meter[METER_NAME_MAX] = 'X';
+    assert_int_equal(meter_fmt_field(field, meter, UINT64_MAX, UINT32_MAX),
+                     METER_FIELD_SIZE - 1);
+    assert_string_equal(field, "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"
+                        "|ffffffffffffffff.4294967295");
+
+    assert_int_equal(meter_fmt_u64(num, 0), 1);
+    assert_string_equal(num, "0");
+    assert_int_equal(meter_fmt_u64(num, UINT64_MAX), 20);
+    assert_string_equal(num, "18446744073709551615");
+    assert_int_equal(meter_fmt_u64(num, 1234567), 7);
+    assert_string_equal(num, "1234567");
+}
+
+
+/* the script must be the one of the contract, byte for byte */
+static void
+test_script(void **state)
+{
+    char    *doc, *p, *q, path[4096];
+    long     size;
+    FILE    *fp;
+    size_t   root;
+
+    (void) state;
+
+    /* docs/ relative to the project root, found from this file's path */
+    root = strlen(__FILE__) - strlen("t/unit/test_meter_core.c");
+    assert_true(root < 4000);
+    snprintf(path, sizeof(path), "%.*sdocs/redis-schema.md", (int) root,
+             __FILE__);
+
+    fp = fopen(path, "rb");
+    assert_non_null(fp);
+    assert_int_equal(fseek(fp, 0, SEEK_END), 0);
+    size = ftell(fp);
+    assert_true(size > 0);
+    rewind(fp);
+
+    doc = calloc(1, (size_t) size + 1);
+    assert_non_null(doc);
+    assert_int_equal(fread(doc, 1, (size_t) size, fp), (size_t) size);
+    fclose(fp);
+
+    p = strstr(doc, "```lua\n");
+    assert_non_null(p);
+    p += sizeof("```lua\n") - 1;
+    q = strstr(p, "```");
+    assert_non_null(q);
+    *q = '\0';
+
+    assert_string_equal(meter_script_max, p);
+
+    free(doc);
+}
+
+
+/* the table */
+
+static void
+test_table_size(void **state)
+{
+    (void) state;
+
+    assert_int_equal(meter_table_size(0), sizeof(meter_table_t));
+    assert_int_equal(meter_table_size(10),
+                     sizeof(meter_table_t) + 10 * sizeof(meter_entry_t));
+
+    assert_int_equal(meter_table_slots_for(0), 0);
+    assert_int_equal(meter_table_slots_for(sizeof(meter_table_t) - 1), 0);
+    assert_int_equal(meter_table_slots_for(meter_table_size(10)), 10);
+    assert_int_equal(meter_table_slots_for(meter_table_size(11) - 1), 10);
+}
+
+
+static void
+test_table_init(void **state)
+{
+    uint32_t        i;
+    meter_table_t  *t;
+
+    t = *state;
+
+    assert_true(t->epoch == TEST_EPOCH);
+    assert_int_equal(t->nslots, TEST_SLOTS);
+    assert_int_equal(t->gen, 0);
+    assert_int_equal(t->live, 0);
+    assert_int_equal(t->dropped, 0);
+    assert_int_equal(t->dropped_value, 0);
+
+    for (i = 0; i < t->nslots; i++) {
+        assert_int_equal(t->slots[i].state, METER_SLOT_EMPTY);
+        assert_int_equal(t->slots[i].count, 0);
+        assert_int_equal(t->slots[i].flushed, 0);
+    }
+}
+
+
+static void
+test_table_many(void **state)
+{
+    unsigned        i, j;
+    uint8_t         key[METER_HASH_LEN];
+    meter_entry_t  *e, *seen[600];
+    meter_table_t  *t;
+
+    t = *state;
+
+    for (i = 0; i < 600; i++) {
+        key_of(i, key);
+        assert_int_equal(add(t, TEST_HOUR, key, "calls", i + 1, TEST_NOW),
+                         0);
+    }
+
+    assert_int_equal(t->live, 600);
+    assert_int_equal(t->gen, 600);
+    assert_int_equal(t->dropped, 0);
+    assert_int_equal(count_state(t, METER_SLOT_LIVE), 600);
+
+    for (i = 0; i < 600; i++) {
+        key_of(i, key);
+        e = find(t, TEST_HOUR, key, "calls");
+        assert_non_null(e);
+
+        assert_int_equal(meter_entry_count(e), i + 1);
+        assert_int_equal(meter_entry_pending(e), i + 1);
+        assert_int_equal(e->flushed, 0);
+        assert_int_equal(e->hour, TEST_HOUR);
+        assert_int_equal(e->stamp, TEST_NOW);
+        assert_memory_equal(e->key, key, METER_HASH_LEN);
+        assert_string_equal(e->meter, "calls");
+        assert_true(e->gen < 600);
+
+        for (j = 0; j < i; j++) {
+            assert_ptr_not_equal(seen[j], e);
+            assert_int_not_equal(seen[j]->gen, e->gen);
+        }
+
+        seen[i] = e;
+    }
+
+    key_of(600, key);
+    assert_null(find(t, TEST_HOUR, key, "calls"));
+}
+
+
+static void
+test_table_accumulate(void **state)
+{
+    uint8_t         key[METER_HASH_LEN];
+    meter_entry_t  *e;
+    meter_table_t  *t;
+
+    t = *state;
+    key_of(1, key);
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 1, TEST_NOW), 0);
+    e = find(t, TEST_HOUR, key, "calls");
+    assert_non_null(e);
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 2, TEST_NOW + 5), 0);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 0, TEST_NOW + 6), 0);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 1000, TEST_NOW + 7), 0);
+
+    assert_ptr_equal(find(t, TEST_HOUR, key, "calls"), e);
+    assert_int_equal(meter_entry_count(e), 1003);
+    assert_int_equal(e->gen, 0);
+    assert_int_equal(e->stamp, TEST_NOW);     /* claim time, not touched */
+    assert_int_equal(t->live, 1);
+    assert_int_equal(t->gen, 1);
+    assert_int_equal(count_state(t, METER_SLOT_LIVE), 1);
+}
+
+
+static void
+test_table_separate(void **state)
+{
+    uint8_t         k1[METER_HASH_LEN], k2[METER_HASH_LEN];
+    meter_entry_t  *e[6];
+    meter_table_t  *t;
+    unsigned        i, j;
+
+    t = *state;
+    key_of(1, k1);
+    key_of(2, k2);
+
+    assert_int_equal(add(t, TEST_HOUR, k1, "calls", 1, TEST_NOW), 0);
+    assert_int_equal(add(t, TEST_HOUR + 1, k1, "calls", 2, TEST_NOW), 0);
+    assert_int_equal(add(t, TEST_HOUR, k1, "bytes", 3, TEST_NOW), 0);
+    assert_int_equal(add(t, TEST_HOUR, k1, "call", 4, TEST_NOW), 0);
+    assert_int_equal(add(t, TEST_HOUR, k1, "calls2", 5, TEST_NOW), 0);
+    assert_int_equal(add(t, TEST_HOUR, k2, "calls", 6, TEST_NOW), 0);
+
+    e[0] = find(t, TEST_HOUR, k1, "calls");
+    e[1] = find(t, TEST_HOUR + 1, k1, "calls");
+    e[2] = find(t, TEST_HOUR, k1, "bytes");
+    e[3] = find(t, TEST_HOUR, k1, "call");
+    e[4] = find(t, TEST_HOUR, k1, "calls2");
+    e[5] = find(t, TEST_HOUR, k2, "calls");
+
+    for (i = 0; i < 6; i++) {
+        assert_non_null(e[i]);
+        assert_int_equal(meter_entry_count(e[i]), i + 1);
+
+        for (j = 0; j < i; j++) {
+            assert_ptr_not_equal(e[i], e[j]);
+        }
+    }
+
+    assert_null(find(t, TEST_HOUR + 2, k1, "calls"));
+    assert_null(find(t, TEST_HOUR, k1, "cal"));
+    assert_int_equal(t->live, 6);
+}
+
+
+/* a meter name of exactly 32 chars has no NUL in the slot */
+static void
+test_table_long_meter(void **state)
+{
+    uint8_t         key[METER_HASH_LEN];
+    const char     *m32 = "abcdefghijklmnopqrstuvwxyz012345";
+    const char     *m33 = "abcdefghijklmnopqrstuvwxyz0123456";
+    meter_entry_t  *e;
+    meter_table_t  *t;
+
+    t = *state;
+    key_of(1, key);
+
+    assert_int_equal(add(t, TEST_HOUR, key, m32, 7, TEST_NOW), 0);
+    e = find(t, TEST_HOUR, key, m32);
+    assert_non_null(e);
+    assert_memory_equal(e->meter, m32, METER_NAME_MAX);
+    assert_null(meter_table_find(t, TEST_HOUR, key, m32, 31));
+
+    /* bad arguments are dropped calls */
+    assert_int_equal(add(t, TEST_HOUR, key, m33, 5, TEST_NOW), -1);
+    assert_int_equal(add(t, TEST_HOUR, key, "", 6, TEST_NOW), -1);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", METER_VALUE_MAX + 1,
+                         TEST_NOW), -1);
+    assert_int_equal(t->dropped, 3);
+    assert_true(t->dropped_value == 5 + 6 + METER_VALUE_MAX + 1);
+    assert_int_equal(t->live, 1);
+}
+
+
+static void
+test_table_full(void **state)
+{
+    unsigned        i;
+    uint8_t         key[METER_HASH_LEN];
+    meter_entry_t  *e;
+    meter_table_t  *t;
+
+    t = *state;
+
+    for (i = 0; i < TEST_SMALL; i++) {
+        key_of(i, key);
+        assert_int_equal(add(t, TEST_HOUR, key, "calls", 1, TEST_NOW), 0);
+    }
+
+    assert_int_equal(count_state(t, METER_SLOT_LIVE), TEST_SMALL);
+
+    key_of(100, key);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 9, TEST_NOW), -1);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 0, TEST_NOW), -1);
+    assert_int_equal(add(t, TEST_HOUR + 1, key, "calls", 5, TEST_NOW), -1);
+    assert_int_equal(t->dropped, 3);
+    assert_int_equal(t->dropped_value, 14);
+    assert_null(find(t, TEST_HOUR, key, "calls"));
+
+    /* the keys already in still count */
+    key_of(3, key);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 4, TEST_NOW), 0);
+    e = find(t, TEST_HOUR, key, "calls");
+    assert_non_null(e);
+    assert_int_equal(meter_entry_count(e), 5);
+    assert_int_equal(t->dropped, 3);
+    assert_int_equal(t->live, TEST_SMALL);
+}
+
+
+/* the chain is at most METER_PROBE_MAX slots long */
+static void
+test_table_probe_max(void **state)
+{
+    uint32_t        i, home, n;
+    uint8_t         key[METER_HASH_LEN];
+    meter_table_t  *t;
+
+    (void) state;
+
+    n = 512;
+    t = table_new(n);
+    key_of(1, key);
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 1, TEST_NOW), 0);
+    home = (uint32_t) (find(t, TEST_HOUR, key, "calls") - t->slots);
+
+    /* every slot busy being claimed by others, one free beyond the limit */
+    meter_table_init(t, n, TEST_EPOCH);
+
+    for (i = 0; i < n; i++) {
+        t->slots[i].state = METER_SLOT_CLAIM;
+        t->slots[i].stamp = TEST_NOW;
+    }
+
+    t->slots[(home + METER_PROBE_MAX) % n].state = METER_SLOT_EMPTY;
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 3, TEST_NOW), -1);
+    assert_int_equal(t->dropped, 1);
+    assert_int_equal(t->dropped_value, 3);
+
+    t->slots[(home + METER_PROBE_MAX - 1) % n].state = METER_SLOT_EMPTY;
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 4, TEST_NOW), 0);
+    assert_ptr_equal(find(t, TEST_HOUR, key, "calls"),
+                     &t->slots[(home + METER_PROBE_MAX - 1) % n]);
+    assert_int_equal(t->dropped, 1);
+
+    free(t);
+}
+
+
+static void
+test_evict_only_flushed(void **state)
+{
+    uint8_t              key[METER_HASH_LEN];
+    meter_entry_t       *e;
+    meter_table_t       *t;
+    meter_batch_item_t   item;
+
+    t = *state;
+    key_of(1, key);
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 5, TEST_NOW), 0);
+    e = find(t, TEST_HOUR, key, "calls");
+    assert_non_null(e);
+
+    assert_int_equal(meter_table_evict(t, e, TEST_NOW), 0);
+
+    item.e = e;
+    item.gen = e->gen;
+    item.hour = TEST_HOUR;
+    item.value = 3;
+    meter_batch_confirm(&item);
+    assert_int_equal(e->flushed, 3);
+    assert_int_equal(meter_entry_pending(e), 2);
+    assert_int_equal(meter_table_evict(t, e, TEST_NOW), 0);
+
+    item.value = 5;
+    meter_batch_confirm(&item);
+    assert_int_equal(meter_entry_pending(e), 0);
+
+    /* a request came in after the flush */
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 1, TEST_NOW), 0);
+    assert_int_equal(meter_table_evict(t, e, TEST_NOW), 0);
+    assert_int_equal(e->state, METER_SLOT_LIVE);
+
+    item.value = 6;
+    meter_batch_confirm(&item);
+    assert_int_equal(meter_table_evict(t, e, TEST_NOW + 10), 1);
+
+    assert_int_equal(e->state, METER_SLOT_TOMB);
+    assert_int_equal(e->stamp, TEST_NOW + 10);
+    assert_true(e->count == (6 | METER_DEAD));
+    assert_int_equal(meter_entry_count(e), 6);
+    assert_int_equal(t->live, 0);
+    assert_null(find(t, TEST_HOUR, key, "calls"));
+
+    /* only LIVE slots */
+    assert_int_equal(meter_table_evict(t, e, TEST_NOW + 11), 0);
+    assert_int_equal(e->stamp, TEST_NOW + 10);
+    assert_int_equal(t->live, 0);
+}
+
+
+static void
+test_dead_blocks_add(void **state)
+{
+    uint32_t        gen;
+    uint8_t         key[METER_HASH_LEN];
+    meter_entry_t  *e, *e2;
+    meter_table_t  *t;
+
+    t = *state;
+    key_of(1, key);
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 5, TEST_NOW), 0);
+    e = find(t, TEST_HOUR, key, "calls");
+    gen = e->gen;
+    flush_entry(e);
+    assert_int_equal(meter_table_evict(t, e, TEST_NOW), 1);
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 2, TEST_NOW), 0);
+    e2 = find(t, TEST_HOUR, key, "calls");
+    assert_non_null(e2);
+    assert_ptr_not_equal(e2, e);
+    assert_int_not_equal(e2->gen, gen);
+    assert_int_equal(meter_entry_count(e2), 2);
+    assert_int_equal(e2->flushed, 0);
+    assert_true(e->count == (5 | METER_DEAD));
+    assert_int_equal(t->live, 1);
+
+    /*
+     * the evictor won the race between a request's lookup and its
+     * compare-and-swap: the slot is still LIVE but DEAD
+     */
+    flush_entry(e2);
+    e2->count |= METER_DEAD;
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 3, TEST_NOW), 0);
+    assert_true(e2->count == (2 | METER_DEAD));
+    assert_int_equal(t->live, 2);
+    assert_int_equal(count_state(t, METER_SLOT_LIVE), 2);
+    assert_int_equal(count_state(t, METER_SLOT_TOMB), 1);
+}
+
+
+static void
+test_tomb_grace(void **state)
+{
+    uint32_t        gen;
+    uint8_t         a[METER_HASH_LEN], b[METER_HASH_LEN];
+    meter_entry_t  *e;
+    meter_table_t  *t;
+
+    (void) state;
+
+    t = table_new(1);
+    key_of(1, a);
+    key_of(2, b);
+
+    assert_int_equal(add(t, TEST_HOUR, a, "calls", 5, TEST_NOW), 0);
+    e = &t->slots[0];
+    gen = e->gen;
+    flush_entry(e);
+    assert_int_equal(meter_table_evict(t, e, TEST_NOW + 100), 1);
+
+    /* a tombstone is not reused during its grace */
+    assert_int_equal(add(t, TEST_HOUR, b, "calls", 7,
+                         TEST_NOW + 100 + METER_TOMB_GRACE - 1), -1);
+    assert_int_equal(add(t, TEST_HOUR, a, "calls", 1, TEST_NOW + 100), -1);
+    assert_int_equal(t->dropped, 2);
+    assert_int_equal(e->state, METER_SLOT_TOMB);
+
+    /* a clock that went back does not make it reusable */
+    assert_int_equal(add(t, TEST_HOUR, b, "calls", 7, TEST_NOW), -1);
+    assert_int_equal(t->dropped, 3);
+
+    assert_int_equal(add(t, TEST_HOUR, b, "calls", 7,
+                         TEST_NOW + 100 + METER_TOMB_GRACE), 0);
+    assert_int_equal(e->state, METER_SLOT_LIVE);
+    assert_int_not_equal(e->gen, gen);
+    assert_true(e->count == 7);
+    assert_int_equal(e->flushed, 0);
+    assert_int_equal(e->stamp, TEST_NOW + 100 + METER_TOMB_GRACE);
+    assert_memory_equal(e->key, b, METER_HASH_LEN);
+    assert_ptr_equal(find(t, TEST_HOUR, b, "calls"), e);
+    assert_null(find(t, TEST_HOUR, a, "calls"));
+    assert_int_equal(t->live, 1);
+
+    free(t);
+}
+
+
+/* a reusable tombstone in the chain is taken before the EMPTY after it */
+static void
+test_tomb_preferred(void **state)
+{
+    uint8_t         key[METER_HASH_LEN];
+    meter_entry_t  *e, *e2;
+    meter_table_t  *t;
+
+    t = *state;
+    key_of(1, key);
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 5, TEST_NOW), 0);
+    e = find(t, TEST_HOUR, key, "calls");
+    flush_entry(e);
+    assert_int_equal(meter_table_evict(t, e, TEST_NOW), 1);
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 1,
+                         TEST_NOW + METER_TOMB_GRACE - 1), 0);
+    e2 = find(t, TEST_HOUR, key, "calls");
+    assert_ptr_not_equal(e2, e);
+    assert_int_equal(e->state, METER_SLOT_TOMB);
+
+    flush_entry(e2);
+    assert_int_equal(meter_table_evict(t, e2, TEST_NOW + METER_TOMB_GRACE),
+                     1);
+
+    /* both are tombstones now, e is reusable and first in the chain */
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 2,
+                         TEST_NOW + METER_TOMB_GRACE), 0);
+    assert_ptr_equal(find(t, TEST_HOUR, key, "calls"), e);
+    assert_int_equal(e2->state, METER_SLOT_TOMB);
+    assert_int_equal(count_state(t, METER_SLOT_TOMB), 1);
+    assert_int_equal(count_state(t, METER_SLOT_LIVE), 1);
+    assert_int_equal(t->gen, 3);
+}
+
+
+static void
+test_sweep_old_hours(void **state)
+{
+    unsigned        i;
+    uint8_t         key[METER_HASH_LEN];
+    meter_entry_t  *e;
+    meter_table_t  *t;
+
+    t = *state;
+
+    /* keys 0-2: last hour, flushed; 3: last hour, not flushed */
+    for (i = 0; i < 4; i++) {
+        key_of(i, key);
+        assert_int_equal(add(t, TEST_HOUR - 1, key, "calls", 10, TEST_NOW),
+                         0);
+
+        if (i < 3) {
+            flush_entry(find(t, TEST_HOUR - 1, key, "calls"));
+        }
+    }
+
+    /* keys 4-5: this hour, flushed */
+    for (i = 4; i < 6; i++) {
+        key_of(i, key);
+        assert_int_equal(add(t, TEST_HOUR, key, "calls", 10, TEST_NOW), 0);
+        flush_entry(find(t, TEST_HOUR, key, "calls"));
+    }
+
+    assert_int_equal(meter_table_sweep(t, TEST_HOUR, TEST_NOW + 1), 3);
+    assert_int_equal(t->live, 3);
+    assert_int_equal(count_state(t, METER_SLOT_TOMB), 3);
+
+    for (i = 0; i < 3; i++) {
+        key_of(i, key);
+        assert_null(find(t, TEST_HOUR - 1, key, "calls"));
+    }
+
+    key_of(3, key);
+    e = find(t, TEST_HOUR - 1, key, "calls");
+    assert_non_null(e);
+    assert_int_equal(meter_entry_pending(e), 10);
+
+    for (i = 4; i < 6; i++) {
+        key_of(i, key);
+        assert_non_null(find(t, TEST_HOUR, key, "calls"));
+    }
+
+    assert_int_equal(meter_table_sweep(t, TEST_HOUR, TEST_NOW + 2), 0);
+
+    flush_entry(e);
+    assert_int_equal(meter_table_sweep(t, TEST_HOUR, TEST_NOW + 3), 1);
+    assert_int_equal(t->live, 2);
+}
+
+
+/* more than 3/4 LIVE: current-hour slots go too, down to 3/4 */
+static void
+test_sweep_pressure(void **state)
+{
+    unsigned        i;
+    uint8_t         key[METER_HASH_LEN];
+    meter_table_t  *t;
+
+    t = *state;
+
+    /* 13 of 16 slots of this hour, 12 flushed */
+    for (i = 0; i < 13; i++) {
+        key_of(i, key);
+        assert_int_equal(add(t, TEST_HOUR, key, "calls", i + 1, TEST_NOW),
+                         0);
+
+        if (i != 5) {
+            flush_entry(find(t, TEST_HOUR, key, "calls"));
+        }
+    }
+
+    assert_int_equal(meter_table_sweep(t, TEST_HOUR, TEST_NOW), 1);
+    assert_int_equal(t->live, 12);
+    assert_int_equal(count_state(t, METER_SLOT_LIVE), 12);
+
+    key_of(5, key);
+    assert_non_null(find(t, TEST_HOUR, key, "calls"));
+
+    /* 3/4 exactly is no pressure */
+    assert_int_equal(meter_table_sweep(t, TEST_HOUR, TEST_NOW), 0);
+    assert_int_equal(t->live, 12);
+}
+
+
+/* old hours go first; if that relieves the pressure the current stay */
+static void
+test_sweep_pressure_old_first(void **state)
+{
+    unsigned        i;
+    uint8_t         key[METER_HASH_LEN];
+    meter_table_t  *t;
+
+    t = *state;
+
+    for (i = 0; i < 13; i++) {
+        key_of(i, key);
+        assert_int_equal(add(t, i < 2 ? TEST_HOUR - 1 : TEST_HOUR, key,
+                             "calls", 1, TEST_NOW), 0);
+    }
+
+    for (i = 0; i < t->nslots; i++) {
+        if (t->slots[i].state == METER_SLOT_LIVE) {
+            flush_entry(&t->slots[i]);
+        }
+    }
+
+    assert_int_equal(meter_table_sweep(t, TEST_HOUR, TEST_NOW), 2);
+    assert_int_equal(t->live, 11);
+
+    for (i = 2; i < 13; i++) {
+        key_of(i, key);
+        assert_non_null(find(t, TEST_HOUR, key, "calls"));
+    }
+}
+
+
+static void
+test_sweep_stuck_claim(void **state)
+{
+    meter_entry_t  *a, *b;
+    meter_table_t  *t;
+
+    t = *state;
+
+    /* what a worker killed in the middle of a claim leaves */
+    a = &t->slots[3];
+    a->state = METER_SLOT_CLAIM;
+    a->stamp = TEST_NOW;
+
+    /* stamped by a worker whose clock is ahead */
+    b = &t->slots[9];
+    b->state = METER_SLOT_CLAIM;
+    b->stamp = TEST_NOW + 1000;
+
+    assert_int_equal(meter_table_sweep(t, TEST_HOUR,
+                                       TEST_NOW + METER_CLAIM_STUCK), 0);
+    assert_int_equal(a->state, METER_SLOT_CLAIM);
+
+    assert_int_equal(meter_table_sweep(t, TEST_HOUR,
+                                       TEST_NOW + METER_CLAIM_STUCK + 1), 0);
+    assert_int_equal(a->state, METER_SLOT_TOMB);
+    assert_int_equal(a->stamp, TEST_NOW + METER_CLAIM_STUCK + 1);
+    assert_int_equal(b->state, METER_SLOT_CLAIM);
+    assert_int_equal(t->live, 0);
+}
+
+
+static void
+test_batch_collect(void **state)
+{
+    unsigned             i, k, calls, seen[TEST_SLOTS];
+    uint8_t              key[METER_HASH_LEN];
+    uint32_t             idx, expect;
+    meter_entry_t       *e;
+    meter_table_t       *t;
+    meter_batch_t        b;
+    meter_batch_item_t   items[3];
+
+    t = *state;
+
+    for (i = 0; i < 10; i++) {
+        key_of(i, key);
+        assert_int_equal(add(t, TEST_HOUR + (i & 1), key, "calls", i + 1,
+                             TEST_NOW), 0);
+    }
+
+    /* two more that must not be collected: flushed and zero */
+    key_of(10, key);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 4, TEST_NOW), 0);
+    flush_entry(find(t, TEST_HOUR, key, "calls"));
+    key_of(11, key);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 0, TEST_NOW), 0);
+
+    memset(seen, 0, sizeof(seen));
+    memset(&b, 0, sizeof(b));
+    b.items = items;
+    b.cap = 3;
+    b.cursor = 0;
+    calls = 0;
+    k = 0;
+
+    do {
+        assert_true(++calls <= 10);
+        b.n = 99;
+        meter_batch_collect(t, &b, TEST_SLOTS);
+        assert_true(b.n <= 3);
+
+        for (i = 0; i < b.n; i++) {
+            e = items[i].e;
+            idx = (uint32_t) (e - t->slots);
+            seen[idx]++;
+            k++;
+
+            assert_int_equal(items[i].gen, e->gen);
+            assert_int_equal(items[i].hour, e->hour);
+            assert_int_equal(items[i].value, meter_entry_count(e));
+            assert_true(e->flushed != items[i].value);
+        }
+
+        if (!b.wrapped) {
+            /* a full batch stops right after its last slot */
+            assert_int_equal(b.n, 3);
+            assert_int_equal(b.cursor,
+                             (uint32_t) (items[2].e - t->slots) + 1);
+
+        } else {
+            assert_int_equal(b.cursor, 0);
+        }
+
+    } while (!b.wrapped);
+
+    assert_int_equal(calls, 4);
+    assert_int_equal(k, 10);
+
+    for (i = 0; i < 10; i++) {
+        key_of(i, key);
+        e = find(t, TEST_HOUR + (i & 1), key, "calls");
+        assert_int_equal(seen[e - t->slots], 1);
+        flush_entry(e);
+    }
+
+    /* all flushed: one pass finds nothing */
+    b.cursor = 0;
+    assert_int_equal(meter_batch_collect(t, &b, TEST_SLOTS), 0);
+    assert_int_equal(b.wrapped, 1);
+    assert_int_equal(b.cursor, 0);
+
+    /* max_scan bounds the scan */
+    key_of(0, key);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 1, TEST_NOW), 0);
+    idx = (uint32_t) (find(t, TEST_HOUR, key, "calls") - t->slots);
+
+    b.cursor = (idx + 1) % TEST_SLOTS;
+    expect = b.cursor + 5 >= TEST_SLOTS ? 0 : b.cursor + 5;
+    assert_int_equal(meter_batch_collect(t, &b, 5), 0);
+    assert_int_equal(b.cursor, expect);
+
+    b.cursor = idx;
+    assert_int_equal(meter_batch_collect(t, &b, 5), 1);
+    assert_int_equal(items[0].value, 2);
+    expect = idx + 5 >= TEST_SLOTS ? 0 : idx + 5;
+    assert_int_equal(b.cursor, expect);
+
+    /* the scan stops at the end of the table */
+    b.cursor = TEST_SLOTS - 2;
+    b.wrapped = 0;
+    meter_batch_collect(t, &b, 100);
+    assert_int_equal(b.wrapped, 1);
+    assert_int_equal(b.cursor, 0);
+
+    b.cursor = 0;
+    meter_batch_collect(t, &b, 2);
+    assert_int_equal(b.wrapped, 0);
+    assert_int_equal(b.cursor, 2);
+}
+
+
+static void
+test_batch_confirm(void **state)
+{
+    uint8_t              a[METER_HASH_LEN], c[METER_HASH_LEN];
+    meter_entry_t       *e;
+    meter_table_t       *t;
+    meter_batch_t        b;
+    meter_batch_item_t   items[4], old, older;
+
+    (void) state;
+
+    t = table_new(1);
+    e = &t->slots[0];
+    key_of(1, a);
+    key_of(2, c);
+
+    memset(&b, 0, sizeof(b));
+    b.items = items;
+    b.cap = 4;
+
+    assert_int_equal(add(t, TEST_HOUR, a, "calls", 3, TEST_NOW), 0);
+    assert_int_equal(meter_batch_collect(t, &b, 1), 1);
+    older = items[0];
+    assert_int_equal(older.value, 3);
+
+    assert_int_equal(add(t, TEST_HOUR, a, "calls", 5, TEST_NOW), 0);
+    assert_int_equal(meter_batch_collect(t, &b, 1), 1);
+    old = items[0];
+    assert_int_equal(old.value, 8);
+
+    /* acknowledgements may arrive out of order: flushed never drops */
+    meter_batch_confirm(&old);
+    assert_int_equal(e->flushed, 8);
+    meter_batch_confirm(&older);
+    assert_int_equal(e->flushed, 8);
+    assert_int_equal(meter_entry_pending(e), 0);
+    assert_int_equal(meter_batch_collect(t, &b, 1), 0);
+
+    /* the slot is evicted and reused for another key */
+    assert_int_equal(meter_table_evict(t, e, TEST_NOW), 1);
+
+    meter_batch_confirm(&old);
+    assert_true(e->flushed == 8);
+
+    assert_int_equal(add(t, TEST_HOUR, c, "calls", 2,
+                         TEST_NOW + METER_TOMB_GRACE), 0);
+    assert_int_not_equal(e->gen, old.gen);
+    assert_int_equal(e->flushed, 0);
+
+    /* a late acknowledgement of the old slot must not touch the new */
+    meter_batch_confirm(&old);
+    meter_batch_confirm(&older);
+    assert_int_equal(e->flushed, 0);
+    assert_int_equal(meter_entry_pending(e), 2);
+
+    assert_int_equal(meter_batch_collect(t, &b, 1), 1);
+    assert_int_equal(items[0].gen, e->gen);
+    meter_batch_confirm(&items[0]);
+    assert_int_equal(e->flushed, 2);
+
+    free(t);
+}
+
+
+static void
+test_entry_count(void **state)
+{
+    uint8_t         key[METER_HASH_LEN];
+    meter_entry_t  *e;
+    meter_table_t  *t;
+
+    t = *state;
+    key_of(1, key);
+
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", METER_VALUE_MAX - 1,
+                         TEST_NOW), 0);
+    e = find(t, TEST_HOUR, key, "calls");
+    assert_true(meter_entry_count(e) == METER_VALUE_MAX - 1);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 1, TEST_NOW), 0);
+    assert_true(meter_entry_count(e) == METER_VALUE_MAX);
+    assert_true((e->count & METER_DEAD) == 0);
+
+    /* one more would reach the DEAD bit: a new slot (new field) takes it */
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 2, TEST_NOW), 0);
+    assert_true(e->count == METER_VALUE_MAX);
+    assert_int_equal(t->live, 2);
+    assert_int_equal(t->dropped, 0);
+
+    e->flushed = 10;
+    assert_true(meter_entry_pending(e) == METER_VALUE_MAX - 10);
+    e->flushed = METER_VALUE_MAX;
+    assert_int_equal(meter_entry_pending(e), 0);
+}
+
+
+/* concurrency: real processes on one shared mapping, as nginx workers */
+
+static void
+conc_adder(meter_table_t *t, unsigned p)
+{
+    unsigned  i;
+
+    for (i = 0; i < CONC_ITERS; i++) {
+        if (meter_table_add(t, TEST_HOUR, conc_keys[(i * 7 + p * 13)
+                                                    % CONC_KEYS],
+                            "calls", 5, i % 5 + 1, TEST_NOW) != 0)
+        {
+            _exit(1);
+        }
+    }
+
+    _exit(0);
+}
+
+
+static uint64_t
+conc_expected(unsigned k)
+{
+    unsigned  p, i;
+    uint64_t  sum;
+
+    sum = 0;
+
+    for (p = 0; p < CONC_PROCS; p++) {
+        for (i = 0; i < CONC_ITERS; i++) {
+            if ((i * 7 + p * 13) % CONC_KEYS == k) {
+                sum += i % 5 + 1;
+            }
+        }
+    }
+
+    return sum;
+}
+
+
+static int
+conc_key_index(const uint8_t *key)
+{
+    int  k;
+
+    for (k = 0; k < CONC_KEYS; k++) {
+        if (memcmp(conc_keys[k], key, METER_HASH_LEN) == 0) {
+            return k;
+        }
+    }
+
+    return -1;
+}
+
+
+static void
+conc_spawn(pid_t *pids, meter_table_t *t)
+{
+    unsigned  p;
+
+    for (p = 0; p < CONC_PROCS; p++) {
+        pids[p] = fork();
+        assert_true(pids[p] >= 0);
+
+        if (pids[p] == 0) {
+            conc_adder(t, p);
+        }
+    }
+}
+
+
+static void
+conc_wait(pid_t pid)
+{
+    int  status;
+
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+}
+
+
+static void
+test_concurrent_add(void **state)
+{
+    int             k;
+    pid_t           pids[CONC_PROCS];
+    size_t          size;
+    uint32_t        i;
+    unsigned        p;
+    uint64_t        sums[CONC_KEYS], total;
+    meter_entry_t  *e;
+    meter_table_t  *t;
+
+    (void) state;
+
+    for (k = 0; k < CONC_KEYS; k++) {
+        key_of((unsigned) k, conc_keys[k]);
+    }
+
+    size = meter_table_size(TEST_SLOTS);
+    t = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+             -1, 0);
+    assert_true(t != MAP_FAILED);
+    meter_table_init(t, TEST_SLOTS, TEST_EPOCH);
+
+    conc_spawn(pids, t);
+
+    for (p = 0; p < CONC_PROCS; p++) {
+        conc_wait(pids[p]);
+    }
+
+    memset(sums, 0, sizeof(sums));
+
+    for (i = 0; i < t->nslots; i++) {
+        e = &t->slots[i];
+
+        /* nothing evicts here: every claim ends LIVE */
+        assert_true(e->state == METER_SLOT_EMPTY
+                    || e->state == METER_SLOT_LIVE);
+
+        if (e->state == METER_SLOT_LIVE) {
+            k = conc_key_index(e->key);
+            assert_true(k >= 0);
+            assert_int_equal(e->hour, TEST_HOUR);
+            assert_string_equal(e->meter, "calls");
+            sums[k] += meter_entry_count(e);
+        }
+    }
+
+    total = 0;
+
+    for (k = 0; k < CONC_KEYS; k++) {
+        assert_true(sums[k] == conc_expected((unsigned) k));
+        total += sums[k];
+    }
+
+    assert_true(total == (uint64_t) CONC_PROCS * (CONC_ITERS / 5) * 15);
+    assert_int_equal(t->dropped, 0);
+    assert_int_equal(t->live, count_state(t, METER_SLOT_LIVE));
+    assert_true(t->live >= CONC_KEYS && t->live <= CONC_KEYS * CONC_PROCS);
+    assert_int_equal(t->gen, t->live);
+
+    assert_int_equal(munmap(t, size), 0);
+}
+
+
+/*
+ * The flusher's side of the promise: a fifth process collects, "writes to
+ * Redis" (max per GEN, as the script does), confirms and evicts while the
+ * adders run.  Afterwards the sum of the fields must be exact.
+ */
+static void
+conc_flusher(meter_table_t *t, conc_shared_t *sh)
+{
+    int                  k, done, clean;
+    unsigned             i;
+    uint64_t             evicted;
+    meter_batch_t        b;
+    meter_batch_item_t   items[32], *it;
+
+    memset(&b, 0, sizeof(b));
+    b.items = items;
+    b.cap = 32;
+    evicted = 0;
+    clean = 0;
+
+    for ( ;; ) {
+        done = __atomic_load_n(&sh->done, __ATOMIC_ACQUIRE);
+
+        /* a pass that begins after the adders ended may be the last */
+        if (b.cursor == 0) {
+            clean = done;
+        }
+
+        meter_batch_collect(t, &b, 4096);
+
+        for (i = 0; i < b.n; i++) {
+            it = &items[i];
+            k = conc_key_index(it->e->key);
+
+            if (k < 0 || it->gen >= CONC_GENS
+                || (sh->redis[it->gen].key != -1
+                    && sh->redis[it->gen].key != k))
+            {
+                sh->fail = 1;
+                _exit(1);
+            }
+
+            sh->redis[it->gen].key = k;
+
+            if (it->value > sh->redis[it->gen].value) {
+                sh->redis[it->gen].value = it->value;
+            }
+
+            meter_batch_confirm(it);
+
+            if (evicted < CONC_EVICT_MAX
+                && meter_table_evict(t, it->e, TEST_NOW))
+            {
+                evicted++;
+            }
+        }
+
+        if (b.n != 0) {
+            clean = 0;
+        }
+
+        /* a whole pass found nothing left to flush */
+        if (b.wrapped && clean) {
+            break;
+        }
+    }
+
+    sh->evicted = evicted;
+
+    _exit(0);
+}
+
+
+static void
+test_concurrent_flush(void **state)
+{
+    int             k;
+    pid_t           pids[CONC_PROCS], flusher;
+    size_t          size, shsize;
+    uint32_t        i, g;
+    unsigned        p;
+    uint64_t        sums[CONC_KEYS];
+    conc_shared_t  *sh;
+    meter_entry_t  *e;
+    meter_table_t  *t;
+
+    (void) state;
+
+    for (k = 0; k < CONC_KEYS; k++) {
+        key_of((unsigned) k, conc_keys[k]);
+    }
+
+    /* tombstones are not reused (fixed now): room for every eviction */
+    size = meter_table_size(16384);
+    t = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+             -1, 0);
+    assert_true(t != MAP_FAILED);
+    meter_table_init(t, 16384, TEST_EPOCH);
+
+    shsize = sizeof(conc_shared_t);
+    sh = mmap(NULL, shsize, PROT_READ | PROT_WRITE,
+              MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    assert_true(sh != MAP_FAILED);
+
+    for (g = 0; g < CONC_GENS; g++) {
+        sh->redis[g].key = -1;
+    }
+
+    flusher = fork();
+    assert_true(flusher >= 0);
+
+    if (flusher == 0) {
+        conc_flusher(t, sh);
+    }
+
+    conc_spawn(pids, t);
+
+    for (p = 0; p < CONC_PROCS; p++) {
+        conc_wait(pids[p]);
+    }
+
+    __atomic_store_n(&sh->done, 1, __ATOMIC_RELEASE);
+    conc_wait(flusher);
+    assert_int_equal(sh->fail, 0);
+
+    memset(sums, 0, sizeof(sums));
+
+    for (g = 0; g < CONC_GENS; g++) {
+        if (sh->redis[g].key != -1) {
+            sums[sh->redis[g].key] += sh->redis[g].value;
+        }
+    }
+
+    for (k = 0; k < CONC_KEYS; k++) {
+        assert_true(sums[k] == conc_expected((unsigned) k));
+    }
+
+    /* everything counted was flushed and every GEN is one slot */
+    for (i = 0; i < t->nslots; i++) {
+        e = &t->slots[i];
+
+        if (e->state == METER_SLOT_LIVE || e->state == METER_SLOT_TOMB) {
+            assert_int_equal(meter_entry_pending(e), 0);
+            assert_true(sh->redis[e->gen].value == meter_entry_count(e));
+        }
+    }
+
+    /* the last passes evict every slot unless the limit was reached */
+    assert_true(sh->evicted > 0);
+    assert_true(t->live == 0 || sh->evicted == CONC_EVICT_MAX);
+    assert_int_equal(count_state(t, METER_SLOT_TOMB), sh->evicted);
+    assert_int_equal(t->live, count_state(t, METER_SLOT_LIVE));
+    assert_int_equal(t->gen, t->live + sh->evicted);
+    assert_int_equal(t->dropped, 0);
+
+    assert_int_equal(munmap(sh, shsize), 0);
+    assert_int_equal(munmap(t, size), 0);
+}
+
+
+int
+main(void)
+{
+    const struct CMUnitTest  tests[] = {
+        cmocka_unit_test(test_status_parse),
+        cmocka_unit_test(test_status_match),
+        cmocka_unit_test(test_status_errors),
+        cmocka_unit_test(test_methods),
+        cmocka_unit_test(test_value),
+        cmocka_unit_test(test_name),
+        cmocka_unit_test(test_hour),
+        cmocka_unit_test(test_hour_format),
+        cmocka_unit_test(test_key_hash),
+        cmocka_unit_test(test_fmt),
+        cmocka_unit_test(test_script),
+        cmocka_unit_test(test_table_size),
+        cmocka_unit_test_setup_teardown(test_table_init, setup_table,
+                                        teardown_table),
+        cmocka_unit_test_setup_teardown(test_table_many, setup_table,
+                                        teardown_table),
+        cmocka_unit_test_setup_teardown(test_table_accumulate, setup_table,
+                                        teardown_table),
+        cmocka_unit_test_setup_teardown(test_table_separate, setup_table,
+                                        teardown_table),
+        cmocka_unit_test_setup_teardown(test_table_long_meter, setup_table,
+                                        teardown_table),
+        cmocka_unit_test_setup_teardown(test_table_full, setup_small,
+                                        teardown_table),
+        cmocka_unit_test(test_table_probe_max),
+        cmocka_unit_test_setup_teardown(test_evict_only_flushed, setup_table,
+                                        teardown_table),
+        cmocka_unit_test_setup_teardown(test_dead_blocks_add, setup_table,
+                                        teardown_table),
+        cmocka_unit_test(test_tomb_grace),
+        cmocka_unit_test_setup_teardown(test_tomb_preferred, setup_table,
+                                        teardown_table),
+        cmocka_unit_test_setup_teardown(test_sweep_old_hours, setup_table,
+                                        teardown_table),
+        cmocka_unit_test_setup_teardown(test_sweep_pressure, setup_small,
+                                        teardown_table),
+        cmocka_unit_test_setup_teardown(test_sweep_pressure_old_first,
+                                        setup_small, teardown_table),
+        cmocka_unit_test_setup_teardown(test_sweep_stuck_claim, setup_table,
+                                        teardown_table),
+        cmocka_unit_test_setup_teardown(test_batch_collect, setup_table,
+                                        teardown_table),
+        cmocka_unit_test(test_batch_confirm),
+        cmocka_unit_test_setup_teardown(test_entry_count, setup_table,
+                                        teardown_table),
+        cmocka_unit_test(test_concurrent_add),
+        cmocka_unit_test(test_concurrent_flush),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,235 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * drain.c: the quantity of a key-hour from its u and b fields, and the
+ * drain lock against a mocked Redis (meter_redis_exec wrapped).
+ */
+
+/* wrap: meter_redis_exec */
+
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "drain.h"
+
+
+/* the last command, decoded from RESP into "ARG ARG ..." */
+static char  last_cmd[4096];
+
+
+redisReply *__wrap_meter_redis_exec(meter_redis_t *r, const char *cmd,
+    size_t len);
+
+
+redisReply *
+__wrap_meter_redis_exec(meter_redis_t *r, const char *cmd, size_t len)
+{
+    const char  *p, *end;
+    long         n, l;
+    size_t       o;
+
+    (void) r;
+
+    end = cmd + len;
+    assert_true(cmd[0] == '*');
+    n = strtol(cmd + 1, (char **) &p, 10);
+    p += 2;
+    o = 0;
+
+    while (n-- > 0) {
+        assert_true(p < end && *p == '$');
+        l = strtol(p + 1, (char **) &p, 10);
+        p += 2;
+        o += (size_t) snprintf(last_cmd + o, sizeof(last_cmd) - o, "%s%.*s",
+                               o ? " " : "", (int) l, p);
+        p += l + 2;
+    }
+
+    check_expected_ptr(cmd);
+
+    return mock_ptr_type(redisReply *);
+}
+
+
+static redisReply *
+reply(int type, const char *str, long long integer)
+{
+    redisReply  *rp;
+
+    rp = calloc(1, sizeof(redisReply));
+    rp->type = type;
+    rp->integer = integer;
+
+    if (str != NULL) {
+        rp->str = strdup(str);
+        rp->len = strlen(str);
+    }
+
+    return rp;
+}
+
+
+static int
+cmd_starts(const LargestIntegralType value,
+    const LargestIntegralType check_value_data)
+{
+    (void) value;
+
+    return strncmp(last_cmd, (const char *) check_value_data,
+                   strlen((const char *) check_value_data)) == 0;
+}
+
+
+static void
+test_usage_compute(void **state)
+{
+    static const char  *u[] = {
+        "calls|a.1", "10",
+        "calls|b.2", "5",
+        "bytes|a.1", "1000",
+        "calls|c.3", "7",
+        "nobar", "3",
+        "calls|d.4", "abc",
+        "calls|e.5", "2",
+    };
+
+    static const char  *b[] = {
+        "calls|a.1", "4",
+        "calls|c.3", "7",
+        "calls|e.5", "9",       /* b above u (a Redis that lost data) */
+        "bytes|z.9", "50",      /* a b field without u */
+    };
+
+    size_t          n;
+    unsigned        bad;
+    meter_usage_t  *us;
+
+    (void) state;
+
+    bad = 0;
+    assert_int_equal(meter_usage_compute(u, 14, b, 8, "2026112409 KH ", &us,
+                                         &n, &bad), 0);
+
+    assert_int_equal(bad, 2);
+    assert_int_equal(n, 2);
+
+    assert_string_equal(us[0].meter, "calls");
+    assert_true(us[0].quantity == 11);
+    assert_string_equal(us[0].covers.data,
+                        "2026112409 KH calls|a.1 10\n"
+                        "2026112409 KH calls|b.2 5\n");
+
+    assert_string_equal(us[1].meter, "bytes");
+    assert_true(us[1].quantity == 1000);
+    assert_string_equal(us[1].covers.data, "2026112409 KH bytes|a.1 1000\n");
+
+    meter_usage_free(us, n);
+
+    /* everything billed: nothing */
+    bad = 0;
+    assert_int_equal(meter_usage_compute(u, 2, u, 2, "", &us, &n, &bad), 0);
+    assert_int_equal(n, 0);
+    assert_int_equal(bad, 0);
+    meter_usage_free(us, n);
+}
+
+
+static void
+test_usage_big(void **state)
+{
+    static const char  *u[] = {
+        "calls|a.1", "18446744073709551615",
+        "calls|b.1", "1",
+    };
+
+    static const char  *b[] = {
+        "calls|a.1", "18446744073709551610",
+    };
+
+    size_t          n;
+    unsigned        bad;
+    meter_usage_t  *us;
+
+    (void) state;
+
+    bad = 0;
+    assert_int_equal(meter_usage_compute(u, 4, b, 2, "", &us, &n, &bad), 0);
+    assert_int_equal(n, 1);
+    assert_true(us[0].quantity == 6);
+    meter_usage_free(us, n);
+}
+
+
+static void
+test_lock(void **state)
+{
+    meter_conf_t   cf;
+    meter_redis_t  r;
+    meter_drain_t  d;
+
+    (void) state;
+
+    memset(&cf, 0, sizeof(cf));
+    memset(&r, 0, sizeof(r));
+    memset(&d, 0, sizeof(d));
+    cf.lock_ttl = 60;
+    d.cf = &cf;
+    d.redis = &r;
+
+    /* free: SET NX PX answers OK */
+    expect_check(__wrap_meter_redis_exec, cmd, cmd_starts,
+                 "SET mtr:{worker}:lock ");
+    will_return(__wrap_meter_redis_exec, reply(REDIS_REPLY_STATUS, "OK", 0));
+    assert_int_equal(meter_lock_acquire(&d), 1);
+    assert_int_equal(strlen(d.token), 32);
+    assert_non_null(strstr(last_cmd, " NX PX 60000"));
+    assert_non_null(strstr(last_cmd, d.token));
+
+    /* held by another worker: SET answers nil, the renewal script 0 */
+    expect_check(__wrap_meter_redis_exec, cmd, cmd_starts,
+                 "SET mtr:{worker}:lock ");
+    will_return(__wrap_meter_redis_exec, reply(REDIS_REPLY_NIL, NULL, 0));
+    expect_check(__wrap_meter_redis_exec, cmd, cmd_starts, "EVAL ");
+    will_return(__wrap_meter_redis_exec,
+                reply(REDIS_REPLY_INTEGER, NULL, 0));
+    assert_int_equal(meter_lock_acquire(&d), 0);
+    assert_non_null(strstr(last_cmd, " 1 mtr:{worker}:lock "));
+    assert_non_null(strstr(last_cmd, d.token));
+
+    /* Redis error */
+    expect_check(__wrap_meter_redis_exec, cmd, cmd_starts,
+                 "SET mtr:{worker}:lock ");
+    will_return(__wrap_meter_redis_exec,
+                reply(REDIS_REPLY_ERROR, "LOADING", 0));
+    assert_int_equal(meter_lock_acquire(&d), -1);
+
+    /* release compares the token */
+    expect_check(__wrap_meter_redis_exec, cmd, cmd_starts, "EVAL ");
+    will_return(__wrap_meter_redis_exec,
+                reply(REDIS_REPLY_INTEGER, NULL, 1));
+    meter_lock_release(&d);
+    assert_non_null(strstr(last_cmd, "redis.call('DEL', KEYS[1])"));
+    assert_non_null(strstr(last_cmd, d.token));
+}
+
+
+int
+main(void)
+{
+    const struct CMUnitTest  tests[] = {
+        cmocka_unit_test(test_usage_compute),
+        cmocka_unit_test(test_usage_big),
+        cmocka_unit_test(test_lock),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

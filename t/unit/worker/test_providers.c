@@ -1,0 +1,918 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * Request building and answer handling of the Stripe, Chargebee, Recurly
+ * and HTTP (OpenMeter, Lago) providers.  The transfer is wrapped:
+ *     -Wl,--wrap=meter_http_perform -Wl,--wrap=meter_http_sleep
+ */
+
+
+/* wrap: meter_http_perform meter_http_sleep */
+
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "http.h"
+#include "config.h"
+
+
+#define MAX_SEEN  8
+
+
+typedef struct {
+    long                        status;
+    const char                 *body;
+    int                         replayed;
+} fake_answer_t;
+
+
+typedef struct {
+    char                        method[8];
+    char                        url[512];
+    char                        body[1024];
+    char                        header[300];    /* headers[0] */
+    char                        content_type[64];
+    char                        accept[64];
+    char                        secret[64];
+    meter_http_auth_e           auth;
+} seen_t;
+
+
+static seen_t   seen[MAX_SEEN];
+static int      nseen;
+static char     key_file[] = "/tmp/test_providers_key_XXXXXX";
+
+
+int __wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
+    meter_http_resp_t *resp);
+void __wrap_meter_http_sleep(double seconds);
+
+
+int
+__wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
+    meter_http_resp_t *resp)
+{
+    seen_t               *s;
+    const fake_answer_t  *a;
+
+    (void) h;
+
+    assert_true(nseen < MAX_SEEN);
+    s = &seen[nseen++];
+    memset(s, 0, sizeof(*s));
+
+    snprintf(s->method, sizeof(s->method), "%s", req->method);
+    snprintf(s->url, sizeof(s->url), "%s", req->url);
+    if (req->body != NULL) {
+        assert_true(req->body_len < sizeof(s->body));
+        memcpy(s->body, req->body, req->body_len);
+    }
+    snprintf(s->header, sizeof(s->header), "%s",
+             req->headers[0] != NULL ? req->headers[0] : "");
+    snprintf(s->content_type, sizeof(s->content_type), "%s",
+             req->content_type != NULL ? req->content_type : "");
+    snprintf(s->accept, sizeof(s->accept), "%s",
+             req->accept != NULL ? req->accept : "");
+    snprintf(s->secret, sizeof(s->secret), "%s",
+             req->secret != NULL ? req->secret : "");
+    s->auth = req->auth;
+
+    a = mock_ptr_type(const fake_answer_t *);
+
+    meter_buf_reset(&resp->body);
+    resp->status = a->status;
+    resp->retry_after = -1;
+    resp->should_retry = -1;
+    resp->replayed = a->replayed;
+    resp->error[0] = '\0';
+    if (a->body != NULL) {
+        meter_buf_append(&resp->body, a->body, strlen(a->body));
+    }
+
+    return 0;
+}
+
+
+void
+__wrap_meter_http_sleep(double seconds)
+{
+    (void) seconds;
+}
+
+
+static meter_conf_t *
+load_conf(const char *fmt)
+{
+    int            fd;
+    char           path[] = "/tmp/test_providers_XXXXXX", err[512];
+    char           text[2048];
+    meter_conf_t  *cf;
+
+    /* %s in fmt: the API key file */
+    snprintf(text, sizeof(text), fmt, key_file);
+
+    fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, strlen(text)), (ssize_t) strlen(text));
+    close(fd);
+
+    cf = meter_conf_load(path, err, sizeof(err));
+    unlink(path);
+
+    if (cf == NULL) {
+        print_error("config: %s\n", err);
+    }
+
+    assert_non_null(cf);
+
+    return cf;
+}
+
+
+static void
+start(meter_provider_t *p, void (*fill)(meter_provider_t *),
+    const char *conf)
+{
+    char           err[512];
+    meter_conf_t  *cf;
+
+    cf = load_conf(conf);
+    fill(p);
+
+    if (p->init(p, cf, err, sizeof(err)) != 0) {
+        fail_msg("init: %s", err);
+    }
+
+    meter_conf_free(cf);
+    nseen = 0;
+}
+
+
+static void
+record(meter_record_t *rec, time_t period_start)
+{
+    memset(rec, 0, sizeof(*rec));
+    rec->idempotency_key = "0123456789abcdef0123456789abcdef";
+    rec->key_hash = "9f86d081884c7d659a2feaa0c55ad015"
+                    "a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    rec->customer = "acme";
+    rec->provider_customer = "cus_123";
+    rec->subscription = "sub_9";
+    rec->subscription_item = "si_7";
+    rec->meter = "calls";
+    rec->provider_meter = "api_calls";
+    rec->period_start = period_start;
+    rec->period_end = period_start + 3600;
+    rec->quantity = 25;
+}
+
+
+static time_t
+recent_hour(void)
+{
+    return (time(NULL) / 3600 - 2) * 3600;
+}
+
+
+static int
+group_setup(void **state)
+{
+    int  fd;
+
+    (void) state;
+
+    fd = mkstemp(key_file);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, "sk_test_secret\n", 15), 15);
+    close(fd);
+
+    return 0;
+}
+
+
+static int
+group_teardown(void **state)
+{
+    (void) state;
+
+    unlink(key_file);
+
+    return 0;
+}
+
+
+#define STRIPE_CONF                                                          \
+    "provider = stripe\n"                                                    \
+    "stripe.api_key_file = %s\n"                                             \
+    "stripe.base_url = http://127.0.0.1:9/\n"                                \
+    "stripe.max_rps = 0\n"                                                   \
+    "stripe.max_attempts = 2\n"
+
+
+/* ---------------------------------------------------------------- stripe */
+
+static void
+test_stripe_meter_event(void **state)
+{
+    char                 want[512];
+    time_t               hour;
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  ok = {
+        200, "{\"object\":\"billing.meter_event\"}", 0
+    };
+
+    (void) state;
+
+    start(&p, meter_provider_stripe, STRIPE_CONF);
+    hour = recent_hour();
+    record(&rec, hour);
+
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_int_equal(res.status, METER_SEND_OK);
+    assert_int_equal(res.http_status, 200);
+
+    assert_int_equal(nseen, 1);
+    assert_string_equal(seen[0].method, "POST");
+    assert_string_equal(seen[0].url,
+                        "http://127.0.0.1:9/v1/billing/meter_events");
+    snprintf(want, sizeof(want),
+             "event_name=api_calls&payload[stripe_customer_id]=cus_123"
+             "&payload[value]=25&identifier=%s&timestamp=%lld",
+             rec.idempotency_key, (long long) hour + 3599);
+    assert_string_equal(seen[0].body, want);
+    assert_string_equal(seen[0].header,
+                        "Idempotency-Key: 0123456789abcdef0123456789abcdef");
+    assert_string_equal(seen[0].content_type,
+                        "application/x-www-form-urlencoded");
+    assert_int_equal(seen[0].auth, METER_HTTP_AUTH_BEARER);
+    assert_string_equal(seen[0].secret, "sk_test_secret");
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_stripe_payload_keys(void **state)
+{
+    char                 want[512];
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  ok = { 200, "{}", 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_stripe, STRIPE_CONF
+          "stripe.customer_key = cust\n"
+          "stripe.value_key = n\n");
+    record(&rec, recent_hour());
+
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    snprintf(want, sizeof(want),
+             "event_name=api_calls&payload[cust]=cus_123&payload[n]=25"
+             "&identifier=%s&timestamp=%lld", rec.idempotency_key,
+             (long long) rec.period_end - 1);
+    assert_string_equal(seen[0].body, want);
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_stripe_duplicate_is_ok(void **state)
+{
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  dup = {
+        400, "{\"error\":{\"type\":\"invalid_request_error\","
+        "\"code\":\"resource_already_exists\",\"message\":\"An event with "
+        "identifier 'x' already exists.\"}}", 0
+    };
+    static const fake_answer_t  other = {
+        400, "{\"error\":{\"type\":\"invalid_request_error\","
+        "\"code\":\"parameter_missing\",\"message\":\"Missing required "
+        "param: payload[stripe_customer_id].\"}}", 0
+    };
+
+    (void) state;
+
+    start(&p, meter_provider_stripe, STRIPE_CONF);
+    record(&rec, recent_hour());
+
+    will_return(__wrap_meter_http_perform, &dup);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_string_equal(res.error, "");
+    assert_int_equal(nseen, 1);
+
+    will_return(__wrap_meter_http_perform, &other);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_string_equal(res.error, "HTTP 400: Missing required param: "
+                        "payload[stripe_customer_id].");
+    assert_int_equal(nseen, 2);
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_stripe_window(void **state)
+{
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    (void) state;
+
+    start(&p, meter_provider_stripe, STRIPE_CONF);
+
+    /* older than 35 days: refused here, nothing sent */
+    record(&rec, (time(NULL) / 3600) * 3600 - 35 * 86400 - 3600);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_non_null(strstr(res.error, "older than the 35 days"));
+
+    /* an hour that has not ended yet */
+    record(&rec, (time(NULL) / 3600 + 1) * 3600);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_non_null(strstr(res.error, "future"));
+
+    /* 34 days old is fine */
+    record(&rec, (time(NULL) / 3600) * 3600 - 34 * 86400);
+    rec.provider_customer = NULL;
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_string_equal(res.error, "stripe: record without a Stripe "
+                        "customer");
+
+    assert_int_equal(nseen, 0);
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_stripe_replayed_failure(void **state)
+{
+    size_t               n;
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  e500 = { 500, "{}", 0 };
+    static const fake_answer_t  replay = { 500, "{}", 1 };
+    static const fake_answer_t  ok = { 200, "{}", 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_stripe, STRIPE_CONF);
+    record(&rec, recent_hour());
+
+    will_return(__wrap_meter_http_perform, &e500);
+    will_return(__wrap_meter_http_perform, &replay);
+    will_return(__wrap_meter_http_perform, &ok);
+
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_int_equal(nseen, 3);
+
+    /* same key twice, then a fresh one: the identifier still dedupes */
+    n = strlen("Idempotency-Key: 0123456789abcdef0123456789abcdef");
+    assert_string_equal(seen[0].header, seen[1].header);
+    assert_int_equal(strncmp(seen[2].header, seen[0].header, n), 0);
+    assert_true(strlen(seen[2].header) > n);
+    assert_int_equal(seen[2].header[n], '-');
+    assert_string_equal(seen[2].body, seen[0].body);
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_stripe_retry_gives_up(void **state)
+{
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  e429 = {
+        429, "{\"error\":{\"message\":\"Too many requests\"}}", 0
+    };
+
+    (void) state;
+
+    start(&p, meter_provider_stripe, STRIPE_CONF);
+    record(&rec, recent_hour());
+
+    will_return_count(__wrap_meter_http_perform, &e429, 2);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_RETRY);
+    assert_int_equal(res.http_status, 429);
+    assert_true(res.retry_after > 0);
+    assert_string_equal(res.error,
+                        "HTTP 429: Too many requests (stripe, 2 attempts)");
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_stripe_usage_records(void **state)
+{
+    char                 want[256];
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  ok = { 200, "{}", 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_stripe, STRIPE_CONF
+          "stripe.mode = usage_records\n");
+    record(&rec, recent_hour());
+    rec.subscription_item = "si_7/x";
+
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_string_equal(seen[0].url, "http://127.0.0.1:9/v1/"
+                        "subscription_items/si_7%2Fx/usage_records");
+    snprintf(want, sizeof(want), "quantity=25&timestamp=%lld"
+             "&action=increment", (long long) rec.period_end - 1);
+    assert_string_equal(seen[0].body, want);
+    assert_string_equal(seen[0].header,
+                        "Idempotency-Key: 0123456789abcdef0123456789abcdef");
+
+    rec.subscription_item = NULL;
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_int_equal(nseen, 1);
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_stripe_stream(void **state)
+{
+    char                 want[512], ts[32];
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  session = {
+        200, "{\"object\":\"v2.billing.meter_event_session\","
+        "\"authentication_token\":\"mes_tok1\"}", 0
+    };
+    static const fake_answer_t  session2 = {
+        200, "{\"authentication_token\":\"mes_tok2\"}", 0
+    };
+    static const fake_answer_t  ok = { 200, "{}", 0 };
+    static const fake_answer_t  expired = {
+        401, "{\"error\":{\"type\":\"invalid_request_error\",\"code\":"
+        "\"billing_meter_event_session_expired\",\"message\":\"expired\"}}",
+        0
+    };
+
+    (void) state;
+
+    start(&p, meter_provider_stripe, STRIPE_CONF
+          "stripe.mode = meter_event_stream\n"
+          "stripe.stream_url = http://127.0.0.1:8/\n");
+    record(&rec, recent_hour());
+
+    will_return(__wrap_meter_http_perform, &session);
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_int_equal(nseen, 2);
+    assert_string_equal(seen[0].url, "http://127.0.0.1:9/v2/billing/"
+                        "meter_event_session");
+    assert_string_equal(seen[0].secret, "sk_test_secret");
+    assert_string_equal(seen[1].url, "http://127.0.0.1:8/v2/billing/"
+                        "meter_event_stream");
+    assert_string_equal(seen[1].secret, "mes_tok1");
+    assert_string_equal(seen[1].content_type, "application/json");
+    meter_rfc3339(rec.period_end - 1, ts, sizeof(ts));
+    snprintf(want, sizeof(want), "{\"events\":[{\"payload\":"
+             "{\"stripe_customer_id\":\"cus_123\",\"value\":\"25\"},"
+             "\"identifier\":\"%s\",\"event_name\":\"api_calls\","
+             "\"timestamp\":\"%s\"}]}", rec.idempotency_key, ts);
+    assert_string_equal(seen[1].body, want);
+
+    /* the token is reused; when it expires, one new session */
+    will_return(__wrap_meter_http_perform, &expired);
+    will_return(__wrap_meter_http_perform, &session2);
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_int_equal(nseen, 5);
+    assert_string_equal(seen[2].secret, "mes_tok1");
+    assert_string_equal(seen[4].secret, "mes_tok2");
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_stripe_init_errors(void **state)
+{
+    char               err[512];
+    meter_conf_t      *cf;
+    meter_provider_t   p;
+
+    (void) state;
+
+    cf = load_conf("provider = stripe\n"
+                   "stripe.base_url = http://127.0.0.1:9\n");
+    meter_provider_stripe(&p);
+    assert_int_equal(p.init(&p, cf, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "stripe.api_key_file"));
+    assert_null(p.data);
+    meter_conf_free(cf);
+
+    cf = load_conf("provider = stripe\n"
+                   "stripe.api_key_file = %s\n"
+                   "stripe.mode = stream\n");
+    meter_provider_stripe(&p);
+    assert_int_equal(p.init(&p, cf, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "stripe.mode"));
+    assert_null(strstr(err, "sk_test_secret"));
+    meter_conf_free(cf);
+}
+
+
+/* ---------------------------------------------------------------- chargebee */
+
+#define CHARGEBEE_CONF                                                       \
+    "provider = chargebee\n"                                                 \
+    "chargebee.api_key_file = %s\n"                                          \
+    "chargebee.base_url = http://127.0.0.1:9\n"                              \
+    "chargebee.max_rps = 0\n"                                                \
+    "chargebee.max_attempts = 1\n"
+
+
+static void
+test_chargebee_usage(void **state)
+{
+    char                 want[512], *d;
+    long long            date;
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  ok = { 200, "{\"usage\":{}}", 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_chargebee, CHARGEBEE_CONF);
+    record(&rec, 1700000000 / 86400 * 86400);
+    rec.period_end = rec.period_start + 86400;
+    rec.provider_meter = "calls-USD-Monthly";
+
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+
+    assert_string_equal(seen[0].url, "http://127.0.0.1:9/api/v2/"
+                        "subscriptions/sub_9/usages");
+    d = strstr(seen[0].body, "&usage_date=");
+    assert_non_null(d);
+    date = atoll(d + strlen("&usage_date="));
+    assert_true(date >= rec.period_start && date < rec.period_end);
+    snprintf(want, sizeof(want), "item_price_id=calls-USD-Monthly"
+             "&quantity=25&usage_date=%lld&id=%s", date,
+             rec.idempotency_key);
+    assert_string_equal(seen[0].body, want);
+    assert_string_equal(seen[0].header, "chargebee-idempotency-key: "
+                        "0123456789abcdef0123456789abcdef");
+    assert_int_equal(seen[0].auth, METER_HTTP_AUTH_BASIC);
+    assert_string_equal(seen[0].secret, "sk_test_secret");
+
+    /* the same record gets the same date; a late record of the same
+     * period (another key) another one */
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_string_equal(seen[1].body, seen[0].body);
+
+    rec.idempotency_key = "fedcba9876543210fedcba9876543210";
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    d = strstr(seen[2].body, "&usage_date=");
+    assert_true(atoll(d + strlen("&usage_date=")) != date);
+
+    rec.subscription = NULL;
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_string_equal(res.error, "chargebee: record without a "
+                        "subscription");
+    assert_int_equal(nseen, 3);
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_chargebee_400_checks_usage_id(void **state)
+{
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  dup = {
+        400, "{\"message\":\"The value is already present.\","
+        "\"type\":\"invalid_request\",\"api_error_code\":"
+        "\"duplicate_entry\",\"param\":\"id\"}", 0
+    };
+    static const fake_answer_t  found = {
+        200, "{\"list\":[{\"usage\":{\"id\":"
+        "\"0123456789abcdef0123456789abcdef\"}}]}", 0
+    };
+    static const fake_answer_t  none = { 200, "{\"list\":[]}", 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_chargebee, CHARGEBEE_CONF);
+    record(&rec, recent_hour());
+
+    will_return(__wrap_meter_http_perform, &dup);
+    will_return(__wrap_meter_http_perform, &found);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_string_equal(seen[1].method, "GET");
+    assert_string_equal(seen[1].url, "http://127.0.0.1:9/api/v2/usages?"
+                        "id[is]=0123456789abcdef0123456789abcdef"
+                        "&subscription_id[is]=sub_9");
+
+    /* a 400 whose usage id does not exist is the record's own fault */
+    will_return(__wrap_meter_http_perform, &dup);
+    will_return(__wrap_meter_http_perform, &none);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_string_equal(res.error, "HTTP 400: The value is already present.");
+    assert_int_equal(res.http_status, 400);
+
+    p.cleanup(&p);
+}
+
+
+/* ---------------------------------------------------------------- recurly */
+
+#define RECURLY_CONF                                                         \
+    "provider = recurly\n"                                                   \
+    "recurly.api_key_file = %s\n"                                            \
+    "recurly.base_url = http://127.0.0.1:9/\n"                               \
+    "recurly.max_rps = 0\n"                                                  \
+    "recurly.max_attempts = 1\n"
+
+
+static void
+test_recurly_usage(void **state)
+{
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  created = { 201, "{\"id\":\"u1\"}", 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_recurly, RECURLY_CONF);
+    record(&rec, 1700000000 / 3600 * 3600);
+
+    will_return(__wrap_meter_http_perform, &created);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_int_equal(res.http_status, 201);
+
+    assert_string_equal(seen[0].url, "http://127.0.0.1:9/subscriptions/"
+                        "sub_9/add_ons/api_calls/usage");
+    assert_string_equal(seen[0].body,
+                        "{\"amount\":25,\"merchant_tag\":"
+                        "\"0123456789abcdef0123456789abcdef\","
+                        "\"usage_timestamp\":\"2023-11-14T22:00:00Z\","
+                        "\"recording_timestamp\":\"2023-11-14T23:00:00Z\"}");
+    assert_string_equal(seen[0].accept,
+                        "application/vnd.recurly.v2021-02-25");
+    assert_string_equal(seen[0].content_type, "application/json");
+    assert_int_equal(seen[0].auth, METER_HTTP_AUTH_BASIC);
+    assert_string_equal(seen[0].secret, "sk_test_secret");
+    assert_non_null(p.lookup);
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_recurly_lookup_paginates(void **state)
+{
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  page1 = {
+        200, "{\"object\":\"list\",\"has_more\":true,\"next\":"
+        "\"/subscriptions/sub_9/add_ons/api_calls/usage?cursor=2&limit=2\","
+        "\"data\":[{\"merchant_tag\":\"a\"},{\"merchant_tag\":null}]}", 0
+    };
+    static const fake_answer_t  page2 = {
+        200, "{\"object\":\"list\",\"has_more\":false,\"next\":null,"
+        "\"data\":[{\"merchant_tag\":\"0123456789abcdef0123456789abcdef\"}]}",
+        0
+    };
+    static const fake_answer_t  last = {
+        200, "{\"object\":\"list\",\"has_more\":false,\"next\":null,"
+        "\"data\":[{\"merchant_tag\":\"b\"}]}", 0
+    };
+    static const fake_answer_t  e404 = {
+        404, "{\"error\":{\"type\":\"not_found\",\"message\":\"Couldn't find "
+        "Subscription\"}}", 0
+    };
+
+    (void) state;
+
+    start(&p, meter_provider_recurly, RECURLY_CONF);
+    record(&rec, recent_hour());
+
+    will_return(__wrap_meter_http_perform, &page1);
+    will_return(__wrap_meter_http_perform, &page2);
+    assert_int_equal(p.lookup(&p, &rec, &res), 1);
+    assert_int_equal(nseen, 2);
+    assert_string_equal(seen[0].method, "GET");
+    assert_string_equal(seen[0].url, "http://127.0.0.1:9/subscriptions/"
+                        "sub_9/add_ons/api_calls/usage?limit=200");
+    assert_string_equal(seen[1].url, "http://127.0.0.1:9/subscriptions/"
+                        "sub_9/add_ons/api_calls/usage?cursor=2&limit=2");
+    assert_string_equal(seen[1].accept,
+                        "application/vnd.recurly.v2021-02-25");
+
+    will_return(__wrap_meter_http_perform, &page1);
+    will_return(__wrap_meter_http_perform, &last);
+    assert_int_equal(p.lookup(&p, &rec, &res), 0);
+
+    will_return(__wrap_meter_http_perform, &e404);
+    assert_int_equal(p.lookup(&p, &rec, &res), -1);
+    assert_string_equal(res.error, "HTTP 404: Couldn't find Subscription");
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_recurly_no_blind_resend(void **state)
+{
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  e500 = { 500, "{}", 0 };
+    static const fake_answer_t  e429 = { 429, "{}", 0 };
+    static const fake_answer_t  ok = { 201, "{}", 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_recurly,
+          "provider = recurly\n"
+          "recurly.api_key_file = %s\n"
+          "recurly.base_url = http://127.0.0.1:9\n"
+          "recurly.max_attempts = 3\n");
+    record(&rec, recent_hour());
+
+    /* a 500 may hide a stored usage: no resend inside the call */
+    will_return(__wrap_meter_http_perform, &e500);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_RETRY);
+    assert_int_equal(nseen, 1);
+
+    /* a 429 proves nothing was stored: retried at once */
+    will_return(__wrap_meter_http_perform, &e429);
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_int_equal(nseen, 3);
+
+    p.cleanup(&p);
+}
+
+
+/* ---------------------------------------------------------------- http */
+
+static void
+test_openmeter_event(void **state)
+{
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  nocontent = { 204, NULL, 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_http,
+          "provider = http\n"
+          "http.url = http://127.0.0.1:9/api/v1/events\n"
+          "http.auth_file = %s\n"
+          "http.max_attempts = 1\n");
+    record(&rec, 1700000000 / 3600 * 3600);
+
+    will_return(__wrap_meter_http_perform, &nocontent);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_string_equal(seen[0].url, "http://127.0.0.1:9/api/v1/events");
+    assert_string_equal(seen[0].content_type,
+                        "application/cloudevents+json");
+    assert_string_equal(seen[0].body,
+                        "{\"data\":{\"value\":25,\"key_hash\":"
+                        "\"9f86d081884c7d659a2feaa0c55ad015"
+                        "a3bf4f1b2b0b822cd15d6c15b0f00a08\","
+                        "\"meter\":\"calls\"},\"specversion\":\"1.0\","
+                        "\"id\":\"0123456789abcdef0123456789abcdef\","
+                        "\"source\":\"nginx-meter\",\"type\":\"api_calls\","
+                        "\"subject\":\"acme\","
+                        "\"time\":\"2023-11-14T22:00:00Z\"}");
+    assert_int_equal(seen[0].auth, METER_HTTP_AUTH_BEARER);
+    assert_string_equal(seen[0].secret, "sk_test_secret");
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_lago_event(void **state)
+{
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  ok = { 200, "{\"event\":{}}", 0 };
+    static const fake_answer_t  dup = {
+        422, "{\"status\":422,\"error\":\"Unprocessable Entity\","
+        "\"code\":\"validation_errors\",\"error_details\":"
+        "{\"transaction_id\":[\"value_already_exist\"]}}", 0
+    };
+    static const fake_answer_t  bad = {
+        422, "{\"status\":422,\"error\":\"Unprocessable Entity\","
+        "\"code\":\"validation_errors\",\"error_details\":"
+        "{\"code\":[\"metric_not_found\"]}}", 0
+    };
+
+    (void) state;
+
+    start(&p, meter_provider_http,
+          "provider = http\n"
+          "http.url = http://127.0.0.1:9/api/v1/events\n"
+          "http.format = lago\n"
+          "http.max_attempts = 1\n");
+    record(&rec, 1700000000 / 3600 * 3600);
+    rec.provider_meter = NULL;
+
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_string_equal(seen[0].content_type, "application/json");
+    assert_string_equal(seen[0].body,
+                        "{\"event\":{\"properties\":{\"value\":25},"
+                        "\"transaction_id\":"
+                        "\"0123456789abcdef0123456789abcdef\","
+                        "\"external_subscription_id\":\"sub_9\","
+                        "\"code\":\"calls\",\"timestamp\":1699999200}}");
+    assert_int_equal(seen[0].auth, METER_HTTP_AUTH_NONE);
+
+    will_return(__wrap_meter_http_perform, &dup);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+
+    will_return(__wrap_meter_http_perform, &bad);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_string_equal(res.error, "HTTP 422: Unprocessable Entity: "
+                        "{\"code\":[\"metric_not_found\"]}");
+
+    p.cleanup(&p);
+}
+
+
+int
+main(void)
+{
+    const struct CMUnitTest  tests[] = {
+        cmocka_unit_test(test_stripe_meter_event),
+        cmocka_unit_test(test_stripe_payload_keys),
+        cmocka_unit_test(test_stripe_duplicate_is_ok),
+        cmocka_unit_test(test_stripe_window),
+        cmocka_unit_test(test_stripe_replayed_failure),
+        cmocka_unit_test(test_stripe_retry_gives_up),
+        cmocka_unit_test(test_stripe_usage_records),
+        cmocka_unit_test(test_stripe_stream),
+        cmocka_unit_test(test_stripe_init_errors),
+        cmocka_unit_test(test_chargebee_usage),
+        cmocka_unit_test(test_chargebee_400_checks_usage_id),
+        cmocka_unit_test(test_recurly_usage),
+        cmocka_unit_test(test_recurly_lookup_paginates),
+        cmocka_unit_test(test_recurly_no_blind_resend),
+        cmocka_unit_test(test_openmeter_event),
+        cmocka_unit_test(test_lago_event),
+    };
+
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}

@@ -1,0 +1,104 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * The drain: turns closed hours of usage in Redis into records, and drives
+ * each record through due -> sending -> sent -> done exactly once (the
+ * state machine is documented in docs/redis-schema.md, "Worker state").
+ */
+
+
+#ifndef _METER_DRAIN_H_INCLUDED_
+#define _METER_DRAIN_H_INCLUDED_
+
+
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "config.h"
+#include "jsonl.h"
+#include "provider.h"
+#include "redis.h"
+#include "util.h"
+
+
+/* worker state keys; one hash tag, so the worker's scripts may touch them
+ * together in Redis Cluster */
+#define METER_W_LOCK      "mtr:{worker}:lock"
+#define METER_W_OPEN      "mtr:{worker}:open"
+#define METER_W_DEAD      "mtr:{worker}:dead"
+#define METER_W_STATS     "mtr:{worker}:stats"
+#define METER_W_NOCUST    "mtr:{worker}:nocust"
+#define METER_W_NOCUST_NEW  "mtr:{worker}:nocust:new"
+#define METER_W_REC       "mtr:{worker}:r:"     /* + record id */
+#define METER_W_PERIOD    "mtr:{worker}:p:"     /* + period start */
+
+#define METER_METER_MAX   32
+
+
+typedef enum {
+    METER_DRAIN_OK = 0,
+    METER_DRAIN_REDIS = -1,         /* Redis failed: reconnect, try again */
+    METER_DRAIN_LOCKED = -2,        /* another worker holds the lock */
+    METER_DRAIN_STOPPED = -3        /* stop flag seen */
+} meter_drain_rc_e;
+
+
+typedef struct {
+    meter_conf_t               *cf;
+    meter_provider_t           *provider;
+    meter_redis_t              *redis;
+    meter_jsonl_t              *audit;          /* NULL: no audit log */
+    time_t                      before;         /* 0: now - grace */
+    int                         dry_run;
+    volatile sig_atomic_t      *stop;
+    void                      (*tick)(void *data);
+    void                       *tick_data;
+
+    char                        token[33];      /* lock token */
+    struct timespec             renewed;
+
+    /* counters of the last pass */
+    unsigned                    created;
+    unsigned                    sent;
+    unsigned                    retried;
+    unsigned                    dead;
+    unsigned                    held;
+    unsigned                    waiting;        /* older record open */
+    time_t                      next_due;       /* 0: nothing open */
+
+    meter_map_t                 customers;      /* per pass cache */
+} meter_drain_t;
+
+
+/* one pass: resume open records, drain closed periods, retention */
+meter_drain_rc_e meter_drain_run(meter_drain_t *d);
+
+/* the lock; 1 held, 0 someone else has it, -1 Redis error */
+int meter_lock_acquire(meter_drain_t *d);
+int meter_lock_renew(meter_drain_t *d);
+void meter_lock_release(meter_drain_t *d);
+
+
+/* usage of one key-hour, per meter, from its mtr:u and mtr:b hashes */
+typedef struct {
+    char                        meter[METER_METER_MAX + 1];
+    uint64_t                    quantity;
+    meter_str_t                 covers;         /* "PREFIXFIELD VALUE\n" */
+} meter_usage_t;
+
+/*
+ * u and b are HGETALL-style arrays (field, value, field, value, ...) of nu
+ * and nb strings.  For every u field above its b field, adds the difference
+ * to its meter's quantity and a covers line "<prefix><field> <u value>\n".
+ * Meters without such fields are left out.  0, or -1 on ENOMEM.
+ */
+int meter_usage_compute(const char *const *u, size_t nu,
+    const char *const *b, size_t nb, const char *prefix,
+    meter_usage_t **out, size_t *nout, unsigned *bad);
+void meter_usage_free(meter_usage_t *us, size_t n);
+
+
+#endif /* _METER_DRAIN_H_INCLUDED_ */

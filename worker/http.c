@@ -1,0 +1,620 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * The HTTP core shared by the providers: buffers, form encoding, config of
+ * timeouts and retries, the bounded retry loop and the classification of
+ * answers.  The transfer itself is meter_http_perform() (http_curl.c).
+ */
+
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include <cjson/cJSON.h>
+#include <curl/curl.h>
+
+#include "http.h"
+
+
+static int meter_http_conf_num(const meter_conf_t *cf, const char *prefix,
+    const char *name, int duration, double def, double min, double max,
+    double *out, char *err, size_t errlen);
+static void meter_http_throttle(meter_http_t *h);
+static double meter_http_now(void);
+static int meter_buf_grow(meter_buf_t *b, size_t n);
+
+
+static int  meter_http_global_done;
+
+
+static int
+meter_buf_grow(meter_buf_t *b, size_t n)
+{
+    char    *p;
+    size_t   cap;
+
+    if (b->len + n + 1 <= b->cap) {
+        return 0;
+    }
+
+    cap = b->cap ? b->cap : 256;
+    while (cap < b->len + n + 1) {
+        cap *= 2;
+    }
+
+    p = realloc(b->data, cap);
+    if (p == NULL) {
+        return -1;
+    }
+
+    b->data = p;
+    b->cap = cap;
+
+    return 0;
+}
+
+
+int
+meter_buf_append(meter_buf_t *b, const char *s, size_t n)
+{
+    if (meter_buf_grow(b, n) != 0) {
+        return -1;
+    }
+
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+
+    return 0;
+}
+
+
+int
+meter_buf_printf(meter_buf_t *b, const char *fmt, ...)
+{
+    int      n;
+    va_list  ap;
+
+    va_start(ap, fmt);
+    n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+
+    if (n < 0 || meter_buf_grow(b, (size_t) n) != 0) {
+        return -1;
+    }
+
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t) n + 1, fmt, ap);
+    va_end(ap);
+
+    b->len += n;
+
+    return 0;
+}
+
+
+void
+meter_buf_reset(meter_buf_t *b)
+{
+    b->len = 0;
+    if (b->data != NULL) {
+        b->data[0] = '\0';
+    }
+}
+
+
+void
+meter_buf_free(meter_buf_t *b)
+{
+    free(b->data);
+    b->data = NULL;
+    b->len = 0;
+    b->cap = 0;
+}
+
+
+static int
+meter_escape_append(meter_buf_t *b, CURL *curl, const char *s, size_t n)
+{
+    int    rc;
+    char  *e;
+
+    if (n == 0) {
+        return 0;
+    }
+
+    e = curl_easy_escape(curl, s, (int) n);
+    if (e == NULL) {
+        return -1;
+    }
+
+    rc = meter_buf_append(b, e, strlen(e));
+    curl_free(e);
+
+    return rc;
+}
+
+
+int
+meter_form_add(meter_buf_t *b, CURL *curl, const char *key,
+    const char *value)
+{
+    const char  *p, *s;
+
+    if (b->len > 0 && meter_buf_append(b, "&", 1) != 0) {
+        return -1;
+    }
+
+    /* escape the runs between brackets; the brackets stay literal */
+    for (p = s = key; ; p++) {
+        if (*p == '[' || *p == ']' || *p == '\0') {
+            if (meter_escape_append(b, curl, s, p - s) != 0) {
+                return -1;
+            }
+
+            if (*p == '\0') {
+                break;
+            }
+
+            if (meter_buf_append(b, p, 1) != 0) {
+                return -1;
+            }
+
+            s = p + 1;
+        }
+    }
+
+    if (meter_buf_append(b, "=", 1) != 0) {
+        return -1;
+    }
+
+    return meter_escape_append(b, curl, value, strlen(value));
+}
+
+
+int
+meter_form_add_u64(meter_buf_t *b, CURL *curl, const char *key,
+    unsigned long long value)
+{
+    char  num[24];
+
+    snprintf(num, sizeof(num), "%llu", value);
+
+    return meter_form_add(b, curl, key, num);
+}
+
+
+int
+meter_url_segment(meter_buf_t *b, CURL *curl, const char *seg)
+{
+    return meter_escape_append(b, curl, seg, strlen(seg));
+}
+
+
+void
+meter_rfc3339(time_t t, char *buf, size_t size)
+{
+    struct tm  tm;
+
+    gmtime_r(&t, &tm);
+    strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+
+double
+meter_http_parse_duration(const char *s)
+{
+    char    *end;
+    double   v;
+
+    if (s == NULL || *s == '\0') {
+        return -1;
+    }
+
+    errno = 0;
+    v = strtod(s, &end);
+    if (errno != 0 || end == s || v < 0 || !isfinite(v)) {
+        return -1;
+    }
+
+    if (*end == '\0' || strcmp(end, "s") == 0) {
+        return v;
+    }
+
+    if (strcmp(end, "ms") == 0) {
+        return v / 1000;
+    }
+
+    if (strcmp(end, "m") == 0) {
+        return v * 60;
+    }
+
+    return -1;
+}
+
+
+double
+meter_http_parse_retry_after(const char *v, time_t now)
+{
+    char      *end;
+    time_t     t;
+    double     d;
+
+    if (v == NULL || *v == '\0') {
+        return -1;
+    }
+
+    if (*v >= '0' && *v <= '9') {
+        errno = 0;
+        d = strtod(v, &end);
+        if (errno != 0 || *end != '\0' || !isfinite(d)) {
+            return -1;
+        }
+
+        return d;
+    }
+
+    /* HTTP-date: "Wed, 21 Oct 2015 07:28:00 GMT" */
+    t = curl_getdate(v, NULL);
+    if (t == -1) {
+        return -1;
+    }
+
+    return t > now ? (double) (t - now) : 0;
+}
+
+
+static int
+meter_http_conf_num(const meter_conf_t *cf, const char *prefix,
+    const char *name, int duration, double def, double min, double max,
+    double *out, char *err, size_t errlen)
+{
+    char         key[128], *end;
+    double       v;
+    const char  *s;
+
+    snprintf(key, sizeof(key), "%s.%s", prefix, name);
+
+    s = meter_conf_get(cf, key);
+    if (s == NULL) {
+        *out = def;
+        return 0;
+    }
+
+    if (duration) {
+        v = meter_http_parse_duration(s);
+
+    } else {
+        errno = 0;
+        v = strtod(s, &end);
+        if (errno != 0 || end == s || *end != '\0' || !isfinite(v)) {
+            v = -1;
+        }
+    }
+
+    if (v < min || v > max) {
+        snprintf(err, errlen, "%s: invalid value \"%s\" (%g..%g%s)", key, s,
+                 min, max, duration ? " s" : "");
+        return -1;
+    }
+
+    *out = v;
+
+    return 0;
+}
+
+
+int
+meter_http_init(meter_http_t *h, const char *prefix, const meter_conf_t *cf,
+    double default_rps, char *err, size_t errlen)
+{
+    double  connect, total, attempts;
+
+    memset(h, 0, sizeof(*h));
+    h->name = prefix;
+
+    if (meter_http_conf_num(cf, prefix, "connect_timeout", 1, 5, 0.001, 600,
+                            &connect, err, errlen) != 0
+        || meter_http_conf_num(cf, prefix, "timeout", 1, 30, 0.001, 3600,
+                               &total, err, errlen) != 0
+        || meter_http_conf_num(cf, prefix, "max_attempts", 0, 3, 1, 20,
+                               &attempts, err, errlen) != 0
+        || meter_http_conf_num(cf, prefix, "backoff", 1, 0.5, 0, 60,
+                               &h->backoff, err, errlen) != 0
+        || meter_http_conf_num(cf, prefix, "retry_cap", 1, 30, 0, 3600,
+                               &h->retry_cap, err, errlen) != 0
+        || meter_http_conf_num(cf, prefix, "max_rps", 0, default_rps, 0, 1e6,
+                               &h->max_rps, err, errlen) != 0)
+    {
+        return -1;
+    }
+
+    if (attempts != floor(attempts)) {
+        snprintf(err, errlen, "%s.max_attempts: not a whole number", prefix);
+        return -1;
+    }
+
+    h->connect_timeout_ms = (long) ceil(connect * 1000);
+    h->timeout_ms = (long) ceil(total * 1000);
+    h->max_attempts = (int) attempts;
+    h->resend_unknown = 1;
+    h->tokens = h->max_rps >= 1 ? h->max_rps : 1;
+
+    if (!meter_http_global_done) {
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+            snprintf(err, errlen, "%s: curl_global_init() failed", prefix);
+            return -1;
+        }
+
+        meter_http_global_done = 1;
+    }
+
+    h->curl = curl_easy_init();
+    if (h->curl == NULL) {
+        snprintf(err, errlen, "%s: curl_easy_init() failed", prefix);
+        return -1;
+    }
+
+    return 0;
+}
+
+
+void
+meter_http_cleanup(meter_http_t *h)
+{
+    if (h->curl != NULL) {
+        curl_easy_cleanup(h->curl);
+        h->curl = NULL;
+    }
+}
+
+
+static double
+meter_http_now(void)
+{
+    struct timespec  ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+
+/* token bucket: at most max_rps requests per second, bursts of max_rps */
+static void
+meter_http_throttle(meter_http_t *h)
+{
+    double  now, burst;
+
+    if (h->max_rps <= 0) {
+        return;
+    }
+
+    burst = h->max_rps >= 1 ? h->max_rps : 1;
+    now = meter_http_now();
+
+    if (h->last.tv_sec != 0 || h->last.tv_nsec != 0) {
+        h->tokens += (now - (h->last.tv_sec + h->last.tv_nsec / 1e9))
+                     * h->max_rps;
+        if (h->tokens > burst) {
+            h->tokens = burst;
+        }
+    }
+
+    if (h->tokens < 1) {
+        meter_http_sleep((1 - h->tokens) / h->max_rps);
+        now = meter_http_now();
+        h->tokens = 1;
+    }
+
+    h->tokens -= 1;
+    h->last.tv_sec = (time_t) now;
+    h->last.tv_nsec = (long) ((now - (double) h->last.tv_sec) * 1e9);
+}
+
+
+void
+meter_http_error_message(const char *body, size_t len, char *buf,
+    size_t size)
+{
+    char         *details;
+    size_t        i, n;
+    cJSON        *json, *e, *m;
+    const cJSON  *msg;
+
+    buf[0] = '\0';
+    msg = NULL;
+    details = NULL;
+
+    if (body == NULL || len == 0) {
+        return;
+    }
+
+    json = cJSON_ParseWithLength(body, len);
+    if (json == NULL) {
+        goto raw;
+    }
+
+    /* Stripe, Recurly: {"error":{"message"}}; Chargebee: {"message"};
+     * problem+json: {"detail"} or {"title"}; Lago: {"error_details"} */
+    e = cJSON_GetObjectItemCaseSensitive(json, "error");
+    m = cJSON_GetObjectItemCaseSensitive(e, "message");
+    if (cJSON_IsString(m)) {
+        msg = m;
+        goto end;
+    }
+
+    if (cJSON_IsString(e)) {
+        msg = e;
+    }
+
+    m = cJSON_GetObjectItemCaseSensitive(json, "message");
+    if (cJSON_IsString(m)) {
+        msg = m;
+        goto end;
+    }
+
+    m = cJSON_GetObjectItemCaseSensitive(json, "detail");
+    if (!cJSON_IsString(m)) {
+        m = cJSON_GetObjectItemCaseSensitive(json, "title");
+    }
+
+    if (cJSON_IsString(m)) {
+        msg = m;
+        goto end;
+    }
+
+    m = cJSON_GetObjectItemCaseSensitive(json, "error_details");
+    if (m != NULL) {
+        details = cJSON_PrintUnformatted(m);
+    }
+
+end:
+
+    if (details != NULL) {
+        snprintf(buf, size, "%s%s%s", msg != NULL ? msg->valuestring : "",
+                 msg != NULL ? ": " : "", details);
+        cJSON_free(details);
+
+    } else if (msg != NULL) {
+        snprintf(buf, size, "%s", msg->valuestring);
+    }
+
+    cJSON_Delete(json);
+
+    if (buf[0] != '\0') {
+        return;
+    }
+
+raw:
+
+    /* the start of a non-JSON body, on one printable line */
+    n = len < size - 1 ? len : size - 1;
+    if (n > 200) {
+        n = 200;
+    }
+
+    for (i = 0; i < n; i++) {
+        buf[i] = (body[i] >= 0x20 && body[i] < 0x7f) ? body[i] : ' ';
+    }
+
+    buf[n] = '\0';
+}
+
+
+meter_send_e
+meter_http_classify(const meter_http_resp_t *resp, meter_send_result_t *res)
+{
+    long  s;
+    char  msg[400];
+
+    s = resp->status;
+
+    res->http_status = s;
+    res->retry_after = resp->retry_after > 0 ? resp->retry_after : 0;
+    res->error[0] = '\0';
+
+    if (s == 0) {
+        snprintf(res->error, sizeof(res->error), "%s",
+                 resp->error[0] ? resp->error : "no answer");
+        res->status = METER_SEND_RETRY;
+        return res->status;
+    }
+
+    if (s >= 200 && s < 300 && resp->should_retry != 1) {
+        res->status = METER_SEND_OK;
+        return res->status;
+    }
+
+    meter_http_error_message(resp->body.data, resp->body.len, msg,
+                             sizeof(msg));
+
+    snprintf(res->error, sizeof(res->error), "HTTP %ld%s%s", s,
+             msg[0] ? ": " : "", msg);
+
+    if (resp->should_retry == 1) {
+        res->status = METER_SEND_RETRY;
+
+    } else if (resp->should_retry == 0) {
+        res->status = METER_SEND_FATAL;
+
+    } else if (s == 408 || s == 409 || s == 429 || s >= 500) {
+        res->status = METER_SEND_RETRY;
+
+    } else {
+        res->status = METER_SEND_FATAL;
+    }
+
+    return res->status;
+}
+
+
+meter_send_e
+meter_http_request(meter_http_t *h, const meter_http_req_t *req,
+    meter_http_resp_t *resp, meter_send_result_t *res)
+{
+    int           attempt;
+    double        delay;
+    meter_send_e  st;
+
+    st = METER_SEND_RETRY;
+
+    for (attempt = 1; attempt <= h->max_attempts; attempt++) {
+        meter_http_throttle(h);
+
+        resp->attempts = attempt;
+        (void) meter_http_perform(h, req, resp);
+
+        st = meter_http_classify(resp, res);
+        if (st != METER_SEND_RETRY) {
+            break;
+        }
+
+        if (!h->resend_unknown && (resp->status == 0 || resp->status >= 500))
+        {
+            break;
+        }
+
+        /* exponential backoff with full jitter in [d/2, d] */
+        delay = h->backoff * pow(2, attempt - 1);
+        delay = delay / 2 + delay / 2 * ((double) random() / RAND_MAX);
+
+        if (resp->retry_after >= 0) {
+            if (resp->retry_after > h->retry_cap) {
+                /* too long to wait inside a call: let the drain loop
+                 * schedule it and go on with other customers */
+                break;
+            }
+
+            if (resp->retry_after > delay) {
+                delay = resp->retry_after;
+            }
+        }
+
+        if (attempt == h->max_attempts) {
+            break;
+        }
+
+        meter_http_sleep(delay);
+    }
+
+    if (st == METER_SEND_RETRY) {
+        if (res->retry_after <= 0) {
+            res->retry_after = h->backoff * pow(2, h->max_attempts);
+        }
+
+        snprintf(res->error + strlen(res->error),
+                 sizeof(res->error) - strlen(res->error),
+                 " (%s, %d attempt%s)", h->name, resp->attempts,
+                 resp->attempts == 1 ? "" : "s");
+    }
+
+    return st;
+}

@@ -1,0 +1,168 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * The HTTP core shared by the billing providers: one reused libcurl easy
+ * handle per provider (persistent connections), timeouts always set, a
+ * bounded retry inside one call, classification of the answer into
+ * OK / RETRY / FATAL, and form encoding with bracket nesting.
+ *
+ * Seams for unit tests (cmocka, -Wl,--wrap=...): meter_http_perform() (one
+ * request, the only libcurl transfer) and meter_http_sleep() live in
+ * http_curl.c, so calls to them from http.c can be wrapped.
+ */
+
+
+#ifndef _METER_HTTP_H_INCLUDED_
+#define _METER_HTTP_H_INCLUDED_
+
+
+#include <stddef.h>
+#include <time.h>
+
+#include <curl/curl.h>
+
+#include "provider.h"
+
+
+#define METER_HTTP_MAX_HEADERS  8
+
+
+typedef struct {
+    char                       *data;   /* always NUL-terminated */
+    size_t                      len;
+    size_t                      cap;
+} meter_buf_t;
+
+
+typedef enum {
+    METER_HTTP_AUTH_NONE = 0,
+    METER_HTTP_AUTH_BEARER,             /* Authorization: Bearer secret */
+    METER_HTTP_AUTH_BASIC               /* secret as user, empty password */
+} meter_http_auth_e;
+
+
+typedef struct {
+    CURL                       *curl;
+    const char                 *name;           /* "stripe", for errors */
+    long                        connect_timeout_ms;
+    long                        timeout_ms;
+    int                         max_attempts;   /* >= 1 */
+    double                      backoff;        /* s, first retry delay */
+    double                      retry_cap;      /* s, longest wait inside
+                                                 * one call */
+    double                      max_rps;        /* 0: no limit */
+    int                         resend_unknown; /* 0: no resend inside the
+                                                 * call when the request
+                                                 * may have been processed
+                                                 * (timeout, 5xx): for a
+                                                 * provider without dedupe
+                                                 * the drain loop looks it
+                                                 * up first */
+    double                      tokens;         /* token bucket */
+    struct timespec             last;
+} meter_http_t;
+
+
+typedef struct {
+    const char                 *method;         /* "GET", "POST" */
+    const char                 *url;
+    const char                 *content_type;   /* NULL: none */
+    const char                 *accept;         /* NULL: none */
+    const char                 *body;           /* NULL: no body */
+    size_t                      body_len;
+    const char                 *headers[METER_HTTP_MAX_HEADERS + 1];
+                                                /* "Name: value", NULL
+                                                 * ends; no secrets */
+    meter_http_auth_e           auth;
+    const char                 *secret;         /* never logged */
+} meter_http_req_t;
+
+
+typedef struct {
+    long                        status;         /* 0: no HTTP answer */
+    meter_buf_t                 body;
+    double                      retry_after;    /* s; -1 absent */
+    int                         should_retry;   /* Stripe-Should-Retry:
+                                                 * -1 absent, 0, 1 */
+    int                         replayed;       /* a replayed answer:
+                                                 * Idempotent-Replayed,
+                                                 * chargebee-idempotency-
+                                                 * replayed */
+    int                         attempts;       /* made by the last call */
+    char                        error[256];     /* transport error */
+} meter_http_resp_t;
+
+
+/* buffers */
+int meter_buf_append(meter_buf_t *b, const char *s, size_t n);
+int meter_buf_printf(meter_buf_t *b, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+void meter_buf_reset(meter_buf_t *b);
+void meter_buf_free(meter_buf_t *b);
+
+/*
+ * Appends "&key=value" (no "&" when b is empty), percent-encoded with
+ * curl_easy_escape; '[' and ']' in key stay literal so that nested keys
+ * ("payload[value]") read as Stripe's clients send them.
+ */
+int meter_form_add(meter_buf_t *b, CURL *curl, const char *key,
+    const char *value);
+int meter_form_add_u64(meter_buf_t *b, CURL *curl, const char *key,
+    unsigned long long value);
+
+/* appends one URL path segment, percent-encoded */
+int meter_url_segment(meter_buf_t *b, CURL *curl, const char *seg);
+
+/* RFC 3339 UTC, "2026-11-24T10:00:00Z"; buf >= 21 */
+void meter_rfc3339(time_t t, char *buf, size_t size);
+
+
+/*
+ * Reads "<prefix>.timeout" (default 30s), "<prefix>.connect_timeout" (5s),
+ * "<prefix>.max_attempts" (3), "<prefix>.backoff" (0.5s),
+ * "<prefix>.retry_cap" (30s), "<prefix>.max_rps" (default_rps; 0 = no
+ * limit), creates the easy handle.  0, or -1 with err naming the key.
+ */
+int meter_http_init(meter_http_t *h, const char *prefix,
+    const meter_conf_t *cf, double default_rps, char *err, size_t errlen);
+void meter_http_cleanup(meter_http_t *h);
+
+/* a duration "1.5", "500ms", "30s", "5m"; -1 when malformed */
+double meter_http_parse_duration(const char *s);
+
+/* seconds or HTTP-date; -1 when malformed; never negative */
+double meter_http_parse_retry_after(const char *v, time_t now);
+
+/*
+ * One call: up to max_attempts requests, exponential backoff with jitter
+ * between them, honouring Retry-After (and Stripe-Should-Retry) up to
+ * retry_cap.  When the server asks to wait longer than retry_cap, or the
+ * attempts run out, it gives up with METER_SEND_RETRY and res->retry_after
+ * set, so the drain loop schedules the record later.  resp keeps the last
+ * answer (the caller frees resp->body).
+ */
+meter_send_e meter_http_request(meter_http_t *h, const meter_http_req_t *req,
+    meter_http_resp_t *resp, meter_send_result_t *res);
+
+/* fills res from one answer: 2xx OK; 408/409/429/5xx/network RETRY;
+ * Stripe-Should-Retry overrides; other FATAL with the provider's message */
+meter_send_e meter_http_classify(const meter_http_resp_t *resp,
+    meter_send_result_t *res);
+
+/* the provider's error message from a JSON error body (Stripe, Recurly,
+ * Chargebee, problem+json, Lago), else the body's start; into buf */
+void meter_http_error_message(const char *body, size_t len, char *buf,
+    size_t size);
+
+
+/* seams (http_curl.c) */
+
+/* one request; 0 with resp->status set, -1 with resp->error on a
+ * transport failure (timeout, refused, ...) */
+int meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
+    meter_http_resp_t *resp);
+void meter_http_sleep(double seconds);
+
+
+#endif /* _METER_HTTP_H_INCLUDED_ */

@@ -1,0 +1,192 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ */
+
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "jsonl.h"
+#include "log.h"
+
+
+static int
+meter_jsonl_scan(meter_jsonl_t *j, char *err, size_t errlen)
+{
+    FILE         *f;
+    char         *line;
+    size_t        cap;
+    ssize_t       n;
+    off_t         good;
+    cJSON        *json;
+    const cJSON  *key;
+
+    line = NULL;
+    cap = 0;
+    good = 0;
+
+    f = fopen(j->path, "r");
+    if (f == NULL) {
+        snprintf(err, errlen, "cannot read \"%s\": %s", j->path,
+                 strerror(errno));
+        return -1;
+    }
+
+    while ((n = getline(&line, &cap, f)) != -1) {
+        if (line[n - 1] != '\n') {
+            break;
+        }
+
+        good += n;
+
+        json = cJSON_Parse(line);
+        key = cJSON_GetObjectItemCaseSensitive(json, "idempotency_key");
+
+        if (cJSON_IsString(key) && key->valuestring != NULL
+            && meter_map_put(&j->keys, key->valuestring, NULL) == NULL)
+        {
+            cJSON_Delete(json);
+            free(line);
+            fclose(f);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+
+        cJSON_Delete(json);
+    }
+
+    free(line);
+    fclose(f);
+
+    if (ftruncate(j->fd, good) != 0) {
+        snprintf(err, errlen, "cannot truncate \"%s\": %s", j->path,
+                 strerror(errno));
+        return -1;
+    }
+
+    return 0;
+}
+
+
+int
+meter_jsonl_open(meter_jsonl_t *j, const char *path, char *err,
+    size_t errlen)
+{
+    struct stat  st;
+
+    memset(j, 0, sizeof(meter_jsonl_t));
+    j->fd = -1;
+
+    j->path = strdup(path);
+    if (j->path == NULL || meter_map_init(&j->keys, 1024) != 0) {
+        snprintf(err, errlen, "out of memory");
+        goto failed;
+    }
+
+    /* a FIFO blocks here until its reader opens it, as it should */
+    j->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    if (j->fd == -1) {
+        snprintf(err, errlen, "cannot open \"%s\": %s", path,
+                 strerror(errno));
+        goto failed;
+    }
+
+    if (fstat(j->fd, &st) != 0) {
+        snprintf(err, errlen, "cannot stat \"%s\": %s", path,
+                 strerror(errno));
+        goto failed;
+    }
+
+    j->regular = S_ISREG(st.st_mode);
+
+    if (j->regular && meter_jsonl_scan(j, err, errlen) != 0) {
+        goto failed;
+    }
+
+    return 0;
+
+failed:
+
+    meter_jsonl_close(j);
+
+    return -1;
+}
+
+
+int
+meter_jsonl_has(meter_jsonl_t *j, const char *key)
+{
+    return meter_map_get(&j->keys, key) != NULL;
+}
+
+
+int
+meter_jsonl_write(meter_jsonl_t *j, const char *key, const char *line,
+    size_t len, char *err, size_t errlen)
+{
+    ssize_t  n;
+    size_t   done;
+    off_t    end;
+
+    end = j->regular ? lseek(j->fd, 0, SEEK_END) : 0;
+    done = 0;
+
+    while (done < len) {
+        n = write(j->fd, line + done, len - done);
+
+        if (n == -1 && errno == EINTR) {
+            continue;
+        }
+
+        if (n <= 0) {
+            snprintf(err, errlen, "cannot write \"%s\": %s", j->path,
+                     n == 0 ? "short write" : strerror(errno));
+
+            /* never leave a torn line that a later line would glue onto */
+            if (j->regular && end >= 0 && ftruncate(j->fd, end) != 0) {
+                meter_log(LOG_ERR, "cannot truncate \"%s\": %s", j->path,
+                          strerror(errno));
+            }
+
+            return -1;
+        }
+
+        done += (size_t) n;
+    }
+
+    /* pipes and ttys cannot be synced; their reader is the durability */
+    if (fsync(j->fd) != 0 && errno != EINVAL && errno != ENOTSUP) {
+        snprintf(err, errlen, "cannot fsync \"%s\": %s", j->path,
+                 strerror(errno));
+        return -1;
+    }
+
+    if (meter_map_put(&j->keys, key, NULL) == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+
+    return 0;
+}
+
+
+void
+meter_jsonl_close(meter_jsonl_t *j)
+{
+    if (j->fd != -1) {
+        close(j->fd);
+        j->fd = -1;
+    }
+
+    free(j->path);
+    j->path = NULL;
+    meter_map_free(&j->keys, NULL);
+}

@@ -1,0 +1,42 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * Append-only JSON Lines files with a dedupe set: the file provider's output
+ * and the audit log.  A line is written with one write() on an O_APPEND
+ * descriptor and fsync'ed before it counts as written; on open, the
+ * idempotency keys already in the file are loaded so that a record resent
+ * after a crash is not written twice, and a torn last line (a crash in the
+ * middle of a write, never acknowledged) is cut off.
+ */
+
+
+#ifndef _METER_JSONL_H_INCLUDED_
+#define _METER_JSONL_H_INCLUDED_
+
+
+#include <stddef.h>
+
+#include "util.h"
+
+
+typedef struct {
+    int                         fd;
+    int                         regular;        /* 0: FIFO, tty, ... */
+    char                       *path;
+    meter_map_t                 keys;           /* idempotency keys */
+} meter_jsonl_t;
+
+
+/* 0, or -1 with err */
+int meter_jsonl_open(meter_jsonl_t *j, const char *path, char *err,
+    size_t errlen);
+/* 1 when a line with this idempotency key was written already */
+int meter_jsonl_has(meter_jsonl_t *j, const char *key);
+/* appends line (with its '\n') and fsyncs; 0, or -1 with err */
+int meter_jsonl_write(meter_jsonl_t *j, const char *key, const char *line,
+    size_t len, char *err, size_t errlen);
+void meter_jsonl_close(meter_jsonl_t *j);
+
+
+#endif /* _METER_JSONL_H_INCLUDED_ */

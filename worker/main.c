@@ -1,0 +1,658 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * meter-worker: drains closed hours of usage from Redis into a billing
+ * provider, exactly once, as a systemd notify service or with --once.
+ *
+ * EXIT STATUS
+ *   0   success (--once: everything due was accepted)
+ *   64  usage: bad command line
+ *   65  --once: some records were dead-lettered (see "meterctl status")
+ *   69  Redis unreachable at start (--once)
+ *   75  temporary: another worker holds the lock, or records wait for a
+ *       retry, or Redis failed mid-drain; run again later
+ *   78  configuration error (the message names file:line and key)
+ */
+
+
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sysexits.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <systemd/sd-daemon.h>
+
+#include "config.h"
+#include "drain.h"
+#include "jsonl.h"
+#include "log.h"
+#include "provider.h"
+#include "redis.h"
+#include "util.h"
+
+
+#define METER_VERSION       "0.1.0"
+#define METER_ONCE_WAIT     60      /* --once waits for retries this close */
+
+
+typedef struct {
+    meter_conf_t               *cf;
+    meter_provider_t            provider;
+    int                         provider_ok;
+    meter_jsonl_t               audit;
+    int                         audit_ok;
+    meter_redis_t               redis;
+    uint64_t                    watchdog_usec;
+    struct timespec             petted;
+} meter_worker_t;
+
+
+static volatile sig_atomic_t  meter_stop;
+static volatile sig_atomic_t  meter_reload;
+
+
+static void
+meter_signal(int signo)
+{
+    if (signo == SIGHUP) {
+        meter_reload = 1;
+
+    } else {
+        meter_stop = 1;
+    }
+}
+
+
+static void
+meter_usage(FILE *f)
+{
+    fprintf(f,
+        "Usage: meter-worker -c FILE [options]\n"
+        "\n"
+        "Drains closed hours of metered usage from Redis into the billing\n"
+        "provider configured in FILE, exactly once.\n"
+        "\n"
+        "  -c, --config FILE    config file (required)\n"
+        "      --once           drain what is due, then exit\n"
+        "      --before TIME    treat every hour that ended before TIME\n"
+        "                       (ISO 8601, UTC) as closed\n"
+        "      --dry-run        print what would be sent; change nothing\n"
+        "  -t, --test-config    check the config and the provider, then exit\n"
+        "  -h, --help           this help\n"
+        "  -V, --version        print the version\n"
+        "\n"
+        "Exit status: 0 ok, 64 usage, 65 records dead-lettered (--once),\n"
+        "69 Redis unavailable, 75 try again later, 78 config error.\n");
+}
+
+
+static void
+meter_tick(void *data)
+{
+    meter_worker_t   *w;
+    struct timespec   now;
+    uint64_t          el;
+
+    w = data;
+
+    if (w->watchdog_usec == 0) {
+        return;
+    }
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    el = (uint64_t) (now.tv_sec - w->petted.tv_sec) * 1000000
+         + (uint64_t) ((now.tv_nsec - w->petted.tv_nsec) / 1000);
+
+    if (el >= w->watchdog_usec / 2) {
+        sd_notify(0, "WATCHDOG=1");
+        w->petted = now;
+    }
+}
+
+
+/* provider and audit log for cf; 0 or -1 with err */
+static int
+meter_worker_open(meter_conf_t *cf, meter_provider_t *p, meter_jsonl_t *audit,
+    int *audit_ok, int dry_run, char *err, size_t errlen)
+{
+    char  e[512];
+
+    *audit_ok = 0;
+
+    if (meter_provider_by_name(cf->provider, p) != 0) {
+        snprintf(err, errlen, "%s: unknown provider \"%s\"", cf->path,
+                 cf->provider);
+        return -1;
+    }
+
+    if (dry_run) {
+        return 0;
+    }
+
+    if (p->init(p, cf, e, sizeof(e)) != 0) {
+        snprintf(err, errlen, "%s: provider %s: %s", cf->path, p->name, e);
+        return -1;
+    }
+
+    if (p->send == NULL) {
+        snprintf(err, errlen, "provider %s has no send function", p->name);
+        if (p->cleanup != NULL) {
+            p->cleanup(p);
+        }
+        return -1;
+    }
+
+    if (cf->audit_path != NULL) {
+        if (meter_jsonl_open(audit, cf->audit_path, e, sizeof(e)) != 0) {
+            snprintf(err, errlen, "%s: \"audit.path\": %s", cf->path, e);
+            if (p->cleanup != NULL) {
+                p->cleanup(p);
+            }
+            return -1;
+        }
+
+        *audit_ok = 1;
+    }
+
+    return 0;
+}
+
+
+static void
+meter_worker_close(meter_worker_t *w)
+{
+    if (w->provider_ok && w->provider.cleanup != NULL) {
+        w->provider.cleanup(&w->provider);
+    }
+
+    w->provider_ok = 0;
+
+    if (w->audit_ok) {
+        meter_jsonl_close(&w->audit);
+        w->audit_ok = 0;
+    }
+}
+
+
+static int
+meter_worker_connect(meter_worker_t *w, char *err, size_t errlen)
+{
+    char  password[1024], e[512];
+    int   rc;
+
+    password[0] = '\0';
+
+    if (w->cf->redis_password_file != NULL
+        && meter_read_secret(w->cf->redis_password_file, password,
+                             sizeof(password), e, sizeof(e))
+           != 0)
+    {
+        snprintf(err, errlen, "%s: \"redis.password_file\": %s", w->cf->path,
+                 e);
+        return -1;
+    }
+
+    rc = meter_redis_connect(&w->redis, w->cf->redis_host, w->cf->redis_port,
+                             w->cf->redis_unix,
+                             password[0] ? password : NULL, w->cf->redis_db,
+                             w->cf->redis_timeout_ms, err, errlen);
+
+    memset(password, 0, sizeof(password));
+
+    return rc;
+}
+
+
+static void
+meter_worker_reload(meter_worker_t *w)
+{
+    char               err[1024];
+    struct timespec    ts;
+    meter_conf_t      *cf;
+    meter_jsonl_t      audit;
+    meter_provider_t   p;
+    int                audit_ok;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu",
+               (unsigned long long) ts.tv_sec * 1000000
+               + (unsigned long long) ts.tv_nsec / 1000);
+
+    cf = meter_conf_load(w->cf->path, err, sizeof(err));
+    if (cf == NULL) {
+        meter_log(LOG_ERR, "reload failed, keeping the old config: %s", err);
+        sd_notify(0, "READY=1");
+        return;
+    }
+
+    /* the old provider may hold the audit/output files: close first, and
+     * reopen the old set if the new one fails */
+    meter_worker_close(w);
+
+    if (meter_worker_open(cf, &p, &audit, &audit_ok, 0, err, sizeof(err))
+        != 0)
+    {
+        meter_log(LOG_ERR, "reload failed, keeping the old config: %s", err);
+        meter_conf_free(cf);
+
+        if (meter_worker_open(w->cf, &w->provider, &w->audit, &w->audit_ok,
+                              0, err, sizeof(err))
+            != 0)
+        {
+            meter_log(LOG_ERR, "cannot reopen the old provider: %s", err);
+            meter_stop = 1;
+
+        } else {
+            w->provider_ok = 1;
+        }
+
+        sd_notify(0, "READY=1");
+        return;
+    }
+
+    meter_conf_free(w->cf);
+    w->cf = cf;
+    w->provider = p;
+    w->provider_ok = 1;
+    w->audit = audit;
+    w->audit_ok = audit_ok;
+    meter_log_level = cf->log_level;
+
+    /* the Redis settings may have changed */
+    meter_redis_close(&w->redis);
+
+    meter_log(LOG_NOTICE, "config reloaded from %s", cf->path);
+    sd_notify(0, "READY=1");
+}
+
+
+/* the next time an hour closes, after now */
+static time_t
+meter_next_close(time_t now, time_t grace)
+{
+    return meter_period_start(now - grace, METER_HOUR) + METER_HOUR + grace;
+}
+
+
+static void
+meter_sleep_until(meter_worker_t *w, time_t until)
+{
+    struct timespec  ts;
+
+    while (!meter_stop && !meter_reload && time(NULL) < until) {
+        meter_tick(w);
+
+        ts.tv_sec = 1;
+        ts.tv_nsec = 0;
+        nanosleep(&ts, NULL);
+    }
+}
+
+
+static int
+meter_run_daemon(meter_worker_t *w)
+{
+    char              err[1024];
+    time_t            now, next, retry;
+    int               ready, backoff;
+    meter_drain_t     d;
+    meter_drain_rc_e  rc;
+
+    ready = 0;
+    backoff = 1;
+    next = 0;       /* catch up at once */
+
+    while (!meter_stop) {
+        if (meter_reload) {
+            meter_reload = 0;
+            meter_worker_reload(w);
+            next = 0;
+            continue;
+        }
+
+        meter_tick(w);
+
+        if (w->redis.ctx == NULL) {
+            if (meter_worker_connect(w, err, sizeof(err)) != 0) {
+                meter_log(LOG_ERR, "%s; retrying in %ds", err, backoff);
+                sd_notifyf(0, "STATUS=waiting for Redis: %s", err);
+                meter_sleep_until(w, time(NULL) + backoff);
+                backoff = (backoff < 30) ? backoff * 2 : 30;
+                continue;
+            }
+
+            backoff = 1;
+
+            if (!ready) {
+                ready = 1;
+                sd_notify(0, "READY=1");
+                meter_log(LOG_NOTICE, "started: provider %s, %s periods",
+                          w->cf->provider,
+                          w->cf->report_period == METER_DAY ? "day" : "hour");
+            }
+        }
+
+        now = time(NULL);
+
+        if (now < next) {
+            meter_sleep_until(w, next);
+            continue;
+        }
+
+        memset(&d, 0, sizeof(meter_drain_t));
+        d.cf = w->cf;
+        d.provider = &w->provider;
+        d.redis = &w->redis;
+        d.audit = w->audit_ok ? &w->audit : NULL;
+        d.stop = &meter_stop;
+        d.tick = meter_tick;
+        d.tick_data = w;
+
+        sd_notify(0, "STATUS=draining");
+
+        rc = meter_drain_run(&d);
+
+        now = time(NULL);
+        next = meter_next_close(now, w->cf->grace);
+
+        if (now + w->cf->sync_interval < next) {
+            next = now + w->cf->sync_interval;
+        }
+
+        if (d.next_due != 0 && d.next_due < next) {
+            next = (d.next_due > now) ? d.next_due : now + 1;
+        }
+
+        switch (rc) {
+
+        case METER_DRAIN_OK:
+            meter_log(d.created || d.sent || d.dead || d.retried
+                      ? LOG_INFO : LOG_DEBUG,
+                      "drain: %u sent, %u to retry, %u dead-lettered, "
+                      "%u held (no customer), %u waiting", d.sent, d.retried,
+                      d.dead, d.held, d.waiting);
+            sd_notifyf(0, "STATUS=last drain: %u sent, %u to retry, "
+                       "%u dead-lettered, %u held", d.sent, d.retried,
+                       d.dead, d.held);
+            break;
+
+        case METER_DRAIN_LOCKED:
+            retry = now + (w->cf->lock_ttl / 2 > 0 ? w->cf->lock_ttl / 2 : 1);
+            if (retry < next) {
+                next = retry;
+            }
+
+            meter_log(LOG_WARNING, "another worker holds the drain lock; "
+                      "trying again at the next interval");
+            sd_notify(0, "STATUS=another worker holds the drain lock");
+            break;
+
+        case METER_DRAIN_STOPPED:
+            break;
+
+        default:
+            meter_log(LOG_ERR, "drain interrupted by a Redis error; "
+                      "reconnecting");
+            sd_notify(0, "STATUS=Redis error during drain; reconnecting");
+            meter_redis_close(&w->redis);
+            next = now + 5;
+            break;
+        }
+    }
+
+    sd_notify(0, "STOPPING=1");
+    meter_log(LOG_NOTICE, "stopping");
+
+    return EX_OK;
+}
+
+
+static int
+meter_run_once(meter_worker_t *w, time_t before, int dry_run)
+{
+    char              err[1024];
+    time_t            now;
+    unsigned          dead, sent;
+    meter_drain_t     d;
+    meter_drain_rc_e  rc;
+
+    if (meter_worker_connect(w, err, sizeof(err)) != 0) {
+        meter_log(LOG_ERR, "%s", err);
+        return EX_UNAVAILABLE;
+    }
+
+    dead = 0;
+    sent = 0;
+
+    for ( ;; ) {
+        memset(&d, 0, sizeof(meter_drain_t));
+        d.cf = w->cf;
+        d.provider = &w->provider;
+        d.redis = &w->redis;
+        d.audit = w->audit_ok ? &w->audit : NULL;
+        d.before = before;
+        d.dry_run = dry_run;
+        d.stop = &meter_stop;
+
+        rc = meter_drain_run(&d);
+
+        dead += d.dead;
+        sent += d.sent;
+
+        if (rc != METER_DRAIN_OK || dry_run) {
+            break;
+        }
+
+        now = time(NULL);
+
+        /* retries due soon are worth waiting for; later ones are left to
+         * the next run */
+        if (d.next_due == 0 || d.next_due > now + METER_ONCE_WAIT
+            || meter_stop)
+        {
+            break;
+        }
+
+        while (!meter_stop && time(NULL) < d.next_due) {
+            sleep(1);
+        }
+    }
+
+    switch (rc) {
+
+    case METER_DRAIN_OK:
+        break;
+
+    case METER_DRAIN_LOCKED:
+        meter_log(LOG_ERR, "another worker holds the drain lock");
+        return EX_TEMPFAIL;
+
+    case METER_DRAIN_STOPPED:
+        meter_log(LOG_NOTICE, "stopped: %u records sent", sent);
+        return EX_OK;
+
+    default:
+        meter_log(LOG_ERR, "drain failed: Redis error");
+        return EX_TEMPFAIL;
+    }
+
+    meter_log(LOG_INFO, "drain: %u sent, %u dead-lettered, %u held (no "
+              "customer), %u waiting", sent, dead, d.held, d.waiting);
+
+    if (dead > 0) {
+        meter_log(LOG_ERR, "%u records dead-lettered; see \"meterctl "
+                  "status\"", dead);
+        return EX_DATAERR;
+    }
+
+    if (d.next_due != 0) {
+        meter_log(LOG_WARNING, "records wait for a retry; run again later");
+        return EX_TEMPFAIL;
+    }
+
+    return EX_OK;
+}
+
+
+int
+main(int argc, char **argv)
+{
+    static const struct option  options[] = {
+        { "config", required_argument, NULL, 'c' },
+        { "once", no_argument, NULL, 'o' },
+        { "before", required_argument, NULL, 'b' },
+        { "dry-run", no_argument, NULL, 'n' },
+        { "test-config", no_argument, NULL, 't' },
+        { "help", no_argument, NULL, 'h' },
+        { "version", no_argument, NULL, 'V' },
+        { NULL, 0, NULL, 0 }
+    };
+
+    char              err[1024];
+    const char       *path;
+    time_t            before;
+    int               c, once, dry_run, test, rc;
+    struct sigaction  sa;
+    meter_worker_t    w;
+
+    path = NULL;
+    before = 0;
+    once = 0;
+    dry_run = 0;
+    test = 0;
+
+    while ((c = getopt_long(argc, argv, "c:thV", options, NULL)) != -1) {
+        switch (c) {
+
+        case 'c':
+            path = optarg;
+            break;
+
+        case 'o':
+            once = 1;
+            break;
+
+        case 'b':
+            before = meter_iso8601_parse(optarg);
+            if (before == -1) {
+                fprintf(stderr, "meter-worker: invalid --before \"%s\" "
+                        "(expected ISO 8601 such as 2026-11-24T10:00:00Z)\n",
+                        optarg);
+                return EX_USAGE;
+            }
+            break;
+
+        case 'n':
+            dry_run = 1;
+            break;
+
+        case 't':
+            test = 1;
+            break;
+
+        case 'h':
+            meter_usage(stdout);
+            return EX_OK;
+
+        case 'V':
+            printf("meter-worker %s\n", METER_VERSION);
+            return EX_OK;
+
+        default:
+            meter_usage(stderr);
+            return EX_USAGE;
+        }
+    }
+
+    if (optind < argc) {
+        fprintf(stderr, "meter-worker: unexpected argument \"%s\"\n",
+                argv[optind]);
+        return EX_USAGE;
+    }
+
+    if (path == NULL) {
+        fprintf(stderr, "meter-worker: -c FILE is required\n");
+        meter_usage(stderr);
+        return EX_USAGE;
+    }
+
+    if ((before != 0 || dry_run) && !once) {
+        fprintf(stderr, "meter-worker: --before and --dry-run need --once\n");
+        return EX_USAGE;
+    }
+
+    memset(&w, 0, sizeof(meter_worker_t));
+
+    w.cf = meter_conf_load(path, err, sizeof(err));
+    if (w.cf == NULL) {
+        meter_log(LOG_ERR, "%s", err);
+        return EX_CONFIG;
+    }
+
+    meter_log_level = w.cf->log_level;
+
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        meter_log(LOG_ERR, "curl_global_init failed");
+        meter_conf_free(w.cf);
+        return EX_OSERR;
+    }
+
+    /* a FIFO as file.path blocks in open until its reader comes */
+    if (meter_worker_open(w.cf, &w.provider, &w.audit, &w.audit_ok,
+                          dry_run, err, sizeof(err))
+        != 0)
+    {
+        meter_log(LOG_ERR, "%s", err);
+        meter_conf_free(w.cf);
+        curl_global_cleanup();
+        return EX_CONFIG;
+    }
+
+    w.provider_ok = !dry_run;
+
+    if (test) {
+        printf("%s: configuration is ok (provider %s)\n", path,
+               w.cf->provider);
+        meter_worker_close(&w);
+        meter_conf_free(w.cf);
+        curl_global_cleanup();
+        return EX_OK;
+    }
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = meter_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+
+    signal(SIGPIPE, SIG_IGN);
+
+    if (sd_watchdog_enabled(0, &w.watchdog_usec) <= 0) {
+        w.watchdog_usec = 0;
+    }
+
+    clock_gettime(CLOCK_MONOTONIC, &w.petted);
+
+    if (once) {
+        rc = meter_run_once(&w, before, dry_run);
+
+    } else {
+        rc = meter_run_daemon(&w);
+    }
+
+    meter_redis_close(&w.redis);
+    meter_worker_close(&w);
+    meter_conf_free(w.cf);
+    curl_global_cleanup();
+
+    return rc;
+}

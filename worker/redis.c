@@ -1,0 +1,269 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ */
+
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "redis.h"
+
+
+void
+meter_redis_fail(meter_redis_t *r)
+{
+    snprintf(r->err, sizeof(r->err), "redis: %s",
+             (r->ctx != NULL && r->ctx->errstr[0] != '\0')
+             ? r->ctx->errstr : "connection lost");
+
+    /* a context with an error cannot be used again: reconnect later */
+    if (r->ctx != NULL) {
+        redisFree(r->ctx);
+        r->ctx = NULL;
+    }
+}
+
+
+int
+meter_redis_connect(meter_redis_t *r, const char *host, int port,
+    const char *unix_path, const char *password, int db, int64_t timeout_ms,
+    char *err, size_t errlen)
+{
+    struct timeval   tv;
+    redisReply      *rp;
+
+    meter_redis_close(r);
+
+    tv.tv_sec = timeout_ms / 1000;
+    tv.tv_usec = (timeout_ms % 1000) * 1000;
+
+    if (unix_path != NULL) {
+        r->ctx = redisConnectUnixWithTimeout(unix_path, tv);
+
+    } else {
+        r->ctx = redisConnectWithTimeout(host, port, tv);
+    }
+
+    if (r->ctx == NULL || r->ctx->err) {
+        snprintf(err, errlen, "redis %s%s%s%.0d: %s",
+                 unix_path != NULL ? "unix:" : "",
+                 unix_path != NULL ? unix_path : host,
+                 unix_path != NULL ? "" : ":",
+                 unix_path != NULL ? 0 : port,
+                 r->ctx != NULL ? r->ctx->errstr : "out of memory");
+        meter_redis_close(r);
+        return -1;
+    }
+
+    if (redisSetTimeout(r->ctx, tv) != REDIS_OK) {
+        snprintf(err, errlen, "redis: cannot set timeout");
+        meter_redis_close(r);
+        return -1;
+    }
+
+    if (password != NULL) {
+        rp = meter_redis_cmd(r, "AUTH %s", password);
+        if (!meter_reply_ok(rp)) {
+            snprintf(err, errlen, "redis: AUTH failed: %s",
+                     rp != NULL ? rp->str : r->err);
+            freeReplyObject(rp);
+            meter_redis_close(r);
+            return -1;
+        }
+
+        freeReplyObject(rp);
+    }
+
+    if (db != 0) {
+        rp = meter_redis_cmd(r, "SELECT %d", db);
+        if (!meter_reply_ok(rp)) {
+            snprintf(err, errlen, "redis: SELECT %d failed: %s", db,
+                     rp != NULL ? rp->str : r->err);
+            freeReplyObject(rp);
+            meter_redis_close(r);
+            return -1;
+        }
+
+        freeReplyObject(rp);
+    }
+
+    rp = meter_redis_cmd(r, "PING");
+    if (!meter_reply_ok(rp)) {
+        snprintf(err, errlen, "redis: PING failed: %s",
+                 rp != NULL ? rp->str : r->err);
+        freeReplyObject(rp);
+        meter_redis_close(r);
+        return -1;
+    }
+
+    freeReplyObject(rp);
+
+    return 0;
+}
+
+
+void
+meter_redis_close(meter_redis_t *r)
+{
+    if (r->ctx != NULL) {
+        redisFree(r->ctx);
+        r->ctx = NULL;
+    }
+}
+
+
+redisReply *
+meter_redis_cmd(meter_redis_t *r, const char *fmt, ...)
+{
+    char        *cmd;
+    va_list      ap;
+    int          len;
+    redisReply  *rp;
+
+    va_start(ap, fmt);
+    len = redisvFormatCommand(&cmd, fmt, ap);
+    va_end(ap);
+
+    if (len < 0) {
+        snprintf(r->err, sizeof(r->err), "redis: cannot format command");
+        return NULL;
+    }
+
+    rp = meter_redis_exec(r, cmd, (size_t) len);
+    free(cmd);
+
+    return rp;
+}
+
+
+redisReply *
+meter_redis_argv(meter_redis_t *r, int argc, const char **argv,
+    const size_t *argvlen)
+{
+    char        *cmd;
+    int          len;
+    redisReply  *rp;
+
+    len = redisFormatCommandArgv(&cmd, argc, argv, argvlen);
+    if (len < 0) {
+        snprintf(r->err, sizeof(r->err), "redis: cannot format command");
+        return NULL;
+    }
+
+    rp = meter_redis_exec(r, cmd, (size_t) len);
+    free(cmd);
+
+    return rp;
+}
+
+
+int
+meter_redis_append(meter_redis_t *r, const char *fmt, ...)
+{
+    va_list  ap;
+    int      rc;
+
+    if (r->ctx == NULL) {
+        snprintf(r->err, sizeof(r->err), "redis: not connected");
+        return -1;
+    }
+
+    va_start(ap, fmt);
+    rc = redisvAppendCommand(r->ctx, fmt, ap);
+    va_end(ap);
+
+    if (rc != REDIS_OK) {
+        meter_redis_fail(r);
+        return -1;
+    }
+
+    return 0;
+}
+
+
+int
+meter_redis_append_argv(meter_redis_t *r, int argc, const char **argv,
+    const size_t *argvlen)
+{
+    if (r->ctx == NULL) {
+        snprintf(r->err, sizeof(r->err), "redis: not connected");
+        return -1;
+    }
+
+    if (redisAppendCommandArgv(r->ctx, argc, argv, argvlen) != REDIS_OK) {
+        meter_redis_fail(r);
+        return -1;
+    }
+
+    return 0;
+}
+
+
+redisReply *
+meter_redis_reply(meter_redis_t *r)
+{
+    void  *reply;
+
+    if (r->ctx == NULL) {
+        snprintf(r->err, sizeof(r->err), "redis: not connected");
+        return NULL;
+    }
+
+    if (redisGetReply(r->ctx, &reply) != REDIS_OK) {
+        meter_redis_fail(r);
+        return NULL;
+    }
+
+    return reply;
+}
+
+
+int
+meter_reply_ok(const redisReply *rp)
+{
+    return rp != NULL && rp->type != REDIS_REPLY_ERROR;
+}
+
+
+long long
+meter_reply_int(const redisReply *rp, long long dflt)
+{
+    if (rp == NULL) {
+        return dflt;
+    }
+
+    if (rp->type == REDIS_REPLY_INTEGER) {
+        return rp->integer;
+    }
+
+    if (rp->type == REDIS_REPLY_STRING) {
+        return strtoll(rp->str, NULL, 10);
+    }
+
+    return dflt;
+}
+
+
+const char *
+meter_reply_hget(const redisReply *rp, const char *field)
+{
+    size_t  i;
+
+    if (rp == NULL || rp->type != REDIS_REPLY_ARRAY) {
+        return NULL;
+    }
+
+    for (i = 0; i + 1 < rp->elements; i += 2) {
+        if (rp->element[i]->type == REDIS_REPLY_STRING
+            && strcmp(rp->element[i]->str, field) == 0
+            && rp->element[i + 1]->type == REDIS_REPLY_STRING)
+        {
+            return rp->element[i + 1]->str;
+        }
+    }
+
+    return NULL;
+}

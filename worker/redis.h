@@ -1,0 +1,60 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * Blocking hiredis access for meter-worker and meterctl.  Every read and
+ * write has a timeout (redis.timeout), so a hung Redis never stops the main
+ * loop from checking its signal flags and petting the watchdog.
+ *
+ * meter_redis_exec() is the one seam every command goes through (unit
+ * tests wrap it with -Wl,--wrap=meter_redis_exec).
+ */
+
+
+#ifndef _METER_REDIS_H_INCLUDED_
+#define _METER_REDIS_H_INCLUDED_
+
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <hiredis/hiredis.h>
+
+
+typedef struct {
+    redisContext               *ctx;
+    char                        err[256];
+} meter_redis_t;
+
+
+/* connects, AUTH, SELECT; 0 or -1 with err (no secrets in it) */
+int meter_redis_connect(meter_redis_t *r, const char *host, int port,
+    const char *unix_path, const char *password, int db, int64_t timeout_ms,
+    char *err, size_t errlen);
+void meter_redis_close(meter_redis_t *r);
+/* records the error and drops the context (reconnect later) */
+void meter_redis_fail(meter_redis_t *r);
+
+/* one formatted command (redisFormatCommand's output); NULL on a transport
+ * error (r->err set, connection closed); the caller frees the reply */
+redisReply *meter_redis_exec(meter_redis_t *r, const char *cmd, size_t len);
+
+/* printf-like front end of meter_redis_exec() */
+redisReply *meter_redis_cmd(meter_redis_t *r, const char *fmt, ...);
+redisReply *meter_redis_argv(meter_redis_t *r, int argc, const char **argv,
+    const size_t *argvlen);
+
+/* pipelining: queue, then read the replies in order */
+int meter_redis_append(meter_redis_t *r, const char *fmt, ...);
+int meter_redis_append_argv(meter_redis_t *r, int argc, const char **argv,
+    const size_t *argvlen);
+redisReply *meter_redis_reply(meter_redis_t *r);
+
+/* reply helpers */
+int meter_reply_ok(const redisReply *rp);       /* not NULL, not error */
+long long meter_reply_int(const redisReply *rp, long long dflt);
+/* field value of a HGETALL reply, or NULL */
+const char *meter_reply_hget(const redisReply *rp, const char *field);
+
+
+#endif /* _METER_REDIS_H_INCLUDED_ */
