@@ -640,6 +640,14 @@ main(int argc, char **argv)
         w.watchdog_usec = 0;
     }
 
+    if (w.watchdog_usec != 0
+        && (uint64_t) w.cf->redis_timeout_ms * 1000 > w.watchdog_usec / 2)
+    {
+        meter_log(LOG_WARNING, "redis.timeout (%lldms) exceeds half of "
+                  "WatchdogSec: a hung Redis may trip the watchdog",
+                  (long long) w.cf->redis_timeout_ms);
+    }
+
     clock_gettime(CLOCK_MONOTONIC, &w.petted);
 
     if (once) {

@@ -48,12 +48,15 @@ meter_redis_connect(meter_redis_t *r, const char *host, int port,
     }
 
     if (r->ctx == NULL || r->ctx->err) {
-        snprintf(err, errlen, "redis %s%s%s%.0d: %s",
-                 unix_path != NULL ? "unix:" : "",
-                 unix_path != NULL ? unix_path : host,
-                 unix_path != NULL ? "" : ":",
-                 unix_path != NULL ? 0 : port,
-                 r->ctx != NULL ? r->ctx->errstr : "out of memory");
+        if (unix_path != NULL) {
+            snprintf(err, errlen, "redis unix:%s: %s", unix_path,
+                     r->ctx != NULL ? r->ctx->errstr : "out of memory");
+
+        } else {
+            snprintf(err, errlen, "redis %s:%d: %s", host, port,
+                     r->ctx != NULL ? r->ctx->errstr : "out of memory");
+        }
+
         meter_redis_close(r);
         return -1;
     }

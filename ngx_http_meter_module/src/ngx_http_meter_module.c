@@ -327,6 +327,8 @@ static char *ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_meter_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_meter_set_msec(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static char *ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_http_meter_init(ngx_conf_t *cf);
@@ -362,7 +364,7 @@ static ngx_command_t  ngx_http_meter_commands[] = {
 
     { ngx_string("meter_flush_interval"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_msec_slot,
+      ngx_http_meter_set_msec,
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_meter_main_conf_t, flush_interval),
       NULL },
@@ -376,7 +378,7 @@ static ngx_command_t  ngx_http_meter_commands[] = {
 
     { ngx_string("meter_governance_refresh"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_msec_slot,
+      ngx_http_meter_set_msec,
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_meter_main_conf_t, gov_refresh),
       NULL },
@@ -904,6 +906,20 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         return NGX_OK;
     }
 
+    /* small allocations first: the table then takes what is left */
+    size = sizeof(" in meter_zone \"\"") + shm_zone->shm.name.len;
+
+    ctx->shpool->log_ctx = ngx_slab_alloc(ctx->shpool, size);
+    if (ctx->shpool->log_ctx == NULL) {
+        ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                      "meter_zone \"%V\" is too small",
+                      &shm_zone->shm.name);
+        return NGX_ERROR;
+    }
+
+    ngx_sprintf(ctx->shpool->log_ctx, " in meter_zone \"%V\"%Z",
+                &shm_zone->shm.name);
+
     /* the largest table the slab allocator can place; failed tries are
      * expected, so keep them out of the log */
     ctx->shpool->log_nomem = 0;
@@ -945,18 +961,6 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     ctx->sh = sh;
     ctx->shpool->data = sh;
-
-    size = sizeof(" in meter_zone \"\"") + shm_zone->shm.name.len;
-
-    ctx->shpool->log_ctx = ngx_slab_alloc(ctx->shpool, size);
-    if (ctx->shpool->log_ctx == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_sprintf(ctx->shpool->log_ctx, " in meter_zone \"%V\"%Z",
-                &shm_zone->shm.name);
-
-    ctx->shpool->log_nomem = 0;
 
     return NGX_OK;
 }
@@ -3115,8 +3119,9 @@ ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
             if (p == NULL) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid zone size \"%V\", expected "
-                                   "zone=NAME:SIZE", &value[i]);
+                                   "invalid zone size \"%V\" in \"%V\" "
+                                   "directive, expected zone=NAME:SIZE",
+                                   &value[i], &cmd->name);
                 return NGX_CONF_ERROR;
             }
 
@@ -3129,14 +3134,16 @@ ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
             if (size == (size_t) NGX_ERROR) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid zone size \"%V\"", &value[i]);
+                                   "invalid zone size \"%V\" in \"%V\" "
+                                   "directive", &value[i], &cmd->name);
                 return NGX_CONF_ERROR;
             }
 
             if (size < (size_t) (8 * ngx_pagesize)) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "zone \"%V\" is too small, the minimum "
-                                   "is %uz bytes", &value[i],
+                                   "zone \"%V\" is too small in \"%V\" "
+                                   "directive, the minimum is %uz bytes",
+                                   &value[i], &cmd->name,
                                    (size_t) (8 * ngx_pagesize));
                 return NGX_CONF_ERROR;
             }
@@ -3145,7 +3152,8 @@ ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid parameter \"%V\"", &value[i]);
+                           "invalid parameter \"%V\" in \"%V\" directive",
+                           &value[i], &cmd->name);
         return NGX_CONF_ERROR;
     }
 
@@ -3256,7 +3264,8 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 != 0)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"%V\": %s", &value[i], err);
+                                   "invalid \"%V\" in \"%V\" directive: %s",
+                                   &value[i], &cmd->name, err);
                 return NGX_CONF_ERROR;
             }
 
@@ -3269,7 +3278,8 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 != 0)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"%V\": %s", &value[i], err);
+                                   "invalid \"%V\" in \"%V\" directive: %s",
+                                   &value[i], &cmd->name, err);
                 return NGX_CONF_ERROR;
             }
 
@@ -3292,9 +3302,9 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         if (cvp != NULL) {
             if (s.len == 0 || ngx_http_script_variables_count(&s) == 0) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"%V\": a variable is "
-                                   "expected, such as $bytes_sent",
-                                   &value[i]);
+                                   "invalid \"%V\" in \"%V\" directive: "
+                                   "a variable is expected, such as "
+                                   "$bytes_sent", &value[i], &cmd->name);
                 return NGX_CONF_ERROR;
             }
 
@@ -3321,9 +3331,10 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                   value[i].len))
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid meter name \"%V\": use 1 to "
-                                   "%d of A-Z a-z 0-9 _ . -",
-                                   &value[i], METER_NAME_MAX);
+                                   "invalid meter name \"%V\" in \"%V\" "
+                                   "directive: use 1 to %d of "
+                                   "A-Z a-z 0-9 _ . -",
+                                   &value[i], &cmd->name, METER_NAME_MAX);
                 return NGX_CONF_ERROR;
             }
 
@@ -3365,8 +3376,9 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
 invalid:
 
-    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid parameter \"%V\"",
-                       &value[i]);
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\" in \"%V\" directive",
+                       &value[i], &cmd->name);
     return NGX_CONF_ERROR;
 }
 
@@ -3392,8 +3404,9 @@ ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     if (ngx_strncmp(value[1].data, "unix:", 5) == 0) {
         if (value[1].len == 5 || value[1].data[5] != '/') {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid redis address \"%V\": expected "
-                               "unix:/absolute/path", &value[1]);
+                               "invalid address \"%V\" in \"%V\" "
+                               "directive: expected unix:/absolute/path",
+                               &value[1], &cmd->name);
             return NGX_CONF_ERROR;
         }
 
@@ -3410,8 +3423,9 @@ ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         if (p == NULL || p == value[1].data || n < 1 || n > 65535) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid redis address \"%V\": expected "
-                               "host:port or unix:/path", &value[1]);
+                               "invalid address \"%V\" in \"%V\" "
+                               "directive: expected host:port or "
+                               "unix:/path", &value[1], &cmd->name);
             return NGX_CONF_ERROR;
         }
 
@@ -3440,8 +3454,9 @@ ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
             if (mcf->redis_db == NGX_ERROR) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"%V\": a database number is "
-                                   "expected", &value[i]);
+                                   "invalid \"%V\" in \"%V\" directive: "
+                                   "a database number is expected",
+                                   &value[i], &cmd->name);
                 return NGX_CONF_ERROR;
             }
 
@@ -3458,16 +3473,18 @@ ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 || mcf->redis_timeout == 0)
             {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"%V\": a time such as 500ms "
-                                   "or 2s is expected", &value[i]);
+                                   "invalid \"%V\" in \"%V\" directive: "
+                                   "a time such as 500ms or 2s is expected",
+                                   &value[i], &cmd->name);
                 return NGX_CONF_ERROR;
             }
 
             continue;
         }
 
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid parameter \"%V\"",
-                           &value[i]);
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\" in \"%V\" directive",
+                           &value[i], &cmd->name);
         return NGX_CONF_ERROR;
     }
 
@@ -3498,8 +3515,9 @@ ngx_http_meter_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         } else if (ngx_strcmp(value[1].data, "json") != 0) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid format \"%V\": use json or "
-                               "prometheus", &value[1]);
+                               "invalid format \"%V\" in \"%V\" "
+                               "directive: use json or prometheus",
+                               &value[1], &cmd->name);
             return NGX_CONF_ERROR;
         }
     }
@@ -3508,6 +3526,31 @@ ngx_http_meter_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     clcf->handler = ngx_http_meter_status_handler;
 
     return NGX_CONF_OK;
+}
+
+
+/* ngx_conf_set_msec_slot, with a message that shows the bad value */
+
+static char *
+ngx_http_meter_set_msec(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char       *rv;
+    ngx_str_t  *value;
+
+    rv = ngx_conf_set_msec_slot(cf, cmd, conf);
+
+    if (rv == NGX_CONF_OK || rv == NGX_CONF_ERROR) {
+        return rv;
+    }
+
+    value = cf->args->elts;
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid value \"%V\" in \"%V\" directive (%s): a "
+                       "time such as 500ms or 2s is expected",
+                       &value[1], &cmd->name, rv);
+
+    return NGX_CONF_ERROR;
 }
 
 
@@ -3594,8 +3637,9 @@ ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
             if (t == NGX_ERROR) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid \"%V\": a time such as 3d or "
-                                   "12h is expected", &value[i]);
+                                   "invalid \"%V\" in \"%V\" directive: "
+                                   "a time such as 3d or 12h is expected",
+                                   &value[i], &cmd->name);
                 return NGX_CONF_ERROR;
             }
 
@@ -3623,9 +3667,10 @@ ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 invalid:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid parameter \"%V\" (expected zone=, "
-                       "on_redis_down=open|closed, unknown_key=allow|401|403 "
-                       "or grace=)", &value[i]);
+                       "invalid parameter \"%V\" in \"%V\" directive "
+                       "(expected zone=, on_redis_down=open|closed, "
+                       "unknown_key=allow|401|403 or grace=)",
+                       &value[i], &cmd->name);
     return NGX_CONF_ERROR;
 }
 

@@ -19,8 +19,11 @@ import pytest
 from conftest import key_hash, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-WORKER = ROOT / "worker" / "meter-worker"
-METERCTL = ROOT / "worker" / "meterctl"
+# METER_WORKER_BIN / METERCTL_BIN: run the suite against other builds
+# (an ASan build, an installed package)
+WORKER = Path(os.environ.get("METER_WORKER_BIN",
+                             ROOT / "worker" / "meter-worker"))
+METERCTL = Path(os.environ.get("METERCTL_BIN", ROOT / "worker" / "meterctl"))
 
 pytestmark = pytest.mark.skipif(not WORKER.exists() or not METERCTL.exists(),
                                 reason="worker/ not built (make -C worker)")
@@ -611,3 +614,40 @@ def test_daemon_notify_reload_and_sigterm(redis, tmp_path):
     assert ":%d: expected" % (len(good.splitlines()) + 1) in log
     for ln in log.splitlines():
         assert ln[:1] == "<" and ln[2:3] == ">", ln
+
+
+def test_sigkill_after_provider_accepted_resends_same_key(redis, tmp_path):
+    """The worst moment: the provider has the record, the worker dies before
+    it heard so.  The restart resends the stored record under the same
+    identifier and it counts once."""
+    fakes = pytest.importorskip("fakes.stripe")
+    stripe = fakes.FakeStripe(api_key="sk_test_w1").start()
+    try:
+        keyfile = tmp_path / "stripe-key"
+        keyfile.write_text("sk_test_w1\n")
+        w = Worker(tmp_path, redis, provider="stripe",
+                   stripe__base_url=stripe.url, stripe__timeout="60s",
+                   stripe__api_key_file=keyfile, lock_ttl="5s")
+        h = NOW_HOUR - 2 * 3600
+        w.ctl("customers", "add", "k1", "--provider-customer", "cus_k1")
+        w.ctl("keys", "add", "kk-1", "--customer", "k1")
+        put(redis, "kk-1", h, {"calls": 9})
+
+        stripe.hang_next(1, seconds=30, after=True)
+        p = w.spawn("--once", "--before", iso(h + 3600))
+        wait_for(lambda: len(stripe.events) == 1, timeout=15)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        rec = redis.keys("mtr:{worker}:r:*")
+        assert len(rec) == 1 and redis.hgetall(rec[0])["state"] == "sending"
+
+        lock_expired(redis)
+        assert w.once(h + 3600).returncode == 0
+        assert stripe.total("cus_k1", "calls") == 9
+        assert len(stripe.events) == 1
+        idents = {r.form["identifier"]
+                  for r in stripe.requests_to("POST", "meter_events")}
+        assert idents == {idem(h, "k1", "calls")}
+        assert redis.keys("mtr:{worker}:r:*") == []
+    finally:
+        stripe.stop()
