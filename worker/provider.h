@@ -61,6 +61,64 @@ typedef struct {
 } meter_send_result_t;
 
 
+/* registering a customer (meterctl register) */
+typedef struct {
+    const char                 *customer;   /* our id; seeds idempotency keys */
+    const char                 *email;
+    const char                 *name;       /* may be NULL */
+    const char                 *plan;       /* plan name from the config */
+} meter_onboard_t;
+
+typedef struct {
+    char                        provider_customer[128];
+    char                        subscription[128];
+    /* Stripe: subscription item per meter, for usage_records mode */
+    char                        item_meter[8][33];
+    char                        item_id[8][128];
+    int                         nitems;
+} meter_onboard_result_t;
+
+
+/* one customer the provider says is overdue (delinquency sync) */
+typedef struct {
+    const char                 *provider_customer;  /* or NULL */
+    const char                 *subscription;       /* or NULL */
+    time_t                      since;  /* when it became overdue; 0 unknown */
+} meter_overdue_t;
+
+typedef int (*meter_overdue_pt)(void *data, const meter_overdue_t *o);
+
+
+/* a webhook request as received, and what it means */
+typedef struct {
+    const char                 *method;
+    const char                 *path;
+    const char                 *body;
+    size_t                      body_len;
+    /* header lookup, case-insensitive; NULL when absent */
+    const char               *(*header)(void *data, const char *name);
+    void                       *data;
+    time_t                      now;
+} meter_webhook_req_t;
+
+typedef enum {
+    METER_WEBHOOK_IGNORE = 0,   /* verified, but says nothing we track */
+    METER_WEBHOOK_DELINQUENT,   /* the customer has an overdue invoice */
+    METER_WEBHOOK_PAID,         /* nothing overdue any more */
+    METER_WEBHOOK_INVALID       /* not verified or malformed: 400/401 */
+} meter_webhook_e;
+
+typedef struct {
+    meter_webhook_e             kind;
+    char                        event_id[128];  /* dedupe */
+    time_t                      event_time;     /* ordering */
+    char                        provider_customer[128];
+    char                        subscription[128];
+    int                         http_status;    /* for INVALID: 400 or 401 */
+    char                        error[256];
+} meter_webhook_event_t;
+
+
 typedef struct meter_provider_s  meter_provider_t;
 
 struct meter_provider_s {
@@ -83,6 +141,25 @@ struct meter_provider_s {
     int                       (*lookup)(meter_provider_t *p,
                                         const meter_record_t *rec,
                                         meter_send_result_t *res);
+
+    /* creates the customer, then its subscription, with idempotency keys
+     * derived from in->customer, so that a retry after a failure part-way
+     * completes the same objects; NULL for "file" (local record only) */
+    meter_send_e              (*onboard)(meter_provider_t *p,
+                                         const meter_onboard_t *in,
+                                         meter_onboard_result_t *out,
+                                         meter_send_result_t *res);
+
+    /* delinquency sync: calls cb for every customer the provider lists as
+     * overdue now (all pages); 0, or -1 with res filled; NULL: no sync */
+    int                       (*overdue)(meter_provider_t *p,
+                                         meter_overdue_pt cb, void *data,
+                                         meter_send_result_t *res);
+
+    /* verifies and parses one webhook delivery; NULL: no webhooks */
+    void                      (*webhook)(meter_provider_t *p,
+                                         const meter_webhook_req_t *req,
+                                         meter_webhook_event_t *ev);
 
     void                      (*cleanup)(meter_provider_t *p);
 

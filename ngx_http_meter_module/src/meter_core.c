@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <openssl/evp.h>
 
@@ -46,8 +47,8 @@ static int meter_entry_match(meter_entry_t *e, uint32_t hour,
 static void meter_digits(char *p, unsigned v, unsigned n);
 static int meter_parse_status_item(const char *s, size_t len,
     meter_status_range_t *r, const char **err);
-static unsigned meter_sweep_pass(meter_table_t *t, uint32_t current_hour,
-    uint32_t now, int pressure);
+static unsigned meter_sweep_pass(meter_table_t *t, uint32_t from,
+    uint32_t to, uint32_t current_hour, uint32_t now, int pressure);
 
 
 static const char  *meter_methods[] = {
@@ -84,19 +85,37 @@ const char  meter_script_max[] =
     "return 1\n";
 
 
+/*
+ * One digest and one context per process: EVP_Digest() would fetch the
+ * algorithm (under a lock) and allocate a context on every request.  Each
+ * process is single-threaded; a forked child makes its own on first use.
+ */
+
 void
 meter_key_hash(const void *key, size_t len, uint8_t out[METER_HASH_LEN])
 {
-    unsigned int  n;
+    unsigned int         n;
+    static pid_t         owner;
+    static EVP_MD       *md;
+    static EVP_MD_CTX   *ctx;
 
     if (key == NULL) {
         key = "";
         len = 0;
     }
 
+    if (ctx == NULL || owner != getpid()) {
+        md = EVP_MD_fetch(NULL, "SHA256", NULL);
+        ctx = EVP_MD_CTX_new();
+        owner = getpid();
+    }
+
     n = METER_HASH_LEN;
 
-    if (EVP_Digest(key, len, out, &n, EVP_sha256(), NULL) != 1
+    if (md == NULL || ctx == NULL
+        || EVP_DigestInit_ex2(ctx, md, NULL) != 1
+        || EVP_DigestUpdate(ctx, key, len) != 1
+        || EVP_DigestFinal_ex(ctx, out, &n) != 1
         || n != METER_HASH_LEN)
     {
         /* cannot happen with a working libcrypto; never leave garbage */
@@ -669,13 +688,25 @@ meter_table_evict(meter_table_t *t, meter_entry_t *e, uint32_t now)
 unsigned
 meter_table_sweep(meter_table_t *t, uint32_t current_hour, uint32_t now)
 {
+    return meter_table_sweep_range(t, 0, t->nslots, current_hour, now);
+}
+
+
+unsigned
+meter_table_sweep_range(meter_table_t *t, uint32_t from, uint32_t to,
+    uint32_t current_hour, uint32_t now)
+{
     unsigned  n;
 
-    n = meter_sweep_pass(t, current_hour, now, 0);
+    if (to > t->nslots) {
+        to = t->nslots;
+    }
+
+    n = meter_sweep_pass(t, from, to, current_hour, now, 0);
 
     /* evicting current-hour slots costs new Redis fields: only as needed */
     if (meter_load_relaxed(&t->live) * 4 > (uint64_t) t->nslots * 3) {
-        n += meter_sweep_pass(t, current_hour, now, 1);
+        n += meter_sweep_pass(t, from, to, current_hour, now, 1);
     }
 
     return n;
@@ -683,8 +714,8 @@ meter_table_sweep(meter_table_t *t, uint32_t current_hour, uint32_t now)
 
 
 static unsigned
-meter_sweep_pass(meter_table_t *t, uint32_t current_hour, uint32_t now,
-    int pressure)
+meter_sweep_pass(meter_table_t *t, uint32_t from, uint32_t to,
+    uint32_t current_hour, uint32_t now, int pressure)
 {
     uint32_t        i, st, stamp;
     unsigned        n;
@@ -692,7 +723,7 @@ meter_sweep_pass(meter_table_t *t, uint32_t current_hour, uint32_t now,
 
     n = 0;
 
-    for (i = 0; i < t->nslots; i++) {
+    for (i = from; i < to; i++) {
         e = &t->slots[i];
         st = meter_load(&e->state);
 

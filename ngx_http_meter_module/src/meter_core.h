@@ -174,6 +174,10 @@ int meter_table_evict(meter_table_t *t, meter_entry_t *e, uint32_t now);
  */
 unsigned meter_table_sweep(meter_table_t *t, uint32_t current_hour,
     uint32_t now);
+/* the same over slots [from, to): a flusher sweeps slice by slice, so a
+ * large zone never stalls its event loop */
+unsigned meter_table_sweep_range(meter_table_t *t, uint32_t from,
+    uint32_t to, uint32_t current_hour, uint32_t now);
 
 /* slot's current count without the DEAD bit; its unflushed part */
 uint64_t meter_entry_count(meter_entry_t *e);

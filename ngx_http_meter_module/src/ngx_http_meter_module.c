@@ -26,8 +26,8 @@
 #include "meter_core.h"
 
 
-#define NGX_HTTP_METER_BATCH        512     /* items per pipelined slice */
-#define NGX_HTTP_METER_SCAN         4096    /* slots scanned per slice */
+#define NGX_HTTP_METER_BATCH        64      /* items per pipelined slice */
+#define NGX_HTTP_METER_SCAN         2048    /* slots scanned per slice */
 #define NGX_HTTP_METER_BACKOFF_MIN  100
 #define NGX_HTTP_METER_BACKOFF_MAX  10000
 
@@ -200,6 +200,18 @@ typedef struct {
 } ngx_http_meter_gov_grant_t;
 
 
+typedef ngx_int_t (*ngx_http_meter_emit_pt)(void *data, int argc,
+    const char **argv, const size_t *len, ngx_int_t item);
+
+
+/* the blocking flush at exit: which reply belongs to which item */
+typedef struct {
+    redisContext                *rc;
+    ngx_uint_t                   n;
+    ngx_int_t                    items[3 * NGX_HTTP_METER_BATCH];
+} ngx_http_meter_sync_t;
+
+
 /* per worker process */
 typedef struct {
     ngx_http_meter_main_conf_t  *mcf;
@@ -256,6 +268,12 @@ static void ngx_http_meter_timeout_handler(ngx_event_t *ev);
 static void ngx_http_meter_next_slice(ngx_http_meter_worker_t *w);
 static ngx_int_t ngx_http_meter_send_batch(ngx_http_meter_worker_t *w,
     ngx_http_meter_zone_ctx_t *ctx);
+static ngx_int_t ngx_http_meter_batch_cmds(meter_batch_t *b, uint64_t epoch,
+    const char *sha, ngx_http_meter_emit_pt emit, void *data);
+static ngx_int_t ngx_http_meter_emit_async(void *data, int argc,
+    const char **argv, const size_t *len, ngx_int_t item);
+static ngx_int_t ngx_http_meter_emit_sync(void *data, int argc,
+    const char **argv, const size_t *len, ngx_int_t item);
 static void ngx_http_meter_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 static void ngx_http_meter_batch_done(ngx_http_meter_worker_t *w);
@@ -1064,6 +1082,9 @@ ngx_http_meter_slice_handler(ngx_event_t *ev)
 static void
 ngx_http_meter_next_slice(ngx_http_meter_worker_t *w)
 {
+    time_t                       now;
+    uint32_t                     from;
+    ngx_uint_t                   n;
     ngx_shm_zone_t             **zones;
     ngx_http_meter_zone_ctx_t   *ctx;
 
@@ -1088,10 +1109,20 @@ ngx_http_meter_next_slice(ngx_http_meter_worker_t *w)
             continue;
         }
 
-        if (meter_batch_collect(&ctx->sh->table, &w->batch,
-                                NGX_HTTP_METER_SCAN)
-            > 0)
-        {
+        from = w->batch.cursor;
+
+        n = meter_batch_collect(&ctx->sh->table, &w->batch,
+                                NGX_HTTP_METER_SCAN);
+
+        /* evict what this slice saw flushed: no full-zone pass, no stall */
+        now = ngx_time();
+        (void) meter_table_sweep_range(&ctx->sh->table, from,
+                                       w->batch.wrapped
+                                       ? ctx->sh->table.nslots
+                                       : w->batch.cursor,
+                                       meter_hour(now), (uint32_t) now);
+
+        if (n > 0) {
             if (ngx_http_meter_send_batch(w, ctx) == NGX_OK) {
                 return;
             }
@@ -1113,23 +1144,144 @@ ngx_http_meter_next_slice(ngx_http_meter_worker_t *w)
 }
 
 
+/*
+ * The commands of one batch (docs/redis-schema.md), for the async flush and
+ * the blocking one at exit alike: per hour, the hour and key indexes first
+ * (one SADD with every key of the batch), then one max-only script call per
+ * counter.  emit() gets the item index for a script call, -1 otherwise.
+ */
+
+static ngx_int_t
+ngx_http_meter_batch_cmds(meter_batch_t *b, uint64_t epoch, const char *sha,
+    ngx_http_meter_emit_pt emit, void *data)
+{
+    static char          hex[NGX_HTTP_METER_BATCH][METER_HEX_LEN + 1];
+    static size_t        slen[2 + NGX_HTTP_METER_BATCH];
+    static const char   *sargv[2 + NGX_HTTP_METER_BATCH];
+
+    char                 key[METER_DATA_KEY_SIZE], idx[METER_IDX_KEY_SIZE];
+    char                 field[METER_FIELD_SIZE], value[24];
+    char                 hour[METER_HOUR_LEN + 1], start[24];
+    char                 used[METER_USED_KEY_SIZE];
+    size_t               len[7];
+    ngx_uint_t           i, j, n;
+    const char          *argv[7];
+    meter_batch_item_t  *it;
+
+    for (i = 0; i < b->n; i++) {
+        it = &b->items[i];
+
+        for (j = 0; j < i; j++) {
+            if (b->items[j].hour == it->hour) {
+                break;
+            }
+        }
+
+        if (j < i) {
+            continue;           /* this hour's indexes are sent already */
+        }
+
+        argv[0] = "ZADD"; len[0] = 4;
+        argv[1] = "mtr:hours"; len[1] = 9;
+        argv[2] = "NX"; len[2] = 2;
+        argv[3] = start;
+        len[3] = meter_fmt_u64(start, meter_hour_start(it->hour));
+        argv[4] = hour; len[4] = meter_hour_format(it->hour, hour);
+
+        if (emit(data, 5, argv, len, -1) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        sargv[0] = "SADD"; slen[0] = 4;
+        sargv[1] = idx; slen[1] = meter_fmt_idx_key(idx, it->hour);
+        n = 2;
+
+        for (j = i; j < b->n; j++) {
+            if (b->items[j].hour == it->hour) {
+                meter_hex(b->items[j].e->key, METER_HASH_LEN, hex[j]);
+                sargv[n] = hex[j];
+                slen[n++] = METER_HEX_LEN;
+            }
+        }
+
+        if (emit(data, (int) n, sargv, slen, -1) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    for (i = 0; i < b->n; i++) {
+        it = &b->items[i];
+
+        if (sha != NULL) {
+            argv[0] = "EVALSHA"; len[0] = 7;
+            argv[1] = sha; len[1] = 40;
+
+        } else {
+            /* a connection that loaded no script */
+            argv[0] = "EVAL"; len[0] = 4;
+            argv[1] = meter_script_max; len[1] = ngx_strlen(meter_script_max);
+        }
+
+        argv[2] = "2"; len[2] = 1;
+        argv[3] = key; len[3] = meter_fmt_data_key(key, it->e->key, it->hour);
+        argv[4] = used; len[4] = meter_fmt_used_key(used, it->e->key);
+        argv[5] = field;
+        len[5] = meter_fmt_field(field, it->e->meter, epoch, it->gen);
+        argv[6] = value; len[6] = meter_fmt_u64(value, it->value);
+
+        if (emit(data, 7, argv, len, (ngx_int_t) i) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_emit_async(void *data, int argc, const char **argv,
+    const size_t *len, ngx_int_t item)
+{
+    ngx_http_meter_worker_t  *w = data;
+
+    if (redisAsyncCommandArgv(w->ac, item >= 0 ? ngx_http_meter_reply : NULL,
+                              (void *) (uintptr_t) item, argc, argv, len)
+        != REDIS_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (item >= 0) {
+        w->outstanding++;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_emit_sync(void *data, int argc, const char **argv,
+    const size_t *len, ngx_int_t item)
+{
+    ngx_http_meter_sync_t  *sc = data;
+
+    if (redisAppendCommandArgv(sc->rc, argc, argv, len) != REDIS_OK) {
+        return NGX_ERROR;
+    }
+
+    sc->items[sc->n++] = item;
+
+    return NGX_OK;
+}
+
+
 static ngx_int_t
 ngx_http_meter_send_batch(ngx_http_meter_worker_t *w,
     ngx_http_meter_zone_ctx_t *ctx)
 {
-    char                 data[METER_DATA_KEY_SIZE], idx[METER_IDX_KEY_SIZE];
-    char                 field[METER_FIELD_SIZE], value[24], hex[METER_HEX_LEN
-                                                              + 1];
-    char                 hour[METER_HOUR_LEN + 1], start[24];
-    char                 used[METER_USED_KEY_SIZE];
-    size_t               len[7];
-    uint32_t             last_hour;
-    ngx_uint_t           i;
-    const char          *argv[7];
-    meter_entry_t       *e;
-    meter_batch_item_t  *it;
+    size_t       len[3];
+    const char  *argv[3];
 
-    last_hour = 0;
     w->outstanding = 0;
     w->failed = 0;
 
@@ -1149,58 +1301,11 @@ ngx_http_meter_send_batch(ngx_http_meter_worker_t *w,
         w->reload_script = 0;
     }
 
-    for (i = 0; i < w->batch.n; i++) {
-        it = &w->batch.items[i];
-        e = it->e;
-
-        if (it->hour != last_hour) {
-            /* the hour index first: it must exist before its data */
-            last_hour = it->hour;
-
-            argv[0] = "ZADD"; len[0] = 4;
-            argv[1] = "mtr:hours"; len[1] = 9;
-            argv[2] = "NX"; len[2] = 2;
-            argv[3] = start;
-            len[3] = meter_fmt_u64(start, meter_hour_start(it->hour));
-            argv[4] = hour; len[4] = meter_hour_format(it->hour, hour);
-
-            if (redisAsyncCommandArgv(w->ac, NULL, NULL, 5, argv, len)
-                != REDIS_OK)
-            {
-                goto failed;
-            }
-        }
-
-        meter_hex(e->key, METER_HASH_LEN, hex);
-
-        argv[0] = "SADD"; len[0] = 4;
-        argv[1] = idx; len[1] = meter_fmt_idx_key(idx, it->hour);
-        argv[2] = hex; len[2] = METER_HEX_LEN;
-
-        if (redisAsyncCommandArgv(w->ac, NULL, NULL, 3, argv, len)
-            != REDIS_OK)
-        {
-            goto failed;
-        }
-
-        argv[0] = "EVALSHA"; len[0] = 7;
-        argv[1] = w->script_sha; len[1] = 40;
-        argv[2] = "2"; len[2] = 1;
-        argv[3] = data; len[3] = meter_fmt_data_key(data, e->key, it->hour);
-        argv[4] = used; len[4] = meter_fmt_used_key(used, e->key);
-        argv[5] = field;
-        len[5] = meter_fmt_field(field, e->meter, ctx->sh->table.epoch,
-                                 it->gen);
-        argv[6] = value; len[6] = meter_fmt_u64(value, it->value);
-
-        if (redisAsyncCommandArgv(w->ac, ngx_http_meter_reply,
-                                  (void *) (uintptr_t) i, 7, argv, len)
-            != REDIS_OK)
-        {
-            goto failed;
-        }
-
-        w->outstanding++;
+    if (ngx_http_meter_batch_cmds(&w->batch, ctx->sh->table.epoch,
+                                w->script_sha, ngx_http_meter_emit_async, w)
+        != NGX_OK)
+    {
+        goto failed;
     }
 
     ngx_add_timer(&w->timeout, w->mcf->redis_timeout);
@@ -1305,13 +1410,6 @@ static void
 ngx_http_meter_zone_done(ngx_http_meter_worker_t *w,
     ngx_http_meter_zone_ctx_t *ctx)
 {
-    time_t  now;
-
-    now = ngx_time();
-
-    (void) meter_table_sweep(&ctx->sh->table, meter_hour(now),
-                             (uint32_t) now);
-
     (void) __atomic_fetch_add(&ctx->sh->flushes, 1, __ATOMIC_RELAXED);
     __atomic_store_n(&ctx->sh->last_flush_ms,
                      (uint64_t) (ngx_current_msec - w->zone_start),
@@ -1675,21 +1773,17 @@ ngx_http_meter_redis_cleanup(void *privdata)
 static void
 ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf, ngx_log_t *log)
 {
-    char                        data[METER_DATA_KEY_SIZE];
-    char                        idx[METER_IDX_KEY_SIZE];
-    char                        field[METER_FIELD_SIZE], value[24];
-    char                        hex[METER_HEX_LEN + 1], db[24];
-    char                        hour[METER_HOUR_LEN + 1], start[24];
-    char                        used[METER_USED_KEY_SIZE];
-    size_t                      len[7];
+    char                        db[24];
+    size_t                      len[2];
     uint64_t                    before;
     ngx_uint_t                  z, i, n, sent, ok;
-    const char                 *argv[7];
+    const char                 *argv[2];
     redisReply                 *reply;
     struct timeval              tv;
     redisContext               *rc;
     meter_batch_t               batch;
     meter_batch_item_t         *items, *it;
+    ngx_http_meter_sync_t       sc;
     ngx_shm_zone_t            **zones;
     ngx_http_meter_shctx_t     *sh;
     ngx_http_meter_zone_ctx_t  *ctx;
@@ -1768,41 +1862,20 @@ ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf, ngx_log_t *log)
                 continue;
             }
 
-            /* EVAL, not EVALSHA: this connection loaded no script */
-            for (i = 0; i < batch.n; i++) {
-                it = &batch.items[i];
+            sc.rc = rc;
+            sc.n = 0;
 
-                argv[0] = "ZADD"; len[0] = 4;
-                argv[1] = "mtr:hours"; len[1] = 9;
-                argv[2] = "NX"; len[2] = 2;
-                argv[3] = start;
-                len[3] = meter_fmt_u64(start, meter_hour_start(it->hour));
-                argv[4] = hour; len[4] = meter_hour_format(it->hour, hour);
-                redisAppendCommandArgv(rc, 5, argv, len);
-
-                meter_hex(it->e->key, METER_HASH_LEN, hex);
-                argv[0] = "SADD"; len[0] = 4;
-                argv[1] = idx; len[1] = meter_fmt_idx_key(idx, it->hour);
-                argv[2] = hex; len[2] = METER_HEX_LEN;
-                redisAppendCommandArgv(rc, 3, argv, len);
-
-                argv[0] = "EVAL"; len[0] = 4;
-                argv[1] = meter_script_max;
-                len[1] = ngx_strlen(meter_script_max);
-                argv[2] = "2"; len[2] = 1;
-                argv[3] = data;
-                len[3] = meter_fmt_data_key(data, it->e->key, it->hour);
-                argv[4] = used; len[4] = meter_fmt_used_key(used, it->e->key);
-                argv[5] = field;
-                len[5] = meter_fmt_field(field, it->e->meter,
-                                         sh->table.epoch, it->gen);
-                argv[6] = value; len[6] = meter_fmt_u64(value, it->value);
-                redisAppendCommandArgv(rc, 7, argv, len);
+            if (ngx_http_meter_batch_cmds(&batch, sh->table.epoch, NULL,
+                                        ngx_http_meter_emit_sync, &sc)
+                != NGX_OK)
+            {
+                ngx_free(items);
+                goto done;
             }
 
             sent = 0;
 
-            for (i = 0; i < batch.n * 3; i++) {
+            for (i = 0; i < sc.n; i++) {
                 if (redisGetReply(rc, (void **) &reply) != REDIS_OK) {
                     ngx_log_error(NGX_LOG_WARN, log, 0,
                                   "meter: final flush: %s; counters stay "
@@ -1814,11 +1887,11 @@ ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf, ngx_log_t *log)
                 ok = (reply->type != REDIS_REPLY_ERROR);
                 freeReplyObject(reply);
 
-                if (i % 3 != 2 || !ok) {
+                if (sc.items[i] < 0 || !ok) {
                     continue;
                 }
 
-                it = &batch.items[i / 3];
+                it = &batch.items[sc.items[i]];
                 before = __atomic_load_n(&it->e->flushed, __ATOMIC_ACQUIRE);
 
                 meter_batch_confirm(it);
