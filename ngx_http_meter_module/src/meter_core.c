@@ -18,7 +18,6 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 #include <openssl/evp.h>
 
@@ -88,14 +87,13 @@ const char  meter_script_max[] =
 /*
  * One digest and one context per process: EVP_Digest() would fetch the
  * algorithm (under a lock) and allocate a context on every request.  Each
- * process is single-threaded; a forked child makes its own on first use.
+ * process is single-threaded, and a forked child works on its own copy.
  */
 
 void
 meter_key_hash(const void *key, size_t len, uint8_t out[METER_HASH_LEN])
 {
     unsigned int         n;
-    static pid_t         owner;
     static EVP_MD       *md;
     static EVP_MD_CTX   *ctx;
 
@@ -104,10 +102,9 @@ meter_key_hash(const void *key, size_t len, uint8_t out[METER_HASH_LEN])
         len = 0;
     }
 
-    if (ctx == NULL || owner != getpid()) {
+    if (ctx == NULL) {
         md = EVP_MD_fetch(NULL, "SHA256", NULL);
         ctx = EVP_MD_CTX_new();
-        owner = getpid();
     }
 
     n = METER_HASH_LEN;
