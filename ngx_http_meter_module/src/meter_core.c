@@ -417,7 +417,36 @@ meter_valid_name(const char *s, size_t len)
 size_t
 meter_table_size(uint32_t nslots)
 {
-    return sizeof(meter_table_t) + (size_t) nslots * sizeof(meter_entry_t);
+    /* the slots, then the dirty bitmap: one bit per slot */
+    return sizeof(meter_table_t) + (size_t) nslots * sizeof(meter_entry_t)
+           + (((size_t) nslots + 63) / 64) * sizeof(uint64_t);
+}
+
+
+static uint64_t *
+meter_dirty(meter_table_t *t)
+{
+    return (uint64_t *) (void *) &t->slots[t->nslots];
+}
+
+
+/*
+ * An add marks its slot dirty after counting.  Both sides are sequentially
+ * consistent: if the add sees the bit still set, the collector's exchange
+ * comes later, and its read of the count then sees the add.
+ */
+
+static void
+meter_mark(meter_table_t *t, uint32_t i)
+{
+    uint64_t  *w, bit;
+
+    w = &meter_dirty(t)[i >> 6];
+    bit = (uint64_t) 1 << (i & 63);
+
+    if ((__atomic_load_n(w, __ATOMIC_SEQ_CST) & bit) == 0) {
+        (void) __atomic_fetch_or(w, bit, __ATOMIC_SEQ_CST);
+    }
 }
 
 
@@ -432,7 +461,15 @@ meter_table_slots_for(size_t size)
 
     n = (size - sizeof(meter_table_t)) / sizeof(meter_entry_t);
 
-    return n > UINT32_MAX ? UINT32_MAX : (uint32_t) n;
+    if (n > UINT32_MAX) {
+        n = UINT32_MAX;
+    }
+
+    while (n > 0 && meter_table_size((uint32_t) n) > size) {
+        n--;
+    }
+
+    return (uint32_t) n;
 }
 
 
@@ -537,6 +574,7 @@ again:
                            && value <= METER_VALUE_MAX - c)
                     {
                         if (meter_cas(&e->count, &c, c + value)) {
+                            meter_mark(t, (uint32_t) (e - t->slots));
                             return 0;
                         }
                     }
@@ -609,6 +647,8 @@ again:
         meter_fetch_sub(&t->live, 1);
         goto again;
     }
+
+    meter_mark(t, (uint32_t) (e - t->slots));
 
     return 0;
 
@@ -819,6 +859,91 @@ meter_batch_collect(meter_table_t *t, meter_batch_t *b, uint32_t max_scan)
     }
 
     return b->n;
+}
+
+
+unsigned
+meter_batch_collect_dirty(meter_table_t *t, meter_batch_t *b,
+    uint32_t max_words)
+{
+    uint32_t             nwords, words, bit, i;
+    uint64_t             c, bits, *w;
+    meter_entry_t       *e;
+    meter_batch_item_t  *item;
+
+    b->n = 0;
+    b->wrapped = 0;
+
+    nwords = (t->nslots + 63) / 64;
+
+    for (words = 0; words < max_words; words++) {
+
+        if (b->cursor >= nwords) {
+            break;
+        }
+
+        w = &meter_dirty(t)[b->cursor];
+
+        if (__atomic_load_n(w, __ATOMIC_RELAXED) == 0) {
+            b->cursor++;
+            continue;
+        }
+
+        bits = __atomic_exchange_n(w, 0, __ATOMIC_SEQ_CST);
+
+        while (bits) {
+            bit = (uint32_t) __builtin_ctzll(bits);
+            i = b->cursor * 64 + bit;
+
+            if (b->n == b->cap) {
+                /* full: what is not taken stays marked for the next call */
+                (void) __atomic_fetch_or(w, bits, __ATOMIC_SEQ_CST);
+                return b->n;
+            }
+
+            bits &= bits - 1;
+
+            if (i >= t->nslots) {
+                continue;
+            }
+
+            e = &t->slots[i];
+
+            if (meter_load(&e->state) != METER_SLOT_LIVE) {
+                continue;
+            }
+
+            c = meter_load(&e->count);
+
+            if ((c & METER_DEAD) == 0 && c != meter_load(&e->flushed)) {
+                item = &b->items[b->n++];
+                item->e = e;
+                item->gen = e->gen;
+                item->hour = e->hour;
+                item->value = c;
+            }
+        }
+
+        b->cursor++;
+    }
+
+    if (b->cursor >= nwords) {
+        b->cursor = 0;
+        b->wrapped = 1;
+    }
+
+    return b->n;
+}
+
+
+void
+meter_batch_remark(meter_table_t *t, const meter_batch_t *b)
+{
+    unsigned  i;
+
+    for (i = 0; i < b->n; i++) {
+        meter_mark(t, (uint32_t) (b->items[i].e - t->slots));
+    }
 }
 
 

@@ -211,6 +211,19 @@ unsigned meter_batch_collect(meter_table_t *t, meter_batch_t *b,
     uint32_t max_scan);
 
 /*
+ * The same, driven by the dirty bitmap (one bit per slot, set by every
+ * add): visits at most max_words bitmap words (64 slots each) from
+ * b->cursor, clearing the bits it takes, so a pass costs what changed, not
+ * the size of the zone.  A batch that Redis did not confirm must be put
+ * back with meter_batch_remark().  Bits can be lost with a process killed
+ * between collect and confirm: a flusher runs meter_batch_collect() over the
+ * whole table from time to time, and when it takes over from another.
+ */
+unsigned meter_batch_collect_dirty(meter_table_t *t, meter_batch_t *b,
+    uint32_t max_words);
+void meter_batch_remark(meter_table_t *t, const meter_batch_t *b);
+
+/*
  * Redis acknowledged item->value: raises the slot's flushed to it (atomic
  * max) unless the slot was reused since (gen differs).
  */

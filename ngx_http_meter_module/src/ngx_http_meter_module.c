@@ -28,6 +28,8 @@
 
 #define NGX_HTTP_METER_BATCH        64      /* items per pipelined slice */
 #define NGX_HTTP_METER_SCAN         2048    /* slots scanned per slice */
+#define NGX_HTTP_METER_SCAN_WORDS   4096    /* dirty bitmap words, same */
+#define NGX_HTTP_METER_FULL_EVERY   60000   /* ms between full scans */
 #define NGX_HTTP_METER_BACKOFF_MIN  100
 #define NGX_HTTP_METER_BACKOFF_MAX  10000
 
@@ -230,7 +232,9 @@ typedef struct {
     ngx_event_t                  timeout;   /* connect/command timeout */
 
     ngx_uint_t                   pass;      /* a flush pass is running */
+    ngx_uint_t                   passes;
     ngx_uint_t                   zone;      /* index into mcf->zones */
+    ngx_uint_t                   zone_mode; /* 0 unset, 1 dirty, 2 full */
     ngx_msec_t                   zone_start;
     ngx_uint_t                   outstanding;
     ngx_uint_t                   failed;
@@ -1013,7 +1017,8 @@ ngx_http_meter_lease(uint64_t *lease, ngx_msec_t interval)
         return NGX_DECLINED;
     }
 
-    return NGX_OK;
+    /* taken over: the last holder may have died with marks in hand */
+    return ((cur >> 32) == (uint64_t) ngx_pid) ? NGX_OK : NGX_DONE;
 }
 
 
@@ -1055,6 +1060,9 @@ ngx_http_meter_tick(ngx_event_t *ev)
         w->batch.cursor = 0;
         w->batch.wrapped = 0;
 
+        w->zone_mode = 0;
+        w->passes++;
+
         ngx_http_meter_next_slice(w);
     }
 
@@ -1084,6 +1092,7 @@ ngx_http_meter_next_slice(ngx_http_meter_worker_t *w)
 {
     time_t                       now;
     uint32_t                     from;
+    ngx_int_t                    rc;
     ngx_uint_t                   n;
     ngx_shm_zone_t             **zones;
     ngx_http_meter_zone_ctx_t   *ctx;
@@ -1099,28 +1108,45 @@ ngx_http_meter_next_slice(ngx_http_meter_worker_t *w)
 
         ctx = zones[w->zone]->data;
 
-        if (ngx_http_meter_lease(&ctx->sh->lease, w->mcf->flush_interval)
-            != NGX_OK)
-        {
+        rc = ngx_http_meter_lease(&ctx->sh->lease, w->mcf->flush_interval);
+
+        if (rc == NGX_DECLINED) {
             w->zone++;
+            w->zone_mode = 0;
             w->zone_start = ngx_current_msec;
             w->batch.cursor = 0;
             w->batch.wrapped = 0;
             continue;
         }
 
-        from = w->batch.cursor;
+        if (w->zone_mode == 0) {
+            /* now and then, and after a takeover, look at every slot */
+            w->zone_mode = (rc == NGX_DONE
+                            || (w->passes - 1)
+                               % ngx_max(NGX_HTTP_METER_FULL_EVERY
+                                         / w->mcf->flush_interval, 1)
+                               == 0)
+                           ? 2 : 1;
+        }
 
-        n = meter_batch_collect(&ctx->sh->table, &w->batch,
-                                NGX_HTTP_METER_SCAN);
+        if (w->zone_mode == 1) {
+            n = meter_batch_collect_dirty(&ctx->sh->table, &w->batch,
+                                          NGX_HTTP_METER_SCAN_WORDS);
 
-        /* evict what this slice saw flushed: no full-zone pass, no stall */
-        now = ngx_time();
-        (void) meter_table_sweep_range(&ctx->sh->table, from,
-                                       w->batch.wrapped
-                                       ? ctx->sh->table.nslots
-                                       : w->batch.cursor,
-                                       meter_hour(now), (uint32_t) now);
+        } else {
+            from = w->batch.cursor;
+
+            n = meter_batch_collect(&ctx->sh->table, &w->batch,
+                                    NGX_HTTP_METER_SCAN);
+
+            /* evict what this slice saw flushed: no stall on a big zone */
+            now = ngx_time();
+            (void) meter_table_sweep_range(&ctx->sh->table, from,
+                                           w->batch.wrapped
+                                           ? ctx->sh->table.nslots
+                                           : w->batch.cursor,
+                                           meter_hour(now), (uint32_t) now);
+        }
 
         if (n > 0) {
             if (ngx_http_meter_send_batch(w, ctx) == NGX_OK) {
@@ -1315,6 +1341,7 @@ ngx_http_meter_send_batch(ngx_http_meter_worker_t *w,
 failed:
 
     /* callbacks already queued will be called with no reply */
+    meter_batch_remark(&ctx->sh->table, &w->batch);
     w->failed = 1;
     ngx_http_meter_redis_fail(w, "send", w->ac ? w->ac->errstr : "");
 
@@ -1387,6 +1414,7 @@ ngx_http_meter_batch_done(ngx_http_meter_worker_t *w)
 
     if (w->failed) {
         /* unconfirmed values stay pending and go with the next pass */
+        meter_batch_remark(&ctx->sh->table, &w->batch);
         (void) __atomic_fetch_add(&ctx->sh->flush_errors, 1,
                                   __ATOMIC_RELAXED);
         w->pass = 0;
@@ -1416,6 +1444,7 @@ ngx_http_meter_zone_done(ngx_http_meter_worker_t *w,
                      __ATOMIC_RELAXED);
 
     w->zone++;
+    w->zone_mode = 0;
     w->zone_start = ngx_current_msec;
     w->batch.cursor = 0;
     w->batch.wrapped = 0;
@@ -2277,7 +2306,7 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
     ctx = ngx_http_meter_gov_zone(w->mcf);
 
     if (ngx_http_meter_lease(&ctx->sh->gov_lease, w->mcf->gov_refresh)
-        != NGX_OK)
+        == NGX_DECLINED)
     {
         return;
     }

@@ -1,0 +1,286 @@
+#!/usr/bin/python3
+"""How long meter-worker takes to drain N key-hours.  Not a pass/fail test,
+but every run checks its result exactly.  See bench/README.md ("drain").
+
+In a temp dir: a redis-server on a free port, seeded with N key-hours the
+way the module writes them (docs/redis-schema.md: HSET mtr:u:{KH}:HOUR
+"calls|EPOCH.GEN" VALUE, SADD mtr:idx:HOUR KH, ZADD mtr:hours), then
+`meter-worker -c CONF --once --before <end of the last hour>`, timed.
+
+  --mode file     provider = file, keys without customer: one record per
+                  key-hour.  Checks: the JSONL has exactly N lines, N
+                  distinct idempotency keys and the seeded total quantity.
+  --mode stripe   each key belongs to its own customer (mtr:key:{KH},
+                  mtr:cust:{C} with provider_customer, as meterctl writes
+                  them), the fake Stripe (t/fakes/stripe.py) in this
+                  process, stripe.max_rps (default 100).  Checks: the fake
+                  accepted exactly N events, no duplicate, with the seeded
+                  total per customer.  At 100 requests/s, 1M records take
+                  about 2.8 h: run a small N, the rate extrapolates.
+
+Then runs the worker once more ("rerun"): nothing is due, but the closed
+hours stay in Redis until retention, so this is the cost of every later
+pass.  Prints seconds, records/s and the worker's max RSS (wait4).
+"""
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import shutil
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "t"))
+
+from conftest import RedisServer  # noqa: E402
+
+EPOCH = "3f2a9c0d11b2e4f7"
+STRIPE_KEY = "sk_test_bench_0123456789"
+
+
+def hour_name(ts):
+    return time.strftime("%Y%m%d%H", time.gmtime(ts))
+
+
+def iso(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def resp(*args):
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+def quantity(k, h):
+    return 1 + (k * 31 + h * 7) % 997
+
+
+def seed(redis, tmp, keys, hours, first, customers):
+    """Writes the RESP of every command into a file and feeds it to
+    redis-cli --pipe.  Returns (key hashes, expected total)."""
+    khs = [hashlib.sha256(b"mk_bench_%08d" % k).hexdigest()
+           for k in range(keys)]
+    path = tmp / "seed.resp"
+    total = 0
+    ncmd = 0
+    with open(path, "wb") as f:
+        if customers:
+            for k, kh in enumerate(khs):
+                c = "c%08d" % k
+                f.write(resp("HSET", "mtr:key:{%s}" % kh, "customer", c,
+                             "prefix", "mk_bench_%04d" % (k % 10000),
+                             "created", "1700000000"))
+                f.write(resp("HSET", "mtr:cust:{%s}" % c, "provider",
+                             "stripe", "provider_customer", "cus_%08d" % k,
+                             "subscription", "sub_%08d" % k, "status",
+                             "active", "created", "1700000000"))
+                f.write(resp("SADD", "mtr:customers", c))
+                ncmd += 3
+        for h in range(hours):
+            hs = first + h * 3600
+            hn = hour_name(hs)
+            f.write(resp("ZADD", "mtr:hours", "NX", str(hs), hn))
+            ncmd += 1
+            for i in range(0, keys, 1000):
+                f.write(resp("SADD", "mtr:idx:" + hn, *khs[i:i + 1000]))
+                ncmd += 1
+            chunk = []
+            for k, kh in enumerate(khs):
+                q = quantity(k, h)
+                total += q
+                chunk.append(resp("HSET", "mtr:u:{%s}:%s" % (kh, hn),
+                                  "calls|%s.%d" % (EPOCH, k + 1), str(q)))
+            f.write(b"".join(chunk))
+            ncmd += keys
+    with open(path, "rb") as f:
+        r = subprocess.run(["redis-cli", "-h", redis.host, "-p",
+                            str(redis.port), "--pipe"], stdin=f,
+                           capture_output=True, text=True, timeout=3600)
+    path.unlink()
+    if r.returncode != 0 or "errors: 0, replies: %d" % ncmd not in r.stdout:
+        raise SystemExit("seeding failed:\n" + r.stdout + r.stderr)
+    return khs, total
+
+
+def run_worker(worker, conf, before, timeout):
+    """(exit status, seconds, max RSS in KiB, stderr) of one --once run."""
+    err = open(conf.parent / "worker.err", "w+")
+    t0 = time.monotonic()
+    p = subprocess.Popen([str(worker), "-c", str(conf), "--once",
+                          "--before", iso(before)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=err)
+    deadline = t0 + timeout
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid != 0:
+            break
+        if time.monotonic() > deadline:
+            p.kill()
+            pid, status, ru = os.wait4(p.pid, 0)
+            break
+        time.sleep(0.01)
+    secs = time.monotonic() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    err.seek(0)
+    text = err.read()
+    err.close()
+    return p.returncode, secs, ru.ru_maxrss, text
+
+
+def read_jsonl(path):
+    import json
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=("file", "stripe"), default="file")
+    ap.add_argument("--n", type=int, default=None,
+                    help="key-hours (file: 1000000, stripe: 3000)")
+    ap.add_argument("--hours", type=int, default=None,
+                    help="hours the key-hours spread over (file: 100, "
+                         "stripe: 10); keys = n / hours")
+    ap.add_argument("--rps", type=float, default=100,
+                    help="stripe.max_rps (stripe mode)")
+    ap.add_argument("--no-audit", action="store_true",
+                    help="no audit.path (one fsync less per record)")
+    ap.add_argument("--worker", default=os.environ.get(
+        "METER_WORKER_BIN", str(ROOT / "worker" / "meter-worker")))
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument("--timeout", type=float, default=4 * 3600)
+    a = ap.parse_args()
+
+    n = a.n or (1000000 if a.mode == "file" else 3000)
+    hours = a.hours or (100 if a.mode == "file" else 10)
+    if n % hours:
+        raise SystemExit("--n must be a multiple of --hours")
+    keys = n // hours
+    if hours > 24 * 30:
+        raise SystemExit("--hours: at most 720 (Stripe's 35 days, "
+                         "retention)")
+    worker = Path(a.worker)
+    if not worker.exists():
+        raise SystemExit("%s missing: make -C worker" % worker)
+
+    tmp = Path(tempfile.mkdtemp(prefix="meter-bench-drain-"))
+    redis = RedisServer(tmp / "redis")
+    fake = None
+    try:
+        redis.start()
+        # the last hour ended an hour ago: closed for any grace
+        last = (int(time.time()) // 3600 - 2) * 3600
+        first = last - (hours - 1) * 3600
+        before = last + 3600
+
+        t0 = time.monotonic()
+        khs, total = seed(redis, tmp, keys, hours, first,
+                          customers=(a.mode == "stripe"))
+        seeded = time.monotonic() - t0
+        mem = redis.cmd("INFO", "memory")
+        mem = mem.decode() if isinstance(mem, bytes) else mem
+        used = next(l.split(":")[1] for l in mem.splitlines()
+                    if l.startswith("used_memory_human:"))
+        print("seeded %d key-hours (%d keys x %d hours, 1 meter, 1 writer)"
+              " in %.1fs; Redis used_memory %s"
+              % (n, keys, hours, seeded, used))
+
+        out = tmp / "out.jsonl"
+        lines = ["redis = %s" % redis.address,
+                 "provider = %s" % a.mode,
+                 "grace = 5m",
+                 "log_level = info"]
+        if not a.no_audit:
+            lines.append("audit.path = %s" % (tmp / "audit.jsonl"))
+        if a.mode == "file":
+            lines.append("file.path = %s" % out)
+        else:
+            from fakes import FakeStripe
+            fake = FakeStripe(api_key=STRIPE_KEY).start()
+            (tmp / "api-key").write_text(STRIPE_KEY + "\n")
+            (tmp / "api-key").chmod(0o600)
+            lines += ["stripe.base_url = %s" % fake.url,
+                      "stripe.api_key_file = %s" % (tmp / "api-key"),
+                      "stripe.max_rps = %g" % a.rps,
+                      "stripe.timeout = 10s",
+                      "meter.calls = api_calls"]
+        conf = tmp / "worker.conf"
+        conf.write_text("\n".join(lines) + "\n")
+
+        rows = []
+        for name in ("drain", "rerun"):
+            rc, secs, rss, err = run_worker(worker, conf, before, a.timeout)
+            if rc != 0:
+                raise SystemExit("%s: meter-worker exited %d:\n%s"
+                                 % (name, rc, err[-4000:]))
+            rows.append((name, secs, rss))
+
+            # exact checks after each run: the rerun must add nothing
+            if a.mode == "file":
+                got = read_jsonl(out)
+                ids = {x["idempotency_key"] for x in got}
+                q = sum(x["quantity"] for x in got)
+                if len(got) != n or len(ids) != n or q != total \
+                        or any(x["customer"] is not None for x in got):
+                    raise SystemExit("%s: %d lines, %d keys, quantity %d; "
+                                     "expected %d, %d, %d"
+                                     % (name, len(got), len(ids), q, n, n,
+                                        total))
+            else:
+                with fake.lock:
+                    evs = list(fake.events)
+                    dups = fake.duplicates
+                q = sum(int(e["payload"]["value"]) for e in evs)
+                per = {}
+                for e in evs:
+                    c = e["payload"]["stripe_customer_id"]
+                    per[c] = per.get(c, 0) + int(e["payload"]["value"])
+                want = {"cus_%08d" % k: sum(quantity(k, h)
+                                            for h in range(hours))
+                        for k in range(keys)}
+                if len(evs) != n or dups or q != total or per != want:
+                    raise SystemExit("%s: %d events, %d duplicates, "
+                                     "quantity %d; expected %d, 0, %d"
+                                     % (name, len(evs), dups, q, n, total))
+
+        print("%-6s %-7s %10s %10s %9s %11s %10s"
+              % ("mode", "run", "records", "quantity", "seconds",
+                 "records/s", "max RSS"))
+        for name, secs, rss in rows:
+            recs = n if name == "drain" else 0
+            print("%-6s %-7s %10d %10d %9.1f %11s %7.1f MiB"
+                  % (a.mode, name, recs, total if recs else 0, secs,
+                     "%.0f" % (n / secs) if recs else
+                     "(%.0f kh/s)" % (n / secs), rss / 1024.0))
+        if a.mode == "stripe":
+            rate = n / rows[0][1]
+            print("stripe.max_rps %g: measured %.1f records/s; 1,000,000 "
+                  "records would take about %.1f h (extrapolated, not "
+                  "measured)" % (a.rps, rate, 1e6 / rate / 3600))
+        print("all checks passed: %d records, total quantity %d, exactly "
+              "once" % (n, total))
+        return 0
+    finally:
+        if fake is not None:
+            fake.stop()
+        redis.stop("kill")
+        if a.keep:
+            print("kept %s" % tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
