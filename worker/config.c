@@ -58,9 +58,11 @@ static const meter_key_t  meter_keys[] = {
 };
 
 
-/* keys read by the providers themselves (they validate them in init) */
+/* keys read by the providers, the webhook listener and the delinquency
+ * sync themselves (they validate them when they start) */
 static const char  *meter_provider_prefixes[] = {
-    "stripe.", "chargebee.", "recurly.", "http.", NULL
+    "stripe.", "chargebee.", "recurly.", "http.", "plan.", "webhook.",
+    "sync.", NULL
 };
 
 
@@ -337,7 +339,7 @@ meter_conf_load(const char *path, char *err, size_t errlen)
     cf->report_period = 0;
     cf->grace = 300;
     cf->retention = 7 * 86400;
-    cf->sync_interval = 900;
+    cf->sync_interval = 300;
     cf->retry_base = 10;
     cf->retry_max = 3600;
     cf->max_age = -1;

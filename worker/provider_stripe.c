@@ -34,10 +34,14 @@
 
 #include "http.h"
 #include "provider.h"
+#include "provider_util.h"
+#include "util.h"
 
 
 #define METER_STRIPE_MAX_AGE     (35 * 86400)
 #define METER_STRIPE_MAX_AHEAD   300
+#define METER_STRIPE_PAGES       10000
+#define METER_STRIPE_META        "nginx_meter_customer"
 
 
 typedef enum {
@@ -57,6 +61,9 @@ typedef struct {
     char                        customer_key[64];
     char                        value_key[64];
     char                        api_key[256];
+    char                        webhook_secret[256];
+    time_t                      webhook_tolerance;
+    meter_plans_t               plans;
 } meter_stripe_t;
 
 
@@ -66,6 +73,13 @@ static meter_send_e meter_stripe_send(meter_provider_t *p,
     const meter_record_t *rec, meter_send_result_t *res);
 static int meter_stripe_duplicate(const meter_http_resp_t *resp);
 static void meter_stripe_cleanup(meter_provider_t *p);
+static meter_send_e meter_stripe_onboard(meter_provider_t *p,
+    const meter_onboard_t *in, meter_onboard_result_t *out,
+    meter_send_result_t *res);
+static int meter_stripe_overdue(meter_provider_t *p, meter_overdue_pt cb,
+    void *data, meter_send_result_t *res);
+static void meter_stripe_webhook(meter_provider_t *p,
+    const meter_webhook_req_t *req, meter_webhook_event_t *ev);
 
 
 static int
@@ -95,7 +109,8 @@ meter_stripe_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
     size_t errlen)
 {
     size_t           n;
-    const char      *mode;
+    int64_t          ms;
+    const char      *mode, *tol;
     meter_stripe_t  *st;
 
     st = calloc(1, sizeof(meter_stripe_t));
@@ -155,6 +170,32 @@ meter_stripe_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
 
     if (st->api_key[0] == '\0') {
         snprintf(err, errlen, "stripe.api_key_file: the file is empty");
+        return -1;
+    }
+
+    /* webhooks are optional: without a secret every delivery is refused */
+    if (meter_conf_get(cf, "stripe.webhook_secret_file") != NULL
+        && meter_conf_secret(cf, "stripe.webhook_secret_file",
+                             st->webhook_secret, sizeof(st->webhook_secret),
+                             err, errlen) != 0)
+    {
+        return -1;
+    }
+
+    st->webhook_tolerance = 300;
+    tol = meter_conf_get(cf, "stripe.webhook_tolerance");
+    if (tol != NULL) {
+        if (meter_parse_duration(tol, &ms) != 0 || ms < 1000) {
+            snprintf(err, errlen, "stripe.webhook_tolerance: \"%s\" is not a "
+                     "duration of at least 1s", tol);
+            return -1;
+        }
+
+        st->webhook_tolerance = (time_t) (ms / 1000);
+    }
+
+    if (meter_plans_copy(&st->plans, cf) != 0) {
+        snprintf(err, errlen, "stripe: out of memory");
         return -1;
     }
 
@@ -582,6 +623,8 @@ meter_stripe_cleanup(meter_provider_t *p)
     meter_http_cleanup(&st->http);
     explicit_bzero(st->api_key, sizeof(st->api_key));
     explicit_bzero(st->token, sizeof(st->token));
+    explicit_bzero(st->webhook_secret, sizeof(st->webhook_secret));
+    meter_plans_free(&st->plans);
     free(st);
     p->data = NULL;
 }
@@ -594,6 +637,9 @@ meter_provider_stripe(meter_provider_t *p)
     p->init = meter_stripe_init;
     p->send = meter_stripe_send;
     p->lookup = NULL;
+    p->onboard = meter_stripe_onboard;
+    p->overdue = meter_stripe_overdue;
+    p->webhook = meter_stripe_webhook;
     p->cleanup = meter_stripe_cleanup;
     p->data = NULL;
 }

@@ -1,0 +1,435 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * gov.c against a mocked Redis (meter_redis_exec wrapped): the commands it
+ * sends, in order, and what it makes of the replies.
+ */
+
+/* wrap: meter_redis_exec */
+
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gov.h"
+
+
+/* the last command, decoded from RESP into "ARG ARG ..." */
+static char  last_cmd[8192];
+
+
+redisReply *__wrap_meter_redis_exec(meter_redis_t *r, const char *cmd,
+    size_t len);
+
+
+redisReply *
+__wrap_meter_redis_exec(meter_redis_t *r, const char *cmd, size_t len)
+{
+    const char  *p, *end;
+    long         n, l;
+    size_t       o;
+
+    (void) r;
+
+    end = cmd + len;
+    assert_true(cmd[0] == '*');
+    n = strtol(cmd + 1, (char **) &p, 10);
+    p += 2;
+    o = 0;
+
+    while (n-- > 0) {
+        assert_true(p < end && *p == '$');
+        l = strtol(p + 1, (char **) &p, 10);
+        p += 2;
+        o += (size_t) snprintf(last_cmd + o, sizeof(last_cmd) - o, "%s%.*s",
+                               o ? " " : "", (int) l, p);
+        p += l + 2;
+    }
+
+    check_expected_ptr(cmd);
+
+    return mock_ptr_type(redisReply *);
+}
+
+
+static redisReply *
+reply(int type, const char *str, long long integer)
+{
+    redisReply  *rp;
+
+    rp = calloc(1, sizeof(redisReply));
+    rp->type = type;
+    rp->integer = integer;
+
+    if (str != NULL) {
+        rp->str = strdup(str);
+        rp->len = strlen(str);
+    }
+
+    return rp;
+}
+
+
+/* an array reply of n strings */
+static redisReply *
+array(size_t n, ...)
+{
+    va_list      ap;
+    size_t       i;
+    redisReply  *rp;
+
+    rp = reply(REDIS_REPLY_ARRAY, NULL, 0);
+    rp->elements = n;
+    rp->element = calloc(n ? n : 1, sizeof(redisReply *));
+
+    va_start(ap, n);
+    for (i = 0; i < n; i++) {
+        rp->element[i] = reply(REDIS_REPLY_STRING, va_arg(ap, const char *),
+                               0);
+    }
+    va_end(ap);
+
+    return rp;
+}
+
+
+static int
+cmd_equal(const LargestIntegralType value,
+    const LargestIntegralType check_value_data)
+{
+    (void) value;
+
+    if (strcmp(last_cmd, (const char *) check_value_data) != 0) {
+        print_error("command \"%s\" != \"%s\"\n", last_cmd,
+                    (const char *) check_value_data);
+        return 0;
+    }
+
+    return 1;
+}
+
+
+static int
+cmd_starts(const LargestIntegralType value,
+    const LargestIntegralType check_value_data)
+{
+    (void) value;
+
+    if (strncmp(last_cmd, (const char *) check_value_data,
+                strlen((const char *) check_value_data)) != 0)
+    {
+        print_error("command \"%.80s\" does not start with \"%s\"\n",
+                    last_cmd, (const char *) check_value_data);
+        return 0;
+    }
+
+    return 1;
+}
+
+
+/* the next command must be exactly cmd, and gets rp */
+#define expect_cmd(c, rp)                                                    \
+    expect_check(__wrap_meter_redis_exec, cmd, cmd_equal, (c));              \
+    will_return(__wrap_meter_redis_exec, (rp))
+
+#define expect_cmd_prefix(c, rp)                                             \
+    expect_check(__wrap_meter_redis_exec, cmd, cmd_starts, (c));             \
+    will_return(__wrap_meter_redis_exec, (rp))
+
+
+static const char  kh1[] =
+    "1111111111111111111111111111111111111111111111111111111111111111";
+static const char  kh2[] =
+    "2222222222222222222222222222222222222222222222222222222222222222";
+
+
+static void
+test_project_writes_every_key(void **state)
+{
+    char            err[256];
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    expect_cmd("HGETALL mtr:cust:{acme}",
+               array(8, "status", "delinquent", "reason", "invoice_overdue",
+                     "since", "1700000000", "source", "manual"));
+    expect_cmd("SMEMBERS mtr:ckeys:{acme}", array(2, kh1, kh2));
+    expect_cmd_prefix("HGETALL mtr:key:{1111",
+                      array(4, "customer", "acme", "prefix", "mk_live_abcd"));
+    expect_cmd("HSET mtr:gov 1111111111111111111111111111111111111111111111"
+               "111111111111111111 acme\td\tinvoice_overdue\t1700000000\t0",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd_prefix("HGETALL mtr:key:{2222",
+                      array(4, "customer", "acme", "revoked", "1700000500"));
+    expect_cmd("HSET mtr:gov 2222222222222222222222222222222222222222222222"
+               "222222222222222222 acme\td\tinvoice_overdue\t1700000000\t"
+               "1700000500", reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 7));
+
+    assert_int_equal(meter_gov_project(&r, "acme", err, sizeof(err)), 0);
+}
+
+
+static void
+test_project_active_drops_reason(void **state)
+{
+    char            err[256];
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    /* a stale since of an active customer is not projected */
+    expect_cmd("HGETALL mtr:cust:{acme}",
+               array(4, "status", "active", "since", "1700000000"));
+    expect_cmd("SMEMBERS mtr:ckeys:{acme}", array(1, kh1));
+    expect_cmd_prefix("HGETALL mtr:key:{1111", array(2, "customer", "acme"));
+    expect_cmd("HSET mtr:gov 1111111111111111111111111111111111111111111111"
+               "111111111111111111 acme\ta\t\t0\t0",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 8));
+
+    assert_int_equal(meter_gov_project(&r, "acme", err, sizeof(err)), 0);
+}
+
+
+static void
+test_project_error(void **state)
+{
+    char            err[256];
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    expect_cmd("HGETALL mtr:cust:{acme}",
+               reply(REDIS_REPLY_ERROR, "LOADING Redis is loading", 0));
+
+    assert_int_equal(meter_gov_project(&r, "acme", err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "LOADING"));
+}
+
+
+static void
+test_set_status_changed_projects(void **state)
+{
+    char            err[256];
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    expect_cmd_prefix("EVAL ", reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("HGETALL mtr:cust:{acme}",
+               array(4, "status", "delinquent", "reason", "credit_exhausted"));
+    expect_cmd("SMEMBERS mtr:ckeys:{acme}", array(0));
+    expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 2));
+
+    assert_int_equal(meter_gov_set_status(&r, "acme", 1, "credit_exhausted",
+                                          "manual", 1700000000, err,
+                                          sizeof(err)), 1);
+}
+
+
+static void
+test_set_status_arguments(void **state)
+{
+    char            err[256];
+    const char     *tail;
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    /* ignored (older event, or a sync against a manual mark): no
+     * projection, no version bump */
+    expect_cmd_prefix("EVAL ", reply(REDIS_REPLY_INTEGER, NULL, 0));
+
+    assert_int_equal(meter_gov_set_status(&r, "acme", 0, "ignored", "sync",
+                                          1700000123, err, sizeof(err)), 0);
+
+    /* KEYS and ARGV after the script; a clear sends an empty reason */
+    tail = strstr(last_cmd, " 1 mtr:cust:{acme} ");
+    assert_non_null(tail);
+    assert_string_equal(tail, " 1 mtr:cust:{acme} 0  sync 1700000123");
+}
+
+
+static void
+test_set_status_unknown_and_invalid(void **state)
+{
+    char            err[256];
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    expect_cmd_prefix("EVAL ", reply(REDIS_REPLY_INTEGER, NULL, -1));
+    assert_int_equal(meter_gov_set_status(&r, "ghost", 1, "invoice_overdue",
+                                          "sync", 0, err, sizeof(err)), -1);
+    assert_string_equal(err, "unknown customer \"ghost\"");
+
+    /* checked before any command */
+    assert_int_equal(meter_gov_set_status(&r, "acme", 1, "late", "manual", 0,
+                                          err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "invalid reason"));
+    assert_int_equal(meter_gov_set_status(&r, "acme", 1, "invoice_overdue",
+                                          "admin", 0, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "invalid source"));
+    assert_int_equal(meter_gov_set_status(&r, "a b", 0, NULL, "manual", 0,
+                                          err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "invalid customer"));
+}
+
+
+static void
+test_find_customer(void **state)
+{
+    char            err[256], c[65];
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    /* unknown customer id, known subscription */
+    expect_cmd("HGET mtr:bypc cus_X", reply(REDIS_REPLY_NIL, NULL, 0));
+    expect_cmd("HGET mtr:bysub sub_Y", reply(REDIS_REPLY_STRING, "acme", 0));
+    assert_int_equal(meter_gov_find_customer(&r, "cus_X", "sub_Y", c,
+                                             sizeof(c), err, sizeof(err)), 1);
+    assert_string_equal(c, "acme");
+
+    expect_cmd("HGET mtr:bypc cus_A", reply(REDIS_REPLY_STRING, "bolt", 0));
+    assert_int_equal(meter_gov_find_customer(&r, "cus_A", "sub_Y", c,
+                                             sizeof(c), err, sizeof(err)), 1);
+    assert_string_equal(c, "bolt");
+
+    expect_cmd("HGET mtr:bysub sub_Z", reply(REDIS_REPLY_NIL, NULL, 0));
+    assert_int_equal(meter_gov_find_customer(&r, NULL, "sub_Z", c, sizeof(c),
+                                             err, sizeof(err)), 0);
+
+    assert_int_equal(meter_gov_find_customer(&r, NULL, NULL, c, sizeof(c),
+                                             err, sizeof(err)), 0);
+}
+
+
+static void
+test_credit_set_adds_usage(void **state)
+{
+    char            err[256];
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    expect_cmd("SMEMBERS mtr:ckeys:{acme}", array(2, kh1, kh2));
+    expect_cmd_prefix("HGET mtr:used:{1111",
+                      reply(REDIS_REPLY_STRING, "40", 0));
+    expect_cmd_prefix("HGET mtr:used:{2222", reply(REDIS_REPLY_NIL, NULL, 0));
+    expect_cmd("HSET mtr:gov:credit acme|calls 140",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 3));
+
+    assert_int_equal(meter_gov_credit_set(&r, "acme", "calls", 100, err,
+                                          sizeof(err)), 0);
+    assert_int_equal(meter_gov_credit_set(&r, "acme", "calls", -1, err,
+                                          sizeof(err)), -1);
+    assert_int_equal(meter_gov_credit_set(&r, "acme", "bad|meter", 1, err,
+                                          sizeof(err)), -1);
+}
+
+
+static void
+test_credit_add(void **state)
+{
+    char            err[256];
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    expect_cmd("HEXISTS mtr:gov:credit acme|calls",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("HINCRBY mtr:gov:credit acme|calls 25",
+               reply(REDIS_REPLY_INTEGER, NULL, 165));
+    expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 4));
+    assert_int_equal(meter_gov_credit_add(&r, "acme", "calls", 25, err,
+                                          sizeof(err)), 0);
+
+    /* no credit yet: the amount is granted on top of the usage so far */
+    expect_cmd("HEXISTS mtr:gov:credit acme|calls",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
+    expect_cmd("SMEMBERS mtr:ckeys:{acme}", array(1, kh1));
+    expect_cmd_prefix("HGET mtr:used:{1111",
+                      reply(REDIS_REPLY_STRING, "7", 0));
+    expect_cmd("HSET mtr:gov:credit acme|calls 32",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 5));
+    assert_int_equal(meter_gov_credit_add(&r, "acme", "calls", 25, err,
+                                          sizeof(err)), 0);
+}
+
+
+static void
+test_credit_left(void **state)
+{
+    char            err[256];
+    int64_t         granted, left;
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    expect_cmd("HGET mtr:gov:credit acme|calls",
+               reply(REDIS_REPLY_STRING, "100", 0));
+    expect_cmd("SMEMBERS mtr:ckeys:{acme}", array(2, kh1, kh2));
+    expect_cmd_prefix("HGET mtr:used:{1111",
+                      reply(REDIS_REPLY_STRING, "70", 0));
+    expect_cmd_prefix("HGET mtr:used:{2222",
+                      reply(REDIS_REPLY_STRING, "45", 0));
+    assert_int_equal(meter_gov_credit_left(&r, "acme", "calls", &granted,
+                                           &left, err, sizeof(err)), 0);
+    assert_int_equal(granted, 100);
+    assert_int_equal(left, -15);     /* overshoot shows as negative */
+
+    expect_cmd("HGET mtr:gov:credit acme|bytes",
+               reply(REDIS_REPLY_NIL, NULL, 0));
+    assert_int_equal(meter_gov_credit_left(&r, "acme", "bytes", &granted,
+                                           &left, err, sizeof(err)), 0);
+    assert_int_equal(granted, -1);
+
+    expect_cmd("HGET mtr:gov:credit acme|calls",
+               reply(REDIS_REPLY_STRING, "12x", 0));
+    assert_int_equal(meter_gov_credit_left(&r, "acme", "calls", &granted,
+                                           &left, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "not an integer"));
+}
+
+
+int
+main(void)
+{
+    const struct CMUnitTest  tests[] = {
+        cmocka_unit_test(test_project_writes_every_key),
+        cmocka_unit_test(test_project_active_drops_reason),
+        cmocka_unit_test(test_project_error),
+        cmocka_unit_test(test_set_status_changed_projects),
+        cmocka_unit_test(test_set_status_arguments),
+        cmocka_unit_test(test_set_status_unknown_and_invalid),
+        cmocka_unit_test(test_find_customer),
+        cmocka_unit_test(test_credit_set_adds_usage),
+        cmocka_unit_test(test_credit_add),
+        cmocka_unit_test(test_credit_left),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,345 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ */
+
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include "config.h"
+#include "provider_util.h"
+#include "util.h"
+
+
+int
+meter_plans_copy(meter_plans_t *pl, const meter_conf_t *cf)
+{
+    size_t  i;
+
+    memset(pl, 0, sizeof(meter_plans_t));
+
+    for (i = 0; i < cf->nkv; i++) {
+        if (strncmp(cf->kv[i].key, "plan.", 5) == 0) {
+            pl->n++;
+        }
+    }
+
+    if (pl->n == 0) {
+        return 0;
+    }
+
+    pl->keys = calloc(pl->n, sizeof(char *));
+    pl->values = calloc(pl->n, sizeof(char *));
+    if (pl->keys == NULL || pl->values == NULL) {
+        meter_plans_free(pl);
+        return -1;
+    }
+
+    pl->n = 0;
+
+    for (i = 0; i < cf->nkv; i++) {
+        if (strncmp(cf->kv[i].key, "plan.", 5) != 0) {
+            continue;
+        }
+
+        pl->keys[pl->n] = strdup(cf->kv[i].key + 5);
+        pl->values[pl->n] = strdup(cf->kv[i].value);
+        pl->n++;
+
+        if (pl->keys[pl->n - 1] == NULL || pl->values[pl->n - 1] == NULL) {
+            meter_plans_free(pl);
+            return -1;
+        }
+    }
+
+    return 0;
+}
+
+
+void
+meter_plans_free(meter_plans_t *pl)
+{
+    size_t  i;
+
+    for (i = 0; i < pl->n; i++) {
+        if (pl->keys != NULL) {
+            free(pl->keys[i]);
+        }
+
+        if (pl->values != NULL) {
+            free(pl->values[i]);
+        }
+    }
+
+    free(pl->keys);
+    free(pl->values);
+    memset(pl, 0, sizeof(meter_plans_t));
+}
+
+
+int
+meter_plan_items(const meter_plans_t *pl, const char *plan,
+    const char *kind, meter_plan_item_t *items, int max)
+{
+    int          n;
+    char         prefix[128];
+    size_t       i, plen;
+    const char  *rest;
+
+    if (plan == NULL) {
+        plan = "default";
+    }
+
+    snprintf(prefix, sizeof(prefix), "%s.%s", plan, kind);
+    plen = strlen(prefix);
+    n = 0;
+
+    for (i = 0; i < pl->n; i++) {
+        if (strncmp(pl->keys[i], prefix, plen) != 0) {
+            continue;
+        }
+
+        rest = pl->keys[i] + plen;
+        if (*rest != '\0' && *rest != '.') {
+            continue;
+        }
+
+        if (n == max) {
+            return -1;
+        }
+
+        if (*rest == '.') {
+            rest++;
+        }
+
+        if (meter_copy(items[n].meter, sizeof(items[n].meter), rest) != 0
+            || meter_copy(items[n].value, sizeof(items[n].value),
+                          pl->values[i]) != 0)
+        {
+            return -1;
+        }
+
+        n++;
+    }
+
+    return n;
+}
+
+
+const char *
+meter_plan_get(const meter_plans_t *pl, const char *plan, const char *key)
+{
+    char    k[160];
+    size_t  i;
+
+    snprintf(k, sizeof(k), "%s.%s", plan != NULL ? plan : "default", key);
+
+    for (i = 0; i < pl->n; i++) {
+        if (strcmp(pl->keys[i], k) == 0) {
+            return pl->values[i];
+        }
+    }
+
+    return NULL;
+}
+
+
+int
+meter_hmac_hex(const char *key, size_t keylen, const char *a, const char *b,
+    size_t blen, char *out)
+{
+    int            rc;
+    size_t         alen, i;
+    unsigned int   mdlen;
+    unsigned char  md[EVP_MAX_MD_SIZE], *msg;
+
+    alen = (a != NULL) ? strlen(a) + 1 : 0;
+
+    msg = malloc(alen + blen + 1);
+    if (msg == NULL) {
+        return -1;
+    }
+
+    if (a != NULL) {
+        memcpy(msg, a, alen - 1);
+        msg[alen - 1] = '.';
+    }
+
+    memcpy(msg + alen, b, blen);
+
+    rc = -1;
+    mdlen = 0;
+
+    if (HMAC(EVP_sha256(), key, (int) keylen, msg, alen + blen, md, &mdlen)
+        != NULL && mdlen == 32)
+    {
+        for (i = 0; i < mdlen; i++) {
+            snprintf(out + 2 * i, 3, "%02x", md[i]);
+        }
+
+        rc = 0;
+    }
+
+    free(msg);
+
+    return rc;
+}
+
+
+int
+meter_secure_equal(const char *a, size_t alen, const char *b, size_t blen)
+{
+    /* the length of a MAC is public; the content is compared in
+     * constant time */
+    if (alen != blen || alen == 0) {
+        return 0;
+    }
+
+    return CRYPTO_memcmp(a, b, alen) == 0;
+}
+
+
+static const cJSON *
+meter_json_path(const cJSON *json, va_list ap)
+{
+    const char   *k;
+    const cJSON  *o;
+
+    o = json;
+
+    while ((k = va_arg(ap, const char *)) != NULL) {
+        if (!cJSON_IsObject(o)) {
+            return NULL;
+        }
+
+        o = cJSON_GetObjectItemCaseSensitive(o, k);
+    }
+
+    return o;
+}
+
+
+const char *
+meter_json_str(const cJSON *json, ...)
+{
+    va_list       ap;
+    const cJSON  *o;
+
+    va_start(ap, json);
+    o = meter_json_path(json, ap);
+    va_end(ap);
+
+    return cJSON_IsString(o) ? o->valuestring : NULL;
+}
+
+
+double
+meter_json_num(const cJSON *json, ...)
+{
+    char         *end;
+    double        v;
+    va_list       ap;
+    const cJSON  *o;
+
+    va_start(ap, json);
+    o = meter_json_path(json, ap);
+    va_end(ap);
+
+    if (cJSON_IsNumber(o)) {
+        return o->valuedouble;
+    }
+
+    if (cJSON_IsString(o) && o->valuestring[0] != '\0') {
+        v = strtod(o->valuestring, &end);
+        if (*end == '\0') {
+            return v;
+        }
+    }
+
+    return -1;
+}
+
+
+time_t
+meter_rfc3339_parse(const char *s)
+{
+    char    buf[64];
+    size_t  i, j;
+
+    if (s == NULL || strlen(s) >= sizeof(buf)) {
+        return -1;
+    }
+
+    /* drop fractional seconds: "2026-11-24T10:00:00.123Z" */
+    for (i = 0, j = 0; s[i] != '\0'; i++) {
+        if (s[i] == '.') {
+            while (s[i + 1] >= '0' && s[i + 1] <= '9') {
+                i++;
+            }
+
+            continue;
+        }
+
+        buf[j++] = s[i];
+    }
+
+    buf[j] = '\0';
+
+    return meter_iso8601_parse(buf);
+}
+
+
+meter_send_e
+meter_http_json(meter_http_t *h, const meter_http_req_t *req, cJSON **json,
+    int *replayed, meter_send_result_t *res)
+{
+    meter_send_e       rc;
+    meter_http_resp_t  resp;
+
+    memset(&resp, 0, sizeof(resp));
+    *json = NULL;
+
+    rc = meter_http_request(h, req, &resp, res);
+
+    if (replayed != NULL) {
+        *replayed = resp.replayed;
+    }
+
+    if (resp.body.data != NULL && resp.body.len > 0) {
+        *json = cJSON_ParseWithLength(resp.body.data, resp.body.len);
+    }
+
+    if (rc == METER_SEND_OK && *json == NULL) {
+        snprintf(res->error, sizeof(res->error), "%s: answer to %s is not "
+                 "JSON", h->name, req->method);
+        res->status = METER_SEND_RETRY;
+        rc = METER_SEND_RETRY;
+    }
+
+    meter_buf_free(&resp.body);
+
+    return rc;
+}
+
+
+int
+meter_copy(char *dst, size_t size, const char *s)
+{
+    size_t  n;
+
+    n = strlen(s);
+    if (n >= size) {
+        return -1;
+    }
+
+    memcpy(dst, s, n + 1);
+
+    return 0;
+}

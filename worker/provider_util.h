@@ -1,0 +1,91 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * Helpers shared by the providers' onboarding, delinquency sync and
+ * webhook code: plan settings copied from the config, HMAC-SHA256 and
+ * constant-time comparisons, JSON field access, provider timestamps.
+ */
+
+
+#ifndef _METER_PROVIDER_UTIL_H_INCLUDED_
+#define _METER_PROVIDER_UTIL_H_INCLUDED_
+
+
+#include <stddef.h>
+#include <time.h>
+
+#include <cjson/cJSON.h>
+
+#include "http.h"
+#include "provider.h"
+
+
+#define METER_PLAN_ITEMS    8
+
+
+/* the config's "plan.*" keys, copied at init (the config may be freed
+ * before the provider in meterctl) */
+typedef struct {
+    char                      **keys;
+    char                      **values;
+    size_t                      n;
+} meter_plans_t;
+
+
+typedef struct {
+    char                        meter[33];      /* "" for the plain key */
+    char                        value[128];
+} meter_plan_item_t;
+
+
+int meter_plans_copy(meter_plans_t *pl, const meter_conf_t *cf);
+void meter_plans_free(meter_plans_t *pl);
+
+/*
+ * The items of "plan.<plan>.<kind>" (meter "") and
+ * "plan.<plan>.<kind>.<METER>" (meter METER), in config order; plan NULL
+ * means "default".  Returns their number (0: none), or -1 when more than
+ * METER_PLAN_ITEMS or a value is too long.
+ */
+int meter_plan_items(const meter_plans_t *pl, const char *plan,
+    const char *kind, meter_plan_item_t *items, int max);
+/* one value "plan.<plan>.<key>", or NULL */
+const char *meter_plan_get(const meter_plans_t *pl, const char *plan,
+    const char *key);
+
+
+/* lowercase hex HMAC-SHA256 of a "." b (a NULL: just b); out >= 65;
+ * 0 or -1 */
+int meter_hmac_hex(const char *key, size_t keylen, const char *a,
+    const char *b, size_t blen, char *out);
+
+/* constant-time equality of two strings of the same length (case-
+ * insensitive for hex is not needed: both sides are lowercase) */
+int meter_secure_equal(const char *a, size_t alen, const char *b,
+    size_t blen);
+
+
+/* a string at a path of object keys (NULL-terminated), or NULL */
+const char *meter_json_str(const cJSON *json, ...);
+/* a number or a numeric string at a path; -1 when absent */
+double meter_json_num(const cJSON *json, ...);
+
+/* RFC 3339 with optional fractional seconds and offset; -1 malformed */
+time_t meter_rfc3339_parse(const char *s);
+
+/*
+ * One request (meter_http_request, with its bounded retries); the answer's
+ * body, when it is JSON, goes into *json (also for errors: the caller may
+ * read the provider's error code), the caller cJSON_Delete()s it.
+ * *replayed: the answer was an idempotent replay.  An OK answer that is not
+ * JSON becomes RETRY.
+ */
+meter_send_e meter_http_json(meter_http_t *h, const meter_http_req_t *req,
+    cJSON **json, int *replayed, meter_send_result_t *res);
+
+/* copies s into dst (size) when it fits; 0 or -1 */
+int meter_copy(char *dst, size_t size, const char *s);
+
+
+#endif /* _METER_PROVIDER_UTIL_H_INCLUDED_ */
