@@ -132,6 +132,18 @@ int
 meter_jsonl_write(meter_jsonl_t *j, const char *key, const char *line,
     size_t len, char *err, size_t errlen)
 {
+    if (meter_jsonl_append(j, line, len, err, errlen) != 0) {
+        return -1;
+    }
+
+    return meter_jsonl_commit(j, &key, 1, err, errlen);
+}
+
+
+int
+meter_jsonl_append(meter_jsonl_t *j, const char *line, size_t len, char *err,
+    size_t errlen)
+{
     ssize_t  n;
     size_t   done;
     off_t    end;
@@ -162,6 +174,16 @@ meter_jsonl_write(meter_jsonl_t *j, const char *key, const char *line,
         done += (size_t) n;
     }
 
+    return 0;
+}
+
+
+int
+meter_jsonl_commit(meter_jsonl_t *j, const char *const *keys, size_t n,
+    char *err, size_t errlen)
+{
+    size_t  i;
+
     /* pipes and ttys cannot be synced; their reader is the durability */
     if (fsync(j->fd) != 0 && errno != EINVAL && errno != ENOTSUP) {
         snprintf(err, errlen, "cannot fsync \"%s\": %s", j->path,
@@ -169,9 +191,11 @@ meter_jsonl_write(meter_jsonl_t *j, const char *key, const char *line,
         return -1;
     }
 
-    if (meter_map_put(&j->keys, key, NULL) == NULL) {
-        snprintf(err, errlen, "out of memory");
-        return -1;
+    for (i = 0; i < n; i++) {
+        if (meter_map_put(&j->keys, keys[i], NULL) == NULL) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
     }
 
     return 0;

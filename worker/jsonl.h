@@ -36,6 +36,13 @@ int meter_jsonl_has(meter_jsonl_t *j, const char *key);
 /* appends line (with its '\n') and fsyncs; 0, or -1 with err */
 int meter_jsonl_write(meter_jsonl_t *j, const char *key, const char *line,
     size_t len, char *err, size_t errlen);
+/* the same in two steps, so that one fsync covers many lines: append
+ * writes a line (not durable yet, its key not in the set), commit fsyncs
+ * and then adds the keys of the lines appended; 0, or -1 with err */
+int meter_jsonl_append(meter_jsonl_t *j, const char *line, size_t len,
+    char *err, size_t errlen);
+int meter_jsonl_commit(meter_jsonl_t *j, const char *const *keys, size_t n,
+    char *err, size_t errlen);
 void meter_jsonl_close(meter_jsonl_t *j);
 
 

@@ -610,6 +610,685 @@ end:
 }
 
 
+/* the id of a field that is an id or an expanded object */
+static const char *
+meter_stripe_ref(const cJSON *obj, const char *field)
+{
+    const cJSON  *f;
+
+    f = cJSON_GetObjectItemCaseSensitive(obj, field);
+
+    if (cJSON_IsString(f)) {
+        return f->valuestring;
+    }
+
+    return meter_json_str(f, "id", NULL);
+}
+
+
+/* one v1 call; form NULL for a GET, idem NULL for none */
+static meter_send_e
+meter_stripe_call(meter_stripe_t *st, const char *url, const meter_buf_t *form,
+    const char *idem, cJSON **json, int *replayed, meter_send_result_t *res)
+{
+    char              hdr[320];
+    meter_http_req_t  req;
+
+    memset(&req, 0, sizeof(req));
+
+    req.method = (form != NULL) ? "POST" : "GET";
+    req.url = url;
+    req.auth = METER_HTTP_AUTH_BEARER;
+    req.secret = st->api_key;
+
+    if (form != NULL) {
+        req.content_type = "application/x-www-form-urlencoded";
+        req.body = form->data != NULL ? form->data : "";
+        req.body_len = form->len;
+    }
+
+    if (idem != NULL) {
+        snprintf(hdr, sizeof(hdr), "Idempotency-Key: %s", idem);
+        req.headers[0] = hdr;
+    }
+
+    return meter_http_json(&st->http, &req, json, replayed, res);
+}
+
+
+/*
+ * Lists url (which has a query) page by page and returns the first object
+ * whose metadata[nginx_meter_customer] is customer and whose field
+ * "status" is not one of skip: 1 with its id in id, 0 none, -1 error.
+ */
+static int
+meter_stripe_find(meter_stripe_t *st, const char *url, const char *customer,
+    const char *skip, char *id, size_t size, meter_send_result_t *res)
+{
+    int           rc, page;
+    char          last[128];
+    cJSON        *json;
+    meter_buf_t   u;
+    const char   *oid, *meta, *status;
+    const cJSON  *data, *o;
+
+    memset(&u, 0, sizeof(u));
+    last[0] = '\0';
+    json = NULL;
+    rc = -1;
+
+    for (page = 0; page < METER_STRIPE_PAGES; page++) {
+        meter_buf_reset(&u);
+        if (meter_buf_printf(&u, "%s&limit=100", url) != 0
+            || (last[0] != '\0'
+                && (meter_buf_printf(&u, "&starting_after=") != 0
+                    || meter_url_segment(&u, st->http.curl, last) != 0)))
+        {
+            snprintf(res->error, sizeof(res->error), "stripe: out of memory");
+            res->status = METER_SEND_RETRY;
+            goto end;
+        }
+
+        cJSON_Delete(json);
+        if (meter_stripe_call(st, u.data, NULL, NULL, &json, NULL, res)
+            != METER_SEND_OK)
+        {
+            goto end;
+        }
+
+        data = cJSON_GetObjectItemCaseSensitive(json, "data");
+        if (!cJSON_IsArray(data)) {
+            snprintf(res->error, sizeof(res->error),
+                     "stripe: list without \"data\"");
+            res->status = METER_SEND_RETRY;
+            goto end;
+        }
+
+        oid = NULL;
+
+        cJSON_ArrayForEach(o, data) {
+            oid = meter_json_str(o, "id", NULL);
+            meta = meter_json_str(o, "metadata", METER_STRIPE_META, NULL);
+            status = meter_json_str(o, "status", NULL);
+
+            if (oid != NULL && meta != NULL && strcmp(meta, customer) == 0
+                && (status == NULL || skip == NULL
+                    || strstr(skip, status) == NULL))
+            {
+                rc = meter_copy(id, size, oid) == 0 ? 1 : -1;
+                goto end;
+            }
+        }
+
+        if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json, "has_more"))
+            || oid == NULL || meter_copy(last, sizeof(last), oid) != 0)
+        {
+            rc = 0;
+            goto end;
+        }
+    }
+
+    rc = 0;
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&u);
+
+    return rc;
+}
+
+
+/*
+ * A create call with an idempotency key.  Stripe saves the first answer of
+ * a key, 500s included, and replays it for 24 h: the caller has just
+ * listed the objects and found none, so a replayed failure created
+ * nothing, and the call is made once more under a fresh key.
+ */
+static meter_send_e
+meter_stripe_create(meter_stripe_t *st, const char *url,
+    const meter_buf_t *form, const char *idem, cJSON **json,
+    meter_send_result_t *res)
+{
+    int           replayed;
+    char          fresh[200];
+    meter_send_e  rc;
+
+    rc = meter_stripe_call(st, url, form, idem, json, &replayed, res);
+
+    if (rc == METER_SEND_RETRY && replayed) {
+        cJSON_Delete(*json);
+        snprintf(fresh, sizeof(fresh), "%s-r%lx%04lx", idem,
+                 (unsigned long) time(NULL),
+                 (unsigned long) (random() & 0xffff));
+        rc = meter_stripe_call(st, url, form, fresh, json, NULL, res);
+    }
+
+    return rc;
+}
+
+
+static meter_send_e
+meter_stripe_onboard(meter_provider_t *p, const meter_onboard_t *in,
+    meter_onboard_result_t *out, meter_send_result_t *res)
+{
+    int                 n, i, found;
+    char                idem[128], key[64];
+    cJSON              *json;
+    meter_buf_t         url, form;
+    const char         *id, *price;
+    meter_send_e        rc;
+    const cJSON        *items, *it;
+    meter_stripe_t     *st;
+    meter_plan_item_t   plan[METER_PLAN_ITEMS];
+
+    st = p->data;
+    json = NULL;
+
+    memset(&url, 0, sizeof(url));
+    memset(&form, 0, sizeof(form));
+    memset(out, 0, sizeof(*out));
+    memset(res, 0, sizeof(*res));
+
+    rc = METER_SEND_FATAL;
+    res->status = rc;
+
+    n = meter_plan_items(&st->plans, in->plan, "stripe_price", plan,
+                         METER_PLAN_ITEMS);
+    if (n <= 0) {
+        snprintf(res->error, sizeof(res->error), "stripe: %s \"plan.%s."
+                 "stripe_price\" (or \"plan.%s.stripe_price.METER\") in the "
+                 "config", n == 0 ? "no" : "too many or too long",
+                 in->plan ? in->plan : "default",
+                 in->plan ? in->plan : "default");
+        goto end;
+    }
+
+    /* the customer: look for ours first (a retry after 24 h, when Stripe
+     * forgot the idempotency key), else create it */
+
+    if (meter_buf_printf(&url, "%s/v1/customers?email=", st->base) != 0
+        || meter_url_segment(&url, st->http.curl, in->email) != 0)
+    {
+        goto nomem;
+    }
+
+    found = meter_stripe_find(st, url.data, in->customer, NULL,
+                              out->provider_customer,
+                              sizeof(out->provider_customer), res);
+    if (found == -1) {
+        rc = res->status;
+        goto end;
+    }
+
+    if (found == 0) {
+        meter_buf_reset(&url);
+        if (meter_buf_printf(&url, "%s/v1/customers", st->base) != 0
+            || meter_form_add(&form, st->http.curl, "email", in->email) != 0
+            || (in->name != NULL
+                && meter_form_add(&form, st->http.curl, "name", in->name)
+                   != 0)
+            || meter_form_add(&form, st->http.curl,
+                              "metadata[" METER_STRIPE_META "]",
+                              in->customer) != 0)
+        {
+            goto nomem;
+        }
+
+        snprintf(idem, sizeof(idem), "nginx-meter-%s-customer", in->customer);
+
+        rc = meter_stripe_create(st, url.data, &form, idem, &json, res);
+        if (rc != METER_SEND_OK) {
+            goto end;
+        }
+
+        id = meter_json_str(json, "id", NULL);
+        if (id == NULL
+            || meter_copy(out->provider_customer,
+                          sizeof(out->provider_customer), id) != 0)
+        {
+            snprintf(res->error, sizeof(res->error),
+                     "stripe: customer created without a usable id");
+            rc = METER_SEND_RETRY;
+            goto end;
+        }
+
+        cJSON_Delete(json);
+        json = NULL;
+    }
+
+    /* the subscription, the same way */
+
+    meter_buf_reset(&url);
+    if (meter_buf_printf(&url, "%s/v1/subscriptions?status=all&customer=",
+                         st->base) != 0
+        || meter_url_segment(&url, st->http.curl, out->provider_customer)
+           != 0)
+    {
+        goto nomem;
+    }
+
+    found = meter_stripe_find(st, url.data, in->customer,
+                              "canceled incomplete_expired",
+                              out->subscription, sizeof(out->subscription),
+                              res);
+    if (found == -1) {
+        rc = res->status;
+        goto end;
+    }
+
+    meter_buf_reset(&url);
+
+    if (found == 1) {
+        /* its items */
+        if (meter_buf_printf(&url, "%s/v1/subscriptions/", st->base) != 0
+            || meter_url_segment(&url, st->http.curl, out->subscription) != 0)
+        {
+            goto nomem;
+        }
+
+        rc = meter_stripe_call(st, url.data, NULL, NULL, &json, NULL, res);
+
+    } else {
+        meter_buf_reset(&form);
+        if (meter_buf_printf(&url, "%s/v1/subscriptions", st->base) != 0
+            || meter_form_add(&form, st->http.curl, "customer",
+                              out->provider_customer) != 0
+            || meter_form_add(&form, st->http.curl,
+                              "metadata[" METER_STRIPE_META "]",
+                              in->customer) != 0)
+        {
+            goto nomem;
+        }
+
+        for (i = 0; i < n; i++) {
+            snprintf(key, sizeof(key), "items[%d][price]", i);
+            if (meter_form_add(&form, st->http.curl, key, plan[i].value)
+                != 0)
+            {
+                goto nomem;
+            }
+        }
+
+        snprintf(idem, sizeof(idem), "nginx-meter-%s-subscription",
+                 in->customer);
+
+        rc = meter_stripe_create(st, url.data, &form, idem, &json, res);
+    }
+
+    if (rc != METER_SEND_OK) {
+        goto end;
+    }
+
+    id = meter_json_str(json, "id", NULL);
+    if (id == NULL
+        || meter_copy(out->subscription, sizeof(out->subscription), id) != 0)
+    {
+        snprintf(res->error, sizeof(res->error),
+                 "stripe: subscription without a usable id");
+        rc = METER_SEND_RETRY;
+        goto end;
+    }
+
+    /* subscription item per meter, for usage_records mode; the plain key
+     * stands for the meter "calls" */
+    items = cJSON_GetObjectItemCaseSensitive(
+                cJSON_GetObjectItemCaseSensitive(json, "items"), "data");
+
+    cJSON_ArrayForEach(it, items) {
+        id = meter_json_str(it, "id", NULL);
+        price = meter_json_str(it, "price", "id", NULL);
+
+        for (i = 0; id != NULL && price != NULL && i < n; i++) {
+            if (strcmp(plan[i].value, price) != 0 || out->nitems == 8) {
+                continue;
+            }
+
+            if (meter_copy(out->item_meter[out->nitems],
+                           sizeof(out->item_meter[0]),
+                           plan[i].meter[0] ? plan[i].meter : "calls") == 0
+                && meter_copy(out->item_id[out->nitems],
+                              sizeof(out->item_id[0]), id) == 0)
+            {
+                out->nitems++;
+            }
+
+            break;
+        }
+    }
+
+    res->status = METER_SEND_OK;
+    res->error[0] = '\0';
+    rc = METER_SEND_OK;
+
+    goto end;
+
+nomem:
+
+    snprintf(res->error, sizeof(res->error), "stripe: out of memory");
+    rc = METER_SEND_RETRY;
+
+end:
+
+    res->status = rc;
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+    meter_buf_free(&form);
+
+    return rc;
+}
+
+
+/* subscriptions with status past_due, then unpaid, every page */
+static int
+meter_stripe_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
+    meter_send_result_t *res)
+{
+    int               s, page, rc;
+    char              last[128];
+    cJSON            *json;
+    meter_buf_t       url;
+    const char       *id;
+    const cJSON      *list, *o;
+    meter_stripe_t   *st;
+    meter_overdue_t   od;
+
+    static const char  *statuses[] = { "past_due", "unpaid" };
+
+    st = p->data;
+    json = NULL;
+    rc = -1;
+
+    memset(&url, 0, sizeof(url));
+    memset(res, 0, sizeof(*res));
+
+    for (s = 0; s < 2; s++) {
+        last[0] = '\0';
+
+        for (page = 0; page < METER_STRIPE_PAGES; page++) {
+            meter_buf_reset(&url);
+            if (meter_buf_printf(&url, "%s/v1/subscriptions?status=%s"
+                                 "&limit=100", st->base, statuses[s]) != 0
+                || (last[0] != '\0'
+                    && (meter_buf_printf(&url, "&starting_after=") != 0
+                        || meter_url_segment(&url, st->http.curl, last)
+                           != 0)))
+            {
+                snprintf(res->error, sizeof(res->error),
+                         "stripe: out of memory");
+                goto end;
+            }
+
+            cJSON_Delete(json);
+            if (meter_stripe_call(st, url.data, NULL, NULL, &json, NULL, res)
+                != METER_SEND_OK)
+            {
+                goto end;
+            }
+
+            list = cJSON_GetObjectItemCaseSensitive(json, "data");
+            if (!cJSON_IsArray(list)) {
+                snprintf(res->error, sizeof(res->error),
+                         "stripe: subscription list without \"data\"");
+                goto end;
+            }
+
+            id = NULL;
+
+            cJSON_ArrayForEach(o, list) {
+                id = meter_json_str(o, "id", NULL);
+
+                od.subscription = id;
+                od.provider_customer = meter_stripe_ref(o, "customer");
+                od.since = 0;
+
+                if (cb(data, &od) != 0) {
+                    snprintf(res->error, sizeof(res->error),
+                             "stripe: the sync stopped");
+                    goto end;
+                }
+            }
+
+            if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json,
+                                                               "has_more")))
+            {
+                break;
+            }
+
+            if (id == NULL || meter_copy(last, sizeof(last), id) != 0) {
+                snprintf(res->error, sizeof(res->error),
+                         "stripe: has_more without a last id");
+                goto end;
+            }
+        }
+
+        if (page == METER_STRIPE_PAGES) {
+            snprintf(res->error, sizeof(res->error),
+                     "stripe: more than %d pages of subscriptions",
+                     METER_STRIPE_PAGES);
+            goto end;
+        }
+    }
+
+    rc = 0;
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+
+    return rc;
+}
+
+
+static void
+meter_webhook_invalid(meter_webhook_event_t *ev, int status, const char *msg)
+{
+    ev->kind = METER_WEBHOOK_INVALID;
+    ev->http_status = status;
+    snprintf(ev->error, sizeof(ev->error), "%s", msg);
+}
+
+
+/*
+ * Stripe-Signature: t=<unix>,v1=<hex>[,v1=<hex>...]: HMAC-SHA256 of
+ * "<t>.<raw body>" with the endpoint's secret, compared in constant time
+ * with every v1 (several during a secret roll); t within the tolerance.
+ * 1 verified, 0 not (ev filled).
+ */
+static int
+meter_stripe_verify(meter_stripe_t *st, const meter_webhook_req_t *req,
+    meter_webhook_event_t *ev)
+{
+    int          ok;
+    char         buf[2048], mac[65], t[24], *tok, *save, *eq;
+    time_t       ts;
+    const char  *h;
+
+    if (st->webhook_secret[0] == '\0') {
+        meter_webhook_invalid(ev, 401, "stripe.webhook_secret_file is not "
+                              "set");
+        return 0;
+    }
+
+    h = req->header(req->data, "Stripe-Signature");
+    if (h == NULL || strlen(h) >= sizeof(buf)) {
+        meter_webhook_invalid(ev, 400, "no usable Stripe-Signature header");
+        return 0;
+    }
+
+    memcpy(buf, h, strlen(h) + 1);
+    t[0] = '\0';
+
+    for (tok = strtok_r(buf, ",", &save); tok != NULL;
+         tok = strtok_r(NULL, ",", &save))
+    {
+        while (*tok == ' ') {
+            tok++;
+        }
+
+        if (strncmp(tok, "t=", 2) == 0 && strlen(tok + 2) < sizeof(t)) {
+            memcpy(t, tok + 2, strlen(tok + 2) + 1);
+        }
+    }
+
+    if (t[0] == '\0' || strspn(t, "0123456789") != strlen(t)) {
+        meter_webhook_invalid(ev, 400, "Stripe-Signature without a valid t=");
+        return 0;
+    }
+
+    ts = (time_t) strtoll(t, NULL, 10);
+
+    if (ts < req->now - st->webhook_tolerance
+        || ts > req->now + st->webhook_tolerance)
+    {
+        meter_webhook_invalid(ev, 400, "Stripe-Signature timestamp outside "
+                              "the tolerance");
+        return 0;
+    }
+
+    if (meter_hmac_hex(st->webhook_secret, strlen(st->webhook_secret), t,
+                       req->body, req->body_len, mac) != 0)
+    {
+        meter_webhook_invalid(ev, 500, "HMAC failed");
+        ev->kind = METER_WEBHOOK_INVALID;
+        return 0;
+    }
+
+    memcpy(buf, h, strlen(h) + 1);
+    ok = 0;
+
+    for (tok = strtok_r(buf, ",", &save); tok != NULL;
+         tok = strtok_r(NULL, ",", &save))
+    {
+        while (*tok == ' ') {
+            tok++;
+        }
+
+        eq = strchr(tok, '=');
+        if (eq == NULL || (size_t) (eq - tok) != 2
+            || strncmp(tok, "v1", 2) != 0)
+        {
+            continue;
+        }
+
+        /* no early exit: every candidate is compared */
+        ok |= meter_secure_equal(mac, 64, eq + 1, strlen(eq + 1));
+    }
+
+    explicit_bzero(mac, sizeof(mac));
+
+    if (!ok) {
+        meter_webhook_invalid(ev, 400, "Stripe-Signature does not match");
+        return 0;
+    }
+
+    return 1;
+}
+
+
+static void
+meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
+    meter_webhook_event_t *ev)
+{
+    double           created;
+    cJSON           *json;
+    const char      *id, *type, *status, *cus, *sub;
+    const cJSON     *obj;
+    meter_stripe_t  *st;
+
+    st = p->data;
+    json = NULL;
+
+    memset(ev, 0, sizeof(*ev));
+
+    if (!meter_stripe_verify(st, req, ev)) {
+        return;
+    }
+
+    json = cJSON_ParseWithLength(req->body, req->body_len);
+    if (json == NULL) {
+        meter_webhook_invalid(ev, 400, "the body is not JSON");
+        goto end;
+    }
+
+    id = meter_json_str(json, "id", NULL);
+    type = meter_json_str(json, "type", NULL);
+    created = meter_json_num(json, "created", NULL);
+    obj = meter_json_path_obj(json, "data", "object");
+
+    if (id == NULL || type == NULL || created < 0 || !cJSON_IsObject(obj)
+        || meter_copy(ev->event_id, sizeof(ev->event_id), id) != 0)
+    {
+        meter_webhook_invalid(ev, 400, "not a Stripe event (id, type, "
+                              "created, data.object)");
+        goto end;
+    }
+
+    ev->event_time = (time_t) created;
+    ev->kind = METER_WEBHOOK_IGNORE;
+
+    if (strcmp(type, "invoice.payment_failed") == 0) {
+        ev->kind = METER_WEBHOOK_DELINQUENT;
+        cus = meter_stripe_ref(obj, "customer");
+        sub = meter_stripe_ref(obj, "subscription");
+        if (sub == NULL) {
+            /* API versions since 2025-03-31 move it under parent */
+            sub = meter_json_str(obj, "parent", "subscription_details",
+                                 "subscription", NULL);
+        }
+
+    } else if (strcmp(type, "invoice.paid") == 0) {
+        /* the poll repairs this if another invoice is still overdue */
+        ev->kind = METER_WEBHOOK_PAID;
+        cus = meter_stripe_ref(obj, "customer");
+        sub = meter_stripe_ref(obj, "subscription");
+        if (sub == NULL) {
+            sub = meter_json_str(obj, "parent", "subscription_details",
+                                 "subscription", NULL);
+        }
+
+    } else if (strcmp(type, "customer.subscription.updated") == 0) {
+        status = meter_json_str(obj, "status", NULL);
+        cus = meter_stripe_ref(obj, "customer");
+        sub = meter_json_str(obj, "id", NULL);
+
+        if (status != NULL
+            && (strcmp(status, "past_due") == 0
+                || strcmp(status, "unpaid") == 0))
+        {
+            ev->kind = METER_WEBHOOK_DELINQUENT;
+
+        } else if (status != NULL
+                   && (strcmp(status, "active") == 0
+                       || strcmp(status, "trialing") == 0))
+        {
+            ev->kind = METER_WEBHOOK_PAID;
+        }
+
+    } else {
+        /* customer.subscription.deleted and the rest: ending a
+         * subscription settles no invoice; the poll clears a mark once
+         * Stripe lists nothing overdue */
+        cus = NULL;
+        sub = NULL;
+    }
+
+    if (cus != NULL) {
+        (void) meter_copy(ev->provider_customer,
+                          sizeof(ev->provider_customer), cus);
+    }
+
+    if (sub != NULL) {
+        (void) meter_copy(ev->subscription, sizeof(ev->subscription), sub);
+    }
+
+end:
+
+    cJSON_Delete(json);
+}
+
+
 static void
 meter_stripe_cleanup(meter_provider_t *p)
 {
