@@ -28,14 +28,19 @@
 
 #include <cjson/cJSON.h>
 
+#include <openssl/evp.h>
+
 #include "http.h"
 #include "provider.h"
+#include "provider_util.h"
 
 
 typedef struct {
     meter_http_t                http;
     char                        base[256];
     char                        api_key[256];
+    char                        webhook_auth[1024];  /* "Basic ..." */
+    meter_plans_t               plans;
 } meter_chargebee_t;
 
 
@@ -46,6 +51,59 @@ static meter_send_e meter_chargebee_send(meter_provider_t *p,
 static int meter_chargebee_lookup(meter_provider_t *p,
     const meter_record_t *rec, meter_send_result_t *res);
 static void meter_chargebee_cleanup(meter_provider_t *p);
+static meter_send_e meter_chargebee_onboard(meter_provider_t *p,
+    const meter_onboard_t *in, meter_onboard_result_t *out,
+    meter_send_result_t *res);
+static int meter_chargebee_overdue(meter_provider_t *p, meter_overdue_pt cb,
+    void *data, meter_send_result_t *res);
+static void meter_chargebee_webhook(meter_provider_t *p,
+    const meter_webhook_req_t *req, meter_webhook_event_t *ev);
+
+
+/* the expected "Authorization: Basic base64(user:password)" */
+static int
+meter_chargebee_webhook_setup(meter_chargebee_t *cb, const meter_conf_t *cf,
+    char *err, size_t errlen)
+{
+    int          n;
+    char         pw[256], plain[520];
+    const char  *user;
+
+    user = meter_conf_get(cf, "chargebee.webhook_user");
+
+    if (user == NULL
+        && meter_conf_get(cf, "chargebee.webhook_password_file") == NULL)
+    {
+        return 0;
+    }
+
+    if (user == NULL || strchr(user, ':') != NULL || strlen(user) > 250) {
+        snprintf(err, errlen, "chargebee.webhook_user: required with "
+                 "chargebee.webhook_password_file, without \":\"");
+        return -1;
+    }
+
+    if (meter_conf_secret(cf, "chargebee.webhook_password_file", pw,
+                          sizeof(pw), err, errlen) != 0)
+    {
+        return -1;
+    }
+
+    n = snprintf(plain, sizeof(plain), "%s:%s", user, pw);
+    explicit_bzero(pw, sizeof(pw));
+
+    if (n < 0 || (size_t) n >= sizeof(plain)) {
+        snprintf(err, errlen, "chargebee.webhook_password_file: too long");
+        return -1;
+    }
+
+    memcpy(cb->webhook_auth, "Basic ", 6);
+    EVP_EncodeBlock((unsigned char *) cb->webhook_auth + 6,
+                    (unsigned char *) plain, n);
+    explicit_bzero(plain, sizeof(plain));
+
+    return 0;
+}
 
 
 static int
@@ -99,6 +157,15 @@ meter_chargebee_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
 
     if (cb->api_key[0] == '\0') {
         snprintf(err, errlen, "chargebee.api_key_file: the file is empty");
+        return -1;
+    }
+
+    if (meter_chargebee_webhook_setup(cb, cf, err, errlen) != 0) {
+        return -1;
+    }
+
+    if (meter_plans_copy(&cb->plans, cf) != 0) {
+        snprintf(err, errlen, "chargebee: out of memory");
         return -1;
     }
 
@@ -317,6 +384,401 @@ end:
 }
 
 
+/* one call; form NULL for a GET, idem NULL for none */
+static meter_send_e
+meter_chargebee_call(meter_chargebee_t *cb, const char *url,
+    const meter_buf_t *form, const char *idem, cJSON **json,
+    meter_send_result_t *res)
+{
+    char              hdr[200];
+    meter_http_req_t  req;
+
+    memset(&req, 0, sizeof(req));
+
+    req.method = (form != NULL) ? "POST" : "GET";
+    req.url = url;
+    req.accept = "application/json";
+    req.auth = METER_HTTP_AUTH_BASIC;
+    req.secret = cb->api_key;
+
+    if (form != NULL) {
+        req.content_type = "application/x-www-form-urlencoded";
+        req.body = form->data != NULL ? form->data : "";
+        req.body_len = form->len;
+    }
+
+    if (idem != NULL) {
+        snprintf(hdr, sizeof(hdr), "chargebee-idempotency-key: %s", idem);
+        req.headers[0] = hdr;
+    }
+
+    return meter_http_json(&cb->http, &req, json, NULL, res);
+}
+
+
+static int
+meter_chargebee_duplicate(const cJSON *json, const meter_send_result_t *res)
+{
+    const char  *code;
+
+    code = meter_json_str(json, "api_error_code", NULL);
+
+    return res->http_status == 400 && code != NULL
+           && strcmp(code, "duplicate_entry") == 0;
+}
+
+
+/*
+ * Customer and subscription get our customer id as their Chargebee id
+ * (when it fits Chargebee's 50 characters), so a retry after the 30-minute
+ * idempotency window finds them ("duplicate_entry") instead of making a
+ * second one.
+ */
+static meter_send_e
+meter_chargebee_onboard(meter_provider_t *p, const meter_onboard_t *in,
+    meter_onboard_result_t *out, meter_send_result_t *res)
+{
+    int                 n, i, own_id;
+    char                idem[128], key[64];
+    cJSON              *json;
+    meter_buf_t         url, form;
+    const char         *id;
+    meter_send_e        rc;
+    meter_chargebee_t  *cb;
+    meter_plan_item_t   plan[METER_PLAN_ITEMS];
+
+    cb = p->data;
+    json = NULL;
+
+    memset(&url, 0, sizeof(url));
+    memset(&form, 0, sizeof(form));
+    memset(out, 0, sizeof(*out));
+    memset(res, 0, sizeof(*res));
+
+    rc = METER_SEND_FATAL;
+
+    n = meter_plan_items(&cb->plans, in->plan, "chargebee_item_price", plan,
+                         METER_PLAN_ITEMS);
+    if (n <= 0) {
+        snprintf(res->error, sizeof(res->error), "chargebee: %s \"plan.%s."
+                 "chargebee_item_price\" in the config",
+                 n == 0 ? "no" : "too many or too long",
+                 in->plan ? in->plan : "default");
+        goto end;
+    }
+
+    own_id = strlen(in->customer) <= 50;
+
+    if (meter_buf_printf(&url, "%s/api/v2/customers", cb->base) != 0
+        || (own_id
+            && meter_form_add(&form, cb->http.curl, "id", in->customer) != 0)
+        || meter_form_add(&form, cb->http.curl, "email", in->email) != 0
+        || (in->name != NULL
+            && meter_form_add(&form, cb->http.curl, "first_name", in->name)
+               != 0)
+        || meter_form_add(&form, cb->http.curl, "cf_nginx_meter_customer",
+                          in->customer) != 0)
+    {
+        goto nomem;
+    }
+
+    snprintf(idem, sizeof(idem), "nginx-meter-%s-customer", in->customer);
+
+    rc = meter_chargebee_call(cb, url.data, &form, idem, &json, res);
+
+    if (rc == METER_SEND_FATAL && own_id
+        && meter_chargebee_duplicate(json, res))
+    {
+        id = in->customer;
+        rc = METER_SEND_OK;
+
+    } else {
+        id = meter_json_str(json, "customer", "id", NULL);
+    }
+
+    if (rc != METER_SEND_OK) {
+        goto end;
+    }
+
+    if (id == NULL
+        || meter_copy(out->provider_customer, sizeof(out->provider_customer),
+                      id) != 0)
+    {
+        snprintf(res->error, sizeof(res->error),
+                 "chargebee: customer without a usable id");
+        rc = METER_SEND_RETRY;
+        goto end;
+    }
+
+    cJSON_Delete(json);
+    json = NULL;
+
+    meter_buf_reset(&url);
+    meter_buf_reset(&form);
+
+    if (meter_buf_printf(&url, "%s/api/v2/customers/", cb->base) != 0
+        || meter_url_segment(&url, cb->http.curl, out->provider_customer)
+           != 0
+        || meter_buf_printf(&url, "/subscription_for_items") != 0
+        || (own_id
+            && meter_form_add(&form, cb->http.curl, "id", in->customer) != 0))
+    {
+        goto nomem;
+    }
+
+    for (i = 0; i < n; i++) {
+        snprintf(key, sizeof(key), "subscription_items[item_price_id][%d]",
+                 i);
+        if (meter_form_add(&form, cb->http.curl, key, plan[i].value) != 0) {
+            goto nomem;
+        }
+    }
+
+    snprintf(idem, sizeof(idem), "nginx-meter-%s-subscription",
+             in->customer);
+
+    rc = meter_chargebee_call(cb, url.data, &form, idem, &json, res);
+
+    if (rc == METER_SEND_FATAL && own_id
+        && meter_chargebee_duplicate(json, res))
+    {
+        id = in->customer;
+        rc = METER_SEND_OK;
+
+    } else {
+        id = meter_json_str(json, "subscription", "id", NULL);
+    }
+
+    if (rc != METER_SEND_OK) {
+        goto end;
+    }
+
+    if (id == NULL
+        || meter_copy(out->subscription, sizeof(out->subscription), id) != 0)
+    {
+        snprintf(res->error, sizeof(res->error),
+                 "chargebee: subscription without a usable id");
+        rc = METER_SEND_RETRY;
+        goto end;
+    }
+
+    res->error[0] = '\0';
+    rc = METER_SEND_OK;
+
+    goto end;
+
+nomem:
+
+    snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
+    rc = METER_SEND_RETRY;
+
+end:
+
+    res->status = rc;
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+    meter_buf_free(&form);
+
+    return rc;
+}
+
+
+/* invoices with status payment_due or not_paid, every page (offset) */
+static int
+meter_chargebee_overdue(meter_provider_t *p, meter_overdue_pt cb_fn,
+    void *data, meter_send_result_t *res)
+{
+    int                 page, rc;
+    char                offset[128];
+    double              due;
+    cJSON              *json;
+    meter_buf_t         url;
+    const char         *next;
+    const cJSON        *list, *item;
+    meter_overdue_t     od;
+    meter_chargebee_t  *cb;
+
+    cb = p->data;
+    json = NULL;
+    rc = -1;
+    offset[0] = '\0';
+
+    memset(&url, 0, sizeof(url));
+    memset(res, 0, sizeof(*res));
+
+    for (page = 0; page < 100000; page++) {
+        meter_buf_reset(&url);
+
+        /* status[in]=["payment_due","not_paid"], percent-encoded */
+        if (meter_buf_printf(&url, "%s/api/v2/invoices?limit=100&"
+                             "status%%5Bin%%5D=%%5B%%22payment_due%%22%%2C"
+                             "%%22not_paid%%22%%5D", cb->base) != 0
+            || (offset[0] != '\0'
+                && (meter_buf_printf(&url, "&offset=") != 0
+                    || meter_url_segment(&url, cb->http.curl, offset) != 0)))
+        {
+            snprintf(res->error, sizeof(res->error),
+                     "chargebee: out of memory");
+            goto end;
+        }
+
+        cJSON_Delete(json);
+        if (meter_chargebee_call(cb, url.data, NULL, NULL, &json, res)
+            != METER_SEND_OK)
+        {
+            goto end;
+        }
+
+        list = cJSON_GetObjectItemCaseSensitive(json, "list");
+        if (!cJSON_IsArray(list)) {
+            snprintf(res->error, sizeof(res->error),
+                     "chargebee: invoice list without \"list\"");
+            goto end;
+        }
+
+        cJSON_ArrayForEach(item, list) {
+            od.provider_customer = meter_json_str(item, "invoice",
+                                                  "customer_id", NULL);
+            od.subscription = meter_json_str(item, "invoice",
+                                             "subscription_id", NULL);
+            due = meter_json_num(item, "invoice", "due_date", NULL);
+            od.since = due > 0 ? (time_t) due : 0;
+
+            if (cb_fn(data, &od) != 0) {
+                snprintf(res->error, sizeof(res->error),
+                         "chargebee: the sync stopped");
+                goto end;
+            }
+        }
+
+        next = meter_json_str(json, "next_offset", NULL);
+        if (next == NULL) {
+            rc = 0;
+            goto end;
+        }
+
+        if (meter_copy(offset, sizeof(offset), next) != 0) {
+            snprintf(res->error, sizeof(res->error),
+                     "chargebee: next_offset too long");
+            goto end;
+        }
+    }
+
+    snprintf(res->error, sizeof(res->error), "chargebee: too many pages");
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+
+    return rc;
+}
+
+
+/*
+ * Chargebee authenticates webhooks with Basic auth only: the whole
+ * Authorization header is compared in constant time with the configured
+ * user and password.
+ */
+static void
+meter_chargebee_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
+    meter_webhook_event_t *ev)
+{
+    double              t, dues;
+    cJSON              *json;
+    const char         *h, *id, *type, *cus, *sub;
+    const cJSON        *c;
+    meter_chargebee_t  *cb;
+
+    cb = p->data;
+    json = NULL;
+
+    memset(ev, 0, sizeof(*ev));
+
+    if (cb->webhook_auth[0] == '\0') {
+        meter_webhook_invalid(ev, 401, "chargebee.webhook_user and "
+                              "chargebee.webhook_password_file are not set");
+        return;
+    }
+
+    h = req->header(req->data, "Authorization");
+    if (h == NULL
+        || !meter_secure_equal(h, strlen(h), cb->webhook_auth,
+                               strlen(cb->webhook_auth)))
+    {
+        meter_webhook_invalid(ev, 401, "wrong or missing Basic auth");
+        return;
+    }
+
+    json = cJSON_ParseWithLength(req->body, req->body_len);
+    if (json == NULL) {
+        meter_webhook_invalid(ev, 400, "the body is not JSON");
+        goto end;
+    }
+
+    id = meter_json_str(json, "id", NULL);
+    type = meter_json_str(json, "event_type", NULL);
+    t = meter_json_num(json, "occurred_at", NULL);
+    c = cJSON_GetObjectItemCaseSensitive(json, "content");
+
+    if (id == NULL || type == NULL || t < 0 || !cJSON_IsObject(c)
+        || meter_copy(ev->event_id, sizeof(ev->event_id), id) != 0)
+    {
+        meter_webhook_invalid(ev, 400, "not a Chargebee event (id, "
+                              "event_type, occurred_at, content)");
+        goto end;
+    }
+
+    ev->event_time = (time_t) t;
+    ev->kind = METER_WEBHOOK_IGNORE;
+
+    /* the subscription still owing invoices stays delinquent */
+    dues = meter_json_num(c, "subscription", "due_invoices_count", NULL);
+
+    if (strcmp(type, "payment_failed") == 0) {
+        ev->kind = METER_WEBHOOK_DELINQUENT;
+
+    } else if (strcmp(type, "payment_succeeded") == 0) {
+        ev->kind = dues > 0 ? METER_WEBHOOK_DELINQUENT : METER_WEBHOOK_PAID;
+
+    } else if (strcmp(type, "subscription_cancelled") == 0) {
+        /* cancelling settles nothing; only dues still owed matter */
+        ev->kind = dues > 0 ? METER_WEBHOOK_DELINQUENT : METER_WEBHOOK_IGNORE;
+    }
+
+    cus = meter_json_str(c, "customer", "id", NULL);
+    if (cus == NULL) {
+        cus = meter_json_str(c, "invoice", "customer_id", NULL);
+    }
+
+    if (cus == NULL) {
+        cus = meter_json_str(c, "transaction", "customer_id", NULL);
+    }
+
+    sub = meter_json_str(c, "subscription", "id", NULL);
+    if (sub == NULL) {
+        sub = meter_json_str(c, "invoice", "subscription_id", NULL);
+    }
+
+    if (sub == NULL) {
+        sub = meter_json_str(c, "transaction", "subscription_id", NULL);
+    }
+
+    if (cus != NULL) {
+        (void) meter_copy(ev->provider_customer,
+                          sizeof(ev->provider_customer), cus);
+    }
+
+    if (sub != NULL) {
+        (void) meter_copy(ev->subscription, sizeof(ev->subscription), sub);
+    }
+
+end:
+
+    cJSON_Delete(json);
+}
+
+
 static void
 meter_chargebee_cleanup(meter_provider_t *p)
 {
@@ -342,6 +804,9 @@ meter_provider_chargebee(meter_provider_t *p)
     p->send = meter_chargebee_send;
     /* usage ids are unique for good: the id dedupes every resend */
     p->lookup = NULL;
+    p->onboard = meter_chargebee_onboard;
+    p->overdue = meter_chargebee_overdue;
+    p->webhook = meter_chargebee_webhook;
     p->cleanup = meter_chargebee_cleanup;
     p->data = NULL;
 }

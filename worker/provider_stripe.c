@@ -1081,15 +1081,6 @@ end:
 }
 
 
-static void
-meter_webhook_invalid(meter_webhook_event_t *ev, int status, const char *msg)
-{
-    ev->kind = METER_WEBHOOK_INVALID;
-    ev->http_status = status;
-    snprintf(ev->error, sizeof(ev->error), "%s", msg);
-}
-
-
 /*
  * Stripe-Signature: t=<unix>,v1=<hex>[,v1=<hex>...]: HMAC-SHA256 of
  * "<t>.<raw body>" with the endpoint's secret, compared in constant time
@@ -1215,7 +1206,7 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
     id = meter_json_str(json, "id", NULL);
     type = meter_json_str(json, "type", NULL);
     created = meter_json_num(json, "created", NULL);
-    obj = meter_json_path_obj(json, "data", "object");
+    obj = meter_json_obj(json, "data", "object");
 
     if (id == NULL || type == NULL || created < 0 || !cJSON_IsObject(obj)
         || meter_copy(ev->event_id, sizeof(ev->event_id), id) != 0)

@@ -240,6 +240,20 @@ meter_json_str(const cJSON *json, ...)
 }
 
 
+const cJSON *
+meter_json_obj(const cJSON *json, ...)
+{
+    va_list       ap;
+    const cJSON  *o;
+
+    va_start(ap, json);
+    o = meter_json_path(json, ap);
+    va_end(ap);
+
+    return o;
+}
+
+
 double
 meter_json_num(const cJSON *json, ...)
 {
@@ -326,6 +340,15 @@ meter_http_json(meter_http_t *h, const meter_http_req_t *req, cJSON **json,
     meter_buf_free(&resp.body);
 
     return rc;
+}
+
+
+void
+meter_webhook_invalid(meter_webhook_event_t *ev, int status, const char *msg)
+{
+    ev->kind = METER_WEBHOOK_INVALID;
+    ev->http_status = status;
+    snprintf(ev->error, sizeof(ev->error), "%s", msg);
 }
 
 

@@ -68,6 +68,8 @@ int meter_secure_equal(const char *a, size_t alen, const char *b,
 
 /* a string at a path of object keys (NULL-terminated), or NULL */
 const char *meter_json_str(const cJSON *json, ...);
+/* the item at a path (objects, arrays, anything), or NULL */
+const cJSON *meter_json_obj(const cJSON *json, ...);
 /* a number or a numeric string at a path; -1 when absent */
 double meter_json_num(const cJSON *json, ...);
 
@@ -83,6 +85,10 @@ time_t meter_rfc3339_parse(const char *s);
  */
 meter_send_e meter_http_json(meter_http_t *h, const meter_http_req_t *req,
     cJSON **json, int *replayed, meter_send_result_t *res);
+
+/* marks ev as not verified or malformed: answered with status */
+void meter_webhook_invalid(meter_webhook_event_t *ev, int status,
+    const char *msg);
 
 /* copies s into dst (size) when it fits; 0 or -1 */
 int meter_copy(char *dst, size_t size, const char *s);
