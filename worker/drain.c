@@ -30,7 +30,8 @@
 #include "log.h"
 
 
-#define METER_BATCH       500
+#define METER_BATCH       500     /* keys per SSCAN */
+#define METER_CHUNK       100     /* records created, sent, finished together */
 
 
 /* the module's max-only update, reused for the b marks */
@@ -113,6 +114,38 @@ typedef struct {
     uint64_t                    quantity;
     meter_str_t                 covers;         /* "HOUR KH FIELD VALUE\n" */
 } meter_agg_t;
+
+
+/* one record, as sending and finishing need it; the strings point into
+ * the Redis reply it was read from, or into the aggregate it was made of */
+typedef struct {
+    const char                 *id;
+    const char                 *customer;
+    const char                 *key_hash;
+    const char                 *meter;
+    const char                 *covers;
+    const char                 *pkey;
+    const char                 *sm;
+    const char                 *q;              /* quantity, decimal */
+    time_t                      period_start;
+    time_t                      period_end;
+    uint64_t                    quantity;
+    long                        attempts;
+    long                        http_status;    /* of the accepted send */
+    int                         accepted;
+} meter_rec_t;
+
+/* a new record of a chunk */
+typedef struct {
+    meter_agg_t                *agg;            /* NULL: skipped */
+    meter_rec_t                 rec;
+    char                        id[METER_IDEM_LEN + 1];
+    char                        pkey[64];
+    char                        sm[160];
+    char                        q[24];
+    uint64_t                    seq;            /* the last one used */
+    int                         created;
+} meter_new_t;
 
 
 static int meter_drain_check(meter_drain_t *d);
@@ -926,238 +959,6 @@ meter_agg_cmp(const void *a, const void *b)
 }
 
 
-static meter_drain_rc_e
-meter_drain_create(meter_drain_t *d, time_t pstart, meter_agg_t *a,
-    char *id)
-{
-    char         pkey[64], sm[160], last[24], next[24], q[24], ps[24], pe[24];
-    char         now[24], expire[24], seqs[24], rkey[64];
-    const char  *argv[48];
-    size_t       argl[48];
-    int          argc, i;
-    uint64_t     seq;
-    redisReply  *rp;
-
-    snprintf(pkey, sizeof(pkey), METER_W_PERIOD "%lld", (long long) pstart);
-    snprintf(sm, sizeof(sm), "%s|%s", a->subject, a->meter);
-
-    rp = meter_redis_cmd(d->redis, "HMGET %s %s %s|open", pkey, sm, sm);
-    if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
-        || rp->elements != 2)
-    {
-        meter_log(LOG_ERR, "%s: %s", pkey,
-                  rp != NULL ? rp->str : d->redis->err);
-        freeReplyObject(rp);
-        return METER_DRAIN_REDIS;
-    }
-
-    if (rp->element[1]->type == REDIS_REPLY_STRING) {
-        /* an older record of this period, subject and meter is still open
-         * (retrying or dead-lettered): its usage is not marked billed yet */
-        meter_log(LOG_DEBUG, "record %s still open; waiting",
-                  rp->element[1]->str);
-        d->waiting++;
-        freeReplyObject(rp);
-        id[0] = '\0';
-        return METER_DRAIN_OK;
-    }
-
-    seq = 0;
-    if (rp->element[0]->type == REDIS_REPLY_STRING
-        && meter_parse_u64(rp->element[0]->str, rp->element[0]->len, &seq)
-           != 0)
-    {
-        seq = 0;
-    }
-
-    freeReplyObject(rp);
-
-    snprintf(last, sizeof(last), "%" PRIu64, seq);
-    snprintf(next, sizeof(next), "%" PRIu64, seq + 1);
-    snprintf(seqs, sizeof(seqs), "%" PRIu64, seq + 1);
-    snprintf(q, sizeof(q), "%" PRIu64, a->quantity);
-    snprintf(ps, sizeof(ps), "%lld", (long long) pstart);
-    snprintf(pe, sizeof(pe), "%lld",
-             (long long) (pstart + d->cf->report_period));
-    snprintf(now, sizeof(now), "%lld", (long long) time(NULL));
-    /* sequence numbers must outlive the usage they number */
-    snprintf(expire, sizeof(expire), "%lld",
-             (long long) (2 * d->cf->retention + 2 * METER_DAY));
-
-    meter_idem_key(pstart, a->subject, a->meter, seq + 1, id);
-
-    snprintf(rkey, sizeof(rkey), METER_W_REC "%s", id);
-
-    argc = 0;
-
-#define meter_arg(s)                                                         \
-    do {                                                                     \
-        argv[argc] = (s);                                                    \
-        argl[argc] = strlen(s);                                              \
-        argc++;                                                              \
-    } while (0)
-
-    meter_arg("EVAL");
-    meter_arg(meter_lua_create);
-    meter_arg("3");
-    meter_arg(pkey);
-    meter_arg(rkey);
-    meter_arg(METER_W_OPEN);
-    meter_arg(sm);
-    meter_arg(last);
-    meter_arg(next);
-    meter_arg(id);
-    meter_arg(now);
-    meter_arg(expire);
-    meter_arg("state");
-    meter_arg("sending");
-    meter_arg("pkey");
-    meter_arg(pkey);
-    meter_arg("sm");
-    meter_arg(sm);
-    meter_arg("subject");
-    meter_arg(a->subject);
-    meter_arg("meter");
-    meter_arg(a->meter);
-    meter_arg("seq");
-    meter_arg(seqs);
-    meter_arg("period_start");
-    meter_arg(ps);
-    meter_arg("period_end");
-    meter_arg(pe);
-    meter_arg("quantity");
-    meter_arg(q);
-    meter_arg("created");
-    meter_arg(now);
-    meter_arg("attempts");
-    meter_arg("0");
-
-    if (a->customer != NULL) {
-        meter_arg("customer");
-        meter_arg(a->customer);
-    }
-
-    if (a->nkeys == 1) {
-        meter_arg("key_hash");
-        meter_arg(a->key_hash);
-    }
-
-    meter_arg("covers");
-    argv[argc] = a->covers.data;
-    argl[argc] = a->covers.len;
-    argc++;
-
-#undef meter_arg
-
-    rp = meter_redis_argv(d->redis, argc, argv, argl);
-    if (!meter_reply_ok(rp)) {
-        meter_log(LOG_ERR, "creating record %s: %s", id,
-                  rp != NULL ? rp->str : d->redis->err);
-        freeReplyObject(rp);
-        return METER_DRAIN_REDIS;
-    }
-
-    i = (int) meter_reply_int(rp, 0);
-    freeReplyObject(rp);
-
-    if (i != 1) {
-        /* someone changed the sequence under us: recompute next pass */
-        id[0] = '\0';
-        return METER_DRAIN_OK;
-    }
-
-    d->created++;
-
-    return METER_DRAIN_OK;
-}
-
-
-static meter_drain_rc_e
-meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
-{
-    char              id[METER_IDEM_LEN + 1], ps[32];
-    size_t            i, n;
-    redisReply       *rp;
-    meter_agg_t     **list, *a;
-    meter_drain_rc_e  rc;
-
-    if (aggs->n == 0) {
-        return METER_DRAIN_OK;
-    }
-
-    list = malloc(aggs->n * sizeof(meter_agg_t *));
-    if (list == NULL) {
-        return METER_DRAIN_REDIS;
-    }
-
-    n = 0;
-    for (i = 0; i < aggs->cap; i++) {
-        if (aggs->keys[i] != NULL && aggs->vals[i] != NULL) {
-            list[n++] = aggs->vals[i];
-        }
-    }
-
-    /* a stable order makes runs and logs comparable */
-    qsort(list, n, sizeof(meter_agg_t *), meter_agg_cmp);
-
-    rc = METER_DRAIN_OK;
-
-    for (i = 0; i < n && rc == METER_DRAIN_OK; i++) {
-        a = list[i];
-
-        if (a->quantity == 0) {
-            continue;
-        }
-
-        if (a->customer == NULL && strcmp(d->cf->provider, "file") != 0) {
-            /* held, not dropped: billed once the key gets a customer */
-            d->held++;
-
-            if (!d->dry_run) {
-                rp = meter_redis_cmd(d->redis, "SADD %s %s",
-                                     METER_W_NOCUST_NEW, a->subject);
-                if (!meter_reply_ok(rp)) {
-                    rc = METER_DRAIN_REDIS;
-                }
-
-                freeReplyObject(rp);
-            }
-
-            continue;
-        }
-
-        if (d->dry_run) {
-            meter_iso8601(pstart, ps, sizeof(ps));
-            printf("{\"would_send\":true,\"period_start\":\"%s\","
-                   "\"customer\":%s%s%s,\"key_hash\":%s%s%s,\"meter\":\"%s\","
-                   "\"quantity\":%" PRIu64 "}\n", ps,
-                   a->customer ? "\"" : "",
-                   a->customer ? a->customer : "null",
-                   a->customer ? "\"" : "",
-                   a->nkeys == 1 ? "\"" : "",
-                   a->nkeys == 1 ? a->key_hash : "null",
-                   a->nkeys == 1 ? "\"" : "", a->meter, a->quantity);
-            continue;
-        }
-
-        rc = meter_drain_check(d);
-        if (rc != METER_DRAIN_OK) {
-            break;
-        }
-
-        rc = meter_drain_create(d, pstart, a, id);
-
-        if (rc == METER_DRAIN_OK && id[0] != '\0') {
-            rc = meter_drain_record(d, id);
-        }
-    }
-
-    free(list);
-
-    return rc;
-}
-
-
 /* customer record (mtr:cust:{C}), cached for the pass */
 static redisReply *
 meter_drain_customer(meter_drain_t *d, const char *customer)
@@ -1217,53 +1018,242 @@ meter_drain_dead(meter_drain_t *d, const char *id, const char *error,
 }
 
 
-/* after the provider accepted a record: b marks, audit, delete */
+/*
+ * One delivery attempt.  count: HINCRBY attempts first (a record resumed
+ * from Redis; a new record is created with its first attempt counted).
+ * Sets r->accepted when the provider has the record; a retry or a dead
+ * letter is recorded here.
+ */
 static meter_drain_rc_e
-meter_drain_finish(meter_drain_t *d, const char *id, redisReply *rec)
+meter_drain_send(meter_drain_t *d, meter_rec_t *r, int count)
 {
-    char          bkey[128], key[128], rkey[64], ps[32], pe[32], now[32];
-    char          err[512];
-    const char   *covers, *line, *nl, *sp1, *sp2, *sp3, *q, *pkey, *sm;
-    const char  **argv;
-    size_t       *argl, cap, n, argc, i;
-    meter_str_t   audit;
-    redisReply   *rp;
-    int           failed;
+    char                  rkey[64], field[64], err[600];
+    double                delay;
+    time_t                now, next;
+    redisReply           *cust, *rp;
+    meter_record_t        pr;
+    meter_send_e          st;
+    meter_send_result_t   res;
+    int                   found;
 
-    covers = meter_reply_hget(rec, "covers");
-    q = meter_reply_hget(rec, "quantity");
-    pkey = meter_reply_hget(rec, "pkey");
-    sm = meter_reply_hget(rec, "sm");
+    r->accepted = 0;
+    st = METER_SEND_RETRY;
 
-    if (covers == NULL || q == NULL || pkey == NULL || sm == NULL) {
-        meter_log(LOG_ERR, "record %s is malformed", id);
-        return meter_drain_dead(d, id, "malformed record in Redis", 0);
+    if (r->meter == NULL || r->period_start == 0 || r->quantity == 0) {
+        return meter_drain_dead(d, r->id, "malformed record in Redis", 0);
     }
 
-    /* one max-only script per key-hour; covers lines of one key-hour are
-     * adjacent, "HOUR KH FIELD VALUE" */
+    memset(&pr, 0, sizeof(meter_record_t));
+    memset(&res, 0, sizeof(meter_send_result_t));
+
+    pr.idempotency_key = r->id;
+    pr.key_hash = r->key_hash;
+    pr.customer = r->customer;
+    pr.meter = r->meter;
+    pr.period_start = r->period_start;
+    pr.period_end = r->period_end;
+    pr.quantity = r->quantity;
+
+    pr.provider_meter = meter_conf_meter(d->cf, r->meter);
+    if (pr.provider_meter == NULL) {
+        pr.provider_meter = r->meter;
+    }
+
+    now = time(NULL);
+
+    if (d->cf->max_age > 0 && now - r->period_start > d->cf->max_age) {
+        snprintf(err, sizeof(err), "period starts %llds ago, older than the "
+                 "%llds \"%s\" accepts (max_age)",
+                 (long long) (now - r->period_start),
+                 (long long) d->cf->max_age, d->provider->name);
+        return meter_drain_dead(d, r->id, err, 0);
+    }
+
+    if (r->customer != NULL) {
+        cust = meter_drain_customer(d, r->customer);
+        if (cust == NULL) {
+            return METER_DRAIN_REDIS;
+        }
+
+        pr.provider_customer = meter_reply_hget(cust, "provider_customer");
+        pr.subscription = meter_reply_hget(cust, "subscription");
+        snprintf(field, sizeof(field), "item.%s", r->meter);
+        pr.subscription_item = meter_reply_hget(cust, field);
+
+        if (strcmp(d->cf->provider, "file") != 0
+            && pr.provider_customer == NULL && pr.subscription == NULL)
+        {
+            snprintf(err, sizeof(err), "customer \"%s\" has neither "
+                     "provider_customer nor subscription", r->customer);
+            return meter_drain_dead(d, r->id, err, 0);
+        }
+    }
+
+    snprintf(rkey, sizeof(rkey), METER_W_REC "%s", r->id);
+
+    if (count) {
+        /* count the attempt before making it: after a crash, attempts > 0
+         * tells that the provider may have the record already */
+        rp = meter_redis_cmd(d->redis, "HINCRBY %s attempts 1", rkey);
+        if (!meter_reply_ok(rp)) {
+            freeReplyObject(rp);
+            return METER_DRAIN_REDIS;
+        }
+
+        r->attempts = (long) meter_reply_int(rp, 1);
+        freeReplyObject(rp);
+    }
+
+    found = 0;
+
+    if (r->attempts > 1 && d->provider->lookup != NULL) {
+        found = d->provider->lookup(d->provider, &pr, &res);
+
+        if (found == -1) {
+            st = METER_SEND_RETRY;
+            if (res.error[0] == '\0') {
+                snprintf(res.error, sizeof(res.error), "lookup failed");
+            }
+        }
+    }
+
+    if (found == 1) {
+        st = METER_SEND_OK;
+        meter_log(LOG_INFO, "record %s: the provider has it already", r->id);
+
+    } else if (found == 0) {
+        memset(&res, 0, sizeof(meter_send_result_t));
+        st = d->provider->send(d->provider, &pr, &res);
+    }
+
+    switch (st) {
+
+    case METER_SEND_OK:
+        r->accepted = 1;
+        r->http_status = res.http_status;
+
+        meter_log(LOG_DEBUG, "record %s: %s %s %" PRIu64 " accepted", r->id,
+                  r->customer != NULL ? r->customer : "-", r->meter,
+                  r->quantity);
+
+        return METER_DRAIN_OK;
+
+    case METER_SEND_RETRY:
+        delay = meter_backoff((unsigned) r->attempts,
+                              (double) d->cf->retry_base,
+                              (double) d->cf->retry_max, res.retry_after,
+                              meter_random());
+        next = now + (time_t) (delay + 0.999);
+
+        rp = meter_redis_cmd(d->redis, "HSET %s next_attempt %lld "
+                             "last_error %s http_status %ld", rkey,
+                             (long long) next, res.error, res.http_status);
+        freeReplyObject(rp);
+
+        rp = meter_redis_cmd(d->redis, "ZADD %s %lld %s", METER_W_OPEN,
+                             (long long) next, r->id);
+        if (!meter_reply_ok(rp)) {
+            freeReplyObject(rp);
+            return METER_DRAIN_REDIS;
+        }
+
+        freeReplyObject(rp);
+
+        d->retried++;
+        meter_log(LOG_WARNING, "record %s: %s; attempt %ld, next in %.0fs",
+                  r->id, res.error[0] ? res.error : "temporary failure",
+                  r->attempts, delay);
+
+        return METER_DRAIN_OK;
+
+    default:
+        return meter_drain_dead(d, r->id,
+                                res.error[0] ? res.error : "rejected",
+                                res.http_status);
+    }
+}
+
+
+/* state = sent for the accepted records, one round trip */
+static meter_drain_rc_e
+meter_drain_mark_sent(meter_drain_t *d, meter_rec_t **recs, size_t n)
+{
+    char              rkey[64];
+    size_t            i, queued;
+    redisReply       *rp;
+    meter_drain_rc_e  rc;
+
+    rc = METER_DRAIN_OK;
+    queued = 0;
+
+    for (i = 0; i < n; i++) {
+        snprintf(rkey, sizeof(rkey), METER_W_REC "%s", recs[i]->id);
+
+        if (meter_redis_append(d->redis, "HSET %s state sent accepted %lld "
+                               "http_status %ld", rkey,
+                               (long long) time(NULL), recs[i]->http_status)
+            != 0)
+        {
+            rc = METER_DRAIN_REDIS;
+            break;
+        }
+
+        queued++;
+    }
+
+    for (i = 0; i < queued; i++) {
+        rp = meter_redis_reply(d->redis);
+        if (!meter_reply_ok(rp)) {
+            /* still "sending": resent (and deduped) next pass */
+            meter_log(LOG_ERR, "record %s: accepted, but %s", recs[i]->id,
+                      rp != NULL ? rp->str : d->redis->err);
+            rc = METER_DRAIN_REDIS;
+        }
+
+        freeReplyObject(rp);
+
+        if (d->redis->ctx == NULL) {
+            break;
+        }
+    }
+
+    return rc;
+}
+
+
+/* queues the max-only scripts that raise the b marks of one record: one
+ * per key-hour, the covers lines of a key-hour being adjacent ("HOUR KH
+ * FIELD VALUE"); the number queued goes into *queued */
+static int
+meter_drain_bmarks(meter_drain_t *d, const meter_rec_t *r, size_t *queued)
+{
+    char          bkey[128], key[128];
+    const char   *line, *nl, *sp1, *sp2, *sp3;
+    const char  **argv, **nargv;
+    size_t       *argl, *nargl, cap, argc;
+    int           failed;
+
     cap = 64;
     argv = malloc(cap * sizeof(char *));
     argl = malloc(cap * sizeof(size_t));
     if (argv == NULL || argl == NULL) {
         free(argv);
         free(argl);
-        return METER_DRAIN_REDIS;
+        return -1;
     }
 
-    n = 0;
     argc = 0;
     bkey[0] = '\0';
     failed = 0;
 
-    for (line = covers; *line != '\0' && !failed; line = nl + 1) {
+    for (line = r->covers; *line != '\0'; line = nl + 1) {
         nl = strchr(line, '\n');
         sp1 = strchr(line, ' ');
         sp2 = (sp1 != NULL) ? strchr(sp1 + 1, ' ') : NULL;
         sp3 = (sp2 != NULL) ? strchr(sp2 + 1, ' ') : NULL;
 
         if (nl == NULL || sp3 == NULL || sp3 > nl) {
-            meter_log(LOG_ERR, "record %s: malformed covers", id);
+            meter_log(LOG_ERR, "record %s: malformed covers", r->id);
             failed = 1;
             break;
         }
@@ -1280,7 +1270,7 @@ meter_drain_finish(meter_drain_t *d, const char *id, redisReply *rec)
                     break;
                 }
 
-                n++;
+                (*queued)++;
             }
 
             snprintf(bkey, sizeof(bkey), "%s", key);
@@ -1299,12 +1289,19 @@ meter_drain_finish(meter_drain_t *d, const char *id, redisReply *rec)
 
         if (argc + 2 > cap) {
             cap *= 2;
-            argv = realloc(argv, cap * sizeof(char *));
-            argl = realloc(argl, cap * sizeof(size_t));
-            if (argv == NULL || argl == NULL) {
-                free(argv);
-                free(argl);
-                return METER_DRAIN_REDIS;
+            nargv = realloc(argv, cap * sizeof(char *));
+            if (nargv != NULL) {
+                argv = nargv;
+            }
+
+            nargl = realloc(argl, cap * sizeof(size_t));
+            if (nargl != NULL) {
+                argl = nargl;
+            }
+
+            if (nargv == NULL || nargl == NULL) {
+                failed = 1;
+                break;
             }
         }
 
@@ -1319,17 +1316,77 @@ meter_drain_finish(meter_drain_t *d, const char *id, redisReply *rec)
             failed = 1;
 
         } else {
-            n++;
+            (*queued)++;
         }
     }
 
     free(argv);
     free(argl);
 
-    for (i = 0; i < n; i++) {
+    return failed ? -1 : 0;
+}
+
+
+static int
+meter_drain_audit_line(meter_drain_t *d, const meter_rec_t *r,
+    meter_str_t *audit)
+{
+    char  ps[32], pe[32], now[32];
+
+    meter_iso8601(r->period_start, ps, sizeof(ps));
+    meter_iso8601(r->period_end, pe, sizeof(pe));
+    meter_iso8601(time(NULL), now, sizeof(now));
+
+    if (meter_str_add(audit, "{\"idempotency_key\":", 19) != 0
+        || meter_str_json(audit, r->id) != 0
+        || meter_str_add(audit, ",\"provider\":", 12) != 0
+        || meter_str_json(audit, d->provider->name) != 0
+        || meter_str_add(audit, ",\"customer\":", 12) != 0
+        || meter_str_json(audit, r->customer) != 0
+        || meter_str_add(audit, ",\"key_hash\":", 12) != 0
+        || meter_str_json(audit, r->key_hash) != 0
+        || meter_str_add(audit, ",\"meter\":", 9) != 0
+        || meter_str_json(audit, r->meter) != 0
+        || meter_str_printf(audit, ",\"period_start\":\"%s\","
+                            "\"period_end\":\"%s\",\"quantity\":%s,"
+                            "\"accepted_at\":\"%s\"}\n", ps, pe, r->q, now)
+           != 0)
+    {
+        return -1;
+    }
+
+    return 0;
+}
+
+
+/*
+ * Records in state "sent": b marks, audit, delete.  Each step is done for
+ * all of them before the next starts (one round trip or one fsync each);
+ * a failure leaves them "sent" and the next pass finishes them.
+ */
+static meter_drain_rc_e
+meter_drain_finish(meter_drain_t *d, meter_rec_t **recs, size_t n)
+{
+    char          rkey[64], err[512];
+    const char  **keys;
+    size_t        i, queued, nkeys;
+    meter_str_t   audit;
+    redisReply   *rp;
+    int           failed;
+
+    queued = 0;
+    failed = 0;
+
+    for (i = 0; i < n && !failed; i++) {
+        if (meter_drain_bmarks(d, recs[i], &queued) != 0) {
+            failed = 1;
+        }
+    }
+
+    for (i = 0; i < queued; i++) {
         rp = meter_redis_reply(d->redis);
         if (!meter_reply_ok(rp)) {
-            meter_log(LOG_ERR, "record %s: setting billed marks: %s", id,
+            meter_log(LOG_ERR, "setting billed marks: %s",
                       rp != NULL ? rp->str : d->redis->err);
             failed = 1;
         }
@@ -1342,86 +1399,100 @@ meter_drain_finish(meter_drain_t *d, const char *id, redisReply *rec)
     }
 
     if (failed) {
-        /* still "sent": the next pass finishes it */
+        /* still "sent": the next pass finishes them */
         return METER_DRAIN_REDIS;
     }
 
-    if (d->audit != NULL && !meter_jsonl_has(d->audit, id)) {
-        memset(&audit, 0, sizeof(meter_str_t));
-
-        meter_iso8601((time_t) strtoll(meter_reply_hget(rec, "period_start"),
-                                       NULL, 10), ps, sizeof(ps));
-        meter_iso8601((time_t) strtoll(meter_reply_hget(rec, "period_end"),
-                                       NULL, 10), pe, sizeof(pe));
-        meter_iso8601(time(NULL), now, sizeof(now));
-
-        if (meter_str_add(&audit, "{\"idempotency_key\":", 19) != 0
-            || meter_str_json(&audit, id) != 0
-            || meter_str_add(&audit, ",\"provider\":", 12) != 0
-            || meter_str_json(&audit, d->provider->name) != 0
-            || meter_str_add(&audit, ",\"customer\":", 12) != 0
-            || meter_str_json(&audit, meter_reply_hget(rec, "customer")) != 0
-            || meter_str_add(&audit, ",\"key_hash\":", 12) != 0
-            || meter_str_json(&audit, meter_reply_hget(rec, "key_hash")) != 0
-            || meter_str_add(&audit, ",\"meter\":", 9) != 0
-            || meter_str_json(&audit, meter_reply_hget(rec, "meter")) != 0
-            || meter_str_printf(&audit, ",\"period_start\":\"%s\","
-                                "\"period_end\":\"%s\",\"quantity\":%s,"
-                                "\"accepted_at\":\"%s\"}\n", ps, pe, q, now)
-               != 0)
-        {
-            meter_str_free(&audit);
+    if (d->audit != NULL) {
+        keys = malloc(n * sizeof(char *));
+        if (keys == NULL) {
             return METER_DRAIN_REDIS;
         }
 
-        if (meter_jsonl_write(d->audit, id, audit.data, audit.len, err,
-                              sizeof(err))
-            != 0)
+        memset(&audit, 0, sizeof(meter_str_t));
+        nkeys = 0;
+
+        for (i = 0; i < n; i++) {
+            if (meter_jsonl_has(d->audit, recs[i]->id)) {
+                continue;
+            }
+
+            if (meter_drain_audit_line(d, recs[i], &audit) != 0) {
+                failed = 1;
+                break;
+            }
+
+            keys[nkeys++] = recs[i]->id;
+        }
+
+        /* one write and one fsync for the lines of all of them */
+        if (!failed && nkeys > 0
+            && (meter_jsonl_append(d->audit, audit.data, audit.len, err,
+                                   sizeof(err)) != 0
+                || meter_jsonl_commit(d->audit, keys, nkeys, err,
+                                      sizeof(err)) != 0))
         {
             meter_log(LOG_ERR, "audit: %s", err);
-            meter_str_free(&audit);
-            return METER_DRAIN_REDIS;
+            failed = 1;
         }
 
         meter_str_free(&audit);
+        free(keys);
+
+        if (failed) {
+            return METER_DRAIN_REDIS;
+        }
     }
 
-    snprintf(rkey, sizeof(rkey), METER_W_REC "%s", id);
+    queued = 0;
 
-    rp = meter_redis_cmd(d->redis, "EVAL %s 4 %s %s %s %s %s %s %s",
-                         meter_lua_done, rkey, pkey, METER_W_OPEN,
-                         METER_W_STATS, id, sm, q);
-    if (!meter_reply_ok(rp)) {
-        meter_log(LOG_ERR, "record %s: %s", id,
-                  rp != NULL ? rp->str : d->redis->err);
+    for (i = 0; i < n; i++) {
+        snprintf(rkey, sizeof(rkey), METER_W_REC "%s", recs[i]->id);
+
+        if (meter_redis_append(d->redis, "EVAL %s 4 %s %s %s %s %s %s %s",
+                               meter_lua_done, rkey, recs[i]->pkey,
+                               METER_W_OPEN, METER_W_STATS, recs[i]->id,
+                               recs[i]->sm, recs[i]->q)
+            != 0)
+        {
+            failed = 1;
+            break;
+        }
+
+        queued++;
+    }
+
+    for (i = 0; i < queued; i++) {
+        rp = meter_redis_reply(d->redis);
+        if (!meter_reply_ok(rp)) {
+            meter_log(LOG_ERR, "record %s: %s", recs[i]->id,
+                      rp != NULL ? rp->str : d->redis->err);
+            failed = 1;
+
+        } else {
+            d->sent++;
+        }
+
         freeReplyObject(rp);
-        return METER_DRAIN_REDIS;
+
+        if (d->redis->ctx == NULL) {
+            break;
+        }
     }
 
-    freeReplyObject(rp);
-
-    d->sent++;
-
-    return METER_DRAIN_OK;
+    return failed ? METER_DRAIN_REDIS : METER_DRAIN_OK;
 }
 
 
+/* a record stored in Redis (open, retried, resumed after a crash) */
 static meter_drain_rc_e
 meter_drain_record(meter_drain_t *d, const char *id)
 {
-    char                  rkey[64], field[64], err[600];
-    long                  attempts;
-    double                delay;
-    time_t                now, next;
-    const char           *state, *customer;
-    redisReply           *rec, *cust, *rp;
-    meter_record_t        r;
-    meter_send_e          st;
-    meter_drain_rc_e      rc;
-    meter_send_result_t   res;
-    int                   found;
-
-    st = METER_SEND_RETRY;
+    char              rkey[64];
+    const char       *state, *v;
+    redisReply       *rec, *rp;
+    meter_rec_t       r, *rs;
+    meter_drain_rc_e  rc;
 
     snprintf(rkey, sizeof(rkey), METER_W_REC "%s", id);
 
@@ -1435,184 +1506,464 @@ meter_drain_record(meter_drain_t *d, const char *id)
 
     state = meter_reply_hget(rec, "state");
 
-    if (state == NULL) {
-        /* gone (meterctl, a finished pass): drop the stale entry */
+    if (state == NULL
+        || (strcmp(state, "sent") != 0 && strcmp(state, "sending") != 0))
+    {
+        /* gone (meterctl, a finished pass) or dead: drop the stale entry */
         freeReplyObject(rec);
         rp = meter_redis_cmd(d->redis, "ZREM %s %s", METER_W_OPEN, id);
         freeReplyObject(rp);
         return METER_DRAIN_OK;
     }
 
-    if (strcmp(state, "sent") == 0) {
-        rc = meter_drain_finish(d, id, rec);
-        freeReplyObject(rec);
-        return rc;
-    }
+    memset(&r, 0, sizeof(meter_rec_t));
 
-    if (strcmp(state, "sending") != 0) {
-        freeReplyObject(rec);
-        rp = meter_redis_cmd(d->redis, "ZREM %s %s", METER_W_OPEN, id);
-        freeReplyObject(rp);
-        return METER_DRAIN_OK;
-    }
-
-    memset(&r, 0, sizeof(meter_record_t));
-    memset(&res, 0, sizeof(meter_send_result_t));
-
-    r.idempotency_key = id;
+    r.id = id;
     r.key_hash = meter_reply_hget(rec, "key_hash");
     r.customer = meter_reply_hget(rec, "customer");
     r.meter = meter_reply_hget(rec, "meter");
-    r.period_start = (time_t) strtoll(meter_reply_hget(rec, "period_start")
-                                      ? meter_reply_hget(rec, "period_start")
-                                      : "0", NULL, 10);
-    r.period_end = (time_t) strtoll(meter_reply_hget(rec, "period_end")
-                                    ? meter_reply_hget(rec, "period_end")
-                                    : "0", NULL, 10);
-    r.quantity = strtoull(meter_reply_hget(rec, "quantity")
-                          ? meter_reply_hget(rec, "quantity") : "0", NULL, 10);
+    r.covers = meter_reply_hget(rec, "covers");
+    r.pkey = meter_reply_hget(rec, "pkey");
+    r.sm = meter_reply_hget(rec, "sm");
+    r.q = meter_reply_hget(rec, "quantity");
 
-    if (r.meter == NULL || r.period_start == 0 || r.quantity == 0) {
-        rc = meter_drain_dead(d, id, "malformed record in Redis", 0);
-        freeReplyObject(rec);
-        return rc;
-    }
+    v = meter_reply_hget(rec, "period_start");
+    r.period_start = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
+    v = meter_reply_hget(rec, "period_end");
+    r.period_end = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
+    r.quantity = strtoull(r.q != NULL ? r.q : "0", NULL, 10);
 
-    r.provider_meter = meter_conf_meter(d->cf, r.meter);
-    if (r.provider_meter == NULL) {
-        r.provider_meter = r.meter;
-    }
+    rs = &r;
 
-    now = time(NULL);
+    if (strcmp(state, "sent") == 0) {
+        r.accepted = 1;
 
-    if (d->cf->max_age > 0 && now - r.period_start > d->cf->max_age) {
-        snprintf(err, sizeof(err), "period starts %llds ago, older than the "
-                 "%llds \"%s\" accepts (max_age)",
-                 (long long) (now - r.period_start),
-                 (long long) d->cf->max_age, d->provider->name);
-        rc = meter_drain_dead(d, id, err, 0);
-        freeReplyObject(rec);
-        return rc;
-    }
-
-    customer = r.customer;
-
-    if (customer != NULL) {
-        cust = meter_drain_customer(d, customer);
-        if (cust == NULL) {
+    } else {
+        rc = meter_drain_send(d, &r, 1);
+        if (rc != METER_DRAIN_OK || !r.accepted) {
             freeReplyObject(rec);
-            return METER_DRAIN_REDIS;
+            return rc;
         }
 
-        r.provider_customer = meter_reply_hget(cust, "provider_customer");
-        r.subscription = meter_reply_hget(cust, "subscription");
-        snprintf(field, sizeof(field), "item.%s", r.meter);
-        r.subscription_item = meter_reply_hget(cust, field);
-
-        if (strcmp(d->cf->provider, "file") != 0
-            && r.provider_customer == NULL && r.subscription == NULL)
-        {
-            snprintf(err, sizeof(err), "customer \"%s\" has neither "
-                     "provider_customer nor subscription", customer);
-            rc = meter_drain_dead(d, id, err, 0);
+        rc = meter_drain_mark_sent(d, &rs, 1);
+        if (rc != METER_DRAIN_OK) {
             freeReplyObject(rec);
             return rc;
         }
     }
 
-    /* count the attempt before making it: after a crash, attempts > 0
-     * tells that the provider may have the record already */
-    rp = meter_redis_cmd(d->redis, "HINCRBY %s attempts 1", rkey);
-    if (!meter_reply_ok(rp)) {
-        freeReplyObject(rp);
+    if (r.covers == NULL || r.q == NULL || r.pkey == NULL || r.sm == NULL) {
+        meter_log(LOG_ERR, "record %s is malformed", id);
+        rc = meter_drain_dead(d, id, "malformed record in Redis", 0);
         freeReplyObject(rec);
+        return rc;
+    }
+
+    rc = meter_drain_finish(d, &rs, 1);
+    freeReplyObject(rec);
+
+    return rc;
+}
+
+
+/* queues the script that stores a new record (see meter_lua_create) */
+static int
+meter_drain_create(meter_drain_t *d, time_t pstart, meter_new_t *nw)
+{
+    char          last[24], next[24], ps[24], pe[24], now[24], expire[24];
+    char          rkey[64];
+    const char   *argv[48];
+    size_t        argl[48];
+    int           argc;
+    meter_agg_t  *a;
+
+    a = nw->agg;
+
+    snprintf(last, sizeof(last), "%" PRIu64, nw->seq);
+    snprintf(next, sizeof(next), "%" PRIu64, nw->seq + 1);
+    snprintf(ps, sizeof(ps), "%lld", (long long) pstart);
+    snprintf(pe, sizeof(pe), "%lld",
+             (long long) (pstart + d->cf->report_period));
+    snprintf(now, sizeof(now), "%lld", (long long) time(NULL));
+    /* sequence numbers must outlive the usage they number */
+    snprintf(expire, sizeof(expire), "%lld",
+             (long long) (2 * d->cf->retention + 2 * METER_DAY));
+
+    snprintf(rkey, sizeof(rkey), METER_W_REC "%s", nw->id);
+
+    argc = 0;
+
+#define meter_arg(s)                                                         \
+    do {                                                                     \
+        argv[argc] = (s);                                                    \
+        argl[argc] = strlen(s);                                              \
+        argc++;                                                              \
+    } while (0)
+
+    meter_arg("EVAL");
+    meter_arg(meter_lua_create);
+    meter_arg("3");
+    meter_arg(nw->pkey);
+    meter_arg(rkey);
+    meter_arg(METER_W_OPEN);
+    meter_arg(nw->sm);
+    meter_arg(last);
+    meter_arg(next);
+    meter_arg(nw->id);
+    meter_arg(now);
+    meter_arg(expire);
+    meter_arg("state");
+    meter_arg("sending");
+    meter_arg("pkey");
+    meter_arg(nw->pkey);
+    meter_arg("sm");
+    meter_arg(nw->sm);
+    meter_arg("subject");
+    meter_arg(a->subject);
+    meter_arg("meter");
+    meter_arg(a->meter);
+    meter_arg("seq");
+    meter_arg(next);
+    meter_arg("period_start");
+    meter_arg(ps);
+    meter_arg("period_end");
+    meter_arg(pe);
+    meter_arg("quantity");
+    meter_arg(nw->q);
+    meter_arg("created");
+    meter_arg(now);
+    /* the first attempt is counted with the record, as HINCRBY would
+     * before the send: after a crash, attempts > 0 tells that the
+     * provider may have it */
+    meter_arg("attempts");
+    meter_arg("1");
+
+    if (a->customer != NULL) {
+        meter_arg("customer");
+        meter_arg(a->customer);
+    }
+
+    if (a->nkeys == 1) {
+        meter_arg("key_hash");
+        meter_arg(a->key_hash);
+    }
+
+    meter_arg("covers");
+    argv[argc] = a->covers.data;
+    argl[argc] = a->covers.len;
+    argc++;
+
+#undef meter_arg
+
+    return meter_redis_append_argv(d->redis, argc, argv, argl);
+}
+
+
+/*
+ * Up to METER_CHUNK aggregates of one period: each step is pipelined for
+ * all of them (sequence numbers, create, state sent, b marks, delete) and
+ * the audit lines share one fsync; the provider still gets one record at
+ * a time, each created in Redis before it is sent.
+ */
+static meter_drain_rc_e
+meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
+    size_t n)
+{
+    char              ps[32];
+    size_t            i, m, nheld, queued, nacc;
+    uint64_t          seq;
+    redisReply       *rp;
+    meter_agg_t      *a;
+    meter_new_t      *nw;
+    meter_rec_t     **acc;
+    meter_drain_rc_e  rc, rc2;
+
+    rc = METER_DRAIN_OK;
+
+    nw = calloc(n, sizeof(meter_new_t));
+    acc = calloc(n, sizeof(meter_rec_t *));
+    if (nw == NULL || acc == NULL) {
+        free(nw);
+        free(acc);
         return METER_DRAIN_REDIS;
     }
 
-    attempts = (long) meter_reply_int(rp, 1);
-    freeReplyObject(rp);
+    m = 0;
+    nheld = 0;
 
-    found = 0;
+    for (i = 0; i < n; i++) {
+        a = list[i];
 
-    if (attempts > 1 && d->provider->lookup != NULL) {
-        found = d->provider->lookup(d->provider, &r, &res);
+        if (a->quantity == 0) {
+            continue;
+        }
 
-        if (found == -1) {
-            st = METER_SEND_RETRY;
-            if (res.error[0] == '\0') {
-                snprintf(res.error, sizeof(res.error), "lookup failed");
+        if (a->customer == NULL && strcmp(d->cf->provider, "file") != 0) {
+            /* held, not dropped: billed once the key gets a customer */
+            d->held++;
+
+            if (!d->dry_run) {
+                if (meter_redis_append(d->redis, "SADD %s %s",
+                                       METER_W_NOCUST_NEW, a->subject)
+                    != 0)
+                {
+                    rc = METER_DRAIN_REDIS;
+                    break;
+                }
+
+                nheld++;
             }
+
+            continue;
+        }
+
+        if (d->dry_run) {
+            meter_iso8601(pstart, ps, sizeof(ps));
+            printf("{\"would_send\":true,\"period_start\":\"%s\","
+                   "\"customer\":%s%s%s,\"key_hash\":%s%s%s,\"meter\":\"%s\","
+                   "\"quantity\":%" PRIu64 "}\n", ps,
+                   a->customer ? "\"" : "",
+                   a->customer ? a->customer : "null",
+                   a->customer ? "\"" : "",
+                   a->nkeys == 1 ? "\"" : "",
+                   a->nkeys == 1 ? a->key_hash : "null",
+                   a->nkeys == 1 ? "\"" : "", a->meter, a->quantity);
+            continue;
+        }
+
+        nw[m++].agg = a;
+    }
+
+    for (i = 0; i < nheld; i++) {
+        rp = meter_redis_reply(d->redis);
+        if (!meter_reply_ok(rp)) {
+            rc = METER_DRAIN_REDIS;
+        }
+
+        freeReplyObject(rp);
+
+        if (d->redis->ctx == NULL) {
+            break;
         }
     }
 
-    if (found == 1) {
-        st = METER_SEND_OK;
-        meter_log(LOG_INFO, "record %s: the provider has it already", id);
-
-    } else if (found == 0) {
-        memset(&res, 0, sizeof(meter_send_result_t));
-        st = d->provider->send(d->provider, &r, &res);
+    if (rc == METER_DRAIN_OK && m > 0) {
+        rc = meter_drain_check(d);
     }
 
-    switch (st) {
+    if (rc != METER_DRAIN_OK || m == 0) {
+        goto done;
+    }
 
-    case METER_SEND_OK:
-        rp = meter_redis_cmd(d->redis, "HSET %s state sent accepted %lld "
-                             "http_status %ld", rkey, (long long) time(NULL),
-                             res.http_status);
-        if (!meter_reply_ok(rp)) {
-            /* still "sending": resent (and deduped) next pass */
-            meter_log(LOG_ERR, "record %s: accepted, but %s", id,
+    /* the last sequence number and the open record of each, one trip */
+    for (i = 0; i < m; i++) {
+        snprintf(nw[i].pkey, sizeof(nw[i].pkey), METER_W_PERIOD "%lld",
+                 (long long) pstart);
+        snprintf(nw[i].sm, sizeof(nw[i].sm), "%s|%s", nw[i].agg->subject,
+                 nw[i].agg->meter);
+
+        if (meter_redis_append(d->redis, "HMGET %s %s %s|open", nw[i].pkey,
+                               nw[i].sm, nw[i].sm)
+            != 0)
+        {
+            rc = METER_DRAIN_REDIS;
+            goto done;
+        }
+    }
+
+    for (i = 0; i < m; i++) {
+        rp = meter_redis_reply(d->redis);
+
+        if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
+            || rp->elements != 2)
+        {
+            meter_log(LOG_ERR, "%s: %s", nw[i].pkey,
                       rp != NULL ? rp->str : d->redis->err);
             freeReplyObject(rp);
-            freeReplyObject(rec);
-            return METER_DRAIN_REDIS;
+            rc = METER_DRAIN_REDIS;
+
+            if (d->redis->ctx == NULL) {
+                goto done;
+            }
+
+            continue;
         }
 
-        freeReplyObject(rp);
-
-        meter_log(LOG_DEBUG, "record %s: %s %s %" PRIu64 " accepted", id,
-                  customer != NULL ? customer : "-", r.meter, r.quantity);
-
-        rc = meter_drain_finish(d, id, rec);
-        freeReplyObject(rec);
-        return rc;
-
-    case METER_SEND_RETRY:
-        delay = meter_backoff((unsigned) attempts, (double) d->cf->retry_base,
-                              (double) d->cf->retry_max, res.retry_after,
-                              meter_random());
-        next = now + (time_t) (delay + 0.999);
-
-        rp = meter_redis_cmd(d->redis, "HSET %s next_attempt %lld "
-                             "last_error %s http_status %ld", rkey,
-                             (long long) next, res.error, res.http_status);
-        freeReplyObject(rp);
-
-        rp = meter_redis_cmd(d->redis, "ZADD %s %lld %s", METER_W_OPEN,
-                             (long long) next, id);
-        if (!meter_reply_ok(rp)) {
+        if (rp->element[1]->type == REDIS_REPLY_STRING) {
+            /* an older record of this period, subject and meter is still
+             * open (retrying or dead-lettered): its usage is not marked
+             * billed yet */
+            meter_log(LOG_DEBUG, "record %s still open; waiting",
+                      rp->element[1]->str);
+            d->waiting++;
+            nw[i].agg = NULL;
             freeReplyObject(rp);
-            freeReplyObject(rec);
-            return METER_DRAIN_REDIS;
+            continue;
+        }
+
+        seq = 0;
+        if (rp->element[0]->type == REDIS_REPLY_STRING
+            && meter_parse_u64(rp->element[0]->str, rp->element[0]->len,
+                               &seq)
+               != 0)
+        {
+            seq = 0;
         }
 
         freeReplyObject(rp);
 
-        d->retried++;
-        meter_log(LOG_WARNING, "record %s: %s; attempt %ld, next in %.0fs",
-                  id, res.error[0] ? res.error : "temporary failure",
-                  attempts, delay);
-
-        freeReplyObject(rec);
-        return METER_DRAIN_OK;
-
-    default:
-        rc = meter_drain_dead(d, id, res.error[0] ? res.error : "rejected",
-                              res.http_status);
-        freeReplyObject(rec);
-        return rc;
+        nw[i].seq = seq;
+        meter_idem_key(pstart, nw[i].agg->subject, nw[i].agg->meter, seq + 1,
+                       nw[i].id);
+        snprintf(nw[i].q, sizeof(nw[i].q), "%" PRIu64, nw[i].agg->quantity);
     }
+
+    if (rc != METER_DRAIN_OK) {
+        goto done;
+    }
+
+    /* store them all (state "sending") before any is sent, one trip */
+    queued = 0;
+
+    for (i = 0; i < m; i++) {
+        if (nw[i].agg == NULL) {
+            continue;
+        }
+
+        if (meter_drain_create(d, pstart, &nw[i]) != 0) {
+            rc = METER_DRAIN_REDIS;
+            break;
+        }
+
+        queued = i + 1;
+    }
+
+    for (i = 0; i < queued; i++) {
+        if (nw[i].agg == NULL) {
+            continue;
+        }
+
+        rp = meter_redis_reply(d->redis);
+
+        if (!meter_reply_ok(rp)) {
+            meter_log(LOG_ERR, "creating record %s: %s", nw[i].id,
+                      rp != NULL ? rp->str : d->redis->err);
+            rc = METER_DRAIN_REDIS;
+
+        } else if (meter_reply_int(rp, 0) == 1) {
+            nw[i].created = 1;
+            d->created++;
+        }
+
+        /* else someone changed the sequence under us: recomputed next
+         * pass */
+
+        freeReplyObject(rp);
+
+        if (d->redis->ctx == NULL) {
+            break;
+        }
+    }
+
+    if (rc != METER_DRAIN_OK) {
+        goto done;
+    }
+
+    nacc = 0;
+
+    for (i = 0; i < m; i++) {
+        if (!nw[i].created) {
+            continue;
+        }
+
+        rc = meter_drain_check(d);
+        if (rc != METER_DRAIN_OK) {
+            /* the rest are stored: the next pass sends them */
+            break;
+        }
+
+        a = nw[i].agg;
+
+        nw[i].rec.id = nw[i].id;
+        nw[i].rec.customer = a->customer;
+        nw[i].rec.key_hash = (a->nkeys == 1) ? a->key_hash : NULL;
+        nw[i].rec.meter = a->meter;
+        nw[i].rec.covers = a->covers.data;
+        nw[i].rec.pkey = nw[i].pkey;
+        nw[i].rec.sm = nw[i].sm;
+        nw[i].rec.q = nw[i].q;
+        nw[i].rec.period_start = pstart;
+        nw[i].rec.period_end = pstart + d->cf->report_period;
+        nw[i].rec.quantity = a->quantity;
+        nw[i].rec.attempts = 1;
+
+        rc = meter_drain_send(d, &nw[i].rec, 0);
+        if (rc != METER_DRAIN_OK) {
+            break;
+        }
+
+        if (nw[i].rec.accepted) {
+            acc[nacc++] = &nw[i].rec;
+        }
+    }
+
+    /* what the provider accepted is finished even when stopping */
+    if (nacc > 0 && d->redis->ctx != NULL) {
+        rc2 = meter_drain_mark_sent(d, acc, nacc);
+        if (rc2 == METER_DRAIN_OK) {
+            rc2 = meter_drain_finish(d, acc, nacc);
+        }
+
+        if (rc2 != METER_DRAIN_OK && rc == METER_DRAIN_OK) {
+            rc = rc2;
+        }
+    }
+
+done:
+
+    free(nw);
+    free(acc);
+
+    return rc;
+}
+
+
+static meter_drain_rc_e
+meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
+{
+    size_t            i, n;
+    meter_agg_t     **list;
+    meter_drain_rc_e  rc;
+
+    if (aggs->n == 0) {
+        return METER_DRAIN_OK;
+    }
+
+    list = malloc(aggs->n * sizeof(meter_agg_t *));
+    if (list == NULL) {
+        return METER_DRAIN_REDIS;
+    }
+
+    n = 0;
+    for (i = 0; i < aggs->cap; i++) {
+        if (aggs->keys[i] != NULL && aggs->vals[i] != NULL) {
+            list[n++] = aggs->vals[i];
+        }
+    }
+
+    /* a stable order makes runs and logs comparable */
+    qsort(list, n, sizeof(meter_agg_t *), meter_agg_cmp);
+
+    rc = METER_DRAIN_OK;
+
+    for (i = 0; i < n && rc == METER_DRAIN_OK; i += METER_CHUNK) {
+        rc = meter_drain_chunk(d, pstart, &list[i],
+                               (n - i < METER_CHUNK) ? n - i : METER_CHUNK);
+    }
+
+    free(list);
+
+    return rc;
 }
 
 

@@ -475,9 +475,7 @@ meter_chargebee_onboard(meter_provider_t *p, const meter_onboard_t *in,
         || meter_form_add(&form, cb->http.curl, "email", in->email) != 0
         || (in->name != NULL
             && meter_form_add(&form, cb->http.curl, "first_name", in->name)
-               != 0)
-        || meter_form_add(&form, cb->http.curl, "cf_nginx_meter_customer",
-                          in->customer) != 0)
+               != 0))
     {
         goto nomem;
     }
@@ -791,6 +789,8 @@ meter_chargebee_cleanup(meter_provider_t *p)
 
     meter_http_cleanup(&cb->http);
     explicit_bzero(cb->api_key, sizeof(cb->api_key));
+    explicit_bzero(cb->webhook_auth, sizeof(cb->webhook_auth));
+    meter_plans_free(&cb->plans);
     free(cb);
     p->data = NULL;
 }

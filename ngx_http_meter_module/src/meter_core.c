@@ -815,13 +815,35 @@ meter_entry_pending(meter_entry_t *e)
 }
 
 
+/* adds a LIVE slot whose count moved past what Redis has to the batch */
+
+static void
+meter_batch_take(meter_batch_t *b, meter_entry_t *e)
+{
+    uint64_t             c;
+    meter_batch_item_t  *item;
+
+    if (meter_load(&e->state) != METER_SLOT_LIVE) {
+        return;
+    }
+
+    c = meter_load(&e->count);
+
+    if ((c & METER_DEAD) == 0 && c != meter_load(&e->flushed)) {
+        item = &b->items[b->n++];
+        item->e = e;
+        item->gen = e->gen;
+        item->hour = e->hour;
+        item->value = c;
+    }
+}
+
+
 unsigned
 meter_batch_collect(meter_table_t *t, meter_batch_t *b, uint32_t max_scan)
 {
-    uint32_t             scanned;
-    uint64_t             c;
-    meter_entry_t       *e;
-    meter_batch_item_t  *item;
+    uint32_t        scanned;
+    meter_entry_t  *e;
 
     b->n = 0;
     b->wrapped = 0;
@@ -839,17 +861,7 @@ meter_batch_collect(meter_table_t *t, meter_batch_t *b, uint32_t max_scan)
     for (scanned = 0; scanned < max_scan && b->n < b->cap; scanned++) {
         e = &t->slots[b->cursor];
 
-        if (meter_load(&e->state) == METER_SLOT_LIVE) {
-            c = meter_load(&e->count);
-
-            if ((c & METER_DEAD) == 0 && c != meter_load(&e->flushed)) {
-                item = &b->items[b->n++];
-                item->e = e;
-                item->gen = e->gen;
-                item->hour = e->hour;
-                item->value = c;
-            }
-        }
+        meter_batch_take(b, e);
 
         if (++b->cursor == t->nslots) {
             b->cursor = 0;
@@ -866,10 +878,8 @@ unsigned
 meter_batch_collect_dirty(meter_table_t *t, meter_batch_t *b,
     uint32_t max_words)
 {
-    uint32_t             nwords, words, bit, i;
-    uint64_t             c, bits, *w;
-    meter_entry_t       *e;
-    meter_batch_item_t  *item;
+    uint32_t   nwords, words, bit, i;
+    uint64_t   bits, *w;
 
     b->n = 0;
     b->wrapped = 0;
@@ -907,21 +917,7 @@ meter_batch_collect_dirty(meter_table_t *t, meter_batch_t *b,
                 continue;
             }
 
-            e = &t->slots[i];
-
-            if (meter_load(&e->state) != METER_SLOT_LIVE) {
-                continue;
-            }
-
-            c = meter_load(&e->count);
-
-            if ((c & METER_DEAD) == 0 && c != meter_load(&e->flushed)) {
-                item = &b->items[b->n++];
-                item->e = e;
-                item->gen = e->gen;
-                item->hour = e->hour;
-                item->value = c;
-            }
+            meter_batch_take(b, &t->slots[i]);
         }
 
         b->cursor++;

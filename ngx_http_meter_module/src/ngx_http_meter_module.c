@@ -293,6 +293,9 @@ static void ngx_http_meter_redis_disconnected(const redisAsyncContext *ac,
     int status);
 static void ngx_http_meter_redis_setup_reply(redisAsyncContext *ac, void *r,
     void *privdata);
+static void ngx_http_meter_watch(ngx_event_t *ev, ngx_int_t event,
+    ngx_event_handler_pt handler);
+static void ngx_http_meter_unwatch(ngx_event_t *ev, ngx_int_t event);
 static void ngx_http_meter_redis_add_read(void *privdata);
 static void ngx_http_meter_redis_del_read(void *privdata);
 static void ngx_http_meter_redis_add_write(void *privdata);
@@ -1698,20 +1701,33 @@ ngx_http_meter_redis_write(ngx_event_t *ev)
 /* level-triggered: hiredis reads at most 16k a call; the rest waits */
 
 static void
+ngx_http_meter_watch(ngx_event_t *ev, ngx_int_t event,
+    ngx_event_handler_pt handler)
+{
+    ev->handler = handler;
+
+    if (!ev->active && ngx_add_event(ev, event, NGX_LEVEL_EVENT) != NGX_OK) {
+        ngx_log_error(NGX_LOG_ERR, ev->log, 0,
+                      "meter: cannot watch the redis socket");
+    }
+}
+
+
+static void
+ngx_http_meter_unwatch(ngx_event_t *ev, ngx_int_t event)
+{
+    if (ev->active) {
+        (void) ngx_del_event(ev, event, 0);
+    }
+}
+
+
+static void
 ngx_http_meter_redis_add_read(void *privdata)
 {
     ngx_connection_t  *c = privdata;
 
-    c->read->handler = ngx_http_meter_redis_read;
-
-    if (!c->read->active) {
-        if (ngx_add_event(c->read, NGX_READ_EVENT, NGX_LEVEL_EVENT)
-            != NGX_OK)
-        {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                          "meter: cannot watch the redis socket");
-        }
-    }
+    ngx_http_meter_watch(c->read, NGX_READ_EVENT, ngx_http_meter_redis_read);
 }
 
 
@@ -1720,9 +1736,7 @@ ngx_http_meter_redis_del_read(void *privdata)
 {
     ngx_connection_t  *c = privdata;
 
-    if (c->read->active) {
-        (void) ngx_del_event(c->read, NGX_READ_EVENT, 0);
-    }
+    ngx_http_meter_unwatch(c->read, NGX_READ_EVENT);
 }
 
 
@@ -1731,16 +1745,8 @@ ngx_http_meter_redis_add_write(void *privdata)
 {
     ngx_connection_t  *c = privdata;
 
-    c->write->handler = ngx_http_meter_redis_write;
-
-    if (!c->write->active) {
-        if (ngx_add_event(c->write, NGX_WRITE_EVENT, NGX_LEVEL_EVENT)
-            != NGX_OK)
-        {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                          "meter: cannot watch the redis socket");
-        }
-    }
+    ngx_http_meter_watch(c->write, NGX_WRITE_EVENT,
+                         ngx_http_meter_redis_write);
 }
 
 
@@ -1749,9 +1755,7 @@ ngx_http_meter_redis_del_write(void *privdata)
 {
     ngx_connection_t  *c = privdata;
 
-    if (c->write->active) {
-        (void) ngx_del_event(c->write, NGX_WRITE_EVENT, 0);
-    }
+    ngx_http_meter_unwatch(c->write, NGX_WRITE_EVENT);
 }
 
 
