@@ -29,6 +29,8 @@
 
 #include "http.h"
 #include "provider.h"
+#include "provider_util.h"
+#include "util.h"
 
 
 #define METER_RECURLY_ACCEPT  "application/vnd.recurly.v2021-02-25"
@@ -39,6 +41,10 @@ typedef struct {
     meter_http_t                http;
     char                        base[256];
     char                        api_key[256];
+    char                        webhook_key[256];
+    char                        currency[8];
+    time_t                      webhook_tolerance;
+    meter_plans_t               plans;
 } meter_recurly_t;
 
 
@@ -49,6 +55,13 @@ static meter_send_e meter_recurly_send(meter_provider_t *p,
 static int meter_recurly_lookup(meter_provider_t *p,
     const meter_record_t *rec, meter_send_result_t *res);
 static void meter_recurly_cleanup(meter_provider_t *p);
+static meter_send_e meter_recurly_onboard(meter_provider_t *p,
+    const meter_onboard_t *in, meter_onboard_result_t *out,
+    meter_send_result_t *res);
+static int meter_recurly_overdue(meter_provider_t *p, meter_overdue_pt cb,
+    void *data, meter_send_result_t *res);
+static void meter_recurly_webhook(meter_provider_t *p,
+    const meter_webhook_req_t *req, meter_webhook_event_t *ev);
 
 
 static int
@@ -56,7 +69,8 @@ meter_recurly_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
     size_t errlen)
 {
     size_t            n;
-    const char       *base;
+    int64_t           ms;
+    const char       *base, *v;
     meter_recurly_t  *rc;
 
     rc = calloc(1, sizeof(meter_recurly_t));
@@ -91,6 +105,38 @@ meter_recurly_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
 
     if (rc->api_key[0] == '\0') {
         snprintf(err, errlen, "recurly.api_key_file: the file is empty");
+        return -1;
+    }
+
+    if (meter_conf_get(cf, "recurly.webhook_key_file") != NULL
+        && meter_conf_secret(cf, "recurly.webhook_key_file", rc->webhook_key,
+                             sizeof(rc->webhook_key), err, errlen) != 0)
+    {
+        return -1;
+    }
+
+    rc->webhook_tolerance = 300;
+    v = meter_conf_get(cf, "recurly.webhook_tolerance");
+    if (v != NULL) {
+        if (meter_parse_duration(v, &ms) != 0 || ms < 1000) {
+            snprintf(err, errlen, "recurly.webhook_tolerance: \"%s\" is not "
+                     "a duration of at least 1s", v);
+            return -1;
+        }
+
+        rc->webhook_tolerance = (time_t) (ms / 1000);
+    }
+
+    v = meter_conf_get(cf, "recurly.currency");
+    if (meter_copy(rc->currency, sizeof(rc->currency),
+                   v != NULL ? v : "USD") != 0)
+    {
+        snprintf(err, errlen, "recurly.currency: too long");
+        return -1;
+    }
+
+    if (meter_plans_copy(&rc->plans, cf) != 0) {
+        snprintf(err, errlen, "recurly: out of memory");
         return -1;
     }
 
@@ -336,6 +382,458 @@ end:
 }
 
 
+/* one call; body NULL for a GET */
+static meter_send_e
+meter_recurly_call(meter_recurly_t *rc, const char *url, const char *body,
+    cJSON **json, meter_send_result_t *res)
+{
+    meter_http_req_t  req;
+
+    memset(&req, 0, sizeof(req));
+
+    req.method = (body != NULL) ? "POST" : "GET";
+    req.url = url;
+    req.accept = METER_RECURLY_ACCEPT;
+    req.auth = METER_HTTP_AUTH_BASIC;
+    req.secret = rc->api_key;
+
+    if (body != NULL) {
+        req.content_type = "application/json";
+        req.body = body;
+        req.body_len = strlen(body);
+    }
+
+    return meter_http_json(&rc->http, &req, json, NULL, res);
+}
+
+
+/*
+ * The account code is our customer id, so a retry finds the account (GET
+ * before POST), and the account's live subscription to the plan, instead
+ * of making a second one.  Recurly has no idempotency header.
+ */
+static meter_send_e
+meter_recurly_onboard(meter_provider_t *p, const meter_onboard_t *in,
+    meter_onboard_result_t *out, meter_send_result_t *res)
+{
+    char              *js;
+    cJSON             *json, *body, *acct;
+    meter_buf_t        url;
+    const char        *plan, *currency, *id, *code;
+    meter_send_e       rc;
+    const cJSON       *data, *s;
+    meter_recurly_t   *rp;
+
+    rp = p->data;
+    json = NULL;
+    body = NULL;
+    js = NULL;
+
+    memset(&url, 0, sizeof(url));
+    memset(out, 0, sizeof(*out));
+    memset(res, 0, sizeof(*res));
+
+    rc = METER_SEND_FATAL;
+
+    plan = meter_plan_get(&rp->plans, in->plan, "recurly_plan");
+    if (plan == NULL) {
+        snprintf(res->error, sizeof(res->error), "recurly: no \"plan.%s."
+                 "recurly_plan\" in the config",
+                 in->plan ? in->plan : "default");
+        goto end;
+    }
+
+    currency = meter_plan_get(&rp->plans, in->plan, "currency");
+    if (currency == NULL) {
+        currency = rp->currency;
+    }
+
+    if (meter_copy(out->provider_customer, sizeof(out->provider_customer),
+                   in->customer) != 0)
+    {
+        snprintf(res->error, sizeof(res->error), "recurly: customer id too "
+                 "long");
+        goto end;
+    }
+
+    /* the account */
+
+    if (meter_buf_printf(&url, "%s/accounts/code-", rp->base) != 0
+        || meter_url_segment(&url, rp->http.curl, in->customer) != 0)
+    {
+        goto nomem;
+    }
+
+    rc = meter_recurly_call(rp, url.data, NULL, &json, res);
+
+    if (rc == METER_SEND_FATAL && res->http_status == 404) {
+        cJSON_Delete(json);
+        json = NULL;
+
+        body = cJSON_CreateObject();
+        if (body == NULL
+            || cJSON_AddStringToObject(body, "code", in->customer) == NULL
+            || cJSON_AddStringToObject(body, "email", in->email) == NULL
+            || (in->name != NULL
+                && cJSON_AddStringToObject(body, "first_name", in->name)
+                   == NULL)
+            || (js = cJSON_PrintUnformatted(body)) == NULL)
+        {
+            goto nomem;
+        }
+
+        meter_buf_reset(&url);
+        if (meter_buf_printf(&url, "%s/accounts", rp->base) != 0) {
+            goto nomem;
+        }
+
+        rc = meter_recurly_call(rp, url.data, js, &json, res);
+    }
+
+    if (rc != METER_SEND_OK) {
+        goto end;
+    }
+
+    cJSON_Delete(json);
+    json = NULL;
+    cJSON_Delete(body);
+    body = NULL;
+    cJSON_free(js);
+    js = NULL;
+
+    /* a live subscription of the account to the plan */
+
+    meter_buf_reset(&url);
+    if (meter_buf_printf(&url, "%s/accounts/code-", rp->base) != 0
+        || meter_url_segment(&url, rp->http.curl, in->customer) != 0
+        || meter_buf_printf(&url, "/subscriptions?state=live&limit=200")
+           != 0)
+    {
+        goto nomem;
+    }
+
+    rc = meter_recurly_call(rp, url.data, NULL, &json, res);
+    if (rc != METER_SEND_OK) {
+        goto end;
+    }
+
+    data = cJSON_GetObjectItemCaseSensitive(json, "data");
+    id = NULL;
+
+    cJSON_ArrayForEach(s, data) {
+        code = meter_json_str(s, "plan", "code", NULL);
+        if (code != NULL && strcmp(code, plan) == 0) {
+            id = meter_json_str(s, "id", NULL);
+            break;
+        }
+    }
+
+    if (id == NULL) {
+        cJSON_Delete(json);
+        json = NULL;
+
+        body = cJSON_CreateObject();
+        acct = cJSON_AddObjectToObject(body, "account");
+        if (body == NULL || acct == NULL
+            || cJSON_AddStringToObject(body, "plan_code", plan) == NULL
+            || cJSON_AddStringToObject(body, "currency", currency) == NULL
+            || cJSON_AddStringToObject(acct, "code", in->customer) == NULL
+            || (js = cJSON_PrintUnformatted(body)) == NULL)
+        {
+            goto nomem;
+        }
+
+        meter_buf_reset(&url);
+        if (meter_buf_printf(&url, "%s/subscriptions", rp->base) != 0) {
+            goto nomem;
+        }
+
+        rc = meter_recurly_call(rp, url.data, js, &json, res);
+        if (rc != METER_SEND_OK) {
+            goto end;
+        }
+
+        id = meter_json_str(json, "id", NULL);
+    }
+
+    if (id == NULL
+        || meter_copy(out->subscription, sizeof(out->subscription), id) != 0)
+    {
+        snprintf(res->error, sizeof(res->error),
+                 "recurly: subscription without a usable id");
+        rc = METER_SEND_RETRY;
+        goto end;
+    }
+
+    res->error[0] = '\0';
+    rc = METER_SEND_OK;
+
+    goto end;
+
+nomem:
+
+    snprintf(res->error, sizeof(res->error), "recurly: out of memory");
+    rc = METER_SEND_RETRY;
+
+end:
+
+    res->status = rc;
+    cJSON_free(js);
+    cJSON_Delete(body);
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+
+    return rc;
+}
+
+
+/* invoices in state past_due, every page ("next") */
+static int
+meter_recurly_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
+    meter_send_result_t *res)
+{
+    int               page, rc;
+    time_t            due;
+    cJSON            *json;
+    meter_buf_t       url;
+    const char       *sub;
+    const cJSON      *list, *item, *subs, *next;
+    meter_overdue_t   od;
+    meter_recurly_t  *rp;
+
+    rp = p->data;
+    json = NULL;
+    rc = -1;
+
+    memset(&url, 0, sizeof(url));
+    memset(res, 0, sizeof(*res));
+
+    if (meter_buf_printf(&url, "%s/invoices?state=past_due&limit=200",
+                         rp->base) != 0)
+    {
+        snprintf(res->error, sizeof(res->error), "recurly: out of memory");
+        goto end;
+    }
+
+    for (page = 0; page < METER_RECURLY_PAGES * 100; page++) {
+        cJSON_Delete(json);
+        if (meter_recurly_call(rp, url.data, NULL, &json, res)
+            != METER_SEND_OK)
+        {
+            goto end;
+        }
+
+        list = cJSON_GetObjectItemCaseSensitive(json, "data");
+        if (!cJSON_IsArray(list)) {
+            snprintf(res->error, sizeof(res->error),
+                     "recurly: invoice list without \"data\"");
+            goto end;
+        }
+
+        cJSON_ArrayForEach(item, list) {
+            subs = cJSON_GetObjectItemCaseSensitive(item, "subscription_ids");
+            sub = cJSON_IsArray(subs)
+                  && cJSON_IsString(cJSON_GetArrayItem(subs, 0))
+                  ? cJSON_GetArrayItem(subs, 0)->valuestring : NULL;
+
+            due = meter_rfc3339_parse(meter_json_str(item, "due_at", NULL));
+
+            od.provider_customer = meter_json_str(item, "account", "code",
+                                                  NULL);
+            od.subscription = sub;
+            od.since = due > 0 ? due : 0;
+
+            if (cb(data, &od) != 0) {
+                snprintf(res->error, sizeof(res->error),
+                         "recurly: the sync stopped");
+                goto end;
+            }
+        }
+
+        next = cJSON_GetObjectItemCaseSensitive(json, "next");
+
+        if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json, "has_more"))) {
+            rc = 0;
+            goto end;
+        }
+
+        if (!cJSON_IsString(next) || next->valuestring[0] != '/') {
+            snprintf(res->error, sizeof(res->error),
+                     "recurly: invoice list with has_more but no next path");
+            goto end;
+        }
+
+        meter_buf_reset(&url);
+        if (meter_buf_printf(&url, "%s%s", rp->base, next->valuestring)
+            != 0)
+        {
+            snprintf(res->error, sizeof(res->error), "recurly: out of memory");
+            goto end;
+        }
+    }
+
+    snprintf(res->error, sizeof(res->error), "recurly: too many pages");
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+
+    return rc;
+}
+
+
+/*
+ * recurly-signature: "<timestamp>,<signature>[,<signature>...]", the
+ * timestamp in milliseconds (seconds accepted too), each signature the hex
+ * HMAC-SHA256 of "<timestamp>.<body>" with the endpoint's key (several
+ * while a key is rotated).  1 verified, 0 not (ev filled).
+ */
+static int
+meter_recurly_verify(meter_recurly_t *rp, const meter_webhook_req_t *req,
+    meter_webhook_event_t *ev)
+{
+    int          ok;
+    char         buf[2048], mac[65], *ts, *tok, *save;
+    time_t       t;
+    long long    v;
+
+    if (rp->webhook_key[0] == '\0') {
+        meter_webhook_invalid(ev, 401, "recurly.webhook_key_file is not "
+                              "set");
+        return 0;
+    }
+
+    if (req->header(req->data, "recurly-signature") == NULL
+        || strlen(req->header(req->data, "recurly-signature")) >= sizeof(buf))
+    {
+        meter_webhook_invalid(ev, 400, "no usable recurly-signature header");
+        return 0;
+    }
+
+    snprintf(buf, sizeof(buf), "%s", req->header(req->data,
+                                                 "recurly-signature"));
+
+    ts = strtok_r(buf, ",", &save);
+    while (ts != NULL && *ts == ' ') {
+        ts++;
+    }
+
+    if (ts == NULL || *ts == '\0' || strlen(ts) > 16
+        || strspn(ts, "0123456789") != strlen(ts))
+    {
+        meter_webhook_invalid(ev, 400, "recurly-signature without a "
+                              "timestamp");
+        return 0;
+    }
+
+    v = strtoll(ts, NULL, 10);
+    t = (time_t) (v > 100000000000LL ? v / 1000 : v);
+
+    if (t < req->now - rp->webhook_tolerance
+        || t > req->now + rp->webhook_tolerance)
+    {
+        meter_webhook_invalid(ev, 400, "recurly-signature timestamp outside "
+                              "the tolerance");
+        return 0;
+    }
+
+    if (meter_hmac_hex(rp->webhook_key, strlen(rp->webhook_key), ts,
+                       req->body, req->body_len, mac) != 0)
+    {
+        meter_webhook_invalid(ev, 500, "HMAC failed");
+        return 0;
+    }
+
+    ok = 0;
+
+    for (tok = strtok_r(NULL, ",", &save); tok != NULL;
+         tok = strtok_r(NULL, ",", &save))
+    {
+        while (*tok == ' ') {
+            tok++;
+        }
+
+        ok |= meter_secure_equal(mac, 64, tok, strlen(tok));
+    }
+
+    explicit_bzero(mac, sizeof(mac));
+
+    if (!ok) {
+        meter_webhook_invalid(ev, 400, "recurly-signature does not match");
+        return 0;
+    }
+
+    return 1;
+}
+
+
+/* JSON notifications (v3): object_type, event_type, event_time,
+ * account_code */
+static void
+meter_recurly_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
+    meter_webhook_event_t *ev)
+{
+    time_t            t;
+    cJSON            *json;
+    const char       *id, *obj, *type, *when, *acct;
+    meter_recurly_t  *rp;
+
+    rp = p->data;
+    json = NULL;
+
+    memset(ev, 0, sizeof(*ev));
+
+    if (!meter_recurly_verify(rp, req, ev)) {
+        return;
+    }
+
+    json = cJSON_ParseWithLength(req->body, req->body_len);
+    if (json == NULL) {
+        meter_webhook_invalid(ev, 400, "the body is not JSON");
+        goto end;
+    }
+
+    id = meter_json_str(json, "id", NULL);
+    obj = meter_json_str(json, "object_type", NULL);
+    type = meter_json_str(json, "event_type", NULL);
+    when = meter_json_str(json, "event_time", NULL);
+    acct = meter_json_str(json, "account_code", NULL);
+    t = meter_rfc3339_parse(when);
+
+    if (id == NULL || obj == NULL || type == NULL || t == -1) {
+        meter_webhook_invalid(ev, 400, "not a Recurly notification (id, "
+                              "object_type, event_type, event_time)");
+        goto end;
+    }
+
+    /* whether "id" names the notification or its object is not
+     * documented clearly: the triple identifies one delivery either way */
+    snprintf(ev->event_id, sizeof(ev->event_id), "%.60s:%.24s:%lld", id,
+             type, (long long) t);
+    ev->event_time = t;
+    ev->kind = METER_WEBHOOK_IGNORE;
+
+    if (strcmp(obj, "charge_invoice") == 0 || strcmp(obj, "invoice") == 0) {
+        if (strcmp(type, "past_due") == 0 || strcmp(type, "failed") == 0) {
+            ev->kind = METER_WEBHOOK_DELINQUENT;
+
+        } else if (strcmp(type, "paid") == 0) {
+            ev->kind = METER_WEBHOOK_PAID;
+        }
+    }
+
+    if (acct != NULL) {
+        (void) meter_copy(ev->provider_customer,
+                          sizeof(ev->provider_customer), acct);
+    }
+
+end:
+
+    cJSON_Delete(json);
+}
+
+
 static void
 meter_recurly_cleanup(meter_provider_t *p)
 {
@@ -348,6 +846,8 @@ meter_recurly_cleanup(meter_provider_t *p)
 
     meter_http_cleanup(&rp->http);
     explicit_bzero(rp->api_key, sizeof(rp->api_key));
+    explicit_bzero(rp->webhook_key, sizeof(rp->webhook_key));
+    meter_plans_free(&rp->plans);
     free(rp);
     p->data = NULL;
 }
@@ -360,6 +860,9 @@ meter_provider_recurly(meter_provider_t *p)
     p->init = meter_recurly_init;
     p->send = meter_recurly_send;
     p->lookup = meter_recurly_lookup;
+    p->onboard = meter_recurly_onboard;
+    p->overdue = meter_recurly_overdue;
+    p->webhook = meter_recurly_webhook;
     p->cleanup = meter_recurly_cleanup;
     p->data = NULL;
 }

@@ -243,6 +243,7 @@ typedef struct {
 
     ngx_event_t                  gov_tick;  /* governance refresh timer */
     ngx_uint_t                   gov_busy;  /* replies outstanding */
+    ngx_msec_t                   gov_started;
     ngx_uint_t                   gov_failed;
     ngx_uint_t                   gov_valid; /* gov_version/keys/custs */
     uint64_t                     gov_version;
@@ -2301,6 +2302,14 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
 
     ngx_add_timer(&w->gov_tick, w->mcf->gov_refresh);
 
+    if (w->state == NGX_HTTP_METER_REDIS_READY && w->gov_busy
+        && ngx_current_msec - w->gov_started > w->mcf->redis_timeout)
+    {
+        /* a Redis that stopped answering: drop the connection */
+        ngx_http_meter_redis_fail(w, "governance refresh", "timed out");
+        return;
+    }
+
     if (w->state != NGX_HTTP_METER_REDIS_READY || w->gov_busy) {
         return;
     }
@@ -2335,6 +2344,7 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
 
     w->gov_failed = 0;
     w->gov_busy = 2;
+    w->gov_started = ngx_current_msec;
 
     argv[0] = "GET"; len[0] = 3;
     argv[1] = "mtr:gov:version"; len[1] = sizeof("mtr:gov:version") - 1;
