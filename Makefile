@@ -31,7 +31,8 @@ UNIT_CFLAGS := -std=c11 -Wall -Wextra -Werror -g -fsanitize=address,undefined
 # the steps of "test" and "demo" run in order, even under make -j
 .NOTPARALLEL:
 
-.PHONY: all module smoke deps worker unit integration test demo bench clean
+.PHONY: all module smoke deps worker unit integration test demo bench clean \
+        install
 
 all: module
 
@@ -123,6 +124,32 @@ demo: deps module worker
 bench: deps module
 	$(PYTHON) bench/run.py
 
+
+# the Debian layout: the module next to the packaged ones, enabled through
+# modules-enabled/ as nginx's own module packages do; a config that exists is
+# never overwritten
+DESTDIR ?=
+NGX_MODULES := /usr/lib/nginx/modules
+
+install: module worker
+	install -D -m 0644 $(MODULE_SO) \
+	    $(DESTDIR)$(NGX_MODULES)/ngx_http_meter_module.so
+	install -D -m 0644 conf/mod-http-meter.conf \
+	    $(DESTDIR)/usr/share/nginx/modules-available/mod-http-meter.conf
+	install -d $(DESTDIR)/etc/nginx/modules-enabled
+	ln -sf /usr/share/nginx/modules-available/mod-http-meter.conf \
+	    $(DESTDIR)/etc/nginx/modules-enabled/50-mod-http-meter.conf
+	install -D -m 0755 worker/meter-worker $(DESTDIR)/usr/bin/meter-worker
+	install -D -m 0755 worker/meterctl $(DESTDIR)/usr/bin/meterctl
+	install -D -m 0644 conf/meter-worker.service \
+	    $(DESTDIR)/lib/systemd/system/meter-worker.service
+	install -d -m 0750 $(DESTDIR)/etc/meter
+	[ -e $(DESTDIR)/etc/meter/worker.conf ] || \
+	    install -m 0640 conf/meter-worker.conf $(DESTDIR)/etc/meter/worker.conf
+	install -D -m 0644 conf/nginx-meter.conf \
+	    $(DESTDIR)/usr/share/doc/nginx-meter/examples/nginx-meter.conf
+	install -D -m 0644 README.md docs/redis-schema.md \
+	    -t $(DESTDIR)/usr/share/doc/nginx-meter/
 
 clean:
 	rm -rf $(BUILD) t/__pycache__ t/integration/__pycache__ .pytest_cache

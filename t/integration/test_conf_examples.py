@@ -24,3 +24,29 @@ def test_example_nginx_conf_passes_nginx_t():
              "-g", "pid %s/nginx.pid;" % tmp],
             capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+def test_make_install_debian_layout(tmp_path):
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), "install",
+                        "DESTDIR=%s" % tmp_path],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for f in ("usr/lib/nginx/modules/ngx_http_meter_module.so",
+              "usr/share/nginx/modules-available/mod-http-meter.conf",
+              "usr/bin/meter-worker", "usr/bin/meterctl",
+              "lib/systemd/system/meter-worker.service",
+              "etc/meter/worker.conf",
+              "usr/share/doc/nginx-meter/redis-schema.md"):
+        assert (tmp_path / f).exists(), f
+    link = tmp_path / "etc/nginx/modules-enabled/50-mod-http-meter.conf"
+    assert link.is_symlink()
+    assert "load_module modules/ngx_http_meter_module.so;" in (
+        tmp_path / "usr/share/nginx/modules-available/mod-http-meter.conf"
+    ).read_text()
+    # an operator's config survives a reinstall
+    (tmp_path / "etc/meter/worker.conf").write_text("# mine\n")
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), "install",
+                        "DESTDIR=%s" % tmp_path],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0
+    assert (tmp_path / "etc/meter/worker.conf").read_text() == "# mine\n"
