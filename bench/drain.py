@@ -208,6 +208,10 @@ def main():
             lines.append("file.path = %s" % out)
         else:
             from fakes import FakeStripe
+            from fakes import base
+            # the fake writes headers and body in two send()s: without
+            # TCP_NODELAY each answer waits for curl's delayed ACK (40 ms)
+            base._Handler.disable_nagle_algorithm = True
             fake = FakeStripe(api_key=STRIPE_KEY).start()
             (tmp / "api-key").write_text(STRIPE_KEY + "\n")
             (tmp / "api-key").chmod(0o600)

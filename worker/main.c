@@ -13,6 +13,10 @@
  *   75  temporary: another worker holds the lock, or records wait for a
  *       retry, or Redis failed mid-drain; run again later
  *   78  configuration error (the message names file:line and key)
+ *
+ * Besides draining, the daemon polls the provider for overdue customers
+ * every sync_interval (sync.c) and, with "webhook.listen", serves the
+ * provider's webhooks in a thread (webhook.c).
  */
 
 
@@ -35,7 +39,9 @@
 #include "log.h"
 #include "provider.h"
 #include "redis.h"
+#include "sync.h"
 #include "util.h"
+#include "webhook.h"
 
 
 #define METER_VERSION       "0.1.0"
@@ -49,6 +55,7 @@ typedef struct {
     meter_jsonl_t               audit;
     int                         audit_ok;
     meter_redis_t               redis;
+    meter_webhook_srv_t        *webhook;
     uint64_t                    watchdog_usec;
     struct timespec             petted;
 } meter_worker_t;
@@ -84,6 +91,9 @@ meter_usage(FILE *f)
         "      --before TIME    treat every hour that ended before TIME\n"
         "                       (ISO 8601, UTC) as closed\n"
         "      --dry-run        print what would be sent; change nothing\n"
+        "      --sync-only      with --once: poll the provider for overdue\n"
+        "                       customers (delinquency sync) instead of\n"
+        "                       draining\n"
         "  -t, --test-config    check the config and the provider, then exit\n"
         "  -h, --help           this help\n"
         "  -V, --version        print the version\n"
@@ -296,11 +306,57 @@ meter_sleep_until(meter_worker_t *w, time_t until)
 }
 
 
+/* one delinquency poll; 0, or -1 when Redis failed */
+static int
+meter_worker_sync(meter_worker_t *w)
+{
+    meter_sync_t  s;
+
+    memset(&s, 0, sizeof(meter_sync_t));
+    s.cf = w->cf;
+    s.provider = &w->provider;
+    s.redis = &w->redis;
+    s.stop = &meter_stop;
+
+    sd_notify(0, "STATUS=delinquency sync");
+
+    if (meter_sync_run(&s) != 0) {
+        meter_log(LOG_ERR, "sync: %s", s.error);
+        return -1;
+    }
+
+    return s.provider_ok ? 0 : 1;
+}
+
+
+static int
+meter_run_sync_once(meter_worker_t *w)
+{
+    char  err[1024];
+    int   rc;
+
+    if (!meter_sync_enabled(w->cf, &w->provider)) {
+        meter_log(LOG_ERR, "provider %s has no delinquency sync (or "
+                  "\"sync.delinquency = off\")", w->cf->provider);
+        return EX_CONFIG;
+    }
+
+    if (meter_worker_connect(w, err, sizeof(err)) != 0) {
+        meter_log(LOG_ERR, "%s", err);
+        return EX_UNAVAILABLE;
+    }
+
+    rc = meter_worker_sync(w);
+
+    return rc == 0 ? EX_OK : EX_TEMPFAIL;
+}
+
+
 static int
 meter_run_daemon(meter_worker_t *w)
 {
     char              err[1024];
-    time_t            now, next, retry;
+    time_t            now, next, retry, next_sync;
     int               ready, backoff;
     meter_drain_t     d;
     meter_drain_rc_e  rc;
@@ -308,12 +364,26 @@ meter_run_daemon(meter_worker_t *w)
     ready = 0;
     backoff = 1;
     next = 0;       /* catch up at once */
+    next_sync = 0;
 
     while (!meter_stop) {
         if (meter_reload) {
             meter_reload = 0;
+
+            /* the listener reads the config being replaced */
+            meter_webhook_stop(w->webhook);
+            w->webhook = NULL;
+
             meter_worker_reload(w);
+
+            if (meter_webhook_start(w->cf, &w->webhook, err, sizeof(err))
+                != 0)
+            {
+                meter_log(LOG_ERR, "%s; webhooks are not served", err);
+            }
+
             next = 0;
+            next_sync = 0;
             continue;
         }
 
@@ -341,8 +411,19 @@ meter_run_daemon(meter_worker_t *w)
 
         now = time(NULL);
 
+        if (now >= next_sync && meter_sync_enabled(w->cf, &w->provider)) {
+            next_sync = now + w->cf->sync_interval;
+
+            if (meter_worker_sync(w) == -1) {
+                meter_redis_close(&w->redis);
+                next_sync = now + 5;
+                continue;
+            }
+        }
+
         if (now < next) {
-            meter_sleep_until(w, next);
+            meter_sleep_until(w, meter_sync_enabled(w->cf, &w->provider)
+                                 && next_sync < next ? next_sync : next);
             continue;
         }
 
@@ -509,6 +590,7 @@ main(int argc, char **argv)
         { "once", no_argument, NULL, 'o' },
         { "before", required_argument, NULL, 'b' },
         { "dry-run", no_argument, NULL, 'n' },
+        { "sync-only", no_argument, NULL, 's' },
         { "test-config", no_argument, NULL, 't' },
         { "help", no_argument, NULL, 'h' },
         { "version", no_argument, NULL, 'V' },
@@ -518,7 +600,7 @@ main(int argc, char **argv)
     char              err[1024];
     const char       *path;
     time_t            before;
-    int               c, once, dry_run, test, rc;
+    int               c, once, dry_run, test, rc, sync_only;
     struct sigaction  sa;
     meter_worker_t    w;
 
@@ -527,6 +609,7 @@ main(int argc, char **argv)
     once = 0;
     dry_run = 0;
     test = 0;
+    sync_only = 0;
 
     while ((c = getopt_long(argc, argv, "c:thV", options, NULL)) != -1) {
         switch (c) {
@@ -551,6 +634,10 @@ main(int argc, char **argv)
 
         case 'n':
             dry_run = 1;
+            break;
+
+        case 's':
+            sync_only = 1;
             break;
 
         case 't':
@@ -583,8 +670,15 @@ main(int argc, char **argv)
         return EX_USAGE;
     }
 
-    if ((before != 0 || dry_run) && !once) {
-        fprintf(stderr, "meter-worker: --before and --dry-run need --once\n");
+    if ((before != 0 || dry_run || sync_only) && !once) {
+        fprintf(stderr, "meter-worker: --before, --dry-run and --sync-only "
+                "need --once\n");
+        return EX_USAGE;
+    }
+
+    if (sync_only && (before != 0 || dry_run)) {
+        fprintf(stderr, "meter-worker: --sync-only takes no --before or "
+                "--dry-run\n");
         return EX_USAGE;
     }
 
@@ -650,11 +744,21 @@ main(int argc, char **argv)
 
     clock_gettime(CLOCK_MONOTONIC, &w.petted);
 
-    if (once) {
+    if (once && sync_only) {
+        rc = meter_run_sync_once(&w);
+
+    } else if (once) {
         rc = meter_run_once(&w, before, dry_run);
+
+    } else if (meter_webhook_start(w.cf, &w.webhook, err, sizeof(err))
+               != 0)
+    {
+        meter_log(LOG_ERR, "%s", err);
+        rc = EX_CONFIG;
 
     } else {
         rc = meter_run_daemon(&w);
+        meter_webhook_stop(w.webhook);
     }
 
     meter_redis_close(&w.redis);

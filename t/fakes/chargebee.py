@@ -25,10 +25,12 @@ MAX_USAGES = 5000
 ACTIVE = ("active", "non_renewing", "in_trial")
 
 
-def send_webhook(url, event_type, content, user, password, event_id=None):
+def send_webhook(url, event_type, content, user, password, event_id=None,
+                 occurred_at=None):
     """POST a Chargebee event to url with Basic auth; (status, body)."""
     ev = {"id": event_id or "ev_%d" % int(time.time() * 1e6),
-          "occurred_at": int(time.time()), "object": "event",
+          "occurred_at": int(time.time()) if occurred_at is None
+          else int(occurred_at), "object": "event",
           "event_type": event_type, "api_version": "v2",
           "content": content}
     auth = base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
@@ -49,6 +51,10 @@ class FakeChargebee(FakeServer):
         ("POST", r"/api/v2/subscriptions/([^/]+)/usages", "create_usage"),
         ("GET", r"/api/v2/usages", "list_usages"),
         ("GET", r"/api/v2/customers", "list_customers"),
+        ("POST", r"/api/v2/customers", "create_customer"),
+        ("GET", r"/api/v2/customers/([^/]+)", "get_customer"),
+        ("POST", r"/api/v2/customers/([^/]+)/subscription_for_items",
+         "create_subscription_for_items"),
         ("GET", r"/api/v2/subscriptions", "list_subscriptions"),
         ("GET", r"/api/v2/subscriptions/([^/]+)", "get_subscription"),
         ("GET", r"/api/v2/invoices", "list_invoices"),
@@ -153,6 +159,57 @@ class FakeChargebee(FakeServer):
         with self.lock:
             self.invoices.append(inv)
         return inv
+
+    # onboarding
+
+    def _dup(self, what, value):
+        return self.error(400, "invalid_request",
+                          "The value %s is already present." % value,
+                          code="duplicate_entry", param="id")
+
+    def create_customer(self, req):
+        f = req.form
+        cid = f.get("id")
+        if cid is not None and any(c["id"] == cid for c in self.customers):
+            return self._dup("customer", cid)
+        if cid is not None and len(cid) > 50:
+            return self.error(400, "invalid_request",
+                              "id : length exceeds 50", param="id")
+        c = self.add_customer(cid, email=f.get("email"),
+                              first_name=f.get("first_name"),
+                              created_at=int(self.now()))
+        return Response(200, {"customer": c})
+
+    def get_customer(self, req, cid):
+        c = next((c for c in self.customers if c["id"] == cid), None)
+        if c is None:
+            return self.error(404, "invalid_request",
+                              "Sorry, we couldn't find that resource",
+                              code="resource_not_found")
+        return Response(200, {"customer": c})
+
+    def create_subscription_for_items(self, req, cid):
+        f = req.form
+        c = next((c for c in self.customers if c["id"] == cid), None)
+        if c is None:
+            return self.error(404, "invalid_request",
+                              "Sorry, we couldn't find that resource",
+                              code="resource_not_found")
+        sid = f.get("id")
+        if sid is not None and sid in self.subscriptions:
+            return self._dup("subscription", sid)
+        prices, i = [], 0
+        while "subscription_items[item_price_id][%d]" % i in f:
+            prices.append(f["subscription_items[item_price_id][%d]" % i])
+            i += 1
+        if not prices:
+            return self.error(400, "invalid_request",
+                              "subscription_items[item_price_id][0] : "
+                              "cannot be blank",
+                              code="param_wrong_value",
+                              param="subscription_items[item_price_id][0]")
+        s = self.add_subscription(sid, customer_id=cid, item_prices=prices)
+        return Response(200, {"subscription": s, "customer": c})
 
     # usage
 

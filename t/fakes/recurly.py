@@ -12,13 +12,55 @@ Lists: accounts, subscriptions (state), invoices (state).
 """
 
 import datetime
+import hashlib
+import hmac
 import itertools
+import json
 import time
+import urllib.parse
+import urllib.request
 
 from .base import FakeServer, Response
 
 
 ACCEPT = "application/vnd.recurly.v2021-02-25"
+
+
+def sign(payload, key, t_ms=None):
+    """The recurly-signature header value: "<ms>,<hex HMAC-SHA256 of
+    '<ms>.<body>'>"."""
+    t_ms = int(time.time() * 1000) if t_ms is None else int(t_ms)
+    mac = hmac.new(key.encode(), b"%d." % t_ms + payload, hashlib.sha256)
+    return "%d,%s" % (t_ms, mac.hexdigest())
+
+
+def iso(t):
+    return datetime.datetime.fromtimestamp(
+        t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def send_webhook(url, object_type, event_type, account_code, key,
+                 notification_id=None, event_time=None, t_ms=None,
+                 signature=None, **fields):
+    """POST a Recurly JSON notification (v3) signed with key; returns
+    (status, body)."""
+    body = {"id": notification_id or "n%d" % int(time.time() * 1e6),
+            "object_type": object_type, "site_id": "fake-site",
+            "event_type": event_type,
+            "event_time": iso(time.time() if event_time is None
+                              else event_time),
+            "account_code": account_code}
+    body.update(fields)
+    payload = json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=payload, method="POST",
+        headers={"Content-Type": "application/json",
+                 "recurly-signature": signature or sign(payload, key, t_ms)})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
 def parse_time(s):
@@ -36,6 +78,10 @@ class FakeRecurly(FakeServer):
         ("GET", r"/subscriptions/([^/]+)/add_ons/([^/]+)/usage",
          "list_usage"),
         ("GET", r"/accounts", "list_accounts"),
+        ("POST", r"/accounts", "create_account"),
+        ("GET", r"/accounts/([^/]+)", "get_account"),
+        ("GET", r"/accounts/([^/]+)/subscriptions", "account_subscriptions"),
+        ("POST", r"/subscriptions", "create_subscription"),
         ("GET", r"/subscriptions", "list_subscriptions"),
         ("GET", r"/subscriptions/([^/]+)", "get_subscription"),
         ("GET", r"/invoices", "list_invoices"),
@@ -89,10 +135,12 @@ class FakeRecurly(FakeServer):
     # setup
 
     def add_subscription(self, sid=None, add_ons=("api_calls",),
-                         state="active", account=None):
+                         state="active", account=None, plan=None,
+                         currency="USD"):
         s = {"id": sid or "sub%d" % next(self._ids), "object": "subscription",
              "uuid": "%032x" % next(self._ids), "state": state,
-             "account": {"code": account}, "add_ons": list(add_ons)}
+             "account": {"code": account}, "add_ons": list(add_ons),
+             "plan": {"code": plan}, "currency": currency}
         with self.lock:
             self.subscriptions[s["id"]] = s
         return s
@@ -105,9 +153,12 @@ class FakeRecurly(FakeServer):
             self.accounts.append(a)
         return a
 
-    def add_invoice(self, account, state="past_due", total=10.0):
+    def add_invoice(self, account, state="past_due", total=10.0,
+                    subscription=None):
         inv = {"id": "inv%d" % next(self._ids), "object": "invoice",
-               "account": {"code": account}, "state": state, "total": total}
+               "account": {"code": account}, "state": state, "total": total,
+               "subscription_ids": [subscription] if subscription else [],
+               "due_at": iso(time.time())}
         with self.lock:
             self.invoices.append(inv)
         return inv
@@ -121,6 +172,71 @@ class FakeRecurly(FakeServer):
     def _addon(self, sub, aid):
         code = aid[5:] if aid.startswith("code-") else aid
         return code if code in sub["add_ons"] else None
+
+    def set_invoice_state(self, inv_id, state):
+        with self.lock:
+            for i in self.invoices:
+                if i["id"] == inv_id:
+                    i["state"] = state
+                    return i
+        raise KeyError(inv_id)
+
+    # onboarding
+
+    def _account(self, aid):
+        for a in self.accounts:
+            if aid in (a["id"], "code-" + a["code"]):
+                return a
+        return None
+
+    def create_account(self, req):
+        b = req.json
+        code = b.get("code") if isinstance(b, dict) else None
+        if not isinstance(code, str) or not code:
+            return self.error(422, "validation", "Code can't be blank",
+                              params=[{"param": "code",
+                                       "message": "can't be blank"}])
+        if any(a["code"] == code for a in self.accounts):
+            return self.error(422, "validation", "Code has already been "
+                              "taken", params=[{"param": "code",
+                                                "message": "has already "
+                                                "been taken"}])
+        a = self.add_account(code, email=b.get("email"),
+                             first_name=b.get("first_name"))
+        return Response(201, a)
+
+    def get_account(self, req, aid):
+        a = self._account(aid)
+        return Response(200, a) if a else self.error(
+            404, "not_found", "Couldn't find Account with id = %s" % aid)
+
+    def account_subscriptions(self, req, aid):
+        a = self._account(aid)
+        if a is None:
+            return self.error(404, "not_found",
+                              "Couldn't find Account with id = %s" % aid)
+        items = [s for s in self.subscriptions.values()
+                 if s["account"]["code"] == a["code"]]
+        st = req.q("state")
+        if st == "live":
+            items = [s for s in items
+                     if s["state"] in ("active", "in_trial", "future")]
+        elif st:
+            items = [s for s in items if s["state"] == st]
+        return self._page(req, items)
+
+    def create_subscription(self, req):
+        b = req.json if isinstance(req.json, dict) else {}
+        acct = (b.get("account") or {}).get("code")
+        if not b.get("plan_code") or not b.get("currency") or not acct:
+            return self.error(422, "validation",
+                              "plan_code, currency and account are "
+                              "required")
+        if self._account("code-" + acct) is None:
+            self.add_account(acct)
+        s = self.add_subscription(account=acct, plan=b["plan_code"],
+                                  currency=b["currency"])
+        return Response(201, s)
 
     # usage
 
@@ -168,10 +284,14 @@ class FakeRecurly(FakeServer):
             return self.error(400, "bad_request", "invalid limit or cursor")
         page = items[cursor:cursor + limit]
         more = cursor + limit < len(items)
+        # like Recurly, "next" keeps the request's filters
+        q = [(k, v) for k, vs in req.query.items() if k not in
+             ("cursor", "limit") for v in vs]
+        q += [("cursor", str(cursor + limit)), ("limit", str(limit))]
         return Response(200, {
             "object": "list", "has_more": more, "data": page,
-            "next": "%s?cursor=%d&limit=%d" % (req.path, cursor + limit,
-                                               limit) if more else None})
+            "next": "%s?%s" % (req.path, urllib.parse.urlencode(q))
+            if more else None})
 
     def list_usage(self, req, sid, aid):
         sub = self._sub(sid)

@@ -44,21 +44,41 @@ def sign(payload, secret, t=None):
     return "t=%d,v1=%s" % (t, mac.hexdigest())
 
 
-def send_webhook(url, event_type, obj, secret, t=None, headers=None):
-    """POST a signed Stripe event to url; returns (status, body)."""
-    event = {"id": "evt_%d" % int(time.time() * 1e6), "object": "event",
-             "type": event_type, "created": int(time.time()),
-             "data": {"object": obj}, "livemode": False}
-    payload = json.dumps(event).encode()
-    h = {"Content-Type": "application/json",
-         "Stripe-Signature": sign(payload, secret, t)}
-    h.update(headers or {})
-    req = urllib.request.Request(url, data=payload, headers=h, method="POST")
+def event(event_type, obj, event_id=None, created=None):
+    """A Stripe event object (what a webhook delivers)."""
+    return {"id": event_id or "evt_%d" % int(time.time() * 1e6),
+            "object": "event", "api_version": "2024-06-20",
+            "type": event_type,
+            "created": int(time.time()) if created is None else int(created),
+            "data": {"object": obj}, "livemode": False,
+            "pending_webhooks": 1, "request": {"id": None}}
+
+
+def post(url, payload, headers):
+    """POST bytes; (status, body) also for error statuses."""
+    req = urllib.request.Request(url, data=payload, headers=headers,
+                                 method="POST")
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def send_payload(url, payload, secret, t=None, headers=None):
+    """POST raw bytes signed like Stripe does; (status, body)."""
+    h = {"Content-Type": "application/json; charset=utf-8",
+         "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+         "Stripe-Signature": sign(payload, secret, t)}
+    h.update(headers or {})
+    return post(url, payload, h)
+
+
+def send_webhook(url, event_type, obj, secret, t=None, headers=None,
+                 event_id=None, created=None):
+    """POST a signed Stripe event to url; returns (status, body)."""
+    payload = json.dumps(event(event_type, obj, event_id, created)).encode()
+    return send_payload(url, payload, secret, t, headers)
 
 
 class FakeStripe(FakeServer):
@@ -425,7 +445,7 @@ class FakeStripe(FakeServer):
     def add_subscription(self, customer, status="active", prices=()):
         s = {"id": self._id("sub"), "object": "subscription",
              "customer": customer, "status": status,
-             "created": int(self.now()),
+             "created": int(self.now()), "metadata": {},
              "items": {"object": "list", "has_more": False, "data": [
                  {"id": self._id("si"), "object": "subscription_item",
                   "price": {"id": p}} for p in prices]}}
@@ -442,8 +462,9 @@ class FakeStripe(FakeServer):
         while "items[%d][price]" % i in f:
             prices.append(f["items[%d][price]" % i])
             i += 1
-        return Response(200, self.add_subscription(f["customer"],
-                                                   prices=prices))
+        s = self.add_subscription(f["customer"], prices=prices)
+        s["metadata"] = self._nested(f, "metadata")
+        return Response(200, s)
 
     def set_subscription_status(self, sub_id, status):
         assert status in SUB_STATUSES

@@ -1,0 +1,439 @@
+"""Provider webhooks (issue 6), served by meter-worker's listener behind a
+real nginx (proxy_pass) with governance, against a real redis-server:
+signed Stripe events turn a key's answers into 402 and back to 200 within
+the refresh interval; forged or expired signatures, replays, out-of-order
+events, oversized and malformed bodies change nothing; Redis down answers
+503 so the provider delivers again; Chargebee Basic auth and Recurly
+signatures.  The delinquency poll is off here (test_sync.py covers it).
+"""
+
+import base64
+import json
+import socket
+import time
+
+import pytest
+
+from conftest import free_port, wait_for
+from fakes import chargebee as cbfake
+from fakes import recurly as rcfake
+from fakes import stripe as stfake
+from fakes.chargebee import FakeChargebee
+from fakes.recurly import FakeRecurly
+from fakes.stripe import FakeStripe
+from test_sync import Billing, pytestmark  # noqa: F401
+
+SECRET = "whsec_test_0123456789abcdef"
+REFRESH = 0.2
+
+CONF = r"""
+    meter_zone $http_x_api_key zone=api:1m;
+    meter_redis @REDIS@;
+    meter_flush_interval 100ms;
+    meter_governance_refresh 200ms;
+
+    server {
+        listen 127.0.0.1:@PORT2@;
+        location / { return 200 "ok\n"; }
+    }
+
+    server {
+        listen 127.0.0.1:@PORT@;
+        meter zone=api calls status=200;
+        meter_governance zone=api unknown_key=401;
+
+        location / { proxy_pass http://127.0.0.1:@PORT2@; }
+
+        # provider webhooks: not metered, not governed, to the worker
+        location /webhooks/ {
+            meter off;
+            meter_governance off;
+            client_max_body_size 2m;
+            proxy_pass http://127.0.0.1:@WH@;
+        }
+    }
+"""
+
+
+def call(n, key):
+    return n.get("/", headers={"X-API-Key": key})[0]
+
+
+class Hooks:
+    """nginx + the worker daemon with webhooks for one provider."""
+
+    def __init__(self, nginx_factory, redis, tmp_path, provider, fake,
+                 **settings):
+        self.wh_port = free_port()
+        self.b = Billing(tmp_path / "w", redis, provider, fake,
+                         sync__delinquency="off",
+                         webhook__listen="127.0.0.1:%d" % self.wh_port,
+                         webhook__timeout="2s", **settings)
+        self.b.start(port=self.wh_port)
+        self.n = nginx_factory(CONF, redis=redis.address, wh=self.wh_port)
+        self.url = "http://127.0.0.1:%d/webhooks/%s" % (self.n.port, provider)
+        self.direct = "http://127.0.0.1:%d/webhooks/%s" % (self.wh_port,
+                                                           provider)
+
+    def stop(self):
+        self.b.stop()
+
+
+@pytest.fixture
+def stripe_hooks(nginx_factory, redis, tmp_path):
+    with FakeStripe() as f:
+        secret = tmp_path / "whsec"
+        secret.write_text(SECRET + "\n")
+        h = Hooks(nginx_factory, redis, tmp_path, "stripe", f,
+                  stripe__webhook_secret_file=secret)
+        cus = f.add_customer()
+        sub = f.add_subscription(cus["id"])
+        h.b.customer("acme", "mk_test_hook_1", cus["id"], sub["id"])
+        h.cus, h.sub = cus["id"], sub["id"]
+        h.fake = f
+        wait_for(lambda: call(h.n, "mk_test_hook_1") == 200, 5)
+        yield h
+        h.stop()
+
+
+def invoice(h):
+    return {"id": "in_1", "object": "invoice", "customer": h.cus,
+            "subscription": h.sub, "status": "open"}
+
+
+def version(redis):
+    return int(redis.cmd("GET", "mtr:gov:version") or 0)
+
+
+def test_stripe_failed_then_paid(stripe_hooks, redis):
+    h = stripe_hooks
+    t0 = time.monotonic()
+    st, body = stfake.send_webhook(h.url, "invoice.payment_failed",
+                                   invoice(h), SECRET)
+    assert st == 200, body
+    assert json.loads(body)["changed"] is True
+    # stored before the answer
+    assert h.b.status("acme") == ("delinquent", "invoice_overdue", "sync")
+    wait_for(lambda: call(h.n, "mk_test_hook_1") == 402, 5)
+    assert time.monotonic() - t0 < REFRESH * 10
+
+    st, body = stfake.send_webhook(h.url, "invoice.paid", invoice(h), SECRET,
+                                   created=time.time() + 1)
+    assert st == 200, body
+    assert h.b.cust("acme")["status"] == "active"
+    wait_for(lambda: call(h.n, "mk_test_hook_1") == 200, 5)
+
+
+def test_subscription_updated_and_deleted(stripe_hooks):
+    h = stripe_hooks
+    sub = {"id": h.sub, "object": "subscription", "customer": h.cus,
+           "status": "past_due"}
+    now = time.time()
+    st, _ = stfake.send_webhook(h.url, "customer.subscription.updated", sub,
+                                SECRET, created=now)
+    assert st == 200
+    assert h.b.cust("acme")["status"] == "delinquent"
+    # deleting the subscription settles nothing: still delinquent
+    st, body = stfake.send_webhook(h.url, "customer.subscription.deleted",
+                                   dict(sub, status="canceled"), SECRET,
+                                   created=now + 1)
+    assert st == 200 and json.loads(body)["ignored"] is True
+    assert h.b.cust("acme")["status"] == "delinquent"
+    st, _ = stfake.send_webhook(h.url, "customer.subscription.updated",
+                                dict(sub, status="active"), SECRET,
+                                created=now + 2)
+    assert st == 200
+    assert h.b.cust("acme")["status"] == "active"
+
+
+def test_forged_expired_and_unsigned_change_nothing(stripe_hooks, redis):
+    h = stripe_hooks
+    v0 = version(redis)
+    payload = json.dumps(stfake.event("invoice.payment_failed",
+                                      invoice(h))).encode()
+    cases = [
+        ("wrong secret", stfake.send_payload(h.url, payload, "whsec_wrong")),
+        ("expired", stfake.send_payload(h.url, payload, SECRET,
+                                        t=time.time() - 301)),
+        ("future", stfake.send_payload(h.url, payload, SECRET,
+                                       t=time.time() + 400)),
+        ("no header", stfake.post(h.url, payload,
+                                  {"Content-Type": "application/json"})),
+        ("tampered", stfake.post(h.url, payload.replace(b"in_1", b"in_2"), {
+            "Stripe-Signature": stfake.sign(payload, SECRET)})),
+        ("bad t", stfake.post(h.url, payload, {
+            "Stripe-Signature": "t=abc,v1=" + "0" * 64})),
+    ]
+    for name, (st, body) in cases:
+        assert st == 400, (name, body)
+    assert h.b.cust("acme")["status"] == "active"
+    assert version(redis) == v0
+    assert redis.keys("mtr:wh:*") == []
+    assert call(h.n, "mk_test_hook_1") == 200
+    # the secret and the body never reach the log
+    log = h.b.log()
+    assert SECRET not in log and "in_1" not in log
+
+
+def test_replayed_event_has_no_second_effect(stripe_hooks, redis):
+    h = stripe_hooks
+    now = int(time.time())
+    failed = json.dumps(stfake.event("invoice.payment_failed", invoice(h),
+                                     "evt_failed_1", now - 10)).encode()
+    st, _ = stfake.send_payload(h.url, failed, SECRET)
+    assert st == 200
+    assert redis.keys("mtr:wh:*") == ["mtr:wh:stripe:evt_failed_1"]
+    ttl = redis.cmd("TTL", "mtr:wh:stripe:evt_failed_1")
+    assert 2592000 - 60 < ttl <= 2592000
+
+    # an admin clears it by hand; the provider redelivers the old event
+    h.b.ctl("delinquent", "clear", "acme")
+    assert h.b.cust("acme")["status"] == "active"
+    v = version(redis)
+    st, body = stfake.send_payload(h.url, failed, SECRET)
+    assert st == 200 and json.loads(body)["duplicate"] is True
+    assert h.b.cust("acme")["status"] == "active"
+    assert version(redis) == v
+
+
+def test_older_event_never_overrides_newer(stripe_hooks, redis):
+    h = stripe_hooks
+    now = int(time.time())
+    st, _ = stfake.send_webhook(h.url, "invoice.payment_failed", invoice(h),
+                                SECRET, event_id="evt_new", created=now)
+    assert st == 200
+    # an older "paid" arrives late (Stripe does not order deliveries)
+    st, body = stfake.send_webhook(h.url, "invoice.paid", invoice(h), SECRET,
+                                   event_id="evt_old", created=now - 60)
+    assert st == 200 and json.loads(body)["changed"] is False
+    assert h.b.status("acme") == ("delinquent", "invoice_overdue", "sync")
+    assert int(h.b.cust("acme")["status_at"]) == now
+    time.sleep(REFRESH * 3)
+    assert call(h.n, "mk_test_hook_1") == 402
+
+
+def test_big_and_malformed_bodies(stripe_hooks, redis):
+    h = stripe_hooks
+    v0 = version(redis)
+    ev = stfake.event("invoice.payment_failed", invoice(h))
+    ev["padding"] = "x" * (1024 * 1024)
+    big = json.dumps(ev).encode()
+    assert len(big) > 1024 * 1024
+    for url in (h.url, h.direct):
+        st, _ = stfake.send_payload(url, big, SECRET)
+        assert st == 413, url
+    # signed, but not JSON
+    st, body = stfake.send_payload(h.url, b'{"id": "evt_x", "type": ',
+                                   SECRET)
+    assert st == 400, body
+    # JSON, signed, but no event
+    st, body = stfake.send_payload(h.url, b'{"hello": 1}', SECRET)
+    assert st == 400, body
+    assert h.b.cust("acme")["status"] == "active"
+    assert version(redis) == v0
+
+
+def test_listener_http_edges(stripe_hooks):
+    h = stripe_hooks
+
+    def raw(data, timeout=5):
+        with socket.create_connection(("127.0.0.1", h.wh_port),
+                                      timeout=timeout) as s:
+            s.sendall(data)
+            out = b""
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    return out
+                out += b
+
+    def status(resp):
+        return int(resp.split(b" ", 2)[1])
+
+    assert status(raw(b"GET /webhooks/stripe HTTP/1.1\r\nHost: x\r\n\r\n")) \
+        == 405
+    assert status(raw(b"POST /webhooks/recurly HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 2\r\n\r\n{}")) == 404
+    assert status(raw(b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")) == 411
+    assert status(raw(b"POST /webhooks/stripe HTTP/1.1\r\n"
+                      b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n"
+                      b"hello!")) == 400
+    assert status(raw(b"garbage\r\n\r\n")) == 400
+    assert status(raw(b"POST /webhooks/stripe HTTP/1.1\r\nX: "
+                      + b"a" * 20000 + b"\r\n\r\n")) == 431
+    # a body that never comes: 408 after webhook.timeout (2s)
+    t0 = time.monotonic()
+    assert status(raw(b"POST /webhooks/stripe HTTP/1.1\r\n"
+                      b"Content-Length: 10\r\n\r\nabc")) == 408
+    assert 1.5 < time.monotonic() - t0 < 5
+    # the listener still serves
+    st, _ = stfake.send_webhook(h.direct, "invoice.paid", invoice(h), SECRET)
+    assert st == 200
+
+
+def test_unknown_customer_is_acknowledged(stripe_hooks, redis):
+    h = stripe_hooks
+    v0 = version(redis)
+    st, body = stfake.send_webhook(h.url, "invoice.payment_failed", {
+        "id": "in_9", "customer": "cus_other", "subscription": "sub_other"},
+        SECRET)
+    assert st == 200 and json.loads(body)["ignored"] == "unknown customer"
+    assert version(redis) == v0
+
+
+def test_redis_down_answers_503_then_retry_applies(stripe_hooks, redis):
+    h = stripe_hooks
+    payload = json.dumps(stfake.event("invoice.payment_failed", invoice(h),
+                                      "evt_retry")).encode()
+    redis.stop("save")
+    try:
+        st, _ = stfake.send_payload(h.url, payload, SECRET)
+        assert st == 503
+    finally:
+        redis.start()
+    # the listener reconnects (at most once a second); the redelivery
+    # applies the change
+    wait_for(lambda: stfake.send_payload(h.url, payload, SECRET)[0] == 200,
+             10)
+    assert h.b.status("acme") == ("delinquent", "invoice_overdue", "sync")
+    assert redis.keys("mtr:wh:*") == ["mtr:wh:stripe:evt_retry"]
+
+
+# ------------------------------------------------------------- Chargebee
+
+def test_chargebee_basic_auth(nginx_factory, redis, tmp_path):
+    with FakeChargebee() as f:
+        pw = (tmp_path / "cbpw")
+        pw.write_text("s3cret-pw\n")
+        h = Hooks(nginx_factory, redis, tmp_path, "chargebee", f,
+                  chargebee__site="x", chargebee__webhook_user="hooks",
+                  chargebee__webhook_password_file=pw)
+        try:
+            c = f.add_customer("cbc1")
+            s = f.add_subscription("cbs1", customer_id=c["id"])
+            h.b.customer("cbacme", "mk_test_cb", c["id"], s["id"])
+            content = {"customer": {"id": "cbc1"},
+                       "subscription": {"id": "cbs1",
+                                        "customer_id": "cbc1"},
+                       "invoice": {"customer_id": "cbc1",
+                                   "subscription_id": "cbs1"}}
+            now = int(time.time())
+            st, _ = cbfake.send_webhook(h.url, "payment_failed", content,
+                                        "hooks", "wrong", occurred_at=now)
+            assert st == 401
+            st, _ = cbfake.send_webhook(h.url, "payment_failed", content,
+                                        "other", "s3cret-pw",
+                                        occurred_at=now)
+            assert st == 401
+            assert h.b.cust("cbacme")["status"] == "active"
+
+            st, _ = cbfake.send_webhook(h.url, "payment_failed", content,
+                                        "hooks", "s3cret-pw",
+                                        event_id="ev_cb_1", occurred_at=now)
+            assert st == 200
+            assert h.b.status("cbacme") == ("delinquent", "invoice_overdue",
+                                            "sync")
+            wait_for(lambda: call(h.n, "mk_test_cb") == 402, 5)
+
+            # paid, but the subscription still owes another invoice
+            owing = dict(content, subscription=dict(
+                content["subscription"], due_invoices_count=1))
+            st, _ = cbfake.send_webhook(h.url, "payment_succeeded", owing,
+                                        "hooks", "s3cret-pw",
+                                        occurred_at=now + 1)
+            assert st == 200
+            assert h.b.cust("cbacme")["status"] == "delinquent"
+
+            st, _ = cbfake.send_webhook(h.url, "payment_succeeded", content,
+                                        "hooks", "s3cret-pw",
+                                        occurred_at=now + 2)
+            assert st == 200
+            assert h.b.cust("cbacme")["status"] == "active"
+            wait_for(lambda: call(h.n, "mk_test_cb") == 200, 5)
+            assert "s3cret-pw" not in h.b.log()
+            assert base64.b64encode(b"hooks:s3cret-pw").decode() \
+                not in h.b.log()
+        finally:
+            h.stop()
+
+
+# --------------------------------------------------------------- Recurly
+
+def test_recurly_signature(nginx_factory, redis, tmp_path):
+    with FakeRecurly() as f:
+        key = tmp_path / "rkey"
+        key.write_text("recurly-hook-key\n")
+        h = Hooks(nginx_factory, redis, tmp_path, "recurly", f,
+                  recurly__webhook_key_file=key)
+        try:
+            f.add_account("racme")
+            s = f.add_subscription(account="racme", plan="api")
+            h.b.customer("racme", "mk_test_rc", "racme", s["id"])
+            now = time.time()
+
+            st, _ = rcfake.send_webhook(h.url, "charge_invoice", "past_due",
+                                        "racme", "wrong-key")
+            assert st == 400
+            st, _ = rcfake.send_webhook(h.url, "charge_invoice", "past_due",
+                                        "racme", "recurly-hook-key",
+                                        t_ms=(now - 600) * 1000)
+            assert st == 400
+            assert h.b.cust("racme")["status"] == "active"
+
+            st, _ = rcfake.send_webhook(h.url, "charge_invoice", "past_due",
+                                        "racme", "recurly-hook-key",
+                                        notification_id="n1",
+                                        event_time=now)
+            assert st == 200
+            assert h.b.cust("racme")["status"] == "delinquent"
+            wait_for(lambda: call(h.n, "mk_test_rc") == 402, 5)
+
+            # a second signature (key rotation) in the header is accepted
+            body = json.dumps({"id": "n2", "object_type": "charge_invoice",
+                               "event_type": "paid",
+                               "event_time": rcfake.iso(now + 1),
+                               "account_code": "racme"}).encode()
+            sig = rcfake.sign(body, "recurly-hook-key")
+            t_ms, good = sig.split(",")
+            st, _ = stfake.post(h.url, body, {
+                "Content-Type": "application/json",
+                "recurly-signature": "%s,%s,%s" % (t_ms, "0" * 64, good)})
+            assert st == 200
+            assert h.b.cust("racme")["status"] == "active"
+            wait_for(lambda: call(h.n, "mk_test_rc") == 200, 5)
+        finally:
+            h.stop()
+
+
+# ------------------------------------------------- register to 402 and back
+
+def test_register_then_webhooks(nginx_factory, redis, tmp_path):
+    """The seeds' flow: meterctl register -> the key works through nginx ->
+    the provider's invoice fails -> webhook -> 402 -> paid -> 200."""
+    with FakeStripe() as f:
+        secret = tmp_path / "whsec"
+        secret.write_text(SECRET + "\n")
+        h = Hooks(nginx_factory, redis, tmp_path, "stripe", f,
+                  stripe__webhook_secret_file=secret,
+                  plan__default__stripe_price="price_calls")
+        try:
+            r = h.b.ctl("register", "--email", "flow@example.com", "--json")
+            out = json.loads(r.stdout)
+            key, cid = out["key"], out["customer"]
+            wait_for(lambda: call(h.n, key) == 200, 5)
+            cus, sub = f.customers[0]["id"], f.subscriptions[0]["id"]
+            inv = {"id": "in_f", "object": "invoice", "customer": cus,
+                   "subscription": sub}
+            now = int(time.time())
+            st, _ = stfake.send_webhook(h.url, "invoice.payment_failed", inv,
+                                        SECRET, created=now)
+            assert st == 200
+            assert h.b.cust(cid)["status"] == "delinquent"
+            wait_for(lambda: call(h.n, key) == 402, 5)
+            st, _ = stfake.send_webhook(h.url, "invoice.paid", inv, SECRET,
+                                        created=now + 1)
+            assert st == 200
+            wait_for(lambda: call(h.n, key) == 200, 5)
+        finally:
+            h.stop()
