@@ -27,32 +27,37 @@
 /*
  * KEYS[1] = mtr:cust:{C}
  * ARGV = delinquent (0/1), reason, source, event time
- * -1 unknown customer, 0 nothing changed, 1 changed
+ * -1 unknown customer, 0 nothing changed, 1 changed, 2 nothing changed but
+ * the last change never reached mtr:gov ("projected" is 0 until
+ * meter_gov_project() completes), so project it now
  */
 static const char  meter_gov_lua_status[] =
     "if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end\n"
     "local h = redis.call('HMGET', KEYS[1], 'status', 'reason', 'source',\n"
-    "                     'status_at')\n"
+    "                     'status_at', 'projected')\n"
     "local status, reason, source = h[1] or 'active', h[2] or '', h[3] or ''\n"
+    "local z = h[5] == '0' and 2 or 0\n"
     "local t = tonumber(ARGV[4])\n"
-    "if t < (tonumber(h[4] or '0') or 0) then return 0 end\n"
+    "if t < (tonumber(h[4] or '0') or 0) then return z end\n"
     "local manual = status == 'delinquent' and source == 'manual'\n"
-    "if ARGV[3] == 'sync' and manual then return 0 end\n"
+    "if ARGV[3] == 'sync' and manual then return z end\n"
     "if ARGV[1] == '1' then\n"
     "  if status == 'delinquent' then\n"
     "    redis.call('HSET', KEYS[1], 'status_at', ARGV[4])\n"
-    "    if reason == ARGV[2] and source == ARGV[3] then return 0 end\n"
-    "    redis.call('HSET', KEYS[1], 'reason', ARGV[2], 'source', ARGV[3])\n"
+    "    if reason == ARGV[2] and source == ARGV[3] then return z end\n"
+    "    redis.call('HSET', KEYS[1], 'reason', ARGV[2], 'source', ARGV[3],\n"
+    "               'projected', '0')\n"
     "    return 1\n"
     "  end\n"
     "  redis.call('HSET', KEYS[1], 'status', 'delinquent', 'reason',\n"
     "             ARGV[2], 'source', ARGV[3], 'since', ARGV[4],\n"
-    "             'status_at', ARGV[4])\n"
+    "             'status_at', ARGV[4], 'projected', '0')\n"
     "  return 1\n"
     "end\n"
     "redis.call('HSET', KEYS[1], 'status_at', ARGV[4])\n"
-    "if status ~= 'delinquent' then return 0 end\n"
-    "redis.call('HSET', KEYS[1], 'status', 'active', 'source', ARGV[3])\n"
+    "if status ~= 'delinquent' then return z end\n"
+    "redis.call('HSET', KEYS[1], 'status', 'active', 'source', ARGV[3],\n"
+    "           'projected', '0')\n"
     "redis.call('HDEL', KEYS[1], 'reason', 'since')\n"
     "return 1\n";
 
@@ -101,7 +106,7 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
 {
     char         line[512];
     size_t       i;
-    int          delinquent;
+    int          delinquent, known;
     redisReply  *keys, *cust, *key, *rp;
     const char  *status, *reason, *since, *revoked, *owner;
 
@@ -126,6 +131,7 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
     reason = meter_reply_hget(cust, "reason");
     since = meter_reply_hget(cust, "since");
     delinquent = (status != NULL && strcmp(status, "delinquent") == 0);
+    known = (cust->type == REDIS_REPLY_ARRAY && cust->elements > 0);
 
     for (i = 0; i < keys->elements; i++) {
         if (keys->element[i]->type != REDIS_REPLY_STRING) {
@@ -174,6 +180,18 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
     rp = meter_redis_cmd(r, "INCR mtr:gov:version");
     if (!meter_reply_ok(rp)) {
         return meter_gov_failed(r, rp, "mtr:gov:version", err, errlen);
+    }
+
+    freeReplyObject(rp);
+
+    if (!known) {
+        return 0;
+    }
+
+    /* done: meter_gov_set_status() need not project this change again */
+    rp = meter_redis_cmd(r, "HSET mtr:cust:{%s} projected 1", customer);
+    if (!meter_reply_ok(rp)) {
+        return meter_gov_failed(r, rp, "projected", err, errlen);
     }
 
     freeReplyObject(rp);
@@ -245,7 +263,7 @@ meter_gov_set_status(meter_redis_t *r, const char *customer,
         return -1;
     }
 
-    return 1;
+    return rc == 1 ? 1 : 0;
 }
 
 

@@ -454,7 +454,7 @@ static meter_send_e
 meter_stripe_send(meter_provider_t *p, const meter_record_t *rec,
     meter_send_result_t *res)
 {
-    char               idem[300];
+    char               idem[300], fresh[24];
     time_t             ts, now;
     meter_buf_t        url, body;
     meter_send_e       rc;
@@ -573,16 +573,17 @@ meter_stripe_send(meter_provider_t *p, const meter_record_t *rec,
     rc = meter_http_request(&st->http, &req, &resp, res);
 
     /*
-     * Stripe saves the first answer of a key, 500s included, and replays
-     * it for 24 h.  A meter event is deduped by its identifier anyway, so
-     * a replayed failure is retried once under a fresh header key.
+     * Stripe saves the first answer of a key, 500s and 400s included, and
+     * replays it for 24 h.  A meter event is deduped by its identifier
+     * anyway, so a replayed failure (a 500, or a 400 whose cause the admin
+     * fixed before "meterctl retry") is tried once under a fresh header key.
      */
-    if (rc == METER_SEND_RETRY && resp.replayed
+    if (rc != METER_SEND_OK && resp.replayed
         && st->mode == METER_STRIPE_METER_EVENTS)
     {
-        snprintf(idem, sizeof(idem), "Idempotency-Key: %s-r%lx%04lx",
-                 rec->idempotency_key, (unsigned long) time(NULL),
-                 (unsigned long) (random() & 0xffff));
+        meter_fresh_suffix(fresh, sizeof(fresh));
+        snprintf(idem, sizeof(idem), "Idempotency-Key: %s%s",
+                 rec->idempotency_key, fresh);
         rc = meter_http_request(&st->http, &req, &resp, res);
     }
 
@@ -751,16 +752,15 @@ meter_stripe_create(meter_stripe_t *st, const char *url,
     meter_send_result_t *res)
 {
     int           replayed;
-    char          fresh[200];
+    char          fresh[200], suffix[24];
     meter_send_e  rc;
 
     rc = meter_stripe_call(st, url, form, idem, json, &replayed, res);
 
     if (rc == METER_SEND_RETRY && replayed) {
         cJSON_Delete(*json);
-        snprintf(fresh, sizeof(fresh), "%s-r%lx%04lx", idem,
-                 (unsigned long) time(NULL),
-                 (unsigned long) (random() & 0xffff));
+        meter_fresh_suffix(suffix, sizeof(suffix));
+        snprintf(fresh, sizeof(fresh), "%s%s", idem, suffix);
         rc = meter_stripe_call(st, url, form, fresh, json, NULL, res);
     }
 

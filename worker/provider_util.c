@@ -14,6 +14,8 @@
 #include <openssl/hmac.h>
 
 #include "config.h"
+#include <openssl/rand.h>
+
 #include "provider_util.h"
 #include "util.h"
 
@@ -365,4 +367,21 @@ meter_copy(char *dst, size_t size, const char *s)
     memcpy(dst, s, n + 1);
 
     return 0;
+}
+
+
+void
+meter_fresh_suffix(char *buf, size_t size)
+{
+    unsigned char  r[8];
+
+    if (RAND_bytes(r, sizeof(r)) != 1) {
+        /* no entropy: the clock still differs from the saved key's */
+        memset(r, 0, sizeof(r));
+        memcpy(r, &(time_t) { time(NULL) }, sizeof(time_t) < 8
+                                             ? sizeof(time_t) : 8);
+    }
+
+    snprintf(buf, size, "-r%02x%02x%02x%02x%02x%02x%02x%02x",
+             r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
 }

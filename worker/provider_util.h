@@ -76,6 +76,10 @@ double meter_json_num(const cJSON *json, ...);
 /* RFC 3339 with optional fractional seconds and offset; -1 malformed */
 time_t meter_rfc3339_parse(const char *s);
 
+/* "-r" and 16 random hex digits (OpenSSL's CSPRNG): a fresh idempotency
+ * key for a call whose saved failure a provider keeps replaying */
+void meter_fresh_suffix(char *buf, size_t size);
+
 /*
  * One request (meter_http_request, with its bounded retries); the answer's
  * body, when it is JSON, goes into *json (also for errors: the caller may

@@ -175,6 +175,8 @@ test_project_writes_every_key(void **state)
                "222222222222222222 acme\td\tinvoice_overdue\t1700000000\t"
                "1700000500", reply(REDIS_REPLY_INTEGER, NULL, 1));
     expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 7));
+    expect_cmd("HSET mtr:cust:{acme} projected 1",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
 
     assert_int_equal(meter_gov_project(&r, "acme", err, sizeof(err)), 0);
 }
@@ -198,6 +200,8 @@ test_project_active_drops_reason(void **state)
                "111111111111111111 acme\ta\t\t0\t0",
                reply(REDIS_REPLY_INTEGER, NULL, 1));
     expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 8));
+    expect_cmd("HSET mtr:cust:{acme} projected 1",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
 
     assert_int_equal(meter_gov_project(&r, "acme", err, sizeof(err)), 0);
 }
@@ -234,10 +238,37 @@ test_set_status_changed_projects(void **state)
                array(4, "status", "delinquent", "reason", "credit_exhausted"));
     expect_cmd("SMEMBERS mtr:ckeys:{acme}", array(0));
     expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 2));
+    expect_cmd("HSET mtr:cust:{acme} projected 1",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
 
     assert_int_equal(meter_gov_set_status(&r, "acme", 1, "credit_exhausted",
                                           "manual", 1700000000, err,
                                           sizeof(err)), 1);
+}
+
+
+/* a change whose projection failed is projected by the next call, even
+ * when that call changes nothing (the script answers 2) */
+static void
+test_set_status_repairs_projection(void **state)
+{
+    char            err[256];
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    expect_cmd_prefix("EVAL ", reply(REDIS_REPLY_INTEGER, NULL, 2));
+    expect_cmd("HGETALL mtr:cust:{acme}",
+               array(4, "status", "delinquent", "reason", "invoice_overdue"));
+    expect_cmd("SMEMBERS mtr:ckeys:{acme}", array(0));
+    expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 3));
+    expect_cmd("HSET mtr:cust:{acme} projected 1",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
+
+    assert_int_equal(meter_gov_set_status(&r, "acme", 1, "invoice_overdue",
+                                          "sync", 1700000000, err,
+                                          sizeof(err)), 0);
 }
 
 
@@ -423,6 +454,7 @@ main(void)
         cmocka_unit_test(test_project_active_drops_reason),
         cmocka_unit_test(test_project_error),
         cmocka_unit_test(test_set_status_changed_projects),
+        cmocka_unit_test(test_set_status_repairs_projection),
         cmocka_unit_test(test_set_status_arguments),
         cmocka_unit_test(test_set_status_unknown_and_invalid),
         cmocka_unit_test(test_find_customer),
