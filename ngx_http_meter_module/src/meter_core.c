@@ -829,7 +829,9 @@ meter_batch_take(meter_batch_t *b, meter_entry_t *e)
 
     c = meter_load(&e->count);
 
-    if ((c & METER_DEAD) == 0 && c != meter_load(&e->flushed)) {
+    if ((c & METER_DEAD) == 0
+        && (b->all ? c != 0 : c != meter_load(&e->flushed)))
+    {
         item = &b->items[b->n++];
         item->e = e;
         item->gen = e->gen;

@@ -199,10 +199,12 @@ typedef struct {
     unsigned                    n;
     uint32_t                    cursor;     /* next slot to scan */
     unsigned                    wrapped;    /* cursor passed the end */
+    unsigned                    all;        /* take flushed slots too */
 } meter_batch_t;
 
 /*
- * Collects up to b->cap LIVE slots whose count differs from flushed,
+ * Collects up to b->cap LIVE slots whose count differs from flushed (with
+ * b->all: every LIVE slot with a count, to rewrite a Redis that lost data),
  * scanning at most max_scan slots from b->cursor and advancing it; sets
  * b->wrapped when the scan reached the end of the table (cursor is then 0).
  * Resets b->n first.  Returns b->n.

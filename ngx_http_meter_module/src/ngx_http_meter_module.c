@@ -93,6 +93,14 @@ typedef struct {
     uint64_t                     dropped_logged; /* time of last log (s) */
 
     /*
+     * The run_id of the Redis last flushed to.  A new one (restart,
+     * failover) may have lost data: the next pass resends every counter.
+     */
+    ngx_atomic_t                 run_id_lock;
+    u_char                       run_id[40];
+    uint64_t                     resync;
+
+    /*
      * Governance: two buffers, one of them published in gov_snap.  The
      * refresher fills the other and swaps; a request reads one pointer.
      */
@@ -234,7 +242,8 @@ typedef struct {
     ngx_uint_t                   pass;      /* a flush pass is running */
     ngx_uint_t                   passes;
     ngx_uint_t                   zone;      /* index into mcf->zones */
-    ngx_uint_t                   zone_mode; /* 0 unset, 1 dirty, 2 full */
+    ngx_uint_t                   zone_mode; /* 0 unset, 1 dirty, 2 full,
+                                             * 3 full, flushed ones too */
     ngx_msec_t                   zone_start;
     ngx_uint_t                   outstanding;
     ngx_uint_t                   failed;
@@ -293,6 +302,8 @@ static void ngx_http_meter_redis_connected(const redisAsyncContext *ac,
 static void ngx_http_meter_redis_disconnected(const redisAsyncContext *ac,
     int status);
 static void ngx_http_meter_redis_setup_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static void ngx_http_meter_redis_info_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 static void ngx_http_meter_watch(ngx_event_t *ev, ngx_int_t event,
     ngx_event_handler_pt handler);
@@ -1131,6 +1142,12 @@ ngx_http_meter_next_slice(ngx_http_meter_worker_t *w)
                                          / w->mcf->flush_interval, 1)
                                == 0)
                            ? 2 : 1;
+
+            if (__atomic_load_n(&ctx->sh->resync, __ATOMIC_ACQUIRE)) {
+                w->zone_mode = 3;
+            }
+
+            w->batch.all = (w->zone_mode == 3);
         }
 
         if (w->zone_mode == 1) {
@@ -1442,6 +1459,12 @@ static void
 ngx_http_meter_zone_done(ngx_http_meter_worker_t *w,
     ngx_http_meter_zone_ctx_t *ctx)
 {
+    if (w->zone_mode == 3) {
+        /* every counter reached this Redis */
+        __atomic_store_n(&ctx->sh->resync, 0, __ATOMIC_RELEASE);
+        w->batch.all = 0;
+    }
+
     (void) __atomic_fetch_add(&ctx->sh->flushes, 1, __ATOMIC_RELAXED);
     __atomic_store_n(&ctx->sh->last_flush_ms,
                      (uint64_t) (ngx_current_msec - w->zone_start),
@@ -1567,6 +1590,11 @@ ngx_http_meter_redis_connected(const redisAsyncContext *cac, int status)
     /* queued before any EVALSHA, so the script exists when they run */
     w->reload_script = 1;
 
+    argv[0] = "INFO"; len[0] = 4;
+    argv[1] = "server"; len[1] = 6;
+    (void) redisAsyncCommandArgv(ac, ngx_http_meter_redis_info_reply, w, 2,
+                                 argv, len);
+
     if (w->timeout.timer_set) {
         ngx_del_timer(&w->timeout);
     }
@@ -1584,6 +1612,62 @@ ngx_http_meter_redis_connected(const redisAsyncContext *cac, int status)
         ngx_log_error(NGX_LOG_NOTICE, w->log, 0,
                       "meter: redis connection restored");
         w->down_logged = 0;
+    }
+}
+
+
+/* compares the server's run_id with the one each zone last flushed to */
+
+static void
+ngx_http_meter_redis_info_reply(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    redisReply                  *reply = r;
+    u_char                      *p, *end;
+    ngx_uint_t                   z;
+    ngx_shm_zone_t             **zones;
+    ngx_http_meter_shctx_t      *sh;
+    ngx_http_meter_worker_t     *w = privdata;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_STRING) {
+        return;
+    }
+
+    p = (u_char *) ngx_strnstr((u_char *) reply->str, "run_id:",
+                               reply->len);
+    if (p == NULL) {
+        return;
+    }
+
+    p += sizeof("run_id:") - 1;
+    end = (u_char *) reply->str + reply->len;
+
+    if (end - p < 40) {
+        return;
+    }
+
+    zones = w->mcf->zones.elts;
+
+    for (z = 0; z < w->mcf->zones.nelts; z++) {
+        sh = ((ngx_http_meter_zone_ctx_t *) zones[z]->data)->sh;
+
+        if (!ngx_trylock(&sh->run_id_lock)) {
+            continue;               /* another worker is at it */
+        }
+
+        if (ngx_memcmp(sh->run_id, p, 40) != 0) {
+            if (sh->run_id[0] != '\0') {
+                ngx_log_error(NGX_LOG_NOTICE, w->log, 0,
+                              "meter: redis was restarted or replaced; "
+                              "rewriting every counter of meter_zone "
+                              "\"%V\"", &zones[z]->shm.name);
+                __atomic_store_n(&sh->resync, 1, __ATOMIC_RELEASE);
+            }
+
+            ngx_memcpy(sh->run_id, p, 40);
+        }
+
+        ngx_unlock(&sh->run_id_lock);
     }
 }
 

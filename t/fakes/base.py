@@ -96,6 +96,9 @@ class Action:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # headers and body go out in two writes: without this, the client's
+    # delayed ACK holds every response about 40 ms
+    disable_nagle_algorithm = True
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt, *args):      # quiet

@@ -493,6 +493,24 @@ def test_redis_lost_data_is_rewritten(redis, nginx_factory):
     expect_totals(redis, expected(t))
 
 
+def test_redis_lost_data_idle_counters_rewritten(redis, nginx_factory):
+    """Every counter flushed, then Redis comes back empty and no request
+    follows: the counters that did not move are rewritten too (the module
+    sees Redis's new run_id)."""
+    n = nginx_factory(API, redis=redis.address)
+    hour0 = utc_hour()
+    plan = api_plan(KEYS, methods=("GET",), statuses=(200,))
+    t = Traffic(n.port, plan, threads=2, limit=len(plan) * 3).run()
+    expect_totals(redis, expected(t))
+    redis.stop("kill")
+    redis.start()
+    assert totals(redis) == {}
+    if utc_hour() != hour0:
+        pytest.skip("crossed an hour boundary: older slots may be evicted")
+    expect_totals(redis, expected(t))
+    assert "restarted or replaced" in n.log()
+
+
 def test_sigkill_worker_during_traffic(redis, nginx_factory):
     n = nginx_factory(API, redis=redis.address)
     # paced: a kill between a response's last byte and the log phase would
