@@ -30,6 +30,7 @@
 #define NGX_HTTP_METER_SCAN         2048    /* slots scanned per slice */
 #define NGX_HTTP_METER_SCAN_WORDS   4096    /* dirty bitmap words, same */
 #define NGX_HTTP_METER_FULL_EVERY   60000   /* ms between full scans */
+#define NGX_HTTP_METER_SLICE_PAUSE  1       /* ms between sent batches */
 #define NGX_HTTP_METER_BACKOFF_MIN  100
 #define NGX_HTTP_METER_BACKOFF_MAX  10000
 
@@ -1451,7 +1452,12 @@ ngx_http_meter_batch_done(ngx_http_meter_worker_t *w)
         return;
     }
 
-    ngx_post_event(&w->slice, &ngx_posted_events);
+    /*
+     * A pause between sent batches spreads a pass over the interval, so
+     * that Redis's work (on the same machine, often) does not come as one
+     * burst that competes with the requests.
+     */
+    ngx_add_timer(&w->slice, NGX_HTTP_METER_SLICE_PAUSE);
 }
 
 
@@ -4069,6 +4075,7 @@ ngx_http_meter_init_process(ngx_cycle_t *cycle)
     w->slice.handler = ngx_http_meter_slice_handler;
     w->slice.data = w;
     w->slice.log = cycle->log;
+    w->slice.cancelable = 1;
 
     w->gov_tick.handler = ngx_http_meter_gov_tick;
     w->gov_tick.data = w;
