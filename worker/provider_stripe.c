@@ -473,8 +473,17 @@ meter_stripe_send(meter_provider_t *p, const meter_record_t *rec,
     rc = METER_SEND_FATAL;
     res->status = rc;
 
+    /*
+     * The last second of the period; for a period still running (a drain
+     * with --before in the future) the present, which is inside it too:
+     * Stripe refuses timestamps more than 5 minutes ahead.
+     */
     ts = rec->period_end - 1;
     now = time(NULL);
+
+    if (ts > now && rec->period_start <= now) {
+        ts = now;
+    }
 
     /* Stripe refuses these anyway: say why instead of a 400 later */
     if (ts < now - METER_STRIPE_MAX_AGE) {
