@@ -1417,13 +1417,52 @@ meterctl_credit_rows(meter_redis_t *r, const char *cmd, const char *customer,
 }
 
 
+/* one API key (prefix and hash, never the key): into arr, or a table row */
+
+static void
+meterctl_key_row(cJSON *arr, const char *indent, const char *kh,
+    const redisReply *key)
+{
+    char         when[32], rev[32];
+    cJSON       *k;
+    const char  *created, *revoked, *prefix;
+
+    created = meter_reply_hget(key, "created");
+    revoked = meter_reply_hget(key, "revoked");
+    prefix = meter_reply_hget(key, "prefix");
+
+    if (arr != NULL) {
+        k = cJSON_CreateObject();
+        cJSON_AddStringToObject(k, "key_hash", kh);
+        meterctl_json_str(k, "prefix", prefix);
+        meterctl_json_int(k, "created",
+                          created ? strtoll(created, NULL, 10) : 0);
+
+        if (revoked != NULL) {
+            meterctl_json_int(k, "revoked", strtoll(revoked, NULL, 10));
+
+        } else {
+            cJSON_AddNullToObject(k, "revoked");
+        }
+
+        cJSON_AddItemToArray(arr, k);
+        return;
+    }
+
+    meterctl_time(created, when, sizeof(when));
+    meterctl_time(revoked, rev, sizeof(rev));
+    printf("%s%-64s  %-12s  %-20s  %s\n", indent, kh,
+           prefix ? prefix : "-", when, rev);
+}
+
+
 static int
 meterctl_customers_show(meterctl_opts_t *o, meter_redis_t *r)
 {
-    char          when[32], rev[32], label[96];
+    char          when[32], label[96];
     size_t        i, j;
     int           rc;
-    cJSON        *out, *keys, *k, *credit;
+    cJSON        *out, *keys, *credit;
     redisReply   *cust, *kh, *key;
     const char   *id, *f, *status;
 
@@ -1547,33 +1586,8 @@ meterctl_customers_show(meterctl_opts_t *o, meter_redis_t *r)
             return meterctl_redis_failed(r, key);
         }
 
-        if (o->json) {
-            k = cJSON_CreateObject();
-            cJSON_AddStringToObject(k, "key_hash", kh->element[i]->str);
-            meterctl_json_str(k, "prefix", meter_reply_hget(key, "prefix"));
-            meterctl_json_int(k, "created",
-                              meter_reply_hget(key, "created")
-                              ? strtoll(meter_reply_hget(key, "created"),
-                                        NULL, 10) : 0);
-            if (meter_reply_hget(key, "revoked") != NULL) {
-                meterctl_json_int(k, "revoked",
-                                  strtoll(meter_reply_hget(key, "revoked"),
-                                          NULL, 10));
-
-            } else {
-                cJSON_AddNullToObject(k, "revoked");
-            }
-
-            cJSON_AddItemToArray(keys, k);
-
-        } else {
-            meterctl_time(meter_reply_hget(key, "created"), when,
-                          sizeof(when));
-            meterctl_time(meter_reply_hget(key, "revoked"), rev, sizeof(rev));
-            printf("  %-64s  %-12s  %-20s  %s\n", kh->element[i]->str,
-                   meter_reply_hget(key, "prefix")
-                   ? meter_reply_hget(key, "prefix") : "-", when, rev);
-        }
+        meterctl_key_row(o->json ? keys : NULL, "  ", kh->element[i]->str,
+                         key);
 
         freeReplyObject(key);
     }
@@ -1786,10 +1800,10 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
 static int
 meterctl_keys_list(meterctl_opts_t *o, meter_redis_t *r)
 {
-    char         ck[96], when[32], rev[32];
+    char         ck[96];
     size_t       i;
     int          rc;
-    cJSON       *arr, *k;
+    cJSON       *arr;
     redisReply  *kh, *key;
     const char  *id;
 
@@ -1837,33 +1851,8 @@ meterctl_keys_list(meterctl_opts_t *o, meter_redis_t *r)
             return meterctl_redis_failed(r, key);
         }
 
-        if (o->json) {
-            k = cJSON_CreateObject();
-            cJSON_AddStringToObject(k, "key_hash", kh->element[i]->str);
-            meterctl_json_str(k, "prefix", meter_reply_hget(key, "prefix"));
-            meterctl_json_int(k, "created",
-                              meter_reply_hget(key, "created")
-                              ? strtoll(meter_reply_hget(key, "created"),
-                                        NULL, 10) : 0);
-            if (meter_reply_hget(key, "revoked") != NULL) {
-                meterctl_json_int(k, "revoked",
-                                  strtoll(meter_reply_hget(key, "revoked"),
-                                          NULL, 10));
-
-            } else {
-                cJSON_AddNullToObject(k, "revoked");
-            }
-
-            cJSON_AddItemToArray(arr, k);
-
-        } else {
-            meterctl_time(meter_reply_hget(key, "created"), when,
-                          sizeof(when));
-            meterctl_time(meter_reply_hget(key, "revoked"), rev, sizeof(rev));
-            printf("%-64s  %-12s  %-20s  %s\n", kh->element[i]->str,
-                   meter_reply_hget(key, "prefix")
-                   ? meter_reply_hget(key, "prefix") : "-", when, rev);
-        }
+        meterctl_key_row(o->json ? arr : NULL, "", kh->element[i]->str,
+                         key);
 
         freeReplyObject(key);
     }
