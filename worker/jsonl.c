@@ -18,6 +18,28 @@
 #include "log.h"
 
 
+size_t  meter_jsonl_tail = (size_t) 64 << 20;
+size_t  meter_jsonl_keep = (size_t) 1 << 20;
+
+
+static int
+meter_jsonl_remember(meter_jsonl_t *j, const char *key)
+{
+    if (j->keys.n >= meter_jsonl_keep) {
+        /* the oldest generation goes: those records were settled long ago */
+        meter_map_free(&j->old, NULL);
+        j->old = j->keys;
+
+        if (meter_map_init(&j->keys, 1024) != 0) {
+            memset(&j->keys, 0, sizeof(meter_map_t));
+            return -1;
+        }
+    }
+
+    return meter_map_put(&j->keys, key, NULL) != NULL ? 0 : -1;
+}
+
+
 static int
 meter_jsonl_scan(meter_jsonl_t *j, char *err, size_t errlen)
 {
@@ -40,6 +62,27 @@ meter_jsonl_scan(meter_jsonl_t *j, char *err, size_t errlen)
         return -1;
     }
 
+    /* the tail only; its first line may be cut: skip it */
+    if (fseeko(f, 0, SEEK_END) == 0 && ftello(f) > (off_t) meter_jsonl_tail)
+    {
+        good = ftello(f) - (off_t) meter_jsonl_tail;
+
+        if (fseeko(f, good, SEEK_SET) != 0) {
+            fclose(f);
+            snprintf(err, errlen, "cannot seek \"%s\": %s", j->path,
+                     strerror(errno));
+            return -1;
+        }
+
+        n = getline(&line, &cap, f);
+        if (n > 0 && line[n - 1] == '\n') {
+            good += n;
+        }
+
+    } else {
+        rewind(f);
+    }
+
     while ((n = getline(&line, &cap, f)) != -1) {
         if (line[n - 1] != '\n') {
             break;
@@ -51,7 +94,7 @@ meter_jsonl_scan(meter_jsonl_t *j, char *err, size_t errlen)
         key = cJSON_GetObjectItemCaseSensitive(json, "idempotency_key");
 
         if (cJSON_IsString(key) && key->valuestring != NULL
-            && meter_map_put(&j->keys, key->valuestring, NULL) == NULL)
+            && meter_jsonl_remember(j, key->valuestring) != 0)
         {
             cJSON_Delete(json);
             free(line);
@@ -86,7 +129,9 @@ meter_jsonl_open(meter_jsonl_t *j, const char *path, char *err,
     j->fd = -1;
 
     j->path = strdup(path);
-    if (j->path == NULL || meter_map_init(&j->keys, 1024) != 0) {
+    if (j->path == NULL || meter_map_init(&j->keys, 1024) != 0
+        || meter_map_init(&j->old, 16) != 0)
+    {
         snprintf(err, errlen, "out of memory");
         goto failed;
     }
@@ -124,7 +169,8 @@ failed:
 int
 meter_jsonl_has(meter_jsonl_t *j, const char *key)
 {
-    return meter_map_get(&j->keys, key) != NULL;
+    return meter_map_get(&j->keys, key) != NULL
+           || meter_map_get(&j->old, key) != NULL;
 }
 
 
@@ -192,7 +238,7 @@ meter_jsonl_commit(meter_jsonl_t *j, const char *const *keys, size_t n,
     }
 
     for (i = 0; i < n; i++) {
-        if (meter_map_put(&j->keys, keys[i], NULL) == NULL) {
+        if (meter_jsonl_remember(j, keys[i]) != 0) {
             snprintf(err, errlen, "out of memory");
             return -1;
         }
@@ -213,4 +259,5 @@ meter_jsonl_close(meter_jsonl_t *j)
     free(j->path);
     j->path = NULL;
     meter_map_free(&j->keys, NULL);
+    meter_map_free(&j->old, NULL);
 }

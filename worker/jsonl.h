@@ -8,6 +8,12 @@
  * idempotency keys already in the file are loaded so that a record resent
  * after a crash is not written twice, and a torn last line (a crash in the
  * middle of a write, never acknowledged) is cut off.
+ *
+ * Only recent keys matter: a resend is always of one of the last records
+ * written (one worker at a time, and a restart resumes its open records
+ * before it writes anything new).  So the scan reads the file's last
+ * meter_jsonl_tail bytes, and the set keeps two generations of at most
+ * meter_jsonl_keep keys: memory stays bounded however long the file grows.
  */
 
 
@@ -25,7 +31,12 @@ typedef struct {
     int                         regular;        /* 0: FIFO, tty, ... */
     char                       *path;
     meter_map_t                 keys;           /* idempotency keys */
+    meter_map_t                 old;            /* the generation before */
 } meter_jsonl_t;
+
+
+extern size_t  meter_jsonl_tail;        /* bytes scanned on open: 64 MiB */
+extern size_t  meter_jsonl_keep;        /* keys per generation: 1M */
 
 
 /* 0, or -1 with err */

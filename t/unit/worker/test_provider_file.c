@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "jsonl.h"
 #include "provider.h"
 
 
@@ -189,6 +190,56 @@ test_restart(void **state)
 }
 
 
+/* the dedupe set is bounded: two generations of keys, the file's tail */
+static void
+test_jsonl_bounded(void **state)
+{
+    int            i;
+    char           key[32], line[96], err[256];
+    size_t         tail, keep;
+    test_ctx_t    *t;
+    meter_jsonl_t  j;
+
+    t = *state;
+    tail = meter_jsonl_tail;
+    keep = meter_jsonl_keep;
+    meter_jsonl_keep = 4;
+
+    assert_int_equal(meter_jsonl_open(&j, t->out, err, sizeof(err)), 0);
+
+    for (i = 0; i < 10; i++) {
+        snprintf(key, sizeof(key), "k%02d", i);
+        snprintf(line, sizeof(line), "{\"idempotency_key\":\"%s\"}\n", key);
+        assert_int_equal(meter_jsonl_write(&j, key, line, strlen(line), err,
+                                           sizeof(err)), 0);
+    }
+
+    /* generations of 4: the newest 4 to 8 keys are known, k00-k01 gone */
+    for (i = 6; i < 10; i++) {
+        snprintf(key, sizeof(key), "k%02d", i);
+        assert_true(meter_jsonl_has(&j, key));
+    }
+
+    assert_false(meter_jsonl_has(&j, "k00"));
+    assert_false(meter_jsonl_has(&j, "k01"));
+    assert_true(j.keys.n + j.old.n <= 8);
+
+    meter_jsonl_close(&j);
+
+    /* reopened with a 50-byte tail (each line is 25): only the last one or
+     * two lines are scanned, the first of the tail being cut */
+    meter_jsonl_keep = keep;
+    meter_jsonl_tail = 50;
+
+    assert_int_equal(meter_jsonl_open(&j, t->out, err, sizeof(err)), 0);
+    assert_true(meter_jsonl_has(&j, "k09"));
+    assert_false(meter_jsonl_has(&j, "k05"));
+    meter_jsonl_close(&j);
+
+    meter_jsonl_tail = tail;
+}
+
+
 static void
 test_bad_path(void **state)
 {
@@ -223,6 +274,8 @@ main(void)
     const struct CMUnitTest  tests[] = {
         cmocka_unit_test_setup_teardown(test_lines, setup, teardown),
         cmocka_unit_test_setup_teardown(test_restart, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_jsonl_bounded, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_bad_path, setup, teardown),
     };
 
