@@ -712,6 +712,14 @@ main(int argc, char **argv)
     w.provider_ok = !dry_run;
 
     if (test) {
+        if (meter_webhook_check(w.cf, err, sizeof(err)) != 0) {
+            meter_log(LOG_ERR, "%s", err);
+            meter_worker_close(&w);
+            meter_conf_free(w.cf);
+            curl_global_cleanup();
+            return EX_CONFIG;
+        }
+
         printf("%s: configuration is ok (provider %s)\n", path,
                w.cf->provider);
         meter_worker_close(&w);

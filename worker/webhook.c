@@ -1072,3 +1072,66 @@ meter_webhook_stop(meter_webhook_srv_t *s)
     pthread_join(s->thread, NULL);
     meter_wh_free(s);
 }
+
+
+int
+meter_webhook_check(const meter_conf_t *cf, char *err, size_t errlen)
+{
+    int                 port;
+    char               *host, *path, secret[512], e[256];
+    int64_t             ms;
+    const char         *listen_at, *t, *key;
+    meter_provider_t    p;
+
+    listen_at = meter_conf_get(cf, "webhook.listen");
+    if (listen_at == NULL) {
+        return 0;
+    }
+
+    if (meter_conf_parse_addr(listen_at, &host, &port, &path) != 0) {
+        snprintf(err, errlen, "\"webhook.listen\": \"%s\" is not host:port "
+                 "or unix:/path", listen_at);
+        return -1;
+    }
+
+    free(host);
+    free(path);
+
+    t = meter_conf_get(cf, "webhook.timeout");
+    if (t != NULL && (meter_parse_duration(t, &ms) != 0 || ms < 100)) {
+        snprintf(err, errlen, "\"webhook.timeout\": \"%s\" is not a "
+                 "duration of at least 100ms", t);
+        return -1;
+    }
+
+    memset(&p, 0, sizeof(p));
+
+    if (meter_provider_by_name(cf->provider, &p) != 0 || p.webhook == NULL) {
+        snprintf(err, errlen, "\"webhook.listen\": provider %s takes no "
+                 "webhooks", cf->provider);
+        return -1;
+    }
+
+    /* without its secret every delivery would be refused */
+    key = strcmp(cf->provider, "stripe") == 0 ? "stripe.webhook_secret_file"
+          : strcmp(cf->provider, "chargebee") == 0
+            ? "chargebee.webhook_password_file"
+            : "recurly.webhook_key_file";
+
+    if (meter_conf_get(cf, key) == NULL) {
+        snprintf(err, errlen, "\"webhook.listen\" is set but \"%s\" is not",
+                 key);
+        return -1;
+    }
+
+    if (meter_conf_secret(cf, key, secret, sizeof(secret), e, sizeof(e))
+        != 0)
+    {
+        snprintf(err, errlen, "%s", e);
+        return -1;
+    }
+
+    explicit_bzero(secret, sizeof(secret));
+
+    return 0;
+}

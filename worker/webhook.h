@@ -81,5 +81,9 @@ int meter_webhook_start(const meter_conf_t *cf, meter_webhook_srv_t **srv,
     char *err, size_t errlen);
 void meter_webhook_stop(meter_webhook_srv_t *srv);
 
+/* meter-worker -t: with "webhook.listen" set, its address, webhook.timeout,
+ * and the provider's webhook secret must be usable; 0, or -1 with err */
+int meter_webhook_check(const meter_conf_t *cf, char *err, size_t errlen);
+
 
 #endif /* _METER_WEBHOOK_H_INCLUDED_ */

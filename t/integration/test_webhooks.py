@@ -437,3 +437,35 @@ def test_register_then_webhooks(nginx_factory, redis, tmp_path):
             wait_for(lambda: call(h.n, key) == 200, 5)
         finally:
             h.stop()
+
+
+def test_test_config_checks_webhook_settings(redis, tmp_path):
+    """meter-worker -t refuses webhooks it could not verify."""
+    import subprocess
+    from test_providers import WORKER
+    secret = tmp_path / "whsec"
+    secret.write_text("whsec_test_secret\n")
+    key = tmp_path / "sk"
+    key.write_text("sk_test_x\n")
+    base = ["redis = %s" % redis.address, "provider = stripe",
+            "stripe.api_key_file = %s" % key,
+            "webhook.listen = 127.0.0.1:1"]
+
+    def check(*extra):
+        conf = tmp_path / "w.conf"
+        conf.write_text("\n".join(base + list(extra)) + "\n")
+        return subprocess.run([str(WORKER), "-c", str(conf), "-t"],
+                              capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+
+    r = check()
+    assert r.returncode == 78
+    assert "stripe.webhook_secret_file" in r.stderr
+    r = check("stripe.webhook_secret_file = %s" % (tmp_path / "missing"))
+    assert r.returncode == 78
+    r = check("stripe.webhook_secret_file = %s" % secret,
+              "webhook.timeout = soon")
+    assert r.returncode == 78 and "webhook.timeout" in r.stderr
+    r = check("stripe.webhook_secret_file = %s" % secret)
+    assert r.returncode == 0, r.stderr
+    assert "whsec_test_secret" not in r.stdout + r.stderr
