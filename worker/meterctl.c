@@ -2571,7 +2571,7 @@ meterctl_register(meterctl_opts_t *o, meter_redis_t *r)
         return EX_USAGE;
     }
 
-    for (i = 0; o->email[i] != '\0' && i < sizeof(email) - 1; i++) {
+    for (i = 0; i < sizeof(email) - 1 && o->email[i] != '\0'; i++) {
         email[i] = (char) tolower((unsigned char) o->email[i]);
     }
 

@@ -421,7 +421,7 @@ meter_chargebee_duplicate(const cJSON *json, const meter_send_result_t *res)
 {
     const char  *code;
 
-    code = meter_json_str(json, "api_error_code", NULL);
+    code = meter_json_str(json, "api_error_code", (char *) NULL);
 
     return res->http_status == 400 && code != NULL
            && strcmp(code, "duplicate_entry") == 0;
@@ -491,7 +491,7 @@ meter_chargebee_onboard(meter_provider_t *p, const meter_onboard_t *in,
         rc = METER_SEND_OK;
 
     } else {
-        id = meter_json_str(json, "customer", "id", NULL);
+        id = meter_json_str(json, "customer", "id", (char *) NULL);
     }
 
     if (rc != METER_SEND_OK) {
@@ -544,7 +544,7 @@ meter_chargebee_onboard(meter_provider_t *p, const meter_onboard_t *in,
         rc = METER_SEND_OK;
 
     } else {
-        id = meter_json_str(json, "subscription", "id", NULL);
+        id = meter_json_str(json, "subscription", "id", (char *) NULL);
     }
 
     if (rc != METER_SEND_OK) {
@@ -636,10 +636,10 @@ meter_chargebee_overdue(meter_provider_t *p, meter_overdue_pt cb_fn,
 
         cJSON_ArrayForEach(item, list) {
             od.provider_customer = meter_json_str(item, "invoice",
-                                                  "customer_id", NULL);
+                                                  "customer_id", (char *) NULL);
             od.subscription = meter_json_str(item, "invoice",
-                                             "subscription_id", NULL);
-            due = meter_json_num(item, "invoice", "due_date", NULL);
+                                             "subscription_id", (char *) NULL);
+            due = meter_json_num(item, "invoice", "due_date", (char *) NULL);
             od.since = due > 0 ? (time_t) due : 0;
 
             if (cb_fn(data, &od) != 0) {
@@ -649,7 +649,7 @@ meter_chargebee_overdue(meter_provider_t *p, meter_overdue_pt cb_fn,
             }
         }
 
-        next = meter_json_str(json, "next_offset", NULL);
+        next = meter_json_str(json, "next_offset", (char *) NULL);
         if (next == NULL) {
             rc = 0;
             goto end;
@@ -714,9 +714,9 @@ meter_chargebee_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         goto end;
     }
 
-    id = meter_json_str(json, "id", NULL);
-    type = meter_json_str(json, "event_type", NULL);
-    t = meter_json_num(json, "occurred_at", NULL);
+    id = meter_json_str(json, "id", (char *) NULL);
+    type = meter_json_str(json, "event_type", (char *) NULL);
+    t = meter_json_num(json, "occurred_at", (char *) NULL);
     c = cJSON_GetObjectItemCaseSensitive(json, "content");
 
     if (id == NULL || type == NULL || t < 0 || !cJSON_IsObject(c)
@@ -731,7 +731,8 @@ meter_chargebee_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
     ev->kind = METER_WEBHOOK_IGNORE;
 
     /* the subscription still owing invoices stays delinquent */
-    dues = meter_json_num(c, "subscription", "due_invoices_count", NULL);
+    dues = meter_json_num(c, "subscription", "due_invoices_count",
+                          (char *) NULL);
 
     if (strcmp(type, "payment_failed") == 0) {
         ev->kind = METER_WEBHOOK_DELINQUENT;
@@ -744,22 +745,23 @@ meter_chargebee_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         ev->kind = dues > 0 ? METER_WEBHOOK_DELINQUENT : METER_WEBHOOK_IGNORE;
     }
 
-    cus = meter_json_str(c, "customer", "id", NULL);
+    cus = meter_json_str(c, "customer", "id", (char *) NULL);
     if (cus == NULL) {
-        cus = meter_json_str(c, "invoice", "customer_id", NULL);
+        cus = meter_json_str(c, "invoice", "customer_id", (char *) NULL);
     }
 
     if (cus == NULL) {
-        cus = meter_json_str(c, "transaction", "customer_id", NULL);
+        cus = meter_json_str(c, "transaction", "customer_id", (char *) NULL);
     }
 
-    sub = meter_json_str(c, "subscription", "id", NULL);
+    sub = meter_json_str(c, "subscription", "id", (char *) NULL);
     if (sub == NULL) {
-        sub = meter_json_str(c, "invoice", "subscription_id", NULL);
+        sub = meter_json_str(c, "invoice", "subscription_id", (char *) NULL);
     }
 
     if (sub == NULL) {
-        sub = meter_json_str(c, "transaction", "subscription_id", NULL);
+        sub = meter_json_str(c, "transaction", "subscription_id",
+                             (char *) NULL);
     }
 
     if (cus != NULL) {

@@ -521,9 +521,9 @@ meter_recurly_onboard(meter_provider_t *p, const meter_onboard_t *in,
     id = NULL;
 
     cJSON_ArrayForEach(s, data) {
-        code = meter_json_str(s, "plan", "code", NULL);
+        code = meter_json_str(s, "plan", "code", (char *) NULL);
         if (code != NULL && strcmp(code, plan) == 0) {
-            id = meter_json_str(s, "id", NULL);
+            id = meter_json_str(s, "id", (char *) NULL);
             break;
         }
     }
@@ -553,7 +553,7 @@ meter_recurly_onboard(meter_provider_t *p, const meter_onboard_t *in,
             goto end;
         }
 
-        id = meter_json_str(json, "id", NULL);
+        id = meter_json_str(json, "id", (char *) NULL);
     }
 
     if (id == NULL
@@ -636,10 +636,11 @@ meter_recurly_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
                   && cJSON_IsString(cJSON_GetArrayItem(subs, 0))
                   ? cJSON_GetArrayItem(subs, 0)->valuestring : NULL;
 
-            due = meter_rfc3339_parse(meter_json_str(item, "due_at", NULL));
+            due = meter_rfc3339_parse(meter_json_str(item, "due_at",
+                                                     (char *) NULL));
 
             od.provider_customer = meter_json_str(item, "account", "code",
-                                                  NULL);
+                                                  (char *) NULL);
             od.subscription = sub;
             od.since = due > 0 ? due : 0;
 
@@ -794,11 +795,11 @@ meter_recurly_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         goto end;
     }
 
-    id = meter_json_str(json, "id", NULL);
-    obj = meter_json_str(json, "object_type", NULL);
-    type = meter_json_str(json, "event_type", NULL);
-    when = meter_json_str(json, "event_time", NULL);
-    acct = meter_json_str(json, "account_code", NULL);
+    id = meter_json_str(json, "id", (char *) NULL);
+    obj = meter_json_str(json, "object_type", (char *) NULL);
+    type = meter_json_str(json, "event_type", (char *) NULL);
+    when = meter_json_str(json, "event_time", (char *) NULL);
+    acct = meter_json_str(json, "account_code", (char *) NULL);
     t = meter_rfc3339_parse(when);
 
     if (id == NULL || obj == NULL || type == NULL || t == -1) {

@@ -632,7 +632,7 @@ meter_stripe_ref(const cJSON *obj, const char *field)
         return f->valuestring;
     }
 
-    return meter_json_str(f, "id", NULL);
+    return meter_json_str(f, "id", (char *) NULL);
 }
 
 
@@ -717,9 +717,10 @@ meter_stripe_find(meter_stripe_t *st, const char *url, const char *customer,
         oid = NULL;
 
         cJSON_ArrayForEach(o, data) {
-            oid = meter_json_str(o, "id", NULL);
-            meta = meter_json_str(o, "metadata", METER_STRIPE_META, NULL);
-            status = meter_json_str(o, "status", NULL);
+            oid = meter_json_str(o, "id", (char *) NULL);
+            meta = meter_json_str(o, "metadata", METER_STRIPE_META,
+                                  (char *) NULL);
+            status = meter_json_str(o, "status", (char *) NULL);
 
             if (oid != NULL && meta != NULL && strcmp(meta, customer) == 0
                 && (status == NULL || skip == NULL
@@ -851,7 +852,7 @@ meter_stripe_onboard(meter_provider_t *p, const meter_onboard_t *in,
             goto end;
         }
 
-        id = meter_json_str(json, "id", NULL);
+        id = meter_json_str(json, "id", (char *) NULL);
         if (id == NULL
             || meter_copy(out->provider_customer,
                           sizeof(out->provider_customer), id) != 0)
@@ -929,7 +930,7 @@ meter_stripe_onboard(meter_provider_t *p, const meter_onboard_t *in,
         goto end;
     }
 
-    id = meter_json_str(json, "id", NULL);
+    id = meter_json_str(json, "id", (char *) NULL);
     if (id == NULL
         || meter_copy(out->subscription, sizeof(out->subscription), id) != 0)
     {
@@ -945,8 +946,8 @@ meter_stripe_onboard(meter_provider_t *p, const meter_onboard_t *in,
                 cJSON_GetObjectItemCaseSensitive(json, "items"), "data");
 
     cJSON_ArrayForEach(it, items) {
-        id = meter_json_str(it, "id", NULL);
-        price = meter_json_str(it, "price", "id", NULL);
+        id = meter_json_str(it, "id", (char *) NULL);
+        price = meter_json_str(it, "price", "id", (char *) NULL);
 
         for (i = 0; id != NULL && price != NULL && i < n; i++) {
             if (strcmp(plan[i].value, price) != 0 || out->nitems == 8) {
@@ -1045,7 +1046,7 @@ meter_stripe_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
             id = NULL;
 
             cJSON_ArrayForEach(o, list) {
-                id = meter_json_str(o, "id", NULL);
+                id = meter_json_str(o, "id", (char *) NULL);
 
                 od.subscription = id;
                 od.provider_customer = meter_stripe_ref(o, "customer");
@@ -1212,9 +1213,9 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         goto end;
     }
 
-    id = meter_json_str(json, "id", NULL);
-    type = meter_json_str(json, "type", NULL);
-    created = meter_json_num(json, "created", NULL);
+    id = meter_json_str(json, "id", (char *) NULL);
+    type = meter_json_str(json, "type", (char *) NULL);
+    created = meter_json_num(json, "created", (char *) NULL);
     obj = meter_json_obj(json, "data", "object");
 
     if (id == NULL || type == NULL || created < 0 || !cJSON_IsObject(obj)
@@ -1235,7 +1236,7 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         if (sub == NULL) {
             /* API versions since 2025-03-31 move it under parent */
             sub = meter_json_str(obj, "parent", "subscription_details",
-                                 "subscription", NULL);
+                                 "subscription", (char *) NULL);
         }
 
     } else if (strcmp(type, "invoice.paid") == 0) {
@@ -1245,13 +1246,13 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         sub = meter_stripe_ref(obj, "subscription");
         if (sub == NULL) {
             sub = meter_json_str(obj, "parent", "subscription_details",
-                                 "subscription", NULL);
+                                 "subscription", (char *) NULL);
         }
 
     } else if (strcmp(type, "customer.subscription.updated") == 0) {
-        status = meter_json_str(obj, "status", NULL);
+        status = meter_json_str(obj, "status", (char *) NULL);
         cus = meter_stripe_ref(obj, "customer");
-        sub = meter_json_str(obj, "id", NULL);
+        sub = meter_json_str(obj, "id", (char *) NULL);
 
         if (status != NULL
             && (strcmp(status, "past_due") == 0
