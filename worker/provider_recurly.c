@@ -824,10 +824,7 @@ meter_recurly_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         }
     }
 
-    if (acct != NULL) {
-        (void) meter_copy(ev->provider_customer,
-                          sizeof(ev->provider_customer), acct);
-    }
+    meter_webhook_ids(ev, acct, NULL);
 
 end:
 

@@ -1275,14 +1275,7 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         sub = NULL;
     }
 
-    if (cus != NULL) {
-        (void) meter_copy(ev->provider_customer,
-                          sizeof(ev->provider_customer), cus);
-    }
-
-    if (sub != NULL) {
-        (void) meter_copy(ev->subscription, sizeof(ev->subscription), sub);
-    }
+    meter_webhook_ids(ev, cus, sub);
 
 end:
 

@@ -385,3 +385,19 @@ meter_fresh_suffix(char *buf, size_t size)
     snprintf(buf, size, "-r%02x%02x%02x%02x%02x%02x%02x%02x",
              r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
 }
+
+
+void
+meter_webhook_ids(meter_webhook_event_t *ev, const char *customer,
+    const char *subscription)
+{
+    if (customer != NULL) {
+        (void) meter_copy(ev->provider_customer,
+                          sizeof(ev->provider_customer), customer);
+    }
+
+    if (subscription != NULL) {
+        (void) meter_copy(ev->subscription, sizeof(ev->subscription),
+                          subscription);
+    }
+}

@@ -80,6 +80,10 @@ time_t meter_rfc3339_parse(const char *s);
  * key for a call whose saved failure a provider keeps replaying */
 void meter_fresh_suffix(char *buf, size_t size);
 
+/* the provider ids a webhook event is about (either may be NULL) */
+void meter_webhook_ids(meter_webhook_event_t *ev, const char *customer,
+    const char *subscription);
+
 /*
  * One request (meter_http_request, with its bounded retries); the answer's
  * body, when it is JSON, goes into *json (also for errors: the caller may
