@@ -507,8 +507,8 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
         status = 0;
     }
 
-    method = meter_method_bit((const char *) r->method_name.data,
-                              r->method_name.len);
+    /* meter_core's method bits are nginx's own (checked at start) */
+    method = (uint32_t) r->method;
 
     /* the key is evaluated and hashed once per zone, not once per meter */
     keyed = NULL;
@@ -3915,6 +3915,15 @@ ngx_http_meter_init(ngx_conf_t *cf)
     ngx_http_meter_main_conf_t  *mcf;
 
     mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_meter_module);
+
+    if (meter_method_bit("GET", 3) != NGX_HTTP_GET
+        || meter_method_bit("PATCH", 5) != NGX_HTTP_PATCH
+        || meter_method_bit("CONNECT", 7) != NGX_HTTP_CONNECT)
+    {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "meter: method bits differ from this nginx's");
+        return NGX_ERROR;
+    }
 
     /* a meter may name a zone defined further down: check them now */
     m = mcf->meters.elts;
