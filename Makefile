@@ -7,6 +7,8 @@
 #   make test     deps + everything above + pytest integration tests
 #   make demo     deps + build + a short end-to-end demo
 #   make bench    plain nginx vs nginx with metering (wrk); not a test
+#   make nginx-tests  nginx's own test suite, plain and with the module
+#                 (slow; NGINX_TESTS=checkout, see t/nginx-tests.sh)
 
 # bash: conf_flags defines a bash array
 SHELL := /bin/bash
@@ -33,7 +35,7 @@ UNIT_CFLAGS := -std=c11 -Wall -Wextra -Werror -g -fsanitize=address,undefined
 .NOTPARALLEL:
 
 .PHONY: all module smoke deps worker unit integration test demo bench clean \
-        install
+        install nginx-tests
 
 all: module
 
@@ -124,6 +126,9 @@ demo: deps module worker
 
 bench: deps module
 	$(PYTHON) bench/run.py
+
+nginx-tests: module worker
+	t/nginx-tests.sh
 
 
 # the Debian layout: the module next to the packaged ones, enabled through

@@ -1,0 +1,275 @@
+#!/bin/bash
+# nginx's own test suite (nginx/nginx-tests) over its http tests, twice:
+# plain, then with ngx_http_meter_module loaded and metering and governing
+# every request. Prints the files that pass plain and fail with the module
+# (that list must stay empty), the counts of both runs, and exits 1 if the
+# list is not empty (2 on a setup error).
+#
+# The suite is not fetched here: there is no network at test time. Take the
+# revision that matches Debian's nginx 1.22.1, 3356f91a (the last commit
+# before 1.22.1), from a clone of github.com/nginx/nginx-tests:
+#
+#     git -C /path/to/nginx-tests archive 3356f91a | tar -x -C /tmp/nginx-tests
+#     NGINX_TESTS=/tmp/nginx-tests t/nginx-tests.sh     # or: make nginx-tests
+#
+# Never copy the suite into this repository.
+#
+# Environment:
+#   NGINX_TESTS  the checkout (default build/nginx-tests)
+#   MODULE_SO    the module (default build/nginx/ngx_http_meter_module.so)
+#   RUNS         "plain module" (default), or "module" to rerun only the
+#                module half against the plain results of the last run
+#   JOBS         prove -j (default 2)
+#   FILES        test files to run (default: every http test, see below)
+#   OUT          logs (default build/nginx-tests-out)
+#
+# Which files: every *.t but mail_*, stream_* (other protocols) and js_*
+# (njs's tests, versioned with njs, not with nginx): 307 files at 3356f91a.
+#
+# Root: the suite's temp dirs are mode 0700 (File::Temp), and nginx run by
+# root gives its workers to "nobody", who then cannot read them; so as root
+# prove runs as nobody (the suite then runs as the user who starts it).
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+NGINX_TESTS=${NGINX_TESTS:-$ROOT/build/nginx-tests}
+MODULE_SO=${MODULE_SO:-$ROOT/build/nginx/ngx_http_meter_module.so}
+METERCTL=${METERCTL:-$ROOT/worker/meterctl}
+RUNS=${RUNS:-plain module}
+JOBS=${JOBS:-2}
+OUT=${OUT:-$ROOT/build/nginx-tests-out}
+ZONE=nginx_tests
+
+# the packaged nginx -V lists these as dynamic: the suite loads each of them
+# from TEST_NGINX_MODULES in every test, so without them every test fails;
+# then the Perl modules and daemons that tests skip themselves without
+NGX_PKGS="nginx libnginx-mod-http-geoip libnginx-mod-http-image-filter
+    libnginx-mod-http-perl libnginx-mod-http-xslt-filter libnginx-mod-mail
+    libnginx-mod-stream libnginx-mod-stream-geoip"
+PERL_PKGS="libio-socket-ssl-perl libnet-ssleay-perl libfcgi-perl
+    libscgi-perl libcache-memcached-perl libcache-memcached-fast-perl
+    libprotocol-websocket-perl libgd-perl"
+DAEMON_PKGS="redis-server memcached uwsgi uwsgi-plugin-python3 openssl"
+
+die() {
+    echo "nginx-tests: $*" >&2
+    exit 2
+}
+
+install_missing() {
+    local p missing=""
+
+    for p in $NGX_PKGS $PERL_PKGS $DAEMON_PKGS; do
+        dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null \
+            | grep -q '^ii' || missing="$missing $p"
+    done
+    [ -z "$missing" ] && return 0
+
+    echo "nginx-tests: installing$missing"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -q
+    # shellcheck disable=SC2086
+    $sudo apt-get install -y -q --no-install-recommends $missing
+    # the packages start their services; the suite wants none of them
+    for p in nginx memcached uwsgi redis-server; do
+        $sudo service "$p" stop >/dev/null 2>&1 || true
+    done
+}
+
+install_missing
+
+[ -f "$NGINX_TESTS/lib/Test/Nginx.pm" ] \
+    || die "no nginx-tests checkout at $NGINX_TESTS (see the top of $0)"
+[ -f "$MODULE_SO" ] || die "no $MODULE_SO: run make module"
+
+# as root the suite runs as nobody, who must reach the module and the suite
+AS=()
+if [ "$(id -u)" = 0 ]; then
+    AS=(runuser -u nobody --)
+fi
+"${AS[@]}" test -r "$MODULE_SO" -a -r "$NGINX_TESTS/lib/Test/Nginx.pm" \
+    || die "${AS[*]:-you} cannot read $MODULE_SO or $NGINX_TESTS"
+
+if [ -n "${FILES:-}" ]; then
+    read -r -a TESTS <<< "$FILES"
+else
+    mapfile -t TESTS < <(cd "$NGINX_TESTS" && ls -- *.t \
+                         | grep -Ev '^(mail|stream|js)_')
+fi
+
+mkdir -p "$OUT"
+RUN=$(mktemp -d /tmp/nginx-tests-run.XXXXXX)
+chmod 0755 "$RUN"
+mkdir -m 1777 "$RUN/tmp"
+REDIS_PID=""
+
+cleanup() {
+    if [ -n "$REDIS_PID" ]; then
+        kill "$REDIS_PID" 2>/dev/null || true
+        wait "$REDIS_PID" 2>/dev/null || true
+    fi
+    rm -rf "$RUN"
+}
+trap cleanup EXIT
+
+# prove over TESTS; $1 = plain|module; the output goes to $OUT/$1.log
+run_suite() {
+    local name=$1 start end
+    local -a env=(TEST_NGINX_BINARY=/usr/sbin/nginx
+                  TEST_NGINX_MODULES=/usr/lib/nginx/modules
+                  TMPDIR="$RUN/tmp" PATH="$PATH")
+
+    if [ "$name" = module ]; then
+        env+=(TEST_NGINX_GLOBALS="$GLOBALS"
+              TEST_NGINX_GLOBALS_HTTP="$GLOBALS_HTTP")
+    fi
+
+    echo "nginx-tests: $name run, ${#TESTS[@]} files, prove -j$JOBS" \
+         "(log: $OUT/$name.log)"
+    start=$(date +%s)
+    (cd "$NGINX_TESTS" && "${AS[@]}" env -i "${env[@]}" \
+        prove -j"$JOBS" "${TESTS[@]}") > "$OUT/$name.log" 2>&1 || true
+    end=$(date +%s)
+    echo "$((end - start))" > "$OUT/$name.seconds"
+}
+
+# reads a prove log; prints "files tests passed" on the first line, then
+# the files that failed: a failed test, a non-zero exit or wait status, or
+# a parse error (a bad plan); "TODO passed" alone is no failure
+summarize() {
+    perl -e '
+        my ($files, $tests, $failed_tests, %failed, $cur) = (0, 0, 0);
+        while (<STDIN>) {
+            if (/^(\S+\.t)\s+\(Wstat: (\d+)\s+Tests: (\d+)\s+Failed: (\d+)\)/) {
+                $cur = $1;
+                $failed_tests += $4;
+                $failed{$cur} = 1 if $2 != 0 || $4 != 0;
+            } elsif (defined $cur
+                     && /^\s+(Failed tests?|Non-zero exit status|Non-zero wait status|Parse errors):/)
+            {
+                $failed{$cur} = 1;
+            } elsif (/^Files=(\d+), Tests=(\d+)/) {
+                ($files, $tests) = ($1, $2);
+                undef $cur;
+            }
+        }
+        die "no prove summary\n" unless $files;
+        print "$files $tests ", $tests - $failed_tests, "\n";
+        print "$_\n" for sort keys %failed;
+    ' < "$1"
+}
+
+start_redis() {
+    redis-server --port 0 --unixsocket "$RUN/redis.sock" \
+        --unixsocketperm 777 --save '' --appendonly no --dir "$RUN" \
+        --logfile "$OUT/redis.log" &
+    REDIS_PID=$!
+
+    local i
+    for i in $(seq 50); do
+        redis-cli -s "$RUN/redis.sock" ping 2>/dev/null | grep -q PONG \
+            && return 0
+        sleep 0.1
+    done
+    die "redis-server did not start (log: $OUT/redis.log)"
+}
+
+# the key is $remote_addr: a key every request has, so every request is
+# counted and looked up (an empty key is neither); 127.0.0.1 belongs to a
+# customer in good standing when meterctl is built, so the gate finds it
+GLOBALS="load_module $MODULE_SO;"
+GLOBALS_HTTP="meter_zone \$remote_addr zone=$ZONE:1m;
+meter_redis unix:$RUN/redis.sock;
+meter zone=$ZONE calls;
+meter_governance zone=$ZONE unknown_key=allow;"
+
+case " $RUNS " in
+*" module "*) ;;
+*) die "RUNS must include module (\"plain module\" or \"module\")" ;;
+esac
+for r in $RUNS; do
+    case $r in
+    plain)
+        run_suite plain
+        ;;
+    module)
+        [ -f "$OUT/plain.log" ] || die "no plain run in $OUT: RUNS=\"plain module\""
+        start_redis
+        if [ -x "$METERCTL" ]; then
+            "$METERCTL" --redis "unix:$RUN/redis.sock" \
+                customers add nginx-tests > /dev/null
+            "$METERCTL" --redis "unix:$RUN/redis.sock" \
+                keys add 127.0.0.1 --customer nginx-tests > /dev/null
+        fi
+        run_suite module
+        ;;
+    *)
+        die "RUNS: unknown run \"$r\" (plain, module)"
+        ;;
+    esac
+done
+
+read -r p_files p_tests p_passed < <(summarize "$OUT/plain.log" | head -1)
+read -r m_files m_tests m_passed < <(summarize "$OUT/module.log" | head -1)
+summarize "$OUT/plain.log" | tail -n +2 > "$OUT/plain.failed"
+summarize "$OUT/module.log" | tail -n +2 > "$OUT/module.failed"
+
+printf '%-7s %6s %6s %7s %6s %s\n' run files tests passed failed seconds
+printf '%-7s %6s %6s %7s %6s %s\n' \
+    plain "$p_files" "$p_tests" "$p_passed" "$(wc -l < "$OUT/plain.failed")" \
+    "$(cat "$OUT/plain.seconds")" \
+    module "$m_files" "$m_tests" "$m_passed" "$(wc -l < "$OUT/module.failed")" \
+    "$(cat "$OUT/module.seconds")"
+
+# the comparison proves nothing unless the module really counted: Redis must
+# hold the calls of 127.0.0.1, and have seen flushes and governance reads
+kh=$(printf '%s' 127.0.0.1 | sha256sum | cut -d' ' -f1)
+calls=$(redis-cli -s "$RUN/redis.sock" hget "mtr:used:{$kh}" calls)
+hours=$(redis-cli -s "$RUN/redis.sock" --scan --pattern 'mtr:u:*' | wc -l)
+redis-cli -s "$RUN/redis.sock" info commandstats \
+    | grep -E '^cmdstat_(evalsha|get|hgetall):' > "$OUT/redis.stats" || true
+echo "module: Redis holds ${calls:-0} calls of 127.0.0.1 in $hours key-hours;" \
+     "$(tr '\r\n' '  ' < "$OUT/redis.stats")"
+if [ "${calls:-0}" -lt 1 ] || [ "$hours" -lt 1 ]; then
+    echo "nginx-tests: FAIL: the module run metered ${calls:-0} calls;" \
+         "was the module loaded? (log: $OUT/module.log)" >&2
+    exit 2
+fi
+
+# files that pass plain and fail with the module; each is run once more
+# with the module, alone and verbose, for its output (and to tell a flaky
+# file from a broken one: under load some tests are timing-sensitive)
+mapfile -t regressed < <(comm -13 "$OUT/plain.failed" "$OUT/module.failed")
+broken=()
+flaky=()
+for f in "${regressed[@]}"; do
+    log="$OUT/module-rerun-$f.log"
+    if (cd "$NGINX_TESTS" && "${AS[@]}" env -i \
+            TEST_NGINX_BINARY=/usr/sbin/nginx \
+            TEST_NGINX_MODULES=/usr/lib/nginx/modules \
+            TEST_NGINX_GLOBALS="$GLOBALS" \
+            TEST_NGINX_GLOBALS_HTTP="$GLOBALS_HTTP" \
+            TEST_NGINX_CATLOG=1 TMPDIR="$RUN/tmp" PATH="$PATH" \
+            prove -v "$f") > "$log" 2>&1
+    then
+        flaky+=("$f")
+    else
+        broken+=("$f")
+    fi
+done
+
+echo "pass plain, fail with the module: ${#regressed[@]} file(s)"
+for f in "${flaky[@]}"; do
+    echo "  $f (passed when run again alone: flaky;" \
+         "$OUT/module-rerun-$f.log)"
+done
+for f in "${broken[@]}"; do
+    echo "  $f (fails again alone; $OUT/module-rerun-$f.log):"
+    grep -E '^(not ok|#)' "$OUT/module-rerun-$f.log" | head -n 40 \
+        | sed 's/^/    /'
+done
+
+[ ${#broken[@]} -eq 0 ]
