@@ -23,8 +23,9 @@
 #   FILES        test files to run (default: every http test, see below)
 #   OUT          logs (default build/nginx-tests-out)
 #
-# Which files: every *.t but mail_*, stream_* (other protocols) and js_*
-# (njs's tests, versioned with njs, not with nginx): 307 files at 3356f91a.
+# Which files: every *.t but mail_*, stream_* (other protocols), js.t and
+# js_* (njs's tests, versioned with njs, not with nginx): 307 files at
+# 3356f91a.
 #
 # Root: the suite's temp dirs are mode 0700 (File::Temp), and nginx run by
 # root gives its workers to "nobody", who then cannot read them; so as root
@@ -97,7 +98,7 @@ if [ -n "${FILES:-}" ]; then
     read -r -a TESTS <<< "$FILES"
 else
     mapfile -t TESTS < <(cd "$NGINX_TESTS" && ls -- *.t \
-                         | grep -Ev '^(mail|stream|js)_')
+                         | grep -Ev '^(mail|stream|js)[_.]')
 fi
 
 mkdir -p "$OUT"
@@ -141,9 +142,12 @@ run_suite() {
 # a parse error (a bad plan); "TODO passed" alone is no failure
 summarize() {
     perl -e '
-        my ($files, $tests, $failed_tests, %failed, $cur) = (0, 0, 0);
+        my ($files, $tests, $failed_tests, %failed, $cur, $result)
+            = (0, 0, 0);
         while (<STDIN>) {
-            if (/^(\S+\.t)\s+\(Wstat: (\d+)\s+Tests: (\d+)\s+Failed: (\d+)\)/) {
+            # "(Wstat: 512 (exited 2) Tests: 5 Failed: 2)" in Test::Harness
+            # 3.44, without "(exited 2)" before
+            if (/^(\S+\.t)\s+\(Wstat: (\d+).*?Tests: (\d+)\s+Failed: (\d+)\)/) {
                 $cur = $1;
                 $failed_tests += $4;
                 $failed{$cur} = 1 if $2 != 0 || $4 != 0;
@@ -154,9 +158,13 @@ summarize() {
             } elsif (/^Files=(\d+), Tests=(\d+)/) {
                 ($files, $tests) = ($1, $2);
                 undef $cur;
+            } elsif (/^Result: (\w+)/) {
+                $result = $1;
             }
         }
-        die "no prove summary\n" unless $files;
+        die "no prove summary\n" unless $files && defined $result;
+        die "prove says $result, but no failed file was found\n"
+            if ($result ne "PASS") != (keys %failed > 0);
         print "$files $tests ", $tests - $failed_tests, "\n";
         print "$_\n" for sort keys %failed;
     ' < "$1"
@@ -261,6 +269,8 @@ for f in "${regressed[@]}"; do
     fi
 done
 
+echo "fail plain (the suite or this machine, not the module):" \
+     "$(tr '\n' ' ' < "$OUT/plain.failed")"
 echo "pass plain, fail with the module: ${#regressed[@]} file(s)"
 for f in "${flaky[@]}"; do
     echo "  $f (passed when run again alone: flaky;" \
