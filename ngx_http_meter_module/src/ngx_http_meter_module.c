@@ -420,6 +420,7 @@ static ngx_int_t ngx_http_meter_gov_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_uint_t ngx_http_meter_has_return(ngx_conf_t *cf);
 static void ngx_http_meter_key_header(ngx_str_t *key, ngx_str_t *name);
+static ngx_str_t ngx_http_meter_printable(ngx_pool_t *pool, ngx_str_t *name);
 static ngx_int_t ngx_http_meter_add_vars(ngx_conf_t *cf, ngx_http_meter_t *m,
     ngx_str_t *s);
 static char *ngx_http_meter_read_secret(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -3770,12 +3771,13 @@ ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
             /* the name goes into JSON, Prometheus labels and Redis keys */
             if (!meter_valid_name((const char *) name.data, name.len)) {
+                s = ngx_http_meter_printable(cf->pool, &name);
+
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                                   "invalid zone name \"%*s\" in \"%V\" "
+                                   "invalid zone name \"%V\" in \"%V\" "
                                    "directive: use 1 to %d of "
                                    "A-Z a-z 0-9 _ . -",
-                                   name.len, name.data, &cmd->name,
-                                   METER_NAME_MAX);
+                                   &s, &cmd->name, METER_NAME_MAX);
                 return NGX_CONF_ERROR;
             }
 
@@ -3845,6 +3847,41 @@ ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     *zp = shm_zone;
 
     return NGX_CONF_OK;
+}
+
+
+/* a name to show in an error: bytes outside printable ASCII as \xHH */
+
+static ngx_str_t
+ngx_http_meter_printable(ngx_pool_t *pool, ngx_str_t *name)
+{
+    u_char     *p;
+    ngx_str_t   out;
+    ngx_uint_t  i;
+
+    out.len = 0;
+    out.data = ngx_pnalloc(pool, name->len * 4 + 1);
+
+    if (out.data == NULL) {
+        return out;
+    }
+
+    p = out.data;
+
+    for (i = 0; i < name->len; i++) {
+        if (name->data[i] < 0x20 || name->data[i] > 0x7e
+            || name->data[i] == '"' || name->data[i] == '\\')
+        {
+            p = ngx_sprintf(p, "\\x%02xd", name->data[i]);
+            continue;
+        }
+
+        *p++ = name->data[i];
+    }
+
+    out.len = p - out.data;
+
+    return out;
 }
 
 
