@@ -2511,7 +2511,7 @@ ngx_http_meter_req_ctx_get(ngx_http_request_t *r)
 static ngx_uint_t
 ngx_http_meter_key_headers(ngx_http_request_t *r, ngx_str_t *name)
 {
-    u_char            ch;
+    u_char            ch, nc;
     ngx_uint_t        i, n, count;
     ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
@@ -2547,7 +2547,14 @@ ngx_http_meter_key_headers(ngx_http_request_t *r, ngx_str_t *name)
                 ch = '_';
             }
 
-            if (name->data[n] != ch) {
+            /* variable names are not case sensitive */
+            nc = name->data[n];
+
+            if (nc >= 'A' && nc <= 'Z') {
+                nc |= 0x20;
+            }
+
+            if (nc != ch) {
                 break;
             }
         }
@@ -3918,8 +3925,8 @@ ngx_http_meter_key_header(ngx_str_t *key, ngx_str_t *name)
     name->len = last - p;
 
     for ( /* void */ ; p < last; p++) {
-        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')
-              || *p == '_'))
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+              || (*p >= '0' && *p <= '9') || *p == '_'))
         {
             /* anything else: not a single header variable */
             name->len = 0;
