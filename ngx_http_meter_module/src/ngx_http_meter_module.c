@@ -282,8 +282,10 @@ typedef struct {
     ngx_uint_t                   zone_mode; /* 0 unset, 1 dirty, 2 full,
                                              * 3 full, flushed ones too */
     ngx_msec_t                   zone_start;
+    uint32_t                     zone_hour; /* hour when the zone began */
     ngx_uint_t                   outstanding;
     ngx_uint_t                   failed;
+    ngx_uint_t                   qs_logged;
     meter_batch_t                batch;
     meter_batch_item_t           items[NGX_HTTP_METER_BATCH];
 
@@ -315,6 +317,7 @@ static ngx_int_t ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone,
 static ngx_int_t ngx_http_meter_lease(uint64_t *lease, ngx_msec_t interval);
 static void ngx_http_meter_lease_release(uint64_t *lease);
 
+static void ngx_http_meter_announce(ngx_http_meter_worker_t *w);
 static void ngx_http_meter_tick(ngx_event_t *ev);
 static void ngx_http_meter_slice_handler(ngx_event_t *ev);
 static void ngx_http_meter_timeout_handler(ngx_event_t *ev);
@@ -1227,11 +1230,45 @@ ngx_http_meter_lease_release(uint64_t *lease)
 /* the flush */
 
 static void
+ngx_http_meter_announce(ngx_http_meter_worker_t *w)
+{
+    ngx_uint_t                   z;
+    ngx_shm_zone_t             **zones;
+    ngx_http_meter_zone_ctx_t   *ctx;
+
+    zones = w->mcf->zones.elts;
+
+    for (z = 0; z < w->mcf->zones.nelts; z++) {
+        ctx = zones[z]->data;
+
+        if (meter_table_announce(&ctx->sh->table, (uint32_t) ngx_pid) != 0
+            && !w->qs_logged)
+        {
+            w->qs_logged = 1;
+            ngx_log_error(NGX_LOG_WARN, w->log, 0,
+                          "meter_zone \"%V\": more than %d processes, "
+                          "freed slots are reused after %d s only",
+                          &zones[z]->shm.name, METER_QS_MAX,
+                          METER_TOMB_GRACE);
+        }
+    }
+}
+
+
+static void
 ngx_http_meter_tick(ngx_event_t *ev)
 {
     ngx_http_meter_worker_t  *w = ev->data;
 
+    /* outside any add: the slots this worker saw evicted may be reused */
+    ngx_http_meter_announce(w);
+
     if (ngx_exiting || ngx_quit || ngx_terminate) {
+        if (!ngx_terminate) {
+            /* still serving its last requests: keep announcing */
+            ngx_add_timer(&w->tick, w->mcf->flush_interval);
+        }
+
         return;
     }
 
@@ -1307,12 +1344,20 @@ ngx_http_meter_next_slice(ngx_http_meter_worker_t *w)
         }
 
         if (w->zone_mode == 0) {
-            /* now and then, and after a takeover, look at every slot */
+            now = ngx_time();
+            w->zone_hour = meter_hour(now);
+            meter_table_quiesce(&ctx->sh->table, (uint32_t) now);
+
+            /* now and then, after a takeover, and when the hour changed
+             * (to free the last hour's slots), look at every slot */
             w->zone_mode = (rc == NGX_DONE
                             || (w->passes - 1)
                                % ngx_max(NGX_HTTP_METER_FULL_EVERY
                                          / w->mcf->flush_interval, 1)
-                               == 0)
+                               == 0
+                            || __atomic_load_n(&ctx->sh->table.swept_hour,
+                                               __ATOMIC_ACQUIRE)
+                               < w->zone_hour)
                            ? 2 : 1;
 
             if (__atomic_load_n(&ctx->sh->resync, __ATOMIC_ACQUIRE)) {
@@ -1595,6 +1640,7 @@ ngx_http_meter_reply(redisAsyncContext *ac, void *r, void *privdata)
 static void
 ngx_http_meter_batch_done(ngx_http_meter_worker_t *w)
 {
+    time_t                       now;
     ngx_shm_zone_t             **zones;
     ngx_http_meter_zone_ctx_t   *ctx;
 
@@ -1604,6 +1650,11 @@ ngx_http_meter_batch_done(ngx_http_meter_worker_t *w)
 
     zones = w->mcf->zones.elts;
     ctx = zones[w->zone]->data;
+
+    /* what Redis now holds of past hours frees its slot, in every pass */
+    now = ngx_time();
+    (void) meter_batch_reclaim(&ctx->sh->table, &w->batch, meter_hour(now),
+                               (uint32_t) now);
 
     if (w->failed) {
         /* unconfirmed values stay pending and go with the next pass */
@@ -1640,6 +1691,12 @@ ngx_http_meter_zone_done(ngx_http_meter_worker_t *w,
         /* every counter reached this Redis */
         __atomic_store_n(&ctx->sh->resync, 0, __ATOMIC_RELEASE);
         w->batch.all = 0;
+    }
+
+    if (w->zone_mode >= 2) {
+        /* every slot of an hour before zone_hour was looked at */
+        __atomic_store_n(&ctx->sh->table.swept_hour, w->zone_hour,
+                         __ATOMIC_RELEASE);
     }
 
     (void) __atomic_fetch_add(&ctx->sh->flushes, 1, __ATOMIC_RELAXED);
@@ -4814,6 +4871,9 @@ ngx_http_meter_init_process(ngx_cycle_t *cycle)
     meter_hex(sha, 20, w->script_sha);
 
     ngx_http_meter_worker = w;
+
+    /* registered before the first add: see meter_core.h */
+    ngx_http_meter_announce(w);
 
     ngx_http_meter_redis_connect(w);
 
