@@ -777,3 +777,105 @@ class Traffic:
         for t in self.threads:
             t.join(300)
         return self
+
+
+# ---------------------------------------------------------------- upstream
+
+class Backend:
+    """A real upstream for proxy_pass: a threaded HTTP server on a free
+    loopback port.  /slow?ms=N waits N ms before answering (an upstream
+    timeout, a client that gives up); /code/NNN answers NNN; anything else
+    200 "ok\\n".  hits counts the requests per path (without query)."""
+
+    def __init__(self):
+        import http.server
+        import urllib.parse
+
+        backend = self
+        self.hits = Counter()
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                u = urllib.parse.urlsplit(self.path)
+                q = urllib.parse.parse_qs(u.query)
+                with backend.lock:
+                    backend.hits[u.path] += 1
+                code, body = 200, b"ok\n"
+                if u.path.startswith("/slow"):
+                    time.sleep(int(q.get("ms", ["1000"])[0]) / 1000.0)
+                m = re.match(r"^/code/(\d{3})$", u.path)
+                if m:
+                    code, body = int(m.group(1)), b"code\n"
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass            # nginx gave up (timeout, client gone)
+
+            do_POST = do_HEAD = do_GET
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                      Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def backend():
+    b = Backend()
+    yield b
+    b.stop()
+
+
+def curl(urls, headers=None, http2=False, timeout=30):
+    """One curl run over all urls (one connection, kept alive; HTTP/2 with
+    prior knowledge when http2): [(http_version, status), ...]."""
+    args = ["curl", "-s", "--max-time", str(timeout)]
+    if http2:
+        args.append("--http2-prior-knowledge")
+    for k, v in (headers or {}).items():
+        args += ["-H", "%s: %s" % (k, v)]
+    for u in urls:
+        args += ["-o", "/dev/null", "-w", "%{http_version} %{http_code}\\n",
+                 u]
+    r = subprocess.run(args, capture_output=True, text=True,
+                       timeout=timeout + 10)
+    out = [line.split() for line in r.stdout.splitlines()]
+    return [(v, int(c)) for v, c in out]
+
+
+# ---------------------------------------------------------------- meterctl
+
+METERCTL = ROOT / "worker" / "meterctl"
+
+
+def meterctl(redis, *args):
+    """Runs meterctl against this Redis; returns stdout, fails on exit != 0."""
+    if not METERCTL.exists():
+        pytest.fail("%s missing: run make worker" % METERCTL)
+    r = subprocess.run([str(METERCTL), "--redis", redis.address]
+                       + [str(a) for a in args],
+                       capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, ("meterctl", args, r.returncode, r.stdout,
+                               r.stderr)
+    return r.stdout

@@ -6,7 +6,8 @@
  * a claimer fills a slot while it is CLAIM and publishes it with a release
  * compare-and-swap to LIVE; readers acquire-load the state before they look
  * at hour, key, meter or gen.  Evict and sweep write stamp before they
- * publish TOMB, so a reader that sees TOMB also sees its fresh stamp.
+ * publish TOMB, so a reader that sees TOMB also sees its fresh stamp, and
+ * an era at least one above it (the ticket was taken before).
  */
 
 
@@ -15,6 +16,8 @@
 #define _DEFAULT_SOURCE
 #endif
 
+#include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -48,6 +51,8 @@ static int meter_parse_status_item(const char *s, size_t len,
     meter_status_range_t *r, const char **err);
 static unsigned meter_sweep_pass(meter_table_t *t, uint32_t from,
     uint32_t to, uint32_t current_hour, uint32_t now, int pressure);
+static int meter_tomb_reusable(meter_table_t *t, meter_entry_t *e);
+static void meter_publish_safe(meter_table_t *t);
 
 
 static const char  *meter_methods[] = {
@@ -529,7 +534,7 @@ meter_table_add(meter_table_t *t, uint32_t hour,
     const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
     uint64_t value, uint32_t now)
 {
-    uint32_t        home, nprobe, i, tomb, st, stamp, expect;
+    uint32_t        home, nprobe, i, tomb, st, expect;
     uint64_t        c;
     meter_entry_t  *e;
 
@@ -590,11 +595,8 @@ again:
             }
 
             if (st == METER_SLOT_TOMB) {
-                stamp = meter_load_relaxed(&e->stamp);
 
-                if (tomb == UINT32_MAX
-                    && now >= stamp && now - stamp >= METER_TOMB_GRACE)
-                {
+                if (tomb == UINT32_MAX && meter_tomb_reusable(t, e)) {
                     tomb = i;
                 }
 
@@ -709,12 +711,16 @@ meter_table_evict(meter_table_t *t, meter_entry_t *e, uint32_t now)
         return 0;
     }
 
+    (void) now;
+
     /* fails if a request added to the slot since it was read */
     if (!meter_cas(&e->count, &c, c | METER_DEAD)) {
         return 0;
     }
 
-    meter_store_relaxed(&e->stamp, now);
+    /* the ticket comes after the DEAD bit: see meter_core.h */
+    meter_store_relaxed(&e->stamp, (uint32_t)
+                        __atomic_fetch_add(&t->era, 1, __ATOMIC_SEQ_CST));
     meter_store(&e->state, METER_SLOT_TOMB);
     meter_fetch_sub(&t->live, 1);
 
@@ -785,14 +791,172 @@ meter_sweep_pass(meter_table_t *t, uint32_t from, uint32_t to,
             stamp = meter_load_relaxed(&e->stamp);
 
             if (now > stamp && now - stamp > METER_CLAIM_STUCK) {
-                /* fresh stamp first: the tombstone then gets its grace */
-                meter_store_relaxed(&e->stamp, now);
+                /* a ticket first: the tombstone then waits for every
+                 * process, the stuck one included, or for the grace */
+                meter_store_relaxed(&e->stamp, (uint32_t)
+                                    __atomic_fetch_add(&t->era, 1,
+                                                       __ATOMIC_SEQ_CST));
                 meter_cas(&e->state, &st, METER_SLOT_TOMB);
             }
         }
     }
 
     return n;
+}
+
+
+/*
+ * The era ticket of a tombstone: its stamp holds the low 32 bits; the era
+ * read after the state is above it, so the full value is the largest one
+ * not above the era with those bits (an older one only waits longer).
+ */
+
+static int
+meter_tomb_reusable(meter_table_t *t, meter_entry_t *e)
+{
+    uint32_t  stamp;
+    uint64_t  era, ticket;
+
+    stamp = meter_load_relaxed(&e->stamp);
+    era = __atomic_load_n(&t->era, __ATOMIC_SEQ_CST);
+    ticket = era - (uint32_t) ((uint32_t) era - stamp);
+
+    return ticket < meter_load(&t->reuse_below);
+}
+
+
+/* a process that the kernel does not know cannot be inside an add */
+
+static int
+meter_pid_gone(uint32_t pid)
+{
+    return kill((pid_t) pid, 0) == -1 && errno == ESRCH;
+}
+
+
+/*
+ * Raises reuse_below to the lowest era that the live records announced, or
+ * to era_old: any process may compute it, every result is safe and the
+ * published value only grows.
+ */
+
+static void
+meter_publish_safe(meter_table_t *t)
+{
+    uint32_t     i, pid;
+    uint64_t     low, a, cur;
+    meter_qs_t  *q;
+
+    low = __atomic_load_n(&t->era, __ATOMIC_SEQ_CST);
+
+    for (i = 0; i < METER_QS_MAX; i++) {
+        q = &t->qs[i];
+        pid = __atomic_load_n(&q->pid, __ATOMIC_SEQ_CST);
+
+        if (pid == 0) {
+            continue;
+        }
+
+        if (meter_pid_gone(pid)) {
+            (void) meter_cas(&q->pid, &pid, 0);
+            continue;
+        }
+
+        a = __atomic_load_n(&q->era, __ATOMIC_SEQ_CST);
+
+        if (a < low) {
+            low = a;
+        }
+    }
+
+    if (meter_load(&t->qs_full)) {
+        /* some process adds without a record: only the grace is safe */
+        low = 0;
+    }
+
+    a = meter_load(&t->era_old);
+
+    if (a > low) {
+        low = a;
+    }
+
+    cur = meter_load(&t->reuse_below);
+
+    while (cur < low) {
+        if (meter_cas(&t->reuse_below, &cur, low)) {
+            break;
+        }
+    }
+}
+
+
+int
+meter_table_announce(meter_table_t *t, uint32_t pid)
+{
+    uint32_t     i, free;
+    meter_qs_t  *q;
+
+    q = NULL;
+
+    for (i = 0; i < METER_QS_MAX; i++) {
+        if (__atomic_load_n(&t->qs[i].pid, __ATOMIC_SEQ_CST) == pid) {
+            q = &t->qs[i];
+            break;
+        }
+    }
+
+    for (i = 0; q == NULL && i < METER_QS_MAX; i++) {
+        free = 0;
+
+        if (meter_cas(&t->qs[i].pid, &free, pid)) {
+            q = &t->qs[i];
+        }
+    }
+
+    if (q == NULL) {
+        meter_store(&t->qs_full, 1);
+        return -1;
+    }
+
+    __atomic_store_n(&q->era, __atomic_load_n(&t->era, __ATOMIC_SEQ_CST),
+                     __ATOMIC_SEQ_CST);
+
+    meter_publish_safe(t);
+
+    return 0;
+}
+
+
+void
+meter_table_leave(meter_table_t *t, uint32_t pid)
+{
+    uint32_t  i, cur;
+
+    for (i = 0; i < METER_QS_MAX; i++) {
+        cur = pid;
+
+        if (meter_cas(&t->qs[i].pid, &cur, 0)) {
+            return;
+        }
+    }
+}
+
+
+void
+meter_table_quiesce(meter_table_t *t, uint32_t now)
+{
+    if (now < t->mark_time) {
+        /* the clock went back: the grace starts over */
+        t->mark_time = now;
+
+    } else if (now - t->mark_time >= METER_TOMB_GRACE) {
+        /* every ticket below era_mark is one grace old now */
+        meter_store(&t->era_old, t->era_mark);
+        t->era_mark = __atomic_load_n(&t->era, __ATOMIC_SEQ_CST);
+        t->mark_time = now;
+    }
+
+    meter_publish_safe(t);
 }
 
 
@@ -964,6 +1128,34 @@ meter_batch_confirm(const meter_batch_item_t *item)
             return;
         }
     }
+}
+
+
+unsigned
+meter_batch_reclaim(meter_table_t *t, const meter_batch_t *b,
+    uint32_t current_hour, uint32_t now)
+{
+    unsigned             i, n;
+    meter_entry_t       *e;
+    meter_batch_item_t  *it;
+
+    n = 0;
+
+    for (i = 0; i < b->n; i++) {
+        it = &b->items[i];
+        e = it->e;
+
+        /* a late add since the collect makes evict refuse: the slot is
+         * dirty again and goes with the next pass */
+        if (it->hour < current_hour
+            && meter_load(&e->state) == METER_SLOT_LIVE
+            && e->gen == it->gen)
+        {
+            n += meter_table_evict(t, e, now);
+        }
+    }
+
+    return n;
 }
 
 

@@ -16,9 +16,38 @@
  *     slot's DEAD bit is set (it is being evicted);
  *   - eviction (flusher only) sets the DEAD bit with a compare-and-swap that
  *     succeeds only when count == flushed, so no increment is ever lost;
- *   - a tombstone is reused only after METER_TOMB_GRACE seconds, so a request
- *     that matched the old key can no longer be between its lookup and its
- *     compare-and-swap.
+ *   - a tombstone is reused only when no request that matched the old key
+ *     can still be between its lookup and its compare-and-swap (below).
+ *
+ * Why a tombstone needs a grace: an adder that matched a LIVE slot and then
+ * lost the CPU retries its compare-and-swap on whatever count it finds.  If
+ * the slot was evicted and claimed for another key meanwhile, the count has
+ * no DEAD bit again and the old key's call would be billed to the new key.
+ *
+ * Reclamation by quiescent states (QSBR) instead of a fixed 60 s:
+ *
+ *   - every eviction takes a ticket from the table's era counter with an
+ *     atomic fetch-and-add after its DEAD compare-and-swap, and stores it in
+ *     the tombstone's stamp;
+ *   - every process that adds registers a record (its pid) before its first
+ *     add and, from its flush timer (every meter_flush_interval, never
+ *     inside an add: nginx workers are single-threaded), announces the era
+ *     it reads there;
+ *   - a record that announces a > s read a value written by ticket s's
+ *     fetch-and-add or a later one (a release sequence: every write of the
+ *     era is a read-modify-write), so that announce happens after eviction
+ *     s, and every add of that process in flight at eviction s has ended;
+ *   - reuse_below is the lowest era announced by the records (capped by the
+ *     era read before looking at them, so a process that registers meanwhile
+ *     only registers after those evictions); a tombstone whose ticket is
+ *     below it is reusable.  Records of dead pids are dropped.
+ *
+ * A tombstone thus comes back about one flush interval after its eviction.
+ * A process that stops announcing (stopped, stuck) keeps reuse_below where
+ * it is; then tombstones evicted more than METER_TOMB_GRACE seconds ago are
+ * reused anyway, the rule this table always had (era_old: the era sampled
+ * one grace earlier).  If a process cannot register (records full), only
+ * that rule applies.
  *
  * Two slots for the same (hour, key, meter) may exist (two workers claiming
  * at once, a slot skipped while CLAIM).  That is harmless by design: every
@@ -52,9 +81,11 @@
 #define METER_SLOT_LIVE         2
 #define METER_SLOT_TOMB         3
 
-#define METER_TOMB_GRACE        60      /* seconds before a tombstone is reused */
+#define METER_TOMB_GRACE        60      /* s: tombstone reused even if some
+                                         * process never announced */
 #define METER_CLAIM_STUCK       60      /* seconds before a CLAIM is abandoned */
 #define METER_PROBE_MAX         256     /* probe length limit: table "full" */
+#define METER_QS_MAX            256     /* processes that may add at once */
 
 /* redis key/field buffer sizes, including the terminating NUL */
 #define METER_DATA_KEY_SIZE     (sizeof("mtr:u:{}:") - 1 + METER_HEX_LEN  \
@@ -131,6 +162,13 @@ typedef struct {
     char                        meter[METER_NAME_MAX]; /* NUL padded */
 } meter_entry_t;
 
+/* a process that adds: its quiescent-state record */
+typedef struct {
+    uint32_t                    pid;        /* atomic, 0: free */
+    uint32_t                    pad;
+    uint64_t                    era;        /* atomic, last announced */
+} meter_qs_t;
+
 typedef struct {
     uint64_t                    epoch;      /* random, set at creation */
     uint32_t                    nslots;
@@ -138,6 +176,19 @@ typedef struct {
     uint64_t                    live;       /* atomic, LIVE slots */
     uint64_t                    dropped;    /* atomic, calls not counted */
     uint64_t                    dropped_value; /* atomic, their values */
+
+    /* tombstone reuse (see the top of this file) */
+    uint64_t                    era;        /* atomic, eviction tickets */
+    uint64_t                    reuse_below; /* atomic, max only */
+    uint64_t                    era_mark;   /* flusher: era at mark_time */
+    uint64_t                    era_old;    /* flusher: era one grace ago */
+    uint32_t                    mark_time;
+    uint32_t                    qs_full;    /* a process found no record */
+    uint32_t                    swept_hour; /* atomic, last hour whose past
+                                             * hours a full pass swept */
+    uint32_t                    pad;
+    meter_qs_t                  qs[METER_QS_MAX];
+
     meter_entry_t               slots[];
 } meter_table_t;
 
@@ -156,13 +207,28 @@ int meter_table_add(meter_table_t *t, uint32_t hour,
     const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
     uint64_t value, uint32_t now);
 
+/*
+ * A quiescent point of process pid (its flush timer, never inside an add):
+ * registers it on first call, which must come before its first add.
+ * Returns -1 when every record is taken (reuse then waits for the grace).
+ */
+int meter_table_announce(meter_table_t *t, uint32_t pid);
+/* pid adds no more (it exits) */
+void meter_table_leave(meter_table_t *t, uint32_t pid);
+/*
+ * Flusher only, once a pass: advances the METER_TOMB_GRACE fallback and
+ * publishes which tombstones are reusable.
+ */
+void meter_table_quiesce(meter_table_t *t, uint32_t now);
+
 /* the first LIVE slot of (hour, key, meter), or NULL */
 meter_entry_t *meter_table_find(meter_table_t *t, uint32_t hour,
     const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen);
 
 /*
  * Flusher only.  Evicts one LIVE slot if everything it counted is flushed:
- * returns 1 if evicted, 0 if not.
+ * returns 1 if evicted, 0 if not.  (now is unused: a tombstone carries an
+ * era ticket, not a time.)
  */
 int meter_table_evict(meter_table_t *t, meter_entry_t *e, uint32_t now);
 
@@ -230,6 +296,14 @@ void meter_batch_remark(meter_table_t *t, const meter_batch_t *b);
  * max) unless the slot was reused since (gen differs).
  */
 void meter_batch_confirm(const meter_batch_item_t *item);
+
+/*
+ * Flusher only, after the batch's replies: evicts the items of hours
+ * before current_hour that Redis now holds entirely, so that every pass,
+ * not only a full scan, frees the slots of past hours.  Returns how many.
+ */
+unsigned meter_batch_reclaim(meter_table_t *t, const meter_batch_t *b,
+    uint32_t current_hour, uint32_t now);
 
 
 /* redis names (docs/redis-schema.md); each returns the length written */

@@ -3,6 +3,7 @@ redis-server.  Every expected number comes from the responses the client
 actually got; Redis must hold exactly that."""
 
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -728,3 +729,120 @@ def test_redis_unix_socket_password_and_db(redis, nginx_factory):
     redis.use(db=0, password="s3cret pass")
     assert redis.keys() == []
     assert "s3cret" not in n.error_log
+
+
+# ------------------------------------------------------------ hour rollover
+
+FAKETIME_SO = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+ROLL_LEAD = 25          # fake seconds from nginx start to the next hour
+ROLL_LIMIT = 10         # a new key must be counted this soon after it
+
+
+def hour_usage(redis):
+    """{(key_hash, hour): calls} from the credit_all fields."""
+    out = Counter()
+    for k in redis.keys("mtr:u:*"):
+        m = _data_key(k)
+        for field, value in redis.hgetall(k).items():
+            if field.split("|", 1)[0] == "credit_all":
+                out[m] += int(value)
+    return out
+
+
+def _data_key(k):
+    m = re.fullmatch(r"mtr:u:\{([0-9a-f]{64})\}:(\d{10})", k)
+    assert m, k
+    return (m.group(1), m.group(2))
+
+
+def test_full_zone_takes_new_keys_right_after_the_hour(redis, nginx_factory,
+                                                       monkeypatch):
+    """Issue 9: a zone full of hour H's counters, every one of them in
+    Redis, must count new keys of hour H+1 within seconds of the rollover
+    (it dropped them for 80-120 s: eviction only by the 60 s full scan,
+    reuse only after a 60 s grace).  nginx runs on libfaketime's clock,
+    started ROLL_LEAD seconds before an hour; Redis on the real one."""
+    assert os.path.exists(FAKETIME_SO), "libfaketime missing: make deps"
+    real0 = time.time()
+    fake0 = (int(real0) // 3600 + 1000) * 3600 - ROLL_LEAD
+    rollover = fake0 + ROLL_LEAD
+    monkeypatch.setenv("LD_PRELOAD", FAKETIME_SO)
+    monkeypatch.setenv("FAKETIME", time.strftime("@%Y-%m-%d %H:%M:%S",
+                                                 time.gmtime(fake0)))
+    monkeypatch.setenv("FAKETIME_DONT_RESET", "1")
+    monkeypatch.setenv("TZ", "UTC")
+    env = "".join("env %s;\n" % v for v in ("LD_PRELOAD", "FAKETIME",
+                                            "FAKETIME_DONT_RESET", "TZ"))
+    conf = API.replace("zone=api:1m", "zone=api:64k").replace(
+        "location = /status {",
+        "location = /msec { return 200 $msec; }\n        location = /status {")
+    n = nginx_factory(conf, redis=redis.address, main_conf=env)
+    monkeypatch.delenv("LD_PRELOAD")
+    # nginx's clock, not ours: it started a little after real0
+    code, body = n.get("/msec")
+    assert code == 200, body
+    offset = float(body) - time.time()
+    assert abs(offset - (fake0 - real0)) < 5, (offset, fake0 - real0)
+
+    def fake_now():
+        return time.time() + offset
+
+    c = Client(n.port)
+    sent = Counter()                # (key, fake hour) -> calls answered
+
+    def call(key):
+        hour = utc_hour(fake_now())
+        assert c.request("GET", "/getCreditScore?s=200",
+                         {"X-Api-Key": key}) == 200
+        sent[(key, hour)] += 1
+        # nginx logs (meters) a request before it reads the next one from
+        # the same connection: after this one, status shows the call
+        assert c.request("GET", "/free?s=200") == 200
+
+    # fill the zone with hour H's counters (two per call) until a batch of
+    # new keys is dropped whole: then no key of H+1 finds a slot either
+    i = 0
+    while True:
+        before = status_json(n)["api"]["dropped"]
+        for _ in range(20):
+            call("mk_roll_old_%05d" % i)
+            i += 1
+        if status_json(n)["api"]["dropped"] == before + 40:
+            break
+        assert fake_now() < rollover - 5, "zone not full before the hour"
+    wait_for(lambda: status_json(n)["api"]["pending"] == 0, 10)
+    full = status_json(n)["api"]
+    assert full["keys"] == full["slots"], full
+    assert fake_now() < rollover - 1, "flush too slow for this test"
+    time.sleep(rollover + 0.2 - fake_now())
+
+    # hour H+1: one new key every 100 ms until one is counted
+    j = 0
+    took = None
+    while fake_now() < rollover + 3 * ROLL_LIMIT:
+        before = status_json(n)["api"]["dropped"]
+        call("mk_roll_new_%05d" % j)
+        j += 1
+        if status_json(n)["api"]["dropped"] == before:
+            took = fake_now() - rollover
+            break
+        time.sleep(0.1)
+    c.close()
+    print("new keys dropped for %.1f s after the hour (%d calls), %r"
+          % (took if took is not None else -1, j, status_json(n)["api"]))
+    assert took is not None and took < ROLL_LIMIT, \
+        "new keys still dropped %.0f s after the hour" % (fake_now() - rollover)
+
+    # nothing lost: every call is in Redis under its own hour, or dropped
+    wait_for(lambda: status_json(n)["api"]["pending"] == 0, 10)
+    z = status_json(n)["api"]
+    got = hour_usage(redis)
+    want = Counter()
+    for (key, hour), calls in sent.items():
+        want[(key_hash(key), hour)] += calls
+    assert set(got) <= set(want)
+    assert all(got[k] <= want[k] for k in got)
+    assert 2 * sum(want.values()) == sum(totals(redis).values()) + z["dropped"]
+    # and the last key, counted, is under the new hour
+    assert got[(key_hash("mk_roll_new_%05d" % (j - 1)),
+                utc_hour(rollover + 1))] == 1
