@@ -22,6 +22,8 @@
 #   JOBS         prove -j (default 2)
 #   FILES        test files to run (default: every http test, see below)
 #   OUT          logs (default build/nginx-tests-out)
+#   EXTRA_HTTP   more directives for the module run's http level, e.g.
+#                'meter zone=nginx_tests bytes value=$bytes_sent;'
 #
 # Which files: every *.t but mail_*, stream_* (other protocols), js.t and
 # js_* (njs's tests, versioned with njs, not with nginx): 307 files at
@@ -124,8 +126,10 @@ run_suite() {
                   TMPDIR="$RUN/tmp" PATH="$PATH")
 
     if [ "$name" = module ]; then
+        # the test dirs are kept for their logs, scanned below
         env+=(TEST_NGINX_GLOBALS="$GLOBALS"
-              TEST_NGINX_GLOBALS_HTTP="$GLOBALS_HTTP")
+              TEST_NGINX_GLOBALS_HTTP="$GLOBALS_HTTP"
+              TEST_NGINX_LEAVE=1)
     fi
 
     echo "nginx-tests: $name run, ${#TESTS[@]} files, prove -j$JOBS" \
@@ -135,6 +139,20 @@ run_suite() {
         prove -j"$JOBS" "${TESTS[@]}") > "$OUT/$name.log" 2>&1 || true
     end=$(date +%s)
     echo "$((end - start))" > "$OUT/$name.seconds"
+
+    if [ "$name" = module ]; then
+        # what the module logged at warn and above, without time, pid and
+        # client: the suite itself fails a test only on [alert]
+        grep -rhE --include='*.log' '\[(emerg|alert|crit|error|warn)\].*meter' \
+            "$RUN/tmp" \
+            | sed -E 's/^[0-9\/]+ [0-9:]+ //; s/[0-9]+#[0-9]+: (\*[0-9]+ )?//;
+                      s/, client: .*//; s/ in \/[^ ]*:[0-9]+$//;
+                      s#[^ (]*/nginx-test-[^/]*/#TESTDIR/#g;
+                      s/(nginx.conf|location "[^"]*"|:)[0-9]+/\1N/g;
+                      s/location "[^"]*"/location "..."/g' \
+            | sort | uniq -c | sort -rn > "$OUT/module.messages" || true
+        rm -rf "${RUN:?}/tmp/"*
+    fi
 }
 
 # reads a prove log; prints "files tests passed" on the first line, then
@@ -192,7 +210,8 @@ GLOBALS="load_module $MODULE_SO;"
 GLOBALS_HTTP="meter_zone \$remote_addr zone=$ZONE:1m;
 meter_redis unix:$RUN/redis.sock;
 meter zone=$ZONE calls;
-meter_governance zone=$ZONE unknown_key=allow;"
+meter_governance zone=$ZONE unknown_key=allow;
+${EXTRA_HTTP:-}"
 
 case " $RUNS " in
 *" module "*) ;;
@@ -236,11 +255,16 @@ printf '%-7s %6s %6s %7s %6s %s\n' \
 # hold the calls of 127.0.0.1, and have seen flushes and governance reads
 kh=$(printf '%s' 127.0.0.1 | sha256sum | cut -d' ' -f1)
 calls=$(redis-cli -s "$RUN/redis.sock" hget "mtr:used:{$kh}" calls)
+used=$(redis-cli -s "$RUN/redis.sock" --no-raw hgetall "mtr:used:{$kh}" \
+       | sed -E 's/^[0-9]+\) //; s/"//g' | paste -sd' ' | sed -E 's/([^ ]+) ([^ ]+)/\1=\2/g')
 hours=$(redis-cli -s "$RUN/redis.sock" --scan --pattern 'mtr:u:*' | wc -l)
 redis-cli -s "$RUN/redis.sock" info commandstats \
     | grep -E '^cmdstat_(evalsha|get|hgetall):' > "$OUT/redis.stats" || true
 echo "module: Redis holds ${calls:-0} calls of 127.0.0.1 in $hours key-hours;" \
      "$(tr '\r\n' '  ' < "$OUT/redis.stats")"
+echo "module: usage of 127.0.0.1 by meter: $used"
+echo "module: its messages at warn and above ($OUT/module.messages):"
+head -n 20 "$OUT/module.messages" | sed 's/^/  /'
 if [ "${calls:-0}" -lt 1 ] || [ "$hours" -lt 1 ]; then
     echo "nginx-tests: FAIL: the module run metered ${calls:-0} calls;" \
          "was the module loaded? (log: $OUT/module.log)" >&2
