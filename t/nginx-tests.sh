@@ -99,8 +99,11 @@ fi
 if [ -n "${FILES:-}" ]; then
     read -r -a TESTS <<< "$FILES"
 else
-    mapfile -t TESTS < <(cd "$NGINX_TESTS" && ls -- *.t \
-                         | grep -Ev '^(mail|stream|js)[_.]')
+    TESTS=()
+    for f in "$NGINX_TESTS"/*.t; do
+        f=${f##*/}
+        [[ $f =~ ^(mail|stream|js)[_.] ]] || TESTS+=("$f")
+    done
 fi
 
 mkdir -p "$OUT"
@@ -143,13 +146,13 @@ run_suite() {
     if [ "$name" = module ]; then
         # what the module logged at warn and above, without time, pid and
         # client: the suite itself fails a test only on [alert]
-        grep -rhE --include='*.log' '\[(emerg|alert|crit|error|warn)\].*meter' \
+        grep -arhE --include='*.log' '\[(emerg|alert|crit|error|warn)\].*meter' \
             "$RUN/tmp" \
             | sed -E 's/^[0-9\/]+ [0-9:]+ //; s/[0-9]+#[0-9]+: (\*[0-9]+ )?//;
                       s/, client: .*//; s/ in \/[^ ]*:[0-9]+$//;
                       s#[^ (]*/nginx-test-[^/]*/#TESTDIR/#g;
                       s/(nginx.conf|location "[^"]*"|:)[0-9]+/\1N/g;
-                      s/location "[^"]*"/location "..."/g' \
+                      s/(location|server) "[^"]*"/\1 "..."/g' \
             | sort | uniq -c | sort -rn > "$OUT/module.messages" || true
         rm -rf "${RUN:?}/tmp/"*
     fi
@@ -194,8 +197,8 @@ start_redis() {
         --logfile "$OUT/redis.log" &
     REDIS_PID=$!
 
-    local i
-    for i in $(seq 50); do
+    local _
+    for _ in $(seq 50); do
         redis-cli -s "$RUN/redis.sock" ping 2>/dev/null | grep -q PONG \
             && return 0
         sleep 0.1
