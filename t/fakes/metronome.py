@@ -57,8 +57,9 @@ class FakeMetronome(FakeServer):
     def __init__(self, token="mt_fake", customers=None, **kw):
         super().__init__(**kw)
         self.token = token
-        # Metronome customer id -> set of ingest aliases
-        self.customers = dict(customers or {})
+        # Metronome customer id -> set of ingest aliases (the caller's
+        # dict: a test may add customers after start)
+        self.customers = customers if customers is not None else {}
         self.clock = 0.0
         self.events = []            # accepted, matched or not
         self.seen = {}              # transaction_id -> accepted at (clock)
