@@ -301,3 +301,27 @@ def test_metronome_test_config(tmp_path):
     assert r.returncode == 0, r.stderr
     for r in (check(tmp_path, ["metronome.api_key_file = %s" % key]),):
         assert TOKEN not in r.stdout + r.stderr
+
+
+def test_metronome_customer_added_by_meterctl(redis, tmp_path):
+    """meterctl customers add --provider metronome: the ingest alias in
+    --provider-customer is what the events carry."""
+    meterctl = WORKER.parent / "meterctl"
+    r = subprocess.run([str(meterctl), "--redis", redis.address, "customers",
+                        "add", "acme", "--provider", "metronome",
+                        "--provider-customer", "acct-acme"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cust = {"8f0c0000-0000-4000-8000-00000000aaaa": {"acct-acme"}}
+    with FakeMetronome(token=TOKEN, customers=cust) as fake:
+        seed = Seed(redis)
+        seed.key("mk_live_acme", "acme")
+        seed.usage("mk_live_acme", "acme", "calls", hours_ago(2), [41, 1])
+        w = Worker(tmp_path / "worker", redis, "metronome", {
+            "metronome.base_url": fake.url,
+            "metronome.api_key_file": "@KEY@", "_api_key": TOKEN})
+        r = w.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert [e["customer_id"] for e in fake.events] == ["acct-acme"]
+        assert fake.total("8f0c0000-0000-4000-8000-00000000aaaa",
+                          "calls") == 42
