@@ -2024,7 +2024,7 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
         }
     }
 
-    if (nbatch > 0) {
+    if (nbatch > 0 && rc == METER_DRAIN_OK) {
         rc2 = meter_drain_send_batch(d, acc, nbatch);
         if (rc2 != METER_DRAIN_OK && rc == METER_DRAIN_OK) {
             rc = rc2;

@@ -177,9 +177,9 @@ def test_metronome_refused_event_dead_lettered_others_billed(redis,
                 for k, v in seed.expected.items()}
         assert got == want
         # each refused batch (the older hour's 3, then 5) was sent again
-        # one event at a time
+        # in halves, down to the refused event
         posts = ingests(fake)
-        assert [len(p.json) for p in posts] == [3, 1, 1, 1, 5, 1, 1, 1, 1, 1]
+        assert [len(p.json) for p in posts] == [3, 1, 2, 1, 1, 5, 2, 3, 1, 2]
         dead = redis.zrange_withscores(DEAD)
         assert len(dead) == 2                 # c002's calls and bytes
         for rid in dead:

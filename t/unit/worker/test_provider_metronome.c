@@ -55,6 +55,10 @@ typedef struct {
 
 static seen_t   seen[MAX_SEEN];
 static int      nseen;
+static int      nrequests;
+/* when set, a request answers 400 if it carries this customer, else 200
+ * (instead of the queued answers) */
+static const char  *refuse_customer;
 static char     key_file[] = "/tmp/test_metronome_key_XXXXXX";
 
 
@@ -72,6 +76,19 @@ __wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
     const fake_answer_t  *a;
 
     (void) h;
+
+    nrequests++;
+
+    if (refuse_customer != NULL) {
+        meter_buf_reset(&resp->body);
+        resp->status = memmem(req->body, req->body_len, refuse_customer,
+                              strlen(refuse_customer)) != NULL ? 400 : 200;
+        resp->retry_after = -1;
+        resp->should_retry = -1;
+        resp->replayed = 0;
+        resp->error[0] = '\0';
+        return 0;
+    }
 
     assert_true(nseen < MAX_SEEN);
     s = &seen[nseen++];
@@ -391,17 +408,21 @@ test_metronome_400_isolates_the_bad_event(void **state)
     provider_open(&p, "");
     make_records(recs, 3, keys, custs, recent_hour());
 
-    /* the batch is refused; then each alone: only the second is bad */
+    /* the batch is refused; then halves, down to the bad second one:
+     * [0 1 2] 400, [0] ok, [1 2] 400, [1] 400, [2] ok */
     will_return(__wrap_meter_http_perform, &bad);
     will_return(__wrap_meter_http_perform, &ok);
+    will_return(__wrap_meter_http_perform, &bad);
     will_return(__wrap_meter_http_perform, &bad);
     will_return(__wrap_meter_http_perform, &ok);
     p.send_batch(&p, recs, 3, res);
 
-    assert_int_equal(nseen, 4);
+    assert_int_equal(nseen, 5);
     assert_int_equal(cJSON_GetArraySize(seen[0].json), 3);
-    assert_int_equal(cJSON_GetArraySize(seen[2].json), 1);
-    assert_string_equal(jstr(cJSON_GetArrayItem(seen[2].json, 0),
+    assert_int_equal(cJSON_GetArraySize(seen[1].json), 1);
+    assert_int_equal(cJSON_GetArraySize(seen[2].json), 2);
+    assert_int_equal(cJSON_GetArraySize(seen[3].json), 1);
+    assert_string_equal(jstr(cJSON_GetArrayItem(seen[3].json, 0),
                              "customer_id"), "cus_1");
 
     assert_int_equal(res[0].status, METER_SEND_OK);
@@ -412,6 +433,37 @@ test_metronome_400_isolates_the_bad_event(void **state)
     assert_int_equal(res[2].status, METER_SEND_OK);
 
     forget();
+    p.cleanup(&p);
+}
+
+
+static void
+test_metronome_400_bisects(void **state)
+{
+    char                  keys[100][40], custs[100][32];
+    size_t                i;
+    meter_record_t        recs[100];
+    meter_provider_t      p;
+    meter_send_result_t   res[100];
+
+    (void) state;
+
+    provider_open(&p, "");
+    make_records(recs, 100, keys, custs, recent_hour());
+
+    /* one bad event among 100: 13 requests (the bad one in 100, then in
+     * halves of 50 25 13 6 3 1, each with its sibling), not 101 */
+    refuse_customer = "\"cus_37\"";
+    nrequests = 0;
+    p.send_batch(&p, recs, 100, res);
+    refuse_customer = NULL;
+
+    assert_int_equal(nrequests, 13);
+    for (i = 0; i < 100; i++) {
+        assert_int_equal(res[i].status,
+                         i == 37 ? METER_SEND_FATAL : METER_SEND_OK);
+    }
+
     p.cleanup(&p);
 }
 
@@ -639,6 +691,7 @@ main(void)
         cmocka_unit_test(test_metronome_event_shape),
         cmocka_unit_test(test_metronome_batches_of_100),
         cmocka_unit_test(test_metronome_400_isolates_the_bad_event),
+        cmocka_unit_test(test_metronome_400_bisects),
         cmocka_unit_test(test_metronome_401_is_not_split),
         cmocka_unit_test(test_metronome_429_and_5xx_retried),
         cmocka_unit_test(test_metronome_window),
