@@ -1126,7 +1126,6 @@ meter_drain_outcome(meter_drain_t *d, meter_rec_t *r, meter_send_e st,
     now = time(NULL);
     snprintf(rkey, sizeof(rkey), METER_W_REC "%s", r->id);
 
-
     switch (st) {
 
     case METER_SEND_OK:
