@@ -62,12 +62,12 @@ static const meter_key_t  meter_keys[] = {
  * sync themselves (they validate them when they start) */
 static const char  *meter_provider_prefixes[] = {
     "stripe.", "chargebee.", "recurly.", "http.", "plan.", "webhook.",
-    "sync.", NULL
+    "sync.", "metronome.", NULL
 };
 
 
 static const char  *meter_provider_names[] = {
-    "file", "stripe", "chargebee", "recurly", "http", NULL
+    "file", "stripe", "chargebee", "recurly", "http", "metronome", NULL
 };
 
 
@@ -476,6 +476,12 @@ meter_conf_load(const char *path, char *err, size_t errlen)
     if (cf->max_age == -1) {
         /* Stripe refuses meter events older than 35 days */
         cf->max_age = (strcmp(cf->provider, "stripe") == 0) ? 35 * 86400 : 0;
+
+        /* Metronome takes events backdated at most 34 days
+         * (metronome-node src/resources/v1/usage.ts, "ingest") */
+        if (strcmp(cf->provider, "metronome") == 0) {
+            cf->max_age = 34 * 86400;
+        }
     }
 
     if (strcmp(cf->provider, "file") == 0 && cf->file_path == NULL) {

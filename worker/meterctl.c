@@ -1664,10 +1664,12 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
         && strcmp(o->provider, "stripe") != 0
         && strcmp(o->provider, "chargebee") != 0
         && strcmp(o->provider, "recurly") != 0
-        && strcmp(o->provider, "http") != 0)
+        && strcmp(o->provider, "http") != 0
+        && strcmp(o->provider, "metronome") != 0)
     {
         fprintf(stderr, "meterctl customers add: unknown --provider \"%s\" "
-                "(file, stripe, chargebee, recurly, http)\n", o->provider);
+                "(file, stripe, chargebee, recurly, http, metronome)\n",
+                o->provider);
         return EX_USAGE;
     }
 
