@@ -2286,8 +2286,8 @@ meterctl_delinquent_run(meterctl_opts_t *o, meter_redis_t *r, int set)
                set ? ")" : "", set ? "get 402" : "are served again");
 
     } else {
-        printf("customer %s: nothing changed (already %s, or a newer "
-               "status is recorded: see \"meterctl customers show %s\")\n",
+        printf("customer %s: nothing changed (already %s: see "
+               "\"meterctl customers show %s\")\n",
                o->args[0], set ? "delinquent" : "active", o->args[0]);
     }
 
