@@ -629,3 +629,17 @@ def test_test_config_checks_webhook_settings(redis, tmp_path):
     r = check("stripe.webhook_secret_file = %s" % secret)
     assert r.returncode == 0, r.stderr
     assert "whsec_test_secret" not in r.stdout + r.stderr
+    # the secret itself put where its file name belongs: refused, and no
+    # part of it is printed
+    r = check("stripe.webhook_secret_file = whsec_live_0123456789abcdef")
+    assert r.returncode == 78
+    assert "stripe.webhook_secret_file" in r.stderr
+    assert "not the secret itself" in r.stderr
+    assert "whsec_live" not in r.stdout + r.stderr
+    assert "0123456789" not in r.stdout + r.stderr
+    base[2] = "stripe.api_key_file = sk_live_51HtQ7xSecretValue0123"
+    r = check("stripe.webhook_secret_file = %s" % secret)
+    assert r.returncode == 78
+    assert "stripe.api_key_file" in r.stderr
+    assert "sk_live" not in r.stdout + r.stderr
+    assert "SecretValue" not in r.stdout + r.stderr
