@@ -432,6 +432,67 @@ def test_ids_from_bodies_cannot_forge_log_lines(stripe_hooks):
     assert "sub_evil\\x0d\\x0a<0>forged" in log
 
 
+def test_reload_and_sigterm_with_the_listener(nginx_factory, redis, tmp_path,
+                                              monkeypatch):
+    """main.c's signals with libmicrohttpd's thread: SIGHUP stops and
+    restarts the listener (RELOADING=1, READY=1), deliveries work after
+    it; SIGTERM exits at once although clients are connected."""
+    import signal
+    sock_path = str(tmp_path / "notify.sock")
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(sock_path)
+    ns.settimeout(0.5)
+    monkeypatch.setenv("NOTIFY_SOCKET", sock_path)
+    msgs = []
+
+    def got(text):
+        def f():
+            try:
+                msgs.append(ns.recv(4096).decode())
+            except socket.timeout:
+                pass
+            return any(text in m for m in msgs)
+        return f
+
+    with FakeStripe() as f:
+        secret = tmp_path / "whsec"
+        secret.write_text(SECRET + "\n")
+        h = Hooks(nginx_factory, redis, tmp_path, "stripe", f,
+                  stripe__webhook_secret_file=secret)
+        try:
+            cus = f.add_customer()
+            sub = f.add_subscription(cus["id"])
+            h.b.customer("acme", "mk_test_hook_1", cus["id"], sub["id"])
+            h.cus, h.sub = cus["id"], sub["id"]
+            wait_for(got("READY=1"), 15)
+
+            idle = idle_clients(h.wh_port, 3)
+            msgs.clear()
+            h.b.proc.send_signal(signal.SIGHUP)
+            wait_for(got("READY=1"), 15)
+            assert any("RELOADING=1" in m for m in msgs)
+            assert h.b.log().count("webhook: listening on") == 2
+            st, body = stfake.send_webhook(h.direct, "invoice.payment_failed",
+                                           invoice(h), SECRET,
+                                           event_id="evt_after_hup")
+            assert st == 200, body
+            assert h.b.cust("acme")["status"] == "delinquent"
+            for c in idle:
+                c.close()
+
+            idle = idle_clients(h.wh_port, 3)
+            t0 = time.monotonic()
+            h.b.proc.send_signal(signal.SIGTERM)
+            assert h.b.proc.wait(10) == 0
+            assert time.monotonic() - t0 < 3
+            assert all(refused(c) for c in idle)
+            for c in idle:
+                c.close()
+        finally:
+            h.stop()
+            ns.close()
+
+
 def test_unknown_customer_is_acknowledged(stripe_hooks, redis):
     h = stripe_hooks
     v0 = version(redis)
