@@ -528,6 +528,14 @@ end:
     cJSON_Delete(json);
 
     if (buf[0] != '\0') {
+        /* the provider's text is stored (last_error), logged and shown by
+         * meterctl: on one line, no terminal controls */
+        for (i = 0; buf[i] != '\0'; i++) {
+            if ((unsigned char) buf[i] < 0x20 || buf[i] == 0x7f) {
+                buf[i] = ' ';
+            }
+        }
+
         return;
     }
 

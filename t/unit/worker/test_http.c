@@ -285,6 +285,12 @@ test_error_message(void **state)
     meter_http_error_message(s, strlen(s), buf, sizeof(buf));
     assert_string_equal(buf, "<html> <b>Bad Gateway</b>");
 
+    /* a message with a newline and a terminal escape: one plain line */
+    s = "{\"error\":{\"message\":"
+        "\"bad\\n<0>forged \\u001b[2J\\r\\tx \\u00e9\"}}";
+    meter_http_error_message(s, strlen(s), buf, sizeof(buf));
+    assert_string_equal(buf, "bad <0>forged  [2J  x \xc3\xa9");
+
     meter_http_error_message(NULL, 0, buf, sizeof(buf));
     assert_string_equal(buf, "");
 }
