@@ -55,6 +55,7 @@
 
 #define METER_WEBHOOK_CONNS         256
 #define METER_WEBHOOK_PER_CLIENT    32
+#define METER_WEBHOOK_LOG_RATE      10
 /* MHD's per-connection memory: the head and its read buffer */
 #define METER_WEBHOOK_POOL          (2 * METER_WEBHOOK_MAX_HEAD + 4096)
 
@@ -66,6 +67,9 @@ struct meter_webhook_srv_s {
     meter_provider_t            provider;
     meter_redis_t               redis;
     time_t                      redis_retry;
+    time_t                      log_second;
+    unsigned                    log_count;
+    unsigned                    log_dropped;
 };
 
 
@@ -89,13 +93,39 @@ typedef struct {
 } meter_wh_head_t;
 
 
+/*
+ * libmicrohttpd's own messages: mostly about single connections (a client
+ * gone mid-request, the connection limit), so at info, and at most
+ * METER_WEBHOOK_LOG_RATE a second: clients cannot flood the journal.  MHD
+ * logs from its thread, and from the main thread only while it starts or
+ * stops that thread, so the counters are never shared at once.
+ */
 static void
 meter_wh_mhd_log(void *cls, const char *fmt, va_list ap)
 {
-    char    line[512];
-    size_t  n;
+    char                  line[512];
+    size_t                n;
+    time_t                now;
+    meter_webhook_srv_t  *s;
 
-    (void) cls;
+    s = cls;
+    now = time(NULL);
+
+    if (now != s->log_second) {
+        if (s->log_dropped > 0) {
+            meter_log(LOG_INFO, "webhook: %u libmicrohttpd messages "
+                      "suppressed", s->log_dropped);
+        }
+
+        s->log_second = now;
+        s->log_count = 0;
+        s->log_dropped = 0;
+    }
+
+    if (s->log_count++ >= METER_WEBHOOK_LOG_RATE) {
+        s->log_dropped++;
+        return;
+    }
 
     vsnprintf(line, sizeof(line), fmt, ap);
 
@@ -104,7 +134,7 @@ meter_wh_mhd_log(void *cls, const char *fmt, va_list ap)
         line[--n] = '\0';
     }
 
-    meter_log(LOG_WARNING, "webhook: %s", line);
+    meter_log(LOG_INFO, "webhook: %s", line);
 }
 
 
