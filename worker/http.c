@@ -240,34 +240,72 @@ meter_http_parse_duration(const char *s)
 }
 
 
+/* an HTTP-date in any of its three forms (RFC 9110, 5.6.7); -1 when not */
+static time_t
+meter_http_date(const char *v)
+{
+    size_t      i;
+    struct tm   tm;
+    const char *end;
+
+    static const char *const  fmts[] = {
+        "%a, %d %b %Y %H:%M:%S GMT",    /* IMF-fixdate */
+        "%A, %d-%b-%y %H:%M:%S GMT",    /* obsolete RFC 850 */
+        "%a %b %e %H:%M:%S %Y",         /* obsolete asctime() */
+    };
+
+    for (i = 0; i < sizeof(fmts) / sizeof(fmts[0]); i++) {
+        memset(&tm, 0, sizeof(tm));
+        end = strptime(v, fmts[i], &tm);
+
+        if (end != NULL && *end == '\0') {
+            return timegm(&tm);
+        }
+    }
+
+    return -1;
+}
+
+
+/*
+ * RFC 9110, 10.2.3: Retry-After = HTTP-date / delay-seconds, and
+ * delay-seconds is 1*DIGIT.  No sign, fraction or exponent ("1e300",
+ * "-5", "0.5" are malformed: -1, so the caller's backoff applies);
+ * anything longer than METER_HTTP_RETRY_AFTER_MAX is that much (the drain
+ * caps it further at retry.max).
+ */
 double
 meter_http_parse_retry_after(const char *v, time_t now)
 {
-    char      *end;
-    time_t     t;
-    double     d;
+    time_t  t;
+    double  d;
 
     if (v == NULL || *v == '\0') {
         return -1;
     }
 
-    if (*v >= '0' && *v <= '9') {
-        errno = 0;
-        d = strtod(v, &end);
-        if (errno != 0 || *end != '\0' || !isfinite(d)) {
-            return -1;
+    if (strspn(v, "0123456789") == strlen(v)) {
+        /* digit by digit: "99999999999..." saturates, never overflows */
+        for (d = 0; *v != '\0' && d <= METER_HTTP_RETRY_AFTER_MAX; v++) {
+            d = d * 10 + (*v - '0');
         }
 
-        return d;
+        return d < METER_HTTP_RETRY_AFTER_MAX ? d
+                                              : METER_HTTP_RETRY_AFTER_MAX;
     }
 
-    /* HTTP-date: "Wed, 21 Oct 2015 07:28:00 GMT" */
-    t = curl_getdate(v, NULL);
+    t = meter_http_date(v);
     if (t == -1) {
         return -1;
     }
 
-    return t > now ? (double) (t - now) : 0;
+    if (t <= now) {
+        return 0;
+    }
+
+    d = (double) (t - now);
+
+    return d < METER_HTTP_RETRY_AFTER_MAX ? d : METER_HTTP_RETRY_AFTER_MAX;
 }
 
 
@@ -490,6 +528,14 @@ end:
     cJSON_Delete(json);
 
     if (buf[0] != '\0') {
+        /* the provider's text is stored (last_error), logged and shown by
+         * meterctl: on one line, no terminal controls */
+        for (i = 0; buf[i] != '\0'; i++) {
+            if ((unsigned char) buf[i] < 0x20 || buf[i] == 0x7f) {
+                buf[i] = ' ';
+            }
+        }
+
         return;
     }
 

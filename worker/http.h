@@ -131,7 +131,11 @@ void meter_http_cleanup(meter_http_t *h);
 /* a duration "1.5", "500ms", "30s", "5m"; -1 when malformed */
 double meter_http_parse_duration(const char *s);
 
-/* seconds or HTTP-date; -1 when malformed; never negative */
+/* the longest Retry-After taken as given (s) */
+#define METER_HTTP_RETRY_AFTER_MAX  86400.0
+
+/* delay-seconds or HTTP-date (RFC 9110); in [0, METER_HTTP_RETRY_AFTER_MAX],
+ * -1 when malformed */
 double meter_http_parse_retry_after(const char *v, time_t now);
 
 /*

@@ -2247,7 +2247,7 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         goto end;
     }
 
-    ev->event_time = (time_t) created;
+    ev->event_time = meter_time_from_num(created);
     ev->kind = METER_WEBHOOK_IGNORE;
 
     if (strcmp(type, "invoice.payment_failed") == 0
