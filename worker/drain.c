@@ -131,6 +131,8 @@ typedef struct {
     time_t                      period_end;
     uint64_t                    quantity;
     long                        attempts;
+    time_t                      created;        /* first send; 0 unknown */
+    unsigned long               seq;
     long                        http_status;    /* of the accepted send */
     int                         accepted;
 } meter_rec_t;
@@ -1053,6 +1055,8 @@ meter_drain_send(meter_drain_t *d, meter_rec_t *r, int count)
     pr.period_start = r->period_start;
     pr.period_end = r->period_end;
     pr.quantity = r->quantity;
+    pr.created = r->created;
+    pr.seq = r->seq;
 
     pr.provider_meter = meter_conf_meter(d->cf, r->meter);
     if (pr.provider_meter == NULL) {
@@ -1115,6 +1119,11 @@ meter_drain_send(meter_drain_t *d, meter_rec_t *r, int count)
                 snprintf(res.error, sizeof(res.error), "lookup failed");
             }
         }
+    }
+
+    if (found == -2) {
+        return meter_drain_dead(d, r->id, res.error[0] ? res.error
+                                : "outcome unknown", res.http_status);
     }
 
     if (found == 1) {
@@ -1532,6 +1541,10 @@ meter_drain_record(meter_drain_t *d, const char *id)
     v = meter_reply_hget(rec, "period_end");
     r.period_end = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
     r.quantity = strtoull(r.q != NULL ? r.q : "0", NULL, 10);
+    v = meter_reply_hget(rec, "created");
+    r.created = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
+    v = meter_reply_hget(rec, "seq");
+    r.seq = strtoul(v != NULL ? v : "0", NULL, 10);
 
     rs = &r;
 
@@ -1896,6 +1909,8 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
         nw[i].rec.period_end = pstart + d->cf->report_period;
         nw[i].rec.quantity = a->quantity;
         nw[i].rec.attempts = 1;
+        nw[i].rec.created = time(NULL);
+        nw[i].rec.seq = (unsigned long) (nw[i].seq + 1);
 
         rc = meter_drain_send(d, &nw[i].rec, 0);
         if (rc != METER_DRAIN_OK) {

@@ -1037,6 +1037,24 @@ meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
         return rc;
     }
 
+    /* Stripe: usage sent after its period's invoice was finalized
+     * (provider_stripe.c, stripe.invoice_grace) */
+    rp = meter_redis_cmd(r, "ZREVRANGE mtr:{worker}:stripe:late 0 9");
+    if (meter_reply_ok(rp) && rp->type == REDIS_REPLY_ARRAY
+        && rp->elements > 0 && !o->json)
+    {
+        printf("warning: %zu record%s sent after the invoice of %s period "
+               "was finalized (Stripe bills %s on no invoice); latest:\n",
+               rp->elements, rp->elements == 1 ? "" : "s",
+               rp->elements == 1 ? "its" : "their",
+               rp->elements == 1 ? "it" : "them");
+        for (i = 0; i < rp->elements; i++) {
+            printf("  late %s\n", rp->element[i]->str);
+        }
+    }
+
+    freeReplyObject(rp);
+
     if (o->json) {
         printf(",\"keys_without_customer\":[");
         for (i = 0; i < nocust->elements; i++) {

@@ -42,6 +42,12 @@ typedef struct {
     time_t                      period_start;   /* UTC, inclusive */
     time_t                      period_end;     /* UTC, exclusive */
     uint64_t                    quantity;       /* > 0 */
+    time_t                      created;        /* stored, just before its
+                                                 * first send (Redis
+                                                 * "created"); 0 unknown */
+    unsigned long               seq;            /* 1: the first record of
+                                                 * its (period, subject,
+                                                 * meter); 0 unknown */
 } meter_record_t;
 
 
@@ -136,8 +142,10 @@ struct meter_provider_s {
                                       meter_send_result_t *res);
 
     /* for providers without a dedupe window that covers the resend (Recurly):
-     * 1 the provider already has this record, 0 it has not, -1 unknown;
-     * NULL when the provider's own idempotency handles resends */
+     * 1 the provider already has this record, 0 it has not, -1 unknown
+     * (retried later), -2 unknown for good (dead-lettered with
+     * res->error, for a human to check); NULL when the provider's own
+     * idempotency handles resends */
     int                       (*lookup)(meter_provider_t *p,
                                         const meter_record_t *rec,
                                         meter_send_result_t *res);

@@ -20,8 +20,21 @@
  * possible and an hour's usage lands in the billing period of that hour.
  *
  * Stripe allows one concurrent call per customer and meter: the worker
- * sends one record at a time, so this holds.  stripe.max_rps (default 100)
- * keeps well under the account's rate limit.
+ * sends one record at a time, so this holds.  stripe.max_rps defaults to
+ * 25 for test keys (sk_test_, rk_test_: sandbox calls count against the
+ * basic 25/s) and to the meter-event limit of 1,000/s live (100/s, the
+ * global limit, for usage_records).
+ *
+ * Every v1 and v2 call carries Stripe-Version (stripe.api_version, default
+ * the version stripe-node pins in src/apiVersion.ts; its RequestSender.ts
+ * _makeHeaders sends it on every request), so request and webhook shapes
+ * do not follow the account's dashboard default.
+ *
+ * An identifier is unique "within a rolling period of at least 24 hours":
+ * a record resent after that whose first outcome is unknown is not sent
+ * blindly; lookup() reads Stripe's own count for the record's period
+ * (GET /v1/billing/meters/{id}/event_summaries, stripe-node
+ * src/resources/Billing/Meters.ts listEventSummaries) and decides.
  */
 
 
@@ -32,9 +45,12 @@
 
 #include <cjson/cJSON.h>
 
+#include "config.h"
 #include "http.h"
+#include "log.h"
 #include "provider.h"
 #include "provider_util.h"
+#include "redis.h"
 #include "util.h"
 
 
@@ -42,6 +58,15 @@
 #define METER_STRIPE_MAX_AHEAD   300
 #define METER_STRIPE_PAGES       10000
 #define METER_STRIPE_META        "nginx_meter_customer"
+/* stripe-node src/apiVersion.ts ApiVersion */
+#define METER_STRIPE_VERSION     "2026-07-29.dahlia"
+/* usage records were removed in this version */
+#define METER_STRIPE_BASIL       "2025-03-31"
+/* identifier and Idempotency-Key memory: at least 24 h */
+#define METER_STRIPE_WINDOW      86400
+#define METER_STRIPE_METERS      16
+#define METER_STRIPE_LATE        "mtr:{worker}:stripe:late"
+#define METER_STRIPE_LATE_KEEP   (35 * 86400)
 
 
 typedef enum {
@@ -51,9 +76,42 @@ typedef enum {
 } meter_stripe_mode_e;
 
 
+/* a meter looked up by event name (event_summaries needs its id) */
+typedef struct {
+    char                        event_name[101];
+    char                        id[128];
+    char                        formula[16];    /* sum, count, last */
+} meter_stripe_meter_t;
+
+
+/* the subscription's current period start, cached for the grace check */
+typedef struct {
+    char                        id[128];
+    time_t                      start;
+    time_t                      fetched;
+} meter_stripe_period_t;
+
+
 typedef struct {
     meter_http_t                http;
     meter_stripe_mode_e         mode;
+    char                        version[64];
+    char                        version_hdr[96];    /* Stripe-Version: */
+    time_t                      invoice_grace;
+    meter_stripe_meter_t        meters[METER_STRIPE_METERS];
+    int                         nmeters;
+    meter_stripe_period_t       periods[64];
+    char                      **meter_ids;      /* "meter", "id" pairs */
+    size_t                      nmeter_ids;
+    /* Redis, for marks made outside the drain (async rejections, late
+     * usage); connected when first needed */
+    meter_redis_t               redis;
+    char                       *redis_host;
+    char                       *redis_unix;
+    char                       *redis_password_file;
+    int                         redis_port;
+    int                         redis_db;
+    int64_t                     redis_timeout_ms;
     char                        base[256];
     char                        stream[256];
     char                        token[512];     /* stream session */
@@ -80,6 +138,11 @@ static int meter_stripe_overdue(meter_provider_t *p, meter_overdue_pt cb,
     void *data, meter_send_result_t *res);
 static void meter_stripe_webhook(meter_provider_t *p,
     const meter_webhook_req_t *req, meter_webhook_event_t *ev);
+static int meter_stripe_lookup(meter_provider_t *p,
+    const meter_record_t *rec, meter_send_result_t *res);
+static void meter_stripe_late(meter_stripe_t *st, const meter_record_t *rec,
+    time_t ts, time_t now);
+static int meter_stripe_redis(meter_stripe_t *st);
 
 
 static int
@@ -104,11 +167,144 @@ meter_stripe_copy(char *dst, size_t size, const meter_conf_t *cf,
 }
 
 
+/*
+ * stripe.api_version: "YYYY-MM-DD" or "YYYY-MM-DD.name"; usage_records
+ * needs one before basil, where Stripe removed them.
+ */
+static int
+meter_stripe_setup_version(meter_stripe_t *st, const meter_conf_t *cf,
+    char *err, size_t errlen)
+{
+    size_t       i, n;
+    const char  *v;
+
+    v = meter_conf_get(cf, "stripe.api_version");
+    if (v == NULL) {
+        v = METER_STRIPE_VERSION;
+    }
+
+    n = strlen(v);
+
+    for (i = 0; i < n && i < 10; i++) {
+        if ((i == 4 || i == 7) ? v[i] != '-' : (v[i] < '0' || v[i] > '9')) {
+            break;
+        }
+    }
+
+    if (i != 10 || n >= sizeof(st->version)
+        || (n > 10 && (v[10] != '.' || n == 11
+                       || strspn(v + 11, "abcdefghijklmnopqrstuvwxyz")
+                          != n - 11)))
+    {
+        snprintf(err, errlen, "stripe.api_version: \"%.40s\" is not a Stripe "
+                 "API version (YYYY-MM-DD or YYYY-MM-DD.name, e.g. %s)", v,
+                 METER_STRIPE_VERSION);
+        return -1;
+    }
+
+    memcpy(st->version, v, n + 1);
+    snprintf(st->version_hdr, sizeof(st->version_hdr), "Stripe-Version: %s",
+             st->version);
+
+    if (st->mode == METER_STRIPE_USAGE_RECORDS
+        && strncmp(st->version, METER_STRIPE_BASIL, 10) >= 0)
+    {
+        snprintf(err, errlen, "stripe.mode = usage_records needs "
+                 "stripe.api_version before 2025-03-31.basil, which removed "
+                 "usage records (now %s%s); set the version the account "
+                 "is pinned to, e.g. 2025-02-24.acacia, or use meter_events",
+                 st->version, meter_conf_get(cf, "stripe.api_version") == NULL
+                 ? ", the default" : "");
+        return -1;
+    }
+
+    return 0;
+}
+
+
+/* stripe.invoice_grace, stripe.meter_id.METER, Redis settings */
+static int
+meter_stripe_setup_more(meter_stripe_t *st, const meter_conf_t *cf,
+    char *err, size_t errlen)
+{
+    size_t       i, k;
+    int64_t      ms;
+    const char  *v;
+
+    /* invoices finalize 1 h after the period by default (up to 72 h) */
+    st->invoice_grace = 3600;
+    v = meter_conf_get(cf, "stripe.invoice_grace");
+    if (v != NULL) {
+        if (meter_parse_duration(v, &ms) != 0 || ms < 0
+            || ms > 72 * 3600 * 1000LL)
+        {
+            snprintf(err, errlen, "stripe.invoice_grace: \"%s\" is not a "
+                     "duration of 0 to 72h", v);
+            return -1;
+        }
+
+        st->invoice_grace = (time_t) (ms / 1000);
+    }
+
+    for (i = 0; i < cf->nkv; i++) {
+        if (strncmp(cf->kv[i].key, "stripe.meter_id.", 16) == 0) {
+            st->nmeter_ids += 2;
+        }
+    }
+
+    if (st->nmeter_ids > 0) {
+        st->meter_ids = calloc(st->nmeter_ids, sizeof(char *));
+        if (st->meter_ids == NULL) {
+            goto nomem;
+        }
+
+        k = 0;
+
+        for (i = 0; i < cf->nkv; i++) {
+            if (strncmp(cf->kv[i].key, "stripe.meter_id.", 16) != 0) {
+                continue;
+            }
+
+            st->meter_ids[k] = strdup(cf->kv[i].key + 16);
+            st->meter_ids[k + 1] = strdup(cf->kv[i].value);
+            if (st->meter_ids[k] == NULL || st->meter_ids[k + 1] == NULL) {
+                goto nomem;
+            }
+
+            k += 2;
+        }
+    }
+
+    st->redis_port = cf->redis_port;
+    st->redis_db = cf->redis_db;
+    st->redis_timeout_ms = cf->redis_timeout_ms;
+
+    if ((cf->redis_host != NULL
+         && (st->redis_host = strdup(cf->redis_host)) == NULL)
+        || (cf->redis_unix != NULL
+            && (st->redis_unix = strdup(cf->redis_unix)) == NULL)
+        || (cf->redis_password_file != NULL
+            && (st->redis_password_file = strdup(cf->redis_password_file))
+               == NULL))
+    {
+        goto nomem;
+    }
+
+    return 0;
+
+nomem:
+
+    snprintf(err, errlen, "stripe: out of memory");
+    return -1;
+}
+
+
 static int
 meter_stripe_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
     size_t errlen)
 {
     size_t           n;
+    double           rps;
     int64_t          ms;
     const char      *mode, *tol;
     meter_stripe_t  *st;
@@ -199,7 +395,24 @@ meter_stripe_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
         return -1;
     }
 
-    return meter_http_init(&st->http, "stripe", cf, 100, err, errlen);
+    if (meter_stripe_setup_version(st, cf, err, errlen) != 0
+        || meter_stripe_setup_more(st, cf, err, errlen) != 0)
+    {
+        return -1;
+    }
+
+    /* Stripe's rate limits: sandbox (test keys) 25/s for everything; live
+     * 1,000/s for meter events, 100/s for the rest */
+    if (strncmp(st->api_key, "sk_test_", 8) == 0
+        || strncmp(st->api_key, "rk_test_", 8) == 0)
+    {
+        rps = 25;
+
+    } else {
+        rps = (st->mode == METER_STRIPE_USAGE_RECORDS) ? 100 : 1000;
+    }
+
+    return meter_http_init(&st->http, "stripe", cf, rps, err, errlen);
 }
 
 
@@ -213,6 +426,24 @@ meter_stripe_init(meter_provider_t *p, const meter_conf_t *cf, char *err,
     }
 
     return 0;
+}
+
+
+/* Idempotency-Key (idem, a whole header line, or NULL) and Stripe-Version
+ * on every request, as stripe-node's RequestSender.ts _makeHeaders does */
+static void
+meter_stripe_headers(meter_stripe_t *st, meter_http_req_t *req,
+    const char *idem)
+{
+    int  n;
+
+    n = 0;
+
+    if (idem != NULL) {
+        req->headers[n++] = idem;
+    }
+
+    req->headers[n] = st->version_hdr;
 }
 
 
@@ -296,6 +527,7 @@ meter_stripe_session(meter_stripe_t *st, meter_send_result_t *res)
     req.body_len = 2;
     req.auth = METER_HTTP_AUTH_BEARER;
     req.secret = st->api_key;
+    meter_stripe_headers(st, &req, NULL);
 
     if (meter_http_request(&st->http, &req, &resp, res) != METER_SEND_OK) {
         goto end;
@@ -411,6 +643,7 @@ meter_stripe_stream(meter_stripe_t *st, const meter_record_t *rec,
     req.body = js;
     req.body_len = strlen(js);
     req.auth = METER_HTTP_AUTH_BEARER;
+    meter_stripe_headers(st, &req, NULL);
 
     for (again = 1; again >= 0; again--) {
         if (st->token[0] == '\0' || time(NULL) >= st->token_until) {
@@ -511,6 +744,10 @@ meter_stripe_send(meter_provider_t *p, const meter_record_t *rec,
 
     if (st->mode == METER_STRIPE_STREAM) {
         rc = meter_stripe_stream(st, rec, ts, res);
+        if (rc == METER_SEND_OK) {
+            meter_stripe_late(st, rec, ts, now);
+        }
+
         goto end;
     }
 
@@ -575,7 +812,7 @@ meter_stripe_send(meter_provider_t *p, const meter_record_t *rec,
     req.content_type = "application/x-www-form-urlencoded";
     req.body = body.data;
     req.body_len = body.len;
-    req.headers[0] = idem;
+    meter_stripe_headers(st, &req, idem);
     req.auth = METER_HTTP_AUTH_BEARER;
     req.secret = st->api_key;
 
@@ -600,6 +837,10 @@ meter_stripe_send(meter_provider_t *p, const meter_record_t *rec,
         res->status = METER_SEND_OK;
         res->error[0] = '\0';
         rc = METER_SEND_OK;
+    }
+
+    if (rc == METER_SEND_OK) {
+        meter_stripe_late(st, rec, ts, now);
     }
 
     goto end;
@@ -659,10 +900,34 @@ meter_stripe_call(meter_stripe_t *st, const char *url, const meter_buf_t *form,
 
     if (idem != NULL) {
         snprintf(hdr, sizeof(hdr), "Idempotency-Key: %s", idem);
-        req.headers[0] = hdr;
     }
 
+    meter_stripe_headers(st, &req, idem != NULL ? hdr : NULL);
+
     return meter_http_json(&st->http, &req, json, replayed, res);
+}
+
+
+/* 1 when w is one of the space-separated words of list: whole words, as
+ * "incomplete" is a prefix of "incomplete_expired" */
+static int
+meter_stripe_word_in(const char *list, const char *w)
+{
+    size_t       n;
+    const char  *p;
+
+    n = strlen(w);
+    if (n == 0) {
+        return 0;
+    }
+
+    for (p = list; (p = strstr(p, w)) != NULL; p++) {
+        if ((p == list || p[-1] == ' ') && (p[n] == '\0' || p[n] == ' ')) {
+            return 1;
+        }
+    }
+
+    return 0;
 }
 
 
@@ -724,7 +989,7 @@ meter_stripe_find(meter_stripe_t *st, const char *url, const char *customer,
 
             if (oid != NULL && meta != NULL && strcmp(meta, customer) == 0
                 && (status == NULL || skip == NULL
-                    || strstr(skip, status) == NULL))
+                    || !meter_stripe_word_in(skip, status)))
             {
                 rc = meter_copy(id, size, oid) == 0 ? 1 : -1;
                 goto end;
@@ -989,93 +1254,588 @@ end:
 }
 
 
-/* subscriptions with status past_due, then unpaid, every page */
-static int
-meter_stripe_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
+/*
+ * The meter of rec's event name: its id from "stripe.meter_id.METER", else
+ * looked up in GET /v1/billing/meters; its formula from the meter object
+ * (stripe-node src/resources/Billing/Meters.ts).  NULL with res filled
+ * (status RETRY: try later, FATAL: none).
+ */
+static const meter_stripe_meter_t *
+meter_stripe_meter(meter_stripe_t *st, const meter_record_t *rec,
     meter_send_result_t *res)
 {
-    int               s, page, rc;
-    char              last[128];
-    cJSON            *json;
-    meter_buf_t       url;
-    const char       *id;
-    const cJSON      *list, *o;
-    meter_stripe_t   *st;
-    meter_overdue_t   od;
+    int                    i;
+    size_t                 k;
+    cJSON                 *json;
+    meter_buf_t            url;
+    const char            *id, *name, *formula, *conf_id;
+    const cJSON           *o;
+    meter_stripe_meter_t  *m;
 
-    static const char  *statuses[] = { "past_due", "unpaid" };
+    for (i = 0; i < st->nmeters; i++) {
+        if (strcmp(st->meters[i].event_name, rec->provider_meter) == 0) {
+            return &st->meters[i];
+        }
+    }
+
+    memset(&url, 0, sizeof(url));
+    json = NULL;
+    m = NULL;
+    conf_id = NULL;
+
+    for (k = 0; k + 1 < st->nmeter_ids; k += 2) {
+        if (strcmp(st->meter_ids[k], rec->meter) == 0) {
+            conf_id = st->meter_ids[k + 1];
+        }
+    }
+
+    if (conf_id != NULL) {
+        if (meter_buf_printf(&url, "%s/v1/billing/meters/", st->base) != 0
+            || meter_url_segment(&url, st->http.curl, conf_id) != 0)
+        {
+            goto nomem;
+        }
+
+    } else if (meter_buf_printf(&url, "%s/v1/billing/meters?limit=100",
+                                st->base) != 0)
+    {
+        goto nomem;
+    }
+
+    if (meter_stripe_call(st, url.data, NULL, NULL, &json, NULL, res)
+        != METER_SEND_OK)
+    {
+        res->status = METER_SEND_RETRY;
+        goto end;
+    }
+
+    o = (conf_id != NULL) ? json : meter_json_obj(json, "data", (char *) NULL);
+    if (o != NULL && conf_id == NULL) {
+        o = o->child;
+    }
+
+    for ( /* void */ ; o != NULL; o = (conf_id != NULL) ? NULL : o->next) {
+        id = meter_json_str(o, "id", (char *) NULL);
+        name = meter_json_str(o, "event_name", (char *) NULL);
+        formula = meter_json_str(o, "default_aggregation", "formula",
+                                 (char *) NULL);
+
+        if (id == NULL || name == NULL
+            || strcmp(name, rec->provider_meter) != 0)
+        {
+            continue;
+        }
+
+        if (st->nmeters == METER_STRIPE_METERS) {
+            st->nmeters = 0;
+        }
+
+        m = &st->meters[st->nmeters];
+        if (meter_copy(m->event_name, sizeof(m->event_name), name) != 0
+            || meter_copy(m->id, sizeof(m->id), id) != 0
+            || meter_copy(m->formula, sizeof(m->formula),
+                          formula ? formula : "sum") != 0)
+        {
+            m = NULL;
+            continue;
+        }
+
+        st->nmeters++;
+        goto end;
+    }
+
+    snprintf(res->error, sizeof(res->error), "stripe: no billing meter for "
+             "event \"%s\"%s%s%s", rec->provider_meter,
+             conf_id ? " (stripe.meter_id." : "", conf_id ? rec->meter : "",
+             conf_id ? " names another)" : " among the first 100 meters; set "
+             "stripe.meter_id.METER");
+    res->status = METER_SEND_FATAL;
+
+    goto end;
+
+nomem:
+
+    snprintf(res->error, sizeof(res->error), "stripe: out of memory");
+    res->status = METER_SEND_RETRY;
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+
+    return m;
+}
+
+
+/*
+ * A resend whose first send may lie beyond the identifier's 24 h: Stripe
+ * would count it again.  Reads Stripe's count of the record's customer
+ * and event in its period (event_summaries, start and end on the period's
+ * hour boundaries, as the API requires minute alignment) and decides:
+ * nothing there: absent, resend (0); exactly this record (the period's
+ * first record, the meter's formula applied): present (1); anything else
+ * cannot be told apart: dead-lettered with the numbers (-2).
+ */
+static int
+meter_stripe_lookup(meter_provider_t *p, const meter_record_t *rec,
+    meter_send_result_t *res)
+{
+    int                          rc;
+    char                         a[32], b[32];
+    double                       v, want, x;
+    cJSON                       *json;
+    time_t                       now;
+    meter_buf_t                  url;
+    const cJSON                 *o;
+    meter_stripe_t              *st;
+    const meter_stripe_meter_t  *m;
 
     st = p->data;
+    now = time(NULL);
+
+    memset(res, 0, sizeof(*res));
+
+    if (!meter_past_window(rec, now, METER_STRIPE_WINDOW)) {
+        return 0;
+    }
+
+    if (st->mode == METER_STRIPE_USAGE_RECORDS) {
+        snprintf(res->error, sizeof(res->error), "stripe: outcome unknown "
+                 "and first sent more than 24 h ago: Stripe may have "
+                 "forgotten its Idempotency-Key and usage records carry no "
+                 "identifier; not resent, check the subscription item's "
+                 "usage");
+        return -2;
+    }
+
+    if (rec->provider_customer == NULL || rec->provider_meter == NULL) {
+        return 0;       /* send() refuses it */
+    }
+
+    m = meter_stripe_meter(st, rec, res);
+    if (m == NULL) {
+        return res->status == METER_SEND_FATAL ? -2 : -1;
+    }
+
+    memset(&url, 0, sizeof(url));
     json = NULL;
     rc = -1;
 
-    memset(&url, 0, sizeof(url));
-    memset(res, 0, sizeof(*res));
+    if (meter_buf_printf(&url, "%s/v1/billing/meters/", st->base) != 0
+        || meter_url_segment(&url, st->http.curl, m->id) != 0
+        || meter_buf_printf(&url, "/event_summaries?customer=") != 0
+        || meter_url_segment(&url, st->http.curl, rec->provider_customer)
+           != 0
+        || meter_buf_printf(&url, "&start_time=%lld&end_time=%lld",
+                            (long long) rec->period_start,
+                            (long long) rec->period_end) != 0)
+    {
+        snprintf(res->error, sizeof(res->error), "stripe: out of memory");
+        goto end;
+    }
 
-    for (s = 0; s < 2; s++) {
-        last[0] = '\0';
+    if (meter_stripe_call(st, url.data, NULL, NULL, &json, NULL, res)
+        != METER_SEND_OK)
+    {
+        goto end;
+    }
 
-        for (page = 0; page < METER_STRIPE_PAGES; page++) {
-            meter_buf_reset(&url);
-            if (meter_buf_printf(&url, "%s/v1/subscriptions?status=%s"
-                                 "&limit=100", st->base, statuses[s]) != 0
-                || (last[0] != '\0'
-                    && (meter_buf_printf(&url, "&starting_after=") != 0
-                        || meter_url_segment(&url, st->http.curl, last)
-                           != 0)))
+    o = cJSON_GetObjectItemCaseSensitive(json, "data");
+    if (!cJSON_IsArray(o)) {
+        snprintf(res->error, sizeof(res->error),
+                 "stripe: event summaries without \"data\"");
+        goto end;
+    }
+
+    v = 0;
+
+    cJSON_ArrayForEach(o, o) {
+        x = meter_json_num(o, "aggregated_value", (char *) NULL);
+        v += (x > 0) ? x : 0;
+    }
+
+    want = (strcmp(m->formula, "count") == 0) ? 1 : (double) rec->quantity;
+
+    if (v == 0) {
+        meter_log(LOG_NOTICE, "stripe: %s past the 24 h identifier window, "
+                  "Stripe has nothing in its period: resending",
+                  rec->idempotency_key);
+        rc = 0;
+
+    } else if (rec->seq == 1 && v == want) {
+        meter_log(LOG_NOTICE, "stripe: %s past the 24 h identifier window, "
+                  "Stripe counts it already", rec->idempotency_key);
+        rc = 1;
+
+    } else {
+        meter_rfc3339(rec->period_start, a, sizeof(a));
+        meter_rfc3339(rec->period_end, b, sizeof(b));
+        snprintf(res->error, sizeof(res->error), "stripe: outcome unknown "
+                 "past the 24 h identifier window: Stripe counts %.0f (%s) "
+                 "for %s, %s in [%s, %s), this record %llu (record %lu of "
+                 "the period): cannot tell whether it is there; not resent",
+                 v, m->formula, rec->provider_customer, rec->provider_meter,
+                 a, b, (unsigned long long) rec->quantity, rec->seq);
+        rc = -2;
+    }
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+
+    return rc;
+}
+
+
+/*
+ * Stripe finalizes a period's invoice stripe.invoice_grace after the
+ * period ends (1 h by default): usage of that period sent later misses
+ * it.  After an accepted send whose timestamp is older than the grace,
+ * the subscription's current period start (on its items since basil) is
+ * compared; a record of an earlier period sent after start + grace is
+ * kept in mtr:{worker}:stripe:late for meterctl status.
+ */
+static void
+meter_stripe_late(meter_stripe_t *st, const meter_record_t *rec, time_t ts,
+    time_t now)
+{
+    int                     i, slot;
+    char                    line[512], score[24], old[24];
+    double                  v;
+    cJSON                  *json;
+    time_t                  start;
+    meter_buf_t             url;
+    const char             *argv[5];
+    redisReply             *rp;
+    const cJSON            *it;
+    meter_send_result_t     res;
+    meter_stripe_period_t  *pd;
+
+    if (ts >= now - st->invoice_grace || rec->subscription == NULL) {
+        return;
+    }
+
+    pd = NULL;
+    slot = 0;
+
+    for (i = 0; i < 64; i++) {
+        if (strcmp(st->periods[i].id, rec->subscription) == 0) {
+            pd = &st->periods[i];
+            break;
+        }
+
+        if (st->periods[i].fetched < st->periods[slot].fetched) {
+            slot = i;
+        }
+    }
+
+    if (pd == NULL || now - pd->fetched > 600) {
+        memset(&url, 0, sizeof(url));
+        memset(&res, 0, sizeof(res));
+        json = NULL;
+        start = 0;
+
+        if (meter_buf_printf(&url, "%s/v1/subscriptions/", st->base) == 0
+            && meter_url_segment(&url, st->http.curl, rec->subscription) == 0
+            && meter_stripe_call(st, url.data, NULL, NULL, &json, NULL, &res)
+               == METER_SEND_OK)
+        {
+            v = meter_json_num(json, "current_period_start", (char *) NULL);
+
+            it = meter_json_obj(json, "items", "data", (char *) NULL);
+            for (it = (it != NULL) ? it->child : NULL; v < 0 && it != NULL;
+                 it = it->next)
             {
-                snprintf(res->error, sizeof(res->error),
-                         "stripe: out of memory");
-                goto end;
+                v = meter_json_num(it, "current_period_start",
+                                   (char *) NULL);
             }
 
-            cJSON_Delete(json);
-            if (meter_stripe_call(st, url.data, NULL, NULL, &json, NULL, res)
-                != METER_SEND_OK)
-            {
-                goto end;
-            }
+            start = (v > 0 && v < 4e9) ? (time_t) v : 0;
+        }
 
-            list = cJSON_GetObjectItemCaseSensitive(json, "data");
-            if (!cJSON_IsArray(list)) {
-                snprintf(res->error, sizeof(res->error),
-                         "stripe: subscription list without \"data\"");
-                goto end;
-            }
+        cJSON_Delete(json);
+        meter_buf_free(&url);
 
-            id = NULL;
+        if (start == 0) {
+            return;
+        }
 
-            cJSON_ArrayForEach(o, list) {
-                id = meter_json_str(o, "id", (char *) NULL);
+        if (pd == NULL) {
+            pd = &st->periods[slot];
+            (void) meter_copy(pd->id, sizeof(pd->id), rec->subscription);
+        }
 
-                od.subscription = id;
-                od.provider_customer = meter_stripe_ref(o, "customer");
-                od.since = 0;
+        pd->start = start;
+        pd->fetched = now;
+    }
 
-                if (cb(data, &od) != 0) {
-                    snprintf(res->error, sizeof(res->error),
-                             "stripe: the sync stopped");
-                    goto end;
-                }
-            }
+    if (ts >= pd->start || now <= pd->start + st->invoice_grace) {
+        return;
+    }
 
-            if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json,
-                                                               "has_more")))
-            {
-                break;
-            }
+    meter_log(LOG_WARNING, "stripe: record %s of %lld sent after the "
+              "invoice of its period was finalized (period ended %lld, "
+              "grace %llds): Stripe will not bill it on that invoice",
+              rec->idempotency_key, (long long) rec->period_start,
+              (long long) pd->start, (long long) st->invoice_grace);
 
-            if (id == NULL || meter_copy(last, sizeof(last), id) != 0) {
-                snprintf(res->error, sizeof(res->error),
-                         "stripe: has_more without a last id");
+    if (meter_stripe_redis(st) != 0) {
+        return;
+    }
+
+    snprintf(line, sizeof(line), "%s %s %s %lld %llu %lld",
+             rec->idempotency_key, rec->customer ? rec->customer : "-",
+             rec->meter ? rec->meter : "-", (long long) rec->period_start,
+             (unsigned long long) rec->quantity, (long long) pd->start);
+    snprintf(score, sizeof(score), "%lld", (long long) now);
+    snprintf(old, sizeof(old), "%lld",
+             (long long) (now - METER_STRIPE_LATE_KEEP));
+
+    argv[0] = "ZADD";
+    argv[1] = METER_STRIPE_LATE;
+    argv[2] = score;
+    argv[3] = line;
+    rp = meter_redis_argv(&st->redis, 4, argv, NULL);
+    if (rp != NULL) {
+        freeReplyObject(rp);
+    }
+
+    argv[0] = "ZREMRANGEBYSCORE";
+    argv[2] = "-inf";
+    argv[3] = old;
+    rp = meter_redis_argv(&st->redis, 4, argv, NULL);
+    if (rp != NULL) {
+        freeReplyObject(rp);
+    }
+}
+
+
+/* one object of a list; 0 go on, -1 stop with res filled */
+typedef int (*meter_stripe_item_pt)(meter_stripe_t *st, const cJSON *o,
+    void *data, meter_send_result_t *res);
+
+
+/* every page of a v1 list (url has a query); 0, or -1 with res filled */
+static int
+meter_stripe_list(meter_stripe_t *st, const char *url,
+    meter_stripe_item_pt item, void *data, meter_send_result_t *res)
+{
+    int           page, rc;
+    char          last[128];
+    cJSON        *json;
+    meter_buf_t   u;
+    const char   *id;
+    const cJSON  *list, *o;
+
+    memset(&u, 0, sizeof(u));
+    json = NULL;
+    last[0] = '\0';
+    rc = -1;
+
+    for (page = 0; page < METER_STRIPE_PAGES; page++) {
+        meter_buf_reset(&u);
+        if (meter_buf_printf(&u, "%s&limit=100", url) != 0
+            || (last[0] != '\0'
+                && (meter_buf_printf(&u, "&starting_after=") != 0
+                    || meter_url_segment(&u, st->http.curl, last) != 0)))
+        {
+            snprintf(res->error, sizeof(res->error), "stripe: out of memory");
+            res->status = METER_SEND_RETRY;
+            goto end;
+        }
+
+        cJSON_Delete(json);
+        if (meter_stripe_call(st, u.data, NULL, NULL, &json, NULL, res)
+            != METER_SEND_OK)
+        {
+            goto end;
+        }
+
+        list = cJSON_GetObjectItemCaseSensitive(json, "data");
+        if (!cJSON_IsArray(list)) {
+            snprintf(res->error, sizeof(res->error),
+                     "stripe: list without \"data\"");
+            res->status = METER_SEND_RETRY;
+            goto end;
+        }
+
+        id = NULL;
+
+        cJSON_ArrayForEach(o, list) {
+            id = meter_json_str(o, "id", (char *) NULL);
+
+            if (item(st, o, data, res) != 0) {
                 goto end;
             }
         }
 
-        if (page == METER_STRIPE_PAGES) {
+        if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json,
+                                                           "has_more")))
+        {
+            rc = 0;
+            goto end;
+        }
+
+        if (id == NULL || meter_copy(last, sizeof(last), id) != 0) {
             snprintf(res->error, sizeof(res->error),
-                     "stripe: more than %d pages of subscriptions",
-                     METER_STRIPE_PAGES);
+                     "stripe: has_more without a last id");
+            res->status = METER_SEND_RETRY;
+            goto end;
+        }
+    }
+
+    snprintf(res->error, sizeof(res->error), "stripe: more than %d pages",
+             METER_STRIPE_PAGES);
+    res->status = METER_SEND_RETRY;
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&u);
+
+    return rc;
+}
+
+
+/* an invoice's subscription: "parent.subscription_details.subscription"
+ * since 2025-03-31.basil, "subscription" before */
+static const char *
+meter_stripe_invoice_sub(const cJSON *inv)
+{
+    const char  *sub;
+
+    sub = meter_stripe_ref(inv, "subscription");
+    if (sub == NULL) {
+        sub = meter_json_str(inv, "parent", "subscription_details",
+                             "subscription", (char *) NULL);
+    }
+
+    return sub;
+}
+
+
+/*
+ * What "owes money" means for Stripe (stripe-node
+ * src/resources/Invoices.ts, Subscriptions.ts): a subscription past_due or
+ * unpaid, or an invoice "uncollectible", or "open" and already due: a
+ * payment attempt failed (attempted) or its due_date passed.  An open
+ * invoice that Stripe has not tried to collect yet (finalized an hour
+ * before the automatic charge) is not overdue.  A subscription cancelled
+ * at the end of dunning leaves its invoice open or uncollectible: still
+ * owed.
+ */
+static int
+meter_stripe_owed_invoice(const cJSON *inv, time_t now)
+{
+    double       due;
+    const char  *status;
+
+    status = meter_json_str(inv, "status", (char *) NULL);
+    if (status == NULL) {
+        return 0;
+    }
+
+    if (strcmp(status, "uncollectible") == 0) {
+        return 1;
+    }
+
+    if (strcmp(status, "open") != 0) {
+        return 0;
+    }
+
+    due = meter_json_num(inv, "due_date", (char *) NULL);
+
+    return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(inv, "attempted"))
+           || (due > 0 && due < (double) now);
+}
+
+
+typedef struct {
+    meter_overdue_pt            cb;
+    void                       *data;
+    int                         invoices;
+    time_t                      now;
+    unsigned                    owed;           /* for meter_stripe_owes */
+} meter_stripe_od_t;
+
+
+static int
+meter_stripe_od_item(meter_stripe_t *st, const cJSON *o, void *data,
+    meter_send_result_t *res)
+{
+    meter_overdue_t     od;
+    meter_stripe_od_t  *ctx;
+
+    (void) st;
+    ctx = data;
+
+    if (ctx->invoices && !meter_stripe_owed_invoice(o, ctx->now)) {
+        return 0;
+    }
+
+    ctx->owed++;
+
+    if (ctx->cb == NULL) {
+        return 0;
+    }
+
+    od.provider_customer = meter_stripe_ref(o, "customer");
+    od.subscription = ctx->invoices ? meter_stripe_invoice_sub(o)
+                                    : meter_json_str(o, "id", (char *) NULL);
+    od.since = 0;
+
+    if (ctx->cb(ctx->data, &od) != 0) {
+        snprintf(res->error, sizeof(res->error), "stripe: the sync stopped");
+        res->status = METER_SEND_FATAL;
+        return -1;
+    }
+
+    return 0;
+}
+
+
+/*
+ * The overdue lists: subscriptions past_due and unpaid, invoices open and
+ * uncollectible (filtered by meter_stripe_owed_invoice), every page;
+ * customer NULL for all, else only that customer's.  0, or -1 with res.
+ */
+static int
+meter_stripe_owed(meter_stripe_t *st, const char *customer,
+    meter_stripe_od_t *ctx, meter_send_result_t *res)
+{
+    int           i, rc;
+    meter_buf_t   url;
+
+    static const char  *lists[][2] = {
+        { "subscriptions", "past_due" },
+        { "subscriptions", "unpaid" },
+        { "invoices", "open" },
+        { "invoices", "uncollectible" }
+    };
+
+    memset(&url, 0, sizeof(url));
+    rc = -1;
+
+    for (i = 0; i < 4; i++) {
+        meter_buf_reset(&url);
+        if (meter_buf_printf(&url, "%s/v1/%s?status=%s", st->base,
+                             lists[i][0], lists[i][1]) != 0
+            || (customer != NULL
+                && (meter_buf_printf(&url, "&customer=") != 0
+                    || meter_url_segment(&url, st->http.curl, customer)
+                       != 0)))
+        {
+            snprintf(res->error, sizeof(res->error), "stripe: out of memory");
+            res->status = METER_SEND_RETRY;
+            goto end;
+        }
+
+        ctx->invoices = (i >= 2);
+
+        if (meter_stripe_list(st, url.data, meter_stripe_od_item, ctx, res)
+            != 0)
+        {
             goto end;
         }
     }
@@ -1084,10 +1844,26 @@ meter_stripe_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
 
 end:
 
-    cJSON_Delete(json);
     meter_buf_free(&url);
 
     return rc;
+}
+
+
+static int
+meter_stripe_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
+    meter_send_result_t *res)
+{
+    meter_stripe_od_t  ctx;
+
+    memset(res, 0, sizeof(*res));
+    memset(&ctx, 0, sizeof(ctx));
+
+    ctx.cb = cb;
+    ctx.data = data;
+    ctx.now = time(NULL);
+
+    return meter_stripe_owed(p->data, NULL, &ctx, res);
 }
 
 
@@ -1188,10 +1964,249 @@ meter_stripe_verify(meter_stripe_t *st, const meter_webhook_req_t *req,
 }
 
 
+/* the provider's own Redis connection (the webhook listener's thread or
+ * the drain's process), for marks made by Stripe's later answers; 0 or -1 */
+static int
+meter_stripe_redis(meter_stripe_t *st)
+{
+    int   rc;
+    char  password[512], err[256];
+
+    if (st->redis.ctx != NULL) {
+        return 0;
+    }
+
+    password[0] = '\0';
+
+    if (st->redis_password_file != NULL
+        && meter_read_secret(st->redis_password_file, password,
+                             sizeof(password), err, sizeof(err)) != 0)
+    {
+        meter_log(LOG_ERR, "stripe: redis.password_file: %s", err);
+        return -1;
+    }
+
+    rc = meter_redis_connect(&st->redis, st->redis_host, st->redis_port,
+                             st->redis_unix, password[0] ? password : NULL,
+                             st->redis_db, st->redis_timeout_ms, err,
+                             sizeof(err));
+    explicit_bzero(password, sizeof(password));
+
+    if (rc != 0) {
+        meter_log(LOG_ERR, "stripe: Redis: %s", err);
+        return -1;
+    }
+
+    return 0;
+}
+
+
+/*
+ * KEYS: record, open, dead; ARGV: id, now, error, code, event.  A record
+ * Stripe accepted (200) and rejected later: dead with the error code.
+ * Its hash is usually gone (sent records are deleted); then a dead letter
+ * with what Stripe tells is made, so meterctl status shows it.
+ */
+static const char  meter_stripe_lua_rejected[] =
+    "local st = redis.call('HGET', KEYS[1], 'state')\n"
+    "if st == false then\n"
+    "  redis.call('HSET', KEYS[1], 'http_status', '200')\n"
+    "end\n"
+    "redis.call('HSET', KEYS[1], 'state', 'dead', 'last_error', ARGV[3],\n"
+    "           'error_code', ARGV[4], 'rejected_by', ARGV[5],\n"
+    "           'dead_at', ARGV[2])\n"
+    "redis.call('ZREM', KEYS[2], ARGV[1])\n"
+    "redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])\n"
+    "return 1\n";
+
+
+/* our record ids are 32 lowercase hex (drain.c); other identifiers are
+ * not ours */
+static int
+meter_stripe_our_id(const char *id)
+{
+    return strlen(id) == 32 && strspn(id, "0123456789abcdef") == 32;
+}
+
+
+/*
+ * v1.billing.meter.error_report_triggered (and no_meter_found), a v2 thin
+ * event (stripe-node src/resources/V2/Core/Events.ts: "created" a string,
+ * no data): GET /v2/core/events/{id} gives data.reason.error_types[] with
+ * a code and sample_errors[].request.identifier, our record id.  Each is
+ * dead-lettered with its code.  0 done, -1 failed (answered 503: Stripe
+ * delivers again; marking twice is harmless).
+ */
+static int
+meter_stripe_error_report(meter_stripe_t *st, const char *evid,
+    meter_webhook_event_t *ev)
+{
+    int                  rc, marked;
+    char                 err[512], rkey[64], now[24];
+    cJSON               *json;
+    meter_buf_t          url;
+    const char          *code, *ident, *msg, *argv[11];
+    redisReply          *rp;
+    const cJSON         *types, *t, *samples, *e;
+    meter_send_result_t  res;
+
+    memset(&url, 0, sizeof(url));
+    memset(&res, 0, sizeof(res));
+    json = NULL;
+    rc = -1;
+    marked = 0;
+
+    if (meter_buf_printf(&url, "%s/v2/core/events/", st->base) != 0
+        || meter_url_segment(&url, st->http.curl, evid) != 0)
+    {
+        meter_webhook_invalid(ev, 503, "out of memory");
+        goto end;
+    }
+
+    if (meter_stripe_call(st, url.data, NULL, NULL, &json, NULL, &res)
+        != METER_SEND_OK)
+    {
+        meter_log(LOG_ERR, "stripe: fetching event %s: %s", evid, res.error);
+        meter_webhook_invalid(ev, 503, "cannot fetch the event from Stripe");
+        goto end;
+    }
+
+    types = meter_json_obj(json, "data", "reason", "error_types",
+                           (char *) NULL);
+
+    if (meter_stripe_redis(st) != 0) {
+        meter_webhook_invalid(ev, 503, "storage unavailable");
+        goto end;
+    }
+
+    snprintf(now, sizeof(now), "%lld", (long long) time(NULL));
+
+    cJSON_ArrayForEach(t, types) {
+        code = meter_json_str(t, "code", (char *) NULL);
+        samples = cJSON_GetObjectItemCaseSensitive(t, "sample_errors");
+
+        cJSON_ArrayForEach(e, samples) {
+            ident = meter_json_str(e, "request", "identifier", (char *) NULL);
+            msg = meter_json_str(e, "error_message", (char *) NULL);
+
+            if (ident == NULL || !meter_stripe_our_id(ident)) {
+                continue;
+            }
+
+            snprintf(rkey, sizeof(rkey), "mtr:{worker}:r:%s", ident);
+            snprintf(err, sizeof(err), "rejected by Stripe after it was "
+                     "accepted: %.64s: %.300s", code ? code : "unknown",
+                     msg ? msg : "");
+
+            argv[0] = "EVAL";
+            argv[1] = meter_stripe_lua_rejected;
+            argv[2] = "3";
+            argv[3] = rkey;
+            argv[4] = "mtr:{worker}:open";
+            argv[5] = "mtr:{worker}:dead";
+            argv[6] = ident;
+            argv[7] = now;
+            argv[8] = err;
+            argv[9] = code ? code : "unknown";
+            argv[10] = evid;
+
+            rp = meter_redis_argv(&st->redis, 11, argv, NULL);
+
+            if (!meter_reply_ok(rp)) {
+                meter_log(LOG_ERR, "stripe: marking %s: %s", ident,
+                          rp != NULL ? rp->str : st->redis.err);
+                if (rp != NULL) {
+                    freeReplyObject(rp);
+                }
+
+                meter_webhook_invalid(ev, 503, "storage unavailable");
+                goto end;
+            }
+
+            freeReplyObject(rp);
+            marked++;
+
+            meter_log(LOG_ERR, "record %s dead-lettered: %s", ident, err);
+        }
+    }
+
+    meter_log(LOG_NOTICE, "stripe: event %s: %d record%s rejected after "
+              "acceptance", evid, marked, marked == 1 ? "" : "s");
+    rc = 0;
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+
+    return rc;
+}
+
+
+/* a v2 thin event: {"id","object":"v2.core.event","type","created":
+ * RFC 3339,"related_object"}; signed like every webhook (stripe-node
+ * stripe.core.ts parseEventNotification uses the same verifyHeader) */
+static void
+meter_stripe_thin(meter_stripe_t *st, const cJSON *json,
+    meter_webhook_event_t *ev)
+{
+    time_t       created;
+    const char  *id, *type;
+
+    id = meter_json_str(json, "id", (char *) NULL);
+    type = meter_json_str(json, "type", (char *) NULL);
+    created = meter_rfc3339_parse(meter_json_str(json, "created",
+                                                 (char *) NULL));
+
+    if (id == NULL || type == NULL || created < 0
+        || meter_copy(ev->event_id, sizeof(ev->event_id), id) != 0)
+    {
+        meter_webhook_invalid(ev, 400, "not a Stripe thin event (id, type, "
+                              "created)");
+        return;
+    }
+
+    ev->event_time = created;
+    ev->kind = METER_WEBHOOK_IGNORE;
+
+    if (strcmp(type, "v1.billing.meter.error_report_triggered") == 0
+        || strcmp(type, "v1.billing.meter.no_meter_found") == 0)
+    {
+        (void) meter_stripe_error_report(st, id, ev);
+    }
+}
+
+
+/*
+ * Before a webhook clears a customer: whether Stripe still lists money
+ * owed by it (the poll's definition, meter_stripe_owed), so a webhook and
+ * the next poll agree.  1 owes, 0 not, -1 unknown.
+ */
+static int
+meter_stripe_owes(meter_stripe_t *st, const char *customer)
+{
+    meter_stripe_od_t    ctx;
+    meter_send_result_t  res;
+
+    memset(&ctx, 0, sizeof(ctx));
+    memset(&res, 0, sizeof(res));
+    ctx.now = time(NULL);
+
+    if (meter_stripe_owed(st, customer, &ctx, &res) != 0) {
+        meter_log(LOG_ERR, "stripe: checking what %s owes: %s", customer,
+                  res.error);
+        return -1;
+    }
+
+    return ctx.owed > 0;
+}
+
+
 static void
 meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
     meter_webhook_event_t *ev)
 {
+    int              owes;
     double           created;
     cJSON           *json;
     const char      *id, *type, *status, *cus, *sub;
@@ -1200,6 +2215,7 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
 
     st = p->data;
     json = NULL;
+    status = NULL;
 
     memset(ev, 0, sizeof(*ev));
 
@@ -1210,6 +2226,11 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
     json = cJSON_ParseWithLength(req->body, req->body_len);
     if (json == NULL) {
         meter_webhook_invalid(ev, 400, "the body is not JSON");
+        goto end;
+    }
+
+    if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(json, "created"))) {
+        meter_stripe_thin(st, json, ev);
         goto end;
     }
 
@@ -1229,27 +2250,22 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
     ev->event_time = (time_t) created;
     ev->kind = METER_WEBHOOK_IGNORE;
 
-    if (strcmp(type, "invoice.payment_failed") == 0) {
+    if (strcmp(type, "invoice.payment_failed") == 0
+        || strcmp(type, "invoice.marked_uncollectible") == 0)
+    {
+        /* uncollectible: dunning gave up, the money is still owed */
         ev->kind = METER_WEBHOOK_DELINQUENT;
         cus = meter_stripe_ref(obj, "customer");
-        sub = meter_stripe_ref(obj, "subscription");
-        if (sub == NULL) {
-            /* API versions since 2025-03-31 move it under parent */
-            sub = meter_json_str(obj, "parent", "subscription_details",
-                                 "subscription", (char *) NULL);
-        }
+        sub = meter_stripe_invoice_sub(obj);
 
     } else if (strcmp(type, "invoice.paid") == 0) {
-        /* the poll repairs this if another invoice is still overdue */
         ev->kind = METER_WEBHOOK_PAID;
         cus = meter_stripe_ref(obj, "customer");
-        sub = meter_stripe_ref(obj, "subscription");
-        if (sub == NULL) {
-            sub = meter_json_str(obj, "parent", "subscription_details",
-                                 "subscription", (char *) NULL);
-        }
+        sub = meter_stripe_invoice_sub(obj);
 
-    } else if (strcmp(type, "customer.subscription.updated") == 0) {
+    } else if (strcmp(type, "customer.subscription.updated") == 0
+               || strcmp(type, "customer.subscription.deleted") == 0)
+    {
         status = meter_json_str(obj, "status", (char *) NULL);
         cus = meter_stripe_ref(obj, "customer");
         sub = meter_json_str(obj, "id", (char *) NULL);
@@ -1265,12 +2281,43 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
                        || strcmp(status, "trialing") == 0))
         {
             ev->kind = METER_WEBHOOK_PAID;
+
+        } else if (status != NULL && strcmp(status, "canceled") == 0) {
+            /* cancelled at the end of dunning: owed if an invoice is
+             * left open or uncollectible (checked below) */
+            ev->kind = METER_WEBHOOK_PAID;
         }
 
     } else {
-        /* customer.subscription.deleted and the rest: ending a
-         * subscription settles no invoice; the poll clears a mark once
-         * Stripe lists nothing overdue */
+        cus = NULL;
+        sub = NULL;
+    }
+
+    /* clear only what Stripe no longer lists as owed: the poll would
+     * mark it again otherwise */
+    if (ev->kind == METER_WEBHOOK_PAID) {
+        owes = (cus != NULL) ? meter_stripe_owes(st, cus) : 0;
+
+        if (owes == -1) {
+            meter_webhook_invalid(ev, 503, "cannot check the customer's "
+                                  "invoices at Stripe");
+            goto end;
+        }
+
+        if (owes == 1) {
+            ev->kind = METER_WEBHOOK_DELINQUENT;
+
+        } else if (strcmp(type, "customer.subscription.deleted") == 0
+                   || (status != NULL && strcmp(status, "canceled") == 0))
+        {
+            /* ending a subscription settles nothing: the poll clears */
+            ev->kind = METER_WEBHOOK_IGNORE;
+        }
+    }
+
+    if (ev->kind == METER_WEBHOOK_IGNORE
+        && strcmp(type, "customer.subscription.deleted") == 0)
+    {
         cus = NULL;
         sub = NULL;
     }
@@ -1286,6 +2333,7 @@ end:
 static void
 meter_stripe_cleanup(meter_provider_t *p)
 {
+    size_t           i;
     meter_stripe_t  *st;
 
     st = p->data;
@@ -1294,6 +2342,16 @@ meter_stripe_cleanup(meter_provider_t *p)
     }
 
     meter_http_cleanup(&st->http);
+    meter_redis_close(&st->redis);
+
+    for (i = 0; i < st->nmeter_ids; i++) {
+        free(st->meter_ids[i]);
+    }
+
+    free(st->meter_ids);
+    free(st->redis_host);
+    free(st->redis_unix);
+    free(st->redis_password_file);
     explicit_bzero(st->api_key, sizeof(st->api_key));
     explicit_bzero(st->token, sizeof(st->token));
     explicit_bzero(st->webhook_secret, sizeof(st->webhook_secret));
@@ -1309,7 +2367,7 @@ meter_provider_stripe(meter_provider_t *p)
     p->name = "stripe";
     p->init = meter_stripe_init;
     p->send = meter_stripe_send;
-    p->lookup = NULL;
+    p->lookup = meter_stripe_lookup;
     p->onboard = meter_stripe_onboard;
     p->overdue = meter_stripe_overdue;
     p->webhook = meter_stripe_webhook;

@@ -401,3 +401,14 @@ meter_webhook_ids(meter_webhook_event_t *ev, const char *customer,
                           subscription);
     }
 }
+
+
+int
+meter_past_window(const meter_record_t *rec, time_t now, time_t window)
+{
+    time_t  first;
+
+    first = (rec->created > 0) ? rec->created : rec->period_end;
+
+    return now - first > window;
+}

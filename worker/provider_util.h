@@ -98,6 +98,13 @@ meter_send_e meter_http_json(meter_http_t *h, const meter_http_req_t *req,
 void meter_webhook_invalid(meter_webhook_event_t *ev, int status,
     const char *msg);
 
+/*
+ * 1 when rec's first send may lie more than window seconds before now (a
+ * provider's dedupe window may have forgotten it), else 0.  Without a
+ * "created" time, the period's end bounds the first send from below.
+ */
+int meter_past_window(const meter_record_t *rec, time_t now, time_t window);
+
 /* copies s into dst (size) when it fits; 0 or -1 */
 int meter_copy(char *dst, size_t size, const char *s);
 

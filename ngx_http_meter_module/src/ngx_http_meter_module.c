@@ -101,27 +101,43 @@ typedef struct {
     u_char                       run_id[40];
     uint64_t                     resync;
 
-    /*
-     * Governance: two buffers, one of them published in gov_snap.  The
-     * refresher fills the other and swaps; a request reads one pointer.
-     */
-    uint64_t                     gov_lease;
-    ngx_http_meter_gov_snap_t   *gov_snap;
-    ngx_http_meter_gov_snap_t   *gov_buf[2];
-    size_t                       gov_cap[2];
-    uint64_t                     gov_refreshed; /* Unix s, last refresh */
-    uint64_t                     gov_delinquent;
-    uint64_t                     gov_blocked;
     uint64_t                     gov_denied[NGX_HTTP_METER_DENY_N];
 
     meter_table_t                table;     /* last: slots follow */
 } ngx_http_meter_shctx_t;
 
 
+/*
+ * Governance lives in a zone of its own, one per node ("meter:governance",
+ * a name no meter_zone can take): the state of mtr:gov is the same for
+ * every meter zone, and a gate added by a reload then only adds a zone,
+ * never changes the layout of a meter zone that holds counters.
+ *
+ * Two buffers, one of them published in snap.  The refresher fills the
+ * other and swaps; a request reads one pointer.
+ */
+typedef struct {
+    uint64_t                     lease;     /* one refresher per node */
+    ngx_http_meter_gov_snap_t   *snap;
+    ngx_http_meter_gov_snap_t   *buf[2];
+    size_t                       cap[2];
+    uint64_t                     refreshed; /* Unix s, last refresh */
+    uint64_t                     delinquent;
+    uint64_t                     blocked;
+} ngx_http_meter_gov_shctx_t;
+
+
+typedef struct {
+    ngx_http_meter_gov_shctx_t  *sh;
+    ngx_slab_pool_t             *shpool;
+} ngx_http_meter_gov_zone_t;
+
+
 typedef struct {
     ngx_http_meter_shctx_t      *sh;
     ngx_slab_pool_t             *shpool;
     ngx_http_complex_value_t     key;
+    ngx_str_t                    key_header; /* key is $http_NAME: NAME */
     ngx_shm_zone_t              *shm_zone;
     ngx_uint_t                   governance;
 } ngx_http_meter_zone_ctx_t;
@@ -132,15 +148,25 @@ typedef struct {
     ngx_uint_t                   closed;    /* on_redis_down=closed */
     ngx_uint_t                   unknown;   /* 0 allow, 401, 403 */
     time_t                       grace;
+    ngx_str_t                    file;      /* where it was written */
+    ngx_uint_t                   line;
 } ngx_http_meter_gov_conf_t;
 
 
-/* per request: the key's hash and customer, found once */
+/*
+ * Per client call: the key's hash and customer, found once, and the one
+ * billing decision.  It outlives internal redirects (which clear module
+ * contexts): it is kept in a pool cleanup and found there again.
+ */
 typedef struct {
+    ngx_http_request_t          *r;         /* owner: subrequests share
+                                             * the pool */
     uint8_t                      hash[METER_HASH_LEN];
     ngx_shm_zone_t              *zone;      /* hash is of this zone's key */
     ngx_http_meter_gov_snap_t   *snap;      /* cust points into it */
     ngx_http_meter_gov_cust_t   *cust;
+    ngx_array_t                 *meters;    /* of a location passed */
+    ngx_uint_t                   gated;     /* a gate has decided */
 } ngx_http_meter_req_ctx_t;
 
 
@@ -149,8 +175,12 @@ typedef struct {
     ngx_shm_zone_t              *shm_zone;
     meter_status_filter_t        status;
     uint32_t                     methods;   /* 0: all */
+    ngx_uint_t                   subrequests; /* subrequests=on */
     ngx_http_complex_value_t    *value;
     ngx_http_complex_value_t    *filter;    /* if= */
+    ngx_array_t                 *vars;      /* indexes in value and if=,
+                                             * read afresh at the log
+                                             * phase */
     ngx_str_t                    file;      /* where it was defined */
     ngx_uint_t                   line;
 } ngx_http_meter_t;
@@ -170,16 +200,22 @@ typedef struct {
 
     ngx_msec_t                   flush_interval;
     ngx_msec_t                   gov_refresh;
-    ngx_uint_t                   governance;    /* some zone has it */
+    ngx_array_t                  gov_confs; /* ngx_http_meter_gov_conf_t *,
+                                             * every gate written */
+    size_t                       gov_size;  /* meter_governance_size */
+    ngx_shm_zone_t              *gov_zone;  /* NULL: no gate anywhere */
 } ngx_http_meter_main_conf_t;
 
 
 typedef struct {
-    ngx_array_t                 *meters;    /* ngx_http_meter_t */
+    ngx_array_t                 *meters;    /* ngx_http_meter_t; NULL: none
+                                             * configured; empty: off */
     ngx_uint_t                   status;    /* meter_status format */
     ngx_flag_t                   status_on;
     ngx_http_meter_gov_conf_t   *gov;
     ngx_flag_t                   gov_headers;
+    ngx_uint_t                   bypass;    /* a "return" in the server's
+                                             * rewrite phase */
 } ngx_http_meter_loc_conf_t;
 
 
@@ -267,6 +303,8 @@ typedef struct {
 
 
 static ngx_int_t ngx_http_meter_log_handler(ngx_http_request_t *r);
+static void ngx_http_meter_fresh_vars(ngx_http_request_t *r,
+    ngx_array_t *vars);
 static ngx_int_t ngx_http_meter_count(ngx_http_request_t *r,
     ngx_http_meter_t *m, ngx_http_meter_req_ctx_t *rctx, ngx_uint_t status,
     uint32_t method);
@@ -318,6 +356,15 @@ static void ngx_http_meter_redis_read(ngx_event_t *ev);
 static void ngx_http_meter_redis_write(ngx_event_t *ev);
 
 static ngx_int_t ngx_http_meter_access_handler(ngx_http_request_t *r);
+static ngx_http_meter_req_ctx_t *ngx_http_meter_req_ctx_find(
+    ngx_http_request_t *r);
+static ngx_http_meter_req_ctx_t *ngx_http_meter_req_ctx_get(
+    ngx_http_request_t *r);
+static void ngx_http_meter_req_ctx_hash(ngx_http_meter_req_ctx_t *rctx,
+    ngx_shm_zone_t *zone, ngx_str_t *key);
+static void ngx_http_meter_req_ctx_cleanup(void *data);
+static ngx_uint_t ngx_http_meter_key_headers(ngx_http_request_t *r,
+    ngx_str_t *name);
 static ngx_http_meter_req_ctx_t *ngx_http_meter_req_ctx(
     ngx_http_request_t *r, ngx_shm_zone_t *zone, ngx_str_t *key);
 static ngx_http_meter_gov_key_t *ngx_http_meter_gov_find(
@@ -329,8 +376,6 @@ static ngx_int_t ngx_http_meter_warn(ngx_http_request_t *r, time_t until);
 static ngx_int_t ngx_http_meter_header(ngx_http_request_t *r,
     const char *name, const char *meter, int64_t value);
 static void ngx_http_meter_gov_tick(ngx_event_t *ev);
-static ngx_http_meter_zone_ctx_t *ngx_http_meter_gov_zone(
-    ngx_http_meter_main_conf_t *mcf);
 static ngx_int_t ngx_http_meter_gov_reply_ok(ngx_http_meter_worker_t *w,
     redisReply *reply, int type);
 static void ngx_http_meter_gov_version_reply(redisAsyncContext *ac, void *r,
@@ -347,8 +392,7 @@ static void ngx_http_meter_gov_used_reply(redisAsyncContext *ac, void *r,
 static void ngx_http_meter_gov_done(ngx_http_meter_worker_t *w);
 static void ngx_http_meter_gov_seed(ngx_http_meter_shctx_t *sh,
     ngx_http_meter_gov_snap_t *snap);
-static void ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
-    ngx_http_meter_zone_ctx_t *ctx);
+static void ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w);
 
 static void ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf,
     ngx_log_t *log);
@@ -370,9 +414,17 @@ static char *ngx_http_meter_set_msec(ngx_conf_t *cf, ngx_command_t *cmd,
 static char *ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_http_meter_init(ngx_conf_t *cf);
-static ngx_int_t ngx_http_meter_gov_check(ngx_conf_t *cf,
-    ngx_http_meter_loc_conf_t *mlcf);
-static ngx_int_t ngx_http_meter_gov_walk(ngx_conf_t *cf);
+static ngx_int_t ngx_http_meter_gov_init(ngx_conf_t *cf,
+    ngx_http_meter_main_conf_t *mcf);
+static ngx_int_t ngx_http_meter_gov_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+static ngx_uint_t ngx_http_meter_has_return(ngx_conf_t *cf);
+static void ngx_http_meter_key_header(ngx_str_t *key, ngx_str_t *name);
+static ngx_str_t ngx_http_meter_printable(ngx_pool_t *pool, ngx_str_t *name);
+static ngx_int_t ngx_http_meter_add_vars(ngx_conf_t *cf, ngx_http_meter_t *m,
+    ngx_str_t *s);
+static char *ngx_http_meter_read_secret(ngx_conf_t *cf, ngx_command_t *cmd,
+    ngx_str_t *file, ngx_str_t *secret);
 static ngx_int_t ngx_http_meter_init_process(ngx_cycle_t *cycle);
 static void ngx_http_meter_exit_process(ngx_cycle_t *cycle);
 
@@ -419,6 +471,13 @@ static ngx_command_t  ngx_http_meter_commands[] = {
       ngx_http_meter_set_msec,
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_meter_main_conf_t, gov_refresh),
+      NULL },
+
+    { ngx_string("meter_governance_size"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_meter_main_conf_t, gov_size),
       NULL },
 
     { ngx_string("meter_governance_headers"),
@@ -472,15 +531,32 @@ ngx_module_t  ngx_http_meter_module = {
 
 static ngx_http_meter_worker_t  *ngx_http_meter_worker;
 
+/* "meter off": no meter, and no fall back to another location's */
+static ngx_array_t  ngx_http_meter_off;
+
+/* ngx_http_rewrite_module's ctx_index, to find "return" (or unset) */
+static ngx_uint_t  ngx_http_meter_rewrite_index = NGX_CONF_UNSET_UINT;
+
 
 /* the request path */
+
+/*
+ * One billing decision per client call.  The log phase runs once for a
+ * call, after its internal redirects, in the location that answered it;
+ * when that location has no meter at all, the meters of the location the
+ * call came from apply (an error_page target is rarely metered).  A
+ * subrequest (auth_request, mirror, SSI, addition) is not a call: nginx
+ * runs its log phase only with log_subrequest on, and even then only
+ * meters with subrequests=on count it.
+ */
 
 static ngx_int_t
 ngx_http_meter_log_handler(ngx_http_request_t *r)
 {
     uint32_t                    method;
     ngx_str_t                   key;
-    ngx_uint_t                  i, status;
+    ngx_uint_t                  i, status, sub;
+    ngx_array_t                *meters;
     ngx_shm_zone_t             *keyed;
     ngx_http_meter_t           *m;
     ngx_http_meter_req_ctx_t   *rctx;
@@ -488,10 +564,24 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
     ngx_http_meter_loc_conf_t  *mlcf;
 
     mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
+    meters = mlcf->meters;
 
-    if (mlcf->meters == NULL) {
+    if (meters == NULL) {
+        rctx = ngx_http_meter_req_ctx_find(r);
+
+        if (rctx == NULL || rctx->meters == NULL) {
+            return NGX_OK;
+        }
+
+        meters = rctx->meters;
+    }
+
+    /* "meter off" */
+    if (meters->nelts == 0) {
         return NGX_OK;
     }
+
+    sub = (r != r->main);
 
     /* the status the access log shows */
     if (r->err_status) {
@@ -514,9 +604,13 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
     keyed = NULL;
     rctx = NULL;
 
-    m = mlcf->meters->elts;
+    m = meters->elts;
 
-    for (i = 0; i < mlcf->meters->nelts; i++) {
+    for (i = 0; i < meters->nelts; i++) {
+
+        if (sub && !m[i].subrequests) {
+            continue;
+        }
 
         if (m[i].shm_zone != keyed) {
             keyed = m[i].shm_zone;
@@ -561,6 +655,7 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
     ngx_http_meter_gov_cust_t  *cust;
     ngx_http_meter_gov_snap_t  *snap;
     ngx_http_meter_zone_ctx_t  *ctx;
+    ngx_http_meter_gov_zone_t  *gz;
     ngx_http_meter_main_conf_t *mcf;
 
     if (!meter_status_match(&m->status, status)) {
@@ -573,6 +668,10 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
 
     ctx = m->shm_zone->data;
     sh = ctx->sh;
+
+    if (m->vars) {
+        ngx_http_meter_fresh_vars(r, m->vars);
+    }
 
     if (m->filter) {
         if (ngx_http_complex_value(r, m->filter, &v) != NGX_OK) {
@@ -608,7 +707,9 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
     cust = NULL;
 
     if (rctx->cust != NULL) {
-        snap = __atomic_load_n(&sh->gov_snap, __ATOMIC_ACQUIRE);
+        mcf = ngx_http_get_module_main_conf(r, ngx_http_meter_module);
+        gz = mcf->gov_zone->data;
+        snap = __atomic_load_n(&gz->sh->snap, __ATOMIC_ACQUIRE);
 
         if (snap == rctx->snap) {
             cust = rctx->cust;
@@ -665,6 +766,36 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
 }
 
 
+/*
+ * A variable read before the log phase (add_header $bytes_sent, a
+ * subrequest, an earlier meter) keeps the value it had then: nginx caches
+ * it in r->variables.  Bill what the log module would log: read them
+ * afresh.  Variables that "set" and other directives write are left alone,
+ * their value is what was written.
+ */
+
+static void
+ngx_http_meter_fresh_vars(ngx_http_request_t *r, ngx_array_t *vars)
+{
+    ngx_uint_t                  i, *index;
+    ngx_http_variable_t        *v;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_get_module_main_conf(r, ngx_http_core_module);
+    v = cmcf->variables.elts;
+    index = vars->elts;
+
+    for (i = 0; i < vars->nelts; i++) {
+        if (v[index[i]].flags & NGX_HTTP_VAR_CHANGEABLE) {
+            continue;
+        }
+
+        r->variables[index[i]].valid = 0;
+        r->variables[index[i]].not_found = 0;
+    }
+}
+
+
 /* status */
 
 typedef struct {
@@ -712,14 +843,15 @@ static ngx_http_meter_stat_t  ngx_http_meter_stats[] = {
 
 
 static void
-ngx_http_meter_collect_stats(ngx_shm_zone_t *zone, ngx_uint_t connected,
-    uint64_t *v)
+ngx_http_meter_collect_stats(ngx_shm_zone_t *zone, ngx_shm_zone_t *gov_zone,
+    ngx_uint_t connected, uint64_t *v)
 {
-    uint32_t                    i;
-    uint64_t                    pending, nfree;
-    meter_table_t              *t;
-    ngx_http_meter_shctx_t     *sh;
-    ngx_http_meter_zone_ctx_t  *ctx;
+    uint32_t                     i;
+    uint64_t                     pending, nfree;
+    meter_table_t               *t;
+    ngx_http_meter_shctx_t      *sh;
+    ngx_http_meter_zone_ctx_t   *ctx;
+    ngx_http_meter_gov_shctx_t  *gsh;
 
     ctx = zone->data;
     sh = ctx->sh;
@@ -751,9 +883,13 @@ ngx_http_meter_collect_stats(ngx_shm_zone_t *zone, ngx_uint_t connected,
     v[11] = __atomic_load_n(&t->dropped, __ATOMIC_RELAXED);
     v[12] = __atomic_load_n(&t->dropped_value, __ATOMIC_RELAXED);
     v[13] = __atomic_load_n(&sh->value_errors, __ATOMIC_RELAXED);
-    v[14] = __atomic_load_n(&sh->gov_delinquent, __ATOMIC_RELAXED);
-    v[15] = __atomic_load_n(&sh->gov_blocked, __ATOMIC_RELAXED);
-    v[16] = __atomic_load_n(&sh->gov_refreshed, __ATOMIC_RELAXED);
+    /* the node's governance state, shown with each zone it gates */
+    gsh = (ctx->governance && gov_zone != NULL)
+          ? ((ngx_http_meter_gov_zone_t *) gov_zone->data)->sh : NULL;
+
+    v[14] = gsh ? __atomic_load_n(&gsh->delinquent, __ATOMIC_RELAXED) : 0;
+    v[15] = gsh ? __atomic_load_n(&gsh->blocked, __ATOMIC_RELAXED) : 0;
+    v[16] = gsh ? __atomic_load_n(&gsh->refreshed, __ATOMIC_RELAXED) : 0;
     v[17] = v[16] ? (uint64_t) ngx_time() - v[16] : 0;
     v[18] = __atomic_load_n(&sh->gov_denied[NGX_HTTP_METER_DENY_OVERDUE],
                             __ATOMIC_RELAXED);
@@ -805,7 +941,8 @@ ngx_http_meter_status_handler(ngx_http_request_t *r)
     }
 
     for (z = 0; z < mcf->zones.nelts; z++) {
-        ngx_http_meter_collect_stats(zones[z], connected, &v[z * n]);
+        ngx_http_meter_collect_stats(zones[z], mcf->gov_zone, connected,
+                                     &v[z * n]);
     }
 
     size = sizeof("{\"version\":1,\"zones\":[]}\n");
@@ -964,11 +1101,6 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     size = shm_zone->shm.size;
 
-    if (ctx->governance) {
-        /* the other half holds two copies of the governance state */
-        size /= 2;
-    }
-
     nslots = meter_table_slots_for(size - sizeof(ngx_http_meter_shctx_t));
 
     for ( ;; ) {
@@ -999,6 +1131,45 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     ctx->sh = sh;
     ctx->shpool->data = sh;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_meter_gov_zone_t  *ogz = data;
+
+    ngx_http_meter_gov_zone_t  *gz;
+
+    gz = shm_zone->data;
+
+    if (ogz) {
+        /* reload: the published state stays in force */
+        gz->sh = ogz->sh;
+        gz->shpool = ogz->shpool;
+        return NGX_OK;
+    }
+
+    gz->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        gz->sh = gz->shpool->data;
+        return NGX_OK;
+    }
+
+    gz->shpool->log_ctx = (u_char *) " in meter_governance zone";
+
+    /* a full zone is reported by the refresh itself */
+    gz->shpool->log_nomem = 0;
+
+    gz->sh = ngx_slab_calloc(gz->shpool, sizeof(ngx_http_meter_gov_shctx_t));
+    if (gz->sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    gz->shpool->data = gz->sh;
 
     return NGX_OK;
 }
@@ -2047,10 +2218,20 @@ done:
 
 /* governance: the request side */
 
+/*
+ * The access phase of every location a call passes (nginx skips it for
+ * subrequests): it remembers the location's meters for the log phase and
+ * gates the call at the first governed location.  A call is gated once:
+ * an internal redirect after the decision (error_page of the refusal
+ * itself, try_files, rewrite ... last) is not gated again, while a call
+ * that reaches a governed location through error_page before any gate
+ * ran (an error of the rewrite phase) is gated there.
+ */
+
 static ngx_int_t
 ngx_http_meter_access_handler(ngx_http_request_t *r)
 {
-    time_t                      now;
+    time_t                      now, since;
     int64_t                     left;
     uint32_t                    i;
     ngx_str_t                   key;
@@ -2061,19 +2242,58 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     ngx_http_meter_gov_conf_t  *gcf;
     ngx_http_meter_gov_cust_t  *cust;
     ngx_http_meter_gov_snap_t  *snap;
+    ngx_http_meter_gov_zone_t  *gz;
     ngx_http_meter_zone_ctx_t  *ctx;
     ngx_http_meter_loc_conf_t  *mlcf;
+    ngx_http_meter_main_conf_t *mcf;
 
     mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
     gcf = mlcf->gov;
 
-    /* an error_page redirect serves the refusal itself */
-    if (gcf == NULL || r->error_page) {
+    if (gcf == NULL) {
+        if (mlcf->meters == NULL || r != r->main) {
+            return NGX_DECLINED;
+        }
+
+        /* for the log phase, if a redirect ends where nothing meters */
+        rctx = ngx_http_meter_req_ctx_get(r);
+        if (rctx == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        rctx->meters = mlcf->meters;
+
         return NGX_DECLINED;
     }
 
+    rctx = ngx_http_meter_req_ctx_get(r);
+    if (rctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (mlcf->meters != NULL) {
+        rctx->meters = mlcf->meters;
+    }
+
+    if (rctx->gated) {
+        return NGX_DECLINED;
+    }
+
+    rctx->gated = 1;
+
     ctx = gcf->shm_zone->data;
     sh = ctx->sh;
+
+    if (ctx->key_header.len
+        && ngx_http_meter_key_headers(r, &ctx->key_header) > 1)
+    {
+        /* nginx 1.22 reads the first, a backend may read the last */
+        return ngx_http_meter_deny(r, sh, NGX_HTTP_BAD_REQUEST,
+                                   NGX_HTTP_METER_DENY_UNKNOWN,
+                                   "duplicate_key",
+                                   "The API key header appears more than "
+                                   "once; send it once.");
+    }
 
     if (ngx_http_complex_value(r, &ctx->key, &key) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -2090,12 +2310,12 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
                                    "This API needs an API key.");
     }
 
-    rctx = ngx_http_meter_req_ctx(r, gcf->shm_zone, &key);
-    if (rctx == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
+    ngx_http_meter_req_ctx_hash(rctx, gcf->shm_zone, &key);
 
-    snap = __atomic_load_n(&sh->gov_snap, __ATOMIC_ACQUIRE);
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_meter_module);
+    gz = mcf->gov_zone->data;
+
+    snap = __atomic_load_n(&gz->sh->snap, __ATOMIC_ACQUIRE);
 
     k = (snap != NULL) ? ngx_http_meter_gov_find(snap, rctx->hash) : NULL;
 
@@ -2142,9 +2362,12 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
 
     now = ngx_time();
 
+    /* an event dated ahead (a provider's clock, bad data) counts from now */
+    since = (cust->since > now) ? now : (time_t) cust->since;
+
     if (cust->reason) {
-        if (gcf->grace && now - cust->since < gcf->grace) {
-            if (ngx_http_meter_warn(r, cust->since + gcf->grace) != NGX_OK) {
+        if (gcf->grace && now - since < gcf->grace) {
+            if (ngx_http_meter_warn(r, since + gcf->grace) != NGX_OK) {
                 return NGX_HTTP_INTERNAL_SERVER_ERROR;
             }
 
@@ -2195,24 +2418,153 @@ ngx_http_meter_req_ctx(ngx_http_request_t *r, ngx_shm_zone_t *zone,
 {
     ngx_http_meter_req_ctx_t  *rctx;
 
-    rctx = ngx_http_get_module_ctx(r, ngx_http_meter_module);
+    rctx = ngx_http_meter_req_ctx_get(r);
 
-    if (rctx == NULL) {
-        rctx = ngx_pcalloc(r->pool, sizeof(ngx_http_meter_req_ctx_t));
-        if (rctx == NULL) {
-            return NULL;
-        }
-
-        ngx_http_set_ctx(r, rctx, ngx_http_meter_module);
+    if (rctx != NULL) {
+        ngx_http_meter_req_ctx_hash(rctx, zone, key);
     }
 
+    return rctx;
+}
+
+
+static void
+ngx_http_meter_req_ctx_hash(ngx_http_meter_req_ctx_t *rctx,
+    ngx_shm_zone_t *zone, ngx_str_t *key)
+{
     if (rctx->zone != zone) {
         meter_key_hash(key->data, key->len, rctx->hash);
         rctx->zone = zone;
         rctx->cust = NULL;
     }
+}
+
+
+/* marks our context among the request pool's cleanups; it does nothing */
+
+static void
+ngx_http_meter_req_ctx_cleanup(void *data)
+{
+}
+
+
+/* the context, after an internal redirect cleared r->ctx too */
+
+static ngx_http_meter_req_ctx_t *
+ngx_http_meter_req_ctx_find(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t        *cln;
+    ngx_http_meter_req_ctx_t  *rctx;
+
+    rctx = ngx_http_get_module_ctx(r, ngx_http_meter_module);
+
+    if (rctx != NULL) {
+        return rctx;
+    }
+
+    for (cln = r->pool->cleanup; cln != NULL; cln = cln->next) {
+        if (cln->handler == ngx_http_meter_req_ctx_cleanup) {
+            rctx = cln->data;
+
+            if (rctx->r == r) {
+                ngx_http_set_ctx(r, rctx, ngx_http_meter_module);
+                return rctx;
+            }
+        }
+    }
+
+    return NULL;
+}
+
+
+static ngx_http_meter_req_ctx_t *
+ngx_http_meter_req_ctx_get(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t        *cln;
+    ngx_http_meter_req_ctx_t  *rctx;
+
+    rctx = ngx_http_meter_req_ctx_find(r);
+
+    if (rctx != NULL) {
+        return rctx;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_meter_req_ctx_t));
+    if (cln == NULL) {
+        return NULL;
+    }
+
+    rctx = cln->data;
+    ngx_memzero(rctx, sizeof(ngx_http_meter_req_ctx_t));
+    rctx->r = r;
+
+    cln->handler = ngx_http_meter_req_ctx_cleanup;
+
+    ngx_http_set_ctx(r, rctx, ngx_http_meter_module);
 
     return rctx;
+}
+
+
+/* how many request headers the key variable $http_NAME reads from */
+
+static ngx_uint_t
+ngx_http_meter_key_headers(ngx_http_request_t *r, ngx_str_t *name)
+{
+    u_char            ch, nc;
+    ngx_uint_t        i, n, count;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    count = 0;
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */ ; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len != name->len) {
+            continue;
+        }
+
+        /* as ngx_http_variable_unknown_header() compares names */
+        for (n = 0; n < name->len; n++) {
+            ch = h[i].key.data[n];
+
+            if (ch >= 'A' && ch <= 'Z') {
+                ch |= 0x20;
+
+            } else if (ch == '-') {
+                ch = '_';
+            }
+
+            /* variable names are not case sensitive */
+            nc = name->data[n];
+
+            if (nc >= 'A' && nc <= 'Z') {
+                nc |= 0x20;
+            }
+
+            if (nc != ch) {
+                break;
+            }
+        }
+
+        if (n == name->len) {
+            count++;
+        }
+    }
+
+    return count;
 }
 
 
@@ -2300,6 +2652,7 @@ ngx_http_meter_deny(ngx_http_request_t *r, ngx_http_meter_shctx_t *sh,
                      status == 402 ? "Payment Required"
                      : status == NGX_HTTP_UNAUTHORIZED ? "Unauthorized"
                      : status == NGX_HTTP_FORBIDDEN ? "Forbidden"
+                     : status == NGX_HTTP_BAD_REQUEST ? "Bad Request"
                      : "Service Unavailable",
                      status, detail, reason);
 
@@ -2369,7 +2722,12 @@ ngx_http_meter_header(ngx_http_request_t *r, const char *name,
     h->key.data = (u_char *) name;
     h->key.len = ngx_strlen(name);
     h->value.data = p;
-    h->value.len = ngx_sprintf(p, "%s=%L", meter, value) - p;
+
+    /* a name of METER_NAME_MAX characters has no terminator */
+    h->value.len = ngx_sprintf(p, "%*s=%L",
+                               ngx_strnlen((u_char *) meter, METER_NAME_MAX),
+                               meter, value)
+                   - p;
 
     return NGX_OK;
 }
@@ -2382,9 +2740,8 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
 {
     size_t                      len[2];
     const char                 *argv[2];
-    ngx_shm_zone_t            **zones;
     ngx_http_meter_worker_t    *w = ev->data;
-    ngx_http_meter_zone_ctx_t  *ctx;
+    ngx_http_meter_gov_zone_t  *gz;
 
     if (ngx_exiting || ngx_quit || ngx_terminate) {
         return;
@@ -2404,17 +2761,14 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
         return;
     }
 
-    /* one refresher per node: the first governance zone's lease */
-    zones = w->mcf->zones.elts;
-    ctx = ngx_http_meter_gov_zone(w->mcf);
+    /* one refresher per node */
+    gz = w->mcf->gov_zone->data;
 
-    if (ngx_http_meter_lease(&ctx->sh->gov_lease, w->mcf->gov_refresh)
+    if (ngx_http_meter_lease(&gz->sh->lease, w->mcf->gov_refresh)
         == NGX_DECLINED)
     {
         return;
     }
-
-    (void) zones;
 
     if (w->gov_tmp) {
         ngx_destroy_pool(w->gov_tmp);
@@ -2445,27 +2799,6 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
     argv[1] = "mtr:gov:credit"; len[1] = sizeof("mtr:gov:credit") - 1;
     (void) redisAsyncCommandArgv(w->ac, ngx_http_meter_gov_credit_reply, w,
                                  2, argv, len);
-}
-
-
-static ngx_http_meter_zone_ctx_t *
-ngx_http_meter_gov_zone(ngx_http_meter_main_conf_t *mcf)
-{
-    ngx_uint_t                  z;
-    ngx_shm_zone_t            **zones;
-    ngx_http_meter_zone_ctx_t  *ctx;
-
-    zones = mcf->zones.elts;
-
-    for (z = 0; z < mcf->zones.nelts; z++) {
-        ctx = zones[z]->data;
-
-        if (ctx->governance) {
-            return ctx;
-        }
-    }
-
-    return NULL;
 }
 
 
@@ -2972,15 +3305,11 @@ ngx_http_meter_gov_used_reply(redisAsyncContext *ac, void *r,
 }
 
 
-/* the end of a refresh: publish a new copy into every governance zone */
+/* the end of a refresh: publish a new copy */
 
 static void
 ngx_http_meter_gov_done(ngx_http_meter_worker_t *w)
 {
-    ngx_uint_t                   z;
-    ngx_shm_zone_t             **zones;
-    ngx_http_meter_zone_ctx_t   *ctx;
-
     w->gov_busy = 0;
 
     if (w->gov_failed || !w->gov_valid) {
@@ -2988,15 +3317,7 @@ ngx_http_meter_gov_done(ngx_http_meter_worker_t *w)
         return;
     }
 
-    zones = w->mcf->zones.elts;
-
-    for (z = 0; z < w->mcf->zones.nelts; z++) {
-        ctx = zones[z]->data;
-
-        if (ctx->governance) {
-            ngx_http_meter_gov_publish(w, ctx);
-        }
-    }
+    ngx_http_meter_gov_publish(w);
 }
 
 
@@ -3045,20 +3366,25 @@ ngx_http_meter_gov_seed(ngx_http_meter_shctx_t *sh,
 
 
 static void
-ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
-    ngx_http_meter_zone_ctx_t *ctx)
+ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w)
 {
+    time_t                        now;
     size_t                        size, nslots;
     uint32_t                      h, n;
-    ngx_uint_t                    i, j, b, blocked, delinquent, credits;
-    ngx_http_meter_shctx_t       *sh;
+    ngx_uint_t                    i, j, b, z, blocked, delinquent, credits;
+    ngx_shm_zone_t              **zones;
     ngx_http_meter_gov_key_t     *slot;
     ngx_http_meter_gov_snap_t    *snap;
     ngx_http_meter_gov_ckey_t    *keys;
     ngx_http_meter_gov_ccust_t   *custs;
     ngx_http_meter_gov_cust_t    *c;
+    ngx_http_meter_gov_zone_t    *gz;
+    ngx_http_meter_gov_shctx_t   *sh;
+    ngx_http_meter_zone_ctx_t    *ctx;
 
-    sh = ctx->sh;
+    gz = w->mcf->gov_zone->data;
+    sh = gz->sh;
+    now = ngx_time();
     keys = w->gov_keys.elts;
     custs = w->gov_custs.elts;
 
@@ -3071,36 +3397,36 @@ ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
            + (w->gov_custs.nelts + 1) * sizeof(ngx_http_meter_gov_cust_t);
 
     /* the buffer that is not published */
-    b = (sh->gov_snap == sh->gov_buf[0]) ? 1 : 0;
+    b = (sh->snap == sh->buf[0]) ? 1 : 0;
 
-    if (sh->gov_cap[b] < size) {
-        ngx_shmtx_lock(&ctx->shpool->mutex);
+    if (sh->cap[b] < size) {
+        ngx_shmtx_lock(&gz->shpool->mutex);
 
-        if (sh->gov_buf[b]) {
-            ngx_slab_free_locked(ctx->shpool, sh->gov_buf[b]);
-            sh->gov_buf[b] = NULL;
-            sh->gov_cap[b] = 0;
+        if (sh->buf[b]) {
+            ngx_slab_free_locked(gz->shpool, sh->buf[b]);
+            sh->buf[b] = NULL;
+            sh->cap[b] = 0;
         }
 
-        snap = ngx_slab_alloc_locked(ctx->shpool, size);
+        snap = ngx_slab_alloc_locked(gz->shpool, size);
 
-        ngx_shmtx_unlock(&ctx->shpool->mutex);
+        ngx_shmtx_unlock(&gz->shpool->mutex);
 
         if (snap == NULL) {
             ngx_log_error(NGX_LOG_ALERT, w->log, 0,
-                          "meter_zone \"%V\" has no room for the governance "
-                          "state of %ui keys (%uz bytes); the last one "
-                          "stays in force: give the zone more memory",
-                          &ctx->shm_zone->shm.name, w->gov_keys.nelts,
-                          size);
+                          "meter_governance_size is too small for the "
+                          "governance state of %ui keys and %ui customers "
+                          "(%uz bytes a copy, two copies); the last one "
+                          "stays in force: raise it",
+                          w->gov_keys.nelts, w->gov_custs.nelts, size);
             return;
         }
 
-        sh->gov_buf[b] = snap;
-        sh->gov_cap[b] = size;
+        sh->buf[b] = snap;
+        sh->cap[b] = size;
     }
 
-    snap = sh->gov_buf[b];
+    snap = sh->buf[b];
     ngx_memzero(snap, size);
 
     snap->version = w->gov_version;
@@ -3116,7 +3442,9 @@ ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
         c = &snap->custs[i];
 
         c->reason = custs[i].reason;
-        c->since = custs[i].since;
+
+        /* dated ahead: from now on (and since + grace cannot overflow) */
+        c->since = ngx_min(custs[i].since, (int64_t) now);
         c->ncredits = custs[i].ncredits;
 
         for (j = 0; j < custs[i].ncredits; j++) {
@@ -3171,15 +3499,22 @@ ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
     }
 
     if (credits) {
-        ngx_http_meter_gov_seed(sh, snap);
+        zones = w->mcf->zones.elts;
+
+        for (z = 0; z < w->mcf->zones.nelts; z++) {
+            ctx = zones[z]->data;
+
+            if (ctx->governance) {
+                ngx_http_meter_gov_seed(ctx->sh, snap);
+            }
+        }
     }
 
-    __atomic_store_n(&sh->gov_snap, snap, __ATOMIC_RELEASE);
-    __atomic_store_n(&sh->gov_refreshed, (uint64_t) ngx_time(),
+    __atomic_store_n(&sh->snap, snap, __ATOMIC_RELEASE);
+    __atomic_store_n(&sh->refreshed, (uint64_t) now, __ATOMIC_RELAXED);
+    __atomic_store_n(&sh->delinquent, (uint64_t) delinquent,
                      __ATOMIC_RELAXED);
-    __atomic_store_n(&sh->gov_delinquent, (uint64_t) delinquent,
-                     __ATOMIC_RELAXED);
-    __atomic_store_n(&sh->gov_blocked, (uint64_t) blocked, __ATOMIC_RELAXED);
+    __atomic_store_n(&sh->blocked, (uint64_t) blocked, __ATOMIC_RELAXED);
 }
 
 
@@ -3188,6 +3523,7 @@ ngx_http_meter_gov_publish(ngx_http_meter_worker_t *w,
 static void *
 ngx_http_meter_create_main_conf(ngx_conf_t *cf)
 {
+    ngx_uint_t                   i;
     ngx_http_meter_main_conf_t  *mcf;
 
     mcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_meter_main_conf_t));
@@ -3206,6 +3542,24 @@ ngx_http_meter_create_main_conf(ngx_conf_t *cf)
         != NGX_OK)
     {
         return NULL;
+    }
+
+    if (ngx_array_init(&mcf->gov_confs, cf->pool, 4,
+                       sizeof(ngx_http_meter_gov_conf_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    mcf->gov_size = NGX_CONF_UNSET_SIZE;
+
+    for (i = 0; cf->cycle->modules[i] != NULL; i++) {
+        if (ngx_strcmp(cf->cycle->modules[i]->name,
+                       "ngx_http_rewrite_module")
+            == 0)
+        {
+            ngx_http_meter_rewrite_index = cf->cycle->modules[i]->ctx_index;
+        }
     }
 
     mcf->redis_port = NGX_CONF_UNSET;
@@ -3271,14 +3625,103 @@ ngx_http_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_meter_loc_conf_t  *prev = parent;
     ngx_http_meter_loc_conf_t  *conf = child;
 
+    ngx_uint_t                 server, ret, own;
+    ngx_http_conf_ctx_t       *ctx;
+    ngx_http_core_srv_conf_t  *cscf;
+    ngx_http_core_loc_conf_t  *clcf;
+
     /* like access_log: a level that defines no meter inherits them all */
     ngx_conf_merge_ptr_value(conf->meters, prev->meters, NULL);
     ngx_conf_merge_uint_value(conf->status, prev->status,
                               NGX_HTTP_METER_STATUS_JSON);
+
+    own = (conf->gov != NGX_CONF_UNSET_PTR);
     ngx_conf_merge_ptr_value(conf->gov, prev->gov, NULL);
     ngx_conf_merge_value(conf->gov_headers, prev->gov_headers, 0);
 
+    /*
+     * "return" answers in the rewrite phase, before the access phase that
+     * gates: say so where a gate would be bypassed.  cf->ctx holds the
+     * confs of the level being merged (ngx_http_merge_servers() and
+     * ngx_http_merge_locations() in src/http/ngx_http.c).
+     */
+    ctx = cf->ctx;
+    cscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_core_module);
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    server = (cscf->ctx->loc_conf == ctx->loc_conf);
+    ret = ngx_http_meter_has_return(cf);
+
+    conf->bypass = server ? ret : prev->bypass;
+
+    if (conf->gov == NULL) {
+        return NGX_CONF_OK;
+    }
+
+    if (ret && !server) {
+        ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                           "meter_governance (%V:%ui) does not gate "
+                           "location \"%V\": its \"return\" answers in the "
+                           "rewrite phase, before the access phase",
+                           &conf->gov->file, conf->gov->line, &clcf->name);
+
+    } else if (conf->bypass && (server || own)) {
+        ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                           "meter_governance (%V:%ui) does not gate %s%V%s: "
+                           "a \"return\" in its server block answers in the "
+                           "rewrite phase, before the access phase",
+                           &conf->gov->file, conf->gov->line,
+                           server ? "server \"" : "location \"",
+                           server ? &cscf->server_name : &clcf->name, "\"");
+    }
+
     return NGX_CONF_OK;
+}
+
+
+/*
+ * Whether the rewrite module's script at the level being merged has a
+ * "return".  ngx_http_rewrite_loc_conf_t starts with "ngx_array_t *codes"
+ * (src/http/modules/ngx_http_rewrite_module.c), the codes of the level and
+ * of its "if" blocks, each a struct that starts with its handler and is
+ * pointer-aligned (ngx_http_script_start_code()).
+ */
+
+static ngx_uint_t
+ngx_http_meter_has_return(ngx_conf_t *cf)
+{
+    void          *rlcf;
+    uintptr_t     *code;
+    ngx_uint_t     i, n;
+    ngx_array_t   *codes;
+
+    if (ngx_http_meter_rewrite_index == NGX_CONF_UNSET_UINT) {
+        return 0;
+    }
+
+    rlcf = ((ngx_http_conf_ctx_t *) cf->ctx)
+               ->loc_conf[ngx_http_meter_rewrite_index];
+
+    if (rlcf == NULL) {
+        return 0;
+    }
+
+    codes = *(ngx_array_t **) rlcf;
+
+    if (codes == NULL) {
+        return 0;
+    }
+
+    code = codes->elts;
+    n = codes->nelts * codes->size / sizeof(uintptr_t);
+
+    for (i = 0; i < n; i++) {
+        if (code[i] == (uintptr_t) ngx_http_script_return_code) {
+            return 1;
+        }
+    }
+
+    return 0;
 }
 
 
@@ -3332,6 +3775,18 @@ ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             }
 
             name.len = p - name.data;
+
+            /* the name goes into JSON, Prometheus labels and Redis keys */
+            if (!meter_valid_name((const char *) name.data, name.len)) {
+                s = ngx_http_meter_printable(cf->pool, &name);
+
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid zone name \"%V\" in \"%V\" "
+                                   "directive: use 1 to %d of "
+                                   "A-Z a-z 0-9 _ . -",
+                                   &s, &cmd->name, METER_NAME_MAX);
+                return NGX_CONF_ERROR;
+            }
 
             s.data = p + 1;
             s.len = value[i].data + value[i].len - s.data;
@@ -3389,6 +3844,8 @@ ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     shm_zone->data = ctx;
     ctx->shm_zone = shm_zone;
 
+    ngx_http_meter_key_header(&value[1], &ctx->key_header);
+
     zp = ngx_array_push(&mcf->zones);
     if (zp == NULL) {
         return NGX_CONF_ERROR;
@@ -3397,6 +3854,85 @@ ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     *zp = shm_zone;
 
     return NGX_CONF_OK;
+}
+
+
+/* a name to show in an error: bytes outside printable ASCII as \xHH */
+
+static ngx_str_t
+ngx_http_meter_printable(ngx_pool_t *pool, ngx_str_t *name)
+{
+    u_char     *p;
+    ngx_str_t   out;
+    ngx_uint_t  i;
+
+    out.len = 0;
+    out.data = ngx_pnalloc(pool, name->len * 4 + 1);
+
+    if (out.data == NULL) {
+        return out;
+    }
+
+    p = out.data;
+
+    for (i = 0; i < name->len; i++) {
+        if (name->data[i] < 0x20 || name->data[i] > 0x7e
+            || name->data[i] == '"' || name->data[i] == '\\')
+        {
+            p = ngx_sprintf(p, "\\x%02xd", name->data[i]);
+            continue;
+        }
+
+        *p++ = name->data[i];
+    }
+
+    out.len = p - out.data;
+
+    return out;
+}
+
+
+/*
+ * A key that is one request header, $http_NAME: governance refuses a call
+ * that sends it twice (nginx 1.22 reads the first, a backend may read the
+ * last; nginx 1.23 joins them).
+ */
+
+static void
+ngx_http_meter_key_header(ngx_str_t *key, ngx_str_t *name)
+{
+    u_char  *p, *last;
+
+    p = key->data;
+    last = key->data + key->len;
+
+    if (key->len > 3 && p[1] == '{' && last[-1] == '}') {
+        p += 2;
+        last--;
+
+    } else {
+        p++;
+    }
+
+    if (key->data[0] != '$' || last - p <= 5
+        || ngx_strncasecmp(p, (u_char *) "http_", 5) != 0)
+    {
+        return;
+    }
+
+    p += 5;
+    name->data = p;
+    name->len = last - p;
+
+    for ( /* void */ ; p < last; p++) {
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+              || (*p >= '0' && *p <= '9') || *p == '_'))
+        {
+            /* anything else: not a single header variable */
+            name->len = 0;
+            return;
+        }
+    }
 }
 
 
@@ -3420,11 +3956,11 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             return "is duplicate";
         }
 
-        mlcf->meters = NULL;
+        mlcf->meters = &ngx_http_meter_off;
         return NGX_CONF_OK;
     }
 
-    if (mlcf->meters == NULL) {
+    if (mlcf->meters == &ngx_http_meter_off) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"meter off\" cannot be mixed with meters at "
                            "the same level");
@@ -3478,6 +4014,16 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        if (ngx_strcmp(value[i].data, "subrequests=on") == 0) {
+            m->subrequests = 1;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "subrequests=off") == 0) {
+            m->subrequests = 0;
+            continue;
+        }
+
         if (ngx_strncmp(value[i].data, "method=", 7) == 0) {
             if (meter_parse_methods((const char *) value[i].data + 7,
                                     value[i].len - 7, &m->methods, &err)
@@ -3526,6 +4072,10 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             ccv.complex_value = *cvp;
 
             if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            if (ngx_http_meter_add_vars(cf, m, &s) != NGX_OK) {
                 return NGX_CONF_ERROR;
             }
 
@@ -3589,11 +4139,143 @@ invalid:
 }
 
 
+/* the variables of a value= or if=, to read afresh at the log phase */
+
+static ngx_int_t
+ngx_http_meter_add_vars(ngx_conf_t *cf, ngx_http_meter_t *m, ngx_str_t *s)
+{
+    u_char      *p, *last, *start;
+    ngx_int_t    index;
+    ngx_str_t    name;
+    ngx_uint_t  *ip, brace;
+
+    p = s->data;
+    last = s->data + s->len;
+
+    while (p < last) {
+        if (*p++ != '$' || p == last) {
+            continue;
+        }
+
+        brace = (*p == '{');
+        if (brace) {
+            p++;
+        }
+
+        start = p;
+
+        while (p < last
+               && ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+                   || (*p >= '0' && *p <= '9') || *p == '_'))
+        {
+            p++;
+        }
+
+        name.data = start;
+        name.len = p - start;
+
+        if (brace && p < last && *p == '}') {
+            p++;
+        }
+
+        /* $1: a capture, not a variable */
+        if (name.len == 0 || (*start >= '0' && *start <= '9')) {
+            continue;
+        }
+
+        index = ngx_http_get_variable_index(cf, &name);
+        if (index == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+
+        if (m->vars == NULL) {
+            m->vars = ngx_array_create(cf->pool, 2, sizeof(ngx_uint_t));
+            if (m->vars == NULL) {
+                return NGX_ERROR;
+            }
+        }
+
+        ip = ngx_array_push(m->vars);
+        if (ip == NULL) {
+            return NGX_ERROR;
+        }
+
+        *ip = (ngx_uint_t) index;
+    }
+
+    return NGX_OK;
+}
+
+
+/* a secret from a file (password_file=): nginx -T shows no password */
+
+static char *
+ngx_http_meter_read_secret(ngx_conf_t *cf, ngx_command_t *cmd,
+    ngx_str_t *file, ngx_str_t *secret)
+{
+    u_char           buf[1024];
+    ssize_t          n;
+    ngx_fd_t         fd;
+    ngx_str_t        path;
+    ngx_file_info_t  fi;
+
+    path = *file;
+
+    if (path.len == 0 || ngx_conf_full_name(cf->cycle, &path, 1) != NGX_OK)
+    {
+        return "has an empty or invalid \"password_file=\"";
+    }
+
+    fd = ngx_open_file(path.data, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
+
+    if (fd == NGX_INVALID_FILE) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "\"%V\" cannot read password_file \"%V\"",
+                           &cmd->name, &path);
+        return NGX_CONF_ERROR;
+    }
+
+    n = NGX_ERROR;
+
+    if (ngx_fd_info(fd, &fi) != NGX_FILE_ERROR
+        && ngx_file_size(&fi) < (off_t) sizeof(buf))
+    {
+        n = ngx_read_fd(fd, buf, sizeof(buf));
+    }
+
+    (void) ngx_close_file(fd);
+
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r')) {
+        n--;
+    }
+
+    if (n <= 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" password_file \"%V\" is empty, "
+                           "unreadable or larger than %uz bytes",
+                           &cmd->name, &path, sizeof(buf) - 1);
+        return NGX_CONF_ERROR;
+    }
+
+    secret->data = ngx_pnalloc(cf->pool, n);
+    if (secret->data == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    secret->len = n;
+    ngx_memcpy(secret->data, buf, n);
+    ngx_explicit_memzero(buf, sizeof(buf));
+
+    return NGX_CONF_OK;
+}
+
+
 static char *
 ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_meter_main_conf_t  *mcf = conf;
 
+    char        *rv;
     u_char      *p;
     ngx_int_t    n;
     ngx_str_t   *value, s;
@@ -3649,9 +4331,31 @@ ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     for (i = 2; i < cf->args->nelts; i++) {
 
-        if (ngx_strncmp(value[i].data, "password=", 9) == 0) {
-            mcf->redis_password.data = value[i].data + 9;
-            mcf->redis_password.len = value[i].len - 9;
+        if (ngx_strncmp(value[i].data, "password=", 9) == 0
+            || ngx_strncmp(value[i].data, "password_file=", 14) == 0)
+        {
+            if (mcf->redis_password.data != NULL) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "\"%V\" takes one of \"password=\" "
+                                   "and \"password_file=\"", &cmd->name);
+                return NGX_CONF_ERROR;
+            }
+
+            if (value[i].data[8] == '=') {
+                mcf->redis_password.data = value[i].data + 9;
+                mcf->redis_password.len = value[i].len - 9;
+                continue;
+            }
+
+            s.data = value[i].data + 14;
+            s.len = value[i].len - 14;
+
+            rv = ngx_http_meter_read_secret(cf, cmd, &s,
+                                            &mcf->redis_password);
+            if (rv != NGX_CONF_OK) {
+                return rv;
+            }
+
             continue;
         }
 
@@ -3768,7 +4472,7 @@ ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_str_t                   *value, s;
     ngx_int_t                    t;
     ngx_uint_t                   i;
-    ngx_http_meter_gov_conf_t   *gcf;
+    ngx_http_meter_gov_conf_t   *gcf, **gcfp;
     ngx_http_meter_main_conf_t  *mcf;
 
     if (mlcf->gov != NGX_CONF_UNSET_PTR) {
@@ -3863,10 +4567,20 @@ ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    gcf->file = cf->conf_file->file.name;
+    gcf->line = cf->conf_file->line;
+
     mlcf->gov = gcf;
 
+    /* every gate, wherever written: postconfiguration checks them all */
     mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_meter_module);
-    mcf->governance = 1;
+
+    gcfp = ngx_array_push(&mcf->gov_confs);
+    if (gcfp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *gcfp = gcf;
 
     return NGX_CONF_OK;
 
@@ -3878,30 +4592,6 @@ invalid:
                        "unknown_key=allow|401|403 or grace=)",
                        &value[i], &cmd->name);
     return NGX_CONF_ERROR;
-}
-
-
-static ngx_int_t
-ngx_http_meter_gov_check(ngx_conf_t *cf, ngx_http_meter_loc_conf_t *mlcf)
-{
-    ngx_http_meter_zone_ctx_t  *ctx;
-
-    if (mlcf->gov == NULL || mlcf->gov == NGX_CONF_UNSET_PTR) {
-        return NGX_OK;
-    }
-
-    ctx = mlcf->gov->shm_zone->data;
-
-    if (ctx == NULL) {
-        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                      "meter_governance uses unknown meter_zone \"%V\"",
-                      &mlcf->gov->shm_zone->shm.name);
-        return NGX_ERROR;
-    }
-
-    ctx->governance = 1;
-
-    return NGX_OK;
 }
 
 
@@ -3940,6 +4630,16 @@ ngx_http_meter_init(ngx_conf_t *cf)
     }
 
     if (mcf->zones.nelts == 0) {
+        if (mcf->gov_confs.nelts) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "meter_governance without any meter_zone in "
+                          "%V:%ui", &((ngx_http_meter_gov_conf_t **)
+                                      mcf->gov_confs.elts)[0]->file,
+                          ((ngx_http_meter_gov_conf_t **)
+                           mcf->gov_confs.elts)[0]->line);
+            return NGX_ERROR;
+        }
+
         return NGX_OK;
     }
 
@@ -3958,14 +4658,11 @@ ngx_http_meter_init(ngx_conf_t *cf)
 
     *h = ngx_http_meter_log_handler;
 
-    if (!mcf->governance) {
-        return NGX_OK;
-    }
-
-    if (ngx_http_meter_gov_walk(cf) != NGX_OK) {
+    if (mcf->gov_confs.nelts && ngx_http_meter_gov_init(cf, mcf) != NGX_OK) {
         return NGX_ERROR;
     }
 
+    /* gates, and the meters of each location a call passes */
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
     if (h == NULL) {
         return NGX_ERROR;
@@ -3977,71 +4674,80 @@ ngx_http_meter_init(ngx_conf_t *cf)
 }
 
 
-/* marks the zones governance uses, so that they keep room for its state */
+/*
+ * The gates written anywhere (http, server, location: the location tree
+ * is already built here, so they were collected as they were parsed):
+ * mark their zones and add the node's governance zone.
+ */
 
 static ngx_int_t
-ngx_http_meter_gov_walk_locations(ngx_conf_t *cf, ngx_queue_t *locations)
+ngx_http_meter_gov_init(ngx_conf_t *cf, ngx_http_meter_main_conf_t *mcf)
 {
-    ngx_queue_t                *q;
-    ngx_http_location_queue_t  *lq;
-    ngx_http_core_loc_conf_t   *clcf;
+    size_t                        size;
+    ngx_str_t                     name;
+    ngx_uint_t                    i;
+    ngx_http_meter_gov_zone_t    *gz;
+    ngx_http_meter_zone_ctx_t    *ctx;
+    ngx_http_meter_gov_conf_t   **gcfp;
 
-    if (locations == NULL) {
-        return NGX_OK;
+    gcfp = mcf->gov_confs.elts;
+    size = 0;
+
+    for (i = 0; i < mcf->gov_confs.nelts; i++) {
+        ctx = gcfp[i]->shm_zone->data;
+
+        if (ctx == NULL) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "meter_governance uses unknown meter_zone \"%V\" "
+                          "in %V:%ui", &gcfp[i]->shm_zone->shm.name,
+                          &gcfp[i]->file, gcfp[i]->line);
+            return NGX_ERROR;
+        }
+
+        if (!mcf->redis_set) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "meter_governance needs meter_redis, where the "
+                          "billing state is read from, in %V:%ui",
+                          &gcfp[i]->file, gcfp[i]->line);
+            return NGX_ERROR;
+        }
+
+        ctx->governance = 1;
+
+        /* by default what a governed zone gave it before: half its size */
+        size = ngx_max(size, gcfp[i]->shm_zone->shm.size / 2);
     }
 
-    for (q = ngx_queue_head(locations);
-         q != ngx_queue_sentinel(locations);
-         q = ngx_queue_next(q))
-    {
-        lq = (ngx_http_location_queue_t *) q;
-        clcf = lq->exact ? lq->exact : lq->inclusive;
-
-        if (ngx_http_meter_gov_check(cf,
-                clcf->loc_conf[ngx_http_meter_module.ctx_index])
-            != NGX_OK)
-        {
-            return NGX_ERROR;
-        }
-
-        if (ngx_http_meter_gov_walk_locations(cf, clcf->locations)
-            != NGX_OK)
-        {
-            return NGX_ERROR;
-        }
+    if (mcf->gov_size != NGX_CONF_UNSET_SIZE) {
+        size = mcf->gov_size;
     }
 
-    return NGX_OK;
-}
-
-
-static ngx_int_t
-ngx_http_meter_gov_walk(ngx_conf_t *cf)
-{
-    ngx_uint_t                  s;
-    ngx_http_core_srv_conf_t  **cscfp;
-    ngx_http_core_loc_conf_t   *clcf;
-    ngx_http_core_main_conf_t  *cmcf;
-
-    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
-    cscfp = cmcf->servers.elts;
-
-    for (s = 0; s < cmcf->servers.nelts; s++) {
-        clcf = cscfp[s]->ctx->loc_conf[ngx_http_core_module.ctx_index];
-
-        if (ngx_http_meter_gov_check(cf,
-                cscfp[s]->ctx->loc_conf[ngx_http_meter_module.ctx_index])
-            != NGX_OK)
-        {
+    if (size < (size_t) (8 * ngx_pagesize)) {
+        if (mcf->gov_size != NGX_CONF_UNSET_SIZE) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "\"meter_governance_size\" must be at least %uz "
+                          "bytes", (size_t) (8 * ngx_pagesize));
             return NGX_ERROR;
         }
 
-        if (ngx_http_meter_gov_walk_locations(cf, clcf->locations)
-            != NGX_OK)
-        {
-            return NGX_ERROR;
-        }
+        size = 8 * ngx_pagesize;
     }
+
+    ngx_str_set(&name, "meter:governance");
+
+    mcf->gov_zone = ngx_shared_memory_add(cf, &name, size,
+                                          &ngx_http_meter_module);
+    if (mcf->gov_zone == NULL) {
+        return NGX_ERROR;
+    }
+
+    gz = ngx_pcalloc(cf->pool, sizeof(ngx_http_meter_gov_zone_t));
+    if (gz == NULL) {
+        return NGX_ERROR;
+    }
+
+    mcf->gov_zone->init = ngx_http_meter_gov_init_zone;
+    mcf->gov_zone->data = gz;
 
     return NGX_OK;
 }
@@ -4113,7 +4819,7 @@ ngx_http_meter_init_process(ngx_cycle_t *cycle)
 
     ngx_add_timer(&w->tick, mcf->flush_interval);
 
-    if (ngx_http_meter_gov_zone(mcf) != NULL) {
+    if (mcf->gov_zone != NULL) {
         ngx_add_timer(&w->gov_tick, 1);
     }
 
@@ -4127,6 +4833,7 @@ ngx_http_meter_exit_process(ngx_cycle_t *cycle)
     ngx_uint_t                   z;
     ngx_shm_zone_t             **zones;
     ngx_http_meter_worker_t     *w;
+    ngx_http_meter_gov_zone_t   *gz;
     ngx_http_meter_zone_ctx_t   *ctx;
 
     w = ngx_http_meter_worker;
@@ -4150,7 +4857,11 @@ ngx_http_meter_exit_process(ngx_cycle_t *cycle)
     for (z = 0; z < w->mcf->zones.nelts; z++) {
         ctx = zones[z]->data;
         ngx_http_meter_lease_release(&ctx->sh->lease);
-        ngx_http_meter_lease_release(&ctx->sh->gov_lease);
+    }
+
+    if (w->mcf->gov_zone != NULL) {
+        gz = w->mcf->gov_zone->data;
+        ngx_http_meter_lease_release(&gz->sh->lease);
     }
 
     if (w->gov_pool) {

@@ -17,6 +17,20 @@ that token and JSON {"events":[...]} (<= 100), deduped by identifier;
 ``expire_sessions()`` makes every token answer 401
 billing_meter_event_session_expired (``expire_after = n``: after the next n
 accepted stream requests).
+
+Held to stripe-node (src/RequestSender.ts, src/apiVersion.ts,
+src/resources/Billing/*.ts, V2/Core/Events.ts): Stripe-Version is recorded
+per request (``versions``); without it the account's default
+(``account_version``) applies, and usage records are refused from
+2025-03-31.basil on.  Identifiers and Idempotency-Keys are forgotten after
+``window`` seconds (24 h) of the fake's clock (``now``).  A duplicate
+identifier answers 400 invalid_request_error with Stripe-Should-Retry:
+false.  429s carry no Retry-After (Stripe documents none; stripe-node's
+_shouldRetry does not retry a 429 unless Stripe-Should-Retry says so).
+Invoices have the basil shape (parent.subscription_details), attempted,
+due_date.  ``error_report(ids, code)`` stores a
+v1.billing.meter.error_report_triggered v2 event (GET /v2/core/events/{id})
+and returns its thin payload.
 """
 
 import hashlib
@@ -31,6 +45,10 @@ import urllib.request
 from .base import FakeServer, Response, paginate_cursor
 
 
+# stripe-node src/apiVersion.ts
+API_VERSION = "2026-07-29.dahlia"
+BASIL = "2025-03-31"
+WINDOW = 86400
 MAX_AGE = 35 * 86400
 MAX_AHEAD = 300
 SUB_STATUSES = ("incomplete", "incomplete_expired", "trialing", "active",
@@ -101,6 +119,7 @@ class FakeStripe(FakeServer):
         ("GET", r"/v1/subscriptions", "list_subscriptions"),
         ("GET", r"/v1/subscriptions/([^/]+)", "get_subscription"),
         ("GET", r"/v1/invoices", "list_invoices"),
+        ("GET", r"/v2/core/events/([^/]+)", "get_v2_event"),
     ]
 
     def __init__(self, api_key="sk_test_fake", customer_key=None,
@@ -123,6 +142,11 @@ class FakeStripe(FakeServer):
         self.sessions = {}          # token -> expiry (unix)
         self.expire_after = None    # stream requests until tokens expire
         self.now = time.time        # override to move the clock
+        self.window = WINDOW        # identifier and idempotency memory
+        self.period_start = None    # new subscriptions' current period
+        self.account_version = "2024-06-20"     # the dashboard default
+        self.versions = []          # Stripe-Version of each request
+        self.v2_events = {}
         self._ids = itertools.count(1)
 
     def _id(self, prefix):
@@ -169,7 +193,12 @@ class FakeStripe(FakeServer):
                               % (token[:7], token[-4:]))
         return None
 
+    def version(self, req):
+        return req.headers.get("Stripe-Version") or self.account_version
+
     def check_request(self, req):
+        with self.lock:
+            self.versions.append(req.headers.get("Stripe-Version"))
         if req.path.startswith("/v2/"):
             if req.method == "POST" and req.content_type != \
                     "application/json":
@@ -190,6 +219,11 @@ class FakeStripe(FakeServer):
                                       "Idempotency-Key too long")
                 with self.lock:
                     saved = self.idem.get(key)
+                    # "keys are pruned after they are at least 24 hours old"
+                    if saved is not None and \
+                            saved[2].saved_at <= self.now() - self.window:
+                        del self.idem[key]
+                        saved = None
                 if saved is not None:
                     path, params, resp = saved
                     if path != req.path or params != req.form:
@@ -213,6 +247,7 @@ class FakeStripe(FakeServer):
     def _save(self, req, resp):
         key = req.headers.get("Idempotency-Key")
         if req.method == "POST" and key is not None:
+            resp.saved_at = self.now()
             with self.lock:
                 self.idem.setdefault(key, (req.path, dict(req.form or {}),
                                            resp))
@@ -264,12 +299,14 @@ class FakeStripe(FakeServer):
         if len(ident) > 100:
             return self.error(400, "invalid_request_error",
                               "identifier is too long", param="identifier")
+        self._forget(now)
         if ident in self.identifiers:
             self.duplicates += 1
-            return self.error(
+            r = self.error(
                 400, "invalid_request_error",
-                "An event with identifier '%s' already exists." % ident,
-                code="resource_already_exists", param="identifier")
+                "An event already exists with identifier %s." % ident)
+            r.headers["Stripe-Should-Retry"] = "false"
+            return r
         ev = {"object": "billing.meter_event", "created": now,
               "event_name": name, "identifier": ident, "livemode": False,
               "payload": {k[8:-1]: v for k, v in f.items()
@@ -278,6 +315,12 @@ class FakeStripe(FakeServer):
         self.identifiers[ident] = ev
         self.events.append(ev)
         return Response(200, ev)
+
+    def _forget(self, now):
+        """Identifiers are unique within a rolling ~24 h, then forgotten."""
+        for i in [i for i, e in self.identifiers.items()
+                  if e["created"] <= now - self.window]:
+            del self.identifiers[i]
 
     def stream_session(self, req):
         tok = "mes_" + secrets.token_hex(16)
@@ -314,6 +357,7 @@ class FakeStripe(FakeServer):
                     or not now - MAX_AGE <= ts <= now + MAX_AHEAD:
                 return self.error(400, "invalid_request_error",
                                   "invalid meter event", param="events")
+        self._forget(now)
         for ev in evs:
             ident = ev.get("identifier") or self._id("ev")
             if ident in self.identifiers:
@@ -334,6 +378,11 @@ class FakeStripe(FakeServer):
         return Response(200, {})
 
     def usage_record(self, req, si):
+        if self.version(req)[:10] >= BASIL:
+            return self.error(
+                400, "invalid_request_error",
+                "Legacy usage-based billing is not supported in API "
+                "version %s; use billing meters." % self.version(req))
         f = req.form
         q = f.get("quantity", "")
         if not q.isdigit():
@@ -448,7 +497,13 @@ class FakeStripe(FakeServer):
              "created": int(self.now()), "metadata": {},
              "items": {"object": "list", "has_more": False, "data": [
                  {"id": self._id("si"), "object": "subscription_item",
-                  "price": {"id": p}} for p in prices]}}
+                  "price": {"id": p},
+                  # basil: the billing period lives on the items
+                  "current_period_start": self.period_start
+                  or int(self.now()),
+                  "current_period_end": (self.period_start
+                                         or int(self.now())) + 30 * 86400}
+                 for p in prices]}}
         with self.lock:
             self.subscriptions.append(s)
         return s
@@ -465,6 +520,14 @@ class FakeStripe(FakeServer):
         s = self.add_subscription(f["customer"], prices=prices)
         s["metadata"] = self._nested(f, "metadata")
         return Response(200, s)
+
+    def set_invoice_status(self, inv_id, status):
+        with self.lock:
+            for i in self.invoices:
+                if i["id"] == inv_id:
+                    i["status"] = status
+                    return i
+        raise KeyError(inv_id)
 
     def set_subscription_status(self, sub_id, status):
         assert status in SUB_STATUSES
@@ -491,11 +554,51 @@ class FakeStripe(FakeServer):
         return Response(200, s) if s else self.error(
             404, "not_found", "No such subscription: '%s'" % sid)
 
+    def rate_limit_next(self, n=1, retry_after=None, match=None):
+        """429 as Stripe sends it: no Retry-After (retry_after is kept for
+        callers; Stripe documents no such header)."""
+        self.fail_next(n, 429, match=match)
+
+    def error_report(self, identifiers, code="meter_event_customer_not_found",
+                     meter="mtr_1"):
+        """Stores a v1.billing.meter.error_report_triggered event and
+        returns its thin payload (what the event destination delivers)."""
+        now = self.now()
+        iso = datetime.datetime.fromtimestamp(
+            now, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        eid = "evt_test_%s" % secrets.token_hex(8)
+        thin = {"id": eid, "object": "v2.core.event",
+                "type": "v1.billing.meter.error_report_triggered",
+                "livemode": False, "created": iso + "Z",
+                "related_object": {"id": meter, "type": "billing.meter",
+                                   "url": "/v1/billing/meters/" + meter}}
+        full = dict(thin, data={
+            "developer_message_summary": "%d invalid events" %
+            len(identifiers),
+            "validation_start": iso + "Z", "validation_end": iso + "Z",
+            "reason": {"error_count": len(identifiers), "error_types": [{
+                "code": code, "error_count": len(identifiers),
+                "sample_errors": [{"error_message": "No customer %s" % i,
+                                   "request": {"identifier": i}}
+                                  for i in identifiers]}]}})
+        with self.lock:
+            self.v2_events[eid] = full
+        return thin
+
+    def get_v2_event(self, req, eid):
+        ev = self.v2_events.get(eid)
+        return Response(200, ev) if ev else self.error(
+            404, "not_found", "No such event: '%s'" % eid)
+
     def add_invoice(self, customer, status="open", amount_due=1000,
-                    subscription=None):
+                    subscription=None, attempted=True, due_date=None):
         inv = {"id": self._id("in"), "object": "invoice",
-               "customer": customer, "subscription": subscription,
+               "customer": customer,
+               "parent": {"type": "subscription_details",
+                          "subscription_details": {
+                              "subscription": subscription}},
                "status": status, "amount_due": amount_due,
+               "attempted": attempted, "due_date": due_date,
                "created": int(self.now())}
         with self.lock:
             self.invoices.append(inv)
@@ -509,5 +612,6 @@ class FakeStripe(FakeServer):
             items = [i for i in items if i["status"] == req.q("status")]
         if req.q("subscription"):
             items = [i for i in items
-                     if i["subscription"] == req.q("subscription")]
+                     if i["parent"]["subscription_details"]["subscription"]
+                     == req.q("subscription")]
         return Response(200, paginate_cursor(items, req))

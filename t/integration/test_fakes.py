@@ -87,9 +87,12 @@ def test_stripe_form_only(stripe):
 
 def test_stripe_identifier_dedupe(stripe):
     assert meter_event(stripe, "id-1", 7)[0] == 200
-    s, _, b = meter_event(stripe, "id-1", 7)
-    assert s == 400
-    assert b["error"]["code"] == "resource_already_exists"
+    s, h, b = meter_event(stripe, "id-1", 7)
+    # as reported by users (PROVIDERS.md): no code, Should-Retry false
+    assert s == 400 and h["Stripe-Should-Retry"] == "false"
+    assert b["error"]["type"] == "invalid_request_error"
+    assert b["error"]["message"].startswith(
+        "An event already exists with identifier id-1")
     assert meter_event(stripe, "id-2", 3)[0] == 200
     assert meter_event(stripe, "id-3", 4, customer="cus_2")[0] == 200
     assert stripe.total("cus_1", "api_calls") == 10
@@ -120,6 +123,46 @@ def test_stripe_saved_500_is_replayed(stripe):
     assert stripe.total("cus_1", "api_calls") == 2
 
 
+def test_stripe_memory_expires_after_24h(stripe):
+    clock = [time.time()]
+    ts = int(clock[0]) - 60
+    stripe.now = lambda: clock[0]
+    assert meter_event(stripe, "w1", 5, key="wk", ts=ts)[0] == 200
+    clock[0] += 23 * 3600
+    s, h, _ = meter_event(stripe, "w1", 5, key="wk", ts=ts)
+    assert s == 200 and h["Idempotent-Replayed"] == "true"
+    assert meter_event(stripe, "w1", 5, ts=ts)[0] == 400
+    # past the window both are forgotten: the same event counts again
+    clock[0] += 2 * 3600
+    s, h, _ = meter_event(stripe, "w1", 5, key="wk", ts=ts)
+    assert s == 200 and h.get("Idempotent-Replayed") is None
+    assert stripe.total("cus_1", "api_calls") == 10
+
+
+def test_stripe_version_and_usage_records_removed(stripe):
+    s, _, b = call(stripe.url + "/v1/subscription_items/si_1/usage_records",
+                   "POST", {"quantity": "3"},
+                   {"Authorization": "Bearer sk_test_abc",
+                    "Stripe-Version": "2025-03-31.basil"})
+    assert s == 400 and "not supported" in b["error"]["message"]
+    s, _, _ = call(stripe.url + "/v1/subscription_items/si_1/usage_records",
+                   "POST", {"quantity": "3"},
+                   {"Authorization": "Bearer sk_test_abc",
+                    "Stripe-Version": "2025-02-24.acacia"})
+    assert s == 200
+    assert stripe.versions[-2:] == ["2025-03-31.basil", "2025-02-24.acacia"]
+
+
+def test_stripe_v2_event_fetch(stripe):
+    thin = stripe.error_report(["a" * 32])
+    assert isinstance(thin["created"], str) and "data" not in thin
+    s, _, b = call(stripe.url + "/v2/core/events/" + thin["id"],
+                   headers={"Authorization": "Bearer sk_test_abc"})
+    assert s == 200
+    sample = b["data"]["reason"]["error_types"][0]["sample_errors"][0]
+    assert sample["request"]["identifier"] == "a" * 32
+
+
 def test_stripe_timestamp_window_and_values(stripe):
     now = int(time.time())
     s, _, b = meter_event(stripe, "old", 1, ts=now - 35 * 86400 - 10)
@@ -134,7 +177,10 @@ def test_stripe_timestamp_window_and_values(stripe):
 def test_stripe_429_retry_after(stripe):
     stripe.rate_limit_next(1, retry_after=3)
     s, h, b = meter_event(stripe, "r1", 1, key="rk")
-    assert s == 429 and h["Retry-After"] == "3"
+    # Stripe documents no Retry-After for 429 (stripe-node's
+    # _getSleepTimeInMS backs off on its own)
+    assert s == 429 and h.get("Retry-After") is None
+    assert b["error"]["code"] == "rate_limit"
     # 429s are not saved under the key
     assert meter_event(stripe, "r1", 1, key="rk")[0] == 200
     assert stripe.total("cus_1", "api_calls") == 1

@@ -228,7 +228,7 @@ def test_stripe_lost_answer_counts_once(redis, tmp_path):
         seed, customers, worker = stripe_setup(
             redis, tmp_path, fake, **{"stripe.timeout": "1s"})
         # processed, then the answer never comes: twice
-        fake.hang_next(2, seconds=3, after=True)
+        fake.hang_next(2, seconds=3, after=True, match=r"/meter_events$")
         r = worker.run(now_hour())
         assert r.returncode == 0, r.stderr
         assert stripe_totals(fake, seed, customers) == seed.expected

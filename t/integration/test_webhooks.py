@@ -469,3 +469,65 @@ def test_test_config_checks_webhook_settings(redis, tmp_path):
     r = check("stripe.webhook_secret_file = %s" % secret)
     assert r.returncode == 0, r.stderr
     assert "whsec_test_secret" not in r.stdout + r.stderr
+
+
+def test_stripe_dunning_end_does_not_flip_flop(stripe_hooks, redis, tmp_path):
+    """Owed money (PROVIDERS.md): a subscription cancelled at the end of
+    dunning leaves an uncollectible invoice; neither a later webhook nor
+    the poll clears the customer until it is paid."""
+    h = stripe_hooks
+    inv = h.fake.add_invoice(h.cus, "open", subscription=h.sub)
+    st, body = stfake.send_webhook(h.url, "invoice.payment_failed", inv,
+                                   SECRET)
+    assert st == 200, body
+    assert h.b.status("acme") == ("delinquent", "invoice_overdue", "sync")
+    # dunning gives up: the invoice is uncollectible, the subscription ends
+    h.fake.set_invoice_status(inv["id"], "uncollectible")
+    sub = h.fake.set_subscription_status(h.sub, "canceled")
+    st, body = stfake.send_webhook(h.url, "customer.subscription.deleted",
+                                   sub, SECRET, created=time.time() + 1)
+    assert st == 200, body
+    assert h.b.status("acme")[0] == "delinquent"
+    # another invoice paid: the uncollectible one is still owed
+    paid = h.fake.add_invoice(h.cus, "paid", subscription=h.sub)
+    st, body = stfake.send_webhook(h.url, "invoice.paid", paid, SECRET,
+                                   created=time.time() + 2)
+    assert st == 200, body
+    assert h.b.status("acme")[0] == "delinquent"
+    wait_for(lambda: call(h.n, "mk_test_hook_1") == 402, 5)
+    # the poll agrees
+    poll = Billing(tmp_path / "poll", redis, "stripe", h.fake)
+    poll.sync()
+    assert h.b.status("acme")[0] == "delinquent"
+    # paid at last: the webhook clears, and the poll keeps it cleared
+    h.fake.set_invoice_status(inv["id"], "paid")
+    st, body = stfake.send_webhook(h.url, "invoice.paid", inv, SECRET,
+                                   created=time.time() + 3)
+    assert st == 200, body
+    assert h.b.cust("acme")["status"] == "active"
+    poll.sync()
+    assert h.b.cust("acme")["status"] == "active"
+    wait_for(lambda: call(h.n, "mk_test_hook_1") == 200, 5)
+
+
+def test_stripe_thin_error_report_dead_letters(stripe_hooks, redis):
+    """v1.billing.meter.error_report_triggered: a thin v2 event (created a
+    string, no data) signed like the others; the event is fetched and the
+    records it names are dead-lettered with the error code."""
+    h = stripe_hooks
+    rid = "0123456789abcdef0123456789abcdef"
+    thin = h.fake.error_report([rid, "not-ours"], code="archived_meter")
+    st, body = stfake.send_payload(h.url, json.dumps(thin).encode(), SECRET)
+    assert st == 200, body
+    assert h.fake.requests_to("GET", "/v2/core/events/" + thin["id"])
+    rec = redis.hgetall("mtr:{worker}:r:" + rid)
+    assert rec["state"] == "dead" and rec["error_code"] == "archived_meter"
+    assert rec["rejected_by"] == thin["id"]
+    assert redis.cmd("ZSCORE", "mtr:{worker}:dead", rid) is not None
+    out = h.b.ctl("status").stdout
+    assert rid in out and "archived_meter" in out
+    # unsigned: refused, nothing fetched
+    n = len(h.fake.requests)
+    st, _ = stfake.post(h.url, json.dumps(thin).encode(),
+                        {"Content-Type": "application/json"})
+    assert st == 400 and len(h.fake.requests) == n

@@ -313,11 +313,13 @@ test_stripe_overdue_pages(void **state)
     will_return(__wrap_meter_http_perform, &page1);
     will_return(__wrap_meter_http_perform, &page2);
     will_return(__wrap_meter_http_perform, &empty);
+    will_return(__wrap_meter_http_perform, &empty);
+    will_return(__wrap_meter_http_perform, &empty);
 
     n = 0;
     assert_int_equal(p.overdue(&p, count_cb, &n, &res), 0);
     assert_int_equal(n, 3);
-    assert_int_equal(nseen, 3);
+    assert_int_equal(nseen, 5);
     assert_string_equal(seen[0].url, "http://fake/v1/subscriptions?"
                         "status=past_due&limit=100");
     assert_string_equal(seen[1].url, "http://fake/v1/subscriptions?"
@@ -330,6 +332,103 @@ test_stripe_overdue_pages(void **state)
     will_return(__wrap_meter_http_perform, &page1);
     will_return(__wrap_meter_http_perform, &e500);
     assert_int_equal(p.overdue(&p, count_cb, &n, &res), -1);
+
+    p.cleanup(&p);
+    meter_conf_free(cf);
+}
+
+
+/* "incomplete" is a prefix of "incomplete_expired": whole words only, so
+ * a rerun finds the incomplete subscription instead of making a second */
+static void
+test_stripe_onboard_incomplete_found(void **state)
+{
+    meter_conf_t            *cf;
+    meter_provider_t         p;
+    meter_onboard_t          in = { "acme", "a@x.io", NULL, NULL };
+    meter_send_result_t      res;
+    meter_onboard_result_t   out;
+
+    static const answer_t  found = { 200, "{\"data\":[{\"id\":\"cus_1\","
+        "\"metadata\":{\"nginx_meter_customer\":\"acme\"}}],"
+        "\"has_more\":false}", 0 };
+    static const answer_t  subs = { 200, "{\"data\":["
+        "{\"id\":\"sub_0\",\"status\":\"incomplete_expired\",\"metadata\":"
+        "{\"nginx_meter_customer\":\"acme\"}},"
+        "{\"id\":\"sub_1\",\"status\":\"incomplete\",\"metadata\":"
+        "{\"nginx_meter_customer\":\"acme\"}}],\"has_more\":false}", 0 };
+    static const answer_t  sub = { 200, "{\"id\":\"sub_1\",\"status\":"
+        "\"incomplete\",\"items\":{\"data\":[]}}", 0 };
+
+    (void) state;
+
+    cf = provider(&p, "stripe", "plan.default.stripe_price = price_c\n");
+
+    will_return(__wrap_meter_http_perform, &found);
+    will_return(__wrap_meter_http_perform, &subs);
+    will_return(__wrap_meter_http_perform, &sub);
+
+    assert_int_equal(p.onboard(&p, &in, &out, &res), METER_SEND_OK);
+    assert_string_equal(out.subscription, "sub_1");
+    assert_int_equal(nseen, 3);
+    assert_string_equal(seen[2].method, "GET");
+    assert_string_equal(seen[2].url, "http://fake/v1/subscriptions/sub_1");
+
+    p.cleanup(&p);
+    meter_conf_free(cf);
+}
+
+
+/* open invoices count once Stripe tried to collect them or they are past
+ * due; uncollectible ones always (dunning gave up, still owed) */
+static void
+test_stripe_overdue_invoices(void **state)
+{
+    int                   n;
+    char                  body[1024];
+    meter_conf_t         *cf;
+    meter_provider_t      p;
+    meter_send_result_t   res;
+    answer_t              open;
+
+    static const answer_t  unc = { 200, "{\"data\":[{\"id\":\"in_4\","
+        "\"status\":\"uncollectible\",\"customer\":\"cus_4\",\"parent\":"
+        "{\"subscription_details\":{\"subscription\":\"sub_4\"}}}],"
+        "\"has_more\":false}", 0 };
+
+    (void) state;
+
+    snprintf(body, sizeof(body), "{\"data\":["
+             "{\"id\":\"in_1\",\"status\":\"open\",\"customer\":\"cus_1\","
+             "\"attempted\":false,\"due_date\":null,\"subscription\":\"s1\"},"
+             "{\"id\":\"in_2\",\"status\":\"open\",\"customer\":\"cus_2\","
+             "\"attempted\":true,\"subscription\":\"s2\"},"
+             "{\"id\":\"in_3\",\"status\":\"open\",\"customer\":\"cus_3\","
+             "\"attempted\":false,\"due_date\":%lld,\"subscription\":\"s3\"},"
+             "{\"id\":\"in_5\",\"status\":\"open\",\"customer\":\"cus_5\","
+             "\"attempted\":false,\"due_date\":%lld,\"subscription\":\"s5\"}"
+             "],\"has_more\":false}", (long long) time(NULL) - 60,
+             (long long) time(NULL) + 86400);
+    open.status = 200;
+    open.body = body;
+    open.replayed = 0;
+
+    cf = provider(&p, "stripe", "");
+
+    will_return(__wrap_meter_http_perform, &empty);
+    will_return(__wrap_meter_http_perform, &empty);
+    will_return(__wrap_meter_http_perform, &open);
+    will_return(__wrap_meter_http_perform, &unc);
+
+    n = 0;
+    assert_int_equal(p.overdue(&p, count_cb, &n, &res), 0);
+    /* in_2 (attempted), in_3 (past due), in_4 (uncollectible) */
+    assert_int_equal(n, 3);
+    assert_int_equal(nseen, 4);
+    assert_string_equal(seen[2].url, "http://fake/v1/invoices?"
+                        "status=open&limit=100");
+    assert_string_equal(seen[3].url, "http://fake/v1/invoices?"
+                        "status=uncollectible&limit=100");
 
     p.cleanup(&p);
     meter_conf_free(cf);
@@ -423,6 +522,8 @@ main(void)
         cmocka_unit_test(test_stripe_onboard),
         cmocka_unit_test(test_stripe_onboard_retry),
         cmocka_unit_test(test_stripe_overdue_pages),
+        cmocka_unit_test(test_stripe_onboard_incomplete_found),
+        cmocka_unit_test(test_stripe_overdue_invoices),
         cmocka_unit_test(test_chargebee_onboard_duplicate),
         cmocka_unit_test(test_recurly_onboard_get_first),
     };

@@ -42,6 +42,7 @@ typedef struct {
     char                        url[512];
     char                        body[1024];
     char                        header[300];    /* headers[0] */
+    char                        headers[600];   /* all, "\n"-separated */
     char                        content_type[64];
     char                        accept[64];
     char                        secret[64];
@@ -63,6 +64,7 @@ int
 __wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
     meter_http_resp_t *resp)
 {
+    int                   i;
     seen_t               *s;
     const fake_answer_t  *a;
 
@@ -80,6 +82,11 @@ __wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
     }
     snprintf(s->header, sizeof(s->header), "%s",
              req->headers[0] != NULL ? req->headers[0] : "");
+    for (i = 0; req->headers[i] != NULL; i++) {
+        snprintf(s->headers + strlen(s->headers),
+                 sizeof(s->headers) - strlen(s->headers), "%s\n",
+                 req->headers[i]);
+    }
     snprintf(s->content_type, sizeof(s->content_type), "%s",
              req->content_type != NULL ? req->content_type : "");
     snprintf(s->accept, sizeof(s->accept), "%s",
@@ -217,7 +224,9 @@ group_teardown(void **state)
     "stripe.api_key_file = %s\n"                                             \
     "stripe.base_url = http://127.0.0.1:9/\n"                                \
     "stripe.max_rps = 0\n"                                                   \
-    "stripe.max_attempts = 2\n"
+    "stripe.max_attempts = 2\n"                                              \
+    "stripe.invoice_grace = 72h\n"  /* records of 2 h ago are not late */   \
+
 
 
 /* ---------------------------------------------------------------- stripe */
@@ -257,6 +266,10 @@ test_stripe_meter_event(void **state)
     assert_string_equal(seen[0].body, want);
     assert_string_equal(seen[0].header,
                         "Idempotency-Key: 0123456789abcdef0123456789abcdef");
+    /* stripe-node src/apiVersion.ts: the default version */
+    assert_string_equal(seen[0].headers,
+                        "Idempotency-Key: 0123456789abcdef0123456789abcdef\n"
+                        "Stripe-Version: 2026-07-29.dahlia\n");
     assert_string_equal(seen[0].content_type,
                         "application/x-www-form-urlencoded");
     assert_int_equal(seen[0].auth, METER_HTTP_AUTH_BEARER);
@@ -443,7 +456,8 @@ test_stripe_usage_records(void **state)
     (void) state;
 
     start(&p, meter_provider_stripe, STRIPE_CONF
-          "stripe.mode = usage_records\n");
+          "stripe.mode = usage_records\n"
+          "stripe.api_version = 2025-02-24.acacia\n");
     record(&rec, recent_hour());
     rec.subscription_item = "si_7/x";
 
@@ -505,6 +519,9 @@ test_stripe_stream(void **state)
                         "meter_event_stream");
     assert_string_equal(seen[1].secret, "mes_tok1");
     assert_string_equal(seen[1].content_type, "application/json");
+    /* v2 calls carry the version too */
+    assert_string_equal(seen[0].headers, "Stripe-Version: 2026-07-29.dahlia\n");
+    assert_string_equal(seen[1].headers, "Stripe-Version: 2026-07-29.dahlia\n");
     meter_rfc3339(rec.period_end - 1, ts, sizeof(ts));
     snprintf(want, sizeof(want), "{\"events\":[{\"payload\":"
              "{\"stripe_customer_id\":\"cus_123\",\"value\":\"25\"},"
@@ -521,6 +538,224 @@ test_stripe_stream(void **state)
     assert_string_equal(seen[2].secret, "mes_tok1");
     assert_string_equal(seen[4].secret, "mes_tok2");
 
+    p.cleanup(&p);
+}
+
+
+static void
+test_stripe_version(void **state)
+{
+    char                  err[512];
+    meter_conf_t         *cf;
+    meter_record_t        rec;
+    meter_provider_t      p;
+    meter_send_result_t   res;
+
+    static const fake_answer_t  ok = { 200, "{}", 0 };
+
+    static const char  *bad[] = {
+        STRIPE_CONF "stripe.api_version = 2025-3-31\n",
+        STRIPE_CONF "stripe.api_version = 2025-03-31.Basil\n",
+        STRIPE_CONF "stripe.api_version = 2025-03-31.\n",
+        /* usage records were removed in basil: the default is too new */
+        STRIPE_CONF "stripe.mode = usage_records\n",
+        STRIPE_CONF "stripe.mode = usage_records\n"
+                    "stripe.api_version = 2025-03-31.basil\n",
+        NULL
+    };
+    int  i;
+
+    (void) state;
+
+    start(&p, meter_provider_stripe, STRIPE_CONF
+          "stripe.api_version = 2025-02-24.acacia\n");
+    record(&rec, recent_hour());
+
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_string_equal(seen[0].headers,
+                        "Idempotency-Key: 0123456789abcdef0123456789abcdef\n"
+                        "Stripe-Version: 2025-02-24.acacia\n");
+    p.cleanup(&p);
+
+    for (i = 0; bad[i] != NULL; i++) {
+        cf = load_conf(bad[i]);
+        meter_provider_stripe(&p);
+        err[0] = '\0';
+        assert_int_equal(p.init(&p, cf, err, sizeof(err)), -1);
+        if (i < 3) {
+            assert_non_null(strstr(err, "stripe.api_version: "));
+
+        } else {
+            assert_non_null(strstr(err, "stripe.mode = usage_records needs "
+                                        "stripe.api_version before "
+                                        "2025-03-31.basil"));
+        }
+
+        meter_conf_free(cf);
+    }
+}
+
+
+/* meter_http_t is the first member of the provider's state */
+static double
+stripe_rps(const char *key, const char *extra)
+{
+    int               fd;
+    char              path[] = "/tmp/test_providers_live_XXXXXX";
+    char              text[1024], err[512];
+    double            rps;
+    FILE             *f;
+    meter_conf_t     *cf;
+    meter_provider_t  p;
+    char              conf[] = "/tmp/test_providers_c_XXXXXX";
+
+    fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, key, strlen(key)), (ssize_t) strlen(key));
+    close(fd);
+
+    snprintf(text, sizeof(text), "provider = stripe\nstripe.api_key_file = "
+             "%s\n%s", path, extra);
+    fd = mkstemp(conf);
+    assert_true(fd >= 0);
+    f = fdopen(fd, "w");
+    fputs(text, f);
+    fclose(f);
+
+    cf = meter_conf_load(conf, err, sizeof(err));
+    assert_non_null(cf);
+    meter_provider_stripe(&p);
+    assert_int_equal(p.init(&p, cf, err, sizeof(err)), 0);
+    rps = ((meter_http_t *) p.data)->max_rps;
+
+    p.cleanup(&p);
+    meter_conf_free(cf);
+    unlink(conf);
+    unlink(path);
+
+    return rps;
+}
+
+
+static void
+test_stripe_rps_defaults(void **state)
+{
+    (void) state;
+
+    /* sandbox calls count against the basic 25/s */
+    assert_true(stripe_rps("sk_test_abc\n", "") == 25);
+    assert_true(stripe_rps("rk_test_abc\n", "") == 25);
+    /* live: the meter-event limit; usage records: the global 100/s */
+    assert_true(stripe_rps("sk_live_abc\n", "") == 1000);
+    assert_true(stripe_rps("sk_live_abc\n", "stripe.mode = "
+                           "meter_event_stream\n") == 1000);
+    assert_true(stripe_rps("sk_live_abc\n", "stripe.mode = usage_records\n"
+                           "stripe.api_version = 2025-02-24.acacia\n")
+                == 100);
+    assert_true(stripe_rps("sk_test_abc\n", "stripe.max_rps = 7\n") == 7);
+}
+
+
+static void
+test_stripe_lookup_past_window(void **state)
+{
+    char                 want[512];
+    time_t               hour;
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  meters = { 200, "{\"object\":\"list\","
+        "\"data\":[{\"id\":\"mtr_0\",\"event_name\":\"other\"},"
+        "{\"id\":\"mtr_1\",\"event_name\":\"api_calls\","
+        "\"default_aggregation\":{\"formula\":\"sum\"}}],"
+        "\"has_more\":false}", 0 };
+    static const fake_answer_t  s25 = { 200, "{\"object\":\"list\","
+        "\"data\":[{\"object\":\"billing.meter_event_summary\","
+        "\"aggregated_value\":25}],\"has_more\":false}", 0 };
+    static const fake_answer_t  s0 = { 200, "{\"object\":\"list\","
+        "\"data\":[{\"aggregated_value\":0}],\"has_more\":false}", 0 };
+    static const fake_answer_t  s30 = { 200, "{\"object\":\"list\","
+        "\"data\":[{\"aggregated_value\":30}],\"has_more\":false}", 0 };
+    static const fake_answer_t  one = { 200, "{\"id\":\"mtr_9\","
+        "\"event_name\":\"api_calls\",\"default_aggregation\":"
+        "{\"formula\":\"count\"}}", 0 };
+    static const fake_answer_t  s1 = { 200, "{\"data\":"
+        "[{\"aggregated_value\":1}],\"has_more\":false}", 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_stripe, STRIPE_CONF);
+    hour = (time(NULL) / 3600 - 30) * 3600;
+    record(&rec, hour);
+    rec.seq = 1;
+
+    /* first sent within the 24 h: the identifier dedupes, no lookup */
+    rec.created = time(NULL) - 3600;
+    assert_int_equal(p.lookup(&p, &rec, &res), 0);
+    assert_int_equal(nseen, 0);
+
+    /* 25 h ago: Stripe's count of the period decides */
+    rec.created = time(NULL) - 25 * 3600;
+    will_return(__wrap_meter_http_perform, &meters);
+    will_return(__wrap_meter_http_perform, &s25);
+    assert_int_equal(p.lookup(&p, &rec, &res), 1);
+    assert_int_equal(nseen, 2);
+    assert_string_equal(seen[0].url,
+                        "http://127.0.0.1:9/v1/billing/meters?limit=100");
+    snprintf(want, sizeof(want), "http://127.0.0.1:9/v1/billing/meters/mtr_1"
+             "/event_summaries?customer=cus_123&start_time=%lld"
+             "&end_time=%lld", (long long) hour, (long long) hour + 3600);
+    assert_string_equal(seen[1].url, want);
+    assert_string_equal(seen[1].method, "GET");
+    assert_non_null(strstr(seen[1].headers, "Stripe-Version: "));
+
+    /* nothing there: resend (the meter is cached) */
+    nseen = 0;
+    will_return(__wrap_meter_http_perform, &s0);
+    assert_int_equal(p.lookup(&p, &rec, &res), 0);
+    assert_int_equal(nseen, 1);
+
+    /* another amount: cannot tell, dead letter with the numbers */
+    nseen = 0;
+    will_return(__wrap_meter_http_perform, &s30);
+    assert_int_equal(p.lookup(&p, &rec, &res), -2);
+    assert_non_null(strstr(res.error, "Stripe counts 30 (sum) for cus_123, "
+                                      "api_calls"));
+    assert_non_null(strstr(res.error, "this record 25 (record 1"));
+
+    /* a later record of the period: its share cannot be told apart */
+    rec.seq = 2;
+    will_return(__wrap_meter_http_perform, &s25);
+    assert_int_equal(p.lookup(&p, &rec, &res), -2);
+
+    /* without a created time the period's end bounds the first send */
+    rec.seq = 1;
+    rec.created = 0;
+    will_return(__wrap_meter_http_perform, &s25);
+    assert_int_equal(p.lookup(&p, &rec, &res), 1);
+
+    p.cleanup(&p);
+
+    /* the meter id from the config; a "count" meter counts one event */
+    start(&p, meter_provider_stripe, STRIPE_CONF
+          "stripe.meter_id.calls = mtr_9\n");
+    rec.created = time(NULL) - 25 * 3600;
+    will_return(__wrap_meter_http_perform, &one);
+    will_return(__wrap_meter_http_perform, &s1);
+    assert_int_equal(p.lookup(&p, &rec, &res), 1);
+    assert_string_equal(seen[0].url,
+                        "http://127.0.0.1:9/v1/billing/meters/mtr_9");
+    p.cleanup(&p);
+
+    /* usage records carry no identifier: nothing to read back */
+    start(&p, meter_provider_stripe, STRIPE_CONF
+          "stripe.mode = usage_records\n"
+          "stripe.api_version = 2025-02-24.acacia\n");
+    assert_int_equal(p.lookup(&p, &rec, &res), -2);
+    assert_int_equal(nseen, 0);
+    assert_non_null(strstr(res.error, "more than 24 h ago"));
     p.cleanup(&p);
 }
 
@@ -905,6 +1140,9 @@ main(void)
         cmocka_unit_test(test_stripe_usage_records),
         cmocka_unit_test(test_stripe_stream),
         cmocka_unit_test(test_stripe_init_errors),
+        cmocka_unit_test(test_stripe_version),
+        cmocka_unit_test(test_stripe_rps_defaults),
+        cmocka_unit_test(test_stripe_lookup_past_window),
         cmocka_unit_test(test_chargebee_usage),
         cmocka_unit_test(test_chargebee_400_checks_usage_id),
         cmocka_unit_test(test_recurly_usage),

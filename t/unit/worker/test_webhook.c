@@ -10,7 +10,7 @@
  */
 
 
-/* wrap: meter_gov_find_customer meter_gov_set_status meter_gov_project meter_redis_argv */
+/* wrap: meter_gov_find_customer meter_gov_set_status meter_gov_project meter_redis_argv meter_http_perform */
 
 
 #include <stdarg.h>
@@ -28,6 +28,7 @@
 
 #include "config.h"
 #include "gov.h"
+#include "http.h"
 #include "provider_util.h"
 #include "webhook.h"
 
@@ -116,6 +117,32 @@ __wrap_meter_gov_project(meter_redis_t *r, const char *customer, char *err,
     check_expected_ptr(customer);
 
     return mock_type(int);
+}
+
+
+/* Stripe's owed-money check before a "paid" event clears a customer:
+ * nothing listed as owed */
+int __wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
+    meter_http_resp_t *resp);
+
+int
+__wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
+    meter_http_resp_t *resp)
+{
+    static const char  empty[] = "{\"object\":\"list\",\"data\":[],"
+                                 "\"has_more\":false}";
+
+    (void) h;
+    (void) req;
+
+    meter_buf_reset(&resp->body);
+    resp->status = 200;
+    resp->retry_after = -1;
+    resp->should_retry = -1;
+    resp->replayed = 0;
+    resp->error[0] = '\0';
+
+    return meter_buf_append(&resp->body, empty, sizeof(empty) - 1);
 }
 
 
