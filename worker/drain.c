@@ -130,6 +130,7 @@ typedef struct {
     time_t                      period_start;
     time_t                      period_end;
     uint64_t                    quantity;
+    time_t                      created;        /* before its first send */
     long                        attempts;
     long                        http_status;    /* of the accepted send */
     int                         accepted;
@@ -1104,6 +1105,12 @@ meter_drain_send(meter_drain_t *d, meter_rec_t *r, int count)
         freeReplyObject(rp);
     }
 
+    /* a record stored before "created" was kept: its hour's end is the
+     * earliest it can have been sent */
+    if (r->attempts > 1) {
+        pr.first_sent = r->created > 0 ? r->created : r->period_end;
+    }
+
     found = 0;
 
     if (r->attempts > 1 && d->provider->lookup != NULL) {
@@ -1532,6 +1539,8 @@ meter_drain_record(meter_drain_t *d, const char *id)
     v = meter_reply_hget(rec, "period_end");
     r.period_end = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
     r.quantity = strtoull(r.q != NULL ? r.q : "0", NULL, 10);
+    v = meter_reply_hget(rec, "created");
+    r.created = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
 
     rs = &r;
 

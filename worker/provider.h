@@ -42,6 +42,11 @@ typedef struct {
     time_t                      period_start;   /* UTC, inclusive */
     time_t                      period_end;     /* UTC, exclusive */
     uint64_t                    quantity;       /* > 0 */
+    time_t                      first_sent;     /* an earlier attempt was
+                                                 * made then (the record's
+                                                 * "created"), its outcome
+                                                 * maybe unknown; 0: this
+                                                 * is the first attempt */
 } meter_record_t;
 
 

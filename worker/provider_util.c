@@ -355,6 +355,17 @@ meter_webhook_invalid(meter_webhook_event_t *ev, int status, const char *msg)
 
 
 int
+meter_past_window(const meter_record_t *rec, time_t now, time_t window)
+{
+    if (rec->first_sent <= 0) {
+        return 0;
+    }
+
+    return now - rec->first_sent > window;
+}
+
+
+int
 meter_copy(char *dst, size_t size, const char *s)
 {
     size_t  n;

@@ -98,6 +98,14 @@ meter_send_e meter_http_json(meter_http_t *h, const meter_http_req_t *req,
 void meter_webhook_invalid(meter_webhook_event_t *ev, int status,
     const char *msg);
 
+/*
+ * 1 when an earlier attempt of rec was made more than window seconds
+ * before now: a provider whose dedupe forgets ids after window would count
+ * a resend twice, so it must read its own count back or dead-letter the
+ * record; 0 otherwise (first attempt, or still inside the window)
+ */
+int meter_past_window(const meter_record_t *rec, time_t now, time_t window);
+
 /* copies s into dst (size) when it fits; 0 or -1 */
 int meter_copy(char *dst, size_t size, const char *s);
 

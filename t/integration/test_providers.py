@@ -7,6 +7,7 @@ reruns; a 400 is dead-lettered, not dropped."""
 import datetime
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -378,6 +379,130 @@ def test_recurly_lost_answer_looked_up_not_resent(redis, tmp_path):
         assert len(fake.requests_to("GET", r"/usage$")) >= 1
         tags = [u["merchant_tag"] for u in fake.usages]
         assert len(set(tags)) == 4
+
+
+def recurly_setup(redis, tmp_path, fake, **extra):
+    seed = Seed(redis)
+    for c in ("acme", "globex"):
+        fake.add_subscription("sub_" + c, add_ons=["api_calls"])
+        seed.customer(c, "recurly", provider_customer="acct_" + c,
+                      subscription="sub_" + c)
+        seed.key("key_" + c, c)
+        for i, h in enumerate((hours_ago(2), hours_ago(4))):
+            seed.usage("key_" + c, c, "calls", h, [300 + i, 11])
+    settings = {"recurly.base_url": fake.url,
+                "recurly.api_key_file": "@KEY@", "_api_key": RK,
+                "recurly.timeout": "1s", "recurly.backoff": "50ms",
+                "recurly.max_rps": 0, "meter.calls": "api_calls"}
+    settings.update(extra)
+    return seed, Worker(tmp_path / "w", redis, "recurly", settings)
+
+
+def recurly_exact(fake, seed):
+    for c in ("acme", "globex"):
+        assert fake.total("sub_" + c, "api_calls") == \
+            seed.expected[(c, "calls")]
+    assert len(fake.usages) == 4
+
+
+def test_recurly_addon_code_prefix_and_idempotency_key(redis, tmp_path):
+    with FakeRecurly(api_key=RK) as fake:
+        seed, worker = recurly_setup(redis, tmp_path, fake)
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        recurly_exact(fake, seed)
+        posts = fake.requests_to("POST", r"/usage$")
+        assert len(posts) == 4
+        assert all("/add_ons/code-api_calls/" in p.path for p in posts)
+        assert all(p.headers["Idempotency-Key"] == p.json["merchant_tag"]
+                   for p in posts)
+
+
+def test_recurly_invoiced_before_retry_not_resent(redis, tmp_path):
+    """The first usage is stored, its answer lost, and invoiced before the
+    retry: the lookup must see billed usage (billing_status=all)."""
+    with FakeRecurly(api_key=RK) as fake:
+        seed, worker = recurly_setup(redis, tmp_path, fake)
+        fake.hang_next(1, seconds=3, after=True)
+        done = threading.Event()
+
+        def invoice():
+            while not done.is_set():
+                with fake.lock:
+                    if fake.usages:
+                        fake.invoice_usage(fake.usages[0]["subscription_id"])
+                        return
+                time.sleep(0.01)
+
+        t = threading.Thread(target=invoice)
+        t.start()
+        try:
+            r = worker.run(now_hour())
+        finally:
+            done.set()
+            t.join()
+        assert r.returncode == 0, r.stderr
+        assert fake.usages[0]["billed_at"] is not None
+        recurly_exact(fake, seed)
+        gets = fake.requests_to("GET", r"/usage$")
+        assert gets and all(g.q("billing_status") == "all"
+                            and g.q("order") == "asc"
+                            and g.q("sort") == "usage_timestamp"
+                            and g.q("begin_time") for g in gets)
+
+
+@pytest.mark.parametrize("style", ["url", "path"])
+def test_recurly_lookup_follows_next(redis, tmp_path, style):
+    with FakeRecurly(api_key=RK, next_style=style) as fake:
+        seed, worker = recurly_setup(redis, tmp_path, fake)
+        # other usage at the same instant: the lookup needs page 2
+        for i in range(3):
+            fake.usages.append({
+                "id": "other%d" % i, "subscription_id": "sub_acme",
+                "add_on_code": "api_calls", "amount": 0,
+                "merchant_tag": "other%d" % i,
+                "usage_timestamp": iso(hours_ago(4)),
+                "recording_timestamp": iso(hours_ago(4)),
+                "billed_at": None, "created_at": iso(hours_ago(5))})
+        fake.max_limit = 2
+        fake.hang_next(1, seconds=3, after=True,
+                       match=lambda q: q.method == "POST"
+                       and "sub_acme" in q.path
+                       and q.json["usage_timestamp"] == iso(hours_ago(4)))
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert fake.total("sub_acme", "api_calls") == \
+            seed.expected[("acme", "calls")]
+        assert len(fake.usages) == 7
+        cursors = [g.q("cursor") for g in fake.requests_to("GET", r"/usage$")]
+        assert "2" in cursors
+
+
+def test_recurly_rate_limit_reset_honoured(redis, tmp_path):
+    """Recurly sends X-RateLimit-Remaining/Reset, no Retry-After: the
+    worker waits for the reset instead of spending requests on 429s."""
+    with FakeRecurly(api_key=RK, rate_limit=3, rate_window=2) as fake:
+        seed, worker = recurly_setup(redis, tmp_path, fake)
+        t0 = time.time()
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        recurly_exact(fake, seed)
+        assert fake.limited == 0
+        posts = fake.requests_to("POST", r"/usage$")
+        assert posts[3].time - posts[0].time >= 1.0
+        assert time.time() - t0 < 30
+
+
+def test_recurly_429_waits_for_reset(redis, tmp_path):
+    with FakeRecurly(api_key=RK) as fake:
+        seed, worker = recurly_setup(redis, tmp_path, fake)
+        fake.rate_limit_next(1, reset_in=2)
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        recurly_exact(fake, seed)
+        posts = fake.requests_to("POST", r"/usage$")
+        assert len(posts) == 5
+        assert posts[1].time - posts[0].time >= 1.0
 
 
 # ---------------------------------------------------------------- http
