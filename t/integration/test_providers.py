@@ -557,3 +557,109 @@ def test_lago_resend_after_lost_answer(redis, tmp_path):
         posts = lg.requests_to("POST", r"/api/v1/events$")
         assert len(posts) == 3
         assert posts[0].json == posts[1].json
+
+
+def _age_first_send(redis, fake, seconds):
+    """Once the fake saw a request: every stored record's first send is
+    made `seconds` older, and the fake's clock jumps as far ahead (its
+    dedupe memory of that send expires)."""
+    def run():
+        deadline = time.time() + 20
+        while time.time() < deadline and not fake.requests:
+            time.sleep(0.01)
+        for k in redis.cmd("KEYS", "mtr:{worker}:r:*") or []:
+            redis.cmd("HSET", k, "created",
+                      str(int(time.time()) - seconds))
+        fake.now = lambda: time.time() + seconds
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("ttl,window", [(86400, "24h"), (None, "0")])
+def test_openmeter_unknown_outcome_past_window_dead_lettered(
+        redis, tmp_path, ttl, window):
+    """A lost answer, and the retry only after OpenMeter's dedupe window
+    (or with dedupe off): not resent blindly, dead-lettered with that
+    reason; OpenMeter counted the usage once."""
+    with FakeOpenMeter(token="om_tok", dedupe_ttl=ttl) as om:
+        seed = ingest_seed(redis)
+        w = Worker(tmp_path / "om", redis, "http", {
+            "http.url": om.url + "/api/v1/events", "http.format": "openmeter",
+            "http.auth_file": "@KEY@", "_api_key": "om_tok",
+            "http.timeout": "1s", "http.backoff": "50ms",
+            "http.max_attempts": 1,
+            "http.dedupe_window": window, "meter.calls": "api-calls"})
+        om.hang_next(1, seconds=3, after=True)
+        t = _age_first_send(redis, om, 25 * 3600 if ttl else 5)
+        r = w.run(now_hour())
+        t.join()
+        assert r.returncode == 65, r.stderr
+        assert "dedupe window" in r.stderr
+        assert om.total("acme", "api-calls") == seed.expected[("acme",
+                                                               "calls")]
+        assert len(om.events) == 2
+        dead = redis.cmd("ZRANGE", "mtr:{worker}:dead", "0", "-1")
+        assert len(dead) == 1
+        rec = redis.hgetall("mtr:{worker}:r:%s" % dead[0].decode())
+        assert "dedupe window" in rec["last_error"]
+
+
+def test_openmeter_lost_answer_inside_window_deduped(redis, tmp_path):
+    with FakeOpenMeter(token="om_tok") as om:
+        seed = ingest_seed(redis)
+        w = Worker(tmp_path / "om", redis, "http", {
+            "http.url": om.url + "/api/v1/events",
+            "http.auth_file": "@KEY@", "_api_key": "om_tok",
+            "http.timeout": "1s", "http.backoff": "50ms",
+            "meter.calls": "api-calls"})
+        om.hang_next(1, seconds=3, after=True)
+        r = w.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert om.total("acme", "api-calls") == seed.expected[("acme",
+                                                               "calls")]
+        assert om.duplicates == 1
+
+
+def test_lago_clickhouse_overwrite_on_resend(redis, tmp_path):
+    with FakeLago(token="lg_tok", pipeline="clickhouse") as lg:
+        seed = ingest_seed(redis)
+        w = Worker(tmp_path / "lago", redis, "http", {
+            "http.url": lg.url + "/api/v1/events", "http.format": "lago",
+            "http.auth_file": "@KEY@", "_api_key": "lg_tok",
+            "http.timeout": "1s", "http.backoff": "50ms"})
+        lg.hang_next(1, seconds=3, after=True)
+        r = w.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        # the resend carries the same timestamp: an overwrite, not a second
+        # event
+        assert lg.overwrites == 1 and len(lg.events) == 2
+        assert lg.total("sub_acme", "calls") == seed.expected[("acme",
+                                                               "calls")]
+
+
+def test_lago_customer_without_subscription_is_an_error(redis, tmp_path):
+    with FakeLago(token="lg_tok") as lg:
+        seed = Seed(redis)
+        seed.customer("nosub", "http", provider_customer="nosub")
+        seed.key("key_nosub", "nosub")
+        seed.usage("key_nosub", "nosub", "calls", hours_ago(2), [9])
+        w = Worker(tmp_path / "lago", redis, "http", {
+            "http.url": lg.url + "/api/v1/events", "http.format": "lago",
+            "http.auth_file": "@KEY@", "_api_key": "lg_tok"})
+        t = subprocess.run([str(WORKER), "-c", str(w.conf), "-t"],
+                           capture_output=True, text=True, timeout=30)
+        assert t.returncode == 78, t.stdout + t.stderr
+        assert "external_subscription_id" in t.stderr
+        assert "nosub" in t.stderr
+        r = w.run(now_hour())
+        assert r.returncode == 65, r.stderr
+        assert "no subscription" in r.stderr
+        assert lg.requests_to("POST", r"/api/v1/events") == []
+        ctl = subprocess.run([str(WORKER.parent / "meterctl"), "-c",
+                              str(w.conf), "customers", "add", "other",
+                              "--provider", "http"],
+                             capture_output=True, text=True, timeout=30)
+        assert ctl.returncode == 64, ctl.stdout + ctl.stderr
+        assert "subscription" in ctl.stderr
+        assert redis.hgetall("mtr:cust:{other}") == {}
