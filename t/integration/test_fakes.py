@@ -348,6 +348,34 @@ def test_chargebee_idempotency(chargebee):
     assert chargebee.total("sub_A", "calls-USD-Monthly") == 6
 
 
+def test_chargebee_unbillable_usage_flagged(chargebee):
+    """Chargebee answers 200 and never bills usage dated before the start,
+    after the cancellation or in an invoiced term: the fake flags it."""
+    sub = chargebee.subscriptions["sub_A"]
+    start, term = sub["started_at"], sub["current_term_start"]
+    assert usage(chargebee, "early", 1, start - 60)[0] == 200
+    assert usage(chargebee, "old_term", 1, term - 60)[0] == 200
+    assert usage(chargebee, "ok", 1, term + 60)[0] == 200
+    chargebee.cancel("sub_A", at=term + 3600)
+    assert usage(chargebee, "late", 1, term + 7200)[0] == 200
+    assert sorted(u["id"] for u in chargebee.unbillable()) == [
+        "early", "late", "old_term"]
+    # once the term is invoiced, usage dated in it is not billed any more
+    chargebee.invoice_term("sub_A", at=term + 120)
+    assert usage(chargebee, "in_closed", 1, term + 100)[0] == 200
+    assert "in_closed" in [u["id"] for u in chargebee.unbillable()]
+    # idempotency keys live 30 minutes of the fake's clock
+    clock = [time.time()]
+    chargebee.now = lambda: clock[0]
+    s1, h1, _ = usage(chargebee, "k1", 1, term + 61, key="idem-k1")
+    s2, h2, _ = usage(chargebee, "k1", 1, term + 61, key="idem-k1")
+    assert h2.get("chargebee-idempotency-replayed") == "true"
+    clock[0] += 1800
+    s3, h3, b3 = usage(chargebee, "k1", 1, term + 61, key="idem-k1")
+    assert h3.get("chargebee-idempotency-replayed") is None
+    assert s3 == 400 and b3["api_error_code"] == "duplicate_entry"
+
+
 def test_chargebee_lists(chargebee):
     h = {"Authorization": basic("cb_key")}
     for i in range(3):

@@ -331,6 +331,8 @@ def test_chargebee_daily_totals(redis, tmp_path):
         for c, s in subs.items():
             assert fake.total(s, "calls-USD-Monthly") == \
                 seed.expected[(c, "calls")]
+        # nothing dated where Chargebee would store it unbilled
+        assert fake.unbillable() == []
         # one usage per subscription and day: two closed days
         assert len(fake.usages) == 4
         for u in fake.usages:
