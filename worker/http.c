@@ -28,6 +28,9 @@ static int meter_http_conf_num(const meter_conf_t *cf, const char *prefix,
     double *out, char *err, size_t errlen);
 static void meter_http_throttle(meter_http_t *h);
 static double meter_http_now(void);
+static double meter_http_reset_delay(time_t reset);
+static int meter_http_ratelimit_wait(meter_http_t *h,
+    meter_send_result_t *res);
 static int meter_buf_grow(meter_buf_t *b, size_t n);
 
 
@@ -383,6 +386,7 @@ meter_http_init(meter_http_t *h, const char *prefix, const meter_conf_t *cf,
     h->timeout_ms = (long) ceil(total * 1000);
     h->max_attempts = (int) attempts;
     h->resend_unknown = 1;
+    h->rl_remaining = -1;
     h->tokens = h->max_rps >= 1 ? h->max_rps : 1;
 
     if (!meter_http_global_done) {
@@ -455,6 +459,58 @@ meter_http_throttle(meter_http_t *h)
     h->tokens -= 1;
     h->last.tv_sec = (time_t) now;
     h->last.tv_nsec = (long) ((now - (double) h->last.tv_sec) * 1e9);
+}
+
+
+/* seconds until an X-RateLimit-Reset time; bounded by Recurly's 5-minute
+ * window (and some slack), so a bogus header cannot park a record */
+static double
+meter_http_reset_delay(time_t reset)
+{
+    time_t  now;
+
+    now = time(NULL);
+
+    if (reset <= now) {
+        return 0;
+    }
+
+    return reset - now > 600 ? 600 : (double) (reset - now);
+}
+
+
+/*
+ * X-RateLimit-Remaining: 0 from the last answer: wait for its reset (up to
+ * retry_cap), else 1 with res set to RETRY after the reset.
+ */
+static int
+meter_http_ratelimit_wait(meter_http_t *h, meter_send_result_t *res)
+{
+    double  wait;
+
+    if (h->rl_remaining != 0 || h->rl_reset <= 0) {
+        return 0;
+    }
+
+    wait = meter_http_reset_delay(h->rl_reset);
+    h->rl_remaining = -1;
+
+    if (wait <= 0) {
+        return 0;
+    }
+
+    if (wait <= h->retry_cap) {
+        meter_http_sleep(wait);
+        return 0;
+    }
+
+    res->status = METER_SEND_RETRY;
+    res->http_status = 429;
+    res->retry_after = wait;
+    snprintf(res->error, sizeof(res->error), "%s: rate limit spent "
+             "(X-RateLimit-Remaining: 0), resets in %.0fs", h->name, wait);
+
+    return 1;
 }
 
 
@@ -613,10 +669,27 @@ meter_http_request(meter_http_t *h, const meter_http_req_t *req,
     st = METER_SEND_RETRY;
 
     for (attempt = 1; attempt <= h->max_attempts; attempt++) {
+        if (meter_http_ratelimit_wait(h, res) != 0) {
+            /* the window is spent: no request that can only 429 */
+            resp->attempts = attempt - 1;
+            return METER_SEND_RETRY;
+        }
+
         meter_http_throttle(h);
 
         resp->attempts = attempt;
         (void) meter_http_perform(h, req, resp);
+
+        h->rl_remaining = resp->rl_remaining;
+        h->rl_reset = resp->rl_reset;
+
+        /* Recurly's 429 has no Retry-After, only X-RateLimit-Reset */
+        if (resp->status == 429 && resp->retry_after < 0
+            && resp->rl_reset > 0)
+        {
+            resp->retry_after = meter_http_reset_delay(resp->rl_reset);
+            h->rl_remaining = -1;   /* the wait below covers it */
+        }
 
         st = meter_http_classify(resp, res);
         if (st != METER_SEND_RETRY) {

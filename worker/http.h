@@ -61,6 +61,10 @@ typedef struct {
                                                  * up first */
     double                      tokens;         /* token bucket */
     struct timespec             last;
+    long                        rl_remaining;   /* X-RateLimit-Remaining
+                                                 * of the last answer;
+                                                 * -1 unknown */
+    time_t                      rl_reset;       /* X-RateLimit-Reset */
 } meter_http_t;
 
 
@@ -90,6 +94,10 @@ typedef struct {
                                                  * chargebee-idempotency-
                                                  * replayed */
     int                         attempts;       /* made by the last call */
+    long                        rl_remaining;   /* X-RateLimit-Remaining:
+                                                 * -1 absent (Recurly) */
+    time_t                      rl_reset;       /* X-RateLimit-Reset, Unix
+                                                 * s: -1 absent */
     char                        error[256];     /* transport error */
 } meter_http_resp_t;
 

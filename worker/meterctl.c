@@ -1704,6 +1704,32 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
         return rc;
     }
 
+    snprintf(key, sizeof(key), "mtr:cust:{%s}", id);
+
+    /* Lago requires external_subscription_id (getlago/lago-openapi
+     * src/schemas/EventInputObject.yaml): no fallback to another id */
+    if (o->subscription == NULL && o->cf != NULL
+        && strcmp(o->cf->provider, "http") == 0
+        && (o->provider == NULL || strcmp(o->provider, "http") == 0)
+        && meter_conf_get(o->cf, "http.format") != NULL
+        && strcmp(meter_conf_get(o->cf, "http.format"), "lago") == 0)
+    {
+        rp = meter_redis_cmd(r, "HEXISTS %s subscription", key);
+        if (!meter_reply_ok(rp)) {
+            return meterctl_redis_failed(r, rp);
+        }
+
+        if (meter_reply_int(rp, 0) == 0) {
+            freeReplyObject(rp);
+            fprintf(stderr, "meterctl customers add: Lago requires a "
+                    "subscription (external_subscription_id): give "
+                    "--subscription ID\n");
+            return EX_USAGE;
+        }
+
+        freeReplyObject(rp);
+    }
+
     snprintf(now, sizeof(now), "%lld", (long long) time(NULL));
 
     argc = 0;
