@@ -62,12 +62,12 @@ static const meter_key_t  meter_keys[] = {
  * sync themselves (they validate them when they start) */
 static const char  *meter_provider_prefixes[] = {
     "stripe.", "chargebee.", "recurly.", "http.", "plan.", "webhook.",
-    "sync.", NULL
+    "sync.", "metronome.", NULL
 };
 
 
 static const char  *meter_provider_names[] = {
-    "file", "stripe", "chargebee", "recurly", "http", NULL
+    "file", "stripe", "chargebee", "recurly", "http", "metronome", NULL
 };
 
 
@@ -476,6 +476,12 @@ meter_conf_load(const char *path, char *err, size_t errlen)
     if (cf->max_age == -1) {
         /* Stripe refuses meter events older than 35 days */
         cf->max_age = (strcmp(cf->provider, "stripe") == 0) ? 35 * 86400 : 0;
+
+        /* Metronome takes events backdated at most 34 days
+         * (metronome-node src/resources/v1/usage.ts, "ingest") */
+        if (strcmp(cf->provider, "metronome") == 0) {
+            cf->max_age = 34 * 86400;
+        }
     }
 
     if (strcmp(cf->provider, "file") == 0 && cf->file_path == NULL) {
@@ -568,18 +574,24 @@ meter_conf_meter(const meter_conf_t *cf, const char *meter)
 }
 
 
+/*
+ * The errors never name the file: the value of a *_file key is printed
+ * nowhere, because the secret itself is sometimes put there by mistake.
+ */
 int
 meter_read_secret(const char *name, char *buf, size_t size, char *err,
     size_t errlen)
 {
-    char        path[4096];
-    const char *dir;
-    FILE       *f;
-    size_t      n;
+    int          relative;
+    char         path[4096];
+    const char  *dir;
+    FILE        *f;
+    size_t       n;
 
     dir = getenv("CREDENTIALS_DIRECTORY");
+    relative = (name[0] != '/' && dir != NULL && *dir != '\0');
 
-    if (name[0] != '/' && dir != NULL && *dir != '\0') {
+    if (relative) {
         snprintf(path, sizeof(path), "%s/%s", dir, name);
 
     } else {
@@ -588,22 +600,28 @@ meter_read_secret(const char *name, char *buf, size_t size, char *err,
 
     f = fopen(path, "r");
     if (f == NULL) {
-        snprintf(err, errlen, "cannot open \"%s\": %s", path,
+        snprintf(err, errlen, "cannot open the file it names%s: %s (the "
+                 "value is a file name, not the secret itself)",
+                 relative ? " (in $CREDENTIALS_DIRECTORY)" : "",
                  strerror(errno));
+        explicit_bzero(path, sizeof(path));
         return -1;
     }
+
+    explicit_bzero(path, sizeof(path));
 
     n = fread(buf, 1, size - 1, f);
 
     if (ferror(f)) {
-        snprintf(err, errlen, "cannot read \"%s\"", path);
+        snprintf(err, errlen, "cannot read the file it names");
         fclose(f);
         return -1;
     }
 
     if (n == size - 1 && fgetc(f) != EOF) {
-        snprintf(err, errlen, "\"%s\" is longer than %zu bytes", path,
+        snprintf(err, errlen, "the file it names is longer than %zu bytes",
                  size - 2);
+        explicit_bzero(buf, size);
         fclose(f);
         return -1;
     }
@@ -617,7 +635,7 @@ meter_read_secret(const char *name, char *buf, size_t size, char *err,
     }
 
     if (n == 0) {
-        snprintf(err, errlen, "\"%s\" is empty", path);
+        snprintf(err, errlen, "the file it names is empty");
         return -1;
     }
 

@@ -4,8 +4,9 @@
  *
  * meter-worker's config file: "key = value" lines, "#" comments.  Every
  * key is checked at load time; an error names file:line and the key.
- * Provider keys ("stripe.*", "chargebee.*", "recurly.*", "http.*") are
- * stored as they are and read by the providers (meter_conf_get()).
+ * Provider keys ("stripe.*", "chargebee.*", "recurly.*", "http.*",
+ * "metronome.*") are stored as they are and read by the providers
+ * (meter_conf_get()).
  */
 
 

@@ -1021,32 +1021,28 @@ meter_drain_dead(meter_drain_t *d, const char *id, const char *error,
 
 
 /*
- * One delivery attempt.  count: HINCRBY attempts first (a record resumed
- * from Redis; a new record is created with its first attempt counted).
- * Sets r->accepted when the provider has the record; a retry or a dead
- * letter is recorded here.
+ * Everything before a delivery attempt: the checks (a failing one
+ * dead-letters the record), the customer's provider ids, and with count
+ * HINCRBY attempts first (a record resumed from Redis; a new record is
+ * created with its first attempt counted).  *ready: out may be sent.
  */
 static meter_drain_rc_e
-meter_drain_send(meter_drain_t *d, meter_rec_t *r, int count)
+meter_drain_prepare(meter_drain_t *d, meter_rec_t *r, int count,
+    meter_record_t *out, int *ready)
 {
     char                  rkey[64], field[64], err[600];
-    double                delay;
-    time_t                now, next;
+    time_t                now;
     redisReply           *cust, *rp;
     meter_record_t        pr;
-    meter_send_e          st;
-    meter_send_result_t   res;
-    int                   found;
 
     r->accepted = 0;
-    st = METER_SEND_RETRY;
+    *ready = 0;
 
     if (r->meter == NULL || r->period_start == 0 || r->quantity == 0) {
         return meter_drain_dead(d, r->id, "malformed record in Redis", 0);
     }
 
     memset(&pr, 0, sizeof(meter_record_t));
-    memset(&res, 0, sizeof(meter_send_result_t));
 
     pr.idempotency_key = r->id;
     pr.key_hash = r->key_hash;
@@ -1108,32 +1104,29 @@ meter_drain_send(meter_drain_t *d, meter_rec_t *r, int count)
         freeReplyObject(rp);
     }
 
-    found = 0;
+    pr.attempts = r->attempts;
 
-    if (r->attempts > 1 && d->provider->lookup != NULL) {
-        found = d->provider->lookup(d->provider, &pr, &res);
+    *out = pr;
+    *ready = 1;
 
-        if (found == -1) {
-            st = METER_SEND_RETRY;
-            if (res.error[0] == '\0') {
-                snprintf(res.error, sizeof(res.error), "lookup failed");
-            }
-        }
-    }
+    return METER_DRAIN_OK;
+}
 
-    if (found == -2) {
-        return meter_drain_dead(d, r->id, res.error[0] ? res.error
-                                : "outcome unknown", res.http_status);
-    }
 
-    if (found == 1) {
-        st = METER_SEND_OK;
-        meter_log(LOG_INFO, "record %s: the provider has it already", r->id);
+/* the provider's answer: r->accepted, or a retry or dead letter recorded */
+static meter_drain_rc_e
+meter_drain_outcome(meter_drain_t *d, meter_rec_t *r, meter_send_e st,
+    const meter_send_result_t *answer)
+{
+    char                  rkey[64];
+    double                delay;
+    time_t                now, next;
+    redisReply           *rp;
+    meter_send_result_t   res;
 
-    } else if (found == 0) {
-        memset(&res, 0, sizeof(meter_send_result_t));
-        st = d->provider->send(d->provider, &pr, &res);
-    }
+    res = *answer;
+    now = time(NULL);
+    snprintf(rkey, sizeof(rkey), METER_W_REC "%s", r->id);
 
     switch (st) {
 
@@ -1180,6 +1173,116 @@ meter_drain_send(meter_drain_t *d, meter_rec_t *r, int count)
                                 res.error[0] ? res.error : "rejected",
                                 res.http_status);
     }
+}
+
+
+/*
+ * One delivery attempt (the lookup first for a record whose earlier send
+ * may have reached the provider).  Sets r->accepted when the provider has
+ * the record; a retry or a dead letter is recorded here.
+ */
+static meter_drain_rc_e
+meter_drain_send(meter_drain_t *d, meter_rec_t *r, int count)
+{
+    int                   found, ready;
+    meter_send_e          st;
+    meter_record_t        pr;
+    meter_drain_rc_e      rc;
+    meter_send_result_t   res;
+
+    rc = meter_drain_prepare(d, r, count, &pr, &ready);
+    if (rc != METER_DRAIN_OK || !ready) {
+        return rc;
+    }
+
+    memset(&res, 0, sizeof(meter_send_result_t));
+    st = METER_SEND_RETRY;
+    found = 0;
+
+    if (r->attempts > 1 && d->provider->lookup != NULL) {
+        found = d->provider->lookup(d->provider, &pr, &res);
+
+        if (found == -1) {
+            st = METER_SEND_RETRY;
+            if (res.error[0] == '\0') {
+                snprintf(res.error, sizeof(res.error), "lookup failed");
+            }
+        }
+    }
+
+    if (found == -2) {
+        return meter_drain_dead(d, r->id, res.error[0] ? res.error
+                                : "outcome unknown", res.http_status);
+    }
+
+    if (found == 1) {
+        st = METER_SEND_OK;
+        meter_log(LOG_INFO, "record %s: the provider has it already", r->id);
+
+    } else if (found == 0) {
+        memset(&res, 0, sizeof(meter_send_result_t));
+        st = d->provider->send(d->provider, &pr, &res);
+    }
+
+    return meter_drain_outcome(d, r, st, &res);
+}
+
+
+/*
+ * New records of a chunk through the provider's send_batch: each checked
+ * and counted as meter_drain_send does, delivered together, and each
+ * answer recorded.  Only new records come here (attempts 1: no lookup).
+ */
+static meter_drain_rc_e
+meter_drain_send_batch(meter_drain_t *d, meter_rec_t **recs, size_t n)
+{
+    int                   ready;
+    size_t                i, m, *idx;
+    meter_record_t       *prs;
+    meter_drain_rc_e      rc;
+    meter_send_result_t  *res;
+
+    prs = calloc(n, sizeof(meter_record_t));
+    res = calloc(n, sizeof(meter_send_result_t));
+    idx = calloc(n, sizeof(size_t));
+    if (prs == NULL || res == NULL || idx == NULL) {
+        rc = METER_DRAIN_REDIS;
+        goto done;
+    }
+
+    rc = METER_DRAIN_OK;
+    m = 0;
+
+    for (i = 0; i < n; i++) {
+        rc = meter_drain_prepare(d, recs[i], 0, &prs[m], &ready);
+        if (rc != METER_DRAIN_OK) {
+            /* the rest stay "sending": the next pass sends them */
+            goto done;
+        }
+
+        if (ready) {
+            idx[m++] = i;
+        }
+    }
+
+    if (m > 0) {
+        d->provider->send_batch(d->provider, prs, m, res);
+    }
+
+    for (i = 0; i < m; i++) {
+        rc = meter_drain_outcome(d, recs[idx[i]], res[i].status, &res[i]);
+        if (rc != METER_DRAIN_OK) {
+            break;
+        }
+    }
+
+done:
+
+    free(prs);
+    free(res);
+    free(idx);
+
+    return rc;
 }
 
 
@@ -1675,15 +1778,16 @@ meter_drain_create(meter_drain_t *d, time_t pstart, meter_new_t *nw)
 /*
  * Up to METER_CHUNK aggregates of one period: each step is pipelined for
  * all of them (sequence numbers, create, state sent, b marks, delete) and
- * the audit lines share one fsync; the provider still gets one record at
- * a time, each created in Redis before it is sent.
+ * the audit lines share one fsync; the provider gets one record at a time
+ * (or the chunk in one send_batch), each created in Redis before it is
+ * sent.
  */
 static meter_drain_rc_e
 meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
     size_t n)
 {
     char              ps[32];
-    size_t            i, m, nheld, queued, nacc;
+    size_t            i, m, nheld, queued, nacc, nbatch;
     uint64_t          seq;
     redisReply       *rp;
     meter_agg_t      *a;
@@ -1883,6 +1987,7 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
     }
 
     nacc = 0;
+    nbatch = 0;
 
     for (i = 0; i < m; i++) {
         if (!nw[i].created) {
@@ -1912,6 +2017,12 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
         nw[i].rec.created = time(NULL);
         nw[i].rec.seq = (unsigned long) (nw[i].seq + 1);
 
+        if (d->provider->send_batch != NULL) {
+            /* sent together below; acc collects them meanwhile */
+            acc[nbatch++] = &nw[i].rec;
+            continue;
+        }
+
         rc = meter_drain_send(d, &nw[i].rec, 0);
         if (rc != METER_DRAIN_OK) {
             break;
@@ -1919,6 +2030,19 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
 
         if (nw[i].rec.accepted) {
             acc[nacc++] = &nw[i].rec;
+        }
+    }
+
+    if (nbatch > 0 && rc == METER_DRAIN_OK) {
+        rc2 = meter_drain_send_batch(d, acc, nbatch);
+        if (rc2 != METER_DRAIN_OK && rc == METER_DRAIN_OK) {
+            rc = rc2;
+        }
+
+        for (i = 0; i < nbatch; i++) {
+            if (acc[i]->accepted) {
+                acc[nacc++] = acc[i];
+            }
         }
     }
 

@@ -64,6 +64,13 @@ meter_provider_http(meter_provider_t *p)
 }
 
 
+__attribute__((weak)) void
+meter_provider_metronome(meter_provider_t *p)
+{
+    meter_unbuilt(p, "metronome");
+}
+
+
 int
 meter_provider_by_name(const char *name, meter_provider_t *p)
 {
@@ -76,6 +83,7 @@ meter_provider_by_name(const char *name, meter_provider_t *p)
         { "chargebee", meter_provider_chargebee },
         { "recurly", meter_provider_recurly },
         { "http", meter_provider_http },
+        { "metronome", meter_provider_metronome },
     };
 
     size_t  i;

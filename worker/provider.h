@@ -4,7 +4,8 @@
  *
  * The interface between meter-worker's drain loop and the billing
  * providers.  One file per provider (provider_file.c, provider_stripe.c,
- * provider_chargebee.c, provider_recurly.c, provider_http.c), all sharing the
+ * provider_chargebee.c, provider_recurly.c, provider_http.c,
+ * provider_metronome.c), all sharing the
  * HTTP/retry core in http.c.
  *
  * The drain loop owns scheduling: which record is due, its idempotency key,
@@ -48,6 +49,9 @@ typedef struct {
     unsigned long               seq;            /* 1: the first record of
                                                  * its (period, subject,
                                                  * meter); 0 unknown */
+    long                        attempts;       /* this one included: > 1,
+                                                 * an earlier send's outcome
+                                                 * may be unknown */
 } meter_record_t;
 
 
@@ -141,6 +145,13 @@ struct meter_provider_s {
                                       const meter_record_t *rec,
                                       meter_send_result_t *res);
 
+    /* optional: one delivery attempt of n new records together (n <= 100,
+     * a chunk of the drain); res[i] answers recs[i]; NULL: send() each */
+    void                      (*send_batch)(meter_provider_t *p,
+                                            const meter_record_t *recs,
+                                            size_t n,
+                                            meter_send_result_t *res);
+
     /* for providers without a dedupe window that covers the resend (Recurly):
      * 1 the provider already has this record, 0 it has not, -1 unknown
      * (retried later), -2 unknown for good (dead-lettered with
@@ -181,6 +192,7 @@ void meter_provider_stripe(meter_provider_t *p);
 void meter_provider_chargebee(meter_provider_t *p);
 void meter_provider_recurly(meter_provider_t *p);
 void meter_provider_http(meter_provider_t *p);
+void meter_provider_metronome(meter_provider_t *p);
 
 /* by config name; -1 when unknown */
 int meter_provider_by_name(const char *name, meter_provider_t *p);

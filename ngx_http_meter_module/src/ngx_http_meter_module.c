@@ -167,6 +167,7 @@ typedef struct {
     ngx_http_meter_gov_cust_t   *cust;
     ngx_array_t                 *meters;    /* of a location passed */
     ngx_uint_t                   gated;     /* a gate has decided */
+    ngx_uint_t                   unbilled;  /* refused as no one's call */
 } ngx_http_meter_req_ctx_t;
 
 
@@ -358,6 +359,7 @@ static void ngx_http_meter_redis_cleanup(void *privdata);
 static void ngx_http_meter_redis_read(ngx_event_t *ev);
 static void ngx_http_meter_redis_write(ngx_event_t *ev);
 
+static ngx_int_t ngx_http_meter_rewrite_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_meter_access_handler(ngx_http_request_t *r);
 static ngx_http_meter_req_ctx_t *ngx_http_meter_req_ctx_find(
     ngx_http_request_t *r);
@@ -569,9 +571,13 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
     mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
     meters = mlcf->meters;
 
-    if (meters == NULL) {
-        rctx = ngx_http_meter_req_ctx_find(r);
+    rctx = ngx_http_meter_req_ctx_find(r);
 
+    if (rctx != NULL && rctx->unbilled) {
+        return NGX_OK;
+    }
+
+    if (meters == NULL) {
         if (rctx == NULL || rctx->meters == NULL) {
             return NGX_OK;
         }
@@ -2276,9 +2282,38 @@ done:
 /* governance: the request side */
 
 /*
+ * The rewrite phase of every location a call passes, before the rewrite
+ * module's script ("rewrite ... last" leaves in it): remembers the
+ * location's meters for the log phase, in case the call ends where
+ * nothing meters.
+ */
+
+static ngx_int_t
+ngx_http_meter_rewrite_handler(ngx_http_request_t *r)
+{
+    ngx_http_meter_req_ctx_t   *rctx;
+    ngx_http_meter_loc_conf_t  *mlcf;
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
+
+    if (mlcf->meters == NULL || r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    rctx = ngx_http_meter_req_ctx_get(r);
+    if (rctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rctx->meters = mlcf->meters;
+
+    return NGX_DECLINED;
+}
+
+
+/*
  * The access phase of every location a call passes (nginx skips it for
- * subrequests): it remembers the location's meters for the log phase and
- * gates the call at the first governed location.  A call is gated once:
+ * subrequests): gates the call at the first governed location.  A call is gated once:
  * an internal redirect after the decision (error_page of the refusal
  * itself, try_files, rewrite ... last) is not gated again, while a call
  * that reaches a governed location through error_page before any gate
@@ -2308,28 +2343,12 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     gcf = mlcf->gov;
 
     if (gcf == NULL) {
-        if (mlcf->meters == NULL || r != r->main) {
-            return NGX_DECLINED;
-        }
-
-        /* for the log phase, if a redirect ends where nothing meters */
-        rctx = ngx_http_meter_req_ctx_get(r);
-        if (rctx == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        rctx->meters = mlcf->meters;
-
         return NGX_DECLINED;
     }
 
     rctx = ngx_http_meter_req_ctx_get(r);
     if (rctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    if (mlcf->meters != NULL) {
-        rctx->meters = mlcf->meters;
     }
 
     if (rctx->gated) {
@@ -2344,7 +2363,10 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     if (ctx->key_header.len
         && ngx_http_meter_key_headers(r, &ctx->key_header) > 1)
     {
-        /* nginx 1.22 reads the first, a backend may read the last */
+        /* nginx 1.22 reads the first, a backend may read the last: it is
+         * neither key's call */
+        rctx->unbilled = 1;
+
         return ngx_http_meter_deny(r, sh, NGX_HTTP_BAD_REQUEST,
                                    NGX_HTTP_METER_DENY_UNKNOWN,
                                    "duplicate_key",
@@ -2669,6 +2691,10 @@ ngx_http_meter_deny(ngx_http_request_t *r, ngx_http_meter_shctx_t *sh,
     ngx_http_core_loc_conf_t  *clcf;
 
     (void) __atomic_fetch_add(&sh->gov_denied[why], 1, __ATOMIC_RELAXED);
+
+    /* reached through "error_page 404 /paid/x;" (no "="), nginx would keep
+     * the 404: the refusal is the answer */
+    r->err_status = 0;
 
     if (status == NGX_HTTP_UNAUTHORIZED) {
         h = ngx_list_push(&r->headers_out.headers);
@@ -3682,7 +3708,8 @@ ngx_http_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_meter_loc_conf_t  *prev = parent;
     ngx_http_meter_loc_conf_t  *conf = child;
 
-    ngx_uint_t                 server, ret, own;
+    ngx_uint_t                 server, ret, own, i;
+    ngx_http_meter_t          *m;
     ngx_http_conf_ctx_t       *ctx;
     ngx_http_core_srv_conf_t  *cscf;
     ngx_http_core_loc_conf_t  *clcf;
@@ -3705,6 +3732,21 @@ ngx_http_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ctx = cf->ctx;
     cscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_core_module);
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    /*
+     * nginx runs a subrequest's log phase only with log_subrequest on
+     * (ngx_http_finalize_request()): a meter with subrequests=on turns it
+     * on where it applies (the core module has merged already).
+     */
+    if (conf->meters != NULL) {
+        m = conf->meters->elts;
+
+        for (i = 0; i < conf->meters->nelts; i++) {
+            if (m[i].subrequests) {
+                clcf->log_subrequest = 1;
+            }
+        }
+    }
 
     server = (cscf->ctx->loc_conf == ctx->loc_conf);
     ret = ngx_http_meter_has_return(cf);
@@ -4719,7 +4761,20 @@ ngx_http_meter_init(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
-    /* gates, and the meters of each location a call passes */
+    /*
+     * The meters of each location a call passes.  Registered after the
+     * rewrite module (a dynamic module's postconfiguration runs later), so
+     * it runs before its script: ngx_http_init_phase_handlers() runs a
+     * phase's handlers last registered first.
+     */
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_REWRITE_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_meter_rewrite_handler;
+
+    /* the gates */
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
     if (h == NULL) {
         return NGX_ERROR;
