@@ -242,8 +242,8 @@ for r in $RUNS; do
     esac
 done
 
-read -r p_files p_tests p_passed < <(summarize "$OUT/plain.log" | head -1)
-read -r m_files m_tests m_passed < <(summarize "$OUT/module.log" | head -1)
+read -r p_files p_tests p_passed < <(summarize "$OUT/plain.log" | sed -n 1p)
+read -r m_files m_tests m_passed < <(summarize "$OUT/module.log" | sed -n 1p)
 summarize "$OUT/plain.log" | tail -n +2 > "$OUT/plain.failed"
 summarize "$OUT/module.log" | tail -n +2 > "$OUT/module.failed"
 
@@ -305,8 +305,9 @@ for f in "${flaky[@]}"; do
 done
 for f in "${broken[@]}"; do
     echo "  $f (fails again alone; $OUT/module-rerun-$f.log):"
-    grep -E '^(not ok|#)' "$OUT/module-rerun-$f.log" | head -n 40 \
-        | sed 's/^/    /'
+    # sed, not head: head would leave grep a SIGPIPE, fatal with pipefail
+    grep -E '^(not ok|#)' "$OUT/module-rerun-$f.log" \
+        | sed -n '1,40s/^/    /p'
 done
 
 [ ${#broken[@]} -eq 0 ]
