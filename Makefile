@@ -7,6 +7,7 @@
 #   make test     deps + everything above + pytest integration tests
 #   make demo     deps + build + a short end-to-end demo
 #   make bench    plain nginx vs nginx with metering (wrk); not a test
+#   make deb      Debian packages into build/deb/ (dpkg-buildpackage, lintian)
 
 # bash: conf_flags defines a bash array
 SHELL := /bin/bash
@@ -23,7 +24,7 @@ PYTHON    := /usr/bin/python3
 PKGS := build-essential pkg-config nginx nginx-dev libhiredis-dev \
         libcurl4-openssl-dev libcjson-dev libcmocka-dev libsystemd-dev \
         libssl-dev redis-server python3-pytest wrk curl ca-certificates \
-        time libfaketime
+        time libfaketime debhelper dpkg-dev lintian systemd strace
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -33,7 +34,7 @@ UNIT_CFLAGS := -std=c11 -Wall -Wextra -Werror -g -fsanitize=address,undefined
 .NOTPARALLEL:
 
 .PHONY: all module smoke deps worker unit integration test demo bench clean \
-        install
+        install deb
 
 all: module
 
@@ -151,6 +152,30 @@ install: module worker
 	    $(DESTDIR)/usr/share/doc/nginx-meter/examples/nginx-meter.conf
 	install -D -m 0644 README.md docs/redis-schema.md \
 	    -t $(DESTDIR)/usr/share/doc/nginx-meter/
+
+# dpkg-buildpackage in a copy of the tree under build/deb/src, so that its
+# ../*.deb and its clean step stay out of the source tree; lintian must find
+# nothing but the tags debian/*lintian-overrides justify
+DEB_DIR := $(BUILD)/deb
+
+deb:
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_DIR)/src/nginx-meter
+	tar -C $(ROOT) --exclude=./build --exclude=./.git \
+	    --exclude=__pycache__ --exclude=.pytest_cache \
+	    --exclude=./worker/build --exclude=./worker/meter-worker \
+	    --exclude=./worker/meterctl -cf - . \
+	| tar -C $(DEB_DIR)/src/nginx-meter -xf -
+	@echo "deb: dpkg-buildpackage (log: build/deb/build.log)"
+	@cd $(DEB_DIR)/src/nginx-meter \
+	&& dpkg-buildpackage -us -uc > $(DEB_DIR)/build.log 2>&1 \
+	|| { tail -n 40 $(DEB_DIR)/build.log; exit 1; }
+	mv $(DEB_DIR)/src/*.deb $(DEB_DIR)/src/*.dsc $(DEB_DIR)/src/*.tar.* \
+	    $(DEB_DIR)/src/*.changes $(DEB_DIR)/src/*.buildinfo $(DEB_DIR)/
+	rm -rf $(DEB_DIR)/src
+	lintian --fail-on error,warning --info --tag-display-limit 0 \
+	    $(DEB_DIR)/*.changes 2>&1 | tee $(DEB_DIR)/lintian.log
+	@ls $(DEB_DIR)/*.deb
 
 clean:
 	rm -rf $(BUILD) t/__pycache__ t/integration/__pycache__ .pytest_cache
