@@ -145,9 +145,10 @@ install: module worker
 	install -D -m 0755 worker/meterctl $(DESTDIR)/usr/bin/meterctl
 	install -D -m 0644 conf/meter-worker.service \
 	    $(DESTDIR)/lib/systemd/system/meter-worker.service
-	install -d -m 0750 $(DESTDIR)/etc/meter
+	: "readable by the unit's DynamicUser; secrets go in credentials"
+	install -d -m 0755 $(DESTDIR)/etc/meter
 	[ -e $(DESTDIR)/etc/meter/worker.conf ] || \
-	    install -m 0640 conf/meter-worker.conf $(DESTDIR)/etc/meter/worker.conf
+	    install -m 0644 conf/meter-worker.conf $(DESTDIR)/etc/meter/worker.conf
 	install -D -m 0644 conf/nginx-meter.conf \
 	    $(DESTDIR)/usr/share/doc/nginx-meter/examples/nginx-meter.conf
 	install -D -m 0644 README.md docs/redis-schema.md \
