@@ -153,6 +153,10 @@ install: module worker
 	    $(DESTDIR)/usr/share/doc/nginx-meter/examples/nginx-meter.conf
 	install -D -m 0644 README.md docs/redis-schema.md \
 	    -t $(DESTDIR)/usr/share/doc/nginx-meter/
+	install -D -m 0644 man/meterctl.1 -t $(DESTDIR)/usr/share/man/man1/
+	install -D -m 0644 man/ngx_http_meter_module.5 \
+	    -t $(DESTDIR)/usr/share/man/man5/
+	install -D -m 0644 man/meter-worker.8 -t $(DESTDIR)/usr/share/man/man8/
 
 # dpkg-buildpackage in a copy of the tree under build/deb/src, so that its
 # ../*.deb and its clean step stay out of the source tree; lintian must find
