@@ -31,7 +31,7 @@
 #
 # Root: the suite's temp dirs are mode 0700 (File::Temp), and nginx run by
 # root gives its workers to "nobody", who then cannot read them; so as root
-# prove runs as nobody (the suite then runs as the user who starts it).
+# prove runs as nobody; otherwise as the user who starts the script.
 
 set -euo pipefail
 
