@@ -98,6 +98,9 @@ fi
 
 if [ -n "${FILES:-}" ]; then
     read -r -a TESTS <<< "$FILES"
+    for f in "${TESTS[@]}"; do
+        [ -f "$NGINX_TESTS/$f" ] || die "FILES: no $NGINX_TESTS/$f"
+    done
 else
     TESTS=()
     for f in "$NGINX_TESTS"/*.t; do
@@ -244,6 +247,12 @@ done
 
 read -r p_files p_tests p_passed < <(summarize "$OUT/plain.log" | sed -n 1p)
 read -r m_files m_tests m_passed < <(summarize "$OUT/module.log" | sed -n 1p)
+# a prove that died half way still prints a summary of what it ran
+for r in plain module; do
+    n=$([ $r = plain ] && echo "$p_files" || echo "$m_files")
+    [ "$n" = "${#TESTS[@]}" ] \
+        || die "the $r run ran $n of ${#TESTS[@]} files ($OUT/$r.log)"
+done
 summarize "$OUT/plain.log" | tail -n +2 > "$OUT/plain.failed"
 summarize "$OUT/module.log" | tail -n +2 > "$OUT/module.failed"
 
