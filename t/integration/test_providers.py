@@ -349,6 +349,124 @@ def test_chargebee_daily_totals(redis, tmp_path):
         no_secret_in(worker.runs, CB_KEY)
 
 
+def test_chargebee_dates_only_where_billed(redis, tmp_path):
+    """Subscriptions started mid-hour, cancelled mid-period and invoiced
+    and renewed between two drains: every usage is dated where Chargebee
+    bills it (the fake flags the rest), totals exact, usage after the
+    cancellation dead-lettered with the reason, a second taken by another
+    writer skipped."""
+    item = "calls-USD-Monthly"
+    with FakeChargebee(api_key=CB_KEY) as fake:
+        seed = Seed(redis)
+        d1 = (int(time.time()) // 86400 - 1) * 86400    # yesterday
+        d2 = d1 - 86400
+        start = d1 + 10 * 3600 + 1234
+        cancel = d2 + 12 * 3600 + 3
+        subs = {"mid": "sub_mid", "gone": "sub_gone", "renew": "sub_renew"}
+        for c, s in subs.items():
+            seed.customer(c, "chargebee", provider_customer="cust_" + c,
+                          subscription=s)
+            seed.key("key_" + c, c)
+        fake.add_subscription("sub_mid", customer_id="cust_mid",
+                              item_prices=[item], started_at=start)
+        fake.add_subscription("sub_gone", customer_id="cust_gone",
+                              item_prices=[item])
+        fake.add_subscription("sub_renew", customer_id="cust_renew",
+                              item_prices=[item])
+        fake.cancel("sub_gone", at=cancel)
+        # the admin console records usage at the second the worker picks,
+        # just before its POST
+        taken = []
+
+        def race(sid, form):
+            if sid == "sub_gone" and not taken:
+                taken.append(int(form["usage_date"]))
+                fake.add_usage(sid, item, taken[0])
+        fake.on_usage = race
+        # mid: a day before its start, and the hours around it
+        seed.usage("key_mid", "mid", "calls", d2 + 5 * 3600, [7])
+        seed.usage("key_mid", "mid", "calls", d1 + 9 * 3600, [11, 2])
+        seed.usage("key_mid", "mid", "calls", d1 + 10 * 3600, [13])
+        # gone: the hour of its cancellation, then a day after it
+        seed.usage("key_gone", "gone", "calls", d2 + 12 * 3600, [17, 19])
+        seed.usage("key_gone", "gone", "calls", d1 + 3 * 3600, [23],
+                   billable=False)
+        # renew: the day before yesterday, sent before the renewal
+        seed.usage("key_renew", "renew", "calls", d2 + 20 * 3600, [29])
+        worker = Worker(tmp_path / "w", redis, "chargebee", {
+            "chargebee.base_url": fake.url,
+            "chargebee.api_key_file": "@KEY@", "_api_key": CB_KEY,
+            "chargebee.max_rps": 0, "chargebee.backoff": "50ms",
+            "meter.calls": item})
+
+        # the day before yesterday closes
+        r = worker.run(d1 + 600)
+        assert r.returncode == 0, r.stderr
+        assert len(fake.requests_to("GET", r"/subscriptions/[^/]+$")) == 3
+
+        # the renew term is invoiced and renewed yesterday at 06:00; late
+        # usage of the day before yesterday (in that invoiced term) arrives,
+        # and yesterday's usage
+        renewed = d1 + 6 * 3600
+        fake.invoice_term("sub_renew", at=renewed)
+        seed.usage("key_renew", "renew", "calls", d2 + 21 * 3600, [31])
+        seed.usage("key_renew", "renew", "calls", d1 + 2 * 3600, [37])
+        seed.usage("key_renew", "renew", "calls", d1 + 8 * 3600, [41])
+        r = worker.run(now_hour())
+        assert r.returncode == 65, r.stderr
+
+        assert fake.unbillable() == []
+        assert fake.total("sub_mid", item) == 7 + 13 + 13
+        assert fake.total("sub_gone", item) == 17 + 19 + 1
+        assert fake.total("sub_renew", item) == 29 + 31 + 37 + 41
+        for c, s in subs.items():
+            ours = sum(int(u["quantity"]) for u in fake.usages
+                       if u["subscription_id"] == s and u["source"] == "api")
+            assert ours == seed.expected[(c, "calls")]
+
+        dates = {}
+        for u in fake.usages:
+            if u["source"] == "api":
+                dates.setdefault(u["subscription_id"], []).append(
+                    u["usage_date"])
+        # mid: the day before its start in its first hour (with a note),
+        # its own day in the hour it started, after the start
+        mid = sorted(dates["sub_mid"])
+        assert len(mid) == 2
+        assert start <= mid[0] < start + 3600
+        assert start <= mid[1] < d1 + 11 * 3600
+        notes = [u["note"] for u in fake.usages
+                 if u["subscription_id"] == "sub_mid" and u["note"]]
+        assert notes == ["nginx-meter: usage of %s..%s, dated in the "
+                         "current term" % (iso(d2 + 5 * 3600),
+                                           iso(d2 + 6 * 3600))]
+        # gone: in the three seconds before the cancellation, the one after
+        # the second taken
+        assert d2 + 12 * 3600 <= taken[0] < cancel
+        assert dates["sub_gone"] == [taken[0] + 1 if taken[0] + 1 < cancel
+                                     else d2 + 12 * 3600]
+        assert any("-d" in p.headers["chargebee-idempotency-key"]
+                   for p in fake.requests_to("POST",
+                                             r"/sub_gone/usages$"))
+        # renew: sent in its term; the late usage of the invoiced term in
+        # the new term's first hour; yesterday in its last hour
+        ren = sorted(dates["sub_renew"])
+        assert len(ren) == 3
+        assert d2 + 20 * 3600 <= ren[0] < d2 + 22 * 3600
+        assert renewed <= ren[1] < renewed + 3600
+        assert d1 + 8 * 3600 <= ren[2] < d1 + 9 * 3600
+
+        # the usage after the cancellation waits in the dead letters
+        dead = redis.cmd("ZRANGE", "mtr:{worker}:dead", "0", "-1")
+        assert len(dead) == 1
+        rec = redis.hgetall("mtr:{worker}:r:%s" % dead[0].decode())
+        assert rec["quantity"] == "23"
+        assert "after subscription \"sub_gone\" was cancelled at %s" % \
+            iso(cancel) in rec["last_error"]
+        assert "never bill it" in rec["last_error"]
+        no_secret_in(worker.runs, CB_KEY)
+
+
 # ---------------------------------------------------------------- recurly
 
 RK = "rk_test_e2e"
