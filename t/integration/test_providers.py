@@ -19,6 +19,7 @@ from fakes import (FakeChargebee, FakeLago, FakeOpenMeter, FakeRecurly,
 
 WORKER = Path(os.environ.get("METER_WORKER",
                            ROOT / "worker" / "meter-worker"))
+METERCTL = ROOT / "worker" / "meterctl"
 EPOCH = "3f2a9c0d11b2e4f7"
 
 pytestmark = pytest.mark.skipif(not WORKER.exists(),
@@ -293,6 +294,105 @@ def test_stripe_meter_event_stream(redis, tmp_path):
         no_secret_in(worker.runs, STRIPE_KEY)
         for tok in fake.sessions:
             no_secret_in(worker.runs, tok)
+
+
+@pytest.mark.parametrize("case", ["counted", "absent", "mismatch"])
+def test_stripe_unknown_outcome_past_24h_read_back(redis, tmp_path, case):
+    """A first send whose outcome is unknown, retried after Stripe forgot
+    its identifier (Redis `created` 25 h back, the fake's clock 25 h on):
+    Stripe's event summary decides.  It has the record: marked billed, not
+    resent; nothing: resent once; another count: dead letter."""
+    with FakeStripe(api_key=STRIPE_KEY) as fake:
+        seed = Seed(redis)
+        seed.customer("acme", "stripe", provider_customer="cus_A",
+                      subscription="sub_acme")
+        kh = seed.key("mk_live_acme", "acme")
+        h = hours_ago(2)
+        seed.usage("mk_live_acme", "acme", "calls", h, [40, 2])
+        fake.add_meter("api_calls")
+        w = Worker(tmp_path / "w", redis, "stripe", {
+            "stripe.base_url": fake.url, "stripe.api_key_file": "@KEY@",
+            "_api_key": STRIPE_KEY, "stripe.backoff": "50ms",
+            "stripe.timeout": "1s", "stripe.max_attempts": 1,
+            "meter.calls": "api_calls"})
+        # counted, mismatch: processed, the answer lost; absent: lost
+        # before Stripe saw it
+        fake.hang_next(1, seconds=3, after=(case != "absent"),
+                       match=r"/meter_events$")
+        if case == "mismatch":
+            fake.add_event("api_calls", "cus_A", 5, h + 60)
+        t = _age_first_send(redis, fake, 25 * 3600)
+        r = w.run(now_hour())
+        t.join()
+
+        posts = fake.requests_to("POST", r"/v1/billing/meter_events$")
+        summaries = fake.requests_to("GET", r"/event_summaries$")
+        assert len(summaries) == 1
+        assert summaries[0].q("customer") == "cus_A"
+        assert (int(summaries[0].q("start_time")),
+                int(summaries[0].q("end_time"))) == (h, h + 3600)
+        billed = redis.hgetall("mtr:b:{%s}:%s" % (kh, hour_name(h)))
+        if case == "mismatch":
+            assert r.returncode == 65, r.stderr
+            assert len(posts) == 1
+            assert fake.total("cus_A", "api_calls") == 42 + 5
+            assert billed == {}
+            dead = redis.cmd("ZRANGE", "mtr:{worker}:dead", "0", "-1")
+            assert len(dead) == 1
+            rec = redis.hgetall("mtr:{worker}:r:%s" % dead[0].decode())
+            assert "Stripe counts 47 (sum)" in rec["last_error"]
+            assert "this record 42" in rec["last_error"]
+            assert "not resent" in rec["last_error"]
+            return
+        assert r.returncode == 0, r.stderr
+        assert fake.total("cus_A", "api_calls") == 42
+        assert len(fake.events) == 1
+        assert len(posts) == (1 if case == "counted" else 2)
+        assert "Stripe counts it already" in r.stderr \
+            if case == "counted" else "resending" in r.stderr
+        assert sorted(billed.values()) == ["2", "40"]
+        assert redis.cmd("ZCARD", "mtr:{worker}:open") == 0
+        # a rerun sends nothing
+        n = len(fake.requests)
+        assert w.run(now_hour()).returncode == 0
+        assert len(fake.requests) == n
+
+
+def test_stripe_late_invoice_warning_in_status(redis, tmp_path):
+    """Usage of a billing period sent after that period's invoice was
+    finalized (stripe.invoice_grace after the period ended) is listed by
+    meterctl status; usage of the current period is not."""
+    with FakeStripe(api_key=STRIPE_KEY) as fake:
+        seed = Seed(redis)
+        # the subscription's current period began two hours ago
+        fake.period_start = hours_ago(2)
+        sub = fake.add_subscription("cus_A", prices=("price_1",))
+        seed.customer("acme", "stripe", provider_customer="cus_A",
+                      subscription=sub["id"])
+        seed.key("mk_live_acme", "acme")
+        seed.usage("mk_live_acme", "acme", "calls", hours_ago(3), [11])
+        seed.usage("mk_live_acme", "acme", "calls", hours_ago(2), [13])
+        w = Worker(tmp_path / "w", redis, "stripe", {
+            "stripe.base_url": fake.url, "stripe.api_key_file": "@KEY@",
+            "_api_key": STRIPE_KEY, "stripe.backoff": "50ms",
+            "stripe.invoice_grace": "10m", "meter.calls": "api_calls"})
+        r = w.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert fake.total("cus_A", "api_calls") == 24
+        assert "sent after the invoice of its period was finalized" in \
+            r.stderr
+        late = redis.cmd("ZRANGE", "mtr:{worker}:stripe:late", "0", "-1")
+        assert len(late) == 1
+        f = late[0].decode().split()
+        assert f[1:] == ["acme", "calls", str(hours_ago(3)), "11",
+                         str(hours_ago(2))]
+        st = subprocess.run([str(METERCTL), "--redis", redis.address,
+                             "status"], capture_output=True, text=True,
+                            timeout=60)
+        assert st.returncode == 0, st.stderr
+        assert "warning: 1 record sent after the invoice of its period " \
+            "was finalized (Stripe bills it on no invoice)" in st.stdout
+        assert "  late %s" % late[0].decode() in st.stdout.splitlines()
 
 
 # ---------------------------------------------------------------- chargebee
