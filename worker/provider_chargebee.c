@@ -245,8 +245,8 @@ meter_chargebee_subscription(meter_chargebee_t *cb, const char *id,
     void                  **slot;
     cJSON                  *json;
     double                  v;
-    meter_buf_t             url;
     const char             *st;
+    meter_buf_t             url;
     const cJSON            *sub;
     meter_send_e            rc;
     meter_chargebee_sub_t  *s;
