@@ -150,6 +150,7 @@ typedef struct {
     time_t                       grace;
     ngx_str_t                    file;      /* where it was written */
     ngx_uint_t                   line;
+    ngx_uint_t                   http;      /* at http level */
 } ngx_http_meter_gov_conf_t;
 
 
@@ -3753,7 +3754,11 @@ ngx_http_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     conf->bypass = server ? ret : prev->bypass;
 
-    if (conf->gov == NULL) {
+    /*
+     * A gate written at http level covers every health check and redirect
+     * that answers with "return": warning for each would be noise.
+     */
+    if (conf->gov == NULL || conf->gov->http) {
         return NGX_CONF_OK;
     }
 
@@ -4668,6 +4673,7 @@ ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     gcf->file = cf->conf_file->file.name;
     gcf->line = cf->conf_file->line;
+    gcf->http = (cf->cmd_type == NGX_HTTP_MAIN_CONF);
 
     mlcf->gov = gcf;
 

@@ -561,6 +561,33 @@ def test_no_return_warning_without_bypass(body):
                 and "meter_governance" in line], out
 
 
+def test_no_return_warning_for_an_http_level_gate():
+    """A gate at http level covers every health check and redirect that
+    answers with return: nginx -t stays quiet for them (nginx's own test
+    suite would print hundreds of such warnings); a gate written in the
+    server still warns."""
+    conf = r"""
+    meter_zone $http_x_api_key zone=api:1m;
+    meter_redis 127.0.0.1:@PORT2@;
+    meter_governance zone=api;
+    server {
+        listen 127.0.0.1:@PORT@;
+        location = /health { return 204; }
+        location /old { return 301 /new; }
+    }
+    server {
+        listen 127.0.0.1:@PORT2@;
+        meter_governance zone=api unknown_key=401;
+        location = /ping { return 204; }
+    }
+"""
+    rc, out, _, _ = nginx_t(conf)
+    assert rc == 0, out
+    warns = [line for line in out.splitlines() if "[warn]" in line
+             and "meter_governance" in line]
+    assert len(warns) == 1 and "/ping" in warns[0], out
+
+
 def test_return_answers_before_the_gate(nginx_factory, redis):
     """What the warning is about: `return` answers in the rewrite phase, so
     a delinquent key gets the 200 while a proxied sibling gets 402."""
