@@ -92,24 +92,51 @@ meterctl_hset(meter_redis_t *r, const char *key, const char **fv, int n)
 }
 
 
-int
-meterctl_register(meterctl_opts_t *o, meter_redis_t *r)
-{
-    char                     id[72], email[256], now[24], reg[96];
-    char                     cust[96], kh[65], prefix[13], when[32];
-    char                     key[METERCTL_KEY_LEN + 1], err[1024];
-    char                     item[8][48];
-    const char              *pname, *plan, *v, *fv[48];
-    const char              *pc, *sub;
-    size_t                   i;
-    int                      rc, n, exists, onboarded;
-    cJSON                   *out;
-    redisReply              *rg, *rp;
+/* a registration in the making: what each step reads and leaves */
+typedef struct {
+    char                     id[72];
+    char                     email[256];
+    char                     now[24];
+    char                     reg[96];       /* mtr:reg:{ID} */
+    char                     cust[96];      /* mtr:cust:{ID} */
+    char                     kh[65];
+    char                     prefix[13];
+    char                     key[METERCTL_KEY_LEN + 1];
+    char                     item[8][48];   /* "item.METER" of ob */
+    const char              *pname;
+    const char              *plan;
+    const char              *pc;            /* provider customer, or NULL */
+    const char              *sub;           /* subscription, or NULL */
+    redisReply              *rg;            /* HGETALL mtr:reg:{ID} */
     meter_provider_t         p;
-    meter_onboard_t          in;
-    meter_send_e             st;
-    meter_send_result_t      res;
     meter_onboard_result_t   ob;
+} meterctl_reg_t;
+
+
+/*
+ * Checks and frees a reply of a register step: EX_OK, or the exit code
+ * after a message.  Before the provider was called (customer NULL) a Redis
+ * failure is plain; after it, the registration is incomplete.
+ */
+static int
+meterctl_reg_reply(meter_redis_t *r, redisReply *rp, const char *customer)
+{
+    if (!meter_reply_ok(rp)) {
+        return customer != NULL ? meterctl_reg_failed(r, rp, customer)
+                                : meterctl_redis_failed(r, rp);
+    }
+
+    freeReplyObject(rp);
+
+    return EX_OK;
+}
+
+
+/* the command line: customer id, email, plan, provider; no Redis yet */
+static int
+meterctl_reg_args(meterctl_opts_t *o, meterctl_reg_t *g)
+{
+    size_t  i;
 
     if (o->nargs != 0) {
         fprintf(stderr, "meterctl register: unexpected argument \"%s\"\n",
@@ -142,86 +169,93 @@ meterctl_register(meterctl_opts_t *o, meter_redis_t *r)
         return EX_USAGE;
     }
 
-    for (i = 0; i < sizeof(email) - 1 && o->email[i] != '\0'; i++) {
-        email[i] = (char) tolower((unsigned char) o->email[i]);
+    for (i = 0; i < sizeof(g->email) - 1 && o->email[i] != '\0'; i++) {
+        g->email[i] = (char) tolower((unsigned char) o->email[i]);
     }
 
-    email[i] = '\0';
+    g->email[i] = '\0';
 
     if (o->customer != NULL) {
-        snprintf(id, sizeof(id), "%s", o->customer);
+        snprintf(g->id, sizeof(g->id), "%s", o->customer);
 
     } else {
-        meterctl_customer_of_email(email, id, sizeof(id));
+        meterctl_customer_of_email(g->email, g->id, sizeof(g->id));
     }
 
-    plan = o->plan != NULL ? o->plan : "default";
-    pname = (o->cf != NULL) ? o->cf->provider : "file";
+    g->plan = o->plan != NULL ? o->plan : "default";
+    g->pname = (o->cf != NULL) ? o->cf->provider : "file";
 
-    memset(&p, 0, sizeof(meter_provider_t));
-
-    if (meter_provider_by_name(pname, &p) != 0) {
+    if (meter_provider_by_name(g->pname, &g->p) != 0) {
         fprintf(stderr, "meterctl register: unknown provider \"%s\" in %s\n",
-                pname, o->cf != NULL ? o->cf->path : "the config");
+                g->pname, o->cf != NULL ? o->cf->path : "the config");
         return EX_CONFIG;
     }
 
-    if (strcmp(pname, "file") != 0 && p.onboard == NULL) {
+    if (strcmp(g->pname, "file") != 0 && g->p.onboard == NULL) {
         fprintf(stderr, "meterctl register: provider \"%s\" does not support "
                 "registration yet.  Create the customer and its subscription "
                 "in %s, then run \"meterctl customers add ID --provider %s "
                 "--provider-customer ID --subscription ID\" and \"meterctl "
-                "keys add\".\n", pname, pname, pname);
+                "keys add\".\n", g->pname, g->pname, g->pname);
         return EX_UNAVAILABLE;
     }
 
-    rc = meterctl_open(o, r);
-    if (rc != EX_OK) {
-        return rc;
+    snprintf(g->reg, sizeof(g->reg), MTR_REG_FMT, g->id);
+    snprintf(g->cust, sizeof(g->cust), MTR_CUST_FMT, g->id);
+    snprintf(g->now, sizeof(g->now), "%lld", (long long) time(NULL));
+
+    return EX_OK;
+}
+
+
+/*
+ * The registration so far (g->rg) and whether it may go on: not a customer
+ * made by other means, the same email and provider, no key issued yet.
+ */
+static int
+meterctl_reg_load(meter_redis_t *r, meterctl_reg_t *g)
+{
+    char         when[32], err[1024];
+    int          n, exists;
+    redisReply  *rp;
+    const char  *v;
+
+    g->rg = meter_redis_cmd(r, "HGETALL %s", g->reg);
+    if (!meter_reply_ok(g->rg) || g->rg->type != REDIS_REPLY_ARRAY) {
+        rp = g->rg;
+        g->rg = NULL;
+        return meterctl_redis_failed(r, rp);
     }
 
-    snprintf(reg, sizeof(reg), "mtr:reg:{%s}", id);
-    snprintf(cust, sizeof(cust), "mtr:cust:{%s}", id);
-    snprintf(now, sizeof(now), "%lld", (long long) time(NULL));
-
-    rg = meter_redis_cmd(r, "HGETALL %s", reg);
-    if (!meter_reply_ok(rg) || rg->type != REDIS_REPLY_ARRAY) {
-        return meterctl_redis_failed(r, rg);
-    }
-
-    rp = meter_redis_cmd(r, "EXISTS %s", cust);
+    rp = meter_redis_cmd(r, "EXISTS %s", g->cust);
     if (!meter_reply_ok(rp)) {
-        freeReplyObject(rg);
         return meterctl_redis_failed(r, rp);
     }
 
     exists = (meter_reply_int(rp, 0) == 1);
     freeReplyObject(rp);
 
-    if (rg->elements == 0 && exists) {
-        freeReplyObject(rg);
+    if (g->rg->elements == 0 && exists) {
         fprintf(stderr, "meterctl register: customer %s already exists and "
                 "was not created by \"register\"; give it a key with "
-                "\"meterctl keys add KEY --customer %s\"\n", id, id);
+                "\"meterctl keys add KEY --customer %s\"\n", g->id, g->id);
         return EX_DATAERR;
     }
 
-    v = meter_reply_hget(rg, "email");
-    if (v != NULL && strcmp(v, email) != 0) {
-        freeReplyObject(rg);
+    v = meter_reply_hget(g->rg, "email");
+    if (v != NULL && strcmp(v, g->email) != 0) {
         fprintf(stderr, "meterctl register: customer id %s is already being "
                 "registered for another email; choose another --customer\n",
-                id);
+                g->id);
         return EX_DATAERR;
     }
 
-    v = meter_reply_hget(rg, "provider");
-    if (v != NULL && strcmp(v, pname) != 0) {
-        freeReplyObject(rg);
+    v = meter_reply_hget(g->rg, "provider");
+    if (v != NULL && strcmp(v, g->pname) != 0) {
         fprintf(stderr, "meterctl register: customer %s was started with "
                 "provider \"%s\", the config now says \"%s\"; finish it with "
-                "the old config or choose another --customer\n", id, v,
-                pname);
+                "the old config or choose another --customer\n", g->id, v,
+                g->pname);
         return EX_DATAERR;
     }
 
@@ -230,264 +264,313 @@ meterctl_register(meterctl_opts_t *o, meter_redis_t *r)
      * have been printed and is never shown again; if not, the earlier run
      * stopped before printing it, and it is replaced below.
      */
-    v = meter_reply_hget(rg, "key_hash");
-    if (v != NULL) {
-        rp = meter_redis_cmd(r, "SISMEMBER mtr:ckeys:{%s} %s", id, v);
-        if (!meter_reply_ok(rp)) {
-            freeReplyObject(rg);
-            return meterctl_redis_failed(r, rp);
-        }
-
-        n = (int) meter_reply_int(rp, 0);
-        freeReplyObject(rp);
-
-        rp = meter_redis_cmd(r, n == 1 ? "HGETALL mtr:key:{%s}"
-                                       : "DEL mtr:key:{%s}", v);
-        if (!meter_reply_ok(rp)) {
-            freeReplyObject(rg);
-            return meterctl_redis_failed(r, rp);
-        }
-
-        if (n == 1) {
-            meterctl_time(meter_reply_hget(rp, "created"), when,
-                          sizeof(when));
-            fprintf(stderr, "meterctl register: %s is already registered as "
-                    "customer %s; its key %s... was issued at %s and is "
-                    "never shown again.  If it was lost (an earlier run "
-                    "stopped before printing it), issue a new one with "
-                    "\"meterctl keys rotate %s\"\n", email, id,
-                    meter_reply_hget(rp, "prefix")
-                    ? meter_reply_hget(rp, "prefix") : "?", when, v);
-            freeReplyObject(rp);
-
-            /* finish what the earlier run may have left */
-            rp = meter_redis_cmd(r, "HSET %s state done", reg);
-            freeReplyObject(rp);
-            freeReplyObject(rg);
-
-            if (meter_gov_project(r, id, err, sizeof(err)) != 0) {
-                return meterctl_gov_failed("register", err);
-            }
-
-            return EX_DATAERR;
-        }
-
-        freeReplyObject(rp);
+    v = meter_reply_hget(g->rg, "key_hash");
+    if (v == NULL) {
+        return EX_OK;
     }
 
-    /* 1. the pending registration: what a retry continues from */
-    if (rg->elements == 0) {
-        n = 0;
-        fv[n++] = "state"; fv[n++] = "pending";
-        fv[n++] = "email"; fv[n++] = email;
-        fv[n++] = "name"; fv[n++] = o->name;
-        fv[n++] = "plan"; fv[n++] = plan;
-        fv[n++] = "provider"; fv[n++] = pname;
-        fv[n++] = "created"; fv[n++] = now;
-
-        rp = meterctl_hset(r, reg, fv, n);
-        if (!meter_reply_ok(rp)) {
-            freeReplyObject(rg);
-            return meterctl_redis_failed(r, rp);
-        }
-
-        freeReplyObject(rp);
-    }
-
-    /* 2. the provider's customer and subscription */
-    memset(&ob, 0, sizeof(meter_onboard_result_t));
-    pc = meter_reply_hget(rg, "provider_customer");
-    sub = meter_reply_hget(rg, "subscription");
-    onboarded = (sub != NULL || strcmp(pname, "file") == 0);
-
-    if (!onboarded) {
-        if (p.init != NULL && p.init(&p, o->cf, err, sizeof(err)) != 0) {
-            freeReplyObject(rg);
-            fprintf(stderr, "meterctl register: provider %s: %s\n", pname,
-                    err);
-            return EX_CONFIG;
-        }
-
-        in.customer = id;
-        in.email = email;
-        in.name = o->name;
-        in.plan = plan;
-
-        memset(&res, 0, sizeof(meter_send_result_t));
-        st = p.onboard(&p, &in, &ob, &res);
-
-        if (p.cleanup != NULL) {
-            p.cleanup(&p);
-        }
-
-        if (st != METER_SEND_OK || ob.provider_customer[0] == '\0'
-            || ob.subscription[0] == '\0')
-        {
-            freeReplyObject(rg);
-            fprintf(stderr, "meterctl register: provider %s: %s\n", pname,
-                    st == METER_SEND_OK ? "no customer or subscription id "
-                    "in the answer" : res.error);
-            fprintf(stderr, "meterctl register: customer %s is not "
-                    "registered yet; %s\n", id,
-                    st == METER_SEND_FATAL
-                    ? "fix the cause above, then run the same command again "
-                      "(it continues where it stopped)"
-                    : "run the same command again to complete it (nothing is "
-                      "created twice)");
-            return st == METER_SEND_FATAL ? EX_UNAVAILABLE : EX_TEMPFAIL;
-        }
-
-        n = 0;
-        fv[n++] = "provider_customer"; fv[n++] = ob.provider_customer;
-        fv[n++] = "subscription"; fv[n++] = ob.subscription;
-
-        for (i = 0; i < (size_t) ob.nitems && i < 8; i++) {
-            snprintf(item[i], sizeof(item[i]), "item.%s", ob.item_meter[i]);
-            fv[n++] = item[i];
-            fv[n++] = ob.item_id[i];
-        }
-
-        fv[n++] = "state"; fv[n++] = "provisioned";
-
-        rp = meterctl_hset(r, reg, fv, n);
-        if (!meter_reply_ok(rp)) {
-            freeReplyObject(rg);
-            return meterctl_reg_failed(r, rp, id);
-        }
-
-        freeReplyObject(rp);
-
-        pc = ob.provider_customer;
-        sub = ob.subscription;
-    }
-
-    /* 3. our customer record, from the registration */
-    rp = meter_redis_cmd(r, "HSETNX %s status active", cust);
+    rp = meter_redis_cmd(r, "SISMEMBER " MTR_CKEYS_FMT " %s", g->id, v);
     if (!meter_reply_ok(rp)) {
-        freeReplyObject(rg);
-        return meterctl_reg_failed(r, rp, id);
+        return meterctl_redis_failed(r, rp);
     }
 
+    n = (int) meter_reply_int(rp, 0);
     freeReplyObject(rp);
 
-    rp = meter_redis_cmd(r, "HSETNX %s created %s", cust, now);
+    rp = meter_redis_cmd(r, n == 1 ? "HGETALL " MTR_KEY_FMT
+                                   : "DEL " MTR_KEY_FMT, v);
     if (!meter_reply_ok(rp)) {
-        freeReplyObject(rg);
-        return meterctl_reg_failed(r, rp, id);
+        return meterctl_redis_failed(r, rp);
     }
 
+    if (n != 1) {
+        freeReplyObject(rp);
+        return EX_OK;
+    }
+
+    meterctl_time(meter_reply_hget(rp, "created"), when, sizeof(when));
+    fprintf(stderr, "meterctl register: %s is already registered as "
+            "customer %s; its key %s... was issued at %s and is "
+            "never shown again.  If it was lost (an earlier run "
+            "stopped before printing it), issue a new one with "
+            "\"meterctl keys rotate %s\"\n", g->email, g->id,
+            meter_reply_hget(rp, "prefix")
+            ? meter_reply_hget(rp, "prefix") : "?", when, v);
     freeReplyObject(rp);
+
+    /* finish what the earlier run may have left */
+    freeReplyObject(meter_redis_cmd(r, "HSET %s state done", g->reg));
+
+    if (meter_gov_project(r, g->id, err, sizeof(err)) != 0) {
+        return meterctl_gov_failed("register", err);
+    }
+
+    return EX_DATAERR;
+}
+
+
+/* 1. the pending registration: what a retry continues from */
+static int
+meterctl_reg_pending(meterctl_opts_t *o, meter_redis_t *r, meterctl_reg_t *g)
+{
+    int          n;
+    const char  *fv[12];
+
+    if (g->rg->elements != 0) {
+        return EX_OK;
+    }
 
     n = 0;
-    fv[n++] = "email"; fv[n++] = email;
+    fv[n++] = "state"; fv[n++] = "pending";
+    fv[n++] = "email"; fv[n++] = g->email;
     fv[n++] = "name"; fv[n++] = o->name;
-    fv[n++] = "plan"; fv[n++] = plan;
-    fv[n++] = "provider"; fv[n++] = pname;
-    fv[n++] = "provider_customer"; fv[n++] = pc;
-    fv[n++] = "subscription"; fv[n++] = sub;
+    fv[n++] = "plan"; fv[n++] = g->plan;
+    fv[n++] = "provider"; fv[n++] = g->pname;
+    fv[n++] = "created"; fv[n++] = g->now;
 
-    for (i = 0; i + 1 < rg->elements && n + 2 <= 46; i += 2) {
-        if (strncmp(rg->element[i]->str, "item.", 5) == 0) {
-            fv[n++] = rg->element[i]->str;
-            fv[n++] = rg->element[i + 1]->str;
+    return meterctl_reg_reply(r, meterctl_hset(r, g->reg, fv, n), NULL);
+}
+
+
+/* 2. the provider's customer and subscription, unless made before */
+static int
+meterctl_reg_onboard(meterctl_opts_t *o, meter_redis_t *r, meterctl_reg_t *g)
+{
+    char                  err[1024];
+    const char           *fv[24];
+    size_t                i;
+    int                   n;
+    meter_onboard_t       in;
+    meter_send_e          st;
+    meter_send_result_t   res;
+
+    g->pc = meter_reply_hget(g->rg, "provider_customer");
+    g->sub = meter_reply_hget(g->rg, "subscription");
+
+    if (g->sub != NULL || strcmp(g->pname, "file") == 0) {
+        return EX_OK;
+    }
+
+    if (g->p.init != NULL && g->p.init(&g->p, o->cf, err, sizeof(err)) != 0)
+    {
+        fprintf(stderr, "meterctl register: provider %s: %s\n", g->pname,
+                err);
+        return EX_CONFIG;
+    }
+
+    in.customer = g->id;
+    in.email = g->email;
+    in.name = o->name;
+    in.plan = g->plan;
+
+    memset(&res, 0, sizeof(meter_send_result_t));
+    st = g->p.onboard(&g->p, &in, &g->ob, &res);
+
+    if (g->p.cleanup != NULL) {
+        g->p.cleanup(&g->p);
+    }
+
+    if (st != METER_SEND_OK || g->ob.provider_customer[0] == '\0'
+        || g->ob.subscription[0] == '\0')
+    {
+        fprintf(stderr, "meterctl register: provider %s: %s\n", g->pname,
+                st == METER_SEND_OK ? "no customer or subscription id "
+                "in the answer" : res.error);
+        fprintf(stderr, "meterctl register: customer %s is not "
+                "registered yet; %s\n", g->id,
+                st == METER_SEND_FATAL
+                ? "fix the cause above, then run the same command again "
+                  "(it continues where it stopped)"
+                : "run the same command again to complete it (nothing is "
+                  "created twice)");
+        return st == METER_SEND_FATAL ? EX_UNAVAILABLE : EX_TEMPFAIL;
+    }
+
+    n = 0;
+    fv[n++] = "provider_customer"; fv[n++] = g->ob.provider_customer;
+    fv[n++] = "subscription"; fv[n++] = g->ob.subscription;
+
+    for (i = 0; i < (size_t) g->ob.nitems && i < 8; i++) {
+        snprintf(g->item[i], sizeof(g->item[i]), "item.%s",
+                 g->ob.item_meter[i]);
+        fv[n++] = g->item[i];
+        fv[n++] = g->ob.item_id[i];
+    }
+
+    fv[n++] = "state"; fv[n++] = "provisioned";
+
+    g->pc = g->ob.provider_customer;
+    g->sub = g->ob.subscription;
+
+    return meterctl_reg_reply(r, meterctl_hset(r, g->reg, fv, n), g->id);
+}
+
+
+/* 3. our customer record, from the registration */
+static int
+meterctl_reg_customer(meterctl_opts_t *o, meter_redis_t *r, meterctl_reg_t *g)
+{
+    const char  *fv[48];
+    size_t       i;
+    int          n, rc;
+
+    rc = meterctl_reg_reply(r, meter_redis_cmd(r, "HSETNX %s status active",
+                                               g->cust), g->id);
+    if (rc == EX_OK) {
+        rc = meterctl_reg_reply(r, meter_redis_cmd(r, "HSETNX %s created %s",
+                                                   g->cust, g->now), g->id);
+    }
+
+    if (rc != EX_OK) {
+        return rc;
+    }
+
+    n = 0;
+    fv[n++] = "email"; fv[n++] = g->email;
+    fv[n++] = "name"; fv[n++] = o->name;
+    fv[n++] = "plan"; fv[n++] = g->plan;
+    fv[n++] = "provider"; fv[n++] = g->pname;
+    fv[n++] = "provider_customer"; fv[n++] = g->pc;
+    fv[n++] = "subscription"; fv[n++] = g->sub;
+
+    for (i = 0; i + 1 < g->rg->elements && n + 2 <= 46; i += 2) {
+        if (strncmp(g->rg->element[i]->str, "item.", 5) == 0) {
+            fv[n++] = g->rg->element[i]->str;
+            fv[n++] = g->rg->element[i + 1]->str;
         }
     }
 
-    for (i = 0; i < (size_t) ob.nitems && i < 8 && n + 2 <= 46; i++) {
-        fv[n++] = item[i];
-        fv[n++] = ob.item_id[i];
+    for (i = 0; i < (size_t) g->ob.nitems && i < 8 && n + 2 <= 46; i++) {
+        fv[n++] = g->item[i];
+        fv[n++] = g->ob.item_id[i];
     }
 
-    rp = meterctl_hset(r, cust, fv, n);
-    if (!meter_reply_ok(rp)) {
-        freeReplyObject(rg);
-        return meterctl_reg_failed(r, rp, id);
+    rc = meterctl_reg_reply(r, meterctl_hset(r, g->cust, fv, n), g->id);
+
+    if (rc == EX_OK) {
+        rc = meterctl_reg_reply(r, meter_redis_cmd(r, "SADD " MTR_CUSTOMERS
+                                                   " %s", g->id), g->id);
     }
 
-    freeReplyObject(rp);
-
-    rp = meter_redis_cmd(r, "SADD mtr:customers %s", id);
-    if (!meter_reply_ok(rp)) {
-        freeReplyObject(rg);
-        return meterctl_reg_failed(r, rp, id);
+    if (rc == EX_OK && g->pc != NULL) {
+        rc = meterctl_reg_reply(r, meter_redis_cmd(r, "HSET " MTR_BYPC
+                                                   " %s %s", g->pc, g->id),
+                                g->id);
     }
 
-    freeReplyObject(rp);
-
-    if (pc != NULL) {
-        rp = meter_redis_cmd(r, "HSET mtr:bypc %s %s", pc, id);
-        if (!meter_reply_ok(rp)) {
-            freeReplyObject(rg);
-            return meterctl_reg_failed(r, rp, id);
-        }
-
-        freeReplyObject(rp);
+    if (rc == EX_OK && g->sub != NULL) {
+        rc = meterctl_reg_reply(r, meter_redis_cmd(r, "HSET " MTR_BYSUB
+                                                   " %s %s", g->sub, g->id),
+                                g->id);
     }
 
-    if (sub != NULL) {
-        rp = meter_redis_cmd(r, "HSET mtr:bysub %s %s", sub, id);
-        if (!meter_reply_ok(rp)) {
-            freeReplyObject(rg);
-            return meterctl_reg_failed(r, rp, id);
-        }
+    return rc;
+}
 
-        freeReplyObject(rp);
-    }
 
-    /* 4. the key, last: made only now, stored as its hash, shown once */
-    if (meterctl_key_new(key) != 0) {
-        freeReplyObject(rg);
+/* 4. the key, last: made only now, stored as its hash, shown once */
+static int
+meterctl_reg_key(meter_redis_t *r, meterctl_reg_t *g)
+{
+    int  rc;
+
+    if (meterctl_key_new(g->key) != 0) {
         fprintf(stderr, "meterctl register: the OpenSSL random generator "
                 "failed; run the same command again\n");
         return EX_OSERR;
     }
 
-    meter_sha256_hex(key, strlen(key), kh);
+    meter_sha256_hex(g->key, strlen(g->key), g->kh);
 
-    rp = meter_redis_cmd(r, "HSET %s key_hash %s state keyed", reg, kh);
-    if (!meter_reply_ok(rp)) {
-        memset(key, 0, sizeof(key));
-        freeReplyObject(rg);
-        return meterctl_reg_failed(r, rp, id);
+    rc = meterctl_reg_reply(r, meter_redis_cmd(r, "HSET %s key_hash %s "
+                                               "state keyed", g->reg, g->kh),
+                            g->id);
+    if (rc != EX_OK) {
+        return rc;
     }
 
-    freeReplyObject(rp);
-
-    rc = meterctl_key_store(r, "register", id, key, kh, prefix);
+    rc = meterctl_key_store(r, "register", g->id, g->key, g->kh, g->prefix);
     if (rc != EX_OK) {
         /* the key hash in mtr:reg without mtr:key: a retry makes a new key */
-        memset(key, 0, sizeof(key));
-        freeReplyObject(rg);
         fprintf(stderr, "meterctl register: run the same command again to "
-                "complete the registration of customer %s\n", id);
+                "complete the registration of customer %s\n", g->id);
         return rc == EX_UNAVAILABLE ? EX_TEMPFAIL : rc;
     }
 
-    rp = meter_redis_cmd(r, "HSET %s state done", reg);
-    freeReplyObject(rp);
+    freeReplyObject(meter_redis_cmd(r, "HSET %s state done", g->reg));
+
+    return EX_OK;
+}
+
+
+static void
+meterctl_reg_print(meterctl_opts_t *o, meterctl_reg_t *g)
+{
+    cJSON  *out;
 
     if (o->json) {
         out = cJSON_CreateObject();
-        cJSON_AddStringToObject(out, "customer", id);
-        cJSON_AddStringToObject(out, "email", email);
-        cJSON_AddStringToObject(out, "provider", pname);
-        meterctl_json_str(out, "provider_customer", pc);
-        meterctl_json_str(out, "subscription", sub);
-        cJSON_AddStringToObject(out, "key", key);
-        cJSON_AddStringToObject(out, "key_hash", kh);
-        cJSON_AddStringToObject(out, "prefix", prefix);
+        cJSON_AddStringToObject(out, "customer", g->id);
+        cJSON_AddStringToObject(out, "email", g->email);
+        cJSON_AddStringToObject(out, "provider", g->pname);
+        meterctl_json_str(out, "provider_customer", g->pc);
+        meterctl_json_str(out, "subscription", g->sub);
+        cJSON_AddStringToObject(out, "key", g->key);
+        cJSON_AddStringToObject(out, "key_hash", g->kh);
+        cJSON_AddStringToObject(out, "prefix", g->prefix);
         meterctl_json_print(out);
         cJSON_Delete(out);
 
     } else {
-        printf("customer %s registered (%s, provider %s%s%s%s%s)\n", id,
-               email, pname, pc ? ", " : "", pc ? pc : "",
-               sub ? ", " : "", sub ? sub : "");
-        printf("API key (shown once, store it now):\n%s\n", key);
+        printf("customer %s registered (%s, provider %s%s%s%s%s)\n", g->id,
+               g->email, g->pname, g->pc ? ", " : "", g->pc ? g->pc : "",
+               g->sub ? ", " : "", g->sub ? g->sub : "");
+        printf("API key (shown once, store it now):\n%s\n", g->key);
+    }
+}
+
+
+int
+meterctl_register(meterctl_opts_t *o, meter_redis_t *r)
+{
+    int             rc;
+    meterctl_reg_t  g;
+
+    memset(&g, 0, sizeof(meterctl_reg_t));
+
+    rc = meterctl_reg_args(o, &g);
+
+    if (rc == EX_OK) {
+        rc = meterctl_open(o, r);
     }
 
-    memset(key, 0, sizeof(key));
-    freeReplyObject(rg);
+    if (rc == EX_OK) {
+        rc = meterctl_reg_load(r, &g);
+    }
 
-    return EX_OK;
+    if (rc == EX_OK) {
+        rc = meterctl_reg_pending(o, r, &g);
+    }
+
+    if (rc == EX_OK) {
+        rc = meterctl_reg_onboard(o, r, &g);
+    }
+
+    if (rc == EX_OK) {
+        rc = meterctl_reg_customer(o, r, &g);
+    }
+
+    if (rc == EX_OK) {
+        rc = meterctl_reg_key(r, &g);
+    }
+
+    if (rc == EX_OK) {
+        meterctl_reg_print(o, &g);
+    }
+
+    /* the one way out: the key never outlives the command */
+    explicit_bzero(g.key, sizeof(g.key));
+    freeReplyObject(g.rg);
+
+    return rc;
 }
