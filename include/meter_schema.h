@@ -78,7 +78,8 @@
 
 /* mtr:{worker}:p:PSTART fields: SUBJECT|METER and SUBJECT|METER|open */
 #define MTR_PERIOD_SEQ_FMT      "%s|%s"
-#define MTR_PERIOD_OPEN_FMT     "%s|%s|open"
+#define MTR_PERIOD_OPEN_SFX     "|open"
+#define MTR_PERIOD_OPEN_FMT     MTR_PERIOD_SEQ_FMT MTR_PERIOD_OPEN_SFX
 
 /* mtr:{worker}:stats fields */
 #define MTR_STATS_LAST_DRAIN    "last_drain"
@@ -112,7 +113,8 @@
 #define MTR_CUST_SOURCE         "source"
 #define MTR_CUST_STATUS_AT      "status_at"
 #define MTR_CUST_PROJECTED      "projected"
-#define MTR_CUST_ITEM_FMT       "item.%s"       /* METER */
+#define MTR_CUST_ITEM_PRE       "item."
+#define MTR_CUST_ITEM_FMT       MTR_CUST_ITEM_PRE "%s"  /* METER */
 
 #define MTR_STATUS_ACTIVE       "active"
 #define MTR_STATUS_DELINQUENT   "delinquent"
@@ -152,6 +154,8 @@
 #define MTR_GOV_NFIELDS         5
 #define MTR_GOV_ACTIVE          'a'
 #define MTR_GOV_DELINQUENT      'd'
+/* printf arguments: customer, status char, reason, since, revoked */
+#define MTR_GOV_FMT             "%s\t%c\t%s\t%s\t%s"
 
 /* STRING mtr:gov:version, integer */
 #define MTR_GOV_VERSION         "mtr:gov:version"

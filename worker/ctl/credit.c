@@ -28,7 +28,7 @@ meterctl_credit_fields(meter_redis_t *r, int *rc)
 {
     redisReply  *rp;
 
-    rp = meter_redis_cmd(r, "HKEYS mtr:gov:credit");
+    rp = meter_redis_cmd(r, "HKEYS " MTR_GOV_CREDIT);
     if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
         *rc = meterctl_redis_failed(r, rp);
         return NULL;

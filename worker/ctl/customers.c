@@ -42,7 +42,7 @@ meterctl_customers_list(meterctl_opts_t *o, meter_redis_t *r)
         return rc;
     }
 
-    ids = meterctl_sorted_set(r, "mtr:customers", &rc);
+    ids = meterctl_sorted_set(r, MTR_CUSTOMERS, &rc);
     if (ids == NULL) {
         return rc;
     }
@@ -57,14 +57,14 @@ meterctl_customers_list(meterctl_opts_t *o, meter_redis_t *r)
     for (i = 0; i < ids->elements; i++) {
         id = ids->element[i]->str;
 
-        cust = meter_redis_cmd(r, "HGETALL mtr:cust:{%s}", id);
+        cust = meter_redis_cmd(r, "HGETALL " MTR_CUST_FMT, id);
         if (!meter_reply_ok(cust)) {
             cJSON_Delete(arr);
             freeReplyObject(ids);
             return meterctl_redis_failed(r, cust);
         }
 
-        snprintf(key, sizeof(key), "mtr:ckeys:{%s}", id);
+        snprintf(key, sizeof(key), MTR_CKEYS_FMT, id);
         rp = meter_redis_cmd(r, "SCARD %s", key);
         nkeys = meter_reply_int(rp, 0);
         freeReplyObject(rp);
@@ -150,12 +150,12 @@ meterctl_customers_show(meterctl_opts_t *o, meter_redis_t *r)
         return rc == 0 ? EX_DATAERR : EX_UNAVAILABLE;
     }
 
-    cust = meter_redis_cmd(r, "HGETALL mtr:cust:{%s}", id);
+    cust = meter_redis_cmd(r, "HGETALL " MTR_CUST_FMT, id);
     if (!meter_reply_ok(cust) || cust->type != REDIS_REPLY_ARRAY) {
         return meterctl_redis_failed(r, cust);
     }
 
-    snprintf(label, sizeof(label), "mtr:ckeys:{%s}", id);
+    snprintf(label, sizeof(label), MTR_CKEYS_FMT, id);
     kh = meterctl_sorted_set(r, label, &rc);
 
     if (kh == NULL) {
@@ -236,7 +236,7 @@ meterctl_customers_show(meterctl_opts_t *o, meter_redis_t *r)
     }
 
     for (i = 0; i < kh->elements; i++) {
-        key = meter_redis_cmd(r, "HGETALL mtr:key:{%s}", kh->element[i]->str);
+        key = meter_redis_cmd(r, "HGETALL " MTR_KEY_FMT, kh->element[i]->str);
         if (!meter_reply_ok(key)) {
             cJSON_Delete(out);
             cJSON_Delete(keys);
@@ -345,7 +345,7 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
         return rc;
     }
 
-    snprintf(key, sizeof(key), "mtr:cust:{%s}", id);
+    snprintf(key, sizeof(key), MTR_CUST_FMT, id);
 
     /* Lago requires external_subscription_id (getlago/lago-openapi
      * src/schemas/EventInputObject.yaml): no fallback to another id */
@@ -382,7 +382,7 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
         argc++;                                                              \
     } while (0)
 
-    snprintf(key, sizeof(key), "mtr:cust:{%s}", id);
+    snprintf(key, sizeof(key), MTR_CUST_FMT, id);
 
     /* status (delinquency) and created of an existing customer stay */
     rp = meter_redis_cmd(r, "HSETNX %s status active", key);
@@ -431,7 +431,7 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
 
     for (i = 0; i < o->nitems; i++) {
         eq = strchr(o->items[i], '=');
-        snprintf(item[i], sizeof(item[i]), "item.%.*s",
+        snprintf(item[i], sizeof(item[i]), MTR_CUST_ITEM_PRE "%.*s",
                  (int) (eq - o->items[i]), o->items[i]);
         meterctl_arg(item[i]);
         meterctl_arg(eq + 1);
@@ -446,7 +446,7 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
 
     freeReplyObject(rp);
 
-    rp = meter_redis_cmd(r, "SADD mtr:customers %s", id);
+    rp = meter_redis_cmd(r, "SADD " MTR_CUSTOMERS " %s", id);
     if (!meter_reply_ok(rp)) {
         return meterctl_redis_failed(r, rp);
     }
@@ -454,7 +454,7 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
     freeReplyObject(rp);
 
     if (o->provider_customer != NULL) {
-        rp = meter_redis_cmd(r, "HSET mtr:bypc %s %s", o->provider_customer,
+        rp = meter_redis_cmd(r, "HSET " MTR_BYPC " %s %s", o->provider_customer,
                              id);
         if (!meter_reply_ok(rp)) {
             return meterctl_redis_failed(r, rp);
@@ -464,7 +464,8 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
     }
 
     if (o->subscription != NULL) {
-        rp = meter_redis_cmd(r, "HSET mtr:bysub %s %s", o->subscription, id);
+        rp = meter_redis_cmd(r, "HSET " MTR_BYSUB " %s %s", o->subscription,
+                             id);
         if (!meter_reply_ok(rp)) {
             return meterctl_redis_failed(r, rp);
         }

@@ -89,7 +89,7 @@ meterctl_key_store(meter_redis_t *r, const char *cmd, const char *customer,
     meter_sha256_hex(key, strlen(key), kh);
     snprintf(prefix, 13, "%.12s", key);
 
-    rp = meter_redis_cmd(r, "HSET mtr:key:{%s} customer %s prefix %s "
+    rp = meter_redis_cmd(r, "HSET " MTR_KEY_FMT " customer %s prefix %s "
                          "created %lld", kh, customer, prefix,
                          (long long) time(NULL));
     if (!meter_reply_ok(rp)) {
@@ -98,7 +98,7 @@ meterctl_key_store(meter_redis_t *r, const char *cmd, const char *customer,
 
     freeReplyObject(rp);
 
-    rp = meter_redis_cmd(r, "SADD mtr:ckeys:{%s} %s", customer, kh);
+    rp = meter_redis_cmd(r, "SADD " MTR_CKEYS_FMT " %s", customer, kh);
     if (!meter_reply_ok(rp)) {
         return meterctl_redis_failed(r, rp);
     }
@@ -186,7 +186,7 @@ meterctl_keys_list(meterctl_opts_t *o, meter_redis_t *r)
         return rc == 0 ? EX_DATAERR : EX_UNAVAILABLE;
     }
 
-    snprintf(ck, sizeof(ck), "mtr:ckeys:{%s}", id);
+    snprintf(ck, sizeof(ck), MTR_CKEYS_FMT, id);
     kh = meterctl_sorted_set(r, ck, &rc);
     if (kh == NULL) {
         return rc;
@@ -200,7 +200,7 @@ meterctl_keys_list(meterctl_opts_t *o, meter_redis_t *r)
     }
 
     for (i = 0; i < kh->elements; i++) {
-        key = meter_redis_cmd(r, "HGETALL mtr:key:{%s}", kh->element[i]->str);
+        key = meter_redis_cmd(r, "HGETALL " MTR_KEY_FMT, kh->element[i]->str);
         if (!meter_reply_ok(key)) {
             cJSON_Delete(arr);
             freeReplyObject(kh);
@@ -302,7 +302,7 @@ meterctl_keys_add(meterctl_opts_t *o, meter_redis_t *r)
     }
 
     old[0] = '\0';
-    rp = meter_redis_cmd(r, "HGET mtr:key:{%s} customer", kh);
+    rp = meter_redis_cmd(r, "HGET " MTR_KEY_FMT " customer", kh);
     if (!meter_reply_ok(rp)) {
         return meterctl_redis_failed(r, rp);
     }
@@ -314,14 +314,14 @@ meterctl_keys_add(meterctl_opts_t *o, meter_redis_t *r)
     freeReplyObject(rp);
 
     /* a prefix left by an earlier meterctl that stored one goes too */
-    rp = meter_redis_cmd(r, "HDEL mtr:key:{%s} prefix", kh);
+    rp = meter_redis_cmd(r, "HDEL " MTR_KEY_FMT " prefix", kh);
     if (!meter_reply_ok(rp)) {
         return meterctl_redis_failed(r, rp);
     }
 
     freeReplyObject(rp);
 
-    rp = meter_redis_cmd(r, "HSET mtr:key:{%s} customer %s created %lld",
+    rp = meter_redis_cmd(r, "HSET " MTR_KEY_FMT " customer %s created %lld",
                          kh, o->customer, (long long) time(NULL));
 
     if (!meter_reply_ok(rp)) {
@@ -332,14 +332,14 @@ meterctl_keys_add(meterctl_opts_t *o, meter_redis_t *r)
 
     if (old[0] != '\0' && strcmp(old, o->customer) != 0) {
         /* the key moves to another customer */
-        rp = meter_redis_cmd(r, "SREM mtr:ckeys:{%s} %s", old, kh);
+        rp = meter_redis_cmd(r, "SREM " MTR_CKEYS_FMT " %s", old, kh);
         freeReplyObject(rp);
         if (meter_gov_project(r, old, err, sizeof(err)) != 0) {
             return meterctl_gov_failed("keys add", err);
         }
     }
 
-    rp = meter_redis_cmd(r, "SADD mtr:ckeys:{%s} %s", o->customer, kh);
+    rp = meter_redis_cmd(r, "SADD " MTR_CKEYS_FMT " %s", o->customer, kh);
     if (!meter_reply_ok(rp)) {
         return meterctl_redis_failed(r, rp);
     }
@@ -375,7 +375,7 @@ meterctl_key_resolve(meter_redis_t *r, const char *cmd, const char *arg,
            && strspn(arg, "0123456789abcdef") == alen);
 
     if (alen == 64 && hex) {
-        rp = meter_redis_cmd(r, "HGET mtr:key:{%s} customer", arg);
+        rp = meter_redis_cmd(r, "HGET " MTR_KEY_FMT " customer", arg);
         if (!meter_reply_ok(rp)) {
             return meterctl_redis_failed(r, rp);
         }
@@ -400,7 +400,7 @@ meterctl_key_resolve(meter_redis_t *r, const char *cmd, const char *arg,
     }
 
     /* no index by prefix: walk the customers' keys (an admin command) */
-    ids = meterctl_sorted_set(r, "mtr:customers", &rc);
+    ids = meterctl_sorted_set(r, MTR_CUSTOMERS, &rc);
     if (ids == NULL) {
         return rc;
     }
@@ -408,7 +408,7 @@ meterctl_key_resolve(meter_redis_t *r, const char *cmd, const char *arg,
     n = 0;
 
     for (i = 0; i < ids->elements; i++) {
-        snprintf(ck, sizeof(ck), "mtr:ckeys:{%s}", ids->element[i]->str);
+        snprintf(ck, sizeof(ck), MTR_CKEYS_FMT, ids->element[i]->str);
         keys = meterctl_sorted_set(r, ck, &rc);
         if (keys == NULL) {
             freeReplyObject(ids);
@@ -420,7 +420,7 @@ meterctl_key_resolve(meter_redis_t *r, const char *cmd, const char *arg,
                 goto found;
             }
 
-            rp = meter_redis_cmd(r, "HGET mtr:key:{%s} prefix",
+            rp = meter_redis_cmd(r, "HGET " MTR_KEY_FMT " prefix",
                                  keys->element[j]->str);
             if (!meter_reply_ok(rp)) {
                 freeReplyObject(keys);
@@ -476,7 +476,7 @@ meterctl_revoke(meter_redis_t *r, const char *cmd, const char *kh,
     redisReply  *rp;
 
     /* the first revocation time stays */
-    rp = meter_redis_cmd(r, "HSETNX mtr:key:{%s} revoked %lld", kh,
+    rp = meter_redis_cmd(r, "HSETNX " MTR_KEY_FMT " revoked %lld", kh,
                          (long long) time(NULL));
     if (!meter_reply_ok(rp)) {
         return meterctl_redis_failed(r, rp);

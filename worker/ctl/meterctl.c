@@ -323,7 +323,7 @@ meterctl_customer_exists(meter_redis_t *r, const char *cmd, const char *id)
     redisReply  *rp;
     long long    n;
 
-    rp = meter_redis_cmd(r, "EXISTS mtr:cust:{%s}", id);
+    rp = meter_redis_cmd(r, "EXISTS " MTR_CUST_FMT, id);
     if (!meter_reply_ok(rp)) {
         meterctl_redis_failed(r, rp);
         return -1;

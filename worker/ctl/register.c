@@ -391,7 +391,7 @@ meterctl_reg_onboard(meterctl_opts_t *o, meter_redis_t *r, meterctl_reg_t *g)
     fv[n++] = "subscription"; fv[n++] = g->ob.subscription;
 
     for (i = 0; i < (size_t) g->ob.nitems && i < 8; i++) {
-        snprintf(g->item[i], sizeof(g->item[i]), "item.%s",
+        snprintf(g->item[i], sizeof(g->item[i]), MTR_CUST_ITEM_FMT,
                  g->ob.item_meter[i]);
         fv[n++] = g->item[i];
         fv[n++] = g->ob.item_id[i];
@@ -434,7 +434,8 @@ meterctl_reg_customer(meterctl_opts_t *o, meter_redis_t *r, meterctl_reg_t *g)
     fv[n++] = "subscription"; fv[n++] = g->sub;
 
     for (i = 0; i + 1 < g->rg->elements && n + 2 <= 46; i += 2) {
-        if (strncmp(g->rg->element[i]->str, "item.", 5) == 0) {
+        if (strncmp(g->rg->element[i]->str, MTR_CUST_ITEM_PRE,
+                    sizeof(MTR_CUST_ITEM_PRE) - 1) == 0) {
             fv[n++] = g->rg->element[i]->str;
             fv[n++] = g->rg->element[i + 1]->str;
         }

@@ -13,16 +13,8 @@
 
 #include "meterctl.h"
 #include "meter_schema.h"
+#include "scripts.h"
 #include "util.h"
-
-
-static const char  meterctl_lua_retry[] =
-    "if redis.call('HGET', KEYS[1], 'state') ~= 'dead' then return 0 end\n"
-    "redis.call('HSET', KEYS[1], 'state', 'sending', 'next_attempt',\n"
-    "           ARGV[2])\n"
-    "redis.call('ZREM', KEYS[3], ARGV[1])\n"
-    "redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])\n"
-    "return 1\n";
 
 
 static int
@@ -48,7 +40,7 @@ meterctl_retry(meterctl_opts_t *o, meter_redis_t *r)
 
         for (k = 0; k < ids->elements; k++) {
             rp = meter_redis_cmd(r, "EVAL %s 3 " MTR_W_REC_PRE "%s %s %s %s "
-                                 "%lld", meterctl_lua_retry,
+                                 "%lld", meter_lua_retry,
                                  ids->element[k]->str, MTR_W_OPEN,
                                  MTR_W_DEAD, ids->element[k]->str,
                                  (long long) time(NULL));
@@ -75,7 +67,7 @@ meterctl_retry(meterctl_opts_t *o, meter_redis_t *r)
             }
 
             rp = meter_redis_cmd(r, "EVAL %s 3 " MTR_W_REC_PRE "%s %s %s %s "
-                                 "%lld", meterctl_lua_retry, o->args[i],
+                                 "%lld", meter_lua_retry, o->args[i],
                                  MTR_W_OPEN, MTR_W_DEAD, o->args[i],
                                  (long long) time(NULL));
             if (!meter_reply_ok(rp)) {

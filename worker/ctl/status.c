@@ -135,7 +135,7 @@ meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
     const char  *v, *sync_err;
     int          rc;
 
-    rp = meter_redis_cmd(r, "ZRANGE mtr:hours 0 -1");
+    rp = meter_redis_cmd(r, "ZRANGE " MTR_HOURS " 0 -1");
     if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
         return meterctl_redis_failed(r, rp);
     }
@@ -257,7 +257,7 @@ meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
 
     /* Stripe: usage sent after its period's invoice was finalized
      * (providers/stripe.c, stripe.invoice_grace) */
-    rp = meter_redis_cmd(r, "ZREVRANGE mtr:{worker}:stripe:late 0 9");
+    rp = meter_redis_cmd(r, "ZREVRANGE " MTR_W_STRIPE_LATE " 0 9");
     if (meter_reply_ok(rp) && rp->type == REDIS_REPLY_ARRAY
         && rp->elements > 0 && !o->json)
     {

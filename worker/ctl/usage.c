@@ -72,7 +72,7 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
         }
 
         meter_hour_format(t, hbuf, sizeof(hbuf));
-        hours = meter_redis_cmd(r, "ZRANGEBYSCORE mtr:hours %lld %lld",
+        hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %lld %lld",
                                 (long long) t, (long long) t);
         /* the index may know the hour even when the zset does not */
         if (meter_reply_ok(hours) && hours->elements == 0) {
@@ -82,7 +82,7 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
         }
 
     } else {
-        hours = meter_redis_cmd(r, "ZRANGE mtr:hours 0 -1");
+        hours = meter_redis_cmd(r, "ZRANGE " MTR_HOURS " 0 -1");
     }
 
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
@@ -95,7 +95,7 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
             continue;
         }
 
-        keys = meter_redis_cmd(r, "SMEMBERS mtr:idx:%s",
+        keys = meter_redis_cmd(r, "SMEMBERS " MTR_IDX_FMT,
                                hours->element[h]->str);
         if (!meter_reply_ok(keys) || keys->type != REDIS_REPLY_ARRAY) {
             freeReplyObject(hours);
@@ -108,7 +108,7 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
                 continue;
             }
 
-            u = meter_redis_cmd(r, "HGETALL mtr:u:{%s}:%s",
+            u = meter_redis_cmd(r, "HGETALL " MTR_U_FMT,
                                 keys->element[k]->str,
                                 hours->element[h]->str);
             if (!meter_reply_ok(u) || u->type != REDIS_REPLY_ARRAY) {
@@ -371,7 +371,7 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
         return rc == 0 ? EX_DATAERR : EX_UNAVAILABLE;
     }
 
-    snprintf(ck, sizeof(ck), "mtr:ckeys:{%s}", id);
+    snprintf(ck, sizeof(ck), MTR_CKEYS_FMT, id);
     keys = meterctl_sorted_set(r, ck, &rc);
     if (keys == NULL) {
         return rc;
@@ -392,7 +392,8 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
         snprintf(to_s, sizeof(to_s), "+inf");
     }
 
-    hours = meter_redis_cmd(r, "ZRANGEBYSCORE mtr:hours %s %s", from_s, to_s);
+    hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %s %s", from_s,
+                            to_s);
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
         freeReplyObject(keys);
         return meterctl_redis_failed(r, hours);
@@ -415,10 +416,10 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
         nhour = 0;
 
         for (k = 0; k < keys->elements; k++) {
-            ur = meter_redis_cmd(r, "HGETALL mtr:u:{%s}:%s",
+            ur = meter_redis_cmd(r, "HGETALL " MTR_U_FMT,
                                  keys->element[k]->str,
                                  hours->element[h]->str);
-            br = meter_redis_cmd(r, "HGETALL mtr:b:{%s}:%s",
+            br = meter_redis_cmd(r, "HGETALL " MTR_B_FMT,
                                  keys->element[k]->str,
                                  hours->element[h]->str);
             if (!meter_reply_ok(ur) || !meter_reply_ok(br)
@@ -465,7 +466,7 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
                 continue;
             }
 
-            snprintf(field, sizeof(field), "%s|%s|open", id, row->meter);
+            snprintf(field, sizeof(field), MTR_PERIOD_OPEN_FMT, id, row->meter);
             rp = meter_redis_cmd(r, "HGET " MTR_W_PERIOD_PRE "%lld %s",
                                  (long long) meter_period_start(t, wperiod),
                                  field);

@@ -37,6 +37,7 @@
 #include "drain.h"
 #include "jsonl.h"
 #include "log.h"
+#include "meter_schema.h"
 #include "provider.h"
 #include "redis.h"
 #include "sync.h"
@@ -247,7 +248,7 @@ meter_lago_check(meter_worker_t *w, char *err, size_t errlen)
         return 0;
     }
 
-    ids = meter_redis_cmd(&w->redis, "SMEMBERS mtr:customers");
+    ids = meter_redis_cmd(&w->redis, "SMEMBERS " MTR_CUSTOMERS);
     if (!meter_reply_ok(ids) || ids->type != REDIS_REPLY_ARRAY) {
         freeReplyObject(ids);
         meter_log(LOG_WARNING, "Lago customers not checked: Redis error");
@@ -261,7 +262,7 @@ meter_lago_check(meter_worker_t *w, char *err, size_t errlen)
     n = 0;
 
     for (i = 0; i < ids->elements; i++) {
-        rp = meter_redis_cmd(&w->redis, "HMGET mtr:cust:{%s} provider "
+        rp = meter_redis_cmd(&w->redis, "HMGET " MTR_CUST_FMT " provider "
                              "subscription", ids->element[i]->str);
 
         if (meter_reply_ok(rp) && rp->type == REDIS_REPLY_ARRAY

@@ -11,6 +11,7 @@
 
 #include "gov.h"
 #include "log.h"
+#include "meter_schema.h"
 #include "sync.h"
 #include "util.h"
 
@@ -99,14 +100,14 @@ meter_sync_clear(meter_sync_ctx_t *ctx)
     snprintf(cursor, sizeof(cursor), "0");
 
     do {
-        scan = meter_redis_cmd(s->redis, "SSCAN mtr:customers %s COUNT %d",
+        scan = meter_redis_cmd(s->redis, "SSCAN " MTR_CUSTOMERS " %s COUNT %d",
                                cursor, METER_SYNC_SCAN);
         if (!meter_reply_ok(scan) || scan->type != REDIS_REPLY_ARRAY
             || scan->elements != 2
             || scan->element[0]->type != REDIS_REPLY_STRING
             || scan->element[1]->type != REDIS_REPLY_ARRAY)
         {
-            snprintf(s->error, sizeof(s->error), "SSCAN mtr:customers: %s",
+            snprintf(s->error, sizeof(s->error), "SSCAN " MTR_CUSTOMERS ": %s",
                      scan != NULL && scan->type == REDIS_REPLY_ERROR
                      ? scan->str : s->redis->err);
             goto end;
@@ -117,7 +118,7 @@ meter_sync_clear(meter_sync_ctx_t *ctx)
         n = keys->elements;
 
         for (i = 0; i < n; i++) {
-            if (meter_redis_append(s->redis, "HMGET mtr:cust:{%s} status "
+            if (meter_redis_append(s->redis, "HMGET " MTR_CUST_FMT " status "
                                    "reason source provider",
                                    keys->element[i]->str) != 0)
             {
@@ -232,7 +233,7 @@ meter_sync_record(meter_sync_t *s)
     snprintf(del, sizeof(del), "%u", s->delinquent);
     snprintf(unk, sizeof(unk), "%u", s->unknown);
 
-    rp = meter_redis_cmd(s->redis, "HSET " METER_SYNC_KEY " last %s ok %s "
+    rp = meter_redis_cmd(s->redis, "HSET " MTR_W_SYNC " last %s ok %s "
                          "error %s delinquent %s unknown %s", last, ok,
                          s->provider_ok ? "" : s->error, del, unk);
     if (!meter_reply_ok(rp)) {
@@ -332,7 +333,7 @@ meter_sync_run(meter_sync_t *s)
     }
 
     if (meter_sync_record(s) != 0) {
-        snprintf(s->error, sizeof(s->error), "HSET " METER_SYNC_KEY ": %s",
+        snprintf(s->error, sizeof(s->error), "HSET " MTR_W_SYNC ": %s",
                  s->redis->err);
         rc = -1;
         goto end;
