@@ -198,14 +198,13 @@ meterctl_long_name(int c)
 static int
 meterctl_connect(meterctl_opts_t *o, meter_redis_t *r)
 {
-    char           err[1024], password[1024], *host, *unix_path;
+    char           err[1024], *host, *unix_path;
     int            port, db, rc;
     int64_t        timeout;
     const char    *pwfile;
 
     host = NULL;
     unix_path = NULL;
-    password[0] = '\0';
     pwfile = o->password_file;
     db = o->db;
     timeout = 5000;
@@ -233,29 +232,19 @@ meterctl_connect(meterctl_opts_t *o, meter_redis_t *r)
         return EX_USAGE;
     }
 
-    rc = 0;
+    rc = meter_redis_open(r, host, port, unix_path, pwfile, db, timeout, err,
+                          sizeof(err));
 
-    if (pwfile != NULL
-        && meter_read_secret(pwfile, password, sizeof(password), err,
-                             sizeof(err))
-           != 0)
-    {
+    if (rc == -2) {
         fprintf(stderr, "meterctl: Redis password: %s\n", err);
         rc = (o->cf != NULL) ? EX_CONFIG : EX_USAGE;
-    }
 
-    if (rc == 0
-        && meter_redis_connect(r, host, port, unix_path,
-                               password[0] ? password : NULL, db, timeout,
-                               err, sizeof(err))
-           != 0)
-    {
+    } else if (rc != 0) {
         fprintf(stderr, "meterctl: %s (is redis-server running and is the "
                 "address right?)\n", err);
         rc = EX_UNAVAILABLE;
     }
 
-    memset(password, 0, sizeof(password));
     free(host);
     free(unix_path);
 

@@ -195,27 +195,23 @@ meter_worker_close(meter_worker_t *w)
 static int
 meter_worker_connect(meter_worker_t *w, char *err, size_t errlen)
 {
-    char  password[1024], e[512];
+    char  e[512];
     int   rc;
 
-    password[0] = '\0';
+    rc = meter_redis_open(&w->redis, w->cf->redis_host, w->cf->redis_port,
+                          w->cf->redis_unix, w->cf->redis_password_file,
+                          w->cf->redis_db, w->cf->redis_timeout_ms, e,
+                          sizeof(e));
 
-    if (w->cf->redis_password_file != NULL
-        && meter_read_secret(w->cf->redis_password_file, password,
-                             sizeof(password), e, sizeof(e))
-           != 0)
-    {
+    if (rc == -2) {
         snprintf(err, errlen, "%s: \"redis.password_file\": %s", w->cf->path,
                  e);
         return -1;
     }
 
-    rc = meter_redis_connect(&w->redis, w->cf->redis_host, w->cf->redis_port,
-                             w->cf->redis_unix,
-                             password[0] ? password : NULL, w->cf->redis_db,
-                             w->cf->redis_timeout_ms, err, errlen);
-
-    memset(password, 0, sizeof(password));
+    if (rc != 0) {
+        snprintf(err, errlen, "%s", e);
+    }
 
     return rc;
 }

@@ -1971,27 +1971,21 @@ static int
 meter_stripe_redis(meter_stripe_t *st)
 {
     int   rc;
-    char  password[512], err[256];
+    char  err[256];
 
     if (st->redis.ctx != NULL) {
         return 0;
     }
 
-    password[0] = '\0';
+    rc = meter_redis_open(&st->redis, st->redis_host, st->redis_port,
+                          st->redis_unix, st->redis_password_file,
+                          st->redis_db, st->redis_timeout_ms, err,
+                          sizeof(err));
 
-    if (st->redis_password_file != NULL
-        && meter_read_secret(st->redis_password_file, password,
-                             sizeof(password), err, sizeof(err)) != 0)
-    {
+    if (rc == -2) {
         meter_log(LOG_ERR, "stripe: redis.password_file: %s", err);
         return -1;
     }
-
-    rc = meter_redis_connect(&st->redis, st->redis_host, st->redis_port,
-                             st->redis_unix, password[0] ? password : NULL,
-                             st->redis_db, st->redis_timeout_ms, err,
-                             sizeof(err));
-    explicit_bzero(password, sizeof(password));
 
     if (rc != 0) {
         meter_log(LOG_ERR, "stripe: Redis: %s", err);
