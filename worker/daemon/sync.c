@@ -19,6 +19,16 @@
 #define METER_SYNC_SCAN     500
 
 
+/* the fields meter_sync_clear() asks of each mtr:cust:{C}, in HMGET order */
+typedef enum {
+    METER_SYNC_STATUS = 0,
+    METER_SYNC_REASON,
+    METER_SYNC_SOURCE,
+    METER_SYNC_PROVIDER,
+    METER_SYNC_NFIELDS
+} meter_sync_field_e;
+
+
 typedef struct {
     meter_sync_t               *s;
     meter_map_t                 found;          /* our customer ids */
@@ -82,6 +92,15 @@ meter_sync_found(void *data, const meter_overdue_t *o)
 }
 
 
+/* a field of the HMGET reply rp, or dflt when the hash has none */
+static const char *
+meter_sync_field(const redisReply *rp, meter_sync_field_e f, const char *dflt)
+{
+    return rp->element[f]->type == REDIS_REPLY_STRING ? rp->element[f]->str
+                                                      : dflt;
+}
+
+
 /* clears sync marks of customers the provider no longer lists */
 static int
 meter_sync_clear(meter_sync_ctx_t *ctx)
@@ -118,6 +137,7 @@ meter_sync_clear(meter_sync_ctx_t *ctx)
         n = keys->elements;
 
         for (i = 0; i < n; i++) {
+            /* in meter_sync_field_e order */
             if (meter_redis_append(s->redis, "HMGET " MTR_CUST_FMT " status "
                                    "reason source provider",
                                    keys->element[i]->str) != 0)
@@ -130,7 +150,7 @@ meter_sync_clear(meter_sync_ctx_t *ctx)
         for (i = 0; i < n; i++) {
             rp = meter_redis_reply(s->redis);
             if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
-                || rp->elements != 4)
+                || rp->elements != METER_SYNC_NFIELDS)
             {
                 snprintf(s->error, sizeof(s->error), "HMGET mtr:cust: %s",
                          rp != NULL && rp->type == REDIS_REPLY_ERROR
@@ -144,14 +164,10 @@ meter_sync_clear(meter_sync_ctx_t *ctx)
                 goto end;
             }
 
-            status = rp->element[0]->type == REDIS_REPLY_STRING
-                     ? rp->element[0]->str : "";
-            reason = rp->element[1]->type == REDIS_REPLY_STRING
-                     ? rp->element[1]->str : "";
-            source = rp->element[2]->type == REDIS_REPLY_STRING
-                     ? rp->element[2]->str : "";
-            prov = rp->element[3]->type == REDIS_REPLY_STRING
-                   ? rp->element[3]->str : NULL;
+            status = meter_sync_field(rp, METER_SYNC_STATUS, "");
+            reason = meter_sync_field(rp, METER_SYNC_REASON, "");
+            source = meter_sync_field(rp, METER_SYNC_SOURCE, "");
+            prov = meter_sync_field(rp, METER_SYNC_PROVIDER, NULL);
             c = keys->element[i]->str;
 
             if (strcmp(status, "delinquent") == 0

@@ -28,6 +28,19 @@ meter_redis_fail(meter_redis_t *r)
 }
 
 
+/* 1, or 0 with r->err set */
+static int
+meter_redis_connected(meter_redis_t *r)
+{
+    if (r->ctx == NULL) {
+        snprintf(r->err, sizeof(r->err), "redis: not connected");
+        return 0;
+    }
+
+    return 1;
+}
+
+
 /* a reply of the handshake: 0, or -1 with err and the connection closed */
 static int
 meter_redis_handshake(meter_redis_t *r, redisReply *rp, const char *what,
@@ -200,8 +213,7 @@ meter_redis_append(meter_redis_t *r, const char *fmt, ...)
     va_list  ap;
     int      rc;
 
-    if (r->ctx == NULL) {
-        snprintf(r->err, sizeof(r->err), "redis: not connected");
+    if (!meter_redis_connected(r)) {
         return -1;
     }
 
@@ -222,8 +234,7 @@ int
 meter_redis_append_argv(meter_redis_t *r, int argc, const char **argv,
     const size_t *argvlen)
 {
-    if (r->ctx == NULL) {
-        snprintf(r->err, sizeof(r->err), "redis: not connected");
+    if (!meter_redis_connected(r)) {
         return -1;
     }
 
@@ -241,8 +252,7 @@ meter_redis_reply(meter_redis_t *r)
 {
     void  *reply;
 
-    if (r->ctx == NULL) {
-        snprintf(r->err, sizeof(r->err), "redis: not connected");
+    if (!meter_redis_connected(r)) {
         return NULL;
     }
 
