@@ -419,10 +419,10 @@ test_recurly_onboard_get_first(void **state)
     meter_send_result_t      res;
     meter_onboard_result_t   out;
 
-    static const fake_answer_t  none = { 404, "{\"error\":{\"type\":\"not_found\","
-        "\"message\":\"Couldn't find Account\"}}", 0 };
-    static const fake_answer_t  acct = { 201, "{\"id\":\"a1\",\"code\":\"acme\"}",
-                                    0 };
+    static const fake_answer_t  none = { 404, "{\"error\":{\"type\":"
+        "\"not_found\",\"message\":\"Couldn't find Account\"}}", 0 };
+    static const fake_answer_t  acct = { 201, "{\"id\":\"a1\","
+        "\"code\":\"acme\"}", 0 };
     static const fake_answer_t  live = { 200, "{\"data\":[{\"id\":\"s9\","
         "\"plan\":{\"code\":\"api\"}}],\"has_more\":false}", 0 };
 
