@@ -113,8 +113,8 @@
 #define MTR_CUST_SOURCE         "source"
 #define MTR_CUST_STATUS_AT      "status_at"
 #define MTR_CUST_PROJECTED      "projected"
-#define MTR_CUST_ITEM_PRE       "item."
-#define MTR_CUST_ITEM_FMT       MTR_CUST_ITEM_PRE "%s"  /* METER */
+#define MTR_CUST_ITEM           "item."         /* + METER */
+#define MTR_CUST_ITEM_FMT       MTR_CUST_ITEM "%s"
 
 #define MTR_STATUS_ACTIVE       "active"
 #define MTR_STATUS_DELINQUENT   "delinquent"

@@ -431,7 +431,7 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
 
     for (i = 0; i < o->nitems; i++) {
         eq = strchr(o->items[i], '=');
-        snprintf(item[i], sizeof(item[i]), MTR_CUST_ITEM_PRE "%.*s",
+        snprintf(item[i], sizeof(item[i]), MTR_CUST_ITEM "%.*s",
                  (int) (eq - o->items[i]), o->items[i]);
         meterctl_arg(item[i]);
         meterctl_arg(eq + 1);

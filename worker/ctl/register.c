@@ -434,8 +434,10 @@ meterctl_reg_customer(meterctl_opts_t *o, meter_redis_t *r, meterctl_reg_t *g)
     fv[n++] = "subscription"; fv[n++] = g->sub;
 
     for (i = 0; i + 1 < g->rg->elements && n + 2 <= 46; i += 2) {
-        if (strncmp(g->rg->element[i]->str, MTR_CUST_ITEM_PRE,
-                    sizeof(MTR_CUST_ITEM_PRE) - 1) == 0) {
+        if (strncmp(g->rg->element[i]->str, MTR_CUST_ITEM,
+                    sizeof(MTR_CUST_ITEM) - 1)
+            == 0)
+        {
             fv[n++] = g->rg->element[i]->str;
             fv[n++] = g->rg->element[i + 1]->str;
         }

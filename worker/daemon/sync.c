@@ -152,7 +152,8 @@ meter_sync_clear(meter_sync_ctx_t *ctx)
             if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
                 || rp->elements != METER_SYNC_NFIELDS)
             {
-                snprintf(s->error, sizeof(s->error), "HMGET mtr:cust: %s",
+                snprintf(s->error, sizeof(s->error),
+                         "HMGET " MTR_CUST_FMT ": %s", keys->element[i]->str,
                          rp != NULL && rp->type == REDIS_REPLY_ERROR
                          ? rp->str : s->redis->err);
                 if (rp != NULL) {

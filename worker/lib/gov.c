@@ -273,6 +273,7 @@ static int
 meter_gov_used(meter_redis_t *r, const char *customer, const char *meter,
     int64_t *used, char *err, size_t errlen)
 {
+    char         key[96];
     size_t       i;
     int64_t      sum;
     uint64_t     v;
@@ -289,8 +290,9 @@ meter_gov_used(meter_redis_t *r, const char *customer, const char *meter,
         rp = meter_redis_cmd(r, "HGET " MTR_USED_FMT " %s",
                              keys->element[i]->str, meter);
         if (!meter_reply_ok(rp)) {
+            snprintf(key, sizeof(key), MTR_USED_FMT, keys->element[i]->str);
             freeReplyObject(keys);
-            return meter_gov_failed(r, rp, "mtr:used", err, errlen);
+            return meter_gov_failed(r, rp, key, err, errlen);
         }
 
         if (rp->type == REDIS_REPLY_STRING) {
