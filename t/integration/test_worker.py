@@ -651,3 +651,60 @@ def test_sigkill_after_provider_accepted_resends_same_key(redis, tmp_path):
         assert redis.keys("mtr:{worker}:r:*") == []
     finally:
         stripe.stop()
+
+
+# ------------------------------------------------------------ Redis AUTH, db
+
+def test_redis_password_file_and_db(redis, tmp_path):
+    """redis.password_file (AUTH) and redis.db (SELECT) for meter-worker and
+    meterctl -c; a wrong password and an unreadable file are clear errors
+    that never print the secret."""
+    secret = "pw-worker-Only_in_the_file-51c2"
+    redis.cmd("CONFIG", "SET", "requirepass", secret)
+    redis.use(db=3, password=secret)
+    pw = tmp_path / "redis-password"
+    pw.write_text(secret + "\n")
+    h = NOW_HOUR - 3 * 3600
+    kh = put(redis, "key-pw", h, {"calls": 12})
+    w = Worker(tmp_path / "w", redis, redis__password_file=pw,
+               redis__db=3)
+    r = w.once(NOW_HOUR)
+    assert r.returncode == 0, r.stderr
+    assert w.lines() == [line(kh, None, "calls", h, 12)]
+    r = w.ctl("usage", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [
+        {"key_hash": kh, "hour": time.strftime("%Y-%m-%dT%H",
+                                               time.gmtime(h)),
+         "meter": "calls", "value": 12}]
+    # db 0 holds nothing: the worker and meterctl SELECTed 3
+    redis.use(db=0, password=secret)
+    assert redis.keys() == []
+
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    bad = Worker(tmp_path / "bad", redis, redis__password_file=wrong)
+    r = bad.once(NOW_HOUR)
+    outs = [r]
+    assert r.returncode == 69, r.stderr
+    assert "redis: AUTH failed: WRONGPASS" in r.stderr, r.stderr
+    r = bad.ctl("status")
+    outs.append(r)
+    assert r.returncode == 69, r.stderr
+    assert "meterctl: redis: AUTH failed: WRONGPASS" in r.stderr, r.stderr
+
+    gone = Worker(tmp_path / "gone", redis,
+                  redis__password_file=tmp_path / "missing")
+    r = gone.once(NOW_HOUR)
+    outs.append(r)
+    assert r.returncode == 69, r.stderr
+    assert '/worker.conf: "redis.password_file": cannot open the file it ' \
+        'names' in r.stderr, r.stderr
+    r = gone.ctl("status")
+    outs.append(r)
+    assert r.returncode == 78, r.stderr
+    assert "meterctl: Redis password: cannot open the file it names" \
+        in r.stderr, r.stderr
+    for r in outs:
+        assert secret not in r.stdout + r.stderr
+        assert "not-the-password" not in r.stdout + r.stderr

@@ -3,9 +3,8 @@
  * Copyright (C) nginx-meter authors
  *
  * meterctl's pure parts: API key generation, the customer id of an email,
- * and the command line (which command runs with which arguments).
- * meterctl.c is included so that its static functions can be reached; its
- * main() is renamed.
+ * and the command line (which command runs with which arguments).  Linked
+ * with worker/ctl's objects but main.c (meterctl.h).
  */
 
 
@@ -15,9 +14,11 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
-#define main  meterctl_main
-#include "meterctl.c"
-#undef main
+#include <stdio.h>
+#include <string.h>
+#include <sysexits.h>
+
+#include "meterctl.h"
 
 
 static void

@@ -24,79 +24,14 @@
 #include <unistd.h>
 
 #include "config.h"
-#include "http.h"
 
 
 #define MAX_SEEN  16
 
-
-typedef struct {
-    long                        status;
-    const char                 *body;
-    int                         replayed;
-} answer_t;
+#include "mock_http.h"
 
 
-typedef struct {
-    char                        method[8];
-    char                        url[512];
-    char                        body[1024];
-    char                        header[300];
-} seen_t;
-
-
-static seen_t   seen[MAX_SEEN];
-static int      nseen;
 static char     dir[] = "/tmp/test_onboard_XXXXXX";
-
-
-int __wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
-    meter_http_resp_t *resp);
-void __wrap_meter_http_sleep(double seconds);
-
-
-int
-__wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
-    meter_http_resp_t *resp)
-{
-    seen_t          *s;
-    const answer_t  *a;
-
-    (void) h;
-
-    assert_true(nseen < MAX_SEEN);
-    s = &seen[nseen++];
-    memset(s, 0, sizeof(*s));
-    snprintf(s->method, sizeof(s->method), "%s", req->method);
-    snprintf(s->url, sizeof(s->url), "%s", req->url);
-    if (req->body != NULL) {
-        assert_true(req->body_len < sizeof(s->body));
-        memcpy(s->body, req->body, req->body_len);
-    }
-    snprintf(s->header, sizeof(s->header), "%s",
-             req->headers[0] != NULL ? req->headers[0] : "");
-
-    a = mock_ptr_type(const answer_t *);
-
-    meter_buf_reset(&resp->body);
-    resp->status = a->status;
-    resp->retry_after = -1;
-    resp->should_retry = -1;
-    resp->replayed = a->replayed;
-    resp->error[0] = '\0';
-    if (a->body != NULL) {
-        meter_buf_append(&resp->body, a->body, strlen(a->body));
-    }
-
-    return 0;
-}
-
-
-void
-__wrap_meter_http_sleep(double seconds)
-{
-    (void) seconds;
-}
 
 
 static int
@@ -180,7 +115,7 @@ count_cb(void *data, const meter_overdue_t *o)
 }
 
 
-static const answer_t  empty = { 200, "{\"object\":\"list\",\"data\":[],"
+static const fake_answer_t  empty = { 200, "{\"object\":\"list\",\"data\":[],"
                                  "\"has_more\":false}", 0 };
 
 
@@ -193,8 +128,8 @@ test_stripe_onboard(void **state)
     meter_send_result_t      res;
     meter_onboard_result_t   out;
 
-    static const answer_t  cus = { 200, "{\"id\":\"cus_1\"}", 0 };
-    static const answer_t  sub = { 200,
+    static const fake_answer_t  cus = { 200, "{\"id\":\"cus_1\"}", 0 };
+    static const fake_answer_t  sub = { 200,
         "{\"id\":\"sub_1\",\"items\":{\"data\":["
         "{\"id\":\"si_1\",\"price\":{\"id\":\"price_c\"}},"
         "{\"id\":\"si_2\",\"price\":{\"id\":\"price_b\"}}]}}", 0 };
@@ -249,13 +184,13 @@ test_stripe_onboard_retry(void **state)
     meter_send_result_t      res;
     meter_onboard_result_t   out;
 
-    static const answer_t  found = { 200, "{\"data\":[{\"id\":\"cus_9\","
+    static const fake_answer_t  found = { 200, "{\"data\":[{\"id\":\"cus_9\","
         "\"metadata\":{\"nginx_meter_customer\":\"other\"}},{\"id\":"
         "\"cus_1\",\"metadata\":{\"nginx_meter_customer\":\"acme\"}}],"
         "\"has_more\":false}", 0 };
-    static const answer_t  replay = { 500, "{\"error\":{\"type\":"
+    static const fake_answer_t  replay = { 500, "{\"error\":{\"type\":"
         "\"api_error\",\"message\":\"boom\"}}", 1 };
-    static const answer_t  sub = { 200, "{\"id\":\"sub_1\",\"items\":"
+    static const fake_answer_t  sub = { 200, "{\"id\":\"sub_1\",\"items\":"
         "{\"data\":[]}}", 0 };
 
     (void) state;
@@ -299,12 +234,12 @@ test_stripe_overdue_pages(void **state)
     meter_provider_t      p;
     meter_send_result_t   res;
 
-    static const answer_t  page1 = { 200, "{\"data\":[{\"id\":\"sub_1\","
+    static const fake_answer_t  page1 = { 200, "{\"data\":[{\"id\":\"sub_1\","
         "\"customer\":\"cus_1\"},{\"id\":\"sub_2\",\"customer\":{\"id\":"
         "\"cus_2\"}}],\"has_more\":true}", 0 };
-    static const answer_t  page2 = { 200, "{\"data\":[{\"id\":\"sub_3\","
+    static const fake_answer_t  page2 = { 200, "{\"data\":[{\"id\":\"sub_3\","
         "\"customer\":\"cus_3\"}],\"has_more\":false}", 0 };
-    static const answer_t  e500 = { 500, "{}", 0 };
+    static const fake_answer_t  e500 = { 500, "{}", 0 };
 
     (void) state;
 
@@ -349,15 +284,15 @@ test_stripe_onboard_incomplete_found(void **state)
     meter_send_result_t      res;
     meter_onboard_result_t   out;
 
-    static const answer_t  found = { 200, "{\"data\":[{\"id\":\"cus_1\","
+    static const fake_answer_t  found = { 200, "{\"data\":[{\"id\":\"cus_1\","
         "\"metadata\":{\"nginx_meter_customer\":\"acme\"}}],"
         "\"has_more\":false}", 0 };
-    static const answer_t  subs = { 200, "{\"data\":["
+    static const fake_answer_t  subs = { 200, "{\"data\":["
         "{\"id\":\"sub_0\",\"status\":\"incomplete_expired\",\"metadata\":"
         "{\"nginx_meter_customer\":\"acme\"}},"
         "{\"id\":\"sub_1\",\"status\":\"incomplete\",\"metadata\":"
         "{\"nginx_meter_customer\":\"acme\"}}],\"has_more\":false}", 0 };
-    static const answer_t  sub = { 200, "{\"id\":\"sub_1\",\"status\":"
+    static const fake_answer_t  sub = { 200, "{\"id\":\"sub_1\",\"status\":"
         "\"incomplete\",\"items\":{\"data\":[]}}", 0 };
 
     (void) state;
@@ -389,9 +324,9 @@ test_stripe_overdue_invoices(void **state)
     meter_conf_t         *cf;
     meter_provider_t      p;
     meter_send_result_t   res;
-    answer_t              open;
+    fake_answer_t              open;
 
-    static const answer_t  unc = { 200, "{\"data\":[{\"id\":\"in_4\","
+    static const fake_answer_t  unc = { 200, "{\"data\":[{\"id\":\"in_4\","
         "\"status\":\"uncollectible\",\"customer\":\"cus_4\",\"parent\":"
         "{\"subscription_details\":{\"subscription\":\"sub_4\"}}}],"
         "\"has_more\":false}", 0 };
@@ -444,10 +379,10 @@ test_chargebee_onboard_duplicate(void **state)
     meter_send_result_t      res;
     meter_onboard_result_t   out;
 
-    static const answer_t  dup = { 400, "{\"message\":\"The value acme is "
+    static const fake_answer_t  dup = { 400, "{\"message\":\"The value acme is "
         "already present.\",\"type\":\"invalid_request\",\"api_error_code\":"
         "\"duplicate_entry\",\"param\":\"id\"}", 0 };
-    static const answer_t  sub = { 200, "{\"subscription\":{\"id\":"
+    static const fake_answer_t  sub = { 200, "{\"subscription\":{\"id\":"
         "\"acme\"}}", 0 };
 
     (void) state;
@@ -484,11 +419,11 @@ test_recurly_onboard_get_first(void **state)
     meter_send_result_t      res;
     meter_onboard_result_t   out;
 
-    static const answer_t  none = { 404, "{\"error\":{\"type\":\"not_found\","
-        "\"message\":\"Couldn't find Account\"}}", 0 };
-    static const answer_t  acct = { 201, "{\"id\":\"a1\",\"code\":\"acme\"}",
-                                    0 };
-    static const answer_t  live = { 200, "{\"data\":[{\"id\":\"s9\","
+    static const fake_answer_t  none = { 404, "{\"error\":{\"type\":"
+        "\"not_found\",\"message\":\"Couldn't find Account\"}}", 0 };
+    static const fake_answer_t  acct = { 201, "{\"id\":\"a1\","
+        "\"code\":\"acme\"}", 0 };
+    static const fake_answer_t  live = { 200, "{\"data\":[{\"id\":\"s9\","
         "\"plan\":{\"code\":\"api\"}}],\"has_more\":false}", 0 };
 
     (void) state;

@@ -2,7 +2,7 @@
 /*
  * Copyright (C) nginx-meter authors
  *
- * provider_file.c (and jsonl.c): exact lines, fsync'ed appends, no
+ * providers/file.c (and lib/jsonl.c): exact lines, fsync'ed appends, no
  * duplicate after a "crash" (a new provider on the same file), a torn last
  * line cut off.
  */

@@ -141,7 +141,8 @@ meter_wh_mhd_log(void *cls, const char *fmt, va_list ap)
 static void
 meter_wh_redis(meter_webhook_srv_t *s)
 {
-    char                 password[1024], err[512];
+    int                  rc;
+    char                 err[512];
     time_t               now;
     const meter_conf_t  *cf;
 
@@ -157,25 +158,18 @@ meter_wh_redis(meter_webhook_srv_t *s)
 
     s->redis_retry = now + 1;
     cf = s->cf;
-    password[0] = '\0';
 
-    if (cf->redis_password_file != NULL
-        && meter_read_secret(cf->redis_password_file, password,
-                             sizeof(password), err, sizeof(err)) != 0)
-    {
+    rc = meter_redis_open(&s->redis, cf->redis_host, cf->redis_port,
+                          cf->redis_unix, cf->redis_password_file,
+                          cf->redis_db, cf->redis_timeout_ms, err,
+                          sizeof(err));
+
+    if (rc == -2) {
         meter_log(LOG_ERR, "webhook: \"redis.password_file\": %s", err);
-        return;
-    }
 
-    if (meter_redis_connect(&s->redis, cf->redis_host, cf->redis_port,
-                            cf->redis_unix, password[0] ? password : NULL,
-                            cf->redis_db, cf->redis_timeout_ms, err,
-                            sizeof(err)) != 0)
-    {
+    } else if (rc != 0) {
         meter_log(LOG_ERR, "webhook: %s", err);
     }
-
-    explicit_bzero(password, sizeof(password));
 }
 
 

@@ -3,10 +3,9 @@
  * Copyright (C) nginx-meter authors
  *
  * The interface between meter-worker's drain loop and the billing
- * providers.  One file per provider (provider_file.c, provider_stripe.c,
- * provider_chargebee.c, provider_recurly.c, provider_http.c,
- * provider_metronome.c), all sharing the
- * HTTP/retry core in http.c.
+ * providers.  One file per provider in providers/ (file.c, stripe.c,
+ * chargebee.c, recurly.c, http.c, metronome.c), all sharing the
+ * HTTP/retry core in lib/http.c.
  *
  * The drain loop owns scheduling: which record is due, its idempotency key,
  * its state in Redis, dead letters, and when to try a record again.  A

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config.h"
 #include "redis.h"
 
 
@@ -27,13 +28,45 @@ meter_redis_fail(meter_redis_t *r)
 }
 
 
+/* 1, or 0 with r->err set */
+static int
+meter_redis_connected(meter_redis_t *r)
+{
+    if (r->ctx == NULL) {
+        snprintf(r->err, sizeof(r->err), "redis: not connected");
+        return 0;
+    }
+
+    return 1;
+}
+
+
+/* a reply of the handshake: 0, or -1 with err and the connection closed */
+static int
+meter_redis_handshake(meter_redis_t *r, redisReply *rp, const char *what,
+    char *err, size_t errlen)
+{
+    if (!meter_reply_ok(rp)) {
+        snprintf(err, errlen, "redis: %s failed: %s", what,
+                 rp != NULL ? rp->str : r->err);
+        freeReplyObject(rp);
+        meter_redis_close(r);
+        return -1;
+    }
+
+    freeReplyObject(rp);
+
+    return 0;
+}
+
+
 int
 meter_redis_connect(meter_redis_t *r, const char *host, int port,
     const char *unix_path, const char *password, int db, int64_t timeout_ms,
     char *err, size_t errlen)
 {
+    char             what[32];
     struct timeval   tv;
-    redisReply      *rp;
 
     meter_redis_close(r);
 
@@ -67,44 +100,55 @@ meter_redis_connect(meter_redis_t *r, const char *host, int port,
         return -1;
     }
 
-    if (password != NULL) {
-        rp = meter_redis_cmd(r, "AUTH %s", password);
-        if (!meter_reply_ok(rp)) {
-            snprintf(err, errlen, "redis: AUTH failed: %s",
-                     rp != NULL ? rp->str : r->err);
-            freeReplyObject(rp);
-            meter_redis_close(r);
-            return -1;
-        }
-
-        freeReplyObject(rp);
-    }
-
-    if (db != 0) {
-        rp = meter_redis_cmd(r, "SELECT %d", db);
-        if (!meter_reply_ok(rp)) {
-            snprintf(err, errlen, "redis: SELECT %d failed: %s", db,
-                     rp != NULL ? rp->str : r->err);
-            freeReplyObject(rp);
-            meter_redis_close(r);
-            return -1;
-        }
-
-        freeReplyObject(rp);
-    }
-
-    rp = meter_redis_cmd(r, "PING");
-    if (!meter_reply_ok(rp)) {
-        snprintf(err, errlen, "redis: PING failed: %s",
-                 rp != NULL ? rp->str : r->err);
-        freeReplyObject(rp);
-        meter_redis_close(r);
+    if (password != NULL
+        && meter_redis_handshake(r, meter_redis_cmd(r, "AUTH %s", password),
+                                 "AUTH", err, errlen)
+           != 0)
+    {
         return -1;
     }
 
-    freeReplyObject(rp);
+    if (db != 0) {
+        snprintf(what, sizeof(what), "SELECT %d", db);
 
-    return 0;
+        if (meter_redis_handshake(r, meter_redis_cmd(r, "SELECT %d", db),
+                                  what, err, errlen)
+            != 0)
+        {
+            return -1;
+        }
+    }
+
+    return meter_redis_handshake(r, meter_redis_cmd(r, "PING"), "PING", err,
+                                 errlen);
+}
+
+
+int
+meter_redis_open(meter_redis_t *r, const char *host, int port,
+    const char *unix_path, const char *password_file, int db,
+    int64_t timeout_ms, char *err, size_t errlen)
+{
+    char  password[1024];
+    int   rc;
+
+    password[0] = '\0';
+
+    if (password_file != NULL
+        && meter_read_secret(password_file, password, sizeof(password), err,
+                             errlen)
+           != 0)
+    {
+        explicit_bzero(password, sizeof(password));
+        return -2;
+    }
+
+    rc = meter_redis_connect(r, host, port, unix_path,
+                             password[0] ? password : NULL, db, timeout_ms,
+                             err, errlen);
+    explicit_bzero(password, sizeof(password));
+
+    return rc;
 }
 
 
@@ -169,8 +213,7 @@ meter_redis_append(meter_redis_t *r, const char *fmt, ...)
     va_list  ap;
     int      rc;
 
-    if (r->ctx == NULL) {
-        snprintf(r->err, sizeof(r->err), "redis: not connected");
+    if (!meter_redis_connected(r)) {
         return -1;
     }
 
@@ -191,8 +234,7 @@ int
 meter_redis_append_argv(meter_redis_t *r, int argc, const char **argv,
     const size_t *argvlen)
 {
-    if (r->ctx == NULL) {
-        snprintf(r->err, sizeof(r->err), "redis: not connected");
+    if (!meter_redis_connected(r)) {
         return -1;
     }
 
@@ -210,8 +252,7 @@ meter_redis_reply(meter_redis_t *r)
 {
     void  *reply;
 
-    if (r->ctx == NULL) {
-        snprintf(r->err, sizeof(r->err), "redis: not connected");
+    if (!meter_redis_connected(r)) {
         return NULL;
     }
 

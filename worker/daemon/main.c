@@ -37,6 +37,7 @@
 #include "drain.h"
 #include "jsonl.h"
 #include "log.h"
+#include "meter_schema.h"
 #include "provider.h"
 #include "redis.h"
 #include "sync.h"
@@ -194,27 +195,23 @@ meter_worker_close(meter_worker_t *w)
 static int
 meter_worker_connect(meter_worker_t *w, char *err, size_t errlen)
 {
-    char  password[1024], e[512];
+    char  e[512];
     int   rc;
 
-    password[0] = '\0';
+    rc = meter_redis_open(&w->redis, w->cf->redis_host, w->cf->redis_port,
+                          w->cf->redis_unix, w->cf->redis_password_file,
+                          w->cf->redis_db, w->cf->redis_timeout_ms, e,
+                          sizeof(e));
 
-    if (w->cf->redis_password_file != NULL
-        && meter_read_secret(w->cf->redis_password_file, password,
-                             sizeof(password), e, sizeof(e))
-           != 0)
-    {
+    if (rc == -2) {
         snprintf(err, errlen, "%s: \"redis.password_file\": %s", w->cf->path,
                  e);
         return -1;
     }
 
-    rc = meter_redis_connect(&w->redis, w->cf->redis_host, w->cf->redis_port,
-                             w->cf->redis_unix,
-                             password[0] ? password : NULL, w->cf->redis_db,
-                             w->cf->redis_timeout_ms, err, errlen);
-
-    memset(password, 0, sizeof(password));
+    if (rc != 0) {
+        snprintf(err, errlen, "%s", e);
+    }
 
     return rc;
 }
@@ -247,7 +244,7 @@ meter_lago_check(meter_worker_t *w, char *err, size_t errlen)
         return 0;
     }
 
-    ids = meter_redis_cmd(&w->redis, "SMEMBERS mtr:customers");
+    ids = meter_redis_cmd(&w->redis, "SMEMBERS " MTR_CUSTOMERS);
     if (!meter_reply_ok(ids) || ids->type != REDIS_REPLY_ARRAY) {
         freeReplyObject(ids);
         meter_log(LOG_WARNING, "Lago customers not checked: Redis error");
@@ -261,7 +258,7 @@ meter_lago_check(meter_worker_t *w, char *err, size_t errlen)
     n = 0;
 
     for (i = 0; i < ids->elements; i++) {
-        rp = meter_redis_cmd(&w->redis, "HMGET mtr:cust:{%s} provider "
+        rp = meter_redis_cmd(&w->redis, "HMGET " MTR_CUST_FMT " provider "
                              "subscription", ids->element[i]->str);
 
         if (meter_reply_ok(rp) && rp->type == REDIS_REPLY_ARRAY

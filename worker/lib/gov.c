@@ -22,48 +22,8 @@
 #include <time.h>
 
 #include "gov.h"
-
-
-/*
- * KEYS[1] = mtr:cust:{C}
- * ARGV = delinquent (0/1), reason, source, event time
- * A manual change (meterctl) always applies, whatever time is recorded
- * (an event dated ahead must not lock an admin out).
- * -1 unknown customer, 0 nothing changed, 1 changed, 2 nothing changed but
- * the last change never reached mtr:gov ("projected" is 0 until
- * meter_gov_project() completes), so project it now
- */
-static const char  meter_gov_lua_status[] =
-    "if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end\n"
-    "local h = redis.call('HMGET', KEYS[1], 'status', 'reason', 'source',\n"
-    "                     'status_at', 'projected')\n"
-    "local status, reason, source = h[1] or 'active', h[2] or '', h[3] or ''\n"
-    "local z = h[5] == '0' and 2 or 0\n"
-    "local t = tonumber(ARGV[4])\n"
-    "if ARGV[3] ~= 'manual' and t < (tonumber(h[4] or '0') or 0) then\n"
-    "  return z\n"
-    "end\n"
-    "local manual = status == 'delinquent' and source == 'manual'\n"
-    "if ARGV[3] == 'sync' and manual then return z end\n"
-    "if ARGV[1] == '1' then\n"
-    "  if status == 'delinquent' then\n"
-    "    redis.call('HSET', KEYS[1], 'status_at', ARGV[4])\n"
-    "    if reason == ARGV[2] and source == ARGV[3] then return z end\n"
-    "    redis.call('HSET', KEYS[1], 'reason', ARGV[2], 'source', ARGV[3],\n"
-    "               'projected', '0')\n"
-    "    return 1\n"
-    "  end\n"
-    "  redis.call('HSET', KEYS[1], 'status', 'delinquent', 'reason',\n"
-    "             ARGV[2], 'source', ARGV[3], 'since', ARGV[4],\n"
-    "             'status_at', ARGV[4], 'projected', '0')\n"
-    "  return 1\n"
-    "end\n"
-    "redis.call('HSET', KEYS[1], 'status_at', ARGV[4])\n"
-    "if status ~= 'delinquent' then return z end\n"
-    "redis.call('HSET', KEYS[1], 'status', 'active', 'source', ARGV[3],\n"
-    "           'projected', '0')\n"
-    "redis.call('HDEL', KEYS[1], 'reason', 'since')\n"
-    "return 1\n";
+#include "meter_schema.h"
+#include "scripts.h"
 
 
 static int
@@ -120,12 +80,12 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
         return -1;
     }
 
-    cust = meter_redis_cmd(r, "HGETALL mtr:cust:{%s}", customer);
+    cust = meter_redis_cmd(r, "HGETALL " MTR_CUST_FMT, customer);
     if (!meter_reply_ok(cust)) {
         return meter_gov_failed(r, cust, "customer", err, errlen);
     }
 
-    keys = meter_redis_cmd(r, "SMEMBERS mtr:ckeys:{%s}", customer);
+    keys = meter_redis_cmd(r, "SMEMBERS " MTR_CKEYS_FMT, customer);
     if (!meter_reply_ok(keys) || keys->type != REDIS_REPLY_ARRAY) {
         freeReplyObject(cust);
         return meter_gov_failed(r, keys, "customer keys", err, errlen);
@@ -142,7 +102,7 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
             continue;
         }
 
-        key = meter_redis_cmd(r, "HGETALL mtr:key:{%s}",
+        key = meter_redis_cmd(r, "HGETALL " MTR_KEY_FMT,
                               keys->element[i]->str);
         if (!meter_reply_ok(key)) {
             freeReplyObject(keys);
@@ -159,20 +119,20 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
 
         revoked = meter_reply_hget(key, "revoked");
 
-        snprintf(line, sizeof(line), "%s\t%s\t%s\t%s\t%s", customer,
-                 delinquent ? "d" : "a",
+        snprintf(line, sizeof(line), MTR_GOV_FMT, customer,
+                 delinquent ? MTR_GOV_DELINQUENT : MTR_GOV_ACTIVE,
                  (delinquent && reason != NULL) ? reason : "",
                  (delinquent && since != NULL) ? since : "0",
                  revoked != NULL ? revoked : "0");
 
         freeReplyObject(key);
 
-        rp = meter_redis_cmd(r, "HSET mtr:gov %s %s", keys->element[i]->str,
+        rp = meter_redis_cmd(r, "HSET " MTR_GOV " %s %s", keys->element[i]->str,
                              line);
         if (!meter_reply_ok(rp)) {
             freeReplyObject(keys);
             freeReplyObject(cust);
-            return meter_gov_failed(r, rp, "mtr:gov", err, errlen);
+            return meter_gov_failed(r, rp, MTR_GOV, err, errlen);
         }
 
         freeReplyObject(rp);
@@ -181,9 +141,9 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
     freeReplyObject(keys);
     freeReplyObject(cust);
 
-    rp = meter_redis_cmd(r, "INCR mtr:gov:version");
+    rp = meter_redis_cmd(r, "INCR " MTR_GOV_VERSION);
     if (!meter_reply_ok(rp)) {
-        return meter_gov_failed(r, rp, "mtr:gov:version", err, errlen);
+        return meter_gov_failed(r, rp, MTR_GOV_VERSION, err, errlen);
     }
 
     freeReplyObject(rp);
@@ -193,7 +153,7 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
     }
 
     /* done: meter_gov_set_status() need not project this change again */
-    rp = meter_redis_cmd(r, "HSET mtr:cust:{%s} projected 1", customer);
+    rp = meter_redis_cmd(r, "HSET " MTR_CUST_FMT " projected 1", customer);
     if (!meter_reply_ok(rp)) {
         return meter_gov_failed(r, rp, "projected", err, errlen);
     }
@@ -244,8 +204,8 @@ meter_gov_set_status(meter_redis_t *r, const char *customer,
     snprintf(t, sizeof(t), "%lld",
              (long long) (event_time > 0 ? event_time : time(NULL)));
 
-    rp = meter_redis_cmd(r, "EVAL %s 1 mtr:cust:{%s} %s %s %s %s",
-                         meter_gov_lua_status, customer,
+    rp = meter_redis_cmd(r, "EVAL %s 1 " MTR_CUST_FMT " %s %s %s %s",
+                         meter_lua_gov_status, customer,
                          delinquent ? "1" : "0", reason, source, t);
     if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_INTEGER) {
         return meter_gov_failed(r, rp, "status", err, errlen);
@@ -282,7 +242,7 @@ meter_gov_find_customer(meter_redis_t *r, const char *provider_customer,
 
     for (i = 0; i < 2; i++) {
         id = (i == 0) ? provider_customer : subscription;
-        hash = (i == 0) ? "mtr:bypc" : "mtr:bysub";
+        hash = (i == 0) ? MTR_BYPC : MTR_BYSUB;
 
         if (id == NULL || id[0] == '\0') {
             continue;
@@ -313,12 +273,13 @@ static int
 meter_gov_used(meter_redis_t *r, const char *customer, const char *meter,
     int64_t *used, char *err, size_t errlen)
 {
+    char         key[96];
     size_t       i;
     int64_t      sum;
     uint64_t     v;
     redisReply  *keys, *rp;
 
-    keys = meter_redis_cmd(r, "SMEMBERS mtr:ckeys:{%s}", customer);
+    keys = meter_redis_cmd(r, "SMEMBERS " MTR_CKEYS_FMT, customer);
     if (!meter_reply_ok(keys) || keys->type != REDIS_REPLY_ARRAY) {
         return meter_gov_failed(r, keys, "customer keys", err, errlen);
     }
@@ -326,11 +287,12 @@ meter_gov_used(meter_redis_t *r, const char *customer, const char *meter,
     sum = 0;
 
     for (i = 0; i < keys->elements; i++) {
-        rp = meter_redis_cmd(r, "HGET mtr:used:{%s} %s",
+        rp = meter_redis_cmd(r, "HGET " MTR_USED_FMT " %s",
                              keys->element[i]->str, meter);
         if (!meter_reply_ok(rp)) {
+            snprintf(key, sizeof(key), MTR_USED_FMT, keys->element[i]->str);
             freeReplyObject(keys);
-            return meter_gov_failed(r, rp, "mtr:used", err, errlen);
+            return meter_gov_failed(r, rp, key, err, errlen);
         }
 
         if (rp->type == REDIS_REPLY_STRING) {
@@ -382,9 +344,9 @@ meter_gov_bump(meter_redis_t *r, char *err, size_t errlen)
 {
     redisReply  *rp;
 
-    rp = meter_redis_cmd(r, "INCR mtr:gov:version");
+    rp = meter_redis_cmd(r, "INCR " MTR_GOV_VERSION);
     if (!meter_reply_ok(rp)) {
-        return meter_gov_failed(r, rp, "mtr:gov:version", err, errlen);
+        return meter_gov_failed(r, rp, MTR_GOV_VERSION, err, errlen);
     }
 
     freeReplyObject(rp);
@@ -418,10 +380,10 @@ meter_gov_credit_set(meter_redis_t *r, const char *customer,
         return -1;
     }
 
-    rp = meter_redis_cmd(r, "HSET mtr:gov:credit %s|%s %lld", customer,
-                         meter, (long long) granted);
+    rp = meter_redis_cmd(r, "HSET " MTR_GOV_CREDIT " " MTR_GOV_CREDIT_FMT
+                         " %lld", customer, meter, (long long) granted);
     if (!meter_reply_ok(rp)) {
-        return meter_gov_failed(r, rp, "mtr:gov:credit", err, errlen);
+        return meter_gov_failed(r, rp, MTR_GOV_CREDIT, err, errlen);
     }
 
     freeReplyObject(rp);
@@ -443,9 +405,10 @@ meter_gov_credit_add(meter_redis_t *r, const char *customer,
         return -1;
     }
 
-    rp = meter_redis_cmd(r, "HEXISTS mtr:gov:credit %s|%s", customer, meter);
+    rp = meter_redis_cmd(r, "HEXISTS " MTR_GOV_CREDIT " " MTR_GOV_CREDIT_FMT,
+                         customer, meter);
     if (!meter_reply_ok(rp)) {
-        return meter_gov_failed(r, rp, "mtr:gov:credit", err, errlen);
+        return meter_gov_failed(r, rp, MTR_GOV_CREDIT, err, errlen);
     }
 
     exists = (meter_reply_int(rp, 0) == 1);
@@ -455,10 +418,10 @@ meter_gov_credit_add(meter_redis_t *r, const char *customer,
         return meter_gov_credit_set(r, customer, meter, amount, err, errlen);
     }
 
-    rp = meter_redis_cmd(r, "HINCRBY mtr:gov:credit %s|%s %lld", customer,
-                         meter, (long long) amount);
+    rp = meter_redis_cmd(r, "HINCRBY " MTR_GOV_CREDIT " " MTR_GOV_CREDIT_FMT
+                         " %lld", customer, meter, (long long) amount);
     if (!meter_reply_ok(rp)) {
-        return meter_gov_failed(r, rp, "mtr:gov:credit", err, errlen);
+        return meter_gov_failed(r, rp, MTR_GOV_CREDIT, err, errlen);
     }
 
     freeReplyObject(rp);
@@ -483,9 +446,10 @@ meter_gov_credit_left(meter_redis_t *r, const char *customer,
         return -1;
     }
 
-    rp = meter_redis_cmd(r, "HGET mtr:gov:credit %s|%s", customer, meter);
+    rp = meter_redis_cmd(r, "HGET " MTR_GOV_CREDIT " " MTR_GOV_CREDIT_FMT,
+                         customer, meter);
     if (!meter_reply_ok(rp)) {
-        return meter_gov_failed(r, rp, "mtr:gov:credit", err, errlen);
+        return meter_gov_failed(r, rp, MTR_GOV_CREDIT, err, errlen);
     }
 
     if (rp->type != REDIS_REPLY_STRING) {
@@ -498,8 +462,8 @@ meter_gov_credit_left(meter_redis_t *r, const char *customer,
     errno = 0;
     g = strtoll(rp->str, &end, 10);
     if (errno != 0 || *end != '\0' || end == rp->str) {
-        snprintf(err, errlen, "mtr:gov:credit %s|%s: not an integer: \"%s\"",
-                 customer, meter, rp->str);
+        snprintf(err, errlen, MTR_GOV_CREDIT " " MTR_GOV_CREDIT_FMT
+                 ": not an integer: \"%s\"", customer, meter, rp->str);
         freeReplyObject(rp);
         return -1;
     }

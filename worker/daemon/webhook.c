@@ -11,6 +11,7 @@
 
 #include "gov.h"
 #include "log.h"
+#include "meter_schema.h"
 #include "util.h"
 #include "webhook.h"
 
@@ -106,7 +107,7 @@ meter_webhook_handle(meter_provider_t *p, meter_redis_t *r,
                                "{\"error\":\"storage unavailable\"}");
     }
 
-    snprintf(key, sizeof(key), "mtr:wh:%s:%s", p->name, ev.event_id);
+    snprintf(key, sizeof(key), MTR_WH_FMT, p->name, ev.event_id);
 
     argv[0] = "EXISTS";
     argv[1] = key;

@@ -31,6 +31,11 @@ typedef struct {
 int meter_redis_connect(meter_redis_t *r, const char *host, int port,
     const char *unix_path, const char *password, int db, int64_t timeout_ms,
     char *err, size_t errlen);
+/* the same with the password read from password_file (NULL: none), wiped
+ * after use; 0, -1 connect failed, -2 the file unreadable (err says why) */
+int meter_redis_open(meter_redis_t *r, const char *host, int port,
+    const char *unix_path, const char *password_file, int db,
+    int64_t timeout_ms, char *err, size_t errlen);
 void meter_redis_close(meter_redis_t *r);
 /* records the error and drops the context (reconnect later) */
 void meter_redis_fail(meter_redis_t *r);

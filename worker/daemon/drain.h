@@ -19,23 +19,10 @@
 
 #include "config.h"
 #include "jsonl.h"
+#include "meter_schema.h"
 #include "provider.h"
 #include "redis.h"
 #include "util.h"
-
-
-/* worker state keys; one hash tag, so the worker's scripts may touch them
- * together in Redis Cluster */
-#define METER_W_LOCK      "mtr:{worker}:lock"
-#define METER_W_OPEN      "mtr:{worker}:open"
-#define METER_W_DEAD      "mtr:{worker}:dead"
-#define METER_W_STATS     "mtr:{worker}:stats"
-#define METER_W_NOCUST    "mtr:{worker}:nocust"
-#define METER_W_NOCUST_NEW  "mtr:{worker}:nocust:new"
-#define METER_W_REC       "mtr:{worker}:r:"     /* + record id */
-#define METER_W_PERIOD    "mtr:{worker}:p:"     /* + period start */
-
-#define METER_METER_MAX   32
 
 
 typedef enum {
@@ -84,7 +71,7 @@ void meter_lock_release(meter_drain_t *d);
 
 /* usage of one key-hour, per meter, from its mtr:u and mtr:b hashes */
 typedef struct {
-    char                        meter[METER_METER_MAX + 1];
+    char                        meter[MTR_METER_MAX + 1];
     uint64_t                    quantity;
     meter_str_t                 covers;         /* "PREFIXFIELD VALUE\n" */
 } meter_usage_t;

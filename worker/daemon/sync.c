@@ -11,11 +11,22 @@
 
 #include "gov.h"
 #include "log.h"
+#include "meter_schema.h"
 #include "sync.h"
 #include "util.h"
 
 
 #define METER_SYNC_SCAN     500
+
+
+/* the fields meter_sync_clear() asks of each mtr:cust:{C}, in HMGET order */
+typedef enum {
+    METER_SYNC_STATUS = 0,
+    METER_SYNC_REASON,
+    METER_SYNC_SOURCE,
+    METER_SYNC_PROVIDER,
+    METER_SYNC_NFIELDS
+} meter_sync_field_e;
 
 
 typedef struct {
@@ -81,6 +92,15 @@ meter_sync_found(void *data, const meter_overdue_t *o)
 }
 
 
+/* a field of the HMGET reply rp, or dflt when the hash has none */
+static const char *
+meter_sync_field(const redisReply *rp, meter_sync_field_e f, const char *dflt)
+{
+    return rp->element[f]->type == REDIS_REPLY_STRING ? rp->element[f]->str
+                                                      : dflt;
+}
+
+
 /* clears sync marks of customers the provider no longer lists */
 static int
 meter_sync_clear(meter_sync_ctx_t *ctx)
@@ -99,14 +119,14 @@ meter_sync_clear(meter_sync_ctx_t *ctx)
     snprintf(cursor, sizeof(cursor), "0");
 
     do {
-        scan = meter_redis_cmd(s->redis, "SSCAN mtr:customers %s COUNT %d",
+        scan = meter_redis_cmd(s->redis, "SSCAN " MTR_CUSTOMERS " %s COUNT %d",
                                cursor, METER_SYNC_SCAN);
         if (!meter_reply_ok(scan) || scan->type != REDIS_REPLY_ARRAY
             || scan->elements != 2
             || scan->element[0]->type != REDIS_REPLY_STRING
             || scan->element[1]->type != REDIS_REPLY_ARRAY)
         {
-            snprintf(s->error, sizeof(s->error), "SSCAN mtr:customers: %s",
+            snprintf(s->error, sizeof(s->error), "SSCAN " MTR_CUSTOMERS ": %s",
                      scan != NULL && scan->type == REDIS_REPLY_ERROR
                      ? scan->str : s->redis->err);
             goto end;
@@ -117,7 +137,8 @@ meter_sync_clear(meter_sync_ctx_t *ctx)
         n = keys->elements;
 
         for (i = 0; i < n; i++) {
-            if (meter_redis_append(s->redis, "HMGET mtr:cust:{%s} status "
+            /* in meter_sync_field_e order */
+            if (meter_redis_append(s->redis, "HMGET " MTR_CUST_FMT " status "
                                    "reason source provider",
                                    keys->element[i]->str) != 0)
             {
@@ -129,9 +150,10 @@ meter_sync_clear(meter_sync_ctx_t *ctx)
         for (i = 0; i < n; i++) {
             rp = meter_redis_reply(s->redis);
             if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
-                || rp->elements != 4)
+                || rp->elements != METER_SYNC_NFIELDS)
             {
-                snprintf(s->error, sizeof(s->error), "HMGET mtr:cust: %s",
+                snprintf(s->error, sizeof(s->error),
+                         "HMGET " MTR_CUST_FMT ": %s", keys->element[i]->str,
                          rp != NULL && rp->type == REDIS_REPLY_ERROR
                          ? rp->str : s->redis->err);
                 if (rp != NULL) {
@@ -143,14 +165,10 @@ meter_sync_clear(meter_sync_ctx_t *ctx)
                 goto end;
             }
 
-            status = rp->element[0]->type == REDIS_REPLY_STRING
-                     ? rp->element[0]->str : "";
-            reason = rp->element[1]->type == REDIS_REPLY_STRING
-                     ? rp->element[1]->str : "";
-            source = rp->element[2]->type == REDIS_REPLY_STRING
-                     ? rp->element[2]->str : "";
-            prov = rp->element[3]->type == REDIS_REPLY_STRING
-                   ? rp->element[3]->str : NULL;
+            status = meter_sync_field(rp, METER_SYNC_STATUS, "");
+            reason = meter_sync_field(rp, METER_SYNC_REASON, "");
+            source = meter_sync_field(rp, METER_SYNC_SOURCE, "");
+            prov = meter_sync_field(rp, METER_SYNC_PROVIDER, NULL);
             c = keys->element[i]->str;
 
             if (strcmp(status, "delinquent") == 0
@@ -232,7 +250,7 @@ meter_sync_record(meter_sync_t *s)
     snprintf(del, sizeof(del), "%u", s->delinquent);
     snprintf(unk, sizeof(unk), "%u", s->unknown);
 
-    rp = meter_redis_cmd(s->redis, "HSET " METER_SYNC_KEY " last %s ok %s "
+    rp = meter_redis_cmd(s->redis, "HSET " MTR_W_SYNC " last %s ok %s "
                          "error %s delinquent %s unknown %s", last, ok,
                          s->provider_ok ? "" : s->error, del, unk);
     if (!meter_reply_ok(rp)) {
@@ -332,7 +350,7 @@ meter_sync_run(meter_sync_t *s)
     }
 
     if (meter_sync_record(s) != 0) {
-        snprintf(s->error, sizeof(s->error), "HSET " METER_SYNC_KEY ": %s",
+        snprintf(s->error, sizeof(s->error), "HSET " MTR_W_SYNC ": %s",
                  s->redis->err);
         rc = -1;
         goto end;

@@ -48,6 +48,8 @@
 #include "config.h"
 #include "http.h"
 #include "log.h"
+#include "meter_schema.h"
+#include "scripts.h"
 #include "provider.h"
 #include "provider_util.h"
 #include "redis.h"
@@ -65,7 +67,6 @@
 /* identifier and Idempotency-Key memory: at least 24 h */
 #define METER_STRIPE_WINDOW      86400
 #define METER_STRIPE_METERS      16
-#define METER_STRIPE_LATE        "mtr:{worker}:stripe:late"
 #define METER_STRIPE_LATE_KEEP   (35 * 86400)
 
 
@@ -1660,7 +1661,7 @@ meter_stripe_late(meter_stripe_t *st, const meter_record_t *rec, time_t ts,
              (long long) (now - METER_STRIPE_LATE_KEEP));
 
     argv[0] = "ZADD";
-    argv[1] = METER_STRIPE_LATE;
+    argv[1] = MTR_W_STRIPE_LATE;
     argv[2] = score;
     argv[3] = line;
     rp = meter_redis_argv(&st->redis, 4, argv, NULL);
@@ -1950,27 +1951,21 @@ static int
 meter_stripe_redis(meter_stripe_t *st)
 {
     int   rc;
-    char  password[512], err[256];
+    char  err[256];
 
     if (st->redis.ctx != NULL) {
         return 0;
     }
 
-    password[0] = '\0';
+    rc = meter_redis_open(&st->redis, st->redis_host, st->redis_port,
+                          st->redis_unix, st->redis_password_file,
+                          st->redis_db, st->redis_timeout_ms, err,
+                          sizeof(err));
 
-    if (st->redis_password_file != NULL
-        && meter_read_secret(st->redis_password_file, password,
-                             sizeof(password), err, sizeof(err)) != 0)
-    {
+    if (rc == -2) {
         meter_log(LOG_ERR, "stripe: redis.password_file: %s", err);
         return -1;
     }
-
-    rc = meter_redis_connect(&st->redis, st->redis_host, st->redis_port,
-                             st->redis_unix, password[0] ? password : NULL,
-                             st->redis_db, st->redis_timeout_ms, err,
-                             sizeof(err));
-    explicit_bzero(password, sizeof(password));
 
     if (rc != 0) {
         meter_log(LOG_ERR, "stripe: Redis: %s", err);
@@ -1979,25 +1974,6 @@ meter_stripe_redis(meter_stripe_t *st)
 
     return 0;
 }
-
-
-/*
- * KEYS: record, open, dead; ARGV: id, now, error, code, event.  A record
- * Stripe accepted (200) and rejected later: dead with the error code.
- * Its hash is usually gone (sent records are deleted); then a dead letter
- * with what Stripe tells is made, so meterctl status shows it.
- */
-static const char  meter_stripe_lua_rejected[] =
-    "local st = redis.call('HGET', KEYS[1], 'state')\n"
-    "if st == false then\n"
-    "  redis.call('HSET', KEYS[1], 'http_status', '200')\n"
-    "end\n"
-    "redis.call('HSET', KEYS[1], 'state', 'dead', 'last_error', ARGV[3],\n"
-    "           'error_code', ARGV[4], 'rejected_by', ARGV[5],\n"
-    "           'dead_at', ARGV[2])\n"
-    "redis.call('ZREM', KEYS[2], ARGV[1])\n"
-    "redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])\n"
-    "return 1\n";
 
 
 /* our record ids are 32 lowercase hex (drain.c); other identifiers are
@@ -2073,17 +2049,17 @@ meter_stripe_error_report(meter_stripe_t *st, const char *evid,
                 continue;
             }
 
-            snprintf(rkey, sizeof(rkey), "mtr:{worker}:r:%s", ident);
+            snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, ident);
             snprintf(err, sizeof(err), "rejected by Stripe after it was "
                      "accepted: %.64s: %.300s", code ? code : "unknown",
                      msg ? msg : "");
 
             argv[0] = "EVAL";
-            argv[1] = meter_stripe_lua_rejected;
+            argv[1] = meter_lua_stripe_rejected;
             argv[2] = "3";
             argv[3] = rkey;
-            argv[4] = "mtr:{worker}:open";
-            argv[5] = "mtr:{worker}:dead";
+            argv[4] = MTR_W_OPEN;
+            argv[5] = MTR_W_DEAD;
             argv[6] = ident;
             argv[7] = now;
             argv[8] = err;

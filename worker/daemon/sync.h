@@ -24,9 +24,6 @@
 #include "redis.h"
 
 
-#define METER_SYNC_KEY      "mtr:w:sync"
-
-
 typedef struct {
     const meter_conf_t         *cf;
     meter_provider_t           *provider;

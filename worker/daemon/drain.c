@@ -28,81 +28,12 @@
 
 #include "drain.h"
 #include "log.h"
+#include "meter_schema.h"
+#include "scripts.h"
 
 
 #define METER_BATCH       500     /* keys per SSCAN */
 #define METER_CHUNK       100     /* records created, sent, finished together */
-
-
-/* the module's max-only update, reused for the b marks */
-static const char  meter_lua_maxset[] =
-    "for i = 1, #ARGV, 2 do\n"
-    "  local cur = redis.call('HGET', KEYS[1], ARGV[i])\n"
-    "  local v = ARGV[i + 1]\n"
-    "  if not cur or #v > #cur or (#v == #cur and v > cur) then\n"
-    "    redis.call('HSET', KEYS[1], ARGV[i], v)\n"
-    "  end\n"
-    "end\n"
-    "return 1\n";
-
-/* KEYS: period hash, record, open zset; ARGV: subject|meter, last seq,
- * new seq, id, score, expire, then the record's field/value pairs */
-static const char  meter_lua_create[] =
-    "if redis.call('HEXISTS', KEYS[1], ARGV[1] .. '|open') == 1 then\n"
-    "  return 0\n"
-    "end\n"
-    "local s = redis.call('HGET', KEYS[1], ARGV[1]) or '0'\n"
-    "if s ~= ARGV[2] then return 0 end\n"
-    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])\n"
-    "redis.call('HSET', KEYS[1], ARGV[1] .. '|open', ARGV[4])\n"
-    "redis.call('EXPIRE', KEYS[1], ARGV[6])\n"
-    "for i = 7, #ARGV, 2 do\n"
-    "  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])\n"
-    "end\n"
-    "redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])\n"
-    "return 1\n";
-
-/* KEYS: record, period hash, open zset, stats; ARGV: id, subject|meter,
- * quantity */
-static const char  meter_lua_done[] =
-    "redis.call('DEL', KEYS[1])\n"
-    "if redis.call('HGET', KEYS[2], ARGV[2] .. '|open') == ARGV[1] then\n"
-    "  redis.call('HDEL', KEYS[2], ARGV[2] .. '|open')\n"
-    "end\n"
-    "redis.call('ZREM', KEYS[3], ARGV[1])\n"
-    "redis.call('HINCRBY', KEYS[4], 'records_sent', 1)\n"
-    "redis.call('HINCRBY', KEYS[4], 'quantity_sent', ARGV[3])\n"
-    "return 1\n";
-
-/* KEYS: record, open zset, dead zset; ARGV: id, now, error, http status */
-static const char  meter_lua_dead[] =
-    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end\n"
-    "redis.call('HSET', KEYS[1], 'state', 'dead', 'last_error', ARGV[3],\n"
-    "           'http_status', ARGV[4], 'dead_at', ARGV[2])\n"
-    "redis.call('ZREM', KEYS[2], ARGV[1])\n"
-    "redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])\n"
-    "return 1\n";
-
-static const char  meter_lua_renew[] =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then\n"
-    "  return redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
-    "end\n"
-    "return 0\n";
-
-static const char  meter_lua_release[] =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then\n"
-    "  return redis.call('DEL', KEYS[1])\n"
-    "end\n"
-    "return 0\n";
-
-/* KEYS: u, b of one key-hour; deletes both when everything is billed */
-static const char  meter_lua_expire[] =
-    "local u = redis.call('HGETALL', KEYS[1])\n"
-    "for i = 1, #u, 2 do\n"
-    "  if redis.call('HGET', KEYS[2], u[i]) ~= u[i + 1] then return 0 end\n"
-    "end\n"
-    "redis.call('DEL', KEYS[1], KEYS[2])\n"
-    "return 1\n";
 
 
 typedef struct {
@@ -110,7 +41,7 @@ typedef struct {
     char                       *customer;       /* NULL: key without one */
     char                        key_hash[65];   /* first contributing key */
     unsigned                    nkeys;
-    char                        meter[METER_METER_MAX + 1];
+    char                        meter[MTR_METER_MAX + 1];
     uint64_t                    quantity;
     meter_str_t                 covers;         /* "HOUR KH FIELD VALUE\n" */
 } meter_agg_t;
@@ -233,7 +164,7 @@ meter_usage_compute(const char *const *u, size_t nu, const char *const *b,
         bar = strchr(u[i], '|');
         mlen = (bar != NULL) ? (size_t) (bar - u[i]) : 0;
 
-        if (mlen == 0 || mlen > METER_METER_MAX) {
+        if (mlen == 0 || mlen > MTR_METER_MAX) {
             (*bad)++;
             continue;
         }
@@ -371,7 +302,7 @@ meter_lock_acquire(meter_drain_t *d)
 
     memcpy(d->token, token, sizeof(token));
 
-    rp = meter_redis_cmd(d->redis, "SET %s %s NX PX %lld", METER_W_LOCK,
+    rp = meter_redis_cmd(d->redis, "SET %s %s NX PX %lld", MTR_W_LOCK,
                          d->token, (long long) d->cf->lock_ttl * 1000);
     if (!meter_reply_ok(rp)) {
         meter_log(LOG_ERR, "lock: %s", rp != NULL ? rp->str : d->redis->err);
@@ -403,7 +334,7 @@ meter_lock_renew(meter_drain_t *d)
     int          rc;
 
     rp = meter_redis_cmd(d->redis, "EVAL %s 1 %s %s %lld", meter_lua_renew,
-                         METER_W_LOCK, d->token,
+                         MTR_W_LOCK, d->token,
                          (long long) d->cf->lock_ttl * 1000);
     if (!meter_reply_ok(rp)) {
         meter_log(LOG_ERR, "lock: %s", rp != NULL ? rp->str : d->redis->err);
@@ -428,7 +359,7 @@ meter_lock_release(meter_drain_t *d)
     redisReply  *rp;
 
     rp = meter_redis_cmd(d->redis, "EVAL %s 1 %s %s", meter_lua_release,
-                         METER_W_LOCK, d->token);
+                         MTR_W_LOCK, d->token);
     freeReplyObject(rp);
 }
 
@@ -514,14 +445,14 @@ meter_drain_run(meter_drain_t *d)
         meter_drain_retention(d, time(NULL));
 
         rp = meter_redis_cmd(d->redis, "HSET %s last_drain %lld",
-                             METER_W_STATS, (long long) time(NULL));
+                             MTR_W_STATS, (long long) time(NULL));
         freeReplyObject(rp);
     }
 
     if (!d->dry_run && d->redis->ctx != NULL) {
         /* the earliest retry, so that the daemon wakes up for it */
         rp = meter_redis_cmd(d->redis, "ZRANGE %s 0 0 WITHSCORES",
-                             METER_W_OPEN);
+                             MTR_W_OPEN);
         if (meter_reply_ok(rp) && rp->type == REDIS_REPLY_ARRAY
             && rp->elements == 2)
         {
@@ -551,7 +482,7 @@ meter_drain_resume(meter_drain_t *d)
     meter_drain_rc_e  rc;
 
     if (d->dry_run) {
-        rp = meter_redis_cmd(d->redis, "ZCARD %s", METER_W_OPEN);
+        rp = meter_redis_cmd(d->redis, "ZCARD %s", MTR_W_OPEN);
         if (!meter_reply_ok(rp)) {
             freeReplyObject(rp);
             return METER_DRAIN_REDIS;
@@ -567,7 +498,7 @@ meter_drain_resume(meter_drain_t *d)
 
     for ( ;; ) {
         rp = meter_redis_cmd(d->redis, "ZRANGEBYSCORE %s -inf %lld LIMIT 0 %d",
-                             METER_W_OPEN, (long long) time(NULL),
+                             MTR_W_OPEN, (long long) time(NULL),
                              METER_BATCH);
         if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
             meter_log(LOG_ERR, "resume: %s",
@@ -616,10 +547,10 @@ meter_drain_periods(meter_drain_t *d, time_t now)
     closed_end = (d->before != 0) ? d->before : now - d->cf->grace;
 
     rp = meter_redis_cmd(d->redis, "ZRANGEBYSCORE %s -inf %lld",
-                         "mtr:hours",
+                         MTR_HOURS,
                          (long long) (closed_end - METER_HOUR));
     if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
-        meter_log(LOG_ERR, "mtr:hours: %s",
+        meter_log(LOG_ERR, MTR_HOURS ": %s",
                   rp != NULL ? rp->str : d->redis->err);
         freeReplyObject(rp);
         return METER_DRAIN_REDIS;
@@ -637,7 +568,7 @@ meter_drain_periods(meter_drain_t *d, time_t now)
 
     if (!d->dry_run) {
         freeReplyObject(meter_redis_cmd(d->redis, "DEL %s",
-                                        METER_W_NOCUST_NEW));
+                                        MTR_W_NOCUST_NEW));
     }
 
     /* the zset is ordered by hour start, so periods come out in order */
@@ -648,7 +579,7 @@ meter_drain_periods(meter_drain_t *d, time_t now)
         if (i < rp->elements) {
             hs = meter_hour_parse(rp->element[i]->str);
             if (hs == -1) {
-                meter_log(LOG_WARNING, "mtr:hours: ignoring malformed hour "
+                meter_log(LOG_WARNING, MTR_HOURS ": ignoring malformed hour "
                           "\"%.16s\"", rp->element[i]->str);
                 hours[i] = NULL;
                 continue;
@@ -675,15 +606,15 @@ meter_drain_periods(meter_drain_t *d, time_t now)
 
     if (rc == METER_DRAIN_OK && !d->dry_run) {
         /* the keys found without customer in this complete pass */
-        rp = meter_redis_cmd(d->redis, "EXISTS %s", METER_W_NOCUST_NEW);
+        rp = meter_redis_cmd(d->redis, "EXISTS %s", MTR_W_NOCUST_NEW);
         if (meter_reply_int(rp, 0) == 1) {
             freeReplyObject(rp);
-            rp = meter_redis_cmd(d->redis, "RENAME %s %s", METER_W_NOCUST_NEW,
-                                 METER_W_NOCUST);
+            rp = meter_redis_cmd(d->redis, "RENAME %s %s", MTR_W_NOCUST_NEW,
+                                 MTR_W_NOCUST);
 
         } else {
             freeReplyObject(rp);
-            rp = meter_redis_cmd(d->redis, "DEL %s", METER_W_NOCUST);
+            rp = meter_redis_cmd(d->redis, "DEL %s", MTR_W_NOCUST);
         }
 
         freeReplyObject(rp);
@@ -764,11 +695,11 @@ meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
             continue;
         }
 
-        if (meter_redis_append(d->redis, "HGETALL mtr:u:{%s}:%s", kh, hour)
+        if (meter_redis_append(d->redis, "HGETALL " MTR_U_FMT, kh, hour)
             != 0
-            || meter_redis_append(d->redis, "HGETALL mtr:b:{%s}:%s", kh, hour)
+            || meter_redis_append(d->redis, "HGETALL " MTR_B_FMT, kh, hour)
                != 0
-            || meter_redis_append(d->redis, "HGET mtr:key:{%s} customer", kh)
+            || meter_redis_append(d->redis, "HGET " MTR_KEY_FMT " customer", kh)
                != 0)
         {
             return METER_DRAIN_REDIS;
@@ -907,12 +838,12 @@ meter_drain_period(meter_drain_t *d, time_t pstart, char **hours,
                 break;
             }
 
-            rp = meter_redis_cmd(d->redis, "SSCAN mtr:idx:%s %s COUNT %d",
+            rp = meter_redis_cmd(d->redis, "SSCAN " MTR_IDX_FMT " %s COUNT %d",
                                  hours[h], cursor, METER_BATCH);
             if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
                 || rp->elements != 2)
             {
-                meter_log(LOG_ERR, "mtr:idx:%s: %s", hours[h],
+                meter_log(LOG_ERR, MTR_IDX_FMT ": %s", hours[h],
                           rp != NULL ? rp->str : d->redis->err);
                 freeReplyObject(rp);
                 rc = METER_DRAIN_REDIS;
@@ -982,7 +913,7 @@ meter_drain_customer(meter_drain_t *d, const char *customer)
         return *slot;
     }
 
-    rp = meter_redis_cmd(d->redis, "HGETALL mtr:cust:{%s}", customer);
+    rp = meter_redis_cmd(d->redis, "HGETALL " MTR_CUST_FMT, customer);
     if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
         freeReplyObject(rp);
         return NULL;
@@ -1001,11 +932,11 @@ meter_drain_dead(meter_drain_t *d, const char *id, const char *error,
     char         rkey[64], status[24];
     redisReply  *rp;
 
-    snprintf(rkey, sizeof(rkey), METER_W_REC "%s", id);
+    snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, id);
     snprintf(status, sizeof(status), "%ld", http_status);
 
     rp = meter_redis_cmd(d->redis, "EVAL %s 3 %s %s %s %s %lld %s %s",
-                         meter_lua_dead, rkey, METER_W_OPEN, METER_W_DEAD, id,
+                         meter_lua_dead, rkey, MTR_W_OPEN, MTR_W_DEAD, id,
                          (long long) time(NULL), error, status);
     if (!meter_reply_ok(rp)) {
         meter_log(LOG_ERR, "record %s: %s", id,
@@ -1116,7 +1047,7 @@ meter_drain_prepare(meter_drain_t *d, meter_rec_t *r, int count,
 
         pr.provider_customer = meter_reply_hget(cust, "provider_customer");
         pr.subscription = meter_reply_hget(cust, "subscription");
-        snprintf(field, sizeof(field), "item.%s", r->meter);
+        snprintf(field, sizeof(field), MTR_CUST_ITEM_FMT, r->meter);
         pr.subscription_item = meter_reply_hget(cust, field);
 
         if (strcmp(d->cf->provider, "file") != 0
@@ -1128,7 +1059,7 @@ meter_drain_prepare(meter_drain_t *d, meter_rec_t *r, int count,
         }
     }
 
-    snprintf(rkey, sizeof(rkey), METER_W_REC "%s", r->id);
+    snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, r->id);
 
     if (count) {
         /* count the attempt before making it: after a crash, attempts > 0
@@ -1165,7 +1096,7 @@ meter_drain_outcome(meter_drain_t *d, meter_rec_t *r, meter_send_e st,
 
     res = *answer;
     now = time(NULL);
-    snprintf(rkey, sizeof(rkey), METER_W_REC "%s", r->id);
+    snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, r->id);
 
     switch (st) {
 
@@ -1191,7 +1122,7 @@ meter_drain_outcome(meter_drain_t *d, meter_rec_t *r, meter_send_e st,
                              (long long) next, res.error, res.http_status);
         freeReplyObject(rp);
 
-        rp = meter_redis_cmd(d->redis, "ZADD %s %lld %s", METER_W_OPEN,
+        rp = meter_redis_cmd(d->redis, "ZADD %s %lld %s", MTR_W_OPEN,
                              (long long) next, r->id);
         if (!meter_reply_ok(rp)) {
             freeReplyObject(rp);
@@ -1338,7 +1269,7 @@ meter_drain_mark_sent(meter_drain_t *d, meter_rec_t **recs, size_t n)
     queued = 0;
 
     for (i = 0; i < n; i++) {
-        snprintf(rkey, sizeof(rkey), METER_W_REC "%s", recs[i]->id);
+        snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, recs[i]->id);
 
         if (meter_redis_append(d->redis, "HSET %s state sent accepted %lld "
                                "http_status %ld", rkey,
@@ -1409,8 +1340,8 @@ meter_drain_bmarks(meter_drain_t *d, const meter_rec_t *r, size_t *queued)
             break;
         }
 
-        snprintf(key, sizeof(key), "mtr:b:{%.*s}:%.*s", (int) (sp2 - sp1 - 1),
-                 sp1 + 1, (int) (sp1 - line), line);
+        snprintf(key, sizeof(key), MTR_B_PRE "%.*s" MTR_U_MID "%.*s",
+                 (int) (sp2 - sp1 - 1), sp1 + 1, (int) (sp1 - line), line);
 
         if (strcmp(key, bkey) != 0) {
             if (argc > 0) {
@@ -1431,7 +1362,7 @@ meter_drain_bmarks(meter_drain_t *d, const meter_rec_t *r, size_t *queued)
             argv[argc] = "EVAL";
             argl[argc++] = 4;
             argv[argc] = meter_lua_maxset;
-            argl[argc++] = sizeof(meter_lua_maxset) - 1;
+            argl[argc++] = strlen(meter_lua_maxset);
             argv[argc] = "1";
             argl[argc++] = 1;
             argv[argc] = bkey;
@@ -1598,11 +1529,11 @@ meter_drain_finish(meter_drain_t *d, meter_rec_t **recs, size_t n)
     queued = 0;
 
     for (i = 0; i < n; i++) {
-        snprintf(rkey, sizeof(rkey), METER_W_REC "%s", recs[i]->id);
+        snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, recs[i]->id);
 
         if (meter_redis_append(d->redis, "EVAL %s 4 %s %s %s %s %s %s %s",
                                meter_lua_done, rkey, recs[i]->pkey,
-                               METER_W_OPEN, METER_W_STATS, recs[i]->id,
+                               MTR_W_OPEN, MTR_W_STATS, recs[i]->id,
                                recs[i]->sm, recs[i]->q)
             != 0)
         {
@@ -1645,7 +1576,7 @@ meter_drain_record(meter_drain_t *d, const char *id)
     meter_rec_t       r, *rs;
     meter_drain_rc_e  rc;
 
-    snprintf(rkey, sizeof(rkey), METER_W_REC "%s", id);
+    snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, id);
 
     rec = meter_redis_cmd(d->redis, "HGETALL %s", rkey);
     if (!meter_reply_ok(rec) || rec->type != REDIS_REPLY_ARRAY) {
@@ -1662,7 +1593,7 @@ meter_drain_record(meter_drain_t *d, const char *id)
     {
         /* gone (meterctl, a finished pass) or dead: drop the stale entry */
         freeReplyObject(rec);
-        rp = meter_redis_cmd(d->redis, "ZREM %s %s", METER_W_OPEN, id);
+        rp = meter_redis_cmd(d->redis, "ZREM %s %s", MTR_W_OPEN, id);
         freeReplyObject(rp);
         return METER_DRAIN_OK;
     }
@@ -1744,7 +1675,7 @@ meter_drain_create(meter_drain_t *d, time_t pstart, meter_new_t *nw)
     snprintf(expire, sizeof(expire), "%lld",
              (long long) (2 * d->cf->retention + 2 * METER_DAY));
 
-    snprintf(rkey, sizeof(rkey), METER_W_REC "%s", nw->id);
+    snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, nw->id);
 
     argc = 0;
 
@@ -1760,7 +1691,7 @@ meter_drain_create(meter_drain_t *d, time_t pstart, meter_new_t *nw)
     meter_arg("3");
     meter_arg(nw->pkey);
     meter_arg(rkey);
-    meter_arg(METER_W_OPEN);
+    meter_arg(MTR_W_OPEN);
     meter_arg(nw->sm);
     meter_arg(last);
     meter_arg(next);
@@ -1860,7 +1791,7 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
 
             if (!d->dry_run) {
                 if (meter_redis_append(d->redis, "SADD %s %s",
-                                       METER_W_NOCUST_NEW, a->subject)
+                                       MTR_W_NOCUST_NEW, a->subject)
                     != 0)
                 {
                     rc = METER_DRAIN_REDIS;
@@ -1913,13 +1844,13 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
 
     /* the last sequence number and the open record of each, one trip */
     for (i = 0; i < m; i++) {
-        snprintf(nw[i].pkey, sizeof(nw[i].pkey), METER_W_PERIOD "%lld",
+        snprintf(nw[i].pkey, sizeof(nw[i].pkey), MTR_W_PERIOD_FMT,
                  (long long) pstart);
-        snprintf(nw[i].sm, sizeof(nw[i].sm), "%s|%s", nw[i].agg->subject,
-                 nw[i].agg->meter);
+        snprintf(nw[i].sm, sizeof(nw[i].sm), MTR_PERIOD_SEQ_FMT,
+                 nw[i].agg->subject, nw[i].agg->meter);
 
-        if (meter_redis_append(d->redis, "HMGET %s %s %s|open", nw[i].pkey,
-                               nw[i].sm, nw[i].sm)
+        if (meter_redis_append(d->redis, "HMGET %s %s %s" MTR_PERIOD_OPEN_SFX,
+                               nw[i].pkey, nw[i].sm, nw[i].sm)
             != 0)
         {
             rc = METER_DRAIN_REDIS;
@@ -2159,7 +2090,7 @@ meter_drain_retention(meter_drain_t *d, time_t now)
         return;
     }
 
-    hours = meter_redis_cmd(d->redis, "ZRANGEBYSCORE mtr:hours -inf %lld",
+    hours = meter_redis_cmd(d->redis, "ZRANGEBYSCORE " MTR_HOURS " -inf %lld",
                             (long long) (now - METER_HOUR - d->cf->grace
                                          - d->cf->retention));
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
@@ -2176,7 +2107,7 @@ meter_drain_retention(meter_drain_t *d, time_t now)
         kept = 0;
 
         do {
-            rp = meter_redis_cmd(d->redis, "SSCAN mtr:idx:%s %s COUNT %d",
+            rp = meter_redis_cmd(d->redis, "SSCAN " MTR_IDX_FMT " %s COUNT %d",
                                  hours->element[h]->str, cursor,
                                  METER_BATCH);
             if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
@@ -2193,7 +2124,7 @@ meter_drain_retention(meter_drain_t *d, time_t now)
                 kh = rp->element[1]->element[i]->str;
 
                 k = meter_redis_cmd(d->redis,
-                                    "EVAL %s 2 mtr:u:{%s}:%s mtr:b:{%s}:%s",
+                                    "EVAL %s 2 " MTR_U_FMT " " MTR_B_FMT,
                                     meter_lua_expire, kh,
                                     hours->element[h]->str, kh,
                                     hours->element[h]->str);
@@ -2215,10 +2146,10 @@ meter_drain_retention(meter_drain_t *d, time_t now)
             continue;
         }
 
-        rp = meter_redis_cmd(d->redis, "DEL mtr:idx:%s",
+        rp = meter_redis_cmd(d->redis, "DEL " MTR_IDX_FMT,
                              hours->element[h]->str);
         freeReplyObject(rp);
-        rp = meter_redis_cmd(d->redis, "ZREM mtr:hours %s",
+        rp = meter_redis_cmd(d->redis, "ZREM " MTR_HOURS " %s",
                              hours->element[h]->str);
         freeReplyObject(rp);
 

@@ -1,0 +1,170 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * Every Lua script the worker and meterctl send to Redis (EVAL), in one
+ * place: each is atomic, so these are the only places where two keys
+ * change together.  Keys and fields as in docs/redis-schema.md.
+ */
+
+
+#include "scripts.h"
+
+
+/* the drain (daemon/drain.c): records, the lock, retention */
+
+
+/* the module's max-only update, reused for the b marks */
+const char  meter_lua_maxset[] =
+    "for i = 1, #ARGV, 2 do\n"
+    "  local cur = redis.call('HGET', KEYS[1], ARGV[i])\n"
+    "  local v = ARGV[i + 1]\n"
+    "  if not cur or #v > #cur or (#v == #cur and v > cur) then\n"
+    "    redis.call('HSET', KEYS[1], ARGV[i], v)\n"
+    "  end\n"
+    "end\n"
+    "return 1\n";
+
+
+/* KEYS: period hash, record, open zset; ARGV: subject|meter, last seq,
+ * new seq, id, score, expire, then the record's field/value pairs */
+const char  meter_lua_create[] =
+    "if redis.call('HEXISTS', KEYS[1], ARGV[1] .. '|open') == 1 then\n"
+    "  return 0\n"
+    "end\n"
+    "local s = redis.call('HGET', KEYS[1], ARGV[1]) or '0'\n"
+    "if s ~= ARGV[2] then return 0 end\n"
+    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])\n"
+    "redis.call('HSET', KEYS[1], ARGV[1] .. '|open', ARGV[4])\n"
+    "redis.call('EXPIRE', KEYS[1], ARGV[6])\n"
+    "for i = 7, #ARGV, 2 do\n"
+    "  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])\n"
+    "end\n"
+    "redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])\n"
+    "return 1\n";
+
+
+/* KEYS: record, period hash, open zset, stats; ARGV: id, subject|meter,
+ * quantity */
+const char  meter_lua_done[] =
+    "redis.call('DEL', KEYS[1])\n"
+    "if redis.call('HGET', KEYS[2], ARGV[2] .. '|open') == ARGV[1] then\n"
+    "  redis.call('HDEL', KEYS[2], ARGV[2] .. '|open')\n"
+    "end\n"
+    "redis.call('ZREM', KEYS[3], ARGV[1])\n"
+    "redis.call('HINCRBY', KEYS[4], 'records_sent', 1)\n"
+    "redis.call('HINCRBY', KEYS[4], 'quantity_sent', ARGV[3])\n"
+    "return 1\n";
+
+
+/* KEYS: record, open zset, dead zset; ARGV: id, now, error, http status */
+const char  meter_lua_dead[] =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end\n"
+    "redis.call('HSET', KEYS[1], 'state', 'dead', 'last_error', ARGV[3],\n"
+    "           'http_status', ARGV[4], 'dead_at', ARGV[2])\n"
+    "redis.call('ZREM', KEYS[2], ARGV[1])\n"
+    "redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])\n"
+    "return 1\n";
+
+
+const char  meter_lua_renew[] =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then\n"
+    "  return redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
+    "end\n"
+    "return 0\n";
+
+
+const char  meter_lua_release[] =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then\n"
+    "  return redis.call('DEL', KEYS[1])\n"
+    "end\n"
+    "return 0\n";
+
+
+/* KEYS: u, b of one key-hour; deletes both when everything is billed */
+const char  meter_lua_expire[] =
+    "local u = redis.call('HGETALL', KEYS[1])\n"
+    "for i = 1, #u, 2 do\n"
+    "  if redis.call('HGET', KEYS[2], u[i]) ~= u[i + 1] then return 0 end\n"
+    "end\n"
+    "redis.call('DEL', KEYS[1], KEYS[2])\n"
+    "return 1\n";
+
+
+/* governance (lib/gov.c) */
+
+
+/*
+ * KEYS[1] = mtr:cust:{C}
+ * ARGV = delinquent (0/1), reason, source, event time
+ * A manual change (meterctl) always applies, whatever time is recorded
+ * (an event dated ahead must not lock an admin out).
+ * -1 unknown customer, 0 nothing changed, 1 changed, 2 nothing changed but
+ * the last change never reached mtr:gov ("projected" is 0 until
+ * meter_gov_project() completes), so project it now
+ */
+const char  meter_lua_gov_status[] =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end\n"
+    "local h = redis.call('HMGET', KEYS[1], 'status', 'reason', 'source',\n"
+    "                     'status_at', 'projected')\n"
+    "local status, reason, source = h[1] or 'active', h[2] or '', h[3] or ''\n"
+    "local z = h[5] == '0' and 2 or 0\n"
+    "local t = tonumber(ARGV[4])\n"
+    "if ARGV[3] ~= 'manual' and t < (tonumber(h[4] or '0') or 0) then\n"
+    "  return z\n"
+    "end\n"
+    "local manual = status == 'delinquent' and source == 'manual'\n"
+    "if ARGV[3] == 'sync' and manual then return z end\n"
+    "if ARGV[1] == '1' then\n"
+    "  if status == 'delinquent' then\n"
+    "    redis.call('HSET', KEYS[1], 'status_at', ARGV[4])\n"
+    "    if reason == ARGV[2] and source == ARGV[3] then return z end\n"
+    "    redis.call('HSET', KEYS[1], 'reason', ARGV[2], 'source', ARGV[3],\n"
+    "               'projected', '0')\n"
+    "    return 1\n"
+    "  end\n"
+    "  redis.call('HSET', KEYS[1], 'status', 'delinquent', 'reason',\n"
+    "             ARGV[2], 'source', ARGV[3], 'since', ARGV[4],\n"
+    "             'status_at', ARGV[4], 'projected', '0')\n"
+    "  return 1\n"
+    "end\n"
+    "redis.call('HSET', KEYS[1], 'status_at', ARGV[4])\n"
+    "if status ~= 'delinquent' then return z end\n"
+    "redis.call('HSET', KEYS[1], 'status', 'active', 'source', ARGV[3],\n"
+    "           'projected', '0')\n"
+    "redis.call('HDEL', KEYS[1], 'reason', 'since')\n"
+    "return 1\n";
+
+
+/* Stripe (providers/stripe.c) */
+
+
+/*
+ * KEYS: record, open, dead; ARGV: id, now, error, code, event.  A record
+ * Stripe accepted (200) and rejected later: dead with the error code.
+ * Its hash is usually gone (sent records are deleted); then a dead letter
+ * with what Stripe tells is made, so meterctl status shows it.
+ */
+const char  meter_lua_stripe_rejected[] =
+    "local st = redis.call('HGET', KEYS[1], 'state')\n"
+    "if st == false then\n"
+    "  redis.call('HSET', KEYS[1], 'http_status', '200')\n"
+    "end\n"
+    "redis.call('HSET', KEYS[1], 'state', 'dead', 'last_error', ARGV[3],\n"
+    "           'error_code', ARGV[4], 'rejected_by', ARGV[5],\n"
+    "           'dead_at', ARGV[2])\n"
+    "redis.call('ZREM', KEYS[2], ARGV[1])\n"
+    "redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])\n"
+    "return 1\n";
+
+
+/* meterctl retry (ctl/retry.c) */
+
+
+const char  meter_lua_retry[] =
+    "if redis.call('HGET', KEYS[1], 'state') ~= 'dead' then return 0 end\n"
+    "redis.call('HSET', KEYS[1], 'state', 'sending', 'next_attempt',\n"
+    "           ARGV[2])\n"
+    "redis.call('ZREM', KEYS[3], ARGV[1])\n"
+    "redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])\n"
+    "return 1\n";
