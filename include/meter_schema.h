@@ -1,0 +1,159 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * The Redis contract of docs/redis-schema.md as C macros: every mtr:* key
+ * name and every field format, for the module and the worker alike.  The
+ * names follow the keys ("mtr:gov:version" is MTR_GOV_VERSION), so a grep
+ * for either finds both.  Per parameterised key:
+ *
+ *   MTR_X_PRE   the literal part before the first parameter, for code that
+ *               builds a key by copying (the module's request-free path);
+ *   MTR_X_FMT   a printf format with the parameters in the order of the
+ *               document.
+ *
+ * Change a name here and in docs/redis-schema.md together: a node and a
+ * worker of different versions must still agree on every byte.
+ */
+
+
+#ifndef _METER_SCHEMA_H_INCLUDED_
+#define _METER_SCHEMA_H_INCLUDED_
+
+
+#define MTR_PREFIX              "mtr:"
+
+
+/* usage written by the module */
+
+/* HASH mtr:u:{KH}:HOUR, field METER|WRITER -> absolute cumulative count */
+#define MTR_U_PRE               "mtr:u:{"
+#define MTR_U_MID               "}:"            /* between KH and HOUR */
+#define MTR_U_FMT               MTR_U_PRE "%s" MTR_U_MID "%s"
+
+/* HASH mtr:used:{KH}, field METER -> lifetime units flushed */
+#define MTR_USED_PRE            "mtr:used:{"
+#define MTR_USED_END            "}"
+#define MTR_USED_FMT            MTR_USED_PRE "%s" MTR_USED_END
+
+/* SET mtr:idx:HOUR of KH */
+#define MTR_IDX_PRE             "mtr:idx:"
+#define MTR_IDX_FMT             MTR_IDX_PRE "%s"
+
+/* ZSET mtr:hours, member HOUR, score Unix start of HOUR */
+#define MTR_HOURS               "mtr:hours"
+
+/* HASH mtr:b:{KH}:HOUR, field METER|WRITER -> billed u value (worker) */
+#define MTR_B_PRE               "mtr:b:{"
+#define MTR_B_FMT               MTR_B_PRE "%s" MTR_U_MID "%s"
+
+/*
+ * A usage field: METER "|" EPOCH "." GEN, EPOCH 16 lowercase hex digits,
+ * GEN decimal (printf arguments: meter, epoch, gen).
+ */
+#define MTR_FIELD_SEP           '|'
+#define MTR_WRITER_FMT          "|%016llx.%lu"  /* after the meter name */
+#define MTR_FIELD_FMT           "%s" MTR_WRITER_FMT
+
+
+/* worker state: every key carries the hash tag {worker} */
+
+#define MTR_W_LOCK              "mtr:{worker}:lock"
+#define MTR_W_REC_PRE           "mtr:{worker}:r:"       /* + ID */
+#define MTR_W_REC_FMT           MTR_W_REC_PRE "%s"
+#define MTR_W_OPEN              "mtr:{worker}:open"
+#define MTR_W_DEAD              "mtr:{worker}:dead"
+#define MTR_W_PERIOD_PRE        "mtr:{worker}:p:"       /* + PSTART */
+#define MTR_W_PERIOD_FMT        MTR_W_PERIOD_PRE "%lld"
+#define MTR_W_NOCUST            "mtr:{worker}:nocust"
+#define MTR_W_NOCUST_NEW        "mtr:{worker}:nocust:new" /* being built */
+#define MTR_W_STATS             "mtr:{worker}:stats"
+#define MTR_W_STRIPE_LATE       "mtr:{worker}:stripe:late"
+
+/* mtr:{worker}:p:PSTART fields: SUBJECT|METER and SUBJECT|METER|open */
+#define MTR_PERIOD_SEQ_FMT      "%s|%s"
+#define MTR_PERIOD_OPEN_FMT     "%s|%s|open"
+
+/* mtr:{worker}:stats fields */
+#define MTR_STATS_LAST_DRAIN    "last_drain"
+#define MTR_STATS_RECORDS_SENT  "records_sent"
+#define MTR_STATS_QUANTITY_SENT "quantity_sent"
+
+/*
+ * A record's "covers" field: one line "HOUR KH FIELD VALUE" per mtr:u field
+ * it bills.  A mtr:{worker}:stripe:late member: "ID CUSTOMER METER
+ * PERIOD_START QUANTITY PERIOD_END".
+ */
+#define MTR_COVERS_SEP          ' '
+
+
+/* governance: written by meterctl and the worker's sync */
+
+/* HASH mtr:key:{KH} */
+#define MTR_KEY_PRE             "mtr:key:{"
+#define MTR_KEY_FMT             MTR_KEY_PRE "%s}"
+#define MTR_KEY_CUSTOMER        "customer"
+#define MTR_KEY_PREFIX          "prefix"
+#define MTR_KEY_CREATED         "created"
+#define MTR_KEY_REVOKED         "revoked"
+
+/* HASH mtr:cust:{CUSTOMER} */
+#define MTR_CUST_PRE            "mtr:cust:{"
+#define MTR_CUST_FMT            MTR_CUST_PRE "%s}"
+#define MTR_CUST_STATUS         "status"
+#define MTR_CUST_REASON         "reason"
+#define MTR_CUST_SINCE          "since"
+#define MTR_CUST_SOURCE         "source"
+#define MTR_CUST_STATUS_AT      "status_at"
+#define MTR_CUST_PROJECTED      "projected"
+#define MTR_CUST_ITEM_FMT       "item.%s"       /* METER */
+
+#define MTR_STATUS_ACTIVE       "active"
+#define MTR_STATUS_DELINQUENT   "delinquent"
+#define MTR_REASON_OVERDUE      "invoice_overdue"
+#define MTR_REASON_CREDIT       "credit_exhausted"
+#define MTR_SOURCE_MANUAL       "manual"
+#define MTR_SOURCE_SYNC         "sync"
+
+#define MTR_CUSTOMERS           "mtr:customers"
+#define MTR_BYPC                "mtr:bypc"
+#define MTR_BYSUB               "mtr:bysub"
+
+/* SET mtr:ckeys:{CUSTOMER} of KH */
+#define MTR_CKEYS_PRE           "mtr:ckeys:{"
+#define MTR_CKEYS_FMT           MTR_CKEYS_PRE "%s}"
+
+/* HASH mtr:reg:{CUSTOMER}, a registration in progress */
+#define MTR_REG_PRE             "mtr:reg:{"
+#define MTR_REG_FMT             MTR_REG_PRE "%s}"
+
+/* HASH mtr:w:sync, the delinquency sync */
+#define MTR_W_SYNC              "mtr:w:sync"
+
+/* STRING mtr:wh:PROVIDER:EVENT_ID, a webhook delivery applied */
+#define MTR_WH_PRE              "mtr:wh:"
+#define MTR_WH_FMT              MTR_WH_PRE "%s:%s"
+
+
+/* the projection the module reads */
+
+/*
+ * HASH mtr:gov, field KH ->
+ * CUSTOMER \t STATUS \t REASON \t SINCE \t REVOKED, STATUS 'a' or 'd'
+ */
+#define MTR_GOV                 "mtr:gov"
+#define MTR_GOV_SEP             '\t'
+#define MTR_GOV_NFIELDS         5
+#define MTR_GOV_ACTIVE          'a'
+#define MTR_GOV_DELINQUENT      'd'
+
+/* STRING mtr:gov:version, integer */
+#define MTR_GOV_VERSION         "mtr:gov:version"
+
+/* HASH mtr:gov:credit, field CUSTOMER|METER -> units granted in total */
+#define MTR_GOV_CREDIT          "mtr:gov:credit"
+#define MTR_GOV_CREDIT_SEP      '|'
+#define MTR_GOV_CREDIT_FMT      "%s|%s"
+
+
+#endif /* _METER_SCHEMA_H_INCLUDED_ */
