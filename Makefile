@@ -22,8 +22,8 @@ PYTHON    := /usr/bin/python3
 
 PKGS := build-essential pkg-config nginx nginx-dev libhiredis-dev \
         libcurl4-openssl-dev libcjson-dev libcmocka-dev libsystemd-dev \
-        libssl-dev redis-server python3-pytest wrk curl ca-certificates \
-        time libfaketime
+        libssl-dev redis-server python3-pytest python3-h2 wrk curl \
+        ca-certificates time libfaketime libmicrohttpd-dev
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

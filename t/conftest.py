@@ -4,7 +4,8 @@ a temp dir (models: nginx/unit test/conftest.py, nginx-tests Test::Nginx).
 
 Helpers that tests import (``from conftest import ...``): free_port,
 wait_for, key_hash, usage, totals, nginx_t, line_of, Resp, Client,
-raw_request, Traffic, utc_hour.
+raw_request, Traffic, utc_hour, Backend (fixture backend), curl, H2Client,
+meterctl.
 """
 
 import datetime
@@ -784,7 +785,7 @@ class Traffic:
 class Backend:
     """A real upstream for proxy_pass: a threaded HTTP server on a free
     loopback port.  /slow?ms=N waits N ms before answering (an upstream
-    timeout, a client that gives up); /code/NNN answers NNN; anything else
+    timeout, a client that gives up); /code/NNN... answers NNN; anything else
     200 "ok\\n".  hits counts the requests per path (without query)."""
 
     def __init__(self):
@@ -809,7 +810,7 @@ class Backend:
                 code, body = 200, b"ok\n"
                 if u.path.startswith("/slow"):
                     time.sleep(int(q.get("ms", ["1000"])[0]) / 1000.0)
-                m = re.match(r"^/code/(\d{3})$", u.path)
+                m = re.match(r"^/code/(\d{3})", u.path)
                 if m:
                     code, body = int(m.group(1)), b"code\n"
                 n = int(self.headers.get("Content-Length") or 0)
@@ -847,20 +848,77 @@ def backend():
 
 
 def curl(urls, headers=None, http2=False, timeout=30):
-    """One curl run over all urls (one connection, kept alive; HTTP/2 with
-    prior knowledge when http2): [(http_version, status), ...]."""
-    args = ["curl", "-s", "--max-time", str(timeout)]
-    if http2:
-        args.append("--http2-prior-knowledge")
-    for k, v in (headers or {}).items():
-        args += ["-H", "%s: %s" % (k, v)]
+    """One curl run per url: [(http_version, status), ...].  (curl 7.88.1
+    loses the second request it sends on a reused prior-knowledge HTTP/2
+    connection, so one connection per url; H2Client reuses one.)"""
+    out = []
     for u in urls:
-        args += ["-o", "/dev/null", "-w", "%{http_version} %{http_code}\\n",
-                 u]
-    r = subprocess.run(args, capture_output=True, text=True,
-                       timeout=timeout + 10)
-    out = [line.split() for line in r.stdout.splitlines()]
-    return [(v, int(c)) for v, c in out]
+        args = ["curl", "-s", "--max-time", str(timeout), "-o", "/dev/null",
+                "-w", "%{http_version} %{http_code}"]
+        if http2:
+            args.append("--http2-prior-knowledge")
+        for k, v in (headers or {}).items():
+            args += ["-H", "%s: %s" % (k, v)]
+        r = subprocess.run(args + [u], capture_output=True, text=True,
+                           timeout=timeout + 10)
+        v, c = r.stdout.split()
+        out.append((v, int(c)))
+    return out
+
+
+class H2Client:
+    """HTTP/2 with prior knowledge (python3-h2), one connection, one
+    stream after another: request() returns (status, headers, body)."""
+
+    def __init__(self, port, timeout=10.0):
+        import h2.config
+        import h2.connection
+        self.sock = socket.create_connection(("127.0.0.1", port),
+                                             timeout=timeout)
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True,
+                                      header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+        self.authority = "127.0.0.1:%d" % port
+
+    def request(self, path, headers=None, method="GET"):
+        import h2.events
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, [(":method", method), (":path", path),
+                                     (":scheme", "http"),
+                                     (":authority", self.authority)]
+                               + list((headers or {}).items()),
+                               end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        hdrs, body = {}, b""
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("nginx closed the HTTP/2 connection")
+            for ev in self.conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived) \
+                        and ev.stream_id == sid:
+                    hdrs = dict(ev.headers)
+                elif isinstance(ev, h2.events.DataReceived) \
+                        and ev.stream_id == sid:
+                    body += ev.data
+                    self.conn.acknowledge_received_data(
+                        ev.flow_controlled_length, sid)
+                elif isinstance(ev, (h2.events.StreamEnded,
+                                     h2.events.StreamReset)) \
+                        and ev.stream_id == sid:
+                    self.sock.sendall(self.conn.data_to_send())
+                    return int(hdrs.get(":status", 0)), hdrs, body
+            self.sock.sendall(self.conn.data_to_send())
+
+    def close(self):
+        try:
+            self.conn.close_connection()
+            self.sock.sendall(self.conn.data_to_send())
+        except OSError:
+            pass
+        self.sock.close()
 
 
 # ---------------------------------------------------------------- meterctl

@@ -574,18 +574,24 @@ meter_conf_meter(const meter_conf_t *cf, const char *meter)
 }
 
 
+/*
+ * The errors never name the file: the value of a *_file key is printed
+ * nowhere, because the secret itself is sometimes put there by mistake.
+ */
 int
 meter_read_secret(const char *name, char *buf, size_t size, char *err,
     size_t errlen)
 {
-    char        path[4096];
-    const char *dir;
-    FILE       *f;
-    size_t      n;
+    int          relative;
+    char         path[4096];
+    const char  *dir;
+    FILE        *f;
+    size_t       n;
 
     dir = getenv("CREDENTIALS_DIRECTORY");
+    relative = (name[0] != '/' && dir != NULL && *dir != '\0');
 
-    if (name[0] != '/' && dir != NULL && *dir != '\0') {
+    if (relative) {
         snprintf(path, sizeof(path), "%s/%s", dir, name);
 
     } else {
@@ -594,22 +600,28 @@ meter_read_secret(const char *name, char *buf, size_t size, char *err,
 
     f = fopen(path, "r");
     if (f == NULL) {
-        snprintf(err, errlen, "cannot open \"%s\": %s", path,
+        snprintf(err, errlen, "cannot open the file it names%s: %s (the "
+                 "value is a file name, not the secret itself)",
+                 relative ? " (in $CREDENTIALS_DIRECTORY)" : "",
                  strerror(errno));
+        explicit_bzero(path, sizeof(path));
         return -1;
     }
+
+    explicit_bzero(path, sizeof(path));
 
     n = fread(buf, 1, size - 1, f);
 
     if (ferror(f)) {
-        snprintf(err, errlen, "cannot read \"%s\"", path);
+        snprintf(err, errlen, "cannot read the file it names");
         fclose(f);
         return -1;
     }
 
     if (n == size - 1 && fgetc(f) != EOF) {
-        snprintf(err, errlen, "\"%s\" is longer than %zu bytes", path,
+        snprintf(err, errlen, "the file it names is longer than %zu bytes",
                  size - 2);
+        explicit_bzero(buf, size);
         fclose(f);
         return -1;
     }
@@ -623,7 +635,7 @@ meter_read_secret(const char *name, char *buf, size_t size, char *err,
     }
 
     if (n == 0) {
-        snprintf(err, errlen, "\"%s\" is empty", path);
+        snprintf(err, errlen, "the file it names is empty");
         return -1;
     }
 

@@ -27,6 +27,8 @@
 /*
  * KEYS[1] = mtr:cust:{C}
  * ARGV = delinquent (0/1), reason, source, event time
+ * A manual change (meterctl) always applies, whatever time is recorded
+ * (an event dated ahead must not lock an admin out).
  * -1 unknown customer, 0 nothing changed, 1 changed, 2 nothing changed but
  * the last change never reached mtr:gov ("projected" is 0 until
  * meter_gov_project() completes), so project it now
@@ -38,7 +40,9 @@ static const char  meter_gov_lua_status[] =
     "local status, reason, source = h[1] or 'active', h[2] or '', h[3] or ''\n"
     "local z = h[5] == '0' and 2 or 0\n"
     "local t = tonumber(ARGV[4])\n"
-    "if t < (tonumber(h[4] or '0') or 0) then return z end\n"
+    "if ARGV[3] ~= 'manual' and t < (tonumber(h[4] or '0') or 0) then\n"
+    "  return z\n"
+    "end\n"
     "local manual = status == 'delinquent' and source == 'manual'\n"
     "if ARGV[3] == 'sync' and manual then return z end\n"
     "if ARGV[1] == '1' then\n"

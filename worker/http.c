@@ -28,6 +28,9 @@ static int meter_http_conf_num(const meter_conf_t *cf, const char *prefix,
     double *out, char *err, size_t errlen);
 static void meter_http_throttle(meter_http_t *h);
 static double meter_http_now(void);
+static double meter_http_reset_delay(time_t reset);
+static int meter_http_ratelimit_wait(meter_http_t *h,
+    meter_send_result_t *res);
 static int meter_buf_grow(meter_buf_t *b, size_t n);
 
 
@@ -240,34 +243,72 @@ meter_http_parse_duration(const char *s)
 }
 
 
+/* an HTTP-date in any of its three forms (RFC 9110, 5.6.7); -1 when not */
+static time_t
+meter_http_date(const char *v)
+{
+    size_t      i;
+    struct tm   tm;
+    const char *end;
+
+    static const char *const  fmts[] = {
+        "%a, %d %b %Y %H:%M:%S GMT",    /* IMF-fixdate */
+        "%A, %d-%b-%y %H:%M:%S GMT",    /* obsolete RFC 850 */
+        "%a %b %e %H:%M:%S %Y",         /* obsolete asctime() */
+    };
+
+    for (i = 0; i < sizeof(fmts) / sizeof(fmts[0]); i++) {
+        memset(&tm, 0, sizeof(tm));
+        end = strptime(v, fmts[i], &tm);
+
+        if (end != NULL && *end == '\0') {
+            return timegm(&tm);
+        }
+    }
+
+    return -1;
+}
+
+
+/*
+ * RFC 9110, 10.2.3: Retry-After = HTTP-date / delay-seconds, and
+ * delay-seconds is 1*DIGIT.  No sign, fraction or exponent ("1e300",
+ * "-5", "0.5" are malformed: -1, so the caller's backoff applies);
+ * anything longer than METER_HTTP_RETRY_AFTER_MAX is that much (the drain
+ * caps it further at retry.max).
+ */
 double
 meter_http_parse_retry_after(const char *v, time_t now)
 {
-    char      *end;
-    time_t     t;
-    double     d;
+    time_t  t;
+    double  d;
 
     if (v == NULL || *v == '\0') {
         return -1;
     }
 
-    if (*v >= '0' && *v <= '9') {
-        errno = 0;
-        d = strtod(v, &end);
-        if (errno != 0 || *end != '\0' || !isfinite(d)) {
-            return -1;
+    if (strspn(v, "0123456789") == strlen(v)) {
+        /* digit by digit: "99999999999..." saturates, never overflows */
+        for (d = 0; *v != '\0' && d <= METER_HTTP_RETRY_AFTER_MAX; v++) {
+            d = d * 10 + (*v - '0');
         }
 
-        return d;
+        return d < METER_HTTP_RETRY_AFTER_MAX ? d
+                                              : METER_HTTP_RETRY_AFTER_MAX;
     }
 
-    /* HTTP-date: "Wed, 21 Oct 2015 07:28:00 GMT" */
-    t = curl_getdate(v, NULL);
+    t = meter_http_date(v);
     if (t == -1) {
         return -1;
     }
 
-    return t > now ? (double) (t - now) : 0;
+    if (t <= now) {
+        return 0;
+    }
+
+    d = (double) (t - now);
+
+    return d < METER_HTTP_RETRY_AFTER_MAX ? d : METER_HTTP_RETRY_AFTER_MAX;
 }
 
 
@@ -345,6 +386,7 @@ meter_http_init(meter_http_t *h, const char *prefix, const meter_conf_t *cf,
     h->timeout_ms = (long) ceil(total * 1000);
     h->max_attempts = (int) attempts;
     h->resend_unknown = 1;
+    h->rl_remaining = -1;
     h->tokens = h->max_rps >= 1 ? h->max_rps : 1;
 
     if (!meter_http_global_done) {
@@ -420,6 +462,58 @@ meter_http_throttle(meter_http_t *h)
 }
 
 
+/* seconds until an X-RateLimit-Reset time; bounded by Recurly's 5-minute
+ * window (and some slack), so a bogus header cannot park a record */
+static double
+meter_http_reset_delay(time_t reset)
+{
+    time_t  now;
+
+    now = time(NULL);
+
+    if (reset <= now) {
+        return 0;
+    }
+
+    return reset - now > 600 ? 600 : (double) (reset - now);
+}
+
+
+/*
+ * X-RateLimit-Remaining: 0 from the last answer: wait for its reset (up to
+ * retry_cap), else 1 with res set to RETRY after the reset.
+ */
+static int
+meter_http_ratelimit_wait(meter_http_t *h, meter_send_result_t *res)
+{
+    double  wait;
+
+    if (h->rl_remaining != 0 || h->rl_reset <= 0) {
+        return 0;
+    }
+
+    wait = meter_http_reset_delay(h->rl_reset);
+    h->rl_remaining = -1;
+
+    if (wait <= 0) {
+        return 0;
+    }
+
+    if (wait <= h->retry_cap) {
+        meter_http_sleep(wait);
+        return 0;
+    }
+
+    res->status = METER_SEND_RETRY;
+    res->http_status = 429;
+    res->retry_after = wait;
+    snprintf(res->error, sizeof(res->error), "%s: rate limit spent "
+             "(X-RateLimit-Remaining: 0), resets in %.0fs", h->name, wait);
+
+    return 1;
+}
+
+
 void
 meter_http_error_message(const char *body, size_t len, char *buf,
     size_t size)
@@ -490,6 +584,14 @@ end:
     cJSON_Delete(json);
 
     if (buf[0] != '\0') {
+        /* the provider's text is stored (last_error), logged and shown by
+         * meterctl: on one line, no terminal controls */
+        for (i = 0; buf[i] != '\0'; i++) {
+            if ((unsigned char) buf[i] < 0x20 || buf[i] == 0x7f) {
+                buf[i] = ' ';
+            }
+        }
+
         return;
     }
 
@@ -567,10 +669,27 @@ meter_http_request(meter_http_t *h, const meter_http_req_t *req,
     st = METER_SEND_RETRY;
 
     for (attempt = 1; attempt <= h->max_attempts; attempt++) {
+        if (meter_http_ratelimit_wait(h, res) != 0) {
+            /* the window is spent: no request that can only 429 */
+            resp->attempts = attempt - 1;
+            return METER_SEND_RETRY;
+        }
+
         meter_http_throttle(h);
 
         resp->attempts = attempt;
         (void) meter_http_perform(h, req, resp);
+
+        h->rl_remaining = resp->rl_remaining;
+        h->rl_reset = resp->rl_reset;
+
+        /* Recurly's 429 has no Retry-After, only X-RateLimit-Reset */
+        if (resp->status == 429 && resp->retry_after < 0
+            && resp->rl_reset > 0)
+        {
+            resp->retry_after = meter_http_reset_delay(resp->rl_reset);
+            h->rl_remaining = -1;   /* the wait below covers it */
+        }
 
         st = meter_http_classify(resp, res);
         if (st != METER_SEND_RETRY) {

@@ -61,6 +61,10 @@ typedef struct {
                                                  * up first */
     double                      tokens;         /* token bucket */
     struct timespec             last;
+    long                        rl_remaining;   /* X-RateLimit-Remaining
+                                                 * of the last answer;
+                                                 * -1 unknown */
+    time_t                      rl_reset;       /* X-RateLimit-Reset */
 } meter_http_t;
 
 
@@ -90,6 +94,10 @@ typedef struct {
                                                  * chargebee-idempotency-
                                                  * replayed */
     int                         attempts;       /* made by the last call */
+    long                        rl_remaining;   /* X-RateLimit-Remaining:
+                                                 * -1 absent (Recurly) */
+    time_t                      rl_reset;       /* X-RateLimit-Reset, Unix
+                                                 * s: -1 absent */
     char                        error[256];     /* transport error */
 } meter_http_resp_t;
 
@@ -131,7 +139,11 @@ void meter_http_cleanup(meter_http_t *h);
 /* a duration "1.5", "500ms", "30s", "5m"; -1 when malformed */
 double meter_http_parse_duration(const char *s);
 
-/* seconds or HTTP-date; -1 when malformed; never negative */
+/* the longest Retry-After taken as given (s) */
+#define METER_HTTP_RETRY_AFTER_MAX  86400.0
+
+/* delay-seconds or HTTP-date (RFC 9110); in [0, METER_HTTP_RETRY_AFTER_MAX],
+ * -1 when malformed */
 double meter_http_parse_retry_after(const char *v, time_t now);
 
 /*

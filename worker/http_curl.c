@@ -9,6 +9,7 @@
 
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <time.h>
@@ -57,6 +58,8 @@ meter_http_header_cb(char *ptr, size_t size, size_t nmemb, void *data)
         resp->retry_after = -1;
         resp->should_retry = -1;
         resp->replayed = 0;
+        resp->rl_remaining = -1;
+        resp->rl_reset = -1;
         return len;
     }
 
@@ -101,6 +104,21 @@ meter_http_header_cb(char *ptr, size_t size, size_t nmemb, void *data)
     {
         resp->replayed = strcasecmp(v, "true") == 0;
 
+    } else if (n == sizeof("X-RateLimit-Remaining") - 1
+               && strncasecmp(ptr, "X-RateLimit-Remaining", n) == 0
+               && v[0] != '\0' && strspn(v, "0123456789") == strlen(v)
+               && strlen(v) < 10)
+    {
+        resp->rl_remaining = strtol(v, NULL, 10);
+
+    } else if (n == sizeof("X-RateLimit-Reset") - 1
+               && strncasecmp(ptr, "X-RateLimit-Reset", n) == 0
+               && v[0] != '\0' && strspn(v, "0123456789") == strlen(v)
+               && strlen(v) < 12)
+    {
+        /* Unix seconds (recurly-client-ruby openapi/api.yaml, "Limits") */
+        resp->rl_reset = (time_t) strtoll(v, NULL, 10);
+
     } else if (n == sizeof("Idempotent-Replayed") - 1
                && strncasecmp(ptr, "Idempotent-Replayed", n) == 0)
     {
@@ -131,6 +149,8 @@ meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
     resp->retry_after = -1;
     resp->should_retry = -1;
     resp->replayed = 0;
+    resp->rl_remaining = -1;
+    resp->rl_reset = -1;
     resp->error[0] = '\0';
 
     /* reset keeps the connection cache: connections stay persistent */

@@ -220,6 +220,71 @@ meter_worker_connect(meter_worker_t *w, char *err, size_t errlen)
 }
 
 
+/*
+ * Lago requires external_subscription_id (getlago/lago-openapi
+ * src/schemas/EventInputObject.yaml): -t names the customers without a
+ * subscription.  Redis unreachable: a warning, the config is still ok.
+ */
+static int
+meter_lago_check(meter_worker_t *w, char *err, size_t errlen)
+{
+    int          n;
+    size_t       i, len;
+    char         e[512];
+    const char  *fmt;
+    redisReply  *ids, *rp;
+
+    fmt = meter_conf_get(w->cf, "http.format");
+
+    if (strcmp(w->cf->provider, "http") != 0 || fmt == NULL
+        || strcmp(fmt, "lago") != 0)
+    {
+        return 0;
+    }
+
+    if (meter_worker_connect(w, e, sizeof(e)) != 0) {
+        meter_log(LOG_WARNING, "Lago customers not checked: %s", e);
+        return 0;
+    }
+
+    ids = meter_redis_cmd(&w->redis, "SMEMBERS mtr:customers");
+    if (!meter_reply_ok(ids) || ids->type != REDIS_REPLY_ARRAY) {
+        freeReplyObject(ids);
+        meter_log(LOG_WARNING, "Lago customers not checked: Redis error");
+        return 0;
+    }
+
+    n = snprintf(err, errlen, "Lago requires external_subscription_id; "
+                 "customers without a subscription (meterctl customers add "
+                 "ID --subscription SUB):");
+    len = n > 0 ? (size_t) n : 0;
+    n = 0;
+
+    for (i = 0; i < ids->elements; i++) {
+        rp = meter_redis_cmd(&w->redis, "HMGET mtr:cust:{%s} provider "
+                             "subscription", ids->element[i]->str);
+
+        if (meter_reply_ok(rp) && rp->type == REDIS_REPLY_ARRAY
+            && rp->elements == 2 && rp->element[0]->type == REDIS_REPLY_STRING
+            && strcmp(rp->element[0]->str, "http") == 0
+            && rp->element[1]->type != REDIS_REPLY_STRING)
+        {
+            n++;
+            if (len < errlen) {
+                len += snprintf(err + len, errlen - len, " %s",
+                                ids->element[i]->str);
+            }
+        }
+
+        freeReplyObject(rp);
+    }
+
+    freeReplyObject(ids);
+
+    return n > 0 ? -1 : 0;
+}
+
+
 static void
 meter_worker_reload(meter_worker_t *w)
 {
@@ -712,8 +777,11 @@ main(int argc, char **argv)
     w.provider_ok = !dry_run;
 
     if (test) {
-        if (meter_webhook_check(w.cf, err, sizeof(err)) != 0) {
+        if (meter_webhook_check(w.cf, err, sizeof(err)) != 0
+            || meter_lago_check(&w, err, sizeof(err)) != 0)
+        {
             meter_log(LOG_ERR, "%s", err);
+            meter_redis_close(&w.redis);
             meter_worker_close(&w);
             meter_conf_free(w.cf);
             curl_global_cleanup();
@@ -722,6 +790,7 @@ main(int argc, char **argv)
 
         printf("%s: configuration is ok (provider %s)\n", path,
                w.cf->provider);
+        meter_redis_close(&w.redis);
         meter_worker_close(&w);
         meter_conf_free(w.cf);
         curl_global_cleanup();

@@ -1469,8 +1469,9 @@ meterctl_key_row(cJSON *arr, const char *indent, const char *kh,
 
     meterctl_time(created, when, sizeof(when));
     meterctl_time(revoked, rev, sizeof(rev));
+    /* no prefix: an imported key (keys add), known by its hash only */
     printf("%s%-64s  %-12s  %-20s  %s\n", indent, kh,
-           prefix ? prefix : "-", when, rev);
+           prefix ? prefix : "(imported)", when, rev);
 }
 
 
@@ -1703,6 +1704,32 @@ meterctl_customers_add(meterctl_opts_t *o, meter_redis_t *r)
         return rc;
     }
 
+    snprintf(key, sizeof(key), "mtr:cust:{%s}", id);
+
+    /* Lago requires external_subscription_id (getlago/lago-openapi
+     * src/schemas/EventInputObject.yaml): no fallback to another id */
+    if (o->subscription == NULL && o->cf != NULL
+        && strcmp(o->cf->provider, "http") == 0
+        && (o->provider == NULL || strcmp(o->provider, "http") == 0)
+        && meter_conf_get(o->cf, "http.format") != NULL
+        && strcmp(meter_conf_get(o->cf, "http.format"), "lago") == 0)
+    {
+        rp = meter_redis_cmd(r, "HEXISTS %s subscription", key);
+        if (!meter_reply_ok(rp)) {
+            return meterctl_redis_failed(r, rp);
+        }
+
+        if (meter_reply_int(rp, 0) == 0) {
+            freeReplyObject(rp);
+            fprintf(stderr, "meterctl customers add: Lago requires a "
+                    "subscription (external_subscription_id): give "
+                    "--subscription ID\n");
+            return EX_USAGE;
+        }
+
+        freeReplyObject(rp);
+    }
+
     snprintf(now, sizeof(now), "%lld", (long long) time(NULL));
 
     argc = 0;
@@ -1891,7 +1918,7 @@ meterctl_keys_list(meterctl_opts_t *o, meter_redis_t *r)
 static int
 meterctl_keys_add(meterctl_opts_t *o, meter_redis_t *r)
 {
-    char         kh[65], prefix[13], line[8192], old[72], err[512];
+    char         kh[65], line[8192], old[72], err[512];
     const char  *key;
     size_t       n;
     int          rc;
@@ -1921,7 +1948,6 @@ meterctl_keys_add(meterctl_opts_t *o, meter_redis_t *r)
         return EX_DATAERR;
     }
 
-    prefix[0] = '\0';
     line[0] = '\0';
 
     if (o->hash != NULL) {
@@ -1946,9 +1972,14 @@ meterctl_keys_add(meterctl_opts_t *o, meter_redis_t *r)
             return EX_DATAERR;
         }
 
+        /*
+         * No prefix of an imported key is stored: next to its unsalted
+         * SHA-256 it shrinks the search (a 16-character key was recovered
+         * from Redis in 21 s).  Only generated keys, 160 random bits after
+         * "mk_live_", get a display prefix.
+         */
         meter_sha256_hex(key, n, kh);
-        snprintf(prefix, sizeof(prefix), "%.12s", key);
-        memset(line, 0, sizeof(line));
+        explicit_bzero(line, sizeof(line));
     }
 
     rc = meterctl_open(o, r);
@@ -1973,15 +2004,16 @@ meterctl_keys_add(meterctl_opts_t *o, meter_redis_t *r)
 
     freeReplyObject(rp);
 
-    if (prefix[0] != '\0') {
-        rp = meter_redis_cmd(r, "HSET mtr:key:{%s} customer %s prefix %s "
-                             "created %lld", kh, o->customer, prefix,
-                             (long long) time(NULL));
-
-    } else {
-        rp = meter_redis_cmd(r, "HSET mtr:key:{%s} customer %s created %lld",
-                             kh, o->customer, (long long) time(NULL));
+    /* a prefix left by an earlier meterctl that stored one goes too */
+    rp = meter_redis_cmd(r, "HDEL mtr:key:{%s} prefix", kh);
+    if (!meter_reply_ok(rp)) {
+        return meterctl_redis_failed(r, rp);
     }
+
+    freeReplyObject(rp);
+
+    rp = meter_redis_cmd(r, "HSET mtr:key:{%s} customer %s created %lld",
+                         kh, o->customer, (long long) time(NULL));
 
     if (!meter_reply_ok(rp)) {
         return meterctl_redis_failed(r, rp);
@@ -2306,8 +2338,8 @@ meterctl_delinquent_run(meterctl_opts_t *o, meter_redis_t *r, int set)
                set ? ")" : "", set ? "get 402" : "are served again");
 
     } else {
-        printf("customer %s: nothing changed (already %s, or a newer "
-               "status is recorded: see \"meterctl customers show %s\")\n",
+        printf("customer %s: nothing changed (already %s: see "
+               "\"meterctl customers show %s\")\n",
                o->args[0], set ? "delinquent" : "active", o->args[0]);
     }
 
@@ -3461,15 +3493,18 @@ static const meterctl_cmd_t  meterctl_cmds[] = {
       "Usage: meterctl keys list CUSTOMER [--json]\n"
       "\n"
       "The customer's keys: hash, display prefix, created, revoked.  The\n"
-      "keys themselves are never stored.\n" },
+      "keys themselves are never stored.  Imported keys (keys add) show\n"
+      "\"(imported)\" for the prefix: none is stored for them.\n" },
 
     { "keys", "add", "Ck", meterctl_keys_add,
       "Usage: meterctl keys add KEY|- --customer ID\n"
       "       meterctl keys add --hash KEY_HASH --customer ID\n"
       "\n"
-      "Maps an existing API key to a customer; stores only its SHA-256 and\n"
-      "its first 12 characters.  \"-\" reads the key from stdin (keeps it out\n"
-      "of the process list and shell history).  Prints the key hash.\n" },
+      "Maps an existing API key to a customer; stores only its SHA-256,\n"
+      "no prefix (next to an unsalted hash, a prefix of a short key gives\n"
+      "it away): name it by its hash in keys revoke/rotate.  \"-\" reads\n"
+      "the key from stdin (keeps it out of the process list and shell\n"
+      "history).  Prints the key hash.\n" },
 
     { "keys", "revoke", "j", meterctl_keys_revoke,
       "Usage: meterctl keys revoke KEY_HASH|PREFIX [--json]\n"

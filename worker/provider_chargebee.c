@@ -33,6 +33,7 @@
 #include "http.h"
 #include "provider.h"
 #include "provider_util.h"
+#include "util.h"
 
 
 typedef struct {
@@ -640,7 +641,7 @@ meter_chargebee_overdue(meter_provider_t *p, meter_overdue_pt cb_fn,
             od.subscription = meter_json_str(item, "invoice",
                                              "subscription_id", (char *) NULL);
             due = meter_json_num(item, "invoice", "due_date", (char *) NULL);
-            od.since = due > 0 ? (time_t) due : 0;
+            od.since = meter_time_from_num(due);
 
             if (cb_fn(data, &od) != 0) {
                 snprintf(res->error, sizeof(res->error),
@@ -727,7 +728,7 @@ meter_chargebee_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         goto end;
     }
 
-    ev->event_time = (time_t) t;
+    ev->event_time = meter_time_from_num(t);
     ev->kind = METER_WEBHOOK_IGNORE;
 
     /* the subscription still owing invoices stays delinquent */

@@ -7,12 +7,24 @@
  * (http.format = lago).  Bearer auth from http.auth_file when set.
  *
  * OpenMeter: a CloudEvent, application/cloudevents+json; id = the record's
- * idempotency key and source = http.source, which OpenMeter dedupes on;
- * answers 204.
+ * idempotency key and source = http.source; answers 204.  OpenMeter dedupes
+ * on (id, source) only when dedupe is enabled, for a TTL (openmeterio/
+ * openmeter app/config/dedupe.go: dedupe.enabled defaults to false;
+ * app/config/sink.go: expiration 24h): http.dedupe_window (default 24h,
+ * "0" = the server does not dedupe).  A
+ * record whose earlier attempt may have reached OpenMeter and is older
+ * than that window is not resent blindly: it is dead-lettered with that
+ * reason for a human to check OpenMeter's own count.
  *
  * Lago: {"event":{"transaction_id",...}}; a resent transaction_id answers
- * 422 with error_details.transaction_id ["value_already_exist"]: the event
- * was accepted before, so that is success.
+ * 422 with error_details.transaction_id ["value_already_exist"] on the
+ * older Postgres pipeline (the event was accepted before: success); the
+ * ClickHouse pipeline answers 200 and overwrites the event of the same
+ * (transaction_id, timestamp), so timestamp stays fixed per record.
+ * external_subscription_id is required (getlago/lago-openapi,
+ * src/schemas/EventInputObject.yaml): without a subscription the event attaches
+ * to nothing, so a customer without one is an error, never a fallback to
+ * its id or key hash.
  *
  * Both carry the hour as its start (RFC 3339 for OpenMeter, Unix seconds
  * for Lago).
@@ -28,6 +40,8 @@
 
 #include "http.h"
 #include "provider.h"
+#include "provider_util.h"
+#include "util.h"
 
 
 typedef enum {
@@ -42,6 +56,7 @@ typedef struct {
     char                        url[512];
     char                        source[128];
     char                        token[512];     /* "" when no auth */
+    time_t                      dedupe_window;  /* OpenMeter's, s */
 } meter_ingest_t;
 
 
@@ -57,6 +72,7 @@ static int
 meter_ingest_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
     size_t errlen)
 {
+    int64_t          ms;
     const char      *v;
     meter_ingest_t  *in;
 
@@ -102,6 +118,18 @@ meter_ingest_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
 
     memcpy(in->source, v, strlen(v) + 1);
 
+    in->dedupe_window = 86400;
+    v = meter_conf_get(cf, "http.dedupe_window");
+    if (v != NULL) {
+        if (meter_parse_duration(v, &ms) != 0) {
+            snprintf(err, errlen, "http.dedupe_window: \"%s\" is not a "
+                     "duration (24h; 0 when the server does not dedupe)", v);
+            return -1;
+        }
+
+        in->dedupe_window = (time_t) (ms / 1000);
+    }
+
     if (meter_conf_get(cf, "http.auth_file") != NULL
         && meter_conf_secret(cf, "http.auth_file", in->token,
                              sizeof(in->token), err, errlen) != 0)
@@ -109,7 +137,17 @@ meter_ingest_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
         return -1;
     }
 
-    return meter_http_init(&in->http, "http", cf, 0, err, errlen);
+    if (meter_http_init(&in->http, "http", cf, 0, err, errlen) != 0) {
+        return -1;
+    }
+
+    /* without dedupe, a timeout or a 5xx may hide a counted event: no
+     * resend inside the call; the drain loop's next attempt dead-letters */
+    if (in->format == METER_INGEST_OPENMETER && in->dedupe_window == 0) {
+        in->http.resend_unknown = 0;
+    }
+
+    return 0;
 }
 
 
@@ -172,8 +210,7 @@ meter_ingest_lago(const meter_record_t *rec)
     ev = cJSON_AddObjectToObject(root, "event");
     props = cJSON_AddObjectToObject(ev, "properties");
 
-    sub = rec->subscription != NULL ? rec->subscription
-          : rec->customer != NULL ? rec->customer : rec->key_hash;
+    sub = rec->subscription;
 
     if (props == NULL
         || cJSON_AddStringToObject(ev, "transaction_id",
@@ -251,6 +288,31 @@ meter_ingest_send(meter_provider_t *p, const meter_record_t *rec,
         snprintf(res->error, sizeof(res->error), "http: quantity %llu too "
                  "large for a JSON number",
                  (unsigned long long) rec->quantity);
+        res->status = METER_SEND_FATAL;
+        return METER_SEND_FATAL;
+    }
+
+    if (in->format == METER_INGEST_LAGO && rec->subscription == NULL) {
+        snprintf(res->error, sizeof(res->error), "lago: customer \"%s\" "
+                 "has no subscription; Lago requires "
+                 "external_subscription_id (meterctl customers add %s "
+                 "--subscription ID, then meterctl retry)",
+                 rec->customer != NULL ? rec->customer : "-",
+                 rec->customer != NULL ? rec->customer : "CUSTOMER");
+        res->status = METER_SEND_FATAL;
+        return METER_SEND_FATAL;
+    }
+
+    if (in->format == METER_INGEST_OPENMETER
+        && meter_past_window(rec, time(NULL), in->dedupe_window))
+    {
+        snprintf(res->error, sizeof(res->error), "openmeter: an earlier "
+                 "send (%llds ago) may have been counted and OpenMeter's "
+                 "dedupe window (%llds, http.dedupe_window) has passed: not "
+                 "resent blindly; check OpenMeter's count for event id %s",
+                 (long long) (time(NULL) - (rec->created > 0 ? rec->created
+                                             : rec->period_end)),
+                 (long long) in->dedupe_window, rec->idempotency_key);
         res->status = METER_SEND_FATAL;
         return METER_SEND_FATAL;
     }

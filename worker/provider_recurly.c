@@ -7,16 +7,33 @@
  * Accept: application/vnd.recurly.v2021-02-25; Basic auth with the API key
  * as user.
  *
- * Recurly has no idempotency header.  The record's idempotency key goes
- * into merchant_tag, and lookup() lists the add-on's usage (following
- * "next" pages) to find it before the drain loop resends a record whose
- * outcome is unknown.  Inside one call only answers that prove the usage
- * was not stored (429, 409) are retried; after a timeout or a 5xx the
- * call returns RETRY and the next attempt starts with lookup().
+ * {add_on_id} is Recurly's add-on ID unless prefixed: our meter.NAME is
+ * the add-on code, so it goes as "code-<code>" (recurly/recurly-client-ruby
+ * openapi/api.yaml, components/parameters/add_on_id: "For code use prefix
+ * `code-`").
+ *
+ * Exactly once: the official client sends an Idempotency-Key on every POST
+ * (lib/recurly/client.rb, set_headers) but the spec does not document it,
+ * so the record's key also goes into merchant_tag, and lookup() lists the
+ * add-on's usage before the drain loop resends a record whose outcome is
+ * unknown.  The list defaults to billing_status=unbilled and descending
+ * order (api.yaml, BillingStatusEnum, usage_sort_dates: records "move
+ * behind the cursor"): a usage stored and invoiced before the retry would
+ * be invisible, so the lookup asks billing_status=all, sort=usage_timestamp,
+ * order=asc, begin_time=the record's usage_timestamp.  Inside one call only
+ * answers that prove the usage was not stored (429, 409) are retried; after
+ * a timeout or a 5xx the call returns RETRY and the next attempt starts
+ * with lookup().
  *
  * usage_timestamp is period_start (when the usage happened);
  * recording_timestamp is period_end (when we had it complete): both fixed
  * for a record, so a resend is byte-identical.
+ *
+ * Rate limits (api.yaml, info "Limits"): sandbox 400 requests/min, all
+ * requests count; production 1,000 GETs/min; a sliding 5-minute window;
+ * 429 carries X-RateLimit-Limit/Remaining/Reset (Unix s), no Retry-After.
+ * http.c waits for X-RateLimit-Reset; the default max_rps (5/s = 300/min)
+ * fits the sandbox with room for meterctl and the delinquency poll.
  */
 
 
@@ -35,6 +52,7 @@
 
 #define METER_RECURLY_ACCEPT  "application/vnd.recurly.v2021-02-25"
 #define METER_RECURLY_PAGES   1000
+#define METER_RECURLY_RPS     5
 
 
 typedef struct {
@@ -140,7 +158,9 @@ meter_recurly_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
         return -1;
     }
 
-    if (meter_http_init(&rc->http, "recurly", cf, 10, err, errlen) != 0) {
+    if (meter_http_init(&rc->http, "recurly", cf, METER_RECURLY_RPS, err,
+                        errlen) != 0)
+    {
         return -1;
     }
 
@@ -165,15 +185,22 @@ meter_recurly_init(meter_provider_t *p, const meter_conf_t *cf, char *err,
 }
 
 
-/* {base}/subscriptions/{sub}/add_ons/{add_on}/usage */
+/* {base}/subscriptions/{sub}/add_ons/code-{add-on code}/usage */
 static int
 meter_recurly_url(meter_recurly_t *rc, const meter_record_t *rec,
     meter_buf_t *url)
 {
+    const char  *code;
+
+    code = rec->provider_meter;
+    if (strncmp(code, "code-", 5) == 0) {
+        code += 5;
+    }
+
     if (meter_buf_printf(url, "%s/subscriptions/", rc->base) != 0
         || meter_url_segment(url, rc->http.curl, rec->subscription) != 0
-        || meter_buf_printf(url, "/add_ons/") != 0
-        || meter_url_segment(url, rc->http.curl, rec->provider_meter) != 0
+        || meter_buf_printf(url, "/add_ons/code-") != 0
+        || meter_url_segment(url, rc->http.curl, code) != 0
         || meter_buf_printf(url, "/usage") != 0)
     {
         return -1;
@@ -183,11 +210,61 @@ meter_recurly_url(meter_recurly_t *rc, const meter_record_t *rec,
 }
 
 
+/*
+ * A list's "next" (api.yaml: "Path to subsequent page of results"; seen as
+ * a full URL too): a path is taken relative to the base URL, a full URL
+ * only on the base URL's origin, so the API key never goes elsewhere.
+ * 0, or -1 with res->error.
+ */
+static int
+meter_recurly_next(meter_recurly_t *rc, const char *next, meter_buf_t *url,
+    meter_send_result_t *res)
+{
+    size_t       n;
+    const char  *origin_end;
+
+    meter_buf_reset(url);
+
+    if (next[0] == '/') {
+        /* the base's origin: "https://v3.recurly.com" of any base */
+        origin_end = strstr(rc->base, "://");
+        origin_end = origin_end != NULL ? strchr(origin_end + 3, '/') : NULL;
+        n = origin_end != NULL ? (size_t) (origin_end - rc->base)
+                               : strlen(rc->base);
+
+        if (meter_buf_printf(url, "%.*s%s", (int) n, rc->base, next) != 0) {
+            snprintf(res->error, sizeof(res->error), "recurly: out of "
+                     "memory");
+            return -1;
+        }
+
+        return 0;
+    }
+
+    n = strlen(rc->base);
+
+    if (strncmp(next, rc->base, n) == 0 && next[n] == '/') {
+        if (meter_buf_printf(url, "%s", next) != 0) {
+            snprintf(res->error, sizeof(res->error), "recurly: out of "
+                     "memory");
+            return -1;
+        }
+
+        return 0;
+    }
+
+    snprintf(res->error, sizeof(res->error), "recurly: list \"next\" is "
+             "neither a path nor a URL on %s", rc->base);
+
+    return -1;
+}
+
+
 static meter_send_e
 meter_recurly_send(meter_provider_t *p, const meter_record_t *rec,
     meter_send_result_t *res)
 {
-    char               *js, ts[32];
+    char               *js, ts[32], idem[160], fresh[24];
     cJSON              *json;
     meter_buf_t         url;
     meter_send_e        rc;
@@ -197,6 +274,7 @@ meter_recurly_send(meter_provider_t *p, const meter_record_t *rec,
 
     rp = p->data;
     js = NULL;
+    fresh[0] = '\0';
 
     memset(&url, 0, sizeof(url));
     memset(&req, 0, sizeof(req));
@@ -247,12 +325,26 @@ meter_recurly_send(meter_provider_t *p, const meter_record_t *rec,
         goto nomem;
     }
 
+    /*
+     * As the official client does (lib/recurly/client.rb, set_headers).
+     * A later attempt comes after lookup() found nothing: a fresh key
+     * then, so that a failure Recurly may have saved under the first one
+     * is not replayed for ever (merchant_tag and the lookup still dedupe).
+     */
+    if (rec->attempts > 1) {
+        meter_fresh_suffix(fresh, sizeof(fresh));
+    }
+
+    snprintf(idem, sizeof(idem), "Idempotency-Key: %s%s",
+             rec->idempotency_key, fresh);
+
     req.method = "POST";
     req.url = url.data;
     req.content_type = "application/json";
     req.accept = METER_RECURLY_ACCEPT;
     req.body = js;
     req.body_len = strlen(js);
+    req.headers[0] = idem;
     req.auth = METER_HTTP_AUTH_BASIC;
     req.secret = rp->api_key;
 
@@ -277,12 +369,18 @@ end:
 }
 
 
-/* 1: a usage with merchant_tag == idempotency key exists; 0: none; -1 */
+/*
+ * 1: a usage with merchant_tag == idempotency key exists; 0: none; -1.
+ * Billed usage counts too (billing_status=all); ascending from the
+ * record's own usage_timestamp, so the search ends at the first later one.
+ */
 static int
 meter_recurly_lookup(meter_provider_t *p, const meter_record_t *rec,
     meter_send_result_t *res)
 {
     int                 found, page;
+    char                ts[32];
+    time_t              t;
     cJSON              *json;
     meter_buf_t         url;
     meter_recurly_t    *rp;
@@ -305,8 +403,13 @@ meter_recurly_lookup(meter_provider_t *p, const meter_record_t *rec,
         goto end;
     }
 
+    meter_rfc3339(rec->period_start, ts, sizeof(ts));
+
     if (meter_recurly_url(rp, rec, &url) != 0
-        || meter_buf_printf(&url, "?limit=200") != 0)
+        || meter_buf_printf(&url, "?limit=200&billing_status=all"
+                            "&sort=usage_timestamp&order=asc&begin_time=")
+           != 0
+        || meter_url_segment(&url, rp->http.curl, ts) != 0)
     {
         goto end;
     }
@@ -344,6 +447,14 @@ meter_recurly_lookup(meter_provider_t *p, const meter_record_t *rec,
                 found = 1;
                 goto end;
             }
+
+            /* sorted ascending: past our usage_timestamp, it is absent */
+            t = meter_rfc3339_parse(meter_json_str(item, "usage_timestamp",
+                                                   (char *) NULL));
+            if (t > rec->period_start) {
+                found = 0;
+                goto end;
+            }
         }
 
         more = cJSON_GetObjectItemCaseSensitive(json, "has_more");
@@ -354,17 +465,13 @@ meter_recurly_lookup(meter_provider_t *p, const meter_record_t *rec,
             goto end;
         }
 
-        if (!cJSON_IsString(next) || next->valuestring[0] != '/') {
+        if (!cJSON_IsString(next)) {
             snprintf(res->error, sizeof(res->error),
-                     "recurly: usage list with has_more but no next path");
+                     "recurly: usage list with has_more but no next");
             goto end;
         }
 
-        /* "next" is a path with its query, relative to the base URL */
-        meter_buf_reset(&url);
-        if (meter_buf_printf(&url, "%s%s", rp->base, next->valuestring)
-            != 0)
-        {
+        if (meter_recurly_next(rp, next->valuestring, &url, res) != 0) {
             goto end;
         }
     }
@@ -587,19 +694,25 @@ end:
 }
 
 
-/* invoices in state past_due, every page ("next") */
+/*
+ * "Owes money": invoices in state past_due (in dunning) or failed (dunning
+ * exhausted, still unpaid); api.yaml InvoiceStateQueryParamEnum: pending,
+ * past_due, paid, failed, one state per request.  Listing only past_due
+ * would clear a customer whose invoice failed.  Every page ("next").
+ */
 static int
 meter_recurly_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
     meter_send_result_t *res)
 {
-    int               page, rc;
-    time_t            due;
-    cJSON            *json;
-    meter_buf_t       url;
-    const char       *sub;
-    const cJSON      *list, *item, *subs, *next;
-    meter_overdue_t   od;
-    meter_recurly_t  *rp;
+    int                 page, rc, st;
+    time_t              due;
+    cJSON              *json;
+    meter_buf_t         url;
+    const char         *sub;
+    const cJSON        *list, *item, *subs, *next;
+    meter_overdue_t     od;
+    meter_recurly_t    *rp;
+    static const char  *states[] = { "past_due", "failed" };
 
     rp = p->data;
     json = NULL;
@@ -608,72 +721,80 @@ meter_recurly_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
     memset(&url, 0, sizeof(url));
     memset(res, 0, sizeof(*res));
 
-    if (meter_buf_printf(&url, "%s/invoices?state=past_due&limit=200",
-                         rp->base) != 0)
-    {
-        snprintf(res->error, sizeof(res->error), "recurly: out of memory");
-        goto end;
-    }
-
-    for (page = 0; page < METER_RECURLY_PAGES * 100; page++) {
-        cJSON_Delete(json);
-        if (meter_recurly_call(rp, url.data, NULL, &json, res)
-            != METER_SEND_OK)
+    for (st = 0; st < 2; st++) {
+        meter_buf_reset(&url);
+        if (meter_buf_printf(&url, "%s/invoices?state=%s&limit=200",
+                             rp->base, states[st]) != 0)
         {
+            snprintf(res->error, sizeof(res->error), "recurly: out of "
+                     "memory");
             goto end;
         }
 
-        list = cJSON_GetObjectItemCaseSensitive(json, "data");
-        if (!cJSON_IsArray(list)) {
-            snprintf(res->error, sizeof(res->error),
-                     "recurly: invoice list without \"data\"");
-            goto end;
-        }
-
-        cJSON_ArrayForEach(item, list) {
-            subs = cJSON_GetObjectItemCaseSensitive(item, "subscription_ids");
-            sub = cJSON_IsArray(subs)
-                  && cJSON_IsString(cJSON_GetArrayItem(subs, 0))
-                  ? cJSON_GetArrayItem(subs, 0)->valuestring : NULL;
-
-            due = meter_rfc3339_parse(meter_json_str(item, "due_at",
-                                                     (char *) NULL));
-
-            od.provider_customer = meter_json_str(item, "account", "code",
-                                                  (char *) NULL);
-            od.subscription = sub;
-            od.since = due > 0 ? due : 0;
-
-            if (cb(data, &od) != 0) {
+        for (page = 0; ; page++) {
+            if (page == METER_RECURLY_PAGES * 100) {
                 snprintf(res->error, sizeof(res->error),
-                         "recurly: the sync stopped");
+                         "recurly: too many pages");
+                goto end;
+            }
+
+            cJSON_Delete(json);
+            if (meter_recurly_call(rp, url.data, NULL, &json, res)
+                != METER_SEND_OK)
+            {
+                goto end;
+            }
+
+            list = cJSON_GetObjectItemCaseSensitive(json, "data");
+            if (!cJSON_IsArray(list)) {
+                snprintf(res->error, sizeof(res->error),
+                         "recurly: invoice list without \"data\"");
+                goto end;
+            }
+
+            cJSON_ArrayForEach(item, list) {
+                subs = cJSON_GetObjectItemCaseSensitive(item,
+                                                        "subscription_ids");
+                sub = cJSON_IsArray(subs)
+                      && cJSON_IsString(cJSON_GetArrayItem(subs, 0))
+                      ? cJSON_GetArrayItem(subs, 0)->valuestring : NULL;
+
+                due = meter_rfc3339_parse(meter_json_str(item, "due_at",
+                                                         (char *) NULL));
+
+                od.provider_customer = meter_json_str(item, "account",
+                                                      "code", (char *) NULL);
+                od.subscription = sub;
+                od.since = due > 0 ? due : 0;
+
+                if (cb(data, &od) != 0) {
+                    snprintf(res->error, sizeof(res->error),
+                             "recurly: the sync stopped");
+                    goto end;
+                }
+            }
+
+            next = cJSON_GetObjectItemCaseSensitive(json, "next");
+
+            if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json,
+                                                               "has_more")))
+            {
+                break;
+            }
+
+            if (!cJSON_IsString(next)) {
+                snprintf(res->error, sizeof(res->error),
+                         "recurly: invoice list with has_more but no next");
+                goto end;
+            }
+
+            if (meter_recurly_next(rp, next->valuestring, &url, res) != 0) {
                 goto end;
             }
         }
-
-        next = cJSON_GetObjectItemCaseSensitive(json, "next");
-
-        if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json, "has_more"))) {
-            rc = 0;
-            goto end;
-        }
-
-        if (!cJSON_IsString(next) || next->valuestring[0] != '/') {
-            snprintf(res->error, sizeof(res->error),
-                     "recurly: invoice list with has_more but no next path");
-            goto end;
-        }
-
-        meter_buf_reset(&url);
-        if (meter_buf_printf(&url, "%s%s", rp->base, next->valuestring)
-            != 0)
-        {
-            snprintf(res->error, sizeof(res->error), "recurly: out of memory");
-            goto end;
-        }
     }
 
-    snprintf(res->error, sizeof(res->error), "recurly: too many pages");
+    rc = 0;
 
 end:
 

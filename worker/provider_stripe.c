@@ -931,25 +931,27 @@ meter_stripe_word_in(const char *list, const char *w)
 }
 
 
-/*
- * Lists url (which has a query) page by page and returns the first object
- * whose metadata[nginx_meter_customer] is customer and whose field
- * "status" is not one of skip: 1 with its id in id, 0 none, -1 error.
- */
+/* one object of a list; 0 go on, 1 stop: found, -1 stop with res filled */
+typedef int (*meter_stripe_item_pt)(meter_stripe_t *st, const cJSON *o,
+    void *data, meter_send_result_t *res);
+
+
+/* every page of a v1 list (url has a query) until an item stops it: what
+ * the item returned, 0 at the end of the list, -1 with res filled */
 static int
-meter_stripe_find(meter_stripe_t *st, const char *url, const char *customer,
-    const char *skip, char *id, size_t size, meter_send_result_t *res)
+meter_stripe_list(meter_stripe_t *st, const char *url,
+    meter_stripe_item_pt item, void *data, meter_send_result_t *res)
 {
-    int           rc, page;
+    int           page, rc, stop;
     char          last[128];
     cJSON        *json;
     meter_buf_t   u;
-    const char   *oid, *meta, *status;
-    const cJSON  *data, *o;
+    const char   *id;
+    const cJSON  *list, *o;
 
     memset(&u, 0, sizeof(u));
-    last[0] = '\0';
     json = NULL;
+    last[0] = '\0';
     rc = -1;
 
     for (page = 0; page < METER_STRIPE_PAGES; page++) {
@@ -971,40 +973,44 @@ meter_stripe_find(meter_stripe_t *st, const char *url, const char *customer,
             goto end;
         }
 
-        data = cJSON_GetObjectItemCaseSensitive(json, "data");
-        if (!cJSON_IsArray(data)) {
+        list = cJSON_GetObjectItemCaseSensitive(json, "data");
+        if (!cJSON_IsArray(list)) {
             snprintf(res->error, sizeof(res->error),
                      "stripe: list without \"data\"");
             res->status = METER_SEND_RETRY;
             goto end;
         }
 
-        oid = NULL;
+        id = NULL;
 
-        cJSON_ArrayForEach(o, data) {
-            oid = meter_json_str(o, "id", (char *) NULL);
-            meta = meter_json_str(o, "metadata", METER_STRIPE_META,
-                                  (char *) NULL);
-            status = meter_json_str(o, "status", (char *) NULL);
+        cJSON_ArrayForEach(o, list) {
+            id = meter_json_str(o, "id", (char *) NULL);
 
-            if (oid != NULL && meta != NULL && strcmp(meta, customer) == 0
-                && (status == NULL || skip == NULL
-                    || !meter_stripe_word_in(skip, status)))
-            {
-                rc = meter_copy(id, size, oid) == 0 ? 1 : -1;
+            stop = item(st, o, data, res);
+            if (stop != 0) {
+                rc = stop;
                 goto end;
             }
         }
 
-        if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json, "has_more"))
-            || oid == NULL || meter_copy(last, sizeof(last), oid) != 0)
+        if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json,
+                                                           "has_more")))
         {
             rc = 0;
             goto end;
         }
+
+        if (id == NULL || meter_copy(last, sizeof(last), id) != 0) {
+            snprintf(res->error, sizeof(res->error),
+                     "stripe: has_more without a last id");
+            res->status = METER_SEND_RETRY;
+            goto end;
+        }
     }
 
-    rc = 0;
+    snprintf(res->error, sizeof(res->error), "stripe: more than %d pages",
+             METER_STRIPE_PAGES);
+    res->status = METER_SEND_RETRY;
 
 end:
 
@@ -1012,6 +1018,67 @@ end:
     meter_buf_free(&u);
 
     return rc;
+}
+
+
+typedef struct {
+    const char                 *customer;
+    const char                 *skip;
+    char                       *id;
+    size_t                      size;
+} meter_stripe_find_t;
+
+
+static int
+meter_stripe_find_item(meter_stripe_t *st, const cJSON *o, void *data,
+    meter_send_result_t *res)
+{
+    meter_stripe_find_t  *f = data;
+
+    const char  *oid, *meta, *status;
+
+    (void) st;
+
+    oid = meter_json_str(o, "id", (char *) NULL);
+    meta = meter_json_str(o, "metadata", METER_STRIPE_META, (char *) NULL);
+    status = meter_json_str(o, "status", (char *) NULL);
+
+    if (oid == NULL || meta == NULL || strcmp(meta, f->customer) != 0
+        || (status != NULL && f->skip != NULL
+            && meter_stripe_word_in(f->skip, status)))
+    {
+        return 0;
+    }
+
+    if (meter_copy(f->id, f->size, oid) != 0) {
+        snprintf(res->error, sizeof(res->error), "stripe: id too long");
+        res->status = METER_SEND_RETRY;
+        return -1;
+    }
+
+    return 1;
+}
+
+
+/*
+ * Lists url (which has a query) page by page and returns the first object
+ * whose metadata[nginx_meter_customer] is customer and whose field
+ * "status" is not one of skip: 1 with its id in id, 0 none, -1 error (a
+ * list longer than it reads is an error, not "none": that would create a
+ * second object).
+ */
+static int
+meter_stripe_find(meter_stripe_t *st, const char *url, const char *customer,
+    const char *skip, char *id, size_t size, meter_send_result_t *res)
+{
+    meter_stripe_find_t  f;
+
+    f.customer = customer;
+    f.skip = skip;
+    f.id = id;
+    f.size = size;
+
+    return meter_stripe_list(st, url, meter_stripe_find_item, &f, res);
 }
 
 
@@ -1611,93 +1678,6 @@ meter_stripe_late(meter_stripe_t *st, const meter_record_t *rec, time_t ts,
 }
 
 
-/* one object of a list; 0 go on, -1 stop with res filled */
-typedef int (*meter_stripe_item_pt)(meter_stripe_t *st, const cJSON *o,
-    void *data, meter_send_result_t *res);
-
-
-/* every page of a v1 list (url has a query); 0, or -1 with res filled */
-static int
-meter_stripe_list(meter_stripe_t *st, const char *url,
-    meter_stripe_item_pt item, void *data, meter_send_result_t *res)
-{
-    int           page, rc;
-    char          last[128];
-    cJSON        *json;
-    meter_buf_t   u;
-    const char   *id;
-    const cJSON  *list, *o;
-
-    memset(&u, 0, sizeof(u));
-    json = NULL;
-    last[0] = '\0';
-    rc = -1;
-
-    for (page = 0; page < METER_STRIPE_PAGES; page++) {
-        meter_buf_reset(&u);
-        if (meter_buf_printf(&u, "%s&limit=100", url) != 0
-            || (last[0] != '\0'
-                && (meter_buf_printf(&u, "&starting_after=") != 0
-                    || meter_url_segment(&u, st->http.curl, last) != 0)))
-        {
-            snprintf(res->error, sizeof(res->error), "stripe: out of memory");
-            res->status = METER_SEND_RETRY;
-            goto end;
-        }
-
-        cJSON_Delete(json);
-        if (meter_stripe_call(st, u.data, NULL, NULL, &json, NULL, res)
-            != METER_SEND_OK)
-        {
-            goto end;
-        }
-
-        list = cJSON_GetObjectItemCaseSensitive(json, "data");
-        if (!cJSON_IsArray(list)) {
-            snprintf(res->error, sizeof(res->error),
-                     "stripe: list without \"data\"");
-            res->status = METER_SEND_RETRY;
-            goto end;
-        }
-
-        id = NULL;
-
-        cJSON_ArrayForEach(o, list) {
-            id = meter_json_str(o, "id", (char *) NULL);
-
-            if (item(st, o, data, res) != 0) {
-                goto end;
-            }
-        }
-
-        if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json,
-                                                           "has_more")))
-        {
-            rc = 0;
-            goto end;
-        }
-
-        if (id == NULL || meter_copy(last, sizeof(last), id) != 0) {
-            snprintf(res->error, sizeof(res->error),
-                     "stripe: has_more without a last id");
-            res->status = METER_SEND_RETRY;
-            goto end;
-        }
-    }
-
-    snprintf(res->error, sizeof(res->error), "stripe: more than %d pages",
-             METER_STRIPE_PAGES);
-    res->status = METER_SEND_RETRY;
-
-end:
-
-    cJSON_Delete(json);
-    meter_buf_free(&u);
-
-    return rc;
-}
-
-
 /* an invoice's subscription: "parent.subscription_details.subscription"
  * since 2025-03-31.basil, "subscription" before */
 static const char *
@@ -2247,7 +2227,7 @@ meter_stripe_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
         goto end;
     }
 
-    ev->event_time = (time_t) created;
+    ev->event_time = meter_time_from_num(created);
     ev->kind = METER_WEBHOOK_IGNORE;
 
     if (strcmp(type, "invoice.payment_failed") == 0

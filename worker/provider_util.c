@@ -408,6 +408,10 @@ meter_past_window(const meter_record_t *rec, time_t now, time_t window)
 {
     time_t  first;
 
+    if (rec->attempts <= 1) {
+        return 0;
+    }
+
     first = (rec->created > 0) ? rec->created : rec->period_end;
 
     return now - first > window;

@@ -99,9 +99,12 @@ void meter_webhook_invalid(meter_webhook_event_t *ev, int status,
     const char *msg);
 
 /*
- * 1 when rec's first send may lie more than window seconds before now (a
- * provider's dedupe window may have forgotten it), else 0.  Without a
- * "created" time, the period's end bounds the first send from below.
+ * 1 when an earlier attempt of rec (attempts > 1) may have been made more
+ * than window seconds before now: a provider whose dedupe forgets ids after
+ * window would count a resend twice, so it must read its own count back or
+ * dead-letter the record; 0 otherwise (first attempt, or inside the
+ * window).  Without a "created" time the period's end bounds the first
+ * send from below.
  */
 int meter_past_window(const meter_record_t *rec, time_t now, time_t window);
 

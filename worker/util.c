@@ -352,6 +352,12 @@ meter_backoff(unsigned attempt, double base, double max, double retry_after,
     /* "equal jitter": spread retries of many records over [d/2, d) */
     d = d * (0.5 + rnd / 2);
 
+    /* a server asking for longer than max (or for anything absurd) would
+     * leave the record unbilled that long: max at most */
+    if (retry_after > max) {
+        retry_after = max;
+    }
+
     if (retry_after > d) {
         d = retry_after;
     }
@@ -642,4 +648,20 @@ meter_str_free(meter_str_t *s)
     s->data = NULL;
     s->len = 0;
     s->cap = 0;
+}
+
+
+time_t
+meter_time_from_num(double v)
+{
+    /* NaN fails every comparison: 0 */
+    if (!(v > 0)) {
+        return 0;
+    }
+
+    if (v >= (double) METER_TIME_MAX) {
+        return METER_TIME_MAX;
+    }
+
+    return (time_t) v;
 }

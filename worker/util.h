@@ -64,10 +64,20 @@ int meter_parse_u64(const char *s, size_t len, uint64_t *v);
 /*
  * Delay before attempt number "attempt" (1 = the first retry):
  * min(max, base * 2^(attempt-1)) scaled by a jitter factor in [0.5, 1.0)
- * drawn from rnd (0 <= rnd < 1), and never below retry_after.
+ * drawn from rnd (0 <= rnd < 1), and never below min(retry_after, max).
  */
 double meter_backoff(unsigned attempt, double base, double max,
     double retry_after, double rnd);
+
+
+/* 9999-12-31T23:59:59Z, the last second RFC 3339 can write */
+#define METER_TIME_MAX      ((time_t) 253402300799LL)
+
+/*
+ * A provider's JSON number as Unix seconds: a cast of a double beyond
+ * time_t is undefined, so 0 for NaN and v <= 0, METER_TIME_MAX at most.
+ */
+time_t meter_time_from_num(double v);
 
 
 /* a string -> pointer hash map (open addressing, keys copied) */

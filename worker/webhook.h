@@ -2,21 +2,26 @@
 /*
  * Copyright (C) nginx-meter authors
  *
- * The webhook listener of meter-worker: a small HTTP/1.1 server in its own
- * thread, with its own Redis connection and its own instance of the
- * configured provider, on "webhook.listen" (host:port or unix:/path),
- * meant to sit behind nginx (proxy_pass).  One poll() loop; one request
- * per connection (answered with Connection: close); Content-Length bodies
- * only, at most 1 MB (413 beyond); the whole request must arrive within
- * "webhook.timeout" (default 10s, 408 otherwise).
+ * Provider webhooks in meter-worker, in two parts:
  *
- * POST /webhooks/<provider>: the provider verifies and parses the delivery
- * (provider->webhook).  A change is answered 2xx only once it is stored:
- * Redis down gives 503 and the provider delivers again.  Deliveries are
- * deduplicated by event id (mtr:wh:<provider>:<event id>, 30 days, set
- * after the change is applied; applying again is harmless because
- * meter_gov_set_status orders changes by event time).  The body and the
- * secrets are never logged.
+ * webhook_http.c, the listener: libmicrohttpd in its own thread, with its
+ * own Redis connection and its own instance of the configured provider,
+ * on "webhook.listen" (host:port or unix:/path), meant to sit behind nginx
+ * (proxy_pass).  One request per connection (Connection: close);
+ * Content-Length bodies only (411 for Transfer-Encoding), at most 1 MB
+ * (exactly 1 MB is served, 413 beyond), request heads up to 16 KB (431
+ * beyond); a connection idle for "webhook.timeout" (default 10s, whole
+ * seconds, rounded up) is closed without an answer.
+ *
+ * webhook.c, the logic: POST /webhooks/<provider>: the provider verifies
+ * and parses the delivery (provider->webhook).  A change is answered 2xx
+ * only once it is stored: Redis down gives 503 and the provider delivers
+ * again.  Deliveries are deduplicated by event id (mtr:wh:<provider>:<event
+ * id>, 30 days, set after the change is applied; applying again is
+ * harmless because meter_gov_set_status orders changes by event time).  An
+ * event time more than METER_WEBHOOK_SKEW_S ahead of the clock is replaced
+ * by the time of receipt, so no signed body can date itself past every
+ * later event.  The body and the secrets are never logged.
  */
 
 
@@ -34,40 +39,19 @@
 
 #define METER_WEBHOOK_MAX_BODY      (1024 * 1024)
 #define METER_WEBHOOK_MAX_HEAD      16384
-#define METER_WEBHOOK_MAX_HEADERS   64
-
-
-typedef struct {
-    char                       *method;
-    char                       *path;           /* without the query */
-    int                         minor;          /* HTTP/1.x */
-    size_t                      head_len;       /* up to the blank line */
-    long long                   content_length; /* -1: none */
-    int                         chunked;
-    int                         nheaders;
-    char                       *names[METER_WEBHOOK_MAX_HEADERS];
-    char                       *values[METER_WEBHOOK_MAX_HEADERS];
-} meter_http_head_t;
+/* a provider's clock may run this far ahead of ours (Stripe's signature
+ * tolerance is 300 s too) */
+#define METER_WEBHOOK_SKEW_S        300
 
 
 /*
- * Parses a request head in buf (in place: it is NUL-split).  Returns the
- * head's length once the blank line is there, 0 when more is needed, -1
- * malformed (400), -2 too large (431).
- */
-long meter_webhook_parse_head(char *buf, size_t len, meter_http_head_t *h);
-
-/* a header value, case-insensitive name; NULL when absent */
-const char *meter_webhook_header(void *head, const char *name);
-
-/*
- * Handles one complete request for provider p: the HTTP status to answer,
- * with a short JSON body in out.  r is the listener's Redis connection
- * (connected by the caller when it could).
+ * Handles one complete request (req->method, path without the query, body,
+ * header lookup, now) for provider p: the HTTP status to answer, with a
+ * short JSON body in out.  r is the listener's Redis connection (connected
+ * by the caller when it could).
  */
 int meter_webhook_handle(meter_provider_t *p, meter_redis_t *r,
-    meter_http_head_t *h, const char *body, size_t len, time_t now,
-    char *out, size_t outlen);
+    const meter_webhook_req_t *req, char *out, size_t outlen);
 
 
 typedef struct meter_webhook_srv_s  meter_webhook_srv_t;

@@ -4,8 +4,7 @@
  *
  * Governance, the request side: the access phase gates a call with the
  * copy of mtr:gov that the refresh (ngx_http_meter_gov_refresh.c) keeps in
- * the governance zone, and remembers each location's meters for the log
- * phase.  Nothing here waits for Redis.
+ * the governance zone.  Nothing here waits for Redis.
  */
 
 
@@ -24,12 +23,11 @@ static ngx_int_t ngx_http_meter_header(ngx_http_request_t *r,
 
 /*
  * The access phase of every location a call passes (nginx skips it for
- * subrequests): it remembers the location's meters for the log phase and
- * gates the call at the first governed location.  A call is gated once:
- * an internal redirect after the decision (error_page of the refusal
- * itself, try_files, rewrite ... last) is not gated again, while a call
- * that reaches a governed location through error_page before any gate
- * ran (an error of the rewrite phase) is gated there.
+ * subrequests): gates the call at the first governed location.  A call
+ * is gated once: an internal redirect after the decision (error_page of
+ * the refusal itself, try_files, rewrite ... last) is not gated again,
+ * while a call that reaches a governed location through error_page
+ * before any gate ran (an error of the rewrite phase) is gated there.
  */
 
 ngx_int_t
@@ -55,28 +53,12 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     gcf = mlcf->gov;
 
     if (gcf == NULL) {
-        if (mlcf->meters == NULL || r != r->main) {
-            return NGX_DECLINED;
-        }
-
-        /* for the log phase, if a redirect ends where nothing meters */
-        rctx = ngx_http_meter_req_ctx_get(r);
-        if (rctx == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        rctx->meters = mlcf->meters;
-
         return NGX_DECLINED;
     }
 
     rctx = ngx_http_meter_req_ctx_get(r);
     if (rctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    if (mlcf->meters != NULL) {
-        rctx->meters = mlcf->meters;
     }
 
     if (rctx->gated) {
@@ -91,7 +73,10 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     if (ctx->key_header.len
         && ngx_http_meter_key_headers(r, &ctx->key_header) > 1)
     {
-        /* nginx 1.22 reads the first, a backend may read the last */
+        /* nginx 1.22 reads the first, a backend may read the last: it is
+         * neither key's call */
+        rctx->unbilled = 1;
+
         return ngx_http_meter_deny(r, sh, NGX_HTTP_BAD_REQUEST,
                                    NGX_HTTP_METER_DENY_UNKNOWN,
                                    "duplicate_key",
@@ -303,6 +288,10 @@ ngx_http_meter_deny(ngx_http_request_t *r, ngx_http_meter_shctx_t *sh,
     ngx_http_core_loc_conf_t  *clcf;
 
     (void) __atomic_fetch_add(&sh->gov_denied[why], 1, __ATOMIC_RELAXED);
+
+    /* reached through "error_page 404 /paid/x;" (no "="), nginx would keep
+     * the 404: the refusal is the answer */
+    r->err_status = 0;
 
     if (status == NGX_HTTP_UNAUTHORIZED) {
         h = ngx_list_push(&r->headers_out.headers);

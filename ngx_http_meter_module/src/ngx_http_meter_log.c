@@ -3,7 +3,8 @@
  * Copyright (C) nginx-meter authors
  *
  * The log phase: counts a call into the shared-memory table of each
- * zone its meters name.  The request path touches shared memory only
+ * zone its meters name, and the rewrite phase that remembers which meters
+ * a call passed.  The request path touches shared memory only
  * (meter_core.c: a lock-free table); Redis is the flush's business.
  */
 
@@ -16,6 +17,36 @@ static void ngx_http_meter_fresh_vars(ngx_http_request_t *r,
 static ngx_int_t ngx_http_meter_count(ngx_http_request_t *r,
     ngx_http_meter_t *m, ngx_http_meter_req_ctx_t *rctx, ngx_uint_t status,
     uint32_t method);
+
+
+/*
+ * The rewrite phase of every location a call passes, before the rewrite
+ * module's script ("rewrite ... last" leaves in it): remembers the
+ * location's meters for the log phase, in case the call ends where
+ * nothing meters.
+ */
+
+ngx_int_t
+ngx_http_meter_rewrite_handler(ngx_http_request_t *r)
+{
+    ngx_http_meter_req_ctx_t   *rctx;
+    ngx_http_meter_loc_conf_t  *mlcf;
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
+
+    if (mlcf->meters == NULL || r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    rctx = ngx_http_meter_req_ctx_get(r);
+    if (rctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rctx->meters = mlcf->meters;
+
+    return NGX_DECLINED;
+}
 
 
 /*
@@ -44,9 +75,13 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
     mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
     meters = mlcf->meters;
 
-    if (meters == NULL) {
-        rctx = ngx_http_meter_req_ctx_find(r);
+    rctx = ngx_http_meter_req_ctx_find(r);
 
+    if (rctx != NULL && rctx->unbilled) {
+        return NGX_OK;
+    }
+
+    if (meters == NULL) {
         if (rctx == NULL || rctx->meters == NULL) {
             return NGX_OK;
         }

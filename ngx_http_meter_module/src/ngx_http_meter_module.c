@@ -245,7 +245,8 @@ ngx_http_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_meter_loc_conf_t  *prev = parent;
     ngx_http_meter_loc_conf_t  *conf = child;
 
-    ngx_uint_t                 server, ret, own;
+    ngx_uint_t                 server, ret, own, i;
+    ngx_http_meter_t          *m;
     ngx_http_conf_ctx_t       *ctx;
     ngx_http_core_srv_conf_t  *cscf;
     ngx_http_core_loc_conf_t  *clcf;
@@ -268,6 +269,21 @@ ngx_http_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ctx = cf->ctx;
     cscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_core_module);
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    /*
+     * nginx runs a subrequest's log phase only with log_subrequest on
+     * (ngx_http_finalize_request()): a meter with subrequests=on turns it
+     * on where it applies (the core module has merged already).
+     */
+    if (conf->meters != NULL) {
+        m = conf->meters->elts;
+
+        for (i = 0; i < conf->meters->nelts; i++) {
+            if (m[i].subrequests) {
+                clcf->log_subrequest = 1;
+            }
+        }
+    }
 
     server = (cscf->ctx->loc_conf == ctx->loc_conf);
     ret = ngx_http_meter_has_return(cf);
@@ -412,7 +428,20 @@ ngx_http_meter_init(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
-    /* gates, and the meters of each location a call passes */
+    /*
+     * The meters of each location a call passes.  Registered after the
+     * rewrite module (a dynamic module's postconfiguration runs later), so
+     * it runs before its script: ngx_http_init_phase_handlers() runs a
+     * phase's handlers last registered first.
+     */
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_REWRITE_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_meter_rewrite_handler;
+
+    /* the gates */
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
     if (h == NULL) {
         return NGX_ERROR;

@@ -208,6 +208,7 @@ typedef struct {
     ngx_http_meter_gov_cust_t   *cust;
     ngx_array_t                 *meters;    /* of a location passed */
     ngx_uint_t                   gated;     /* a gate has decided */
+    ngx_uint_t                   unbilled;  /* refused as no one's call */
 } ngx_http_meter_req_ctx_t;
 
 
@@ -407,6 +408,7 @@ char *ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 
 /* ngx_http_meter_log.c */
+ngx_int_t ngx_http_meter_rewrite_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_meter_log_handler(ngx_http_request_t *r);
 
 /* ngx_http_meter_status.c, _status_json.c, _status_prometheus.c */

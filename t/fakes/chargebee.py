@@ -1,12 +1,25 @@
-"""A fake Chargebee API v2 (the parts nginx-meter uses).
+"""A fake Chargebee API v2 (the parts nginx-meter uses), held to
+chargebee/chargebee-node (types/resources/Usage.d.ts, src/RequestWrapper.ts)
+and PROVIDERS.md.
 
 Usage: POST /api/v2/subscriptions/{id}/usages (form: item_price_id,
 quantity, usage_date, id, note), GET /api/v2/usages (filters id[is],
 subscription_id[is], item_price_id[is]; limit / offset).  Usage ids are
 unique, one usage per (subscription, item price, usage_date), at most 5000
 usages per subscription.  chargebee-idempotency-key: the first answer
-(2xx/4xx) is replayed with chargebee-idempotency-replayed: true while the
-key lives (``expire_idempotency()`` ends the 30-minute window at once).
+(2xx/4xx) is replayed with chargebee-idempotency-replayed: true for 30
+minutes of the fake's clock (``self.now``; ``expire_idempotency()`` ends
+the window at once).
+
+Chargebee stores usage it will never bill with a 200: dated before the
+subscription started, at or after its cancellation, or in a term already
+invoiced (before ``current_term_start``).  The fake stores such usage with
+``billed: False`` (listed in ``unbillable()``), so a test can assert it is
+never hit.  Subscriptions carry started_at, activated_at,
+current_term_start / _end and cancelled_at; ``invoice_term()`` closes the
+current term.  ``next_offset`` is opaque (as Chargebee's, e.g.
+'["1517505980000","230000000011"]'); an offset the fake did not hand out
+is a 400.
 
 Lists: customers, subscriptions (status[is]), invoices (status[in]).
 ``send_webhook`` posts an event with Basic auth.
@@ -15,6 +28,7 @@ Lists: customers, subscriptions (status[is]), invoices (status[in]).
 import base64
 import itertools
 import json
+import random
 import time
 import urllib.request
 
@@ -23,6 +37,8 @@ from .base import FakeServer, Response
 
 MAX_USAGES = 5000
 ACTIVE = ("active", "non_renewing", "in_trial")
+IDEMPOTENCY_WINDOW = 30 * 60
+TERM = 30 * 86400
 
 
 def send_webhook(url, event_type, content, user, password, event_id=None,
@@ -67,8 +83,9 @@ class FakeChargebee(FakeServer):
         self.customers = []
         self.invoices = []
         self.usages = []            # accepted
-        self.idem = {}              # key -> Response
+        self.idem = {}              # key -> (time, Response)
         self.now = time.time
+        self.offsets = {}           # opaque next_offset -> index
         self._ids = itertools.count(1)
 
     def error(self, status, kind, message, code=None, param=None, **extra):
@@ -109,25 +126,51 @@ class FakeChargebee(FakeServer):
                     return self.error(400, "invalid_request",
                                       "idempotency key too long")
                 with self.lock:
-                    saved = self.idem.get(key)
+                    saved = self._saved(key)
                 if saved is not None:
                     return Response(saved.status, saved.body, dict(
                         saved.headers,
                         **{"chargebee-idempotency-replayed": "true"}))
         return None
 
+    def _saved(self, key):
+        t = self.idem.get(key)
+        if t is None or self.now() - t[0] >= IDEMPOTENCY_WINDOW:
+            self.idem.pop(key, None)
+            return None
+        return t[1]
+
     def _route(self, req):
         resp = super()._route(req)
         key = req.headers.get("chargebee-idempotency-key")
         if req.method == "POST" and key is not None and resp.status < 500 \
-                and resp.status != 429:
-            self.idem.setdefault(key, resp)
+                and resp.status != 429 and self._saved(key) is None:
+            self.idem[key] = (self.now(), resp)
         return resp
 
     def expire_idempotency(self):
         """The 30-minute window passed: keys are forgotten."""
         with self.lock:
             self.idem.clear()
+
+    def unbillable(self):
+        """Usage Chargebee would store with a 200 and never invoice."""
+        with self.lock:
+            return [u for u in self.usages if not u["billed"]]
+
+    def invoice_term(self, sid, at=None):
+        """The current term is invoiced at ``at`` (default now): usage dated
+        before it is never billed any more."""
+        with self.lock:
+            s = self.subscriptions[sid]
+            s["current_term_start"] = int(self.now() if at is None else at)
+            s["current_term_end"] = s["current_term_start"] + TERM
+
+    def cancel(self, sid, at=None):
+        with self.lock:
+            s = self.subscriptions[sid]
+            s["status"] = "cancelled"
+            s["cancelled_at"] = int(self.now() if at is None else at)
 
     # setup
 
@@ -139,9 +182,14 @@ class FakeChargebee(FakeServer):
         return c
 
     def add_subscription(self, sid=None, customer_id=None, status="active",
-                         item_prices=None, **fields):
+                         item_prices=None, started_at=None, **fields):
+        now = int(self.now())
+        started = now - 40 * 86400 if started_at is None else int(started_at)
+        term = max(started, now - 10 * 86400)
         s = {"id": sid or "sub_%d" % next(self._ids), "object": "subscription",
              "customer_id": customer_id, "status": status,
+             "started_at": started, "activated_at": started,
+             "current_term_start": term, "current_term_end": term + TERM,
              "due_invoices_count": 0, "total_dues": 0,
              "subscription_items": [{"item_price_id": p, "item_type": "addon"}
                                     for p in (item_prices or [])]}
@@ -265,20 +313,46 @@ class FakeChargebee(FakeServer):
         u = {"id": uid, "object": "usage", "subscription_id": sid,
              "item_price_id": item, "quantity": q, "usage_date": d,
              "source": "api", "note": f.get("note"),
-             "created_at": int(self.now()), "updated_at": int(self.now())}
+             "created_at": int(self.now()), "updated_at": int(self.now()),
+             "billed": self._billable(sub, d)}
         self.usages.append(u)
         return Response(200, {"usage": u})
+
+    @staticmethod
+    def _billable(sub, d):
+        """Whether Chargebee would ever invoice usage dated d."""
+        start = sub.get("activated_at") or sub.get("started_at")
+        if start is not None and d < start:
+            return False
+        if sub.get("cancelled_at") is not None and d >= sub["cancelled_at"]:
+            return False
+        if sub.get("current_term_start") is not None \
+                and d < sub["current_term_start"]:
+            return False            # a term already invoiced
+        return True
 
     def _list(self, req, items, wrap):
         try:
             limit = max(1, min(100, int(req.q("limit", "10"))))
-            offset = int(req.q("offset", "0"))
         except ValueError:
-            return self.error(400, "invalid_request", "invalid limit/offset")
+            return self.error(400, "invalid_request", "invalid limit")
+        off = req.q("offset")
+        if off is None:
+            offset = 0
+        elif off in self.offsets:
+            offset = self.offsets[off]
+        else:
+            return self.error(400, "invalid_request",
+                              "offset : invalid value", param="offset",
+                              code="param_wrong_value")
         page = items[offset:offset + limit]
         body = {"list": [{wrap: o} for o in page]}
         if offset + limit < len(items):
-            body["next_offset"] = str(offset + limit)
+            tok = json.dumps([str(int(self.now() * 1000)),
+                              str(random.randrange(10 ** 11, 10 ** 12))],
+                             separators=(",", ":"))
+            self.offsets[tok] = offset + limit
+            body["next_offset"] = tok
         return Response(200, body)
 
     def list_usages(self, req):

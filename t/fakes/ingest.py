@@ -1,29 +1,42 @@
 """Fake generic ingest endpoints: OpenMeter and Lago.
 
-OpenMeter: POST /api/v1/events, application/cloudevents+json (one event) or
-application/cloudevents-batch+json (array); dedupe by (id, source); 204;
-errors as application/problem+json; Bearer auth.
+OpenMeter (openmeterio/openmeter api/openapi.yaml, ingestEvents): POST
+/api/v1/events, application/cloudevents+json (one event) or
+application/cloudevents-batch+json (array); 204; errors as
+application/problem+json; Bearer auth.  Dedupe by (id, source) only when
+enabled (``dedupe_ttl=None``: off, as self-hosted by default; seconds: the
+TTL, 24 h when on) on the fake's clock ``self.now``.
 
-Lago: POST /api/v1/events {"event":{...}} and /api/v1/events/batch
-{"events":[...]} (<= 100); a resent transaction_id answers 422
+Lago (getlago/lago-openapi src/schemas/EventInputObject.yaml): POST
+/api/v1/events {"event":{...}} and /api/v1/events/batch {"events":[...]}
+(<= 100); transaction_id, external_subscription_id and code required.
+``pipeline="postgres"``: a resent transaction_id answers 422
 {"code":"validation_errors","error_details":{"transaction_id":
-["value_already_exist"]}} (a batch with one is rejected whole, as Lago
-does); Bearer auth.
+["value_already_exist"]}} (a batch with one is rejected whole);
+``pipeline="clickhouse"``: the same (transaction_id, timestamp) answers 200
+and overwrites the stored event, another timestamp is a new event.
+Bearer auth.
 """
 
+import time
+
 from .base import FakeServer, Response
+
+DAY = 86400
 
 
 class FakeOpenMeter(FakeServer):
 
     routes = [("POST", r"/api/v1/events", "ingest")]
 
-    def __init__(self, token="om_fake", **kw):
+    def __init__(self, token="om_fake", dedupe_ttl=DAY, **kw):
         super().__init__(**kw)
         self.token = token
         self.events = []
-        self.seen = set()
+        self.seen = {}              # (id, source) -> time first seen
         self.duplicates = 0
+        self.dedupe_ttl = dedupe_ttl
+        self.now = time.time
 
     def error(self, status, kind, message, **extra):
         return Response(status, {"type": "about:blank", "title": kind,
@@ -55,10 +68,12 @@ class FakeOpenMeter(FakeServer):
                                       "%s: required" % f)
         for ev in events:
             k = (ev["id"], ev["source"])
-            if k in self.seen:
+            t = self.seen.get(k)
+            if self.dedupe_ttl is not None and t is not None \
+                    and self.now() - t < self.dedupe_ttl:
                 self.duplicates += 1
                 continue
-            self.seen.add(k)
+            self.seen[k] = self.now()
             self.events.append(ev)
         return Response(204)
 
@@ -73,11 +88,13 @@ class FakeLago(FakeServer):
     routes = [("POST", r"/api/v1/events", "ingest"),
               ("POST", r"/api/v1/events/batch", "batch")]
 
-    def __init__(self, token="lago_fake", **kw):
+    def __init__(self, token="lago_fake", pipeline="postgres", **kw):
         super().__init__(**kw)
         self.token = token
         self.events = []
         self.ids = set()
+        self.pipeline = pipeline
+        self.overwrites = 0
 
     def error(self, status, kind, message, **extra):
         body = {"status": status, "error": kind}
@@ -102,19 +119,24 @@ class FakeLago(FakeServer):
         if not isinstance(ev, dict):
             return {"event": ["invalid"]}
         missing = {f: ["value_is_mandatory"]
-                   for f in ("transaction_id", "code")
+                   for f in ("transaction_id", "code",
+                             "external_subscription_id")
                    if not isinstance(ev.get(f), str) or not ev[f]}
-        if not ev.get("external_subscription_id") \
-                and not ev.get("external_customer_id"):
-            missing["external_subscription_id"] = ["value_is_mandatory"]
         if missing:
             return missing
-        if ev["transaction_id"] in self.ids:
+        if self.pipeline == "postgres" and ev["transaction_id"] in self.ids:
             return {"transaction_id": ["value_already_exist"]}
         return None
 
     def _accept(self, ev):
         self.ids.add(ev["transaction_id"])
+        for i, old in enumerate(self.events):
+            if self.pipeline == "clickhouse" \
+                    and old["transaction_id"] == ev["transaction_id"] \
+                    and old.get("timestamp") == ev.get("timestamp"):
+                self.overwrites += 1
+                self.events[i] = dict(ev, lago_id=old["lago_id"])
+                return self.events[i]
         e = dict(ev, lago_id="%08d" % len(self.events))
         self.events.append(e)
         return e

@@ -1,21 +1,46 @@
-"""A fake Recurly v3 API (the parts nginx-meter uses).
+"""A fake Recurly v3 API (the parts nginx-meter uses), held to
+recurly/recurly-client-ruby ``openapi/api.yaml`` (v2021-02-25).
 
-Usage: POST /subscriptions/{id}/add_ons/{add_on}/usage (JSON amount,
-merchant_tag, usage_timestamp, recording_timestamp) -> 201, and GET of the
-same path, a list {"object":"list","has_more","next","data"} with ``next``
-a path (cursor).  Recurly has no idempotency: every POST adds a usage.
-Ids plain or prefixed (``uuid-``, ``code-``).  Accept must name
-application/vnd.recurly.v2021-02-25 (406 invalid_api_version otherwise);
-Basic auth with the API key as user.
+Ids: a plain path id is Recurly's ID (``e28zov4fw0v2``-like); a code needs
+the prefix ``code-`` (components/parameters/add_on_id, account_id), a
+subscription UUID ``uuid-``.  A bare add-on code is a 404.
 
-Lists: accounts, subscriptions (state), invoices (state).
+Usage: POST /subscriptions/{id}/add_ons/{add_on_id}/usage (JSON amount,
+merchant_tag, usage_timestamp, recording_timestamp) -> 201.  GET of the
+same path lists usage with ``billing_status`` (BillingStatusEnum: default
+``unbilled``; ``billed``, ``all``), ``sort`` (usage_timestamp,
+recorded_timestamp), ``order`` (default ``desc``), ``begin_time`` /
+``end_time`` (inclusive, on the sort field); ``invoice_usage()`` bills what
+is unbilled, as an invoice would.  Lists are {"object":"list","has_more",
+"next","data"} with ``next`` a full URL (``next_style="path"``: a path).
+
+No documented idempotency: every POST adds a usage.  The official client
+sends Idempotency-Key (lib/recurly/client.rb); ``idempotency_window=S``
+makes the fake replay a key's first answer for S seconds of its clock
+(``self.now``), default None: ignored.
+
+Rate limit (info "Limits"): ``rate_limit`` requests in a sliding
+``rate_window`` (300 s); sandbox counts every request, production
+(``production=True``) only GETs.  Every answer carries X-RateLimit-Limit,
+-Remaining and -Reset (Unix s, when the oldest counted request leaves the
+window); a 429 has no Retry-After.
+
+Accept must name application/vnd.recurly.v2021-02-25 (406
+invalid_api_version otherwise); Basic auth with the API key as user.
+Errors: {"error":{"type","message","params"}} (components/schemas/Error).
+Invoices: state filter InvoiceStateQueryParamEnum (pending, past_due,
+paid, failed).
 """
 
+import collections
 import datetime
 import hashlib
 import hmac
 import itertools
 import json
+import math
+import random
+import string
 import time
 import urllib.parse
 import urllib.request
@@ -24,6 +49,7 @@ from .base import FakeServer, Response
 
 
 ACCEPT = "application/vnd.recurly.v2021-02-25"
+INVOICE_STATES = ("pending", "past_due", "paid", "failed")
 
 
 def sign(payload, key, t_ms=None):
@@ -71,6 +97,11 @@ def parse_time(s):
         return None
 
 
+def recurly_id():
+    return "".join(random.choice(string.ascii_lowercase + string.digits)
+                   for _ in range(12))
+
+
 class FakeRecurly(FakeServer):
 
     routes = [
@@ -87,27 +118,85 @@ class FakeRecurly(FakeServer):
         ("GET", r"/invoices", "list_invoices"),
     ]
 
-    def __init__(self, api_key="rk_fake", **kw):
+    def __init__(self, api_key="rk_fake", next_style="url", rate_limit=2000,
+                 rate_window=300, production=False, idempotency_window=None,
+                 **kw):
         super().__init__(**kw)
         self.api_key = api_key
-        self.subscriptions = {}     # id -> {"id","uuid","add_ons":[codes]}
+        self.subscriptions = {}     # id -> subscription
         self.accounts = []
         self.invoices = []
         self.usages = []
+        self.next_style = next_style
+        self.rate_limit = rate_limit
+        self.rate_window = rate_window
+        self.production = production
+        self.counted = collections.deque()      # times of counted requests
+        self.limited = 0                        # 429s answered
+        self.idempotency_window = idempotency_window
+        self.idem = {}              # key -> (time, Response)
+        self.now = time.time
+        self.max_limit = 200        # page size cap (Recurly: 200)
         self._ids = itertools.count(1)
 
     def error(self, status, kind, message, **extra):
         kind = {"api_error": "internal_server_error",
                 "rate_limit": "rate_limited",
                 "invalid_request": "validation"}.get(kind, kind)
-        h = {}
-        if status == 429:
-            h = {"X-RateLimit-Limit": "2000", "X-RateLimit-Remaining": "0",
-                 "X-RateLimit-Reset": str(int(time.time()) + 60)}
         err = {"type": kind, "message": message}
         if extra.get("params"):
             err["params"] = extra["params"]
-        return Response(status, {"error": err}, h)
+        return Response(status, {"error": err})
+
+    # rate limit: a sliding window, headers on every answer
+
+    def _rate_headers(self, now):
+        while self.counted and self.counted[0] <= now - self.rate_window:
+            self.counted.popleft()
+        reset = (self.counted[0] + self.rate_window) if self.counted \
+            else now + self.rate_window
+        return {"X-RateLimit-Limit": str(self.rate_limit),
+                "X-RateLimit-Remaining":
+                    str(max(0, self.rate_limit - len(self.counted))),
+                "X-RateLimit-Reset": str(int(math.ceil(reset)))}
+
+    def _handle(self, req):
+        counts = not self.production or req.method == "GET"
+        with self.lock:
+            now = self.now()
+            self._rate_headers(now)
+            if counts and len(self.counted) >= self.rate_limit:
+                self.requests.append(req)
+                self.limited += 1
+                resp = self.error(429, "rate_limited",
+                                  "You have made too many API requests in "
+                                  "the last 5 minutes. Please retry later.")
+                resp.headers.update(self._rate_headers(now))
+                return resp
+            if counts:
+                self.counted.append(now)
+        resp = super()._handle(req)
+        if resp is not None:
+            with self.lock:
+                for k, v in self._rate_headers(self.now()).items():
+                    resp.headers.setdefault(k, v)
+        return resp
+
+    def _scripted(self, req, a):
+        resp = super()._scripted(req, a)
+        if a.status == 429:
+            # Recurly's 429 names the reset, never Retry-After
+            resp.headers.pop("Retry-After", None)
+        return resp
+
+    def rate_limit_next(self, n=1, reset_in=2, match=None):
+        """The next n requests answer 429 with X-RateLimit-Remaining: 0 and
+        a Reset reset_in seconds ahead (no Retry-After, as Recurly)."""
+        self.fail_next(n, 429, headers={
+            "X-RateLimit-Limit": str(self.rate_limit),
+            "X-RateLimit-Remaining": "0",
+            "X-RateLimit-Reset": str(int(self.now()) + reset_in)},
+            match=match)
 
     def check_auth(self, req):
         ba = req.basic_auth()
@@ -130,23 +219,41 @@ class FakeRecurly(FakeServer):
                                   "Content-Type must be application/json")
             if req.json is None:
                 return self.error(400, "bad_request", "Invalid JSON body")
+            key = req.headers.get("Idempotency-Key")
+            if key is not None and self.idempotency_window is not None:
+                with self.lock:
+                    saved = self.idem.get(key)
+                    if saved and self.now() - saved[0] \
+                            < self.idempotency_window:
+                        return saved[1]
         return None
+
+    def _route(self, req):
+        resp = super()._route(req)
+        key = req.headers.get("Idempotency-Key")
+        if req.method == "POST" and key is not None \
+                and self.idempotency_window is not None:
+            old = self.idem.get(key)
+            if old is None or self.now() - old[0] >= self.idempotency_window:
+                self.idem[key] = (self.now(), resp)
+        return resp
 
     # setup
 
     def add_subscription(self, sid=None, add_ons=("api_calls",),
                          state="active", account=None, plan=None,
                          currency="USD"):
-        s = {"id": sid or "sub%d" % next(self._ids), "object": "subscription",
-             "uuid": "%032x" % next(self._ids), "state": state,
-             "account": {"code": account}, "add_ons": list(add_ons),
+        s = {"id": sid or recurly_id(), "object": "subscription",
+             "uuid": "%032x" % random.getrandbits(128), "state": state,
+             "account": {"code": account},
+             "add_ons": [{"id": recurly_id(), "code": c} for c in add_ons],
              "plan": {"code": plan}, "currency": currency}
         with self.lock:
             self.subscriptions[s["id"]] = s
         return s
 
     def add_account(self, code, **fields):
-        a = {"id": "acct%d" % next(self._ids), "object": "account",
+        a = {"id": recurly_id(), "object": "account",
              "code": code, "state": "active"}
         a.update(fields)
         with self.lock:
@@ -155,10 +262,10 @@ class FakeRecurly(FakeServer):
 
     def add_invoice(self, account, state="past_due", total=10.0,
                     subscription=None):
-        inv = {"id": "inv%d" % next(self._ids), "object": "invoice",
+        inv = {"id": recurly_id(), "object": "invoice",
                "account": {"code": account}, "state": state, "total": total,
                "subscription_ids": [subscription] if subscription else [],
-               "due_at": iso(time.time())}
+               "due_at": iso(self.now())}
         with self.lock:
             self.invoices.append(inv)
         return inv
@@ -170,8 +277,11 @@ class FakeRecurly(FakeServer):
         return None
 
     def _addon(self, sub, aid):
-        code = aid[5:] if aid.startswith("code-") else aid
-        return code if code in sub["add_ons"] else None
+        """The add-on's code for a path id: Recurly's ID, or code-CODE."""
+        for a in sub["add_ons"]:
+            if aid in (a["id"], "code-" + a["code"]):
+                return a["code"]
+        return None
 
     def set_invoice_state(self, inv_id, state):
         with self.lock:
@@ -180,6 +290,17 @@ class FakeRecurly(FakeServer):
                     i["state"] = state
                     return i
         raise KeyError(inv_id)
+
+    def invoice_usage(self, subscription):
+        """Bills the subscription's unbilled usage (an invoice closed)."""
+        with self.lock:
+            n = 0
+            for u in self.usages:
+                if u["subscription_id"] == subscription \
+                        and u["billed_at"] is None:
+                    u["billed_at"] = iso(self.now())
+                    n += 1
+            return n
 
     # onboarding
 
@@ -265,20 +386,24 @@ class FakeRecurly(FakeServer):
         tag = b.get("merchant_tag")
         if tag is not None and (not isinstance(tag, str) or len(tag) > 255):
             return self.error(422, "validation", "Merchant tag is invalid")
-        now = datetime.datetime.now(datetime.timezone.utc).strftime(
-            "%Y-%m-%dT%H:%M:%SZ")
-        u = {"id": "u%08d" % next(self._ids), "object": "usage",
+        now = iso(self.now())
+        u = {"id": recurly_id(), "object": "usage",
              "subscription_id": sub["id"], "add_on_code": code,
              "amount": amount, "merchant_tag": tag,
              "usage_timestamp": b.get("usage_timestamp"),
              "recording_timestamp": b.get("recording_timestamp") or now,
-             "usage_type": "price", "created_at": now, "updated_at": now}
+             "usage_type": "price", "billed_at": None,
+             "created_at": now, "updated_at": now}
         self.usages.append(u)
         return Response(201, u)
 
+    def _next(self, req, q):
+        path = "%s?%s" % (req.path, urllib.parse.urlencode(q))
+        return self.url + path if self.next_style == "url" else path
+
     def _page(self, req, items):
         try:
-            limit = max(1, min(200, int(req.q("limit", "20"))))
+            limit = max(1, min(self.max_limit, int(req.q("limit", "20"))))
             cursor = int(req.q("cursor", "0"))
         except ValueError:
             return self.error(400, "bad_request", "invalid limit or cursor")
@@ -290,8 +415,7 @@ class FakeRecurly(FakeServer):
         q += [("cursor", str(cursor + limit)), ("limit", str(limit))]
         return Response(200, {
             "object": "list", "has_more": more, "data": page,
-            "next": "%s?%s" % (req.path, urllib.parse.urlencode(q))
-            if more else None})
+            "next": self._next(req, q) if more else None})
 
     def list_usage(self, req, sid, aid):
         sub = self._sub(sid)
@@ -302,9 +426,32 @@ class FakeRecurly(FakeServer):
         if code is None:
             return self.error(404, "not_found",
                               "Couldn't find AddOn with id = %s" % aid)
-        return self._page(req, [u for u in self.usages
-                                if u["subscription_id"] == sub["id"]
-                                and u["add_on_code"] == code])
+        status = req.q("billing_status", "unbilled")
+        sort = req.q("sort", "usage_timestamp")
+        order = req.q("order", "desc")
+        if status not in ("unbilled", "billed", "all") \
+                or sort not in ("usage_timestamp", "recorded_timestamp") \
+                or order not in ("asc", "desc"):
+            return self.error(400, "bad_request", "Invalid billing_status, "
+                              "sort or order")
+        field = "usage_timestamp" if sort == "usage_timestamp" \
+            else "recording_timestamp"
+        items = [u for u in self.usages if u["subscription_id"] == sub["id"]
+                 and u["add_on_code"] == code
+                 and (status == "all"
+                      or (u["billed_at"] is None) == (status == "unbilled"))]
+        for name, keep in (("begin_time", lambda t, b: t >= b),
+                           ("end_time", lambda t, b: t <= b)):
+            if req.q(name) is not None:
+                bound = parse_time(req.q(name))
+                if bound is None:
+                    return self.error(400, "bad_request",
+                                      "Invalid %s" % name)
+                items = [u for u in items
+                         if keep(parse_time(u[field]), bound)]
+        items.sort(key=lambda u: (parse_time(u[field]), u["created_at"]),
+                   reverse=(order == "desc"))
+        return self._page(req, items)
 
     def list_accounts(self, req):
         return self._page(req, self.accounts)
@@ -322,8 +469,12 @@ class FakeRecurly(FakeServer):
 
     def list_invoices(self, req):
         items = self.invoices
-        if req.q("state"):
-            items = [i for i in items if i["state"] == req.q("state")]
+        st = req.q("state")
+        if st is not None:
+            if st not in INVOICE_STATES:
+                return self.error(400, "bad_request",
+                                  "Invalid state: %s" % st)
+            items = [i for i in items if i["state"] == st]
         return self._page(req, items)
 
     # totals (tests)

@@ -145,7 +145,8 @@ SHAPES = {
           " status=200; %s }\n"
           "            location /off/inh { %s }\n"
           "        }\n" % (P, P, P), "",
-        [Probe(1, "/own", None, ["lcalls"]), Probe(1, "/inh", None, ["scalls"]),
+        [Probe(1, "/own", None, ["lcalls"]),
+         Probe(1, "/inh", None, ["scalls"]),
          Probe(1, "/off", None, []), Probe(1, "/off/on", None, ["lcalls"]),
          Probe(1, "/off/inh", None, [])]),
     "meter_off_server": (

@@ -394,6 +394,34 @@ def test_chargebee_idempotency(chargebee):
     assert chargebee.total("sub_A", "calls-USD-Monthly") == 6
 
 
+def test_chargebee_unbillable_usage_flagged(chargebee):
+    """Chargebee answers 200 and never bills usage dated before the start,
+    after the cancellation or in an invoiced term: the fake flags it."""
+    sub = chargebee.subscriptions["sub_A"]
+    start, term = sub["started_at"], sub["current_term_start"]
+    assert usage(chargebee, "early", 1, start - 60)[0] == 200
+    assert usage(chargebee, "old_term", 1, term - 60)[0] == 200
+    assert usage(chargebee, "ok", 1, term + 60)[0] == 200
+    chargebee.cancel("sub_A", at=term + 3600)
+    assert usage(chargebee, "late", 1, term + 7200)[0] == 200
+    assert sorted(u["id"] for u in chargebee.unbillable()) == [
+        "early", "late", "old_term"]
+    # once the term is invoiced, usage dated in it is not billed any more
+    chargebee.invoice_term("sub_A", at=term + 120)
+    assert usage(chargebee, "in_closed", 1, term + 100)[0] == 200
+    assert "in_closed" in [u["id"] for u in chargebee.unbillable()]
+    # idempotency keys live 30 minutes of the fake's clock
+    clock = [time.time()]
+    chargebee.now = lambda: clock[0]
+    s1, h1, _ = usage(chargebee, "k1", 1, term + 61, key="idem-k1")
+    s2, h2, _ = usage(chargebee, "k1", 1, term + 61, key="idem-k1")
+    assert h2.get("chargebee-idempotency-replayed") == "true"
+    clock[0] += 1800
+    s3, h3, b3 = usage(chargebee, "k1", 1, term + 61, key="idem-k1")
+    assert h3.get("chargebee-idempotency-replayed") is None
+    assert s3 == 400 and b3["api_error_code"] == "duplicate_entry"
+
+
 def test_chargebee_lists(chargebee):
     h = {"Authorization": basic("cb_key")}
     for i in range(3):
@@ -402,7 +430,15 @@ def test_chargebee_lists(chargebee):
                    "subscription_id%5Bis%5D=sub_A", headers=h)
     assert [u["usage"]["id"] for u in b["list"]] == ["u1"]
     s, _, b = call(chargebee.url + "/api/v2/usages?limit=2", headers=h)
-    assert len(b["list"]) == 2 and b["next_offset"] == "2"
+    # next_offset is opaque (Usage.d.ts ListResponse: next_offset?: string)
+    tok = b["next_offset"]
+    assert len(b["list"]) == 2 and not tok.isdigit()
+    s, _, b = call(chargebee.url + "/api/v2/usages?limit=2&offset="
+                   + urllib.parse.quote(tok), headers=h)
+    assert [u["usage"]["id"] for u in b["list"]] == ["u2"]
+    assert "next_offset" not in b
+    s, _, b = call(chargebee.url + "/api/v2/usages?offset=2", headers=h)
+    assert s == 400 and b["api_error_code"] == "param_wrong_value"
     chargebee.add_invoice("cust_A", "sub_A", status="payment_due")
     chargebee.add_invoice("cust_A", "sub_A", status="paid")
     q = urllib.parse.quote('["payment_due","not_paid"]')
@@ -420,15 +456,33 @@ def recurly():
         yield f
 
 
-def rusage(rc, amount, tag, accept=ACCEPT, auth=None, addon="api_calls",
-           sub="sub1"):
+def rusage(rc, amount, tag, accept=ACCEPT, auth=None, addon="code-api_calls",
+           sub="sub1", ts="2026-11-24T10:00:00Z", key=None):
     body = json.dumps({"amount": amount, "merchant_tag": tag,
-                       "usage_timestamp": "2026-11-24T10:00:00Z",
+                       "usage_timestamp": ts,
                        "recording_timestamp": "2026-11-24T11:00:00Z"})
+    h = {"Authorization": auth or basic("rk_1"), "Accept": accept,
+         "Content-Type": "application/json"}
+    if key is not None:
+        h["Idempotency-Key"] = key
     return call(rc.url + "/subscriptions/%s/add_ons/%s/usage" % (sub, addon),
-                "POST", body.encode(),
-                {"Authorization": auth or basic("rk_1"), "Accept": accept,
-                 "Content-Type": "application/json"})
+                "POST", body.encode(), h)
+
+
+def rlist(rc, query, addon="code-api_calls"):
+    """Every page of the usage list; (tags, the pages' "next" values)."""
+    h = {"Authorization": basic("rk_1"), "Accept": ACCEPT}
+    url = rc.url + "/subscriptions/sub1/add_ons/%s/usage?%s" % (addon, query)
+    tags, nexts = [], []
+    while url:
+        s, _, b = call(url, headers=h)
+        assert s == 200, b
+        tags += [u["merchant_tag"] for u in b["data"]]
+        nexts.append(b["next"])
+        url = b["next"] if b["has_more"] else None
+        if url is not None and url.startswith("/"):
+            url = rc.url + url
+    return tags, nexts
 
 
 def test_recurly_headers(recurly):
@@ -439,26 +493,107 @@ def test_recurly_headers(recurly):
     assert recurly.usages == []
 
 
+def test_recurly_addon_code_needs_prefix(recurly):
+    # openapi/api.yaml add_on_id: a plain id is Recurly's ID; a code needs
+    # "code-"
+    s, _, b = rusage(recurly, 1, "x", addon="api_calls")
+    assert s == 404 and b["error"]["type"] == "not_found"
+    addon_id = recurly.subscriptions["sub1"]["add_ons"][0]["id"]
+    assert rusage(recurly, 1, "x", addon=addon_id)[0] == 201
+    assert rusage(recurly, 2, "y", addon="code-api_calls")[0] == 201
+    assert rusage(recurly, 1, "z", addon="code-other")[0] == 404
+    assert recurly.total("sub1", "api_calls") == 3
+
+
 def test_recurly_usage_no_dedupe_and_list(recurly):
     for i in range(5):
-        s, _, b = rusage(recurly, 10 + i, "tag%d" % i)
+        s, _, b = rusage(recurly, 10 + i, "tag%d" % i,
+                         ts="2026-11-24T1%d:00:00Z" % i)
         assert s == 201 and b["merchant_tag"] == "tag%d" % i
     # no idempotency: a resend adds again
     assert rusage(recurly, 10, "tag0")[0] == 201
     assert recurly.total("sub1", "api_calls") == 70
-    assert rusage(recurly, 1, "x", addon="code-api_calls")[0] == 201
-    assert rusage(recurly, 1, "x", addon="other")[0] == 404
+    # default: unbilled, descending; "next" is a full URL
+    tags, nexts = rlist(recurly, "limit=4")
+    assert tags == ["tag4", "tag3", "tag2", "tag1", "tag0", "tag0"]
+    assert nexts[0].startswith(recurly.url + "/subscriptions/sub1/")
+    tags, _ = rlist(recurly, "limit=2&order=asc&sort=usage_timestamp"
+                    "&begin_time=2026-11-24T12:00:00Z")
+    assert tags == ["tag2", "tag3", "tag4"]
+    # invoiced usage leaves the default list, stays in billing_status=all
+    assert recurly.invoice_usage("sub1") == 6
+    assert rlist(recurly, "limit=3")[0] == []
+    tags, _ = rlist(recurly, "limit=3&billing_status=all&order=asc")
+    assert tags == ["tag0", "tag0", "tag1", "tag2", "tag3", "tag4"]
+    assert rlist(recurly, "billing_status=billed")[0] != []
+    recurly.next_style = "path"
+    _, nexts = rlist(recurly, "limit=2&billing_status=all")
+    assert nexts[0].startswith("/subscriptions/sub1/")
+    s, _, b = call(recurly.url + "/subscriptions/sub1/add_ons/code-api_calls"
+                   "/usage?billing_status=maybe",
+                   headers={"Authorization": basic("rk_1"),
+                            "Accept": ACCEPT})
+    assert s == 400 and b["error"]["type"] == "bad_request"
+
+
+def test_recurly_rate_limit_headers_sliding_window():
+    with FakeRecurly(api_key="rk_1", rate_limit=3, rate_window=300) as rc:
+        rc.add_subscription("sub1")
+        clock = [1_800_000_000.0]
+        rc.now = lambda: clock[0]
+        got = []
+        for i in range(4):
+            s, h, b = rusage(rc, 1, "t%d" % i)
+            got.append((s, h["X-RateLimit-Remaining"],
+                        h["X-RateLimit-Reset"], h.get("Retry-After")))
+            clock[0] += 10
+        reset = str(1_800_000_000 + 300)
+        assert got == [(201, "2", reset, None), (201, "1", reset, None),
+                       (201, "0", reset, None), (429, "0", reset, None)]
+        assert len(rc.usages) == 3 and rc.limited == 1
+        # sliding: the first request leaves the window at its reset
+        clock[0] = 1_800_000_000 + 300
+        s, h, _ = rusage(rc, 1, "t4")
+        assert s == 201 and h["X-RateLimit-Reset"] == str(
+            1_800_000_010 + 300)
+    # production: only GETs count
+    with FakeRecurly(api_key="rk_1", rate_limit=1, production=True) as rc:
+        rc.add_subscription("sub1")
+        assert [rusage(rc, 1, "p%d" % i)[0] for i in range(3)] == [201] * 3
+        assert sorted(rlist(rc, "")[0]) == ["p0", "p1", "p2"]
+        h = {"Authorization": basic("rk_1"), "Accept": ACCEPT}
+        assert call(rc.url + "/invoices", headers=h)[0] == 429
+
+
+def test_recurly_idempotency_key_window():
+    with FakeRecurly(api_key="rk_1", idempotency_window=3600) as rc:
+        rc.add_subscription("sub1")
+        clock = [1_800_000_000.0]
+        rc.now = lambda: clock[0]
+        s1, _, b1 = rusage(rc, 5, "k", key="idem-1")
+        s2, _, b2 = rusage(rc, 5, "k", key="idem-1")
+        assert (s1, s2) == (201, 201) and b1["id"] == b2["id"]
+        assert len(rc.usages) == 1
+        clock[0] += 3600
+        assert rusage(rc, 5, "k", key="idem-1")[0] == 201
+        assert len(rc.usages) == 2
+    # by default (the spec documents none) the key changes nothing
+    with FakeRecurly(api_key="rk_1") as rc:
+        rc.add_subscription("sub1")
+        rusage(rc, 5, "k", key="idem-1")
+        rusage(rc, 5, "k", key="idem-1")
+        assert len(rc.usages) == 2
+
+
+def test_recurly_invoice_states(recurly):
+    for st in ("past_due", "failed", "paid", "pending"):
+        recurly.add_invoice("acct_" + st, state=st)
     h = {"Authorization": basic("rk_1"), "Accept": ACCEPT}
-    tags, url = [], "/subscriptions/sub1/add_ons/api_calls/usage?limit=3"
-    pages = 0
-    while url:
-        s, _, b = call(recurly.url + url, headers=h)
-        assert s == 200
-        tags += [u["merchant_tag"] for u in b["data"]]
-        url = b["next"] if b["has_more"] else None
-        pages += 1
-    assert pages == 3
-    assert tags == ["tag0", "tag1", "tag2", "tag3", "tag4", "tag0", "x"]
+    s, _, b = call(recurly.url + "/invoices?state=failed", headers=h)
+    assert s == 200 and [i["account"]["code"] for i in b["data"]] == [
+        "acct_failed"]
+    s, _, b = call(recurly.url + "/invoices?state=closed", headers=h)
+    assert s == 400
 
 
 # ---------------------------------------------------------------- ingest

@@ -288,6 +288,40 @@ def test_keys_add_from_stdin(nginx_factory, redis):
     assert call(n, "mk_test_from_stdin")[0] == 200
 
 
+def test_keys_add_stores_no_prefix_of_an_imported_key(nginx_factory, redis):
+    """Issue 10, item 16: next to its unsalted SHA-256, the first 12
+    characters of a 16-character key left 4 to guess."""
+    c = register(redis, "imp@example.com")
+    key = "ZQ8pXK2wLMRTyWVu"
+    kh = key_hash(key)
+    # a prefix stored by an earlier meterctl goes too
+    redis.cmd("HSET", "mtr:key:{%s}" % kh, "prefix", key[:12])
+    out = ok(redis, "keys", "add", "-", "--customer", c["customer"],
+             stdin=key + "\n")
+    assert out.strip() == kh
+    fields = redis.hgetall("mtr:key:{%s}" % kh)
+    assert set(fields) == {"customer", "created"}
+    assert fields["customer"] == c["customer"]
+    strings = all_redis_strings(redis)
+    for n in range(4, len(key) + 1):
+        assert not any(key[:n] in s for s in strings), n
+
+    # listed by hash, "(imported)" where a generated key shows its prefix
+    listing = ok(redis, "keys", "list", c["customer"])
+    row = next(line for line in listing.splitlines() if kh in line)
+    assert row.split()[:2] == [kh, "(imported)"]
+    assert c["prefix"] in listing
+    rows = okj(redis, "keys", "list", c["customer"])
+    imported = next(x for x in rows if x["key_hash"] == kh)
+    assert imported["prefix"] is None
+
+    # it works, and is revoked by its hash
+    n = start(nginx_factory, redis)
+    assert call(n, key)[0] == 200
+    ok(redis, "keys", "revoke", kh)
+    wait_for(lambda: call(n, key)[0] == 401, 5)
+
+
 # ---------------------------------------------------------------- status
 
 def test_delinquent_set_and_clear(nginx_factory, redis):

@@ -7,6 +7,7 @@ reruns; a 400 is dead-lettered, not dropped."""
 import datetime
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -330,6 +331,8 @@ def test_chargebee_daily_totals(redis, tmp_path):
         for c, s in subs.items():
             assert fake.total(s, "calls-USD-Monthly") == \
                 seed.expected[(c, "calls")]
+        # nothing dated where Chargebee would store it unbilled
+        assert fake.unbillable() == []
         # one usage per subscription and day: two closed days
         assert len(fake.usages) == 4
         for u in fake.usages:
@@ -378,6 +381,130 @@ def test_recurly_lost_answer_looked_up_not_resent(redis, tmp_path):
         assert len(fake.requests_to("GET", r"/usage$")) >= 1
         tags = [u["merchant_tag"] for u in fake.usages]
         assert len(set(tags)) == 4
+
+
+def recurly_setup(redis, tmp_path, fake, **extra):
+    seed = Seed(redis)
+    for c in ("acme", "globex"):
+        fake.add_subscription("sub_" + c, add_ons=["api_calls"])
+        seed.customer(c, "recurly", provider_customer="acct_" + c,
+                      subscription="sub_" + c)
+        seed.key("key_" + c, c)
+        for i, h in enumerate((hours_ago(2), hours_ago(4))):
+            seed.usage("key_" + c, c, "calls", h, [300 + i, 11])
+    settings = {"recurly.base_url": fake.url,
+                "recurly.api_key_file": "@KEY@", "_api_key": RK,
+                "recurly.timeout": "1s", "recurly.backoff": "50ms",
+                "recurly.max_rps": 0, "meter.calls": "api_calls"}
+    settings.update(extra)
+    return seed, Worker(tmp_path / "w", redis, "recurly", settings)
+
+
+def recurly_exact(fake, seed):
+    for c in ("acme", "globex"):
+        assert fake.total("sub_" + c, "api_calls") == \
+            seed.expected[(c, "calls")]
+    assert len(fake.usages) == 4
+
+
+def test_recurly_addon_code_prefix_and_idempotency_key(redis, tmp_path):
+    with FakeRecurly(api_key=RK) as fake:
+        seed, worker = recurly_setup(redis, tmp_path, fake)
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        recurly_exact(fake, seed)
+        posts = fake.requests_to("POST", r"/usage$")
+        assert len(posts) == 4
+        assert all("/add_ons/code-api_calls/" in p.path for p in posts)
+        assert all(p.headers["Idempotency-Key"] == p.json["merchant_tag"]
+                   for p in posts)
+
+
+def test_recurly_invoiced_before_retry_not_resent(redis, tmp_path):
+    """The first usage is stored, its answer lost, and invoiced before the
+    retry: the lookup must see billed usage (billing_status=all)."""
+    with FakeRecurly(api_key=RK) as fake:
+        seed, worker = recurly_setup(redis, tmp_path, fake)
+        fake.hang_next(1, seconds=3, after=True)
+        done = threading.Event()
+
+        def invoice():
+            while not done.is_set():
+                with fake.lock:
+                    if fake.usages:
+                        fake.invoice_usage(fake.usages[0]["subscription_id"])
+                        return
+                time.sleep(0.01)
+
+        t = threading.Thread(target=invoice)
+        t.start()
+        try:
+            r = worker.run(now_hour())
+        finally:
+            done.set()
+            t.join()
+        assert r.returncode == 0, r.stderr
+        assert fake.usages[0]["billed_at"] is not None
+        recurly_exact(fake, seed)
+        gets = fake.requests_to("GET", r"/usage$")
+        assert gets and all(g.q("billing_status") == "all"
+                            and g.q("order") == "asc"
+                            and g.q("sort") == "usage_timestamp"
+                            and g.q("begin_time") for g in gets)
+
+
+@pytest.mark.parametrize("style", ["url", "path"])
+def test_recurly_lookup_follows_next(redis, tmp_path, style):
+    with FakeRecurly(api_key=RK, next_style=style) as fake:
+        seed, worker = recurly_setup(redis, tmp_path, fake)
+        # other usage at the same instant: the lookup needs page 2
+        for i in range(3):
+            fake.usages.append({
+                "id": "other%d" % i, "subscription_id": "sub_acme",
+                "add_on_code": "api_calls", "amount": 0,
+                "merchant_tag": "other%d" % i,
+                "usage_timestamp": iso(hours_ago(4)),
+                "recording_timestamp": iso(hours_ago(4)),
+                "billed_at": None, "created_at": iso(hours_ago(5))})
+        fake.max_limit = 2
+        fake.hang_next(1, seconds=3, after=True,
+                       match=lambda q: q.method == "POST"
+                       and "sub_acme" in q.path
+                       and q.json["usage_timestamp"] == iso(hours_ago(4)))
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert fake.total("sub_acme", "api_calls") == \
+            seed.expected[("acme", "calls")]
+        assert len(fake.usages) == 7
+        cursors = [g.q("cursor") for g in fake.requests_to("GET", r"/usage$")]
+        assert "2" in cursors
+
+
+def test_recurly_rate_limit_reset_honoured(redis, tmp_path):
+    """Recurly sends X-RateLimit-Remaining/Reset, no Retry-After: the
+    worker waits for the reset instead of spending requests on 429s."""
+    with FakeRecurly(api_key=RK, rate_limit=3, rate_window=2) as fake:
+        seed, worker = recurly_setup(redis, tmp_path, fake)
+        t0 = time.time()
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        recurly_exact(fake, seed)
+        assert fake.limited == 0
+        posts = fake.requests_to("POST", r"/usage$")
+        assert posts[3].time - posts[0].time >= 1.0
+        assert time.time() - t0 < 30
+
+
+def test_recurly_429_waits_for_reset(redis, tmp_path):
+    with FakeRecurly(api_key=RK) as fake:
+        seed, worker = recurly_setup(redis, tmp_path, fake)
+        fake.rate_limit_next(1, reset_in=2)
+        r = worker.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        recurly_exact(fake, seed)
+        posts = fake.requests_to("POST", r"/usage$")
+        assert len(posts) == 5
+        assert posts[1].time - posts[0].time >= 1.0
 
 
 # ---------------------------------------------------------------- http
@@ -432,3 +559,109 @@ def test_lago_resend_after_lost_answer(redis, tmp_path):
         posts = lg.requests_to("POST", r"/api/v1/events$")
         assert len(posts) == 3
         assert posts[0].json == posts[1].json
+
+
+def _age_first_send(redis, fake, seconds):
+    """Once the fake saw a request: every stored record's first send is
+    made `seconds` older, and the fake's clock jumps as far ahead (its
+    dedupe memory of that send expires)."""
+    def run():
+        deadline = time.time() + 20
+        while time.time() < deadline and not fake.requests:
+            time.sleep(0.01)
+        for k in redis.cmd("KEYS", "mtr:{worker}:r:*") or []:
+            redis.cmd("HSET", k, "created",
+                      str(int(time.time()) - seconds))
+        fake.now = lambda: time.time() + seconds
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("ttl,window", [(86400, "24h"), (None, "0")])
+def test_openmeter_unknown_outcome_past_window_dead_lettered(
+        redis, tmp_path, ttl, window):
+    """A lost answer, and the retry only after OpenMeter's dedupe window
+    (or with dedupe off): not resent blindly, dead-lettered with that
+    reason; OpenMeter counted the usage once."""
+    with FakeOpenMeter(token="om_tok", dedupe_ttl=ttl) as om:
+        seed = ingest_seed(redis)
+        w = Worker(tmp_path / "om", redis, "http", {
+            "http.url": om.url + "/api/v1/events", "http.format": "openmeter",
+            "http.auth_file": "@KEY@", "_api_key": "om_tok",
+            "http.timeout": "1s", "http.backoff": "50ms",
+            "http.max_attempts": 1,
+            "http.dedupe_window": window, "meter.calls": "api-calls"})
+        om.hang_next(1, seconds=3, after=True)
+        t = _age_first_send(redis, om, 25 * 3600 if ttl else 5)
+        r = w.run(now_hour())
+        t.join()
+        assert r.returncode == 65, r.stderr
+        assert "dedupe window" in r.stderr
+        assert om.total("acme", "api-calls") == seed.expected[("acme",
+                                                               "calls")]
+        assert len(om.events) == 2
+        dead = redis.cmd("ZRANGE", "mtr:{worker}:dead", "0", "-1")
+        assert len(dead) == 1
+        rec = redis.hgetall("mtr:{worker}:r:%s" % dead[0].decode())
+        assert "dedupe window" in rec["last_error"]
+
+
+def test_openmeter_lost_answer_inside_window_deduped(redis, tmp_path):
+    with FakeOpenMeter(token="om_tok") as om:
+        seed = ingest_seed(redis)
+        w = Worker(tmp_path / "om", redis, "http", {
+            "http.url": om.url + "/api/v1/events",
+            "http.auth_file": "@KEY@", "_api_key": "om_tok",
+            "http.timeout": "1s", "http.backoff": "50ms",
+            "meter.calls": "api-calls"})
+        om.hang_next(1, seconds=3, after=True)
+        r = w.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert om.total("acme", "api-calls") == seed.expected[("acme",
+                                                               "calls")]
+        assert om.duplicates == 1
+
+
+def test_lago_clickhouse_overwrite_on_resend(redis, tmp_path):
+    with FakeLago(token="lg_tok", pipeline="clickhouse") as lg:
+        seed = ingest_seed(redis)
+        w = Worker(tmp_path / "lago", redis, "http", {
+            "http.url": lg.url + "/api/v1/events", "http.format": "lago",
+            "http.auth_file": "@KEY@", "_api_key": "lg_tok",
+            "http.timeout": "1s", "http.backoff": "50ms"})
+        lg.hang_next(1, seconds=3, after=True)
+        r = w.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        # the resend carries the same timestamp: an overwrite, not a second
+        # event
+        assert lg.overwrites == 1 and len(lg.events) == 2
+        assert lg.total("sub_acme", "calls") == seed.expected[("acme",
+                                                               "calls")]
+
+
+def test_lago_customer_without_subscription_is_an_error(redis, tmp_path):
+    with FakeLago(token="lg_tok") as lg:
+        seed = Seed(redis)
+        seed.customer("nosub", "http", provider_customer="nosub")
+        seed.key("key_nosub", "nosub")
+        seed.usage("key_nosub", "nosub", "calls", hours_ago(2), [9])
+        w = Worker(tmp_path / "lago", redis, "http", {
+            "http.url": lg.url + "/api/v1/events", "http.format": "lago",
+            "http.auth_file": "@KEY@", "_api_key": "lg_tok"})
+        t = subprocess.run([str(WORKER), "-c", str(w.conf), "-t"],
+                           capture_output=True, text=True, timeout=30)
+        assert t.returncode == 78, t.stdout + t.stderr
+        assert "external_subscription_id" in t.stderr
+        assert "nosub" in t.stderr
+        r = w.run(now_hour())
+        assert r.returncode == 65, r.stderr
+        assert "no subscription" in r.stderr
+        assert lg.requests_to("POST", r"/api/v1/events") == []
+        ctl = subprocess.run([str(WORKER.parent / "meterctl"), "-c",
+                              str(w.conf), "customers", "add", "other",
+                              "--provider", "http"],
+                             capture_output=True, text=True, timeout=30)
+        assert ctl.returncode == 64, ctl.stdout + ctl.stderr
+        assert "subscription" in ctl.stderr
+        assert redis.hgetall("mtr:cust:{other}") == {}

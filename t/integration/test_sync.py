@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import key_hash, wait_for
+from conftest import free_port, key_hash, wait_for
+from fakes import recurly as rcfake
 from fakes.chargebee import FakeChargebee
 from fakes.recurly import FakeRecurly
 from fakes.stripe import FakeStripe
@@ -336,7 +337,9 @@ def test_chargebee_overdue_invoices_paginated(redis, tmp_path):
         assert len(want) == 107
         assert delinquent_set(redis) == want
         pages = cb.requests_to("GET", r"^/api/v2/invoices$")
-        assert [p.q("offset") for p in pages] == [None, "100"]
+        # the opaque next_offset of page 1, passed back as it came
+        assert [p.q("offset") for p in pages][0] is None
+        assert pages[1].q("offset") in cb.offsets
         assert {p.q("status[in]") for p in pages} == {
             '["payment_due","not_paid"]'}
 
@@ -364,14 +367,54 @@ def test_recurly_past_due_invoices_paginated(redis, tmp_path):
         want = {"rc%03d" % i for i in range(450) if i % 2}
         assert delinquent_set(redis) == want
         pages = rc.requests_to("GET", r"^/invoices$")
-        assert len(pages) == 2          # 225 past due, limit=200
-        assert pages[1].q("cursor") == "200"
+        # 225 past due (limit=200), then the failed ones (none)
+        assert [(p.q("state"), p.q("cursor")) for p in pages] == [
+            ("past_due", None), ("past_due", "200"), ("failed", None)]
 
         paid = sorted(want)[:5]
         for code in paid:
             rc.set_invoice_state(invs[code]["id"], "paid")
         b.sync()
         assert delinquent_set(redis) == want - set(paid)
+
+
+def test_recurly_failed_invoice_still_owes(redis, tmp_path):
+    """api.yaml InvoiceStateQueryParamEnum: pending, past_due, paid, failed;
+    "failed" is dunning exhausted, still unpaid.  Webhook blocks, the
+    invoice fails, the poll keeps the block; paid: cleared."""
+    with FakeRecurly() as rc:
+        rc.add_account("racme")
+        s = rc.add_subscription(account="racme", plan="api")
+        inv = rc.add_invoice("racme", subscription=s["id"], state="past_due")
+        key = tmp_path / "rkey"
+        key.write_text("recurly-hook-key\n")
+        port = free_port()
+        hooks = Billing(tmp_path / "hooks", redis, "recurly", rc,
+                        sync__delinquency="off",
+                        webhook__listen="127.0.0.1:%d" % port,
+                        recurly__webhook_key_file=key)
+        poll = Billing(tmp_path / "poll", redis, "recurly", rc)
+        poll.customer("racme", "mk_test_rc_ff", "racme", s["id"])
+        hooks.start(port=port)
+        try:
+            url = "http://127.0.0.1:%d/webhooks/recurly" % port
+            st, _ = rcfake.send_webhook(url, "charge_invoice", "past_due",
+                                        "racme", "recurly-hook-key",
+                                        event_time=time.time() - 5)
+            assert st == 200
+            assert poll.status("racme") == DELINQUENT
+            rc.set_invoice_state(inv["id"], "failed")
+            poll.sync()
+            assert poll.status("racme") == DELINQUENT
+            assert {p.q("state") for p in rc.requests_to(
+                "GET", r"^/invoices$")} == {"past_due", "failed"}
+            poll.sync()
+            assert poll.status("racme") == DELINQUENT
+            rc.set_invoice_state(inv["id"], "paid")
+            poll.sync()
+            assert poll.status("racme")[0] == "active"
+        finally:
+            hooks.stop()
 
 
 # ------------------------------------------------- daemon, nginx, 402 / 200

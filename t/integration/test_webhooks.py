@@ -5,10 +5,17 @@ the refresh interval; forged or expired signatures, replays, out-of-order
 events, oversized and malformed bodies change nothing; Redis down answers
 503 so the provider delivers again; Chargebee Basic auth and Recurly
 signatures.  The delinquency poll is off here (test_sync.py covers it).
+
+Issue 10: the listener is libmicrohttpd; signed deliveries of 20 KB, 200 KB
+and exactly 1 MB are served (the hand-written one answered 404 from 16,328
+bytes on), idle clients do not block deliveries, an event dated years ahead
+does not freeze a customer, and ids from bodies cannot forge log lines.
 """
 
 import base64
 import json
+import re
+import select
 import socket
 import time
 
@@ -259,17 +266,231 @@ def test_listener_http_edges(stripe_hooks):
     assert status(raw(b"POST /webhooks/stripe HTTP/1.1\r\n"
                       b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n"
                       b"hello!")) == 400
-    assert status(raw(b"garbage\r\n\r\n")) == 400
+    assert status(raw(b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 5\r\nTransfer-Encoding: chunked"
+                      b"\r\n\r\n0\r\n\r\n")) == 411
+    # not a request line at all: libmicrohttpd 0.9.75 closes without an
+    # answer (src/microhttpd/connection.c, parse_initial_message_line)
+    assert raw(b"garbage\r\n\r\n") == b""
     assert status(raw(b"POST /webhooks/stripe HTTP/1.1\r\nX: "
                       + b"a" * 20000 + b"\r\n\r\n")) == 431
-    # a body that never comes: 408 after webhook.timeout (2s)
+    # far beyond MHD's per-connection memory: MHD's own 431
+    assert status(raw(b"POST /webhooks/stripe HTTP/1.1\r\nX: "
+                      + b"a" * 100000 + b"\r\n\r\n")) == 431
+    # a body that never comes: closed after webhook.timeout (2s) of
+    # silence, without an answer (MHD has no 408)
     t0 = time.monotonic()
-    assert status(raw(b"POST /webhooks/stripe HTTP/1.1\r\n"
-                      b"Content-Length: 10\r\n\r\nabc")) == 408
+    assert raw(b"POST /webhooks/stripe HTTP/1.1\r\n"
+               b"Content-Length: 10\r\n\r\nabc") == b""
     assert 1.5 < time.monotonic() - t0 < 5
     # the listener still serves
     st, _ = stfake.send_webhook(h.direct, "invoice.paid", invoice(h), SECRET)
     assert st == 200
+
+
+def padded(h, event_type, size, event_id, created):
+    """A signed-to-be Stripe event of exactly size bytes."""
+    ev = stfake.event(event_type, invoice(h), event_id, created)
+    ev["padding"] = ""
+    n = len(json.dumps(ev).encode())
+    ev["padding"] = "x" * (size - n)
+    payload = json.dumps(ev).encode()
+    assert len(payload) == size
+    return payload
+
+
+@pytest.mark.parametrize("size", [16328, 20 * 1024, 200 * 1024, 1024 * 1024])
+def test_big_signed_deliveries_apply(stripe_hooks, redis, size):
+    """Real invoice events are often over 16 KB; exactly 1 MB is the
+    limit and is served, through nginx and directly."""
+    h = stripe_hooks
+    now = int(time.time())
+    failed = padded(h, "invoice.payment_failed", size, "evt_big_f", now)
+    st, body = stfake.send_payload(h.url, failed, SECRET)
+    assert st == 200, body
+    assert json.loads(body)["changed"] is True
+    assert h.b.status("acme") == ("delinquent", "invoice_overdue", "sync")
+
+    paid = padded(h, "invoice.paid", size, "evt_big_p", now + 1)
+    st, body = stfake.send_payload(h.direct, paid, SECRET)
+    assert st == 200, body
+    assert h.b.cust("acme")["status"] == "active"
+    assert sorted(redis.keys("mtr:wh:*")) == ["mtr:wh:stripe:evt_big_f",
+                                              "mtr:wh:stripe:evt_big_p"]
+
+
+def test_one_byte_over_the_limit_is_413(stripe_hooks, redis):
+    h = stripe_hooks
+    v0 = version(redis)
+    big = padded(h, "invoice.payment_failed", 1024 * 1024 + 1, "evt_over",
+                 time.time())
+    for url in (h.url, h.direct):
+        st, body = stfake.send_payload(url, big, SECRET)
+        assert st == 413, (url, body)
+    assert h.b.cust("acme")["status"] == "active"
+    assert version(redis) == v0
+
+
+def idle_clients(port, n, source="127.0.0.1"):
+    """n connections that sent half a request head and wait."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n")
+        socks.append(s)
+    return socks
+
+
+def refused(s):
+    """closed by the server without an answer (reset: it had unread data)"""
+    try:
+        return s.recv(10) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_clients_do_not_block_deliveries(stripe_hooks):
+    """64 idle clients: the listener keeps 32 of one address (the rest are
+    closed at once) and serves another; through nginx, which buffers the
+    request before it connects upstream, they never reach the listener."""
+    h = stripe_hooks
+    socks = idle_clients(h.wh_port, 64, source="127.0.0.2")
+    try:
+        time.sleep(0.5)
+        closed = select.select(socks, [], [], 1.0)[0]
+        assert all(refused(s) for s in closed)
+        assert len(closed) == 64 - 32
+        t0 = time.monotonic()
+        st, body = stfake.send_webhook(h.direct, "invoice.payment_failed",
+                                       invoice(h), SECRET,
+                                       event_id="evt_idle_1")
+        assert st == 200, body
+        assert time.monotonic() - t0 < 1
+        assert h.b.cust("acme")["status"] == "delinquent"
+    finally:
+        for s in socks:
+            s.close()
+
+    socks = idle_clients(h.n.port, 64)
+    try:
+        st, body = stfake.send_webhook(h.url, "invoice.paid", invoice(h),
+                                       SECRET, event_id="evt_idle_2",
+                                       created=time.time() + 1)
+        assert st == 200, body
+        assert h.b.cust("acme")["status"] == "active"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_future_dated_event_does_not_freeze(stripe_hooks, redis):
+    """A signed event dated ten years ahead is ordered as received: a real
+    event after it applies, and manual actions always apply."""
+    h = stripe_hooks
+    now = int(time.time())
+    ahead = now + 10 * 365 * 86400
+    st, body = stfake.send_webhook(h.url, "invoice.payment_failed",
+                                   invoice(h), SECRET, event_id="evt_10y",
+                                   created=ahead)
+    assert st == 200, body
+    assert h.b.cust("acme")["status"] == "delinquent"
+    at = int(h.b.cust("acme")["status_at"])
+    assert now <= at <= int(time.time())
+    assert "ordered as received" in h.b.log()
+
+    st, body = stfake.send_webhook(h.url, "invoice.paid", invoice(h), SECRET,
+                                   event_id="evt_real", created=at)
+    assert st == 200 and json.loads(body)["changed"] is True, body
+    assert h.b.cust("acme")["status"] == "active"
+
+    r = h.b.ctl("delinquent", "set", "acme")
+    assert "is now delinquent" in r.stdout
+    assert h.b.status("acme") == ("delinquent", "invoice_overdue", "manual")
+
+    # a time recorded ahead before this fix: manual still applies
+    redis.cmd("HSET", "mtr:cust:{acme}", "status_at", str(ahead))
+    r = h.b.ctl("delinquent", "clear", "acme")
+    assert "is now active" in r.stdout
+    assert h.b.cust("acme")["status"] == "active"
+    assert int(h.b.cust("acme")["status_at"]) <= int(time.time())
+    wait_for(lambda: call(h.n, "mk_test_hook_1") == 200, 5)
+
+
+def test_ids_from_bodies_cannot_forge_log_lines(stripe_hooks):
+    h = stripe_hooks
+    forged = "<0>forged: customer acme paid"
+    obj = {"id": "in_x", "customer": "cus_evil\n" + forged,
+           "subscription": "sub_evil\r\n" + forged}
+    st, body = stfake.send_webhook(h.url, "invoice.payment_failed", obj,
+                                   SECRET, event_id="evt_\n" + forged)
+    assert st == 200 and json.loads(body)["ignored"] == "unknown customer"
+    log = h.b.log()
+    assert not re.search(r"^<0>", log, re.M)
+    assert "cus_evil\\x0a<0>forged" in log
+    assert "sub_evil\\x0d\\x0a<0>forged" in log
+
+
+def test_reload_and_sigterm_with_the_listener(nginx_factory, redis, tmp_path,
+                                              monkeypatch):
+    """main.c's signals with libmicrohttpd's thread: SIGHUP stops and
+    restarts the listener (RELOADING=1, READY=1), deliveries work after
+    it; SIGTERM exits at once although clients are connected."""
+    import signal
+    sock_path = str(tmp_path / "notify.sock")
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(sock_path)
+    ns.settimeout(0.5)
+    monkeypatch.setenv("NOTIFY_SOCKET", sock_path)
+    msgs = []
+
+    def got(text):
+        def f():
+            try:
+                msgs.append(ns.recv(4096).decode())
+            except socket.timeout:
+                pass
+            return any(text in m for m in msgs)
+        return f
+
+    with FakeStripe() as f:
+        secret = tmp_path / "whsec"
+        secret.write_text(SECRET + "\n")
+        h = Hooks(nginx_factory, redis, tmp_path, "stripe", f,
+                  stripe__webhook_secret_file=secret)
+        try:
+            cus = f.add_customer()
+            sub = f.add_subscription(cus["id"])
+            h.b.customer("acme", "mk_test_hook_1", cus["id"], sub["id"])
+            h.cus, h.sub = cus["id"], sub["id"]
+            wait_for(got("READY=1"), 15)
+
+            idle = idle_clients(h.wh_port, 3)
+            msgs.clear()
+            h.b.proc.send_signal(signal.SIGHUP)
+            wait_for(got("READY=1"), 15)
+            assert any("RELOADING=1" in m for m in msgs)
+            assert h.b.log().count("webhook: listening on") == 2
+            st, body = stfake.send_webhook(h.direct, "invoice.payment_failed",
+                                           invoice(h), SECRET,
+                                           event_id="evt_after_hup")
+            assert st == 200, body
+            assert h.b.cust("acme")["status"] == "delinquent"
+            for c in idle:
+                c.close()
+
+            idle = idle_clients(h.wh_port, 3)
+            t0 = time.monotonic()
+            h.b.proc.send_signal(signal.SIGTERM)
+            assert h.b.proc.wait(10) == 0
+            assert time.monotonic() - t0 < 3
+            assert all(refused(c) for c in idle)
+            for c in idle:
+                c.close()
+        finally:
+            h.stop()
+            ns.close()
 
 
 def test_unknown_customer_is_acknowledged(stripe_hooks, redis):
@@ -469,6 +690,20 @@ def test_test_config_checks_webhook_settings(redis, tmp_path):
     r = check("stripe.webhook_secret_file = %s" % secret)
     assert r.returncode == 0, r.stderr
     assert "whsec_test_secret" not in r.stdout + r.stderr
+    # the secret itself put where its file name belongs: refused, and no
+    # part of it is printed
+    r = check("stripe.webhook_secret_file = whsec_live_0123456789abcdef")
+    assert r.returncode == 78
+    assert "stripe.webhook_secret_file" in r.stderr
+    assert "not the secret itself" in r.stderr
+    assert "whsec_live" not in r.stdout + r.stderr
+    assert "0123456789" not in r.stdout + r.stderr
+    base[2] = "stripe.api_key_file = sk_live_51HtQ7xSecretValue0123"
+    r = check("stripe.webhook_secret_file = %s" % secret)
+    assert r.returncode == 78
+    assert "stripe.api_key_file" in r.stderr
+    assert "sk_live" not in r.stdout + r.stderr
+    assert "SecretValue" not in r.stdout + r.stderr
 
 
 def test_stripe_dunning_end_does_not_flip_flop(stripe_hooks, redis, tmp_path):

@@ -227,9 +227,9 @@ def test_customer_aggregates_its_keys(redis, tmp_path):
              "idempotency_key": idem(h, "globex", "calls")},
             line(k2, "globex", "bytes", h, 10)]
     assert by_key(w.lines()) == by_key(want)
-    # only the hash and a 12-char prefix of a raw key are stored
+    # only the hash of an imported key is stored, no prefix (issue 10)
     rec = redis.hgetall("mtr:key:{%s}" % k1)
-    assert rec["prefix"] == "mk_live_gk1_" and rec["customer"] == "globex"
+    assert "prefix" not in rec and rec["customer"] == "globex"
     # governance projection kept current (docs/redis-schema.md)
     assert redis.smembers("mtr:ckeys:{globex}") == {k1, k2}
     assert redis.hgetall("mtr:gov") == {k1: "globex\ta\t\t0\t0",

@@ -274,11 +274,14 @@ test_secret(void **state)
                                        sizeof(buf), err, sizeof(err)), 0);
     assert_string_equal(buf, "sk_test_123");
 
-    /* errors name the key and the file, never the content */
+    /* errors name the key and its line, never its value (it may be the
+     * secret itself) nor the content */
     assert_int_equal(meter_conf_secret(cf, "stripe.missing_file", buf,
                                        sizeof(buf), err, sizeof(err)), -1);
-    assert_non_null(strstr(err, ":4: \"stripe.missing_file\""));
-    assert_non_null(strstr(err, "/nope"));
+    assert_non_null(strstr(err, ":4: \"stripe.missing_file\": cannot open "
+                            "the file it names (in $CREDENTIALS_DIRECTORY): "
+                            "No such file or directory"));
+    assert_null(strstr(err, "nope"));
     assert_null(strstr(err, "sk_test"));
 
     assert_int_equal(meter_conf_secret(cf, "stripe.unset_file", buf,
@@ -286,6 +289,62 @@ test_secret(void **state)
     assert_non_null(strstr(err, "\"stripe.unset_file\" is required"));
 
     unsetenv("CREDENTIALS_DIRECTORY");
+    meter_conf_free(cf);
+}
+
+
+/* the secret itself put into a *_file key: no error shows any of it */
+static void
+test_secret_in_file_key(void **state)
+{
+    size_t         i, k;
+    test_ctx_t    *t;
+    meter_conf_t  *cf;
+    char           buf[64], err[512], conf[512], part[9];
+
+    static const char  secret[] = "sk_live_51HtQ7xSecretValue0123456789";
+
+    t = *state;
+
+    snprintf(conf, sizeof(conf), "provider = stripe\n"
+             "stripe.api_key_file = %s\nredis.password_file = %s\n",
+             secret, secret);
+    cf = load(t, conf);
+    assert_non_null(cf);
+
+    for (i = 0; i < 2; i++) {
+        if (i == 0) {
+            setenv("CREDENTIALS_DIRECTORY", t->dir, 1);
+        } else {
+            unsetenv("CREDENTIALS_DIRECTORY");
+        }
+
+        assert_int_equal(meter_conf_secret(cf, "stripe.api_key_file", buf,
+                                           sizeof(buf), err, sizeof(err)),
+                         -1);
+        assert_non_null(strstr(err, ":2: \"stripe.api_key_file\": cannot "
+                                "open the file it names"));
+        assert_non_null(strstr(err, "not the secret itself"));
+
+        /* no 8 characters of it in a row */
+        for (k = 0; k + 8 <= strlen(secret); k++) {
+            memcpy(part, secret + k, 8);
+            part[8] = '\0';
+            assert_null(strstr(err, part));
+        }
+
+        assert_int_equal(meter_read_secret(cf->redis_password_file, buf,
+                                           sizeof(buf), err, sizeof(err)),
+                         -1);
+        assert_null(strstr(err, "sk_live_"));
+        assert_null(strstr(err, "Secret"));
+    }
+
+    /* an empty or too long file: named by the key only */
+    assert_int_equal(meter_read_secret("/dev/null", buf, sizeof(buf), err,
+                                       sizeof(err)), -1);
+    assert_string_equal(err, "the file it names is empty");
+
     meter_conf_free(cf);
 }
 
@@ -299,6 +358,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
         cmocka_unit_test(test_durations),
         cmocka_unit_test_setup_teardown(test_secret, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_secret_in_file_key, setup,
+                                        teardown),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

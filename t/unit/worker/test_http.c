@@ -192,16 +192,47 @@ test_parse_retry_after(void **state)
 
     now = 1700000000;
     assert_true(meter_http_parse_retry_after("5", now) == 5);
-    assert_true(meter_http_parse_retry_after("0.5", now) == 0.5);
+    assert_true(meter_http_parse_retry_after("0", now) == 0);
+    assert_true(meter_http_parse_retry_after("007", now) == 7);
     assert_true(meter_http_parse_retry_after("", now) == -1);
     assert_true(meter_http_parse_retry_after("5s", now) == -1);
     assert_true(meter_http_parse_retry_after(NULL, now) == -1);
-    /* Tue, 14 Nov 2023 22:13:20 GMT is 1700000000 */
+    assert_true(meter_http_parse_retry_after("soon", now) == -1);
+
+    /* RFC 9110, 10.2.3: delay-seconds = 1*DIGIT; no sign, fraction or
+     * exponent (strtod took "1e300" and "0.5") */
+    assert_true(meter_http_parse_retry_after("0.5", now) == -1);
+    assert_true(meter_http_parse_retry_after("1e300", now) == -1);
+    assert_true(meter_http_parse_retry_after("-5", now) == -1);
+    assert_true(meter_http_parse_retry_after("+5", now) == -1);
+    assert_true(meter_http_parse_retry_after(" 5", now) == -1);
+    assert_true(meter_http_parse_retry_after("inf", now) == -1);
+    assert_true(meter_http_parse_retry_after("nan", now) == -1);
+
+    /* capped: a day at most (the drain caps it at retry.max) */
+    assert_true(meter_http_parse_retry_after("86400", now) == 86400);
+    assert_true(meter_http_parse_retry_after("86401", now) == 86400);
+    assert_true(meter_http_parse_retry_after("99999999999", now) == 86400);
+    assert_true(meter_http_parse_retry_after(
+                    "9999999999999999999999999999999999999999", now)
+                == METER_HTTP_RETRY_AFTER_MAX);
+
+    /* HTTP-date, all three forms; Tue, 14 Nov 2023 22:13:20 GMT is
+     * 1700000000 */
     assert_true(meter_http_parse_retry_after(
                     "Tue, 14 Nov 2023 22:13:50 GMT", now) == 30);
     assert_true(meter_http_parse_retry_after(
+                    "Tuesday, 14-Nov-23 22:13:50 GMT", now) == 30);
+    assert_true(meter_http_parse_retry_after(
+                    "Tue Nov 14 22:13:50 2023", now) == 30);
+    assert_true(meter_http_parse_retry_after(
                     "Tue, 14 Nov 2023 22:00:00 GMT", now) == 0);
-    assert_true(meter_http_parse_retry_after("soon", now) == -1);
+    assert_true(meter_http_parse_retry_after(
+                    "Fri, 31 Dec 9999 23:59:59 GMT", now) == 86400);
+    assert_true(meter_http_parse_retry_after(
+                    "Tue, 14 Nov 2023 22:13:50 PST", now) == -1);
+    assert_true(meter_http_parse_retry_after(
+                    "Tue, 14 Nov 2023 22:13:50 GMT trailing", now) == -1);
 }
 
 
@@ -253,6 +284,12 @@ test_error_message(void **state)
     s = "<html>\n<b>Bad Gateway</b>";
     meter_http_error_message(s, strlen(s), buf, sizeof(buf));
     assert_string_equal(buf, "<html> <b>Bad Gateway</b>");
+
+    /* a message with a newline and a terminal escape: one plain line */
+    s = "{\"error\":{\"message\":"
+        "\"bad\\n<0>forged \\u001b[2J\\r\\tx \\u00e9\"}}";
+    meter_http_error_message(s, strlen(s), buf, sizeof(buf));
+    assert_string_equal(buf, "bad <0>forged  [2J  x \xc3\xa9");
 
     meter_http_error_message(NULL, 0, buf, sizeof(buf));
     assert_string_equal(buf, "");

@@ -52,6 +52,11 @@ typedef struct {
 
 static seen_t   seen[MAX_SEEN];
 static int      nseen;
+static double   slept[MAX_SEEN];
+static int      nslept;
+/* X-RateLimit-Remaining / -Reset of the n-th answer; reset 0: none */
+static long     rl_remaining[MAX_SEEN];
+static time_t   rl_reset[MAX_SEEN];
 static char     key_file[] = "/tmp/test_providers_key_XXXXXX";
 
 
@@ -102,6 +107,9 @@ __wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
     resp->retry_after = -1;
     resp->should_retry = -1;
     resp->replayed = a->replayed;
+    resp->rl_remaining = rl_reset[nseen - 1] > 0 ? rl_remaining[nseen - 1]
+                                                 : -1;
+    resp->rl_reset = rl_reset[nseen - 1] > 0 ? rl_reset[nseen - 1] : -1;
     resp->error[0] = '\0';
     if (a->body != NULL) {
         meter_buf_append(&resp->body, a->body, strlen(a->body));
@@ -114,7 +122,9 @@ __wrap_meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
 void
 __wrap_meter_http_sleep(double seconds)
 {
-    (void) seconds;
+    if (nslept < MAX_SEEN) {
+        slept[nslept++] = seconds;
+    }
 }
 
 
@@ -163,6 +173,8 @@ start(meter_provider_t *p, void (*fill)(meter_provider_t *),
 
     meter_conf_free(cf);
     nseen = 0;
+    nslept = 0;
+    memset(rl_reset, 0, sizeof(rl_reset));
 }
 
 
@@ -690,6 +702,7 @@ test_stripe_lookup_past_window(void **state)
     hour = (time(NULL) / 3600 - 30) * 3600;
     record(&rec, hour);
     rec.seq = 1;
+    rec.attempts = 2;           /* a resend: the first outcome unknown */
 
     /* first sent within the 24 h: the identifier dedupes, no lookup */
     rec.created = time(NULL) - 3600;
@@ -926,8 +939,11 @@ test_recurly_usage(void **state)
     assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
     assert_int_equal(res.http_status, 201);
 
+    /* the add-on code needs "code-" (openapi/api.yaml, add_on_id) */
     assert_string_equal(seen[0].url, "http://127.0.0.1:9/subscriptions/"
-                        "sub_9/add_ons/api_calls/usage");
+                        "sub_9/add_ons/code-api_calls/usage");
+    assert_string_equal(seen[0].header, "Idempotency-Key: "
+                        "0123456789abcdef0123456789abcdef");
     assert_string_equal(seen[0].body,
                         "{\"amount\":25,\"merchant_tag\":"
                         "\"0123456789abcdef0123456789abcdef\","
@@ -940,6 +956,19 @@ test_recurly_usage(void **state)
     assert_string_equal(seen[0].secret, "sk_test_secret");
     assert_non_null(p.lookup);
 
+    /* a configured "code-" is not doubled; a later attempt (after a
+     * lookup found nothing) gets a fresh Idempotency-Key */
+    rec.provider_meter = "code-api_calls";
+    rec.attempts = 2;
+    rec.created = 1700000000;
+    will_return(__wrap_meter_http_perform, &created);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_string_equal(seen[1].url, "http://127.0.0.1:9/subscriptions/"
+                        "sub_9/add_ons/code-api_calls/usage");
+    assert_int_equal(strncmp(seen[1].header, "Idempotency-Key: "
+                             "0123456789abcdef0123456789abcdef-r", 51), 0);
+    assert_int_equal(strlen(seen[1].header), 51 + 16);
+
     p.cleanup(&p);
 }
 
@@ -950,11 +979,22 @@ test_recurly_lookup_paginates(void **state)
     meter_record_t       rec;
     meter_provider_t     p;
     meter_send_result_t  res;
+    char                 q[600];
 
     static const fake_answer_t  page1 = {
         200, "{\"object\":\"list\",\"has_more\":true,\"next\":"
-        "\"/subscriptions/sub_9/add_ons/api_calls/usage?cursor=2&limit=2\","
+        "\"/subscriptions/sub_9/add_ons/code-api_calls/usage?cursor=2\","
         "\"data\":[{\"merchant_tag\":\"a\"},{\"merchant_tag\":null}]}", 0
+    };
+    static const fake_answer_t  page1url = {
+        200, "{\"object\":\"list\",\"has_more\":true,\"next\":"
+        "\"http://127.0.0.1:9/subscriptions/sub_9/add_ons/code-api_calls/"
+        "usage?cursor=3\",\"data\":[{\"merchant_tag\":\"a\"}]}", 0
+    };
+    static const fake_answer_t  page1evil = {
+        200, "{\"object\":\"list\",\"has_more\":true,\"next\":"
+        "\"http://127.0.0.1:9.evil.example/usage?cursor=3\","
+        "\"data\":[]}", 0
     };
     static const fake_answer_t  page2 = {
         200, "{\"object\":\"list\",\"has_more\":false,\"next\":null,"
@@ -973,27 +1013,140 @@ test_recurly_lookup_paginates(void **state)
     (void) state;
 
     start(&p, meter_provider_recurly, RECURLY_CONF);
-    record(&rec, recent_hour());
+    record(&rec, 1700000000 / 3600 * 3600);
 
     will_return(__wrap_meter_http_perform, &page1);
     will_return(__wrap_meter_http_perform, &page2);
     assert_int_equal(p.lookup(&p, &rec, &res), 1);
     assert_int_equal(nseen, 2);
     assert_string_equal(seen[0].method, "GET");
-    assert_string_equal(seen[0].url, "http://127.0.0.1:9/subscriptions/"
-                        "sub_9/add_ons/api_calls/usage?limit=200");
+    /* billed usage too, ascending from the record's usage_timestamp
+     * (openapi/api.yaml: BillingStatusEnum default unbilled,
+     * usage_sort_dates) */
+    snprintf(q, sizeof(q), "http://127.0.0.1:9/subscriptions/sub_9/add_ons/"
+             "code-api_calls/usage?limit=200&billing_status=all"
+             "&sort=usage_timestamp&order=asc&begin_time=%s",
+             "2023-11-14T22%3A00%3A00Z");
+    assert_string_equal(seen[0].url, q);
     assert_string_equal(seen[1].url, "http://127.0.0.1:9/subscriptions/"
-                        "sub_9/add_ons/api_calls/usage?cursor=2&limit=2");
+                        "sub_9/add_ons/code-api_calls/usage?cursor=2");
     assert_string_equal(seen[1].accept,
                         "application/vnd.recurly.v2021-02-25");
 
-    will_return(__wrap_meter_http_perform, &page1);
+    /* "next" as a full URL on the base's origin */
+    will_return(__wrap_meter_http_perform, &page1url);
     will_return(__wrap_meter_http_perform, &last);
     assert_int_equal(p.lookup(&p, &rec, &res), 0);
+    assert_string_equal(seen[3].url, "http://127.0.0.1:9/subscriptions/"
+                        "sub_9/add_ons/code-api_calls/usage?cursor=3");
+
+    /* anywhere else: the API key is not sent there */
+    will_return(__wrap_meter_http_perform, &page1evil);
+    assert_int_equal(p.lookup(&p, &rec, &res), -1);
+    assert_int_equal(nseen, 5);
+    assert_non_null(strstr(res.error, "neither a path nor a URL"));
 
     will_return(__wrap_meter_http_perform, &e404);
     assert_int_equal(p.lookup(&p, &rec, &res), -1);
     assert_string_equal(res.error, "HTTP 404: Couldn't find Subscription");
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_recurly_lookup_stops_past_its_time(void **state)
+{
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    /* ascending: a later usage_timestamp ends the search, no next page */
+    static const fake_answer_t  page = {
+        200, "{\"object\":\"list\",\"has_more\":true,\"next\":\"/x\","
+        "\"data\":[{\"merchant_tag\":\"a\",\"usage_timestamp\":"
+        "\"2023-11-14T22:00:00Z\"},{\"merchant_tag\":\"b\","
+        "\"usage_timestamp\":\"2023-11-14T23:00:00.000Z\"}]}", 0
+    };
+
+    (void) state;
+
+    start(&p, meter_provider_recurly, RECURLY_CONF);
+    record(&rec, 1700000000 / 3600 * 3600);
+
+    will_return(__wrap_meter_http_perform, &page);
+    assert_int_equal(p.lookup(&p, &rec, &res), 0);
+    assert_int_equal(nseen, 1);
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_recurly_rate_limit(void **state)
+{
+    int                  i;
+    time_t               now;
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  e429 = {
+        429, "{\"error\":{\"type\":\"rate_limited\",\"message\":\"slow "
+        "down\"}}", 0
+    };
+    static const fake_answer_t  ok = { 201, "{}", 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_recurly,
+          "provider = recurly\n"
+          "recurly.api_key_file = %s\n"
+          "recurly.base_url = http://127.0.0.1:9\n"
+          "recurly.max_rps = 0\n");
+    record(&rec, recent_hour());
+    now = time(NULL);
+
+    /* 429 without Retry-After: wait for X-RateLimit-Reset */
+    rl_remaining[0] = 0;
+    rl_reset[0] = now + 5;
+    rl_remaining[1] = 10;
+    rl_reset[1] = now + 5;
+    will_return(__wrap_meter_http_perform, &e429);
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_int_equal(nseen, 2);
+    assert_int_equal(nslept, 1);
+    assert_true(slept[0] >= 4 && slept[0] <= 5);
+
+    /* Remaining 0, reset beyond retry_cap: no request that can only 429;
+     * the drain loop schedules the record after the reset */
+    rl_remaining[2] = 0;
+    rl_reset[2] = now + 200;
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_RETRY);
+    assert_int_equal(nseen, 3);
+    assert_int_equal(res.http_status, 429);
+    assert_true(res.retry_after >= 199 && res.retry_after <= 200);
+
+    p.cleanup(&p);
+
+    /* the default max_rps fits the sandbox's 400 requests a minute
+     * (openapi/api.yaml, "Limits"): a burst of 5, then paced */
+    start(&p, meter_provider_recurly,
+          "provider = recurly\n"
+          "recurly.api_key_file = %s\n"
+          "recurly.base_url = http://127.0.0.1:9\n");
+    record(&rec, recent_hour());
+
+    for (i = 0; i < 6; i++) {
+        will_return(__wrap_meter_http_perform, &ok);
+        assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+        assert_int_equal(nslept, i < 5 ? 0 : 1);
+    }
+
+    assert_true(slept[0] > 0.1 && slept[0] <= 0.2);
 
     p.cleanup(&p);
 }
@@ -1147,6 +1300,8 @@ main(void)
         cmocka_unit_test(test_chargebee_400_checks_usage_id),
         cmocka_unit_test(test_recurly_usage),
         cmocka_unit_test(test_recurly_lookup_paginates),
+        cmocka_unit_test(test_recurly_lookup_stops_past_its_time),
+        cmocka_unit_test(test_recurly_rate_limit),
         cmocka_unit_test(test_recurly_no_blind_resend),
         cmocka_unit_test(test_openmeter_event),
         cmocka_unit_test(test_lago_event),

@@ -177,6 +177,12 @@ test_backoff(void **state)
     assert_float_equal(meter_backoff(1, 10, 3600, 120, 0), 120, 1e-9);
     assert_float_equal(meter_backoff(3, 10, 3600, 1, 0), 20, 1e-9);
 
+    /* ... but never beyond max: 99999999999 would park the record for
+     * 3,000 years, its usage never billed */
+    assert_float_equal(meter_backoff(1, 10, 3600, 86400, 0), 3600, 1e-9);
+    assert_float_equal(meter_backoff(1, 10, 3600, 1e300, 0), 3600, 1e-9);
+    assert_float_equal(meter_backoff(1, 10, 3600, -5, 0), 5, 1e-9);
+
     /* attempt 0 behaves as the first retry */
     assert_float_equal(meter_backoff(0, 10, 3600, 0, 0), 5, 1e-9);
 }
@@ -239,6 +245,24 @@ test_json_str(void **state)
 }
 
 
+static void
+test_time_from_num(void **state)
+{
+    (void) state;
+
+    assert_int_equal(meter_time_from_num(1700000000), 1700000000);
+    assert_int_equal(meter_time_from_num(1700000000.9), 1700000000);
+    assert_int_equal(meter_time_from_num(0), 0);
+    assert_int_equal(meter_time_from_num(-1), 0);
+    assert_int_equal(meter_time_from_num(-1e300), 0);
+    assert_int_equal(meter_time_from_num(1e300), METER_TIME_MAX);
+    assert_int_equal(meter_time_from_num(253402300799.0), METER_TIME_MAX);
+    assert_int_equal(meter_time_from_num(9.3e18), METER_TIME_MAX);
+    assert_int_equal(meter_time_from_num(0.0 / 0.0), 0);
+    assert_int_equal(meter_time_from_num(1.0 / 0.0), METER_TIME_MAX);
+}
+
+
 int
 main(void)
 {
@@ -250,6 +274,7 @@ main(void)
         cmocka_unit_test(test_iso8601),
         cmocka_unit_test(test_u64),
         cmocka_unit_test(test_backoff),
+        cmocka_unit_test(test_time_from_num),
         cmocka_unit_test(test_map),
         cmocka_unit_test(test_json_str),
     };

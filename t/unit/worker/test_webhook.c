@@ -2,7 +2,7 @@
 /*
  * Copyright (C) nginx-meter authors
  *
- * webhook.c: the request head parser, the handling of one delivery (dedupe,
+ * webhook.c: the handling of one delivery (routing, dedupe,
  * customer lookup, status change, 503 when it cannot be stored), and the
  * providers' verification: Stripe-Signature, Chargebee Basic auth,
  * recurly-signature.  Governance and Redis are wrapped:
@@ -267,83 +267,6 @@ provider(meter_provider_t *p, const char *name, const char *extra)
     }
 
     return cf;
-}
-
-
-/* ---------------------------------------------------------------- parser */
-
-
-static void
-test_parse_head(void **state)
-{
-    char               buf[512];
-    long               n;
-    size_t             len;
-    meter_http_head_t  h;
-
-    (void) state;
-
-    snprintf(buf, sizeof(buf), "POST /webhooks/stripe?x=1 HTTP/1.1\r\n"
-             "Host: a\r\ncontent-length:  12 \r\nStripe-Signature: t=1\r\n"
-             "\r\n{\"a\":1}");
-    len = strlen(buf);
-    n = meter_webhook_parse_head(buf, len, &h);
-    assert_int_equal(n, (long) len - 7);
-    assert_string_equal(h.method, "POST");
-    assert_string_equal(h.path, "/webhooks/stripe");
-    assert_int_equal(h.minor, 1);
-    assert_int_equal(h.content_length, 12);
-    assert_int_equal(h.nheaders, 3);
-    assert_string_equal(meter_webhook_header(&h, "CONTENT-LENGTH"), "12");
-    assert_string_equal(meter_webhook_header(&h, "stripe-signature"),
-                        "t=1");
-    assert_null(meter_webhook_header(&h, "X-None"));
-}
-
-
-static void
-test_parse_incomplete_and_bad(void **state)
-{
-    char               buf[20000];
-    meter_http_head_t  h;
-
-    (void) state;
-
-    snprintf(buf, sizeof(buf), "POST / HTTP/1.1\r\nHost: a\r\n");
-    assert_int_equal(meter_webhook_parse_head(buf, strlen(buf), &h), 0);
-
-    snprintf(buf, sizeof(buf), "POST / HTTP/2.0\r\n\r\n");
-    assert_int_equal(meter_webhook_parse_head(buf, strlen(buf), &h), -1);
-
-    snprintf(buf, sizeof(buf), "POST nopath HTTP/1.1\r\n\r\n");
-    assert_int_equal(meter_webhook_parse_head(buf, strlen(buf), &h), -1);
-
-    snprintf(buf, sizeof(buf), "post / HTTP/1.1\r\n\r\n");
-    assert_int_equal(meter_webhook_parse_head(buf, strlen(buf), &h), -1);
-
-    snprintf(buf, sizeof(buf), "POST / HTTP/1.1\r\nContent-Length: 5\r\n"
-             "Content-Length: 6\r\n\r\n");
-    assert_int_equal(meter_webhook_parse_head(buf, strlen(buf), &h), -1);
-
-    snprintf(buf, sizeof(buf), "POST / HTTP/1.1\r\nContent-Length: -5\r\n"
-             "\r\n");
-    assert_int_equal(meter_webhook_parse_head(buf, strlen(buf), &h), -1);
-
-    snprintf(buf, sizeof(buf), "POST / HTTP/1.1\r\nBad Header : x\r\n\r\n");
-    assert_int_equal(meter_webhook_parse_head(buf, strlen(buf), &h), -1);
-
-    snprintf(buf, sizeof(buf), "POST / HTTP/1.1\r\n folded\r\n\r\n");
-    assert_int_equal(meter_webhook_parse_head(buf, strlen(buf), &h), -1);
-
-    snprintf(buf, sizeof(buf), "POST / HTTP/1.1\r\nTransfer-Encoding: "
-             "chunked\r\n\r\n");
-    assert_true(meter_webhook_parse_head(buf, strlen(buf), &h) > 0);
-    assert_int_equal(h.chunked, 1);
-    assert_int_equal(h.content_length, -1);
-
-    /* no blank line within the limit */
-    memset(buf, 'a', sizeof(buf));
-    assert_int_equal(meter_webhook_parse_head(buf, sizeof(buf), &h), -2);
 }
 
 
@@ -642,28 +565,39 @@ test_recurly_signature(void **state)
 
 
 static int
-handle(meter_provider_t *p, const char *body, char *out, size_t outlen)
+handle_at(meter_provider_t *p, const char *path, const char *body,
+    time_t now, char *out, size_t outlen)
 {
-    int                rc;
-    char               head[512], sig[200];
-    long               n;
-    meter_redis_t      r;
-    meter_http_head_t  h;
+    char                 sig[200];
+    hdrs_t               h;
+    meter_redis_t        r;
+    meter_webhook_req_t  req;
 
-    sign("whsec_abc", NOW, body, sig, sizeof(sig));
-    snprintf(head, sizeof(head), "POST /webhooks/stripe HTTP/1.0\r\n"
-             "Stripe-Signature: %s\r\nContent-Length: %zu\r\n\r\n", sig,
-             strlen(body));
-    n = meter_webhook_parse_head(head, strlen(head), &h);
-    assert_true(n > 0);
+    sign("whsec_abc", now, body, sig, sizeof(sig));
+    memset(&h, 0, sizeof(h));
+    h.names[0] = "Stripe-Signature";
+    h.values[0] = sig;
+
+    memset(&req, 0, sizeof(req));
+    req.method = "POST";
+    req.path = path;
+    req.body = body;
+    req.body_len = strlen(body);
+    req.header = hdr;
+    req.data = &h;
+    req.now = now;
 
     memset(&r, 0, sizeof(r));
     r.ctx = (redisContext *) &r;        /* "connected"; never used */
 
-    rc = meter_webhook_handle(p, &r, &h, body, strlen(body), NOW, out,
-                              outlen);
+    return meter_webhook_handle(p, &r, &req, out, outlen);
+}
 
-    return rc;
+
+static int
+handle(meter_provider_t *p, const char *body, char *out, size_t outlen)
+{
+    return handle_at(p, "/webhooks/stripe", body, NOW, out, outlen);
 }
 
 
@@ -759,17 +693,88 @@ test_handle(void **state)
 }
 
 
+/* a body dated ten years ahead is ordered as received; one within the
+ * skew keeps its time */
+static void
+test_future_event_time(void **state)
+{
+    char               out[512], body[512];
+    size_t             i;
+    meter_conf_t      *cf;
+    meter_provider_t   p;
+
+    static const struct {
+        long long      created;
+        long long      ordered;
+    } cases[] = {
+        { NOW + 10LL * 365 * 86400, NOW },
+        { NOW + METER_WEBHOOK_SKEW_S + 1, NOW },
+        { NOW + METER_WEBHOOK_SKEW_S, NOW + METER_WEBHOOK_SKEW_S },
+        { NOW - 5, NOW - 5 },
+        { 0, NOW },
+    };
+
+    (void) state;
+
+    cf = provider(&p, "stripe", "stripe.webhook_secret_file = whsec\n");
+
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        snprintf(body, sizeof(body), "{\"id\":\"evt_1\",\"type\":"
+                 "\"invoice.payment_failed\",\"created\":%lld,\"data\":"
+                 "{\"object\":{\"id\":\"in_1\",\"customer\":\"cus_1\","
+                 "\"subscription\":\"sub_1\"}}}", cases[i].created);
+
+        expect_lookup(1, "acme");
+        expect_string(__wrap_meter_gov_set_status, customer, "acme");
+        expect_value(__wrap_meter_gov_set_status, delinquent, 1);
+        expect_value(__wrap_meter_gov_set_status, event_time,
+                     cases[i].ordered);
+        will_return(__wrap_meter_gov_set_status, 1);
+        expect_string(__wrap_meter_redis_argv, line,
+                      "SET mtr:wh:stripe:evt_1 1 NX EX 2592000");
+        will_return(__wrap_meter_redis_argv, REDIS_REPLY_STATUS);
+        will_return(__wrap_meter_redis_argv, 0);
+        assert_int_equal(handle(&p, body, out, sizeof(out)), 200);
+    }
+
+    p.cleanup(&p);
+    meter_conf_free(cf);
+}
+
+
+static void
+test_routes(void **state)
+{
+    char               out[512];
+    meter_conf_t      *cf;
+    meter_provider_t   p;
+
+    (void) state;
+
+    cf = provider(&p, "stripe", "stripe.webhook_secret_file = whsec\n");
+
+    assert_int_equal(handle_at(&p, "/webhooks/recurly", failed, NOW, out,
+                               sizeof(out)), 404);
+    assert_string_equal(out, "{\"error\":\"no webhooks here\"}");
+    assert_int_equal(handle_at(&p, "/webhooks/stripe/x", failed, NOW, out,
+                               sizeof(out)), 404);
+
+    p.cleanup(&p);
+    meter_conf_free(cf);
+}
+
+
 int
 main(void)
 {
     const struct CMUnitTest  tests[] = {
-        cmocka_unit_test(test_parse_head),
-        cmocka_unit_test(test_parse_incomplete_and_bad),
         cmocka_unit_test(test_stripe_signature),
         cmocka_unit_test(test_stripe_event_kinds),
         cmocka_unit_test(test_chargebee_basic_auth),
         cmocka_unit_test(test_recurly_signature),
         cmocka_unit_test(test_handle),
+        cmocka_unit_test(test_future_event_time),
+        cmocka_unit_test(test_routes),
     };
 
     return cmocka_run_group_tests(tests, setup, teardown);
