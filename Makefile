@@ -7,6 +7,7 @@
 #   make test     deps + everything above + pytest integration tests
 #   make demo     deps + build + a short end-to-end demo
 #   make bench    plain nginx vs nginx with metering (wrk); not a test
+#   make deb      Debian packages into build/deb/ (dpkg-buildpackage, lintian)
 
 # bash: conf_flags defines a bash array
 SHELL := /bin/bash
@@ -23,7 +24,8 @@ PYTHON    := /usr/bin/python3
 PKGS := build-essential pkg-config nginx nginx-dev libhiredis-dev \
         libcurl4-openssl-dev libcjson-dev libcmocka-dev libsystemd-dev \
         libssl-dev redis-server python3-pytest python3-h2 wrk curl \
-        ca-certificates time libfaketime libmicrohttpd-dev
+        ca-certificates time libfaketime libmicrohttpd-dev debhelper \
+        dpkg-dev lintian systemd strace
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -33,7 +35,7 @@ UNIT_CFLAGS := -std=c11 -Wall -Wextra -Werror -g -fsanitize=address,undefined
 .NOTPARALLEL:
 
 .PHONY: all module smoke deps worker unit integration test demo bench clean \
-        install
+        install deb
 
 all: module
 
@@ -145,13 +147,42 @@ install: module worker
 	install -D -m 0755 worker/meterctl $(DESTDIR)/usr/bin/meterctl
 	install -D -m 0644 conf/meter-worker.service \
 	    $(DESTDIR)/lib/systemd/system/meter-worker.service
-	install -d -m 0750 $(DESTDIR)/etc/meter
+	: "readable by the unit's DynamicUser; secrets go in credentials"
+	install -d -m 0755 $(DESTDIR)/etc/meter
 	[ -e $(DESTDIR)/etc/meter/worker.conf ] || \
-	    install -m 0640 conf/meter-worker.conf $(DESTDIR)/etc/meter/worker.conf
+	    install -m 0644 conf/meter-worker.conf $(DESTDIR)/etc/meter/worker.conf
 	install -D -m 0644 conf/nginx-meter.conf \
 	    $(DESTDIR)/usr/share/doc/nginx-meter/examples/nginx-meter.conf
 	install -D -m 0644 README.md docs/redis-schema.md \
 	    -t $(DESTDIR)/usr/share/doc/nginx-meter/
+	install -D -m 0644 man/meterctl.1 -t $(DESTDIR)/usr/share/man/man1/
+	install -D -m 0644 man/ngx_http_meter_module.5 \
+	    -t $(DESTDIR)/usr/share/man/man5/
+	install -D -m 0644 man/meter-worker.8 -t $(DESTDIR)/usr/share/man/man8/
+
+# dpkg-buildpackage in a copy of the tree under build/deb/src, so that its
+# ../*.deb and its clean step stay out of the source tree; lintian must find
+# nothing but the tags debian/*lintian-overrides justify
+DEB_DIR := $(BUILD)/deb
+
+deb:
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_DIR)/src/nginx-meter
+	tar -C $(ROOT) --exclude=./build --exclude=./.git \
+	    --exclude=__pycache__ --exclude=.pytest_cache \
+	    --exclude=./worker/build --exclude=./worker/meter-worker \
+	    --exclude=./worker/meterctl -cf - . \
+	| tar -C $(DEB_DIR)/src/nginx-meter -xf -
+	@echo "deb: dpkg-buildpackage (log: build/deb/build.log)"
+	@cd $(DEB_DIR)/src/nginx-meter \
+	&& dpkg-buildpackage -us -uc > $(DEB_DIR)/build.log 2>&1 \
+	|| { tail -n 40 $(DEB_DIR)/build.log; exit 1; }
+	mv $(DEB_DIR)/src/*.deb $(DEB_DIR)/src/*.dsc $(DEB_DIR)/src/*.tar.* \
+	    $(DEB_DIR)/src/*.changes $(DEB_DIR)/src/*.buildinfo $(DEB_DIR)/
+	rm -rf $(DEB_DIR)/src
+	lintian --fail-on error,warning --info --tag-display-limit 0 \
+	    $(DEB_DIR)/*.changes 2>&1 | tee $(DEB_DIR)/lintian.log
+	@ls $(DEB_DIR)/*.deb
 
 clean:
 	rm -rf $(BUILD) t/__pycache__ t/integration/__pycache__ .pytest_cache
