@@ -485,6 +485,10 @@ meter_drain_run(meter_drain_t *d)
         return METER_DRAIN_REDIS;
     }
 
+    if (d->provider->pass != NULL) {
+        d->provider->pass(d->provider);
+    }
+
     if (!d->dry_run) {
         switch (meter_lock_acquire(d)) {
         case 1:
@@ -1020,6 +1024,40 @@ meter_drain_dead(meter_drain_t *d, const char *id, const char *error,
 }
 
 
+/* the first and last hour of a record's covers lines ("HOUR KH ...") */
+static void
+meter_drain_hours(const char *covers, time_t *start, time_t *end)
+{
+    char         hour[11];
+    time_t       t;
+    const char  *line;
+
+    *start = 0;
+    *end = 0;
+
+    for (line = covers; line != NULL && *line != '\0'; line++) {
+        if (strnlen(line, 11) == 11 && line[10] == ' ') {
+            memcpy(hour, line, 10);
+            hour[10] = '\0';
+            t = meter_hour_parse(hour);
+
+            if (t > 0 && (*start == 0 || t < *start)) {
+                *start = t;
+            }
+
+            if (t > 0 && t + 3600 > *end) {
+                *end = t + 3600;
+            }
+        }
+
+        line = strchr(line, '\n');
+        if (line == NULL) {
+            break;
+        }
+    }
+}
+
+
 /*
  * Everything before a delivery attempt: the checks (a failing one
  * dead-letters the record), the customer's provider ids, and with count
@@ -1053,6 +1091,7 @@ meter_drain_prepare(meter_drain_t *d, meter_rec_t *r, int count,
     pr.quantity = r->quantity;
     pr.created = r->created;
     pr.seq = r->seq;
+    meter_drain_hours(r->covers, &pr.usage_start, &pr.usage_end);
 
     pr.provider_meter = meter_conf_meter(d->cf, r->meter);
     if (pr.provider_meter == NULL) {

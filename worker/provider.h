@@ -52,6 +52,10 @@ typedef struct {
     long                        attempts;       /* this one included: > 1,
                                                  * an earlier send's outcome
                                                  * may be unknown */
+    time_t                      usage_start;    /* the first hour it covers
+                                                 * (start); 0 unknown */
+    time_t                      usage_end;      /* the last hour it covers
+                                                 * (end, exclusive) */
 } meter_record_t;
 
 
@@ -181,6 +185,9 @@ struct meter_provider_s {
                                          meter_webhook_event_t *ev);
 
     void                      (*cleanup)(meter_provider_t *p);
+
+    /* optional: a drain pass begins (per-pass caches are dropped) */
+    void                      (*pass)(meter_provider_t *p);
 
     void                       *data;   /* provider's own state */
 };

@@ -11,13 +11,23 @@
  * with a 400 instead of counting twice.  Any 400 is therefore checked by
  * listing usages with that id: when it exists, the record was accepted.
  *
- * usage_date: Chargebee keeps one usage per (subscription, item price,
- * usage_date).  A period can have a second, late record (usage that
- * reached Redis after the period was drained), so the date is
- * period_start plus a hash of the idempotency key modulo the period's
- * length: inside the period, the same on every resend, and different for
- * a late record of the same period (unless the hashes collide: 1 in 86400
- * for daily periods; such a record is dead-lettered, not lost).
+ * usage_date: Chargebee bills only usage dated while the subscription was
+ * active or non_renewing, and usage dated in a term already invoiced is
+ * stored (200) but never invoiced (apidocs.chargebee.com/docs/api/usages,
+ * "usage_date"); it keeps one usage per (subscription, item price,
+ * usage_date).  So the subscription is fetched once per drain pass and a
+ * record is dated in the last hour of its own usage (usage_start/_end)
+ * that lies in the billable time: from activated_at (else started_at) and
+ * current_term_start, to current_term_end, cancelled_at (pause_date while
+ * paused) and now.  Usage wholly before that time (a term already
+ * invoiced, hours before the start) is dated in the first hour of the
+ * current term, with a note naming its hours: billed one term late rather
+ * than never.  Usage wholly after a cancellation or pause, or of a
+ * subscription in trial, future or transferred, is dead-lettered with the
+ * reason.  Inside that hour the second is a hash of (period, customer,
+ * meter) plus seq, so the records of one period get distinct dates; a
+ * duplicate usage_date (another source, a hash collision) moves to the
+ * next second, up to METER_CHARGEBEE_PROBES times.
  */
 
 
@@ -36,12 +46,30 @@
 #include "util.h"
 
 
+#define METER_CHARGEBEE_PROBES  16
+
+
+/* a subscription's billable time, fetched once per drain pass */
+typedef struct {
+    char                        status[24];
+    time_t                      start;          /* activated_at, else
+                                                 * started_at; 0 unknown */
+    time_t                      term_start;     /* 0: unknown */
+    time_t                      term_end;       /* 0: unknown */
+    time_t                      end;            /* cancelled_at, or
+                                                 * pause_date when paused;
+                                                 * 0: none */
+    time_t                      begins;         /* trial_end / start_date */
+} meter_chargebee_sub_t;
+
+
 typedef struct {
     meter_http_t                http;
     char                        base[256];
     char                        api_key[256];
     char                        webhook_auth[1024];  /* "Basic ..." */
     meter_plans_t               plans;
+    meter_map_t                 subs;           /* id -> _sub_t, per pass */
 } meter_chargebee_t;
 
 
@@ -52,6 +80,10 @@ static meter_send_e meter_chargebee_send(meter_provider_t *p,
 static int meter_chargebee_lookup(meter_provider_t *p,
     const meter_record_t *rec, meter_send_result_t *res);
 static void meter_chargebee_cleanup(meter_provider_t *p);
+static void meter_chargebee_pass(meter_provider_t *p);
+static meter_send_e meter_chargebee_call(meter_chargebee_t *cb,
+    const char *url, const meter_buf_t *form, const char *idem, cJSON **json,
+    meter_send_result_t *res);
 static meter_send_e meter_chargebee_onboard(meter_provider_t *p,
     const meter_onboard_t *in, meter_onboard_result_t *out,
     meter_send_result_t *res);
@@ -165,7 +197,9 @@ meter_chargebee_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
         return -1;
     }
 
-    if (meter_plans_copy(&cb->plans, cf) != 0) {
+    if (meter_plans_copy(&cb->plans, cf) != 0
+        || meter_map_init(&cb->subs, 16) != 0)
+    {
         snprintf(err, errlen, "chargebee: out of memory");
         return -1;
     }
@@ -188,26 +222,261 @@ meter_chargebee_init(meter_provider_t *p, const meter_conf_t *cf, char *err,
 }
 
 
-static time_t
-meter_chargebee_usage_date(const meter_record_t *rec)
+static void
+meter_chargebee_pass(meter_provider_t *p)
 {
-    time_t          span;
+    meter_chargebee_t  *cb;
+
+    cb = p->data;
+    if (cb != NULL) {
+        /* terms renew and subscriptions are cancelled between passes */
+        meter_map_free(&cb->subs, free);
+    }
+}
+
+
+/* GET /api/v2/subscriptions/{id}: the fields of types/resources/
+ * Subscription.d.ts (chargebee-node) that bound billable usage */
+static meter_send_e
+meter_chargebee_subscription(meter_chargebee_t *cb, const char *id,
+    meter_chargebee_sub_t **out, meter_send_result_t *res)
+{
+    int                     created;
+    void                  **slot;
+    cJSON                  *json;
+    double                  v;
+    const char             *st;
+    meter_buf_t             url;
+    const cJSON            *sub;
+    meter_send_e            rc;
+    meter_chargebee_sub_t  *s;
+
+    slot = meter_map_get(&cb->subs, id);
+    if (slot != NULL && *slot != NULL) {
+        *out = *slot;
+        return METER_SEND_OK;
+    }
+
+    json = NULL;
+    memset(&url, 0, sizeof(url));
+
+    if (meter_buf_printf(&url, "%s/api/v2/subscriptions/", cb->base) != 0
+        || meter_url_segment(&url, cb->http.curl, id) != 0)
+    {
+        snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
+        rc = METER_SEND_RETRY;
+        goto end;
+    }
+
+    rc = meter_chargebee_call(cb, url.data, NULL, NULL, &json, res);
+    if (rc != METER_SEND_OK) {
+        if (res->http_status == 404) {
+            snprintf(res->error, sizeof(res->error), "chargebee: "
+                     "subscription \"%s\" not found", id);
+        }
+
+        goto end;
+    }
+
+    sub = cJSON_GetObjectItemCaseSensitive(json, "subscription");
+    st = meter_json_str(sub, "status", (char *) NULL);
+    if (st == NULL || strlen(st) >= sizeof(s->status)) {
+        snprintf(res->error, sizeof(res->error), "chargebee: subscription "
+                 "\"%s\" without a status", id);
+        rc = METER_SEND_RETRY;
+        goto end;
+    }
+
+    s = calloc(1, sizeof(meter_chargebee_sub_t));
+    slot = (s != NULL) ? meter_map_put(&cb->subs, id, &created) : NULL;
+    if (slot == NULL) {
+        free(s);
+        snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
+        rc = METER_SEND_RETRY;
+        goto end;
+    }
+
+    *slot = s;
+    strcpy(s->status, st);
+
+    v = meter_json_num(sub, "activated_at", (char *) NULL);
+    if (v <= 0) {
+        v = meter_json_num(sub, "started_at", (char *) NULL);
+    }
+
+    s->start = meter_time_from_num(v);
+    s->term_start = meter_time_from_num(meter_json_num(sub,
+                                        "current_term_start", (char *) NULL));
+    s->term_end = meter_time_from_num(meter_json_num(sub,
+                                      "current_term_end", (char *) NULL));
+    s->end = meter_time_from_num(meter_json_num(sub, strcmp(st, "paused") == 0
+                                                ? "pause_date"
+                                                : "cancelled_at",
+                                                (char *) NULL));
+    s->begins = meter_time_from_num(meter_json_num(sub,
+                                    strcmp(st, "in_trial") == 0
+                                    ? "trial_end" : "start_date",
+                                    (char *) NULL));
+    *out = s;
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+
+    return rc;
+}
+
+
+/*
+ * The seconds [*lo, *hi) a record may be dated at so that Chargebee bills
+ * it (see the top of the file); *moved: outside its own hours.  OK, or
+ * FATAL with res->error.
+ */
+static meter_send_e
+meter_chargebee_window(const meter_chargebee_sub_t *s,
+    const meter_record_t *rec, time_t now, time_t *lo, time_t *hi,
+    int *moved, meter_send_result_t *res)
+{
+    char    a[24], b[24], t[24];
+    time_t  ustart, uend, wlo, whi;
+
+    ustart = rec->usage_start > 0 ? rec->usage_start : rec->period_start;
+    uend = rec->usage_end > ustart ? rec->usage_end : rec->period_end;
+
+    meter_iso8601(ustart, a, sizeof(a));
+    meter_iso8601(uend, b, sizeof(b));
+    *moved = 0;
+
+    if (strcmp(s->status, "active") != 0
+        && strcmp(s->status, "non_renewing") != 0
+        && strcmp(s->status, "cancelled") != 0
+        && strcmp(s->status, "paused") != 0)
+    {
+        meter_iso8601(s->begins, t, sizeof(t));
+        snprintf(res->error, sizeof(res->error), "chargebee: subscription "
+                 "\"%s\" is %s%s%s: Chargebee bills only usage dated while "
+                 "active or non_renewing (usage %s..%s; meterctl retry once "
+                 "it is active dates it then)", rec->subscription, s->status,
+                 s->begins > 0 ? " until " : "", s->begins > 0 ? t : "", a,
+                 b);
+        return METER_SEND_FATAL;
+    }
+
+    if (strcmp(s->status, "cancelled") == 0 && s->end == 0) {
+        snprintf(res->error, sizeof(res->error), "chargebee: subscription "
+                 "\"%s\" is cancelled without cancelled_at (usage %s..%s)",
+                 rec->subscription, a, b);
+        return METER_SEND_FATAL;
+    }
+
+    if (s->end > 0 && ustart >= s->end) {
+        meter_iso8601(s->end, t, sizeof(t));
+        snprintf(res->error, sizeof(res->error), "chargebee: usage %s..%s "
+                 "is after subscription \"%s\" was %s at %s: Chargebee would "
+                 "store it and never bill it", a, b, rec->subscription,
+                 strcmp(s->status, "paused") == 0 ? "paused" : "cancelled",
+                 t);
+        return METER_SEND_FATAL;
+    }
+
+    wlo = s->start > s->term_start ? s->start : s->term_start;
+
+    whi = now + 1;
+    if (s->term_end > 0 && s->term_end < whi) {
+        whi = s->term_end;
+    }
+
+    if (s->end > 0 && s->end < whi) {
+        whi = s->end;
+    }
+
+    if (uend <= wlo) {
+        /* a term already invoiced, or before the start: the current
+         * term's first hour bills it, one term late */
+        *lo = wlo;
+        *hi = wlo + 3600;
+        *moved = 1;
+
+    } else if (ustart >= whi) {
+        /* the term ended and has not renewed yet: its last hour */
+        *lo = whi - 3600;
+        *hi = whi;
+        *moved = 1;
+
+    } else {
+        /* the last hour of the usage inside the billable time */
+        *hi = uend < whi ? uend : whi;
+        *lo = *hi - 3600;
+        if (*lo < ustart) {
+            *lo = ustart;
+        }
+    }
+
+    if (*lo < wlo) {
+        *lo = wlo;
+    }
+
+    if (*hi > whi) {
+        *hi = whi;
+    }
+
+    if (*hi <= *lo) {
+        meter_iso8601(wlo, t, sizeof(t));
+        snprintf(res->error, sizeof(res->error), "chargebee: subscription "
+                 "\"%s\" has no billable time for usage %s..%s (from %s)",
+                 rec->subscription, a, b, t);
+        return METER_SEND_FATAL;
+    }
+
+    return METER_SEND_OK;
+}
+
+
+/* FNV-1a of (period, customer, meter), plus seq: the records of one
+ * period and meter get consecutive seconds */
+static uint64_t
+meter_chargebee_spread(const meter_record_t *rec)
+{
+    char            buf[256];
     uint64_t        h;
     const uint8_t  *s;
 
-    span = rec->period_end - rec->period_start;
-    if (span <= 1) {
-        return rec->period_start;
-    }
+    snprintf(buf, sizeof(buf), "%lld|%s|%s", (long long) rec->period_start,
+             rec->customer != NULL ? rec->customer : rec->subscription,
+             rec->meter != NULL ? rec->meter : rec->provider_meter);
 
-    /* FNV-1a */
     h = 14695981039346656037ULL;
-    for (s = (const uint8_t *) rec->idempotency_key; *s; s++) {
+    for (s = (const uint8_t *) buf; *s; s++) {
         h ^= *s;
         h *= 1099511628211ULL;
     }
 
-    return rec->period_start + (time_t) (h % (uint64_t) span);
+    return h + (rec->seq > 0 ? rec->seq - 1 : 0);
+}
+
+
+/* a 400 about usage_date: the code is not published (chargebee-node has
+ * none), so the param or the message naming it is taken */
+static int
+meter_chargebee_date_taken(const meter_http_resp_t *resp)
+{
+    int          taken;
+    cJSON       *json;
+    const char  *param, *msg;
+
+    json = cJSON_ParseWithLength(resp->body.data, resp->body.len);
+    param = meter_json_str(json, "param", (char *) NULL);
+    msg = meter_json_str(json, "message", (char *) NULL);
+
+    taken = (param != NULL && strcmp(param, "usage_date") == 0)
+            || (param == NULL && msg != NULL
+                && strstr(msg, "usage_date") != NULL
+                && strstr(msg, "exist") != NULL);
+
+    cJSON_Delete(json);
+
+    return taken;
 }
 
 
@@ -215,14 +484,16 @@ static meter_send_e
 meter_chargebee_send(meter_provider_t *p, const meter_record_t *rec,
     meter_send_result_t *res)
 {
-    int                 found;
-    char                idem[200];
-    meter_buf_t         url, body;
-    meter_send_e        rc;
-    meter_http_req_t    req;
-    meter_chargebee_t  *cb;
-    meter_http_resp_t   resp;
-    meter_send_result_t lres;
+    int                     found, moved, probe;
+    char                    idem[200], note[120], a[24], b[24];
+    time_t                  lo, hi, date;
+    meter_buf_t             url, body;
+    meter_send_e            rc;
+    meter_http_req_t        req;
+    meter_chargebee_t      *cb;
+    meter_http_resp_t       resp;
+    meter_send_result_t     lres;
+    meter_chargebee_sub_t  *sub;
 
     cb = p->data;
 
@@ -242,49 +513,85 @@ meter_chargebee_send(meter_provider_t *p, const meter_record_t *rec,
         goto end;
     }
 
-    if (meter_buf_printf(&url, "%s/api/v2/subscriptions/", cb->base) != 0
-        || meter_url_segment(&url, cb->http.curl, rec->subscription) != 0
-        || meter_buf_printf(&url, "/usages") != 0
-        || meter_form_add(&body, cb->http.curl, "item_price_id",
-                          rec->provider_meter) != 0
-        || meter_form_add_u64(&body, cb->http.curl, "quantity",
-                              (unsigned long long) rec->quantity) != 0
-        || meter_form_add_u64(&body, cb->http.curl, "usage_date",
-                              (unsigned long long)
-                              meter_chargebee_usage_date(rec)) != 0
-        || meter_form_add(&body, cb->http.curl, "id", rec->idempotency_key)
-           != 0)
-    {
-        snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
-        res->status = METER_SEND_RETRY;
-        rc = METER_SEND_RETRY;
+    rc = meter_chargebee_subscription(cb, rec->subscription, &sub, res);
+    if (rc == METER_SEND_OK) {
+        rc = meter_chargebee_window(sub, rec, time(NULL), &lo, &hi, &moved,
+                                    res);
+    }
+
+    if (rc != METER_SEND_OK) {
         goto end;
     }
 
-    snprintf(idem, sizeof(idem), "chargebee-idempotency-key: %s",
-             rec->idempotency_key);
+    date = lo + (time_t) (meter_chargebee_spread(rec) % (uint64_t) (hi - lo));
+
+    meter_iso8601(rec->usage_start > 0 ? rec->usage_start : rec->period_start,
+                  a, sizeof(a));
+    meter_iso8601(rec->usage_end > 0 ? rec->usage_end : rec->period_end,
+                  b, sizeof(b));
+    snprintf(note, sizeof(note), "nginx-meter: usage of %s..%s, dated in "
+             "the current term", a, b);
+
+    if (meter_buf_printf(&url, "%s/api/v2/subscriptions/", cb->base) != 0
+        || meter_url_segment(&url, cb->http.curl, rec->subscription) != 0
+        || meter_buf_printf(&url, "/usages") != 0)
+    {
+        goto nomem;
+    }
 
     req.method = "POST";
     req.url = url.data;
     req.content_type = "application/x-www-form-urlencoded";
     req.accept = "application/json";
-    req.body = body.data;
-    req.body_len = body.len;
     req.headers[0] = idem;
     req.auth = METER_HTTP_AUTH_BASIC;
     req.secret = cb->api_key;
 
-    rc = meter_http_request(&cb->http, &req, &resp, res);
+    for (probe = 0; probe < METER_CHARGEBEE_PROBES; probe++) {
+        meter_buf_reset(&body);
 
-    /* a replayed failure: the usage id dedupes, so try a fresh key once */
-    if (rc == METER_SEND_RETRY && resp.replayed) {
-        snprintf(idem, sizeof(idem), "chargebee-idempotency-key: %s-r%lx%04lx",
-                 rec->idempotency_key, (unsigned long) time(NULL),
-                 (unsigned long) (random() & 0xffff));
+        if (meter_form_add(&body, cb->http.curl, "item_price_id",
+                           rec->provider_meter) != 0
+            || meter_form_add_u64(&body, cb->http.curl, "quantity",
+                                  (unsigned long long) rec->quantity) != 0
+            || meter_form_add_u64(&body, cb->http.curl, "usage_date",
+                                  (unsigned long long) date) != 0
+            || meter_form_add(&body, cb->http.curl, "id",
+                              rec->idempotency_key) != 0
+            || (moved && meter_form_add(&body, cb->http.curl, "note", note)
+                         != 0))
+        {
+            goto nomem;
+        }
+
+        /* each date its own key: a saved answer is for its parameters */
+        if (probe == 0) {
+            snprintf(idem, sizeof(idem), "chargebee-idempotency-key: %s",
+                     rec->idempotency_key);
+
+        } else {
+            snprintf(idem, sizeof(idem), "chargebee-idempotency-key: %s-d%lld",
+                     rec->idempotency_key, (long long) date);
+        }
+
+        req.body = body.data;
+        req.body_len = body.len;
+
         rc = meter_http_request(&cb->http, &req, &resp, res);
-    }
 
-    if (rc == METER_SEND_FATAL && res->http_status == 400) {
+        /* a replayed failure: the usage id dedupes, so try a fresh key */
+        if (rc == METER_SEND_RETRY && resp.replayed) {
+            snprintf(idem, sizeof(idem), "chargebee-idempotency-key: "
+                     "%s-r%lx%04lx", rec->idempotency_key,
+                     (unsigned long) time(NULL),
+                     (unsigned long) (random() & 0xffff));
+            rc = meter_http_request(&cb->http, &req, &resp, res);
+        }
+
+        if (rc != METER_SEND_FATAL || res->http_status != 400) {
+            break;
+        }
+
         /* the usage id may exist from an earlier attempt */
         memset(&lres, 0, sizeof(lres));
         found = meter_chargebee_lookup(p, rec, &lres);
@@ -293,11 +600,29 @@ meter_chargebee_send(meter_provider_t *p, const meter_record_t *rec,
             res->status = METER_SEND_OK;
             res->error[0] = '\0';
             rc = METER_SEND_OK;
+            break;
         }
+
+        if (found != 0 || !meter_chargebee_date_taken(&resp)
+            || hi - lo <= probe + 1)
+        {
+            break;
+        }
+
+        /* another usage has this second: the next one */
+        date = (date + 1 < hi) ? date + 1 : lo;
     }
+
+    goto end;
+
+nomem:
+
+    snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
+    rc = METER_SEND_RETRY;
 
 end:
 
+    res->status = rc;
     meter_buf_free(&url);
     meter_buf_free(&body);
     meter_buf_free(&resp.body);
@@ -784,6 +1109,10 @@ meter_chargebee_cleanup(meter_provider_t *p)
     }
 
     meter_http_cleanup(&cb->http);
+    if (cb->subs.keys != NULL) {
+        meter_map_free(&cb->subs, free);
+    }
+
     explicit_bzero(cb->api_key, sizeof(cb->api_key));
     explicit_bzero(cb->webhook_auth, sizeof(cb->webhook_auth));
     meter_plans_free(&cb->plans);
@@ -804,5 +1133,6 @@ meter_provider_chargebee(meter_provider_t *p)
     p->overdue = meter_chargebee_overdue;
     p->webhook = meter_chargebee_webhook;
     p->cleanup = meter_chargebee_cleanup;
+    p->pass = meter_chargebee_pass;
     p->data = NULL;
 }

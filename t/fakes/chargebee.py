@@ -13,11 +13,19 @@ the window at once).
 
 Chargebee stores usage it will never bill with a 200: dated before the
 subscription started, at or after its cancellation, or in a term already
-invoiced (before ``current_term_start``).  The fake stores such usage with
+invoiced (before ``current_term_start``), in a trial (before
+``trial_end``) or while paused (from ``pause_date``): "Chargebee bills only
+those usages whose usage_date falls within a time when the subscription
+status was active or non_renewing" and "If usage_date corresponds to a time
+already invoiced, then it is stored but never invoiced"
+(apidocs.chargebee.com/docs/api/usages).  The fake stores such usage with
 ``billed: False`` (listed in ``unbillable()``), so a test can assert it is
-never hit.  Subscriptions carry started_at, activated_at,
-current_term_start / _end and cancelled_at; ``invoice_term()`` closes the
-current term.  ``next_offset`` is opaque (as Chargebee's, e.g.
+never hit.  Subscriptions carry the fields of chargebee-node
+types/resources/Subscription.d.ts that bound it: status, started_at,
+activated_at, current_term_start / _end, cancelled_at, trial_end,
+pause_date; ``invoice_term()`` closes the current term and starts the next,
+``cancel()`` cancels, ``add_usage()`` stores usage made elsewhere (the
+admin console; ``on_usage`` can do it just before a POST is handled).  ``next_offset`` is opaque (as Chargebee's, e.g.
 '["1517505980000","230000000011"]'); an offset the fake did not hand out
 is a 400.
 
@@ -86,6 +94,9 @@ class FakeChargebee(FakeServer):
         self.idem = {}              # key -> (time, Response)
         self.now = time.time
         self.offsets = {}           # opaque next_offset -> index
+        # called with (subscription id, form) before a usage is checked:
+        # a test's concurrent writer (add_usage)
+        self.on_usage = None
         self._ids = itertools.count(1)
 
     def error(self, status, kind, message, code=None, param=None, **extra):
@@ -171,6 +182,19 @@ class FakeChargebee(FakeServer):
             s = self.subscriptions[sid]
             s["status"] = "cancelled"
             s["cancelled_at"] = int(self.now() if at is None else at)
+
+    def add_usage(self, sid, item_price_id, usage_date, quantity=1,
+                  source="admin_console"):
+        """Usage recorded by someone else (it holds its usage_date)."""
+        with self.lock:
+            u = {"id": "usage_%d" % next(self._ids), "object": "usage",
+                 "subscription_id": sid, "item_price_id": item_price_id,
+                 "quantity": str(quantity), "usage_date": int(usage_date),
+                 "source": source, "created_at": int(self.now()),
+                 "billed": self._billable(self.subscriptions[sid],
+                                          int(usage_date))}
+            self.usages.append(u)
+        return u
 
     # setup
 
@@ -263,6 +287,8 @@ class FakeChargebee(FakeServer):
 
     def create_usage(self, req, sid):
         f = req.form
+        if self.on_usage is not None:
+            self.on_usage(sid, f)
         sub = self.subscriptions.get(sid)
         if sub is None:
             return self.error(404, "invalid_request",
@@ -290,6 +316,10 @@ class FakeChargebee(FakeServer):
                               "usage_date : cannot be blank",
                               code="param_wrong_value", param="usage_date")
         d = int(d)
+        if len(f.get("note") or "") > 500:
+            return self.error(400, "invalid_request",
+                              "note : length exceeds 500", param="note",
+                              code="param_wrong_value")
         uid = f.get("id") or "usage_%d" % next(self._ids)
         if len(uid) > 100:
             return self.error(400, "invalid_request",
@@ -325,6 +355,12 @@ class FakeChargebee(FakeServer):
         if start is not None and d < start:
             return False
         if sub.get("cancelled_at") is not None and d >= sub["cancelled_at"]:
+            return False
+        if sub.get("trial_end") is not None and d < sub["trial_end"]:
+            return False            # a trial is never billed
+        if sub.get("pause_date") is not None and d >= sub["pause_date"] \
+                and (sub.get("resume_date") is None
+                     or d < sub["resume_date"]):
             return False
         if sub.get("current_term_start") is not None \
                 and d < sub["current_term_start"]:

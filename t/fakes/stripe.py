@@ -479,6 +479,27 @@ class FakeStripe(FakeServer):
         self.meters.append(m)
         return Response(200, m)
 
+    def add_meter(self, event_name, formula="sum"):
+        m = {"id": self._id("mtr"), "object": "billing.meter",
+             "display_name": event_name, "event_name": event_name,
+             "default_aggregation": {"formula": formula}, "status": "active"}
+        with self.lock:
+            self.meters.append(m)
+        return m
+
+    def add_event(self, event_name, customer, value, timestamp):
+        """A meter event sent by someone else (another identifier)."""
+        ev = {"object": "billing.meter_event", "created": int(self.now()),
+              "event_name": event_name, "identifier": self._id("other"),
+              "livemode": False,
+              "payload": {self.customer_key: customer,
+                          self.value_key: str(value)},
+              "timestamp": int(timestamp)}
+        with self.lock:
+            self.identifiers[ev["identifier"]] = ev
+            self.events.append(ev)
+        return ev
+
     def list_meters(self, req):
         return Response(200, paginate_cursor(self.meters, req))
 

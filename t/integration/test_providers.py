@@ -19,6 +19,7 @@ from fakes import (FakeChargebee, FakeLago, FakeOpenMeter, FakeRecurly,
 
 WORKER = Path(os.environ.get("METER_WORKER",
                            ROOT / "worker" / "meter-worker"))
+METERCTL = ROOT / "worker" / "meterctl"
 EPOCH = "3f2a9c0d11b2e4f7"
 
 pytestmark = pytest.mark.skipif(not WORKER.exists(),
@@ -295,6 +296,105 @@ def test_stripe_meter_event_stream(redis, tmp_path):
             no_secret_in(worker.runs, tok)
 
 
+@pytest.mark.parametrize("case", ["counted", "absent", "mismatch"])
+def test_stripe_unknown_outcome_past_24h_read_back(redis, tmp_path, case):
+    """A first send whose outcome is unknown, retried after Stripe forgot
+    its identifier (Redis `created` 25 h back, the fake's clock 25 h on):
+    Stripe's event summary decides.  It has the record: marked billed, not
+    resent; nothing: resent once; another count: dead letter."""
+    with FakeStripe(api_key=STRIPE_KEY) as fake:
+        seed = Seed(redis)
+        seed.customer("acme", "stripe", provider_customer="cus_A",
+                      subscription="sub_acme")
+        kh = seed.key("mk_live_acme", "acme")
+        h = hours_ago(2)
+        seed.usage("mk_live_acme", "acme", "calls", h, [40, 2])
+        fake.add_meter("api_calls")
+        w = Worker(tmp_path / "w", redis, "stripe", {
+            "stripe.base_url": fake.url, "stripe.api_key_file": "@KEY@",
+            "_api_key": STRIPE_KEY, "stripe.backoff": "50ms",
+            "stripe.timeout": "1s", "stripe.max_attempts": 1,
+            "meter.calls": "api_calls"})
+        # counted, mismatch: processed, the answer lost; absent: lost
+        # before Stripe saw it
+        fake.hang_next(1, seconds=3, after=(case != "absent"),
+                       match=r"/meter_events$")
+        if case == "mismatch":
+            fake.add_event("api_calls", "cus_A", 5, h + 60)
+        t = _age_first_send(redis, fake, 25 * 3600)
+        r = w.run(now_hour())
+        t.join()
+
+        posts = fake.requests_to("POST", r"/v1/billing/meter_events$")
+        summaries = fake.requests_to("GET", r"/event_summaries$")
+        assert len(summaries) == 1
+        assert summaries[0].q("customer") == "cus_A"
+        assert (int(summaries[0].q("start_time")),
+                int(summaries[0].q("end_time"))) == (h, h + 3600)
+        billed = redis.hgetall("mtr:b:{%s}:%s" % (kh, hour_name(h)))
+        if case == "mismatch":
+            assert r.returncode == 65, r.stderr
+            assert len(posts) == 1
+            assert fake.total("cus_A", "api_calls") == 42 + 5
+            assert billed == {}
+            dead = redis.cmd("ZRANGE", "mtr:{worker}:dead", "0", "-1")
+            assert len(dead) == 1
+            rec = redis.hgetall("mtr:{worker}:r:%s" % dead[0].decode())
+            assert "Stripe counts 47 (sum)" in rec["last_error"]
+            assert "this record 42" in rec["last_error"]
+            assert "not resent" in rec["last_error"]
+            return
+        assert r.returncode == 0, r.stderr
+        assert fake.total("cus_A", "api_calls") == 42
+        assert len(fake.events) == 1
+        assert len(posts) == (1 if case == "counted" else 2)
+        assert "Stripe counts it already" in r.stderr \
+            if case == "counted" else "resending" in r.stderr
+        assert sorted(billed.values()) == ["2", "40"]
+        assert redis.cmd("ZCARD", "mtr:{worker}:open") == 0
+        # a rerun sends nothing
+        n = len(fake.requests)
+        assert w.run(now_hour()).returncode == 0
+        assert len(fake.requests) == n
+
+
+def test_stripe_late_invoice_warning_in_status(redis, tmp_path):
+    """Usage of a billing period sent after that period's invoice was
+    finalized (stripe.invoice_grace after the period ended) is listed by
+    meterctl status; usage of the current period is not."""
+    with FakeStripe(api_key=STRIPE_KEY) as fake:
+        seed = Seed(redis)
+        # the subscription's current period began two hours ago
+        fake.period_start = hours_ago(2)
+        sub = fake.add_subscription("cus_A", prices=("price_1",))
+        seed.customer("acme", "stripe", provider_customer="cus_A",
+                      subscription=sub["id"])
+        seed.key("mk_live_acme", "acme")
+        seed.usage("mk_live_acme", "acme", "calls", hours_ago(3), [11])
+        seed.usage("mk_live_acme", "acme", "calls", hours_ago(2), [13])
+        w = Worker(tmp_path / "w", redis, "stripe", {
+            "stripe.base_url": fake.url, "stripe.api_key_file": "@KEY@",
+            "_api_key": STRIPE_KEY, "stripe.backoff": "50ms",
+            "stripe.invoice_grace": "10m", "meter.calls": "api_calls"})
+        r = w.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert fake.total("cus_A", "api_calls") == 24
+        assert "sent after the invoice of its period was finalized" in \
+            r.stderr
+        late = redis.cmd("ZRANGE", "mtr:{worker}:stripe:late", "0", "-1")
+        assert len(late) == 1
+        f = late[0].decode().split()
+        assert f[1:] == ["acme", "calls", str(hours_ago(3)), "11",
+                         str(hours_ago(2))]
+        st = subprocess.run([str(METERCTL), "--redis", redis.address,
+                             "status"], capture_output=True, text=True,
+                            timeout=60)
+        assert st.returncode == 0, st.stderr
+        assert "warning: 1 record sent after the invoice of its period " \
+            "was finalized (Stripe bills it on no invoice)" in st.stdout
+        assert "  late %s" % late[0].decode() in st.stdout.splitlines()
+
+
 # ---------------------------------------------------------------- chargebee
 
 CB_KEY = "cb_test_key_42"
@@ -346,6 +446,124 @@ def test_chargebee_daily_totals(redis, tmp_path):
         n = len(fake.usages)
         r = worker.run(now_hour())
         assert r.returncode == 0 and len(fake.usages) == n
+        no_secret_in(worker.runs, CB_KEY)
+
+
+def test_chargebee_dates_only_where_billed(redis, tmp_path):
+    """Subscriptions started mid-hour, cancelled mid-period and invoiced
+    and renewed between two drains: every usage is dated where Chargebee
+    bills it (the fake flags the rest), totals exact, usage after the
+    cancellation dead-lettered with the reason, a second taken by another
+    writer skipped."""
+    item = "calls-USD-Monthly"
+    with FakeChargebee(api_key=CB_KEY) as fake:
+        seed = Seed(redis)
+        d1 = (int(time.time()) // 86400 - 1) * 86400    # yesterday
+        d2 = d1 - 86400
+        start = d1 + 10 * 3600 + 1234
+        cancel = d2 + 12 * 3600 + 3
+        subs = {"mid": "sub_mid", "gone": "sub_gone", "renew": "sub_renew"}
+        for c, s in subs.items():
+            seed.customer(c, "chargebee", provider_customer="cust_" + c,
+                          subscription=s)
+            seed.key("key_" + c, c)
+        fake.add_subscription("sub_mid", customer_id="cust_mid",
+                              item_prices=[item], started_at=start)
+        fake.add_subscription("sub_gone", customer_id="cust_gone",
+                              item_prices=[item])
+        fake.add_subscription("sub_renew", customer_id="cust_renew",
+                              item_prices=[item])
+        fake.cancel("sub_gone", at=cancel)
+        # the admin console records usage at the second the worker picks,
+        # just before its POST
+        taken = []
+
+        def race(sid, form):
+            if sid == "sub_gone" and not taken:
+                taken.append(int(form["usage_date"]))
+                fake.add_usage(sid, item, taken[0])
+        fake.on_usage = race
+        # mid: a day before its start, and the hours around it
+        seed.usage("key_mid", "mid", "calls", d2 + 5 * 3600, [7])
+        seed.usage("key_mid", "mid", "calls", d1 + 9 * 3600, [11, 2])
+        seed.usage("key_mid", "mid", "calls", d1 + 10 * 3600, [13])
+        # gone: the hour of its cancellation, then a day after it
+        seed.usage("key_gone", "gone", "calls", d2 + 12 * 3600, [17, 19])
+        seed.usage("key_gone", "gone", "calls", d1 + 3 * 3600, [23],
+                   billable=False)
+        # renew: the day before yesterday, sent before the renewal
+        seed.usage("key_renew", "renew", "calls", d2 + 20 * 3600, [29])
+        worker = Worker(tmp_path / "w", redis, "chargebee", {
+            "chargebee.base_url": fake.url,
+            "chargebee.api_key_file": "@KEY@", "_api_key": CB_KEY,
+            "chargebee.max_rps": 0, "chargebee.backoff": "50ms",
+            "meter.calls": item})
+
+        # the day before yesterday closes
+        r = worker.run(d1 + 600)
+        assert r.returncode == 0, r.stderr
+        assert len(fake.requests_to("GET", r"/subscriptions/[^/]+$")) == 3
+
+        # the renew term is invoiced and renewed yesterday at 06:00; late
+        # usage of the day before yesterday (in that invoiced term) arrives,
+        # and yesterday's usage
+        renewed = d1 + 6 * 3600
+        fake.invoice_term("sub_renew", at=renewed)
+        seed.usage("key_renew", "renew", "calls", d2 + 21 * 3600, [31])
+        seed.usage("key_renew", "renew", "calls", d1 + 2 * 3600, [37])
+        seed.usage("key_renew", "renew", "calls", d1 + 8 * 3600, [41])
+        r = worker.run(now_hour())
+        assert r.returncode == 65, r.stderr
+
+        assert fake.unbillable() == []
+        assert fake.total("sub_mid", item) == 7 + 13 + 13
+        assert fake.total("sub_gone", item) == 17 + 19 + 1
+        assert fake.total("sub_renew", item) == 29 + 31 + 37 + 41
+        for c, s in subs.items():
+            ours = sum(int(u["quantity"]) for u in fake.usages
+                       if u["subscription_id"] == s and u["source"] == "api")
+            assert ours == seed.expected[(c, "calls")]
+
+        dates = {}
+        for u in fake.usages:
+            if u["source"] == "api":
+                dates.setdefault(u["subscription_id"], []).append(
+                    u["usage_date"])
+        # mid: the day before its start in its first hour (with a note),
+        # its own day in the hour it started, after the start
+        mid = sorted(dates["sub_mid"])
+        assert len(mid) == 2
+        assert start <= mid[0] < start + 3600
+        assert start <= mid[1] < d1 + 11 * 3600
+        notes = [u["note"] for u in fake.usages
+                 if u["subscription_id"] == "sub_mid" and u["note"]]
+        assert notes == ["nginx-meter: usage of %s..%s, dated in the "
+                         "current term" % (iso(d2 + 5 * 3600),
+                                           iso(d2 + 6 * 3600))]
+        # gone: in the three seconds before the cancellation, the one after
+        # the second taken
+        assert d2 + 12 * 3600 <= taken[0] < cancel
+        assert dates["sub_gone"] == [taken[0] + 1 if taken[0] + 1 < cancel
+                                     else d2 + 12 * 3600]
+        assert any("-d" in p.headers["chargebee-idempotency-key"]
+                   for p in fake.requests_to("POST",
+                                             r"/sub_gone/usages$"))
+        # renew: sent in its term; the late usage of the invoiced term in
+        # the new term's first hour; yesterday in its last hour
+        ren = sorted(dates["sub_renew"])
+        assert len(ren) == 3
+        assert d2 + 20 * 3600 <= ren[0] < d2 + 22 * 3600
+        assert renewed <= ren[1] < renewed + 3600
+        assert d1 + 8 * 3600 <= ren[2] < d1 + 9 * 3600
+
+        # the usage after the cancellation waits in the dead letters
+        dead = redis.cmd("ZRANGE", "mtr:{worker}:dead", "0", "-1")
+        assert len(dead) == 1
+        rec = redis.hgetall("mtr:{worker}:r:%s" % dead[0].decode())
+        assert rec["quantity"] == "23"
+        assert "after subscription \"sub_gone\" was cancelled at %s" % \
+            iso(cancel) in rec["last_error"]
+        assert "never bill it" in rec["last_error"]
         no_secret_in(worker.runs, CB_KEY)
 
 

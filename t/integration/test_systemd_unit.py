@@ -154,7 +154,9 @@ def parse_trace(path):
         elif name in ("mmap", "mprotect", "pkey_mprotect"):
             if "PROT_WRITE" in ln and "PROT_EXEC" in ln:
                 wx.append(ln)
-        elif name in ("socket", "socketpair"):
+        elif name in ("socket", "socketpair") and "resumed>" not in ln:
+            # a call another thread interrupted resumes on a line of its own
+            # that has no arguments; its family is on the first line
             f = re.search(r"\((AF_\w+|\d+)", ln)
             families.add(f.group(1))
     return calls, writes, procs, wx, families

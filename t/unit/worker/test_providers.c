@@ -25,6 +25,7 @@
 
 #include "http.h"
 #include "config.h"
+#include "util.h"
 
 
 #define MAX_SEEN  8
@@ -811,11 +812,43 @@ test_stripe_init_errors(void **state)
     "chargebee.max_attempts = 1\n"
 
 
+/* GET /api/v2/subscriptions/{id}'s answer; extra: more fields */
+static fake_answer_t *
+cb_sub(char *buf, size_t size, fake_answer_t *a, const char *status,
+    long long start, long long term_start, const char *extra)
+{
+    snprintf(buf, size, "{\"subscription\":{\"id\":\"sub_9\",\"status\":"
+             "\"%s\",\"started_at\":%lld,\"activated_at\":%lld,"
+             "\"current_term_start\":%lld,\"current_term_end\":%lld%s},"
+             "\"customer\":{\"id\":\"cust_1\"}}", status, start, start,
+             term_start, term_start + 30 * 86400, extra);
+    a->status = 200;
+    a->body = buf;
+    a->replayed = 0;
+
+    return a;
+}
+
+
+static long long
+cb_date(int i)
+{
+    const char  *d;
+
+    d = strstr(seen[i].body, "&usage_date=");
+    assert_non_null(d);
+
+    return atoll(d + strlen("&usage_date="));
+}
+
+
 static void
 test_chargebee_usage(void **state)
 {
-    char                 want[512], *d;
+    char                 want[512], sbody[512];
+    time_t               day;
     long long            date;
+    fake_answer_t        sub;
     meter_record_t       rec;
     meter_provider_t     p;
     meter_send_result_t  res;
@@ -825,45 +858,205 @@ test_chargebee_usage(void **state)
     (void) state;
 
     start(&p, meter_provider_chargebee, CHARGEBEE_CONF);
-    record(&rec, 1700000000 / 86400 * 86400);
-    rec.period_end = rec.period_start + 86400;
+    day = (time(NULL) / 86400 - 2) * 86400;
+    record(&rec, day);
+    rec.period_end = day + 86400;
     rec.provider_meter = "calls-USD-Monthly";
+    rec.seq = 1;
+    /* usage in hours 10 and 14 only */
+    rec.usage_start = day + 10 * 3600;
+    rec.usage_end = day + 15 * 3600;
 
+    will_return(__wrap_meter_http_perform,
+                cb_sub(sbody, sizeof(sbody), &sub, "active",
+                       day - 40 * 86400, day - 10 * 86400, ""));
     will_return(__wrap_meter_http_perform, &ok);
     assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
 
+    assert_string_equal(seen[0].method, "GET");
     assert_string_equal(seen[0].url, "http://127.0.0.1:9/api/v2/"
+                        "subscriptions/sub_9");
+    assert_int_equal(seen[0].auth, METER_HTTP_AUTH_BASIC);
+    assert_string_equal(seen[1].url, "http://127.0.0.1:9/api/v2/"
                         "subscriptions/sub_9/usages");
-    d = strstr(seen[0].body, "&usage_date=");
-    assert_non_null(d);
-    date = atoll(d + strlen("&usage_date="));
-    assert_true(date >= rec.period_start && date < rec.period_end);
+
+    /* in the last hour that carries usage */
+    date = cb_date(1);
+    assert_true(date >= day + 14 * 3600 && date < day + 15 * 3600);
     snprintf(want, sizeof(want), "item_price_id=calls-USD-Monthly"
              "&quantity=25&usage_date=%lld&id=%s", date,
              rec.idempotency_key);
-    assert_string_equal(seen[0].body, want);
-    assert_string_equal(seen[0].header, "chargebee-idempotency-key: "
+    assert_string_equal(seen[1].body, want);
+    assert_string_equal(seen[1].header, "chargebee-idempotency-key: "
                         "0123456789abcdef0123456789abcdef");
-    assert_int_equal(seen[0].auth, METER_HTTP_AUTH_BASIC);
-    assert_string_equal(seen[0].secret, "sk_test_secret");
+    assert_int_equal(seen[1].auth, METER_HTTP_AUTH_BASIC);
+    assert_string_equal(seen[1].secret, "sk_test_secret");
 
-    /* the same record gets the same date; a late record of the same
-     * period (another key) another one */
+    /* the subscription is kept for the pass; the same record gets the same
+     * date, the next record of the period (seq 2) the next second */
     will_return(__wrap_meter_http_perform, &ok);
     assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
-    assert_string_equal(seen[1].body, seen[0].body);
+    assert_string_equal(seen[2].body, seen[1].body);
 
+    rec.seq = 2;
     rec.idempotency_key = "fedcba9876543210fedcba9876543210";
     will_return(__wrap_meter_http_perform, &ok);
     assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
-    d = strstr(seen[2].body, "&usage_date=");
-    assert_true(atoll(d + strlen("&usage_date=")) != date);
+    assert_int_equal(cb_date(3), date + 1 < day + 15 * 3600
+                                 ? date + 1 : day + 14 * 3600);
+
+    /* a new pass fetches the subscription again */
+    p.pass(&p);
+    will_return(__wrap_meter_http_perform,
+                cb_sub(sbody, sizeof(sbody), &sub, "active",
+                       day - 40 * 86400, day - 10 * 86400, ""));
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_string_equal(seen[4].method, "GET");
+    assert_int_equal(nseen, 6);
 
     rec.subscription = NULL;
     assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
     assert_string_equal(res.error, "chargebee: record without a "
                         "subscription");
+    assert_int_equal(nseen, 6);
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_chargebee_dates_billable(void **state)
+{
+    char                 sbody[512], extra[128], at[24];
+    time_t               h;
+    long long            date;
+    fake_answer_t        sub;
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  ok = { 200, "{\"usage\":{}}", 0 };
+
+    (void) state;
+
+    start(&p, meter_provider_chargebee, CHARGEBEE_CONF);
+    h = recent_hour() - 3600;
+    record(&rec, h);
+    rec.usage_start = h;
+    rec.usage_end = h + 3600;
+
+    /* started in the hour's last second: dated at it */
+    will_return(__wrap_meter_http_perform,
+                cb_sub(sbody, sizeof(sbody), &sub, "active", h + 3599,
+                       h + 3599, ""));
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_int_equal(cb_date(1), h + 3599);
+    assert_null(strstr(seen[1].body, "note="));
+
+    /* cancelled mid-hour: dated before the cancellation */
+    p.pass(&p);
+    snprintf(extra, sizeof(extra), ",\"cancelled_at\":%lld",
+             (long long) h + 1);
+    will_return(__wrap_meter_http_perform,
+                cb_sub(sbody, sizeof(sbody), &sub, "cancelled",
+                       h - 86400, h - 86400, extra));
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    assert_int_equal(cb_date(3), h);
+
+    /* the next hour is wholly after it: dead-lettered, nothing sent */
+    rec.period_start = rec.usage_start = h + 3600;
+    rec.period_end = rec.usage_end = h + 7200;
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    meter_iso8601(h + 1, at, sizeof(at));
+    assert_non_null(strstr(res.error, "was cancelled at "));
+    assert_non_null(strstr(res.error, at));
+    assert_non_null(strstr(res.error, "never bill it"));
+    assert_int_equal(nseen, 4);
+
+    /* a term invoiced since: dated in the current term's first hour, with
+     * a note naming the hours */
+    p.pass(&p);
+    nseen = 0;
+    rec.period_start = rec.usage_start = h;
+    rec.period_end = rec.usage_end = h + 3600;
+    will_return(__wrap_meter_http_perform,
+                cb_sub(sbody, sizeof(sbody), &sub, "active", h - 86400,
+                       h + 3600, ""));
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+    date = cb_date(1);
+    assert_true(date >= h + 3600 && date <= time(NULL));
+    assert_non_null(strstr(seen[1].body, "&note=nginx-meter"));
+
+    /* in trial: never billed there, dead-lettered with the reason */
+    p.pass(&p);
+    snprintf(extra, sizeof(extra), ",\"trial_end\":%lld",
+             (long long) time(NULL) + 86400);
+    will_return(__wrap_meter_http_perform,
+                cb_sub(sbody, sizeof(sbody), &sub, "in_trial", h - 86400,
+                       h - 86400, extra));
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_non_null(strstr(res.error, "is in_trial until "));
     assert_int_equal(nseen, 3);
+
+    p.cleanup(&p);
+}
+
+
+static void
+test_chargebee_date_taken_next_second(void **state)
+{
+    char                 sbody[512], want[160];
+    long long            date;
+    fake_answer_t        sub;
+    meter_record_t       rec;
+    meter_provider_t     p;
+    meter_send_result_t  res;
+
+    static const fake_answer_t  ok = { 200, "{\"usage\":{}}", 0 };
+    static const fake_answer_t  none = { 200, "{\"list\":[]}", 0 };
+    static const fake_answer_t  taken = {
+        400, "{\"message\":\"usage_date : A usage record already exists "
+        "for this item price and usage date\",\"type\":\"invalid_request\","
+        "\"api_error_code\":\"duplicate_entry\",\"param\":\"usage_date\"}",
+        0
+    };
+    static const fake_answer_t  bad = {
+        400, "{\"message\":\"quantity : invalid value\",\"type\":"
+        "\"invalid_request\",\"api_error_code\":\"param_wrong_value\","
+        "\"param\":\"quantity\"}", 0
+    };
+
+    (void) state;
+
+    start(&p, meter_provider_chargebee, CHARGEBEE_CONF);
+    record(&rec, recent_hour());
+
+    will_return(__wrap_meter_http_perform,
+                cb_sub(sbody, sizeof(sbody), &sub, "active",
+                       recent_hour() - 86400, recent_hour() - 86400, ""));
+    will_return(__wrap_meter_http_perform, &taken);
+    will_return(__wrap_meter_http_perform, &none);
+    will_return(__wrap_meter_http_perform, &ok);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
+
+    date = cb_date(1);
+    assert_string_equal(seen[2].method, "GET");
+    assert_int_equal(cb_date(3), date + 1 < recent_hour() + 3600
+                                 ? date + 1 : recent_hour());
+    snprintf(want, sizeof(want), "chargebee-idempotency-key: %s-d%lld",
+             rec.idempotency_key, cb_date(3));
+    assert_string_equal(seen[3].header, want);
+
+    /* another 400 is not retried at another date */
+    nseen = 0;
+    will_return(__wrap_meter_http_perform, &bad);
+    will_return(__wrap_meter_http_perform, &none);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_int_equal(nseen, 2);
 
     p.cleanup(&p);
 }
@@ -872,6 +1065,8 @@ test_chargebee_usage(void **state)
 static void
 test_chargebee_400_checks_usage_id(void **state)
 {
+    char                 sbody[512];
+    fake_answer_t        sub;
     meter_record_t       rec;
     meter_provider_t     p;
     meter_send_result_t  res;
@@ -886,17 +1081,25 @@ test_chargebee_400_checks_usage_id(void **state)
         "\"0123456789abcdef0123456789abcdef\"}}]}", 0
     };
     static const fake_answer_t  none = { 200, "{\"list\":[]}", 0 };
+    static const fake_answer_t  e404 = {
+        404, "{\"message\":\"Sorry, we couldn't find that resource\","
+        "\"type\":\"invalid_request\",\"api_error_code\":"
+        "\"resource_not_found\"}", 0
+    };
 
     (void) state;
 
     start(&p, meter_provider_chargebee, CHARGEBEE_CONF);
     record(&rec, recent_hour());
 
+    will_return(__wrap_meter_http_perform,
+                cb_sub(sbody, sizeof(sbody), &sub, "active",
+                       recent_hour() - 86400, recent_hour() - 86400, ""));
     will_return(__wrap_meter_http_perform, &dup);
     will_return(__wrap_meter_http_perform, &found);
     assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
-    assert_string_equal(seen[1].method, "GET");
-    assert_string_equal(seen[1].url, "http://127.0.0.1:9/api/v2/usages?"
+    assert_string_equal(seen[2].method, "GET");
+    assert_string_equal(seen[2].url, "http://127.0.0.1:9/api/v2/usages?"
                         "id[is]=0123456789abcdef0123456789abcdef"
                         "&subscription_id[is]=sub_9");
 
@@ -906,6 +1109,14 @@ test_chargebee_400_checks_usage_id(void **state)
     assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
     assert_string_equal(res.error, "HTTP 400: The value is already present.");
     assert_int_equal(res.http_status, 400);
+
+    /* a subscription Chargebee does not know */
+    p.pass(&p);
+    will_return(__wrap_meter_http_perform, &e404);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_string_equal(res.error, "chargebee: subscription \"sub_9\" not "
+                        "found");
+    assert_int_equal(nseen, 6);
 
     p.cleanup(&p);
 }
@@ -1297,6 +1508,8 @@ main(void)
         cmocka_unit_test(test_stripe_rps_defaults),
         cmocka_unit_test(test_stripe_lookup_past_window),
         cmocka_unit_test(test_chargebee_usage),
+        cmocka_unit_test(test_chargebee_dates_billable),
+        cmocka_unit_test(test_chargebee_date_taken_next_second),
         cmocka_unit_test(test_chargebee_400_checks_usage_id),
         cmocka_unit_test(test_recurly_usage),
         cmocka_unit_test(test_recurly_lookup_paginates),
