@@ -103,7 +103,8 @@ unit:
 	@mkdir -p $(BUILD)
 	@if [ -f t/unit/test_meter_core.c ] \
 	    && [ -f $(MOD_DIR)/src/meter_core.c ]; then \
-	    cc $(UNIT_CFLAGS) -I $(MOD_DIR)/src t/unit/test_meter_core.c \
+	    cc $(UNIT_CFLAGS) -I $(MOD_DIR)/src -I $(ROOT)/include \
+	        t/unit/test_meter_core.c \
 	        $(MOD_DIR)/src/meter_core.c -lcmocka -lcrypto \
 	        -o $(BUILD)/test_meter_core; \
 	    $(BUILD)/test_meter_core; \

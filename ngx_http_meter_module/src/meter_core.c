@@ -1167,14 +1167,14 @@ meter_fmt_data_key(char *buf, const uint8_t key[METER_HASH_LEN],
 
     p = buf;
 
-    memcpy(p, "mtr:u:{", sizeof("mtr:u:{") - 1);
-    p += sizeof("mtr:u:{") - 1;
+    memcpy(p, MTR_U_PRE, sizeof(MTR_U_PRE) - 1);
+    p += sizeof(MTR_U_PRE) - 1;
 
     meter_hex(key, METER_HASH_LEN, p);
     p += METER_HEX_LEN;
 
-    *p++ = '}';
-    *p++ = ':';
+    memcpy(p, MTR_U_MID, sizeof(MTR_U_MID) - 1);
+    p += sizeof(MTR_U_MID) - 1;
 
     p += meter_hour_format(hour, p);
 
@@ -1185,10 +1185,10 @@ meter_fmt_data_key(char *buf, const uint8_t key[METER_HASH_LEN],
 size_t
 meter_fmt_idx_key(char *buf, uint32_t hour)
 {
-    memcpy(buf, "mtr:idx:", sizeof("mtr:idx:") - 1);
+    memcpy(buf, MTR_IDX_PRE, sizeof(MTR_IDX_PRE) - 1);
 
-    return sizeof("mtr:idx:") - 1
-           + meter_hour_format(hour, buf + sizeof("mtr:idx:") - 1);
+    return sizeof(MTR_IDX_PRE) - 1
+           + meter_hour_format(hour, buf + sizeof(MTR_IDX_PRE) - 1);
 }
 
 
@@ -1208,7 +1208,7 @@ meter_fmt_field(char *buf, const char *meter, uint64_t epoch, uint32_t gen)
     memcpy(p, meter, len);
     p += len;
 
-    p += snprintf(p, METER_FIELD_SIZE - len, "|%016llx.%lu",
+    p += snprintf(p, METER_FIELD_SIZE - len, MTR_WRITER_FMT,
                   (unsigned long long) epoch, (unsigned long) gen);
 
     return (size_t) (p - buf);
@@ -1226,9 +1226,9 @@ meter_fmt_u64(char *buf, uint64_t v)
 size_t
 meter_fmt_used_key(char *buf, const uint8_t key[METER_HASH_LEN])
 {
-    memcpy(buf, "mtr:used:{", sizeof("mtr:used:{") - 1);
-    meter_hex(key, METER_HASH_LEN, buf + sizeof("mtr:used:{") - 1);
-    buf[METER_USED_KEY_SIZE - 2] = '}';
+    memcpy(buf, MTR_USED_PRE, sizeof(MTR_USED_PRE) - 1);
+    meter_hex(key, METER_HASH_LEN, buf + sizeof(MTR_USED_PRE) - 1);
+    buf[METER_USED_KEY_SIZE - 2] = MTR_USED_END[0];
     buf[METER_USED_KEY_SIZE - 1] = '\0';
 
     return METER_USED_KEY_SIZE - 1;

@@ -66,6 +66,8 @@
 #include <stdint.h>
 #include <time.h>
 
+#include "meter_schema.h"
+
 
 #define METER_HASH_LEN          32      /* binary SHA-256 */
 #define METER_HEX_LEN           64
@@ -88,11 +90,12 @@
 #define METER_QS_MAX            256     /* processes that may add at once */
 
 /* redis key/field buffer sizes, including the terminating NUL */
-#define METER_DATA_KEY_SIZE     (sizeof("mtr:u:{}:") - 1 + METER_HEX_LEN  \
-                                 + METER_HOUR_LEN + 1)
-#define METER_IDX_KEY_SIZE      (sizeof("mtr:idx:") - 1 + METER_HOUR_LEN + 1)
+#define METER_DATA_KEY_SIZE     (sizeof(MTR_U_PRE MTR_U_MID) - 1            \
+                                 + METER_HEX_LEN + METER_HOUR_LEN + 1)
+#define METER_IDX_KEY_SIZE      (sizeof(MTR_IDX_PRE) - 1 + METER_HOUR_LEN + 1)
 #define METER_FIELD_SIZE        (METER_NAME_MAX + 1 + 16 + 1 + 10 + 1)
-#define METER_USED_KEY_SIZE     (sizeof("mtr:used:{}") - 1 + METER_HEX_LEN + 1)
+#define METER_USED_KEY_SIZE     (sizeof(MTR_USED_PRE MTR_USED_END) - 1      \
+                                 + METER_HEX_LEN + 1)
 
 
 /* key hashing: out gets the binary SHA-256 of the key */

@@ -1,0 +1,588 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * What the files of ngx_http_meter_module share: the shared-memory layout,
+ * the configuration, the per-worker state (the Redis connection, the flush
+ * and the governance refresh, each a struct of its own), the prototypes
+ * that cross files, and the request-path lookups, inlined where they run.
+ * docs/architecture.md shows which file owns which step.
+ */
+
+
+#ifndef _NGX_HTTP_METER_MODULE_H_INCLUDED_
+#define _NGX_HTTP_METER_MODULE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <hiredis/hiredis.h>
+#include <hiredis/async.h>
+
+#include "meter_core.h"
+#include "meter_schema.h"
+
+
+#define NGX_HTTP_METER_BATCH        64      /* items per pipelined slice */
+#define NGX_HTTP_METER_SCAN         2048    /* slots scanned per slice */
+#define NGX_HTTP_METER_SCAN_WORDS   4096    /* dirty bitmap words, same */
+#define NGX_HTTP_METER_FULL_EVERY   60000   /* ms between full scans */
+#define NGX_HTTP_METER_SLICE_PAUSE  1       /* ms between sent batches */
+#define NGX_HTTP_METER_BACKOFF_MIN  100
+#define NGX_HTTP_METER_BACKOFF_MAX  10000
+
+#define NGX_HTTP_METER_STATUS_JSON  0
+#define NGX_HTTP_METER_STATUS_PROM  1
+
+#define NGX_HTTP_METER_GOV_CREDITS  4       /* credit meters per customer */
+
+/* why a request was refused; indexes the shm counters */
+#define NGX_HTTP_METER_DENY_OVERDUE 0
+#define NGX_HTTP_METER_DENY_CREDIT  1
+#define NGX_HTTP_METER_DENY_UNKNOWN 2
+#define NGX_HTTP_METER_DENY_DOWN    3
+#define NGX_HTTP_METER_DENY_N       4
+
+#define NGX_HTTP_METER_REASON_OVERDUE  1
+#define NGX_HTTP_METER_REASON_CREDIT   2
+
+#define NGX_HTTP_METER_REDIS_HOOKS  2       /* the flush, the refresh */
+
+
+typedef enum {
+    NGX_HTTP_METER_REDIS_DOWN = 0,
+    NGX_HTTP_METER_REDIS_CONN,              /* connect under way */
+    NGX_HTTP_METER_REDIS_READY
+} ngx_http_meter_redis_state_e;
+
+
+/* what a flush pass scans of its current zone; ordered: >= FULL is full */
+typedef enum {
+    NGX_HTTP_METER_MODE_UNSET = 0,          /* the zone is not begun */
+    NGX_HTTP_METER_MODE_DIRTY,              /* the slots marked dirty */
+    NGX_HTTP_METER_MODE_FULL,               /* every slot */
+    NGX_HTTP_METER_MODE_RESYNC              /* every slot, flushed ones too */
+} ngx_http_meter_zone_mode_e;
+
+
+/* the figures of meter_status, per zone; ngx_http_meter_stats[] by these */
+typedef enum {
+    NGX_HTTP_METER_STAT_KEYS = 0,
+    NGX_HTTP_METER_STAT_SLOTS,
+    NGX_HTTP_METER_STAT_SHM_BYTES,
+    NGX_HTTP_METER_STAT_SHM_USED,
+    NGX_HTTP_METER_STAT_SHM_FREE,
+    NGX_HTTP_METER_STAT_PENDING,
+    NGX_HTTP_METER_STAT_FLUSHED_TOTAL,
+    NGX_HTTP_METER_STAT_FLUSHES,
+    NGX_HTTP_METER_STAT_FLUSH_ERRORS,
+    NGX_HTTP_METER_STAT_LAST_FLUSH_MS,
+    NGX_HTTP_METER_STAT_REDIS_CONNECTED,
+    NGX_HTTP_METER_STAT_DROPPED,
+    NGX_HTTP_METER_STAT_DROPPED_VALUE,
+    NGX_HTTP_METER_STAT_VALUE_ERRORS,
+    NGX_HTTP_METER_STAT_GOV_DELINQUENT,
+    NGX_HTTP_METER_STAT_GOV_BLOCKED,
+    NGX_HTTP_METER_STAT_GOV_REFRESHED,
+    NGX_HTTP_METER_STAT_GOV_REFRESH_AGE,
+    NGX_HTTP_METER_STAT_GOV_DENIED_OVERDUE,
+    NGX_HTTP_METER_STAT_GOV_DENIED_CREDIT,
+    NGX_HTTP_METER_STAT_GOV_DENIED_UNKNOWN,
+    NGX_HTTP_METER_STAT_GOV_DENIED_DOWN,
+    NGX_HTTP_METER_NSTATS
+} ngx_http_meter_stat_e;
+
+
+/* governance: a compact copy of mtr:gov in shared memory */
+
+typedef struct {
+    uint8_t                      key[METER_HASH_LEN];
+    uint32_t                     cust;      /* index + 1; 0: free slot */
+    uint32_t                     revoked;
+} ngx_http_meter_gov_key_t;
+
+typedef struct {
+    char                         meter[METER_NAME_MAX];
+    int64_t                      remaining; /* when the copy was made */
+    int64_t                      local;     /* atomic: counted here since */
+} ngx_http_meter_gov_credit_t;
+
+typedef struct {
+    uint32_t                     reason;    /* 0: in good standing */
+    uint32_t                     ncredits;
+    int64_t                      since;
+    ngx_http_meter_gov_credit_t  credits[NGX_HTTP_METER_GOV_CREDITS];
+} ngx_http_meter_gov_cust_t;
+
+typedef struct {
+    uint64_t                     version;
+    uint32_t                     mask;      /* key slots - 1 */
+    uint32_t                     ncust;
+    ngx_http_meter_gov_key_t    *keys;
+    ngx_http_meter_gov_cust_t   *custs;
+} ngx_http_meter_gov_snap_t;
+
+
+typedef struct {
+    uint64_t                     lease;     /* pid << 32 | expiry (s) */
+    uint64_t                     flushed_total;
+    uint64_t                     flushes;
+    uint64_t                     flush_errors;
+    uint64_t                     last_flush_ms;
+    uint64_t                     value_errors;
+    uint64_t                     dropped_logged; /* time of last log (s) */
+
+    /*
+     * The run_id of the Redis last flushed to.  A new one (restart,
+     * failover) may have lost data: the next pass resends every counter.
+     */
+    ngx_atomic_t                 run_id_lock;
+    u_char                       run_id[40];
+    uint64_t                     resync;
+
+    uint64_t                     gov_denied[NGX_HTTP_METER_DENY_N];
+
+    meter_table_t                table;     /* last: slots follow */
+} ngx_http_meter_shctx_t;
+
+
+/*
+ * Governance lives in a zone of its own, one per node ("meter:governance",
+ * a name no meter_zone can take): the state of mtr:gov is the same for
+ * every meter zone, and a gate added by a reload then only adds a zone,
+ * never changes the layout of a meter zone that holds counters.
+ *
+ * Two buffers, one of them published in snap.  The refresher fills the
+ * other and swaps; a request reads one pointer.
+ */
+typedef struct {
+    uint64_t                     lease;     /* one refresher per node */
+    ngx_http_meter_gov_snap_t   *snap;
+    ngx_http_meter_gov_snap_t   *buf[2];
+    size_t                       cap[2];
+    uint64_t                     refreshed; /* Unix s, last refresh */
+    uint64_t                     delinquent;
+    uint64_t                     blocked;
+} ngx_http_meter_gov_shctx_t;
+
+
+typedef struct {
+    ngx_http_meter_gov_shctx_t  *sh;
+    ngx_slab_pool_t             *shpool;
+} ngx_http_meter_gov_zone_t;
+
+
+typedef struct {
+    ngx_http_meter_shctx_t      *sh;
+    ngx_slab_pool_t             *shpool;
+    ngx_http_complex_value_t     key;
+    ngx_str_t                    key_header; /* key is $http_NAME: NAME */
+    ngx_shm_zone_t              *shm_zone;
+    ngx_uint_t                   governance;
+} ngx_http_meter_zone_ctx_t;
+
+
+typedef struct {
+    ngx_shm_zone_t              *shm_zone;
+    ngx_uint_t                   closed;    /* on_redis_down=closed */
+    ngx_uint_t                   unknown;   /* 0 allow, 401, 403 */
+    time_t                       grace;
+    ngx_str_t                    file;      /* where it was written */
+    ngx_uint_t                   line;
+    ngx_uint_t                   http;      /* at http level */
+} ngx_http_meter_gov_conf_t;
+
+
+/*
+ * Per client call: the key's hash and customer, found once, and the one
+ * billing decision.  It outlives internal redirects (which clear module
+ * contexts): it is kept in a pool cleanup and found there again.
+ */
+typedef struct {
+    ngx_http_request_t          *r;         /* owner: subrequests share
+                                             * the pool */
+    uint8_t                      hash[METER_HASH_LEN];
+    ngx_shm_zone_t              *zone;      /* hash is of this zone's key */
+    ngx_http_meter_gov_snap_t   *snap;      /* cust points into it */
+    ngx_http_meter_gov_cust_t   *cust;
+    ngx_array_t                 *meters;    /* of a location passed */
+    ngx_uint_t                   gated;     /* a gate has decided */
+    ngx_uint_t                   unbilled;  /* refused as no one's call */
+} ngx_http_meter_req_ctx_t;
+
+
+typedef struct {
+    ngx_str_t                    name;
+    ngx_shm_zone_t              *shm_zone;
+    meter_status_filter_t        status;
+    uint32_t                     methods;   /* 0: all */
+    ngx_uint_t                   subrequests; /* subrequests=on */
+    ngx_http_complex_value_t    *value;
+    ngx_http_complex_value_t    *filter;    /* if= */
+    ngx_array_t                 *vars;      /* indexes in value and if=,
+                                             * read afresh at the log
+                                             * phase */
+    ngx_str_t                    file;      /* where it was defined */
+    ngx_uint_t                   line;
+} ngx_http_meter_t;
+
+
+typedef struct {
+    ngx_array_t                  zones;     /* ngx_shm_zone_t * */
+    ngx_array_t                  meters;    /* ngx_http_meter_t *, all */
+
+    ngx_str_t                    redis_host;    /* empty: unix socket */
+    ngx_str_t                    redis_path;
+    ngx_int_t                    redis_port;
+    ngx_str_t                    redis_password;
+    ngx_int_t                    redis_db;
+    ngx_msec_t                   redis_timeout;
+    ngx_uint_t                   redis_set;
+
+    ngx_msec_t                   flush_interval;
+    ngx_msec_t                   gov_refresh;
+    ngx_array_t                  gov_confs; /* ngx_http_meter_gov_conf_t *,
+                                             * every gate written */
+    size_t                       gov_size;  /* meter_governance_size */
+    ngx_shm_zone_t              *gov_zone;  /* NULL: no gate anywhere */
+} ngx_http_meter_main_conf_t;
+
+
+typedef struct {
+    ngx_array_t                 *meters;    /* ngx_http_meter_t; NULL: none
+                                             * configured; empty: off */
+    ngx_uint_t                   status;    /* meter_status format */
+    ngx_flag_t                   status_on;
+    ngx_http_meter_gov_conf_t   *gov;
+    ngx_flag_t                   gov_headers;
+    ngx_uint_t                   bypass;    /* a "return" in the server's
+                                             * rewrite phase */
+} ngx_http_meter_loc_conf_t;
+
+
+/* the refresher's own view of mtr:gov, kept between refreshes */
+typedef struct {
+    uint8_t                      key[METER_HASH_LEN];
+    ngx_uint_t                   cust;
+    uint32_t                     revoked;
+} ngx_http_meter_gov_ckey_t;
+
+typedef struct {
+    ngx_str_t                    meter;
+    int64_t                      granted;
+    int64_t                      used;
+} ngx_http_meter_gov_ccredit_t;
+
+typedef struct {
+    ngx_str_t                    id;
+    uint32_t                     reason;
+    int64_t                      since;
+    ngx_uint_t                   ncredits;
+    ngx_http_meter_gov_ccredit_t credits[NGX_HTTP_METER_GOV_CREDITS];
+} ngx_http_meter_gov_ccust_t;
+
+typedef struct {
+    ngx_str_t                    cust;
+    ngx_str_t                    meter;
+    int64_t                      granted;
+} ngx_http_meter_gov_grant_t;
+
+
+typedef struct {
+    const char                  *name;
+    const char                  *help;
+    const char                  *type;
+} ngx_http_meter_stat_t;
+
+
+/*
+ * Per worker process, three parts.  The connection knows nothing of the
+ * other two: it tells them what happens through the hooks they register
+ * (as nginx's balancers hook peer.init_upstream), and they read its state.
+ */
+
+typedef void (*ngx_http_meter_redis_hook_pt)(void *data);
+
+typedef struct {
+    ngx_http_meter_redis_hook_pt  ready;    /* connected, AUTH/SELECT sent */
+    ngx_http_meter_redis_hook_pt  refused;  /* AUTH/SELECT/SCRIPT LOAD
+                                             * refused: being dropped */
+    ngx_http_meter_redis_hook_pt  down;     /* dropped; pending callbacks
+                                             * have run with no reply */
+    void                         *data;
+} ngx_http_meter_redis_hooks_t;
+
+
+/* the Redis connection */
+typedef struct {
+    ngx_http_meter_main_conf_t   *mcf;
+    ngx_log_t                    *log;
+
+    redisAsyncContext            *ac;
+    ngx_http_meter_redis_state_e  state;
+    ngx_msec_t                    backoff;
+    ngx_msec_t                    next_connect;
+    ngx_uint_t                    down_logged;
+
+    ngx_event_t                   timeout;  /* connect/command timeout */
+
+    ngx_uint_t                    nhooks;
+    ngx_http_meter_redis_hooks_t  hooks[NGX_HTTP_METER_REDIS_HOOKS];
+} ngx_http_meter_redis_t;
+
+
+/* the flush */
+typedef struct {
+    ngx_http_meter_main_conf_t   *mcf;
+    ngx_log_t                    *log;
+    ngx_http_meter_redis_t       *redis;
+
+    ngx_uint_t                    reload_script;
+    char                          script_sha[41];
+
+    ngx_event_t                   tick;     /* flush interval timer */
+    ngx_event_t                   slice;    /* next slice, posted */
+
+    ngx_uint_t                    pass;     /* a flush pass is running */
+    ngx_uint_t                    passes;
+    ngx_uint_t                    zone;     /* index into mcf->zones */
+    ngx_http_meter_zone_mode_e    zone_mode;
+    ngx_msec_t                    zone_start;
+    uint32_t                      zone_hour; /* hour when the zone began */
+    ngx_uint_t                    outstanding;
+    ngx_uint_t                    failed;
+    ngx_uint_t                    qs_logged;
+    meter_batch_t                 batch;
+    meter_batch_item_t            items[NGX_HTTP_METER_BATCH];
+} ngx_http_meter_flush_t;
+
+
+/* the governance refresh */
+typedef struct {
+    ngx_http_meter_main_conf_t   *mcf;
+    ngx_log_t                    *log;
+    ngx_http_meter_redis_t       *redis;
+
+    ngx_event_t                   gov_tick; /* governance refresh timer */
+    ngx_uint_t                    gov_busy; /* replies outstanding */
+    ngx_msec_t                    gov_started;
+    ngx_uint_t                    gov_failed;
+    ngx_uint_t                    gov_valid; /* gov_version/keys/custs */
+    uint64_t                      gov_version;
+    uint64_t                      gov_new_version;
+    ngx_pool_t                   *gov_pool; /* keys, custs */
+    ngx_array_t                   gov_keys; /* ngx_http_meter_gov_ckey_t */
+    ngx_array_t                   gov_custs; /* ngx_http_meter_gov_ccust_t */
+    ngx_pool_t                   *gov_tmp;  /* one refresh */
+    ngx_array_t                   gov_grants; /* ngx_http_meter_gov_grant_t */
+} ngx_http_meter_gov_refresh_t;
+
+
+typedef struct {
+    ngx_http_meter_redis_t        redis;
+    ngx_http_meter_flush_t        flush;
+    ngx_http_meter_gov_refresh_t  gov;
+} ngx_http_meter_worker_t;
+
+
+extern ngx_module_t              ngx_http_meter_module;
+
+/* NULL outside a worker, and in one that neither counts nor flushes */
+extern ngx_http_meter_worker_t  *ngx_http_meter_worker;
+extern ngx_http_meter_stat_t     ngx_http_meter_stats[];
+
+
+/* ngx_http_meter_module.c */
+void ngx_http_meter_init_event(ngx_event_t *ev, ngx_event_handler_pt handler,
+    void *data, ngx_log_t *log);
+
+/* ngx_http_meter_directive.c */
+char *ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *ngx_http_meter_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *ngx_http_meter_set_msec(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+/* ngx_http_meter_log.c */
+ngx_int_t ngx_http_meter_rewrite_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_meter_log_handler(ngx_http_request_t *r);
+
+/* ngx_http_meter_status.c, _status_json.c, _status_prometheus.c */
+ngx_int_t ngx_http_meter_status_handler(ngx_http_request_t *r);
+void ngx_http_meter_status_json(ngx_http_request_t *r, ngx_buf_t *b,
+    ngx_shm_zone_t **zones, ngx_uint_t nzones, uint64_t *v);
+void ngx_http_meter_status_prometheus(ngx_http_request_t *r, ngx_buf_t *b,
+    ngx_shm_zone_t **zones, ngx_uint_t nzones, uint64_t *v);
+
+/* ngx_http_meter_shm.c */
+ngx_int_t ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data);
+ngx_int_t ngx_http_meter_gov_init_zone(ngx_shm_zone_t *shm_zone, void *data);
+ngx_int_t ngx_http_meter_lease(uint64_t *lease, ngx_msec_t interval);
+void ngx_http_meter_lease_release(uint64_t *lease);
+
+/* ngx_http_meter_redis.c */
+void ngx_http_meter_redis_init(ngx_http_meter_redis_t *rd,
+    ngx_http_meter_main_conf_t *mcf, ngx_log_t *log);
+void ngx_http_meter_redis_hook(ngx_http_meter_redis_t *rd,
+    ngx_http_meter_redis_hook_pt ready, ngx_http_meter_redis_hook_pt refused,
+    ngx_http_meter_redis_hook_pt down, void *data);
+void ngx_http_meter_redis_connect(ngx_http_meter_redis_t *rd);
+void ngx_http_meter_redis_fail(ngx_http_meter_redis_t *rd, const char *why,
+    const char *err);
+void ngx_http_meter_redis_close(ngx_http_meter_redis_t *rd);
+void ngx_http_meter_redis_setup_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+ngx_uint_t ngx_http_meter_redis_setup_cmds(ngx_http_meter_main_conf_t *mcf,
+    const char *argv[2][2], size_t len[2][2], char *db);
+void ngx_http_meter_redis_wait(ngx_http_meter_redis_t *rd);
+void ngx_http_meter_redis_answered(ngx_http_meter_redis_t *rd);
+
+/* ngx_http_meter_flush.c */
+ngx_int_t ngx_http_meter_flush_init(ngx_http_meter_flush_t *fl,
+    ngx_http_meter_redis_t *rd);
+void ngx_http_meter_announce(ngx_http_meter_flush_t *fl);
+void ngx_http_meter_flush_exit(ngx_http_meter_flush_t *fl, ngx_log_t *log);
+
+/* ngx_http_meter_gov.c */
+ngx_int_t ngx_http_meter_access_handler(ngx_http_request_t *r);
+void ngx_http_meter_req_ctx_cleanup(void *data);
+
+/* ngx_http_meter_gov_refresh.c */
+void ngx_http_meter_gov_refresh_init(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_redis_t *rd);
+void ngx_http_meter_gov_refresh_exit(ngx_http_meter_gov_refresh_t *gr);
+
+
+/*
+ * The request path's lookups, inlined into the log and the access phase
+ * (and the refresh's seeding) as they were when this was one file.
+ */
+
+
+static ngx_inline ngx_http_meter_gov_key_t *
+ngx_http_meter_gov_find(ngx_http_meter_gov_snap_t *snap, uint8_t *hash)
+{
+    uint32_t                   i, n;
+    ngx_http_meter_gov_key_t  *k;
+
+    ngx_memcpy(&i, hash, sizeof(uint32_t));
+
+    for (n = 0; n <= snap->mask; n++) {
+        k = &snap->keys[(i + n) & snap->mask];
+
+        if (k->cust == 0) {
+            return NULL;
+        }
+
+        if (ngx_memcmp(k->key, hash, METER_HASH_LEN) == 0) {
+            return k;
+        }
+    }
+
+    return NULL;
+}
+
+
+static ngx_inline void
+ngx_http_meter_req_ctx_hash(ngx_http_meter_req_ctx_t *rctx,
+    ngx_shm_zone_t *zone, ngx_str_t *key)
+{
+    if (rctx->zone != zone) {
+        meter_key_hash(key->data, key->len, rctx->hash);
+        rctx->zone = zone;
+        rctx->cust = NULL;
+    }
+}
+
+
+/* the context, after an internal redirect cleared r->ctx too */
+
+static ngx_inline ngx_http_meter_req_ctx_t *
+ngx_http_meter_req_ctx_find(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t        *cln;
+    ngx_http_meter_req_ctx_t  *rctx;
+
+    rctx = ngx_http_get_module_ctx(r, ngx_http_meter_module);
+
+    if (rctx != NULL) {
+        return rctx;
+    }
+
+    for (cln = r->pool->cleanup; cln != NULL; cln = cln->next) {
+        if (cln->handler == ngx_http_meter_req_ctx_cleanup) {
+            rctx = cln->data;
+
+            if (rctx->r == r) {
+                ngx_http_set_ctx(r, rctx, ngx_http_meter_module);
+                return rctx;
+            }
+        }
+    }
+
+    return NULL;
+}
+
+
+static ngx_inline ngx_http_meter_req_ctx_t *
+ngx_http_meter_req_ctx_get(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t        *cln;
+    ngx_http_meter_req_ctx_t  *rctx;
+
+    rctx = ngx_http_meter_req_ctx_find(r);
+
+    if (rctx != NULL) {
+        return rctx;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_meter_req_ctx_t));
+    if (cln == NULL) {
+        return NULL;
+    }
+
+    rctx = cln->data;
+    ngx_memzero(rctx, sizeof(ngx_http_meter_req_ctx_t));
+    rctx->r = r;
+
+    cln->handler = ngx_http_meter_req_ctx_cleanup;
+
+    ngx_http_set_ctx(r, rctx, ngx_http_meter_module);
+
+    return rctx;
+}
+
+
+static ngx_inline ngx_http_meter_req_ctx_t *
+ngx_http_meter_req_ctx(ngx_http_request_t *r, ngx_shm_zone_t *zone,
+    ngx_str_t *key)
+{
+    ngx_http_meter_req_ctx_t  *rctx;
+
+    rctx = ngx_http_meter_req_ctx_get(r);
+
+    if (rctx != NULL) {
+        ngx_http_meter_req_ctx_hash(rctx, zone, key);
+    }
+
+    return rctx;
+}
+
+
+/* this worker's Redis connection is up */
+
+static ngx_inline ngx_uint_t
+ngx_http_meter_redis_ready(void)
+{
+    return (ngx_http_meter_worker != NULL
+            && ngx_http_meter_worker->redis.state
+               == NGX_HTTP_METER_REDIS_READY);
+}
+
+
+#endif /* _NGX_HTTP_METER_MODULE_H_INCLUDED_ */
