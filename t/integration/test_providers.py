@@ -825,6 +825,55 @@ def test_openmeter_unknown_outcome_past_window_dead_lettered(
         assert "dedupe window" in rec["last_error"]
 
 
+def test_retry_resend_after_the_window(redis, tmp_path):
+    """A first send that OpenMeter refused, retried only past the dedupe
+    window: dead-lettered (the worker cannot tell a refusal from a lost
+    answer), and a plain retry dead-letters it again; after a human checked OpenMeter has nothing, `meterctl retry
+    --resend ID` sends it as a new record: counted once."""
+    with FakeOpenMeter(token="om_tok", dedupe_ttl=86400) as om:
+        seed = ingest_seed(redis)
+        w = Worker(tmp_path / "om", redis, "http", {
+            "http.url": om.url + "/api/v1/events", "http.format": "openmeter",
+            "http.auth_file": "@KEY@", "_api_key": "om_tok",
+            "http.timeout": "1s", "http.backoff": "50ms",
+            "http.max_attempts": 1,
+            "http.dedupe_window": "24h", "meter.calls": "api-calls"})
+        want = seed.expected[("acme", "calls")]
+        # refused, and the retry comes a day later: the worker cannot tell
+        # a refusal from a lost answer, so it does not resend
+        om.fail_next(1, status=503)
+        t = _age_first_send(redis, om, 25 * 3600)
+        r = w.run(now_hour())
+        t.join()
+        assert "dedupe window" in r.stderr, r.stderr
+        dead = [d.decode() for d in
+                redis.cmd("ZRANGE", "mtr:{worker}:dead", "0", "-1")]
+        before = om.total("acme", "api-calls")
+        assert len(dead) == 1 and before < want
+
+        def ctl(*args):
+            return subprocess.run([str(METERCTL), "--redis", redis.address]
+                                  + list(args), capture_output=True,
+                                  text=True, timeout=20)
+
+        # the same record again: dead-lettered again, nothing sent
+        assert ctl("retry", dead[0]).returncode == 0
+        w.run(now_hour())
+        assert redis.cmd("ZSCORE", "mtr:{worker}:dead", dead[0]) is not None
+        assert om.total("acme", "api-calls") == before
+        # never for all at once
+        assert ctl("retry", "--all", "--resend").returncode == 64
+        # checked: OpenMeter has none of it; sent as new, counted once
+        r = ctl("retry", "--resend", dead[0])
+        assert r.returncode == 0, r.stderr
+        r = w.run(now_hour())
+        assert r.returncode == 0, r.stderr
+        assert om.total("acme", "api-calls") == want
+        assert redis.cmd("ZSCORE", "mtr:{worker}:dead", dead[0]) is None
+        assert w.run(now_hour()).returncode == 0
+        assert om.total("acme", "api-calls") == want
+
+
 def test_openmeter_lost_answer_inside_window_deduped(redis, tmp_path):
     with FakeOpenMeter(token="om_tok") as om:
         seed = ingest_seed(redis)

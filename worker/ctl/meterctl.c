@@ -42,6 +42,7 @@ static const struct option  meterctl_options[] = {
     { "db", required_argument, NULL, 'd' },
     { "json", no_argument, NULL, 'j' },
     { "all", no_argument, NULL, 'a' },
+    { "resend", no_argument, NULL, 'n' },
     { "hour", required_argument, NULL, 'H' },
     { "customer", required_argument, NULL, 'C' },
     { "provider", required_argument, NULL, 'p' },
@@ -124,6 +125,7 @@ meterctl_parse(int argc, char **argv, meterctl_opts_t *o, int global)
             break;
         case 'j': o->json = 1; break;
         case 'a': o->all = 1; break;
+        case 'n': o->resend = 1; break;
         case 'H': o->hour = optarg; break;
         case 'C': o->customer = optarg; break;
         case 'p': o->provider = optarg; break;
@@ -657,11 +659,18 @@ const meterctl_cmd_t  meterctl_cmds[] = {
       "Hours in Redis, the last drain and delinquency sync, records open or\n"
       "waiting for a retry, dead letters, keys without customer.\n" },
 
-    { "retry", NULL, "a", meterctl_retry_cmd,
+    { "retry", NULL, "an", meterctl_retry_cmd,
       "Usage: meterctl retry ID... | --all\n"
+      "       meterctl retry --resend ID...\n"
       "\n"
       "Puts dead-lettered records back in the queue, with the same\n"
-      "idempotency key; the worker sends them on its next pass.\n" },
+      "idempotency key; the worker sends them on its next pass.\n"
+      "\n"
+      "A record whose earlier send's outcome is unknown and older than the\n"
+      "provider's dedupe window is dead-lettered again: a resend could be\n"
+      "counted twice.  Once you have checked that the provider does NOT\n"
+      "have it, --resend sends it as a new record (its window starts\n"
+      "again).  If the provider has it, --resend bills it twice.\n" }
 };
 
 const size_t  meterctl_ncmds = sizeof(meterctl_cmds) / sizeof(meterctl_cmds[0]);

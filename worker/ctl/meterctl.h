@@ -36,6 +36,7 @@ typedef struct {
     int                         db;
     int                         json;
     int                         all;
+    int                         resend;     /* retry: as a first send */
     const char                 *hour;
     const char                 *customer;
     const char                 *provider;

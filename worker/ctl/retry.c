@@ -40,7 +40,7 @@ meterctl_retry(meterctl_opts_t *o, meter_redis_t *r)
 
         for (k = 0; k < ids->elements; k++) {
             rp = meter_redis_cmd(r, "EVAL %s 3 " MTR_W_REC_PRE "%s %s %s %s "
-                                 "%lld", meter_lua_retry,
+                                 "%lld 0", meter_lua_retry,
                                  ids->element[k]->str, MTR_W_OPEN,
                                  MTR_W_DEAD, ids->element[k]->str,
                                  (long long) time(NULL));
@@ -67,9 +67,9 @@ meterctl_retry(meterctl_opts_t *o, meter_redis_t *r)
             }
 
             rp = meter_redis_cmd(r, "EVAL %s 3 " MTR_W_REC_PRE "%s %s %s %s "
-                                 "%lld", meter_lua_retry, o->args[i],
+                                 "%lld %d", meter_lua_retry, o->args[i],
                                  MTR_W_OPEN, MTR_W_DEAD, o->args[i],
-                                 (long long) time(NULL));
+                                 (long long) time(NULL), o->resend);
             if (!meter_reply_ok(rp)) {
                 return meterctl_redis_failed(r, rp);
             }
@@ -101,6 +101,13 @@ meterctl_retry_cmd(meterctl_opts_t *o, meter_redis_t *r)
 
     if ((o->all && o->nargs > 0) || (!o->all && o->nargs == 0)) {
         fprintf(stderr, "meterctl retry: give record ids or --all\n");
+        return EX_USAGE;
+    }
+
+    /* each one is a human's decision, made after looking at the provider */
+    if (o->all && o->resend) {
+        fprintf(stderr, "meterctl retry: --resend takes record ids, not "
+                "--all\n");
         return EX_USAGE;
     }
 

@@ -163,6 +163,9 @@ const char  meter_lua_stripe_rejected[] =
 
 const char  meter_lua_retry[] =
     "if redis.call('HGET', KEYS[1], 'state') ~= 'dead' then return 0 end\n"
+    "if ARGV[3] == '1' then\n"
+    "  redis.call('HSET', KEYS[1], 'attempts', 0, 'created', ARGV[2])\n"
+    "end\n"
     "redis.call('HSET', KEYS[1], 'state', 'sending', 'next_attempt',\n"
     "           ARGV[2])\n"
     "redis.call('ZREM', KEYS[3], ARGV[1])\n"
