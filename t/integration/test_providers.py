@@ -5,6 +5,7 @@ exactly, per customer and meter, through 500s, 429s, lost answers and
 reruns; a 400 is dead-lettered, not dropped."""
 
 import datetime
+import json
 import os
 import subprocess
 import threading
@@ -393,6 +394,21 @@ def test_stripe_late_invoice_warning_in_status(redis, tmp_path):
         assert "warning: 1 record sent after the invoice of its period " \
             "was finalized (Stripe bills it on no invoice)" in st.stdout
         assert "  late %s" % late[0].decode() in st.stdout.splitlines()
+        # --json too; and the count is of all of them, the list the latest 10
+        for i in range(11):
+            redis.cmd("ZADD", "mtr:{worker}:stripe:late", str(i), "x%d" % i)
+        st = subprocess.run([str(METERCTL), "--redis", redis.address,
+                             "status", "--json"], capture_output=True,
+                            text=True, timeout=60)
+        assert st.returncode == 0, st.stderr
+        js = json.loads(st.stdout)
+        assert js["late_records"] == 12
+        assert len(js["late_latest"]) == 10
+        assert late[0].decode() in js["late_latest"]
+        st = subprocess.run([str(METERCTL), "--redis", redis.address,
+                             "status"], capture_output=True, text=True,
+                            timeout=60)
+        assert "warning: 12 records sent after" in st.stdout
 
 
 # ---------------------------------------------------------------- chargebee

@@ -130,7 +130,7 @@ meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
     char         last[32], oldest[16], newest[16], sync_last[32];
     char         sync_ok[32];
     size_t       i;
-    long long    nhours, lock;
+    long long    nhours, lock, late;
     redisReply  *rp, *stats, *nocust, *sync;
     const char  *v, *sync_err;
     int          rc;
@@ -256,16 +256,33 @@ meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
     }
 
     /* Stripe: usage sent after its period's invoice was finalized
-     * (providers/stripe.c, stripe.invoice_grace) */
+     * (providers/stripe.c, stripe.invoice_grace): how many, the latest 10 */
+    late = 0;
+    rp = meter_redis_cmd(r, "ZCARD " MTR_W_STRIPE_LATE);
+    if (meter_reply_ok(rp)) {
+        late = meter_reply_int(rp, 0);
+    }
+
+    freeReplyObject(rp);
+
     rp = meter_redis_cmd(r, "ZREVRANGE " MTR_W_STRIPE_LATE " 0 9");
-    if (meter_reply_ok(rp) && rp->type == REDIS_REPLY_ARRAY
-        && rp->elements > 0 && !o->json)
-    {
-        printf("warning: %zu record%s sent after the invoice of %s period "
+    if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
+        freeReplyObject(nocust);
+        return meterctl_redis_failed(r, rp);
+    }
+
+    if (o->json) {
+        printf(",\"late_records\":%lld,\"late_latest\":[", late);
+        for (i = 0; i < rp->elements; i++) {
+            printf("%s\"%s\"", i ? "," : "", rp->element[i]->str);
+        }
+        printf("]");
+
+    } else if (late > 0) {
+        printf("warning: %lld record%s sent after the invoice of %s period "
                "was finalized (Stripe bills %s on no invoice); latest:\n",
-               rp->elements, rp->elements == 1 ? "" : "s",
-               rp->elements == 1 ? "its" : "their",
-               rp->elements == 1 ? "it" : "them");
+               late, late == 1 ? "" : "s", late == 1 ? "its" : "their",
+               late == 1 ? "it" : "them");
         for (i = 0; i < rp->elements; i++) {
             printf("  late %s\n", rp->element[i]->str);
         }
