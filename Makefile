@@ -27,7 +27,7 @@ PKGS := build-essential pkg-config nginx nginx-dev libhiredis-dev \
         libcurl4-openssl-dev libcjson-dev libcmocka-dev libsystemd-dev \
         libssl-dev redis-server python3-pytest python3-h2 wrk curl \
         ca-certificates time libfaketime libmicrohttpd-dev debhelper \
-        dpkg-dev lintian systemd strace
+        dpkg-dev lintian systemd strace prometheus
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -57,6 +57,7 @@ deps:
 	    : "the packages start their services; free ports 80/6379"; \
 	    $(SUDO) service nginx stop >/dev/null 2>&1 || true; \
 	    $(SUDO) service redis-server stop >/dev/null 2>&1 || true; \
+	    $(SUDO) service prometheus stop >/dev/null 2>&1 || true; \
 	fi
 
 

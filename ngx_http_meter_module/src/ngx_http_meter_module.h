@@ -291,9 +291,15 @@ typedef struct {
 
 
 typedef struct {
-    const char                  *name;
+    const char                  *name;      /* in JSON */
     const char                  *help;
     const char                  *type;
+    const char                  *prom;      /* in Prometheus, when the
+                                             * naming rules want another:
+                                             * counters end in _total,
+                                             * units are base units */
+    ngx_uint_t                   ms;        /* milliseconds, shown as
+                                             * seconds in Prometheus */
 } ngx_http_meter_stat_t;
 
 

@@ -24,32 +24,34 @@ ngx_http_meter_stat_t  ngx_http_meter_stats[NGX_HTTP_METER_NSTATS] = {
     [NGX_HTTP_METER_STAT_SHM_BYTES] =
         { "shm_bytes", "Zone size in bytes.", "gauge" },
     [NGX_HTTP_METER_STAT_SHM_USED] =
-        { "shm_used", "Zone bytes in use.", "gauge" },
+        { "shm_used", "Zone bytes in use.", "gauge", "shm_used_bytes" },
     [NGX_HTTP_METER_STAT_SHM_FREE] =
-        { "shm_free", "Zone bytes free.", "gauge" },
+        { "shm_free", "Zone bytes free.", "gauge", "shm_free_bytes" },
     [NGX_HTTP_METER_STAT_PENDING] =
         { "pending", "Units counted and not yet confirmed by Redis.",
-          "gauge" },
+          "gauge", "pending_units" },
     [NGX_HTTP_METER_STAT_FLUSHED_TOTAL] =
         { "flushed_total", "Units confirmed by Redis.", "counter" },
     [NGX_HTTP_METER_STAT_FLUSHES] =
-        { "flushes", "Completed flush passes.", "counter" },
+        { "flushes", "Completed flush passes.", "counter", "flushes_total" },
     [NGX_HTTP_METER_STAT_FLUSH_ERRORS] =
-        { "flush_errors", "Failed flush batches.", "counter" },
+        { "flush_errors", "Failed flush batches.", "counter",
+          "flush_errors_total" },
     [NGX_HTTP_METER_STAT_LAST_FLUSH_MS] =
-        { "last_flush_ms", "Duration of the last flush pass.", "gauge" },
+        { "last_flush_ms", "Duration of the last flush pass.", "gauge",
+          "last_flush_seconds", 1 },
     [NGX_HTTP_METER_STAT_REDIS_CONNECTED] =
         { "redis_connected", "This worker's Redis connection is up.",
           "gauge" },
     [NGX_HTTP_METER_STAT_DROPPED] =
         { "dropped", "Calls not counted because the zone was full.",
-          "counter" },
+          "counter", "dropped_total" },
     [NGX_HTTP_METER_STAT_DROPPED_VALUE] =
         { "dropped_value", "Units not counted because the zone was full.",
-          "counter" },
+          "counter", "dropped_value_total" },
     [NGX_HTTP_METER_STAT_VALUE_ERRORS] =
         { "value_errors", "Meter values that were not an integer.",
-          "counter" },
+          "counter", "value_errors_total" },
     [NGX_HTTP_METER_STAT_GOV_DELINQUENT] =
         { "gov_customers_delinquent", "Customers marked delinquent.",
           "gauge" },
@@ -57,22 +59,22 @@ ngx_http_meter_stat_t  ngx_http_meter_stats[NGX_HTTP_METER_NSTATS] = {
         { "gov_keys_blocked", "Keys refused at the last refresh.", "gauge" },
     [NGX_HTTP_METER_STAT_GOV_REFRESHED] =
         { "gov_refreshed", "Unix time of the last governance refresh.",
-          "gauge" },
+          "gauge", "gov_refreshed_timestamp_seconds" },
     [NGX_HTTP_METER_STAT_GOV_REFRESH_AGE] =
         { "gov_refresh_age", "Seconds since the last governance refresh.",
-          "gauge" },
+          "gauge", "gov_refresh_age_seconds" },
     [NGX_HTTP_METER_STAT_GOV_DENIED_OVERDUE] =
         { "gov_denied_invoice_overdue", "Requests refused: invoice overdue.",
-          "counter" },
+          "counter", "gov_denied_invoice_overdue_total" },
     [NGX_HTTP_METER_STAT_GOV_DENIED_CREDIT] =
         { "gov_denied_credit_exhausted", "Requests refused: credit used up.",
-          "counter" },
+          "counter", "gov_denied_credit_exhausted_total" },
     [NGX_HTTP_METER_STAT_GOV_DENIED_UNKNOWN] =
         { "gov_denied_unknown_key", "Requests refused: missing, unknown or "
-          "revoked key.", "counter" },
+          "revoked key.", "counter", "gov_denied_unknown_key_total" },
     [NGX_HTTP_METER_STAT_GOV_DENIED_DOWN] =
         { "gov_denied_redis_down", "Requests refused: state unavailable.",
-          "counter" }
+          "counter", "gov_denied_redis_down_total" }
 };
 
 
@@ -156,7 +158,7 @@ ngx_http_meter_collect_stats(ngx_shm_zone_t *zone, ngx_shm_zone_t *gov_zone,
 ngx_int_t
 ngx_http_meter_status_handler(ngx_http_request_t *r)
 {
-    size_t                       size;
+    size_t                       size, len;
     uint64_t                    *v;
     ngx_int_t                    rc;
     ngx_buf_t                   *b;
@@ -197,14 +199,19 @@ ngx_http_meter_status_handler(ngx_http_request_t *r)
     size = sizeof("{\"version\":1,\"zones\":[]}\n");
 
     for (i = 0; i < n; i++) {
-        size += 2 * ngx_strlen(ngx_http_meter_stats[i].name)
-                + ngx_strlen(ngx_http_meter_stats[i].help)
+        len = ngx_strlen(ngx_http_meter_stats[i].name);
+
+        if (ngx_http_meter_stats[i].prom != NULL) {
+            len = ngx_max(len, ngx_strlen(ngx_http_meter_stats[i].prom));
+        }
+
+        size += 2 * len + ngx_strlen(ngx_http_meter_stats[i].help)
                 + sizeof("# HELP nginx_meter_ \n# TYPE nginx_meter_ counter\n");
 
         for (z = 0; z < mcf->zones.nelts; z++) {
-            size += sizeof("nginx_meter_{zone=\"\"} \n") + NGX_INT64_LEN
-                    + ngx_strlen(ngx_http_meter_stats[i].name)
-                    + zones[z]->shm.name.len;
+            /* "." and three decimals for seconds */
+            size += sizeof("nginx_meter_{zone=\"\"} .000\n") + NGX_INT64_LEN
+                    + len + zones[z]->shm.name.len;
         }
     }
 

@@ -14,25 +14,38 @@ void
 ngx_http_meter_status_prometheus(ngx_http_request_t *r, ngx_buf_t *b,
     ngx_shm_zone_t **zones, ngx_uint_t nzones, uint64_t *v)
 {
-    ngx_uint_t  z, i, n;
+    uint64_t                x;
+    ngx_uint_t              z, i, n;
+    const char             *name;
+    ngx_http_meter_stat_t  *st;
 
     n = NGX_HTTP_METER_NSTATS;
 
     /* one group per metric family, as the text format requires */
     for (i = 0; i < n; i++) {
+        st = &ngx_http_meter_stats[i];
+        name = (st->prom != NULL) ? st->prom : st->name;
+
         b->last = ngx_sprintf(b->last,
                               "# HELP nginx_meter_%s %s\n"
                               "# TYPE nginx_meter_%s %s\n",
-                              ngx_http_meter_stats[i].name,
-                              ngx_http_meter_stats[i].help,
-                              ngx_http_meter_stats[i].name,
-                              ngx_http_meter_stats[i].type);
+                              name, st->help, name, st->type);
 
         for (z = 0; z < nzones; z++) {
+            x = v[z * n + i];
+
+            if (st->ms) {
+                b->last = ngx_sprintf(b->last,
+                                      "nginx_meter_%s{zone=\"%V\"} "
+                                      "%uL.%03uL\n", name,
+                                      &zones[z]->shm.name, x / 1000,
+                                      x % 1000);
+                continue;
+            }
+
             b->last = ngx_sprintf(b->last,
                                   "nginx_meter_%s{zone=\"%V\"} %uL\n",
-                                  ngx_http_meter_stats[i].name,
-                                  &zones[z]->shm.name, v[z * n + i]);
+                                  name, &zones[z]->shm.name, x);
         }
     }
 

@@ -5,6 +5,7 @@ actually got; Redis must hold exactly that."""
 import json
 import os
 import re
+import subprocess
 import time
 from collections import Counter
 
@@ -391,15 +392,27 @@ def test_meter_status_json_and_prometheus(redis, nginx_factory):
     assert code == 200
     text = body.decode()
     samples = dict(re.findall(
-        r'^nginx_meter_(\w+)\{zone="api"\} (\d+)$', text, re.M))
+        r'^nginx_meter_(\w+)\{zone="api"\} ([\d.]+)$', text, re.M))
     assert int(samples["flushed_total"]) == total
-    assert int(samples["pending"]) == 0
+    assert int(samples["pending_units"]) == 0
     assert int(samples["redis_connected"]) == 1
-    assert int(samples["dropped"]) == 0
+    assert int(samples["dropped_total"]) == 0
+    assert int(samples["flushes_total"]) >= 1
+    # milliseconds in JSON, seconds with three decimals here
+    assert re.fullmatch(r"\d+\.\d{3}", samples["last_flush_seconds"])
+    assert len(samples) == len(z) - 1       # every figure but the name
     for name in samples:
         assert re.search(r"^# HELP nginx_meter_%s " % name, text, re.M), name
-        assert re.search(r"^# TYPE nginx_meter_%s (gauge|counter)$" % name,
-                         text, re.M), name
+        m = re.search(r"^# TYPE nginx_meter_%s (gauge|counter)$" % name,
+                      text, re.M)
+        assert m, name
+        # the naming rules promtool checks: counters end in _total
+        assert (m.group(1) == "counter") == name.endswith("_total"), name
+    # and promtool itself (Debian's prometheus package)
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text,
+                          capture_output=True, text=True, timeout=60)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert lint.stdout + lint.stderr == "", lint.stdout + lint.stderr
 
     # Redis down: the status says so, requests still succeed
     redis.stop("save")
