@@ -7,6 +7,8 @@
 #   make test     deps + everything above + pytest integration tests
 #   make demo     deps + build + a short end-to-end demo
 #   make bench    plain nginx vs nginx with metering (wrk); not a test
+#   make bench-cost  CPU and instructions per request (bench/cost.py;
+#                 BENCH_COST_ARGS=--quick); not a test, ~20 minutes
 #   make deb      Debian packages into build/deb/ (dpkg-buildpackage, lintian)
 
 # bash: conf_flags defines a bash array
@@ -35,7 +37,7 @@ UNIT_CFLAGS := -std=c11 -Wall -Wextra -Werror -g -fsanitize=address,undefined
 .NOTPARALLEL:
 
 .PHONY: all module smoke deps worker unit integration test demo bench clean \
-        install deb
+        install deb bench-cost
 
 all: module
 
@@ -126,6 +128,18 @@ demo: deps module worker
 
 bench: deps module
 	$(PYTHON) bench/run.py
+
+# valgrind is the bench's alone, not in PKGS: installed here when missing
+BENCH_COST_ARGS ?=
+
+bench-cost: deps module
+	@command -v valgrind >/dev/null || { \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    $(SUDO) apt-get install -y --no-install-recommends valgrind \
+	    || { $(SUDO) apt-get update \
+	         && $(SUDO) apt-get install -y --no-install-recommends \
+	            valgrind; }; }
+	$(PYTHON) bench/cost.py $(BENCH_COST_ARGS)
 
 
 # the Debian layout: the module next to the packaged ones, enabled through
