@@ -240,8 +240,9 @@ def front_conf(name, nkeys):
         "status": STATUS}
 
 
-def wrk(port, seconds, nkeys, seed):
-    env = dict(os.environ, BENCH_KEYS=str(nkeys), BENCH_SEED=str(seed))
+def wrk(port, seconds, nkeys, seed, pace_ms=0):
+    env = dict(os.environ, BENCH_KEYS=str(nkeys), BENCH_SEED=str(seed),
+               BENCH_DELAY_MS=str(pace_ms))
     r = subprocess.run(
         ["wrk", "-t1", "-c%d" % CONNECTIONS, "-d%ds" % seconds,
          "--latency", "-s", str(HERE / "cost.lua"),
@@ -322,14 +323,14 @@ def check_gate(front, nkeys):
                          % (front.name, got))
 
 
-def measure(front, redis, seconds, nkeys, seed):
+def measure(front, redis, seconds, nkeys, seed, pace_ms=0):
     redis_pid = redis.proc.pid
     pids = front.pids()
     s0 = drain(front)
     c0 = commandstats(redis)
     n0, r0 = cpu_ticks(pids), cpu_ticks([redis_pid])
     t0 = time.monotonic()
-    res = wrk(front.n.port, seconds, nkeys, seed)
+    res = wrk(front.n.port, seconds, nkeys, seed, pace_ms)
     s1 = drain(front)
     wall = time.monotonic() - t0
     n1, r1 = cpu_ticks(pids), cpu_ticks([redis_pid])
@@ -393,25 +394,34 @@ def load_part(a, tmp, redis, results):
                     for f in fronts:
                         f.resume()
                         wrk(f.n.port, a.warmup, nkeys, 10000 + seed)
-                        m = measure(f, redis, a.seconds, nkeys, seed)
+                        run = {"sat": measure(f, redis, a.seconds, nkeys,
+                                              seed)}
+                        if a.pace_ms:
+                            run["paced"] = measure(
+                                f, redis, a.paced_seconds, nkeys,
+                                20000 + seed, a.pace_ms)
                         f.pause()
                         seed += 1
-                        rows[f.name].append(m)
-                        print("  r%d %-12s %8.0f rps  p99 %6.0f us  "
-                              "nginx %5.1f us/req  redis %5.2f us/req  "
-                              "flushed %7d keys%s"
-                              % (rnd + 1, f.name, m["rps"], m["p99_us"],
-                                 m["nginx_us"], m["redis_us"],
-                                 m["flushed_keys"],
-                                 "  redis %.2f us/key" % (
-                                     m["redis_us"] * m["requests"]
-                                     / m["flushed_keys"])
-                                 if m["flushed_keys"] else ""), flush=True)
+                        rows[f.name].append(run)
+                        for kind, m in run.items():
+                            print("  r%d %-12s %-5s %7.0f rps  p99 %6.0f us"
+                                  "  nginx %5.1f us/req  redis %5.2f us/req"
+                                  "  flushed %7d keys%s"
+                                  % (rnd + 1, f.name, kind, m["rps"],
+                                     m["p99_us"], m["nginx_us"],
+                                     m["redis_us"], m["flushed_keys"],
+                                     "  redis %.2f us/key" % (
+                                         m["redis_us"] * m["requests"]
+                                         / m["flushed_keys"])
+                                     if m["flushed_keys"] else ""),
+                                  flush=True)
                 mem = redis.cmd("INFO", "memory").decode()
                 used = re.search(r"used_memory_human:(\S+)", mem).group(1)
                 results["load"][label] = {"keys": nkeys, "rows": rows,
                                           "redis_memory": used}
-                report_load(label, rows)
+                for kind in rows["plain"][0]:
+                    report_load(label, kind, {k: [r[kind] for r in v]
+                                              for k, v in rows.items()})
             finally:
                 for f in fronts:
                     f.stop()
@@ -426,11 +436,14 @@ def spread(xs, fmt):
                                                      max(xs))
 
 
-def report_load(label, rows):
+def report_load(label, kind, rows):
     """Median (min–max) over rounds; ratios per round against plain's
     round of the same index, then their median."""
     plain = rows["plain"]
-    print("\n  %s keys: median (min-max) of %d rounds" % (label, len(plain)))
+    print("\n  %s keys, %s: median (min-max) of %d rounds"
+          % (label, {"sat": "saturated (wrk closed loop)",
+                     "paced": "paced (each connection waits after each "
+                              "response)"}[kind], len(plain)))
     print("  %-12s %-22s %-22s %-22s %-20s %-20s %-20s %-18s"
           % ("config", "nginx us/req", "redis us/req", "CPU vs plain",
              "rps vs plain", "p99 vs plain", "redis us/flushed key",
@@ -565,6 +578,10 @@ def callgrind_run(a, tmp, name, redis, backend, gov_keys):
         http = ("meter_zone $http_x_api_key zone=api:16m;\n"
                 "    meter_redis 127.0.0.1:%d;\n"
                 % (dead if name == "no-redis" else redis.port))
+        if name == "no-redis":
+            # no flush tick (a reconnect attempt each) in the window: what
+            # is left is the request path, the same in every run
+            http += "    meter_flush_interval 1h;\n"
         loc = "meter zone=api calls;"
     if name == "gov":
         # no refresh inside the window: the request path only
@@ -779,6 +796,8 @@ def stall_stats(samples, refresh_s):
     maxima = [per[b] for b in sorted(per)[:-1]] or list(per.values())
     lats = sorted(lat for _, lat in samples)
     return {"max_ms": max(lats) * 1e3,
+            "top3_ms": [x * 1e3 for x in lats[-3:][::-1]],
+            "p999_ms": lats[int(len(lats) * 0.999)] * 1e3,
             "period_max_ms_median": median(maxima) * 1e3,
             "period_max_ms_min": min(maxima) * 1e3,
             "p50_us": lats[len(lats) // 2] * 1e6,
@@ -834,10 +853,12 @@ def stall_part(a, tmp, redis, results):
         for k in ("no_gate", "nothing_changed", "one_change"):
             s = cases[k]
             print("    %-16s max latency per %.0fs period: median %.1f ms "
-                  "(min %.1f), overall max %.1f ms, p50 %.0f us, %d requests"
+                  "(min %.1f), largest %s ms, p99.9 %.1f ms, p50 %.0f us, "
+                  "%d requests"
                   % (k, refresh, s["period_max_ms_median"],
-                     s["period_max_ms_min"], s["max_ms"], s["p50_us"],
-                     s["requests"]), flush=True)
+                     s["period_max_ms_min"],
+                     "/".join("%.1f" % x for x in s["top3_ms"]),
+                     s["p999_ms"], s["p50_us"], s["requests"]), flush=True)
     results["stall"] = out
 
 
@@ -858,9 +879,10 @@ def cg_stall_part(a, tmp, redis, results):
         d = tmp / ("cg-stall-%d" % nkeys)
         d.mkdir(parents=True)
         port, sport = free_port(), free_port()
-        # long enough for a refresh under valgrind to end well before the
-        # next tick (about 50x slower than native)
-        refresh = max(5, nkeys // 20000)
+        # a refresh under valgrind (~85M Ir/s; one change: ~5,400 Ir a
+        # key) must end well before the next tick, or the dump after it
+        # would hold part of the next one
+        refresh = max(10, nkeys * 15 // 100000)
         http = ("meter_zone $http_x_api_key zone=api:%s;\n"
                 "    meter_redis 127.0.0.1:%d;\n"
                 "    meter_governance_size %s;\n"
@@ -929,6 +951,10 @@ def cg_stall_part(a, tmp, redis, results):
                                 "a refresh")
                 dump("changed")
                 changed.append(ir_of_dump())
+            for xs in (same, changed):
+                if abs(xs[0] - xs[1]) > 0.01 * min(xs):
+                    print("  warning: the two refreshes differ by more than"
+                          " 1%: a dump held part of another refresh")
             out[nkeys] = {"first": first, "nothing_changed": same,
                           "one_change": changed}
             print("    nothing changed: %s Ir per refresh (%.0f / key)"
@@ -966,6 +992,13 @@ def main():
                     help="measured seconds of each wrk run (10)")
     ap.add_argument("--warmup", type=int, default=1,
                     help="wrk seconds before each measured run (1)")
+    ap.add_argument("--pace-ms", type=int, default=10,
+                    help="paced runs: each of the %d connections waits this"
+                         " long after each response, for CPU per request "
+                         "at the same rate in every configuration (0: no "
+                         "paced runs; 10)" % CONNECTIONS)
+    ap.add_argument("--paced-seconds", type=int, default=5,
+                    help="seconds of each paced run (5)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds, configurations interleaved (3)")
     ap.add_argument("--keys", default="10k,200k,1m",
@@ -984,6 +1017,7 @@ def main():
     a = ap.parse_args()
     if a.quick:
         a.seconds, a.rounds, a.keys = 3, 2, "10k,200k"
+        a.paced_seconds = 3
         a.cg_requests, a.cg_warmup = 5000, 1000
         a.stall_keys, a.stall_seconds = "100k", 5
         a.cg_stall_keys = "20k"
