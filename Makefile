@@ -7,6 +7,8 @@
 #   make test     deps + everything above + pytest integration tests
 #   make demo     deps + build + a short end-to-end demo
 #   make bench    plain nginx vs nginx with metering (wrk); not a test
+#   make bench-cost  CPU and instructions per request (bench/cost.py;
+#                 BENCH_COST_ARGS=--quick); not a test, ~20 minutes
 #   make deb      Debian packages into build/deb/ (dpkg-buildpackage, lintian)
 #   make nginx-tests  nginx's own test suite, plain and with the module
 #                 (slow; NGINX_TESTS=checkout, see t/nginx-tests.sh)
@@ -37,7 +39,7 @@ UNIT_CFLAGS := -std=c11 -Wall -Wextra -Werror -g -fsanitize=address,undefined
 .NOTPARALLEL:
 
 .PHONY: all module smoke deps worker unit integration test demo bench clean \
-        install deb nginx-tests
+        install deb nginx-tests bench-cost
 
 all: module
 
@@ -133,6 +135,18 @@ bench: deps module
 
 nginx-tests: module worker
 	t/nginx-tests.sh
+
+# valgrind is the bench's alone, not in PKGS: installed here when missing
+BENCH_COST_ARGS ?=
+
+bench-cost: deps module
+	@command -v valgrind >/dev/null || { \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    $(SUDO) apt-get install -y --no-install-recommends valgrind \
+	    || { $(SUDO) apt-get update \
+	         && $(SUDO) apt-get install -y --no-install-recommends \
+	            valgrind; }; }
+	$(PYTHON) bench/cost.py $(BENCH_COST_ARGS)
 
 
 # the Debian layout: the module next to the packaged ones, enabled through
