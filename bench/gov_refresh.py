@@ -7,8 +7,8 @@ gate, meter_governance_refresh 1s, a redis-server; mtr:gov seeded through
 redis-cli --pipe, and --credit customers given prepaid credit.  Cases:
 
   nothing    nothing changes between refreshes
-  gov        one key of mtr:gov changes (delinquent, then active again) and
-             mtr:gov:version moves, once a second
+  gov        one customer of mtr:gov changes (its 10 keys: delinquent, then
+             active again) and mtr:gov:version moves, once a second
   used       the usage of one credit customer's key moves (HINCRBY on
              mtr:used, as another node's flush would), once a second
 
@@ -16,10 +16,12 @@ Per case:
   cpu        the worker's CPU (utime + stime, /proc/PID/stat) per refresh,
              over --idle seconds with no client
   hold       the module's own account of the refresh, from its debug_core
-             log line (an nginx built --with-debug, as Debian's is): the
-             longest stretch the refresh held the event loop and the sum of
-             its slices (lines with "governance refresh"); absent before the
-             sliced refresh existed
+             log lines (an nginx built --with-debug, as Debian's is): the
+             longest stretch the refresh held the event loop, wall and CPU
+             time (CPU leaves out the preemption of a shared machine), the
+             CPU of all its slices, and the slices over 1 ms by phase
+             (from>to phase:count:max CPU us; phases are
+             numbered in ngx_http_meter_gov_refresh.c); absent before the sliced refresh
   client     the latency of a keep-alive client looping on the refreshing
              worker for --loop seconds: the max per refresh period (median
              and max over the periods) and the p50
@@ -196,8 +198,12 @@ class Changer:
 
     def _one(self, j):
         if self.case == "gov":
+            # customer 0's ten keys, as meterctl rewrites a customer's keys
             st = ("d", "invoice_overdue") if j % 2 == 0 else ("a", "")
-            self.redis.cmd("HSET", "mtr:gov", khash(1), gov_value(1, *st))
+            args = ["HSET", "mtr:gov"]
+            for i in range(1, 11):
+                args += [khash(i), gov_value(i, *st)]
+            self.redis.cmd(*args)
             self.redis.cmd("INCR", "mtr:gov:version")
         elif self.case == "used":
             self.redis.cmd("HINCRBY", "mtr:used:{%s}" % khash(1), "calls", 1)
@@ -219,7 +225,7 @@ class Changer:
             self.t.join()
 
 
-HOLD = re.compile(r"governance refresh: (.*)$")
+HOLD = re.compile(r"governance refresh: (keys=.*)$")
 
 
 def holds(log, since):
@@ -235,11 +241,35 @@ def holds(log, since):
     return out
 
 
+SLOW = re.compile(r"a slice of phase (\d+) held (\d+) us \((\d+) us CPU\), "
+                  r"from phase (\d+)")
+
+
+def slow_slices(log, since):
+    """Slices over 1 ms of wall time, by phases (the one a slice began in
+    and the one it ended in): "from>to:count:max CPU us"."""
+    per = {}
+    with open(log, "rb") as f:
+        f.seek(since)
+        for m in SLOW.finditer(f.read().decode(errors="replace")):
+            k = "%s>%s" % (m.group(4), m.group(1))
+            n, cpu = per.get(k, (0, 0))
+            per[k] = (n + 1, max(cpu, int(m.group(3))))
+    return ",".join("%s:%d:%d" % (k, n, c) for k, (n, c) in sorted(per.items()))
+
+
 def run_case(a, n, redis, case, worker):
     log = n.tmp / "debug.log"
     res = {}
     with Changer(redis, case, a.credit):
-        time.sleep(REFRESH * 1.5)
+        # two refreshes under the case's change: the one running when it
+        # began (a rebuild of 1M keys takes seconds) is not measured
+        off = log.stat().st_size if log.exists() else 0
+        if off:
+            wait_for(lambda: len(holds(log, off)) >= 2, 120, 0.1,
+                     "two refreshes")
+        else:
+            time.sleep(REFRESH * 3)
         off = log.stat().st_size if log.exists() else 0
         t0, c0 = time.monotonic(), cpu_ticks(worker)
         time.sleep(a.idle)
@@ -251,9 +281,15 @@ def run_case(a, n, redis, case, worker):
             res["logged"] = len(h)
             res["rebuilt"] = sum(1 for x in h if x.get("rebuilt") != "none")
             res["hold_us_max"] = max(int(x["longest_us"]) for x in h)
-            res["slices_us_median"] = statistics.median(
+            if "longest_cpu_us" in h[0]:
+                res["hold_cpu_us_max"] = max(int(x["longest_cpu_us"])
+                                             for x in h)
+            res["slices_cpu_us_median"] = statistics.median(
                 int(x["total_us"]) for x in h)
             res["slices_max"] = max(int(x["slices"]) for x in h)
+            slow = slow_slices(log, off)
+            if slow:
+                res["slow_slices"] = slow
         samples = []
         c = KeepAlive(n.port2)
         end = time.monotonic() + a.loop

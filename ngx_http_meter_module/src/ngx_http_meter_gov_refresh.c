@@ -46,9 +46,12 @@
 #define NGX_HTTP_METER_GOV_CUSTS    9   /* the spare customer table */
 #define NGX_HTTP_METER_GOV_SEED     10  /* unflushed counts into local */
 #define NGX_HTTP_METER_GOV_PUBLISH  11
+#define NGX_HTTP_METER_GOV_PAGE     12  /* a page of mtr:gov, parsed
+                                         * (between SCAN replies) */
 
 #define NGX_HTTP_METER_GOV_START    (NGX_HTTP_METER_GOV_NIL - 1)
 #define NGX_HTTP_METER_GOV_ZCHUNK   65536   /* bytes zeroed between checks */
+#define NGX_HTTP_METER_GOV_UNMAP    (1024 * 1024) /* bytes unmapped, same */
 
 
 static void ngx_http_meter_gov_ready(void *data);
@@ -72,14 +75,27 @@ static void ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
 static void ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr);
 static ngx_int_t ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
     ngx_http_meter_gov_view_t *v, ngx_uint_t n);
-static void ngx_http_meter_gov_view_free(ngx_http_meter_gov_view_t *v);
-static void ngx_http_meter_gov_map_cleanup(void *data);
+static void ngx_http_meter_gov_view_free(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v);
+static void *ngx_http_meter_gov_mmap(size_t size);
+static ngx_int_t ngx_http_meter_gov_vec_init(ngx_http_meter_gov_vec_t *a,
+    ngx_uint_t n, size_t size);
+static void *ngx_http_meter_gov_vec_push(ngx_http_meter_gov_vec_t *a);
+static void ngx_http_meter_gov_junk(ngx_http_meter_gov_refresh_t *gr,
+    void *p, size_t len);
+static ngx_int_t ngx_http_meter_gov_drain(ngx_http_meter_gov_refresh_t *gr,
+    ngx_uint_t all);
 static uint32_t *ngx_http_meter_gov_map_slot(ngx_http_meter_gov_view_t *v,
     u_char *id, size_t len);
-static ngx_int_t ngx_http_meter_gov_map_grow(ngx_http_meter_gov_view_t *v);
+static ngx_int_t ngx_http_meter_gov_map_grow(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v);
 static void ngx_http_meter_gov_scan_reply(redisAsyncContext *ac, void *r,
     void *privdata);
-static ngx_int_t ngx_http_meter_gov_scan_field(ngx_http_meter_gov_view_t *v,
+static ngx_int_t ngx_http_meter_gov_scan_page(
+    ngx_http_meter_gov_refresh_t *gr);
+static void ngx_http_meter_gov_page_free(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_scan_field(
+    ngx_http_meter_gov_refresh_t *gr, ngx_http_meter_gov_view_t *v,
     redisReply *f, redisReply *val);
 static ngx_int_t ngx_http_meter_hex_decode(uint8_t *dst, u_char *hex);
 static void ngx_http_meter_gov_used_reply(redisAsyncContext *ac, void *r,
@@ -102,7 +118,8 @@ static void ngx_http_meter_gov_finish(ngx_http_meter_gov_refresh_t *gr,
     const char *how);
 static void ngx_http_meter_gov_abort(ngx_http_meter_gov_refresh_t *gr,
     ngx_uint_t invalidate);
-static uint64_t ngx_http_meter_gov_usec(void);
+static uint64_t ngx_http_meter_gov_usec(clockid_t clock);
+static void ngx_http_meter_gov_account(ngx_http_meter_gov_refresh_t *gr);
 static void ngx_http_meter_gov_begin(ngx_http_meter_gov_refresh_t *gr);
 static void ngx_http_meter_gov_end(ngx_http_meter_gov_refresh_t *gr);
 static ngx_uint_t ngx_http_meter_gov_over(ngx_http_meter_gov_refresh_t *gr,
@@ -144,8 +161,10 @@ ngx_http_meter_gov_refresh_exit(ngx_http_meter_gov_refresh_t *gr)
 
     gr->gov_phase = NGX_HTTP_METER_GOV_IDLE;
 
-    ngx_http_meter_gov_view_free(&gr->gov_view);
-    ngx_http_meter_gov_view_free(&gr->gov_scan);
+    ngx_http_meter_gov_page_free(gr);
+    ngx_http_meter_gov_view_free(gr, &gr->gov_view);
+    ngx_http_meter_gov_view_free(gr, &gr->gov_scan);
+    (void) ngx_http_meter_gov_drain(gr, 1);
     gr->gov_valid = 0;
 
     if (gr->gov_tmp) {
@@ -257,7 +276,9 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
     gr->gov_rebuilt = 0;
     gr->gov_slices = 0;
     gr->gov_longest = 0;
+    gr->gov_longest_cpu = 0;
     gr->gov_total = 0;
+    gr->gov_begun = ngx_current_msec;
     gr->gov_hlen = 0;
 
     ngx_http_meter_gov_begin(gr);
@@ -317,8 +338,8 @@ ngx_http_meter_gov_hscan(ngx_http_meter_gov_refresh_t *gr, const char *key,
     argv[1] = key; len[1] = klen;
     argv[2] = gr->gov_cursor; len[2] = ngx_strlen(gr->gov_cursor);
     argv[3] = "COUNT"; len[3] = 5;
-    argv[4] = NGX_HTTP_METER_GOV_PAGE;
-    len[4] = sizeof(NGX_HTTP_METER_GOV_PAGE) - 1;
+    argv[4] = NGX_HTTP_METER_GOV_COUNT;
+    len[4] = sizeof(NGX_HTTP_METER_GOV_COUNT) - 1;
 
     return ngx_http_meter_gov_send(gr, fn, gr, 5, argv, len);
 }
@@ -545,7 +566,7 @@ ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr)
 
     /* the version read before the scan: a change during it is seen by the
      * next refresh, which scans again */
-    ngx_http_meter_gov_view_free(&gr->gov_scan);
+    ngx_http_meter_gov_view_free(gr, &gr->gov_scan);
 
     if (ngx_http_meter_gov_view_init(gr, &gr->gov_scan, gr->gov_hlen)
         != NGX_OK)
@@ -572,8 +593,7 @@ static ngx_int_t
 ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
     ngx_http_meter_gov_view_t *v, ngx_uint_t n)
 {
-    size_t               size;
-    ngx_pool_cleanup_t  *cln;
+    size_t  size;
 
     ngx_memzero(v, sizeof(ngx_http_meter_gov_view_t));
 
@@ -582,87 +602,149 @@ ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
         return NGX_ERROR;
     }
 
-    /* sized for what HLEN said: large allocations, touched as filled */
+    /* sized for what HLEN said: pages are touched only as filled */
     n += n / 16 + 64;
-
-    if (ngx_array_init(&v->keys, v->pool, n,
-                       sizeof(ngx_http_meter_gov_ckey_t))
-        != NGX_OK
-        || ngx_array_init(&v->custs, v->pool, n,
-                          sizeof(ngx_http_meter_gov_ccust_t))
-           != NGX_OK
-        || ngx_array_init(&v->credits, v->pool, 16,
-                          sizeof(ngx_http_meter_gov_ccredits_t))
-           != NGX_OK)
-    {
-        goto failed;
-    }
 
     for (size = 16; size < 2 * n; size *= 2) { /* void */ }
 
-    cln = ngx_pool_cleanup_add(v->pool, 0);
-    if (cln == NULL) {
-        goto failed;
-    }
-
-    /* calloc: fresh pages come zeroed, not written here */
-    v->map = calloc(size, sizeof(uint32_t));
-    if (v->map == NULL) {
-        goto failed;
+    if (ngx_http_meter_gov_vec_init(&v->keys, n,
+                                    sizeof(ngx_http_meter_gov_ckey_t))
+        != NGX_OK
+        || ngx_http_meter_gov_vec_init(&v->custs, n,
+                                       sizeof(ngx_http_meter_gov_ccust_t))
+           != NGX_OK
+        || ngx_array_init(&v->credits, v->pool, 16,
+                          sizeof(ngx_http_meter_gov_ccredits_t))
+           != NGX_OK
+        || (v->map = ngx_http_meter_gov_mmap(size * sizeof(uint32_t)))
+           == NULL)
+    {
+        ngx_http_meter_gov_view_free(gr, v);
+        return NGX_ERROR;
     }
 
     v->map_mask = size - 1;
-    cln->handler = ngx_http_meter_gov_map_cleanup;
-    cln->data = v->pool;
 
     return NGX_OK;
-
-failed:
-
-    ngx_http_meter_gov_view_free(v);
-
-    return NGX_ERROR;
 }
 
 
 static void
-ngx_http_meter_gov_view_free(ngx_http_meter_gov_view_t *v)
+ngx_http_meter_gov_view_free(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v)
 {
-    ngx_pool_t  *pool;
+    if (v->keys.elts != NULL) {
+        ngx_http_meter_gov_junk(gr, v->keys.elts,
+                                v->keys.nalloc * v->keys.size);
+    }
 
-    pool = v->pool;
+    if (v->custs.elts != NULL) {
+        ngx_http_meter_gov_junk(gr, v->custs.elts,
+                                v->custs.nalloc * v->custs.size);
+    }
 
-    if (pool != NULL) {
-        ngx_destroy_pool(pool);
+    if (v->map != NULL) {
+        ngx_http_meter_gov_junk(gr, v->map,
+                                (v->map_mask + 1) * sizeof(uint32_t));
+    }
+
+    if (v->pool != NULL) {
+        ngx_destroy_pool(v->pool);
     }
 
     ngx_memzero(v, sizeof(ngx_http_meter_gov_view_t));
 }
 
 
-/* the map's pointer moves when it grows: freed through the worker's view */
+/* anonymous pages: zeroed by the kernel, written only where used */
+
+static void *
+ngx_http_meter_gov_mmap(size_t size)
+{
+    void  *p;
+
+    p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+
+    return (p == MAP_FAILED) ? NULL : p;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_vec_init(ngx_http_meter_gov_vec_t *a, ngx_uint_t n,
+    size_t size)
+{
+    a->elts = ngx_http_meter_gov_mmap(n * size);
+    a->nelts = 0;
+    a->nalloc = n;
+    a->size = size;
+
+    return (a->elts != NULL) ? NGX_OK : NGX_ERROR;
+}
+
+
+static void *
+ngx_http_meter_gov_vec_push(ngx_http_meter_gov_vec_t *a)
+{
+    void  *p;
+
+    if (a->nelts == a->nalloc) {
+        p = mremap(a->elts, a->nalloc * a->size, 2 * a->nalloc * a->size,
+                   MREMAP_MAYMOVE);
+        if (p == MAP_FAILED) {
+            return NULL;
+        }
+
+        a->elts = p;
+        a->nalloc *= 2;
+    }
+
+    return (u_char *) a->elts + a->size * a->nelts++;
+}
+
+
+/* unmapping 100 MB of touched pages takes milliseconds: done in slices */
 
 static void
-ngx_http_meter_gov_map_cleanup(void *data)
+ngx_http_meter_gov_junk(ngx_http_meter_gov_refresh_t *gr, void *p,
+    size_t len)
 {
-    ngx_http_meter_gov_refresh_t  *gr;
-
-    gr = (ngx_http_meter_worker != NULL) ? &ngx_http_meter_worker->gov
-                                         : NULL;
-
-    if (gr == NULL) {
+    if (gr->gov_njunk == sizeof(gr->gov_junk) / sizeof(gr->gov_junk[0])) {
+        (void) munmap(p, len);
         return;
     }
 
-    if (gr->gov_view.pool == data && gr->gov_view.map != NULL) {
-        free(gr->gov_view.map);
-        gr->gov_view.map = NULL;
+    gr->gov_junk[gr->gov_njunk].p = p;
+    gr->gov_junk[gr->gov_njunk].len = len;
+    gr->gov_njunk++;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_drain(ngx_http_meter_gov_refresh_t *gr, ngx_uint_t all)
+{
+    size_t                      n;
+    ngx_http_meter_gov_junk_t  *j;
+
+    while (gr->gov_njunk) {
+        if (!all && ngx_http_meter_gov_over(gr, 0)) {
+            return NGX_AGAIN;
+        }
+
+        j = &gr->gov_junk[gr->gov_njunk - 1];
+
+        n = all ? j->len : ngx_min(j->len, NGX_HTTP_METER_GOV_UNMAP);
+
+        /* from the end: the first page stays the region's start */
+        (void) munmap(j->p + j->len - n, n);
+        j->len -= n;
+
+        if (j->len == 0) {
+            gr->gov_njunk--;
+        }
     }
 
-    if (gr->gov_scan.pool == data && gr->gov_scan.map != NULL) {
-        free(gr->gov_scan.map);
-        gr->gov_scan.map = NULL;
-    }
+    return NGX_OK;
 }
 
 
@@ -694,14 +776,15 @@ ngx_http_meter_gov_map_slot(ngx_http_meter_gov_view_t *v, u_char *id,
 /* more customers than HLEN foretold: rare, one hold of O(customers) */
 
 static ngx_int_t
-ngx_http_meter_gov_map_grow(ngx_http_meter_gov_view_t *v)
+ngx_http_meter_gov_map_grow(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v)
 {
     uint32_t                    i, j, size, *map;
     ngx_http_meter_gov_ccust_t *custs;
 
     size = (v->map_mask + 1) * 2;
 
-    map = calloc(size, sizeof(uint32_t));
+    map = ngx_http_meter_gov_mmap(size * sizeof(uint32_t));
     if (map == NULL) {
         return NGX_ERROR;
     }
@@ -720,7 +803,7 @@ ngx_http_meter_gov_map_grow(ngx_http_meter_gov_view_t *v)
         map[j] = i + 1;
     }
 
-    free(v->map);
+    ngx_http_meter_gov_junk(gr, v->map, (v->map_mask + 1) * sizeof(uint32_t));
     v->map = map;
     v->map_mask = size - 1;
 
@@ -728,12 +811,16 @@ ngx_http_meter_gov_map_grow(ngx_http_meter_gov_view_t *v)
 }
 
 
+/*
+ * A page of mtr:gov is taken from hiredis's reply (which frees what is
+ * left in it after this callback) and parsed in slices.
+ */
+
 static void
 ngx_http_meter_gov_scan_reply(redisAsyncContext *ac, void *r,
     void *privdata)
 {
     redisReply                    *reply = r;
-    size_t                         i;
     ngx_int_t                      rc;
     redisReply                    *items;
     ngx_http_meter_gov_refresh_t  *gr = privdata;
@@ -749,36 +836,17 @@ ngx_http_meter_gov_scan_reply(redisAsyncContext *ac, void *r,
 
     rc = ngx_http_meter_gov_page(gr, reply, &items);
 
-    for (i = 0; items != NULL && i + 1 < items->elements; i += 2) {
-        if (ngx_http_meter_gov_scan_field(&gr->gov_scan, items->element[i],
-                                          items->element[i + 1])
-            != NGX_OK)
-        {
-            gr->gov_failed = 1;
-            break;
-        }
-    }
-
-    if (gr->gov_failed) {
+    if (rc == NGX_ERROR) {
         ngx_http_meter_gov_abort(gr, 0);
 
-    } else if (rc == NGX_OK) {
-        if (ngx_http_meter_gov_hscan(gr, MTR_GOV, sizeof(MTR_GOV) - 1,
-                                     ngx_http_meter_gov_scan_reply)
-            != NGX_OK)
-        {
-            ngx_http_meter_gov_abort(gr, 0);
-        }
-
     } else {
-        /* the scan is complete: it is the view now */
-        ngx_http_meter_gov_view_free(&gr->gov_view);
-        gr->gov_view = gr->gov_scan;
-        ngx_memzero(&gr->gov_scan, sizeof(ngx_http_meter_gov_view_t));
+        gr->gov_page = items->element;
+        gr->gov_page_n = items->elements;
+        items->element = NULL;
+        items->elements = 0;
 
-        gr->gov_valid = 1;
-        gr->gov_kbuf = -1;
-        gr->gov_phase = NGX_HTTP_METER_GOV_ZERO;
+        gr->gov_last_page = (rc == NGX_DONE);
+        gr->gov_phase = NGX_HTTP_METER_GOV_PAGE;
         gr->gov_i = 0;
 
         ngx_http_meter_gov_run(gr);
@@ -788,11 +856,86 @@ ngx_http_meter_gov_scan_reply(redisAsyncContext *ac, void *r,
 }
 
 
+static ngx_int_t
+ngx_http_meter_gov_scan_page(ngx_http_meter_gov_refresh_t *gr)
+{
+    redisReply  **e;
+
+    e = gr->gov_page;
+
+    for ( /* void */ ; gr->gov_i + 1 < gr->gov_page_n; gr->gov_i += 2) {
+        if (ngx_http_meter_gov_over(gr, 7)) {
+            return NGX_AGAIN;
+        }
+
+        if (ngx_http_meter_gov_scan_field(gr, &gr->gov_scan, e[gr->gov_i],
+                                          e[gr->gov_i + 1])
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        freeReplyObject(e[gr->gov_i]);
+        freeReplyObject(e[gr->gov_i + 1]);
+        e[gr->gov_i] = NULL;
+        e[gr->gov_i + 1] = NULL;
+    }
+
+    ngx_http_meter_gov_page_free(gr);
+
+    if (!gr->gov_last_page) {
+        gr->gov_phase = NGX_HTTP_METER_GOV_SCAN;
+
+        if (ngx_http_meter_gov_hscan(gr, MTR_GOV, sizeof(MTR_GOV) - 1,
+                                     ngx_http_meter_gov_scan_reply)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        return NGX_DONE;
+    }
+
+    /* the scan is complete: it is the view now */
+    ngx_http_meter_gov_view_free(gr, &gr->gov_view);
+    gr->gov_view = gr->gov_scan;
+    ngx_memzero(&gr->gov_scan, sizeof(ngx_http_meter_gov_view_t));
+
+    gr->gov_valid = 1;
+    gr->gov_kbuf = -1;
+    gr->gov_phase = NGX_HTTP_METER_GOV_ZERO;
+    gr->gov_i = 0;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_meter_gov_page_free(ngx_http_meter_gov_refresh_t *gr)
+{
+    size_t  i;
+
+    if (gr->gov_page == NULL) {
+        return;
+    }
+
+    for (i = 0; i < gr->gov_page_n; i++) {
+        if (gr->gov_page[i] != NULL) {
+            freeReplyObject(gr->gov_page[i]);
+        }
+    }
+
+    free(gr->gov_page);
+    gr->gov_page = NULL;
+    gr->gov_page_n = 0;
+}
+
+
 /* KH -> "CUSTOMER\tSTATUS\tREASON\tSINCE\tREVOKED"; a bad one is skipped */
 
 static ngx_int_t
-ngx_http_meter_gov_scan_field(ngx_http_meter_gov_view_t *v, redisReply *f,
-    redisReply *val)
+ngx_http_meter_gov_scan_field(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v, redisReply *f, redisReply *val)
 {
     u_char                      *p, *end, *tab[4];
     uint32_t                    *slot;
@@ -821,7 +964,7 @@ ngx_http_meter_gov_scan_field(ngx_http_meter_gov_view_t *v, redisReply *f,
         return NGX_OK;
     }
 
-    k = ngx_array_push(&v->keys);
+    k = ngx_http_meter_gov_vec_push(&v->keys);
     if (k == NULL) {
         return NGX_ERROR;
     }
@@ -832,7 +975,7 @@ ngx_http_meter_gov_scan_field(ngx_http_meter_gov_view_t *v, redisReply *f,
     }
 
     if (2 * (v->custs.nelts + 1) > v->map_mask
-        && ngx_http_meter_gov_map_grow(v) != NGX_OK)
+        && ngx_http_meter_gov_map_grow(gr, v) != NGX_OK)
     {
         return NGX_ERROR;
     }
@@ -840,7 +983,7 @@ ngx_http_meter_gov_scan_field(ngx_http_meter_gov_view_t *v, redisReply *f,
     slot = ngx_http_meter_gov_map_slot(v, p, tab[0] - p);
 
     if (*slot == 0) {
-        c = ngx_array_push(&v->custs);
+        c = ngx_http_meter_gov_vec_push(&v->custs);
         if (c == NULL) {
             return NGX_ERROR;
         }
@@ -1016,7 +1159,15 @@ ngx_http_meter_gov_run(ngx_http_meter_gov_refresh_t *gr)
             break;
         }
 
-        switch (gr->gov_phase) {
+        /* the pages of the last view go first, a slice at a time */
+        if (ngx_http_meter_gov_drain(gr, 0) == NGX_AGAIN) {
+            rc = NGX_AGAIN;
+
+        } else switch (gr->gov_phase) {
+
+        case NGX_HTTP_METER_GOV_PAGE:
+            rc = ngx_http_meter_gov_scan_page(gr);
+            break;
 
         case NGX_HTTP_METER_GOV_ZERO:
             rc = ngx_http_meter_gov_zero(gr);
@@ -1066,9 +1217,15 @@ ngx_http_meter_gov_run(ngx_http_meter_gov_refresh_t *gr)
             ngx_post_event(&gr->gov_slice, &ngx_posted_next_events);
 
         } else if (rc == NGX_ERROR) {
-            /* a phase after the scan failed half way: start over */
+            /* what was built half way into the zone: start over */
             ngx_http_meter_gov_abort(gr,
-                                     gr->gov_phase != NGX_HTTP_METER_GOV_SEND);
+                                     gr->gov_phase == NGX_HTTP_METER_GOV_ZERO
+                                     || gr->gov_phase
+                                        == NGX_HTTP_METER_GOV_KEYS
+                                     || (gr->gov_phase
+                                         >= NGX_HTTP_METER_GOV_CUSTS
+                                         && gr->gov_phase
+                                            <= NGX_HTTP_METER_GOV_PUBLISH));
         }
 
         break;
@@ -1148,7 +1305,7 @@ ngx_http_meter_gov_keys(ngx_http_meter_gov_refresh_t *gr)
     }
 
     for ( /* void */ ; gr->gov_i < gr->gov_view.keys.nelts; gr->gov_i++) {
-        if (ngx_http_meter_gov_over(gr, 63)) {
+        if (ngx_http_meter_gov_over(gr, 15)) {
             return NGX_AGAIN;
         }
 
@@ -1667,7 +1824,7 @@ ngx_http_meter_gov_buf(ngx_http_meter_gov_refresh_t *gr, void **buf,
         ngx_log_error(NGX_LOG_ALERT, gr->log, 0,
                       "meter_governance_size is too small for the "
                       "governance state of %ui keys and %ui customers "
-                      "(%uz bytes more, two copies); the last one stays "
+                      "(a table of %uz bytes, two of each); the last copy stays "
                       "in force: raise it",
                       gr->gov_view.keys.nelts, gr->gov_view.custs.nelts,
                       size);
@@ -1684,27 +1841,22 @@ ngx_http_meter_gov_buf(ngx_http_meter_gov_refresh_t *gr, void **buf,
 static void
 ngx_http_meter_gov_finish(ngx_http_meter_gov_refresh_t *gr, const char *how)
 {
-    uint64_t  d;
+    /* the slice running now counts: it is accounted here */
+    if (gr->gov_depth) {
+        ngx_http_meter_gov_account(gr);
+        gr->gov_slice_start = ngx_http_meter_gov_usec(CLOCK_MONOTONIC);
+        gr->gov_slice_cpu = ngx_http_meter_gov_usec(CLOCK_THREAD_CPUTIME_ID);
+    }
 
     gr->gov_phase = NGX_HTTP_METER_GOV_IDLE;
 
-    /* the slice running now counts: it is ended here */
-    if (gr->gov_depth) {
-        d = ngx_http_meter_gov_usec() - gr->gov_slice_start;
-        gr->gov_slices++;
-        gr->gov_total += d;
-        gr->gov_longest = ngx_max(gr->gov_longest, d);
-        gr->gov_slice_start = ngx_http_meter_gov_usec();
-    }
-
     ngx_log_debug8(NGX_LOG_DEBUG_CORE, gr->log, 0,
-                   "meter: governance refresh: version=%uL keys=%ui "
-                   "customers=%ui rebuilt=%s slices=%ui longest_us=%uL "
+                   "meter: governance refresh: keys=%ui customers=%ui "
+                   "rebuilt=%s slices=%ui longest_us=%uL longest_cpu_us=%uL "
                    "total_us=%uL wall_ms=%M",
-                   gr->gov_view.version, gr->gov_view.keys.nelts,
-                   gr->gov_view.custs.nelts, how, gr->gov_slices,
-                   gr->gov_longest, gr->gov_total,
-                   ngx_current_msec - gr->gov_started);
+                   gr->gov_view.keys.nelts, gr->gov_view.custs.nelts, how,
+                   gr->gov_slices, gr->gov_longest, gr->gov_longest_cpu,
+                   gr->gov_total, ngx_current_msec - gr->gov_begun);
 }
 
 
@@ -1720,12 +1872,14 @@ ngx_http_meter_gov_abort(ngx_http_meter_gov_refresh_t *gr,
 
     gr->gov_failed = 1;
 
+    ngx_http_meter_gov_page_free(gr);
+
     if (invalidate) {
         gr->gov_valid = 0;
         gr->gov_kbuf = -1;
     }
 
-    ngx_http_meter_gov_view_free(&gr->gov_scan);
+    ngx_http_meter_gov_view_free(gr, &gr->gov_scan);
 
     if (gr->gov_phase != NGX_HTTP_METER_GOV_IDLE) {
         ngx_http_meter_gov_finish(gr, "failed");
@@ -1734,24 +1888,30 @@ ngx_http_meter_gov_abort(ngx_http_meter_gov_refresh_t *gr,
 
 
 static uint64_t
-ngx_http_meter_gov_usec(void)
+ngx_http_meter_gov_usec(clockid_t clock)
 {
     struct timespec  ts;
 
-    (void) clock_gettime(CLOCK_MONOTONIC, &ts);
+    (void) clock_gettime(clock, &ts);
 
     return (uint64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 
-/* a slice: from an event handler's start to its end, nested calls in it */
+/*
+ * A slice: from an event handler's start to its end, nested calls in it.
+ * Wall time is what a request waits; CPU time leaves out the preemption
+ * of a busy machine.
+ */
 
 static void
 ngx_http_meter_gov_begin(ngx_http_meter_gov_refresh_t *gr)
 {
     if (gr->gov_depth++ == 0) {
-        gr->gov_slice_start = ngx_http_meter_gov_usec();
+        gr->gov_slice_start = ngx_http_meter_gov_usec(CLOCK_MONOTONIC);
+        gr->gov_slice_cpu = ngx_http_meter_gov_usec(CLOCK_THREAD_CPUTIME_ID);
         gr->gov_budget_n = 0;
+        gr->gov_slice_phase = gr->gov_phase;
     }
 }
 
@@ -1759,17 +1919,31 @@ ngx_http_meter_gov_begin(ngx_http_meter_gov_refresh_t *gr)
 static void
 ngx_http_meter_gov_end(ngx_http_meter_gov_refresh_t *gr)
 {
-    uint64_t  d;
-
-    if (--gr->gov_depth != 0) {
-        return;
+    if (--gr->gov_depth == 0) {
+        ngx_http_meter_gov_account(gr);
     }
+}
 
-    d = ngx_http_meter_gov_usec() - gr->gov_slice_start;
+
+static void
+ngx_http_meter_gov_account(ngx_http_meter_gov_refresh_t *gr)
+{
+    uint64_t  d, cpu;
+
+    d = ngx_http_meter_gov_usec(CLOCK_MONOTONIC) - gr->gov_slice_start;
+    cpu = ngx_http_meter_gov_usec(CLOCK_THREAD_CPUTIME_ID) - gr->gov_slice_cpu;
 
     gr->gov_slices++;
-    gr->gov_total += d;
+    gr->gov_total += cpu;
     gr->gov_longest = ngx_max(gr->gov_longest, d);
+    gr->gov_longest_cpu = ngx_max(gr->gov_longest_cpu, cpu);
+
+    if (d > 1000) {
+        ngx_log_debug4(NGX_LOG_DEBUG_CORE, gr->log, 0,
+                       "meter: governance refresh: a slice of phase %ui "
+                       "held %uL us (%uL us CPU), from phase %ui",
+                       gr->gov_phase, d, cpu, gr->gov_slice_phase);
+    }
 }
 
 
@@ -1782,6 +1956,6 @@ ngx_http_meter_gov_over(ngx_http_meter_gov_refresh_t *gr, ngx_uint_t every)
         return 0;
     }
 
-    return ngx_http_meter_gov_usec() - gr->gov_slice_start
+    return ngx_http_meter_gov_usec(CLOCK_MONOTONIC) - gr->gov_slice_start
            >= NGX_HTTP_METER_GOV_BUDGET;
 }

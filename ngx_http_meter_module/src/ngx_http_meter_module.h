@@ -38,8 +38,8 @@
 
 #define NGX_HTTP_METER_GOV_CREDITS  4       /* credit meters per customer */
 #define NGX_HTTP_METER_GOV_NIL      0xffffffff
-#define NGX_HTTP_METER_GOV_PAGE     "1000"  /* HSCAN COUNT */
-#define NGX_HTTP_METER_GOV_BUDGET   500     /* us of work per slice */
+#define NGX_HTTP_METER_GOV_COUNT    "1000"  /* HSCAN COUNT */
+#define NGX_HTTP_METER_GOV_BUDGET   300     /* us of work per slice */
 
 /* why a request was refused; indexes the shm counters */
 #define NGX_HTTP_METER_DENY_OVERDUE 0
@@ -306,11 +306,25 @@ typedef struct {
     int64_t                      since;
 } ngx_http_meter_gov_ccust_t;
 
+/* an array in pages of its own (mmap): it grows with mremap, without a
+ * copy, and is unmapped slice by slice, not in one hold */
+typedef struct {
+    void                        *elts;
+    ngx_uint_t                   nelts;
+    ngx_uint_t                   nalloc;
+    size_t                       size;
+} ngx_http_meter_gov_vec_t;
+
+typedef struct {
+    u_char                      *p;
+    size_t                       len;
+} ngx_http_meter_gov_junk_t;
+
 typedef struct {
     ngx_pool_t                  *pool;
     uint64_t                     version;   /* read before the scan */
-    ngx_array_t                  keys;      /* ngx_http_meter_gov_ckey_t */
-    ngx_array_t                  custs;     /* ngx_http_meter_gov_ccust_t */
+    ngx_http_meter_gov_vec_t     keys;      /* ngx_http_meter_gov_ckey_t */
+    ngx_http_meter_gov_vec_t     custs;     /* ngx_http_meter_gov_ccust_t */
     ngx_array_t                  credits;   /* ngx_http_meter_gov_ccredits_t */
     uint32_t                    *map;       /* customer id -> index + 1 */
     uint32_t                     map_mask;
@@ -420,6 +434,9 @@ typedef struct {
     uint64_t                      gov_pubgen; /* pubgen of our publish */
     ngx_uint_t                    gov_rebuilt; /* 0, 1 customers, 2 keys */
     char                          gov_cursor[24]; /* HSCAN cursor */
+    redisReply                  **gov_page; /* a page taken from hiredis */
+    size_t                        gov_page_n;
+    ngx_uint_t                    gov_last_page;
 
     /* where the current phase is */
     ngx_uint_t                    gov_i;
@@ -429,13 +446,21 @@ typedef struct {
     ngx_uint_t                    gov_delinquent;
     ngx_uint_t                    gov_blocked;
 
-    /* what this refresh cost: slices and their holds, microseconds */
+    /* what this refresh cost: slices, their longest hold (wall, CPU) and
+     * their CPU in all, microseconds */
     ngx_uint_t                    gov_slices;
     uint64_t                      gov_longest;
     uint64_t                      gov_total;
     uint64_t                      gov_slice_start;
+    uint64_t                      gov_slice_cpu;
+    uint64_t                      gov_longest_cpu;
+    ngx_msec_t                    gov_begun; /* the refresh's start */
     ngx_uint_t                    gov_depth; /* a slice is being timed */
+    ngx_uint_t                    gov_slice_phase;
     ngx_uint_t                    gov_budget_n;
+
+    ngx_http_meter_gov_junk_t     gov_junk[8]; /* pages to unmap */
+    ngx_uint_t                    gov_njunk;
 
     ngx_pool_t                   *gov_tmp;  /* one refresh */
     ngx_array_t                   gov_grants; /* ngx_http_meter_gov_grant_t */
