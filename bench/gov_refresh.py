@@ -249,13 +249,16 @@ def slow_slices(log, since):
     """Slices over 1 ms of wall time, by phases (the one a slice began in
     and the one it ended in): "from>to:count:max CPU us"."""
     per = {}
+    cpu_over = 0
     with open(log, "rb") as f:
         f.seek(since)
         for m in SLOW.finditer(f.read().decode(errors="replace")):
             k = "%s>%s" % (m.group(4), m.group(1))
             n, cpu = per.get(k, (0, 0))
             per[k] = (n + 1, max(cpu, int(m.group(3))))
-    return ",".join("%s:%d:%d" % (k, n, c) for k, (n, c) in sorted(per.items()))
+            cpu_over += int(m.group(3)) > 1000
+    return (",".join("%s:%d:%d" % (k, n, c)
+                     for k, (n, c) in sorted(per.items())), cpu_over)
 
 
 def run_case(a, n, redis, case, worker):
@@ -287,7 +290,8 @@ def run_case(a, n, redis, case, worker):
             res["slices_cpu_us_median"] = statistics.median(
                 int(x["total_us"]) for x in h)
             res["slices_max"] = max(int(x["slices"]) for x in h)
-            slow = slow_slices(log, off)
+            slow, cpu_over = slow_slices(log, off)
+            res["slices_over_1ms_cpu"] = cpu_over
             if slow:
                 res["slow_slices"] = slow
         samples = []
