@@ -268,7 +268,7 @@ def run_case(a, n, redis, case, worker):
         # two refreshes under the case's change: the one running when it
         # began (a rebuild of 1M keys takes seconds) is not measured
         off = log.stat().st_size if log.exists() else 0
-        if off:
+        if off and holds(log, 0):
             wait_for(lambda: len(holds(log, off)) >= 2, 120, 0.1,
                      "two refreshes")
         else:
@@ -326,11 +326,13 @@ def main():
     p.add_argument("--loop", type=float, default=10.0)
     p.add_argument("--cases", nargs="+", default=["nothing", "gov", "used"])
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--keep", help="run in this directory and keep it")
     a = p.parse_args()
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="gov-refresh-") as d:
-        tmp = Path(d)
+        # --keep DIR: the logs stay there for a look
+        tmp = Path(a.keep or d)
         redis = RedisServer(tmp / "redis")
         redis.start()
         try:

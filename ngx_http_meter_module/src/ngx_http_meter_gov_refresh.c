@@ -86,7 +86,7 @@ static void ngx_http_meter_gov_junk(ngx_http_meter_gov_refresh_t *gr,
     void *p, size_t len);
 static ngx_int_t ngx_http_meter_gov_drain(ngx_http_meter_gov_refresh_t *gr,
     ngx_uint_t all);
-static uint32_t *ngx_http_meter_gov_map_slot(ngx_http_meter_gov_view_t *v,
+static uint64_t *ngx_http_meter_gov_map_slot(ngx_http_meter_gov_view_t *v,
     u_char *id, size_t len);
 static ngx_int_t ngx_http_meter_gov_map_grow(ngx_http_meter_gov_refresh_t *gr,
     ngx_http_meter_gov_view_t *v);
@@ -165,6 +165,7 @@ ngx_http_meter_gov_refresh_exit(ngx_http_meter_gov_refresh_t *gr)
     ngx_http_meter_gov_page_free(gr);
     ngx_http_meter_gov_view_free(gr, &gr->gov_view);
     ngx_http_meter_gov_view_free(gr, &gr->gov_scan);
+    ngx_http_meter_gov_view_free(gr, &gr->gov_spare_view);
     (void) ngx_http_meter_gov_drain(gr, 1);
     gr->gov_valid = 0;
 
@@ -594,7 +595,8 @@ static ngx_int_t
 ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
     ngx_http_meter_gov_view_t *v, ngx_uint_t n)
 {
-    size_t  size;
+    size_t                      size;
+    ngx_http_meter_gov_view_t  *sp;
 
     ngx_memzero(v, sizeof(ngx_http_meter_gov_view_t));
 
@@ -613,32 +615,79 @@ ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
 
     for (size = 16; size < 2 * n; size *= 2) { /* void */ }
 
-    if (ngx_http_meter_gov_vec_init(&v->keys, n,
-                                    sizeof(ngx_http_meter_gov_ckey_t))
-        != NGX_OK
-        || ngx_http_meter_gov_vec_init(&v->custs, n,
-                                       sizeof(ngx_http_meter_gov_ccust_t))
-           != NGX_OK
-        || ngx_array_init(&v->credits, v->pool, 16,
-                          sizeof(ngx_http_meter_gov_ccredits_t))
-           != NGX_OK
-        || (v->map = ngx_http_meter_gov_mmap(size * sizeof(uint32_t)))
-           == NULL)
+    /*
+     * The arrays of the view before, when large enough: the first touch of
+     * fresh pages costs up to milliseconds here (a virtual machine backs
+     * them on demand), in the middle of a slice.
+     */
+    sp = &gr->gov_spare_view;
+
+    if (sp->keys.elts != NULL && sp->custs.elts != NULL && sp->map != NULL
+        && sp->keys.nalloc >= n && sp->custs.nalloc >= n
+        && sp->map_mask + 1 >= size)
+    {
+        v->keys = sp->keys;
+        v->custs = sp->custs;
+        v->map = sp->map;
+        v->map_mask = sp->map_mask;
+        v->keys.nelts = 0;
+        v->custs.nelts = 0;
+        ngx_memzero(sp, sizeof(ngx_http_meter_gov_view_t));
+
+    } else if (ngx_http_meter_gov_vec_init(&v->keys, n,
+                                           sizeof(ngx_http_meter_gov_ckey_t))
+               != NGX_OK
+               || ngx_http_meter_gov_vec_init(&v->custs, n,
+                                        sizeof(ngx_http_meter_gov_ccust_t))
+                  != NGX_OK
+               || (v->map = ngx_http_meter_gov_mmap(size * sizeof(uint64_t)))
+                  == NULL)
+    {
+        ngx_http_meter_gov_view_free(gr, v);
+        return NGX_ERROR;
+
+    } else {
+        v->map_mask = size - 1;
+    }
+
+    /* a new generation frees every entry of the map at once */
+    v->gen = ++gr->gov_gen;
+
+    if (ngx_array_init(&v->credits, v->pool, 16,
+                       sizeof(ngx_http_meter_gov_ccredits_t))
+        != NGX_OK)
     {
         ngx_http_meter_gov_view_free(gr, v);
         return NGX_ERROR;
     }
 
-    v->map_mask = size - 1;
-
     return NGX_OK;
 }
 
+
+/* its arrays are kept for the next scan; the ones kept before go */
 
 static void
 ngx_http_meter_gov_view_free(ngx_http_meter_gov_refresh_t *gr,
     ngx_http_meter_gov_view_t *v)
 {
+    ngx_http_meter_gov_view_t  *sp;
+
+    sp = &gr->gov_spare_view;
+
+    if (v->keys.elts != NULL && v != sp && !ngx_exiting && !ngx_terminate) {
+        ngx_http_meter_gov_view_free(gr, sp);
+
+        sp->keys = v->keys;
+        sp->custs = v->custs;
+        sp->map = v->map;
+        sp->map_mask = v->map_mask;
+
+        v->keys.elts = NULL;
+        v->custs.elts = NULL;
+        v->map = NULL;
+    }
+
     if (v->keys.elts != NULL) {
         ngx_http_meter_gov_junk(gr, v->keys.elts,
                                 v->keys.nalloc * v->keys.size);
@@ -651,7 +700,7 @@ ngx_http_meter_gov_view_free(ngx_http_meter_gov_refresh_t *gr,
 
     if (v->map != NULL) {
         ngx_http_meter_gov_junk(gr, v->map,
-                                (v->map_mask + 1) * sizeof(uint32_t));
+                                (v->map_mask + 1) * sizeof(uint64_t));
     }
 
     if (v->pool != NULL) {
@@ -754,7 +803,7 @@ ngx_http_meter_gov_drain(ngx_http_meter_gov_refresh_t *gr, ngx_uint_t all)
 }
 
 
-static uint32_t *
+static uint64_t *
 ngx_http_meter_gov_map_slot(ngx_http_meter_gov_view_t *v, u_char *id,
     size_t len)
 {
@@ -766,11 +815,16 @@ ngx_http_meter_gov_map_slot(ngx_http_meter_gov_view_t *v, u_char *id,
     for (i = ngx_murmur_hash2(id, len) & v->map_mask; /* void */ ;
          i = (i + 1) & v->map_mask)
     {
-        if (v->map[i] == 0) {
+        if ((uint32_t) (v->map[i] >> 32) != v->gen) {
+            v->map[i] = (uint64_t) v->gen << 32;
             return &v->map[i];
         }
 
-        c = &custs[v->map[i] - 1];
+        if ((uint32_t) v->map[i] == 0) {
+            return &v->map[i];
+        }
+
+        c = &custs[(uint32_t) v->map[i] - 1];
 
         if (c->id.len == len && ngx_memcmp(c->id.data, id, len) == 0) {
             return &v->map[i];
@@ -785,17 +839,19 @@ static ngx_int_t
 ngx_http_meter_gov_map_grow(ngx_http_meter_gov_refresh_t *gr,
     ngx_http_meter_gov_view_t *v)
 {
-    uint32_t                    i, j, size, *map;
+    uint32_t                    i, j, size;
+    uint64_t                   *map, tag;
     ngx_http_meter_gov_ccust_t *custs;
 
     size = (v->map_mask + 1) * 2;
 
-    map = ngx_http_meter_gov_mmap(size * sizeof(uint32_t));
+    map = ngx_http_meter_gov_mmap(size * sizeof(uint64_t));
     if (map == NULL) {
         return NGX_ERROR;
     }
 
     custs = v->custs.elts;
+    tag = (uint64_t) v->gen << 32;
 
     for (i = 0; i < v->custs.nelts; i++) {
         for (j = ngx_murmur_hash2(custs[i].id.data, custs[i].id.len)
@@ -806,10 +862,10 @@ ngx_http_meter_gov_map_grow(ngx_http_meter_gov_refresh_t *gr,
             /* void */
         }
 
-        map[j] = i + 1;
+        map[j] = tag | (i + 1);
     }
 
-    ngx_http_meter_gov_junk(gr, v->map, (v->map_mask + 1) * sizeof(uint32_t));
+    ngx_http_meter_gov_junk(gr, v->map, (v->map_mask + 1) * sizeof(uint64_t));
     v->map = map;
     v->map_mask = size - 1;
 
@@ -944,7 +1000,7 @@ ngx_http_meter_gov_scan_field(ngx_http_meter_gov_refresh_t *gr,
     ngx_http_meter_gov_view_t *v, redisReply *f, redisReply *val)
 {
     u_char                      *p, *end, *tab[4];
-    uint32_t                    *slot;
+    uint64_t                    *slot;
     ngx_int_t                    since, revoked;
     ngx_uint_t                   t;
     ngx_http_meter_gov_ckey_t   *k;
@@ -988,7 +1044,7 @@ ngx_http_meter_gov_scan_field(ngx_http_meter_gov_refresh_t *gr,
 
     slot = ngx_http_meter_gov_map_slot(v, p, tab[0] - p);
 
-    if (*slot == 0) {
+    if ((uint32_t) *slot == 0) {
         c = ngx_http_meter_gov_vec_push(&v->custs);
         if (c == NULL) {
             return NGX_ERROR;
@@ -1021,14 +1077,15 @@ ngx_http_meter_gov_scan_field(ngx_http_meter_gov_refresh_t *gr,
         c->nlive = 0;
         c->credit = NGX_HTTP_METER_GOV_NIL;
 
-        *slot = v->custs.nelts;
+        *slot = ((uint64_t) v->gen << 32) | v->custs.nelts;
     }
 
-    c = &((ngx_http_meter_gov_ccust_t *) v->custs.elts)[*slot - 1];
+    c = &((ngx_http_meter_gov_ccust_t *) v->custs.elts)
+                                                [(uint32_t) *slot - 1];
 
     revoked = ngx_atoi(tab[3] + 1, end - tab[3] - 1);
 
-    k->cust = *slot - 1;
+    k->cust = (uint32_t) *slot - 1;
     k->revoked = (revoked != NGX_ERROR && revoked > 0);
     k->dup = 0;
     k->next = c->khead;
@@ -1385,7 +1442,7 @@ ngx_http_meter_gov_reset(ngx_http_meter_gov_refresh_t *gr)
 static ngx_int_t
 ngx_http_meter_gov_assign(ngx_http_meter_gov_refresh_t *gr)
 {
-    uint32_t                       *slot;
+    uint64_t                       *slot;
     ngx_http_meter_gov_view_t      *v;
     ngx_http_meter_gov_grant_t     *g;
     ngx_http_meter_gov_ccust_t     *c;
@@ -1402,11 +1459,12 @@ ngx_http_meter_gov_assign(ngx_http_meter_gov_refresh_t *gr)
 
         slot = ngx_http_meter_gov_map_slot(v, g[gr->gov_i].cust.data,
                                            g[gr->gov_i].cust.len);
-        if (*slot == 0) {
+        if ((uint32_t) *slot == 0) {
             continue;
         }
 
-        c = &((ngx_http_meter_gov_ccust_t *) v->custs.elts)[*slot - 1];
+        c = &((ngx_http_meter_gov_ccust_t *) v->custs.elts)
+                                                [(uint32_t) *slot - 1];
 
         if (c->credit == NGX_HTTP_METER_GOV_NIL) {
             cr = ngx_array_push(&v->credits);
@@ -1415,7 +1473,7 @@ ngx_http_meter_gov_assign(ngx_http_meter_gov_refresh_t *gr)
             }
 
             ngx_memzero(cr, sizeof(ngx_http_meter_gov_ccredits_t));
-            cr->cust = *slot - 1;
+            cr->cust = (uint32_t) *slot - 1;
             c->credit = v->credits.nelts - 1;
         }
 
@@ -1830,8 +1888,8 @@ ngx_http_meter_gov_buf(ngx_http_meter_gov_refresh_t *gr, void **buf,
         ngx_log_error(NGX_LOG_ALERT, gr->log, 0,
                       "meter_governance_size is too small for the "
                       "governance state of %ui keys and %ui customers "
-                      "(a table of %uz bytes, two of each); the last copy stays "
-                      "in force: raise it",
+                      "(a table of %uz bytes, two of each); the last copy "
+                      "stays in force: raise it",
                       gr->gov_view.keys.nelts, gr->gov_view.custs.nelts,
                       size);
         return NULL;

@@ -326,8 +326,11 @@ typedef struct {
     ngx_http_meter_gov_vec_t     keys;      /* ngx_http_meter_gov_ckey_t */
     ngx_http_meter_gov_vec_t     custs;     /* ngx_http_meter_gov_ccust_t */
     ngx_array_t                  credits;   /* ngx_http_meter_gov_ccredits_t */
-    uint32_t                    *map;       /* customer id -> index + 1 */
+    uint64_t                    *map;       /* customer id -> gen << 32
+                                             * | index + 1 */
     uint32_t                     map_mask;
+    uint32_t                     gen;       /* map entries of other gens
+                                             * are free */
     ngx_uint_t                   nrevoked;
 } ngx_http_meter_gov_view_t;
 
@@ -459,6 +462,11 @@ typedef struct {
     ngx_uint_t                    gov_slice_phase;
     ngx_uint_t                    gov_budget_n;
 
+    ngx_http_meter_gov_view_t     gov_spare_view; /* the arrays of the
+                                             * view before, for the next
+                                             * scan: its pages are
+                                             * faulted in already */
+    uint32_t                      gov_gen;
     ngx_http_meter_gov_junk_t     gov_junk[8]; /* pages to unmap */
     ngx_uint_t                    gov_njunk;
 
