@@ -7,43 +7,124 @@
  * usage of keys with credit through the flush's Redis connection, and
  * publishes a compact copy in the governance zone for the access phase
  * (ngx_http_meter_gov.c).  A failed refresh leaves the last copy in force.
+ *
+ * A refresh costs what changed, not what exists:
+ *
+ *   - mtr:gov is read again only when mtr:gov:version moved, in HSCAN
+ *     pages (a 1M-field HGETALL reply is ~100 MB in hiredis, freed in one
+ *     go); each page is parsed as it comes, customers found by a hash;
+ *   - the key table is rebuilt only for a new scan; when only credit
+ *     moved, the new copy shares the published key table and only the
+ *     customer table is written;
+ *   - when neither the version nor a grant nor a usage moved, nothing is
+ *     written: the published copy, and what requests count into it since
+ *     (local), stays exact;
+ *   - every loop over keys, customers or counters runs in slices of at
+ *     most NGX_HTTP_METER_GOV_BUDGET us, the next one from
+ *     ngx_posted_next_events, which nginx runs only after another round
+ *     of epoll (src/event/ngx_event.c, ngx_process_events_and_timers):
+ *     requests are served between slices.
+ *
+ * The copy being built is never the published one: requests read one
+ * pointer (sh->snap), swapped when the copy is complete.
  */
 
 
 #include "ngx_http_meter_module.h"
 
 
-typedef struct {
-    ngx_str_t                    id;
-    uint8_t                      key[METER_HASH_LEN];
-    uint32_t                     reason;
-    uint32_t                     revoked;
-    int64_t                      since;
-} ngx_http_meter_gov_rec_t;
+/* the phases of a refresh, in order */
+#define NGX_HTTP_METER_GOV_IDLE     0
+#define NGX_HTTP_METER_GOV_READ     1   /* version, HLEN, credit pages */
+#define NGX_HTTP_METER_GOV_SCAN     2   /* mtr:gov pages */
+#define NGX_HTTP_METER_GOV_ZERO     3   /* the spare key table, zeroed */
+#define NGX_HTTP_METER_GOV_KEYS     4   /* ... and filled */
+#define NGX_HTTP_METER_GOV_RESET    5   /* last refresh's grants dropped */
+#define NGX_HTTP_METER_GOV_ASSIGN   6   /* this one's put on customers */
+#define NGX_HTTP_METER_GOV_SEND     7   /* usage of keys with credit */
+#define NGX_HTTP_METER_GOV_CHECK    8   /* did anything change? */
+#define NGX_HTTP_METER_GOV_CUSTS    9   /* the spare customer table */
+#define NGX_HTTP_METER_GOV_SEED     10  /* unflushed counts into local */
+#define NGX_HTTP_METER_GOV_PUBLISH  11
+#define NGX_HTTP_METER_GOV_PAGE     12  /* a page of mtr:gov, parsed
+                                         * (between SCAN replies) */
+
+#define NGX_HTTP_METER_GOV_START    (NGX_HTTP_METER_GOV_NIL - 1)
+#define NGX_HTTP_METER_GOV_ZCHUNK   65536   /* bytes zeroed between checks */
+#define NGX_HTTP_METER_GOV_UNMAP    (1024 * 1024) /* bytes unmapped, same */
+#define NGX_HTTP_METER_GOV_POOL     (1024 * 1024) /* a view's pool blocks */
 
 
 static void ngx_http_meter_gov_ready(void *data);
 static void ngx_http_meter_gov_down(void *data);
 static void ngx_http_meter_gov_tick(ngx_event_t *ev);
+static ngx_int_t ngx_http_meter_gov_send(ngx_http_meter_gov_refresh_t *gr,
+    redisCallbackFn *fn, void *privdata, int argc, const char **argv,
+    const size_t *len);
+static ngx_int_t ngx_http_meter_gov_hscan(ngx_http_meter_gov_refresh_t *gr,
+    const char *key, size_t klen, redisCallbackFn *fn);
 static ngx_int_t ngx_http_meter_gov_reply_ok(ngx_http_meter_gov_refresh_t *gr,
     redisReply *reply, int type);
+static ngx_int_t ngx_http_meter_gov_page(ngx_http_meter_gov_refresh_t *gr,
+    redisReply *reply, redisReply **items);
 static void ngx_http_meter_gov_version_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static void ngx_http_meter_gov_hlen_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 static void ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
     void *privdata);
-static void ngx_http_meter_gov_stage2(ngx_http_meter_gov_refresh_t *gr);
-static int ngx_libc_cdecl ngx_http_meter_gov_cmp(const void *a,
-    const void *b);
-static void ngx_http_meter_gov_map_reply(redisAsyncContext *ac, void *r,
+static void ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v, ngx_uint_t n);
+static void ngx_http_meter_gov_view_free(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v);
+static void *ngx_http_meter_gov_mmap(size_t size);
+static ngx_int_t ngx_http_meter_gov_vec_init(ngx_http_meter_gov_vec_t *a,
+    ngx_uint_t n, size_t size);
+static void *ngx_http_meter_gov_vec_push(ngx_http_meter_gov_vec_t *a);
+static void ngx_http_meter_gov_junk(ngx_http_meter_gov_refresh_t *gr,
+    void *p, size_t len);
+static ngx_int_t ngx_http_meter_gov_drain(ngx_http_meter_gov_refresh_t *gr,
+    ngx_uint_t all);
+static uint64_t *ngx_http_meter_gov_map_slot(ngx_http_meter_gov_view_t *v,
+    u_char *id, size_t len);
+static ngx_int_t ngx_http_meter_gov_map_grow(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v);
+static void ngx_http_meter_gov_scan_reply(redisAsyncContext *ac, void *r,
     void *privdata);
+static ngx_int_t ngx_http_meter_gov_scan_page(
+    ngx_http_meter_gov_refresh_t *gr);
+static void ngx_http_meter_gov_page_free(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_scan_field(
+    ngx_http_meter_gov_refresh_t *gr, ngx_http_meter_gov_view_t *v,
+    redisReply *f, redisReply *val);
 static ngx_int_t ngx_http_meter_hex_decode(uint8_t *dst, u_char *hex);
-static void ngx_http_meter_gov_stage3(ngx_http_meter_gov_refresh_t *gr);
 static void ngx_http_meter_gov_used_reply(redisAsyncContext *ac, void *r,
     void *privdata);
-static void ngx_http_meter_gov_done(ngx_http_meter_gov_refresh_t *gr);
-static void ngx_http_meter_gov_seed(ngx_http_meter_shctx_t *sh,
-    ngx_http_meter_gov_snap_t *snap);
-static void ngx_http_meter_gov_publish(ngx_http_meter_gov_refresh_t *gr);
+static void ngx_http_meter_gov_slice_handler(ngx_event_t *ev);
+static void ngx_http_meter_gov_run(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_zero(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_keys(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_reset(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_assign(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_send_used(
+    ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_check(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_custs(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_seed(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_publish(ngx_http_meter_gov_refresh_t *gr);
+static void *ngx_http_meter_gov_buf(ngx_http_meter_gov_refresh_t *gr,
+    void **buf, size_t *cap, size_t size);
+static void ngx_http_meter_gov_finish(ngx_http_meter_gov_refresh_t *gr,
+    const char *how);
+static void ngx_http_meter_gov_abort(ngx_http_meter_gov_refresh_t *gr,
+    ngx_uint_t invalidate);
+static uint64_t ngx_http_meter_gov_usec(clockid_t clock);
+static void ngx_http_meter_gov_account(ngx_http_meter_gov_refresh_t *gr);
+static void ngx_http_meter_gov_begin(ngx_http_meter_gov_refresh_t *gr);
+static void ngx_http_meter_gov_end(ngx_http_meter_gov_refresh_t *gr);
+static ngx_uint_t ngx_http_meter_gov_over(ngx_http_meter_gov_refresh_t *gr,
+    ngx_uint_t every);
 
 
 void
@@ -53,9 +134,12 @@ ngx_http_meter_gov_refresh_init(ngx_http_meter_gov_refresh_t *gr,
     gr->mcf = rd->mcf;
     gr->log = rd->log;
     gr->redis = rd;
+    gr->gov_kbuf = -1;
 
     ngx_http_meter_init_event(&gr->gov_tick, ngx_http_meter_gov_tick, gr,
                               gr->log);
+    ngx_http_meter_init_event(&gr->gov_slice,
+                              ngx_http_meter_gov_slice_handler, gr, gr->log);
 
     ngx_http_meter_redis_hook(rd, ngx_http_meter_gov_ready, NULL,
                               ngx_http_meter_gov_down, gr);
@@ -72,10 +156,18 @@ ngx_http_meter_gov_refresh_exit(ngx_http_meter_gov_refresh_t *gr)
         ngx_http_meter_lease_release(&gz->sh->lease);
     }
 
-    if (gr->gov_pool) {
-        ngx_destroy_pool(gr->gov_pool);
-        gr->gov_pool = NULL;
+    if (gr->gov_slice.posted) {
+        ngx_delete_posted_event(&gr->gov_slice);
     }
+
+    gr->gov_phase = NGX_HTTP_METER_GOV_IDLE;
+
+    ngx_http_meter_gov_page_free(gr);
+    ngx_http_meter_gov_view_free(gr, &gr->gov_view);
+    ngx_http_meter_gov_view_free(gr, &gr->gov_scan);
+    ngx_http_meter_gov_view_free(gr, &gr->gov_spare_view);
+    (void) ngx_http_meter_gov_drain(gr, 1);
+    gr->gov_valid = 0;
 
     if (gr->gov_tmp) {
         ngx_destroy_pool(gr->gov_tmp);
@@ -106,6 +198,13 @@ ngx_http_meter_gov_down(void *data)
     ngx_http_meter_gov_refresh_t  *gr = data;
 
     gr->gov_busy = 0;
+
+    if (gr->gov_phase == NGX_HTTP_METER_GOV_READ
+        || gr->gov_phase == NGX_HTTP_METER_GOV_SCAN
+        || gr->gov_phase == NGX_HTTP_METER_GOV_SEND)
+    {
+        ngx_http_meter_gov_abort(gr, 0);
+    }
 }
 
 
@@ -132,17 +231,29 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
         return;
     }
 
-    if (gr->redis->state != NGX_HTTP_METER_REDIS_READY || gr->gov_busy) {
+    if (gr->redis->state != NGX_HTTP_METER_REDIS_READY) {
         return;
     }
 
-    /* one refresher per node */
+    /* one refresher per node; renewed while a long refresh runs too */
     gz = gr->mcf->gov_zone->data;
 
     if (ngx_http_meter_lease(&gz->sh->lease, gr->mcf->gov_refresh)
         == NGX_DECLINED)
     {
         return;
+    }
+
+    if (gr->gov_phase != NGX_HTTP_METER_GOV_IDLE || gr->gov_busy) {
+        return;
+    }
+
+    if (__atomic_load_n(&gz->sh->pubgen, __ATOMIC_ACQUIRE) != gr->gov_pubgen)
+    {
+        /* another worker published since: what we know is not what is
+         * published */
+        gr->gov_valid = 0;
+        gr->gov_kbuf = -1;
     }
 
     if (gr->gov_tmp) {
@@ -162,24 +273,79 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
     }
 
     gr->gov_failed = 0;
-    gr->gov_busy = 2;
+    gr->gov_phase = NGX_HTTP_METER_GOV_READ;
     gr->gov_started = ngx_current_msec;
+    gr->gov_rebuilt = 0;
+    gr->gov_slices = 0;
+    gr->gov_longest = 0;
+    gr->gov_longest_cpu = 0;
+    gr->gov_total = 0;
+    gr->gov_begun = ngx_current_msec;
+    gr->gov_hlen = 0;
+
+    ngx_http_meter_gov_begin(gr);
 
     argv[0] = "GET"; len[0] = 3;
     argv[1] = MTR_GOV_VERSION; len[1] = sizeof(MTR_GOV_VERSION) - 1;
-    (void) redisAsyncCommandArgv(gr->redis->ac,
-                                 ngx_http_meter_gov_version_reply, gr, 2,
-                                 argv, len);
+    (void) ngx_http_meter_gov_send(gr, ngx_http_meter_gov_version_reply, gr,
+                                   2, argv, len);
 
-    argv[0] = "HGETALL"; len[0] = 7;
-    argv[1] = MTR_GOV_CREDIT; len[1] = sizeof(MTR_GOV_CREDIT) - 1;
-    (void) redisAsyncCommandArgv(gr->redis->ac,
-                                 ngx_http_meter_gov_credit_reply, gr, 2,
-                                 argv, len);
+    argv[0] = "HLEN"; len[0] = 4;
+    argv[1] = MTR_GOV; len[1] = sizeof(MTR_GOV) - 1;
+    (void) ngx_http_meter_gov_send(gr, ngx_http_meter_gov_hlen_reply, gr,
+                                   2, argv, len);
+
+    ngx_memcpy(gr->gov_cursor, "0", 2);
+    (void) ngx_http_meter_gov_hscan(gr, MTR_GOV_CREDIT,
+                                    sizeof(MTR_GOV_CREDIT) - 1,
+                                    ngx_http_meter_gov_credit_reply);
+
+    if (gr->gov_busy == 0) {
+        ngx_http_meter_gov_abort(gr, 0);
+    }
+
+    ngx_http_meter_gov_end(gr);
 }
 
 
-/* a reply ends a stage when it is the stage's last one */
+static ngx_int_t
+ngx_http_meter_gov_send(ngx_http_meter_gov_refresh_t *gr, redisCallbackFn *fn,
+    void *privdata, int argc, const char **argv, const size_t *len)
+{
+    if (gr->redis->ac == NULL
+        || redisAsyncCommandArgv(gr->redis->ac, fn, privdata, argc, argv,
+                                 len)
+           != REDIS_OK)
+    {
+        gr->gov_failed = 1;
+        return NGX_ERROR;
+    }
+
+    gr->gov_busy++;
+
+    return NGX_OK;
+}
+
+
+/* HSCAN KEY CURSOR COUNT n: one page of a hash, gr->gov_cursor on */
+
+static ngx_int_t
+ngx_http_meter_gov_hscan(ngx_http_meter_gov_refresh_t *gr, const char *key,
+    size_t klen, redisCallbackFn *fn)
+{
+    size_t       len[5];
+    const char  *argv[5];
+
+    argv[0] = "HSCAN"; len[0] = 5;
+    argv[1] = key; len[1] = klen;
+    argv[2] = gr->gov_cursor; len[2] = ngx_strlen(gr->gov_cursor);
+    argv[3] = "COUNT"; len[3] = 5;
+    argv[4] = NGX_HTTP_METER_GOV_COUNT;
+    len[4] = sizeof(NGX_HTTP_METER_GOV_COUNT) - 1;
+
+    return ngx_http_meter_gov_send(gr, fn, gr, 5, argv, len);
+}
+
 
 static ngx_int_t
 ngx_http_meter_gov_reply_ok(ngx_http_meter_gov_refresh_t *gr,
@@ -212,6 +378,39 @@ ngx_http_meter_gov_reply_ok(ngx_http_meter_gov_refresh_t *gr,
 }
 
 
+/*
+ * An HSCAN reply, [cursor, [field, value, ...]]: keeps the cursor, returns
+ * the page in *items (NULL: empty); NGX_DONE when the scan is complete.
+ */
+
+static ngx_int_t
+ngx_http_meter_gov_page(ngx_http_meter_gov_refresh_t *gr, redisReply *reply,
+    redisReply **items)
+{
+    redisReply  *cur;
+
+    *items = NULL;
+
+    if (ngx_http_meter_gov_reply_ok(gr, reply, REDIS_REPLY_ARRAY) != NGX_OK
+        || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2
+        || reply->element[0]->type != REDIS_REPLY_STRING
+        || reply->element[0]->len >= sizeof(gr->gov_cursor)
+        || reply->element[1]->type != REDIS_REPLY_ARRAY)
+    {
+        gr->gov_failed = 1;
+        return NGX_ERROR;
+    }
+
+    cur = reply->element[0];
+    ngx_memcpy(gr->gov_cursor, cur->str, cur->len);
+    gr->gov_cursor[cur->len] = '\0';
+
+    *items = reply->element[1];
+
+    return (cur->len == 1 && cur->str[0] == '0') ? NGX_DONE : NGX_OK;
+}
+
+
 static void
 ngx_http_meter_gov_version_reply(redisAsyncContext *ac, void *r,
     void *privdata)
@@ -220,7 +419,11 @@ ngx_http_meter_gov_version_reply(redisAsyncContext *ac, void *r,
     ngx_int_t                      n;
     ngx_http_meter_gov_refresh_t  *gr = privdata;
 
-    if (ngx_http_meter_gov_reply_ok(gr, reply, REDIS_REPLY_STRING) == NGX_OK)
+    gr->gov_started = ngx_current_msec;
+
+    if (gr->gov_phase == NGX_HTTP_METER_GOV_READ
+        && ngx_http_meter_gov_reply_ok(gr, reply, REDIS_REPLY_STRING)
+           == NGX_OK)
     {
         n = 0;
 
@@ -232,10 +435,36 @@ ngx_http_meter_gov_version_reply(redisAsyncContext *ac, void *r,
     }
 
     if (--gr->gov_busy == 0) {
-        ngx_http_meter_gov_stage2(gr);
+        ngx_http_meter_gov_read_done(gr);
     }
 }
 
+
+static void
+ngx_http_meter_gov_hlen_reply(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    redisReply                    *reply = r;
+    ngx_http_meter_gov_refresh_t  *gr = privdata;
+
+    gr->gov_started = ngx_current_msec;
+
+    if (gr->gov_phase == NGX_HTTP_METER_GOV_READ
+        && ngx_http_meter_gov_reply_ok(gr, reply, REDIS_REPLY_INTEGER)
+           == NGX_OK
+        && reply->type == REDIS_REPLY_INTEGER && reply->integer > 0)
+    {
+        /* only sizes the arrays: a scan may find more */
+        gr->gov_hlen = (ngx_uint_t) ngx_min(reply->integer, 1 << 28);
+    }
+
+    if (--gr->gov_busy == 0) {
+        ngx_http_meter_gov_read_done(gr);
+    }
+}
+
+
+/* a page of mtr:gov:credit: CUSTOMER|METER -> units granted */
 
 static void
 ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
@@ -244,262 +473,625 @@ ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
     redisReply                    *reply = r;
     u_char                        *bar, *f;
     size_t                         i, flen;
-    ngx_int_t                      n;
+    ngx_int_t                      n, rc;
+    redisReply                    *items;
     ngx_http_meter_gov_refresh_t  *gr = privdata;
     ngx_http_meter_gov_grant_t    *g;
 
-    if (ngx_http_meter_gov_reply_ok(gr, reply, REDIS_REPLY_ARRAY) == NGX_OK
-        && reply->type == REDIS_REPLY_ARRAY)
-    {
-        for (i = 0; i + 1 < reply->elements; i += 2) {
-            f = (u_char *) reply->element[i]->str;
-            flen = reply->element[i]->len;
+    gr->gov_started = ngx_current_msec;
 
-            bar = ngx_strlchr(f, f + flen, MTR_GOV_CREDIT_SEP);
-            n = ngx_atoi((u_char *) reply->element[i + 1]->str,
-                         reply->element[i + 1]->len);
+    if (gr->gov_phase != NGX_HTTP_METER_GOV_READ) {
+        gr->gov_busy--;
+        return;
+    }
 
-            if (bar == NULL || bar == f || n == NGX_ERROR
-                || !meter_valid_name((char *) bar + 1, f + flen - bar - 1))
-            {
-                continue;
-            }
+    ngx_http_meter_gov_begin(gr);
 
-            g = ngx_array_push(&gr->gov_grants);
-            if (g == NULL) {
-                gr->gov_failed = 1;
-                break;
-            }
+    rc = ngx_http_meter_gov_page(gr, reply, &items);
 
-            g->cust.len = bar - f;
-            g->cust.data = ngx_pnalloc(gr->gov_tmp, g->cust.len);
-            g->meter.len = f + flen - bar - 1;
-            g->meter.data = ngx_pnalloc(gr->gov_tmp, g->meter.len + 1);
-
-            if (g->cust.data == NULL || g->meter.data == NULL) {
-                gr->gov_failed = 1;
-                break;
-            }
-
-            ngx_memcpy(g->cust.data, f, g->cust.len);
-            (void) ngx_cpystrn(g->meter.data, bar + 1, g->meter.len + 1);
-            g->granted = n;
+    for (i = 0; items != NULL && i + 1 < items->elements; i += 2) {
+        if (items->element[i]->type != REDIS_REPLY_STRING
+            || items->element[i + 1]->type != REDIS_REPLY_STRING)
+        {
+            continue;
         }
+
+        f = (u_char *) items->element[i]->str;
+        flen = items->element[i]->len;
+
+        bar = ngx_strlchr(f, f + flen, MTR_GOV_CREDIT_SEP);
+        n = ngx_atoi((u_char *) items->element[i + 1]->str,
+                     items->element[i + 1]->len);
+
+        if (bar == NULL || bar == f || n == NGX_ERROR
+            || !meter_valid_name((char *) bar + 1, f + flen - bar - 1))
+        {
+            continue;
+        }
+
+        g = ngx_array_push(&gr->gov_grants);
+        if (g == NULL) {
+            gr->gov_failed = 1;
+            break;
+        }
+
+        g->cust.len = bar - f;
+        g->cust.data = ngx_pnalloc(gr->gov_tmp, g->cust.len);
+        g->meter.len = f + flen - bar - 1;
+        g->meter.data = ngx_pnalloc(gr->gov_tmp, g->meter.len);
+
+        if (g->cust.data == NULL || g->meter.data == NULL) {
+            gr->gov_failed = 1;
+            break;
+        }
+
+        ngx_memcpy(g->cust.data, f, g->cust.len);
+        ngx_memcpy(g->meter.data, bar + 1, g->meter.len);
+        g->granted = n;
+    }
+
+    if (rc == NGX_OK && !gr->gov_failed) {
+        (void) ngx_http_meter_gov_hscan(gr, MTR_GOV_CREDIT,
+                                        sizeof(MTR_GOV_CREDIT) - 1,
+                                        ngx_http_meter_gov_credit_reply);
     }
 
     if (--gr->gov_busy == 0) {
-        ngx_http_meter_gov_stage2(gr);
+        ngx_http_meter_gov_read_done(gr);
     }
+
+    ngx_http_meter_gov_end(gr);
 }
 
 
-/* stage 2: the key map, only when its version moved */
+/* version, HLEN and every grant are in: the key map, if its version moved */
 
 static void
-ngx_http_meter_gov_stage2(ngx_http_meter_gov_refresh_t *gr)
+ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr)
 {
-    size_t       len[2];
-    const char  *argv[2];
+    if (gr->gov_phase != NGX_HTTP_METER_GOV_READ) {
+        return;
+    }
 
     if (gr->gov_failed || gr->redis->ac == NULL) {
-        gr->gov_failed = 1;
-        ngx_http_meter_gov_done(gr);
+        ngx_http_meter_gov_abort(gr, 0);
         return;
     }
 
-    if (gr->gov_valid && gr->gov_version == gr->gov_new_version) {
-        ngx_http_meter_gov_stage3(gr);
+    if (gr->gov_valid && gr->gov_view.version == gr->gov_new_version) {
+        gr->gov_phase = (gr->gov_kbuf < 0) ? NGX_HTTP_METER_GOV_ZERO
+                                           : NGX_HTTP_METER_GOV_RESET;
+        gr->gov_i = 0;
+        ngx_http_meter_gov_run(gr);
         return;
     }
 
-    gr->gov_busy = 1;
+    /* the version read before the scan: a change during it is seen by the
+     * next refresh, which scans again */
+    ngx_http_meter_gov_view_free(gr, &gr->gov_scan);
 
-    argv[0] = "HGETALL"; len[0] = 7;
-    argv[1] = MTR_GOV; len[1] = sizeof(MTR_GOV) - 1;
-
-    if (redisAsyncCommandArgv(gr->redis->ac, ngx_http_meter_gov_map_reply,
-                              gr, 2, argv, len)
-        != REDIS_OK)
+    if (ngx_http_meter_gov_view_init(gr, &gr->gov_scan, gr->gov_hlen)
+        != NGX_OK)
     {
-        gr->gov_busy = 0;
-        gr->gov_failed = 1;
-        ngx_http_meter_gov_done(gr);
+        ngx_http_meter_gov_abort(gr, 0);
+        return;
+    }
+
+    gr->gov_scan.version = gr->gov_new_version;
+    gr->gov_phase = NGX_HTTP_METER_GOV_SCAN;
+
+    ngx_memcpy(gr->gov_cursor, "0", 2);
+
+    if (ngx_http_meter_gov_hscan(gr, MTR_GOV, sizeof(MTR_GOV) - 1,
+                                 ngx_http_meter_gov_scan_reply)
+        != NGX_OK)
+    {
+        ngx_http_meter_gov_abort(gr, 0);
     }
 }
 
 
-static int ngx_libc_cdecl
-ngx_http_meter_gov_cmp(const void *a, const void *b)
+static ngx_int_t
+ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v, ngx_uint_t n)
 {
-    const ngx_http_meter_gov_rec_t  *x = a;
-    const ngx_http_meter_gov_rec_t  *y = b;
-    ngx_int_t                        rc;
+    size_t                      size;
+    ngx_http_meter_gov_view_t  *sp;
 
-    rc = ngx_memn2cmp(x->id.data, y->id.data, x->id.len, y->id.len);
+    ngx_memzero(v, sizeof(ngx_http_meter_gov_view_t));
 
-    return (rc > 0) - (rc < 0);
+    /*
+     * Customer ids come from blocks of 1 MB: every new block is a large
+     * malloc(), which first consolidates glibc's fastbins, full of the
+     * freed reply objects of the pages (~0.1 ms each time with 16 KB ones).
+     */
+    v->pool = ngx_create_pool(NGX_HTTP_METER_GOV_POOL, gr->log);
+    if (v->pool == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* sized for what HLEN said: pages are touched only as filled */
+    n += n / 16 + 64;
+
+    for (size = 16; size < 2 * n; size *= 2) { /* void */ }
+
+    /*
+     * The arrays of the view before, when large enough: the first touch of
+     * fresh pages costs up to milliseconds here (a virtual machine backs
+     * them on demand), in the middle of a slice.
+     */
+    sp = &gr->gov_spare_view;
+
+    if (sp->keys.elts != NULL && sp->custs.elts != NULL && sp->map != NULL
+        && sp->keys.nalloc >= n && sp->custs.nalloc >= n
+        && sp->map_mask + 1 >= size)
+    {
+        v->keys = sp->keys;
+        v->custs = sp->custs;
+        v->map = sp->map;
+        v->map_mask = sp->map_mask;
+        v->keys.nelts = 0;
+        v->custs.nelts = 0;
+        ngx_memzero(sp, sizeof(ngx_http_meter_gov_view_t));
+
+    } else if (ngx_http_meter_gov_vec_init(&v->keys, n,
+                                           sizeof(ngx_http_meter_gov_ckey_t))
+               != NGX_OK
+               || ngx_http_meter_gov_vec_init(&v->custs, n,
+                                        sizeof(ngx_http_meter_gov_ccust_t))
+                  != NGX_OK
+               || (v->map = ngx_http_meter_gov_mmap(size * sizeof(uint64_t)))
+                  == NULL)
+    {
+        ngx_http_meter_gov_view_free(gr, v);
+        return NGX_ERROR;
+
+    } else {
+        v->map_mask = size - 1;
+    }
+
+    /* a new generation frees every entry of the map at once */
+    v->gen = ++gr->gov_gen;
+
+    if (ngx_array_init(&v->credits, v->pool, 16,
+                       sizeof(ngx_http_meter_gov_ccredits_t))
+        != NGX_OK)
+    {
+        ngx_http_meter_gov_view_free(gr, v);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
 }
 
+
+/* its arrays are kept for the next scan; the ones kept before go */
 
 static void
-ngx_http_meter_gov_map_reply(redisAsyncContext *ac, void *r,
+ngx_http_meter_gov_view_free(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v)
+{
+    ngx_http_meter_gov_view_t  *sp;
+
+    sp = &gr->gov_spare_view;
+
+    if (v->keys.elts != NULL && v != sp && !ngx_exiting && !ngx_terminate) {
+        ngx_http_meter_gov_view_free(gr, sp);
+
+        sp->keys = v->keys;
+        sp->custs = v->custs;
+        sp->map = v->map;
+        sp->map_mask = v->map_mask;
+
+        v->keys.elts = NULL;
+        v->custs.elts = NULL;
+        v->map = NULL;
+    }
+
+    if (v->keys.elts != NULL) {
+        ngx_http_meter_gov_junk(gr, v->keys.elts,
+                                v->keys.nalloc * v->keys.size);
+    }
+
+    if (v->custs.elts != NULL) {
+        ngx_http_meter_gov_junk(gr, v->custs.elts,
+                                v->custs.nalloc * v->custs.size);
+    }
+
+    if (v->map != NULL) {
+        ngx_http_meter_gov_junk(gr, v->map,
+                                (v->map_mask + 1) * sizeof(uint64_t));
+    }
+
+    if (v->pool != NULL) {
+        ngx_destroy_pool(v->pool);
+    }
+
+    ngx_memzero(v, sizeof(ngx_http_meter_gov_view_t));
+}
+
+
+/* anonymous pages: zeroed by the kernel, written only where used */
+
+static void *
+ngx_http_meter_gov_mmap(size_t size)
+{
+    void  *p;
+
+    p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+
+    return (p == MAP_FAILED) ? NULL : p;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_vec_init(ngx_http_meter_gov_vec_t *a, ngx_uint_t n,
+    size_t size)
+{
+    a->elts = ngx_http_meter_gov_mmap(n * size);
+    a->nelts = 0;
+    a->nalloc = n;
+    a->size = size;
+
+    return (a->elts != NULL) ? NGX_OK : NGX_ERROR;
+}
+
+
+static void *
+ngx_http_meter_gov_vec_push(ngx_http_meter_gov_vec_t *a)
+{
+    void  *p;
+
+    if (a->nelts == a->nalloc) {
+        p = mremap(a->elts, a->nalloc * a->size, 2 * a->nalloc * a->size,
+                   MREMAP_MAYMOVE);
+        if (p == MAP_FAILED) {
+            return NULL;
+        }
+
+        a->elts = p;
+        a->nalloc *= 2;
+    }
+
+    return (u_char *) a->elts + a->size * a->nelts++;
+}
+
+
+/* unmapping 100 MB of touched pages takes milliseconds: done in slices */
+
+static void
+ngx_http_meter_gov_junk(ngx_http_meter_gov_refresh_t *gr, void *p,
+    size_t len)
+{
+    if (gr->gov_njunk == sizeof(gr->gov_junk) / sizeof(gr->gov_junk[0])) {
+        (void) munmap(p, len);
+        return;
+    }
+
+    gr->gov_junk[gr->gov_njunk].p = p;
+    gr->gov_junk[gr->gov_njunk].len = len;
+    gr->gov_njunk++;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_drain(ngx_http_meter_gov_refresh_t *gr, ngx_uint_t all)
+{
+    size_t                      n;
+    ngx_http_meter_gov_junk_t  *j;
+
+    while (gr->gov_njunk) {
+        if (!all && ngx_http_meter_gov_over(gr, 0)) {
+            return NGX_AGAIN;
+        }
+
+        j = &gr->gov_junk[gr->gov_njunk - 1];
+
+        n = all ? j->len : ngx_min(j->len, NGX_HTTP_METER_GOV_UNMAP);
+
+        /* from the end: the first page stays the region's start */
+        (void) munmap(j->p + j->len - n, n);
+        j->len -= n;
+
+        if (j->len == 0) {
+            gr->gov_njunk--;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static uint64_t *
+ngx_http_meter_gov_map_slot(ngx_http_meter_gov_view_t *v, u_char *id,
+    size_t len)
+{
+    uint32_t                    i;
+    ngx_http_meter_gov_ccust_t *custs, *c;
+
+    custs = v->custs.elts;
+
+    for (i = ngx_murmur_hash2(id, len) & v->map_mask; /* void */ ;
+         i = (i + 1) & v->map_mask)
+    {
+        if ((uint32_t) (v->map[i] >> 32) != v->gen) {
+            v->map[i] = (uint64_t) v->gen << 32;
+            return &v->map[i];
+        }
+
+        if ((uint32_t) v->map[i] == 0) {
+            return &v->map[i];
+        }
+
+        c = &custs[(uint32_t) v->map[i] - 1];
+
+        if (c->id.len == len && ngx_memcmp(c->id.data, id, len) == 0) {
+            return &v->map[i];
+        }
+    }
+}
+
+
+/* more customers than HLEN foretold: rare, one hold of O(customers) */
+
+static ngx_int_t
+ngx_http_meter_gov_map_grow(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v)
+{
+    uint32_t                    i, j, size;
+    uint64_t                   *map, tag;
+    ngx_http_meter_gov_ccust_t *custs;
+
+    size = (v->map_mask + 1) * 2;
+
+    map = ngx_http_meter_gov_mmap(size * sizeof(uint64_t));
+    if (map == NULL) {
+        return NGX_ERROR;
+    }
+
+    custs = v->custs.elts;
+    tag = (uint64_t) v->gen << 32;
+
+    for (i = 0; i < v->custs.nelts; i++) {
+        for (j = ngx_murmur_hash2(custs[i].id.data, custs[i].id.len)
+                 & (size - 1);
+             map[j] != 0;
+             j = (j + 1) & (size - 1))
+        {
+            /* void */
+        }
+
+        map[j] = tag | (i + 1);
+    }
+
+    ngx_http_meter_gov_junk(gr, v->map, (v->map_mask + 1) * sizeof(uint64_t));
+    v->map = map;
+    v->map_mask = size - 1;
+
+    return NGX_OK;
+}
+
+
+/*
+ * A page of mtr:gov is taken from hiredis's reply (which frees what is
+ * left in it after this callback) and parsed in slices.
+ */
+
+static void
+ngx_http_meter_gov_scan_reply(redisAsyncContext *ac, void *r,
     void *privdata)
 {
     redisReply                    *reply = r;
-    u_char                        *v, *end, *tab[4];
-    size_t                         i, n, t, nrec;
-    ngx_int_t                      since, revoked;
-    ngx_pool_t                    *pool;
-    redisReply                    *f, *val;
+    ngx_int_t                      rc;
+    redisReply                    *items;
     ngx_http_meter_gov_refresh_t  *gr = privdata;
-    ngx_http_meter_gov_rec_t      *recs, *rec;
-    ngx_http_meter_gov_ckey_t     *k;
-    ngx_http_meter_gov_ccust_t    *c;
 
-    gr->gov_busy = 0;
-    pool = NULL;
+    gr->gov_started = ngx_current_msec;
+    gr->gov_busy--;
 
-    if (ngx_http_meter_gov_reply_ok(gr, reply, REDIS_REPLY_ARRAY) != NGX_OK) {
-        goto failed;
+    if (gr->gov_phase != NGX_HTTP_METER_GOV_SCAN) {
+        return;
     }
 
-    pool = ngx_create_pool(16384, gr->log);
-    if (pool == NULL) {
-        goto failed;
+    ngx_http_meter_gov_begin(gr);
+
+    rc = ngx_http_meter_gov_page(gr, reply, &items);
+
+    if (rc == NGX_ERROR) {
+        ngx_http_meter_gov_abort(gr, 0);
+
+    } else {
+        gr->gov_page = items->element;
+        gr->gov_page_n = items->elements;
+        items->element = NULL;
+        items->elements = 0;
+
+        gr->gov_last_page = (rc == NGX_DONE);
+        gr->gov_phase = NGX_HTTP_METER_GOV_PAGE;
+        gr->gov_i = 0;
+
+        ngx_http_meter_gov_run(gr);
     }
 
-    n = (reply->type == REDIS_REPLY_ARRAY) ? reply->elements / 2 : 0;
+    ngx_http_meter_gov_end(gr);
+}
 
-    recs = ngx_palloc(pool, sizeof(ngx_http_meter_gov_rec_t) * (n + 1));
-    if (recs == NULL) {
-        goto failed;
-    }
 
-    /* KH -> "CUSTOMER\tSTATUS\tREASON\tSINCE\tREVOKED" */
-    nrec = 0;
+static ngx_int_t
+ngx_http_meter_gov_scan_page(ngx_http_meter_gov_refresh_t *gr)
+{
+    redisReply  **e;
 
-    for (i = 0; i < n; i++) {
-        f = reply->element[2 * i];
-        val = reply->element[2 * i + 1];
+    e = gr->gov_page;
 
-        if (f->type != REDIS_REPLY_STRING || val->type != REDIS_REPLY_STRING
-            || f->len != METER_HEX_LEN)
-        {
-            continue;
+    for ( /* void */ ; gr->gov_i + 1 < gr->gov_page_n; gr->gov_i += 2) {
+        if (ngx_http_meter_gov_over(gr, 7)) {
+            return NGX_AGAIN;
         }
 
-        v = (u_char *) val->str;
-        end = v + val->len;
-
-        for (t = 0; t < 4; t++) {
-            tab[t] = ngx_strlchr(t ? tab[t - 1] + 1 : v, end, MTR_GOV_SEP);
-            if (tab[t] == NULL) {
-                break;
-            }
-        }
-
-        if (t < 4 || tab[0] == v) {
-            continue;
-        }
-
-        rec = &recs[nrec];
-
-        if (ngx_http_meter_hex_decode(rec->key, (u_char *) f->str)
+        if (ngx_http_meter_gov_scan_field(gr, &gr->gov_scan, e[gr->gov_i],
+                                          e[gr->gov_i + 1])
             != NGX_OK)
         {
-            continue;
+            return NGX_ERROR;
+        }
+
+        freeReplyObject(e[gr->gov_i]);
+        freeReplyObject(e[gr->gov_i + 1]);
+        e[gr->gov_i] = NULL;
+        e[gr->gov_i + 1] = NULL;
+    }
+
+    ngx_http_meter_gov_page_free(gr);
+
+    if (!gr->gov_last_page) {
+        gr->gov_phase = NGX_HTTP_METER_GOV_SCAN;
+
+        if (ngx_http_meter_gov_hscan(gr, MTR_GOV, sizeof(MTR_GOV) - 1,
+                                     ngx_http_meter_gov_scan_reply)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        return NGX_DONE;
+    }
+
+    /* the scan is complete: it is the view now */
+    ngx_http_meter_gov_view_free(gr, &gr->gov_view);
+    gr->gov_view = gr->gov_scan;
+    ngx_memzero(&gr->gov_scan, sizeof(ngx_http_meter_gov_view_t));
+
+    gr->gov_valid = 1;
+    gr->gov_kbuf = -1;
+    gr->gov_phase = NGX_HTTP_METER_GOV_ZERO;
+    gr->gov_i = 0;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_meter_gov_page_free(ngx_http_meter_gov_refresh_t *gr)
+{
+    size_t  i;
+
+    if (gr->gov_page == NULL) {
+        return;
+    }
+
+    for (i = 0; i < gr->gov_page_n; i++) {
+        if (gr->gov_page[i] != NULL) {
+            freeReplyObject(gr->gov_page[i]);
+        }
+    }
+
+    free(gr->gov_page);
+    gr->gov_page = NULL;
+    gr->gov_page_n = 0;
+}
+
+
+/* KH -> "CUSTOMER\tSTATUS\tREASON\tSINCE\tREVOKED"; a bad one is skipped */
+
+static ngx_int_t
+ngx_http_meter_gov_scan_field(ngx_http_meter_gov_refresh_t *gr,
+    ngx_http_meter_gov_view_t *v, redisReply *f, redisReply *val)
+{
+    u_char                      *p, *end, *tab[4];
+    uint64_t                    *slot;
+    ngx_int_t                    since, revoked;
+    ngx_uint_t                   t;
+    ngx_http_meter_gov_ckey_t   *k;
+    ngx_http_meter_gov_ccust_t  *c;
+
+    if (f->type != REDIS_REPLY_STRING || val->type != REDIS_REPLY_STRING
+        || f->len != METER_HEX_LEN)
+    {
+        return NGX_OK;
+    }
+
+    p = (u_char *) val->str;
+    end = p + val->len;
+
+    for (t = 0; t < 4; t++) {
+        tab[t] = ngx_strlchr(t ? tab[t - 1] + 1 : p, end, MTR_GOV_SEP);
+        if (tab[t] == NULL) {
+            break;
+        }
+    }
+
+    if (t < 4 || tab[0] == p) {
+        return NGX_OK;
+    }
+
+    k = ngx_http_meter_gov_vec_push(&v->keys);
+    if (k == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_meter_hex_decode(k->key, (u_char *) f->str) != NGX_OK) {
+        v->keys.nelts--;
+        return NGX_OK;
+    }
+
+    if (2 * (v->custs.nelts + 1) > v->map_mask
+        && ngx_http_meter_gov_map_grow(gr, v) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    slot = ngx_http_meter_gov_map_slot(v, p, tab[0] - p);
+
+    if ((uint32_t) *slot == 0) {
+        c = ngx_http_meter_gov_vec_push(&v->custs);
+        if (c == NULL) {
+            return NGX_ERROR;
+        }
+
+        c->id.len = tab[0] - p;
+        c->id.data = ngx_pnalloc(v->pool, c->id.len);
+        if (c->id.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(c->id.data, p, c->id.len);
+
+        /* a customer's state is the same in all its keys: the first one */
+        c->reason = 0;
+
+        if (tab[1] - tab[0] - 1 == 1 && tab[0][1] == MTR_GOV_DELINQUENT) {
+            c->reason = (tab[2] - tab[1] - 1
+                         == sizeof(MTR_REASON_CREDIT) - 1
+                         && ngx_strncmp(tab[1] + 1, MTR_REASON_CREDIT,
+                                        sizeof(MTR_REASON_CREDIT) - 1)
+                            == 0)
+                        ? NGX_HTTP_METER_REASON_CREDIT
+                        : NGX_HTTP_METER_REASON_OVERDUE;
         }
 
         since = ngx_atoi(tab[2] + 1, tab[3] - tab[2] - 1);
-        revoked = ngx_atoi(tab[3] + 1, end - tab[3] - 1);
+        c->since = (since == NGX_ERROR) ? 0 : since;
+        c->khead = NGX_HTTP_METER_GOV_NIL;
+        c->nlive = 0;
+        c->credit = NGX_HTTP_METER_GOV_NIL;
 
-        rec->id.len = tab[0] - v;
-        rec->id.data = ngx_pnalloc(pool, rec->id.len);
-        if (rec->id.data == NULL) {
-            goto failed;
-        }
-
-        ngx_memcpy(rec->id.data, v, rec->id.len);
-
-        rec->reason = 0;
-
-        if (tab[1] - tab[0] - 1 == 1 && tab[0][1] == MTR_GOV_DELINQUENT) {
-            rec->reason = (tab[2] - tab[1] - 1
-                           == sizeof(MTR_REASON_CREDIT) - 1
-                           && ngx_strncmp(tab[1] + 1, MTR_REASON_CREDIT,
-                                          sizeof(MTR_REASON_CREDIT) - 1)
-                              == 0)
-                          ? NGX_HTTP_METER_REASON_CREDIT
-                          : NGX_HTTP_METER_REASON_OVERDUE;
-        }
-
-        rec->since = (since == NGX_ERROR) ? 0 : since;
-        rec->revoked = (revoked != NGX_ERROR && revoked > 0);
-
-        nrec++;
+        *slot = ((uint64_t) v->gen << 32) | v->custs.nelts;
     }
 
-    /* keys of one customer side by side: one customer entry each */
-    ngx_qsort(recs, nrec, sizeof(ngx_http_meter_gov_rec_t),
-              ngx_http_meter_gov_cmp);
+    c = &((ngx_http_meter_gov_ccust_t *) v->custs.elts)
+                                                [(uint32_t) *slot - 1];
 
-    if (ngx_array_init(&gr->gov_keys, pool, nrec ? nrec : 1,
-                       sizeof(ngx_http_meter_gov_ckey_t))
-        != NGX_OK
-        || ngx_array_init(&gr->gov_custs, pool, 16,
-                          sizeof(ngx_http_meter_gov_ccust_t))
-           != NGX_OK)
-    {
-        goto failed;
-    }
+    revoked = ngx_atoi(tab[3] + 1, end - tab[3] - 1);
 
-    c = NULL;
+    k->cust = (uint32_t) *slot - 1;
+    k->revoked = (revoked != NGX_ERROR && revoked > 0);
+    k->dup = 0;
+    k->next = c->khead;
+    c->khead = v->keys.nelts - 1;
 
-    for (i = 0; i < nrec; i++) {
-        if (i == 0 || ngx_http_meter_gov_cmp(&recs[i - 1], &recs[i]) != 0) {
-            c = ngx_array_push(&gr->gov_custs);
-            if (c == NULL) {
-                goto failed;
-            }
-
-            ngx_memzero(c, sizeof(ngx_http_meter_gov_ccust_t));
-
-            c->id = recs[i].id;
-            c->reason = recs[i].reason;
-            c->since = recs[i].since;
-        }
-
-        k = ngx_array_push(&gr->gov_keys);
-        if (k == NULL) {
-            goto failed;
-        }
-
-        ngx_memcpy(k->key, recs[i].key, METER_HASH_LEN);
-        k->cust = gr->gov_custs.nelts - 1;
-        k->revoked = recs[i].revoked;
-    }
-
-    if (gr->gov_pool) {
-        ngx_destroy_pool(gr->gov_pool);
-    }
-
-    gr->gov_pool = pool;
-    gr->gov_version = gr->gov_new_version;
-    gr->gov_valid = 1;
-
-    ngx_http_meter_gov_stage3(gr);
-    return;
-
-failed:
-
-    gr->gov_failed = 1;
-    gr->gov_valid = 0;
-
-    if (pool) {
-        ngx_destroy_pool(pool);
-    }
-
-    ngx_http_meter_gov_done(gr);
+    return NGX_OK;
 }
 
 
@@ -530,115 +1122,17 @@ ngx_http_meter_hex_decode(uint8_t *dst, u_char *hex)
 }
 
 
-/*
- * Stage 3: credit.  Grants go onto their customers; then, for the keys of
- * customers with credit, their lifetime usage, because usage moves even
- * when the version does not.
- */
-
-static void
-ngx_http_meter_gov_stage3(ngx_http_meter_gov_refresh_t *gr)
-{
-    char                         data[METER_USED_KEY_SIZE];
-    size_t                       i, j, lo, hi, mid;
-    size_t                       len[2 + NGX_HTTP_METER_GOV_CREDITS];
-    ngx_int_t                    rc;
-    ngx_str_t                    id;
-    const char                  *argv[2 + NGX_HTTP_METER_GOV_CREDITS];
-    ngx_http_meter_gov_ckey_t   *keys;
-    ngx_http_meter_gov_ccust_t  *custs, *c;
-    ngx_http_meter_gov_grant_t  *g;
-
-    custs = gr->gov_custs.elts;
-    keys = gr->gov_keys.elts;
-    g = gr->gov_grants.elts;
-
-    for (i = 0; i < gr->gov_custs.nelts; i++) {
-        custs[i].ncredits = 0;
-    }
-
-    for (i = 0; i < gr->gov_grants.nelts; i++) {
-        id = g[i].cust;
-
-        /* customers are sorted by id */
-        lo = 0;
-        hi = gr->gov_custs.nelts;
-        c = NULL;
-
-        while (lo < hi) {
-            mid = (lo + hi) / 2;
-            rc = ngx_memn2cmp(custs[mid].id.data, id.data, custs[mid].id.len,
-                              id.len);
-            if (rc == 0) {
-                c = &custs[mid];
-                break;
-            }
-
-            if (rc < 0) {
-                lo = mid + 1;
-
-            } else {
-                hi = mid;
-            }
-        }
-
-        if (c == NULL || c->ncredits == NGX_HTTP_METER_GOV_CREDITS) {
-            continue;
-        }
-
-        c->credits[c->ncredits].meter = g[i].meter;
-        c->credits[c->ncredits].granted = g[i].granted;
-        c->credits[c->ncredits].used = 0;
-        c->ncredits++;
-    }
-
-    gr->gov_busy = 0;
-
-    for (i = 0; i < gr->gov_keys.nelts && gr->redis->ac != NULL; i++) {
-        c = &custs[keys[i].cust];
-
-        if (c->ncredits == 0) {
-            continue;
-        }
-
-        argv[0] = "HMGET"; len[0] = 5;
-        argv[1] = data;
-        len[1] = meter_fmt_used_key(data, keys[i].key);
-
-        for (j = 0; j < c->ncredits; j++) {
-            argv[2 + j] = (char *) c->credits[j].meter.data;
-            len[2 + j] = c->credits[j].meter.len;
-        }
-
-        if (redisAsyncCommandArgv(gr->redis->ac,
-                                  ngx_http_meter_gov_used_reply,
-                                  (void *) (uintptr_t) i, 2 + c->ncredits,
-                                  argv, len)
-            != REDIS_OK)
-        {
-            gr->gov_failed = 1;
-            break;
-        }
-
-        gr->gov_busy++;
-    }
-
-    if (gr->gov_busy == 0) {
-        ngx_http_meter_gov_done(gr);
-    }
-}
-
-
 static void
 ngx_http_meter_gov_used_reply(redisAsyncContext *ac, void *r,
     void *privdata)
 {
-    redisReply                    *reply = r;
-    size_t                         j;
-    ngx_int_t                      n;
-    ngx_http_meter_gov_refresh_t  *gr;
-    ngx_http_meter_gov_ckey_t     *k;
-    ngx_http_meter_gov_ccust_t    *c;
+    redisReply                     *reply = r;
+    size_t                          j;
+    ngx_int_t                       n;
+    ngx_http_meter_gov_refresh_t   *gr;
+    ngx_http_meter_gov_ckey_t      *k;
+    ngx_http_meter_gov_ccust_t     *c;
+    ngx_http_meter_gov_ccredits_t  *cr;
 
     /* privdata is the key: the refresh is the worker's */
     gr = (ngx_http_meter_worker != NULL) ? &ngx_http_meter_worker->gov
@@ -648,14 +1142,24 @@ ngx_http_meter_gov_used_reply(redisAsyncContext *ac, void *r,
         return;
     }
 
-    if (ngx_http_meter_gov_reply_ok(gr, reply, REDIS_REPLY_ARRAY) == NGX_OK
-        && reply->type == REDIS_REPLY_ARRAY && gr->gov_valid)
-    {
-        k = &((ngx_http_meter_gov_ckey_t *) gr->gov_keys.elts)
-                                                    [(uintptr_t) privdata];
-        c = &((ngx_http_meter_gov_ccust_t *) gr->gov_custs.elts)[k->cust];
+    gr->gov_started = ngx_current_msec;
+    gr->gov_busy--;
 
-        for (j = 0; j < reply->elements && j < c->ncredits; j++) {
+    if (gr->gov_phase != NGX_HTTP_METER_GOV_SEND) {
+        return;
+    }
+
+    if (ngx_http_meter_gov_reply_ok(gr, reply, REDIS_REPLY_ARRAY) == NGX_OK
+        && reply->type == REDIS_REPLY_ARRAY)
+    {
+        k = &((ngx_http_meter_gov_ckey_t *) gr->gov_view.keys.elts)
+                                                    [(uintptr_t) privdata];
+        c = &((ngx_http_meter_gov_ccust_t *) gr->gov_view.custs.elts)
+                                                                 [k->cust];
+        cr = &((ngx_http_meter_gov_ccredits_t *) gr->gov_view.credits.elts)
+                                                                [c->credit];
+
+        for (j = 0; j < reply->elements && j < cr->n; j++) {
             if (reply->element[j]->type != REDIS_REPLY_STRING) {
                 continue;
             }
@@ -664,225 +1168,858 @@ ngx_http_meter_gov_used_reply(redisAsyncContext *ac, void *r,
                          reply->element[j]->len);
 
             if (n != NGX_ERROR) {
-                c->credits[j].used += n;
+                cr->c[j].used += n;
             }
         }
     }
 
-    if (--gr->gov_busy == 0) {
-        ngx_http_meter_gov_done(gr);
+    if (gr->gov_busy == 0 && gr->gov_sent) {
+        if (gr->gov_failed) {
+            ngx_http_meter_gov_abort(gr, 0);
+            return;
+        }
+
+        gr->gov_phase = NGX_HTTP_METER_GOV_CHECK;
+        gr->gov_i = 0;
+
+        ngx_http_meter_gov_run(gr);
     }
 }
 
 
-/* the end of a refresh: publish a new copy */
+static void
+ngx_http_meter_gov_slice_handler(ngx_event_t *ev)
+{
+    ngx_http_meter_gov_refresh_t  *gr = ev->data;
+
+    ngx_http_meter_gov_run(gr);
+}
+
+
+/*
+ * Runs phases until one waits for Redis (NGX_DONE), is out of budget
+ * (NGX_AGAIN: the next slice is posted) or fails.  A phase that ends sets
+ * the next one and returns NGX_OK.
+ */
 
 static void
-ngx_http_meter_gov_done(ngx_http_meter_gov_refresh_t *gr)
+ngx_http_meter_gov_run(ngx_http_meter_gov_refresh_t *gr)
 {
-    gr->gov_busy = 0;
+    ngx_int_t                   rc;
+    ngx_http_meter_gov_zone_t  *gz;
 
-    if (gr->gov_failed || !gr->gov_valid) {
-        /* the last known state stays in force */
-        return;
+    ngx_http_meter_gov_begin(gr);
+
+    gz = gr->mcf->gov_zone->data;
+
+    for ( ;; ) {
+        if (ngx_exiting || ngx_quit || ngx_terminate
+            || (__atomic_load_n(&gz->sh->lease, __ATOMIC_ACQUIRE) >> 32)
+               != (uint64_t) ngx_pid)
+        {
+            /* another worker may be building into the same buffers */
+            ngx_http_meter_gov_abort(gr, 1);
+            break;
+        }
+
+        /* the pages of the last view go first, a slice at a time */
+        if (ngx_http_meter_gov_drain(gr, 0) == NGX_AGAIN) {
+            rc = NGX_AGAIN;
+
+        } else switch (gr->gov_phase) {
+
+        case NGX_HTTP_METER_GOV_PAGE:
+            rc = ngx_http_meter_gov_scan_page(gr);
+            break;
+
+        case NGX_HTTP_METER_GOV_ZERO:
+            rc = ngx_http_meter_gov_zero(gr);
+            break;
+
+        case NGX_HTTP_METER_GOV_KEYS:
+            rc = ngx_http_meter_gov_keys(gr);
+            break;
+
+        case NGX_HTTP_METER_GOV_RESET:
+            rc = ngx_http_meter_gov_reset(gr);
+            break;
+
+        case NGX_HTTP_METER_GOV_ASSIGN:
+            rc = ngx_http_meter_gov_assign(gr);
+            break;
+
+        case NGX_HTTP_METER_GOV_SEND:
+            rc = ngx_http_meter_gov_send_used(gr);
+            break;
+
+        case NGX_HTTP_METER_GOV_CHECK:
+            rc = ngx_http_meter_gov_check(gr);
+            break;
+
+        case NGX_HTTP_METER_GOV_CUSTS:
+            rc = ngx_http_meter_gov_custs(gr);
+            break;
+
+        case NGX_HTTP_METER_GOV_SEED:
+            rc = ngx_http_meter_gov_seed(gr);
+            break;
+
+        case NGX_HTTP_METER_GOV_PUBLISH:
+            rc = ngx_http_meter_gov_publish(gr);
+            break;
+
+        default:
+            rc = NGX_DONE;
+        }
+
+        if (rc == NGX_OK) {
+            continue;
+        }
+
+        if (rc == NGX_AGAIN) {
+            ngx_post_event(&gr->gov_slice, &ngx_posted_next_events);
+
+        } else if (rc == NGX_ERROR) {
+            /* what was built half way into the zone: start over */
+            ngx_http_meter_gov_abort(gr,
+                                     gr->gov_phase == NGX_HTTP_METER_GOV_ZERO
+                                     || gr->gov_phase
+                                        == NGX_HTTP_METER_GOV_KEYS
+                                     || (gr->gov_phase
+                                         >= NGX_HTTP_METER_GOV_CUSTS
+                                         && gr->gov_phase
+                                            <= NGX_HTTP_METER_GOV_PUBLISH));
+        }
+
+        break;
     }
 
-    ngx_http_meter_gov_publish(gr);
+    ngx_http_meter_gov_end(gr);
+}
+
+
+/* the key table not published: sized for the view, zeroed */
+
+static ngx_int_t
+ngx_http_meter_gov_zero(ngx_http_meter_gov_refresh_t *gr)
+{
+    size_t                       size, n;
+    uint32_t                     nslots;
+    ngx_http_meter_gov_zone_t   *gz;
+    ngx_http_meter_gov_shctx_t  *sh;
+
+    gz = gr->mcf->gov_zone->data;
+    sh = gz->sh;
+
+    for (nslots = 16; nslots < gr->gov_view.keys.nelts * 2; nslots *= 2) {
+        /* load factor at most 1/2 */
+    }
+
+    size = (size_t) nslots * sizeof(ngx_http_meter_gov_key_t);
+
+    if (gr->gov_i == 0) {
+        gr->gov_spare = (sh->snap != NULL && sh->snap->keys == sh->kbuf[0])
+                        ? 1 : 0;
+
+        if (ngx_http_meter_gov_buf(gr, (void **) &sh->kbuf[gr->gov_spare],
+                                   &sh->kcap[gr->gov_spare], size)
+            == NULL)
+        {
+            return NGX_ERROR;
+        }
+
+        gr->gov_mask = nslots - 1;
+        gr->gov_rebuilt = 2;
+    }
+
+    while (gr->gov_i < size) {
+        if (ngx_http_meter_gov_over(gr, 0)) {
+            return NGX_AGAIN;
+        }
+
+        n = ngx_min(size - gr->gov_i, NGX_HTTP_METER_GOV_ZCHUNK);
+        ngx_memzero((u_char *) sh->kbuf[gr->gov_spare] + gr->gov_i, n);
+        gr->gov_i += n;
+    }
+
+    gr->gov_phase = NGX_HTTP_METER_GOV_KEYS;
+    gr->gov_i = 0;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_keys(ngx_http_meter_gov_refresh_t *gr)
+{
+    uint32_t                     h, n;
+    ngx_http_meter_gov_key_t    *table, *slot;
+    ngx_http_meter_gov_zone_t   *gz;
+    ngx_http_meter_gov_ckey_t   *keys, *k;
+    ngx_http_meter_gov_ccust_t  *custs;
+
+    gz = gr->mcf->gov_zone->data;
+    table = gz->sh->kbuf[gr->gov_spare];
+    keys = gr->gov_view.keys.elts;
+    custs = gr->gov_view.custs.elts;
+
+    if (gr->gov_i == 0) {
+        gr->gov_view.nrevoked = 0;
+    }
+
+    for ( /* void */ ; gr->gov_i < gr->gov_view.keys.nelts; gr->gov_i++) {
+        if (ngx_http_meter_gov_over(gr, 15)) {
+            return NGX_AGAIN;
+        }
+
+        k = &keys[gr->gov_i];
+
+        ngx_memcpy(&h, k->key, sizeof(uint32_t));
+
+        /* at most half full: a free slot is always found */
+        for (n = 0; n <= gr->gov_mask; n++) {
+            slot = &table[(h + n) & gr->gov_mask];
+
+            if (slot->cust == 0
+                || ngx_memcmp(slot->key, k->key, METER_HASH_LEN) == 0)
+            {
+                break;
+            }
+        }
+
+        if (slot->cust != 0) {
+            /* HSCAN may return a field twice: the first one stands */
+            k->dup = 1;
+            continue;
+        }
+
+        ngx_memcpy(slot->key, k->key, METER_HASH_LEN);
+        slot->cust = k->cust + 1;
+        slot->revoked = k->revoked;
+
+        if (k->revoked) {
+            gr->gov_view.nrevoked++;
+
+        } else {
+            custs[k->cust].nlive++;
+        }
+    }
+
+    gr->gov_kbuf = gr->gov_spare;
+    gr->gov_phase = NGX_HTTP_METER_GOV_RESET;
+    gr->gov_i = 0;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_reset(ngx_http_meter_gov_refresh_t *gr)
+{
+    ngx_http_meter_gov_ccredits_t  *cr;
+
+    cr = gr->gov_view.credits.elts;
+
+    for ( /* void */ ; gr->gov_i < gr->gov_view.credits.nelts; gr->gov_i++)
+    {
+        if (ngx_http_meter_gov_over(gr, 255)) {
+            return NGX_AGAIN;
+        }
+
+        cr[gr->gov_i].n = 0;
+    }
+
+    gr->gov_phase = NGX_HTTP_METER_GOV_ASSIGN;
+    gr->gov_i = 0;
+    gr->gov_credit = 0;
+
+    return NGX_OK;
+}
+
+
+/* grants go onto their customers */
+
+static ngx_int_t
+ngx_http_meter_gov_assign(ngx_http_meter_gov_refresh_t *gr)
+{
+    uint64_t                       *slot;
+    ngx_http_meter_gov_view_t      *v;
+    ngx_http_meter_gov_grant_t     *g;
+    ngx_http_meter_gov_ccust_t     *c;
+    ngx_http_meter_gov_ccredit_t   *cc;
+    ngx_http_meter_gov_ccredits_t  *cr;
+
+    v = &gr->gov_view;
+    g = gr->gov_grants.elts;
+
+    for ( /* void */ ; gr->gov_i < gr->gov_grants.nelts; gr->gov_i++) {
+        if (ngx_http_meter_gov_over(gr, 63)) {
+            return NGX_AGAIN;
+        }
+
+        slot = ngx_http_meter_gov_map_slot(v, g[gr->gov_i].cust.data,
+                                           g[gr->gov_i].cust.len);
+        if ((uint32_t) *slot == 0) {
+            continue;
+        }
+
+        c = &((ngx_http_meter_gov_ccust_t *) v->custs.elts)
+                                                [(uint32_t) *slot - 1];
+
+        if (c->credit == NGX_HTTP_METER_GOV_NIL) {
+            cr = ngx_array_push(&v->credits);
+            if (cr == NULL) {
+                return NGX_ERROR;
+            }
+
+            ngx_memzero(cr, sizeof(ngx_http_meter_gov_ccredits_t));
+            cr->cust = (uint32_t) *slot - 1;
+            c->credit = v->credits.nelts - 1;
+        }
+
+        cr = &((ngx_http_meter_gov_ccredits_t *) v->credits.elts)[c->credit];
+
+        if (cr->n == NGX_HTTP_METER_GOV_CREDITS) {
+            continue;
+        }
+
+        cc = &cr->c[cr->n++];
+        ngx_memzero(cc->meter, METER_NAME_MAX);
+        cc->len = ngx_min(g[gr->gov_i].meter.len, METER_NAME_MAX);
+        ngx_memcpy(cc->meter, g[gr->gov_i].meter.data, cc->len);
+        cc->granted = g[gr->gov_i].granted;
+        cc->used = 0;
+
+        gr->gov_credit = 1;
+    }
+
+    gr->gov_phase = NGX_HTTP_METER_GOV_SEND;
+    gr->gov_i = 0;
+    gr->gov_k = NGX_HTTP_METER_GOV_START;
+    gr->gov_sent = 0;
+
+    return NGX_OK;
+}
+
+
+/*
+ * The lifetime usage of the keys of customers with credit, because usage
+ * moves even when the version does not: HMGET mtr:used:{KH} METER...
+ */
+
+static ngx_int_t
+ngx_http_meter_gov_send_used(ngx_http_meter_gov_refresh_t *gr)
+{
+    char                            data[METER_USED_KEY_SIZE];
+    size_t                          j, len[2 + NGX_HTTP_METER_GOV_CREDITS];
+    uint32_t                        next;
+    const char                     *argv[2 + NGX_HTTP_METER_GOV_CREDITS];
+    ngx_http_meter_gov_ckey_t      *keys, *k;
+    ngx_http_meter_gov_ccust_t     *custs;
+    ngx_http_meter_gov_ccredits_t  *cr;
+
+    if (gr->gov_sent) {
+        /* woken before the last reply: it resumes the refresh */
+        return NGX_DONE;
+    }
+
+    keys = gr->gov_view.keys.elts;
+    custs = gr->gov_view.custs.elts;
+
+    while (gr->gov_i < gr->gov_view.credits.nelts) {
+        cr = &((ngx_http_meter_gov_ccredits_t *) gr->gov_view.credits.elts)
+                                                                [gr->gov_i];
+
+        if (cr->n == 0) {
+            gr->gov_i++;
+            continue;
+        }
+
+        if (gr->gov_k == NGX_HTTP_METER_GOV_START) {
+            gr->gov_k = custs[cr->cust].khead;
+        }
+
+        while (gr->gov_k != NGX_HTTP_METER_GOV_NIL) {
+            if (ngx_http_meter_gov_over(gr, 15)) {
+                return NGX_AGAIN;
+            }
+
+            k = &keys[gr->gov_k];
+            next = k->next;
+
+            if (!k->dup) {
+                argv[0] = "HMGET"; len[0] = 5;
+                argv[1] = data;
+                len[1] = meter_fmt_used_key(data, k->key);
+
+                for (j = 0; j < cr->n; j++) {
+                    argv[2 + j] = (char *) cr->c[j].meter;
+                    len[2 + j] = cr->c[j].len;
+                }
+
+                if (ngx_http_meter_gov_send(gr,
+                                            ngx_http_meter_gov_used_reply,
+                                            (void *) (uintptr_t) gr->gov_k,
+                                            2 + cr->n, argv, len)
+                    != NGX_OK)
+                {
+                    return NGX_ERROR;
+                }
+            }
+
+            gr->gov_k = next;
+        }
+
+        gr->gov_i++;
+        gr->gov_k = NGX_HTTP_METER_GOV_START;
+    }
+
+    gr->gov_sent = 1;
+
+    if (gr->gov_busy) {
+        return NGX_DONE;
+    }
+
+    gr->gov_phase = NGX_HTTP_METER_GOV_CHECK;
+    gr->gov_i = 0;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Nothing changed (the key table published is this view's, no grant and
+ * no usage moved): the published copy stays, and so does what requests
+ * counted into it since; a new one would be the same, less exact.
+ */
+
+static ngx_int_t
+ngx_http_meter_gov_check(ngx_http_meter_gov_refresh_t *gr)
+{
+    ngx_uint_t                      j;
+    ngx_http_meter_gov_zone_t      *gz;
+    ngx_http_meter_gov_shctx_t     *sh;
+    ngx_http_meter_gov_ccredits_t  *cr;
+
+    gz = gr->mcf->gov_zone->data;
+    sh = gz->sh;
+
+    if (gr->gov_i == 0
+        && (sh->snap == NULL || sh->snap->keys != sh->kbuf[gr->gov_kbuf]
+            || sh->pubgen != gr->gov_pubgen))
+    {
+        goto changed;
+    }
+
+    cr = gr->gov_view.credits.elts;
+
+    for ( /* void */ ; gr->gov_i < gr->gov_view.credits.nelts; gr->gov_i++)
+    {
+        if (ngx_http_meter_gov_over(gr, 255)) {
+            return NGX_AGAIN;
+        }
+
+        if (cr[gr->gov_i].n != cr[gr->gov_i].npub) {
+            goto changed;
+        }
+
+        for (j = 0; j < cr[gr->gov_i].n; j++) {
+            if (cr[gr->gov_i].c[j].granted != cr[gr->gov_i].pub[j].granted
+                || cr[gr->gov_i].c[j].used != cr[gr->gov_i].pub[j].used
+                || ngx_memcmp(cr[gr->gov_i].c[j].meter,
+                              cr[gr->gov_i].pub[j].meter, METER_NAME_MAX)
+                   != 0)
+            {
+                goto changed;
+            }
+        }
+    }
+
+    __atomic_store_n(&sh->refreshed, (uint64_t) ngx_time(),
+                     __ATOMIC_RELAXED);
+
+    ngx_http_meter_gov_finish(gr, "none");
+
+    return NGX_DONE;
+
+changed:
+
+    if (gr->gov_rebuilt == 0) {
+        gr->gov_rebuilt = 1;
+    }
+
+    gr->gov_phase = NGX_HTTP_METER_GOV_CUSTS;
+    gr->gov_i = 0;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_custs(ngx_http_meter_gov_refresh_t *gr)
+{
+    time_t                          now;
+    ngx_uint_t                      j, n, blocked;
+    ngx_http_meter_gov_cust_t      *c;
+    ngx_http_meter_gov_snap_t      *h;
+    ngx_http_meter_gov_zone_t      *gz;
+    ngx_http_meter_gov_ccust_t     *cc;
+    ngx_http_meter_gov_shctx_t     *sh;
+    ngx_http_meter_gov_ccredits_t  *cr;
+
+    gz = gr->mcf->gov_zone->data;
+    sh = gz->sh;
+    n = gr->gov_view.custs.nelts;
+
+    if (gr->gov_i == 0) {
+        gr->gov_cspare = (sh->snap != NULL && sh->snap->custs == sh->cbuf[0])
+                         ? 1 : 0;
+
+        if (ngx_http_meter_gov_buf(gr, (void **) &sh->cbuf[gr->gov_cspare],
+                                   &sh->ccap[gr->gov_cspare],
+                                   (n + 1) * sizeof(ngx_http_meter_gov_cust_t))
+            == NULL)
+        {
+            return NGX_ERROR;
+        }
+
+        gr->gov_delinquent = 0;
+        gr->gov_blocked = gr->gov_view.nrevoked;
+    }
+
+    now = ngx_time();
+
+    for ( /* void */ ; gr->gov_i < n; gr->gov_i++) {
+        if (ngx_http_meter_gov_over(gr, 63)) {
+            return NGX_AGAIN;
+        }
+
+        cc = &((ngx_http_meter_gov_ccust_t *) gr->gov_view.custs.elts)
+                                                                [gr->gov_i];
+        c = &sh->cbuf[gr->gov_cspare][gr->gov_i];
+
+        /* NUL padded like a table entry's name */
+        ngx_memzero(c, sizeof(ngx_http_meter_gov_cust_t));
+
+        c->reason = cc->reason;
+
+        /* dated ahead: from now on (and since + grace cannot overflow) */
+        c->since = ngx_min(cc->since, (int64_t) now);
+
+        blocked = (c->reason != 0);
+
+        if (cc->credit != NGX_HTTP_METER_GOV_NIL) {
+            cr = &((ngx_http_meter_gov_ccredits_t *)
+                                    gr->gov_view.credits.elts)[cc->credit];
+
+            c->ncredits = cr->n;
+
+            for (j = 0; j < cr->n; j++) {
+                ngx_memcpy(c->credits[j].meter, cr->c[j].meter,
+                           METER_NAME_MAX);
+                c->credits[j].remaining = cr->c[j].granted - cr->c[j].used;
+
+                if (c->credits[j].remaining <= 0) {
+                    blocked = 1;
+                }
+
+                cr->pub[j] = cr->c[j];
+            }
+
+            cr->npub = cr->n;
+        }
+
+        if (c->reason) {
+            gr->gov_delinquent++;
+        }
+
+        if (blocked) {
+            gr->gov_blocked += cc->nlive;
+        }
+    }
+
+    h = (sh->snap == &sh->hdr[0]) ? &sh->hdr[1] : &sh->hdr[0];
+
+    h->version = gr->gov_view.version;
+    h->mask = gr->gov_mask;
+    h->ncust = n;
+    h->keys = sh->kbuf[gr->gov_kbuf];
+    h->custs = sh->cbuf[gr->gov_cspare];
+
+    gr->gov_phase = gr->gov_credit ? NGX_HTTP_METER_GOV_SEED
+                                   : NGX_HTTP_METER_GOV_PUBLISH;
+    gr->gov_i = 0;
+    gr->gov_z = 0;
+
+    return NGX_OK;
 }
 
 
 /*
  * The balance read from Redis lacks what this node counted and has not
- * flushed yet: start the local count with it.  What is left out is only
- * what Redis confirmed between the read and now.
+ * flushed yet: start the local count with it.  What is left out is what
+ * Redis confirmed between the read and the publish, and what was counted
+ * into a slot after this scan passed it: both make the node allow more,
+ * never less, until the next refresh.
+ */
+
+static ngx_int_t
+ngx_http_meter_gov_seed(ngx_http_meter_gov_refresh_t *gr)
+{
+    uint32_t                     j;
+    meter_entry_t               *e;
+    meter_table_t               *t;
+    ngx_shm_zone_t             **zones;
+    ngx_http_meter_gov_key_t    *k;
+    ngx_http_meter_gov_cust_t   *c;
+    ngx_http_meter_gov_snap_t   *h;
+    ngx_http_meter_gov_zone_t   *gz;
+    ngx_http_meter_zone_ctx_t   *ctx;
+
+    gz = gr->mcf->gov_zone->data;
+    h = (gz->sh->snap == &gz->sh->hdr[0]) ? &gz->sh->hdr[1]
+                                          : &gz->sh->hdr[0];
+    zones = gr->mcf->zones.elts;
+
+    for ( /* void */ ; gr->gov_z < gr->mcf->zones.nelts; gr->gov_z++) {
+        ctx = zones[gr->gov_z]->data;
+
+        if (!ctx->governance) {
+            continue;
+        }
+
+        t = &ctx->sh->table;
+
+        for ( /* void */ ; gr->gov_i < t->nslots; gr->gov_i++) {
+            if (ngx_http_meter_gov_over(gr, 255)) {
+                return NGX_AGAIN;
+            }
+
+            e = &t->slots[gr->gov_i];
+
+            if (__atomic_load_n(&e->state, __ATOMIC_ACQUIRE)
+                != METER_SLOT_LIVE)
+            {
+                continue;
+            }
+
+            k = ngx_http_meter_gov_find(h, e->key);
+            if (k == NULL) {
+                continue;
+            }
+
+            c = &h->custs[k->cust - 1];
+
+            for (j = 0; j < c->ncredits; j++) {
+                if (ngx_strncmp(c->credits[j].meter, e->meter,
+                                METER_NAME_MAX)
+                    == 0)
+                {
+                    c->credits[j].local += (int64_t) meter_entry_pending(e);
+                }
+            }
+        }
+
+        gr->gov_i = 0;
+    }
+
+    gr->gov_phase = NGX_HTTP_METER_GOV_PUBLISH;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_publish(ngx_http_meter_gov_refresh_t *gr)
+{
+    ngx_http_meter_gov_snap_t   *h;
+    ngx_http_meter_gov_zone_t   *gz;
+    ngx_http_meter_gov_shctx_t  *sh;
+
+    gz = gr->mcf->gov_zone->data;
+    sh = gz->sh;
+    h = (sh->snap == &sh->hdr[0]) ? &sh->hdr[1] : &sh->hdr[0];
+
+    __atomic_store_n(&sh->snap, h, __ATOMIC_RELEASE);
+    gr->gov_pubgen = __atomic_add_fetch(&sh->pubgen, 1, __ATOMIC_ACQ_REL);
+
+    __atomic_store_n(&sh->refreshed, (uint64_t) ngx_time(),
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&sh->delinquent, (uint64_t) gr->gov_delinquent,
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&sh->blocked, (uint64_t) gr->gov_blocked,
+                     __ATOMIC_RELAXED);
+
+    ngx_http_meter_gov_finish(gr, gr->gov_rebuilt == 2 ? "keys"
+                                                       : "customers");
+
+    return NGX_DONE;
+}
+
+
+/* a buffer of the governance zone that holds size bytes; NULL: full */
+
+static void *
+ngx_http_meter_gov_buf(ngx_http_meter_gov_refresh_t *gr, void **buf,
+    size_t *cap, size_t size)
+{
+    void                       *p;
+    ngx_http_meter_gov_zone_t  *gz;
+
+    if (*cap >= size) {
+        return *buf;
+    }
+
+    gz = gr->mcf->gov_zone->data;
+
+    ngx_shmtx_lock(&gz->shpool->mutex);
+
+    if (*buf != NULL) {
+        ngx_slab_free_locked(gz->shpool, *buf);
+        *buf = NULL;
+        *cap = 0;
+    }
+
+    p = ngx_slab_alloc_locked(gz->shpool, size);
+
+    ngx_shmtx_unlock(&gz->shpool->mutex);
+
+    if (p == NULL) {
+        ngx_log_error(NGX_LOG_ALERT, gr->log, 0,
+                      "meter_governance_size is too small for the "
+                      "governance state of %ui keys and %ui customers "
+                      "(a table of %uz bytes, two of each); the last copy "
+                      "stays in force: raise it",
+                      gr->gov_view.keys.nelts, gr->gov_view.custs.nelts,
+                      size);
+        return NULL;
+    }
+
+    *buf = p;
+    *cap = size;
+
+    return p;
+}
+
+
+static void
+ngx_http_meter_gov_finish(ngx_http_meter_gov_refresh_t *gr, const char *how)
+{
+    /* the slice running now counts: it is accounted here */
+    if (gr->gov_depth) {
+        ngx_http_meter_gov_account(gr);
+        gr->gov_slice_start = ngx_http_meter_gov_usec(CLOCK_MONOTONIC);
+        gr->gov_slice_cpu = ngx_http_meter_gov_usec(CLOCK_THREAD_CPUTIME_ID);
+    }
+
+    gr->gov_phase = NGX_HTTP_METER_GOV_IDLE;
+
+    ngx_log_debug8(NGX_LOG_DEBUG_CORE, gr->log, 0,
+                   "meter: governance refresh: keys=%ui customers=%ui "
+                   "rebuilt=%s slices=%ui longest_us=%uL longest_cpu_us=%uL "
+                   "total_us=%uL wall_ms=%M",
+                   gr->gov_view.keys.nelts, gr->gov_view.custs.nelts, how,
+                   gr->gov_slices, gr->gov_longest, gr->gov_longest_cpu,
+                   gr->gov_total, ngx_current_msec - gr->gov_begun);
+}
+
+
+/* the last copy stays in force; invalidate: what was built is not sure */
+
+static void
+ngx_http_meter_gov_abort(ngx_http_meter_gov_refresh_t *gr,
+    ngx_uint_t invalidate)
+{
+    if (gr->gov_slice.posted) {
+        ngx_delete_posted_event(&gr->gov_slice);
+    }
+
+    gr->gov_failed = 1;
+
+    ngx_http_meter_gov_page_free(gr);
+
+    if (invalidate) {
+        gr->gov_valid = 0;
+        gr->gov_kbuf = -1;
+    }
+
+    ngx_http_meter_gov_view_free(gr, &gr->gov_scan);
+
+    if (gr->gov_phase != NGX_HTTP_METER_GOV_IDLE) {
+        ngx_http_meter_gov_finish(gr, "failed");
+    }
+}
+
+
+static uint64_t
+ngx_http_meter_gov_usec(clockid_t clock)
+{
+    struct timespec  ts;
+
+    (void) clock_gettime(clock, &ts);
+
+    return (uint64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+
+/*
+ * A slice: from an event handler's start to its end, nested calls in it.
+ * Wall time is what a request waits; CPU time leaves out the preemption
+ * of a busy machine.
  */
 
 static void
-ngx_http_meter_gov_seed(ngx_http_meter_shctx_t *sh,
-    ngx_http_meter_gov_snap_t *snap)
+ngx_http_meter_gov_begin(ngx_http_meter_gov_refresh_t *gr)
 {
-    uint32_t                    i, j;
-    meter_entry_t              *e;
-    meter_table_t              *t;
-    ngx_http_meter_gov_key_t   *k;
-    ngx_http_meter_gov_cust_t  *c;
-
-    t = &sh->table;
-
-    for (i = 0; i < t->nslots; i++) {
-        e = &t->slots[i];
-
-        if (__atomic_load_n(&e->state, __ATOMIC_ACQUIRE) != METER_SLOT_LIVE)
-        {
-            continue;
-        }
-
-        k = ngx_http_meter_gov_find(snap, e->key);
-        if (k == NULL) {
-            continue;
-        }
-
-        c = &snap->custs[k->cust - 1];
-
-        for (j = 0; j < c->ncredits; j++) {
-            if (ngx_strncmp(c->credits[j].meter, e->meter, METER_NAME_MAX)
-                == 0)
-            {
-                c->credits[j].local += (int64_t) meter_entry_pending(e);
-            }
-        }
+    if (gr->gov_depth++ == 0) {
+        gr->gov_slice_start = ngx_http_meter_gov_usec(CLOCK_MONOTONIC);
+        gr->gov_slice_cpu = ngx_http_meter_gov_usec(CLOCK_THREAD_CPUTIME_ID);
+        gr->gov_budget_n = 0;
+        gr->gov_slice_phase = gr->gov_phase;
     }
 }
 
 
 static void
-ngx_http_meter_gov_publish(ngx_http_meter_gov_refresh_t *gr)
+ngx_http_meter_gov_end(ngx_http_meter_gov_refresh_t *gr)
 {
-    time_t                        now;
-    size_t                        size, nslots;
-    uint32_t                      h, n;
-    ngx_uint_t                    i, j, b, z, blocked, delinquent, credits;
-    ngx_shm_zone_t              **zones;
-    ngx_http_meter_gov_key_t     *slot;
-    ngx_http_meter_gov_snap_t    *snap;
-    ngx_http_meter_gov_ckey_t    *keys;
-    ngx_http_meter_gov_ccust_t   *custs;
-    ngx_http_meter_gov_cust_t    *c;
-    ngx_http_meter_gov_zone_t    *gz;
-    ngx_http_meter_gov_shctx_t   *sh;
-    ngx_http_meter_zone_ctx_t    *ctx;
+    if (--gr->gov_depth == 0) {
+        ngx_http_meter_gov_account(gr);
+    }
+}
 
-    gz = gr->mcf->gov_zone->data;
-    sh = gz->sh;
-    now = ngx_time();
-    keys = gr->gov_keys.elts;
-    custs = gr->gov_custs.elts;
 
-    for (nslots = 16; nslots < gr->gov_keys.nelts * 2; nslots *= 2) {
-        /* load factor at most 1/2 */
+static void
+ngx_http_meter_gov_account(ngx_http_meter_gov_refresh_t *gr)
+{
+    uint64_t  d, cpu;
+
+    d = ngx_http_meter_gov_usec(CLOCK_MONOTONIC) - gr->gov_slice_start;
+    cpu = ngx_http_meter_gov_usec(CLOCK_THREAD_CPUTIME_ID) - gr->gov_slice_cpu;
+
+    gr->gov_slices++;
+    gr->gov_total += cpu;
+    gr->gov_longest = ngx_max(gr->gov_longest, d);
+    gr->gov_longest_cpu = ngx_max(gr->gov_longest_cpu, cpu);
+
+    if (d > 1000) {
+        ngx_log_debug4(NGX_LOG_DEBUG_CORE, gr->log, 0,
+                       "meter: governance refresh: a slice of phase %ui "
+                       "held %uL us (%uL us CPU), from phase %ui",
+                       gr->gov_phase, d, cpu, gr->gov_slice_phase);
+    }
+}
+
+
+/* the slice has had its budget; the clock is read every (every + 1) calls */
+
+static ngx_uint_t
+ngx_http_meter_gov_over(ngx_http_meter_gov_refresh_t *gr, ngx_uint_t every)
+{
+    if ((gr->gov_budget_n++ & every) != every) {
+        return 0;
     }
 
-    size = sizeof(ngx_http_meter_gov_snap_t)
-           + nslots * sizeof(ngx_http_meter_gov_key_t)
-           + (gr->gov_custs.nelts + 1) * sizeof(ngx_http_meter_gov_cust_t);
-
-    /* the buffer that is not published */
-    b = (sh->snap == sh->buf[0]) ? 1 : 0;
-
-    if (sh->cap[b] < size) {
-        ngx_shmtx_lock(&gz->shpool->mutex);
-
-        if (sh->buf[b]) {
-            ngx_slab_free_locked(gz->shpool, sh->buf[b]);
-            sh->buf[b] = NULL;
-            sh->cap[b] = 0;
-        }
-
-        snap = ngx_slab_alloc_locked(gz->shpool, size);
-
-        ngx_shmtx_unlock(&gz->shpool->mutex);
-
-        if (snap == NULL) {
-            ngx_log_error(NGX_LOG_ALERT, gr->log, 0,
-                          "meter_governance_size is too small for the "
-                          "governance state of %ui keys and %ui customers "
-                          "(%uz bytes a copy, two copies); the last one "
-                          "stays in force: raise it",
-                          gr->gov_keys.nelts, gr->gov_custs.nelts, size);
-            return;
-        }
-
-        sh->buf[b] = snap;
-        sh->cap[b] = size;
-    }
-
-    snap = sh->buf[b];
-    ngx_memzero(snap, size);
-
-    snap->version = gr->gov_version;
-    snap->mask = nslots - 1;
-    snap->ncust = gr->gov_custs.nelts;
-    snap->keys = (ngx_http_meter_gov_key_t *) (snap + 1);
-    snap->custs = (ngx_http_meter_gov_cust_t *) (snap->keys + nslots);
-
-    delinquent = 0;
-    credits = 0;
-
-    for (i = 0; i < gr->gov_custs.nelts; i++) {
-        c = &snap->custs[i];
-
-        c->reason = custs[i].reason;
-
-        /* dated ahead: from now on (and since + grace cannot overflow) */
-        c->since = ngx_min(custs[i].since, (int64_t) now);
-        c->ncredits = custs[i].ncredits;
-
-        for (j = 0; j < custs[i].ncredits; j++) {
-            /* NUL padded like a table entry's name (snap is zeroed) */
-            ngx_memcpy(c->credits[j].meter, custs[i].credits[j].meter.data,
-                       ngx_min(custs[i].credits[j].meter.len,
-                               METER_NAME_MAX));
-            c->credits[j].remaining = custs[i].credits[j].granted
-                                      - custs[i].credits[j].used;
-            c->credits[j].local = 0;
-            credits = 1;
-        }
-
-        if (c->reason) {
-            delinquent++;
-        }
-    }
-
-    blocked = 0;
-
-    for (i = 0; i < gr->gov_keys.nelts; i++) {
-        ngx_memcpy(&h, keys[i].key, sizeof(uint32_t));
-
-        /* at most half full: a free slot is always found */
-        slot = &snap->keys[h & snap->mask];
-
-        for (n = 0; n < nslots; n++) {
-            slot = &snap->keys[(h + n) & snap->mask];
-
-            if (slot->cust == 0) {
-                break;
-            }
-        }
-
-        ngx_memcpy(slot->key, keys[i].key, METER_HASH_LEN);
-        slot->cust = keys[i].cust + 1;
-        slot->revoked = keys[i].revoked;
-
-        c = &snap->custs[keys[i].cust];
-
-        if (slot->revoked || c->reason) {
-            blocked++;
-            continue;
-        }
-
-        for (j = 0; j < c->ncredits; j++) {
-            if (c->credits[j].remaining <= 0) {
-                blocked++;
-                break;
-            }
-        }
-    }
-
-    if (credits) {
-        zones = gr->mcf->zones.elts;
-
-        for (z = 0; z < gr->mcf->zones.nelts; z++) {
-            ctx = zones[z]->data;
-
-            if (ctx->governance) {
-                ngx_http_meter_gov_seed(ctx->sh, snap);
-            }
-        }
-    }
-
-    __atomic_store_n(&sh->snap, snap, __ATOMIC_RELEASE);
-    __atomic_store_n(&sh->refreshed, (uint64_t) now, __ATOMIC_RELAXED);
-    __atomic_store_n(&sh->delinquent, (uint64_t) delinquent,
-                     __ATOMIC_RELAXED);
-    __atomic_store_n(&sh->blocked, (uint64_t) blocked, __ATOMIC_RELAXED);
+    return ngx_http_meter_gov_usec(CLOCK_MONOTONIC) - gr->gov_slice_start
+           >= NGX_HTTP_METER_GOV_BUDGET;
 }

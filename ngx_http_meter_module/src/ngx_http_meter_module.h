@@ -37,6 +37,9 @@
 #define NGX_HTTP_METER_STATUS_PROM  1
 
 #define NGX_HTTP_METER_GOV_CREDITS  4       /* credit meters per customer */
+#define NGX_HTTP_METER_GOV_NIL      0xffffffff
+#define NGX_HTTP_METER_GOV_COUNT    "1000"  /* HSCAN COUNT */
+#define NGX_HTTP_METER_GOV_BUDGET   300     /* us of work per slice */
 
 /* why a request was refused; indexes the shm counters */
 #define NGX_HTTP_METER_DENY_OVERDUE 0
@@ -154,14 +157,20 @@ typedef struct {
  * every meter zone, and a gate added by a reload then only adds a zone,
  * never changes the layout of a meter zone that holds counters.
  *
- * Two buffers, one of them published in snap.  The refresher fills the
- * other and swaps; a request reads one pointer.
+ * Two copies, one of them published in snap.  The refresher fills the
+ * other and swaps; a request reads one pointer.  A copy's key table and
+ * customer table are buffers of their own: when only credit moved, the
+ * new copy shares the published key table.
  */
 typedef struct {
     uint64_t                     lease;     /* one refresher per node */
-    ngx_http_meter_gov_snap_t   *snap;
-    ngx_http_meter_gov_snap_t   *buf[2];
-    size_t                       cap[2];
+    ngx_http_meter_gov_snap_t   *snap;      /* &hdr[0], &hdr[1] or NULL */
+    ngx_http_meter_gov_snap_t    hdr[2];
+    ngx_http_meter_gov_key_t    *kbuf[2];
+    size_t                       kcap[2];
+    ngx_http_meter_gov_cust_t   *cbuf[2];
+    size_t                       ccap[2];
+    uint64_t                     pubgen;    /* copies published so far */
     uint64_t                     refreshed; /* Unix s, last refresh */
     uint64_t                     delinquent;
     uint64_t                     blocked;
@@ -265,23 +274,65 @@ typedef struct {
 /* the refresher's own view of mtr:gov, kept between refreshes */
 typedef struct {
     uint8_t                      key[METER_HASH_LEN];
-    ngx_uint_t                   cust;
-    uint32_t                     revoked;
+    uint32_t                     cust;      /* index into custs */
+    uint32_t                     next;      /* the customer's next key */
+    uint8_t                      revoked;
+    uint8_t                      dup;       /* HSCAN gave it twice */
 } ngx_http_meter_gov_ckey_t;
 
 typedef struct {
-    ngx_str_t                    meter;
+    u_char                       meter[METER_NAME_MAX];
+    size_t                       len;
     int64_t                      granted;
     int64_t                      used;
 } ngx_http_meter_gov_ccredit_t;
 
+/* a customer that had credit once: now and in the published copy */
+typedef struct {
+    uint32_t                     cust;
+    uint32_t                     n;
+    uint32_t                     npub;
+    ngx_http_meter_gov_ccredit_t c[NGX_HTTP_METER_GOV_CREDITS];
+    ngx_http_meter_gov_ccredit_t pub[NGX_HTTP_METER_GOV_CREDITS];
+} ngx_http_meter_gov_ccredits_t;
+
 typedef struct {
     ngx_str_t                    id;
     uint32_t                     reason;
+    uint32_t                     khead;     /* first key; NGX_HTTP_METER_
+                                             * GOV_NIL: none */
+    uint32_t                     nlive;     /* keys neither revoked nor dup */
+    uint32_t                     credit;    /* into credits, or _GOV_NIL */
     int64_t                      since;
-    ngx_uint_t                   ncredits;
-    ngx_http_meter_gov_ccredit_t credits[NGX_HTTP_METER_GOV_CREDITS];
 } ngx_http_meter_gov_ccust_t;
+
+/* an array in pages of its own (mmap): it grows with mremap, without a
+ * copy, and is unmapped slice by slice, not in one hold */
+typedef struct {
+    void                        *elts;
+    ngx_uint_t                   nelts;
+    ngx_uint_t                   nalloc;
+    size_t                       size;
+} ngx_http_meter_gov_vec_t;
+
+typedef struct {
+    u_char                      *p;
+    size_t                       len;
+} ngx_http_meter_gov_junk_t;
+
+typedef struct {
+    ngx_pool_t                  *pool;
+    uint64_t                     version;   /* read before the scan */
+    ngx_http_meter_gov_vec_t     keys;      /* ngx_http_meter_gov_ckey_t */
+    ngx_http_meter_gov_vec_t     custs;     /* ngx_http_meter_gov_ccust_t */
+    ngx_array_t                  credits;   /* ngx_http_meter_gov_ccredits_t */
+    uint64_t                    *map;       /* customer id -> gen << 32
+                                             * | index + 1 */
+    uint32_t                     map_mask;
+    uint32_t                     gen;       /* map entries of other gens
+                                             * are free */
+    ngx_uint_t                   nrevoked;
+} ngx_http_meter_gov_view_t;
 
 typedef struct {
     ngx_str_t                    cust;
@@ -365,22 +416,66 @@ typedef struct {
 } ngx_http_meter_flush_t;
 
 
-/* the governance refresh */
+/* the governance refresh: phases of ngx_http_meter_gov_refresh.c */
 typedef struct {
     ngx_http_meter_main_conf_t   *mcf;
     ngx_log_t                    *log;
     ngx_http_meter_redis_t       *redis;
 
     ngx_event_t                   gov_tick; /* governance refresh timer */
+    ngx_event_t                   gov_slice; /* the next slice, posted */
+    ngx_uint_t                    gov_phase; /* 0: no refresh running */
     ngx_uint_t                    gov_busy; /* replies outstanding */
-    ngx_msec_t                    gov_started;
+    ngx_uint_t                    gov_sent; /* every command of the phase
+                                             * is sent */
+    ngx_msec_t                    gov_started; /* last reply or start */
     ngx_uint_t                    gov_failed;
-    ngx_uint_t                    gov_valid; /* gov_version/keys/custs */
-    uint64_t                      gov_version;
+    ngx_uint_t                    gov_valid; /* gov_view is complete */
     uint64_t                      gov_new_version;
-    ngx_pool_t                   *gov_pool; /* keys, custs */
-    ngx_array_t                   gov_keys; /* ngx_http_meter_gov_ckey_t */
-    ngx_array_t                   gov_custs; /* ngx_http_meter_gov_ccust_t */
+    ngx_uint_t                    gov_hlen; /* HLEN mtr:gov */
+    ngx_http_meter_gov_view_t     gov_view; /* the last complete scan */
+    ngx_http_meter_gov_view_t     gov_scan; /* a scan under way */
+    ngx_int_t                     gov_kbuf; /* shm key table of gov_view;
+                                             * -1: none built */
+    uint32_t                      gov_mask; /* its slots - 1 */
+    ngx_uint_t                    gov_spare; /* the key table being built */
+    ngx_uint_t                    gov_cspare; /* the customer table, same */
+    uint64_t                      gov_pubgen; /* pubgen of our publish */
+    ngx_uint_t                    gov_rebuilt; /* 0, 1 customers, 2 keys */
+    char                          gov_cursor[24]; /* HSCAN cursor */
+    redisReply                  **gov_page; /* a page taken from hiredis */
+    size_t                        gov_page_n;
+    ngx_uint_t                    gov_last_page;
+
+    /* where the current phase is */
+    ngx_uint_t                    gov_i;
+    uint32_t                      gov_k;
+    ngx_uint_t                    gov_z;    /* zone being seeded */
+    ngx_uint_t                    gov_credit; /* some customer has credit */
+    ngx_uint_t                    gov_delinquent;
+    ngx_uint_t                    gov_blocked;
+
+    /* what this refresh cost: slices, their longest hold (wall, CPU) and
+     * their CPU in all, microseconds */
+    ngx_uint_t                    gov_slices;
+    uint64_t                      gov_longest;
+    uint64_t                      gov_total;
+    uint64_t                      gov_slice_start;
+    uint64_t                      gov_slice_cpu;
+    uint64_t                      gov_longest_cpu;
+    ngx_msec_t                    gov_begun; /* the refresh's start */
+    ngx_uint_t                    gov_depth; /* a slice is being timed */
+    ngx_uint_t                    gov_slice_phase;
+    ngx_uint_t                    gov_budget_n;
+
+    ngx_http_meter_gov_view_t     gov_spare_view; /* the arrays of the
+                                             * view before, for the next
+                                             * scan: its pages are
+                                             * faulted in already */
+    uint32_t                      gov_gen;
+    ngx_http_meter_gov_junk_t     gov_junk[8]; /* pages to unmap */
+    ngx_uint_t                    gov_njunk;
+
     ngx_pool_t                   *gov_tmp;  /* one refresh */
     ngx_array_t                   gov_grants; /* ngx_http_meter_gov_grant_t */
 } ngx_http_meter_gov_refresh_t;
