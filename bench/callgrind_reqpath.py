@@ -23,8 +23,9 @@ Configurations (each run R times; callgrind counts, so repeats agree):
 
 Reports instructions per request, the differences (metered - plain, gov -
 static, gov - metered-static) and the functions whose own (exclusive)
-instructions grow most, plus the module's functions inclusive.  See
-bench/README.md ("request path")."""
+instructions grow most, plus the module's functions inclusive.  KEEP=1
+keeps the temp dir (the dumps, for callgrind_annotate).  See
+bench/README.md ("Request path")."""
 
 import argparse
 import hashlib

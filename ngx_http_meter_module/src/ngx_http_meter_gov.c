@@ -68,11 +68,8 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     ctx = gcf->shm_zone->data;
     sh = ctx->sh;
 
-    walked = 0;
-
-    if (ctx->key_header.len) {
-        walked = ngx_http_meter_key_walks(r, ctx);
-    }
+    /* a key read from the headers is always $http_NAME */
+    walked = ngx_http_meter_key_walks(r, ctx);
 
     if (ctx->key_header.len
         && ngx_http_meter_key_headers(r, ctx, &key, 1) > 1)
