@@ -13,6 +13,7 @@
 
 static ngx_str_t ngx_http_meter_printable(ngx_pool_t *pool, ngx_str_t *name);
 static void ngx_http_meter_key_header(ngx_str_t *key, ngx_str_t *name);
+static ngx_int_t ngx_http_meter_key_index(ngx_conf_t *cf, ngx_str_t *key);
 static ngx_int_t ngx_http_meter_add_vars(ngx_conf_t *cf, ngx_http_meter_t *m,
     ngx_str_t *s);
 static char *ngx_http_meter_read_secret(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -144,6 +145,26 @@ ngx_http_meter_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     ngx_http_meter_key_header(&value[1], &ctx->key_header);
 
+    if (ctx->key_header.len) {
+        /* the forms the request path compares header names with */
+        p = ngx_pnalloc(cf->pool, 2 * ctx->key_header.len);
+        if (p == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ctx->key_var.data = p;
+        ctx->key_var.len = ctx->key_header.len;
+        ctx->key_lc.data = p + ctx->key_header.len;
+        ctx->key_lc.len = ctx->key_header.len;
+
+        for (i = 0; i < ctx->key_header.len; i++) {
+            p[i] = ngx_tolower(ctx->key_header.data[i]);
+            ctx->key_lc.data[i] = (p[i] == '_') ? '-' : p[i];
+        }
+    }
+
+    ctx->key_index = ngx_http_meter_key_index(cf, &value[1]);
+
     zp = ngx_array_push(&mcf->zones);
     if (zp == NULL) {
         return NGX_CONF_ERROR;
@@ -231,6 +252,53 @@ ngx_http_meter_key_header(ngx_str_t *key, ngx_str_t *name)
             return;
         }
     }
+}
+
+
+/*
+ * A key that is one variable, $NAME or ${NAME} (a name as
+ * ngx_http_script_compile() reads one; $1 is a capture): its index, which
+ * the request path reads without the script engine.
+ */
+
+static ngx_int_t
+ngx_http_meter_key_index(ngx_conf_t *cf, ngx_str_t *key)
+{
+    u_char     *p, *last;
+    ngx_str_t   name;
+
+    if (key->len < 2 || key->data[0] != '$') {
+        return NGX_ERROR;
+    }
+
+    p = key->data + 1;
+    last = key->data + key->len;
+
+    if (*p == '{') {
+        if (last[-1] != '}') {
+            return NGX_ERROR;
+        }
+
+        p++;
+        last--;
+    }
+
+    if (p == last || (*p >= '0' && *p <= '9')) {
+        return NGX_ERROR;
+    }
+
+    name.data = p;
+    name.len = last - p;
+
+    for ( /* void */ ; p < last; p++) {
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+              || (*p >= '0' && *p <= '9') || *p == '_'))
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return ngx_http_get_variable_index(cf, &name);
 }
 
 

@@ -11,8 +11,6 @@
 #include "ngx_http_meter_module.h"
 
 
-static ngx_uint_t ngx_http_meter_key_headers(ngx_http_request_t *r,
-    ngx_str_t *name);
 static ngx_int_t ngx_http_meter_deny(ngx_http_request_t *r,
     ngx_http_meter_shctx_t *sh, ngx_uint_t status, ngx_uint_t why,
     const char *reason, const char *detail);
@@ -37,7 +35,7 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     int64_t                     left;
     uint32_t                    i;
     ngx_str_t                   key;
-    ngx_uint_t                  j;
+    ngx_uint_t                  j, walked;
     ngx_http_meter_shctx_t     *sh;
     ngx_http_meter_req_ctx_t   *rctx;
     ngx_http_meter_gov_key_t   *k;
@@ -70,8 +68,11 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     ctx = gcf->shm_zone->data;
     sh = ctx->sh;
 
+    /* a key read from the headers is always $http_NAME */
+    walked = ngx_http_meter_key_walks(r, ctx);
+
     if (ctx->key_header.len
-        && ngx_http_meter_key_headers(r, &ctx->key_header) > 1)
+        && ngx_http_meter_key_headers(r, ctx, &key, 1) > 1)
     {
         /* nginx 1.22 reads the first, a backend may read the last: it is
          * neither key's call */
@@ -84,7 +85,8 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
                                    "once; send it once.");
     }
 
-    if (ngx_http_complex_value(r, &ctx->key, &key) != NGX_OK) {
+    /* the headers just counted hold the key, unless the variable does */
+    if (!walked && ngx_http_meter_key(r, ctx, &key) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
@@ -203,68 +205,6 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
 void
 ngx_http_meter_req_ctx_cleanup(void *data)
 {
-}
-
-
-/* how many request headers the key variable $http_NAME reads from */
-
-static ngx_uint_t
-ngx_http_meter_key_headers(ngx_http_request_t *r, ngx_str_t *name)
-{
-    u_char            ch, nc;
-    ngx_uint_t        i, n, count;
-    ngx_list_part_t  *part;
-    ngx_table_elt_t  *h;
-
-    count = 0;
-    part = &r->headers_in.headers.part;
-    h = part->elts;
-
-    for (i = 0; /* void */ ; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].key.len != name->len) {
-            continue;
-        }
-
-        /* as ngx_http_variable_unknown_header() compares names */
-        for (n = 0; n < name->len; n++) {
-            ch = h[i].key.data[n];
-
-            if (ch >= 'A' && ch <= 'Z') {
-                ch |= 0x20;
-
-            } else if (ch == '-') {
-                ch = '_';
-            }
-
-            /* variable names are not case sensitive */
-            nc = name->data[n];
-
-            if (nc >= 'A' && nc <= 'Z') {
-                nc |= 0x20;
-            }
-
-            if (nc != ch) {
-                break;
-            }
-        }
-
-        if (n == name->len) {
-            count++;
-        }
-    }
-
-    return count;
 }
 
 

@@ -20,6 +20,55 @@ static ngx_int_t ngx_http_meter_count(ngx_http_request_t *r,
 
 
 /*
+ * A key $http_NAME that nginx reads with its prefix variable "http_" (no
+ * "set", no variable of that name of nginx's own such as $http_cookie,
+ * no longer prefix of a module) is read from the headers by the request
+ * path itself: one walk gives the gate the count and the key.  nginx
+ * 1.23 joins repeated headers in the variable: there the variable stays.
+ */
+
+void
+ngx_http_meter_key_init(ngx_cycle_t *cycle, ngx_http_meter_main_conf_t *mcf)
+{
+#if (nginx_version < 1023000)
+    ngx_uint_t                  i, n;
+    ngx_shm_zone_t            **zones;
+    ngx_http_variable_t        *v, *pv;
+    ngx_http_meter_zone_ctx_t  *ctx;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_core_module);
+    v = cmcf->variables.elts;
+    pv = cmcf->prefix_variables.elts;
+    zones = mcf->zones.elts;
+
+    for (n = 0; n < cmcf->prefix_variables.nelts; n++) {
+        if (pv[n].name.len == 5
+            && ngx_strncmp(pv[n].name.data, "http_", 5) == 0)
+        {
+            break;
+        }
+    }
+
+    if (n == cmcf->prefix_variables.nelts) {
+        return;
+    }
+
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        ctx = zones[i]->data;
+
+        ctx->key_direct = ctx->key_header.len
+                          && ctx->key_index != NGX_ERROR
+                          && v[ctx->key_index].get_handler
+                             == pv[n].get_handler
+                          && v[ctx->key_index].data
+                             == (uintptr_t) &v[ctx->key_index].name;
+    }
+#endif
+}
+
+
+/*
  * The rewrite phase of every location a call passes, before the rewrite
  * module's script ("rewrite ... last" leaves in it): remembers the
  * location's meters for the log phase, in case the call ends where
@@ -68,7 +117,7 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
     ngx_array_t                *meters;
     ngx_shm_zone_t             *keyed;
     ngx_http_meter_t           *m;
-    ngx_http_meter_req_ctx_t   *rctx;
+    ngx_http_meter_req_ctx_t   *rctx, *cur;
     ngx_http_meter_zone_ctx_t  *ctx;
     ngx_http_meter_loc_conf_t  *mlcf;
 
@@ -113,9 +162,13 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
     /* meter_core's method bits are nginx's own (checked at start) */
     method = (uint32_t) r->method;
 
-    /* the key is evaluated and hashed once per zone, not once per meter */
+    /*
+     * The key is read and hashed once per zone, not once per meter, and
+     * not again for the zone whose key the gate hashed: the call is billed
+     * to the key it was admitted with.
+     */
     keyed = NULL;
-    rctx = NULL;
+    cur = NULL;
 
     m = meters->elts;
 
@@ -127,26 +180,34 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
 
         if (m[i].shm_zone != keyed) {
             keyed = m[i].shm_zone;
-            ctx = keyed->data;
-            rctx = NULL;
+            cur = NULL;
 
-            if (ngx_http_complex_value(r, &ctx->key, &key) != NGX_OK) {
-                return NGX_OK;
-            }
+            if (rctx != NULL && rctx->zone == keyed) {
+                cur = rctx;
 
-            if (key.len) {
-                rctx = ngx_http_meter_req_ctx(r, keyed, &key);
-                if (rctx == NULL) {
+            } else {
+                ctx = keyed->data;
+
+                if (ngx_http_meter_key(r, ctx, &key) != NGX_OK) {
                     return NGX_OK;
+                }
+
+                if (key.len) {
+                    cur = ngx_http_meter_req_ctx(r, keyed, &key);
+                    if (cur == NULL) {
+                        return NGX_OK;
+                    }
+
+                    rctx = cur;
                 }
             }
         }
 
-        if (rctx == NULL) {
+        if (cur == NULL) {
             continue;
         }
 
-        if (ngx_http_meter_count(r, &m[i], rctx, status, method) != NGX_OK) {
+        if (ngx_http_meter_count(r, &m[i], cur, status, method) != NGX_OK) {
             return NGX_OK;
         }
     }

@@ -550,6 +550,10 @@ ngx_http_meter_init_process(ngx_cycle_t *cycle)
 
     mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_meter_module);
 
+    if (mcf != NULL) {
+        ngx_http_meter_key_init(cycle, mcf);
+    }
+
     if (mcf == NULL || mcf->zones.nelts == 0 || !mcf->redis_set) {
         return NGX_OK;
     }

@@ -187,7 +187,14 @@ typedef struct {
     ngx_http_meter_shctx_t      *sh;
     ngx_slab_pool_t             *shpool;
     ngx_http_complex_value_t     key;
+    ngx_int_t                    key_index; /* key is one variable: its
+                                             * index; else NGX_ERROR */
     ngx_str_t                    key_header; /* key is $http_NAME: NAME */
+    ngx_str_t                    key_var;   /* name, lowercase */
+    ngx_str_t                    key_lc;    /* name as a header's
+                                             * lowcase_key spells it */
+    ngx_uint_t                   key_direct; /* $http_NAME is nginx's own:
+                                              * read the headers here */
     ngx_shm_zone_t              *shm_zone;
     ngx_uint_t                   governance;
 } ngx_http_meter_zone_ctx_t;
@@ -207,19 +214,29 @@ typedef struct {
 /*
  * Per client call: the key's hash and customer, found once, and the one
  * billing decision.  It outlives internal redirects (which clear module
- * contexts): it is kept in a pool cleanup and found there again.
+ * contexts): it is kept in a pool cleanup and found there again.  The
+ * hash of a zone's key is taken once a call: the log phase bills the key
+ * the gate read.
  */
 typedef struct {
     ngx_http_request_t          *r;         /* owner: subrequests share
                                              * the pool */
-    uint8_t                      hash[METER_HASH_LEN];
     ngx_shm_zone_t              *zone;      /* hash is of this zone's key */
     ngx_http_meter_gov_snap_t   *snap;      /* cust points into it */
     ngx_http_meter_gov_cust_t   *cust;
     ngx_array_t                 *meters;    /* of a location passed */
     ngx_uint_t                   gated;     /* a gate has decided */
     ngx_uint_t                   unbilled;  /* refused as no one's call */
+    uint8_t                      hash[METER_HASH_LEN]; /* last: not zeroed,
+                                             * valid once zone is set */
 } ngx_http_meter_req_ctx_t;
+
+
+/* the context and its cleanup, one allocation */
+typedef struct {
+    ngx_pool_cleanup_t           cln;
+    ngx_http_meter_req_ctx_t     ctx;
+} ngx_http_meter_req_cln_t;
 
 
 typedef struct {
@@ -510,6 +527,8 @@ char *ngx_http_meter_governance(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 
 /* ngx_http_meter_log.c */
+void ngx_http_meter_key_init(ngx_cycle_t *cycle,
+    ngx_http_meter_main_conf_t *mcf);
 ngx_int_t ngx_http_meter_rewrite_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_meter_log_handler(ngx_http_request_t *r);
 
@@ -630,10 +649,16 @@ ngx_http_meter_req_ctx_find(ngx_http_request_t *r)
 }
 
 
+/*
+ * One pool allocation a call: the cleanup and the context together,
+ * linked as ngx_pool_cleanup_add() links one (src/core/ngx_palloc.c),
+ * which would allocate them apart.
+ */
+
 static ngx_inline ngx_http_meter_req_ctx_t *
 ngx_http_meter_req_ctx_get(ngx_http_request_t *r)
 {
-    ngx_pool_cleanup_t        *cln;
+    ngx_http_meter_req_cln_t  *rc;
     ngx_http_meter_req_ctx_t  *rctx;
 
     rctx = ngx_http_meter_req_ctx_find(r);
@@ -642,16 +667,19 @@ ngx_http_meter_req_ctx_get(ngx_http_request_t *r)
         return rctx;
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_meter_req_ctx_t));
-    if (cln == NULL) {
+    rc = ngx_palloc(r->pool, sizeof(ngx_http_meter_req_cln_t));
+    if (rc == NULL) {
         return NULL;
     }
 
-    rctx = cln->data;
-    ngx_memzero(rctx, sizeof(ngx_http_meter_req_ctx_t));
+    rctx = &rc->ctx;
+    ngx_memzero(rctx, offsetof(ngx_http_meter_req_ctx_t, hash));
     rctx->r = r;
 
-    cln->handler = ngx_http_meter_req_ctx_cleanup;
+    rc->cln.handler = ngx_http_meter_req_ctx_cleanup;
+    rc->cln.data = rctx;
+    rc->cln.next = r->pool->cleanup;
+    r->pool->cleanup = &rc->cln;
 
     ngx_http_set_ctx(r, rctx, ngx_http_meter_module);
 
@@ -672,6 +700,144 @@ ngx_http_meter_req_ctx(ngx_http_request_t *r, ngx_shm_zone_t *zone,
     }
 
     return rctx;
+}
+
+
+/*
+ * The request headers a key $http_NAME reads: the first one's value in
+ * key, and how many there are (with all unset: 1 once one is found).
+ * Matched as nginx 1.22's ngx_http_variable_unknown_header() matches
+ * them (src/http/ngx_http_variables.c: case ignored, '-' read as '_',
+ * headers with hash 0 skipped), first by the lowercase name.
+ */
+
+static ngx_inline ngx_uint_t
+ngx_http_meter_key_headers(ngx_http_request_t *r,
+    ngx_http_meter_zone_ctx_t *ctx, ngx_str_t *key, ngx_uint_t all)
+{
+    u_char            ch;
+    ngx_uint_t        i, n, count;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    count = 0;
+    key->len = 0;
+    key->data = NULL;
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */ ; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash == 0 || h[i].key.len != ctx->key_lc.len) {
+            continue;
+        }
+
+        if (ngx_memcmp(h[i].lowcase_key, ctx->key_lc.data, ctx->key_lc.len)
+            != 0)
+        {
+            /* "X_Api_Key" with underscores_in_headers, or another name */
+            for (n = 0; n < ctx->key_var.len; n++) {
+                ch = h[i].key.data[n];
+
+                if (ch >= 'A' && ch <= 'Z') {
+                    ch |= 0x20;
+
+                } else if (ch == '-') {
+                    ch = '_';
+                }
+
+                if (ch != ctx->key_var.data[n]) {
+                    break;
+                }
+            }
+
+            if (n != ctx->key_var.len) {
+                continue;
+            }
+        }
+
+        if (count++ == 0) {
+            *key = h[i].value;
+
+            if (!all) {
+                break;
+            }
+        }
+    }
+
+    return count;
+}
+
+
+/*
+ * The headers give the key, unless the variable already holds a value:
+ * one "set" wrote (nginx keeps a set $http_NAME in the prefix variable,
+ * src/http/ngx_http_variables.c ngx_http_variables_init_vars()), or one
+ * read before, which is the headers' anyway.
+ */
+
+static ngx_inline ngx_uint_t
+ngx_http_meter_key_walks(ngx_http_request_t *r,
+    ngx_http_meter_zone_ctx_t *ctx)
+{
+    return ctx->key_direct
+           && !r->variables[ctx->key_index].valid
+           && !r->variables[ctx->key_index].not_found;
+}
+
+
+/*
+ * A zone's key, as ngx_http_complex_value() gives it (src/http/
+ * ngx_http_script.c: a non-cacheable variable is read afresh, a cacheable
+ * one keeps its value), but for a key that is one variable without the
+ * script engine and the copy into the pool.
+ */
+
+static ngx_inline ngx_int_t
+ngx_http_meter_key(ngx_http_request_t *r, ngx_http_meter_zone_ctx_t *ctx,
+    ngx_str_t *key)
+{
+    ngx_http_variable_value_t  *vv;
+
+    if (ngx_http_meter_key_walks(r, ctx)) {
+        (void) ngx_http_meter_key_headers(r, ctx, key, 0);
+        return NGX_OK;
+    }
+
+    if (ctx->key_index == NGX_ERROR) {
+        return ngx_http_complex_value(r, &ctx->key, key);
+    }
+
+    vv = &r->variables[ctx->key_index];
+
+    if (vv->no_cacheable) {
+        vv->valid = 0;
+        vv->not_found = 0;
+    }
+
+    vv = ngx_http_get_indexed_variable(r, ctx->key_index);
+
+    if (vv == NULL || vv->not_found) {
+        key->len = 0;
+        key->data = NULL;
+        return NGX_OK;
+    }
+
+    key->len = vv->len;
+    key->data = vv->data;
+
+    return NGX_OK;
 }
 
 

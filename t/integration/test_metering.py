@@ -309,6 +309,58 @@ def test_long_and_binary_keys(redis, nginx_factory):
     assert key_hash(b"") not in {kh for kh, _ in totals(redis)}
 
 
+def test_key_header_spellings(redis, nginx_factory):
+    """A key $http_NAME is read from the headers by the module itself (issue
+    12): it must bill exactly what nginx 1.22's variable reads: the name in
+    any case, '-' or '_' (underscores_in_headers), ${...} and upper-case
+    spellings of the variable, the first of two headers, no prefix match;
+    and a "set $http_NAME" stands in for the header."""
+    conf = r"""
+    meter_zone $http_x_api_key zone=hdr:1m;
+    meter_zone ${HTTP_X_API_KEY} zone=up:1m;
+    meter_zone $http_x_shadow zone=sh:1m;
+    meter_redis @REDIS@;
+    meter_flush_interval 100ms;
+
+    server {
+        listen 127.0.0.1:@PORT@;
+        underscores_in_headers on;
+        location /h { meter zone=hdr h; meter zone=up u; return 200 "h\n"; }
+        location /s {
+            set $http_x_shadow "fixed";
+            meter zone=sh s;
+            return 200 "s\n";
+        }
+    }
+"""
+    n = nginx_factory(conf, redis=redis.address)
+    exp = Counter()
+
+    def send(path, *headers):
+        req = b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n"
+        for h in headers:
+            req += h + b"\r\n"
+        req += b"Connection: close\r\n\r\n"
+        assert raw_status(raw_request(n.port, req)) == 200
+
+    for header, key in ((b"X-Api-Key: k1", b"k1"), (b"x-API-kEY: k2", b"k2"),
+                        (b"X_Api_Key: k3", b"k3"), (b"x_api-KEY: k4", b"k4")):
+        send(b"/h", header)
+        exp[(key, "h")] += 1
+        exp[(key, "u")] += 1
+    # two of them: nginx 1.22's variable reads the first
+    send(b"/h", b"X-Api-Key: k5", b"User-Agent: t", b"x-api-key: k6")
+    exp[(b"k5", "h")] += 1
+    exp[(b"k5", "u")] += 1
+    # other names, a prefix or an extension of it: no key
+    send(b"/h", b"X-Api-Keys: k7", b"X-Api-Ke: k8", b"X-Api-Kez: k9")
+    send(b"/s", b"X-Shadow: h1")
+    send(b"/s")
+    exp[(b"fixed", "s")] += 2
+
+    expect_totals(redis, exp)
+
+
 def test_redis_schema_and_no_raw_key_anywhere(redis, nginx_factory):
     secret = "mk_live_SECRET_do_not_leak_9f3a"
     n = nginx_factory(API, redis=redis.address)

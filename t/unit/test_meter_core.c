@@ -27,6 +27,8 @@
 #include <sys/mman.h>
 #include <sys/wait.h>
 
+#include <openssl/evp.h>
+
 #include "meter_core.h"
 
 
@@ -460,11 +462,70 @@ test_key_hash(void **state)
     assert_string_equal(hex,
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 
+    /* FIPS 180-2 appendix B.2 (56 bytes: two blocks, the length alone in
+     * the second) and B.3 (one million "a") */
+    meter_key_hash("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+                   56, h);
+    meter_hex(h, METER_HASH_LEN, hex);
+    assert_string_equal(hex,
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+
+    meter_key_hash("abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmn"
+                   "hijklmnoijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrstu",
+                   112, h);
+    meter_hex(h, METER_HASH_LEN, hex);
+    assert_string_equal(hex,
+        "cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1");
+
+    {
+        char  *a = malloc(1000000);
+
+        assert_non_null(a);
+        memset(a, 'a', 1000000);
+        meter_key_hash(a, 1000000, h);
+        free(a);
+    }
+
+    meter_hex(h, METER_HASH_LEN, hex);
+    assert_string_equal(hex,
+        "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+
     meter_hex((const uint8_t *) "\x00\xff\x0a\xa0", 4, hex);
     assert_string_equal(hex, "00ff0aa0");
 
     meter_hex(h, 0, hex);
     assert_string_equal(hex, "");
+}
+
+
+/*
+ * Every length around the one-block path (a key of up to 55 bytes is
+ * padded by meter_key_hash itself) against libcrypto's EVP digest, with
+ * every byte value in the keys.
+ */
+static void
+test_key_hash_lengths(void **state)
+{
+    size_t         len, i;
+    uint8_t        key[200], h[METER_HASH_LEN], want[METER_HASH_LEN];
+    unsigned int   n;
+
+    (void) state;
+
+    for (i = 0; i < sizeof(key); i++) {
+        key[i] = (uint8_t) (i * 131 + 7);
+    }
+
+    for (len = 0; len <= sizeof(key); len++) {
+        n = 0;
+        assert_int_equal(EVP_Digest(key, len, want, &n, EVP_sha256(), NULL),
+                         1);
+        assert_int_equal(n, METER_HASH_LEN);
+
+        memset(h, 0x5a, sizeof(h));
+        meter_key_hash(key, len, h);
+        assert_memory_equal(h, want, METER_HASH_LEN);
+    }
 }
 
 
@@ -2290,6 +2351,7 @@ main(void)
         cmocka_unit_test(test_hour),
         cmocka_unit_test(test_hour_format),
         cmocka_unit_test(test_key_hash),
+        cmocka_unit_test(test_key_hash_lengths),
         cmocka_unit_test(test_fmt),
         cmocka_unit_test(test_script),
         cmocka_unit_test(test_table_size),
