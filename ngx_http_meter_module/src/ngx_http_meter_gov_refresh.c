@@ -50,7 +50,7 @@
                                          * (between SCAN replies) */
 
 #define NGX_HTTP_METER_GOV_START    (NGX_HTTP_METER_GOV_NIL - 1)
-#define NGX_HTTP_METER_GOV_ZCHUNK   65536   /* bytes zeroed between checks */
+#define NGX_HTTP_METER_GOV_ZCHUNK   16384   /* bytes zeroed between checks */
 #define NGX_HTTP_METER_GOV_UNMAP    (1024 * 1024) /* bytes unmapped, same */
 #define NGX_HTTP_METER_GOV_POOL     (1024 * 1024) /* a view's pool blocks */
 
