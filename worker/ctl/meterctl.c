@@ -675,9 +675,10 @@ const meterctl_cmd_t  meterctl_cmds[] = {
       "again).  If the provider has it, --resend bills it twice.\n" },
 
     { "reconcile", NULL, "jCMFTD", meterctl_reconcile,
-      "Usage: meterctl -c FILE reconcile [--period YYYY-MM | --from ISO --to ISO]\n"
-      "                         [--customer C] [--meter M] [--json]\n"
+      "Usage: meterctl reconcile [--period YYYY-MM | --from ISO --to ISO]\n"
+      "                          [--customer C] [--meter M] [--json]\n"
       "\n"
+      "(with -c FILE: the provider of the worker's config)\n"
       "Per customer and meter over a UTC month (default: this one) or an\n"
       "hour-aligned range: what nginx counted (Redis), what the worker\n"
       "billed (billed marks, its records) and what the provider itself\n"
