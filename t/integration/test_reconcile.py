@@ -14,7 +14,8 @@ from conftest import key_hash, wait_for
 from fakes import stripe as stfake
 from fakes import (FakeChargebee, FakeOpenMeter, FakeRecurly, FakeStripe)
 from test_providers import (METERCTL, Seed, Worker, hour_name, hours_ago,
-                            iso, now_hour, pytestmark)  # noqa: F401
+                            ingest_seed, iso, now_hour,
+                            pytestmark)  # noqa: F401
 
 SK = "sk_test_reconcile_0123"
 
@@ -135,12 +136,15 @@ def test_stripe_dead_letter_late_usage_and_unknown(redis, tmp_path):
 
 
 def test_stripe_pages_and_429_retry_after(redis, tmp_path):
-    """A 10-day range is 240 hourly summaries: three pages of 100
-    (starting_after); a 429 with Retry-After is waited out."""
+    """A 10-day range not on day boundaries is 240 hourly summaries: three
+    pages of 100 (starting_after); a 429 with Retry-After is waited out;
+    a month is one page of daily summaries."""
     with FakeStripe(api_key=SK) as fake:
         seed, w = stripe_world(redis, tmp_path, fake)
         assert w.run(now_hour()).returncode == 0
         start = hours_ago(239)
+        if (now_hour() + 3600) % 86400 == 0:
+            start -= 3600           # day-aligned: days, one page
         fake.fail_next(1, 429, headers={"Retry-After": "1"},
                        match=lambda q: q.path.endswith("/event_summaries"))
         r, rows = reconcile(w, "--from", iso(start), "--to",
@@ -153,6 +157,12 @@ def test_stripe_pages_and_429_retry_after(redis, tmp_path):
         assert asks[1].time - asks[0].time >= 1.0
         assert [q.q("starting_after") is None for q in asks[1:]] == \
             [True, False, False]
+        month = time.strftime("%Y-%m", time.gmtime(hours_ago(2)))
+        n = len(fake.requests_to("GET", r"/event_summaries$"))
+        r, rows = reconcile(w, "--period", month, "--customer", "acme")
+        asks = fake.requests_to("GET", r"/event_summaries$")[n:]
+        assert len(asks) == 1 and asks[0].q("value_grouping_window") == "day"
+        assert int(asks[0].q("start_time")) % 86400 == 0
 
 
 def test_provider_unreachable_is_an_error(redis, tmp_path):
@@ -316,12 +326,8 @@ def test_recurly_usage_all_states_paged_by_next(redis, tmp_path):
 def test_openmeter_query_meter(redis, tmp_path):
     with FakeOpenMeter(token="om_reconcile",
                        meters={"api_calls": "api-calls"}) as om:
-        seed = RSeed(redis)
-        seed.customer("acme", "http", subscription="sub_acme",
-                      provider_customer="acme")
-        seed.key("key_acme", "acme")
-        seed.usage("key_acme", "acme", "calls", hours_ago(2), [5, 6])
-        seed.usage("key_acme", "acme", "calls", hours_ago(3), [7])
+        ingest_seed(redis)
+        redis.cmd("SADD", "mtr:ckeys:{acme}", key_hash("key_acme"))
         w = Worker(tmp_path / "om", redis, "http", {
             "http.url": om.url + "/api/v1/events",
             "http.format": "openmeter", "http.auth_file": "@KEY@",

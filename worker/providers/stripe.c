@@ -2292,8 +2292,9 @@ meter_stripe_summary_item(meter_stripe_t *st, const cJSON *o, void *data,
  * GET /v1/billing/meters/{id}/event_summaries (stripe-node
  * src/resources/Billing/Meters.ts listEventSummaries: customer, start_time,
  * end_time, value_grouping_window day|hour; start and end on hour
- * boundaries for hourly windows; a list paginated with starting_after).
- * Only a sum meter adds up to our quantities.
+ * boundaries for hourly windows, UTC days for daily ones: a month is one
+ * page of days; a list paginated with starting_after).  Only a sum meter
+ * adds up to our quantities.
  */
 static int
 meter_stripe_usage_total(meter_provider_t *p, const meter_usage_query_t *q,
@@ -2341,8 +2342,10 @@ meter_stripe_usage_total(meter_provider_t *p, const meter_usage_query_t *q,
         || meter_buf_printf(&url, "/event_summaries?customer=") != 0
         || meter_url_segment(&url, st->http.curl, q->provider_customer) != 0
         || meter_buf_printf(&url, "&start_time=%lld&end_time=%lld"
-                            "&value_grouping_window=hour",
-                            (long long) q->from, (long long) q->to) != 0)
+                            "&value_grouping_window=%s",
+                            (long long) q->from, (long long) q->to,
+                            (q->from % 86400 == 0 && q->to % 86400 == 0)
+                            ? "day" : "hour") != 0)
     {
         meter_buf_free(&url);
         snprintf(res->error, sizeof(res->error), "stripe: out of memory");
