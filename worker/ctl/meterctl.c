@@ -16,6 +16,8 @@
  *   70  internal error
  *   75  temporary failure: run the same command again
  *   78  configuration error (-c FILE)
+ * except reconcile (reconcile.c): 0 equal or only pending, 1 differences
+ * beyond pending, 2 an error, 64 usage.
  */
 
 
@@ -88,7 +90,7 @@ static const char  meterctl_help[] =
     "\n"
     "Exit status: 0 ok, 64 usage, 65 unknown customer/key/record or bad id,\n"
     "69 Redis or provider unavailable, 75 temporary failure (run again),\n"
-    "78 config error.\n";
+    "78 config error.  reconcile: 0 equal or pending, 1 differs, 2 error.\n";
 
 
 /* "--" options every command takes */
