@@ -399,6 +399,27 @@ class FakeChargebee(FakeServer):
             v = req.q(param)
             if v is not None:
                 items = [u for u in items if u[field] == v]
+        # filter.d.ts Timestamp: on, before, after, between [a, b] (both
+        # ends included), Unix seconds
+        for op, keep in (("after", lambda d, a: d > a[0]),
+                         ("before", lambda d, a: d < a[0]),
+                         ("on", lambda d, a: d == a[0]),
+                         ("between", lambda d, a: a[0] <= d <= a[1])):
+            v = req.q("usage_date[%s]" % op)
+            if v is None:
+                continue
+            try:
+                arg = json.loads(v) if op == "between" else [int(v)]
+                if op == "between" and (not isinstance(arg, list)
+                                        or len(arg) != 2):
+                    raise ValueError(v)
+                arg = [int(a) for a in arg]
+            except ValueError:
+                return self.error(400, "invalid_request",
+                                  "usage_date[%s] : invalid value" % op,
+                                  param="usage_date[%s]" % op,
+                                  code="param_wrong_value")
+            items = [u for u in items if keep(u["usage_date"], arg)]
         return self._list(req, items, "usage")
 
     def list_customers(self, req):

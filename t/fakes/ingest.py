@@ -18,6 +18,8 @@ and overwrites the stored event, another timestamp is a new event.
 Bearer auth.
 """
 
+import datetime
+import re
 import time
 
 from .base import FakeServer, Response
@@ -27,9 +29,10 @@ DAY = 86400
 
 class FakeOpenMeter(FakeServer):
 
-    routes = [("POST", r"/api/v1/events", "ingest")]
+    routes = [("POST", r"/api/v1/events", "ingest"),
+              ("GET", r"/api/v1/meters/([^/]+)/query", "query_meter")]
 
-    def __init__(self, token="om_fake", dedupe_ttl=DAY, **kw):
+    def __init__(self, token="om_fake", dedupe_ttl=DAY, meters=None, **kw):
         super().__init__(**kw)
         self.token = token
         self.events = []
@@ -37,6 +40,8 @@ class FakeOpenMeter(FakeServer):
         self.duplicates = 0
         self.dedupe_ttl = dedupe_ttl
         self.now = time.time
+        # meter slug -> event type it sums (default: the slug, "_" as "-")
+        self.meters = meters
 
     def error(self, status, kind, message, **extra):
         return Response(status, {"type": "about:blank", "title": kind,
@@ -81,6 +86,71 @@ class FakeOpenMeter(FakeServer):
         with self.lock:
             return sum(e.get("data", {}).get("value", 0) for e in self.events
                        if e["subject"] == subject and e["type"] == type_)
+
+    def query_meter(self, req, slug):
+        """api/openapi.yaml queryMeter: subject (repeatable), from and to
+        (RFC 3339, both inclusive), windowSize MINUTE|HOUR|DAY|MONTH (none:
+        one row for the whole range); MeterQueryResult {from, to,
+        windowSize, data: [{value, windowStart, windowEnd, subject,
+        groupBy}]}.  A sum meter of data.value."""
+        if not re.match(r"^[a-z0-9]+(?:_[a-z0-9]+)*$", slug):
+            return self.error(400, "Bad Request", "invalid meter id or slug")
+        type_ = (self.meters or {}).get(slug, slug.replace("_", "-"))
+        if self.meters is not None and slug not in self.meters:
+            return self.error(404, "Not Found", "meter not found: " + slug)
+        bounds = {}
+        for name in ("from", "to"):
+            v = req.q(name)
+            bounds[name] = _rfc3339(v) if v is not None else None
+            if v is not None and bounds[name] is None:
+                return self.error(400, "Bad Request", "invalid " + name)
+        size = {None: None, "MINUTE": 60, "HOUR": 3600,
+                "DAY": 86400}.get(req.q("windowSize"), -1)
+        if size == -1:
+            return self.error(400, "Bad Request", "invalid windowSize")
+        subjects = req.query.get("subject")
+        with self.lock:
+            evs = [(e["subject"], _rfc3339(e["time"]),
+                    e.get("data", {}).get("value", 0)) for e in self.events
+                   if e["type"] == type_]
+        evs = [x for x in evs
+               if (subjects is None or x[0] in subjects)
+               and (bounds["from"] is None or x[1] >= bounds["from"])
+               and (bounds["to"] is None or x[1] <= bounds["to"])]
+        rows = {}
+        for subj, t, v in evs:
+            if size is None:
+                ws, we = bounds["from"] or 0, bounds["to"] or t
+            else:
+                ws = t - t % size
+                we = ws + size
+            k = (subj, ws, we)
+            rows[k] = rows.get(k, 0) + v
+        data = [{"value": v, "windowStart": _iso(ws), "windowEnd": _iso(we),
+                 "subject": subj, "groupBy": {}}
+                for (subj, ws, we), v in sorted(rows.items())]
+        out = {"data": data}
+        for name in ("from", "to"):
+            if bounds[name] is not None:
+                out[name] = _iso(bounds[name])
+        if size is not None:
+            out["windowSize"] = req.q("windowSize")
+        return Response(200, out)
+
+
+def _rfc3339(s):
+    try:
+        d = datetime.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return None
+    if d.tzinfo is None:
+        return None
+    return int(d.timestamp())
+
+
+def _iso(t):
+    return datetime.datetime.fromtimestamp(
+        t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class FakeLago(FakeServer):

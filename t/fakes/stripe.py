@@ -401,19 +401,58 @@ class FakeStripe(FakeServer):
         return Response(200, rec)
 
     def event_summaries(self, req, meter_id):
+        """stripe-node Billing/Meters.ts listEventSummaries: customer,
+        start_time (inclusive), end_time (exclusive), both required and on
+        minute boundaries (hour boundaries with value_grouping_window=hour,
+        UTC days with day); one summary per window, every window of the
+        range; a list paginated with limit / starting_after / has_more."""
         meter = next((m for m in self.meters if m["id"] == meter_id), None)
         if meter is None:
             return self.not_found(req)
         cust = req.q("customer")
-        start, end = int(req.q("start_time", 0)), int(req.q("end_time", 0))
-        v = sum(int(e["payload"].get(self.value_key, 1)) for e in self.events
-                if e["event_name"] == meter["event_name"]
-                and e["payload"].get(self.customer_key) == cust
-                and start <= e["timestamp"] < end)
-        return Response(200, paginate_cursor([{
-            "id": self._id("mtrusg"), "object": "billing.meter_event_summary",
-            "aggregated_value": v, "start_time": start, "end_time": end,
-            "meter": meter_id}], req))
+        for p in ("customer", "start_time", "end_time"):
+            if not req.q(p):
+                return self.error(400, "invalid_request_error",
+                                  "Missing required param: %s." % p,
+                                  code="parameter_missing", param=p)
+        try:
+            start, end = int(req.q("start_time")), int(req.q("end_time"))
+        except ValueError:
+            return self.error(400, "invalid_request_error",
+                              "Invalid integer", param="start_time")
+        window = req.q("value_grouping_window")
+        step = {None: None, "hour": 3600, "day": 86400}.get(window, -1)
+        if step == -1:
+            return self.error(400, "invalid_request_error",
+                              "Invalid value_grouping_window",
+                              param="value_grouping_window")
+        align = step or 60
+        if start % align or end % align or end <= start:
+            return self.error(400, "invalid_request_error",
+                              "start_time and end_time must be aligned",
+                              param="start_time")
+        windows = [(start, end)] if step is None else [
+            (t, t + step) for t in range(start, end, step)]
+        with self.lock:
+            evs = [e for e in self.events
+                   if e["event_name"] == meter["event_name"]
+                   and e["payload"].get(self.customer_key) == cust]
+        out = []
+        for a, b in windows:
+            v = sum(int(e["payload"].get(self.value_key, 1)) for e in evs
+                    if a <= e["timestamp"] < b)
+            out.append({"id": "mtrusg_%s_%s_%d" % (meter_id, cust, a),
+                        "object": "billing.meter_event_summary",
+                        "aggregated_value": v, "start_time": a,
+                        "end_time": b, "livemode": False, "meter": meter_id})
+        return Response(200, paginate_cursor(out, req))
+
+    def reject_event(self, identifier):
+        """Stripe's asynchronous validation: an accepted event found
+        invalid later is not counted (an error report tells of it)."""
+        with self.lock:
+            self.events = [e for e in self.events
+                           if e["identifier"] != identifier]
 
     # totals (tests)
 

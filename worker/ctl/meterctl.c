@@ -16,6 +16,8 @@
  *   70  internal error
  *   75  temporary failure: run the same command again
  *   78  configuration error (-c FILE)
+ * except reconcile (reconcile.c): 0 equal or only pending, 1 differences
+ * beyond pending, 2 an error, 64 usage.
  */
 
 
@@ -83,10 +85,12 @@ static const char  meterctl_help[] =
     "  usage         metered usage per customer or per key, and its billing\n"
     "  status        hours pending, open and dead records, last drain/sync\n"
     "  retry         requeue dead-lettered records\n"
+    "  reconcile     nginx's count, the worker's billing and the provider's\n"
+    "                own figure side by side, every difference explained\n"
     "\n"
     "Exit status: 0 ok, 64 usage, 65 unknown customer/key/record or bad id,\n"
     "69 Redis or provider unavailable, 75 temporary failure (run again),\n"
-    "78 config error.\n";
+    "78 config error.  reconcile: 0 equal or pending, 1 differs, 2 error.\n";
 
 
 /* "--" options every command takes */
@@ -670,7 +674,25 @@ const meterctl_cmd_t  meterctl_cmds[] = {
       "provider's dedupe window is dead-lettered again: a resend could be\n"
       "counted twice.  Once you have checked that the provider does NOT\n"
       "have it, --resend sends it as a new record (its window starts\n"
-      "again).  If the provider has it, --resend bills it twice.\n" }
+      "again).  If the provider has it, --resend bills it twice.\n" },
+
+    { "reconcile", NULL, "jCMFTD", meterctl_reconcile,
+      "Usage: meterctl reconcile [--period YYYY-MM | --from ISO --to ISO]\n"
+      "                          [--customer C] [--meter M] [--json]\n"
+      "\n"
+      "(with -c FILE: the provider of the worker's config)\n"
+      "Per customer and meter over a UTC month (default: this one) or an\n"
+      "hour-aligned range: what nginx counted (Redis), what the worker\n"
+      "billed (billed marks, its records) and what the provider itself\n"
+      "holds (Stripe meter event summaries, Chargebee usages, Recurly usage\n"
+      "with billing_status=all, OpenMeter's meter query), and every\n"
+      "difference with its likely cause: pending (not due yet or in\n"
+      "flight), dead_letter, late_usage, rejected (asynchronously by the\n"
+      "provider), unknown.  A 429 with Retry-After is waited out.\n"
+      "\n"
+      "Exit status: 0 all equal or only pending, 1 differences beyond\n"
+      "pending, 2 an error (Redis or the provider unreachable or refusing:\n"
+      "no figure is guessed), 64 bad command line.\n" }
 };
 
 const size_t  meterctl_ncmds = sizeof(meterctl_cmds) / sizeof(meterctl_cmds[0]);

@@ -16,11 +16,14 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include <cjson/cJSON.h>
 
 #include "config.h"
+#include "meter_schema.h"
 #include "redis.h"
+#include "util.h"
 
 
 #define METERCTL_KEY_PREFIX     "mk_live_"
@@ -111,6 +114,20 @@ void meterctl_customer_of_email(const char *email, char *out, size_t size);
 int meterctl_credit_rows(meter_redis_t *r, const char *cmd,
     const char *customer, const char *only, cJSON *arr, int table);
 
+/* usage.c: a customer's usage per period and meter */
+typedef struct {
+    time_t                      start;      /* hour, or day */
+    char                        meter[MTR_METER_MAX + 1];
+    uint64_t                    quantity;
+    uint64_t                    billed;
+    int                         sending;    /* records open or dead */
+    int                         dead;
+    char                        record[METER_IDEM_LEN + 1];
+} meterctl_urow_t;
+
+int meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from,
+    time_t to, int period, int wperiod, meterctl_urow_t **out, size_t *nout);
+
 /* the commands of meterctl_cmds[]: an exit code of <sysexits.h> */
 int meterctl_register(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_customers_list(meterctl_opts_t *o, meter_redis_t *r);
@@ -128,6 +145,7 @@ int meterctl_credit_show(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_usage(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_status_cmd(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_retry_cmd(meterctl_opts_t *o, meter_redis_t *r);
+int meterctl_reconcile(meterctl_opts_t *o, meter_redis_t *r);
 
 
 #endif /* _METERCTL_H_INCLUDED_ */

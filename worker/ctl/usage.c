@@ -214,17 +214,6 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
 }
 
 
-typedef struct {
-    time_t                      start;      /* hour, or day */
-    char                        meter[MTR_METER_MAX + 1];
-    uint64_t                    quantity;
-    uint64_t                    billed;
-    int                         sending;    /* records open or dead */
-    int                         dead;
-    char                        record[METER_IDEM_LEN + 1];
-} meterctl_urow_t;
-
-
 static int
 meterctl_urow_cmp(const void *a, const void *b)
 {
@@ -298,78 +287,27 @@ meterctl_urow_state(const meterctl_urow_t *row)
 }
 
 
-static int
-meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
+/*
+ * A customer's usage per period (hour or day) and meter in [from, to) (0:
+ * unbounded), over all its keys: the quantity, the part billed and the
+ * worker's record still open for it (wperiod: the worker's report period).
+ * Sorted by period and meter; free(*out).  Shared by usage and reconcile.
+ */
+int
+meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
+    int period, int wperiod, meterctl_urow_t **out, size_t *nout)
 {
-    char              ck[96], from_s[24], to_s[24], when[32], field[160];
+    char              ck[96], from_s[24], to_s[24], field[160];
     size_t            i, h, k, f, nrows, cap, mlen, nhour, nhourcap;
-    time_t            from, to, t, start;
-    int               rc, period, wperiod;
+    time_t            t, start;
+    int               rc;
     uint64_t          u, b;
-    cJSON            *arr, *j;
     redisReply       *hours, *keys, *ur, *br, *rp, *st;
-    const char       *id, *fn, *bar, *bv;
+    const char       *fn, *bar, *bv;
     meterctl_urow_t  *rows, *hrows, *row;
 
-    id = o->args[0];
-    from = 0;
-    to = 0;
-    period = METER_HOUR;
-
-    if (!meterctl_valid_id(id)) {
-        fprintf(stderr, "meterctl usage: invalid customer id \"%s\"\n", id);
-        return EX_DATAERR;
-    }
-
-    if (o->from != NULL) {
-        from = meter_iso8601_parse(o->from);
-        if (from == -1) {
-            fprintf(stderr, "meterctl usage: invalid --from \"%s\" (ISO 8601 "
-                    "UTC, e.g. 2026-11-24 or 2026-11-24T10:00Z)\n", o->from);
-            return EX_USAGE;
-        }
-    }
-
-    if (o->to != NULL) {
-        to = meter_iso8601_parse(o->to);
-        if (to == -1) {
-            fprintf(stderr, "meterctl usage: invalid --to \"%s\" (ISO 8601 "
-                    "UTC, e.g. 2026-11-25)\n", o->to);
-            return EX_USAGE;
-        }
-    }
-
-    if (o->from != NULL && o->to != NULL && to <= from) {
-        fprintf(stderr, "meterctl usage: --to must be after --from\n");
-        return EX_USAGE;
-    }
-
-    if (o->period != NULL) {
-        if (strcmp(o->period, "hour") == 0) {
-            period = METER_HOUR;
-
-        } else if (strcmp(o->period, "day") == 0) {
-            period = METER_DAY;
-
-        } else {
-            fprintf(stderr, "meterctl usage: invalid --period \"%s\" (hour or "
-                    "day)\n", o->period);
-            return EX_USAGE;
-        }
-    }
-
-    wperiod = (o->cf != NULL && o->cf->report_period == METER_DAY)
-              ? METER_DAY : METER_HOUR;
-
-    rc = meterctl_open(o, r);
-    if (rc != EX_OK) {
-        return rc;
-    }
-
-    rc = meterctl_customer_exists(r, "usage", id);
-    if (rc != 1) {
-        return rc == 0 ? EX_DATAERR : EX_UNAVAILABLE;
-    }
+    *out = NULL;
+    *nout = 0;
 
     snprintf(ck, sizeof(ck), MTR_CKEYS_FMT, id);
     keys = meterctl_sorted_set(r, ck, &rc);
@@ -377,7 +315,7 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
         return rc;
     }
 
-    if (o->from != NULL) {
+    if (from != 0) {
         snprintf(from_s, sizeof(from_s), "%lld",
                  (long long) meter_period_start(from, METER_HOUR));
 
@@ -385,7 +323,7 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
         snprintf(from_s, sizeof(from_s), "-inf");
     }
 
-    if (o->to != NULL) {
+    if (to != 0) {
         snprintf(to_s, sizeof(to_s), "(%lld", (long long) to);
 
     } else {
@@ -522,6 +460,91 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
 
     if (nrows > 0) {
         qsort(rows, nrows, sizeof(meterctl_urow_t), meterctl_urow_cmp);
+    }
+
+    *out = rows;
+    *nout = nrows;
+
+    return EX_OK;
+}
+
+
+static int
+meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
+{
+    char              when[32], field[160];
+    size_t            i, nrows;
+    time_t            from, to;
+    int               rc, period, wperiod;
+    cJSON            *arr, *j;
+    const char       *id;
+    meterctl_urow_t  *rows;
+
+    id = o->args[0];
+    from = 0;
+    to = 0;
+    period = METER_HOUR;
+
+    if (!meterctl_valid_id(id)) {
+        fprintf(stderr, "meterctl usage: invalid customer id \"%s\"\n", id);
+        return EX_DATAERR;
+    }
+
+    if (o->from != NULL) {
+        from = meter_iso8601_parse(o->from);
+        if (from == -1) {
+            fprintf(stderr, "meterctl usage: invalid --from \"%s\" (ISO 8601 "
+                    "UTC, e.g. 2026-11-24 or 2026-11-24T10:00Z)\n", o->from);
+            return EX_USAGE;
+        }
+    }
+
+    if (o->to != NULL) {
+        to = meter_iso8601_parse(o->to);
+        if (to == -1) {
+            fprintf(stderr, "meterctl usage: invalid --to \"%s\" (ISO 8601 "
+                    "UTC, e.g. 2026-11-25)\n", o->to);
+            return EX_USAGE;
+        }
+    }
+
+    if (o->from != NULL && o->to != NULL && to <= from) {
+        fprintf(stderr, "meterctl usage: --to must be after --from\n");
+        return EX_USAGE;
+    }
+
+    if (o->period != NULL) {
+        if (strcmp(o->period, "hour") == 0) {
+            period = METER_HOUR;
+
+        } else if (strcmp(o->period, "day") == 0) {
+            period = METER_DAY;
+
+        } else {
+            fprintf(stderr, "meterctl usage: invalid --period \"%s\" (hour or "
+                    "day)\n", o->period);
+            return EX_USAGE;
+        }
+    }
+
+    wperiod = (o->cf != NULL && o->cf->report_period == METER_DAY)
+              ? METER_DAY : METER_HOUR;
+
+    rc = meterctl_open(o, r);
+    if (rc != EX_OK) {
+        return rc;
+    }
+
+    rc = meterctl_customer_exists(r, "usage", id);
+    if (rc != 1) {
+        return rc == 0 ? EX_DATAERR : EX_UNAVAILABLE;
+    }
+
+    rc = meterctl_usage_rows(r, id, o->from != NULL ? from : 0,
+                             o->to != NULL ? to : 0, period, wperiod, &rows,
+                             &nrows);
+    if (rc != EX_OK) {
+        return rc;
     }
 
     if (o->json) {

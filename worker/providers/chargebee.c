@@ -907,93 +907,185 @@ end:
 }
 
 
+/* one GET of a list page (meter_list_walk); ctx[0] the provider */
+static meter_send_e
+meter_chargebee_list_get(void *ctx, const char *url, cJSON **json,
+    meter_send_result_t *res)
+{
+    return meter_chargebee_call(((void **) ctx)[0], url, NULL, NULL, json,
+                                res);
+}
+
+
+static void
+meter_chargebee_list(meter_chargebee_t *cb, meter_list_t *l,
+    const char *what, meter_list_item_pt item, void **ctx)
+{
+    memset(l, 0, sizeof(meter_list_t));
+
+    ctx[0] = cb;
+
+    l->style = METER_LIST_OFFSET;
+    l->what = what;
+    l->curl = cb->http.curl;
+    l->max_pages = 100000;
+    l->get = meter_chargebee_list_get;
+    l->item = item;
+    l->ctx = ctx;
+}
+
+
+typedef struct {
+    meter_overdue_pt            cb;
+    void                       *data;
+} meter_chargebee_od_t;
+
+
+static int
+meter_chargebee_od_item(void *ctx, const cJSON *item,
+    meter_send_result_t *res)
+{
+    double                 due;
+    meter_overdue_t        od;
+    meter_chargebee_od_t  *w;
+
+    w = ((void **) ctx)[1];
+
+    od.provider_customer = meter_json_str(item, "invoice", "customer_id",
+                                          (char *) NULL);
+    od.subscription = meter_json_str(item, "invoice", "subscription_id",
+                                     (char *) NULL);
+    due = meter_json_num(item, "invoice", "due_date", (char *) NULL);
+    od.since = meter_time_from_num(due);
+
+    if (w->cb(w->data, &od) != 0) {
+        snprintf(res->error, sizeof(res->error),
+                 "chargebee: the sync stopped");
+        return -1;
+    }
+
+    return 0;
+}
+
+
 /* invoices with status payment_due or not_paid, every page (offset) */
 static int
 meter_chargebee_overdue(meter_provider_t *p, meter_overdue_pt cb_fn,
     void *data, meter_send_result_t *res)
 {
-    int                 page, rc;
-    char                offset[128];
-    double              due;
-    cJSON              *json;
-    meter_buf_t         url;
-    const char         *next;
-    const cJSON        *list, *item;
-    meter_overdue_t     od;
-    meter_chargebee_t  *cb;
+    int                    rc;
+    void                  *ctx[2];
+    meter_buf_t            url;
+    meter_list_t           l;
+    meter_chargebee_t     *cb;
+    meter_chargebee_od_t   w;
 
     cb = p->data;
-    json = NULL;
     rc = -1;
-    offset[0] = '\0';
+    w.cb = cb_fn;
+    w.data = data;
 
     memset(&url, 0, sizeof(url));
     memset(res, 0, sizeof(*res));
 
-    for (page = 0; page < 100000; page++) {
-        meter_buf_reset(&url);
-
-        /* status[in]=["payment_due","not_paid"], percent-encoded */
-        if (meter_buf_printf(&url, "%s/api/v2/invoices?limit=100&"
-                             "status%%5Bin%%5D=%%5B%%22payment_due%%22%%2C"
-                             "%%22not_paid%%22%%5D", cb->base) != 0
-            || (offset[0] != '\0'
-                && (meter_buf_printf(&url, "&offset=") != 0
-                    || meter_url_segment(&url, cb->http.curl, offset) != 0)))
-        {
-            snprintf(res->error, sizeof(res->error),
-                     "chargebee: out of memory");
-            goto end;
-        }
-
-        cJSON_Delete(json);
-        if (meter_chargebee_call(cb, url.data, NULL, NULL, &json, res)
-            != METER_SEND_OK)
-        {
-            goto end;
-        }
-
-        list = cJSON_GetObjectItemCaseSensitive(json, "list");
-        if (!cJSON_IsArray(list)) {
-            snprintf(res->error, sizeof(res->error),
-                     "chargebee: invoice list without \"list\"");
-            goto end;
-        }
-
-        cJSON_ArrayForEach(item, list) {
-            od.provider_customer = meter_json_str(item, "invoice",
-                                                  "customer_id", (char *) NULL);
-            od.subscription = meter_json_str(item, "invoice",
-                                             "subscription_id", (char *) NULL);
-            due = meter_json_num(item, "invoice", "due_date", (char *) NULL);
-            od.since = meter_time_from_num(due);
-
-            if (cb_fn(data, &od) != 0) {
-                snprintf(res->error, sizeof(res->error),
-                         "chargebee: the sync stopped");
-                goto end;
-            }
-        }
-
-        next = meter_json_str(json, "next_offset", (char *) NULL);
-        if (next == NULL) {
-            rc = 0;
-            goto end;
-        }
-
-        if (meter_copy(offset, sizeof(offset), next) != 0) {
-            snprintf(res->error, sizeof(res->error),
-                     "chargebee: next_offset too long");
-            goto end;
-        }
+    /* status[in]=["payment_due","not_paid"], percent-encoded */
+    if (meter_buf_printf(&url, "%s/api/v2/invoices?limit=100&"
+                         "status%%5Bin%%5D=%%5B%%22payment_due%%22%%2C"
+                         "%%22not_paid%%22%%5D", cb->base) != 0)
+    {
+        snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
+        goto end;
     }
 
-    snprintf(res->error, sizeof(res->error), "chargebee: too many pages");
+    meter_chargebee_list(cb, &l, "chargebee: invoice list",
+                         meter_chargebee_od_item, ctx);
+    ctx[1] = &w;
+
+    rc = meter_list_walk(&l, url.data, res) == 0 ? 0 : -1;
 
 end:
 
-    cJSON_Delete(json);
     meter_buf_free(&url);
+
+    return rc;
+}
+
+
+static int
+meter_chargebee_usage_item(void *ctx, const cJSON *item,
+    meter_send_result_t *res)
+{
+    double  x;
+
+    (void) res;
+
+    x = meter_json_num(item, "usage", "quantity", (char *) NULL);
+    *(double *) ((void **) ctx)[1] += (x > 0) ? x : 0;
+
+    return 0;
+}
+
+
+/*
+ * reconcile: Chargebee's own usages of a subscription and item price dated
+ * in [from, to): GET /api/v2/usages (chargebee-node types/resources/
+ * Usage.d.ts ListInputParam: subscription_id, item_price_id and usage_date
+ * filters, filter.d.ts Timestamp "between" [a, b], both ends included;
+ * ListResponse {list: [{usage}], next_offset}); quantity is a string.
+ */
+static int
+meter_chargebee_usage_total(meter_provider_t *p, const meter_usage_query_t *q,
+    double *total, meter_send_result_t *res)
+{
+    int                 rc;
+    char                between[64];
+    void               *ctx[2];
+    meter_buf_t         url, qs;
+    meter_list_t        l;
+    meter_chargebee_t  *cb;
+
+    cb = p->data;
+    *total = 0;
+    rc = -1;
+
+    memset(res, 0, sizeof(*res));
+    memset(&url, 0, sizeof(url));
+    memset(&qs, 0, sizeof(qs));
+
+    if (q->subscription == NULL) {
+        snprintf(res->error, sizeof(res->error), "chargebee: customer %s "
+                 "has no subscription", q->customer);
+        res->status = METER_SEND_FATAL;
+        return -1;
+    }
+
+    snprintf(between, sizeof(between), "[%lld,%lld]", (long long) q->from,
+             (long long) q->to - 1);
+
+    if (meter_form_add(&qs, cb->http.curl, "subscription_id[is]",
+                       q->subscription) != 0
+        || meter_form_add(&qs, cb->http.curl, "item_price_id[is]",
+                          q->provider_meter) != 0
+        || meter_form_add(&qs, cb->http.curl, "usage_date[between]", between)
+           != 0
+        || meter_buf_printf(&url, "%s/api/v2/usages?limit=100&%s", cb->base,
+                            qs.data) != 0)
+    {
+        snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
+        res->status = METER_SEND_RETRY;
+        goto end;
+    }
+
+    meter_chargebee_list(cb, &l, "chargebee: usage list",
+                         meter_chargebee_usage_item, ctx);
+    ctx[1] = total;
+
+    rc = meter_list_walk(&l, url.data, res) == 0 ? 0 : -1;
+
+end:
+
+    meter_buf_free(&url);
+    meter_buf_free(&qs);
 
     return rc;
 }
@@ -1129,6 +1221,7 @@ meter_provider_chargebee(meter_provider_t *p)
     p->send = meter_chargebee_send;
     /* usage ids are unique for good: the id dedupes every resend */
     p->lookup = NULL;
+    p->usage_total = meter_chargebee_usage_total;
     p->onboard = meter_chargebee_onboard;
     p->overdue = meter_chargebee_overdue;
     p->webhook = meter_chargebee_webhook;

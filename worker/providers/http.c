@@ -57,6 +57,7 @@ typedef struct {
     char                        source[128];
     char                        token[512];     /* "" when no auth */
     time_t                      dedupe_window;  /* OpenMeter's, s */
+    char                        query[512];     /* OpenMeter's API base */
 } meter_ingest_t;
 
 
@@ -66,6 +67,8 @@ static meter_send_e meter_ingest_send(meter_provider_t *p,
     const meter_record_t *rec, meter_send_result_t *res);
 static int meter_ingest_lago_duplicate(const meter_http_resp_t *resp);
 static void meter_ingest_cleanup(meter_provider_t *p);
+static int meter_ingest_query_setup(meter_provider_t *p,
+    const meter_conf_t *cf, char *err, size_t errlen);
 
 
 static int
@@ -155,7 +158,9 @@ static int
 meter_ingest_init(meter_provider_t *p, const meter_conf_t *cf, char *err,
     size_t errlen)
 {
-    if (meter_ingest_setup(p, cf, err, errlen) != 0) {
+    if (meter_ingest_setup(p, cf, err, errlen) != 0
+        || meter_ingest_query_setup(p, cf, err, errlen) != 0)
+    {
         meter_ingest_cleanup(p);
         return -1;
     }
@@ -365,6 +370,152 @@ end:
 }
 
 
+/*
+ * reconcile: OpenMeter's API base for queries, "http.query_url", else
+ * http.url without its "/api/v1/events"; Lago has nothing to ask.
+ */
+static int
+meter_ingest_query_setup(meter_provider_t *p, const meter_conf_t *cf,
+    char *err, size_t errlen)
+{
+    size_t           n;
+    const char      *v;
+    meter_ingest_t  *in;
+
+    in = p->data;
+
+    if (in->format != METER_INGEST_OPENMETER) {
+        p->usage_total = NULL;
+        return 0;
+    }
+
+    v = meter_conf_get(cf, "http.query_url");
+    if (v != NULL) {
+        if (meter_copy(in->query, sizeof(in->query), v) != 0) {
+            snprintf(err, errlen, "http.query_url: too long");
+            return -1;
+        }
+
+    } else {
+        n = strlen(in->url);
+        if (n >= sizeof("/api/v1/events") - 1
+            && strcmp(in->url + n - (sizeof("/api/v1/events") - 1),
+                      "/api/v1/events") == 0)
+        {
+            n -= sizeof("/api/v1/events") - 1;
+        }
+
+        memcpy(in->query, in->url, n);
+        in->query[n] = '\0';
+    }
+
+    n = strlen(in->query);
+    while (n > 0 && in->query[n - 1] == '/') {
+        in->query[--n] = '\0';
+    }
+
+    return 0;
+}
+
+
+/*
+ * reconcile: OpenMeter's own figure, GET /api/v1/meters/{meterIdOrSlug}/
+ * query with subject, from, to (RFC 3339, both inclusive) and windowSize
+ * (openmeter api/openapi.yaml queryMeter; MeterQueryResult {data:
+ * [{value, windowStart, windowEnd, subject}]}, one answer, no pages).  The
+ * meter's slug is the event type with "-" as "_" (slugs are
+ * [a-z0-9]+(_[a-z0-9]+)*); a window starting at "to" is the next period's.
+ */
+static int
+meter_ingest_usage_total(meter_provider_t *p, const meter_usage_query_t *q,
+    double *total, meter_send_result_t *res)
+{
+    int                 rc;
+    char                slug[65], a[32], b[32];
+    size_t              i;
+    cJSON              *json;
+    time_t              ws;
+    double              x;
+    meter_buf_t         url;
+    const cJSON        *rows, *row;
+    meter_ingest_t     *in;
+    meter_http_req_t    req;
+
+    in = p->data;
+    *total = 0;
+    rc = -1;
+    json = NULL;
+
+    memset(res, 0, sizeof(*res));
+    memset(&url, 0, sizeof(url));
+    memset(&req, 0, sizeof(req));
+
+    for (i = 0; q->provider_meter[i] != '\0' && i < sizeof(slug) - 1; i++) {
+        slug[i] = (q->provider_meter[i] == '-') ? '_' : q->provider_meter[i];
+    }
+
+    slug[i] = '\0';
+
+    meter_rfc3339(q->from, a, sizeof(a));
+    meter_rfc3339(q->to, b, sizeof(b));
+
+    if (meter_buf_printf(&url, "%s/api/v1/meters/", in->query) != 0
+        || meter_url_segment(&url, in->http.curl, slug) != 0
+        || meter_buf_printf(&url, "/query?windowSize=HOUR&subject=") != 0
+        || meter_url_segment(&url, in->http.curl, q->customer) != 0
+        || meter_buf_printf(&url, "&from=") != 0
+        || meter_url_segment(&url, in->http.curl, a) != 0
+        || meter_buf_printf(&url, "&to=") != 0
+        || meter_url_segment(&url, in->http.curl, b) != 0)
+    {
+        snprintf(res->error, sizeof(res->error), "openmeter: out of memory");
+        res->status = METER_SEND_RETRY;
+        goto end;
+    }
+
+    req.method = "GET";
+    req.url = url.data;
+    req.accept = "application/json";
+
+    if (in->token[0] != '\0') {
+        req.auth = METER_HTTP_AUTH_BEARER;
+        req.secret = in->token;
+    }
+
+    if (meter_http_json(&in->http, &req, &json, NULL, res) != METER_SEND_OK) {
+        goto end;
+    }
+
+    rows = cJSON_GetObjectItemCaseSensitive(json, "data");
+    if (!cJSON_IsArray(rows)) {
+        snprintf(res->error, sizeof(res->error),
+                 "openmeter: meter query without \"data\"");
+        res->status = METER_SEND_RETRY;
+        goto end;
+    }
+
+    cJSON_ArrayForEach(row, rows) {
+        ws = meter_rfc3339_parse(meter_json_str(row, "windowStart",
+                                                (char *) NULL));
+        if (ws != -1 && ws >= q->to) {
+            continue;
+        }
+
+        x = meter_json_num(row, "value", (char *) NULL);
+        *total += (x > 0) ? x : 0;
+    }
+
+    rc = 0;
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+
+    return rc;
+}
+
+
 static void
 meter_ingest_cleanup(meter_provider_t *p)
 {
@@ -389,6 +540,7 @@ meter_provider_http(meter_provider_t *p)
     p->init = meter_ingest_init;
     p->send = meter_ingest_send;
     p->lookup = NULL;
+    p->usage_total = meter_ingest_usage_total;
     p->cleanup = meter_ingest_cleanup;
     p->data = NULL;
 }

@@ -132,6 +132,18 @@ typedef struct {
 } meter_webhook_event_t;
 
 
+/* meterctl reconcile: one customer and meter over [from, to) */
+typedef struct {
+    const char                 *customer;           /* ours */
+    const char                 *provider_customer;  /* cus_..., or NULL */
+    const char                 *subscription;       /* or NULL */
+    const char                 *meter;              /* ours */
+    const char                 *provider_meter;     /* config meter.M */
+    time_t                      from;               /* UTC, hour aligned */
+    time_t                      to;                 /* exclusive */
+} meter_usage_query_t;
+
+
 typedef struct meter_provider_s  meter_provider_t;
 
 struct meter_provider_s {
@@ -182,6 +194,15 @@ struct meter_provider_s {
     void                      (*webhook)(meter_provider_t *p,
                                          const meter_webhook_req_t *req,
                                          meter_webhook_event_t *ev);
+
+    /* reconcile: the total the provider itself holds for q (every page
+     * of its own list or query); 0 with *total, or -1 with res filled
+     * (RETRY: unreachable or rate limited, FATAL: refused); NULL: the
+     * provider cannot be asked */
+    int                       (*usage_total)(meter_provider_t *p,
+                                             const meter_usage_query_t *q,
+                                             double *total,
+                                             meter_send_result_t *res);
 
     void                      (*cleanup)(meter_provider_t *p);
 

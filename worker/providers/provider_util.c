@@ -416,3 +416,170 @@ meter_past_window(const meter_record_t *rec, time_t now, time_t window)
 
     return now - first > window;
 }
+
+
+/* the next page's URL of a "next" (path or URL) on base's origin */
+static int
+meter_list_next_url(const meter_list_t *l, const char *next, meter_buf_t *url,
+    meter_send_result_t *res)
+{
+    size_t       n;
+    const char  *origin_end;
+
+    meter_buf_reset(url);
+
+    if (next[0] == '/') {
+        /* the base's origin: "https://v3.recurly.com" of any base */
+        origin_end = strstr(l->base, "://");
+        origin_end = origin_end != NULL ? strchr(origin_end + 3, '/') : NULL;
+        n = origin_end != NULL ? (size_t) (origin_end - l->base)
+                               : strlen(l->base);
+
+        return meter_buf_printf(url, "%.*s%s", (int) n, l->base, next);
+    }
+
+    n = strlen(l->base);
+
+    if (strncmp(next, l->base, n) == 0 && next[n] == '/') {
+        return meter_buf_printf(url, "%s", next);
+    }
+
+    snprintf(res->error, sizeof(res->error), "%s: \"next\" is neither a "
+             "path nor a URL on %s", l->what, l->base);
+
+    return -2;
+}
+
+
+int
+meter_list_walk(const meter_list_t *l, const char *url,
+    meter_send_result_t *res)
+{
+    int           page, rc, stop;
+    char          cursor[256];
+    cJSON        *json;
+    meter_buf_t   u;
+    const char   *id, *next;
+    const cJSON  *items, *o, *nx;
+
+    memset(&u, 0, sizeof(u));
+    json = NULL;
+    cursor[0] = '\0';
+    rc = -1;
+
+    if (meter_buf_printf(&u, "%s", url) != 0) {
+        goto nomem;
+    }
+
+    for (page = 0; page < l->max_pages; page++) {
+        cJSON_Delete(json);
+        json = NULL;
+
+        if (l->get(l->ctx, u.data, &json, res) != METER_SEND_OK) {
+            goto end;
+        }
+
+        items = cJSON_GetObjectItemCaseSensitive(json,
+                                                 l->style == METER_LIST_OFFSET
+                                                 ? "list" : "data");
+        if (!cJSON_IsArray(items)) {
+            snprintf(res->error, sizeof(res->error), "%s: without \"%s\"",
+                     l->what, l->style == METER_LIST_OFFSET ? "list" : "data");
+            res->status = METER_SEND_RETRY;
+            goto end;
+        }
+
+        id = NULL;
+
+        cJSON_ArrayForEach(o, items) {
+            id = meter_json_str(o, "id", (char *) NULL);
+
+            stop = l->item(l->ctx, o, res);
+            if (stop != 0) {
+                rc = stop;
+                goto end;
+            }
+        }
+
+        if (l->style == METER_LIST_OFFSET) {
+            next = meter_json_str(json, "next_offset", (char *) NULL);
+
+        } else if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json,
+                                                                  "has_more")))
+        {
+            next = NULL;
+
+        } else if (l->style == METER_LIST_AFTER) {
+            next = id;
+            if (next == NULL) {
+                snprintf(res->error, sizeof(res->error), "%s: has_more "
+                         "without a last id", l->what);
+                res->status = METER_SEND_RETRY;
+                goto end;
+            }
+
+        } else {
+            nx = cJSON_GetObjectItemCaseSensitive(json, "next");
+            if (!cJSON_IsString(nx)) {
+                snprintf(res->error, sizeof(res->error), "%s: has_more but "
+                         "no next", l->what);
+                res->status = METER_SEND_RETRY;
+                goto end;
+            }
+
+            next = nx->valuestring;
+        }
+
+        if (next == NULL) {
+            rc = 0;
+            goto end;
+        }
+
+        if (l->style == METER_LIST_NEXT) {
+            stop = meter_list_next_url(l, next, &u, res);
+            if (stop == -2) {
+                res->status = METER_SEND_FATAL;
+                goto end;
+            }
+
+            if (stop != 0) {
+                goto nomem;
+            }
+
+            continue;
+        }
+
+        if (meter_copy(cursor, sizeof(cursor), next) != 0) {
+            snprintf(res->error, sizeof(res->error), "%s: cursor too long",
+                     l->what);
+            res->status = METER_SEND_RETRY;
+            goto end;
+        }
+
+        meter_buf_reset(&u);
+        if (meter_buf_printf(&u, "%s&%s=", url,
+                             l->style == METER_LIST_AFTER
+                             ? "starting_after" : "offset") != 0
+            || meter_url_segment(&u, l->curl, cursor) != 0)
+        {
+            goto nomem;
+        }
+    }
+
+    snprintf(res->error, sizeof(res->error), "%s: more than %d pages",
+             l->what, l->max_pages);
+    res->status = METER_SEND_RETRY;
+    goto end;
+
+nomem:
+
+    snprintf(res->error, sizeof(res->error), "%s: out of memory", l->what);
+    res->status = METER_SEND_RETRY;
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&u);
+
+    return rc;
+}

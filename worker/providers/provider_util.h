@@ -108,6 +108,45 @@ void meter_webhook_invalid(meter_webhook_event_t *ev, int status,
  */
 int meter_past_window(const meter_record_t *rec, time_t now, time_t window);
 
+/*
+ * The providers' paginated lists, walked page by page:
+ *   METER_LIST_AFTER   Stripe: items in "data", "has_more", the next page
+ *                      is the first URL + &starting_after=<last item's id>
+ *   METER_LIST_NEXT    Recurly: items in "data", "has_more", "next" is a
+ *                      path or a full URL, followed only on base's origin
+ *                      (the API key goes nowhere else)
+ *   METER_LIST_OFFSET  Chargebee: items in "list", the first URL +
+ *                      &offset=<"next_offset"> while there is one
+ */
+typedef enum {
+    METER_LIST_AFTER = 0,
+    METER_LIST_NEXT,
+    METER_LIST_OFFSET
+} meter_list_e;
+
+/* GET url into *json (the caller's auth and headers) */
+typedef meter_send_e (*meter_list_get_pt)(void *ctx, const char *url,
+    cJSON **json, meter_send_result_t *res);
+/* one item: 0 go on, > 0 stop (walk returns it), -1 stop, res filled */
+typedef int (*meter_list_item_pt)(void *ctx, const cJSON *o,
+    meter_send_result_t *res);
+
+typedef struct {
+    meter_list_e                style;
+    const char                 *what;       /* "stripe: invoice list" */
+    const char                 *base;       /* METER_LIST_NEXT */
+    CURL                       *curl;       /* for escaping */
+    int                         max_pages;
+    meter_list_get_pt           get;
+    meter_list_item_pt          item;
+    void                       *ctx;
+} meter_list_t;
+
+/* every page from url (which has a query): what an item stopped it
+ * with, 0 at the end, -1 with res filled (malformed answers: RETRY) */
+int meter_list_walk(const meter_list_t *l, const char *url,
+    meter_send_result_t *res);
+
 /* copies s into dst (size) when it fits; 0 or -1 */
 int meter_copy(char *dst, size_t size, const char *s);
 

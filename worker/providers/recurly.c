@@ -210,53 +210,75 @@ meter_recurly_url(meter_recurly_t *rc, const meter_record_t *rec,
 }
 
 
-/*
- * A list's "next" (api.yaml: "Path to subsequent page of results"; seen as
- * a full URL too): a path is taken relative to the base URL, a full URL
- * only on the base URL's origin, so the API key never goes elsewhere.
- * 0, or -1 with res->error.
- */
-static int
-meter_recurly_next(meter_recurly_t *rc, const char *next, meter_buf_t *url,
+/* one GET of a list page (meter_list_walk) */
+static meter_send_e
+meter_recurly_list_get(void *ctx, const char *url, cJSON **json,
     meter_send_result_t *res)
 {
-    size_t       n;
-    const char  *origin_end;
+    meter_recurly_t   *rc;
+    meter_http_req_t   req;
 
-    meter_buf_reset(url);
+    rc = ((void **) ctx)[0];
 
-    if (next[0] == '/') {
-        /* the base's origin: "https://v3.recurly.com" of any base */
-        origin_end = strstr(rc->base, "://");
-        origin_end = origin_end != NULL ? strchr(origin_end + 3, '/') : NULL;
-        n = origin_end != NULL ? (size_t) (origin_end - rc->base)
-                               : strlen(rc->base);
+    memset(&req, 0, sizeof(req));
 
-        if (meter_buf_printf(url, "%.*s%s", (int) n, rc->base, next) != 0) {
-            snprintf(res->error, sizeof(res->error), "recurly: out of "
-                     "memory");
-            return -1;
-        }
+    req.method = "GET";
+    req.url = url;
+    req.accept = METER_RECURLY_ACCEPT;
+    req.auth = METER_HTTP_AUTH_BASIC;
+    req.secret = rc->api_key;
 
-        return 0;
+    return meter_http_json(&rc->http, &req, json, NULL, res);
+}
+
+
+/* a list's "next" (api.yaml: "Path to subsequent page of results"; seen as
+ * a full URL too) is followed on the base URL's origin only */
+static void
+meter_recurly_list(meter_recurly_t *rc, meter_list_t *l, const char *what,
+    meter_list_item_pt item, void **ctx)
+{
+    memset(l, 0, sizeof(meter_list_t));
+
+    ctx[0] = rc;
+
+    l->style = METER_LIST_NEXT;
+    l->what = what;
+    l->base = rc->base;
+    l->curl = rc->http.curl;
+    l->max_pages = METER_RECURLY_PAGES;
+    l->get = meter_recurly_list_get;
+    l->item = item;
+    l->ctx = ctx;
+}
+
+
+/* lookup: 1 its merchant_tag, 2 sorted past its usage_timestamp */
+static int
+meter_recurly_lookup_item(void *ctx, const cJSON *item,
+    meter_send_result_t *res)
+{
+    time_t                 t;
+    const cJSON           *tag;
+    const meter_record_t  *rec;
+
+    (void) res;
+
+    rec = ((void **) ctx)[1];
+
+    tag = cJSON_GetObjectItemCaseSensitive(item, "merchant_tag");
+
+    if (cJSON_IsString(tag)
+        && strcmp(tag->valuestring, rec->idempotency_key) == 0)
+    {
+        return 1;
     }
 
-    n = strlen(rc->base);
+    /* sorted ascending: past our usage_timestamp, it is absent */
+    t = meter_rfc3339_parse(meter_json_str(item, "usage_timestamp",
+                                           (char *) NULL));
 
-    if (strncmp(next, rc->base, n) == 0 && next[n] == '/') {
-        if (meter_buf_printf(url, "%s", next) != 0) {
-            snprintf(res->error, sizeof(res->error), "recurly: out of "
-                     "memory");
-            return -1;
-        }
-
-        return 0;
-    }
-
-    snprintf(res->error, sizeof(res->error), "recurly: list \"next\" is "
-             "neither a path nor a URL on %s", rc->base);
-
-    return -1;
+    return (t > rec->period_start) ? 2 : 0;
 }
 
 
@@ -378,23 +400,17 @@ static int
 meter_recurly_lookup(meter_provider_t *p, const meter_record_t *rec,
     meter_send_result_t *res)
 {
-    int                 found, page;
-    char                ts[32];
-    time_t              t;
-    cJSON              *json;
-    meter_buf_t         url;
-    meter_recurly_t    *rp;
-    meter_http_req_t    req;
-    meter_http_resp_t   resp;
-    const cJSON        *data, *item, *tag, *more, *next;
+    int               found;
+    char              ts[32];
+    void             *ctx[2];
+    meter_buf_t       url;
+    meter_list_t      l;
+    meter_recurly_t  *rp;
 
     rp = p->data;
     found = -1;
-    json = NULL;
 
     memset(&url, 0, sizeof(url));
-    memset(&req, 0, sizeof(req));
-    memset(&resp, 0, sizeof(resp));
     memset(res, 0, sizeof(*res));
 
     if (rec->subscription == NULL || rec->provider_meter == NULL) {
@@ -414,78 +430,127 @@ meter_recurly_lookup(meter_provider_t *p, const meter_record_t *rec,
         goto end;
     }
 
-    req.method = "GET";
-    req.accept = METER_RECURLY_ACCEPT;
-    req.auth = METER_HTTP_AUTH_BASIC;
-    req.secret = rp->api_key;
+    meter_recurly_list(rp, &l, "recurly: usage list",
+                       meter_recurly_lookup_item, ctx);
+    ctx[1] = (void *) rec;
 
-    for (page = 0; page < METER_RECURLY_PAGES; page++) {
-        req.url = url.data;
-
-        if (meter_http_request(&rp->http, &req, &resp, res)
-            != METER_SEND_OK)
-        {
-            goto end;
-        }
-
-        cJSON_Delete(json);
-        json = cJSON_ParseWithLength(resp.body.data, resp.body.len);
-
-        data = cJSON_GetObjectItemCaseSensitive(json, "data");
-        if (!cJSON_IsArray(data)) {
-            snprintf(res->error, sizeof(res->error),
-                     "recurly: usage list without \"data\"");
-            goto end;
-        }
-
-        cJSON_ArrayForEach(item, data) {
-            tag = cJSON_GetObjectItemCaseSensitive(item, "merchant_tag");
-
-            if (cJSON_IsString(tag)
-                && strcmp(tag->valuestring, rec->idempotency_key) == 0)
-            {
-                found = 1;
-                goto end;
-            }
-
-            /* sorted ascending: past our usage_timestamp, it is absent */
-            t = meter_rfc3339_parse(meter_json_str(item, "usage_timestamp",
-                                                   (char *) NULL));
-            if (t > rec->period_start) {
-                found = 0;
-                goto end;
-            }
-        }
-
-        more = cJSON_GetObjectItemCaseSensitive(json, "has_more");
-        next = cJSON_GetObjectItemCaseSensitive(json, "next");
-
-        if (!cJSON_IsTrue(more)) {
-            found = 0;
-            goto end;
-        }
-
-        if (!cJSON_IsString(next)) {
-            snprintf(res->error, sizeof(res->error),
-                     "recurly: usage list with has_more but no next");
-            goto end;
-        }
-
-        if (meter_recurly_next(rp, next->valuestring, &url, res) != 0) {
-            goto end;
-        }
+    found = meter_list_walk(&l, url.data, res);
+    if (found == 2) {
+        found = 0;
     }
-
-    snprintf(res->error, sizeof(res->error),
-             "recurly: usage list longer than %d pages", METER_RECURLY_PAGES);
 
 end:
 
-    cJSON_Delete(json);
     meter_buf_free(&url);
-    meter_buf_free(&resp.body);
 
     return found;
+}
+
+
+typedef struct {
+    double                      total;
+    time_t                      to;
+} meter_recurly_sum_t;
+
+
+static int
+meter_recurly_usage_item(void *ctx, const cJSON *item,
+    meter_send_result_t *res)
+{
+    time_t                t;
+    double                x;
+    meter_recurly_sum_t  *sum;
+
+    (void) res;
+
+    sum = ((void **) ctx)[1];
+
+    /* end_time is inclusive: the next period's first second is not ours */
+    t = meter_rfc3339_parse(meter_json_str(item, "usage_timestamp",
+                                           (char *) NULL));
+    if (t >= sum->to) {
+        return 2;
+    }
+
+    x = meter_json_num(item, "amount", (char *) NULL);
+    sum->total += (x > 0) ? x : 0;
+
+    return 0;
+}
+
+
+/*
+ * reconcile: Recurly's own usage of the add-on in [from, to), billed or
+ * not: GET /subscriptions/{id}/add_ons/{add_on_id}/usage with
+ * billing_status=all, sort=usage_timestamp, order=asc, begin_time and
+ * end_time (both inclusive), pages by "next" (recurly-client-ruby
+ * openapi/api.yaml list_usage, UsageList); amount is a number.
+ */
+static int
+meter_recurly_usage_total(meter_provider_t *p, const meter_usage_query_t *q,
+    double *total, meter_send_result_t *res)
+{
+    int                   rc;
+    char                  a[32], b[32];
+    void                 *ctx[2];
+    meter_buf_t           url;
+    meter_list_t          l;
+    meter_record_t        rec;
+    meter_recurly_t      *rp;
+    meter_recurly_sum_t   sum;
+
+    rp = p->data;
+    *total = 0;
+    rc = -1;
+
+    memset(res, 0, sizeof(*res));
+    memset(&url, 0, sizeof(url));
+    memset(&rec, 0, sizeof(rec));
+
+    if (q->subscription == NULL) {
+        snprintf(res->error, sizeof(res->error), "recurly: customer %s has "
+                 "no subscription", q->customer);
+        res->status = METER_SEND_FATAL;
+        return -1;
+    }
+
+    rec.subscription = q->subscription;
+    rec.provider_meter = q->provider_meter;
+
+    meter_rfc3339(q->from, a, sizeof(a));
+    meter_rfc3339(q->to, b, sizeof(b));
+
+    if (meter_recurly_url(rp, &rec, &url) != 0
+        || meter_buf_printf(&url, "?limit=200&billing_status=all"
+                            "&sort=usage_timestamp&order=asc&begin_time=")
+           != 0
+        || meter_url_segment(&url, rp->http.curl, a) != 0
+        || meter_buf_printf(&url, "&end_time=") != 0
+        || meter_url_segment(&url, rp->http.curl, b) != 0)
+    {
+        snprintf(res->error, sizeof(res->error), "recurly: out of memory");
+        res->status = METER_SEND_RETRY;
+        goto end;
+    }
+
+    sum.total = 0;
+    sum.to = q->to;
+
+    meter_recurly_list(rp, &l, "recurly: usage list",
+                       meter_recurly_usage_item, ctx);
+    ctx[1] = &sum;
+
+    rc = meter_list_walk(&l, url.data, res);
+    if (rc >= 0) {
+        *total = sum.total;
+        rc = 0;
+    }
+
+end:
+
+    meter_buf_free(&url);
+
+    return rc;
 }
 
 
@@ -700,26 +765,67 @@ end:
  * past_due, paid, failed, one state per request.  Listing only past_due
  * would clear a customer whose invoice failed.  Every page ("next").
  */
+typedef struct {
+    meter_overdue_pt            cb;
+    void                       *data;
+} meter_recurly_od_t;
+
+
+static int
+meter_recurly_od_item(void *ctx, const cJSON *item, meter_send_result_t *res)
+{
+    time_t               due;
+    const char          *sub;
+    const cJSON         *subs;
+    meter_overdue_t      od;
+    meter_recurly_od_t  *w;
+
+    w = ((void **) ctx)[1];
+
+    subs = cJSON_GetObjectItemCaseSensitive(item, "subscription_ids");
+    sub = cJSON_IsArray(subs) && cJSON_IsString(cJSON_GetArrayItem(subs, 0))
+          ? cJSON_GetArrayItem(subs, 0)->valuestring : NULL;
+
+    due = meter_rfc3339_parse(meter_json_str(item, "due_at", (char *) NULL));
+
+    od.provider_customer = meter_json_str(item, "account", "code",
+                                          (char *) NULL);
+    od.subscription = sub;
+    od.since = due > 0 ? due : 0;
+
+    if (w->cb(w->data, &od) != 0) {
+        snprintf(res->error, sizeof(res->error), "recurly: the sync stopped");
+        return -1;
+    }
+
+    return 0;
+}
+
+
 static int
 meter_recurly_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
     meter_send_result_t *res)
 {
-    int                 page, rc, st;
-    time_t              due;
-    cJSON              *json;
-    meter_buf_t         url;
-    const char         *sub;
-    const cJSON        *list, *item, *subs, *next;
-    meter_overdue_t     od;
-    meter_recurly_t    *rp;
-    static const char  *states[] = { "past_due", "failed" };
+    int                  rc, st;
+    void                *ctx[2];
+    meter_buf_t          url;
+    meter_list_t         l;
+    meter_recurly_t     *rp;
+    meter_recurly_od_t   w;
+    static const char   *states[] = { "past_due", "failed" };
 
     rp = p->data;
-    json = NULL;
     rc = -1;
+    w.cb = cb;
+    w.data = data;
 
     memset(&url, 0, sizeof(url));
     memset(res, 0, sizeof(*res));
+
+    meter_recurly_list(rp, &l, "recurly: invoice list", meter_recurly_od_item,
+                       ctx);
+    l.max_pages = METER_RECURLY_PAGES * 100;
+    ctx[1] = &w;
 
     for (st = 0; st < 2; st++) {
         meter_buf_reset(&url);
@@ -731,66 +837,8 @@ meter_recurly_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
             goto end;
         }
 
-        for (page = 0; ; page++) {
-            if (page == METER_RECURLY_PAGES * 100) {
-                snprintf(res->error, sizeof(res->error),
-                         "recurly: too many pages");
-                goto end;
-            }
-
-            cJSON_Delete(json);
-            if (meter_recurly_call(rp, url.data, NULL, &json, res)
-                != METER_SEND_OK)
-            {
-                goto end;
-            }
-
-            list = cJSON_GetObjectItemCaseSensitive(json, "data");
-            if (!cJSON_IsArray(list)) {
-                snprintf(res->error, sizeof(res->error),
-                         "recurly: invoice list without \"data\"");
-                goto end;
-            }
-
-            cJSON_ArrayForEach(item, list) {
-                subs = cJSON_GetObjectItemCaseSensitive(item,
-                                                        "subscription_ids");
-                sub = cJSON_IsArray(subs)
-                      && cJSON_IsString(cJSON_GetArrayItem(subs, 0))
-                      ? cJSON_GetArrayItem(subs, 0)->valuestring : NULL;
-
-                due = meter_rfc3339_parse(meter_json_str(item, "due_at",
-                                                         (char *) NULL));
-
-                od.provider_customer = meter_json_str(item, "account",
-                                                      "code", (char *) NULL);
-                od.subscription = sub;
-                od.since = due > 0 ? due : 0;
-
-                if (cb(data, &od) != 0) {
-                    snprintf(res->error, sizeof(res->error),
-                             "recurly: the sync stopped");
-                    goto end;
-                }
-            }
-
-            next = cJSON_GetObjectItemCaseSensitive(json, "next");
-
-            if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json,
-                                                               "has_more")))
-            {
-                break;
-            }
-
-            if (!cJSON_IsString(next)) {
-                snprintf(res->error, sizeof(res->error),
-                         "recurly: invoice list with has_more but no next");
-                goto end;
-            }
-
-            if (meter_recurly_next(rp, next->valuestring, &url, res) != 0) {
-                goto end;
-            }
+        if (meter_list_walk(&l, url.data, res) != 0) {
+            goto end;
         }
     }
 
@@ -798,7 +846,6 @@ meter_recurly_overdue(meter_provider_t *p, meter_overdue_pt cb, void *data,
 
 end:
 
-    cJSON_Delete(json);
     meter_buf_free(&url);
 
     return rc;
@@ -979,6 +1026,7 @@ meter_provider_recurly(meter_provider_t *p)
     p->init = meter_recurly_init;
     p->send = meter_recurly_send;
     p->lookup = meter_recurly_lookup;
+    p->usage_total = meter_recurly_usage_total;
     p->onboard = meter_recurly_onboard;
     p->overdue = meter_recurly_overdue;
     p->webhook = meter_recurly_webhook;

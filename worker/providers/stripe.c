@@ -937,85 +937,70 @@ typedef int (*meter_stripe_item_pt)(meter_stripe_t *st, const cJSON *o,
     void *data, meter_send_result_t *res);
 
 
+typedef struct {
+    meter_stripe_t             *st;
+    meter_stripe_item_pt        item;
+    void                       *data;
+} meter_stripe_walk_t;
+
+
+static meter_send_e
+meter_stripe_list_get(void *ctx, const char *url, cJSON **json,
+    meter_send_result_t *res)
+{
+    meter_stripe_walk_t  *w;
+
+    w = ctx;
+
+    return meter_stripe_call(w->st, url, NULL, NULL, json, NULL, res);
+}
+
+
+static int
+meter_stripe_list_item(void *ctx, const cJSON *o, meter_send_result_t *res)
+{
+    meter_stripe_walk_t  *w;
+
+    w = ctx;
+
+    return w->item(w->st, o, w->data, res);
+}
+
+
 /* every page of a v1 list (url has a query) until an item stops it: what
  * the item returned, 0 at the end of the list, -1 with res filled */
 static int
 meter_stripe_list(meter_stripe_t *st, const char *url,
     meter_stripe_item_pt item, void *data, meter_send_result_t *res)
 {
-    int           page, rc, stop;
-    char          last[128];
-    cJSON        *json;
-    meter_buf_t   u;
-    const char   *id;
-    const cJSON  *list, *o;
+    int                   rc;
+    meter_buf_t           u;
+    meter_list_t          l;
+    meter_stripe_walk_t   w;
 
     memset(&u, 0, sizeof(u));
-    json = NULL;
-    last[0] = '\0';
-    rc = -1;
 
-    for (page = 0; page < METER_STRIPE_PAGES; page++) {
-        meter_buf_reset(&u);
-        if (meter_buf_printf(&u, "%s&limit=100", url) != 0
-            || (last[0] != '\0'
-                && (meter_buf_printf(&u, "&starting_after=") != 0
-                    || meter_url_segment(&u, st->http.curl, last) != 0)))
-        {
-            snprintf(res->error, sizeof(res->error), "stripe: out of memory");
-            res->status = METER_SEND_RETRY;
-            goto end;
-        }
-
-        cJSON_Delete(json);
-        if (meter_stripe_call(st, u.data, NULL, NULL, &json, NULL, res)
-            != METER_SEND_OK)
-        {
-            goto end;
-        }
-
-        list = cJSON_GetObjectItemCaseSensitive(json, "data");
-        if (!cJSON_IsArray(list)) {
-            snprintf(res->error, sizeof(res->error),
-                     "stripe: list without \"data\"");
-            res->status = METER_SEND_RETRY;
-            goto end;
-        }
-
-        id = NULL;
-
-        cJSON_ArrayForEach(o, list) {
-            id = meter_json_str(o, "id", (char *) NULL);
-
-            stop = item(st, o, data, res);
-            if (stop != 0) {
-                rc = stop;
-                goto end;
-            }
-        }
-
-        if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(json,
-                                                           "has_more")))
-        {
-            rc = 0;
-            goto end;
-        }
-
-        if (id == NULL || meter_copy(last, sizeof(last), id) != 0) {
-            snprintf(res->error, sizeof(res->error),
-                     "stripe: has_more without a last id");
-            res->status = METER_SEND_RETRY;
-            goto end;
-        }
+    if (meter_buf_printf(&u, "%s&limit=100", url) != 0) {
+        snprintf(res->error, sizeof(res->error), "stripe: out of memory");
+        res->status = METER_SEND_RETRY;
+        return -1;
     }
 
-    snprintf(res->error, sizeof(res->error), "stripe: more than %d pages",
-             METER_STRIPE_PAGES);
-    res->status = METER_SEND_RETRY;
+    w.st = st;
+    w.item = item;
+    w.data = data;
 
-end:
+    memset(&l, 0, sizeof(l));
+    l.style = METER_LIST_AFTER;
+    l.what = "stripe: list";
+    l.curl = st->http.curl;
+    l.max_pages = METER_STRIPE_PAGES;
+    l.get = meter_stripe_list_get;
+    l.item = meter_stripe_list_item;
+    l.ctx = &w;
 
-    cJSON_Delete(json);
+    rc = meter_list_walk(&l, u.data, res);
+
     meter_buf_free(&u);
 
     return rc;
@@ -2286,6 +2271,97 @@ end:
 }
 
 
+static int
+meter_stripe_summary_item(meter_stripe_t *st, const cJSON *o, void *data,
+    meter_send_result_t *res)
+{
+    double  x;
+
+    (void) st;
+    (void) res;
+
+    x = meter_json_num(o, "aggregated_value", (char *) NULL);
+    *(double *) data += (x > 0) ? x : 0;
+
+    return 0;
+}
+
+
+/*
+ * reconcile: Stripe's own figure for a customer and meter, the sum of
+ * GET /v1/billing/meters/{id}/event_summaries (stripe-node
+ * src/resources/Billing/Meters.ts listEventSummaries: customer, start_time,
+ * end_time, value_grouping_window day|hour; start and end on hour
+ * boundaries for hourly windows, UTC days for daily ones: a month is one
+ * page of days; a list paginated with starting_after).  Only a sum meter
+ * adds up to our quantities.
+ */
+static int
+meter_stripe_usage_total(meter_provider_t *p, const meter_usage_query_t *q,
+    double *total, meter_send_result_t *res)
+{
+    int                          rc;
+    meter_buf_t                  url;
+    meter_record_t               rec;
+    meter_stripe_t              *st;
+    const meter_stripe_meter_t  *m;
+
+    st = p->data;
+    *total = 0;
+
+    memset(res, 0, sizeof(*res));
+    memset(&rec, 0, sizeof(rec));
+
+    if (q->provider_customer == NULL) {
+        snprintf(res->error, sizeof(res->error), "stripe: customer %s has "
+                 "no provider_customer", q->customer);
+        res->status = METER_SEND_FATAL;
+        return -1;
+    }
+
+    rec.meter = q->meter;
+    rec.provider_meter = q->provider_meter;
+
+    m = meter_stripe_meter(st, &rec, res);
+    if (m == NULL) {
+        return -1;
+    }
+
+    if (strcmp(m->formula, "sum") != 0) {
+        snprintf(res->error, sizeof(res->error), "stripe: meter %s "
+                 "aggregates with \"%s\": its figure is not a sum of our "
+                 "quantities", m->id, m->formula);
+        res->status = METER_SEND_FATAL;
+        return -1;
+    }
+
+    memset(&url, 0, sizeof(url));
+
+    if (meter_buf_printf(&url, "%s/v1/billing/meters/", st->base) != 0
+        || meter_url_segment(&url, st->http.curl, m->id) != 0
+        || meter_buf_printf(&url, "/event_summaries?customer=") != 0
+        || meter_url_segment(&url, st->http.curl, q->provider_customer) != 0
+        || meter_buf_printf(&url, "&start_time=%lld&end_time=%lld"
+                            "&value_grouping_window=%s",
+                            (long long) q->from, (long long) q->to,
+                            (q->from % 86400 == 0 && q->to % 86400 == 0)
+                            ? "day" : "hour") != 0)
+    {
+        meter_buf_free(&url);
+        snprintf(res->error, sizeof(res->error), "stripe: out of memory");
+        res->status = METER_SEND_RETRY;
+        return -1;
+    }
+
+    rc = meter_stripe_list(st, url.data, meter_stripe_summary_item, total,
+                           res);
+
+    meter_buf_free(&url);
+
+    return rc == 0 ? 0 : -1;
+}
+
+
 static void
 meter_stripe_cleanup(meter_provider_t *p)
 {
@@ -2324,6 +2400,7 @@ meter_provider_stripe(meter_provider_t *p)
     p->init = meter_stripe_init;
     p->send = meter_stripe_send;
     p->lookup = meter_stripe_lookup;
+    p->usage_total = meter_stripe_usage_total;
     p->onboard = meter_stripe_onboard;
     p->overdue = meter_stripe_overdue;
     p->webhook = meter_stripe_webhook;
