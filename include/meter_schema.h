@@ -49,6 +49,20 @@
 /* ZSET mtr:hours, member HOUR, score Unix start of HOUR */
 #define MTR_HOURS               "mtr:hours"
 
+/*
+ * The writer layout (most usage): HASH mtr:wu:{EPOCH}:SID:HOUR, field
+ * KH|METER|GEN -> absolute cumulative count, written with plain HSET by
+ * one session (one connection) of one zone instance (printf arguments:
+ * epoch as 16 hex digits, sid, hour).
+ */
+#define MTR_WU_PRE              "mtr:wu:{"
+#define MTR_WU_FMT              MTR_WU_PRE "%s}:%s:%s"
+
+/* SET mtr:widx:HOUR of writers EPOCH:SID that wrote HOUR */
+#define MTR_WIDX_PRE            "mtr:widx:"
+#define MTR_WIDX_FMT            MTR_WIDX_PRE "%s"
+#define MTR_WRITER_SEP          ':'     /* EPOCH:SID */
+
 /* HASH mtr:b:{KH}:HOUR, field METER|WRITER -> billed u value (worker) */
 #define MTR_B_PRE               "mtr:b:{"
 #define MTR_B_FMT               MTR_B_PRE "%s" MTR_U_MID "%s"

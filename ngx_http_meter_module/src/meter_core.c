@@ -1270,3 +1270,174 @@ meter_fmt_used_key(char *buf, const uint8_t key[METER_HASH_LEN])
 
     return METER_USED_KEY_SIZE - 1;
 }
+
+
+/* "0123456789abcdef" per byte, two characters each */
+static const char  meter_hex2[] =
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+    "202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f"
+    "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f"
+    "606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f"
+    "808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f"
+    "a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf"
+    "c0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedf"
+    "e0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff";
+
+
+/* decimal without a NUL: the length */
+static size_t
+meter_dec(char *buf, uint64_t v)
+{
+    char    tmp[20], *p;
+    size_t  n;
+
+    p = tmp + sizeof(tmp);
+
+    do {
+        *--p = (char) ('0' + v % 10);
+        v /= 10;
+    } while (v);
+
+    n = (size_t) (tmp + sizeof(tmp) - p);
+    memcpy(buf, p, n);
+
+    return n;
+}
+
+
+static char *
+meter_hex16(char *p, uint64_t v)
+{
+    int  i;
+
+    for (i = 7; i >= 0; i--) {
+        memcpy(p, &meter_hex2[2 * ((v >> (8 * i)) & 0xff)], 2);
+        p += 2;
+    }
+
+    return p;
+}
+
+
+size_t
+meter_fmt_writer(char *buf, uint64_t epoch, uint64_t sid)
+{
+    char  *p;
+
+    p = meter_hex16(buf, epoch);
+    *p++ = MTR_WRITER_SEP;
+    p += meter_dec(p, sid);
+    *p = '\0';
+
+    return (size_t) (p - buf);
+}
+
+
+size_t
+meter_fmt_wkey(char *buf, uint64_t epoch, uint64_t sid, const char *hour)
+{
+    char  *p;
+
+    p = buf;
+    memcpy(p, MTR_WU_PRE, sizeof(MTR_WU_PRE) - 1);
+    p += sizeof(MTR_WU_PRE) - 1;
+    p = meter_hex16(p, epoch);
+    *p++ = '}';
+    *p++ = ':';
+    p += meter_dec(p, sid);
+    *p++ = ':';
+    memcpy(p, hour, METER_HOUR_LEN);
+    p += METER_HOUR_LEN;
+    *p = '\0';
+
+    return (size_t) (p - buf);
+}
+
+
+size_t
+meter_fmt_widx_key(char *buf, const char *hour)
+{
+    memcpy(buf, MTR_WIDX_PRE, sizeof(MTR_WIDX_PRE) - 1);
+    memcpy(buf + sizeof(MTR_WIDX_PRE) - 1, hour, METER_HOUR_LEN);
+    buf[sizeof(MTR_WIDX_PRE) - 1 + METER_HOUR_LEN] = '\0';
+
+    return sizeof(MTR_WIDX_PRE) - 1 + METER_HOUR_LEN;
+}
+
+
+char *
+meter_resp_array(char *p, unsigned n)
+{
+    *p++ = '*';
+    p += meter_dec(p, n);
+    *p++ = '\r';
+    *p++ = '\n';
+
+    return p;
+}
+
+
+char *
+meter_resp_bulk(char *p, const char *s, size_t len)
+{
+    *p++ = '$';
+    p += meter_dec(p, len);
+    *p++ = '\r';
+    *p++ = '\n';
+    memcpy(p, s, len);
+    p += len;
+    *p++ = '\r';
+    *p++ = '\n';
+
+    return p;
+}
+
+
+char *
+meter_resp_wfield(char *p, const meter_batch_item_t *it)
+{
+    char            gen[10], val[20];
+    size_t          mlen, glen, vlen, i;
+    const uint8_t  *k;
+
+    for (mlen = 0; mlen < METER_NAME_MAX && it->e->meter[mlen] != '\0';
+         mlen++)
+    {
+        /* void */
+    }
+
+    glen = meter_dec(gen, it->gen);
+    vlen = meter_dec(val, it->value);
+
+    *p++ = '$';
+    p += meter_dec(p, METER_HEX_LEN + 1 + mlen + 1 + glen);
+    *p++ = '\r';
+    *p++ = '\n';
+
+    k = it->e->key;
+
+    for (i = 0; i < METER_HASH_LEN; i++) {
+        memcpy(p, &meter_hex2[2 * k[i]], 2);
+        p += 2;
+    }
+
+    *p++ = MTR_FIELD_SEP;
+    memcpy(p, it->e->meter, mlen);
+    p += mlen;
+    *p++ = MTR_FIELD_SEP;
+    memcpy(p, gen, glen);
+    p += glen;
+    *p++ = '\r';
+    *p++ = '\n';
+
+    *p++ = '$';
+    p += meter_dec(p, vlen);
+    *p++ = '\r';
+    *p++ = '\n';
+    memcpy(p, val, vlen);
+    p += vlen;
+    *p++ = '\r';
+    *p++ = '\n';
+
+    return p;
+}
