@@ -273,6 +273,245 @@ meter_reply_free(void *p)
 }
 
 
+/*
+ * The writer layout of one hour, in memory: key hash -> its counters as
+ * the key layout names them, each with the largest value any writer
+ * session holds for it (each copy is the same slot's absolute count).
+ */
+
+typedef struct {
+    char                        field[METER_VFIELD_SIZE];
+    uint64_t                    value;
+} meter_wfield_t;
+
+typedef struct {
+    meter_wfield_t             *f;
+    size_t                      n;
+    size_t                      cap;
+    int                         seen;   /* listed in mtr:idx:HOUR too */
+} meter_wkey_t;
+
+
+static void
+meter_wkey_free(void *p)
+{
+    meter_wkey_t  *wk;
+
+    wk = p;
+    if (wk != NULL) {
+        free(wk->f);
+        free(wk);
+    }
+}
+
+
+int
+meter_wfield_parse(const char *field, size_t len, const char *epoch,
+    char *kh, char *vfield)
+{
+    size_t       mlen, glen;
+    const char  *m, *bar, *g, *end;
+
+    end = field + len;
+
+    if (len < 64 + 4 || field[64] != MTR_FIELD_SEP
+        || !meter_is_hex64(field, 64))
+    {
+        return -1;
+    }
+
+    m = field + 65;
+    bar = memchr(m, MTR_FIELD_SEP, (size_t) (end - m));
+    if (bar == NULL) {
+        return -1;
+    }
+
+    mlen = (size_t) (bar - m);
+    g = bar + 1;
+    glen = (size_t) (end - g);
+
+    if (mlen == 0 || mlen > MTR_METER_MAX
+        || strspn(m, MTR_NAME_CHARS) < mlen
+        || glen == 0 || glen > 10 || strspn(g, "0123456789") != glen
+        || strlen(epoch) != 16)
+    {
+        return -1;
+    }
+
+    memcpy(kh, field, 64);
+    kh[64] = '\0';
+
+    snprintf(vfield, METER_VFIELD_SIZE, "%.*s%c%s.%.*s", (int) mlen, m,
+             MTR_FIELD_SEP, epoch, (int) glen, g);
+
+    return 0;
+}
+
+
+static int
+meter_wmap_add(meter_map_t *wm, const char *kh, const char *vfield,
+    uint64_t value)
+{
+    int              created;
+    void           **slot;
+    size_t           i;
+    meter_wkey_t    *wk;
+    meter_wfield_t  *f;
+
+    slot = meter_map_put(wm, kh, &created);
+    if (slot == NULL) {
+        return -1;
+    }
+
+    if (*slot == NULL) {
+        *slot = calloc(1, sizeof(meter_wkey_t));
+        if (*slot == NULL) {
+            return -1;
+        }
+    }
+
+    wk = *slot;
+
+    for (i = 0; i < wk->n; i++) {
+        if (strcmp(wk->f[i].field, vfield) == 0) {
+            if (value > wk->f[i].value) {
+                wk->f[i].value = value;
+            }
+
+            return 0;
+        }
+    }
+
+    if (wk->n == wk->cap) {
+        f = realloc(wk->f, (wk->cap ? 2 * wk->cap : 2)
+                           * sizeof(meter_wfield_t));
+        if (f == NULL) {
+            return -1;
+        }
+
+        wk->f = f;
+        wk->cap = wk->cap ? 2 * wk->cap : 2;
+    }
+
+    snprintf(wk->f[wk->n].field, METER_VFIELD_SIZE, "%s", vfield);
+    wk->f[wk->n++].value = value;
+
+    return 0;
+}
+
+
+/* valid "EPOCH:SID" of mtr:widx:HOUR: the epoch into epoch (17 bytes) */
+static int
+meter_writer_parse(const char *w, char *epoch, const char **sid)
+{
+    if (strlen(w) < 18 || w[16] != MTR_WRITER_SEP
+        || strspn(w, "0123456789abcdef") != 16
+        || strspn(w + 17, "0123456789") != strlen(w + 17))
+    {
+        return -1;
+    }
+
+    memcpy(epoch, w, 16);
+    epoch[16] = '\0';
+    *sid = w + 17;
+
+    return 0;
+}
+
+
+/*
+ * Reads every writer hash of the hour (mtr:widx:HOUR) into wm; with
+ * writers != NULL, also hands back the index (for retention).
+ */
+static meter_drain_rc_e
+meter_wmap_load(meter_drain_t *d, const char *hour, meter_map_t *wm,
+    redisReply **writers)
+{
+    char         cursor[32], epoch[17], kh[65], vf[METER_VFIELD_SIZE];
+    size_t       w, i;
+    uint64_t     v;
+    unsigned     bad;
+    redisReply  *ws, *rp, *f;
+    const char  *sid;
+
+    ws = meter_redis_cmd(d->redis, "SMEMBERS " MTR_WIDX_FMT, hour);
+    if (!meter_reply_ok(ws) || ws->type != REDIS_REPLY_ARRAY) {
+        meter_log(LOG_ERR, MTR_WIDX_FMT ": %s", hour,
+                  ws != NULL ? ws->str : d->redis->err);
+        freeReplyObject(ws);
+        return METER_DRAIN_REDIS;
+    }
+
+    bad = 0;
+
+    for (w = 0; w < ws->elements; w++) {
+        if (ws->element[w]->type != REDIS_REPLY_STRING
+            || meter_writer_parse(ws->element[w]->str, epoch, &sid) != 0)
+        {
+            bad++;
+            continue;
+        }
+
+        strcpy(cursor, "0");
+
+        do {
+            rp = meter_redis_cmd(d->redis,
+                                 "HSCAN " MTR_WU_FMT " %s COUNT %d", epoch,
+                                 sid, hour, cursor, 10 * METER_BATCH);
+            if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
+                || rp->elements != 2)
+            {
+                meter_log(LOG_ERR, "hour %s writer %s: %s", hour,
+                          ws->element[w]->str,
+                          rp != NULL ? rp->str : d->redis->err);
+                freeReplyObject(rp);
+                freeReplyObject(ws);
+                return METER_DRAIN_REDIS;
+            }
+
+            snprintf(cursor, sizeof(cursor), "%s", rp->element[0]->str);
+            f = rp->element[1];
+
+            for (i = 0; i + 1 < f->elements; i += 2) {
+                if (meter_wfield_parse(f->element[i]->str,
+                                       f->element[i]->len, epoch, kh, vf)
+                    != 0
+                    || meter_parse_u64(f->element[i + 1]->str,
+                                       f->element[i + 1]->len, &v)
+                       != 0)
+                {
+                    bad++;
+                    continue;
+                }
+
+                if (meter_wmap_add(wm, kh, vf, v) != 0) {
+                    freeReplyObject(rp);
+                    freeReplyObject(ws);
+                    return METER_DRAIN_REDIS;
+                }
+            }
+
+            freeReplyObject(rp);
+
+        } while (strcmp(cursor, "0") != 0);
+    }
+
+    if (bad) {
+        meter_log(LOG_WARNING, "hour %s: %u malformed writer entries "
+                  "ignored", hour, bad);
+    }
+
+    if (writers != NULL) {
+        *writers = ws;
+
+    } else {
+        freeReplyObject(ws);
+    }
+
+    return METER_DRAIN_OK;
+}
+
+
 /* the lock */
 
 
@@ -671,32 +910,105 @@ meter_agg_get(meter_map_t *aggs, const char *subject, const char *customer,
 }
 
 
-/* one SSCAN batch of one hour: u, b and customer of every key */
+/*
+ * The u fields of one key-hour from both layouts: the key layout's (from
+ * its HGETALL reply u, or none) and the writer layout's (wk, or none), one
+ * entry per counter with the larger value.  Pairs into *out, pointing into
+ * u, wk and *buf; free(*out) and free(*buf).
+ */
+static int
+meter_u_merge(redisReply *u, meter_wkey_t *wk, const char ***out,
+    size_t *nout, char **buf)
+{
+    size_t        i, j, n, nu, nw;
+    uint64_t      v;
+    const char  **uv;
+
+    nu = (u != NULL) ? u->elements : 0;
+    nw = (wk != NULL) ? wk->n : 0;
+
+    uv = malloc((nu + 2 * nw + 1) * sizeof(char *));
+    *buf = malloc(nw * 24 + 1);
+
+    if (uv == NULL || *buf == NULL) {
+        free(uv);
+        free(*buf);
+        *buf = NULL;
+        return -1;
+    }
+
+    for (i = 0; i < nu; i++) {
+        uv[i] = (u->element[i]->type == REDIS_REPLY_STRING)
+                ? u->element[i]->str : "";
+    }
+
+    n = nu;
+
+    for (j = 0; j < nw; j++) {
+        snprintf(*buf + 24 * j, 24, "%" PRIu64, wk->f[j].value);
+
+        for (i = 0; i + 1 < nu; i += 2) {
+            if (strcmp(uv[i], wk->f[j].field) == 0) {
+                break;
+            }
+        }
+
+        if (i + 1 < nu) {
+            /* the same slot in both layouts: its larger count */
+            if (meter_parse_u64(uv[i + 1], strlen(uv[i + 1]), &v) != 0
+                || v < wk->f[j].value)
+            {
+                uv[i + 1] = *buf + 24 * j;
+            }
+
+            continue;
+        }
+
+        uv[n++] = wk->f[j].field;
+        uv[n++] = *buf + 24 * j;
+    }
+
+    *out = uv;
+    *nout = n;
+
+    return 0;
+}
+
+
+/*
+ * One batch of key hashes of one hour: u (both layouts), b and customer of
+ * every key.  With old, the keys come from mtr:idx:HOUR and their key
+ * layout is read; wm holds the hour's writer layout.
+ */
 static meter_drain_rc_e
-meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
-    meter_map_t *period_aggs, meter_map_t *batch_aggs)
+meter_drain_batch(meter_drain_t *d, const char *hour, const char **khs,
+    size_t nkh, int old, meter_map_t *wm, meter_map_t *period_aggs,
+    meter_map_t *batch_aggs)
 {
     size_t            i, k, nu, nb, nus;
     unsigned          bad;
-    char              prefix[128];
+    char              prefix[128], *wbuf;
+    void            **slot;
     const char       *kh, *customer, **uv, **bv;
     redisReply       *u, *b, *c;
     meter_agg_t      *a;
     meter_map_t      *aggs;
+    meter_wkey_t     *wk;
     meter_usage_t    *us;
     meter_drain_rc_e  rc;
 
     rc = METER_DRAIN_OK;
 
-    for (i = 0; i < keys->elements; i++) {
-        kh = keys->element[i]->str;
+    for (i = 0; i < nkh; i++) {
+        kh = khs[i];
 
-        if (!meter_is_hex64(kh, keys->element[i]->len)) {
+        if (!meter_is_hex64(kh, strlen(kh))) {
             continue;
         }
 
-        if (meter_redis_append(d->redis, "HGETALL " MTR_U_FMT, kh, hour)
-            != 0
+        if ((old
+             && meter_redis_append(d->redis, "HGETALL " MTR_U_FMT, kh, hour)
+                != 0)
             || meter_redis_append(d->redis, "HGETALL " MTR_B_FMT, kh, hour)
                != 0
             || meter_redis_append(d->redis, "HGET " MTR_KEY_FMT " customer", kh)
@@ -706,15 +1018,22 @@ meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
         }
     }
 
-    for (i = 0; i < keys->elements; i++) {
-        kh = keys->element[i]->str;
+    for (i = 0; i < nkh; i++) {
+        kh = khs[i];
 
-        if (!meter_is_hex64(kh, keys->element[i]->len)) {
+        if (!meter_is_hex64(kh, strlen(kh))) {
             continue;
         }
 
-        u = meter_redis_reply(d->redis);
-        b = (u != NULL) ? meter_redis_reply(d->redis) : NULL;
+        u = NULL;
+        b = NULL;
+        c = NULL;
+
+        if (old) {
+            u = meter_redis_reply(d->redis);
+        }
+
+        b = (!old || u != NULL) ? meter_redis_reply(d->redis) : NULL;
         c = (b != NULL) ? meter_redis_reply(d->redis) : NULL;
 
         if (c == NULL) {
@@ -724,7 +1043,8 @@ meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
             return METER_DRAIN_REDIS;
         }
 
-        if (rc != METER_DRAIN_OK || u->type != REDIS_REPLY_ARRAY
+        if (rc != METER_DRAIN_OK
+            || (u != NULL && u->type != REDIS_REPLY_ARRAY)
             || b->type != REDIS_REPLY_ARRAY)
         {
             if (rc == METER_DRAIN_OK) {
@@ -739,19 +1059,25 @@ meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
         customer = (c->type == REDIS_REPLY_STRING && c->len > 0)
                    ? c->str : NULL;
 
-        nu = u->elements;
-        nb = b->elements;
-        uv = malloc((nu + nb + 1) * sizeof(char *));
-        if (uv == NULL) {
+        slot = (wm != NULL) ? meter_map_get(wm, kh) : NULL;
+        wk = (slot != NULL) ? *slot : NULL;
+
+        if (wk != NULL) {
+            wk->seen = 1;
+        }
+
+        if (meter_u_merge(u, wk, &uv, &nu, &wbuf) != 0) {
             rc = METER_DRAIN_REDIS;
             goto next;
         }
 
-        bv = uv + nu;
-
-        for (k = 0; k < nu; k++) {
-            uv[k] = (u->element[k]->type == REDIS_REPLY_STRING)
-                    ? u->element[k]->str : "";
+        nb = b->elements;
+        bv = malloc((nb + 1) * sizeof(char *));
+        if (bv == NULL) {
+            free(uv);
+            free(wbuf);
+            rc = METER_DRAIN_REDIS;
+            goto next;
         }
 
         for (k = 0; k < nb; k++) {
@@ -766,11 +1092,15 @@ meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
             != 0)
         {
             free(uv);
+            free(bv);
+            free(wbuf);
             rc = METER_DRAIN_REDIS;
             goto next;
         }
 
         free(uv);
+        free(bv);
+        free(wbuf);
 
         if (bad) {
             meter_log(LOG_WARNING, "hour %s key %.12s: %u malformed usage "
@@ -814,9 +1144,10 @@ meter_drain_period(meter_drain_t *d, time_t pstart, char **hours,
     size_t nhours)
 {
     char              cursor[32];
-    size_t            h;
+    size_t            h, i, n;
     redisReply       *rp;
-    meter_map_t       period_aggs, batch_aggs;
+    const char      **khs, *chunk[METER_BATCH];
+    meter_map_t       period_aggs, batch_aggs, wm;
     meter_drain_rc_e  rc;
 
     rc = METER_DRAIN_OK;
@@ -828,6 +1159,19 @@ meter_drain_period(meter_drain_t *d, time_t pstart, char **hours,
     for (h = 0; h < nhours && rc == METER_DRAIN_OK; h++) {
         if (hours[h] == NULL) {
             continue;
+        }
+
+        /* the writer layout first, in memory: the key layout's keys are
+         * then merged with it, the rest follow */
+        if (meter_map_init(&wm, 64) != 0) {
+            rc = METER_DRAIN_REDIS;
+            break;
+        }
+
+        rc = meter_wmap_load(d, hours[h], &wm, NULL);
+        if (rc != METER_DRAIN_OK) {
+            meter_map_free(&wm, meter_wkey_free);
+            break;
         }
 
         strcpy(cursor, "0");
@@ -858,8 +1202,23 @@ meter_drain_period(meter_drain_t *d, time_t pstart, char **hours,
                 break;
             }
 
-            rc = meter_drain_batch(d, hours[h], rp->element[1], &period_aggs,
+            khs = malloc((rp->element[1]->elements + 1) * sizeof(char *));
+            if (khs == NULL) {
+                freeReplyObject(rp);
+                meter_map_free(&batch_aggs, meter_agg_free);
+                rc = METER_DRAIN_REDIS;
+                break;
+            }
+
+            for (i = 0; i < rp->element[1]->elements; i++) {
+                khs[i] = (rp->element[1]->element[i]->type
+                          == REDIS_REPLY_STRING)
+                         ? rp->element[1]->element[i]->str : "";
+            }
+
+            rc = meter_drain_batch(d, hours[h], khs, i, 1, &wm, &period_aggs,
                                    &batch_aggs);
+            free(khs);
             freeReplyObject(rp);
 
             if (rc == METER_DRAIN_OK) {
@@ -869,6 +1228,44 @@ meter_drain_period(meter_drain_t *d, time_t pstart, char **hours,
             meter_map_free(&batch_aggs, meter_agg_free);
 
         } while (rc == METER_DRAIN_OK && strcmp(cursor, "0") != 0);
+
+        /* the keys only the writer layout has */
+        i = 0;
+
+        while (rc == METER_DRAIN_OK && i < wm.cap) {
+            rc = meter_drain_check(d);
+            if (rc != METER_DRAIN_OK) {
+                break;
+            }
+
+            for (n = 0; i < wm.cap && n < METER_BATCH; i++) {
+                if (wm.keys[i] != NULL
+                    && !((meter_wkey_t *) wm.vals[i])->seen)
+                {
+                    chunk[n++] = wm.keys[i];
+                }
+            }
+
+            if (n == 0) {
+                break;
+            }
+
+            if (meter_map_init(&batch_aggs, METER_BATCH) != 0) {
+                rc = METER_DRAIN_REDIS;
+                break;
+            }
+
+            rc = meter_drain_batch(d, hours[h], chunk, n, 0, &wm,
+                                   &period_aggs, &batch_aggs);
+
+            if (rc == METER_DRAIN_OK) {
+                rc = meter_drain_emit(d, pstart, &batch_aggs);
+            }
+
+            meter_map_free(&batch_aggs, meter_agg_free);
+        }
+
+        meter_map_free(&wm, meter_wkey_free);
     }
 
     if (rc == METER_DRAIN_OK) {
@@ -2076,6 +2473,145 @@ meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
 }
 
 
+/*
+ * Retention of the writer layout of one hour: when every counter in it is
+ * billed (b >= u), its writer hashes are deleted, then the b marks of the
+ * keys only it had (the key layout's expire script deletes the others'
+ * along with their mtr:u).  Data first, marks after: a crash in between
+ * leaves only marks, never unmarked data.  1 when gone, 0 when kept.
+ */
+static int
+meter_drain_retire_writers(meter_drain_t *d, const char *hour)
+{
+    char          epoch[17];
+    size_t        i, j, k, m, n;
+    uint64_t      bv;
+    unsigned      unbilled;
+    redisReply   *ws, *b, *rp;
+    const char   *sid, *kh[METER_BATCH];
+    meter_map_t   wm;
+    meter_wkey_t *wk[METER_BATCH];
+
+    if (meter_map_init(&wm, 64) != 0) {
+        return 0;
+    }
+
+    ws = NULL;
+
+    if (meter_wmap_load(d, hour, &wm, &ws) != METER_DRAIN_OK) {
+        meter_map_free(&wm, meter_wkey_free);
+        return 0;
+    }
+
+    unbilled = 0;
+    i = 0;
+
+    /* every counter billed? */
+    while (i < wm.cap && unbilled == 0) {
+        for (n = 0; i < wm.cap && n < METER_BATCH; i++) {
+            if (wm.keys[i] != NULL) {
+                kh[n] = wm.keys[i];
+                wk[n++] = wm.vals[i];
+            }
+        }
+
+        for (j = 0; j < n; j++) {
+            if (meter_redis_append(d->redis, "HGETALL " MTR_B_FMT, kh[j],
+                                   hour)
+                != 0)
+            {
+                unbilled++;
+            }
+        }
+
+        for (j = 0; j < n; j++) {
+            b = meter_redis_reply(d->redis);
+            if (b == NULL || b->type != REDIS_REPLY_ARRAY) {
+                freeReplyObject(b);
+                unbilled++;
+                continue;
+            }
+
+            for (k = 0; k < wk[j]->n; k++) {
+                bv = 0;
+
+                for (m = 0; m + 1 < b->elements; m += 2) {
+                    if (strcmp(b->element[m]->str, wk[j]->f[k].field) == 0) {
+                        if (meter_parse_u64(b->element[m + 1]->str,
+                                            b->element[m + 1]->len, &bv)
+                            != 0)
+                        {
+                            bv = 0;
+                        }
+
+                        break;
+                    }
+                }
+
+                if (bv < wk[j]->f[k].value) {
+                    unbilled++;
+                }
+            }
+
+            freeReplyObject(b);
+        }
+    }
+
+    if (unbilled) {
+        meter_log(LOG_WARNING, "hour %s is past retention but %u writer "
+                  "counters are not billed; kept", hour, unbilled);
+        goto kept;
+    }
+
+    for (i = 0; i < ws->elements; i++) {
+        if (ws->element[i]->type == REDIS_REPLY_STRING
+            && meter_writer_parse(ws->element[i]->str, epoch, &sid) == 0)
+        {
+            rp = meter_redis_cmd(d->redis, "DEL " MTR_WU_FMT, epoch, sid,
+                                 hour);
+            if (!meter_reply_ok(rp)) {
+                freeReplyObject(rp);
+                goto kept;
+            }
+
+            freeReplyObject(rp);
+        }
+    }
+
+    for (i = 0; i < wm.cap; i++) {
+        if (wm.keys[i] == NULL) {
+            continue;
+        }
+
+        rp = meter_redis_cmd(d->redis, "SISMEMBER " MTR_IDX_FMT " %s", hour,
+                             wm.keys[i]);
+
+        if (meter_reply_int(rp, 1) == 0) {
+            freeReplyObject(rp);
+            rp = meter_redis_cmd(d->redis, "DEL " MTR_B_FMT, wm.keys[i],
+                                 hour);
+        }
+
+        freeReplyObject(rp);
+    }
+
+    rp = meter_redis_cmd(d->redis, "DEL " MTR_WIDX_FMT, hour);
+    freeReplyObject(rp);
+
+    freeReplyObject(ws);
+    meter_map_free(&wm, meter_wkey_free);
+
+    return 1;
+
+kept:
+
+    freeReplyObject(ws);
+    meter_map_free(&wm, meter_wkey_free);
+
+    return 0;
+}
+
+
 /* deletes key-hours past retention once everything in them is billed */
 static void
 meter_drain_retention(meter_drain_t *d, time_t now)
@@ -2101,6 +2637,10 @@ meter_drain_retention(meter_drain_t *d, time_t now)
     for (h = 0; h < hours->elements; h++) {
         if (meter_drain_check(d) != METER_DRAIN_OK) {
             break;
+        }
+
+        if (!meter_drain_retire_writers(d, hours->element[h]->str)) {
+            continue;
         }
 
         strcpy(cursor, "0");

@@ -1,0 +1,102 @@
+"""The two usage layouts of docs/redis-schema.md and the rolling upgrade
+between them: the writer layout (mtr:wu:{EPOCH}:SID:HOUR, written with plain
+HSET by one writer session) and the key layout (mtr:u:{KH}:HOUR, the
+max-only script, mtr:used).  The worker bills a counter (KH, HOUR,
+METER|EPOCH.GEN) once, with its largest value over every copy: sessions of
+one zone, both layouts, old nodes and new ones at once."""
+
+from conftest import key_hash, usage_fields
+from test_worker import EPOCH, NOW_HOUR, Worker, hour_name, line, put
+
+EPOCH2 = "77aa00cc11dd22ee"
+
+
+def put_writer(redis, epoch, sid, hour_ts, counters):
+    """What a new node's flush sends: SADD mtr:widx:HOUR EPOCH:SID, ZADD
+    mtr:hours NX, then one HSET of KH|METER|GEN fields."""
+    h = hour_name(hour_ts)
+    redis.cmd("SADD", "mtr:widx:%s" % h, "%s:%s" % (epoch, sid))
+    redis.cmd("ZADD", "mtr:hours", "NX", str(hour_ts), h)
+    args = []
+    for (key, meter, gen), v in counters.items():
+        args += ["%s|%s|%d" % (key_hash(key), meter, gen), str(v)]
+    redis.cmd("HSET", "mtr:wu:{%s}:%s:%s" % (epoch, sid, h), *args)
+
+
+def test_mixed_old_and_new_nodes_bill_each_counter_once(redis, tmp_path):
+    w = Worker(tmp_path, redis, retention="1d", grace="5m")
+    h = NOW_HOUR - 3 * 86400
+    # an old node (key layout only): slot 1 of EPOCH, 5 calls
+    a = put(redis, "key-a", h, {"calls|%s.1" % EPOCH: 5})
+    # the same slot also in the writer layout, behind (4) and in a second
+    # session ahead (6): the slot's count is 6, once
+    put_writer(redis, EPOCH, 1, h, {("key-a", "calls", 1): 4})
+    put_writer(redis, EPOCH, 2, h, {("key-a", "calls", 1): 6,
+                                    ("key-a", "calls", 2): 10})
+    # a new node (another zone instance): its own counters of key-a and a
+    # key no old node saw
+    put_writer(redis, EPOCH2, 1, h, {("key-a", "calls", 1): 100,
+                                     ("key-b", "calls", 7): 3,
+                                     ("key-b", "bytes", 8): 512})
+    b = key_hash("key-b")
+    f = usage_fields(redis)
+    assert f[(a, hour_name(h), "calls|%s.1" % EPOCH)] == 6
+    assert len(f) == 5
+
+    r = w.once(h + 3600)
+    assert r.returncode == 0
+    want = [line(a, None, "calls", h, 6 + 10 + 100),
+            line(b, None, "calls", h, 3), line(b, None, "bytes", h, 512)]
+    got = w.lines()
+    assert sorted(got, key=lambda d: (d["key_hash"], d["meter"])) == \
+        sorted(want, key=lambda d: (d["key_hash"], d["meter"]))
+
+    # billed and past retention: both layouts gone, marks too
+    assert redis.keys("mtr:u:*") == [] and redis.keys("mtr:wu:*") == []
+    assert redis.keys("mtr:b:*") == []
+    assert redis.keys("mtr:idx:*") == [] and redis.keys("mtr:widx:*") == []
+    assert redis.zrange_withscores("mtr:hours") == {}
+
+
+def test_late_writer_usage_is_billed_as_the_difference(redis, tmp_path):
+    w = Worker(tmp_path, redis, grace="5m")
+    h = NOW_HOUR - 5 * 3600
+    put_writer(redis, EPOCH2, 1, h, {("key-l", "calls", 1): 7})
+    kh = key_hash("key-l")
+    assert w.once(h + 3600).returncode == 0
+    assert w.lines() == [line(kh, None, "calls", h, 7)]
+    assert redis.hgetall("mtr:b:{%s}:%s" % (kh, hour_name(h))) == {
+        "calls|%s.1" % EPOCH2: "7"}
+
+    # a rerun sends nothing; a resend of the same absolute value (a lost
+    # reply, in another session) adds nothing
+    put_writer(redis, EPOCH2, 2, h, {("key-l", "calls", 1): 7})
+    assert w.once(h + 3600).returncode == 0
+    assert len(w.lines()) == 1
+
+    # late usage reaches the slot: the difference, as seq 2
+    put_writer(redis, EPOCH2, 3, h, {("key-l", "calls", 1): 9})
+    assert w.once(h + 3600).returncode == 0
+    assert w.lines()[1:] == [line(kh, None, "calls", h, 2, seq=2)]
+
+
+def test_retention_keeps_an_hour_with_unbilled_writer_usage(redis,
+                                                            tmp_path):
+    w = Worker(tmp_path, redis, retention="1d", grace="5m")
+    old = NOW_HOUR - 3 * 86400
+    put(redis, "key-o", old, {"calls": 1})
+    put_writer(redis, EPOCH2, 1, old, {("key-r", "calls", 1): 2})
+    kh = key_hash("key-r")
+    # drained as of before the hour closed: nothing billed, and retention
+    # (past it by the clock) must keep both layouts
+    assert w.once(old).returncode == 0
+    assert w.lines() == []
+    assert redis.hgetall("mtr:wu:{%s}:1:%s" % (EPOCH2, hour_name(old))) == {
+        "%s|calls|1" % kh: "2"}
+    assert redis.keys("mtr:u:*") != []
+    assert redis.smembers("mtr:widx:" + hour_name(old)) == {EPOCH2 + ":1"}
+
+    assert w.once(old + 3600).returncode == 0
+    assert sorted(d["quantity"] for d in w.lines()) == [1, 2]
+    assert redis.keys("mtr:wu:*") == [] and redis.keys("mtr:b:*") == []
+    assert redis.zrange_withscores("mtr:hours") == {}
