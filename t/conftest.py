@@ -278,7 +278,7 @@ _WRITER_KEY = re.compile(r"^mtr:wu:\{([0-9a-f]{16})\}:(\d+):(\d{10})$")
 _WRITER_FIELD = re.compile(r"^([0-9a-f]{64})\|([A-Za-z0-9_.-]{1,32})\|(\d+)$")
 
 
-def usage_fields(redis, writers=True):
+def usage_fields(redis, writers=True, keyed=True):
     """Every counter in Redis, both layouts of docs/redis-schema.md:
     {(key_hash, hour, "METER|EPOCH.GEN"): value}.  A counter written to
     several places (writer sessions, the key layout) counts once, with its
@@ -288,7 +288,7 @@ def usage_fields(redis, writers=True):
     def put(k, v):
         out[k] = max(out.get(k, 0), int(v))
 
-    for k in redis.keys("mtr:u:*"):
+    for k in redis.keys("mtr:u:*") if keyed else []:
         m = _DATA_KEY.match(k)
         assert m, "bad usage key name %r" % k
         for field, value in redis.hgetall(k).items():
@@ -343,12 +343,14 @@ def used_totals(redis):
     return out
 
 
-def expect_totals(redis, expected, timeout=15.0, settle=0.5):
+def expect_totals(redis, expected, timeout=15.0, settle=0.5, used=None):
     """Waits until totals(redis) == expected (keys given as raw keys or
     hashes), then checks again after `settle` seconds so a late double
-    count cannot slip through.  mtr:used must agree with the key layout
-    (mtr:u, the counters of keys with prepaid credit): every unit the
-    max-only script raised a field by, added once."""
+    count cannot slip through.  mtr:used (what was flushed while a key had
+    prepaid credit) must equal `used` when given; otherwise, for a key
+    whose counters are all in the key layout it equals their total (every
+    unit the max-only script raised a field by, added once), and no key's
+    is above its key layout total."""
     want = {}
     for (key, meter), v in expected.items():
         kh = key if (isinstance(key, str) and re.fullmatch(
@@ -370,9 +372,20 @@ def expect_totals(redis, expected, timeout=15.0, settle=0.5):
     time.sleep(settle)
     got = totals(redis)
     assert got == want, "changed after settling: " + _diff(got, want)
-    used = used_totals(redis)
+    got_used = used_totals(redis)
+    if used is not None:
+        want_used = {(key_hash(k), m): v for (k, m), v in used.items() if v}
+        assert got_used == want_used, "mtr:used:{KH} " + _diff(got_used,
+                                                               want_used)
+        return
     keyed = key_layout_totals(redis)
-    assert used == keyed, "mtr:used:{KH} " + _diff(used, keyed)
+    both = {(kh, f.split("|", 1)[0])
+            for (kh, _, f) in usage_fields(redis, keyed=False)}
+    assert all(got_used.get(k, 0) <= v for k, v in keyed.items()), \
+        "mtr:used:{KH} " + _diff(got_used, keyed)
+    only = {k: v for k, v in keyed.items() if k not in both}
+    assert {k: v for k, v in got_used.items() if k not in both} == only, \
+        "mtr:used:{KH} " + _diff(got_used, only)
 
 
 def key_layout_totals(redis):

@@ -524,14 +524,14 @@ ngx_http_meter_batch_cmds(ngx_http_meter_flush_t *fl, meter_batch_t *b,
     char                 hour[METER_HOUR_LEN + 1], start[24];
     char                 writer[METER_WRITER_SIZE], value[24];
     char                 field[METER_FIELD_SIZE], used[METER_USED_KEY_SIZE];
-    char                 dkey[METER_DATA_KEY_SIZE];
+    char                 dkey[METER_DATA_KEY_SIZE], base[24];
     char                 hex[NGX_HTTP_METER_BATCH][METER_HEX_LEN + 1];
     u_char              *p, *cmd;
-    size_t               len[7];
+    size_t               len[8];
     uint64_t             epoch;
     uint32_t             h;
     ngx_uint_t           i, j, n, g, nk, keyed;
-    const char          *argv[7];
+    const char          *argv[8];
     meter_batch_item_t  *it;
 
     epoch = sh->table.epoch;
@@ -705,9 +705,14 @@ ngx_http_meter_batch_cmds(ngx_http_meter_flush_t *fl, meter_batch_t *b,
         argv[5] = field;
         len[5] = meter_fmt_field(field, it->e->meter, epoch, it->gen);
         argv[6] = value; len[6] = meter_fmt_u64(value, it->value);
+        /* what Redis confirmed, maybe in the writer layout: a slot that
+         * changes layout adds to mtr:used only what came after */
+        argv[7] = base;
+        len[7] = meter_fmt_u64(base, __atomic_load_n(&it->e->flushed,
+                                                     __ATOMIC_ACQUIRE));
 
         cmd = p;
-        p = ngx_http_meter_resp_argv(p, 7, argv, len);
+        p = ngx_http_meter_resp_argv(p, 8, argv, len);
 
         if (emit(data, cmd, p - cmd, i) != NGX_OK) {
             return NGX_ERROR;

@@ -87,15 +87,6 @@ int meter_usage_compute(const char *const *u, size_t nu,
     meter_usage_t **out, size_t *nout, unsigned *bad);
 void meter_usage_free(meter_usage_t *us, size_t n);
 
-/*
- * One field of a writer hash mtr:wu:{EPOCH}:SID:HOUR ("KH|METER|GEN") as
- * the counter it is: kh gets the key hash (65 bytes), vfield the field
- * name the key layout gives the same slot, "METER|EPOCH.GEN"
- * (METER_VFIELD_SIZE bytes).  0, or -1 when malformed.
- */
-#define METER_VFIELD_SIZE  (MTR_METER_MAX + 1 + 16 + 1 + 10 + 1)
-int meter_wfield_parse(const char *field, size_t len, const char *epoch,
-    char *kh, char *vfield);
 
 
 #endif /* _METER_DRAIN_H_INCLUDED_ */
