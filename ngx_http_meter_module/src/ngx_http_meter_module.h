@@ -25,7 +25,7 @@
 #include "meter_schema.h"
 
 
-#define NGX_HTTP_METER_BATCH        64      /* items per pipelined slice */
+#define NGX_HTTP_METER_BATCH        512     /* items per pipelined slice */
 #define NGX_HTTP_METER_SCAN         2048    /* slots scanned per slice */
 #define NGX_HTTP_METER_SCAN_WORDS   4096    /* dirty bitmap words, same */
 #define NGX_HTTP_METER_FULL_EVERY   60000   /* ms between full scans */
