@@ -172,15 +172,17 @@ def callgrind_run(tmp, k, redis_up):
     redis = RedisServer(tmp / "redis")
     redis.start()
     addr = redis.address if redis_up else "127.0.0.1:%d" % free_port()
-    n = Nginx(tmp, CONF % {"zone": zone_size(k)}, workers=1,
-              main_conf="master_process off;", redis=addr)
+    n = Nginx(tmp, CONF % {"zone": zone_size(k)}, workers=1, redis=addr)
+    conf = tmp / "nginx.conf"
+    conf.write_text(conf.read_text().replace("master_process on;",
+                                             "master_process off;"))
     out = tmp / "callgrind.out"
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=%s" % out,
          NGINX] + n._args(), stdout=subprocess.DEVNULL,
         stderr=open(tmp / "valgrind.log", "wb"))
     try:
-        wait_for(lambda: conftest.port_open(n.port), 120, 0.2)
+        wait_for(lambda: conftest.port_open(n.port), 600, 0.2)
         send(n.port, 0, k, "cg", conns=1, depth=100)
         if redis_up:
             wait_for(lambda: status(n.port2)["pending"] == 0, 300, 0.5)
