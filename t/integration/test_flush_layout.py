@@ -5,7 +5,10 @@ max-only script, mtr:used).  The worker bills a counter (KH, HOUR,
 METER|EPOCH.GEN) once, with its largest value over every copy: sessions of
 one zone, both layouts, old nodes and new ones at once."""
 
-from conftest import key_hash, usage_fields
+import json
+import time
+
+from conftest import key_hash, usage_fields, wait_for
 from test_worker import EPOCH, NOW_HOUR, Worker, hour_name, line, put
 
 EPOCH2 = "77aa00cc11dd22ee"
@@ -100,3 +103,40 @@ def test_retention_keeps_an_hour_with_unbilled_writer_usage(redis,
     assert sorted(d["quantity"] for d in w.lines()) == [1, 2]
     assert redis.keys("mtr:wu:*") == [] and redis.keys("mtr:b:*") == []
     assert redis.zrange_withscores("mtr:hours") == {}
+
+
+def test_credit_mid_hour_moves_a_counter_between_layouts(nginx_factory,
+                                                         redis, tmp_path):
+    """Real nodes: a key's counter is in the writer layout until its
+    customer gets credit, then the same slot goes on in the key layout.
+    The worker bills it once; mtr:used holds only what came after."""
+    from test_meterctl import REFRESH, call, ok, okj, register, start
+
+    c = register(redis, "switch@example.com")
+    n = start(nginx_factory, redis, workers=1)
+    for _ in range(4):
+        assert call(n, c["key"])[0] == 200
+    wait_for(lambda: redis.keys("mtr:wu:*") != []
+             and json.loads(n.get("/status")[1])["zones"][0]["pending"] == 0,
+             10)
+    assert redis.keys("mtr:u:*") == []
+
+    ok(redis, "credit", "set", c["customer"], "--meter", "calls", 100)
+    time.sleep(REFRESH * 5)
+    for _ in range(6):
+        assert call(n, c["key"])[0] == 200
+    wait_for(lambda: int(redis.cmd("HGET", "mtr:used:{%s}" % c["key_hash"],
+                                   "calls") or 0) == 6, 10)
+    # the same slot in both layouts: 4 in the writer layout, 10 in mtr:u
+    f = usage_fields(redis)
+    assert sum(f.values()) == 10
+    assert okj(redis, "credit", "show", c["customer"])[0]["left"] == 94
+
+    w = Worker(tmp_path / "w", redis, grace="5m")
+    end = (int(time.time()) // 3600 + 2) * 3600
+    assert w.once(end).returncode == 0
+    lines = w.lines()
+    assert sum(d["quantity"] for d in lines) == 10, lines
+    assert {d["customer"] for d in lines} == {c["customer"]}
+    assert w.once(end).returncode == 0
+    assert len(w.lines()) == len(lines)
