@@ -438,7 +438,9 @@ def render_conf(tmp, http_conf, workers=2, main_conf="", module=True,
     """The full nginx.conf.  @TMP@, @PORT@, @PORT2@, @REDIS@ ... in
     http_conf/main_conf are replaced from subst (keys upper-cased)."""
     text = CONF_TEMPLATE.format(
-        load_module=("load_module %s;" % MODULE_SO) if module else "",
+        # module: True for this tree's build, or the path of another one
+        load_module=("load_module %s;" % (MODULE_SO if module is True
+                                           else module)) if module else "",
         # as root the workers would run as nobody and could not write the
         # 0700 pytest tmp dirs; the tests need no privilege separation
         user="user root root;" if os.geteuid() == 0 else "",

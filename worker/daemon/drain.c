@@ -2260,11 +2260,13 @@ meter_drain_retire_writers(meter_drain_t *d, const char *hour)
         goto kept;
     }
 
+    /* UNLINK: a writer hash may hold a million fields, freed off Redis'
+     * main thread */
     for (i = 0; i < ws->elements; i++) {
         if (ws->element[i]->type == REDIS_REPLY_STRING
             && meter_writer_parse(ws->element[i]->str, epoch, &sid) == 0)
         {
-            rp = meter_redis_cmd(d->redis, "DEL " MTR_WU_FMT, epoch, sid,
+            rp = meter_redis_cmd(d->redis, "UNLINK " MTR_WU_FMT, epoch, sid,
                                  hour);
             if (!meter_reply_ok(rp)) {
                 freeReplyObject(rp);
@@ -2292,8 +2294,15 @@ meter_drain_retire_writers(meter_drain_t *d, const char *hour)
         freeReplyObject(rp);
     }
 
-    rp = meter_redis_cmd(d->redis, "DEL " MTR_WIDX_FMT, hour);
-    freeReplyObject(rp);
+    /* only the writers read above: one that indexed itself since (a node
+     * back after an outage) keeps its entry, and so the hour */
+    for (i = 0; i < ws->elements; i++) {
+        if (ws->element[i]->type == REDIS_REPLY_STRING) {
+            rp = meter_redis_cmd(d->redis, "SREM " MTR_WIDX_FMT " %s", hour,
+                                 ws->element[i]->str);
+            freeReplyObject(rp);
+        }
+    }
 
     freeReplyObject(ws);
     meter_map_free(&wm, meter_wkey_free);
@@ -2388,6 +2397,23 @@ meter_drain_retention(meter_drain_t *d, time_t now)
         freeReplyObject(rp);
         rp = meter_redis_cmd(d->redis, "ZREM " MTR_HOURS " %s",
                              hours->element[h]->str);
+        freeReplyObject(rp);
+
+        /* a writer indexed after the check: the hour stays listed (its
+         * SADD came before its ZADD NX, this check after the ZREM) */
+        rp = meter_redis_cmd(d->redis, "SCARD " MTR_WIDX_FMT,
+                             hours->element[h]->str);
+
+        if (meter_reply_int(rp, 0) != 0) {
+            freeReplyObject(rp);
+            rp = meter_redis_cmd(d->redis, "ZADD " MTR_HOURS " NX %lld %s",
+                                 (long long) meter_hour_parse(
+                                     hours->element[h]->str),
+                                 hours->element[h]->str);
+            freeReplyObject(rp);
+            continue;
+        }
+
         freeReplyObject(rp);
 
         meter_log(LOG_INFO, "hour %s removed after retention",
