@@ -274,7 +274,7 @@ def redis(tmp_path):
 
 
 _DATA_KEY = re.compile(r"^mtr:u:\{([0-9a-f]{64})\}:(\d{10})$")
-_WRITER_KEY = re.compile(r"^mtr:wu:\{([0-9a-f]{16})\}:(\d+):(\d{10})$")
+_WRITER_KEY = re.compile(r"^mtr:wu:\{([0-9a-f]{16})\}:(\d+):(\d{10}):(\d+)$")
 _WRITER_FIELD = re.compile(r"^([0-9a-f]{64})\|([A-Za-z0-9_.-]{1,32})\|(\d+)$")
 
 
@@ -296,9 +296,12 @@ def usage_fields(redis, writers=True, keyed=True):
     for k in redis.keys("mtr:wu:*") if writers else []:
         m = _WRITER_KEY.match(k)
         assert m, "bad writer usage key name %r" % k
-        writer = "%s:%s" % (m.group(1), m.group(2))
-        assert writer in redis.smembers("mtr:widx:" + m.group(3)), \
-            "%s not in mtr:widx:%s" % (writer, m.group(3))
+        writer = "%s:%s:" % (m.group(1), m.group(2))
+        idx = [w for w in redis.smembers("mtr:widx:" + m.group(3))
+               if w.startswith(writer)]
+        assert len(idx) == 1 and int(m.group(4)) < int(idx[0].split(":")[2]), \
+            "%s (part %s) not in mtr:widx:%s" % (writer, m.group(4),
+                                                 m.group(3))
         for field, value in redis.hgetall(k).items():
             f = _WRITER_FIELD.match(field)
             assert f, "bad writer usage field %r" % field

@@ -1328,13 +1328,15 @@ meter_hex16(char *p, uint64_t v)
 
 
 size_t
-meter_fmt_writer(char *buf, uint64_t epoch, uint64_t sid)
+meter_fmt_writer(char *buf, uint64_t epoch, uint64_t sid, uint32_t nparts)
 {
     char  *p;
 
     p = meter_hex16(buf, epoch);
     *p++ = MTR_WRITER_SEP;
     p += meter_dec(p, sid);
+    *p++ = MTR_WRITER_SEP;
+    p += meter_dec(p, nparts);
     *p = '\0';
 
     return (size_t) (p - buf);
@@ -1342,7 +1344,8 @@ meter_fmt_writer(char *buf, uint64_t epoch, uint64_t sid)
 
 
 size_t
-meter_fmt_wkey(char *buf, uint64_t epoch, uint64_t sid, const char *hour)
+meter_fmt_wkey(char *buf, uint64_t epoch, uint64_t sid, const char *hour,
+    uint32_t part)
 {
     char  *p;
 
@@ -1356,6 +1359,8 @@ meter_fmt_wkey(char *buf, uint64_t epoch, uint64_t sid, const char *hour)
     *p++ = ':';
     memcpy(p, hour, METER_HOUR_LEN);
     p += METER_HOUR_LEN;
+    *p++ = ':';
+    p += meter_dec(p, part);
     *p = '\0';
 
     return (size_t) (p - buf);

@@ -261,7 +261,8 @@ typedef struct {
     uint32_t                    hour;
     uint64_t                    value;      /* absolute count sent */
     uint32_t                    keyed;      /* the key layout (credit) */
-    uint32_t                    pad;
+    uint32_t                    part;       /* writer hash: slot index
+                                             * >> MTR_WPART_SHIFT */
 } meter_batch_item_t;
 
 typedef struct {
@@ -326,15 +327,19 @@ size_t meter_fmt_field(char *buf, const char *meter, uint64_t epoch,
 /* decimal */
 size_t meter_fmt_u64(char *buf, uint64_t v);
 
-/* the writer layout: "mtr:wu:{EPOCH}:SID:HOUR", "mtr:widx:HOUR",
- * "EPOCH:SID" */
-#define METER_WRITER_SIZE       (16 + 1 + 20 + 1)
+/* the writer layout: "mtr:wu:{EPOCH}:SID:HOUR:PART", "mtr:widx:HOUR",
+ * "EPOCH:SID:NPARTS" */
+#define METER_WRITER_SIZE       (16 + 1 + 20 + 1 + 10 + 1)
 #define METER_WKEY_SIZE         (sizeof(MTR_WU_PRE) - 1 + 16 + 2 + 20 + 1  \
-                                 + METER_HOUR_LEN + 1)
+                                 + METER_HOUR_LEN + 1 + 10 + 1)
 #define METER_WIDX_KEY_SIZE     (sizeof(MTR_WIDX_PRE) - 1 + METER_HOUR_LEN + 1)
-size_t meter_fmt_writer(char *buf, uint64_t epoch, uint64_t sid);
+#define meter_wparts(nslots)                                                 \
+    ((uint32_t) (((uint64_t) (nslots) + MTR_WPART_SLOTS - 1)                 \
+                 >> MTR_WPART_SHIFT))
+size_t meter_fmt_writer(char *buf, uint64_t epoch, uint64_t sid,
+    uint32_t nparts);
 size_t meter_fmt_wkey(char *buf, uint64_t epoch, uint64_t sid,
-    const char *hour);
+    const char *hour, uint32_t part);
 size_t meter_fmt_widx_key(char *buf, const char *hour);
 
 /*

@@ -27,8 +27,8 @@
 
 
 /*
- * A reply's tag: an item of the key layout (< BATCH), a writer HSET of
- * group ghour[tag - BATCH], or an index command.
+ * A reply's tag: an item of the key layout (< BATCH), the writer HSET of
+ * group tag - BATCH (an hour and part), or an index command.
  */
 #define NGX_HTTP_METER_TAG_GROUP    NGX_HTTP_METER_BATCH
 #define NGX_HTTP_METER_TAG_INDEX    (2 * NGX_HTTP_METER_BATCH)
@@ -505,9 +505,10 @@ ngx_http_meter_resp_argv(u_char *p, int argc, const char **argv,
  * The commands of one batch (docs/redis-schema.md), for the async flush and
  * the blocking one at exit alike, RESP built into fl->out:
  *
- *   - writer layout, per hour of the batch: the first time in this session
- *     SADD mtr:widx:HOUR EPOCH:SID and ZADD mtr:hours NX, then one HSET
- *     mtr:wu:{EPOCH}:SID:HOUR with every field of the hour;
+ *   - writer layout, per hour and part of the batch: the first time in
+ *     this session and hour SADD mtr:widx:HOUR EPOCH:SID:NPARTS and ZADD
+ *     mtr:hours NX, then one HSET mtr:wu:{EPOCH}:SID:HOUR:PART with every
+ *     field of the group;
  *   - key layout (credit), per hour: ZADD mtr:hours NX and one SADD
  *     mtr:idx:HOUR, then one max-only script call per counter.
  *
@@ -529,7 +530,7 @@ ngx_http_meter_batch_cmds(ngx_http_meter_flush_t *fl, meter_batch_t *b,
     u_char              *p, *cmd;
     size_t               len[8];
     uint64_t             epoch;
-    uint32_t             h;
+    uint32_t             h, nparts;
     ngx_uint_t           i, j, n, g, nk, keyed;
     const char          *argv[8];
     meter_batch_item_t  *it;
@@ -540,12 +541,20 @@ ngx_http_meter_batch_cmds(ngx_http_meter_flush_t *fl, meter_batch_t *b,
     keyed = 0;
 
     for (i = 0; i < b->n; i++) {
-        b->items[i].keyed = (uint32_t) ngx_http_meter_keyed(fl->mcf,
-                                                            &b->items[i]);
-        keyed += b->items[i].keyed;
+        it = &b->items[i];
+        it->keyed = (uint32_t) ngx_http_meter_keyed(fl->mcf, it);
+        it->part = (uint32_t) (it->e - sh->table.slots) >> MTR_WPART_SHIFT;
+        keyed += it->keyed;
     }
 
-    /* the writer layout, one group per hour */
+    /*
+     * The writer layout: the items into groups of one (hour, part).  They
+     * come in slot order, so an item's group is nearly always the last one
+     * or the one before (two hours interleaved); otherwise a new group, a
+     * second HSET into the same hash now and then, which is harmless.
+     */
+
+    g = 0;
 
     for (i = 0; i < b->n; i++) {
         it = &b->items[i];
@@ -554,24 +563,42 @@ ngx_http_meter_batch_cmds(ngx_http_meter_flush_t *fl, meter_batch_t *b,
             continue;
         }
 
-        h = it->hour;
+        if (fl->ngroups == 0
+            || fl->ghour[g] != it->hour || fl->gpart[g] != it->part)
+        {
+            g = fl->ngroups;
 
-        for (g = 0; g < fl->ngroups; g++) {
-            if (fl->ghour[g] == h) {
-                break;
+            if (g > 1 && fl->ghour[g - 2] == it->hour
+                && fl->gpart[g - 2] == it->part)
+            {
+                g -= 2;
+
+            } else if (g > 0 && fl->ghour[g - 1] == it->hour
+                       && fl->gpart[g - 1] == it->part)
+            {
+                g -= 1;
+
+            } else {
+                fl->ghour[g] = it->hour;
+                fl->gpart[g] = it->part;
+                fl->gfirst[g] = (uint16_t) i;
+                fl->gn[g] = 0;
+                fl->ngroups++;
             }
         }
 
-        if (g < fl->ngroups) {
-            continue;               /* this hour's HSET is written */
+        if (fl->gn[g] > 0) {
+            fl->inext[fl->glast[g]] = (uint16_t) i;
         }
 
-        fl->ghour[fl->ngroups++] = h;
+        fl->glast[g] = (uint16_t) i;
+        fl->gn[g]++;
+    }
 
-        n = 0;
-        for (j = i; j < b->n; j++) {
-            n += (!b->items[j].keyed && b->items[j].hour == h);
-        }
+    nparts = meter_wparts(sh->table.nslots);
+
+    for (g = 0; g < fl->ngroups; g++) {
+        h = fl->ghour[g];
 
         if (ws->sid == 0) {
             ws->sid = __atomic_add_fetch(&sh->writers, 1, __ATOMIC_RELAXED);
@@ -583,7 +610,7 @@ ngx_http_meter_batch_cmds(ngx_http_meter_flush_t *fl, meter_batch_t *b,
             argv[0] = "SADD"; len[0] = 4;
             argv[1] = idx; len[1] = meter_fmt_widx_key(idx, hour);
             argv[2] = writer;
-            len[2] = meter_fmt_writer(writer, epoch, ws->sid);
+            len[2] = meter_fmt_writer(writer, epoch, ws->sid, nparts);
 
             cmd = p;
             p = ngx_http_meter_resp_argv(p, 3, argv, len);
@@ -611,16 +638,15 @@ ngx_http_meter_batch_cmds(ngx_http_meter_flush_t *fl, meter_batch_t *b,
         }
 
         cmd = p;
-        p = (u_char *) meter_resp_array((char *) p, (unsigned) (2 + 2 * n));
+        p = (u_char *) meter_resp_array((char *) p,
+                                        (unsigned) (2 + 2 * fl->gn[g]));
         p = (u_char *) meter_resp_bulk((char *) p, "HSET", 4);
         p = (u_char *) meter_resp_bulk((char *) p, key,
                                        meter_fmt_wkey(key, epoch, ws->sid,
-                                                      hour));
+                                                      hour, fl->gpart[g]));
 
-        for (j = i; j < b->n; j++) {
-            if (!b->items[j].keyed && b->items[j].hour == h) {
-                p = (u_char *) meter_resp_wfield((char *) p, &b->items[j]);
-            }
+        for (n = 0, j = fl->gfirst[g]; n < fl->gn[g]; n++, j = fl->inext[j]) {
+            p = (u_char *) meter_resp_wfield((char *) p, &b->items[j]);
         }
 
         if (emit(data, cmd, p - cmd, NGX_HTTP_METER_TAG_GROUP + g) != NGX_OK) {
@@ -871,8 +897,7 @@ static void
 ngx_http_meter_confirm_tag(ngx_http_meter_flush_t *fl,
     ngx_http_meter_shctx_t *sh, meter_batch_t *b, ngx_uint_t tag)
 {
-    uint32_t    h;
-    ngx_uint_t  i;
+    ngx_uint_t  g, i, n;
 
     if (tag < NGX_HTTP_METER_TAG_GROUP) {
         ngx_http_meter_confirm(sh, &b->items[tag]);
@@ -883,12 +908,10 @@ ngx_http_meter_confirm_tag(ngx_http_meter_flush_t *fl,
         return;
     }
 
-    h = fl->ghour[tag - NGX_HTTP_METER_TAG_GROUP];
+    g = tag - NGX_HTTP_METER_TAG_GROUP;
 
-    for (i = 0; i < b->n; i++) {
-        if (!b->items[i].keyed && b->items[i].hour == h) {
-            ngx_http_meter_confirm(sh, &b->items[i]);
-        }
+    for (n = 0, i = fl->gfirst[g]; n < fl->gn[g]; n++, i = fl->inext[i]) {
+        ngx_http_meter_confirm(sh, &b->items[i]);
     }
 }
 

@@ -449,8 +449,15 @@ typedef struct {
 
     ngx_http_meter_wsess_t       *sess;     /* one per zone */
     u_char                       *out;      /* the batch's RESP, reused */
+    /* the batch's writer HSETs: one group per (hour, part), its items
+     * chained from gfirst through inext */
     ngx_uint_t                    ngroups;
     uint32_t                      ghour[NGX_HTTP_METER_BATCH];
+    uint32_t                      gpart[NGX_HTTP_METER_BATCH];
+    uint16_t                      gfirst[NGX_HTTP_METER_BATCH];
+    uint16_t                      glast[NGX_HTTP_METER_BATCH];
+    uint16_t                      gn[NGX_HTTP_METER_BATCH];
+    uint16_t                      inext[NGX_HTTP_METER_BATCH];
 } ngx_http_meter_flush_t;
 
 

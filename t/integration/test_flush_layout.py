@@ -1,5 +1,5 @@
 """The two usage layouts of docs/redis-schema.md and the rolling upgrade
-between them: the writer layout (mtr:wu:{EPOCH}:SID:HOUR, written with plain
+between them: the writer layout (mtr:wu:{EPOCH}:SID:HOUR:PART, written with plain
 HSET by one writer session) and the key layout (mtr:u:{KH}:HOUR, the
 max-only script, mtr:used).  The worker bills a counter (KH, HOUR,
 METER|EPOCH.GEN) once, with its largest value over every copy: sessions of
@@ -15,15 +15,16 @@ EPOCH2 = "77aa00cc11dd22ee"
 
 
 def put_writer(redis, epoch, sid, hour_ts, counters):
-    """What a new node's flush sends: SADD mtr:widx:HOUR EPOCH:SID, ZADD
-    mtr:hours NX, then one HSET of KH|METER|GEN fields."""
+    """What a new node's flush sends: SADD mtr:widx:HOUR EPOCH:SID:NPARTS,
+    ZADD mtr:hours NX, then one HSET of KH|METER|GEN fields (into part 1
+    of 2 here: every part is read)."""
     h = hour_name(hour_ts)
-    redis.cmd("SADD", "mtr:widx:%s" % h, "%s:%s" % (epoch, sid))
+    redis.cmd("SADD", "mtr:widx:%s" % h, "%s:%s:2" % (epoch, sid))
     redis.cmd("ZADD", "mtr:hours", "NX", str(hour_ts), h)
     args = []
     for (key, meter, gen), v in counters.items():
         args += ["%s|%s|%d" % (key_hash(key), meter, gen), str(v)]
-    redis.cmd("HSET", "mtr:wu:{%s}:%s:%s" % (epoch, sid, h), *args)
+    redis.cmd("HSET", "mtr:wu:{%s}:%s:%s:1" % (epoch, sid, h), *args)
 
 
 def test_mixed_old_and_new_nodes_bill_each_counter_once(redis, tmp_path):
@@ -94,10 +95,10 @@ def test_retention_keeps_an_hour_with_unbilled_writer_usage(redis,
     # (past it by the clock) must keep both layouts
     assert w.once(old).returncode == 0
     assert w.lines() == []
-    assert redis.hgetall("mtr:wu:{%s}:1:%s" % (EPOCH2, hour_name(old))) == {
+    assert redis.hgetall("mtr:wu:{%s}:1:%s:1" % (EPOCH2, hour_name(old))) == {
         "%s|calls|1" % kh: "2"}
     assert redis.keys("mtr:u:*") != []
-    assert redis.smembers("mtr:widx:" + hour_name(old)) == {EPOCH2 + ":1"}
+    assert redis.smembers("mtr:widx:" + hour_name(old)) == {EPOCH2 + ":1:2"}
 
     assert w.once(old + 3600).returncode == 0
     assert sorted(d["quantity"] for d in w.lines()) == [1, 2]

@@ -374,7 +374,8 @@ def test_redis_schema_and_no_raw_key_anywhere(redis, nginx_factory):
     names = redis.keys()
     for k in names:
         assert (k == "mtr:hours" or re.fullmatch(r"mtr:widx:\d{10}", k)
-                or re.fullmatch(r"mtr:wu:\{[0-9a-f]{16}\}:\d+:\d{10}", k)), k
+                or re.fullmatch(r"mtr:wu:\{[0-9a-f]{16}\}:\d+:\d{10}:\d+",
+                                k)), k
     zs = redis.zrange_withscores("mtr:hours")
     assert zs and set(zs) <= hours
     for h, score in zs.items():
@@ -383,12 +384,14 @@ def test_redis_schema_and_no_raw_key_anywhere(redis, nginx_factory):
         writers = redis.smembers("mtr:widx:" + h)
         assert writers
         for w in writers:
-            epoch, sid = w.split(":")
+            epoch, sid, nparts = w.split(":")
             assert re.fullmatch(r"[0-9a-f]{16}", epoch) and int(sid) >= 1
-            for field in redis.hgetall("mtr:wu:{%s}:%s:%s"
-                                       % (epoch, sid, h)):
-                assert re.fullmatch(r"%s\|(credit|credit_all)\|\d+" % kh,
-                                    field), field
+            assert int(nparts) >= 1
+            for part in range(int(nparts)):
+                for field in redis.hgetall("mtr:wu:{%s}:%s:%s:%d"
+                                           % (epoch, sid, h, part)):
+                    assert re.fullmatch(r"%s\|(credit|credit_all)\|\d+"
+                                        % kh, field), field
 
     dump = []
     for k in names:

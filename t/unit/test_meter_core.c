@@ -544,16 +544,26 @@ test_fmt_writer(void **state)
 
     assert_int_equal(meter_hour_format(490000, hour), METER_HOUR_LEN);
 
-    assert_int_equal(meter_fmt_writer(w, TEST_EPOCH, 3), 18);
-    assert_string_equal(w, "3f2a9c0d11b2e4f7:3");
-    assert_int_equal(meter_fmt_writer(w, UINT64_MAX, UINT64_MAX),
+    assert_int_equal(meter_fmt_writer(w, TEST_EPOCH, 3, 2), 20);
+    assert_string_equal(w, "3f2a9c0d11b2e4f7:3:2");
+    assert_int_equal(meter_fmt_writer(w, UINT64_MAX, UINT64_MAX, UINT32_MAX),
                      METER_WRITER_SIZE - 1);
-    assert_string_equal(w, "ffffffffffffffff:18446744073709551615");
+    assert_string_equal(w, "ffffffffffffffff:18446744073709551615:"
+                        "4294967295");
 
-    assert_int_equal(meter_fmt_wkey(key, 1, 42, hour), 39);
-    assert_string_equal(key, "mtr:wu:{0000000000000001}:42:2025112416");
-    assert_true(meter_fmt_wkey(key, UINT64_MAX, UINT64_MAX, hour)
+    assert_int_equal(meter_fmt_wkey(key, 1, 42, hour, 0), 41);
+    assert_string_equal(key, "mtr:wu:{0000000000000001}:42:2025112416:0");
+    assert_int_equal(meter_fmt_wkey(key, 1, 42, hour, 1048575), 47);
+    assert_string_equal(key,
+                        "mtr:wu:{0000000000000001}:42:2025112416:1048575");
+    assert_true(meter_fmt_wkey(key, UINT64_MAX, UINT64_MAX, hour, UINT32_MAX)
                 == METER_WKEY_SIZE - 1);
+
+    /* parts of 4096 slots: a zone's count, rounded up */
+    assert_int_equal(meter_wparts(1), 1);
+    assert_int_equal(meter_wparts(4096), 1);
+    assert_int_equal(meter_wparts(4097), 2);
+    assert_int_equal(meter_wparts(UINT32_MAX), 1048576);
 
     assert_int_equal(meter_fmt_widx_key(idx, hour), METER_WIDX_KEY_SIZE - 1);
     assert_string_equal(idx, "mtr:widx:2025112416");

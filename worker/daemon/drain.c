@@ -2180,12 +2180,12 @@ meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
 static int
 meter_drain_retire_writers(meter_drain_t *d, const char *hour)
 {
-    char          epoch[17];
+    char          epoch[17], sid[21];
     size_t        i, j, k, m, n;
     uint64_t      bv;
-    unsigned      unbilled;
+    unsigned      unbilled, part, nparts;
     redisReply   *ws, *b, *rp;
-    const char   *sid, *kh[METER_BATCH];
+    const char   *kh[METER_BATCH];
     meter_map_t   wm;
     meter_wkey_t *wk[METER_BATCH];
 
@@ -2263,11 +2263,16 @@ meter_drain_retire_writers(meter_drain_t *d, const char *hour)
     /* UNLINK: a writer hash may hold a million fields, freed off Redis'
      * main thread */
     for (i = 0; i < ws->elements; i++) {
-        if (ws->element[i]->type == REDIS_REPLY_STRING
-            && meter_writer_parse(ws->element[i]->str, epoch, &sid) == 0)
+        if (ws->element[i]->type != REDIS_REPLY_STRING
+            || meter_writer_parse(ws->element[i]->str, epoch, sid, &nparts)
+               != 0)
         {
+            continue;
+        }
+
+        for (part = 0; part < nparts; part++) {
             rp = meter_redis_cmd(d->redis, "UNLINK " MTR_WU_FMT, epoch, sid,
-                                 hour);
+                                 hour, part);
             if (!meter_reply_ok(rp)) {
                 freeReplyObject(rp);
                 goto kept;

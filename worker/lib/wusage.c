@@ -148,20 +148,43 @@ meter_wmap_add(meter_map_t *wm, const char *kh, const char *vfield,
 }
 
 
-/* valid "EPOCH:SID" of mtr:widx:HOUR: the epoch into epoch (17 bytes) */
+/* valid "EPOCH:SID:NPARTS" of mtr:widx:HOUR */
 int
-meter_writer_parse(const char *w, char *epoch, const char **sid)
+meter_writer_parse(const char *w, char *epoch, char *sid, unsigned *nparts)
 {
-    if (strlen(w) < 18 || w[16] != MTR_WRITER_SEP
-        || strspn(w, "0123456789abcdef") != 16
-        || strspn(w + 17, "0123456789") != strlen(w + 17))
+    size_t              n, m;
+    unsigned long long  v;
+
+    if (strlen(w) < 20 || w[16] != MTR_WRITER_SEP
+        || strspn(w, "0123456789abcdef") != 16)
     {
+        return -1;
+    }
+
+    n = strspn(w + 17, "0123456789");
+
+    if (n == 0 || n > 20 || w[17 + n] != MTR_WRITER_SEP) {
+        return -1;
+    }
+
+    m = strspn(w + 18 + n, "0123456789");
+
+    if (m == 0 || m > 7 || w[18 + n + m] != '\0') {
+        return -1;
+    }
+
+    v = strtoull(w + 18 + n, NULL, 10);
+
+    /* a zone of 2^32 slots at most */
+    if (v == 0 || v > (1ull << (32 - MTR_WPART_SHIFT))) {
         return -1;
     }
 
     memcpy(epoch, w, 16);
     epoch[16] = '\0';
-    *sid = w + 17;
+    memcpy(sid, w + 17, n);
+    sid[n] = '\0';
+    *nparts = (unsigned) v;
 
     return 0;
 }
@@ -175,12 +198,12 @@ int
 meter_wmap_load(meter_redis_t *r, const char *hour, meter_map_t *wm,
     redisReply **writers)
 {
-    char         cursor[32], epoch[17], kh[65], vf[METER_VFIELD_SIZE];
+    char         cursor[32], epoch[17], sid[21], kh[65];
+    char         vf[METER_VFIELD_SIZE];
     size_t       w, i;
     uint64_t     v;
-    unsigned     bad;
+    unsigned     bad, part, nparts;
     redisReply  *ws, *rp, *f;
-    const char  *sid;
 
     ws = meter_redis_cmd(r, "SMEMBERS " MTR_WIDX_FMT, hour);
     if (!meter_reply_ok(ws) || ws->type != REDIS_REPLY_ARRAY) {
@@ -194,18 +217,22 @@ meter_wmap_load(meter_redis_t *r, const char *hour, meter_map_t *wm,
 
     for (w = 0; w < ws->elements; w++) {
         if (ws->element[w]->type != REDIS_REPLY_STRING
-            || meter_writer_parse(ws->element[w]->str, epoch, &sid) != 0)
+            || meter_writer_parse(ws->element[w]->str, epoch, sid, &nparts)
+               != 0)
         {
             bad++;
             continue;
         }
+
+        /* parts the writer never wrote do not exist: an empty scan */
+        for (part = 0; part < nparts; part++) {
 
         strcpy(cursor, "0");
 
         do {
             rp = meter_redis_cmd(r,
                                  "HSCAN " MTR_WU_FMT " %s COUNT %d", epoch,
-                                 sid, hour, cursor, METER_WSCAN);
+                                 sid, hour, part, cursor, METER_WSCAN);
             if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
                 || rp->elements != 2)
             {
@@ -242,6 +269,8 @@ meter_wmap_load(meter_redis_t *r, const char *hour, meter_map_t *wm,
             freeReplyObject(rp);
 
         } while (strcmp(cursor, "0") != 0);
+
+        }
     }
 
     if (bad) {

@@ -41,15 +41,17 @@ typedef struct {
 void meter_wkey_free(void *p);
 
 /*
- * One field of a writer hash mtr:wu:{EPOCH}:SID:HOUR ("KH|METER|GEN") as
+ * One field of a writer hash mtr:wu:{EPOCH}:SID:HOUR:PART ("KH|METER|GEN") as
  * the counter it is: kh gets the key hash (65 bytes), vfield the key
  * layout's name of the same slot (METER_VFIELD_SIZE bytes).  0, or -1
  * when malformed.
  */
 int meter_wfield_parse(const char *field, size_t len, const char *epoch,
     char *kh, char *vfield);
-/* "EPOCH:SID" of mtr:widx:HOUR: the epoch into epoch (17 bytes) */
-int meter_writer_parse(const char *w, char *epoch, const char **sid);
+/* "EPOCH:SID:NPARTS" of mtr:widx:HOUR: epoch (17 bytes), sid (21 bytes),
+ * the writer's hashes are parts 0..nparts-1.  0, or -1 when malformed. */
+int meter_writer_parse(const char *w, char *epoch, char *sid,
+    unsigned *nparts);
 
 /*
  * Reads every writer hash of the hour into wm (meter_wkey_t values); with

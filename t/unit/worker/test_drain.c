@@ -41,9 +41,10 @@ cmd_starts(const LargestIntegralType value,
 static void
 test_writer_fields(void **state)
 {
-    char           kh[65], vf[METER_VFIELD_SIZE], *buf;
+    char           kh[65], vf[METER_VFIELD_SIZE], sid[21], *buf;
     size_t         n;
-    const char   **uv, *ep;
+    unsigned       np;
+    const char   **uv;
     redisReply     u, *ue[4], e[4];
     meter_wkey_t   wk;
     meter_wfield_t fs[3] = { { "calls|E.1", 6 }, { "calls|E.2", 3 },
@@ -74,11 +75,26 @@ test_writer_fields(void **state)
     assert_int_equal(meter_wfield_parse(field, strlen(field), "3f2a", kh,
                                         vf), -1);
 
-    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12", kh, &ep), 0);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12:3", kh, sid,
+                                        &np), 0);
     assert_string_equal(kh, "3f2a9c0d11b2e4f7");
-    assert_string_equal(ep, "12");
-    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:", kh, &ep), -1);
-    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7.1", kh, &ep), -1);
+    assert_string_equal(sid, "12");
+    assert_int_equal(np, 3);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12:1048576", kh,
+                                        sid, &np), 0);
+    assert_int_equal(np, 1048576);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12:1048577", kh,
+                                        sid, &np), -1);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12:0", kh, sid,
+                                        &np), -1);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12", kh, sid,
+                                        &np), -1);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12:3x", kh, sid,
+                                        &np), -1);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7::3", kh, sid,
+                                        &np), -1);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7.1:3", kh, sid,
+                                        &np), -1);
 
     /* key layout: calls|E.1 = 5, calls|E.2 = 9; writer layout: calls|E.1
      * = 6 (ahead), calls|E.2 = 3 (behind), bytes|F.1 = 7 (its own) */
