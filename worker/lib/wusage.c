@@ -4,7 +4,7 @@
  *
  * The writer layout of docs/redis-schema.md as the worker and meterctl
  * read it: mtr:widx:HOUR lists the writer sessions, each one's
- * mtr:wu:{EPOCH}:SID:HOUR holds its counters.
+ * mtr:wu:{EPOCH}:SID:HOUR:PART (parts 0..NPARTS-1) hold its counters.
  */
 
 
