@@ -141,3 +141,81 @@ def test_credit_mid_hour_moves_a_counter_between_layouts(nginx_factory,
     assert {d["customer"] for d in lines} == {c["customer"]}
     assert w.once(end).returncode == 0
     assert len(w.lines()) == len(lines)
+
+
+LOST_CONF = r"""
+    meter_zone $http_x_api_key zone=api:1m;
+    meter_redis @REDIS@ timeout=300ms;
+    meter_flush_interval 100ms;
+
+    server {
+        listen 127.0.0.1:@PORT@;
+        meter zone=api calls;
+
+        location / { return 200 "ok\n"; }
+
+        location = /status {
+            meter off;
+            meter_status json;
+        }
+    }
+"""
+
+
+def test_lost_replies_resent_in_a_new_session_bill_once(nginx_factory,
+                                                        redis, tmp_path):
+    """Redis stops (SIGSTOP) with HSETs in its socket: the node times out,
+    drops the connection and keeps the counters pending.  When Redis goes
+    on it runs the old session's HSETs anyway (their replies are lost), and
+    the node resends the same counters in a new session: two copies of each
+    counter, which the worker bills once."""
+    import os
+    import signal
+
+    n = nginx_factory(LOST_CONF, workers=1, redis=redis.address)
+    keys = ["key-lost-%d" % i for i in range(20)]
+
+    def calls(k):
+        for key in keys:
+            for _ in range(k):
+                assert n.get("/", headers={"X-Api-Key": key})[0] == 200
+
+    def status():
+        return json.loads(n.get("/status")[1])["zones"][0]
+
+    calls(2)
+    wait_for(lambda: status()["pending"] == 0, 10)
+
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        calls(3)
+        # the flush of these is in Redis' socket; the node gives up on it
+        wait_for(lambda: status()["redis_connected"] is False, 10)
+        assert status()["pending"] > 0
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    wait_for(lambda: status()["redis_connected"] is True
+             and status()["pending"] == 0, 10)
+
+    # the node's one zone wrote in two sessions at least, and the counters
+    # of the lost replies have a copy in both
+    wu = redis.keys("mtr:wu:*")
+    sessions = {k.split(":")[3] for k in wu}
+    assert len(sessions) >= 2, wu
+    copies = {}
+    for k in wu:
+        for f, v in redis.hgetall(k).items():
+            copies.setdefault(f, []).append(int(v))
+    assert len(copies) == len(keys)
+    assert any(len(c) > 1 for c in copies.values()), copies
+    assert all(max(c) == 5 for c in copies.values()), copies
+
+    w = Worker(tmp_path / "w", redis, grace="5m")
+    end = (int(time.time()) // 3600 + 2) * 3600
+    assert w.once(end).returncode == 0
+    got = {}
+    for d in w.lines():
+        got[d["key_hash"]] = got.get(d["key_hash"], 0) + d["quantity"]
+    assert got == {key_hash(k): 5 for k in keys}
+    assert w.once(end).returncode == 0
+    assert sum(d["quantity"] for d in w.lines()) == 5 * len(keys)
