@@ -219,3 +219,30 @@ def test_lost_replies_resent_in_a_new_session_bill_once(nginx_factory,
     assert got == {key_hash(k): 5 for k in keys}
     assert w.once(end).returncode == 0
     assert sum(d["quantity"] for d in w.lines()) == 5 * len(keys)
+
+
+def test_every_part_and_page_of_a_writer_is_read(redis, tmp_path):
+    """A writer's parts 0..NPARTS-1 (its index entry says how many), the
+    first page of each in one pipeline, a big part page by page."""
+    w = Worker(tmp_path, redis, grace="5m")
+    h = NOW_HOUR - 5 * 3600
+    hn = hour_name(h)
+    kh = key_hash("key-pages")
+    redis.cmd("SADD", "mtr:widx:%s" % hn, "%s:1:300" % EPOCH2)
+    redis.cmd("ZADD", "mtr:hours", "NX", str(h), hn)
+    # part 0 and part 299: one counter each; part 7: 12,000 counters (the
+    # same key, one slot lifetime each), more than one HSCAN page
+    redis.cmd("HSET", "mtr:wu:{%s}:1:%s:0" % (EPOCH2, hn),
+              "%s|calls|1" % kh, "5")
+    redis.cmd("HSET", "mtr:wu:{%s}:1:%s:299" % (EPOCH2, hn),
+              "%s|calls|2" % kh, "7")
+    args = []
+    for g in range(100, 12100):
+        args += ["%s|calls|%d" % (kh, g), "2"]
+    redis.cmd("HSET", "mtr:wu:{%s}:1:%s:7" % (EPOCH2, hn), *args)
+    # not listed (part 300 of 300 parts): not read
+    redis.cmd("HSET", "mtr:wu:{%s}:1:%s:300" % (EPOCH2, hn),
+              "%s|calls|3" % kh, "1000")
+
+    assert w.once(h + 3600).returncode == 0
+    assert w.lines() == [line(kh, None, "calls", h, 5 + 7 + 2 * 12000)]

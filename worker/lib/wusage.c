@@ -19,6 +19,7 @@
 
 
 #define METER_WSCAN       5000    /* fields per HSCAN */
+#define METER_WPIPE       256     /* parts per pipeline */
 
 
 static int
@@ -190,20 +191,61 @@ meter_writer_parse(const char *w, char *epoch, char *sid, unsigned *nparts)
 }
 
 
+/* the fields of one HSCAN page into wm; -1 when out of memory */
+static int
+meter_wmap_page(meter_map_t *wm, const redisReply *f, const char *epoch,
+    unsigned *bad)
+{
+    char      kh[65], vf[METER_VFIELD_SIZE];
+    size_t    i;
+    uint64_t  v;
+
+    for (i = 0; i + 1 < f->elements; i += 2) {
+        if (meter_wfield_parse(f->element[i]->str, f->element[i]->len, epoch,
+                               kh, vf)
+            != 0
+            || meter_parse_u64(f->element[i + 1]->str,
+                               f->element[i + 1]->len, &v)
+               != 0)
+        {
+            (*bad)++;
+            continue;
+        }
+
+        if (meter_wmap_add(wm, kh, vf, v) != 0) {
+            return -1;
+        }
+    }
+
+    return 0;
+}
+
+
+static int
+meter_hscan_ok(const redisReply *rp)
+{
+    return meter_reply_ok(rp) && rp->type == REDIS_REPLY_ARRAY
+           && rp->elements == 2 && rp->element[0]->type == REDIS_REPLY_STRING
+           && rp->element[1]->type == REDIS_REPLY_ARRAY;
+}
+
+
 /*
  * Reads every writer hash of the hour (mtr:widx:HOUR) into wm; with
- * writers != NULL, also hands back the index (for retention).
+ * writers != NULL, also hands back the index (for retention).  The first
+ * page of a writer's parts goes in one pipeline (most parts are one page,
+ * many of a small writer empty), the rest page by page.
  */
 int
 meter_wmap_load(meter_redis_t *r, const char *hour, meter_map_t *wm,
     redisReply **writers)
 {
-    char         cursor[32], epoch[17], sid[21], kh[65];
-    char         vf[METER_VFIELD_SIZE];
-    size_t       w, i;
-    uint64_t     v;
-    unsigned     bad, part, nparts;
-    redisReply  *ws, *rp, *f;
+    char         epoch[17], sid[21];
+    char         (*cursor)[32];
+    size_t       w;
+    unsigned     bad, part, p0, k, np, nparts;
+    redisReply  *ws, *rp;
+    int          rc;
 
     ws = meter_redis_cmd(r, "SMEMBERS " MTR_WIDX_FMT, hour);
     if (!meter_reply_ok(ws) || ws->type != REDIS_REPLY_ARRAY) {
@@ -213,9 +255,16 @@ meter_wmap_load(meter_redis_t *r, const char *hour, meter_map_t *wm,
         return -1;
     }
 
-    bad = 0;
+    cursor = malloc(METER_WPIPE * sizeof(*cursor));
+    if (cursor == NULL) {
+        freeReplyObject(ws);
+        return -1;
+    }
 
-    for (w = 0; w < ws->elements; w++) {
+    bad = 0;
+    rc = 0;
+
+    for (w = 0; w < ws->elements && rc == 0; w++) {
         if (ws->element[w]->type != REDIS_REPLY_STRING
             || meter_writer_parse(ws->element[w]->str, epoch, sid, &nparts)
                != 0)
@@ -224,58 +273,82 @@ meter_wmap_load(meter_redis_t *r, const char *hour, meter_map_t *wm,
             continue;
         }
 
-        /* parts the writer never wrote do not exist: an empty scan */
-        for (part = 0; part < nparts; part++) {
+        for (p0 = 0; p0 < nparts && rc == 0; p0 += np) {
+            np = nparts - p0 < METER_WPIPE ? nparts - p0 : METER_WPIPE;
 
-        strcpy(cursor, "0");
-
-        do {
-            rp = meter_redis_cmd(r,
-                                 "HSCAN " MTR_WU_FMT " %s COUNT %d", epoch,
-                                 sid, hour, part, cursor, METER_WSCAN);
-            if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
-                || rp->elements != 2)
-            {
-                meter_log(LOG_ERR, "hour %s writer %s: %s", hour,
-                          ws->element[w]->str,
-                          rp != NULL ? rp->str : r->err);
-                freeReplyObject(rp);
-                freeReplyObject(ws);
-                return -1;
-            }
-
-            snprintf(cursor, sizeof(cursor), "%s", rp->element[0]->str);
-            f = rp->element[1];
-
-            for (i = 0; i + 1 < f->elements; i += 2) {
-                if (meter_wfield_parse(f->element[i]->str,
-                                       f->element[i]->len, epoch, kh, vf)
-                    != 0
-                    || meter_parse_u64(f->element[i + 1]->str,
-                                       f->element[i + 1]->len, &v)
-                       != 0)
+            for (k = 0; k < np; k++) {
+                if (meter_redis_append(r, "HSCAN " MTR_WU_FMT " 0 COUNT %d",
+                                       epoch, sid, hour, p0 + k, METER_WSCAN)
+                    != 0)
                 {
-                    bad++;
-                    continue;
-                }
-
-                if (meter_wmap_add(wm, kh, vf, v) != 0) {
-                    freeReplyObject(rp);
-                    freeReplyObject(ws);
-                    return -1;
+                    np = k;
+                    rc = -1;
+                    break;
                 }
             }
 
-            freeReplyObject(rp);
+            /* every queued reply is read, whatever failed */
+            for (k = 0; k < np; k++) {
+                cursor[k][0] = '\0';
+                rp = meter_redis_reply(r);
 
-        } while (strcmp(cursor, "0") != 0);
+                if (rc == 0 && !meter_hscan_ok(rp)) {
+                    meter_log(LOG_ERR, "hour %s writer %s: %s", hour,
+                              ws->element[w]->str,
+                              meter_reply_ok(rp) ? "unexpected HSCAN reply"
+                              : rp != NULL ? rp->str : r->err);
+                    rc = -1;
+                }
 
+                if (rc == 0) {
+                    snprintf(cursor[k], sizeof(cursor[k]), "%s",
+                             rp->element[0]->str);
+                    rc = meter_wmap_page(wm, rp->element[1], epoch, &bad);
+                }
+
+                freeReplyObject(rp);
+            }
+
+            /* the parts with more than a page */
+            for (k = 0; k < np && rc == 0; k++) {
+                part = p0 + k;
+
+                while (rc == 0 && cursor[k][0] != '\0'
+                       && strcmp(cursor[k], "0") != 0)
+                {
+                    rp = meter_redis_cmd(r, "HSCAN " MTR_WU_FMT " %s COUNT %d",
+                                         epoch, sid, hour, part, cursor[k],
+                                         METER_WSCAN);
+                    if (!meter_hscan_ok(rp)) {
+                        meter_log(LOG_ERR, "hour %s writer %s: %s", hour,
+                                  ws->element[w]->str,
+                                  rp != NULL && rp->type == REDIS_REPLY_ERROR
+                                  ? rp->str : r->err);
+                        rc = -1;
+
+                    } else {
+                        snprintf(cursor[k], sizeof(cursor[k]), "%s",
+                                 rp->element[0]->str);
+                        rc = meter_wmap_page(wm, rp->element[1], epoch,
+                                             &bad);
+                    }
+
+                    freeReplyObject(rp);
+                }
+            }
         }
     }
+
+    free(cursor);
 
     if (bad) {
         meter_log(LOG_WARNING, "hour %s: %u malformed writer entries "
                   "ignored", hour, bad);
+    }
+
+    if (rc != 0) {
+        freeReplyObject(ws);
+        return -1;
     }
 
     if (writers != NULL) {
