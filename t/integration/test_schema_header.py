@@ -14,7 +14,7 @@ SCHEMA = ROOT / "docs" / "redis-schema.md"
 # the document's placeholders, as the header's printf formats spell them
 PLACEHOLDERS = [
     ("{KH}", "{%s}"), ("{CUSTOMER}", "{%s}"), ("{EPOCH}", "{%s}"),
-    (":SID", ":%s"), (":HOUR", ":%s"),
+    (":SID", ":%s"), (":HOUR", ":%s"), (":PART", ":%u"),
     (":PSTART", ":%lld"), (":ID", ":%s"), (":PROVIDER:EVENT_ID", ":%s:%s"),
 ]
 

@@ -112,7 +112,8 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
 
         /* both layouts: the key layout's keys, then the writer layout's */
         if (meter_map_init(&wm, 64) != 0
-            || meter_wmap_load(r, hours->element[h]->str, &wm, NULL) != 0)
+            || meter_wmap_load(r, hours->element[h]->str, &wm, NULL, NULL)
+               != 0)
         {
             meter_map_free(&wm, meter_wkey_free);
             freeReplyObject(keys);
@@ -347,11 +348,11 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
     void            **slot;
     size_t            i, h, k, f, nrows, cap, mlen, nhour, nhourcap, nu;
     time_t            t, start;
-    int               rc;
+    int               rc, created;
     uint64_t          u, b;
     redisReply       *hours, *keys, *ur, *br, *rp, *st;
     const char       *fn, *bar, *bv, **uv;
-    meter_map_t       wm;
+    meter_map_t       wm, mine;
     meterctl_urow_t  *rows, *hrows, *row;
 
     *out = NULL;
@@ -378,9 +379,24 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
         snprintf(to_s, sizeof(to_s), "+inf");
     }
 
+    /* the customer's keys: the writer layout's other counters are skipped
+     * while it is read (an hour may hold a million) */
+    if (meter_map_init(&mine, keys->elements + 1) != 0) {
+        fprintf(stderr, "meterctl: out of memory\n");
+        exit(EX_OSERR);
+    }
+
+    for (k = 0; k < keys->elements; k++) {
+        if (meter_map_put(&mine, keys->element[k]->str, &created) == NULL) {
+            fprintf(stderr, "meterctl: out of memory\n");
+            exit(EX_OSERR);
+        }
+    }
+
     hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %s %s", from_s,
                             to_s);
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
+        meter_map_free(&mine, NULL);
         freeReplyObject(keys);
         return meterctl_redis_failed(r, hours);
     }
@@ -402,7 +418,8 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
         nhour = 0;
 
         if (meter_map_init(&wm, 64) != 0
-            || meter_wmap_load(r, hours->element[h]->str, &wm, NULL) != 0)
+            || meter_wmap_load(r, hours->element[h]->str, &wm, &mine, NULL)
+               != 0)
         {
             meter_map_free(&wm, meter_wkey_free);
             rc = EX_UNAVAILABLE;
@@ -520,6 +537,7 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
 
     free(hrows);
     freeReplyObject(hours);
+    meter_map_free(&mine, NULL);
     freeReplyObject(keys);
 
     if (rc != EX_OK) {

@@ -865,7 +865,7 @@ meter_drain_period(meter_drain_t *d, time_t pstart, char **hours,
             break;
         }
 
-        if (meter_wmap_load(d->redis, hours[h], &wm, NULL) != 0) {
+        if (meter_wmap_load(d->redis, hours[h], &wm, NULL, NULL) != 0) {
             rc = METER_DRAIN_REDIS;
             meter_map_free(&wm, meter_wkey_free);
             break;
@@ -2195,7 +2195,7 @@ meter_drain_retire_writers(meter_drain_t *d, const char *hour)
 
     ws = NULL;
 
-    if (meter_wmap_load(d->redis, hour, &wm, &ws) != 0) {
+    if (meter_wmap_load(d->redis, hour, &wm, NULL, &ws) != 0) {
         meter_map_free(&wm, meter_wkey_free);
         return 0;
     }

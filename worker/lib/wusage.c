@@ -193,8 +193,8 @@ meter_writer_parse(const char *w, char *epoch, char *sid, unsigned *nparts)
 
 /* the fields of one HSCAN page into wm; -1 when out of memory */
 static int
-meter_wmap_page(meter_map_t *wm, const redisReply *f, const char *epoch,
-    unsigned *bad)
+meter_wmap_page(meter_map_t *wm, const meter_map_t *only, const redisReply *f,
+    const char *epoch, unsigned *bad)
 {
     char      kh[65], vf[METER_VFIELD_SIZE];
     size_t    i;
@@ -209,6 +209,10 @@ meter_wmap_page(meter_map_t *wm, const redisReply *f, const char *epoch,
                != 0)
         {
             (*bad)++;
+            continue;
+        }
+
+        if (only != NULL && meter_map_get(only, kh) == NULL) {
             continue;
         }
 
@@ -232,13 +236,14 @@ meter_hscan_ok(const redisReply *rp)
 
 /*
  * Reads every writer hash of the hour (mtr:widx:HOUR) into wm; with
- * writers != NULL, also hands back the index (for retention).  The first
+ * writers != NULL, also hands back the index (for retention); with only
+ * != NULL, keeps the key hashes only has (a customer's).  The first
  * page of a writer's parts goes in one pipeline (most parts are one page,
  * many of a small writer empty), the rest page by page.
  */
 int
 meter_wmap_load(meter_redis_t *r, const char *hour, meter_map_t *wm,
-    redisReply **writers)
+    const meter_map_t *only, redisReply **writers)
 {
     char         epoch[17], sid[21];
     char         (*cursor)[32];
@@ -303,7 +308,7 @@ meter_wmap_load(meter_redis_t *r, const char *hour, meter_map_t *wm,
                 if (rc == 0) {
                     snprintf(cursor[k], sizeof(cursor[k]), "%s",
                              rp->element[0]->str);
-                    rc = meter_wmap_page(wm, rp->element[1], epoch, &bad);
+                    rc = meter_wmap_page(wm, only, rp->element[1], epoch, &bad);
                 }
 
                 freeReplyObject(rp);
@@ -329,8 +334,8 @@ meter_wmap_load(meter_redis_t *r, const char *hour, meter_map_t *wm,
                     } else {
                         snprintf(cursor[k], sizeof(cursor[k]), "%s",
                                  rp->element[0]->str);
-                        rc = meter_wmap_page(wm, rp->element[1], epoch,
-                                             &bad);
+                        rc = meter_wmap_page(wm, only, rp->element[1],
+                                             epoch, &bad);
                     }
 
                     freeReplyObject(rp);

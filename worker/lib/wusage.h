@@ -55,11 +55,12 @@ int meter_writer_parse(const char *w, char *epoch, char *sid,
 
 /*
  * Reads every writer hash of the hour into wm (meter_wkey_t values); with
- * writers != NULL, also hands back the SMEMBERS reply of the index.
- * 0, or -1 on a Redis error (logged).
+ * only != NULL, just the key hashes that map has; with writers != NULL,
+ * also hands back the SMEMBERS reply of the index.  0, or -1 on a Redis
+ * error (logged).
  */
 int meter_wmap_load(meter_redis_t *r, const char *hour, meter_map_t *wm,
-    redisReply **writers);
+    const meter_map_t *only, redisReply **writers);
 
 /*
  * The u fields of one key-hour from both layouts: the key layout's (its
