@@ -9,6 +9,7 @@ import json
 import time
 
 from conftest import key_hash, usage_fields, wait_for
+from test_upgrade_rolling import CONF as ROLLING_CONF
 from test_worker import EPOCH, NOW_HOUR, Worker, hour_name, line, put
 
 EPOCH2 = "77aa00cc11dd22ee"
@@ -143,23 +144,10 @@ def test_credit_mid_hour_moves_a_counter_between_layouts(nginx_factory,
     assert len(w.lines()) == len(lines)
 
 
-LOST_CONF = r"""
-    meter_zone $http_x_api_key zone=api:1m;
-    meter_redis @REDIS@ timeout=300ms;
-    meter_flush_interval 100ms;
-
-    server {
-        listen 127.0.0.1:@PORT@;
-        meter zone=api calls;
-
-        location / { return 200 "ok\n"; }
-
-        location = /status {
-            meter off;
-            meter_status json;
-        }
-    }
-"""
+# one node, a Redis timeout short enough for the test
+LOST_CONF = ROLLING_CONF.replace("meter_redis @REDIS@;",
+                                 "meter_redis @REDIS@ timeout=300ms;")
+assert LOST_CONF != ROLLING_CONF
 
 
 def test_lost_replies_resent_in_a_new_session_bill_once(nginx_factory,
