@@ -49,6 +49,24 @@
 /* ZSET mtr:hours, member HOUR, score Unix start of HOUR */
 #define MTR_HOURS               "mtr:hours"
 
+/*
+ * The writer layout (most usage): HASH mtr:wu:{EPOCH}:SID:HOUR:PART, field
+ * KH|METER|GEN -> absolute cumulative count, written with plain HSET by
+ * one session (one connection) of one zone instance; PART is the slot's
+ * index in the zone / MTR_WPART_SLOTS, so each hash stays small (printf
+ * arguments: epoch as 16 hex digits, sid, hour, part).
+ */
+#define MTR_WU_PRE              "mtr:wu:{"
+#define MTR_WU_FMT              MTR_WU_PRE "%s}:%s:%s:%u"
+#define MTR_WPART_SHIFT         12
+#define MTR_WPART_SLOTS         (1u << MTR_WPART_SHIFT)
+
+/* SET mtr:widx:HOUR of writers EPOCH:SID:NPARTS that wrote HOUR (NPARTS:
+ * the zone's part count, the writer's hashes are parts 0..NPARTS-1) */
+#define MTR_WIDX_PRE            "mtr:widx:"
+#define MTR_WIDX_FMT            MTR_WIDX_PRE "%s"
+#define MTR_WRITER_SEP          ':'     /* EPOCH:SID:NPARTS */
+
 /* HASH mtr:b:{KH}:HOUR, field METER|WRITER -> billed u value (worker) */
 #define MTR_B_PRE               "mtr:b:{"
 #define MTR_B_FMT               MTR_B_PRE "%s" MTR_U_MID "%s"

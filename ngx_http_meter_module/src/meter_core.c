@@ -76,8 +76,12 @@ static const char  *meter_methods[] = {
 /* verbatim from docs/redis-schema.md */
 const char  meter_script_max[] =
     "-- KEYS[1] = mtr:u:{KH}:HOUR, KEYS[2] = mtr:used:{KH}\n"
-    "-- ARGV = field, value [, field, value ...]\n"
+    "-- ARGV = field, value, base [, field, value, base ...]\n"
+    "-- base: the count Redis confirmed for this slot in the writer layout\n"
     "-- decimal strings throughout: 64-bit values never become doubles\n"
+    "local function gt(a, b)\n"
+    "  return #a > #b or (#a == #b and a > b)\n"
+    "end\n"
     "local function sub(a, b)\n"
     "  local r, borrow = {}, 0\n"
     "  for i = 0, #a - 1 do\n"
@@ -88,12 +92,16 @@ const char  meter_script_max[] =
     "  end\n"
     "  return (table.concat(r):gsub('^0+(%d)', '%1'))\n"
     "end\n"
-    "for i = 1, #ARGV, 2 do\n"
+    "for i = 1, #ARGV, 3 do\n"
     "  local cur = redis.call('HGET', KEYS[1], ARGV[i]) or '0'\n"
-    "  local v = ARGV[i + 1]\n"
-    "  if #v > #cur or (#v == #cur and v > cur) then\n"
-    "    -- first: if the total would overflow, nothing is written\n"
-    "    redis.call('HINCRBY', KEYS[2], ARGV[i]:match('^[^|]+'), sub(v, cur))\n"
+    "  local v, from = ARGV[i + 1], ARGV[i + 2]\n"
+    "  if gt(v, cur) then\n"
+    "    if gt(cur, from) then from = cur end\n"
+    "    if gt(v, from) then\n"
+    "      -- first: if the total would overflow, nothing is written\n"
+    "      local m = ARGV[i]:match('^[^|]+')\n"
+    "      redis.call('HINCRBY', KEYS[2], m, sub(v, from))\n"
+    "    end\n"
     "    redis.call('HSET', KEYS[1], ARGV[i], v)\n"
     "  end\n"
     "end\n"
@@ -1269,4 +1277,180 @@ meter_fmt_used_key(char *buf, const uint8_t key[METER_HASH_LEN])
     buf[METER_USED_KEY_SIZE - 1] = '\0';
 
     return METER_USED_KEY_SIZE - 1;
+}
+
+
+/* "0123456789abcdef" per byte, two characters each */
+static const char  meter_hex2[] =
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+    "202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f"
+    "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f"
+    "606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f"
+    "808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f"
+    "a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf"
+    "c0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedf"
+    "e0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff";
+
+
+/* decimal without a NUL: the length */
+static size_t
+meter_dec(char *buf, uint64_t v)
+{
+    char    tmp[20], *p;
+    size_t  n;
+
+    p = tmp + sizeof(tmp);
+
+    do {
+        *--p = (char) ('0' + v % 10);
+        v /= 10;
+    } while (v);
+
+    n = (size_t) (tmp + sizeof(tmp) - p);
+    memcpy(buf, p, n);
+
+    return n;
+}
+
+
+static char *
+meter_hex16(char *p, uint64_t v)
+{
+    int  i;
+
+    for (i = 7; i >= 0; i--) {
+        memcpy(p, &meter_hex2[2 * ((v >> (8 * i)) & 0xff)], 2);
+        p += 2;
+    }
+
+    return p;
+}
+
+
+size_t
+meter_fmt_writer(char *buf, uint64_t epoch, uint64_t sid, uint32_t nparts)
+{
+    char  *p;
+
+    p = meter_hex16(buf, epoch);
+    *p++ = MTR_WRITER_SEP;
+    p += meter_dec(p, sid);
+    *p++ = MTR_WRITER_SEP;
+    p += meter_dec(p, nparts);
+    *p = '\0';
+
+    return (size_t) (p - buf);
+}
+
+
+size_t
+meter_fmt_wkey(char *buf, uint64_t epoch, uint64_t sid, const char *hour,
+    uint32_t part)
+{
+    char  *p;
+
+    p = buf;
+    memcpy(p, MTR_WU_PRE, sizeof(MTR_WU_PRE) - 1);
+    p += sizeof(MTR_WU_PRE) - 1;
+    p = meter_hex16(p, epoch);
+    *p++ = '}';
+    *p++ = ':';
+    p += meter_dec(p, sid);
+    *p++ = ':';
+    memcpy(p, hour, METER_HOUR_LEN);
+    p += METER_HOUR_LEN;
+    *p++ = ':';
+    p += meter_dec(p, part);
+    *p = '\0';
+
+    return (size_t) (p - buf);
+}
+
+
+size_t
+meter_fmt_widx_key(char *buf, const char *hour)
+{
+    memcpy(buf, MTR_WIDX_PRE, sizeof(MTR_WIDX_PRE) - 1);
+    memcpy(buf + sizeof(MTR_WIDX_PRE) - 1, hour, METER_HOUR_LEN);
+    buf[sizeof(MTR_WIDX_PRE) - 1 + METER_HOUR_LEN] = '\0';
+
+    return sizeof(MTR_WIDX_PRE) - 1 + METER_HOUR_LEN;
+}
+
+
+char *
+meter_resp_array(char *p, unsigned n)
+{
+    *p++ = '*';
+    p += meter_dec(p, n);
+    *p++ = '\r';
+    *p++ = '\n';
+
+    return p;
+}
+
+
+char *
+meter_resp_bulk(char *p, const char *s, size_t len)
+{
+    *p++ = '$';
+    p += meter_dec(p, len);
+    *p++ = '\r';
+    *p++ = '\n';
+    memcpy(p, s, len);
+    p += len;
+    *p++ = '\r';
+    *p++ = '\n';
+
+    return p;
+}
+
+
+char *
+meter_resp_wfield(char *p, const meter_batch_item_t *it)
+{
+    char            gen[10], val[20];
+    size_t          mlen, glen, vlen, i;
+    const uint8_t  *k;
+
+    for (mlen = 0; mlen < METER_NAME_MAX && it->e->meter[mlen] != '\0';
+         mlen++)
+    {
+        /* void */
+    }
+
+    glen = meter_dec(gen, it->gen);
+    vlen = meter_dec(val, it->value);
+
+    *p++ = '$';
+    p += meter_dec(p, METER_HEX_LEN + 1 + mlen + 1 + glen);
+    *p++ = '\r';
+    *p++ = '\n';
+
+    k = it->e->key;
+
+    for (i = 0; i < METER_HASH_LEN; i++) {
+        memcpy(p, &meter_hex2[2 * k[i]], 2);
+        p += 2;
+    }
+
+    *p++ = MTR_FIELD_SEP;
+    memcpy(p, it->e->meter, mlen);
+    p += mlen;
+    *p++ = MTR_FIELD_SEP;
+    memcpy(p, gen, glen);
+    p += glen;
+    *p++ = '\r';
+    *p++ = '\n';
+
+    *p++ = '$';
+    p += meter_dec(p, vlen);
+    *p++ = '\r';
+    *p++ = '\n';
+    memcpy(p, val, vlen);
+    p += vlen;
+    *p++ = '\r';
+    *p++ = '\n';
+
+    return p;
 }

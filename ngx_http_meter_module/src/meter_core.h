@@ -260,6 +260,9 @@ typedef struct {
     uint32_t                    gen;        /* e->gen when collected */
     uint32_t                    hour;
     uint64_t                    value;      /* absolute count sent */
+    uint32_t                    keyed;      /* the key layout (credit) */
+    uint32_t                    part;       /* writer hash: slot index
+                                             * >> MTR_WPART_SHIFT */
 } meter_batch_item_t;
 
 typedef struct {
@@ -323,6 +326,33 @@ size_t meter_fmt_field(char *buf, const char *meter, uint64_t epoch,
     uint32_t gen);
 /* decimal */
 size_t meter_fmt_u64(char *buf, uint64_t v);
+
+/* the writer layout: "mtr:wu:{EPOCH}:SID:HOUR:PART", "mtr:widx:HOUR",
+ * "EPOCH:SID:NPARTS" */
+#define METER_WRITER_SIZE       (16 + 1 + 20 + 1 + 10 + 1)
+#define METER_WKEY_SIZE         (sizeof(MTR_WU_PRE) - 1 + 16 + 2 + 20 + 1  \
+                                 + METER_HOUR_LEN + 1 + 10 + 1)
+#define METER_WIDX_KEY_SIZE     (sizeof(MTR_WIDX_PRE) - 1 + METER_HOUR_LEN + 1)
+#define meter_wparts(nslots)                                                 \
+    ((uint32_t) (((uint64_t) (nslots) + MTR_WPART_SLOTS - 1)                 \
+                 >> MTR_WPART_SHIFT))
+size_t meter_fmt_writer(char *buf, uint64_t epoch, uint64_t sid,
+    uint32_t nparts);
+size_t meter_fmt_wkey(char *buf, uint64_t epoch, uint64_t sid,
+    const char *hour, uint32_t part);
+size_t meter_fmt_widx_key(char *buf, const char *hour);
+
+/*
+ * RESP, built by hand into the caller's buffer (no allocation, no printf):
+ * each returns the end of what it wrote.  meter_resp_wfield() writes one
+ * field and value of a writer-layout HSET: "KH|METER|GEN" and the item's
+ * absolute value, at most METER_RESP_WFIELD_MAX bytes.
+ */
+#define METER_RESP_WFIELD_MAX   (6 + METER_HEX_LEN + 1 + METER_NAME_MAX + 1 \
+                                 + 10 + 2 + 5 + 20 + 2)
+char *meter_resp_array(char *p, unsigned n);
+char *meter_resp_bulk(char *p, const char *s, size_t len);
+char *meter_resp_wfield(char *p, const meter_batch_item_t *it);
 
 /* the max-only script of docs/redis-schema.md */
 extern const char meter_script_max[];

@@ -4,9 +4,16 @@
  *
  * The flush: from the tick of every worker, the one that holds a zone's
  * lease sends the zone's changed counters to Redis as absolute values
- * through a max-only script (docs/redis-schema.md), in slices so that a
- * large zone never stalls the event loop; the exit flushes once more,
- * blocking.  A lost reply is retried without double counting.
+ * (docs/redis-schema.md), in slices so that a large zone never stalls the
+ * event loop; the exit flushes once more, blocking.  A lost reply is
+ * retried without double counting.
+ *
+ * Two layouts.  Most counters go into the writer layout: one plain HSET
+ * per (session, hour) and batch, many fields, RESP built here into a
+ * reused buffer.  Counters of keys with prepaid credit go through the
+ * max-only script of the key layout, which also keeps mtr:used.  Either
+ * way a value is the slot's absolute count, so the worker's maximum over
+ * every copy of a slot is exact whatever was written twice.
  */
 
 
@@ -19,15 +26,28 @@
 #include "ngx_http_meter_module.h"
 
 
-typedef ngx_int_t (*ngx_http_meter_emit_pt)(void *data, int argc,
-    const char **argv, const size_t *len, ngx_int_t item);
+/*
+ * A reply's tag: an item of the key layout (< BATCH), the writer HSET of
+ * group tag - BATCH (an hour and part), or an index command.
+ */
+#define NGX_HTTP_METER_TAG_GROUP    NGX_HTTP_METER_BATCH
+#define NGX_HTTP_METER_TAG_INDEX    (2 * NGX_HTTP_METER_BATCH)
+
+/* the RESP of one batch at most (see ngx_http_meter_batch_cmds) */
+#define NGX_HTTP_METER_OUT_ITEM     768
+#define NGX_HTTP_METER_OUT_SIZE                                               \
+    (NGX_HTTP_METER_BATCH * NGX_HTTP_METER_OUT_ITEM + 1024)
 
 
-/* the blocking flush at exit: which reply belongs to which item */
+typedef ngx_int_t (*ngx_http_meter_emit_pt)(void *data, u_char *cmd,
+    size_t len, ngx_uint_t tag);
+
+
+/* the blocking flush at exit: which reply belongs to which command */
 typedef struct {
     redisContext                *rc;
     ngx_uint_t                   n;
-    ngx_int_t                    items[3 * NGX_HTTP_METER_BATCH];
+    ngx_uint_t                   tags[4 * NGX_HTTP_METER_BATCH];
 } ngx_http_meter_sync_t;
 
 
@@ -41,20 +61,27 @@ static void ngx_http_meter_slice_handler(ngx_event_t *ev);
 static void ngx_http_meter_next_slice(ngx_http_meter_flush_t *fl);
 static ngx_int_t ngx_http_meter_send_batch(ngx_http_meter_flush_t *fl,
     ngx_http_meter_zone_ctx_t *ctx);
-static ngx_int_t ngx_http_meter_batch_cmds(meter_batch_t *b, uint64_t epoch,
-    const char *sha, ngx_http_meter_emit_pt emit, void *data);
-static ngx_int_t ngx_http_meter_emit_async(void *data, int argc,
-    const char **argv, const size_t *len, ngx_int_t item);
-static ngx_int_t ngx_http_meter_emit_sync(void *data, int argc,
-    const char **argv, const size_t *len, ngx_int_t item);
+static ngx_uint_t ngx_http_meter_keyed(ngx_http_meter_main_conf_t *mcf,
+    meter_batch_item_t *it);
+static ngx_int_t ngx_http_meter_batch_cmds(ngx_http_meter_flush_t *fl,
+    meter_batch_t *b, ngx_http_meter_shctx_t *sh, ngx_http_meter_wsess_t *ws,
+    ngx_http_meter_emit_pt emit, void *data);
+static u_char *ngx_http_meter_resp_argv(u_char *p, int argc,
+    const char **argv, const size_t *len);
+static ngx_int_t ngx_http_meter_emit_async(void *data, u_char *cmd,
+    size_t len, ngx_uint_t tag);
+static ngx_int_t ngx_http_meter_emit_sync(void *data, u_char *cmd,
+    size_t len, ngx_uint_t tag);
 static void ngx_http_meter_reply(redisAsyncContext *ac, void *r,
     void *privdata);
+static void ngx_http_meter_confirm_tag(ngx_http_meter_flush_t *fl,
+    ngx_http_meter_shctx_t *sh, meter_batch_t *b, ngx_uint_t tag);
 static void ngx_http_meter_confirm(ngx_http_meter_shctx_t *sh,
     meter_batch_item_t *it);
 static void ngx_http_meter_batch_done(ngx_http_meter_flush_t *fl);
 static void ngx_http_meter_zone_done(ngx_http_meter_flush_t *fl,
     ngx_http_meter_zone_ctx_t *ctx);
-static void ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf,
+static void ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl,
     ngx_log_t *log);
 
 
@@ -69,6 +96,15 @@ ngx_http_meter_flush_init(ngx_http_meter_flush_t *fl,
     fl->redis = rd;
     fl->batch.items = fl->items;
     fl->batch.cap = NGX_HTTP_METER_BATCH;
+
+    fl->sess = ngx_pcalloc(ngx_cycle->pool, sizeof(ngx_http_meter_wsess_t)
+                                            * ngx_max(fl->mcf->zones.nelts,
+                                                      1));
+    fl->out = ngx_palloc(ngx_cycle->pool, NGX_HTTP_METER_OUT_SIZE);
+
+    if (fl->sess == NULL || fl->out == NULL) {
+        return NGX_ERROR;
+    }
 
     ngx_http_meter_init_event(&fl->tick, ngx_http_meter_tick, fl, fl->log);
     ngx_http_meter_init_event(&fl->slice, ngx_http_meter_slice_handler, fl,
@@ -102,7 +138,7 @@ ngx_http_meter_flush_exit(ngx_http_meter_flush_t *fl, ngx_log_t *log)
     ngx_shm_zone_t             **zones;
     ngx_http_meter_zone_ctx_t   *ctx;
 
-    ngx_http_meter_final_flush(fl->mcf, log);
+    ngx_http_meter_final_flush(fl, log);
 
     zones = fl->mcf->zones.elts;
 
@@ -125,6 +161,10 @@ ngx_http_meter_flush_ready(void *data)
 
     /* queued before any EVALSHA, so the script exists when they run */
     fl->reload_script = 1;
+
+    /* a new connection is a new writer session in every zone */
+    ngx_memzero(fl->sess, sizeof(ngx_http_meter_wsess_t)
+                          * fl->mcf->zones.nelts);
 
     argv[0] = "INFO"; len[0] = 4;
     argv[1] = "server"; len[1] = 6;
@@ -395,34 +435,240 @@ ngx_http_meter_next_slice(ngx_http_meter_flush_t  *fl)
 
 
 /*
+ * Whether an item goes into the key layout: its key's customer has prepaid
+ * credit for its meter, as the node's governance copy says (mtr:used must
+ * count it), or the copy is not loaded yet.  A slot may change layout from
+ * one flush to the next: both hold its absolute count, the worker takes
+ * the larger.
+ */
+
+static ngx_uint_t
+ngx_http_meter_keyed(ngx_http_meter_main_conf_t *mcf, meter_batch_item_t *it)
+{
+    ngx_uint_t                   j;
+    ngx_http_meter_gov_key_t    *k;
+    ngx_http_meter_gov_cust_t   *cust;
+    ngx_http_meter_gov_snap_t   *snap;
+    ngx_http_meter_gov_zone_t   *gz;
+
+    if (mcf->gov_zone == NULL) {
+        return 0;
+    }
+
+    gz = mcf->gov_zone->data;
+    snap = __atomic_load_n(&gz->sh->snap, __ATOMIC_ACQUIRE);
+
+    if (snap == NULL) {
+        return 1;
+    }
+
+    k = ngx_http_meter_gov_find(snap, it->e->key);
+
+    if (k == NULL || k->cust == 0 || k->cust > snap->ncust) {
+        return 0;
+    }
+
+    cust = &snap->custs[k->cust - 1];
+
+    for (j = 0; j < cust->ncredits && j < NGX_HTTP_METER_GOV_CREDITS; j++) {
+        if (ngx_strncmp(cust->credits[j].meter, it->e->meter,
+                        METER_NAME_MAX)
+            == 0)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+/* one command of argv into p: for the rare commands, no per-field speed */
+
+static u_char *
+ngx_http_meter_resp_argv(u_char *p, int argc, const char **argv,
+    const size_t *len)
+{
+    int  i;
+
+    p = (u_char *) meter_resp_array((char *) p, (unsigned) argc);
+
+    for (i = 0; i < argc; i++) {
+        p = (u_char *) meter_resp_bulk((char *) p, argv[i], len[i]);
+    }
+
+    return p;
+}
+
+
+/*
  * The commands of one batch (docs/redis-schema.md), for the async flush and
- * the blocking one at exit alike: per hour, the hour and key indexes first
- * (one SADD with every key of the batch), then one max-only script call per
- * counter.  emit() gets the item index for a script call, -1 otherwise.
+ * the blocking one at exit alike, RESP built into fl->out:
+ *
+ *   - writer layout, per hour and part of the batch: the first time in
+ *     this session and hour SADD mtr:widx:HOUR EPOCH:SID:NPARTS and ZADD
+ *     mtr:hours NX, then one HSET mtr:wu:{EPOCH}:SID:HOUR:PART with every
+ *     field of the group;
+ *   - key layout (credit), per hour: ZADD mtr:hours NX and one SADD
+ *     mtr:idx:HOUR, then one max-only script call per counter.
+ *
+ * An index goes first on the same connection, so it exists before the data
+ * it points to.  emit() gets each command with its reply's tag.
  */
 
 static ngx_int_t
-ngx_http_meter_batch_cmds(meter_batch_t *b, uint64_t epoch, const char *sha,
+ngx_http_meter_batch_cmds(ngx_http_meter_flush_t *fl, meter_batch_t *b,
+    ngx_http_meter_shctx_t *sh, ngx_http_meter_wsess_t *ws,
     ngx_http_meter_emit_pt emit, void *data)
 {
-    static char          hex[NGX_HTTP_METER_BATCH][METER_HEX_LEN + 1];
-    static size_t        slen[2 + NGX_HTTP_METER_BATCH];
-    static const char   *sargv[2 + NGX_HTTP_METER_BATCH];
-
-    char                 key[METER_DATA_KEY_SIZE], idx[METER_IDX_KEY_SIZE];
-    char                 field[METER_FIELD_SIZE], value[24];
+    char                 key[METER_WKEY_SIZE], idx[METER_WIDX_KEY_SIZE];
     char                 hour[METER_HOUR_LEN + 1], start[24];
-    char                 used[METER_USED_KEY_SIZE];
-    size_t               len[7];
-    ngx_uint_t           i, j, n;
-    const char          *argv[7];
+    char                 writer[METER_WRITER_SIZE], value[24];
+    char                 field[METER_FIELD_SIZE], used[METER_USED_KEY_SIZE];
+    char                 dkey[METER_DATA_KEY_SIZE], base[24];
+    char                 hex[NGX_HTTP_METER_BATCH][METER_HEX_LEN + 1];
+    u_char              *p, *cmd;
+    size_t               len[8];
+    uint64_t             epoch;
+    uint32_t             h, nparts;
+    ngx_uint_t           i, j, n, g, nk, keyed;
+    const char          *argv[8];
     meter_batch_item_t  *it;
+
+    epoch = sh->table.epoch;
+    p = fl->out;
+    fl->ngroups = 0;
+    keyed = 0;
+
+    for (i = 0; i < b->n; i++) {
+        it = &b->items[i];
+        it->keyed = (uint32_t) ngx_http_meter_keyed(fl->mcf, it);
+        it->part = (uint32_t) (it->e - sh->table.slots) >> MTR_WPART_SHIFT;
+        keyed += it->keyed;
+    }
+
+    /*
+     * The writer layout: the items into groups of one (hour, part).  They
+     * come in slot order, so an item's group is nearly always the last one
+     * or the one before (two hours interleaved); otherwise a new group, a
+     * second HSET into the same hash now and then, which is harmless.
+     */
+
+    g = 0;
 
     for (i = 0; i < b->n; i++) {
         it = &b->items[i];
 
+        if (it->keyed) {
+            continue;
+        }
+
+        if (fl->ngroups == 0
+            || fl->ghour[g] != it->hour || fl->gpart[g] != it->part)
+        {
+            g = fl->ngroups;
+
+            if (g > 1 && fl->ghour[g - 2] == it->hour
+                && fl->gpart[g - 2] == it->part)
+            {
+                g -= 2;
+
+            } else if (g > 0 && fl->ghour[g - 1] == it->hour
+                       && fl->gpart[g - 1] == it->part)
+            {
+                g -= 1;
+
+            } else {
+                fl->ghour[g] = it->hour;
+                fl->gpart[g] = it->part;
+                fl->gfirst[g] = (uint16_t) i;
+                fl->gn[g] = 0;
+                fl->ngroups++;
+            }
+        }
+
+        if (fl->gn[g] > 0) {
+            fl->inext[fl->glast[g]] = (uint16_t) i;
+        }
+
+        fl->glast[g] = (uint16_t) i;
+        fl->gn[g]++;
+    }
+
+    nparts = meter_wparts(sh->table.nslots);
+
+    for (g = 0; g < fl->ngroups; g++) {
+        h = fl->ghour[g];
+
+        if (ws->sid == 0) {
+            ws->sid = __atomic_add_fetch(&sh->writers, 1, __ATOMIC_RELAXED);
+        }
+
+        (void) meter_hour_format(h, hour);
+
+        if (ws->hours[0] != h && ws->hours[1] != h) {
+            argv[0] = "SADD"; len[0] = 4;
+            argv[1] = idx; len[1] = meter_fmt_widx_key(idx, hour);
+            argv[2] = writer;
+            len[2] = meter_fmt_writer(writer, epoch, ws->sid, nparts);
+
+            cmd = p;
+            p = ngx_http_meter_resp_argv(p, 3, argv, len);
+
+            if (emit(data, cmd, p - cmd, NGX_HTTP_METER_TAG_INDEX) != NGX_OK) {
+                return NGX_ERROR;
+            }
+
+            argv[0] = "ZADD"; len[0] = 4;
+            argv[1] = MTR_HOURS; len[1] = sizeof(MTR_HOURS) - 1;
+            argv[2] = "NX"; len[2] = 2;
+            argv[3] = start;
+            len[3] = meter_fmt_u64(start, meter_hour_start(h));
+            argv[4] = hour; len[4] = METER_HOUR_LEN;
+
+            cmd = p;
+            p = ngx_http_meter_resp_argv(p, 5, argv, len);
+
+            if (emit(data, cmd, p - cmd, NGX_HTTP_METER_TAG_INDEX) != NGX_OK) {
+                return NGX_ERROR;
+            }
+
+            /* the newer hour stays: late usage of the last one is rare */
+            ws->hours[ws->hours[0] < ws->hours[1] ? 0 : 1] = h;
+        }
+
+        cmd = p;
+        p = (u_char *) meter_resp_array((char *) p,
+                                        (unsigned) (2 + 2 * fl->gn[g]));
+        p = (u_char *) meter_resp_bulk((char *) p, "HSET", 4);
+        p = (u_char *) meter_resp_bulk((char *) p, key,
+                                       meter_fmt_wkey(key, epoch, ws->sid,
+                                                      hour, fl->gpart[g]));
+
+        for (n = 0, j = fl->gfirst[g]; n < fl->gn[g]; n++, j = fl->inext[j]) {
+            p = (u_char *) meter_resp_wfield((char *) p, &b->items[j]);
+        }
+
+        if (emit(data, cmd, p - cmd, NGX_HTTP_METER_TAG_GROUP + g) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (keyed == 0) {
+        return NGX_OK;
+    }
+
+    /* the key layout: indexes per hour, then the script per counter */
+
+    for (i = 0; i < b->n; i++) {
+        it = &b->items[i];
+
+        if (!it->keyed) {
+            continue;
+        }
+
         for (j = 0; j < i; j++) {
-            if (b->items[j].hour == it->hour) {
+            if (b->items[j].keyed && b->items[j].hour == it->hour) {
                 break;
             }
         }
@@ -438,23 +684,33 @@ ngx_http_meter_batch_cmds(meter_batch_t *b, uint64_t epoch, const char *sha,
         len[3] = meter_fmt_u64(start, meter_hour_start(it->hour));
         argv[4] = hour; len[4] = meter_hour_format(it->hour, hour);
 
-        if (emit(data, 5, argv, len, -1) != NGX_OK) {
+        cmd = p;
+        p = ngx_http_meter_resp_argv(p, 5, argv, len);
+
+        if (emit(data, cmd, p - cmd, NGX_HTTP_METER_TAG_INDEX) != NGX_OK) {
             return NGX_ERROR;
         }
 
-        sargv[0] = "SADD"; slen[0] = 4;
-        sargv[1] = idx; slen[1] = meter_fmt_idx_key(idx, it->hour);
-        n = 2;
+        nk = 0;
+        for (j = i; j < b->n; j++) {
+            nk += (b->items[j].keyed && b->items[j].hour == it->hour);
+        }
+
+        cmd = p;
+        p = (u_char *) meter_resp_array((char *) p, (unsigned) (2 + nk));
+        p = (u_char *) meter_resp_bulk((char *) p, "SADD", 4);
+        p = (u_char *) meter_resp_bulk((char *) p, idx,
+                                       meter_fmt_idx_key(idx, it->hour));
 
         for (j = i; j < b->n; j++) {
-            if (b->items[j].hour == it->hour) {
+            if (b->items[j].keyed && b->items[j].hour == it->hour) {
                 meter_hex(b->items[j].e->key, METER_HASH_LEN, hex[j]);
-                sargv[n] = hex[j];
-                slen[n++] = METER_HEX_LEN;
+                p = (u_char *) meter_resp_bulk((char *) p, hex[j],
+                                               METER_HEX_LEN);
             }
         }
 
-        if (emit(data, (int) n, sargv, slen, -1) != NGX_OK) {
+        if (emit(data, cmd, p - cmd, NGX_HTTP_METER_TAG_INDEX) != NGX_OK) {
             return NGX_ERROR;
         }
     }
@@ -462,24 +718,29 @@ ngx_http_meter_batch_cmds(meter_batch_t *b, uint64_t epoch, const char *sha,
     for (i = 0; i < b->n; i++) {
         it = &b->items[i];
 
-        if (sha != NULL) {
-            argv[0] = "EVALSHA"; len[0] = 7;
-            argv[1] = sha; len[1] = 40;
-
-        } else {
-            /* a connection that loaded no script */
-            argv[0] = "EVAL"; len[0] = 4;
-            argv[1] = meter_script_max; len[1] = ngx_strlen(meter_script_max);
+        if (!it->keyed) {
+            continue;
         }
 
+        argv[0] = "EVALSHA"; len[0] = 7;
+        argv[1] = fl->script_sha; len[1] = 40;
         argv[2] = "2"; len[2] = 1;
-        argv[3] = key; len[3] = meter_fmt_data_key(key, it->e->key, it->hour);
+        argv[3] = dkey;
+        len[3] = meter_fmt_data_key(dkey, it->e->key, it->hour);
         argv[4] = used; len[4] = meter_fmt_used_key(used, it->e->key);
         argv[5] = field;
         len[5] = meter_fmt_field(field, it->e->meter, epoch, it->gen);
         argv[6] = value; len[6] = meter_fmt_u64(value, it->value);
+        /* what Redis confirmed, maybe in the writer layout: a slot that
+         * changes layout adds to mtr:used only what came after */
+        argv[7] = base;
+        len[7] = meter_fmt_u64(base, __atomic_load_n(&it->e->flushed,
+                                                     __ATOMIC_ACQUIRE));
 
-        if (emit(data, 7, argv, len, (ngx_int_t) i) != NGX_OK) {
+        cmd = p;
+        p = ngx_http_meter_resp_argv(p, 8, argv, len);
+
+        if (emit(data, cmd, p - cmd, i) != NGX_OK) {
             return NGX_ERROR;
         }
     }
@@ -489,38 +750,35 @@ ngx_http_meter_batch_cmds(meter_batch_t *b, uint64_t epoch, const char *sha,
 
 
 static ngx_int_t
-ngx_http_meter_emit_async(void *data, int argc, const char **argv,
-    const size_t *len, ngx_int_t item)
+ngx_http_meter_emit_async(void *data, u_char *cmd, size_t len,
+    ngx_uint_t tag)
 {
     ngx_http_meter_flush_t   *fl = data;
 
-    if (redisAsyncCommandArgv(fl->redis->ac,
-                              item >= 0 ? ngx_http_meter_reply : NULL,
-                              (void *) (uintptr_t) item, argc, argv, len)
+    if (redisAsyncFormattedCommand(fl->redis->ac, ngx_http_meter_reply,
+                                   (void *) (uintptr_t) tag, (char *) cmd,
+                                   len)
         != REDIS_OK)
     {
         return NGX_ERROR;
     }
 
-    if (item >= 0) {
-        fl->outstanding++;
-    }
+    fl->outstanding++;
 
     return NGX_OK;
 }
 
 
 static ngx_int_t
-ngx_http_meter_emit_sync(void *data, int argc, const char **argv,
-    const size_t *len, ngx_int_t item)
+ngx_http_meter_emit_sync(void *data, u_char *cmd, size_t len, ngx_uint_t tag)
 {
     ngx_http_meter_sync_t  *sc = data;
 
-    if (redisAppendCommandArgv(sc->rc, argc, argv, len) != REDIS_OK) {
+    if (redisAppendFormattedCommand(sc->rc, (char *) cmd, len) != REDIS_OK) {
         return NGX_ERROR;
     }
 
-    sc->items[sc->n++] = item;
+    sc->tags[sc->n++] = tag;
 
     return NGX_OK;
 }
@@ -554,9 +812,11 @@ ngx_http_meter_send_batch(ngx_http_meter_flush_t  *fl,
         fl->reload_script = 0;
     }
 
-    if (ngx_http_meter_batch_cmds(&fl->batch, ctx->sh->table.epoch,
-                                  fl->script_sha, ngx_http_meter_emit_async,
-                                  fl)
+    fl->index_failed = 0;
+
+    if (ngx_http_meter_batch_cmds(fl, &fl->batch, ctx->sh,
+                                  &fl->sess[fl->zone],
+                                  ngx_http_meter_emit_async, fl)
         != NGX_OK)
     {
         goto failed;
@@ -582,17 +842,20 @@ static void
 ngx_http_meter_reply(redisAsyncContext *ac, void *r, void *privdata)
 {
     redisReply               *reply = r;
+    ngx_uint_t                tag;
     ngx_shm_zone_t          **zones;
     ngx_http_meter_flush_t   *fl;
     ngx_http_meter_shctx_t   *sh;
 
-    /* privdata is the item: the flush is the worker's */
+    /* privdata is the tag: the flush is the worker's */
     fl = (ngx_http_meter_worker != NULL) ? &ngx_http_meter_worker->flush
                                          : NULL;
 
     if (fl == NULL || fl->outstanding == 0) {
         return;
     }
+
+    tag = (uintptr_t) privdata;
 
     if (reply == NULL) {
         fl->failed = 1;
@@ -608,18 +871,47 @@ ngx_http_meter_reply(redisAsyncContext *ac, void *r, void *privdata)
             fl->reload_script = 1;
         }
 
+        if (tag == NGX_HTTP_METER_TAG_INDEX) {
+            /* data without its index would be unseen: confirm nothing
+             * after it, and send the index again */
+            fl->index_failed = 1;
+        }
+
         fl->failed = 1;
 
-    } else {
-        /* acknowledged: only this item's value is known to be in Redis */
+    } else if (!fl->index_failed) {
+        /* acknowledged: only these values are known to be in Redis */
         zones = fl->mcf->zones.elts;
         sh = ((ngx_http_meter_zone_ctx_t *) zones[fl->zone]->data)->sh;
 
-        ngx_http_meter_confirm(sh, &fl->batch.items[(uintptr_t) privdata]);
+        ngx_http_meter_confirm_tag(fl, sh, &fl->batch, tag);
     }
 
     if (--fl->outstanding == 0) {
         ngx_http_meter_batch_done(fl);
+    }
+}
+
+
+static void
+ngx_http_meter_confirm_tag(ngx_http_meter_flush_t *fl,
+    ngx_http_meter_shctx_t *sh, meter_batch_t *b, ngx_uint_t tag)
+{
+    ngx_uint_t  g, i, n;
+
+    if (tag < NGX_HTTP_METER_TAG_GROUP) {
+        ngx_http_meter_confirm(sh, &b->items[tag]);
+        return;
+    }
+
+    if (tag >= NGX_HTTP_METER_TAG_INDEX) {
+        return;
+    }
+
+    g = tag - NGX_HTTP_METER_TAG_GROUP;
+
+    for (n = 0, i = fl->gfirst[g]; n < fl->gn[g]; n++, i = fl->inext[i]) {
+        ngx_http_meter_confirm(sh, &b->items[i]);
     }
 }
 
@@ -660,7 +952,10 @@ ngx_http_meter_batch_done(ngx_http_meter_flush_t  *fl)
                                (uint32_t) now);
 
     if (fl->failed) {
-        /* unconfirmed values stay pending and go with the next pass */
+        /* unconfirmed values stay pending and go with the next pass; the
+         * indexes are sent again with them */
+        fl->sess[fl->zone].hours[0] = 0;
+        fl->sess[fl->zone].hours[1] = 0;
         meter_batch_remark(&ctx->sh->table, &fl->batch);
         (void) __atomic_fetch_add(&ctx->sh->flush_errors, 1,
                                   __ATOMIC_RELAXED);
@@ -722,21 +1017,27 @@ ngx_http_meter_zone_done(ngx_http_meter_flush_t  *fl,
  */
 
 static void
-ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf, ngx_log_t *log)
+ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
 {
     char                        db[24];
-    size_t                      len[2][2];
-    ngx_uint_t                  z, i, n, sent, ok;
-    const char                 *argv[2][2];
+    size_t                      len[3][2];
+    ngx_uint_t                  z, i, n, sent, ok, index_ok;
+    const char                 *argv[3][2];
     redisReply                 *reply;
     struct timeval              tv;
     redisContext               *rc;
     meter_batch_t               batch;
-    meter_batch_item_t         *items, *it;
-    ngx_http_meter_sync_t       sc;
+    meter_batch_item_t         *items;
+    ngx_http_meter_sync_t      *sc;
+    ngx_http_meter_wsess_t      ws;
     ngx_shm_zone_t            **zones;
     ngx_http_meter_shctx_t     *sh;
     ngx_http_meter_zone_ctx_t  *ctx;
+    ngx_http_meter_main_conf_t *mcf;
+
+    mcf = fl->mcf;
+    items = NULL;
+    sc = NULL;
 
     tv.tv_sec = mcf->redis_timeout / 1000;
     tv.tv_usec = (mcf->redis_timeout % 1000) * 1000;
@@ -780,9 +1081,19 @@ ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf, ngx_log_t *log)
         }
     }
 
+    /* the key layout's script, by name as in the async flush */
+    reply = redisCommand(rc, "SCRIPT LOAD %s", meter_script_max);
+    if (reply == NULL) {
+        goto done;
+    }
+
+    freeReplyObject(reply);
+
     items = ngx_alloc(sizeof(meter_batch_item_t) * NGX_HTTP_METER_BATCH,
                       log);
-    if (items == NULL) {
+    sc = ngx_alloc(sizeof(ngx_http_meter_sync_t), log);
+
+    if (items == NULL || sc == NULL) {
         goto done;
     }
 
@@ -791,6 +1102,9 @@ ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf, ngx_log_t *log)
     for (z = 0; z < mcf->zones.nelts; z++) {
         ctx = zones[z]->data;
         sh = ctx->sh;
+
+        /* this connection is a writer session of its own */
+        ngx_memzero(&ws, sizeof(ngx_http_meter_wsess_t));
 
         ngx_memzero(&batch, sizeof(meter_batch_t));
         batch.items = items;
@@ -803,51 +1117,63 @@ ngx_http_meter_final_flush(ngx_http_meter_main_conf_t *mcf, ngx_log_t *log)
                 continue;
             }
 
-            sc.rc = rc;
-            sc.n = 0;
+            sc->rc = rc;
+            sc->n = 0;
 
-            if (ngx_http_meter_batch_cmds(&batch, sh->table.epoch, NULL,
-                                          ngx_http_meter_emit_sync, &sc)
+            if (ngx_http_meter_batch_cmds(fl, &batch, sh, &ws,
+                                          ngx_http_meter_emit_sync, sc)
                 != NGX_OK)
             {
-                ngx_free(items);
                 goto done;
             }
 
             sent = 0;
+            index_ok = 1;
 
-            for (i = 0; i < sc.n; i++) {
+            for (i = 0; i < sc->n; i++) {
                 if (redisGetReply(rc, (void **) &reply) != REDIS_OK) {
                     ngx_log_error(NGX_LOG_WARN, log, 0,
                                   "meter: final flush: %s; counters stay "
                                   "in shared memory", rc->errstr);
-                    ngx_free(items);
                     goto done;
                 }
 
                 ok = (reply->type != REDIS_REPLY_ERROR);
                 freeReplyObject(reply);
 
-                if (sc.items[i] < 0 || !ok) {
+                if (!ok && sc->tags[i] == NGX_HTTP_METER_TAG_INDEX) {
+                    index_ok = 0;
+                }
+
+                if (!ok || !index_ok) {
                     continue;
                 }
 
-                it = &batch.items[sc.items[i]];
-
-                ngx_http_meter_confirm(sh, it);
+                ngx_http_meter_confirm_tag(fl, sh, &batch, sc->tags[i]);
 
                 sent++;
             }
 
+            if (!index_ok) {
+                ws.hours[0] = 0;
+                ws.hours[1] = 0;
+            }
+
             ngx_log_debug2(NGX_LOG_DEBUG_HTTP, log, 0,
-                           "meter: final flush sent %ui of %ui",
-                           sent, batch.n);
+                           "meter: final flush sent %ui commands of %ui",
+                           sent, sc->n);
         }
     }
 
-    ngx_free(items);
-
 done:
+
+    if (items) {
+        ngx_free(items);
+    }
+
+    if (sc) {
+        ngx_free(sc);
+    }
 
     if (rc) {
         redisFree(rc);

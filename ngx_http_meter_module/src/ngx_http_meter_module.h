@@ -25,7 +25,7 @@
 #include "meter_schema.h"
 
 
-#define NGX_HTTP_METER_BATCH        64      /* items per pipelined slice */
+#define NGX_HTTP_METER_BATCH        512     /* items per pipelined slice */
 #define NGX_HTTP_METER_SCAN         2048    /* slots scanned per slice */
 #define NGX_HTTP_METER_SCAN_WORDS   4096    /* dirty bitmap words, same */
 #define NGX_HTTP_METER_FULL_EVERY   60000   /* ms between full scans */
@@ -144,6 +144,9 @@ typedef struct {
     ngx_atomic_t                 run_id_lock;
     u_char                       run_id[40];
     uint64_t                     resync;
+
+    /* atomic: the last writer session id (SID) taken in this zone */
+    uint64_t                     writers;
 
     uint64_t                     gov_denied[NGX_HTTP_METER_DENY_N];
 
@@ -407,6 +410,18 @@ typedef struct {
 } ngx_http_meter_redis_t;
 
 
+/*
+ * One writer session: what this worker writes into one zone's writer
+ * hashes over one Redis connection (docs/redis-schema.md).  A connection
+ * runs its commands in order, so within a session a field only grows;
+ * a new connection takes a new SID.
+ */
+typedef struct {
+    uint64_t                      sid;      /* 0: none yet */
+    uint32_t                      hours[2]; /* indexed in this session */
+} ngx_http_meter_wsess_t;
+
+
 /* the flush */
 typedef struct {
     ngx_http_meter_main_conf_t   *mcf;
@@ -428,8 +443,21 @@ typedef struct {
     ngx_uint_t                    outstanding;
     ngx_uint_t                    failed;
     ngx_uint_t                    qs_logged;
+    ngx_uint_t                    index_failed;
     meter_batch_t                 batch;
     meter_batch_item_t            items[NGX_HTTP_METER_BATCH];
+
+    ngx_http_meter_wsess_t       *sess;     /* one per zone */
+    u_char                       *out;      /* the batch's RESP, reused */
+    /* the batch's writer HSETs: one group per (hour, part), its items
+     * chained from gfirst through inext */
+    ngx_uint_t                    ngroups;
+    uint32_t                      ghour[NGX_HTTP_METER_BATCH];
+    uint32_t                      gpart[NGX_HTTP_METER_BATCH];
+    uint16_t                      gfirst[NGX_HTTP_METER_BATCH];
+    uint16_t                      glast[NGX_HTTP_METER_BATCH];
+    uint16_t                      gn[NGX_HTTP_METER_BATCH];
+    uint16_t                      inext[NGX_HTTP_METER_BATCH];
 } ngx_http_meter_flush_t;
 
 

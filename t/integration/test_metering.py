@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (Client, Traffic, expect_totals, key_hash, line_of,
                       nginx_t, raw_request, raw_status, totals, usage,
-                      utc_hour, wait_for)
+                      usage_fields, utc_hour, wait_for)
 
 KEYS = ["mk_live_alpha01", "mk_live_bravo02", "mk_live_charlie3"]
 
@@ -106,11 +106,8 @@ def status_json(n, path="/status"):
 
 
 def epochs(redis):
-    out = set()
-    for k in redis.keys("mtr:u:*"):
-        for field in redis.hgetall(k):
-            out.add(field.split("|", 1)[1].split(".")[0])
-    return out
+    return {field.split("|", 1)[1].split(".")[0]
+            for (_, _, field) in usage_fields(redis)}
 
 
 # ------------------------------------------------------------ counting
@@ -373,22 +370,28 @@ def test_redis_schema_and_no_raw_key_anywhere(redis, nginx_factory):
     hours = {hour0, utc_hour()}
     kh = key_hash(secret)
 
+    # no governance, so no credit: every counter is in the writer layout
     names = redis.keys()
     for k in names:
-        assert (k == "mtr:hours" or re.fullmatch(r"mtr:idx:\d{10}", k)
-                or re.fullmatch(r"mtr:u:\{[0-9a-f]{64}\}:\d{10}", k)
-                or k == "mtr:used:{%s}" % kh), k
-    assert redis.hgetall("mtr:used:{%s}" % kh) == {"credit": "5",
-                                                   "credit_all": "5"}
+        assert (k == "mtr:hours" or re.fullmatch(r"mtr:widx:\d{10}", k)
+                or re.fullmatch(r"mtr:wu:\{[0-9a-f]{16}\}:\d+:\d{10}:\d+",
+                                k)), k
     zs = redis.zrange_withscores("mtr:hours")
     assert zs and set(zs) <= hours
     for h, score in zs.items():
         assert time.strftime("%Y%m%d%H", time.gmtime(score)) == h
         assert score % 3600 == 0
-        assert kh in redis.smembers("mtr:idx:" + h)
-        for field in redis.hgetall("mtr:u:{%s}:%s" % (kh, h)):
-            assert re.fullmatch(r"(credit|credit_all)\|[0-9a-f]{16}\.\d+",
-                                field), field
+        writers = redis.smembers("mtr:widx:" + h)
+        assert writers
+        for w in writers:
+            epoch, sid, nparts = w.split(":")
+            assert re.fullmatch(r"[0-9a-f]{16}", epoch) and int(sid) >= 1
+            assert int(nparts) >= 1
+            for part in range(int(nparts)):
+                for field in redis.hgetall("mtr:wu:{%s}:%s:%s:%d"
+                                           % (epoch, sid, h, part)):
+                    assert re.fullmatch(r"%s\|(credit|credit_all)\|\d+"
+                                        % kh, field), field
 
     dump = []
     for k in names:
@@ -806,18 +809,10 @@ ROLL_LIMIT = 10         # a new key must be counted this soon after it
 def hour_usage(redis):
     """{(key_hash, hour): calls} from the credit_all fields."""
     out = Counter()
-    for k in redis.keys("mtr:u:*"):
-        m = _data_key(k)
-        for field, value in redis.hgetall(k).items():
-            if field.split("|", 1)[0] == "credit_all":
-                out[m] += int(value)
+    for (kh, h, field), v in usage_fields(redis).items():
+        if field.split("|", 1)[0] == "credit_all":
+            out[(kh, h)] += v
     return out
-
-
-def _data_key(k):
-    m = re.fullmatch(r"mtr:u:\{([0-9a-f]{64})\}:(\d{10})", k)
-    assert m, k
-    return (m.group(1), m.group(2))
 
 
 def test_full_zone_takes_new_keys_right_after_the_hour(redis, nginx_factory,

@@ -13,7 +13,8 @@ SCHEMA = ROOT / "docs" / "redis-schema.md"
 
 # the document's placeholders, as the header's printf formats spell them
 PLACEHOLDERS = [
-    ("{KH}", "{%s}"), ("{CUSTOMER}", "{%s}"), (":HOUR", ":%s"),
+    ("{KH}", "{%s}"), ("{CUSTOMER}", "{%s}"), ("{EPOCH}", "{%s}"),
+    (":SID", ":%s"), (":HOUR", ":%s"), (":PART", ":%u"),
     (":PSTART", ":%lld"), (":ID", ":%s"), (":PROVIDER:EVENT_ID", ":%s:%s"),
 ]
 
@@ -54,10 +55,10 @@ def test_every_documented_key_has_a_macro(tmp_path):
     # prefixes and shorthands of the prose ("mtr:u", "mtr:b:{KH}:H") are
     # not keys
     docs = {k for k in doc_keys()
-            if k not in ("mtr:", "mtr:u", "mtr:b", "mtr:ckeys",
+            if k not in ("mtr:", "mtr:u", "mtr:b", "mtr:ckeys", "mtr:used",
                          "mtr:b:{%s}:H")}
 
-    assert len(docs) == 26, sorted(docs)
+    assert len(docs) == 28, sorted(docs)
     missing = sorted(docs - values)
     assert missing == []
 
@@ -69,7 +70,7 @@ def test_the_header_names_no_undocumented_key(tmp_path):
     full = {n: v for n, v in keys.items()
             if v.startswith("mtr:") and not n.endswith(("_PRE", "_PREFIX"))}
 
-    assert len(full) == 26, sorted(full)
+    assert len(full) == 28, sorted(full)
     extra = sorted(n for n, v in full.items() if v not in docs)
     assert extra == []
 
@@ -80,7 +81,7 @@ def test_prefixes_start_their_formats(tmp_path):
     pairs = [(n, n[:-len("_PRE")] + "_FMT") for n in keys
              if n.endswith("_PRE")]
 
-    assert len(pairs) == 11
+    assert len(pairs) == 13
     for pre, fmt in pairs:
         assert keys[fmt].startswith(keys[pre]), (pre, fmt)
 

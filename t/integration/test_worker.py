@@ -68,6 +68,8 @@ def read_jsonl(path):
 
 
 class Worker:
+    bin = WORKER    # another build's meter-worker in a subclass
+
     def __init__(self, tmp, redis, provider="file", **settings):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ class Worker:
         self.conf.write_text("\n".join(lines) + "\n")
 
     def once(self, before, *extra, timeout=120):
-        r = subprocess.run([str(WORKER), "-c", str(self.conf), "--once",
+        r = subprocess.run([str(self.bin), "-c", str(self.conf), "--once",
                             "--before", iso(before)] + list(extra),
                            capture_output=True, text=True, timeout=timeout,
                            stdin=subprocess.DEVNULL)
@@ -96,7 +98,7 @@ class Worker:
 
     def spawn(self, *args, env=None):
         self.log = open(self.tmp / "worker.log", "ab")
-        return subprocess.Popen([str(WORKER), "-c", str(self.conf)]
+        return subprocess.Popen([str(self.bin), "-c", str(self.conf)]
                                 + list(args), stdout=self.log,
                                 stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)

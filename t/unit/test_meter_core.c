@@ -529,6 +529,83 @@ test_key_hash_lengths(void **state)
 }
 
 
+/* the writer layout's names and its hand-built RESP, byte for byte */
+static void
+test_fmt_writer(void **state)
+{
+    char                 buf[2 * METER_RESP_WFIELD_MAX], *p;
+    char                 key[METER_WKEY_SIZE], idx[METER_WIDX_KEY_SIZE];
+    char                 w[METER_WRITER_SIZE], hour[METER_HOUR_LEN + 1];
+    char                 want[256];
+    meter_entry_t        e;
+    meter_batch_item_t   it;
+
+    (void) state;
+
+    assert_int_equal(meter_hour_format(490000, hour), METER_HOUR_LEN);
+
+    assert_int_equal(meter_fmt_writer(w, TEST_EPOCH, 3, 2), 20);
+    assert_string_equal(w, "3f2a9c0d11b2e4f7:3:2");
+    assert_int_equal(meter_fmt_writer(w, UINT64_MAX, UINT64_MAX, UINT32_MAX),
+                     METER_WRITER_SIZE - 1);
+    assert_string_equal(w, "ffffffffffffffff:18446744073709551615:"
+                        "4294967295");
+
+    assert_int_equal(meter_fmt_wkey(key, 1, 42, hour, 0), 41);
+    assert_string_equal(key, "mtr:wu:{0000000000000001}:42:2025112416:0");
+    assert_int_equal(meter_fmt_wkey(key, 1, 42, hour, 1048575), 47);
+    assert_string_equal(key,
+                        "mtr:wu:{0000000000000001}:42:2025112416:1048575");
+    assert_true(meter_fmt_wkey(key, UINT64_MAX, UINT64_MAX, hour, UINT32_MAX)
+                == METER_WKEY_SIZE - 1);
+
+    /* parts of 4096 slots: a zone's count, rounded up */
+    assert_int_equal(meter_wparts(1), 1);
+    assert_int_equal(meter_wparts(4096), 1);
+    assert_int_equal(meter_wparts(4097), 2);
+    assert_int_equal(meter_wparts(UINT32_MAX), 1048576);
+
+    assert_int_equal(meter_fmt_widx_key(idx, hour), METER_WIDX_KEY_SIZE - 1);
+    assert_string_equal(idx, "mtr:widx:2025112416");
+
+    p = meter_resp_array(buf, 4);
+    p = meter_resp_bulk(p, "HSET", 4);
+    *p = '\0';
+    assert_string_equal(buf, "*4\r\n$4\r\nHSET\r\n");
+
+    memset(&e, 0, sizeof(e));
+    meter_key_hash("abc", 3, e.key);
+    memcpy(e.meter, "calls", 5);
+    it.e = &e;
+    it.gen = 7;
+    it.value = 1234567;
+
+    p = meter_resp_wfield(buf, &it);
+    *p = '\0';
+    snprintf(want, sizeof(want), "$72\r\n%s|calls|7\r\n$7\r\n1234567\r\n",
+             "ba7816bf8f01cfea414140de5dae2223"
+             "b00361a396177a9cb410ff61f20015ad");
+    assert_string_equal(buf, want);
+
+    /* the longest: a 32-char meter (no NUL), GEN and value at their max */
+    memset(e.meter, 'm', METER_NAME_MAX);
+    it.gen = UINT32_MAX;
+    it.value = UINT64_MAX;
+    p = meter_resp_wfield(buf, &it);
+    assert_int_equal(p - buf, METER_RESP_WFIELD_MAX);
+    *p = '\0';
+    assert_non_null(strstr(buf, "|mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm|4294967295"
+                           "\r\n$20\r\n18446744073709551615\r\n"));
+
+    it.value = 0;
+    it.gen = 0;
+    memcpy(e.meter, "b\0", 2);
+    p = meter_resp_wfield(buf, &it);
+    *p = '\0';
+    assert_non_null(strstr(buf, "|b|0\r\n$1\r\n0\r\n"));
+}
+
+
 static void
 test_fmt(void **state)
 {
@@ -2353,6 +2430,7 @@ main(void)
         cmocka_unit_test(test_key_hash),
         cmocka_unit_test(test_key_hash_lengths),
         cmocka_unit_test(test_fmt),
+        cmocka_unit_test(test_fmt_writer),
         cmocka_unit_test(test_script),
         cmocka_unit_test(test_table_size),
         cmocka_unit_test_setup_teardown(test_table_init, setup_table,

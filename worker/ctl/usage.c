@@ -19,6 +19,7 @@
 #include "meterctl.h"
 #include "meter_schema.h"
 #include "util.h"
+#include "wusage.h"
 
 
 typedef struct {
@@ -55,7 +56,13 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
     size_t           h, i, k, j, nrows, cap, mlen;
     time_t           t;
     uint64_t         v;
+    char            *ubuf;
+    void           **slot;
+    size_t           nu;
     redisReply      *hours, *keys, *u;
+    const char      *kh, **uv;
+    meter_map_t      wm;
+    meter_wkey_t    *wk;
     const char      *f, *bar;
     meterctl_row_t  *rows, *row, *nr;
 
@@ -103,29 +110,66 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
             return meterctl_redis_failed(r, keys);
         }
 
-        for (k = 0; k < keys->elements; k++) {
-            if (keys->element[k]->len != 64) {
-                continue;
+        /* both layouts: the key layout's keys, then the writer layout's */
+        if (meter_map_init(&wm, 64) != 0
+            || meter_wmap_load(r, hours->element[h]->str, &wm, NULL, NULL)
+               != 0)
+        {
+            meter_map_free(&wm, meter_wkey_free);
+            freeReplyObject(keys);
+            freeReplyObject(hours);
+            free(rows);
+            return EX_UNAVAILABLE;
+        }
+
+        for (k = 0; k < keys->elements + wm.cap; k++) {
+            if (k < keys->elements) {
+                kh = keys->element[k]->str;
+
+                if (keys->element[k]->len != 64) {
+                    continue;
+                }
+
+                u = meter_redis_cmd(r, "HGETALL " MTR_U_FMT, kh,
+                                    hours->element[h]->str);
+                if (!meter_reply_ok(u) || u->type != REDIS_REPLY_ARRAY) {
+                    meter_map_free(&wm, meter_wkey_free);
+                    freeReplyObject(keys);
+                    freeReplyObject(hours);
+                    free(rows);
+                    return meterctl_redis_failed(r, u);
+                }
+
+                slot = meter_map_get(&wm, kh);
+                wk = (slot != NULL) ? *slot : NULL;
+
+                if (wk != NULL) {
+                    wk->seen = 1;
+                }
+
+            } else {
+                kh = wm.keys[k - keys->elements];
+                wk = (kh != NULL) ? wm.vals[k - keys->elements] : NULL;
+
+                if (wk == NULL || wk->seen) {
+                    continue;
+                }
+
+                u = NULL;
             }
 
-            u = meter_redis_cmd(r, "HGETALL " MTR_U_FMT,
-                                keys->element[k]->str,
-                                hours->element[h]->str);
-            if (!meter_reply_ok(u) || u->type != REDIS_REPLY_ARRAY) {
-                freeReplyObject(keys);
-                freeReplyObject(hours);
-                free(rows);
-                return meterctl_redis_failed(r, u);
+            if (meter_u_merge(u, wk, &uv, &nu, &ubuf) != 0) {
+                fprintf(stderr, "meterctl: out of memory\n");
+                exit(EX_OSERR);
             }
 
-            for (i = 0; i + 1 < u->elements; i += 2) {
-                f = u->element[i]->str;
+            for (i = 0; i + 1 < nu; i += 2) {
+                f = uv[i];
                 bar = strchr(f, '|');
                 mlen = (bar != NULL) ? (size_t) (bar - f) : 0;
 
                 if (mlen == 0 || mlen > MTR_METER_MAX
-                    || meter_parse_u64(u->element[i + 1]->str,
-                                       u->element[i + 1]->len, &v)
+                    || meter_parse_u64(uv[i + 1], strlen(uv[i + 1]), &v)
                        != 0)
                 {
                     continue;
@@ -135,8 +179,7 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
                 row = NULL;
                 for (j = nrows; j > 0; j--) {
                     if (rows[j - 1].hour != t
-                        || strcmp(rows[j - 1].key_hash,
-                                  keys->element[k]->str) != 0)
+                        || strcmp(rows[j - 1].key_hash, kh) != 0)
                     {
                         break;
                     }
@@ -164,7 +207,7 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
                     row = &rows[nrows++];
                     row->hour = t;
                     snprintf(row->key_hash, sizeof(row->key_hash), "%s",
-                             keys->element[k]->str);
+                             kh);
                     memcpy(row->meter, f, mlen);
                     row->meter[mlen] = '\0';
                     row->value = 0;
@@ -173,9 +216,12 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
                 row->value += v;
             }
 
+            free(uv);
+            free(ubuf);
             freeReplyObject(u);
         }
 
+        meter_map_free(&wm, meter_wkey_free);
         freeReplyObject(keys);
     }
 
@@ -298,12 +344,15 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
     int period, int wperiod, meterctl_urow_t **out, size_t *nout)
 {
     char              ck[96], from_s[24], to_s[24], field[160];
-    size_t            i, h, k, f, nrows, cap, mlen, nhour, nhourcap;
+    char             *ubuf;
+    void            **slot;
+    size_t            i, h, k, f, nrows, cap, mlen, nhour, nhourcap, nu;
     time_t            t, start;
-    int               rc;
+    int               rc, created;
     uint64_t          u, b;
     redisReply       *hours, *keys, *ur, *br, *rp, *st;
-    const char       *fn, *bar, *bv;
+    const char       *fn, *bar, *bv, **uv;
+    meter_map_t       wm, mine;
     meterctl_urow_t  *rows, *hrows, *row;
 
     *out = NULL;
@@ -330,9 +379,24 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
         snprintf(to_s, sizeof(to_s), "+inf");
     }
 
+    /* the customer's keys: the writer layout's other counters are skipped
+     * while it is read (an hour may hold a million) */
+    if (meter_map_init(&mine, keys->elements + 1) != 0) {
+        fprintf(stderr, "meterctl: out of memory\n");
+        exit(EX_OSERR);
+    }
+
+    for (k = 0; k < keys->elements; k++) {
+        if (meter_map_put(&mine, keys->element[k]->str, &created) == NULL) {
+            fprintf(stderr, "meterctl: out of memory\n");
+            exit(EX_OSERR);
+        }
+    }
+
     hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %s %s", from_s,
                             to_s);
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
+        meter_map_free(&mine, NULL);
         freeReplyObject(keys);
         return meterctl_redis_failed(r, hours);
     }
@@ -353,6 +417,15 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
         /* this hour's rows first, then their records, then the period */
         nhour = 0;
 
+        if (meter_map_init(&wm, 64) != 0
+            || meter_wmap_load(r, hours->element[h]->str, &wm, &mine, NULL)
+               != 0)
+        {
+            meter_map_free(&wm, meter_wkey_free);
+            rc = EX_UNAVAILABLE;
+            break;
+        }
+
         for (k = 0; k < keys->elements; k++) {
             ur = meter_redis_cmd(r, "HGETALL " MTR_U_FMT,
                                  keys->element[k]->str,
@@ -369,14 +442,23 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
                 break;
             }
 
-            for (f = 0; f + 1 < ur->elements; f += 2) {
-                fn = ur->element[f]->str;
+            slot = meter_map_get(&wm, keys->element[k]->str);
+
+            if (meter_u_merge(ur, (slot != NULL) ? *slot : NULL, &uv, &nu,
+                              &ubuf)
+                != 0)
+            {
+                fprintf(stderr, "meterctl: out of memory\n");
+                exit(EX_OSERR);
+            }
+
+            for (f = 0; f + 1 < nu; f += 2) {
+                fn = uv[f];
                 bar = strchr(fn, '|');
                 mlen = (bar != NULL) ? (size_t) (bar - fn) : 0;
 
                 if (mlen == 0 || mlen > MTR_METER_MAX
-                    || meter_parse_u64(ur->element[f + 1]->str,
-                                       ur->element[f + 1]->len, &u)
+                    || meter_parse_u64(uv[f + 1], strlen(uv[f + 1]), &u)
                        != 0)
                 {
                     continue;
@@ -392,9 +474,13 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
                 row->billed += (b < u) ? b : u;
             }
 
+            free(uv);
+            free(ubuf);
             freeReplyObject(ur);
             freeReplyObject(br);
         }
+
+        meter_map_free(&wm, meter_wkey_free);
 
         /* the worker's record still open for (period, customer, meter) */
         for (i = 0; i < nhour && rc == EX_OK; i++) {
@@ -451,6 +537,7 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
 
     free(hrows);
     freeReplyObject(hours);
+    meter_map_free(&mine, NULL);
     freeReplyObject(keys);
 
     if (rc != EX_OK) {

@@ -30,6 +30,7 @@
 #include "log.h"
 #include "meter_schema.h"
 #include "scripts.h"
+#include "wusage.h"
 
 
 #define METER_BATCH       500     /* keys per SSCAN */
@@ -671,32 +672,40 @@ meter_agg_get(meter_map_t *aggs, const char *subject, const char *customer,
 }
 
 
-/* one SSCAN batch of one hour: u, b and customer of every key */
+/*
+ * One batch of key hashes of one hour: u (both layouts), b and customer of
+ * every key.  With old, the keys come from mtr:idx:HOUR and their key
+ * layout is read; wm holds the hour's writer layout.
+ */
 static meter_drain_rc_e
-meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
-    meter_map_t *period_aggs, meter_map_t *batch_aggs)
+meter_drain_batch(meter_drain_t *d, const char *hour, const char **khs,
+    size_t nkh, int old, meter_map_t *wm, meter_map_t *period_aggs,
+    meter_map_t *batch_aggs)
 {
     size_t            i, k, nu, nb, nus;
     unsigned          bad;
-    char              prefix[128];
+    char              prefix[128], *wbuf;
+    void            **slot;
     const char       *kh, *customer, **uv, **bv;
     redisReply       *u, *b, *c;
     meter_agg_t      *a;
     meter_map_t      *aggs;
+    meter_wkey_t     *wk;
     meter_usage_t    *us;
     meter_drain_rc_e  rc;
 
     rc = METER_DRAIN_OK;
 
-    for (i = 0; i < keys->elements; i++) {
-        kh = keys->element[i]->str;
+    for (i = 0; i < nkh; i++) {
+        kh = khs[i];
 
-        if (!meter_is_hex64(kh, keys->element[i]->len)) {
+        if (!meter_is_hex64(kh, strlen(kh))) {
             continue;
         }
 
-        if (meter_redis_append(d->redis, "HGETALL " MTR_U_FMT, kh, hour)
-            != 0
+        if ((old
+             && meter_redis_append(d->redis, "HGETALL " MTR_U_FMT, kh, hour)
+                != 0)
             || meter_redis_append(d->redis, "HGETALL " MTR_B_FMT, kh, hour)
                != 0
             || meter_redis_append(d->redis, "HGET " MTR_KEY_FMT " customer", kh)
@@ -706,15 +715,22 @@ meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
         }
     }
 
-    for (i = 0; i < keys->elements; i++) {
-        kh = keys->element[i]->str;
+    for (i = 0; i < nkh; i++) {
+        kh = khs[i];
 
-        if (!meter_is_hex64(kh, keys->element[i]->len)) {
+        if (!meter_is_hex64(kh, strlen(kh))) {
             continue;
         }
 
-        u = meter_redis_reply(d->redis);
-        b = (u != NULL) ? meter_redis_reply(d->redis) : NULL;
+        u = NULL;
+        b = NULL;
+        c = NULL;
+
+        if (old) {
+            u = meter_redis_reply(d->redis);
+        }
+
+        b = (!old || u != NULL) ? meter_redis_reply(d->redis) : NULL;
         c = (b != NULL) ? meter_redis_reply(d->redis) : NULL;
 
         if (c == NULL) {
@@ -724,7 +740,8 @@ meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
             return METER_DRAIN_REDIS;
         }
 
-        if (rc != METER_DRAIN_OK || u->type != REDIS_REPLY_ARRAY
+        if (rc != METER_DRAIN_OK
+            || (u != NULL && u->type != REDIS_REPLY_ARRAY)
             || b->type != REDIS_REPLY_ARRAY)
         {
             if (rc == METER_DRAIN_OK) {
@@ -739,19 +756,25 @@ meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
         customer = (c->type == REDIS_REPLY_STRING && c->len > 0)
                    ? c->str : NULL;
 
-        nu = u->elements;
-        nb = b->elements;
-        uv = malloc((nu + nb + 1) * sizeof(char *));
-        if (uv == NULL) {
+        slot = (wm != NULL) ? meter_map_get(wm, kh) : NULL;
+        wk = (slot != NULL) ? *slot : NULL;
+
+        if (wk != NULL) {
+            wk->seen = 1;
+        }
+
+        if (meter_u_merge(u, wk, &uv, &nu, &wbuf) != 0) {
             rc = METER_DRAIN_REDIS;
             goto next;
         }
 
-        bv = uv + nu;
-
-        for (k = 0; k < nu; k++) {
-            uv[k] = (u->element[k]->type == REDIS_REPLY_STRING)
-                    ? u->element[k]->str : "";
+        nb = b->elements;
+        bv = malloc((nb + 1) * sizeof(char *));
+        if (bv == NULL) {
+            free(uv);
+            free(wbuf);
+            rc = METER_DRAIN_REDIS;
+            goto next;
         }
 
         for (k = 0; k < nb; k++) {
@@ -766,11 +789,15 @@ meter_drain_batch(meter_drain_t *d, const char *hour, redisReply *keys,
             != 0)
         {
             free(uv);
+            free(bv);
+            free(wbuf);
             rc = METER_DRAIN_REDIS;
             goto next;
         }
 
         free(uv);
+        free(bv);
+        free(wbuf);
 
         if (bad) {
             meter_log(LOG_WARNING, "hour %s key %.12s: %u malformed usage "
@@ -814,9 +841,10 @@ meter_drain_period(meter_drain_t *d, time_t pstart, char **hours,
     size_t nhours)
 {
     char              cursor[32];
-    size_t            h;
+    size_t            h, i, n;
     redisReply       *rp;
-    meter_map_t       period_aggs, batch_aggs;
+    const char      **khs, *chunk[METER_BATCH];
+    meter_map_t       period_aggs, batch_aggs, wm;
     meter_drain_rc_e  rc;
 
     rc = METER_DRAIN_OK;
@@ -828,6 +856,19 @@ meter_drain_period(meter_drain_t *d, time_t pstart, char **hours,
     for (h = 0; h < nhours && rc == METER_DRAIN_OK; h++) {
         if (hours[h] == NULL) {
             continue;
+        }
+
+        /* the writer layout first, in memory: the key layout's keys are
+         * then merged with it, the rest follow */
+        if (meter_map_init(&wm, 64) != 0) {
+            rc = METER_DRAIN_REDIS;
+            break;
+        }
+
+        if (meter_wmap_load(d->redis, hours[h], &wm, NULL, NULL) != 0) {
+            rc = METER_DRAIN_REDIS;
+            meter_map_free(&wm, meter_wkey_free);
+            break;
         }
 
         strcpy(cursor, "0");
@@ -858,8 +899,23 @@ meter_drain_period(meter_drain_t *d, time_t pstart, char **hours,
                 break;
             }
 
-            rc = meter_drain_batch(d, hours[h], rp->element[1], &period_aggs,
+            khs = malloc((rp->element[1]->elements + 1) * sizeof(char *));
+            if (khs == NULL) {
+                freeReplyObject(rp);
+                meter_map_free(&batch_aggs, meter_agg_free);
+                rc = METER_DRAIN_REDIS;
+                break;
+            }
+
+            for (i = 0; i < rp->element[1]->elements; i++) {
+                khs[i] = (rp->element[1]->element[i]->type
+                          == REDIS_REPLY_STRING)
+                         ? rp->element[1]->element[i]->str : "";
+            }
+
+            rc = meter_drain_batch(d, hours[h], khs, i, 1, &wm, &period_aggs,
                                    &batch_aggs);
+            free(khs);
             freeReplyObject(rp);
 
             if (rc == METER_DRAIN_OK) {
@@ -869,6 +925,44 @@ meter_drain_period(meter_drain_t *d, time_t pstart, char **hours,
             meter_map_free(&batch_aggs, meter_agg_free);
 
         } while (rc == METER_DRAIN_OK && strcmp(cursor, "0") != 0);
+
+        /* the keys only the writer layout has */
+        i = 0;
+
+        while (rc == METER_DRAIN_OK && i < wm.cap) {
+            rc = meter_drain_check(d);
+            if (rc != METER_DRAIN_OK) {
+                break;
+            }
+
+            for (n = 0; i < wm.cap && n < METER_BATCH; i++) {
+                if (wm.keys[i] != NULL
+                    && !((meter_wkey_t *) wm.vals[i])->seen)
+                {
+                    chunk[n++] = wm.keys[i];
+                }
+            }
+
+            if (n == 0) {
+                break;
+            }
+
+            if (meter_map_init(&batch_aggs, METER_BATCH) != 0) {
+                rc = METER_DRAIN_REDIS;
+                break;
+            }
+
+            rc = meter_drain_batch(d, hours[h], chunk, n, 0, &wm,
+                                   &period_aggs, &batch_aggs);
+
+            if (rc == METER_DRAIN_OK) {
+                rc = meter_drain_emit(d, pstart, &batch_aggs);
+            }
+
+            meter_map_free(&batch_aggs, meter_agg_free);
+        }
+
+        meter_map_free(&wm, meter_wkey_free);
     }
 
     if (rc == METER_DRAIN_OK) {
@@ -2076,6 +2170,159 @@ meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
 }
 
 
+/*
+ * Retention of the writer layout of one hour: when every counter in it is
+ * billed (b >= u), its writer hashes are deleted, then the b marks of the
+ * keys only it had (the key layout's expire script deletes the others'
+ * along with their mtr:u).  Data first, marks after: a crash in between
+ * leaves only marks, never unmarked data.  1 when gone, 0 when kept.
+ */
+static int
+meter_drain_retire_writers(meter_drain_t *d, const char *hour)
+{
+    char          epoch[17], sid[21];
+    size_t        i, j, k, m, n;
+    uint64_t      bv;
+    unsigned      unbilled, part, nparts;
+    redisReply   *ws, *b, *rp;
+    const char   *kh[METER_BATCH];
+    meter_map_t   wm;
+    meter_wkey_t *wk[METER_BATCH];
+
+    if (meter_map_init(&wm, 64) != 0) {
+        return 0;
+    }
+
+    ws = NULL;
+
+    if (meter_wmap_load(d->redis, hour, &wm, NULL, &ws) != 0) {
+        meter_map_free(&wm, meter_wkey_free);
+        return 0;
+    }
+
+    unbilled = 0;
+    i = 0;
+
+    /* every counter billed? */
+    while (i < wm.cap && unbilled == 0) {
+        for (n = 0; i < wm.cap && n < METER_BATCH; i++) {
+            if (wm.keys[i] != NULL) {
+                kh[n] = wm.keys[i];
+                wk[n++] = wm.vals[i];
+            }
+        }
+
+        for (j = 0; j < n; j++) {
+            if (meter_redis_append(d->redis, "HGETALL " MTR_B_FMT, kh[j],
+                                   hour)
+                != 0)
+            {
+                unbilled++;
+            }
+        }
+
+        for (j = 0; j < n; j++) {
+            b = meter_redis_reply(d->redis);
+            if (b == NULL || b->type != REDIS_REPLY_ARRAY) {
+                freeReplyObject(b);
+                unbilled++;
+                continue;
+            }
+
+            for (k = 0; k < wk[j]->n; k++) {
+                bv = 0;
+
+                for (m = 0; m + 1 < b->elements; m += 2) {
+                    if (strcmp(b->element[m]->str, wk[j]->f[k].field) == 0) {
+                        if (meter_parse_u64(b->element[m + 1]->str,
+                                            b->element[m + 1]->len, &bv)
+                            != 0)
+                        {
+                            bv = 0;
+                        }
+
+                        break;
+                    }
+                }
+
+                if (bv < wk[j]->f[k].value) {
+                    unbilled++;
+                }
+            }
+
+            freeReplyObject(b);
+        }
+    }
+
+    if (unbilled) {
+        meter_log(LOG_WARNING, "hour %s is past retention but %u writer "
+                  "counters are not billed; kept", hour, unbilled);
+        goto kept;
+    }
+
+    /* UNLINK: a writer hash may hold a million fields, freed off Redis'
+     * main thread */
+    for (i = 0; i < ws->elements; i++) {
+        if (ws->element[i]->type != REDIS_REPLY_STRING
+            || meter_writer_parse(ws->element[i]->str, epoch, sid, &nparts)
+               != 0)
+        {
+            continue;
+        }
+
+        for (part = 0; part < nparts; part++) {
+            rp = meter_redis_cmd(d->redis, "UNLINK " MTR_WU_FMT, epoch, sid,
+                                 hour, part);
+            if (!meter_reply_ok(rp)) {
+                freeReplyObject(rp);
+                goto kept;
+            }
+
+            freeReplyObject(rp);
+        }
+    }
+
+    for (i = 0; i < wm.cap; i++) {
+        if (wm.keys[i] == NULL) {
+            continue;
+        }
+
+        rp = meter_redis_cmd(d->redis, "SISMEMBER " MTR_IDX_FMT " %s", hour,
+                             wm.keys[i]);
+
+        if (meter_reply_int(rp, 1) == 0) {
+            freeReplyObject(rp);
+            rp = meter_redis_cmd(d->redis, "DEL " MTR_B_FMT, wm.keys[i],
+                                 hour);
+        }
+
+        freeReplyObject(rp);
+    }
+
+    /* only the writers read above: one that indexed itself since (a node
+     * back after an outage) keeps its entry, and so the hour */
+    for (i = 0; i < ws->elements; i++) {
+        if (ws->element[i]->type == REDIS_REPLY_STRING) {
+            rp = meter_redis_cmd(d->redis, "SREM " MTR_WIDX_FMT " %s", hour,
+                                 ws->element[i]->str);
+            freeReplyObject(rp);
+        }
+    }
+
+    freeReplyObject(ws);
+    meter_map_free(&wm, meter_wkey_free);
+
+    return 1;
+
+kept:
+
+    freeReplyObject(ws);
+    meter_map_free(&wm, meter_wkey_free);
+
+    return 0;
+}
+
+
 /* deletes key-hours past retention once everything in them is billed */
 static void
 meter_drain_retention(meter_drain_t *d, time_t now)
@@ -2101,6 +2348,10 @@ meter_drain_retention(meter_drain_t *d, time_t now)
     for (h = 0; h < hours->elements; h++) {
         if (meter_drain_check(d) != METER_DRAIN_OK) {
             break;
+        }
+
+        if (!meter_drain_retire_writers(d, hours->element[h]->str)) {
+            continue;
         }
 
         strcpy(cursor, "0");
@@ -2151,6 +2402,23 @@ meter_drain_retention(meter_drain_t *d, time_t now)
         freeReplyObject(rp);
         rp = meter_redis_cmd(d->redis, "ZREM " MTR_HOURS " %s",
                              hours->element[h]->str);
+        freeReplyObject(rp);
+
+        /* a writer indexed after the check: the hour stays listed (its
+         * SADD came before its ZADD NX, this check after the ZREM) */
+        rp = meter_redis_cmd(d->redis, "SCARD " MTR_WIDX_FMT,
+                             hours->element[h]->str);
+
+        if (meter_reply_int(rp, 0) != 0) {
+            freeReplyObject(rp);
+            rp = meter_redis_cmd(d->redis, "ZADD " MTR_HOURS " NX %lld %s",
+                                 (long long) meter_hour_parse(
+                                     hours->element[h]->str),
+                                 hours->element[h]->str);
+            freeReplyObject(rp);
+            continue;
+        }
+
         freeReplyObject(rp);
 
         meter_log(LOG_INFO, "hour %s removed after retention",

@@ -88,4 +88,5 @@ int meter_usage_compute(const char *const *u, size_t nu,
 void meter_usage_free(meter_usage_t *us, size_t n);
 
 
+
 #endif /* _METER_DRAIN_H_INCLUDED_ */

@@ -85,7 +85,10 @@ const char  meter_lua_release[] =
 const char  meter_lua_expire[] =
     "local u = redis.call('HGETALL', KEYS[1])\n"
     "for i = 1, #u, 2 do\n"
-    "  if redis.call('HGET', KEYS[2], u[i]) ~= u[i + 1] then return 0 end\n"
+    "  local b = redis.call('HGET', KEYS[2], u[i])\n"
+    "  local v = u[i + 1]\n"
+    "  -- billed when b >= u (b may be a writer copy's larger count)\n"
+    "  if not b or #b < #v or (#b == #v and b < v) then return 0 end\n"
     "end\n"
     "redis.call('DEL', KEYS[1], KEYS[2])\n"
     "return 1\n";

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "drain.h"
+#include "wusage.h"
 
 
 #include "mock_redis.h"
@@ -33,6 +34,107 @@ cmd_starts(const LargestIntegralType value,
 
     return strncmp(last_cmd, (const char *) check_value_data,
                    strlen((const char *) check_value_data)) == 0;
+}
+
+
+/* a writer-layout field as the counter it is, and the merge of layouts */
+static void
+test_writer_fields(void **state)
+{
+    char           kh[65], vf[METER_VFIELD_SIZE], sid[21], *buf;
+    size_t         n;
+    unsigned       np;
+    const char   **uv;
+    redisReply     u, *ue[4], e[4];
+    meter_wkey_t   wk;
+    meter_wfield_t fs[3] = { { "calls|E.1", 6 }, { "calls|E.2", 3 },
+                             { "bytes|F.1", 7 } };
+    const char    *hex = "ba7816bf8f01cfea414140de5dae2223"
+                         "b00361a396177a9cb410ff61f20015ad";
+    char           field[128];
+
+    (void) state;
+
+    snprintf(field, sizeof(field), "%s|calls|42", hex);
+    assert_int_equal(meter_wfield_parse(field, strlen(field),
+                                        "3f2a9c0d11b2e4f7", kh, vf), 0);
+    assert_string_equal(kh, hex);
+    assert_string_equal(vf, "calls|3f2a9c0d11b2e4f7.42");
+
+    /* malformed: no GEN, a bad meter, upper-case hex, a short epoch */
+    snprintf(field, sizeof(field), "%s|calls|", hex);
+    assert_int_equal(meter_wfield_parse(field, strlen(field),
+                                        "3f2a9c0d11b2e4f7", kh, vf), -1);
+    snprintf(field, sizeof(field), "%s|ca ls|1", hex);
+    assert_int_equal(meter_wfield_parse(field, strlen(field),
+                                        "3f2a9c0d11b2e4f7", kh, vf), -1);
+    snprintf(field, sizeof(field), "BA%s|calls|1", hex + 2);
+    assert_int_equal(meter_wfield_parse(field, strlen(field),
+                                        "3f2a9c0d11b2e4f7", kh, vf), -1);
+    snprintf(field, sizeof(field), "%s|calls|1", hex);
+    assert_int_equal(meter_wfield_parse(field, strlen(field), "3f2a", kh,
+                                        vf), -1);
+
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12:3", kh, sid,
+                                        &np), 0);
+    assert_string_equal(kh, "3f2a9c0d11b2e4f7");
+    assert_string_equal(sid, "12");
+    assert_int_equal(np, 3);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12:1048576", kh,
+                                        sid, &np), 0);
+    assert_int_equal(np, 1048576);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12:1048577", kh,
+                                        sid, &np), -1);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12:0", kh, sid,
+                                        &np), -1);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12", kh, sid,
+                                        &np), -1);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7:12:3x", kh, sid,
+                                        &np), -1);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7::3", kh, sid,
+                                        &np), -1);
+    assert_int_equal(meter_writer_parse("3f2a9c0d11b2e4f7.1:3", kh, sid,
+                                        &np), -1);
+
+    /* key layout: calls|E.1 = 5, calls|E.2 = 9; writer layout: calls|E.1
+     * = 6 (ahead), calls|E.2 = 3 (behind), bytes|F.1 = 7 (its own) */
+    memset(&u, 0, sizeof(u));
+    memset(e, 0, sizeof(e));
+    e[0].str = "calls|E.1"; e[1].str = "5";
+    e[2].str = "calls|E.2"; e[3].str = "9";
+    for (n = 0; n < 4; n++) {
+        e[n].type = REDIS_REPLY_STRING;
+        ue[n] = &e[n];
+    }
+    u.type = REDIS_REPLY_ARRAY;
+    u.elements = 4;
+    u.element = ue;
+
+    memset(&wk, 0, sizeof(wk));
+    wk.f = fs;
+    wk.n = 3;
+
+    assert_int_equal(meter_u_merge(&u, &wk, &uv, &n, &buf), 0);
+    assert_int_equal(n, 6);
+    assert_string_equal(uv[0], "calls|E.1");
+    assert_string_equal(uv[1], "6");
+    assert_string_equal(uv[2], "calls|E.2");
+    assert_string_equal(uv[3], "9");
+    assert_string_equal(uv[4], "bytes|F.1");
+    assert_string_equal(uv[5], "7");
+    free(uv);
+    free(buf);
+
+    /* either layout alone */
+    assert_int_equal(meter_u_merge(NULL, &wk, &uv, &n, &buf), 0);
+    assert_int_equal(n, 6);
+    assert_string_equal(uv[3], "3");
+    free(uv);
+    free(buf);
+    assert_int_equal(meter_u_merge(&u, NULL, &uv, &n, &buf), 0);
+    assert_int_equal(n, 4);
+    free(uv);
+    free(buf);
 }
 
 
@@ -174,6 +276,7 @@ main(void)
 {
     const struct CMUnitTest  tests[] = {
         cmocka_unit_test(test_usage_compute),
+        cmocka_unit_test(test_writer_fields),
         cmocka_unit_test(test_usage_big),
         cmocka_unit_test(test_lock),
     };
