@@ -357,6 +357,12 @@ typedef struct {
     int64_t                      granted;
 } ngx_http_meter_gov_grant_t;
 
+/* a field of mtr:gov that mtr:gov:log says a version rewrote */
+typedef struct {
+    uint64_t                     version;
+    u_char                       hex[METER_HEX_LEN];
+} ngx_http_meter_gov_delta_t;
+
 
 typedef struct {
     const char                  *name;      /* in JSON */
@@ -520,6 +526,15 @@ typedef struct {
 
     ngx_pool_t                   *gov_tmp;  /* one refresh */
     ngx_array_t                   gov_grants; /* ngx_http_meter_gov_grant_t */
+
+    /* mtr:gov:log: the fields the versions since gov_view's rewrote */
+    ngx_array_t                   gov_delta; /* ngx_http_meter_gov_delta_t */
+    uint64_t                      gov_log_upto; /* logged without a gap up
+                                             * to this version */
+    ngx_uint_t                    gov_log_all; /* no use: read all */
+    ngx_uint_t                    gov_inplace; /* the delta writes the
+                                             * published copy */
+    ngx_uint_t                    gov_tkeys; /* keys in gov_kbuf's table */
 } ngx_http_meter_gov_refresh_t;
 
 
