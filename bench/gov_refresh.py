@@ -363,10 +363,20 @@ def main():
                     first = time.monotonic() - t0
                     worker = sorted(n.worker_pids())[0]
                     r = {"first_load_s": first, "gov_size": gov_size(nkeys)}
+                    # the first load's own account: its longest slice
+                    h = holds(n.tmp / "debug.log", 0)
+                    if h and "longest_cpu_us" in h[0]:
+                        r["first_load_longest_cpu_us"] = int(
+                            h[0]["longest_cpu_us"])
+                        r["first_load_slices"] = int(h[0]["slices"])
+                        r["first_load_cpu_us"] = int(h[0]["total_us"])
                     print("\n== %d keys, %d customers (%d with credit), "
-                          "meter_governance_size %s: first load %.2f s"
+                          "meter_governance_size %s: first load %.2f s %s"
                           % (nkeys, nkeys // 10, min(a.credit, nkeys // 10),
-                             r["gov_size"], first), flush=True)
+                             r["gov_size"], first, " ".join(
+                                 "%s=%s" % (k[11:], v) for k, v in r.items()
+                                 if k.startswith("first_load_") and
+                                 k != "first_load_s")), flush=True)
                     for case in a.cases:
                         r[case] = run_case(a, n, redis, case, worker)
                         print("  %-8s %s" % (case, " ".join(

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "gov.h"
+#include "meter_schema.h"
 
 
 #include "mock_redis.h"
@@ -158,6 +159,49 @@ test_project_active_drops_reason(void **state)
                "1111111111111111111111111111",
                reply(REDIS_REPLY_INTEGER, NULL, 1));
     expect_cmd("ZREMRANGEBYSCORE mtr:gov:log -inf -9992",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
+    expect_cmd("HSET mtr:cust:{acme} projected 1",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
+
+    assert_int_equal(meter_gov_project(&r, "acme", err, sizeof(err)), 0);
+}
+
+
+/* more fields than MTR_GOV_LOG_MAXKEYS: the log says "*", read all */
+static void
+test_project_many_keys_logs_all(void **state)
+{
+    char            err[256], kh[65];
+    size_t          i, n;
+    redisReply     *keys;
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    n = MTR_GOV_LOG_MAXKEYS + 1;
+    keys = reply(REDIS_REPLY_ARRAY, NULL, 0);
+    keys->elements = n;
+    keys->element = calloc(n, sizeof(redisReply *));
+
+    for (i = 0; i < n; i++) {
+        snprintf(kh, sizeof(kh), "%064zx", i);
+        keys->element[i] = reply(REDIS_REPLY_STRING, kh, 0);
+    }
+
+    expect_cmd("HGETALL mtr:cust:{acme}", array(2, "status", "active"));
+    expect_cmd("SMEMBERS mtr:ckeys:{acme}", keys);
+
+    for (i = 0; i < n; i++) {
+        expect_cmd_prefix("HGETALL mtr:key:{", array(2, "customer", "acme"));
+        expect_cmd_prefix("HSET mtr:gov ",
+                          reply(REDIS_REPLY_INTEGER, NULL, 1));
+    }
+
+    expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 12));
+    expect_cmd("ZADD mtr:gov:log 12 12 *",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("ZREMRANGEBYSCORE mtr:gov:log -inf -9988",
                reply(REDIS_REPLY_INTEGER, NULL, 0));
     expect_cmd("HSET mtr:cust:{acme} projected 1",
                reply(REDIS_REPLY_INTEGER, NULL, 0));
@@ -431,6 +475,7 @@ main(void)
     const struct CMUnitTest  tests[] = {
         cmocka_unit_test(test_project_writes_every_key),
         cmocka_unit_test(test_project_active_drops_reason),
+        cmocka_unit_test(test_project_many_keys_logs_all),
         cmocka_unit_test(test_project_error),
         cmocka_unit_test(test_set_status_changed_projects),
         cmocka_unit_test(test_set_status_repairs_projection),
