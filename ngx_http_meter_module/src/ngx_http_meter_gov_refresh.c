@@ -122,6 +122,8 @@ static void ngx_http_meter_gov_scan_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 static ngx_int_t ngx_http_meter_gov_scan_page(
     ngx_http_meter_gov_refresh_t *gr);
+static void ngx_http_meter_gov_take(ngx_http_meter_gov_refresh_t *gr,
+    redisReply *items, ngx_uint_t phase);
 static void ngx_http_meter_gov_page_free(ngx_http_meter_gov_refresh_t *gr);
 static ngx_int_t ngx_http_meter_gov_scan_field(
     ngx_http_meter_gov_refresh_t *gr, ngx_http_meter_gov_view_t *v,
@@ -850,15 +852,7 @@ ngx_http_meter_gov_delta_reply(redisAsyncContext *ac, void *r,
         ngx_http_meter_gov_abort(gr, 0);
 
     } else {
-        gr->gov_page = reply->element;
-        gr->gov_page_n = reply->elements;
-        reply->element = NULL;
-        reply->elements = 0;
-
-        gr->gov_phase = NGX_HTTP_METER_GOV_APPLY;
-        gr->gov_i = 0;
-
-        ngx_http_meter_gov_run(gr);
+        ngx_http_meter_gov_take(gr, reply, NGX_HTTP_METER_GOV_APPLY);
     }
 
     ngx_http_meter_gov_end(gr);
@@ -1539,19 +1533,30 @@ ngx_http_meter_gov_scan_reply(redisAsyncContext *ac, void *r,
         ngx_http_meter_gov_abort(gr, 0);
 
     } else {
-        gr->gov_page = items->element;
-        gr->gov_page_n = items->elements;
-        items->element = NULL;
-        items->elements = 0;
-
         gr->gov_last_page = (rc == NGX_DONE);
-        gr->gov_phase = NGX_HTTP_METER_GOV_PAGE;
-        gr->gov_i = 0;
-
-        ngx_http_meter_gov_run(gr);
+        ngx_http_meter_gov_take(gr, items, NGX_HTTP_METER_GOV_PAGE);
     }
 
     ngx_http_meter_gov_end(gr);
+}
+
+
+/* the elements of a reply, taken from hiredis (which frees what is left
+ * in it after the callback), for a phase that works through them */
+
+static void
+ngx_http_meter_gov_take(ngx_http_meter_gov_refresh_t *gr, redisReply *items,
+    ngx_uint_t phase)
+{
+    gr->gov_page = items->element;
+    gr->gov_page_n = items->elements;
+    items->element = NULL;
+    items->elements = 0;
+
+    gr->gov_phase = phase;
+    gr->gov_i = 0;
+
+    ngx_http_meter_gov_run(gr);
 }
 
 
