@@ -8,7 +8,10 @@ redis-cli --pipe, and --credit customers given prepaid credit.  Cases:
 
   nothing    nothing changes between refreshes
   gov        one customer of mtr:gov changes (its 10 keys: delinquent, then
-             active again) and mtr:gov:version moves, once a second
+             active again), mtr:gov:version moves and mtr:gov:log lists the
+             10 fields, as meterctl writes it, once a second
+  gov-nolog  the same without the log entry (a writer before the log):
+             every change reads all of mtr:gov
   used       the usage of one credit customer's key moves (HINCRBY on
              mtr:used, as another node's flush would), once a second
 
@@ -204,6 +207,15 @@ class Changer:
             for i in range(1, 11):
                 args += [khash(i), gov_value(i, *st)]
             self.redis.cmd(*args)
+            v = int(self.redis.cmd("INCR", "mtr:gov:version"))
+            self.redis.cmd("ZADD", "mtr:gov:log", str(v), " ".join(
+                [str(v)] + [khash(i) for i in range(1, 11)]))
+        elif self.case == "gov-nolog":
+            st = ("d", "invoice_overdue") if j % 2 == 0 else ("a", "")
+            args = ["HSET", "mtr:gov"]
+            for i in range(1, 11):
+                args += [khash(i), gov_value(i, *st)]
+            self.redis.cmd(*args)
             self.redis.cmd("INCR", "mtr:gov:version")
         elif self.case == "used":
             self.redis.cmd("HINCRBY", "mtr:used:{%s}" % khash(1), "calls", 1)
@@ -324,7 +336,8 @@ def main():
                    help="customers with prepaid credit (10 keys each)")
     p.add_argument("--idle", type=float, default=10.0)
     p.add_argument("--loop", type=float, default=10.0)
-    p.add_argument("--cases", nargs="+", default=["nothing", "gov", "used"])
+    p.add_argument("--cases", nargs="+",
+                   default=["nothing", "gov", "gov-nolog", "used"])
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--keep", help="run in this directory and keep it")
     a = p.parse_args()
@@ -350,10 +363,20 @@ def main():
                     first = time.monotonic() - t0
                     worker = sorted(n.worker_pids())[0]
                     r = {"first_load_s": first, "gov_size": gov_size(nkeys)}
+                    # the first load's own account: its longest slice
+                    h = holds(n.tmp / "debug.log", 0)
+                    if h and "longest_cpu_us" in h[0]:
+                        r["first_load_longest_cpu_us"] = int(
+                            h[0]["longest_cpu_us"])
+                        r["first_load_slices"] = int(h[0]["slices"])
+                        r["first_load_cpu_us"] = int(h[0]["total_us"])
                     print("\n== %d keys, %d customers (%d with credit), "
-                          "meter_governance_size %s: first load %.2f s"
+                          "meter_governance_size %s: first load %.2f s %s"
                           % (nkeys, nkeys // 10, min(a.credit, nkeys // 10),
-                             r["gov_size"], first), flush=True)
+                             r["gov_size"], first, " ".join(
+                                 "%s=%s" % (k[11:], v) for k, v in r.items()
+                                 if k.startswith("first_load_") and
+                                 k != "first_load_s")), flush=True)
                     for case in a.cases:
                         r[case] = run_case(a, n, redis, case, worker)
                         print("  %-8s %s" % (case, " ".join(

@@ -178,6 +178,17 @@
 /* STRING mtr:gov:version, integer */
 #define MTR_GOV_VERSION         "mtr:gov:version"
 
+/*
+ * ZSET mtr:gov:log, what each version changed in mtr:gov: score VERSION,
+ * member "VERSION KH KH ..." (the fields rewritten; none: only
+ * mtr:gov:credit moved; MTR_GOV_LOG_ALL: too many to list).  A version
+ * missing from it (an older writer, a crash) means: read all of mtr:gov.
+ */
+#define MTR_GOV_LOG             "mtr:gov:log"
+#define MTR_GOV_LOG_ALL         "*"
+#define MTR_GOV_LOG_KEEP        10000   /* versions kept */
+#define MTR_GOV_LOG_MAXKEYS     1000    /* more in one version: ALL */
+
 /* HASH mtr:gov:credit, field CUSTOMER|METER -> units granted in total */
 #define MTR_GOV_CREDIT          "mtr:gov:credit"
 #define MTR_GOV_CREDIT_SEP      '|'

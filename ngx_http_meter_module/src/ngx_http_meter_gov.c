@@ -54,7 +54,9 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
-    rctx = ngx_http_meter_req_ctx_get(r);
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_meter_module);
+
+    rctx = ngx_http_meter_req_ctx_get(r, mcf);
     if (rctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
@@ -103,7 +105,6 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
 
     ngx_http_meter_req_ctx_hash(rctx, gcf->shm_zone, &key);
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_meter_module);
     gz = mcf->gov_zone->data;
 
     snap = __atomic_load_n(&gz->sh->snap, __ATOMIC_ACQUIRE);
@@ -197,14 +198,6 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     }
 
     return NGX_DECLINED;
-}
-
-
-/* marks our context among the request pool's cleanups; it does nothing */
-
-void
-ngx_http_meter_req_ctx_cleanup(void *data)
-{
 }
 
 

@@ -10,9 +10,13 @@
  *
  * A refresh costs what changed, not what exists:
  *
- *   - mtr:gov is read again only when mtr:gov:version moved, in HSCAN
- *     pages (a 1M-field HGETALL reply is ~100 MB in hiredis, freed in one
- *     go); each page is parsed as it comes, customers found by a hash;
+ *   - when mtr:gov:version moved and mtr:gov:log lists, without a gap,
+ *     the fields each version since the view's rewrote, only those are
+ *     read (HMGET) and applied to the view and to the published copy in
+ *     place: a change of one customer costs its keys;
+ *   - otherwise mtr:gov is read again, in HSCAN pages (a 1M-field HGETALL
+ *     reply is ~100 MB in hiredis, freed in one go); each page is parsed
+ *     as it comes, customers found by a hash;
  *   - the key table is rebuilt only for a new scan; when only credit
  *     moved, the new copy shares the published key table and only the
  *     customer table is written;
@@ -32,6 +36,8 @@
 
 #include "ngx_http_meter_module.h"
 
+#include <malloc.h>
+
 
 /* the phases of a refresh, in order */
 #define NGX_HTTP_METER_GOV_IDLE     0
@@ -48,11 +54,18 @@
 #define NGX_HTTP_METER_GOV_PUBLISH  11
 #define NGX_HTTP_METER_GOV_PAGE     12  /* a page of mtr:gov, parsed
                                          * (between SCAN replies) */
+#define NGX_HTTP_METER_GOV_DELTA    13  /* HMGET of the fields logged */
+#define NGX_HTTP_METER_GOV_APPLY    14  /* ... applied */
+
+#define NGX_HTTP_METER_GOV_LOGV     "256"   /* versions read from the log */
+#define NGX_HTTP_METER_GOV_DMAX     4096    /* fields applied, at most */
+#define NGX_HTTP_METER_GOV_WALK     65536   /* key list steps, same */
 
 #define NGX_HTTP_METER_GOV_START    (NGX_HTTP_METER_GOV_NIL - 1)
 #define NGX_HTTP_METER_GOV_ZCHUNK   16384   /* bytes zeroed between checks */
 #define NGX_HTTP_METER_GOV_UNMAP    (1024 * 1024) /* bytes unmapped, same */
 #define NGX_HTTP_METER_GOV_POOL     (1024 * 1024) /* a view's pool blocks */
+#define NGX_HTTP_METER_GOV_TRIM     (256 * 1024 * 1024) /* M_TRIM_THRESHOLD */
 
 
 static void ngx_http_meter_gov_ready(void *data);
@@ -73,7 +86,22 @@ static void ngx_http_meter_gov_hlen_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 static void ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
     void *privdata);
+static void ngx_http_meter_gov_log_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
 static void ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr);
+static void ngx_http_meter_gov_scan_start(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_delta_send(
+    ngx_http_meter_gov_refresh_t *gr);
+static void ngx_http_meter_gov_delta_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static ngx_int_t ngx_http_meter_gov_apply(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_apply_field(
+    ngx_http_meter_gov_refresh_t *gr, u_char *hex, redisReply *val);
+static ngx_uint_t ngx_http_meter_gov_blocked_keys(
+    ngx_http_meter_gov_view_t *v, uint32_t ci);
+static ngx_int_t ngx_http_meter_gov_parse(u_char *p, u_char *end,
+    u_char **tab);
+static uint32_t ngx_http_meter_gov_reason(u_char **tab);
 static ngx_int_t ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
     ngx_http_meter_gov_view_t *v, ngx_uint_t n);
 static void ngx_http_meter_gov_view_free(ngx_http_meter_gov_refresh_t *gr,
@@ -94,6 +122,8 @@ static void ngx_http_meter_gov_scan_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 static ngx_int_t ngx_http_meter_gov_scan_page(
     ngx_http_meter_gov_refresh_t *gr);
+static void ngx_http_meter_gov_take(ngx_http_meter_gov_refresh_t *gr,
+    redisReply *items, ngx_uint_t phase);
 static void ngx_http_meter_gov_page_free(ngx_http_meter_gov_refresh_t *gr);
 static ngx_int_t ngx_http_meter_gov_scan_field(
     ngx_http_meter_gov_refresh_t *gr, ngx_http_meter_gov_view_t *v,
@@ -143,6 +173,19 @@ ngx_http_meter_gov_refresh_init(ngx_http_meter_gov_refresh_t *gr,
 
     ngx_http_meter_redis_hook(rd, ngx_http_meter_gov_ready, NULL,
                               ngx_http_meter_gov_down, gr);
+
+    /*
+     * A rebuild frees ~100 MB of hiredis replies a page at a time; with
+     * glibc's defaults a free() now and then returns the top of the heap
+     * to the kernel (systrim) or a large malloc() consolidates every
+     * fastbin first: one call held the loop 7 ms here.  A fixed trim
+     * threshold keeps the heap (its peak is a few pages of replies) and
+     * the 128 KB mmap threshold, so that larger blocks are mapped apart.
+     */
+    if (gr->mcf->gov_zone != NULL) {
+        (void) mallopt(M_TRIM_THRESHOLD, NGX_HTTP_METER_GOV_TRIM);
+        (void) mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 
@@ -201,6 +244,7 @@ ngx_http_meter_gov_down(void *data)
 
     if (gr->gov_phase == NGX_HTTP_METER_GOV_READ
         || gr->gov_phase == NGX_HTTP_METER_GOV_SCAN
+        || gr->gov_phase == NGX_HTTP_METER_GOV_DELTA
         || gr->gov_phase == NGX_HTTP_METER_GOV_SEND)
     {
         ngx_http_meter_gov_abort(gr, 0);
@@ -211,8 +255,9 @@ ngx_http_meter_gov_down(void *data)
 static void
 ngx_http_meter_gov_tick(ngx_event_t *ev)
 {
-    size_t                         len[2];
-    const char                    *argv[2];
+    u_char                         from[NGX_INT64_LEN + 2], *p;
+    size_t                         len[2], len6[7];
+    const char                    *argv[7];
     ngx_http_meter_gov_refresh_t  *gr = ev->data;
     ngx_http_meter_gov_zone_t     *gz;
 
@@ -299,6 +344,32 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
     (void) ngx_http_meter_gov_hscan(gr, MTR_GOV_CREDIT,
                                     sizeof(MTR_GOV_CREDIT) - 1,
                                     ngx_http_meter_gov_credit_reply);
+
+    /* what the versions after the view's changed, if it can be applied */
+    gr->gov_log_all = 1;
+    gr->gov_log_upto = gr->gov_view.version;
+
+    if (gr->gov_valid && gr->gov_kbuf >= 0
+        && ngx_array_init(&gr->gov_delta, gr->gov_tmp, 16,
+                          sizeof(ngx_http_meter_gov_delta_t))
+           == NGX_OK)
+    {
+        gr->gov_log_all = 0;
+
+        p = ngx_sprintf(from, "(%uL", gr->gov_view.version);
+
+        argv[0] = "ZRANGEBYSCORE"; len6[0] = 13;
+        argv[1] = MTR_GOV_LOG; len6[1] = sizeof(MTR_GOV_LOG) - 1;
+        argv[2] = (char *) from; len6[2] = p - from;
+        argv[3] = "+inf"; len6[3] = 4;
+        argv[4] = "LIMIT"; len6[4] = 5;
+        argv[5] = "0"; len6[5] = 1;
+        argv[6] = NGX_HTTP_METER_GOV_LOGV;
+        len6[6] = sizeof(NGX_HTTP_METER_GOV_LOGV) - 1;
+
+        (void) ngx_http_meter_gov_send(gr, ngx_http_meter_gov_log_reply, gr,
+                                       7, argv, len6);
+    }
 
     if (gr->gov_busy == 0) {
         ngx_http_meter_gov_abort(gr, 0);
@@ -544,11 +615,93 @@ ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
 }
 
 
-/* version, HLEN and every grant are in: the key map, if its version moved */
+/*
+ * mtr:gov:log after the view's version: "VERSION KH KH ...", in order of
+ * version.  The fields of the versions that follow the view's without a
+ * gap are kept; "*", a bad entry or too many fields: read all of mtr:gov.
+ */
+
+static void
+ngx_http_meter_gov_log_reply(redisAsyncContext *ac, void *r, void *privdata)
+{
+    redisReply                    *reply = r;
+    u_char                        *p, *end, *sp;
+    size_t                         i;
+    ngx_int_t                      v;
+    ngx_http_meter_gov_delta_t    *d;
+    ngx_http_meter_gov_refresh_t  *gr = privdata;
+
+    gr->gov_started = ngx_current_msec;
+
+    if (gr->gov_phase != NGX_HTTP_METER_GOV_READ) {
+        gr->gov_busy--;
+        return;
+    }
+
+    if (reply == NULL) {
+        gr->gov_failed = 1;
+
+    } else if (reply->type != REDIS_REPLY_ARRAY) {
+        gr->gov_log_all = 1;
+
+    } else {
+        for (i = 0; i < reply->elements && !gr->gov_log_all; i++) {
+            if (reply->element[i]->type != REDIS_REPLY_STRING) {
+                gr->gov_log_all = 1;
+                break;
+            }
+
+            p = (u_char *) reply->element[i]->str;
+            end = p + reply->element[i]->len;
+            sp = ngx_strlchr(p, end, ' ');
+
+            v = ngx_atoi(p, (sp ? sp : end) - p);
+
+            /* a gap: the log is complete only up to here */
+            if (v == NGX_ERROR || (uint64_t) v != gr->gov_log_upto + 1) {
+                break;
+            }
+
+            for (p = sp; p != NULL && p < end; p += 1 + METER_HEX_LEN) {
+                if (end - p < 1 + METER_HEX_LEN
+                    || (end - p > 1 + METER_HEX_LEN
+                        && p[1 + METER_HEX_LEN] != ' ')
+                    || gr->gov_delta.nelts == NGX_HTTP_METER_GOV_DMAX)
+                {
+                    /* MTR_GOV_LOG_ALL, or more than we apply */
+                    gr->gov_log_all = 1;
+                    break;
+                }
+
+                d = ngx_array_push(&gr->gov_delta);
+                if (d == NULL) {
+                    gr->gov_log_all = 1;
+                    break;
+                }
+
+                d->version = (uint64_t) v;
+                ngx_memcpy(d->hex, p + 1, METER_HEX_LEN);
+            }
+
+            gr->gov_log_upto = (uint64_t) v;
+        }
+    }
+
+    if (--gr->gov_busy == 0) {
+        ngx_http_meter_gov_read_done(gr);
+    }
+}
+
+
+/* version, HLEN, every grant and the log are in: the key map, if its
+ * version moved */
 
 static void
 ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr)
 {
+    ngx_http_meter_gov_zone_t   *gz;
+    ngx_http_meter_gov_shctx_t  *sh;
+
     if (gr->gov_phase != NGX_HTTP_METER_GOV_READ) {
         return;
     }
@@ -566,8 +719,40 @@ ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr)
         return;
     }
 
-    /* the version read before the scan: a change during it is seen by the
-     * next refresh, which scans again */
+    if (gr->gov_valid && gr->gov_kbuf >= 0 && !gr->gov_log_all
+        && gr->gov_new_version > gr->gov_view.version
+        && gr->gov_log_upto >= gr->gov_new_version)
+    {
+        /* the copy requests read is ours: the delta goes into it too */
+        gz = gr->mcf->gov_zone->data;
+        sh = gz->sh;
+
+        gr->gov_inplace = (sh->snap != NULL
+                           && sh->snap->keys == sh->kbuf[gr->gov_kbuf]
+                           && sh->pubgen == gr->gov_pubgen);
+
+        if (ngx_http_meter_gov_delta_send(gr) != NGX_OK) {
+            ngx_http_meter_gov_abort(gr, 0);
+            return;
+        }
+
+        if (gr->gov_phase == NGX_HTTP_METER_GOV_APPLY) {
+            ngx_http_meter_gov_run(gr);
+        }
+
+        return;
+    }
+
+    ngx_http_meter_gov_scan_start(gr);
+}
+
+
+/* the version read before the scan: a change during it is seen by the
+ * next refresh, which scans again */
+
+static void
+ngx_http_meter_gov_scan_start(ngx_http_meter_gov_refresh_t *gr)
+{
     ngx_http_meter_gov_view_free(gr, &gr->gov_scan);
 
     if (ngx_http_meter_gov_view_init(gr, &gr->gov_scan, gr->gov_hlen)
@@ -591,6 +776,441 @@ ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr)
 }
 
 
+/*
+ * HMGET mtr:gov of the fields the versions up to the one read rewrote
+ * (the log may hold later ones: the next refresh's).  None (grants only
+ * moved): straight to applying nothing.
+ */
+
+static ngx_int_t
+ngx_http_meter_gov_delta_send(ngx_http_meter_gov_refresh_t *gr)
+{
+    size_t                      *len;
+    ngx_uint_t                   i, n;
+    const char                 **argv;
+    ngx_http_meter_gov_delta_t  *d;
+
+    d = gr->gov_delta.elts;
+
+    for (i = 0, n = 0; i < gr->gov_delta.nelts; i++) {
+        if (d[i].version <= gr->gov_new_version) {
+            d[n++] = d[i];
+        }
+    }
+
+    gr->gov_delta.nelts = n;
+    gr->gov_i = 0;
+
+    if (n == 0) {
+        gr->gov_phase = NGX_HTTP_METER_GOV_APPLY;
+        return NGX_OK;
+    }
+
+    argv = ngx_palloc(gr->gov_tmp, (n + 2) * sizeof(char *));
+    len = ngx_palloc(gr->gov_tmp, (n + 2) * sizeof(size_t));
+    if (argv == NULL || len == NULL) {
+        return NGX_ERROR;
+    }
+
+    argv[0] = "HMGET"; len[0] = 5;
+    argv[1] = MTR_GOV; len[1] = sizeof(MTR_GOV) - 1;
+
+    for (i = 0; i < n; i++) {
+        argv[2 + i] = (char *) d[i].hex;
+        len[2 + i] = METER_HEX_LEN;
+    }
+
+    gr->gov_phase = NGX_HTTP_METER_GOV_DELTA;
+
+    return ngx_http_meter_gov_send(gr, ngx_http_meter_gov_delta_reply, gr,
+                                   (int) (n + 2), argv, len);
+}
+
+
+/* the values, taken from hiredis's reply and applied in slices */
+
+static void
+ngx_http_meter_gov_delta_reply(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    redisReply                    *reply = r;
+    ngx_http_meter_gov_refresh_t  *gr = privdata;
+
+    gr->gov_started = ngx_current_msec;
+    gr->gov_busy--;
+
+    if (gr->gov_phase != NGX_HTTP_METER_GOV_DELTA) {
+        return;
+    }
+
+    ngx_http_meter_gov_begin(gr);
+
+    if (ngx_http_meter_gov_reply_ok(gr, reply, REDIS_REPLY_ARRAY) != NGX_OK
+        || reply->type != REDIS_REPLY_ARRAY
+        || reply->elements != gr->gov_delta.nelts)
+    {
+        ngx_http_meter_gov_abort(gr, 0);
+
+    } else {
+        ngx_http_meter_gov_take(gr, reply, NGX_HTTP_METER_GOV_APPLY);
+    }
+
+    ngx_http_meter_gov_end(gr);
+}
+
+
+/*
+ * The fields logged, applied one by one to the view, to the key table of
+ * the view and, when it is the published one, to the customer table
+ * requests read.  One that cannot be applied in place (a field gone, a
+ * table that would be too full): all of mtr:gov is read instead.
+ */
+
+static ngx_int_t
+ngx_http_meter_gov_apply(ngx_http_meter_gov_refresh_t *gr)
+{
+    ngx_int_t                    rc;
+    ngx_http_meter_gov_zone_t   *gz;
+    ngx_http_meter_gov_delta_t  *d;
+
+    d = gr->gov_delta.elts;
+
+    for ( /* void */ ; gr->gov_i < gr->gov_page_n; gr->gov_i++) {
+        if (ngx_http_meter_gov_over(gr, 0)) {
+            return NGX_AGAIN;
+        }
+
+        rc = ngx_http_meter_gov_apply_field(gr, d[gr->gov_i].hex,
+                                            gr->gov_page[gr->gov_i]);
+
+        if (rc == NGX_DECLINED) {
+            ngx_log_debug0(NGX_LOG_DEBUG_CORE, gr->log, 0,
+                           "meter: governance refresh: the log cannot be "
+                           "applied in place, reading mtr:gov");
+
+            ngx_http_meter_gov_page_free(gr);
+            gr->gov_valid = 0;
+            ngx_http_meter_gov_scan_start(gr);
+
+            return (gr->gov_phase == NGX_HTTP_METER_GOV_SCAN) ? NGX_DONE
+                                                              : NGX_ERROR;
+        }
+
+        if (rc != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    ngx_http_meter_gov_page_free(gr);
+
+    gr->gov_view.version = gr->gov_new_version;
+
+    if (gr->gov_inplace) {
+        gz = gr->mcf->gov_zone->data;
+
+        __atomic_store_n(&gz->sh->delinquent, (uint64_t) gr->gov_delinquent,
+                         __ATOMIC_RELAXED);
+        __atomic_store_n(&gz->sh->blocked, (uint64_t) gr->gov_blocked,
+                         __ATOMIC_RELAXED);
+    }
+
+    if (gr->gov_rebuilt == 0) {
+        gr->gov_rebuilt = 3;
+    }
+
+    gr->gov_phase = NGX_HTTP_METER_GOV_RESET;
+    gr->gov_i = 0;
+
+    return NGX_OK;
+}
+
+
+/* the keys of a customer that a request refuses */
+
+static ngx_uint_t
+ngx_http_meter_gov_blocked_keys(ngx_http_meter_gov_view_t *v, uint32_t ci)
+{
+    ngx_uint_t                      j;
+    ngx_http_meter_gov_ccust_t     *c;
+    ngx_http_meter_gov_ccredits_t  *cr;
+
+    c = &((ngx_http_meter_gov_ccust_t *) v->custs.elts)[ci];
+
+    if (c->reason) {
+        return c->nlive;
+    }
+
+    if (c->credit != NGX_HTTP_METER_GOV_NIL) {
+        cr = &((ngx_http_meter_gov_ccredits_t *) v->credits.elts)[c->credit];
+
+        for (j = 0; j < cr->npub; j++) {
+            if (cr->pub[j].granted - cr->pub[j].used <= 0) {
+                return c->nlive;
+            }
+        }
+    }
+
+    return 0;
+}
+
+
+static ngx_int_t
+ngx_http_meter_gov_apply_field(ngx_http_meter_gov_refresh_t *gr,
+    u_char *hex, redisReply *val)
+{
+    u_char                      *p, *end, *tab[4];
+    uint8_t                      key[METER_HASH_LEN];
+    int64_t                      since;
+    uint32_t                     h, n, ci, oi, ki, prev, reason, revoked;
+    uint64_t                    *mslot;
+    ngx_int_t                    t;
+    ngx_uint_t                   exists, steps, before;
+    ngx_http_meter_gov_key_t    *table, *slot, *empty, *k_slot;
+    ngx_http_meter_gov_cust_t   *pc;
+    ngx_http_meter_gov_snap_t   *snap;
+    ngx_http_meter_gov_view_t   *v;
+    ngx_http_meter_gov_zone_t   *gz;
+    ngx_http_meter_gov_ckey_t   *k;
+    ngx_http_meter_gov_ccust_t  *c;
+    ngx_http_meter_gov_shctx_t  *sh;
+
+    /* a field gone (nothing deletes one) or one the scan would skip */
+    if (val->type != REDIS_REPLY_STRING
+        || ngx_http_meter_hex_decode(key, hex) != NGX_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    p = (u_char *) val->str;
+    end = p + val->len;
+
+    if (ngx_http_meter_gov_parse(p, end, tab) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    reason = ngx_http_meter_gov_reason(tab);
+
+    t = ngx_atoi(tab[2] + 1, tab[3] - tab[2] - 1);
+    since = (t == NGX_ERROR) ? 0 : t;
+
+    t = ngx_atoi(tab[3] + 1, end - tab[3] - 1);
+    revoked = (t != NGX_ERROR && t > 0);
+
+    gz = gr->mcf->gov_zone->data;
+    sh = gz->sh;
+    snap = sh->snap;
+    v = &gr->gov_view;
+    table = sh->kbuf[gr->gov_kbuf];
+
+    /* the key in the view's key table, or where it goes */
+    ngx_memcpy(&h, key, sizeof(uint32_t));
+
+    slot = NULL;
+    empty = NULL;
+
+    for (n = 0; n <= gr->gov_mask; n++) {
+        k_slot = &table[(h + n) & gr->gov_mask];
+
+        if (k_slot->cust == 0) {
+            empty = k_slot;
+            break;
+        }
+
+        if (ngx_memcmp(k_slot->key, key, METER_HASH_LEN) == 0) {
+            slot = k_slot;
+            break;
+        }
+    }
+
+    exists = (slot != NULL);
+
+    /* load at most 5/8 for keys added in place; past it, a rebuild */
+    if (!exists
+        && (empty == NULL
+            || (gr->gov_tkeys + 1) * 8 > ((ngx_uint_t) gr->gov_mask + 1) * 5))
+    {
+        return NGX_DECLINED;
+    }
+
+    /* the customer, maybe a new one */
+    if (2 * (v->custs.nelts + 1) > v->map_mask
+        && ngx_http_meter_gov_map_grow(gr, v) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    mslot = ngx_http_meter_gov_map_slot(v, p, tab[0] - p);
+
+    if ((uint32_t) *mslot == 0) {
+        /* requests must find it in the customer table before the key */
+        if (gr->gov_inplace
+            && (v->custs.nelts + 1) * sizeof(ngx_http_meter_gov_cust_t)
+               > sh->ccap[snap->custs == sh->cbuf[0] ? 0 : 1])
+        {
+            return NGX_DECLINED;
+        }
+
+        c = ngx_http_meter_gov_vec_push(&v->custs);
+        if (c == NULL) {
+            return NGX_ERROR;
+        }
+
+        c->id.len = tab[0] - p;
+        c->id.data = ngx_pnalloc(v->pool, c->id.len);
+        if (c->id.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(c->id.data, p, c->id.len);
+        c->reason = 0;
+        c->since = 0;
+        c->khead = NGX_HTTP_METER_GOV_NIL;
+        c->nlive = 0;
+        c->credit = NGX_HTTP_METER_GOV_NIL;
+
+        *mslot = ((uint64_t) v->gen << 32) | v->custs.nelts;
+
+        if (gr->gov_inplace) {
+            pc = &snap->custs[v->custs.nelts - 1];
+            ngx_memzero(pc, sizeof(ngx_http_meter_gov_cust_t));
+            __atomic_store_n(&snap->ncust, (uint32_t) v->custs.nelts,
+                             __ATOMIC_RELEASE);
+        }
+    }
+
+    ci = (uint32_t) *mslot - 1;
+    oi = exists ? slot->cust - 1 : ci;
+
+    /* the key in the view: on its customer's list */
+    ki = NGX_HTTP_METER_GOV_NIL;
+    prev = NGX_HTTP_METER_GOV_NIL;
+
+    if (exists) {
+        k = v->keys.elts;
+        steps = 0;
+
+        for (ki = ((ngx_http_meter_gov_ccust_t *) v->custs.elts)[oi].khead;
+             ki != NGX_HTTP_METER_GOV_NIL;
+             prev = ki, ki = k[ki].next)
+        {
+            if (!k[ki].dup
+                && ngx_memcmp(k[ki].key, key, METER_HASH_LEN) == 0)
+            {
+                break;
+            }
+
+            if (++steps == NGX_HTTP_METER_GOV_WALK) {
+                return NGX_DECLINED;
+            }
+        }
+
+        if (ki == NGX_HTTP_METER_GOV_NIL) {
+            return NGX_DECLINED;
+        }
+    }
+
+    /* what the status figures counted for both customers, then again */
+    before = ngx_http_meter_gov_blocked_keys(v, ci)
+             + (oi != ci ? ngx_http_meter_gov_blocked_keys(v, oi) : 0);
+
+    c = v->custs.elts;
+    gr->gov_delinquent -= (c[ci].reason != 0);
+
+    if (exists) {
+        k = &((ngx_http_meter_gov_ckey_t *) v->keys.elts)[ki];
+
+        if (k->revoked) {
+            v->nrevoked--;
+            gr->gov_blocked--;
+
+        } else {
+            c[oi].nlive--;
+        }
+
+        if (oi != ci) {
+            if (prev == NGX_HTTP_METER_GOV_NIL) {
+                c[oi].khead = k->next;
+
+            } else {
+                ((ngx_http_meter_gov_ckey_t *) v->keys.elts)[prev].next =
+                                                                   k->next;
+            }
+
+            k->next = c[ci].khead;
+            c[ci].khead = ki;
+        }
+
+    } else {
+        k = ngx_http_meter_gov_vec_push(&v->keys);
+        if (k == NULL) {
+            return NGX_ERROR;
+        }
+
+        ki = v->keys.nelts - 1;
+        ngx_memcpy(k->key, key, METER_HASH_LEN);
+        k->dup = 0;
+        k->next = c[ci].khead;
+        c[ci].khead = ki;
+    }
+
+    k->cust = ci;
+    k->revoked = (uint8_t) revoked;
+
+    if (revoked) {
+        v->nrevoked++;
+        gr->gov_blocked++;
+
+    } else {
+        c[ci].nlive++;
+    }
+
+    c[ci].reason = reason;
+    c[ci].since = since;
+
+    gr->gov_delinquent += (reason != 0);
+    gr->gov_blocked += ngx_http_meter_gov_blocked_keys(v, ci)
+                       + (oi != ci ? ngx_http_meter_gov_blocked_keys(v, oi)
+                                   : 0);
+    gr->gov_blocked -= before;
+
+    /*
+     * The customer as requests read it: in good standing before its
+     * "since" matters, so that a request never pairs a reason with a
+     * since of another state (ngx_http_meter_access_handler()).
+     */
+    if (gr->gov_inplace) {
+        pc = &snap->custs[ci];
+        since = ngx_min(since, (int64_t) ngx_time());
+
+        if (reason) {
+            if (pc->reason != reason || pc->since != since) {
+                __atomic_store_n(&pc->reason, 0, __ATOMIC_RELEASE);
+                __atomic_store_n(&pc->since, since, __ATOMIC_RELEASE);
+                __atomic_store_n(&pc->reason, reason, __ATOMIC_RELEASE);
+            }
+
+        } else {
+            __atomic_store_n(&pc->reason, 0, __ATOMIC_RELEASE);
+            __atomic_store_n(&pc->since, since, __ATOMIC_RELEASE);
+        }
+    }
+
+    /* the key itself: found by its hash, then its customer */
+    if (exists) {
+        __atomic_store_n(&slot->revoked, revoked, __ATOMIC_RELEASE);
+        __atomic_store_n(&slot->cust, ci + 1, __ATOMIC_RELEASE);
+
+    } else {
+        ngx_memcpy(empty->key, key, METER_HASH_LEN);
+        empty->revoked = revoked;
+        __atomic_store_n(&empty->cust, ci + 1, __ATOMIC_RELEASE);
+        gr->gov_tkeys++;
+    }
+
+    return NGX_OK;
+}
+
+
 static ngx_int_t
 ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
     ngx_http_meter_gov_view_t *v, ngx_uint_t n)
@@ -604,10 +1224,21 @@ ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
      * Customer ids come from blocks of 1 MB: every new block is a large
      * malloc(), which first consolidates glibc's fastbins, full of the
      * freed reply objects of the pages (~0.1 ms each time with 16 KB ones).
+     * The blocks of the view before are reused: a fresh page's first
+     * touch cost up to milliseconds on this virtual machine.
      */
-    v->pool = ngx_create_pool(NGX_HTTP_METER_GOV_POOL, gr->log);
-    if (v->pool == NULL) {
-        return NGX_ERROR;
+    sp = &gr->gov_spare_view;
+
+    if (sp->pool != NULL) {
+        v->pool = sp->pool;
+        sp->pool = NULL;
+        ngx_reset_pool(v->pool);
+
+    } else {
+        v->pool = ngx_create_pool(NGX_HTTP_METER_GOV_POOL, gr->log);
+        if (v->pool == NULL) {
+            return NGX_ERROR;
+        }
     }
 
     /* sized for what HLEN said: pages are touched only as filled */
@@ -620,8 +1251,6 @@ ngx_http_meter_gov_view_init(ngx_http_meter_gov_refresh_t *gr,
      * fresh pages costs up to milliseconds here (a virtual machine backs
      * them on demand), in the middle of a slice.
      */
-    sp = &gr->gov_spare_view;
-
     if (sp->keys.elts != NULL && sp->custs.elts != NULL && sp->map != NULL
         && sp->keys.nalloc >= n && sp->custs.nalloc >= n
         && sp->map_mask + 1 >= size)
@@ -682,10 +1311,12 @@ ngx_http_meter_gov_view_free(ngx_http_meter_gov_refresh_t *gr,
         sp->custs = v->custs;
         sp->map = v->map;
         sp->map_mask = v->map_mask;
+        sp->pool = v->pool;
 
         v->keys.elts = NULL;
         v->custs.elts = NULL;
         v->map = NULL;
+        v->pool = NULL;
     }
 
     if (v->keys.elts != NULL) {
@@ -902,19 +1533,30 @@ ngx_http_meter_gov_scan_reply(redisAsyncContext *ac, void *r,
         ngx_http_meter_gov_abort(gr, 0);
 
     } else {
-        gr->gov_page = items->element;
-        gr->gov_page_n = items->elements;
-        items->element = NULL;
-        items->elements = 0;
-
         gr->gov_last_page = (rc == NGX_DONE);
-        gr->gov_phase = NGX_HTTP_METER_GOV_PAGE;
-        gr->gov_i = 0;
-
-        ngx_http_meter_gov_run(gr);
+        ngx_http_meter_gov_take(gr, items, NGX_HTTP_METER_GOV_PAGE);
     }
 
     ngx_http_meter_gov_end(gr);
+}
+
+
+/* the elements of a reply, taken from hiredis (which frees what is left
+ * in it after the callback), for a phase that works through them */
+
+static void
+ngx_http_meter_gov_take(ngx_http_meter_gov_refresh_t *gr, redisReply *items,
+    ngx_uint_t phase)
+{
+    gr->gov_page = items->element;
+    gr->gov_page_n = items->elements;
+    items->element = NULL;
+    items->elements = 0;
+
+    gr->gov_phase = phase;
+    gr->gov_i = 0;
+
+    ngx_http_meter_gov_run(gr);
 }
 
 
@@ -1002,7 +1644,6 @@ ngx_http_meter_gov_scan_field(ngx_http_meter_gov_refresh_t *gr,
     u_char                      *p, *end, *tab[4];
     uint64_t                    *slot;
     ngx_int_t                    since, revoked;
-    ngx_uint_t                   t;
     ngx_http_meter_gov_ckey_t   *k;
     ngx_http_meter_gov_ccust_t  *c;
 
@@ -1015,14 +1656,7 @@ ngx_http_meter_gov_scan_field(ngx_http_meter_gov_refresh_t *gr,
     p = (u_char *) val->str;
     end = p + val->len;
 
-    for (t = 0; t < 4; t++) {
-        tab[t] = ngx_strlchr(t ? tab[t - 1] + 1 : p, end, MTR_GOV_SEP);
-        if (tab[t] == NULL) {
-            break;
-        }
-    }
-
-    if (t < 4 || tab[0] == p) {
+    if (ngx_http_meter_gov_parse(p, end, tab) != NGX_OK) {
         return NGX_OK;
     }
 
@@ -1059,17 +1693,7 @@ ngx_http_meter_gov_scan_field(ngx_http_meter_gov_refresh_t *gr,
         ngx_memcpy(c->id.data, p, c->id.len);
 
         /* a customer's state is the same in all its keys: the first one */
-        c->reason = 0;
-
-        if (tab[1] - tab[0] - 1 == 1 && tab[0][1] == MTR_GOV_DELINQUENT) {
-            c->reason = (tab[2] - tab[1] - 1
-                         == sizeof(MTR_REASON_CREDIT) - 1
-                         && ngx_strncmp(tab[1] + 1, MTR_REASON_CREDIT,
-                                        sizeof(MTR_REASON_CREDIT) - 1)
-                            == 0)
-                        ? NGX_HTTP_METER_REASON_CREDIT
-                        : NGX_HTTP_METER_REASON_OVERDUE;
-        }
+        c->reason = ngx_http_meter_gov_reason(tab);
 
         since = ngx_atoi(tab[2] + 1, tab[3] - tab[2] - 1);
         c->since = (since == NGX_ERROR) ? 0 : since;
@@ -1092,6 +1716,40 @@ ngx_http_meter_gov_scan_field(ngx_http_meter_gov_refresh_t *gr,
     c->khead = v->keys.nelts - 1;
 
     return NGX_OK;
+}
+
+
+/* the four tabs of "CUSTOMER\tSTATUS\tREASON\tSINCE\tREVOKED" */
+
+static ngx_int_t
+ngx_http_meter_gov_parse(u_char *p, u_char *end, u_char **tab)
+{
+    ngx_uint_t  t;
+
+    for (t = 0; t < 4; t++) {
+        tab[t] = ngx_strlchr(t ? tab[t - 1] + 1 : p, end, MTR_GOV_SEP);
+        if (tab[t] == NULL) {
+            return NGX_DECLINED;
+        }
+    }
+
+    return (tab[0] == p) ? NGX_DECLINED : NGX_OK;
+}
+
+
+static uint32_t
+ngx_http_meter_gov_reason(u_char **tab)
+{
+    if (tab[1] - tab[0] - 1 != 1 || tab[0][1] != MTR_GOV_DELINQUENT) {
+        return 0;
+    }
+
+    return (tab[2] - tab[1] - 1 == sizeof(MTR_REASON_CREDIT) - 1
+            && ngx_strncmp(tab[1] + 1, MTR_REASON_CREDIT,
+                           sizeof(MTR_REASON_CREDIT) - 1)
+               == 0)
+           ? NGX_HTTP_METER_REASON_CREDIT
+           : NGX_HTTP_METER_REASON_OVERDUE;
 }
 
 
@@ -1232,6 +1890,10 @@ ngx_http_meter_gov_run(ngx_http_meter_gov_refresh_t *gr)
             rc = ngx_http_meter_gov_scan_page(gr);
             break;
 
+        case NGX_HTTP_METER_GOV_APPLY:
+            rc = ngx_http_meter_gov_apply(gr);
+            break;
+
         case NGX_HTTP_METER_GOV_ZERO:
             rc = ngx_http_meter_gov_zero(gr);
             break;
@@ -1285,6 +1947,8 @@ ngx_http_meter_gov_run(ngx_http_meter_gov_refresh_t *gr)
                                      gr->gov_phase == NGX_HTTP_METER_GOV_ZERO
                                      || gr->gov_phase
                                         == NGX_HTTP_METER_GOV_KEYS
+                                     || gr->gov_phase
+                                        == NGX_HTTP_METER_GOV_APPLY
                                      || (gr->gov_phase
                                          >= NGX_HTTP_METER_GOV_CUSTS
                                          && gr->gov_phase
@@ -1365,6 +2029,7 @@ ngx_http_meter_gov_keys(ngx_http_meter_gov_refresh_t *gr)
 
     if (gr->gov_i == 0) {
         gr->gov_view.nrevoked = 0;
+        gr->gov_tkeys = 0;
     }
 
     for ( /* void */ ; gr->gov_i < gr->gov_view.keys.nelts; gr->gov_i++) {
@@ -1396,6 +2061,7 @@ ngx_http_meter_gov_keys(ngx_http_meter_gov_refresh_t *gr)
         ngx_memcpy(slot->key, k->key, METER_HASH_LEN);
         slot->cust = k->cust + 1;
         slot->revoked = k->revoked;
+        gr->gov_tkeys++;
 
         if (k->revoked) {
             gr->gov_view.nrevoked++;
@@ -1638,7 +2304,7 @@ ngx_http_meter_gov_check(ngx_http_meter_gov_refresh_t *gr)
     __atomic_store_n(&sh->refreshed, (uint64_t) ngx_time(),
                      __ATOMIC_RELAXED);
 
-    ngx_http_meter_gov_finish(gr, "none");
+    ngx_http_meter_gov_finish(gr, gr->gov_rebuilt == 3 ? "delta" : "none");
 
     return NGX_DONE;
 
@@ -1658,6 +2324,7 @@ changed:
 static ngx_int_t
 ngx_http_meter_gov_custs(ngx_http_meter_gov_refresh_t *gr)
 {
+    size_t                          size;
     time_t                          now;
     ngx_uint_t                      j, n, blocked;
     ngx_http_meter_gov_cust_t      *c;
@@ -1675,9 +2342,15 @@ ngx_http_meter_gov_custs(ngx_http_meter_gov_refresh_t *gr)
         gr->gov_cspare = (sh->snap != NULL && sh->snap->custs == sh->cbuf[0])
                          ? 1 : 0;
 
+        /* room for customers a delta adds in place */
+        size = (n + 1) * sizeof(ngx_http_meter_gov_cust_t);
+
+        if (sh->ccap[gr->gov_cspare] < size) {
+            size += (n / 16 + 16) * sizeof(ngx_http_meter_gov_cust_t);
+        }
+
         if (ngx_http_meter_gov_buf(gr, (void **) &sh->cbuf[gr->gov_cspare],
-                                   &sh->ccap[gr->gov_cspare],
-                                   (n + 1) * sizeof(ngx_http_meter_gov_cust_t))
+                                   &sh->ccap[gr->gov_cspare], size)
             == NULL)
         {
             return NGX_ERROR;
@@ -1851,7 +2524,8 @@ ngx_http_meter_gov_publish(ngx_http_meter_gov_refresh_t *gr)
                      __ATOMIC_RELAXED);
 
     ngx_http_meter_gov_finish(gr, gr->gov_rebuilt == 2 ? "keys"
-                                                       : "customers");
+                                  : gr->gov_rebuilt == 3 ? "delta+customers"
+                                  : "customers");
 
     return NGX_DONE;
 }

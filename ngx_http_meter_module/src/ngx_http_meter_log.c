@@ -78,8 +78,8 @@ ngx_http_meter_key_init(ngx_cycle_t *cycle, ngx_http_meter_main_conf_t *mcf)
 ngx_int_t
 ngx_http_meter_rewrite_handler(ngx_http_request_t *r)
 {
-    ngx_http_meter_req_ctx_t   *rctx;
-    ngx_http_meter_loc_conf_t  *mlcf;
+    ngx_http_meter_loc_conf_t   *mlcf;
+    ngx_http_meter_main_conf_t  *mcf;
 
     mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
 
@@ -87,12 +87,9 @@ ngx_http_meter_rewrite_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
-    rctx = ngx_http_meter_req_ctx_get(r);
-    if (rctx == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    rctx->meters = mlcf->meters;
+    /* a slot, not an allocation: most calls never need a context */
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_meter_module);
+    r->variables[mcf->meters_var].data = (u_char *) mlcf->meters;
 
     return NGX_DECLINED;
 }
@@ -111,39 +108,51 @@ ngx_http_meter_rewrite_handler(ngx_http_request_t *r)
 ngx_int_t
 ngx_http_meter_log_handler(ngx_http_request_t *r)
 {
-    uint32_t                    method;
-    ngx_str_t                   key;
-    ngx_uint_t                  i, status, sub;
-    ngx_array_t                *meters;
-    ngx_shm_zone_t             *keyed;
-    ngx_http_meter_t           *m;
-    ngx_http_meter_req_ctx_t   *rctx, *cur;
-    ngx_http_meter_zone_ctx_t  *ctx;
-    ngx_http_meter_loc_conf_t  *mlcf;
+    uint32_t                     method;
+    ngx_str_t                    key;
+    ngx_uint_t                   i, status, sub;
+    ngx_array_t                 *meters;
+    ngx_shm_zone_t              *keyed;
+    ngx_http_meter_t            *m;
+    ngx_http_meter_req_ctx_t    *rctx, *cur, own;
+    ngx_http_meter_zone_ctx_t   *ctx;
+    ngx_http_meter_loc_conf_t   *mlcf;
+    ngx_http_meter_main_conf_t  *mcf;
 
     mlcf = ngx_http_get_module_loc_conf(r, ngx_http_meter_module);
     meters = mlcf->meters;
 
-    rctx = ngx_http_meter_req_ctx_find(r);
+    sub = (r != r->main);
 
-    if (rctx != NULL && rctx->unbilled) {
-        return NGX_OK;
-    }
+    /* the slots are the main request's: a subrequest shares them */
+    if (sub) {
+        rctx = NULL;
 
-    if (meters == NULL) {
-        if (rctx == NULL || rctx->meters == NULL) {
+        if (meters == NULL) {
             return NGX_OK;
         }
 
-        meters = rctx->meters;
+    } else {
+        mcf = ngx_http_get_module_main_conf(r, ngx_http_meter_module);
+        rctx = ngx_http_meter_req_ctx_find(r, mcf);
+
+        if (rctx != NULL && rctx->unbilled) {
+            return NGX_OK;
+        }
+
+        if (meters == NULL) {
+            meters = (ngx_array_t *) r->variables[mcf->meters_var].data;
+
+            if (meters == NULL) {
+                return NGX_OK;
+            }
+        }
     }
 
     /* "meter off" */
     if (meters->nelts == 0) {
         return NGX_OK;
     }
-
-    sub = (r != r->main);
 
     /* the status the access log shows */
     if (r->err_status) {
@@ -165,7 +174,8 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
     /*
      * The key is read and hashed once per zone, not once per meter, and
      * not again for the zone whose key the gate hashed: the call is billed
-     * to the key it was admitted with.
+     * to the key it was admitted with.  Without a gate's context, the
+     * hash is kept on the stack.
      */
     keyed = NULL;
     cur = NULL;
@@ -193,12 +203,10 @@ ngx_http_meter_log_handler(ngx_http_request_t *r)
                 }
 
                 if (key.len) {
-                    cur = ngx_http_meter_req_ctx(r, keyed, &key);
-                    if (cur == NULL) {
-                        return NGX_OK;
-                    }
-
-                    rctx = cur;
+                    meter_key_hash(key.data, key.len, own.hash);
+                    own.zone = keyed;
+                    own.cust = NULL;
+                    cur = &own;
                 }
             }
         }
@@ -232,7 +240,8 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
     ngx_http_meter_gov_zone_t  *gz;
     ngx_http_meter_main_conf_t *mcf;
 
-    if (!meter_status_match(&m->status, status)) {
+    /* inline the common case: no status filter */
+    if (m->status.n && !meter_status_match(&m->status, status)) {
         return NGX_OK;
     }
 
@@ -307,7 +316,9 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
         }
     }
 
-    if (meter_table_add(&sh->table, meter_hour(r->start_sec), rctx->hash,
+    /* meter_hour() of a start time, never negative, inlined */
+    if (meter_table_add(&sh->table, (uint32_t) (r->start_sec / 3600),
+                        rctx->hash,
                         (const char *) m->name.data, m->name.len, value,
                         (uint32_t) now)
         == 0)

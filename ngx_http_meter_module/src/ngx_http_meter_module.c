@@ -30,6 +30,9 @@ static ngx_uint_t ngx_http_meter_has_return(ngx_conf_t *cf);
 static ngx_int_t ngx_http_meter_init(ngx_conf_t *cf);
 static ngx_int_t ngx_http_meter_gov_init(ngx_conf_t *cf,
     ngx_http_meter_main_conf_t *mcf);
+static ngx_int_t ngx_http_meter_slot(ngx_conf_t *cf, char *name);
+static ngx_int_t ngx_http_meter_slot_get(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_meter_init_process(ngx_cycle_t *cycle);
 static void ngx_http_meter_exit_process(ngx_cycle_t *cycle);
 
@@ -419,6 +422,13 @@ ngx_http_meter_init(ngx_conf_t *cf)
                       "is counted but never flushed");
     }
 
+    mcf->call_var = ngx_http_meter_slot(cf, "meter call");
+    mcf->meters_var = ngx_http_meter_slot(cf, "meter meters");
+
+    if (mcf->call_var == NGX_ERROR || mcf->meters_var == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
@@ -452,6 +462,46 @@ ngx_http_meter_init(ngx_conf_t *cf)
     }
 
     *h = ngx_http_meter_access_handler;
+
+    return NGX_OK;
+}
+
+
+/*
+ * A slot of r->variables the request path keeps a pointer in: nginx
+ * zeroes them for each request and keeps them over internal redirects.
+ * The name has a space, which no configuration can spell ("$meter call"
+ * reads $meter), so nothing else reads or "set"s it.
+ */
+
+static ngx_int_t
+ngx_http_meter_slot(ngx_conf_t *cf, char *name)
+{
+    ngx_str_t             s;
+    ngx_http_variable_t  *v;
+
+    s.data = (u_char *) name;
+    s.len = ngx_strlen(name);
+
+    v = ngx_http_add_variable(cf, &s, NGX_HTTP_VAR_NOHASH
+                                      |NGX_HTTP_VAR_NOCACHEABLE);
+    if (v == NULL) {
+        return NGX_ERROR;
+    }
+
+    v->get_handler = ngx_http_meter_slot_get;
+
+    return ngx_http_get_variable_index(cf, &s);
+}
+
+
+/* never called by nginx's config: a slot is not a variable */
+
+static ngx_int_t
+ngx_http_meter_slot_get(ngx_http_request_t *r, ngx_http_variable_value_t *v,
+    uintptr_t data)
+{
+    v->not_found = 1;
 
     return NGX_OK;
 }

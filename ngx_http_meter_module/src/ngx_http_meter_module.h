@@ -215,31 +215,23 @@ typedef struct {
 
 
 /*
- * Per client call: the key's hash and customer, found once, and the one
- * billing decision.  It outlives internal redirects (which clear module
- * contexts): it is kept in a pool cleanup and found there again.  The
- * hash of a zone's key is taken once a call: the log phase bills the key
- * the gate read.
+ * Per client call that a gate decided: the key's hash and customer,
+ * found once, and the billing decision.  It outlives internal redirects
+ * (which clear module contexts) in a variable slot of the main request
+ * (r->variables survives ngx_http_internal_redirect(), src/http/
+ * ngx_http_core_module.c); a subrequest shares the slots, so only the
+ * main request uses them.  The hash of a zone's key is taken once a
+ * call: the log phase bills the key the gate read.
  */
 typedef struct {
-    ngx_http_request_t          *r;         /* owner: subrequests share
-                                             * the pool */
     ngx_shm_zone_t              *zone;      /* hash is of this zone's key */
     ngx_http_meter_gov_snap_t   *snap;      /* cust points into it */
     ngx_http_meter_gov_cust_t   *cust;
-    ngx_array_t                 *meters;    /* of a location passed */
     ngx_uint_t                   gated;     /* a gate has decided */
     ngx_uint_t                   unbilled;  /* refused as no one's call */
     uint8_t                      hash[METER_HASH_LEN]; /* last: not zeroed,
                                              * valid once zone is set */
 } ngx_http_meter_req_ctx_t;
-
-
-/* the context and its cleanup, one allocation */
-typedef struct {
-    ngx_pool_cleanup_t           cln;
-    ngx_http_meter_req_ctx_t     ctx;
-} ngx_http_meter_req_cln_t;
 
 
 typedef struct {
@@ -276,6 +268,11 @@ typedef struct {
                                              * every gate written */
     size_t                       gov_size;  /* meter_governance_size */
     ngx_shm_zone_t              *gov_zone;  /* NULL: no gate anywhere */
+
+    /* r->variables slots of the main request, no variable of nginx's:
+     * the gate's context, and the meters of a location passed */
+    ngx_int_t                    call_var;
+    ngx_int_t                    meters_var;
 } ngx_http_meter_main_conf_t;
 
 
@@ -359,6 +356,12 @@ typedef struct {
     ngx_str_t                    meter;
     int64_t                      granted;
 } ngx_http_meter_gov_grant_t;
+
+/* a field of mtr:gov that mtr:gov:log says a version rewrote */
+typedef struct {
+    uint64_t                     version;
+    u_char                       hex[METER_HEX_LEN];
+} ngx_http_meter_gov_delta_t;
 
 
 typedef struct {
@@ -523,6 +526,15 @@ typedef struct {
 
     ngx_pool_t                   *gov_tmp;  /* one refresh */
     ngx_array_t                   gov_grants; /* ngx_http_meter_gov_grant_t */
+
+    /* mtr:gov:log: the fields the versions since gov_view's rewrote */
+    ngx_array_t                   gov_delta; /* ngx_http_meter_gov_delta_t */
+    uint64_t                      gov_log_upto; /* logged without a gap up
+                                             * to this version */
+    ngx_uint_t                    gov_log_all; /* no use: read all */
+    ngx_uint_t                    gov_inplace; /* the delta writes the
+                                             * published copy */
+    ngx_uint_t                    gov_tkeys; /* keys in gov_kbuf's table */
 } ngx_http_meter_gov_refresh_t;
 
 
@@ -598,7 +610,6 @@ void ngx_http_meter_flush_exit(ngx_http_meter_flush_t *fl, ngx_log_t *log);
 
 /* ngx_http_meter_gov.c */
 ngx_int_t ngx_http_meter_access_handler(ngx_http_request_t *r);
-void ngx_http_meter_req_ctx_cleanup(void *data);
 
 /* ngx_http_meter_gov_refresh.c */
 void ngx_http_meter_gov_refresh_init(ngx_http_meter_gov_refresh_t *gr,
@@ -648,84 +659,38 @@ ngx_http_meter_req_ctx_hash(ngx_http_meter_req_ctx_t *rctx,
 }
 
 
-/* the context, after an internal redirect cleared r->ctx too */
+/* the gate's context of a main request, after internal redirects too */
 
 static ngx_inline ngx_http_meter_req_ctx_t *
-ngx_http_meter_req_ctx_find(ngx_http_request_t *r)
+ngx_http_meter_req_ctx_find(ngx_http_request_t *r,
+    ngx_http_meter_main_conf_t *mcf)
 {
-    ngx_pool_cleanup_t        *cln;
-    ngx_http_meter_req_ctx_t  *rctx;
-
-    rctx = ngx_http_get_module_ctx(r, ngx_http_meter_module);
-
-    if (rctx != NULL) {
-        return rctx;
-    }
-
-    for (cln = r->pool->cleanup; cln != NULL; cln = cln->next) {
-        if (cln->handler == ngx_http_meter_req_ctx_cleanup) {
-            rctx = cln->data;
-
-            if (rctx->r == r) {
-                ngx_http_set_ctx(r, rctx, ngx_http_meter_module);
-                return rctx;
-            }
-        }
-    }
-
-    return NULL;
+    return (ngx_http_meter_req_ctx_t *) r->variables[mcf->call_var].data;
 }
 
 
-/*
- * One pool allocation a call: the cleanup and the context together,
- * linked as ngx_pool_cleanup_add() links one (src/core/ngx_palloc.c),
- * which would allocate them apart.
- */
+/* the gate's context, made once a main request */
 
 static ngx_inline ngx_http_meter_req_ctx_t *
-ngx_http_meter_req_ctx_get(ngx_http_request_t *r)
+ngx_http_meter_req_ctx_get(ngx_http_request_t *r,
+    ngx_http_meter_main_conf_t *mcf)
 {
-    ngx_http_meter_req_cln_t  *rc;
     ngx_http_meter_req_ctx_t  *rctx;
 
-    rctx = ngx_http_meter_req_ctx_find(r);
+    rctx = ngx_http_meter_req_ctx_find(r, mcf);
 
     if (rctx != NULL) {
         return rctx;
     }
 
-    rc = ngx_palloc(r->pool, sizeof(ngx_http_meter_req_cln_t));
-    if (rc == NULL) {
+    rctx = ngx_palloc(r->pool, sizeof(ngx_http_meter_req_ctx_t));
+    if (rctx == NULL) {
         return NULL;
     }
 
-    rctx = &rc->ctx;
     ngx_memzero(rctx, offsetof(ngx_http_meter_req_ctx_t, hash));
-    rctx->r = r;
 
-    rc->cln.handler = ngx_http_meter_req_ctx_cleanup;
-    rc->cln.data = rctx;
-    rc->cln.next = r->pool->cleanup;
-    r->pool->cleanup = &rc->cln;
-
-    ngx_http_set_ctx(r, rctx, ngx_http_meter_module);
-
-    return rctx;
-}
-
-
-static ngx_inline ngx_http_meter_req_ctx_t *
-ngx_http_meter_req_ctx(ngx_http_request_t *r, ngx_shm_zone_t *zone,
-    ngx_str_t *key)
-{
-    ngx_http_meter_req_ctx_t  *rctx;
-
-    rctx = ngx_http_meter_req_ctx_get(r);
-
-    if (rctx != NULL) {
-        ngx_http_meter_req_ctx_hash(rctx, zone, key);
-    }
+    r->variables[mcf->call_var].data = (u_char *) rctx;
 
     return rctx;
 }

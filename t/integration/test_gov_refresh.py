@@ -261,3 +261,140 @@ def test_rebuild_of_many_keys_leaves_the_loop_to_requests(nginx_factory,
     want = 402 if redis.cmd("HGET", "mtr:gov", key_hash("mk_solo")).split(
         b"\t")[1] == b"d" else 200
     wait_for(lambda: call(n, "mk_solo")[0] == want, 30)
+
+
+def logged(redis, fields):
+    """A writer of this version (meterctl, the worker's sync): the fields,
+    the version, then mtr:gov:log "VERSION KH ..." of what it rewrote."""
+    if fields:
+        args = ["HSET", "mtr:gov"]
+        for f, v in fields.items():
+            args += [f, v]
+        redis.cmd(*args)
+    v = int(redis.cmd("INCR", "mtr:gov:version"))
+    redis.cmd("ZADD", "mtr:gov:log", str(v), " ".join([str(v)] + list(fields)))
+    return v
+
+
+def after(n, redis, change):
+    """Makes the change, waits until a refresh has read it: those
+    refreshes' logged lines."""
+    off = log_size(n)
+    v = change()
+    wait_for(lambda: any(r["rebuilt"] != "none" for r in refreshes(n, off))
+             and status(n)["gov_refreshed"] > 0, 20,
+             msg="a refresh of version %s" % v)
+    # one more: the copy of that version is the one in force
+    return wait_refreshes(n, log_size(n), 1) and refreshes(n, off)
+
+
+def test_logged_change_costs_what_changed(nginx_factory, redis):
+    """mtr:gov:log lists what a version rewrote: the refresh reads those
+    fields and applies them in place (rebuilt=delta), for a status, a new
+    key, a new customer, a key moved and revoked, a grant; a version the
+    log lacks (an older writer) reads all of mtr:gov, and both give the
+    same answers and figures."""
+    kh = key_hash
+    redis.cmd("HSET", "mtr:gov", kh("mk_a1"), gov_value("acme"),
+              kh("mk_a2"), gov_value("acme"), kh("mk_b1"), gov_value("bolt"))
+    redis.cmd("HSET", "mtr:gov:credit", "acme|calls", "100")
+    redis.cmd("INCR", "mtr:gov:version")
+    n = start(nginx_factory, redis)
+    assert refreshes(n)[0]["rebuilt"] == "keys"
+    assert call(n, "mk_b1") == (200, None)
+
+    def only_delta(rs):
+        # delta, or delta+customers when usage moved too
+        assert any(r["rebuilt"].startswith("delta") for r in rs), rs
+        assert "keys" not in [r["rebuilt"] for r in rs], rs
+
+    # a status: bolt overdue
+    only_delta(after(n, redis, lambda: logged(redis, {
+        kh("mk_b1"): gov_value("bolt", "d", "invoice_overdue")})))
+    assert call(n, "mk_b1") == (402, None)
+    s = status(n)
+    assert (s["gov_customers_delinquent"], s["gov_keys_blocked"]) == (1, 1)
+
+    # a new key of bolt, and bolt in good standing again
+    only_delta(after(n, redis, lambda: logged(redis, {
+        kh("mk_b1"): gov_value("bolt"), kh("mk_b2"): gov_value("bolt")})))
+    assert call(n, "mk_b1") == (200, None)
+    assert call(n, "mk_b2") == (200, None)
+    s = status(n)
+    assert (s["gov_customers_delinquent"], s["gov_keys_blocked"]) == (0, 0)
+
+    # a new customer, overdue from the start
+    assert call(n, "mk_c1") == (401, None)
+    only_delta(after(n, redis, lambda: logged(redis, {
+        kh("mk_c1"): gov_value("core", "d", "invoice_overdue")})))
+    assert call(n, "mk_c1") == (402, None)
+
+    # acme's mk_a2 moves to core, mk_a1 is revoked; core is cleared
+    only_delta(after(n, redis, lambda: logged(redis, {
+        kh("mk_a1"): gov_value("acme", revoked=1700000000),
+        kh("mk_a2"): gov_value("core"), kh("mk_c1"): gov_value("core")})))
+    assert call(n, "mk_a1") == (401, None)
+    # core has no credit: no header, and its calls do not draw acme's
+    assert call(n, "mk_a2") == (200, None)
+    assert call(n, "mk_c1") == (200, None)
+    s = status(n)
+    assert (s["gov_customers_delinquent"], s["gov_keys_blocked"]) == (0, 1)
+
+    # a grant only: a version that rewrote no field, no key table
+    redis.cmd("HSET", "mtr:gov:credit", "core|calls", "1000")
+    rs = after(n, redis, lambda: logged(redis, {}))
+    assert "keys" not in [r["rebuilt"] for r in rs], rs
+    st, left = call(n, "mk_c1")
+    assert st == 200 and left.startswith("calls="), (st, left)
+
+    # versions logged several at a time are applied together
+    # (a writer rewrites all keys of the customer it changed)
+    def two():
+        d = gov_value("bolt", "d", "credit_exhausted")
+        logged(redis, {kh("mk_b1"): d, kh("mk_b2"): d})
+        return logged(redis, {kh("mk_b1"): d, kh("mk_b2"): d, kh("mk_b3"): d})
+    only_delta(after(n, redis, two))
+    assert call(n, "mk_b3") == (402, None)
+    delta = status(n)
+
+    # a version without an entry: all of mtr:gov is read, same answers
+    def gap():
+        redis.cmd("INCR", "mtr:gov:version")
+        return logged(redis, {})
+    rs = after(n, redis, gap)
+    assert "keys" in [r["rebuilt"] for r in rs], rs
+    full = status(n)
+    for f in ("gov_customers_delinquent", "gov_keys_blocked"):
+        assert delta[f] == full[f], (f, delta[f], full[f])
+    assert (full["gov_customers_delinquent"], full["gov_keys_blocked"]) \
+        == (1, 4)
+    for k, want in (("mk_a1", 401), ("mk_a2", 200), ("mk_b1", 402),
+                    ("mk_b2", 402), ("mk_b3", 402), ("mk_c1", 200),
+                    ("mk_x", 401)):
+        assert call(n, k)[0] == want, k
+
+    # the log says "*" (too many keys to list): all of mtr:gov too
+    def star():
+        redis.cmd("HSET", "mtr:gov", kh("mk_b1"), gov_value("bolt"))
+        v = int(redis.cmd("INCR", "mtr:gov:version"))
+        redis.cmd("ZADD", "mtr:gov:log", str(v), "%d *" % v)
+        return v
+    rs = after(n, redis, star)
+    assert "keys" in [r["rebuilt"] for r in rs], rs
+    assert call(n, "mk_b1") == (200, None)
+
+
+def test_meterctl_writes_the_log(nginx_factory, redis):
+    """meterctl's changes are logged in mtr:gov:log and applied in place."""
+    from conftest import meterctl
+    meterctl(redis, "customers", "add", "acme", "--email", "a@example.com",
+             "--provider", "file")
+    n = start(nginx_factory, redis)
+    meterctl(redis, "keys", "add", "mk_live_t1", "--customer", "acme")
+    log = redis.cmd("ZRANGE", "mtr:gov:log", "0", "-1")
+    assert any(key_hash("mk_live_t1").encode() in m for m in log), log
+    wait_for(lambda: call(n, "mk_live_t1")[0] == 200, 20,
+             msg="the key through the log")
+    rs = after(n, redis, lambda: meterctl(redis, "delinquent", "set", "acme"))
+    assert "keys" not in [r["rebuilt"] for r in rs], rs
+    assert call(n, "mk_live_t1") == (402, None)

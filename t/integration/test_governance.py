@@ -59,7 +59,8 @@ CONF = r"""
 class Gov:
     """Writes the governance state the way meterctl does
     (docs/redis-schema.md): mtr:key, mtr:cust, mtr:ckeys, the mtr:gov
-    projection and its version."""
+    projection, its version and mtr:gov:log (what the version rewrote, which
+    the module applies in place)."""
 
     def __init__(self, redis):
         self.r = redis
@@ -99,12 +100,17 @@ class Gov:
                    for kh in self.customers[customer]["keys"])
         self.r.cmd("HSET", "mtr:gov:credit", "%s|%s" % (customer, meter),
                    str(used + amount))
-        self.r.cmd("INCR", "mtr:gov:version")
+        self._bump([])
 
     def credit_add(self, customer, meter, amount):
         self.r.cmd("HINCRBY", "mtr:gov:credit", "%s|%s" % (customer, meter),
                    str(amount))
-        self.r.cmd("INCR", "mtr:gov:version")
+        self._bump([])
+
+    def _bump(self, khs):
+        v = int(self.r.cmd("INCR", "mtr:gov:version"))
+        self.r.cmd("ZADD", "mtr:gov:log", str(v),
+                   " ".join([str(v)] + list(khs)))
 
     def _project(self, customer):
         c = self.customers[customer]
@@ -112,7 +118,7 @@ class Gov:
             self.r.cmd("HSET", "mtr:gov", kh, "\t".join(
                 [customer, c["status"], c["reason"], str(c["since"]),
                  str(revoked)]))
-        self.r.cmd("INCR", "mtr:gov:version")
+        self._bump(c["keys"])
 
 
 @pytest.fixture

@@ -11,6 +11,12 @@
  * other hash slots, so it is a plain sequence of commands.  Two writers
  * projecting the same customer at once can leave an older projection for
  * a moment; the next change of that customer rewrites it.
+ *
+ * Every version is logged in mtr:gov:log with the fields it rewrote, so
+ * that the module reads those, not all of mtr:gov.  The log is written
+ * after the INCR (the version is its score): a crash between the two
+ * leaves a version without entry, which the module reads as a gap and
+ * answers with a full read.
  */
 
 
@@ -64,12 +70,72 @@ meter_gov_valid_meter(const char *s)
 }
 
 
+/*
+ * INCR mtr:gov:version, then log what that version changed (keys: " KH"
+ * each, NULL: only credit) and drop the entries past MTR_GOV_LOG_KEEP.
+ */
+static int
+meter_gov_bump_log(meter_redis_t *r, const char *keys, size_t nkeys,
+    char *err, size_t errlen)
+{
+    int          n;
+    char         floor[24], *member;
+    size_t       size;
+    long long    v;
+    redisReply  *rp;
+
+    rp = meter_redis_cmd(r, "INCR " MTR_GOV_VERSION);
+    if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_INTEGER) {
+        return meter_gov_failed(r, rp, MTR_GOV_VERSION, err, errlen);
+    }
+
+    v = rp->integer;
+    freeReplyObject(rp);
+
+    if (nkeys > MTR_GOV_LOG_MAXKEYS) {
+        keys = " " MTR_GOV_LOG_ALL;
+    }
+
+    size = 24 + (keys != NULL ? strlen(keys) : 0);
+
+    member = malloc(size);
+    if (member == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+
+    n = snprintf(member, size, "%lld%s", v, keys != NULL ? keys : "");
+
+    rp = meter_redis_cmd(r, "ZADD " MTR_GOV_LOG " %lld %b", v, member,
+                         (size_t) n);
+    free(member);
+
+    if (!meter_reply_ok(rp)) {
+        return meter_gov_failed(r, rp, MTR_GOV_LOG, err, errlen);
+    }
+
+    freeReplyObject(rp);
+
+    snprintf(floor, sizeof(floor), "%lld", v - MTR_GOV_LOG_KEEP);
+
+    rp = meter_redis_cmd(r, "ZREMRANGEBYSCORE " MTR_GOV_LOG " -inf %s",
+                         floor);
+    if (!meter_reply_ok(rp)) {
+        return meter_gov_failed(r, rp, MTR_GOV_LOG, err, errlen);
+    }
+
+    freeReplyObject(rp);
+
+    return 0;
+}
+
+
 int
 meter_gov_project(meter_redis_t *r, const char *customer, char *err,
     size_t errlen)
 {
-    char         line[512];
-    size_t       i;
+    char         line[512], *logged, *p;
+    size_t       i, nlogged;
     int          delinquent, known;
     redisReply  *keys, *cust, *key, *rp;
     const char  *status, *reason, *since, *revoked, *owner;
@@ -97,6 +163,19 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
     delinquent = (status != NULL && strcmp(status, "delinquent") == 0);
     known = (cust->type == REDIS_REPLY_ARRAY && cust->elements > 0);
 
+    /* " KH" per field rewritten, for mtr:gov:log */
+    logged = malloc(keys->elements * 65 + 1);
+    if (logged == NULL) {
+        freeReplyObject(keys);
+        freeReplyObject(cust);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+
+    p = logged;
+    *p = '\0';
+    nlogged = 0;
+
     for (i = 0; i < keys->elements; i++) {
         if (keys->element[i]->type != REDIS_REPLY_STRING) {
             continue;
@@ -105,6 +184,7 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
         key = meter_redis_cmd(r, "HGETALL " MTR_KEY_FMT,
                               keys->element[i]->str);
         if (!meter_reply_ok(key)) {
+            free(logged);
             freeReplyObject(keys);
             freeReplyObject(cust);
             return meter_gov_failed(r, key, "key", err, errlen);
@@ -130,23 +210,36 @@ meter_gov_project(meter_redis_t *r, const char *customer, char *err,
         rp = meter_redis_cmd(r, "HSET " MTR_GOV " %s %s", keys->element[i]->str,
                              line);
         if (!meter_reply_ok(rp)) {
+            free(logged);
             freeReplyObject(keys);
             freeReplyObject(cust);
             return meter_gov_failed(r, rp, MTR_GOV, err, errlen);
         }
 
         freeReplyObject(rp);
+
+        /* a field of another length is not a KH: the module reads all */
+        if (keys->element[i]->len == 64) {
+            *p++ = ' ';
+            memcpy(p, keys->element[i]->str, 64);
+            p += 64;
+            *p = '\0';
+            nlogged++;
+
+        } else {
+            nlogged = MTR_GOV_LOG_MAXKEYS + 1;
+        }
     }
 
     freeReplyObject(keys);
     freeReplyObject(cust);
 
-    rp = meter_redis_cmd(r, "INCR " MTR_GOV_VERSION);
-    if (!meter_reply_ok(rp)) {
-        return meter_gov_failed(r, rp, MTR_GOV_VERSION, err, errlen);
+    if (meter_gov_bump_log(r, logged, nlogged, err, errlen) != 0) {
+        free(logged);
+        return -1;
     }
 
-    freeReplyObject(rp);
+    free(logged);
 
     if (!known) {
         return 0;
@@ -339,19 +432,11 @@ meter_gov_credit_check(const char *customer, const char *meter, char *err,
 }
 
 
+/* a grant moved: a version that rewrote no field of mtr:gov */
 static int
 meter_gov_bump(meter_redis_t *r, char *err, size_t errlen)
 {
-    redisReply  *rp;
-
-    rp = meter_redis_cmd(r, "INCR " MTR_GOV_VERSION);
-    if (!meter_reply_ok(rp)) {
-        return meter_gov_failed(r, rp, MTR_GOV_VERSION, err, errlen);
-    }
-
-    freeReplyObject(rp);
-
-    return 0;
+    return meter_gov_bump_log(r, NULL, 0, err, errlen);
 }
 
 

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "gov.h"
+#include "meter_schema.h"
 
 
 #include "mock_redis.h"
@@ -122,6 +123,13 @@ test_project_writes_every_key(void **state)
                "222222222222222222 acme\td\tinvoice_overdue\t1700000000\t"
                "1700000500", reply(REDIS_REPLY_INTEGER, NULL, 1));
     expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 7));
+    /* the version logged with the two fields it rewrote */
+    expect_cmd("ZADD mtr:gov:log 7 7 1111111111111111111111111111111111111111"
+               "111111111111111111111111 22222222222222222222222222222222222"
+               "22222222222222222222222222222",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("ZREMRANGEBYSCORE mtr:gov:log -inf -9993",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
     expect_cmd("HSET mtr:cust:{acme} projected 1",
                reply(REDIS_REPLY_INTEGER, NULL, 0));
 
@@ -147,6 +155,54 @@ test_project_active_drops_reason(void **state)
                "111111111111111111 acme\ta\t\t0\t0",
                reply(REDIS_REPLY_INTEGER, NULL, 1));
     expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 8));
+    expect_cmd("ZADD mtr:gov:log 8 8 111111111111111111111111111111111111"
+               "1111111111111111111111111111",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("ZREMRANGEBYSCORE mtr:gov:log -inf -9992",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
+    expect_cmd("HSET mtr:cust:{acme} projected 1",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
+
+    assert_int_equal(meter_gov_project(&r, "acme", err, sizeof(err)), 0);
+}
+
+
+/* more fields than MTR_GOV_LOG_MAXKEYS: the log says "*", read all */
+static void
+test_project_many_keys_logs_all(void **state)
+{
+    char            err[256], kh[65];
+    size_t          i, n;
+    redisReply     *keys;
+    meter_redis_t   r;
+
+    (void) state;
+    memset(&r, 0, sizeof(r));
+
+    n = MTR_GOV_LOG_MAXKEYS + 1;
+    keys = reply(REDIS_REPLY_ARRAY, NULL, 0);
+    keys->elements = n;
+    keys->element = calloc(n, sizeof(redisReply *));
+
+    for (i = 0; i < n; i++) {
+        snprintf(kh, sizeof(kh), "%064zx", i);
+        keys->element[i] = reply(REDIS_REPLY_STRING, kh, 0);
+    }
+
+    expect_cmd("HGETALL mtr:cust:{acme}", array(2, "status", "active"));
+    expect_cmd("SMEMBERS mtr:ckeys:{acme}", keys);
+
+    for (i = 0; i < n; i++) {
+        expect_cmd_prefix("HGETALL mtr:key:{", array(2, "customer", "acme"));
+        expect_cmd_prefix("HSET mtr:gov ",
+                          reply(REDIS_REPLY_INTEGER, NULL, 1));
+    }
+
+    expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 12));
+    expect_cmd("ZADD mtr:gov:log 12 12 *",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("ZREMRANGEBYSCORE mtr:gov:log -inf -9988",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
     expect_cmd("HSET mtr:cust:{acme} projected 1",
                reply(REDIS_REPLY_INTEGER, NULL, 0));
 
@@ -185,6 +241,10 @@ test_set_status_changed_projects(void **state)
                array(4, "status", "delinquent", "reason", "credit_exhausted"));
     expect_cmd("SMEMBERS mtr:ckeys:{acme}", array(0));
     expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 2));
+    expect_cmd("ZADD mtr:gov:log 2 2",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("ZREMRANGEBYSCORE mtr:gov:log -inf -9998",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
     expect_cmd("HSET mtr:cust:{acme} projected 1",
                reply(REDIS_REPLY_INTEGER, NULL, 0));
 
@@ -210,6 +270,10 @@ test_set_status_repairs_projection(void **state)
                array(4, "status", "delinquent", "reason", "invoice_overdue"));
     expect_cmd("SMEMBERS mtr:ckeys:{acme}", array(0));
     expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 3));
+    expect_cmd("ZADD mtr:gov:log 3 3",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("ZREMRANGEBYSCORE mtr:gov:log -inf -9997",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
     expect_cmd("HSET mtr:cust:{acme} projected 1",
                reply(REDIS_REPLY_INTEGER, NULL, 0));
 
@@ -316,6 +380,10 @@ test_credit_set_adds_usage(void **state)
     expect_cmd("HSET mtr:gov:credit acme|calls 140",
                reply(REDIS_REPLY_INTEGER, NULL, 1));
     expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 3));
+    expect_cmd("ZADD mtr:gov:log 3 3",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("ZREMRANGEBYSCORE mtr:gov:log -inf -9997",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
 
     assert_int_equal(meter_gov_credit_set(&r, "acme", "calls", 100, err,
                                           sizeof(err)), 0);
@@ -340,6 +408,10 @@ test_credit_add(void **state)
     expect_cmd("HINCRBY mtr:gov:credit acme|calls 25",
                reply(REDIS_REPLY_INTEGER, NULL, 165));
     expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 4));
+    expect_cmd("ZADD mtr:gov:log 4 4",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("ZREMRANGEBYSCORE mtr:gov:log -inf -9996",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
     assert_int_equal(meter_gov_credit_add(&r, "acme", "calls", 25, err,
                                           sizeof(err)), 0);
 
@@ -352,6 +424,10 @@ test_credit_add(void **state)
     expect_cmd("HSET mtr:gov:credit acme|calls 32",
                reply(REDIS_REPLY_INTEGER, NULL, 1));
     expect_cmd("INCR mtr:gov:version", reply(REDIS_REPLY_INTEGER, NULL, 5));
+    expect_cmd("ZADD mtr:gov:log 5 5",
+               reply(REDIS_REPLY_INTEGER, NULL, 1));
+    expect_cmd("ZREMRANGEBYSCORE mtr:gov:log -inf -9995",
+               reply(REDIS_REPLY_INTEGER, NULL, 0));
     assert_int_equal(meter_gov_credit_add(&r, "acme", "calls", 25, err,
                                           sizeof(err)), 0);
 }
@@ -399,6 +475,7 @@ main(void)
     const struct CMUnitTest  tests[] = {
         cmocka_unit_test(test_project_writes_every_key),
         cmocka_unit_test(test_project_active_drops_reason),
+        cmocka_unit_test(test_project_many_keys_logs_all),
         cmocka_unit_test(test_project_error),
         cmocka_unit_test(test_set_status_changed_projects),
         cmocka_unit_test(test_set_status_repairs_projection),
