@@ -161,6 +161,25 @@
 #define MTR_WH_FMT              MTR_WH_PRE "%s:%s"
 
 
+/* alerts: meter-worker's alert state, hash tag {alert} */
+
+/* HASH mtr:{alert}:e:ID, one fired alert and its deliveries */
+#define MTR_A_EVENT_PRE         "mtr:{alert}:e:"        /* + ID */
+#define MTR_A_EVENT_FMT         MTR_A_EVENT_PRE "%s"
+/* ZSET of IDs with a delivery not done, score = next attempt */
+#define MTR_A_OPEN              "mtr:{alert}:open"
+/* ZSET of every ID kept, score = when fired */
+#define MTR_A_LOG               "mtr:{alert}:log"
+/* HASH, field RULE|CUSTOMER -> last period fired (state rules) */
+#define MTR_A_LAST              "mtr:{alert}:last"
+#define MTR_A_LAST_FMT          "%s|%s"
+/* HASH mtr:{alert}:base:PSTART, field KH|METER -> mtr:used before the
+ * month starting at PSTART */
+#define MTR_A_BASE_PRE          "mtr:{alert}:base:"     /* + PSTART */
+#define MTR_A_BASE_FMT          MTR_A_BASE_PRE "%lld"
+#define MTR_A_BASE_FIELD_FMT    "%s|%s"
+
+
 /* the projection the module reads */
 
 /*
