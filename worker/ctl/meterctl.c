@@ -663,6 +663,15 @@ const meterctl_cmd_t  meterctl_cmds[] = {
       "Hours in Redis, the last drain and delinquency sync, records open or\n"
       "waiting for a retry, dead letters, keys without customer.\n" },
 
+    { "alerts", NULL, "jC", meterctl_alerts_cmd,
+      "Usage: meterctl alerts [--customer ID] [--json]\n"
+      "\n"
+      "The alerts meter-worker fired (newest first, up to 1000): rule,\n"
+      "customer, period, value, and per channel its state: sent (when),\n"
+      "pending (next attempt), failing (retrying; the last error), sending\n"
+      "(claimed; resent with the same Message-ID or Meter-Alert-Id if the\n"
+      "worker died) or failed (gave up after alert.max_attempts).\n" },
+
     { "retry", NULL, "an", meterctl_retry_cmd,
       "Usage: meterctl retry ID... | --all\n"
       "       meterctl retry --resend ID...\n"
