@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -43,7 +44,7 @@ class SmtpSink:
     """aiosmtpd on a free port; keeps every message (parsed) and the
     envelope; optional AUTH LOGIN/PLAIN (without TLS: a test relay)."""
 
-    def __init__(self, port=None, auth=None, delay=0.0):
+    def __init__(self, port=None, auth=None, delay=0.0, tls=None):
         self.messages = []
         self.logins = []
         self.delay = delay
@@ -71,8 +72,10 @@ class SmtpSink:
 
         kw = {}
         if auth is not None:
-            kw = {"authenticator": authenticator, "auth_require_tls": False,
-                  "auth_required": True}
+            kw = {"authenticator": authenticator, "auth_required": True,
+                  "auth_require_tls": tls is not None}
+        if tls is not None:
+            kw.update(tls_context=tls, require_starttls=True)
         self.ctl = Controller(Handler(), hostname="127.0.0.1",
                               port=self.port, **kw)
 
@@ -680,6 +683,54 @@ def test_month_usage_counts_this_month_only(redis, worker, http_sink):
     assert len(hooks.accepted) == 2
 
 
+def self_signed(tmp):
+    """A certificate for 127.0.0.1 and its key (openssl CLI)."""
+    cert, key = tmp / "smtp.crt", tmp / "smtp.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048",
+                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx, cert
+
+
+def test_starttls_then_auth_with_the_credential_file(redis, worker, smtp,
+                                                     tmp_path):
+    """A relay that insists on STARTTLS before AUTH: the worker upgrades,
+    checks the relay's certificate against smtp.ca_file, logs in with the
+    credential file, and the mail arrives once."""
+    ctx, cert = self_signed(tmp_path)
+    mail = smtp(auth=("relay-user", "s3cret-relay-pw"), tls=ctx)
+    cred = tmp_path / "smtp-cred"
+    cred.write_text("relay-user\ns3cret-relay-pw\n")
+    customer(redis, "t", "mk_test_t", "t@t.example")
+    put_usage(redis, "mk_test_t", "calls", utc_hour(), 12)
+    w = worker(**{"smtp.url": "smtp://127.0.0.1:%d" % mail.port,
+                  "smtp.from": "alerts@meter.example",
+                  "smtp.starttls": "required",
+                  "smtp.ca_file": str(cert),
+                  "smtp.credentials_file": str(cred),
+                  "alert.q.when": "usage_above 10 calls per hour",
+                  "alert.q.notify": "email:customer"}).start()
+    wait_for(lambda: len(mail.messages) == 1, 30, msg=w.log)
+    assert mail.logins == [("relay-user", True)]
+    assert mail.messages[0]["to"] == ["t@t.example"]
+    assert "s3cret-relay-pw" not in w.log()
+    w.stop()
+
+    # without the CA the certificate is refused: nothing is sent in clear
+    other = worker(**{"smtp.url": "smtp://127.0.0.1:%d" % mail.port,
+                      "smtp.from": "alerts@meter.example",
+                      "smtp.credentials_file": str(cred),
+                      "alert.r.when": "usage_above 11 calls per hour",
+                      "alert.r.notify": "email:customer"}).start()
+    wait_for(lambda: other.alerts()["failing"] == 1, 20, msg=other.log)
+    assert len(mail.messages) == 1 and len(mail.logins) == 1
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 def test_smtp_auth_from_credential_file_and_starttls_required(
         redis, worker, smtp, tmp_path):
     """AUTH with the credential file's user and password (never in the
