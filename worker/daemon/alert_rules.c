@@ -201,7 +201,7 @@ meter_alert_parse_when(const char *s, meter_alert_rule_t *r, char *err,
             return -1;
         }
 
-        snprintf(r->meter, sizeof(r->meter), "%s", w[2]);
+        memcpy(r->meter, w[2], strlen(w[2]) + 1);    /* <= 32, checked */
         return 0;
     }
 
@@ -568,7 +568,7 @@ meter_alert_rule(const meter_conf_t *cf, meter_alert_rule_t *r, char *err,
             return -1;
         }
 
-        snprintf(r->meter, sizeof(r->meter), "%s", v);
+        memcpy(r->meter, v, strlen(v) + 1);  /* <= 32, checked */
 
     } else if (r->kind == METER_ALERT_REFUSED) {
         /* the meter that counts 402s: meter zone=api refused status=402 */
@@ -808,6 +808,47 @@ meter_alert_settings(const meter_conf_t *cf, meter_alerts_t *a, int email,
 }
 
 
+static const char  *meter_alert_settings_keys[] = {
+    "alert.interval", "alert.retry_base", "alert.retry_max", "alert.timeout",
+    "alert.claim_ttl", "alert.keep", "alert.max_attempts",
+    "alert.webhook_secret_file", "smtp.url", "smtp.from", "smtp.starttls",
+    "smtp.ca_file", "smtp.credentials_file", NULL
+};
+
+
+/* a misspelt setting is an error, not a default silently kept */
+static int
+meter_alert_known(const meter_conf_t *cf, char *err, size_t errlen)
+{
+    size_t       i, j;
+    const char  *k;
+
+    for (i = 0; i < cf->nkv; i++) {
+        k = cf->kv[i].key;
+
+        if (strncmp(k, "smtp.", 5) != 0
+            && (strncmp(k, "alert.", 6) != 0 || strchr(k + 6, '.') != NULL))
+        {
+            continue;
+        }
+
+        for (j = 0; meter_alert_settings_keys[j] != NULL; j++) {
+            if (strcmp(k, meter_alert_settings_keys[j]) == 0) {
+                break;
+            }
+        }
+
+        if (meter_alert_settings_keys[j] == NULL) {
+            snprintf(err, errlen, "%s:%u: unknown key \"%s\"", cf->path,
+                     cf->kv[i].line, k);
+            return -1;
+        }
+    }
+
+    return 0;
+}
+
+
 int
 meter_alerts_open(const meter_conf_t *cf, meter_alerts_t **out, char *err,
     size_t errlen)
@@ -821,6 +862,10 @@ meter_alerts_open(const meter_conf_t *cf, meter_alerts_t **out, char *err,
     meter_alert_rule_t  *r;
 
     *out = NULL;
+
+    if (meter_alert_known(cf, err, errlen) != 0) {
+        return -1;
+    }
 
     a = calloc(1, sizeof(meter_alerts_t));
     if (a == NULL) {

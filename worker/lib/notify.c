@@ -165,7 +165,8 @@ meter_mail_part(meter_str_t *out, const char *boundary, const char *type,
         }
     }
 
-    if (rc == 0) {
+    /* no boundary: the message's own headers came before */
+    if (rc == 0 && boundary != NULL) {
         rc = meter_str_printf(out, "--%s\r\nContent-Type: %s; charset=utf-8"
                               "\r\nContent-Transfer-Encoding: base64\r\n\r\n",
                               boundary, type);
@@ -190,7 +191,7 @@ meter_mail_part(meter_str_t *out, const char *boundary, const char *type,
 int
 meter_mail_build(meter_str_t *out, const meter_mail_t *m)
 {
-    char  date[40], boundary[128];
+    char  date[40], boundary[64], hash[65];
 
     if (!meter_mail_header_ok(m->from) || !meter_mail_header_ok(m->to)
         || !meter_mail_header_ok(m->subject)
@@ -202,8 +203,10 @@ meter_mail_build(meter_str_t *out, const meter_mail_t *m)
 
     meter_mail_date(m->date, date, sizeof(date));
 
-    /* base64 bodies never contain "=_", so the boundary cannot occur */
-    snprintf(boundary, sizeof(boundary), "=_meter_%.64s", m->message_id);
+    /* base64 never contains "=_", so the boundary cannot occur in a
+     * part; at most 70 characters (RFC 2046 5.1.1) */
+    meter_sha256_hex(m->message_id, strlen(m->message_id), hash);
+    snprintf(boundary, sizeof(boundary), "=_meter_%.32s", hash);
 
     if (meter_str_printf(out, "Date: %s\r\nFrom: %s\r\nTo: %s\r\n", date,
                          m->from, m->to)
@@ -220,14 +223,14 @@ meter_mail_build(meter_str_t *out, const meter_mail_t *m)
     if (m->html == NULL) {
         return meter_str_printf(out, "Content-Type: text/plain; "
                                 "charset=utf-8\r\n"
-                                "Content-Transfer-Encoding: base64\r\n")
+                                "Content-Transfer-Encoding: base64\r\n\r\n")
                != 0
-               || meter_mail_part(out, boundary, "text/plain", m->text) != 0
+               || meter_mail_part(out, NULL, "text/plain", m->text) != 0
                ? -1 : 0;
     }
 
-    if (meter_str_printf(out, "Content-Type: multipart/alternative; "
-                         "boundary=\"%s\"\r\n\r\n", boundary)
+    if (meter_str_printf(out, "Content-Type: multipart/alternative;\r\n"
+                         " boundary=\"%s\"\r\n\r\n", boundary)
         != 0
         || meter_mail_part(out, boundary, "text/plain", m->text) != 0
         || meter_mail_part(out, boundary, "text/html", m->html) != 0
