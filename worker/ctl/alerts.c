@@ -46,7 +46,7 @@ meterctl_alerts(meterctl_opts_t *o, meter_redis_t *r)
     long          shown;
     unsigned      count[4];
     cJSON        *root, *arr, *j, *chs, *ch;
-    const char   *id, *state, *err, *v, *cust;
+    const char   *id, *state, *err, *v, *cust, *spec;
     redisReply   *ids, *ev;
 
     static const char  *states[] = { "sent", "pending", "failing", "failed" };
@@ -124,7 +124,8 @@ meterctl_alerts(meterctl_opts_t *o, meter_redis_t *r)
             ch = cJSON_CreateObject();
             cJSON_AddItemToArray(chs, ch);
             snprintf(f, sizeof(f), "c%zu", c);
-            meterctl_json_str(ch, "channel", meter_reply_hget(ev, f));
+            spec = meter_reply_hget(ev, f);
+            meterctl_json_str(ch, "channel", spec);
             meterctl_json_str(ch, "state", state);
             snprintf(f, sizeof(f), "c%zu.attempts", c);
             v = meter_reply_hget(ev, f);
@@ -161,7 +162,7 @@ meterctl_alerts(meterctl_opts_t *o, meter_redis_t *r)
                        ? meter_reply_hget(ev, "period") : "",
                        c == 0 && meter_reply_hget(ev, "value") != NULL
                        ? meter_reply_hget(ev, "value") : "",
-                       cJSON_GetObjectItem(ch, "channel")->valuestring,
+                       spec != NULL ? spec : "?",
                        state,
                        v != NULL ? v : "0",
                        at,
