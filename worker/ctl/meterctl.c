@@ -87,6 +87,7 @@ static const char  meterctl_help[] =
     "  retry         requeue dead-lettered records\n"
     "  reconcile     nginx's count, the worker's billing and the provider's\n"
     "                own figure side by side, every difference explained\n"
+    "  alerts        alerts fired; deliveries sent, pending, failing\n"
     "\n"
     "Exit status: 0 ok, 64 usage, 65 unknown customer/key/record or bad id,\n"
     "69 Redis or provider unavailable, 75 temporary failure (run again),\n"
