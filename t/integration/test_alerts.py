@@ -98,10 +98,11 @@ class HttpSink:
     """POST sink: fails the first `fail` requests with 500, can hold a
     request (`hold` event) before answering."""
 
-    def __init__(self, fail=0):
+    def __init__(self, fail=0, fail_status=500):
         self.requests = []      # every request received
         self.accepted = []      # the ones answered 2xx
         self.fail = fail
+        self.fail_status = fail_status
         self.hold = None
         self.port = free_port()
         sink = self
@@ -117,7 +118,7 @@ class HttpSink:
                     sink.hold.wait(30)
                 if sink.fail > 0:
                     sink.fail -= 1
-                    self.send_response(500)
+                    self.send_response(sink.fail_status)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -586,6 +587,35 @@ def test_failing_channels_retry_with_backoff_and_recover(
     put_usage(redis, "mk_test_pre", "calls", utc_hour(), 1700)
     wait_for(lambda: len(hooks.accepted) == 2, 30, msg=w.log)
     assert json.loads(hooks.accepted[1]["body"])["remaining"] == 300
+
+
+def test_permanent_failures_give_up_at_once(redis, worker, smtp, http_sink):
+    """A 410 from a Slack-style hook and a customer without an email
+    address cannot be fixed by retrying: failed after one attempt, shown as
+    such, and the other channel still delivered once."""
+    mail = smtp()
+    gone = http_sink(fail=100, fail_status=410)
+    ok = http_sink()
+    customer(redis, "noemail", "mk_test_ne")
+    put_usage(redis, "mk_test_ne", "calls", utc_hour(), 30)
+    w = worker(**{"smtp.url": "smtp://127.0.0.1:%d" % mail.port,
+                  "smtp.from": "alerts@meter.example",
+                  "smtp.starttls": "off",
+                  "alert.q.when": "usage_above 20 calls per hour",
+                  "alert.q.notify": "email:customer, slack:%s, webhook:%s"
+                                    % (gone.url("/s"), ok.url("/w"))}).start()
+    wait_for(lambda: w.alerts()["failed"] == 2 and w.alerts()["sent"] == 1,
+             20, msg=w.log)
+    chans = w.alerts()["alerts"][0]["channels"]
+    assert [(c["state"], c["attempts"]) for c in chans] \
+        == [("failed", 1), ("failed", 1), ("sent", 1)]
+    assert chans[0]["error"].startswith("no valid email address")
+    assert chans[1]["error"] == "HTTP 410"
+    settle(3)
+    assert len(gone.requests) == 1 and len(ok.accepted) == 1
+    assert mail.messages == []
+    assert "1 alerts; deliveries: 1 sent, 0 pending, 0 failing (retrying), " \
+        "2 failed" in w.ctl("alerts").stdout
 
 
 def test_sigkill_between_claim_and_send_sends_once(redis, worker, smtp):

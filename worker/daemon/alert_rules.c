@@ -666,7 +666,7 @@ meter_alert_settings(const meter_conf_t *cf, meter_alerts_t *a, int email,
                                 &a->retry_base, err, errlen) != 0
         || meter_alert_duration(cf, "alert.retry_max", 3600, 1,
                                 &a->retry_max, err, errlen) != 0
-        || meter_alert_duration(cf, "alert.timeout", 30, 1, &t, err, errlen)
+        || meter_alert_duration(cf, "alert.timeout", 10, 1, &t, err, errlen)
            != 0
         || meter_alert_duration(cf, "alert.claim_ttl", 2 * t + 30, 1,
                                 &a->claim_ttl, err, errlen) != 0

@@ -142,10 +142,15 @@ typedef struct {
     meter_redis_t              *r;
     time_t                      now;
     redisReply                 *credit;     /* HGETALL mtr:gov:credit */
+    meter_map_t                 kh_hours;   /* "KH:HOUR" -> HGETALL, one
+                                             * read per pass for all rules */
     time_t                      hours_from[2];
     redisReply                 *hours[2];   /* mtr:hours from a month on */
     unsigned                    fired;
+    size_t                      customers;
     int                         failed;     /* Redis */
+    void                      (*tick)(void *data);
+    void                       *tick_data;
 } meter_alert_pass_t;
 
 
@@ -284,10 +289,11 @@ static int
 meter_alert_usage_hours(meter_alert_pass_t *p, const meter_alert_cust_t *c,
     const char *meter, time_t start, time_t end, uint64_t *sum)
 {
-    char         hour[16];
+    char         hour[16], mk[96];
     size_t       k, i, mlen;
     time_t       h;
     uint64_t     v;
+    void       **slot;
     redisReply  *u;
 
     mlen = strlen(meter);
@@ -297,11 +303,24 @@ meter_alert_usage_hours(meter_alert_pass_t *p, const meter_alert_cust_t *c,
         meter_hour_format(h, hour, sizeof(hour));
 
         for (k = 0; k < c->keys->elements; k++) {
-            u = meter_redis_cmd(p->r, "HGETALL " MTR_U_FMT,
-                                c->keys->element[k]->str, hour);
-            if (!meter_reply_ok(u) || u->type != REDIS_REPLY_ARRAY) {
-                return meter_alert_redis_failed(p, u);
+            snprintf(mk, sizeof(mk), "%s:%s", c->keys->element[k]->str, hour);
+            slot = meter_map_put(&p->kh_hours, mk, NULL);
+            if (slot == NULL) {
+                meter_log(LOG_ERR, "alerts: out of memory");
+                return -1;
             }
+
+            if (*slot == NULL) {
+                u = meter_redis_cmd(p->r, "HGETALL " MTR_U_FMT,
+                                    c->keys->element[k]->str, hour);
+                if (!meter_reply_ok(u) || u->type != REDIS_REPLY_ARRAY) {
+                    return meter_alert_redis_failed(p, u);
+                }
+
+                *slot = u;
+            }
+
+            u = *slot;
 
             for (i = 0; i + 1 < u->elements; i += 2) {
                 if (strncmp(u->element[i]->str, meter, mlen) == 0
@@ -312,8 +331,6 @@ meter_alert_usage_hours(meter_alert_pass_t *p, const meter_alert_cust_t *c,
                     *sum += v;
                 }
             }
-
-            freeReplyObject(u);
         }
     }
 
@@ -750,6 +767,10 @@ meter_alerts_eval(meter_alert_pass_t *p, volatile sig_atomic_t *stop)
     rc = 0;
 
     for (i = 0; i < ids->elements && rc == 0 && !*stop; i++) {
+        if (p->tick != NULL) {
+            p->tick(p->tick_data);
+        }
+
         memset(&c, 0, sizeof(c));
         c.id = ids->element[i]->str;
 
@@ -805,6 +826,10 @@ meter_alerts_eval(meter_alert_pass_t *p, volatile sig_atomic_t *stop)
 
         freeReplyObject(c.keys);
         freeReplyObject(cust);
+    }
+
+    if (rc == 0) {
+        p->customers = ids->elements;
     }
 
     freeReplyObject(ids);
@@ -882,9 +907,10 @@ meter_alert_render(const meter_alert_rule_t *rule, const redisReply *ev,
 static int
 meter_alert_send_email(meter_alerts_t *a, const meter_alert_rule_t *rule,
     const redisReply *ev, const char *id, size_t ch, const char *to,
-    char *err, size_t errlen)
+    int *permanent, char *err, size_t errlen)
 {
     char          mid[256], addr[256];
+    long          code;
     const char   *domain;
     int           rc;
     meter_str_t   subject, text, html, msg;
@@ -902,6 +928,7 @@ meter_alert_send_email(meter_alerts_t *a, const meter_alert_rule_t *rule,
     {
         snprintf(err, errlen, "no valid email address (the customer's "
                  "\"email\")");
+        *permanent = 1;
         return -1;
     }
 
@@ -943,8 +970,13 @@ meter_alert_send_email(meter_alerts_t *a, const meter_alert_rule_t *rule,
     smtp.starttls = a->starttls;
     smtp.timeout_ms = a->timeout_ms;
 
-    rc = meter_smtp_send(a->curl, &smtp, a->from_addr, to, &msg, err,
-                         errlen);
+    rc = meter_smtp_send(a->curl, &smtp, a->from_addr, to, &msg, &code,
+                         err, errlen);
+
+    /* 550-553: mailbox or address refused; retrying cannot help */
+    if (rc != 0 && code >= 550 && code <= 553) {
+        *permanent = 1;
+    }
 
 end:
 
@@ -972,9 +1004,10 @@ static const char  *meter_alert_json_strs[] = {
 static int
 meter_alert_send_http(meter_alerts_t *a, const meter_alert_rule_t *rule,
     const redisReply *ev, const char *id, const char *url, int slack,
-    char *err, size_t errlen)
+    int *permanent, char *err, size_t errlen)
 {
     char          sig[160], hid[96], hsig[200], *body;
+    long          status;
     size_t        i;
     int           rc;
     cJSON        *j;
@@ -1065,7 +1098,15 @@ meter_alert_send_http(meter_alerts_t *a, const meter_alert_rule_t *rule,
     headers[i] = NULL;
 
     rc = meter_notify_post(a->curl, url, headers, body, strlen(body),
-                           a->timeout_ms, err, errlen);
+                           a->timeout_ms, &status, err, errlen);
+
+    /* a 4xx but 408 and 429 will not change on a resend (Slack: 404
+     * no_service, 410 channel_is_archived) */
+    if (rc != 0 && status >= 400 && status <= 499 && status != 408
+        && status != 429)
+    {
+        *permanent = 1;
+    }
 
 end:
 
@@ -1124,7 +1165,7 @@ meter_alert_deliver(meter_alert_pass_t *p, const char *id,
     const char                *spec, *to, *args[5];
     size_t                     i, nch;
     long long                  attempt, done;
-    int                        rc;
+    int                        rc, permanent;
     time_t                     t;
     redisReply                *ev;
     meter_alert_rule_t         dflt;
@@ -1183,6 +1224,10 @@ meter_alert_deliver(meter_alert_pass_t *p, const char *id,
             continue;
         }
 
+        if (p->tick != NULL) {
+            p->tick(p->tick_data);
+        }
+
         t = time(NULL);
         snprintf(now, sizeof(now), "%lld", (long long) t);
         snprintf(lease, sizeof(lease), "%lld",
@@ -1204,15 +1249,17 @@ meter_alert_deliver(meter_alert_pass_t *p, const char *id,
         }
 
         err[0] = '\0';
+        permanent = 0;
 
         if (strncmp(spec, "email:", 6) == 0) {
-            rc = meter_alert_send_email(p->a, rule, ev, id, i, to, err,
-                                        sizeof(err));
+            rc = meter_alert_send_email(p->a, rule, ev, id, i, to,
+                                        &permanent, err, sizeof(err));
 
         } else {
             rc = meter_alert_send_http(p->a, rule, ev, id,
                                        strchr(spec, ':') + 1,
-                                       spec[0] == 's', err, sizeof(err));
+                                       spec[0] == 's', &permanent, err,
+                                       sizeof(err));
         }
 
         t = time(NULL);
@@ -1224,7 +1271,9 @@ meter_alert_deliver(meter_alert_pass_t *p, const char *id,
                       meter_reply_hget(ev, "rule"), id,
                       meter_reply_hget(ev, "customer"), spec);
 
-        } else if ((unsigned long long) attempt >= p->a->max_attempts) {
+        } else if (permanent
+                   || (unsigned long long) attempt >= p->a->max_attempts)
+        {
             args[1] = "failed";
             meter_log(LOG_ERR, "alert %s (%s): %s gave up after %lld "
                       "attempts: %s", meter_reply_hget(ev, "rule"), id, spec,
@@ -1322,9 +1371,11 @@ meter_alerts_due(const meter_alerts_t *a, time_t now)
 
 int
 meter_alerts_run(meter_alerts_t *a, meter_redis_t *r, time_t now,
-    volatile sig_atomic_t *stop)
+    volatile sig_atomic_t *stop, void (*tick)(void *data), void *tick_data)
 {
+    int                  rc;
     redisReply          *rp;
+    struct timespec      t0, t1;
     meter_alert_pass_t   p;
 
     if (!meter_alerts_due(a, now) || r->ctx == NULL) {
@@ -1335,19 +1386,34 @@ meter_alerts_run(meter_alerts_t *a, meter_redis_t *r, time_t now,
     p.a = a;
     p.r = r;
     p.now = now;
+    p.tick = tick;
+    p.tick_data = tick_data;
 
     if (now >= a->next_eval) {
         a->next_eval = now + a->interval;
 
-        if (meter_alerts_eval(&p, stop) != 0) {
-            freeReplyObject(p.hours[0]);
-            freeReplyObject(p.hours[1]);
+        if (meter_map_init(&p.kh_hours, 1024) != 0) {
+            meter_log(LOG_ERR, "alerts: out of memory");
+            return 0;
+        }
+
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        rc = meter_alerts_eval(&p, stop);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+
+        meter_map_free(&p.kh_hours, freeReplyObject);
+        freeReplyObject(p.hours[0]);
+        freeReplyObject(p.hours[1]);
+
+        if (rc != 0) {
             a->next_eval = now + 5;
             return p.failed ? -1 : 0;
         }
 
-        freeReplyObject(p.hours[0]);
-        freeReplyObject(p.hours[1]);
+        meter_log(LOG_DEBUG, "alerts: %zu rules x %zu customers evaluated "
+                  "in %.1f ms, %u fired", a->nrules, p.customers,
+                  (double) (t1.tv_sec - t0.tv_sec) * 1e3
+                  + (double) (t1.tv_nsec - t0.tv_nsec) / 1e6, p.fired);
 
         rp = meter_redis_cmd(r, "ZREMRANGEBYSCORE " MTR_A_LOG " -inf %lld",
                              (long long) (now - a->keep));

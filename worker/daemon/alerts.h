@@ -121,9 +121,10 @@ void meter_alerts_free(meter_alerts_t *a);
 int meter_alerts_due(const meter_alerts_t *a, time_t now);
 
 /* one turn of the daemon's loop: evaluates the rules when due and
- * delivers what is due; 0, or -1 when Redis failed (reconnect) */
+ * delivers what is due, calling tick (the watchdog) between customers and
+ * sends; 0, or -1 when Redis failed (reconnect) */
 int meter_alerts_run(meter_alerts_t *a, meter_redis_t *r, time_t now,
-    volatile sig_atomic_t *stop);
+    volatile sig_atomic_t *stop, void (*tick)(void *data), void *tick_data);
 
 
 #endif /* _METER_ALERTS_H_INCLUDED_ */

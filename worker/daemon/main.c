@@ -510,7 +510,10 @@ meter_run_daemon(meter_worker_t *w)
             }
         }
 
-        if (meter_alerts_run(w->alerts, &w->redis, now, &meter_stop) != 0) {
+        if (meter_alerts_run(w->alerts, &w->redis, now, &meter_stop,
+                             meter_tick, w)
+            != 0)
+        {
             meter_log(LOG_ERR, "alerts interrupted by a Redis error; "
                       "reconnecting");
             meter_redis_close(&w->redis);

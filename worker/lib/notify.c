@@ -293,10 +293,10 @@ meter_discard(char *buf, size_t size, size_t nitems, void *data)
 
 int
 meter_smtp_send(CURL *curl, const meter_smtp_t *smtp, const char *from_addr,
-    const char *to, const meter_str_t *msg, char *err, size_t errlen)
+    const char *to, const meter_str_t *msg, long *code, char *err,
+    size_t errlen)
 {
     char               rcpt[320], from[320];
-    long               code;
     CURLcode           rc;
     meter_upload_t     up;
     struct curl_slist *rcpts;
@@ -346,16 +346,16 @@ meter_smtp_send(CURL *curl, const meter_smtp_t *smtp, const char *from_addr,
 
     rc = curl_easy_perform(curl);
 
-    code = 0;
-    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &code);
+    *code = 0;
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, code);
 
     /* the handle keeps no credentials once reset */
     curl_easy_reset(curl);
     curl_slist_free_all(rcpts);
 
     if (rc != CURLE_OK) {
-        if (code != 0) {
-            snprintf(err, errlen, "SMTP %ld: %s", code,
+        if (*code != 0) {
+            snprintf(err, errlen, "SMTP %ld: %s", *code,
                      curl_easy_strerror(rc));
 
         } else {
@@ -371,9 +371,9 @@ meter_smtp_send(CURL *curl, const meter_smtp_t *smtp, const char *from_addr,
 
 int
 meter_notify_post(CURL *curl, const char *url, const char *const *headers,
-    const char *body, size_t len, long timeout_ms, char *err, size_t errlen)
+    const char *body, size_t len, long timeout_ms, long *status, char *err,
+    size_t errlen)
 {
-    long               status;
     size_t             i;
     CURLcode           rc;
     struct curl_slist *hl, *n;
@@ -413,8 +413,8 @@ meter_notify_post(CURL *curl, const char *url, const char *const *headers,
 
     rc = curl_easy_perform(curl);
 
-    status = 0;
-    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+    *status = 0;
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, status);
     curl_easy_reset(curl);
     curl_slist_free_all(hl);
 
@@ -423,8 +423,8 @@ meter_notify_post(CURL *curl, const char *url, const char *const *headers,
         return -1;
     }
 
-    if (status < 200 || status > 299) {
-        snprintf(err, errlen, "HTTP %ld", status);
+    if (*status < 200 || *status > 299) {
+        snprintf(err, errlen, "HTTP %ld", *status);
         return -1;
     }
 

@@ -70,16 +70,18 @@ void meter_notify_sign(const char *secret, time_t t, const char *body,
     size_t len, char *out, size_t size);
 
 /* one SMTP transaction; 0, or -1 with err (curl's reason and the server's
- * last reply code; never the credentials) */
+ * last reply code; never the credentials) and *code the last SMTP reply
+ * code (0: none) */
 int meter_smtp_send(CURL *curl, const meter_smtp_t *smtp,
     const char *from_addr, const char *to, const meter_str_t *msg,
-    char *err, size_t errlen);
+    long *code, char *err, size_t errlen);
 
 /* POST body as application/json with headers ("Name: value", NULL ends);
- * 0 on 2xx, else -1 with err ("HTTP 500", or the transport error) */
+ * 0 on 2xx, else -1 with err ("HTTP 500", or the transport error) and
+ * *status the HTTP status (0: no answer) */
 int meter_notify_post(CURL *curl, const char *url,
     const char *const *headers, const char *body, size_t len,
-    long timeout_ms, char *err, size_t errlen);
+    long timeout_ms, long *status, char *err, size_t errlen);
 
 
 #endif /* _METER_NOTIFY_H_INCLUDED_ */
