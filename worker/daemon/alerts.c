@@ -283,13 +283,106 @@ meter_alert_redis_failed(meter_alert_pass_t *p, redisReply *rp)
 }
 
 
+#define METER_ALERT_MK_LEN  96     /* "KH:HOUR" */
+
+
+/* reads the key-hours of [start, end) not read yet in this pass, in one
+ * pipeline, into p->kh_hours */
+static int
+meter_alert_read_hours(meter_alert_pass_t *p, const meter_alert_cust_t *c,
+    time_t start, time_t end)
+{
+    char         hour[16], *pending, *mk;
+    size_t       k, n, i, cap;
+    time_t       h;
+    int          rc;
+    void       **slot;
+    redisReply  *u;
+
+    cap = (size_t) ((end - start) / METER_HOUR + 1) * c->keys->elements;
+    pending = malloc(cap * METER_ALERT_MK_LEN + 1);
+    if (pending == NULL) {
+        meter_log(LOG_ERR, "alerts: out of memory");
+        return -1;
+    }
+
+    n = 0;
+
+    for (h = start; h < end && h <= p->now; h += METER_HOUR) {
+        meter_hour_format(h, hour, sizeof(hour));
+
+        for (k = 0; k < c->keys->elements && n < cap; k++) {
+            mk = pending + n * METER_ALERT_MK_LEN;
+            snprintf(mk, METER_ALERT_MK_LEN, "%s:%s",
+                     c->keys->element[k]->str, hour);
+
+            if (meter_map_get(&p->kh_hours, mk) != NULL) {
+                continue;
+            }
+
+            if (meter_redis_append(p->r, "HGETALL " MTR_U_FMT,
+                                   c->keys->element[k]->str, hour)
+                != 0)
+            {
+                free(pending);
+                p->failed = 1;
+                return -1;
+            }
+
+            n++;
+        }
+    }
+
+    rc = 0;
+
+    /* every reply is read, even after a bad one, to keep the connection in
+     * step */
+    for (i = 0; i < n; i++) {
+        u = meter_redis_reply(p->r);
+        if (u == NULL) {
+            p->failed = 1;
+            rc = -1;
+            break;
+        }
+
+        if (rc != 0 || u->type != REDIS_REPLY_ARRAY) {
+            if (rc == 0) {
+                meter_log(LOG_ERR, "alerts: Redis: %s",
+                          u->type == REDIS_REPLY_ERROR ? u->str
+                          : "unexpected reply");
+            }
+
+            freeReplyObject(u);
+            p->failed = 1;
+            rc = -1;
+            continue;
+        }
+
+        slot = meter_map_put(&p->kh_hours, pending + i * METER_ALERT_MK_LEN,
+                             NULL);
+        if (slot == NULL) {
+            freeReplyObject(u);
+            meter_log(LOG_ERR, "alerts: out of memory");
+            rc = -1;
+            continue;
+        }
+
+        *slot = u;
+    }
+
+    free(pending);
+
+    return rc;
+}
+
+
 /* the sum of METER|* fields of mtr:u:{KH}:HOUR over the keys and the
  * hours of [start, end) */
 static int
 meter_alert_usage_hours(meter_alert_pass_t *p, const meter_alert_cust_t *c,
     const char *meter, time_t start, time_t end, uint64_t *sum)
 {
-    char         hour[16], mk[96];
+    char         hour[16], mk[METER_ALERT_MK_LEN];
     size_t       k, i, mlen;
     time_t       h;
     uint64_t     v;
@@ -299,25 +392,18 @@ meter_alert_usage_hours(meter_alert_pass_t *p, const meter_alert_cust_t *c,
     mlen = strlen(meter);
     *sum = 0;
 
+    if (meter_alert_read_hours(p, c, start, end) != 0) {
+        return -1;
+    }
+
     for (h = start; h < end && h <= p->now; h += METER_HOUR) {
         meter_hour_format(h, hour, sizeof(hour));
 
         for (k = 0; k < c->keys->elements; k++) {
             snprintf(mk, sizeof(mk), "%s:%s", c->keys->element[k]->str, hour);
-            slot = meter_map_put(&p->kh_hours, mk, NULL);
-            if (slot == NULL) {
-                meter_log(LOG_ERR, "alerts: out of memory");
-                return -1;
-            }
-
-            if (*slot == NULL) {
-                u = meter_redis_cmd(p->r, "HGETALL " MTR_U_FMT,
-                                    c->keys->element[k]->str, hour);
-                if (!meter_reply_ok(u) || u->type != REDIS_REPLY_ARRAY) {
-                    return meter_alert_redis_failed(p, u);
-                }
-
-                *slot = u;
+            slot = meter_map_get(&p->kh_hours, mk);
+            if (slot == NULL || *slot == NULL) {
+                continue;
             }
 
             u = *slot;
