@@ -822,3 +822,35 @@ def test_config_errors_name_the_line(redis, worker, tmp_path):
     r = ok.test_config()
     assert r.returncode == 0, r.stderr
     assert "1 alert rules" in r.stdout
+
+
+def test_reload_takes_new_rules_and_keeps_old_ones_on_error(
+        redis, worker, http_sink):
+    """SIGHUP: a new rule fires; a rule that does not parse is refused and
+    the rules in use stay."""
+    hooks = http_sink()
+    customer(redis, "r", "mk_test_r", "r@r.example")
+    put_usage(redis, "mk_test_r", "calls", utc_hour(), 40)
+    w = worker(**{"alert.a.when": "usage_above 30 calls per hour",
+                  "alert.a.notify": "webhook:%s" % hooks.url("/a")}).start()
+    wait_for(lambda: len(hooks.at("/a")) == 1, 20, msg=w.log)
+
+    text = w.conf.read_text()
+    w.conf.write_text(text + "alert.b.when = usage_above 35 calls per hour\n"
+                      "alert.b.notify = webhook:%s\n" % hooks.url("/b"))
+    w.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(hooks.at("/b")) == 1, 20, msg=w.log)
+
+    w.conf.write_text(w.conf.read_text()
+                      + "alert.c.when = usage_above lots\n")
+    w.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "alerts: keeping the old rules" in w.log(), 10)
+    assert "usage_above N METER per hour|day|month" in w.log()
+    # the old rules still run: a new customer over both thresholds
+    customer(redis, "r2", "mk_test_r2", "r2@r.example")
+    put_usage(redis, "mk_test_r2", "calls", utc_hour(), 50)
+    wait_for(lambda: len(hooks.accepted) == 4, 20, msg=w.log)
+    assert sorted((r["path"], json.loads(r["body"])["customer"])
+                  for r in hooks.accepted) \
+        == [("/a", "r"), ("/a", "r2"), ("/b", "r"), ("/b", "r2")]
+    assert w.proc.poll() is None
