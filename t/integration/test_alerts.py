@@ -487,6 +487,13 @@ def test_alerts_from_real_traffic_reach_smtp_webhook_and_slack(
     table = w.ctl("alerts").stdout
     assert "3 alerts; deliveries: 5 sent, 0 pending" in table
 
+    # a hook's path is its credential: in the config only
+    assert "slack:http://127.0.0.1:%d/..." % hooks.port in table
+    dump = "".join(str(redis.hgetall(k)) for k in redis.keys("mtr:{alert}:*")
+                   if k.startswith("mtr:{alert}:e:"))
+    for where in (table, w.log(), dump):
+        assert "/slack" not in where and "/hook" not in where
+
 
 def test_restart_midway_delivers_each_message_once(redis, worker, smtp):
     """20 customers over quota, a slow SMTP server, SIGTERM part-way, a

@@ -569,6 +569,28 @@ meter_alert_usage_month(meter_alert_pass_t *p, const meter_alert_cust_t *c,
 }
 
 
+/* "email:customer", "email:ADDRESS", "webhook:https://host/..." (a hook's
+ * path and query are its secret: never stored, logged or shown) */
+static void
+meter_alert_channel_name(const meter_channel_t *ch, char *buf, size_t size)
+{
+    const char  *host, *end;
+
+    if (ch->kind == METER_CH_EMAIL) {
+        snprintf(buf, size, "email:%s", ch->target);
+        return;
+    }
+
+    host = strstr(ch->target, "://");
+    host = (host != NULL) ? host + 3 : ch->target;
+    end = host + strcspn(host, "/?#");
+
+    snprintf(buf, size, "%s:%.*s%s",
+             ch->kind == METER_CH_WEBHOOK ? "webhook" : "slack",
+             (int) (end - ch->target), ch->target, *end != '\0' ? "/..." : "");
+}
+
+
 /* fires one alert; 0 also when it had fired already */
 static int
 meter_alert_fire(meter_alert_pass_t *p, const meter_alert_rule_t *rule,
@@ -631,12 +653,14 @@ meter_alert_fire(meter_alert_pass_t *p, const meter_alert_rule_t *rule,
             && strcmp(to, "customer") == 0)
         {
             to = (c->email != NULL) ? c->email : "";
+
+        } else if (rule->ch[i].kind != METER_CH_EMAIL) {
+            /* the URL stays in the config: it is the credential of a
+             * Slack-style hook */
+            to = "";
         }
 
-        snprintf(spec[i], sizeof(spec[i]), "%s:%s",
-                 rule->ch[i].kind == METER_CH_EMAIL ? "email"
-                 : rule->ch[i].kind == METER_CH_WEBHOOK ? "webhook" : "slack",
-                 rule->ch[i].target);
+        meter_alert_channel_name(&rule->ch[i], spec[i], sizeof(spec[i]));
         snprintf(chf[i][0], 32, "c%zu", i);
         snprintf(chf[i][1], 32, "c%zu.to", i);
         snprintf(chf[i][2], 32, "c%zu.state", i);
@@ -1341,9 +1365,17 @@ meter_alert_deliver(meter_alert_pass_t *p, const char *id,
             rc = meter_alert_send_email(p->a, rule, ev, id, i, to,
                                         &permanent, err, sizeof(err));
 
+        } else if (rule == &dflt || i >= rule->nch
+                   || rule->ch[i].kind
+                      != (spec[0] == 's' ? METER_CH_SLACK : METER_CH_WEBHOOK))
+        {
+            snprintf(err, sizeof(err), "the channel is no longer in the "
+                     "rule's alert.%s.notify", meter_reply_hget(ev, "rule"));
+            permanent = 1;
+            rc = -1;
+
         } else {
-            rc = meter_alert_send_http(p->a, rule, ev, id,
-                                       strchr(spec, ':') + 1,
+            rc = meter_alert_send_http(p->a, rule, ev, id, rule->ch[i].target,
                                        spec[0] == 's', &permanent, err,
                                        sizeof(err));
         }
