@@ -173,11 +173,16 @@
 /* HASH, field RULE|CUSTOMER -> last period fired (state rules) */
 #define MTR_A_LAST              "mtr:{alert}:last"
 #define MTR_A_LAST_FMT          "%s|%s"
-/* HASH mtr:{alert}:base:PSTART, field KH|METER -> mtr:used before the
- * month starting at PSTART */
-#define MTR_A_BASE_PRE          "mtr:{alert}:base:"     /* + PSTART */
-#define MTR_A_BASE_FMT          MTR_A_BASE_PRE "%lld"
-#define MTR_A_BASE_FIELD_FMT    "%s|%s"
+/* HASH mtr:{alert}:h:PSTART, :d:PSTART, :m:PSTART: usage of the closed
+ * hours of that hour, UTC day and UTC month, field KH|METER -> units; the
+ * hour's hash is written once, with "_" = 1, and adds to the other two */
+#define MTR_A_HOUR_PRE          "mtr:{alert}:h:"        /* + PSTART */
+#define MTR_A_HOUR_FMT          MTR_A_HOUR_PRE "%lld"
+#define MTR_A_DAY_PRE           "mtr:{alert}:d:"        /* + PSTART */
+#define MTR_A_DAY_FMT           MTR_A_DAY_PRE "%lld"
+#define MTR_A_MONTH_PRE         "mtr:{alert}:m:"        /* + PSTART */
+#define MTR_A_MONTH_FMT         MTR_A_MONTH_PRE "%lld"
+#define MTR_A_SUM_FIELD_FMT     "%s|%s"
 
 
 /* the projection the module reads */

@@ -677,6 +677,7 @@ meter_alert_settings(const meter_conf_t *cf, meter_alerts_t *a, int email,
     }
 
     a->timeout_ms = (long) t * 1000;
+    a->grace = cf->grace;
 
     if (a->retry_max < a->retry_base) {
         snprintf(err, errlen, "\"alert.retry_max\" is below "

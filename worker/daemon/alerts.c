@@ -121,31 +121,12 @@ static const char  meter_lua_mark[] =
     METER_LUA_RESCORE
     "return 1\n";
 
-/* KEYS[1] = mtr:used:{KH}, KEYS[2..] = mtr:u:{KH}:HOUR of every hour from
- * the month's start on; ARGV[1] = METER.  What mtr:used held before the
- * month: the lifetime total minus the month's hours so far */
-static const char  meter_lua_base[] =
-    "local m = ARGV[1] .. '|'\n"
-    "local s = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
-    "for i = 2, #KEYS do\n"
-    "  local f = redis.call('HGETALL', KEYS[i])\n"
-    "  for j = 1, #f, 2 do\n"
-    "    if string.sub(f[j], 1, #m) == m then s = s - tonumber(f[j + 1])"
-    " end\n"
-    "  end\n"
-    "end\n"
-    "return string.format('%.0f', s)\n";
-
-
 typedef struct {
     meter_alerts_t             *a;
     meter_redis_t              *r;
     time_t                      now;
     redisReply                 *credit;     /* HGETALL mtr:gov:credit */
-    meter_map_t                 kh_hours;   /* "KH:HOUR" -> HGETALL, one
-                                             * read per pass for all rules */
-    time_t                      hours_from[2];
-    redisReply                 *hours[2];   /* mtr:hours from a month on */
+    meter_alert_usage_t        *usage;
     unsigned                    fired;
     size_t                      customers;
     int                         failed;     /* Redis */
@@ -283,292 +264,6 @@ meter_alert_redis_failed(meter_alert_pass_t *p, redisReply *rp)
 }
 
 
-#define METER_ALERT_MK_LEN  96     /* "KH:HOUR" */
-
-
-/* reads the key-hours of [start, end) not read yet in this pass, in one
- * pipeline, into p->kh_hours */
-static int
-meter_alert_read_hours(meter_alert_pass_t *p, const meter_alert_cust_t *c,
-    time_t start, time_t end)
-{
-    char         hour[16], *pending, *mk;
-    size_t       k, n, i, cap;
-    time_t       h;
-    int          rc;
-    void       **slot;
-    redisReply  *u;
-
-    cap = (size_t) ((end - start) / METER_HOUR + 1) * c->keys->elements;
-    pending = malloc(cap * METER_ALERT_MK_LEN + 1);
-    if (pending == NULL) {
-        meter_log(LOG_ERR, "alerts: out of memory");
-        return -1;
-    }
-
-    n = 0;
-
-    for (h = start; h < end && h <= p->now; h += METER_HOUR) {
-        meter_hour_format(h, hour, sizeof(hour));
-
-        for (k = 0; k < c->keys->elements && n < cap; k++) {
-            mk = pending + n * METER_ALERT_MK_LEN;
-            snprintf(mk, METER_ALERT_MK_LEN, "%s:%s",
-                     c->keys->element[k]->str, hour);
-
-            if (meter_map_get(&p->kh_hours, mk) != NULL) {
-                continue;
-            }
-
-            if (meter_redis_append(p->r, "HGETALL " MTR_U_FMT,
-                                   c->keys->element[k]->str, hour)
-                != 0)
-            {
-                free(pending);
-                p->failed = 1;
-                return -1;
-            }
-
-            n++;
-        }
-    }
-
-    rc = 0;
-
-    /* every reply is read, even after a bad one, to keep the connection in
-     * step */
-    for (i = 0; i < n; i++) {
-        u = meter_redis_reply(p->r);
-        if (u == NULL) {
-            p->failed = 1;
-            rc = -1;
-            break;
-        }
-
-        if (rc != 0 || u->type != REDIS_REPLY_ARRAY) {
-            if (rc == 0) {
-                meter_log(LOG_ERR, "alerts: Redis: %s",
-                          u->type == REDIS_REPLY_ERROR ? u->str
-                          : "unexpected reply");
-            }
-
-            freeReplyObject(u);
-            p->failed = 1;
-            rc = -1;
-            continue;
-        }
-
-        slot = meter_map_put(&p->kh_hours, pending + i * METER_ALERT_MK_LEN,
-                             NULL);
-        if (slot == NULL) {
-            freeReplyObject(u);
-            meter_log(LOG_ERR, "alerts: out of memory");
-            rc = -1;
-            continue;
-        }
-
-        *slot = u;
-    }
-
-    free(pending);
-
-    return rc;
-}
-
-
-/* the sum of METER|* fields of mtr:u:{KH}:HOUR over the keys and the
- * hours of [start, end) */
-static int
-meter_alert_usage_hours(meter_alert_pass_t *p, const meter_alert_cust_t *c,
-    const char *meter, time_t start, time_t end, uint64_t *sum)
-{
-    char         hour[16], mk[METER_ALERT_MK_LEN];
-    size_t       k, i, mlen;
-    time_t       h;
-    uint64_t     v;
-    void       **slot;
-    redisReply  *u;
-
-    mlen = strlen(meter);
-    *sum = 0;
-
-    if (meter_alert_read_hours(p, c, start, end) != 0) {
-        return -1;
-    }
-
-    for (h = start; h < end && h <= p->now; h += METER_HOUR) {
-        meter_hour_format(h, hour, sizeof(hour));
-
-        for (k = 0; k < c->keys->elements; k++) {
-            snprintf(mk, sizeof(mk), "%s:%s", c->keys->element[k]->str, hour);
-            slot = meter_map_get(&p->kh_hours, mk);
-            if (slot == NULL || *slot == NULL) {
-                continue;
-            }
-
-            u = *slot;
-
-            for (i = 0; i + 1 < u->elements; i += 2) {
-                if (strncmp(u->element[i]->str, meter, mlen) == 0
-                    && u->element[i]->str[mlen] == MTR_FIELD_SEP
-                    && meter_parse_u64(u->element[i + 1]->str,
-                                       u->element[i + 1]->len, &v) == 0)
-                {
-                    *sum += v;
-                }
-            }
-        }
-    }
-
-    return 0;
-}
-
-
-/* mtr:used:{KH}[METER] before the month starting at mstart, computed once
- * (while the month's hours are all still in Redis) and kept */
-static int
-meter_alert_base(meter_alert_pass_t *p, const char *kh, const char *meter,
-    time_t mstart, int64_t *base)
-{
-    char         field[160], used[96], *keys;
-    size_t       i, n, slot;
-    const char **argv;
-    redisReply  *rp, *hours;
-    long long    v;
-
-    snprintf(field, sizeof(field), MTR_A_BASE_FIELD_FMT, kh, meter);
-
-    rp = meter_redis_cmd(p->r, "HGET " MTR_A_BASE_FMT " %s",
-                         (long long) mstart, field);
-    if (!meter_reply_ok(rp)) {
-        return meter_alert_redis_failed(p, rp);
-    }
-
-    if (rp->type == REDIS_REPLY_STRING) {
-        *base = strtoll(rp->str, NULL, 10);
-        freeReplyObject(rp);
-        return 0;
-    }
-
-    freeReplyObject(rp);
-
-    slot = (p->hours_from[0] == mstart || p->hours[0] == NULL) ? 0 : 1;
-
-    if (p->hours[slot] == NULL || p->hours_from[slot] != mstart) {
-        freeReplyObject(p->hours[slot]);
-        p->hours[slot] = meter_redis_cmd(p->r, "ZRANGEBYSCORE " MTR_HOURS
-                                         " %lld +inf", (long long) mstart);
-        p->hours_from[slot] = mstart;
-
-        if (!meter_reply_ok(p->hours[slot])
-            || p->hours[slot]->type != REDIS_REPLY_ARRAY)
-        {
-            meter_alert_redis_failed(p, p->hours[slot]);
-            p->hours[slot] = NULL;
-            return -1;
-        }
-    }
-
-    hours = p->hours[slot];
-    n = hours->elements;
-
-    argv = calloc(n + 5, sizeof(char *));
-    keys = calloc(n + 1, 96);
-    if (argv == NULL || keys == NULL) {
-        free(argv);
-        free(keys);
-        meter_log(LOG_ERR, "alerts: out of memory");
-        return -1;
-    }
-
-    snprintf(used, sizeof(used), MTR_USED_FMT, kh);
-    argv[0] = "EVAL";
-    argv[1] = meter_lua_base;
-    snprintf(keys, 96, "%zu", n + 1);
-    argv[2] = keys;
-    argv[3] = used;
-
-    for (i = 0; i < n; i++) {
-        snprintf(keys + 96 * (i + 1), 96, MTR_U_FMT, kh,
-                 hours->element[i]->str);
-        argv[4 + i] = keys + 96 * (i + 1);
-    }
-
-    argv[4 + n] = meter;
-
-    rp = meter_redis_argv(p->r, (int) n + 5, argv, NULL);
-    free(argv);
-    free(keys);
-
-    if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_STRING) {
-        return meter_alert_redis_failed(p, rp);
-    }
-
-    v = strtoll(rp->str, NULL, 10);
-    freeReplyObject(rp);
-
-    /* HSETNX: whoever computed it first wins, and they agree */
-    rp = meter_redis_cmd(p->r, "HSETNX " MTR_A_BASE_FMT " %s %lld",
-                         (long long) mstart, field, v);
-    if (!meter_reply_ok(rp)) {
-        return meter_alert_redis_failed(p, rp);
-    }
-
-    freeReplyObject(rp);
-
-    rp = meter_redis_cmd(p->r, "EXPIRE " MTR_A_BASE_FMT " %lld",
-                         (long long) mstart, (long long) 100 * 86400);
-    freeReplyObject(rp);
-
-    return meter_alert_base(p, kh, meter, mstart, base);
-}
-
-
-/* a customer's usage of meter in a month: what mtr:used gained since the
- * month's base (the next month's base for a month that is over) */
-static int
-meter_alert_usage_month(meter_alert_pass_t *p, const meter_alert_cust_t *c,
-    const char *meter, time_t start, time_t end, uint64_t *sum)
-{
-    size_t       k;
-    int64_t      b0, b1;
-    const char  *kh;
-    redisReply  *rp;
-
-    *sum = 0;
-
-    for (k = 0; k < c->keys->elements; k++) {
-        kh = c->keys->element[k]->str;
-
-        if (meter_alert_base(p, kh, meter, start, &b0) != 0) {
-            return -1;
-        }
-
-        if (end <= p->now) {
-            if (meter_alert_base(p, kh, meter, end, &b1) != 0) {
-                return -1;
-            }
-
-        } else {
-            rp = meter_redis_cmd(p->r, "HGET " MTR_USED_FMT " %s", kh, meter);
-            if (!meter_reply_ok(rp)) {
-                return meter_alert_redis_failed(p, rp);
-            }
-
-            b1 = (rp->type == REDIS_REPLY_STRING)
-                 ? strtoll(rp->str, NULL, 10) : 0;
-            freeReplyObject(rp);
-        }
-
-        if (b1 > b0) {
-            *sum += (uint64_t) (b1 - b0);
-        }
-    }
-
-    return 0;
-}
-
-
 /* "email:customer", "email:ADDRESS", "webhook:https://host/..." (a hook's
  * path and query are its secret: never stored, logged or shown) */
 static void
@@ -703,7 +398,7 @@ meter_alert_eval_usage(meter_alert_pass_t *p, const meter_alert_rule_t *rule,
     char                  label[32], s[32], e[32];
     time_t                start, end;
     uint64_t              sum;
-    int                   delta, rc;
+    int                   delta;
     meter_alert_fields_t  fl;
 
     /* the period before too: its last minutes may have been flushed after
@@ -712,10 +407,11 @@ meter_alert_eval_usage(meter_alert_pass_t *p, const meter_alert_rule_t *rule,
         meter_alert_period_at(rule->period, p->now, delta, &start, &end,
                               label, sizeof(label));
 
-        rc = (rule->period == METER_ALERT_MONTH)
-             ? meter_alert_usage_month(p, c, rule->meter, start, end, &sum)
-             : meter_alert_usage_hours(p, c, rule->meter, start, end, &sum);
-        if (rc != 0) {
+        if (meter_alert_usage_get(p->usage, c->keys, rule->meter,
+                                  rule->period, start, end, &sum)
+            != 0)
+        {
+            p->failed = 1;
             return -1;
         }
 
@@ -1510,18 +1206,18 @@ meter_alerts_run(meter_alerts_t *a, meter_redis_t *r, time_t now,
     if (now >= a->next_eval) {
         a->next_eval = now + a->interval;
 
-        if (meter_map_init(&p.kh_hours, 1024) != 0) {
-            meter_log(LOG_ERR, "alerts: out of memory");
-            return 0;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+
+        rc = meter_alert_usage_begin(&p.usage, r, now, a->grace);
+        if (rc != 0) {
+            p.failed = 1;
+
+        } else {
+            rc = meter_alerts_eval(&p, stop);
         }
 
-        clock_gettime(CLOCK_MONOTONIC, &t0);
-        rc = meter_alerts_eval(&p, stop);
+        meter_alert_usage_end(p.usage);
         clock_gettime(CLOCK_MONOTONIC, &t1);
-
-        meter_map_free(&p.kh_hours, freeReplyObject);
-        freeReplyObject(p.hours[0]);
-        freeReplyObject(p.hours[1]);
 
         if (rc != 0) {
             a->next_eval = now + 5;

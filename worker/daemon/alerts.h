@@ -73,6 +73,7 @@ typedef struct {
     size_t                      nrules;
 
     time_t                      interval;
+    time_t                      grace;          /* the config's */
     time_t                      retry_base;
     time_t                      retry_max;
     time_t                      claim_ttl;
@@ -106,6 +107,18 @@ int meter_alert_parse_when(const char *s, meter_alert_rule_t *r, char *err,
 /* "email:customer, webhook:https://..." into r->ch; 0 or -1 with err */
 int meter_alert_parse_notify(const char *s, meter_alert_rule_t *r,
     char *err, size_t errlen);
+
+/* alert_usage.c: usage per customer for one pass; begin sums the hours
+ * that closed since the last pass (once, in Redis) and reads the open ones;
+ * get: a customer's usage of meter in [start, end) over keys (a SMEMBERS
+ * reply), period METER_HOUR, METER_DAY or METER_ALERT_MONTH */
+typedef struct meter_alert_usage_s  meter_alert_usage_t;
+
+int meter_alert_usage_begin(meter_alert_usage_t **au, meter_redis_t *r,
+    time_t now, time_t grace);
+int meter_alert_usage_get(meter_alert_usage_t *au, const redisReply *keys,
+    const char *meter, int period, time_t start, time_t end, uint64_t *sum);
+void meter_alert_usage_end(meter_alert_usage_t *au);
 
 /* the built-in subject, text and HTML of r->kind where r has none;
  * 0 or -1 */
