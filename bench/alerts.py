@@ -30,18 +30,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "t"))
+sys.path.insert(0, str(HERE))
 
 from conftest import RedisServer, free_port  # noqa: E402
+from drain import resp  # noqa: E402
 
 WORKER = ROOT / "worker" / "meter-worker"
-
-
-def resp(*args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
 
 
 def seed(redis, tmp, n, hour, hour_start):
@@ -57,10 +51,10 @@ def seed(redis, tmp, n, hour, hour_start):
             f.write(resp("SADD", "mtr:ckeys:{%s}" % c, kh))
             f.write(resp("HSET", "mtr:key:{%s}" % kh, "customer", c))
             f.write(resp("SADD", "mtr:idx:%s" % hour, kh))
-            f.write(resp("ZADD", "mtr:hours", "NX", hour_start, hour))
-            f.write(resp("HINCRBY", "mtr:used:{%s}" % kh, "calls", v))
+            f.write(resp("ZADD", "mtr:hours", "NX", str(hour_start), hour))
+            f.write(resp("HINCRBY", "mtr:used:{%s}" % kh, "calls", str(v)))
             f.write(resp("HSET", "mtr:u:{%s}:%s" % (kh, hour),
-                         "calls|3f2a9c0d11b2e4f7.1", v))
+                         "calls|3f2a9c0d11b2e4f7.1", str(v)))
     with open(path, "rb") as f:
         subprocess.run(["redis-cli", "-h", redis.host, "-p",
                         str(redis.port), "--pipe"], stdin=f, check=True,

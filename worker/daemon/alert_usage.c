@@ -60,21 +60,6 @@ struct meter_alert_usage_s {
 };
 
 
-static time_t
-meter_month_of(time_t t)
-{
-    struct tm  tm;
-
-    gmtime_r(&t, &tm);
-    tm.tm_mday = 1;
-    tm.tm_hour = 0;
-    tm.tm_min = 0;
-    tm.tm_sec = 0;
-
-    return timegm(&tm);
-}
-
-
 static int
 meter_alert_sum_add(meter_map_t *sums, const char *kh, const char *field,
     uint64_t v)
@@ -262,7 +247,7 @@ meter_alert_account(meter_alert_usage_t *au, const char *hour, time_t t)
     snprintf(keys[1], sizeof(keys[1]), MTR_A_DAY_FMT,
              (long long) meter_period_start(t, METER_DAY));
     snprintf(keys[2], sizeof(keys[2]), MTR_A_MONTH_FMT,
-             (long long) meter_month_of(t));
+             (long long) meter_alert_month_start(t, 0));
     snprintf(ttl, sizeof(ttl), "%d", METER_ALERT_SUM_TTL);
 
     argv = malloc((7 + 2 * sums.n) * sizeof(char *));
@@ -333,7 +318,7 @@ meter_alert_usage_begin(meter_alert_usage_t **out, meter_redis_t *r,
     au->closed = now - METER_HOUR - grace + 1;
 
     /* the closed hours the rules read: from the month before on */
-    from = meter_month_of(meter_month_of(now) - 1);
+    from = meter_alert_month_start(now, -1);
 
     hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %lld %lld "
                             "WITHSCORES", (long long) from,

@@ -191,8 +191,8 @@ meter_alert_fieldf(meter_alert_fields_t *fl, const char *name,
 }
 
 
-static time_t
-meter_month_start(time_t t, int delta)
+time_t
+meter_alert_month_start(time_t t, int delta)
 {
     struct tm  tm;
 
@@ -225,8 +225,8 @@ meter_alert_period_at(int period, time_t t, int delta, time_t *start,
     struct tm  tm;
 
     if (period == METER_ALERT_MONTH) {
-        *start = meter_month_start(t, delta);
-        *end = meter_month_start(*start, 1);
+        *start = meter_alert_month_start(t, delta);
+        *end = meter_alert_month_start(*start, 1);
         gmtime_r(start, &tm);
         snprintf(label, size, "%04d-%02d", tm.tm_year + 1900, tm.tm_mon + 1);
         return;

@@ -108,6 +108,9 @@ int meter_alert_parse_when(const char *s, meter_alert_rule_t *r, char *err,
 int meter_alert_parse_notify(const char *s, meter_alert_rule_t *r,
     char *err, size_t errlen);
 
+/* the start of the UTC month containing t, delta months away */
+time_t meter_alert_month_start(time_t t, int delta);
+
 /* alert_usage.c: usage per customer for one pass; begin sums the hours
  * that closed since the last pass (once, in Redis) and reads the open ones;
  * get: a customer's usage of meter in [start, end) over keys (a SMEMBERS
