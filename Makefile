@@ -29,7 +29,7 @@ PKGS := build-essential pkg-config nginx nginx-dev libhiredis-dev \
         libcurl4-openssl-dev libcjson-dev libcmocka-dev libsystemd-dev \
         libssl-dev redis-server python3-pytest python3-h2 wrk curl \
         ca-certificates time libfaketime libmicrohttpd-dev debhelper \
-        dpkg-dev lintian systemd strace prometheus
+        dpkg-dev lintian systemd strace prometheus python3-aiosmtpd
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -175,6 +175,8 @@ install: module worker
 	    $(DESTDIR)/usr/share/doc/nginx-meter/examples/nginx-meter.conf
 	install -D -m 0644 README.md docs/redis-schema.md \
 	    -t $(DESTDIR)/usr/share/doc/nginx-meter/
+	install -D -m 0644 conf/alerts/* \
+	    -t $(DESTDIR)/usr/share/doc/nginx-meter/examples/alerts/
 	install -D -m 0644 man/meterctl.1 -t $(DESTDIR)/usr/share/man/man1/
 	install -D -m 0644 man/ngx_http_meter_module.5 \
 	    -t $(DESTDIR)/usr/share/man/man5/

@@ -161,6 +161,30 @@
 #define MTR_WH_FMT              MTR_WH_PRE "%s:%s"
 
 
+/* alerts: meter-worker's alert state, hash tag {alert} */
+
+/* HASH mtr:{alert}:e:ID, one fired alert and its deliveries */
+#define MTR_A_EVENT_PRE         "mtr:{alert}:e:"        /* + ID */
+#define MTR_A_EVENT_FMT         MTR_A_EVENT_PRE "%s"
+/* ZSET of IDs with a delivery not done, score = next attempt */
+#define MTR_A_OPEN              "mtr:{alert}:open"
+/* ZSET of every ID kept, score = when fired */
+#define MTR_A_LOG               "mtr:{alert}:log"
+/* HASH, field RULE|CUSTOMER -> last period fired (state rules) */
+#define MTR_A_LAST              "mtr:{alert}:last"
+#define MTR_A_LAST_FMT          "%s|%s"
+/* HASH mtr:{alert}:h:PSTART, :d:PSTART, :m:PSTART: usage of the closed
+ * hours of that hour, UTC day and UTC month, field KH|METER -> units; the
+ * hour's hash is written once, with "_" = 1, and adds to the other two */
+#define MTR_A_HOUR_PRE          "mtr:{alert}:h:"        /* + PSTART */
+#define MTR_A_HOUR_FMT          MTR_A_HOUR_PRE "%lld"
+#define MTR_A_DAY_PRE           "mtr:{alert}:d:"        /* + PSTART */
+#define MTR_A_DAY_FMT           MTR_A_DAY_PRE "%lld"
+#define MTR_A_MONTH_PRE         "mtr:{alert}:m:"        /* + PSTART */
+#define MTR_A_MONTH_FMT         MTR_A_MONTH_PRE "%lld"
+#define MTR_A_SUM_FIELD_FMT     "%s|%s"
+
+
 /* the projection the module reads */
 
 /*

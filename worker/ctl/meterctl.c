@@ -87,6 +87,7 @@ static const char  meterctl_help[] =
     "  retry         requeue dead-lettered records\n"
     "  reconcile     nginx's count, the worker's billing and the provider's\n"
     "                own figure side by side, every difference explained\n"
+    "  alerts        alerts fired; deliveries sent, pending, failing\n"
     "\n"
     "Exit status: 0 ok, 64 usage, 65 unknown customer/key/record or bad id,\n"
     "69 Redis or provider unavailable, 75 temporary failure (run again),\n"
@@ -662,6 +663,15 @@ const meterctl_cmd_t  meterctl_cmds[] = {
       "\n"
       "Hours in Redis, the last drain and delinquency sync, records open or\n"
       "waiting for a retry, dead letters, keys without customer.\n" },
+
+    { "alerts", NULL, "jC", meterctl_alerts_cmd,
+      "Usage: meterctl alerts [--customer ID] [--json]\n"
+      "\n"
+      "The alerts meter-worker fired (newest first, up to 1000): rule,\n"
+      "customer, period, value, and per channel its state: sent (when),\n"
+      "pending (next attempt), failing (retrying; the last error), sending\n"
+      "(claimed; resent with the same Message-ID or Meter-Alert-Id if the\n"
+      "worker died) or failed (gave up after alert.max_attempts).\n" },
 
     { "retry", NULL, "an", meterctl_retry_cmd,
       "Usage: meterctl retry ID... | --all\n"

@@ -146,6 +146,7 @@ int meterctl_usage(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_status_cmd(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_retry_cmd(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_reconcile(meterctl_opts_t *o, meter_redis_t *r);
+int meterctl_alerts_cmd(meterctl_opts_t *o, meter_redis_t *r);
 
 
 #endif /* _METERCTL_H_INCLUDED_ */

@@ -33,6 +33,7 @@
 #include <curl/curl.h>
 #include <systemd/sd-daemon.h>
 
+#include "alerts.h"
 #include "config.h"
 #include "drain.h"
 #include "jsonl.h"
@@ -57,6 +58,7 @@ typedef struct {
     int                         audit_ok;
     meter_redis_t               redis;
     meter_webhook_srv_t        *webhook;
+    meter_alerts_t             *alerts;         /* NULL: no rule */
     uint64_t                    watchdog_usec;
     struct timespec             petted;
 } meter_worker_t;
@@ -282,6 +284,9 @@ meter_lago_check(meter_worker_t *w, char *err, size_t errlen)
 }
 
 
+static void meter_worker_alerts_reload(meter_worker_t *w);
+
+
 static void
 meter_worker_reload(meter_worker_t *w)
 {
@@ -340,8 +345,28 @@ meter_worker_reload(meter_worker_t *w)
     /* the Redis settings may have changed */
     meter_redis_close(&w->redis);
 
+    meter_worker_alerts_reload(w);
+
     meter_log(LOG_NOTICE, "config reloaded from %s", cf->path);
     sd_notify(0, "READY=1");
+}
+
+
+/* a bad alert rule keeps the old rules (the rest of the new config is
+ * already in use) */
+static void
+meter_worker_alerts_reload(meter_worker_t *w)
+{
+    char             err[1024];
+    meter_alerts_t  *a;
+
+    if (meter_alerts_open(w->cf, &a, err, sizeof(err)) != 0) {
+        meter_log(LOG_ERR, "alerts: keeping the old rules: %s", err);
+        return;
+    }
+
+    meter_alerts_free(w->alerts);
+    w->alerts = a;
 }
 
 
@@ -358,7 +383,9 @@ meter_sleep_until(meter_worker_t *w, time_t until)
 {
     struct timespec  ts;
 
-    while (!meter_stop && !meter_reload && time(NULL) < until) {
+    while (!meter_stop && !meter_reload && time(NULL) < until
+           && !meter_alerts_due(w->alerts, time(NULL)))
+    {
         meter_tick(w);
 
         ts.tv_sec = 1;
@@ -481,6 +508,16 @@ meter_run_daemon(meter_worker_t *w)
                 next_sync = now + 5;
                 continue;
             }
+        }
+
+        if (meter_alerts_run(w->alerts, &w->redis, now, &meter_stop,
+                             meter_tick, w)
+            != 0)
+        {
+            meter_log(LOG_ERR, "alerts interrupted by a Redis error; "
+                      "reconnecting");
+            meter_redis_close(&w->redis);
+            continue;
         }
 
         if (now < next) {
@@ -773,6 +810,14 @@ main(int argc, char **argv)
 
     w.provider_ok = !dry_run;
 
+    if (meter_alerts_open(w.cf, &w.alerts, err, sizeof(err)) != 0) {
+        meter_log(LOG_ERR, "%s", err);
+        meter_worker_close(&w);
+        meter_conf_free(w.cf);
+        curl_global_cleanup();
+        return EX_CONFIG;
+    }
+
     if (test) {
         if (meter_webhook_check(w.cf, err, sizeof(err)) != 0
             || meter_lago_check(&w, err, sizeof(err)) != 0)
@@ -780,15 +825,24 @@ main(int argc, char **argv)
             meter_log(LOG_ERR, "%s", err);
             meter_redis_close(&w.redis);
             meter_worker_close(&w);
+            meter_alerts_free(w.alerts);
             meter_conf_free(w.cf);
             curl_global_cleanup();
             return EX_CONFIG;
         }
 
-        printf("%s: configuration is ok (provider %s)\n", path,
-               w.cf->provider);
+        if (w.alerts != NULL) {
+            printf("%s: configuration is ok (provider %s, %zu alert "
+                   "rules)\n", path, w.cf->provider, w.alerts->nrules);
+
+        } else {
+            printf("%s: configuration is ok (provider %s)\n", path,
+                   w.cf->provider);
+        }
+
         meter_redis_close(&w.redis);
         meter_worker_close(&w);
+        meter_alerts_free(w.alerts);
         meter_conf_free(w.cf);
         curl_global_cleanup();
         return EX_OK;
@@ -837,6 +891,7 @@ main(int argc, char **argv)
 
     meter_redis_close(&w.redis);
     meter_worker_close(&w);
+    meter_alerts_free(w.alerts);
     meter_conf_free(w.cf);
     curl_global_cleanup();
 

@@ -66,9 +66,33 @@ static const char  *meter_provider_prefixes[] = {
 };
 
 
+/* alerts (daemon/alerts.c checks them at start and on reload): rules
+ * "alert.NAME.*", settings "alert.*", the mail relay "smtp.*" */
+static const char  *meter_alert_prefixes[] = {
+    "alert.", "smtp.", NULL
+};
+
+
 static const char  *meter_provider_names[] = {
     "file", "stripe", "chargebee", "recurly", "http", "metronome", NULL
 };
+
+
+/* key starts with one of prefixes and goes on after it */
+static int
+meter_conf_prefixed(const char **prefixes, const char *key)
+{
+    size_t  i, n;
+
+    for (i = 0; prefixes[i] != NULL; i++) {
+        n = strlen(prefixes[i]);
+        if (strncmp(key, prefixes[i], n) == 0 && key[n] != '\0') {
+            return 1;
+        }
+    }
+
+    return 0;
+}
 
 
 static char *
@@ -317,7 +341,7 @@ meter_conf_load(const char *path, char *err, size_t errlen)
 {
     FILE              *f;
     char              *line, *p, *key, *value, *eq;
-    size_t             cap, i;
+    size_t             cap;
     ssize_t            n;
     unsigned           lineno;
     meter_conf_t      *cf;
@@ -417,17 +441,9 @@ meter_conf_load(const char *path, char *err, size_t errlen)
             }
 
         } else {
-            for (i = 0; meter_provider_prefixes[i] != NULL; i++) {
-                if (strncmp(key, meter_provider_prefixes[i],
-                            strlen(meter_provider_prefixes[i]))
-                    == 0
-                    && key[strlen(meter_provider_prefixes[i])] != '\0')
-                {
-                    break;
-                }
-            }
-
-            if (meter_provider_prefixes[i] == NULL) {
+            if (!meter_conf_prefixed(meter_provider_prefixes, key)
+                && !meter_conf_prefixed(meter_alert_prefixes, key))
+            {
                 snprintf(err, errlen, "%s:%u: unknown key \"%s\"", path,
                          lineno, key);
                 goto failed_file;

@@ -1,0 +1,450 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * Usage per customer, meter and period for the alert rules, from both
+ * layouts of the module (docs/redis-schema.md "Usage written by the
+ * module": the largest copy of each counter, summed).
+ *
+ * Hours are kept in Redis only for "retention", and the writer layout keeps
+ * no lifetime total, so a month cannot be read back from Redis at its end.
+ * Each closed hour (grace after its end, as the drain sees it) is therefore
+ * summed once per key and meter, and one script stores that hour's sums and
+ * adds them to its day's and month's (mtr:{alert}:h:, :d:, :m:), unless the
+ * hour's hash exists already: every hour counts once, whoever sums it.  The
+ * open hours (the current one, the previous one during grace) are summed
+ * at every pass.  Usage that reaches Redis after its hour was summed is
+ * not counted in alerts (the drain still bills it).
+ */
+
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "alerts.h"
+#include "log.h"
+#include "util.h"
+#include "wusage.h"
+
+
+#define METER_ALERT_SUM_FIELD   (64 + 1 + MTR_METER_MAX + 1)
+#define METER_ALERT_LIVE        3       /* open hours: grace < 2 h */
+#define METER_ALERT_SUM_TTL     (70 * 86400)    /* past the last pass that
+                                                 * reads the month before */
+
+
+/* KEYS: h:HOUR, d:DAY, m:MONTH; ARGV: ttl, then field, units pairs */
+static const char  meter_lua_account[] =
+    "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n"
+    "redis.call('HSET', KEYS[1], '_', '1')\n"
+    "for i = 2, #ARGV, 2 do\n"
+    "  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])\n"
+    "  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])\n"
+    "  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])\n"
+    "end\n"
+    "for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end\n"
+    "return 1\n";
+
+
+struct meter_alert_usage_s {
+    meter_redis_t              *r;
+    time_t                      now;
+    time_t                      closed;     /* hours starting before are
+                                             * closed */
+    time_t                      live_start[METER_ALERT_LIVE];
+    meter_map_t                 live[METER_ALERT_LIVE];
+                                            /* "KH|METER" -> uint64_t * */
+    size_t                      nlive;
+    unsigned                    accounted;
+};
+
+
+static int
+meter_alert_sum_add(meter_map_t *sums, const char *kh, const char *field,
+    uint64_t v)
+{
+    char         key[METER_ALERT_SUM_FIELD];
+    const char  *bar;
+    size_t       mlen;
+    void       **slot;
+
+    bar = strchr(field, '|');
+    mlen = (bar != NULL) ? (size_t) (bar - field) : 0;
+
+    if (mlen == 0 || mlen > MTR_METER_MAX) {
+        return 0;
+    }
+
+    snprintf(key, sizeof(key), "%s|%.*s", kh, (int) mlen, field);
+
+    slot = meter_map_put(sums, key, NULL);
+    if (slot == NULL) {
+        return -1;
+    }
+
+    if (*slot == NULL) {
+        *slot = calloc(1, sizeof(uint64_t));
+        if (*slot == NULL) {
+            return -1;
+        }
+    }
+
+    *(uint64_t *) *slot += v;
+
+    return 0;
+}
+
+
+/* one key-hour's counters (both layouts, the larger copy) into sums */
+static int
+meter_alert_sum_key(meter_map_t *sums, const char *kh, redisReply *u,
+    meter_wkey_t *wk)
+{
+    char         *buf;
+    size_t        i, n;
+    uint64_t      v;
+    const char  **uv;
+    int           rc;
+
+    if (meter_u_merge(u, wk, &uv, &n, &buf) != 0) {
+        return -1;
+    }
+
+    rc = 0;
+
+    for (i = 0; i + 1 < n && rc == 0; i += 2) {
+        if (meter_parse_u64(uv[i + 1], strlen(uv[i + 1]), &v) == 0) {
+            rc = meter_alert_sum_add(sums, kh, uv[i], v);
+        }
+    }
+
+    free(uv);
+    free(buf);
+
+    return rc;
+}
+
+
+/* every key's usage of one hour, per meter: "KH|METER" -> units */
+static int
+meter_alert_hour_sums(meter_redis_t *r, const char *hour, meter_map_t *sums)
+{
+    int            rc;
+    size_t         i, n;
+    void         **slot;
+    redisReply    *keys, *u;
+    meter_map_t    wm;
+    meter_wkey_t  *wk;
+
+    if (meter_map_init(sums, 64) != 0 || meter_map_init(&wm, 64) != 0) {
+        return -1;
+    }
+
+    if (meter_wmap_load(r, hour, &wm, NULL, NULL) != 0) {
+        meter_map_free(&wm, meter_wkey_free);
+        return -1;
+    }
+
+    keys = meter_redis_cmd(r, "SMEMBERS " MTR_IDX_FMT, hour);
+    if (!meter_reply_ok(keys) || keys->type != REDIS_REPLY_ARRAY) {
+        freeReplyObject(keys);
+        meter_map_free(&wm, meter_wkey_free);
+        return -1;
+    }
+
+    /* the key layout, pipelined, then what only the writer layout has */
+    rc = 0;
+    n = 0;
+
+    for (i = 0; i < keys->elements; i++) {
+        if (keys->element[i]->len == 64) {
+            if (meter_redis_append(r, "HGETALL " MTR_U_FMT,
+                                   keys->element[i]->str, hour)
+                != 0)
+            {
+                rc = -1;
+                break;
+            }
+
+            n++;
+        }
+    }
+
+    for (i = 0; i < keys->elements && n > 0; i++) {
+        if (keys->element[i]->len != 64) {
+            continue;
+        }
+
+        n--;
+        u = meter_redis_reply(r);
+        if (u == NULL) {
+            rc = -1;
+            break;
+        }
+
+        if (rc == 0 && u->type == REDIS_REPLY_ARRAY) {
+            slot = meter_map_get(&wm, keys->element[i]->str);
+            wk = (slot != NULL) ? *slot : NULL;
+            if (wk != NULL) {
+                wk->seen = 1;
+            }
+
+            rc = meter_alert_sum_key(sums, keys->element[i]->str, u, wk);
+
+        } else {
+            rc = -1;
+        }
+
+        freeReplyObject(u);
+    }
+
+    for (i = 0; i < wm.cap && rc == 0; i++) {
+        wk = (wm.keys[i] != NULL) ? wm.vals[i] : NULL;
+        if (wk != NULL && !wk->seen) {
+            rc = meter_alert_sum_key(sums, wm.keys[i], NULL, wk);
+        }
+    }
+
+    freeReplyObject(keys);
+    meter_map_free(&wm, meter_wkey_free);
+
+    return rc;
+}
+
+
+/* sums a closed hour and stores it once (meter_lua_account) */
+static int
+meter_alert_account(meter_alert_usage_t *au, const char *hour, time_t t)
+{
+    char          keys[3][64], ttl[24], (*vals)[24];
+    size_t        i, n;
+    const char  **argv;
+    redisReply   *rp;
+    meter_map_t   sums;
+    int           rc;
+
+    snprintf(keys[0], sizeof(keys[0]), MTR_A_HOUR_FMT, (long long) t);
+
+    rp = meter_redis_cmd(au->r, "EXISTS %s", keys[0]);
+    if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_INTEGER) {
+        freeReplyObject(rp);
+        return -1;
+    }
+
+    n = (size_t) rp->integer;
+    freeReplyObject(rp);
+
+    if (n == 1) {
+        return 0;
+    }
+
+    if (meter_alert_hour_sums(au->r, hour, &sums) != 0) {
+        meter_map_free(&sums, free);
+        return -1;
+    }
+
+    snprintf(keys[1], sizeof(keys[1]), MTR_A_DAY_FMT,
+             (long long) meter_period_start(t, METER_DAY));
+    snprintf(keys[2], sizeof(keys[2]), MTR_A_MONTH_FMT,
+             (long long) meter_alert_month_start(t, 0));
+    snprintf(ttl, sizeof(ttl), "%d", METER_ALERT_SUM_TTL);
+
+    argv = malloc((7 + 2 * sums.n) * sizeof(char *));
+    vals = malloc((sums.n + 1) * sizeof(*vals));
+    if (argv == NULL || vals == NULL) {
+        free(argv);
+        free(vals);
+        meter_map_free(&sums, free);
+        return -1;
+    }
+
+    argv[0] = "EVAL";
+    argv[1] = meter_lua_account;
+    argv[2] = "3";
+    argv[3] = keys[0];
+    argv[4] = keys[1];
+    argv[5] = keys[2];
+    argv[6] = ttl;
+    n = 7;
+
+    for (i = 0; i < sums.cap; i++) {
+        if (sums.keys[i] != NULL) {
+            snprintf(vals[(n - 7) / 2], sizeof(vals[0]), "%llu",
+                     (unsigned long long) *(uint64_t *) sums.vals[i]);
+            argv[n] = sums.keys[i];
+            argv[n + 1] = vals[(n - 7) / 2];
+            n += 2;
+        }
+    }
+
+    rp = meter_redis_argv(au->r, (int) n, argv, NULL);
+    rc = (meter_reply_ok(rp) && rp->type == REDIS_REPLY_INTEGER) ? 0 : -1;
+
+    if (rc != 0 && rp != NULL && rp->type == REDIS_REPLY_ERROR) {
+        meter_log(LOG_ERR, "alerts: summing hour %s: %s", hour, rp->str);
+
+    } else if (rc == 0 && rp->integer == 1) {
+        au->accounted++;
+    }
+
+    freeReplyObject(rp);
+    free(argv);
+    free(vals);
+    meter_map_free(&sums, free);
+
+    return rc;
+}
+
+
+int
+meter_alert_usage_begin(meter_alert_usage_t **out, meter_redis_t *r,
+    time_t now, time_t grace)
+{
+    char                  hour[16];
+    size_t                i;
+    time_t                t, from;
+    redisReply           *hours;
+    meter_alert_usage_t  *au;
+
+    au = calloc(1, sizeof(meter_alert_usage_t));
+    if (au == NULL) {
+        return -1;
+    }
+
+    *out = au;
+    au->r = r;
+    au->now = now;
+    au->closed = now - METER_HOUR - grace + 1;
+
+    /* the closed hours the rules read: from the month before on */
+    from = meter_alert_month_start(now, -1);
+
+    hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %lld %lld "
+                            "WITHSCORES", (long long) from,
+                            (long long) au->closed - 1);
+    if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
+        freeReplyObject(hours);
+        return -1;
+    }
+
+    for (i = 0; i + 1 < hours->elements; i += 2) {
+        t = (time_t) strtoll(hours->element[i + 1]->str, NULL, 10);
+
+        if (meter_alert_account(au, hours->element[i]->str, t) != 0) {
+            freeReplyObject(hours);
+            return -1;
+        }
+    }
+
+    freeReplyObject(hours);
+
+    if (au->accounted > 0) {
+        meter_log(LOG_DEBUG, "alerts: %u closed hours summed",
+                  au->accounted);
+    }
+
+    /* the open hours: the current one, and the one before during grace */
+    for (t = meter_period_start(au->closed + METER_HOUR - 1, METER_HOUR);
+         t <= now && au->nlive < METER_ALERT_LIVE; t += METER_HOUR)
+    {
+        meter_hour_format(t, hour, sizeof(hour));
+        au->live_start[au->nlive] = t;
+
+        if (meter_alert_hour_sums(r, hour, &au->live[au->nlive++]) != 0) {
+            return -1;
+        }
+    }
+
+    return 0;
+}
+
+
+void
+meter_alert_usage_end(meter_alert_usage_t *au)
+{
+    size_t  i;
+
+    if (au == NULL) {
+        return;
+    }
+
+    for (i = 0; i < METER_ALERT_LIVE; i++) {
+        meter_map_free(&au->live[i], free);
+    }
+
+    free(au);
+}
+
+
+int
+meter_alert_usage_get(meter_alert_usage_t *au, const redisReply *keys,
+    const char *meter, int period, time_t start, time_t end, uint64_t *sum)
+{
+    char         field[METER_ALERT_SUM_FIELD], key[64];
+    size_t       i, k;
+    uint64_t     v;
+    void       **slot;
+    redisReply  *rp;
+
+    *sum = 0;
+
+    if (keys->elements == 0) {
+        return 0;
+    }
+
+    /* the closed hours of the period, summed once */
+    if (period == METER_ALERT_MONTH) {
+        snprintf(key, sizeof(key), MTR_A_MONTH_FMT, (long long) start);
+
+    } else if (period == METER_DAY) {
+        snprintf(key, sizeof(key), MTR_A_DAY_FMT, (long long) start);
+
+    } else {
+        snprintf(key, sizeof(key), MTR_A_HOUR_FMT, (long long) start);
+    }
+
+    if (start < au->closed) {
+        for (k = 0; k < keys->elements; k++) {
+            if (meter_redis_append(au->r, "HGET %s " MTR_A_SUM_FIELD_FMT, key,
+                                   keys->element[k]->str, meter)
+                != 0)
+            {
+                return -1;
+            }
+        }
+
+        for (k = 0; k < keys->elements; k++) {
+            rp = meter_redis_reply(au->r);
+            if (rp == NULL) {
+                return -1;
+            }
+
+            if (rp->type == REDIS_REPLY_STRING
+                && meter_parse_u64(rp->str, rp->len, &v) == 0)
+            {
+                *sum += v;
+            }
+
+            freeReplyObject(rp);
+        }
+    }
+
+    /* and its open hours */
+    for (i = 0; i < au->nlive; i++) {
+        if (au->live_start[i] < start || au->live_start[i] >= end) {
+            continue;
+        }
+
+        for (k = 0; k < keys->elements; k++) {
+            snprintf(field, sizeof(field), MTR_A_SUM_FIELD_FMT,
+                     keys->element[k]->str, meter);
+            slot = meter_map_get(&au->live[i], field);
+            if (slot != NULL && *slot != NULL) {
+                *sum += *(uint64_t *) *slot;
+            }
+        }
+    }
+
+    return 0;
+}
