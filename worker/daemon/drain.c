@@ -318,6 +318,13 @@ meter_lock_acquire(meter_drain_t *d)
     if (rc == 0) {
         /* ours from a pass that did not release it (a Redis error)? */
         rc = meter_lock_renew(d);
+        if (rc == 0) {
+            /* a standby: how long until it may take over */
+            rp = meter_redis_cmd(d->redis, "PTTL %s", MTR_W_LOCK);
+            d->lock_pttl = meter_reply_ok(rp) ? meter_reply_int(rp, -1) : -1;
+            freeReplyObject(rp);
+        }
+
         if (rc != 1) {
             return rc;
         }
