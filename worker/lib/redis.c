@@ -129,7 +129,15 @@ meter_sentinel_parse(const char *url, meter_sentinels_t *sl)
         sl->port[sl->n] = (int) n;
         sl->n++;
 
+        if (comma == slash) {
+            break;
+        }
+
         p = comma + 1;
+
+        if (p == slash) {
+            return -1;              /* "h:p,/NAME" */
+        }
     }
 
     return sl->n > 0 ? 0 : -1;
