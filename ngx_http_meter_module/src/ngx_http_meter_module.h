@@ -619,7 +619,7 @@ ngx_uint_t ngx_http_meter_redis_setup_cmds(ngx_http_meter_main_conf_t *mcf,
 void ngx_http_meter_redis_error(ngx_http_meter_redis_t *rd,
     redisReply *reply);
 redisContext *ngx_http_meter_redis_connect_sync(
-    ngx_http_meter_main_conf_t *mcf, ngx_log_t *log);
+    ngx_http_meter_main_conf_t *mcf, struct timeval tv, ngx_log_t *log);
 void ngx_http_meter_redis_wait(ngx_http_meter_redis_t *rd);
 void ngx_http_meter_redis_answered(ngx_http_meter_redis_t *rd);
 

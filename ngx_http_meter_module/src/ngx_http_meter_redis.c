@@ -669,27 +669,26 @@ ngx_http_meter_redis_close(ngx_http_meter_redis_t *rd)
 
 
 /*
- * The blocking connection of the final flush, at exit: the same steps
- * (Sentinels, AUTH, SELECT, ROLE), each bounded by the timeout.  NULL:
- * logged, the counters stay in shared memory.
+ * The blocking connection of the final flush, at exit: the Sentinels
+ * asked in turn (from the one the async connection used last), then the
+ * master they name, each step bounded by the timeout.  AUTH and SELECT are
+ * the caller's.  No ROLE check here: a replica refuses its writes with
+ * -READONLY (replica-read-only, on by default), and they stay in shared
+ * memory.  NULL: logged.
  */
 
 redisContext *
 ngx_http_meter_redis_connect_sync(ngx_http_meter_main_conf_t *mcf,
-    ngx_log_t *log)
+    struct timeval tv, ngx_log_t *log)
 {
     int                     port;
-    char                    db[24], host[NGX_HTTP_METER_HOST_LEN];
-    size_t                  len[3], slen[2][2];
+    char                    host[NGX_HTTP_METER_HOST_LEN];
+    size_t                  len[3];
     ngx_uint_t              i, n, first;
-    const char             *argv[3], *sargv[2][2], *err;
+    const char             *argv[3], *err;
     redisReply             *reply;
     redisContext           *rc, *sc;
-    struct timeval          tv;
     ngx_http_meter_addr_t  *sn;
-
-    tv.tv_sec = mcf->redis_timeout / 1000;
-    tv.tv_usec = (mcf->redis_timeout % 1000) * 1000;
 
     err = "no Sentinel named the master";
     rc = NULL;
@@ -746,33 +745,6 @@ ngx_http_meter_redis_connect_sync(ngx_http_meter_main_conf_t *mcf,
     if (rc == NULL || rc->err) {
         err = rc ? rc->errstr : "out of memory";
         goto failed;
-    }
-
-    (void) redisSetTimeout(rc, tv);
-
-    n = ngx_http_meter_redis_setup_cmds(mcf, sargv, slen, db);
-
-    for (i = 0; i < n; i++) {
-        (void) redisAppendCommandArgv(rc, 2, sargv[i], slen[i]);
-    }
-
-    (void) redisAppendCommand(rc, "ROLE");
-
-    for (i = 0; i <= n; i++) {
-        if (redisGetReply(rc, (void **) &reply) != REDIS_OK) {
-            err = rc->errstr;
-            goto failed;
-        }
-
-        err = (i < n) ? (reply->type == REDIS_REPLY_ERROR
-                         ? "refused AUTH/SELECT" : NULL)
-                      : (ngx_http_meter_role(reply) == NULL
-                         ? NULL : "not the master (ROLE)");
-        freeReplyObject(reply);
-
-        if (err != NULL) {
-            goto failed;
-        }
     }
 
     return rc;
