@@ -11,16 +11,14 @@ failover-timeout 3000: redis/redis sentinel.conf documents both)."""
 
 import os
 import shutil
-import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import (REDIS_SERVER, Resp, RespError, RedisServer, Traffic,
-                      expect_totals, free_port, key_hash, totals, wait_for)
+                      expect_totals, free_port, totals, wait_for)
 from test_metering import API, KEYS, api_plan, expected, status_json
 from test_worker import (EPOCH, NOW_HOUR, WORKER, Worker, by_key, iso,
                          line, put, read_jsonl)
@@ -47,7 +45,10 @@ class Node(RedisServer):
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.tmp),
-             "--daemonize", "no", "--enable-debug-command", "local"]
+             "--daemonize", "no", "--enable-debug-command", "local",
+             # a replica's full sync at once, not after the default 5 s
+             # wait for more replicas (redis.conf, repl-diskless-sync-delay)
+             "--repl-diskless-sync-delay", "0"]
             + self.extra,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -114,7 +115,7 @@ class Topology:
     """primary + replica + 3 sentinels; master() is the node Sentinel names
     (the fixture's view, as a client's)."""
 
-    def __init__(self, tmp):
+    def __init__(self, tmp, failover=True):
         self.primary = Node(tmp / "primary").start()
         self.replica = Node(tmp / "replica", ["--replicaof", "127.0.0.1",
                                               str(self.primary.port)]).start()
@@ -132,8 +133,16 @@ class Topology:
                         and len(s.cmd("SENTINEL", "sentinels", MASTER)) == 2)
             except (OSError, RespError, ConnectionError):
                 return False
-        wait_for(ready, 20, 0.1, msg="sentinels see the replica and each "
-                                     "other")
+
+        # a failover needs the Sentinels to know each other (hello
+        # messages every 2 s, ~7 s here); naming the master does not
+        if failover:
+            wait_for(ready, 20, 0.1, msg="sentinels see the replica and "
+                                         "each other")
+        else:
+            wait_for(lambda: all(s.master_port() == self.primary.port
+                                 for s in self.sentinels), 10, 0.05,
+                     msg="sentinels name the master")
 
     @property
     def sentinel_list(self):
@@ -170,6 +179,14 @@ class Topology:
 @pytest.fixture
 def topo(tmp_path):
     t = Topology(tmp_path)
+    yield t
+    t.stop()
+
+
+@pytest.fixture
+def topo_quick(tmp_path):
+    """for the tests without a failover: the Sentinels answer at once"""
+    t = Topology(tmp_path, failover=False)
     yield t
     t.stop()
 
@@ -256,18 +273,18 @@ def test_module_debug_sleep_primary_failover_exact(topo, nginx_factory):
     wait_for(lambda: totals(old) == totals(new), 10)
 
 
-def test_module_refuses_a_replica(topo, nginx_factory):
+def test_module_refuses_a_replica(topo_quick, nginx_factory):
     """meter_redis pointed straight at the replica: ROLE says slave, nothing
     is written there, and the error says so."""
     conf = API.replace("meter_redis @REDIS@;",
                        "meter_redis 127.0.0.1:%d timeout=500ms;"
-                       % topo.replica.port)
+                       % topo_quick.replica.port)
     n = nginx_factory(conf, redis="-")
     code, _ = n.get("/search?s=200", {"X-Api-Key": KEYS[0]})
     assert code == 200
     wait_for(lambda: "is slave, not the master" in n.log(), 10)
     assert status_json(n)["api"]["redis_connected"] is False
-    assert totals(topo.primary) == {}
+    assert totals(topo_quick.primary) == {}
 
 
 def test_module_sentinel_directive_errors():
@@ -289,17 +306,17 @@ def test_module_sentinel_directive_errors():
     assert rc == 0, out
 
 
-def test_module_no_sentinel_answers_then_one_does(topo, nginx_factory):
+def test_module_no_sentinel_answers_then_one_does(topo_quick, nginx_factory):
     """The first Sentinel listed is down: the next one is asked."""
     dead = free_port()
     conf = API.replace(
         "meter_redis @REDIS@;",
         "meter_redis sentinel=127.0.0.1:%d,%s master=%s timeout=500ms;"
-        % (dead, topo.sentinel_list, MASTER))
+        % (dead, topo_quick.sentinel_list, MASTER))
     n = nginx_factory(conf, redis="-")
     plan = api_plan(KEYS[:1], methods=("GET",), statuses=(200,))
     t = Traffic(n.port, plan, threads=1, limit=len(plan) * 3).run()
-    expect_totals(topo.primary, expected(t))
+    expect_totals(topo_quick.primary, expected(t))
 
 
 # ------------------------------------------------------------ the worker
@@ -347,17 +364,17 @@ def test_worker_sigkill_primary_mid_drain_each_record_once(topo, tmp_path):
     assert len({a["idempotency_key"] for a in audit}) == 600
 
 
-def test_worker_waits_for_the_replica_before_sending(topo, tmp_path):
+def test_worker_waits_for_the_replica_before_sending(topo_quick, tmp_path):
     """redis.wait (1 behind Sentinel): with the replica asleep a new record
     is created but not sent; once the replica has it, it is."""
-    w = Worker(tmp_path / "w", topo.primary, redis__timeout="1s")
+    w = Worker(tmp_path / "w", topo_quick.primary, redis__timeout="1s")
     w.conf.write_text(w.conf.read_text().replace(
-        "redis = %s" % topo.primary.address,
-        "redis = sentinel://%s/%s" % (topo.sentinel_list, MASTER)))
+        "redis = %s" % topo_quick.primary.address,
+        "redis = sentinel://%s/%s" % (topo_quick.sentinel_list, MASTER)))
     h = NOW_HOUR - 2 * 3600
-    kh = put(topo.primary, "wk-1", h, {"calls|%s.1" % EPOCH: 7})
+    kh = put(topo_quick.primary, "wk-1", h, {"calls|%s.1" % EPOCH: 7})
     # the replica hangs: WAIT 1 gets no acknowledgement
-    sleeper = Resp("127.0.0.1", topo.replica.port, timeout=10)
+    sleeper = Resp("127.0.0.1", topo_quick.replica.port, timeout=10)
     sleeper.sock.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$1\r\n3\r\n")
     r = w.once(h + 3600)
     assert r.returncode != 0
@@ -370,8 +387,8 @@ def test_worker_waits_for_the_replica_before_sending(topo, tmp_path):
     assert w.lines() == [line(kh, None, "calls", h, 7)]
 
 
-def test_worker_refuses_a_replica(topo, tmp_path):
-    w = Worker(tmp_path / "w", topo.replica)
+def test_worker_refuses_a_replica(topo_quick, tmp_path):
+    w = Worker(tmp_path / "w", topo_quick.replica)
     r = w.once(NOW_HOUR)
     assert r.returncode != 0
     assert "is a slave, not the master: not writing to it" in r.stderr

@@ -6,7 +6,6 @@ front of redis-server.  Tested once, end to end, with exact totals."""
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from conftest import (Resp, Traffic, expect_totals, free_port, port_open,
                       wait_for)
 from test_metering import API, KEYS, api_plan, expected
-from test_worker import NOW_HOUR, Worker, by_key, iso, line, put
+from test_worker import NOW_HOUR, Worker, line, put
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
@@ -24,10 +23,27 @@ pytestmark = pytest.mark.skipif(STUNNEL is None or OPENSSL is None,
                                 reason="stunnel4/openssl not installed")
 
 
+def shipped(name, **values):
+    """conf/stunnel-redis-NAME.conf as shipped, with this test's ports and
+    files: the example itself is what runs.  Run as the test user (no
+    setuid), in the foreground, logging to a file."""
+    out = []
+    for ln in (ROOT / "conf" / ("stunnel-redis-%s.conf" % name)) \
+            .read_text().splitlines():
+        k = ln.split("=", 1)[0].strip()
+        if k in ("setuid", "setgid", "output", "debug"):
+            continue
+        if k in values:
+            ln = "%s = %s" % (k, values.pop(k))
+        out.append(ln)
+    assert not values, "not in the shipped conf: %s" % values
+    return "\n".join(out) + "\n"
+
+
 def stunnel(tmp, name, conf):
     p = tmp / ("%s.conf" % name)
-    p.write_text("foreground = yes\npid =\noutput = %s/%s.log\n"
-                 "debug = info\n%s" % (tmp, name, conf))
+    # global options first: before the [redis] section
+    p.write_text("output = %s/%s.log\ndebug = info\n%s" % (tmp, name, conf))
     proc = subprocess.Popen([STUNNEL, str(p)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
@@ -45,16 +61,13 @@ def tunnel(tmp_path, redis):
                     "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     tls_port, local_port = free_port(), free_port()
-    # the shape of conf/stunnel-redis-server.conf and -client.conf
-    server = stunnel(tmp, "server",
-                     "[redis]\naccept = 127.0.0.1:%d\nconnect = %s\n"
-                     "cert = %s\nkey = %s\n"
-                     % (tls_port, redis.address, cert, key))
-    client = stunnel(tmp, "client",
-                     "[redis]\nclient = yes\naccept = 127.0.0.1:%d\n"
-                     "connect = 127.0.0.1:%d\nverifyPeer = yes\n"
-                     "CAfile = %s\ncheckHost = redis.test\n"
-                     % (local_port, tls_port, cert))
+    server = stunnel(tmp, "server", shipped(
+        "server", accept="127.0.0.1:%d" % tls_port, connect=redis.address,
+        cert=cert, key=key))
+    client = stunnel(tmp, "client", shipped(
+        "client", accept="127.0.0.1:%d" % local_port,
+        connect="127.0.0.1:%d" % tls_port, CAfile=cert,
+        checkHost="redis.test"))
     wait_for(lambda: port_open(tls_port) and port_open(local_port), 10)
     yield tmp, tls_port, local_port
     for p in (client, server):
@@ -88,6 +101,22 @@ def test_nginx_and_worker_through_stunnel(tunnel, redis, nginx_factory,
     assert r.returncode == 0, r.stderr
     assert [x for x in w.lines() if x["key_hash"] == kh] == \
         [line(kh, None, "calls", h, 42)]
+
+    # the client end verifies the server's name: another name, no Redis
+    wrong_port = free_port()
+    wrong = stunnel(tmp, "wrong", shipped(
+        "client", accept="127.0.0.1:%d" % wrong_port,
+        connect="127.0.0.1:%d" % tls_port, CAfile=tmp / "redis.crt",
+        checkHost="other.test"))
+    try:
+        wait_for(lambda: port_open(wrong_port), 10)
+        c = Resp("127.0.0.1", wrong_port, timeout=5)
+        with pytest.raises((ConnectionError, OSError)):
+            c("PING")
+        c.close()
+    finally:
+        wrong.terminate()
+        wrong.wait(10)
 
     log = (tmp / "server.log").read_text(errors="replace")
     assert "Service [redis] accepted connection" in log

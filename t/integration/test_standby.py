@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from conftest import free_port, key_hash, wait_for
+from conftest import free_port, wait_for
 from fakes import stripe as stfake
 from fakes.stripe import FakeStripe
 from test_sync import Billing, pytestmark  # noqa: F401
-from test_worker import EPOCH, NOW_HOUR, idem, put
+from test_worker import NOW_HOUR, idem, stripe_usage
 
 SECRET = "whsec_test_standby_0123456789"
 LOCK_TTL = 5
@@ -42,16 +42,7 @@ def test_standby_takes_over_and_bills_each_record_once(redis, tmp_path):
     with FakeStripe(api_key="sk_test_standby", delay=0.05) as fake:
         a, b = workers(tmp_path, redis, fake)
         h = NOW_HOUR - 2 * 3600
-        want = {}
-        for i in range(60):
-            cust = "c%03d" % i
-            redis.cmd("HSET", "mtr:cust:{%s}" % cust, "provider", "stripe",
-                      "provider_customer", "cus_%03d" % i)
-            redis.cmd("HSET", "mtr:key:{%s}" % key_hash("sb-%d" % i),
-                      "customer", cust)
-            put(redis, "sb-%d" % i, h, {"calls|%s.1" % EPOCH: i + 1,
-                                        "calls|%s.2" % EPOCH: 2})
-            want["cus_%03d" % i] = i + 3
+        want = stripe_usage(redis, "sb", 60, h, 2)
 
         a.start(port=a.wh_port)
         wait_for(lambda: len(fake.events) >= 5, 30)
