@@ -29,7 +29,8 @@ PKGS := build-essential pkg-config nginx nginx-dev libhiredis-dev \
         libcurl4-openssl-dev libcjson-dev libcmocka-dev libsystemd-dev \
         libssl-dev redis-server python3-pytest python3-h2 wrk curl \
         ca-certificates time libfaketime libmicrohttpd-dev debhelper \
-        dpkg-dev lintian systemd strace prometheus python3-aiosmtpd
+        dpkg-dev lintian systemd strace prometheus python3-aiosmtpd \
+        redis-sentinel stunnel4
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

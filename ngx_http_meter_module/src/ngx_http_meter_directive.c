@@ -18,6 +18,8 @@ static ngx_int_t ngx_http_meter_add_vars(ngx_conf_t *cf, ngx_http_meter_t *m,
     ngx_str_t *s);
 static char *ngx_http_meter_read_secret(ngx_conf_t *cf, ngx_command_t *cmd,
     ngx_str_t *file, ngx_str_t *secret);
+static char *ngx_http_meter_redis_sentinels(ngx_conf_t *cf,
+    ngx_command_t *cmd, ngx_http_meter_main_conf_t *mcf, ngx_str_t *arg);
 
 
 /* "meter off": no meter, and no fall back to another location's */
@@ -655,7 +657,13 @@ ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     value = cf->args->elts;
 
-    if (ngx_strncmp(value[1].data, "unix:", 5) == 0) {
+    if (ngx_strncmp(value[1].data, "sentinel=", 9) == 0) {
+        rv = ngx_http_meter_redis_sentinels(cf, cmd, mcf, &value[1]);
+        if (rv != NGX_CONF_OK) {
+            return rv;
+        }
+
+    } else if (ngx_strncmp(value[1].data, "unix:", 5) == 0) {
         if (value[1].len == 5 || value[1].data[5] != '/') {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "invalid address \"%V\" in \"%V\" "
@@ -725,6 +733,15 @@ ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        if (ngx_strncmp(value[i].data, "master=", 7) == 0
+            && mcf->redis_sentinels != NULL && mcf->redis_master.data == NULL
+            && value[i].len > 7)
+        {
+            mcf->redis_master.data = value[i].data + 7;
+            mcf->redis_master.len = value[i].len - 7;
+            continue;
+        }
+
         if (ngx_strncmp(value[i].data, "db=", 3) == 0) {
             mcf->redis_db = ngx_atoi(value[i].data + 3, value[i].len - 3);
 
@@ -762,6 +779,86 @@ ngx_http_meter_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                            "invalid parameter \"%V\" in \"%V\" directive",
                            &value[i], &cmd->name);
         return NGX_CONF_ERROR;
+    }
+
+    if (mcf->redis_sentinels != NULL && mcf->redis_master.data == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" with \"sentinel=\" needs \"master=\", "
+                           "the name the Sentinels monitor", &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * sentinel=host:port[,host:port...]: asked in this order for the master
+ * (ngx_http_meter_redis.c).  IP addresses are best: hiredis 0.14 resolves
+ * a name with a blocking getaddrinfo() on every connect.
+ */
+
+static char *
+ngx_http_meter_redis_sentinels(ngx_conf_t *cf, ngx_command_t *cmd,
+    ngx_http_meter_main_conf_t *mcf, ngx_str_t *arg)
+{
+    u_char                 *p, *last, *comma, *colon;
+    ngx_int_t               n;
+    ngx_http_meter_addr_t  *sn;
+
+    mcf->redis_sentinels = ngx_array_create(cf->pool, 3,
+                                            sizeof(ngx_http_meter_addr_t));
+    if (mcf->redis_sentinels == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    p = arg->data + 9;
+    last = arg->data + arg->len;
+
+    for ( ;; ) {
+        comma = ngx_strlchr(p, last, ',');
+        if (comma == NULL) {
+            comma = last;
+        }
+
+        colon = NULL;
+
+        for (n = 0; p + n < comma; n++) {
+            if (p[n] == ':') {
+                colon = p + n;
+            }
+        }
+
+        n = (colon == NULL) ? NGX_ERROR
+                            : ngx_atoi(colon + 1, comma - colon - 1);
+
+        if (colon == NULL || colon == p || n < 1 || n > 65535) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid \"%V\" in \"%V\" directive: "
+                               "expected sentinel=host:port[,host:port...]",
+                               arg, &cmd->name);
+            return NGX_CONF_ERROR;
+        }
+
+        sn = ngx_array_push(mcf->redis_sentinels);
+        if (sn == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        sn->host.len = colon - p;
+        sn->host.data = ngx_pnalloc(cf->pool, sn->host.len + 1);
+        if (sn->host.data == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        (void) ngx_cpystrn(sn->host.data, p, sn->host.len + 1);
+        sn->port = n;
+
+        if (comma == last) {
+            break;
+        }
+
+        p = comma + 1;
     }
 
     return NGX_CONF_OK;

@@ -867,6 +867,9 @@ ngx_http_meter_reply(redisAsyncContext *ac, void *r, void *privdata)
                           (int) ngx_min(reply->len, 256), reply->str);
         }
 
+        /* -READONLY: reconnects, to the master Sentinel names */
+        ngx_http_meter_redis_error(fl->redis, reply);
+
         if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
             fl->reload_script = 1;
         }
@@ -1042,19 +1045,9 @@ ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
     tv.tv_sec = mcf->redis_timeout / 1000;
     tv.tv_usec = (mcf->redis_timeout % 1000) * 1000;
 
-    if (mcf->redis_path.len) {
-        rc = redisConnectUnixWithTimeout((char *) mcf->redis_path.data, tv);
-
-    } else {
-        rc = redisConnectWithTimeout((char *) mcf->redis_host.data,
-                                     (int) mcf->redis_port, tv);
-    }
-
-    if (rc == NULL || rc->err) {
-        ngx_log_error(NGX_LOG_WARN, log, 0,
-                      "meter: final flush: redis unreachable (%s); counters "
-                      "stay in shared memory",
-                      rc ? rc->errstr : "out of memory");
+    /* the master Sentinel names, or the address; NULL: logged */
+    rc = ngx_http_meter_redis_connect_sync(mcf, tv, log);
+    if (rc == NULL) {
         goto done;
     }
 

@@ -52,6 +52,7 @@
 #define NGX_HTTP_METER_REASON_CREDIT   2
 
 #define NGX_HTTP_METER_REDIS_HOOKS  2       /* the flush, the refresh */
+#define NGX_HTTP_METER_HOST_LEN     256     /* a master named by Sentinel */
 
 
 typedef enum {
@@ -250,6 +251,13 @@ typedef struct {
 } ngx_http_meter_t;
 
 
+/* a Sentinel of meter_redis sentinel= */
+typedef struct {
+    ngx_str_t                    host;      /* NUL-terminated */
+    ngx_int_t                    port;
+} ngx_http_meter_addr_t;
+
+
 typedef struct {
     ngx_array_t                  zones;     /* ngx_shm_zone_t * */
     ngx_array_t                  meters;    /* ngx_http_meter_t *, all */
@@ -261,6 +269,9 @@ typedef struct {
     ngx_int_t                    redis_db;
     ngx_msec_t                   redis_timeout;
     ngx_uint_t                   redis_set;
+    ngx_array_t                 *redis_sentinels; /* ngx_http_meter_addr_t;
+                                                   * NULL: no Sentinel */
+    ngx_str_t                    redis_master;  /* NUL-terminated */
 
     ngx_msec_t                   flush_interval;
     ngx_msec_t                   gov_refresh;
@@ -407,6 +418,12 @@ typedef struct {
     ngx_uint_t                    down_logged;
 
     ngx_event_t                   timeout;  /* connect/command timeout */
+
+    redisAsyncContext            *sac;      /* a Sentinel being asked */
+    ngx_uint_t                    sentinel; /* the one to ask first */
+    ngx_uint_t                    asked;    /* Sentinels asked this round */
+    char                          host[NGX_HTTP_METER_HOST_LEN];
+    int                           port;     /* where ac is connected */
 
     ngx_uint_t                    nhooks;
     ngx_http_meter_redis_hooks_t  hooks[NGX_HTTP_METER_REDIS_HOOKS];
@@ -599,6 +616,10 @@ void ngx_http_meter_redis_setup_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 ngx_uint_t ngx_http_meter_redis_setup_cmds(ngx_http_meter_main_conf_t *mcf,
     const char *argv[2][2], size_t len[2][2], char *db);
+void ngx_http_meter_redis_error(ngx_http_meter_redis_t *rd,
+    redisReply *reply);
+redisContext *ngx_http_meter_redis_connect_sync(
+    ngx_http_meter_main_conf_t *mcf, struct timeval tv, ngx_log_t *log);
 void ngx_http_meter_redis_wait(ngx_http_meter_redis_t *rd);
 void ngx_http_meter_redis_answered(ngx_http_meter_redis_t *rd);
 

@@ -8,6 +8,18 @@
  * refresh share it: they register hooks, called when it is ready, when a
  * setup command was refused and when it went down, and read its state; it
  * writes none of their fields.
+ *
+ * Ready means ROLE answered "master": nothing is written to a replica.
+ * With Sentinel (meter_redis sentinel=... master=NAME) every connect first
+ * asks the Sentinels, one after the other, "SENTINEL get-master-addr-by-
+ * name NAME", on the same event loop (no blocking: a Sentinel that hangs
+ * costs a timeout, never a stalled worker), then connects to the address
+ * named.  A drop, a ROLE other than master or a -READONLY reply (a master
+ * demoted under us, Redis 7 keeps its clients: replicationSetMaster() in
+ * redis/redis src/replication.c) all reconnect, hence ask again.  This is
+ * the order of Redis's "Sentinel clients" guidelines (steps 1-3).  After a
+ * failover the new master has a new run_id: the flush then rewrites every
+ * counter, which repairs writes lost to asynchronous replication.
  */
 
 
@@ -24,6 +36,18 @@ static void ngx_http_meter_redis_connected(const redisAsyncContext *ac,
 static void ngx_http_meter_redis_disconnected(const redisAsyncContext *ac,
     int status);
 static void ngx_http_meter_redis_timeout_handler(ngx_event_t *ev);
+static void ngx_http_meter_redis_connect_to(ngx_http_meter_redis_t *rd,
+    const char *host, int port, const char *path);
+static void ngx_http_meter_redis_role_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static void ngx_http_meter_sentinel_ask(ngx_http_meter_redis_t *rd);
+static void ngx_http_meter_sentinel_next(ngx_http_meter_redis_t *rd,
+    const char *err);
+static void ngx_http_meter_sentinel_reply(redisAsyncContext *ac, void *r,
+    void *privdata);
+static const char *ngx_http_meter_sentinel_addr(redisReply *reply,
+    char *host, int *port);
+static const char *ngx_http_meter_role(redisReply *reply);
 
 
 void
@@ -65,20 +89,46 @@ ngx_http_meter_redis_hook(ngx_http_meter_redis_t *rd,
 void
 ngx_http_meter_redis_connect(ngx_http_meter_redis_t *rd)
 {
-    char                        *host, *path;
-    redisAsyncContext           *ac;
     ngx_http_meter_main_conf_t  *mcf;
 
     mcf = rd->mcf;
 
+    if (mcf->redis_sentinels != NULL) {
+        rd->asked = 0;
+        rd->state = NGX_HTTP_METER_REDIS_CONN;
+        ngx_http_meter_sentinel_ask(rd);
+        return;
+    }
+
     if (mcf->redis_path.len) {
-        path = (char *) mcf->redis_path.data;
-        ac = redisAsyncConnectUnix(path);
+        ngx_http_meter_redis_connect_to(rd, NULL, 0,
+                                        (char *) mcf->redis_path.data);
 
     } else {
-        host = (char *) mcf->redis_host.data;
-        ac = redisAsyncConnect(host, (int) mcf->redis_port);
+        ngx_http_meter_redis_connect_to(rd, (char *) mcf->redis_host.data,
+                                        (int) mcf->redis_port, NULL);
     }
+}
+
+
+static void
+ngx_http_meter_redis_connect_to(ngx_http_meter_redis_t *rd,
+    const char *host, int port, const char *path)
+{
+    redisAsyncContext  *ac;
+
+    if (path != NULL) {
+        ac = redisAsyncConnectUnix(path);
+        (void) ngx_cpystrn((u_char *) rd->host, (u_char *) path,
+                           sizeof(rd->host));
+
+    } else {
+        ac = redisAsyncConnect(host, port);
+        (void) ngx_cpystrn((u_char *) rd->host, (u_char *) host,
+                           sizeof(rd->host));
+    }
+
+    rd->port = port;
 
     if (ac == NULL) {
         ngx_http_meter_redis_fail(rd, "connect", "out of memory");
@@ -105,7 +155,209 @@ ngx_http_meter_redis_connect(ngx_http_meter_redis_t *rd)
     redisAsyncSetConnectCallback(ac, ngx_http_meter_redis_connected);
     redisAsyncSetDisconnectCallback(ac, ngx_http_meter_redis_disconnected);
 
+    ngx_add_timer(&rd->timeout, rd->mcf->redis_timeout);
+}
+
+
+/*
+ * One Sentinel, asked on its own async context.  Its reply callback is the
+ * only place that moves on: hiredis calls it once, with the reply or, when
+ * the context dies (refused, reset), with NULL.  No connect callback: a
+ * failed connect frees the context, which runs it with NULL.
+ */
+
+static void
+ngx_http_meter_sentinel_ask(ngx_http_meter_redis_t *rd)
+{
+    size_t                       len[3];
+    const char                  *argv[3];
+    redisAsyncContext           *ac;
+    ngx_http_meter_addr_t       *sn;
+    ngx_http_meter_main_conf_t  *mcf;
+
+    mcf = rd->mcf;
+    sn = mcf->redis_sentinels->elts;
+    sn = &sn[rd->sentinel];
+
+    ac = redisAsyncConnect((char *) sn->host.data, (int) sn->port);
+
+    if (ac == NULL) {
+        ngx_http_meter_redis_fail(rd, "sentinel query", "out of memory");
+        return;
+    }
+
+    if (ac->err) {
+        ngx_log_error(NGX_LOG_INFO, rd->log, 0,
+                      "meter: sentinel %V:%i: %s", &sn->host, sn->port,
+                      ac->errstr);
+        redisAsyncFree(ac);
+        ngx_http_meter_sentinel_next(rd, "connect failed");
+        return;
+    }
+
+    if (ngx_http_meter_redis_attach(ac, rd->log) != NGX_OK) {
+        redisAsyncFree(ac);
+        ngx_http_meter_redis_fail(rd, "sentinel query", "no free connection");
+        return;
+    }
+
+    ac->data = rd;
+    rd->sac = ac;
+
+    /* queued now, sent once the connect completes */
+    argv[0] = "SENTINEL"; len[0] = 8;
+    argv[1] = "get-master-addr-by-name"; len[1] = 23;
+    argv[2] = (char *) mcf->redis_master.data; len[2] = mcf->redis_master.len;
+
+    if (redisAsyncCommandArgv(ac, ngx_http_meter_sentinel_reply, rd, 3, argv,
+                              len)
+        != REDIS_OK)
+    {
+        rd->sac = NULL;
+        redisAsyncFree(ac);
+        ngx_http_meter_sentinel_next(rd, "cannot send");
+        return;
+    }
+
     ngx_add_timer(&rd->timeout, mcf->redis_timeout);
+}
+
+
+static void
+ngx_http_meter_sentinel_next(ngx_http_meter_redis_t *rd, const char *err)
+{
+    u_char  buf[NGX_HTTP_METER_HOST_LEN], *p;
+
+    if (++rd->asked < rd->mcf->redis_sentinels->nelts) {
+        rd->sentinel = (rd->sentinel + 1) % rd->mcf->redis_sentinels->nelts;
+        ngx_http_meter_sentinel_ask(rd);
+        return;
+    }
+
+    p = ngx_snprintf(buf, sizeof(buf) - 1, "no Sentinel named the master "
+                     "\"%V\" (last: %s)", &rd->mcf->redis_master, err);
+    *p = '\0';
+
+    ngx_http_meter_redis_fail(rd, "sentinel query", (char *) buf);
+}
+
+
+static void
+ngx_http_meter_sentinel_reply(redisAsyncContext *ac, void *r, void *privdata)
+{
+    int                      port;
+    char                     host[NGX_HTTP_METER_HOST_LEN];
+    redisReply              *reply = r;
+    const char              *err;
+    ngx_http_meter_addr_t   *sn;
+    ngx_http_meter_redis_t  *rd = privdata;
+
+    if (rd->sac != ac) {
+        return;                 /* given up on: timed out, or closing */
+    }
+
+    rd->sac = NULL;
+
+    if (rd->timeout.timer_set) {
+        ngx_del_timer(&rd->timeout);
+    }
+
+    sn = rd->mcf->redis_sentinels->elts;
+    sn = &sn[rd->sentinel];
+
+    if (reply == NULL) {
+        err = ac->errstr[0] ? ac->errstr : "connection lost";
+
+    } else {
+        err = ngx_http_meter_sentinel_addr(reply, host, &port);
+
+        /* a clean close, once this callback returned */
+        redisAsyncDisconnect(ac);
+    }
+
+    if (err != NULL) {
+        ngx_log_error(NGX_LOG_INFO, rd->log, 0,
+                      "meter: sentinel %V:%i: %s", &sn->host, sn->port, err);
+        ngx_http_meter_sentinel_next(rd, err);
+        return;
+    }
+
+    if (rd->port != port || ngx_strcmp(rd->host, host) != 0) {
+        ngx_log_error(NGX_LOG_NOTICE, rd->log, 0,
+                      "meter: sentinel %V:%i: master \"%V\" is %s:%d",
+                      &sn->host, sn->port, &rd->mcf->redis_master, host,
+                      port);
+    }
+
+    ngx_http_meter_redis_connect_to(rd, host, port, NULL);
+}
+
+
+/*
+ * The reply of SENTINEL get-master-addr-by-name: a null array for a master
+ * it does not monitor, else [ip, port] as two bulk strings (redis/redis
+ * src/sentinel.c, sentinelCommand(): addReplyNullArray, or
+ * addReplyBulkCString + addReplyBulkLongLong).  NULL, or what is wrong.
+ */
+
+static const char *
+ngx_http_meter_sentinel_addr(redisReply *reply, char *host, int *port)
+{
+    ngx_int_t  n;
+
+    if (reply->type == REDIS_REPLY_ERROR) {
+        return reply->str;
+    }
+
+    if (reply->type == REDIS_REPLY_NIL) {
+        return "does not know this master";
+    }
+
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2
+        || reply->element[0]->type != REDIS_REPLY_STRING
+        || reply->element[1]->type != REDIS_REPLY_STRING
+        || reply->element[0]->len == 0
+        || reply->element[0]->len >= NGX_HTTP_METER_HOST_LEN)
+    {
+        return "unexpected reply";
+    }
+
+    n = ngx_atoi((u_char *) reply->element[1]->str, reply->element[1]->len);
+
+    if (n < 1 || n > 65535) {
+        return "unexpected port";
+    }
+
+    ngx_memcpy(host, reply->element[0]->str, reply->element[0]->len);
+    host[reply->element[0]->len] = '\0';
+    *port = (int) n;
+
+    return NULL;
+}
+
+
+/* NULL for a master, else the role it has ("slave", "sentinel") */
+
+static const char *
+ngx_http_meter_role(redisReply *reply)
+{
+    if (reply->type == REDIS_REPLY_ERROR) {
+        return reply->str;
+    }
+
+    /* ["master", offset, replicas] (redis/redis src/replication.c,
+     * roleCommand()) */
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements == 0
+        || reply->element[0]->type != REDIS_REPLY_STRING)
+    {
+        return "unexpected reply to ROLE";
+    }
+
+    if (ngx_strcmp(reply->element[0]->str, "master") == 0) {
+        return NULL;
+    }
+
+    return reply->element[0]->str;
 }
 
 
@@ -113,9 +365,9 @@ static void
 ngx_http_meter_redis_connected(const redisAsyncContext *cac, int status)
 {
     char                     db[24];
-    size_t                   len[2][2];
+    size_t                   len[2][2], rlen;
     ngx_uint_t               i, n;
-    const char              *argv[2][2];
+    const char              *argv[2][2], *role;
     redisAsyncContext       *ac = (redisAsyncContext *) cac;
     ngx_http_meter_redis_t  *rd = ac->data;
 
@@ -131,6 +383,42 @@ ngx_http_meter_redis_connected(const redisAsyncContext *cac, int status)
     for (i = 0; i < n; i++) {
         (void) redisAsyncCommandArgv(ac, ngx_http_meter_redis_setup_reply, rd,
                                      2, argv[i], len[i]);
+    }
+
+    /* ready only once ROLE said master; the timeout runs on */
+    role = "ROLE";
+    rlen = 4;
+    (void) redisAsyncCommandArgv(ac, ngx_http_meter_redis_role_reply, rd, 1,
+                                 &role, &rlen);
+}
+
+
+static void
+ngx_http_meter_redis_role_reply(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    u_char                   buf[NGX_HTTP_METER_HOST_LEN + 64], *p;
+    redisReply              *reply = r;
+    ngx_uint_t               i;
+    const char              *role;
+    ngx_http_meter_redis_t  *rd = privdata;
+
+    if (reply == NULL || rd->ac != ac
+        || (ac->c.flags & REDIS_DISCONNECTING))
+    {
+        return;                 /* dropped, or AUTH/SELECT refused */
+    }
+
+    role = ngx_http_meter_role(reply);
+
+    if (role != NULL) {
+        p = ngx_snprintf(buf, sizeof(buf) - 1, "%s:%d is %s, not the master",
+                         rd->host, rd->port, role);
+        *p = '\0';
+
+        rd->backoff = 0;        /* Sentinel may be mid-failover: soon */
+        ngx_http_meter_redis_fail(rd, "role check", (char *) buf);
+        return;
     }
 
     if (rd->timeout.timer_set) {
@@ -149,9 +437,35 @@ ngx_http_meter_redis_connected(const redisAsyncContext *cac, int status)
 
     if (rd->down_logged) {
         ngx_log_error(NGX_LOG_NOTICE, rd->log, 0,
-                      "meter: redis connection restored");
+                      "meter: redis connection restored (%s:%d)", rd->host,
+                      rd->port);
         rd->down_logged = 0;
     }
+}
+
+
+/*
+ * An error reply to a command of the flush or the refresh.  -READONLY: the
+ * master was demoted (a failover while it was away, Redis keeps the
+ * connection): close cleanly, the replies still pending fail, and the
+ * reconnect asks the Sentinels again.
+ */
+
+void
+ngx_http_meter_redis_error(ngx_http_meter_redis_t *rd, redisReply *reply)
+{
+    if (reply == NULL || reply->type != REDIS_REPLY_ERROR
+        || ngx_strncmp(reply->str, "READONLY", 8) != 0
+        || rd->ac == NULL || (rd->ac->c.flags & REDIS_DISCONNECTING))
+    {
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_WARN, rd->log, 0,
+                  "meter: redis %s:%d is a replica now (READONLY); "
+                  "reconnecting", rd->host, rd->port);
+
+    redisAsyncDisconnect(rd->ac);
 }
 
 
@@ -234,6 +548,13 @@ ngx_http_meter_redis_fail(ngx_http_meter_redis_t *rd, const char *why,
                               : NGX_HTTP_METER_BACKOFF_MIN;
     rd->next_connect = ngx_current_msec + rd->backoff;
 
+    ac = rd->sac;
+
+    if (ac != NULL) {
+        rd->sac = NULL;
+        redisAsyncFree(ac);
+    }
+
     ac = rd->ac;
 
     if (ac != NULL) {
@@ -257,7 +578,17 @@ ngx_http_meter_redis_fail(ngx_http_meter_redis_t *rd, const char *why,
 static void
 ngx_http_meter_redis_timeout_handler(ngx_event_t *ev)
 {
+    redisAsyncContext       *ac;
     ngx_http_meter_redis_t  *rd = ev->data;
+
+    if (rd->sac != NULL) {
+        /* its callback sees it is no longer ours */
+        ac = rd->sac;
+        rd->sac = NULL;
+        redisAsyncFree(ac);
+        ngx_http_meter_sentinel_next(rd, "timed out");
+        return;
+    }
 
     ngx_http_meter_redis_fail(rd, rd->state == NGX_HTTP_METER_REDIS_CONN
                                   ? "connect" : "command",
@@ -319,6 +650,14 @@ ngx_http_meter_redis_setup_cmds(ngx_http_meter_main_conf_t *mcf,
 void
 ngx_http_meter_redis_close(ngx_http_meter_redis_t *rd)
 {
+    redisAsyncContext  *ac;
+
+    if (rd->sac) {
+        ac = rd->sac;
+        rd->sac = NULL;
+        redisAsyncFree(ac);
+    }
+
     if (rd->ac) {
         redisAsyncSetDisconnectCallback(rd->ac, NULL);
         redisAsyncFree(rd->ac);
@@ -326,4 +665,99 @@ ngx_http_meter_redis_close(ngx_http_meter_redis_t *rd)
     }
 
     rd->state = NGX_HTTP_METER_REDIS_DOWN;
+}
+
+
+/*
+ * The blocking connection of the final flush, at exit: the Sentinels
+ * asked in turn (from the one the async connection used last), then the
+ * master they name, each step bounded by the timeout.  AUTH and SELECT are
+ * the caller's.  No ROLE check here: a replica refuses its writes with
+ * -READONLY (replica-read-only, on by default), and they stay in shared
+ * memory.  NULL: logged.
+ */
+
+redisContext *
+ngx_http_meter_redis_connect_sync(ngx_http_meter_main_conf_t *mcf,
+    struct timeval tv, ngx_log_t *log)
+{
+    int                     port;
+    char                    host[NGX_HTTP_METER_HOST_LEN];
+    size_t                  len[3];
+    ngx_uint_t              i, n, first;
+    const char             *argv[3], *err;
+    redisReply             *reply;
+    redisContext           *rc, *sc;
+    ngx_http_meter_addr_t  *sn;
+
+    err = "no Sentinel named the master";
+    rc = NULL;
+
+    if (mcf->redis_sentinels != NULL) {
+        sn = mcf->redis_sentinels->elts;
+        n = mcf->redis_sentinels->nelts;
+        first = (ngx_http_meter_worker != NULL)
+                ? ngx_http_meter_worker->redis.sentinel : 0;
+
+        argv[0] = "SENTINEL"; len[0] = 8;
+        argv[1] = "get-master-addr-by-name"; len[1] = 23;
+        argv[2] = (char *) mcf->redis_master.data;
+        len[2] = mcf->redis_master.len;
+
+        for (i = 0; i < n && rc == NULL; i++) {
+            sc = redisConnectWithTimeout((char *) sn[(first + i) % n].host.data,
+                                         (int) sn[(first + i) % n].port, tv);
+
+            if (sc == NULL || sc->err
+                || redisSetTimeout(sc, tv) != REDIS_OK)
+            {
+                if (sc != NULL) {
+                    redisFree(sc);
+                }
+
+                continue;
+            }
+
+            reply = redisCommandArgv(sc, 3, argv, len);
+
+            if (reply != NULL
+                && ngx_http_meter_sentinel_addr(reply, host, &port) == NULL)
+            {
+                rc = redisConnectWithTimeout(host, port, tv);
+            }
+
+            freeReplyObject(reply);
+            redisFree(sc);
+        }
+
+        if (rc == NULL) {
+            goto failed;
+        }
+
+    } else if (mcf->redis_path.len) {
+        rc = redisConnectUnixWithTimeout((char *) mcf->redis_path.data, tv);
+
+    } else {
+        rc = redisConnectWithTimeout((char *) mcf->redis_host.data,
+                                     (int) mcf->redis_port, tv);
+    }
+
+    if (rc == NULL || rc->err) {
+        err = rc ? rc->errstr : "out of memory";
+        goto failed;
+    }
+
+    return rc;
+
+failed:
+
+    ngx_log_error(NGX_LOG_WARN, log, 0,
+                  "meter: final flush: redis unreachable (%s); counters "
+                  "stay in shared memory", err);
+
+    if (rc != NULL) {
+        redisFree(rc);
+    }
+
+    return NULL;
 }

@@ -178,6 +178,11 @@ def test_package_metadata(debs):
             "/usr/share/man/man8/meter-worker.8.gz",
             "/usr/share/man/man1/meterctl.1.gz"} \
         <= contents["nginx-meter-worker"]
+    # TLS to Redis through stunnel4 (README, "TLS to Redis"): examples only
+    ex = "/usr/share/doc/nginx-meter-worker/examples/"
+    assert {ex + "stunnel-redis-client.conf", ex + "stunnel-redis-server.conf",
+            ex + "stunnel-redis-client.service"} \
+        <= contents["nginx-meter-worker"]
     # systemd creates these for the DynamicUser; a package-owned one would
     # be moved away under dpkg's feet
     for p in PKGS:

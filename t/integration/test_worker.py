@@ -46,6 +46,22 @@ def idem(period_start, subject, meter, seq=1):
     return hashlib.sha256(s.encode()).hexdigest()[:32]
 
 
+def stripe_usage(redis, prefix, n, h, second):
+    """n Stripe customers cNNN (cus_NNN), each with key PREFIX-i and
+    i + 1 + second calls in hour h over two writers; {cus_NNN: total}."""
+    want = {}
+    for i in range(n):
+        cust = "c%03d" % i
+        redis.cmd("HSET", "mtr:cust:{%s}" % cust, "provider", "stripe",
+                  "provider_customer", "cus_%03d" % i)
+        redis.cmd("HSET", "mtr:key:{%s}" % key_hash("%s-%d" % (prefix, i)),
+                  "customer", cust)
+        put(redis, "%s-%d" % (prefix, i), h, {"calls|%s.1" % EPOCH: i + 1,
+                                              "calls|%s.2" % EPOCH: second})
+        want["cus_%03d" % i] = i + 1 + second
+    return want
+
+
 def put(redis, key, hour_ts, fields):
     """What the module's flush does: SADD, ZADD NX, then the counters
     (absolute values per METER|WRITER field)."""
@@ -350,16 +366,7 @@ def test_sigkill_mid_drain_stripe_each_record_once(redis, tmp_path):
                    stripe__api_key_file=keyfile, meter__calls="api_calls",
                    retry__base="1s", retry__max="2s", lock_ttl="5s")
         h = NOW_HOUR - 2 * 3600
-        want = {}
-        for i in range(80):
-            cust = "c%03d" % i
-            redis.cmd("HSET", "mtr:cust:{%s}" % cust, "provider", "stripe",
-                      "provider_customer", "cus_%03d" % i)
-            redis.cmd("HSET", "mtr:key:{%s}" % key_hash("sk-%d" % i),
-                      "customer", cust)
-            put(redis, "sk-%d" % i, h, {"calls|%s.1" % EPOCH: i + 1,
-                                        "calls|%s.2" % EPOCH: 3})
-            want["cus_%03d" % i] = i + 4
+        want = stripe_usage(redis, "sk", 80, h, 3)
 
         for kills in range(2):
             lock_expired(redis)

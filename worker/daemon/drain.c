@@ -91,6 +91,7 @@ static meter_drain_rc_e meter_drain_emit(meter_drain_t *d, time_t pstart,
     meter_map_t *aggs);
 static meter_drain_rc_e meter_drain_record(meter_drain_t *d, const char *id);
 static void meter_drain_retention(meter_drain_t *d, time_t now);
+static meter_drain_rc_e meter_drain_replicated(meter_drain_t *d);
 
 
 static double
@@ -317,6 +318,13 @@ meter_lock_acquire(meter_drain_t *d)
     if (rc == 0) {
         /* ours from a pass that did not release it (a Redis error)? */
         rc = meter_lock_renew(d);
+        if (rc == 0) {
+            /* a standby: how long until it may take over */
+            rp = meter_redis_cmd(d->redis, "PTTL %s", MTR_W_LOCK);
+            d->lock_pttl = meter_reply_ok(rp) ? meter_reply_int(rp, -1) : -1;
+            freeReplyObject(rp);
+        }
+
         if (rc != 1) {
             return rc;
         }
@@ -1241,6 +1249,48 @@ meter_drain_outcome(meter_drain_t *d, meter_rec_t *r, meter_send_e st,
 
 
 /*
+ * redis.wait (on by default behind Sentinel): before the provider sees a
+ * record, WAIT until that many replicas have everything this connection
+ * wrote, the record and its attempt count among it.  Replication is
+ * asynchronous: without this a failover could promote a replica that
+ * never had the record, and the usage it covers would be computed afresh
+ * into a record of other numbers under the same key (which the provider's
+ * dedupe would then drop or, after a later record, bill twice).  Fewer
+ * replicas than asked: nothing is sent, the record waits.
+ */
+static meter_drain_rc_e
+meter_drain_replicated(meter_drain_t *d)
+{
+    long long    got;
+    redisReply  *rp;
+
+    if (d->cf->redis_wait <= 0) {
+        return METER_DRAIN_OK;
+    }
+
+    rp = meter_redis_cmd(d->redis, "WAIT %d %lld", d->cf->redis_wait,
+                         (long long) (d->cf->redis_timeout_ms / 2));
+    if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_INTEGER) {
+        meter_log(LOG_ERR, "WAIT: %s", rp != NULL ? rp->str : d->redis->err);
+        freeReplyObject(rp);
+        return METER_DRAIN_REDIS;
+    }
+
+    got = rp->integer;
+    freeReplyObject(rp);
+
+    if (got < d->cf->redis_wait) {
+        meter_log(LOG_ERR, "only %lld of the %d replicas of redis.wait "
+                  "acknowledged the records; nothing sent until they do",
+                  got, d->cf->redis_wait);
+        return METER_DRAIN_REDIS;
+    }
+
+    return METER_DRAIN_OK;
+}
+
+
+/*
  * One delivery attempt (the lookup first for a record whose earlier send
  * may have reached the provider).  Sets r->accepted when the provider has
  * the record; a retry or a dead letter is recorded here.
@@ -1256,6 +1306,11 @@ meter_drain_send(meter_drain_t *d, meter_rec_t *r, int count)
 
     rc = meter_drain_prepare(d, r, count, &pr, &ready);
     if (rc != METER_DRAIN_OK || !ready) {
+        return rc;
+    }
+
+    rc = meter_drain_replicated(d);
+    if (rc != METER_DRAIN_OK) {
         return rc;
     }
 
@@ -1330,6 +1385,11 @@ meter_drain_send_batch(meter_drain_t *d, meter_rec_t **recs, size_t n)
     }
 
     if (m > 0) {
+        rc = meter_drain_replicated(d);
+        if (rc != METER_DRAIN_OK) {
+            goto done;
+        }
+
         d->provider->send_batch(d->provider, prs, m, res);
     }
 

@@ -46,6 +46,8 @@ typedef struct {
 
     char                        token[33];      /* lock token */
     struct timespec             renewed;
+    long long                   lock_pttl;      /* LOCKED: ms the other
+                                                 * worker's lock has left */
 
     /* counters of the last pass */
     unsigned                    created;

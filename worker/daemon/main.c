@@ -446,11 +446,12 @@ meter_run_daemon(meter_worker_t *w)
 {
     char              err[1024];
     time_t            now, next, retry, next_sync;
-    int               ready, backoff;
+    int               ready, backoff, standby;
     meter_drain_t     d;
     meter_drain_rc_e  rc;
 
     ready = 0;
+    standby = 0;
     backoff = 1;
     next = 0;       /* catch up at once */
     next_sync = 0;
@@ -553,6 +554,12 @@ meter_run_daemon(meter_worker_t *w)
         switch (rc) {
 
         case METER_DRAIN_OK:
+            if (standby) {
+                standby = 0;
+                meter_log(LOG_NOTICE, "the drain lock is free: this worker "
+                          "drains now");
+            }
+
             meter_log(d.created || d.sent || d.dead || d.retried
                       ? LOG_INFO : LOG_DEBUG,
                       "drain: %u sent, %u to retry, %u dead-lettered, "
@@ -564,14 +571,27 @@ meter_run_daemon(meter_worker_t *w)
             break;
 
         case METER_DRAIN_LOCKED:
+            /* a standby: back when the active worker's lock runs out (it
+             * renews it every lock_ttl/3), so a dead one is replaced
+             * within lock_ttl and a second */
             retry = now + (w->cf->lock_ttl / 2 > 0 ? w->cf->lock_ttl / 2 : 1);
+            if (d.lock_pttl >= 0 && now + d.lock_pttl / 1000 + 1 < retry) {
+                retry = now + d.lock_pttl / 1000 + 1;
+            }
+
             if (retry < next) {
                 next = retry;
             }
 
-            meter_log(LOG_WARNING, "another worker holds the drain lock; "
-                      "trying again at the next interval");
-            sd_notify(0, "STATUS=another worker holds the drain lock");
+            if (!standby) {
+                standby = 1;
+                meter_log(LOG_NOTICE, "standby: another worker holds the "
+                          "drain lock (%lld ms left); taking over when it "
+                          "runs out", d.lock_pttl);
+            }
+
+            sd_notify(0, "STATUS=standby: another worker holds the drain "
+                      "lock");
             break;
 
         case METER_DRAIN_STOPPED:

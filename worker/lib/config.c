@@ -12,6 +12,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "redis.h"
 #include "util.h"
 
 
@@ -42,6 +43,7 @@ static const meter_key_t  meter_keys[] = {
       meter_off(redis_password_file) },
     { "redis.db", METER_KEY_INT, meter_off(redis_db) },
     { "redis.timeout", METER_KEY_DURATION_MS, meter_off(redis_timeout_ms) },
+    { "redis.wait", METER_KEY_INT, meter_off(redis_wait) },
     { "provider", METER_KEY_PROVIDER, meter_off(provider) },
     { "report_period", METER_KEY_PERIOD, meter_off(report_period) },
     { "grace", METER_KEY_DURATION, meter_off(grace) },
@@ -134,14 +136,25 @@ int
 meter_conf_parse_addr(const char *s, char **host, int *port,
     char **unix_path)
 {
-    const char  *colon, *h;
-    size_t       hlen;
-    char        *end;
-    long         p;
+    const char         *colon, *h;
+    size_t              hlen;
+    char               *end;
+    long                p;
+    meter_sentinels_t   sl;
 
     *host = NULL;
     *unix_path = NULL;
     *port = 0;
+
+    if (strncmp(s, "sentinel://", 11) == 0) {
+        /* resolved at each connect (redis.c): checked here, kept whole */
+        if (meter_sentinel_parse(s, &sl) != 0) {
+            return -1;
+        }
+
+        *host = strdup(s);
+        return (*host == NULL) ? -1 : 0;
+    }
 
     if (strncmp(s, "unix:", 5) == 0) {
         if (s[5] != '/') {
@@ -360,6 +373,7 @@ meter_conf_load(const char *path, char *err, size_t errlen)
 
     cf->redis_db = 0;
     cf->redis_timeout_ms = 5000;
+    cf->redis_wait = -1;
     cf->report_period = 0;
     cf->grace = 300;
     cf->retention = 7 * 86400;
@@ -473,6 +487,12 @@ meter_conf_load(const char *path, char *err, size_t errlen)
             snprintf(err, errlen, "%s: out of memory", path);
             goto failed;
         }
+    }
+
+    /* behind Sentinel a record reaches the replica before it is sent:
+     * a failover cannot lose it and bill its usage again */
+    if (cf->redis_wait < 0) {
+        cf->redis_wait = (strncmp(cf->redis, "sentinel://", 11) == 0);
     }
 
     if (cf->provider == NULL) {

@@ -34,12 +34,15 @@ struct meter_conf_s {
     char                       *path;
 
     char                       *redis;          /* as written */
-    char                       *redis_host;     /* NULL for unix: */
+    char                       *redis_host;     /* NULL for unix:; the
+                                                 * whole sentinel://... */
     int                         redis_port;
     char                       *redis_unix;
     char                       *redis_password_file;
     int                         redis_db;
     int64_t                     redis_timeout_ms;
+    int                         redis_wait;     /* replicas a record must
+                                                 * reach before a send */
 
     char                       *provider;
     int                         report_period;  /* 3600 or 86400 */

@@ -1,9 +1,18 @@
 
 /*
  * Copyright (C) nginx-meter authors
+ *
+ * With redis = sentinel://h:p,h:p/NAME each connect asks the Sentinels in
+ * turn "SENTINEL get-master-addr-by-name NAME" (reply [ip, port], or a null
+ * array for a name it does not monitor: redis/redis src/sentinel.c), then
+ * connects there; every connect checks that ROLE says master (redis/redis
+ * src/replication.c, roleCommand()), so nothing is written to a replica.
+ * A -READONLY reply (a master demoted while we were connected) drops the
+ * connection: the caller's reconnect asks the Sentinels again.
  */
 
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,17 +70,167 @@ meter_redis_handshake(meter_redis_t *r, redisReply *rp, const char *what,
 
 
 int
+meter_sentinel_parse(const char *url, meter_sentinels_t *sl)
+{
+    const char  *p, *slash, *comma, *colon, *q;
+    char        *end;
+    long         n;
+    size_t       hlen;
+
+    if (strncmp(url, "sentinel://", 11) != 0) {
+        return -1;
+    }
+
+    p = url + 11;
+    slash = strchr(p, '/');
+
+    if (slash == NULL || slash[1] == '\0' || strchr(slash + 1, '/') != NULL
+        || strlen(slash + 1) >= sizeof(sl->master))
+    {
+        return -1;
+    }
+
+    sl->n = 0;
+    strcpy(sl->master, slash + 1);
+
+    while (p < slash) {
+        comma = memchr(p, ',', (size_t) (slash - p));
+        if (comma == NULL) {
+            comma = slash;
+        }
+
+        colon = NULL;
+
+        for (q = p; q < comma; q++) {
+            if (*q == ':') {
+                colon = q;
+            }
+        }
+
+        if (colon == NULL || colon == p || colon + 1 == comma
+            || sl->n == METER_SENTINELS_MAX)
+        {
+            return -1;
+        }
+
+        hlen = (size_t) (colon - p);
+        if (hlen >= sizeof(sl->host[0])) {
+            return -1;
+        }
+
+        errno = 0;
+        n = strtol(colon + 1, &end, 10);
+        if (errno != 0 || end != comma || n < 1 || n > 65535) {
+            return -1;
+        }
+
+        memcpy(sl->host[sl->n], p, hlen);
+        sl->host[sl->n][hlen] = '\0';
+        sl->port[sl->n] = (int) n;
+        sl->n++;
+
+        if (comma == slash) {
+            break;
+        }
+
+        p = comma + 1;
+
+        if (p == slash) {
+            return -1;              /* "h:p,/NAME" */
+        }
+    }
+
+    return sl->n > 0 ? 0 : -1;
+}
+
+
+/* the master's address from the first Sentinel that names it */
+static int
+meter_sentinel_resolve(const char *url, struct timeval tv, char *host,
+    size_t hostlen, int *port, char *err, size_t errlen)
+{
+    size_t              i;
+    long                n;
+    redisReply         *rp;
+    redisContext       *c;
+    meter_sentinels_t   sl;
+
+    if (meter_sentinel_parse(url, &sl) != 0) {
+        snprintf(err, errlen, "redis: invalid sentinel:// address");
+        return -1;
+    }
+
+    snprintf(err, errlen, "redis: no Sentinel named the master \"%s\"",
+             sl.master);
+
+    for (i = 0; i < sl.n; i++) {
+        c = redisConnectWithTimeout(sl.host[i], sl.port[i], tv);
+
+        if (c == NULL || c->err || redisSetTimeout(c, tv) != REDIS_OK) {
+            snprintf(err, errlen, "redis: sentinel %s:%d: %s", sl.host[i],
+                     sl.port[i], c != NULL ? c->errstr : "out of memory");
+            redisFree(c);
+            continue;
+        }
+
+        rp = redisCommand(c, "SENTINEL get-master-addr-by-name %s",
+                          sl.master);
+
+        if (rp != NULL && rp->type == REDIS_REPLY_ARRAY && rp->elements == 2
+            && rp->element[0]->type == REDIS_REPLY_STRING
+            && rp->element[1]->type == REDIS_REPLY_STRING
+            && rp->element[0]->len > 0 && rp->element[0]->len < hostlen)
+        {
+            n = strtol(rp->element[1]->str, NULL, 10);
+
+            if (n >= 1 && n <= 65535) {
+                memcpy(host, rp->element[0]->str, rp->element[0]->len + 1);
+                *port = (int) n;
+                freeReplyObject(rp);
+                redisFree(c);
+                return 0;
+            }
+        }
+
+        snprintf(err, errlen, "redis: sentinel %s:%d: %s", sl.host[i],
+                 sl.port[i],
+                 rp == NULL ? c->errstr
+                 : rp->type == REDIS_REPLY_ERROR ? rp->str
+                 : rp->type == REDIS_REPLY_NIL ? "does not know this master"
+                 : "unexpected reply");
+        freeReplyObject(rp);
+        redisFree(c);
+    }
+
+    return -1;
+}
+
+
+int
 meter_redis_connect(meter_redis_t *r, const char *host, int port,
     const char *unix_path, const char *password, int db, int64_t timeout_ms,
     char *err, size_t errlen)
 {
-    char             what[32];
+    int              master;
+    char             what[32], mhost[256];
+    redisReply      *rp;
     struct timeval   tv;
 
     meter_redis_close(r);
 
     tv.tv_sec = timeout_ms / 1000;
     tv.tv_usec = (timeout_ms % 1000) * 1000;
+
+    if (host != NULL && strncmp(host, "sentinel://", 11) == 0) {
+        if (meter_sentinel_resolve(host, tv, mhost, sizeof(mhost), &port,
+                                   err, errlen)
+            != 0)
+        {
+            return -1;
+        }
+
+        host = mhost;
+    }
 
     if (unix_path != NULL) {
         r->ctx = redisConnectUnixWithTimeout(unix_path, tv);
@@ -119,8 +278,24 @@ meter_redis_connect(meter_redis_t *r, const char *host, int port,
         }
     }
 
-    return meter_redis_handshake(r, meter_redis_cmd(r, "PING"), "PING", err,
-                                 errlen);
+    rp = meter_redis_cmd(r, "ROLE");
+
+    master = (rp != NULL && rp->type == REDIS_REPLY_ARRAY && rp->elements > 0
+              && rp->element[0]->type == REDIS_REPLY_STRING
+              && strcmp(rp->element[0]->str, "master") == 0);
+
+    if (meter_reply_ok(rp) && !master) {
+        snprintf(err, errlen, "redis %s:%d is a %s, not the master: not "
+                 "writing to it", host != NULL ? host : unix_path, port,
+                 rp->type == REDIS_REPLY_ARRAY && rp->elements > 0
+                 && rp->element[0]->type == REDIS_REPLY_STRING
+                 ? rp->element[0]->str : "replica");
+        freeReplyObject(rp);
+        meter_redis_close(r);
+        return -1;
+    }
+
+    return meter_redis_handshake(r, rp, "ROLE", err, errlen);
 }
 
 
@@ -261,7 +436,24 @@ meter_redis_reply(meter_redis_t *r)
         return NULL;
     }
 
+    meter_redis_readonly(r, reply);
+
     return reply;
+}
+
+
+/* -READONLY: the master was demoted; drop it, the reconnect finds the new
+ * one (the reply is still the caller's to read and free) */
+void
+meter_redis_readonly(meter_redis_t *r, const redisReply *rp)
+{
+    if (rp != NULL && rp->type == REDIS_REPLY_ERROR
+        && strncmp(rp->str, "READONLY", 8) == 0 && r->ctx != NULL)
+    {
+        snprintf(r->err, sizeof(r->err), "redis: %s", rp->str);
+        redisFree(r->ctx);
+        r->ctx = NULL;
+    }
 }
 
 

@@ -27,7 +27,24 @@ typedef struct {
 } meter_redis_t;
 
 
-/* connects, AUTH, SELECT; 0 or -1 with err (no secrets in it) */
+/* redis = sentinel://host:port[,host:port...]/MASTER */
+#define METER_SENTINELS_MAX  8
+
+typedef struct {
+    char                        host[METER_SENTINELS_MAX][256];
+    int                         port[METER_SENTINELS_MAX];
+    size_t                      n;
+    char                        master[256];
+} meter_sentinels_t;
+
+
+/* 0, or -1: not of that form */
+int meter_sentinel_parse(const char *url, meter_sentinels_t *sl);
+
+
+/* connects, AUTH, SELECT, and checks ROLE is master (never a replica);
+ * host may be a whole sentinel:// URL (port unused): the Sentinels are
+ * asked for the master first.  0 or -1 with err (no secrets in it) */
 int meter_redis_connect(meter_redis_t *r, const char *host, int port,
     const char *unix_path, const char *password, int db, int64_t timeout_ms,
     char *err, size_t errlen);
@@ -39,6 +56,8 @@ int meter_redis_open(meter_redis_t *r, const char *host, int port,
 void meter_redis_close(meter_redis_t *r);
 /* records the error and drops the context (reconnect later) */
 void meter_redis_fail(meter_redis_t *r);
+/* the same for a -READONLY reply (a demoted master); else nothing */
+void meter_redis_readonly(meter_redis_t *r, const redisReply *rp);
 
 /* one formatted command (redisFormatCommand's output); NULL on a transport
  * error (r->err set, connection closed); the caller frees the reply */

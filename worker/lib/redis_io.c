@@ -31,5 +31,7 @@ meter_redis_exec(meter_redis_t *r, const char *cmd, size_t len)
         return NULL;
     }
 
+    meter_redis_readonly(r, reply);
+
     return reply;
 }

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "redis.h"
 #include "util.h"
 
 
@@ -349,6 +350,56 @@ test_secret_in_file_key(void **state)
 }
 
 
+/* redis = sentinel://h:p,h:p/NAME: kept whole, WAIT 1 by default */
+static void
+test_sentinel(void **state)
+{
+    test_ctx_t         *t;
+    meter_conf_t       *cf;
+    meter_sentinels_t   sl;
+
+    t = *state;
+
+    cf = load(t, "redis = sentinel://10.0.0.1:26379,sen.example:26380/mm\n"
+                 "file.path = /x\n");
+    assert_non_null(cf);
+    assert_string_equal(cf->redis_host,
+                        "sentinel://10.0.0.1:26379,sen.example:26380/mm");
+    assert_null(cf->redis_unix);
+    assert_int_equal(cf->redis_wait, 1);
+    assert_int_equal(meter_sentinel_parse(cf->redis_host, &sl), 0);
+    assert_int_equal(sl.n, 2);
+    assert_string_equal(sl.host[0], "10.0.0.1");
+    assert_int_equal(sl.port[0], 26379);
+    assert_string_equal(sl.host[1], "sen.example");
+    assert_int_equal(sl.port[1], 26380);
+    assert_string_equal(sl.master, "mm");
+    meter_conf_free(cf);
+
+    cf = load(t, "redis = sentinel://10.0.0.1:26379/mm\nredis.wait = 0\n"
+                 "file.path = /x\n");
+    assert_non_null(cf);
+    assert_int_equal(cf->redis_wait, 0);
+    meter_conf_free(cf);
+
+    cf = load(t, "redis = 127.0.0.1:6379\nfile.path = /x\n");
+    assert_non_null(cf);
+    assert_int_equal(cf->redis_wait, 0);
+    meter_conf_free(cf);
+
+    assert_int_equal(meter_sentinel_parse("sentinel://h:1/", &sl), -1);
+    assert_int_equal(meter_sentinel_parse("sentinel:///mm", &sl), -1);
+    assert_int_equal(meter_sentinel_parse("sentinel://h/mm", &sl), -1);
+    assert_int_equal(meter_sentinel_parse("sentinel://h:0/mm", &sl), -1);
+    assert_int_equal(meter_sentinel_parse("sentinel://h:1,/mm", &sl), -1);
+    assert_int_equal(meter_sentinel_parse("sentinel://h:1/m/x", &sl), -1);
+    assert_int_equal(meter_sentinel_parse("sentinel://:1/mm", &sl), -1);
+    assert_int_equal(meter_sentinel_parse(
+        "sentinel://a:1,a:2,a:3,a:4,a:5,a:6,a:7,a:8,a:9/mm", &sl), -1);
+    assert_int_equal(meter_sentinel_parse("h:1/mm", &sl), -1);
+}
+
+
 int
 main(void)
 {
@@ -356,6 +407,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_good, setup, teardown),
         cmocka_unit_test_setup_teardown(test_defaults, setup, teardown),
         cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sentinel, setup, teardown),
         cmocka_unit_test(test_durations),
         cmocka_unit_test_setup_teardown(test_secret, setup, teardown),
         cmocka_unit_test_setup_teardown(test_secret_in_file_key, setup,
