@@ -34,7 +34,7 @@
 
 
 #define METER_BATCH       500     /* keys per SSCAN */
-#define METER_CHUNK       100     /* records created, sent, finished together */
+#define METER_CHUNK       500     /* records created, sent, finished together */
 
 
 typedef struct {
