@@ -27,6 +27,8 @@
 #include <openssl/rand.h>
 
 #include "drain.h"
+#include "due.h"
+#include "hours.h"
 #include "log.h"
 #include "meter_schema.h"
 #include "scripts.h"
@@ -418,6 +420,8 @@ meter_drain_run(meter_drain_t *d)
     meter_drain_rc_e  rc;
 
     d->created = d->sent = d->retried = d->dead = d->held = d->waiting = 0;
+    d->malformed = 0;
+    d->emitted = 0;
     d->next_due = 0;
 
     if (meter_map_init(&d->customers, 64) != 0) {
@@ -543,31 +547,83 @@ meter_drain_resume(meter_drain_t *d)
 }
 
 
+/* counters that tell whether a period was read and billed completely */
+typedef struct {
+    unsigned long               emitted;
+    unsigned                    sent;
+    unsigned                    other;          /* held, waiting, ... */
+} meter_drain_mark_t;
+
+
+static void
+meter_drain_mark(meter_drain_t *d, meter_drain_mark_t *m)
+{
+    m->emitted = d->emitted;
+    m->sent = d->sent;
+    m->other = d->held + d->waiting + d->retried + d->dead + d->malformed;
+}
+
+
+/*
+ * One period of the due hours, then, when every record made from it was
+ * finished and nothing was held or malformed, its hours are settled.
+ */
+static meter_drain_rc_e
+meter_drain_due_period(meter_drain_t *d, time_t pstart,
+    meter_due_hour_t *hs, size_t n)
+{
+    size_t              i;
+    char              **hours;
+    meter_drain_rc_e    rc;
+    meter_drain_mark_t  m0, m1;
+
+    hours = calloc(n + 1, sizeof(char *));
+    if (hours == NULL) {
+        return METER_DRAIN_REDIS;
+    }
+
+    for (i = 0; i < n; i++) {
+        hours[i] = hs[i].hour;
+    }
+
+    meter_drain_mark(d, &m0);
+
+    rc = meter_drain_period(d, pstart, hours, n);
+
+    meter_drain_mark(d, &m1);
+
+    if (rc == METER_DRAIN_OK && !d->dry_run
+        && m1.emitted - m0.emitted == (unsigned long) (m1.sent - m0.sent)
+        && m1.other == m0.other)
+    {
+        for (i = 0; i < n; i++) {
+            if (meter_due_settle(d, &hs[i], time(NULL)) != 0) {
+                rc = METER_DRAIN_REDIS;
+                break;
+            }
+        }
+    }
+
+    free(hours);
+
+    return rc;
+}
+
+
 static meter_drain_rc_e
 meter_drain_periods(meter_drain_t *d, time_t now)
 {
-    time_t            closed_end, hs, ps, pcur;
-    size_t            i, first;
-    char            **hours;
-    redisReply       *rp;
-    meter_drain_rc_e  rc;
+    time_t             closed_end, ps, pcur;
+    size_t             i, first, n;
+    redisReply        *rp;
+    meter_drain_rc_e   rc;
+    meter_due_hour_t  *hs;
 
     /* an hour (or day) is closed when its end is at or before closed_end */
     closed_end = (d->before != 0) ? d->before : now - d->cf->grace;
 
-    rp = meter_redis_cmd(d->redis, "ZRANGEBYSCORE %s -inf %lld",
-                         MTR_HOURS,
-                         (long long) (closed_end - METER_HOUR));
-    if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
-        meter_log(LOG_ERR, MTR_HOURS ": %s",
-                  rp != NULL ? rp->str : d->redis->err);
-        freeReplyObject(rp);
-        return METER_DRAIN_REDIS;
-    }
-
-    hours = calloc(rp->elements + 1, sizeof(char *));
-    if (hours == NULL) {
-        freeReplyObject(rp);
+    /* only the hours that may hold unbilled usage (due.c) */
+    if (meter_due_hours(d, closed_end, now, &hs, &n) != 0) {
         return METER_DRAIN_REDIS;
     }
 
@@ -580,38 +636,24 @@ meter_drain_periods(meter_drain_t *d, time_t now)
                                         MTR_W_NOCUST_NEW));
     }
 
-    /* the zset is ordered by hour start, so periods come out in order */
-    for (i = 0; i <= rp->elements && rc == METER_DRAIN_OK; i++) {
-        hs = -1;
-        ps = -1;
-
-        if (i < rp->elements) {
-            hs = meter_hour_parse(rp->element[i]->str);
-            if (hs == -1) {
-                meter_log(LOG_WARNING, MTR_HOURS ": ignoring malformed hour "
-                          "\"%.16s\"", rp->element[i]->str);
-                hours[i] = NULL;
-                continue;
-            }
-
-            ps = meter_period_start(hs, d->cf->report_period);
-            hours[i] = rp->element[i]->str;
-        }
+    /* oldest first, so periods come out in order */
+    for (i = 0; i <= n && rc == METER_DRAIN_OK; i++) {
+        ps = (i < n) ? meter_period_start(hs[i].start, d->cf->report_period)
+                     : -1;
 
         if (ps == pcur) {
             continue;
         }
 
         if (pcur != -1 && pcur + d->cf->report_period <= closed_end) {
-            rc = meter_drain_period(d, pcur, &hours[first], i - first);
+            rc = meter_drain_due_period(d, pcur, &hs[first], i - first);
         }
 
         pcur = ps;
         first = i;
     }
 
-    free(hours);
-    freeReplyObject(rp);
+    free(hs);
 
     if (rc == METER_DRAIN_OK && !d->dry_run) {
         /* the keys found without customer in this complete pass */
@@ -808,6 +850,7 @@ meter_drain_batch(meter_drain_t *d, const char *hour, const char **khs,
         free(wbuf);
 
         if (bad) {
+            d->malformed++;
             meter_log(LOG_WARNING, "hour %s key %.12s: %u malformed usage "
                       "fields ignored", hour, kh, bad);
         }
@@ -2217,6 +2260,10 @@ meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
     /* a stable order makes runs and logs comparable */
     qsort(list, n, sizeof(meter_agg_t *), meter_agg_cmp);
 
+    for (i = 0; i < n; i++) {
+        d->emitted += (list[i]->quantity > 0);
+    }
+
     rc = METER_DRAIN_OK;
 
     for (i = 0; i < n && rc == METER_DRAIN_OK; i += METER_CHUNK) {
@@ -2397,9 +2444,11 @@ meter_drain_retention(meter_drain_t *d, time_t now)
         return;
     }
 
-    hours = meter_redis_cmd(d->redis, "ZRANGEBYSCORE " MTR_HOURS " -inf %lld",
-                            (long long) (now - METER_HOUR - d->cf->grace
-                                         - d->cf->retention));
+    /* settled hours too (hours.c) */
+    snprintf(cursor, sizeof(cursor), "%lld",
+             (long long) (now - METER_HOUR - d->cf->grace
+                          - d->cf->retention));
+    hours = meter_hours_range(d->redis, "-inf", cursor);
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
         freeReplyObject(hours);
         return;
@@ -2463,6 +2512,7 @@ meter_drain_retention(meter_drain_t *d, time_t now)
         rp = meter_redis_cmd(d->redis, "ZREM " MTR_HOURS " %s",
                              hours->element[h]->str);
         freeReplyObject(rp);
+        meter_due_forget(d, hours->element[h]->str);
 
         /* a writer indexed after the check: the hour stays listed (its
          * SADD came before its ZADD NX, this check after the ZREM) */

@@ -56,6 +56,8 @@ typedef struct {
     unsigned                    dead;
     unsigned                    held;
     unsigned                    waiting;        /* older record open */
+    unsigned                    malformed;      /* key-hours with bad fields */
+    unsigned long               emitted;        /* aggregates to bill */
     time_t                      next_due;       /* 0: nothing open */
 
     meter_map_t                 customers;      /* per pass cache */

@@ -173,3 +173,11 @@ const char  meter_lua_retry[] =
     "redis.call('ZREM', KEYS[3], ARGV[1])\n"
     "redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])\n"
     "return 1\n";
+
+
+/* the due index (daemon/due.c): KEYS[1] one writer hash of an hour; its
+ * content's SHA1 (the order of HGETALL only changes with a write, and a
+ * false "changed" costs one read, never a missed one) */
+const char  meter_lua_digest[] =
+    "return redis.sha1hex(table.concat(redis.call('HGETALL', KEYS[1]),"
+    " '\\n'))\n";

@@ -19,6 +19,9 @@ extern const char  meter_lua_renew[];
 extern const char  meter_lua_release[];
 extern const char  meter_lua_expire[];
 
+/* the due index (daemon/due.c) */
+extern const char  meter_lua_digest[];
+
 /* governance (lib/gov.c) */
 extern const char  meter_lua_gov_status[];
 
