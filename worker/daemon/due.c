@@ -391,13 +391,16 @@ failed:
 int
 meter_due_settle(meter_drain_t *d, const meter_due_hour_t *h, time_t now)
 {
+    char         v[80];
     redisReply  *rp;
 
     /* settled first, then out of mtr:hours: a crash in between leaves it
      * in both, read again */
-    rp = meter_redis_cmd(d->redis, "HSET " MTR_W_SETTLED " %s %lld %d %s",
-                         h->hour, (long long) now, h->dirty ? 0 : 1,
-                         h->digest[0] != '\0' ? h->digest : "-");
+    snprintf(v, sizeof(v), "%lld %d %s", (long long) now, h->dirty ? 0 : 1,
+             h->digest[0] != '\0' ? h->digest : "-");
+
+    rp = meter_redis_cmd(d->redis, "HSET " MTR_W_SETTLED " %s %s", h->hour,
+                         v);
     if (!meter_reply_ok(rp)) {
         freeReplyObject(rp);
         return -1;
