@@ -36,7 +36,7 @@
 
 
 #define METER_BATCH       500     /* keys per SSCAN */
-#define METER_CHUNK       500     /* records created, sent, finished together */
+#define METER_CHUNK       100     /* records created, sent, finished together */
 
 
 typedef struct {
@@ -2237,7 +2237,7 @@ done:
 static meter_drain_rc_e
 meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
 {
-    size_t            i, n;
+    size_t            i, n, chunk;
     meter_agg_t     **list;
     meter_drain_rc_e  rc;
 
@@ -2266,9 +2266,16 @@ meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
 
     rc = METER_DRAIN_OK;
 
-    for (i = 0; i < n && rc == METER_DRAIN_OK; i += METER_CHUNK) {
+    /* a provider that keeps many requests open takes bigger chunks, so
+     * that the chunk's Redis round trips do not leave it idle */
+    chunk = METER_CHUNK;
+    if (d->provider->send_batch != NULL && d->provider->batch_max > chunk) {
+        chunk = d->provider->batch_max;
+    }
+
+    for (i = 0; i < n && rc == METER_DRAIN_OK; i += chunk) {
         rc = meter_drain_chunk(d, pstart, &list[i],
-                               (n - i < METER_CHUNK) ? n - i : METER_CHUNK);
+                               (n - i < chunk) ? n - i : chunk);
     }
 
     free(list);

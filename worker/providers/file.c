@@ -188,6 +188,8 @@ meter_provider_file(meter_provider_t *p)
     p->init = meter_file_init;
     p->send = meter_file_send;
     p->send_batch = meter_file_send_batch;
+    /* one write and one fsync per chunk: the bigger, the fewer */
+    p->batch_max = 500;
     p->lookup = NULL;
     p->cleanup = meter_file_cleanup;
     p->data = NULL;
