@@ -375,10 +375,46 @@ meter_lock_release(meter_drain_t *d)
 }
 
 
+/*
+ * The bounds of a turn: its deadline, so that the loop gets to the
+ * delinquency sync and the watchdog; and the breaker, so that a provider
+ * that is down is not sent the whole backlog one timeout at a time (what
+ * is not yet created stays computed from u - b, oldest hour first).
+ */
+static int
+meter_drain_bound(meter_drain_t *d, const struct timespec *now)
+{
+    if (d->deadline.tv_sec != 0
+        && (now->tv_sec > d->deadline.tv_sec
+            || (now->tv_sec == d->deadline.tv_sec
+                && now->tv_nsec >= d->deadline.tv_nsec)))
+    {
+        return METER_DRAIN_MORE;
+    }
+
+    if (d->sent != d->streak_sent) {
+        d->streak_sent = d->sent;
+        d->streak_retried = d->retried;
+
+    } else if (d->retried - d->streak_retried >= METER_DRAIN_BREAKER) {
+        if (!d->paused) {
+            meter_log(LOG_WARNING, "%u attempts in a row failed; pausing the "
+                      "drain (the rest stays due)", METER_DRAIN_BREAKER);
+        }
+
+        d->paused = 1;
+        return METER_DRAIN_MORE;
+    }
+
+    return 0;
+}
+
+
 /* between records: stop flag, watchdog, lock renewal; 0 to go on */
 static int
 meter_drain_check(meter_drain_t *d)
 {
+    int              rc;
     struct timespec  now;
 
     if (d->stop != NULL && *d->stop) {
@@ -394,6 +430,11 @@ meter_drain_check(meter_drain_t *d)
     }
 
     clock_gettime(CLOCK_MONOTONIC, &now);
+
+    rc = meter_drain_bound(d, &now);
+    if (rc != 0) {
+        return rc;
+    }
 
     if ((now.tv_sec - d->renewed.tv_sec) * 3 >= d->cf->lock_ttl) {
         switch (meter_lock_renew(d)) {
@@ -423,6 +464,9 @@ meter_drain_run(meter_drain_t *d)
     d->malformed = 0;
     d->emitted = 0;
     d->next_due = 0;
+    d->paused = 0;
+    d->streak_sent = 0;
+    d->streak_retried = 0;
 
     if (meter_map_init(&d->customers, 64) != 0) {
         meter_log(LOG_ERR, "out of memory");

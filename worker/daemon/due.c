@@ -432,3 +432,65 @@ meter_due_forget(meter_drain_t *d, const char *hour)
     freeReplyObject(meter_redis_cmd(d->redis, "HDEL " MTR_W_SETTLED " %s",
                                     hour));
 }
+
+
+int
+meter_due_backlog(meter_redis_t *r, time_t closed_end, time_t now,
+    unsigned long long *backlog, time_t *oldest)
+{
+    size_t       i, n;
+    redisReply  *hours, *rp;
+    int          rc;
+
+    *backlog = 0;
+    *oldest = 0;
+
+    (void) now;
+
+    /* the closed hours not yet settled: their key-hours, an estimate of
+     * the records still to send (one per key, hour and meter without
+     * customers, fewer with); open records belong to such hours (an hour
+     * with a record retrying or dead does not settle), so they are in */
+    hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " -inf %lld "
+                            "WITHSCORES", (long long) (closed_end - 3600));
+    if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
+        freeReplyObject(hours);
+        return -1;
+    }
+
+    n = hours->elements / 2;
+    rc = 0;
+
+    for (i = 0; i < n; i++) {
+        if (meter_redis_append(r, "SCARD " MTR_IDX_FMT,
+                               hours->element[2 * i]->str)
+            != 0)
+        {
+            n = i;
+            rc = -1;
+            break;
+        }
+    }
+
+    for (i = 0; i < n; i++) {
+        rp = meter_redis_reply(r);
+
+        if (meter_reply_ok(rp) && rp->type == REDIS_REPLY_INTEGER) {
+            *backlog += (unsigned long long) rp->integer;
+
+            if (rp->integer > 0 && *oldest == 0) {
+                *oldest = (time_t) strtoll(hours->element[2 * i + 1]->str,
+                                           NULL, 10);
+            }
+
+        } else {
+            rc = -1;
+        }
+
+        freeReplyObject(rp);
+    }
+
+    freeReplyObject(hours);
+
+    return rc;
+}

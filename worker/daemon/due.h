@@ -37,6 +37,14 @@ int meter_due_hours(meter_drain_t *d, time_t closed_end, time_t now,
 int meter_due_settle(meter_drain_t *d, const meter_due_hour_t *h,
     time_t now);
 
+/*
+ * What is due now, for meterctl status and the metrics: the key-hours of
+ * closed hours not settled, and the start of the oldest such hour (0:
+ * none); 0 or -1 on a Redis error
+ */
+int meter_due_backlog(meter_redis_t *r, time_t closed_end, time_t now,
+    unsigned long long *backlog, time_t *oldest);
+
 /* retention removed the hour */
 void meter_due_forget(meter_drain_t *d, const char *hour);
 
