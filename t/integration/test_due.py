@@ -111,8 +111,11 @@ def test_writer_layout_change_is_seen_by_its_digest(redis, tmp_path):
     h = NOW_HOUR - 4 * 3600
     hn = hour_name(h)
     put(redis, "key-w", h, {"calls": 2})
-    wkey = "mtr:wu:{%s}:7:%s" % (EPOCH, hn)
-    redis.cmd("SADD", "mtr:widx:%s" % hn, "%s:7" % EPOCH)
+    # one session (7) of a zone of two parts
+    wkey = "mtr:wu:{%s}:7:%s:1" % (EPOCH, hn)
+    redis.cmd("SADD", "mtr:widx:%s" % hn, "%s:7:2" % EPOCH)
+    redis.cmd("HSET", "mtr:wu:{%s}:7:%s:0" % (EPOCH, hn),
+              "%s|calls|2" % ("cd" * 32), "1")
     redis.cmd("HSET", wkey, "%s|calls|1" % ("ab" * 32), "4")
     assert w.once(h + 3600).returncode == 0
     time.sleep(1.2)

@@ -54,16 +54,86 @@ meter_due_str_cmp(const void *a, const void *b)
 
 
 /*
+ * Queues the digest script over the parts of one writer "EPOCH:SID:NPARTS"
+ * (mtr:widx) of an hour; a malformed member gets a script over no keys,
+ * so that every member has one reply.
+ */
+static int
+meter_due_writer(meter_drain_t *d, const char *w, const char *hour)
+{
+    char          epoch[17], sid[24], nk[16], *e;
+    char        (*keys)[160];
+    const char  **argv;
+    size_t       *argl;
+    unsigned long parts, p;
+    const char   *s1, *s2;
+    int           rc, argc;
+
+    parts = 0;
+    s1 = strchr(w, MTR_WRITER_SEP);
+    s2 = (s1 != NULL) ? strchr(s1 + 1, MTR_WRITER_SEP) : NULL;
+
+    if (s1 != NULL && s2 != NULL && s1 - w == 16
+        && (size_t) (s2 - s1 - 1) < sizeof(sid) && s2 > s1 + 1)
+    {
+        parts = strtoul(s2 + 1, &e, 10);
+        if (*e != '\0' || parts > 65536) {
+            parts = 0;
+        }
+
+        memcpy(epoch, w, 16);
+        epoch[16] = '\0';
+        memcpy(sid, s1 + 1, (size_t) (s2 - s1 - 1));
+        sid[s2 - s1 - 1] = '\0';
+    }
+
+    keys = calloc(parts + 1, sizeof(*keys));
+    argv = calloc(parts + 4, sizeof(char *));
+    argl = calloc(parts + 4, sizeof(size_t));
+    if (keys == NULL || argv == NULL || argl == NULL) {
+        free(keys);
+        free(argv);
+        free(argl);
+        return -1;
+    }
+
+    snprintf(nk, sizeof(nk), "%lu", parts);
+    argc = 0;
+    argv[argc++] = "EVAL";
+    argv[argc++] = meter_lua_digest;
+    argv[argc++] = nk;
+
+    for (p = 0; p < parts; p++) {
+        snprintf(keys[p], sizeof(keys[p]), MTR_WU_FMT, epoch, sid, hour,
+                 (unsigned) p);
+        argv[argc++] = keys[p];
+    }
+
+    for (p = 0; p < (unsigned long) argc; p++) {
+        argl[p] = strlen(argv[p]);
+    }
+
+    rc = meter_redis_append_argv(d->redis, argc, argv, argl);
+
+    free(keys);
+    free(argv);
+    free(argl);
+
+    return rc;
+}
+
+
+/*
  * The writer-layout digest of every hour in hs, two round trips: the
  * writers of each hour, then one digest script per writer hash.
  */
 static int
 meter_due_digests(meter_drain_t *d, meter_due_hour_t *hs, size_t n)
 {
-    char           wkey[160], epoch[17], line[256];
+    char           line[256];
     unsigned char  md[SHA_DIGEST_LENGTH];
     size_t         i, k, j, nw;
-    const char    *w, *sep;
+    const char    *w;
     redisReply   **members, *rp;
     meter_str_t    buf;
     int            rc;
@@ -106,20 +176,7 @@ meter_due_digests(meter_drain_t *d, meter_due_hour_t *hs, size_t n)
               sizeof(redisReply *), meter_due_str_cmp);
 
         for (k = 0; k < members[i]->elements; k++) {
-            w = members[i]->element[k]->str;
-            sep = strchr(w, MTR_WRITER_SEP);
-
-            if (sep == NULL || sep - w != 16) {
-                continue;
-            }
-
-            memcpy(epoch, w, 16);
-            epoch[16] = '\0';
-            snprintf(wkey, sizeof(wkey), MTR_WU_FMT, epoch, sep + 1,
-                     hs[i].hour);
-
-            if (meter_redis_append(d->redis, "EVAL %s 1 %s",
-                                   meter_lua_digest, wkey)
+            if (meter_due_writer(d, members[i]->element[k]->str, hs[i].hour)
                 != 0)
             {
                 goto done;
@@ -139,12 +196,6 @@ meter_due_digests(meter_drain_t *d, meter_due_hour_t *hs, size_t n)
 
         for (k = 0; k < members[i]->elements; k++) {
             w = members[i]->element[k]->str;
-            sep = strchr(w, MTR_WRITER_SEP);
-
-            if (sep == NULL || sep - w != 16) {
-                continue;
-            }
-
             rp = meter_redis_reply(d->redis);
             nw--;
 

@@ -175,9 +175,14 @@ const char  meter_lua_retry[] =
     "return 1\n";
 
 
-/* the due index (daemon/due.c): KEYS[1] one writer hash of an hour; its
- * content's SHA1 (the order of HGETALL only changes with a write, and a
- * false "changed" costs one read, never a missed one) */
+/* the due index (daemon/due.c): KEYS the writer hashes (parts) of one
+ * writer and hour, one slot ({EPOCH}); the SHA1 of their content (the
+ * order of HGETALL only changes with a write: a false "changed" costs one
+ * read, never a missed one) */
 const char  meter_lua_digest[] =
-    "return redis.sha1hex(table.concat(redis.call('HGETALL', KEYS[1]),"
-    " '\\n'))\n";
+    "local t = {}\n"
+    "for i = 1, #KEYS do\n"
+    "  t[i] = redis.sha1hex(table.concat(redis.call('HGETALL', KEYS[i]),"
+    " '\\n'))\n"
+    "end\n"
+    "return redis.sha1hex(table.concat(t, ' '))\n";
