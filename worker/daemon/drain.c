@@ -1682,6 +1682,77 @@ meter_drain_audit_line(meter_drain_t *d, const meter_rec_t *r,
 }
 
 
+/* deletes finished records, clears their open marks (meter_lua_done_all);
+ * 0, or -1 when Redis failed (they stay "sent": finished next pass) */
+static int
+meter_drain_done_all(meter_drain_t *d, meter_rec_t **recs, size_t n)
+{
+    char          nk[24], (*rkeys)[64];
+    size_t        i, argc, *argl;
+    const char  **argv;
+    redisReply   *rp;
+    int           rc;
+
+    rkeys = malloc((n + 1) * sizeof(*rkeys));
+    argv = malloc((5 * n + 8) * sizeof(char *));
+    argl = malloc((5 * n + 8) * sizeof(size_t));
+    if (rkeys == NULL || argv == NULL || argl == NULL) {
+        free(rkeys);
+        free(argv);
+        free(argl);
+        return -1;
+    }
+
+    snprintf(nk, sizeof(nk), "%zu", 2 + 2 * n);
+
+    argc = 0;
+    argv[argc++] = "EVAL";
+    argv[argc++] = meter_lua_done_all;
+    argv[argc++] = nk;
+    argv[argc++] = MTR_W_OPEN;
+    argv[argc++] = MTR_W_STATS;
+
+    for (i = 0; i < n; i++) {
+        snprintf(rkeys[i], sizeof(rkeys[i]), MTR_W_REC_FMT, recs[i]->id);
+        argv[argc++] = rkeys[i];
+        argv[argc++] = recs[i]->pkey;
+    }
+
+    for (i = 0; i < n; i++) {
+        argv[argc++] = recs[i]->id;
+        argv[argc++] = recs[i]->sm;
+        argv[argc++] = recs[i]->q;
+    }
+
+    for (i = 0; i < argc; i++) {
+        argl[i] = strlen(argv[i]);
+    }
+
+    rc = -1;
+
+    /* appended, so that it goes as EVALSHA (lib/redis_script.c) */
+    if (meter_redis_append_argv(d->redis, (int) argc, argv, argl) == 0) {
+        rp = meter_redis_reply(d->redis);
+
+        if (meter_reply_ok(rp)) {
+            rc = 0;
+
+        } else {
+            meter_log(LOG_ERR, "finishing %zu records: %s", n,
+                      rp != NULL ? rp->str : d->redis->err);
+        }
+
+        freeReplyObject(rp);
+    }
+
+    free(rkeys);
+    free(argv);
+    free(argl);
+
+    return rc;
+}
+
+
 /*
  * Records in state "sent": b marks, audit, delete.  Each step is done for
  * all of them before the next starts (one round trip or one fsync each);
@@ -1690,7 +1761,7 @@ meter_drain_audit_line(meter_drain_t *d, const meter_rec_t *r,
 static meter_drain_rc_e
 meter_drain_finish(meter_drain_t *d, meter_rec_t **recs, size_t n)
 {
-    char          rkey[64], err[512];
+    char          err[512];
     const char  **keys;
     size_t        i, queued, nkeys;
     meter_str_t   audit;
@@ -1767,41 +1838,12 @@ meter_drain_finish(meter_drain_t *d, meter_rec_t **recs, size_t n)
         }
     }
 
-    queued = 0;
-
-    for (i = 0; i < n; i++) {
-        snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, recs[i]->id);
-
-        if (meter_redis_append(d->redis, "EVAL %s 4 %s %s %s %s %s %s %s",
-                               meter_lua_done, rkey, recs[i]->pkey,
-                               MTR_W_OPEN, MTR_W_STATS, recs[i]->id,
-                               recs[i]->sm, recs[i]->q)
-            != 0)
-        {
-            failed = 1;
-            break;
-        }
-
-        queued++;
+    /* the last step of all of them in one script */
+    if (meter_drain_done_all(d, recs, n) != 0) {
+        return METER_DRAIN_REDIS;
     }
 
-    for (i = 0; i < queued; i++) {
-        rp = meter_redis_reply(d->redis);
-        if (!meter_reply_ok(rp)) {
-            meter_log(LOG_ERR, "record %s: %s", recs[i]->id,
-                      rp != NULL ? rp->str : d->redis->err);
-            failed = 1;
-
-        } else {
-            d->sent++;
-        }
-
-        freeReplyObject(rp);
-
-        if (d->redis->ctx == NULL) {
-            break;
-        }
-    }
+    d->sent += (unsigned) n;
 
     return failed ? METER_DRAIN_REDIS : METER_DRAIN_OK;
 }

@@ -31,6 +31,7 @@ static meter_script_t  meter_scripts[] = {
     { meter_lua_create, 0, "" },
     { meter_lua_maxset, 0, "" },
     { meter_lua_done, 0, "" },
+    { meter_lua_done_all, 0, "" },
     { NULL, 0, "" }
 };
 

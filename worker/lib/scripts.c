@@ -56,6 +56,27 @@ const char  meter_lua_done[] =
     "return 1\n";
 
 
+/* meter_lua_done for a chunk in one call: KEYS open zset, stats, then
+ * record and period hash of each; ARGV id, subject|meter, quantity of each */
+const char  meter_lua_done_all[] =
+    "local ids = {}\n"
+    "for i = 1, #ARGV / 3 do\n"
+    "  local rec, per = KEYS[1 + 2 * i], KEYS[2 + 2 * i]\n"
+    "  local id, sm = ARGV[3 * i - 2], ARGV[3 * i - 1]\n"
+    "  redis.call('DEL', rec)\n"
+    "  if redis.call('HGET', per, sm .. '|open') == id then\n"
+    "    redis.call('HDEL', per, sm .. '|open')\n"
+    "  end\n"
+    "  redis.call('HINCRBY', KEYS[2], 'quantity_sent', ARGV[3 * i])\n"
+    "  ids[i] = id\n"
+    "end\n"
+    "if #ids > 0 then\n"
+    "  redis.call('ZREM', KEYS[1], unpack(ids))\n"
+    "  redis.call('HINCRBY', KEYS[2], 'records_sent', #ids)\n"
+    "end\n"
+    "return #ids\n";
+
+
 /* KEYS: record, open zset, dead zset; ARGV: id, now, error, http status */
 const char  meter_lua_dead[] =
     "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end\n"

@@ -14,6 +14,7 @@
 extern const char  meter_lua_maxset[];
 extern const char  meter_lua_create[];
 extern const char  meter_lua_done[];
+extern const char  meter_lua_done_all[];
 extern const char  meter_lua_dead[];
 extern const char  meter_lua_renew[];
 extern const char  meter_lua_release[];
