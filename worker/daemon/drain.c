@@ -1935,21 +1935,43 @@ meter_drain_record(meter_drain_t *d, const char *id)
 }
 
 
-/* queues the script that stores a new record (see meter_lua_create) */
+/* the strings of one record for meter_lua_create_all */
+typedef struct {
+    char                        last[24];
+    char                        next[24];
+    char                        rkey[64];
+    char                        nf[8];
+} meter_new_args_t;
+
+
+/*
+ * Stores the new records of a chunk (those with agg) in one script, as
+ * meter_lua_create does one: each is created only if its sequence number
+ * is still the one read and no older record of it is open.  Sets created;
+ * 0, or -1 when Redis failed (nothing is sent then).
+ */
 static int
-meter_drain_create(meter_drain_t *d, time_t pstart, meter_new_t *nw)
+meter_drain_create_all(meter_drain_t *d, time_t pstart, meter_new_t *nw,
+    size_t m)
 {
-    char          last[24], next[24], ps[24], pe[24], now[24], expire[24];
-    char          rkey[64];
-    const char   *argv[48];
-    size_t        argl[48];
-    int           argc;
-    meter_agg_t  *a;
+    char               ps[24], pe[24], now[24], expire[24], nk[24];
+    size_t             i, k, n, argc, cap, nf0;
+    size_t            *argl;
+    const char       **argv;
+    redisReply        *rp;
+    meter_agg_t       *a;
+    meter_new_args_t  *sa;
+    int                rc;
 
-    a = nw->agg;
+    n = 0;
+    for (i = 0; i < m; i++) {
+        n += (nw[i].agg != NULL);
+    }
 
-    snprintf(last, sizeof(last), "%" PRIu64, nw->seq);
-    snprintf(next, sizeof(next), "%" PRIu64, nw->seq + 1);
+    if (n == 0) {
+        return 0;
+    }
+
     snprintf(ps, sizeof(ps), "%lld", (long long) pstart);
     snprintf(pe, sizeof(pe), "%lld",
              (long long) (pstart + d->cf->report_period));
@@ -1957,8 +1979,18 @@ meter_drain_create(meter_drain_t *d, time_t pstart, meter_new_t *nw)
     /* sequence numbers must outlive the usage they number */
     snprintf(expire, sizeof(expire), "%lld",
              (long long) (2 * d->cf->retention + 2 * METER_DAY));
+    snprintf(nk, sizeof(nk), "%zu", 1 + 2 * n);
 
-    snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, nw->id);
+    cap = 4 + 2 * n + 40 * n;
+    sa = calloc(m, sizeof(meter_new_args_t));
+    argv = malloc(cap * sizeof(char *));
+    argl = malloc(cap * sizeof(size_t));
+    if (sa == NULL || argv == NULL || argl == NULL) {
+        free(sa);
+        free(argv);
+        free(argl);
+        return -1;
+    }
 
     argc = 0;
 
@@ -1970,61 +2002,125 @@ meter_drain_create(meter_drain_t *d, time_t pstart, meter_new_t *nw)
     } while (0)
 
     meter_arg("EVAL");
-    meter_arg(meter_lua_create);
-    meter_arg("3");
-    meter_arg(nw->pkey);
-    meter_arg(rkey);
+    meter_arg(meter_lua_create_all);
+    meter_arg(nk);
     meter_arg(MTR_W_OPEN);
-    meter_arg(nw->sm);
-    meter_arg(last);
-    meter_arg(next);
-    meter_arg(nw->id);
-    meter_arg(now);
-    meter_arg(expire);
-    meter_arg("state");
-    meter_arg("sending");
-    meter_arg("pkey");
-    meter_arg(nw->pkey);
-    meter_arg("sm");
-    meter_arg(nw->sm);
-    meter_arg("subject");
-    meter_arg(a->subject);
-    meter_arg("meter");
-    meter_arg(a->meter);
-    meter_arg("seq");
-    meter_arg(next);
-    meter_arg("period_start");
-    meter_arg(ps);
-    meter_arg("period_end");
-    meter_arg(pe);
-    meter_arg("quantity");
-    meter_arg(nw->q);
-    meter_arg("created");
-    meter_arg(now);
-    /* the first attempt is counted with the record, as HINCRBY would
-     * before the send: after a crash, attempts > 0 tells that the
-     * provider may have it */
-    meter_arg("attempts");
-    meter_arg("1");
 
-    if (a->customer != NULL) {
-        meter_arg("customer");
-        meter_arg(a->customer);
+    for (i = 0; i < m; i++) {
+        if (nw[i].agg == NULL) {
+            continue;
+        }
+
+        snprintf(sa[i].rkey, sizeof(sa[i].rkey), MTR_W_REC_FMT, nw[i].id);
+        meter_arg(nw[i].pkey);
+        meter_arg(sa[i].rkey);
     }
 
-    if (a->nkeys == 1) {
-        meter_arg("key_hash");
-        meter_arg(a->key_hash);
-    }
+    for (i = 0; i < m; i++) {
+        a = nw[i].agg;
+        if (a == NULL) {
+            continue;
+        }
 
-    meter_arg("covers");
-    argv[argc] = a->covers.data;
-    argl[argc] = a->covers.len;
-    argc++;
+        snprintf(sa[i].last, sizeof(sa[i].last), "%" PRIu64, nw[i].seq);
+        snprintf(sa[i].next, sizeof(sa[i].next), "%" PRIu64, nw[i].seq + 1);
+
+        meter_arg(nw[i].sm);
+        meter_arg(sa[i].last);
+        meter_arg(sa[i].next);
+        meter_arg(nw[i].id);
+        meter_arg(now);
+        meter_arg(expire);
+        k = argc;
+        meter_arg("");          /* the count, set below */
+        nf0 = argc;
+
+        meter_arg("state");
+        meter_arg("sending");
+        meter_arg("pkey");
+        meter_arg(nw[i].pkey);
+        meter_arg("sm");
+        meter_arg(nw[i].sm);
+        meter_arg("subject");
+        meter_arg(a->subject);
+        meter_arg("meter");
+        meter_arg(a->meter);
+        meter_arg("seq");
+        meter_arg(sa[i].next);
+        meter_arg("period_start");
+        meter_arg(ps);
+        meter_arg("period_end");
+        meter_arg(pe);
+        meter_arg("quantity");
+        meter_arg(nw[i].q);
+        meter_arg("created");
+        meter_arg(now);
+        /* the first attempt is counted with the record, as HINCRBY would
+         * before the send: after a crash, attempts > 0 tells that the
+         * provider may have it */
+        meter_arg("attempts");
+        meter_arg("1");
+
+        if (a->customer != NULL) {
+            meter_arg("customer");
+            meter_arg(a->customer);
+        }
+
+        if (a->nkeys == 1) {
+            meter_arg("key_hash");
+            meter_arg(a->key_hash);
+        }
+
+        meter_arg("covers");
+        argv[argc] = a->covers.data != NULL ? a->covers.data : "";
+        argl[argc] = a->covers.len;
+        argc++;
+
+        snprintf(sa[i].nf, sizeof(sa[i].nf), "%zu", argc - nf0);
+        argv[k] = sa[i].nf;
+        argl[k] = strlen(sa[i].nf);
+    }
 
 #undef meter_arg
 
-    return meter_redis_append_argv(d->redis, argc, argv, argl);
+    rc = -1;
+
+    /* appended, so that it goes as EVALSHA (lib/redis_script.c) */
+    if (meter_redis_append_argv(d->redis, (int) argc, argv, argl) == 0) {
+        rp = meter_redis_reply(d->redis);
+
+        if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
+            || rp->elements != n)
+        {
+            meter_log(LOG_ERR, "creating %zu records: %s", n,
+                      rp != NULL && rp->str != NULL ? rp->str
+                      : d->redis->err);
+
+        } else {
+            rc = 0;
+
+            for (i = 0, k = 0; i < m; i++) {
+                if (nw[i].agg == NULL) {
+                    continue;
+                }
+
+                /* 0: someone changed the sequence under us, recomputed
+                 * next pass */
+                if (rp->element[k++]->integer == 1) {
+                    nw[i].created = 1;
+                    d->created++;
+                }
+            }
+        }
+
+        freeReplyObject(rp);
+    }
+
+    free(sa);
+    free(argv);
+    free(argl);
+
+    return rc;
 }
 
 
@@ -2040,7 +2136,7 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
     size_t n)
 {
     char              ps[32];
-    size_t            i, m, nheld, queued, nacc, nbatch;
+    size_t            i, m, nheld, nacc, nbatch;
     uint64_t          seq;
     redisReply       *rp;
     meter_agg_t      *a;
@@ -2192,47 +2288,9 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
         goto done;
     }
 
-    /* store them all (state "sending") before any is sent, one trip */
-    queued = 0;
-
-    for (i = 0; i < m; i++) {
-        if (nw[i].agg == NULL) {
-            continue;
-        }
-
-        if (meter_drain_create(d, pstart, &nw[i]) != 0) {
-            rc = METER_DRAIN_REDIS;
-            break;
-        }
-
-        queued = i + 1;
-    }
-
-    for (i = 0; i < queued; i++) {
-        if (nw[i].agg == NULL) {
-            continue;
-        }
-
-        rp = meter_redis_reply(d->redis);
-
-        if (!meter_reply_ok(rp)) {
-            meter_log(LOG_ERR, "creating record %s: %s", nw[i].id,
-                      rp != NULL ? rp->str : d->redis->err);
-            rc = METER_DRAIN_REDIS;
-
-        } else if (meter_reply_int(rp, 0) == 1) {
-            nw[i].created = 1;
-            d->created++;
-        }
-
-        /* else someone changed the sequence under us: recomputed next
-         * pass */
-
-        freeReplyObject(rp);
-
-        if (d->redis->ctx == NULL) {
-            break;
-        }
+    /* store them all (state "sending") before any is sent, one script */
+    if (meter_drain_create_all(d, pstart, nw, m) != 0) {
+        rc = METER_DRAIN_REDIS;
     }
 
     if (rc != METER_DRAIN_OK) {

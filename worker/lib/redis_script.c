@@ -29,6 +29,7 @@ typedef struct {
 
 static meter_script_t  meter_scripts[] = {
     { meter_lua_create, 0, "" },
+    { meter_lua_create_all, 0, "" },
     { meter_lua_maxset, 0, "" },
     { meter_lua_done, 0, "" },
     { meter_lua_done_all, 0, "" },

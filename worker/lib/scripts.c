@@ -43,6 +43,30 @@ const char  meter_lua_create[] =
     "return 1\n";
 
 
+/* meter_lua_create for a chunk in one call: KEYS open zset, then period
+ * hash and record of each; ARGV per record subject|meter, last seq, new
+ * seq, id, score, expire, the number of field/value strings, those; the
+ * reply has 1 (stored) or 0 per record */
+const char  meter_lua_create_all[] =
+    "local res, a = {}, 1\n"
+    "for i = 1, (#KEYS - 1) / 2 do\n"
+    "  local per, rec = KEYS[2 * i], KEYS[2 * i + 1]\n"
+    "  local sm, id = ARGV[a], ARGV[a + 3]\n"
+    "  local f, e = a + 7, a + 6 + tonumber(ARGV[a + 6])\n"
+    "  res[i] = 0\n"
+    "  if redis.call('HEXISTS', per, sm .. '|open') == 0\n"
+    "     and (redis.call('HGET', per, sm) or '0') == ARGV[a + 1] then\n"
+    "    redis.call('HSET', per, sm, ARGV[a + 2], sm .. '|open', id)\n"
+    "    redis.call('EXPIRE', per, ARGV[a + 5])\n"
+    "    redis.call('HSET', rec, unpack(ARGV, f, e))\n"
+    "    redis.call('ZADD', KEYS[1], ARGV[a + 4], id)\n"
+    "    res[i] = 1\n"
+    "  end\n"
+    "  a = e + 1\n"
+    "end\n"
+    "return res\n";
+
+
 /* KEYS: record, period hash, open zset, stats; ARGV: id, subject|meter,
  * quantity */
 const char  meter_lua_done[] =

@@ -13,6 +13,7 @@
 /* the drain (daemon/drain.c): records, the lock, retention */
 extern const char  meter_lua_maxset[];
 extern const char  meter_lua_create[];
+extern const char  meter_lua_create_all[];
 extern const char  meter_lua_done[];
 extern const char  meter_lua_done_all[];
 extern const char  meter_lua_dead[];
