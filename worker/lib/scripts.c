@@ -48,7 +48,7 @@ const char  meter_lua_create[] =
  * seq, id, score, expire, the number of field/value strings, those; the
  * reply has 1 (stored) or 0 per record */
 const char  meter_lua_create_all[] =
-    "local res, a = {}, 1\n"
+    "local res, a, expired = {}, 1, {}\n"
     "for i = 1, (#KEYS - 1) / 2 do\n"
     "  local per, rec = KEYS[2 * i], KEYS[2 * i + 1]\n"
     "  local sm, id = ARGV[a], ARGV[a + 3]\n"
@@ -57,7 +57,10 @@ const char  meter_lua_create_all[] =
     "  if redis.call('HEXISTS', per, sm .. '|open') == 0\n"
     "     and (redis.call('HGET', per, sm) or '0') == ARGV[a + 1] then\n"
     "    redis.call('HSET', per, sm, ARGV[a + 2], sm .. '|open', id)\n"
-    "    redis.call('EXPIRE', per, ARGV[a + 5])\n"
+    "    if not expired[per] then\n"
+    "      redis.call('EXPIRE', per, ARGV[a + 5])\n"
+    "      expired[per] = true\n"
+    "    end\n"
     "    redis.call('HSET', rec, unpack(ARGV, f, e))\n"
     "    redis.call('ZADD', KEYS[1], ARGV[a + 4], id)\n"
     "    res[i] = 1\n"
