@@ -71,71 +71,85 @@ meter_metrics_http(const meter_conf_t *cf)
 }
 
 
+/* one metric: HELP, TYPE and its sample (labels "" or {provider="..."}) */
+static int
+meter_metrics_one(meter_str_t *s, const char *name, const char *type,
+    const char *help, const char *labels, const char *value)
+{
+    return meter_str_printf(s, "# HELP meter_worker_%s %s\n"
+                            "# TYPE meter_worker_%s %s\n"
+                            "meter_worker_%s%s %s\n",
+                            name, help, name, type, name, labels, value);
+}
+
+
 static int
 meter_metrics_render(const meter_metrics_t *m, time_t now, meter_str_t *s)
 {
-    const char  *p;
-    int          rc;
+    char    lp[160], v[9][32];
+    size_t  i;
 
-    p = m->provider;
+    static const struct {
+        const char  *name;
+        const char  *type;
+        int          labelled;
+        const char  *help;
+    } metrics[] = {
+        { "records_sent_total", "counter", 1,
+          "Records the provider accepted." },
+        { "records_failed_total", "counter", 1,
+          "Delivery attempts that failed and will be retried." },
+        { "records_dead_lettered_total", "counter", 1,
+          "Records moved to the dead letters." },
+        { "requests_in_flight", "gauge", 1,
+          "Provider requests open now." },
+        { "backlog_records", "gauge", 0,
+          "Key-hours of closed hours not yet billed (about the records "
+          "still to send)." },
+        { "drain_rate_records_per_second", "gauge", 0,
+          "Records finished per second while there was work." },
+        { "oldest_unbilled_hour_timestamp_seconds", "gauge", 0,
+          "Start of the oldest closed hour not yet billed (0: none)." },
+        { "last_drain_timestamp_seconds", "gauge", 0,
+          "End of the last complete drain pass (0: none yet)." },
+        { "last_sync_timestamp_seconds", "gauge", 0,
+          "End of the last successful delinquency sync (0: none yet)." },
+    };
 
-#define meter_metric(name, type, help)                                       \
-    meter_str_printf(s, "# HELP meter_worker_" name " " help "\n"            \
-                     "# TYPE meter_worker_" name " " type "\n")
+    snprintf(lp, sizeof(lp), "{provider=\"%s\"}", m->provider);
+    snprintf(v[0], sizeof(v[0]), "%llu", m->sent);
+    snprintf(v[1], sizeof(v[1]), "%llu", m->failed);
+    snprintf(v[2], sizeof(v[2]), "%llu", m->dead);
+    snprintf(v[3], sizeof(v[3]), "%u", m->in_flight);
+    snprintf(v[4], sizeof(v[4]), "%llu", m->backlog);
+    snprintf(v[5], sizeof(v[5]), "%.3f", m->rate);
+    snprintf(v[6], sizeof(v[6]), "%lld", (long long) m->oldest_unbilled);
+    snprintf(v[7], sizeof(v[7]), "%lld", (long long) m->last_drain);
+    snprintf(v[8], sizeof(v[8]), "%lld", (long long) m->sync_last);
 
-    rc = 0;
-
-    rc |= meter_metric("records_sent_total", "counter",
-                       "Records the provider accepted.");
-    rc |= meter_str_printf(s, "meter_worker_records_sent_total"
-                           "{provider=\"%s\"} %llu\n", p, m->sent);
-    rc |= meter_metric("records_failed_total", "counter",
-                       "Delivery attempts that failed and will be retried.");
-    rc |= meter_str_printf(s, "meter_worker_records_failed_total"
-                           "{provider=\"%s\"} %llu\n", p, m->failed);
-    rc |= meter_metric("records_dead_lettered_total", "counter",
-                       "Records moved to the dead letters.");
-    rc |= meter_str_printf(s, "meter_worker_records_dead_lettered_total"
-                           "{provider=\"%s\"} %llu\n", p, m->dead);
-    rc |= meter_metric("requests_in_flight", "gauge",
-                       "Provider requests open now.");
-    rc |= meter_str_printf(s, "meter_worker_requests_in_flight"
-                           "{provider=\"%s\"} %u\n", p, m->in_flight);
-    rc |= meter_metric("backlog_records", "gauge",
-                       "Key-hours of closed hours not yet billed (about the "
-                       "records still to send).");
-    rc |= meter_str_printf(s, "meter_worker_backlog_records %llu\n",
-                           m->backlog);
-    rc |= meter_metric("drain_rate_records_per_second", "gauge",
-                       "Records finished per second while there was work.");
-    rc |= meter_str_printf(s, "meter_worker_drain_rate_records_per_second "
-                           "%.3f\n", m->rate);
-    rc |= meter_metric("oldest_unbilled_hour_timestamp_seconds", "gauge",
-                       "Start of the oldest closed hour not yet billed "
-                       "(0: none).");
-    rc |= meter_str_printf(s, "meter_worker_oldest_unbilled_hour_timestamp_"
-                           "seconds %lld\n", (long long) m->oldest_unbilled);
-    rc |= meter_metric("last_drain_timestamp_seconds", "gauge",
-                       "End of the last complete drain pass (0: none yet).");
-    rc |= meter_str_printf(s, "meter_worker_last_drain_timestamp_seconds "
-                           "%lld\n", (long long) m->last_drain);
-    rc |= meter_metric("last_sync_timestamp_seconds", "gauge",
-                       "End of the last successful delinquency sync "
-                       "(0: none yet).");
-    rc |= meter_str_printf(s, "meter_worker_last_sync_timestamp_seconds "
-                           "%lld\n", (long long) m->sync_last);
-
-    if (m->sync_last != 0) {
-        rc |= meter_metric("sync_age_seconds", "gauge",
-                           "Seconds since the last successful delinquency "
-                           "sync.");
-        rc |= meter_str_printf(s, "meter_worker_sync_age_seconds %lld\n",
-                               (long long) (now - m->sync_last));
+    for (i = 0; i < sizeof(metrics) / sizeof(metrics[0]); i++) {
+        if (meter_metrics_one(s, metrics[i].name, metrics[i].type,
+                              metrics[i].help,
+                              metrics[i].labelled ? lp : "", v[i])
+            != 0)
+        {
+            return -1;
+        }
     }
 
-#undef meter_metric
+    if (m->sync_last != 0) {
+        snprintf(v[0], sizeof(v[0]), "%lld", (long long) (now - m->sync_last));
 
-    return rc != 0 ? -1 : 0;
+        if (meter_metrics_one(s, "sync_age_seconds", "gauge",
+                              "Seconds since the last successful "
+                              "delinquency sync.", "", v[0])
+            != 0)
+        {
+            return -1;
+        }
+    }
+
+    return 0;
 }
 
 
