@@ -216,3 +216,43 @@ def test_metrics_settings_are_checked(redis, tmp_path):
     r = subprocess.run([str(__import__("test_worker").WORKER), "-c",
                         str(w.conf), "-t"], capture_output=True, text=True)
     assert r.returncode == 78 and "absolute path" in r.stderr
+
+
+def test_backlog_counts_both_layouts(redis, tmp_path):
+    """Held usage (keys without customer, provider stripe) never settles:
+    the backlog is its counters, key layout and writer layout (every part
+    of every writer the hour's mtr:widx lists)."""
+    fakes = pytest.importorskip("fakes.stripe")
+    stripe = fakes.FakeStripe(api_key="sk_test_bc").start()
+    p = None
+    try:
+        (tmp_path / "k").write_text("sk_test_bc\n")
+        (tmp_path / "k").chmod(0o600)
+        w = Worker(tmp_path / "w", redis, provider="stripe",
+                   stripe__base_url=stripe.url,
+                   stripe__api_key_file=tmp_path / "k", sync_interval="1h")
+        h1 = NOW_HOUR - 5 * 3600
+        h2 = h1 + 3600
+        put(redis, "held-1", h2, {"calls": 1})
+        put(redis, "held-2", h2, {"calls": 2})
+        hn = time.strftime("%Y%m%d%H", time.gmtime(h1))
+        redis.cmd("SADD", "mtr:widx:%s" % hn, "%s:4:2" % EPOCH)
+        redis.cmd("ZADD", "mtr:hours", "NX", str(h1), hn)
+        redis.cmd("HSET", "mtr:wu:{%s}:4:%s:0" % (EPOCH, hn),
+                  "%s|calls|1" % ("a1" * 32), "3", "%s|bytes|1" % ("a1" * 32),
+                  "9")
+        redis.cmd("HSET", "mtr:wu:{%s}:4:%s:1" % (EPOCH, hn),
+                  "%s|calls|4097" % ("b2" * 32), "5")
+        p = w.spawn()
+        wait_for(lambda: redis.cmd("HGET", "mtr:{worker}:stats",
+                                   "backlog_at") is not None, timeout=30)
+        st = status(w)
+        assert st["backlog"] == 5
+        assert st["oldest_unbilled_hour"] == time.strftime(
+            "%Y-%m-%dT%H", time.gmtime(h1))
+        assert stripe.events == []
+    finally:
+        if p is not None:
+            p.terminate()
+            p.wait(timeout=20)
+        stripe.stop()

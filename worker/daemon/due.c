@@ -485,23 +485,73 @@ meter_due_forget(meter_drain_t *d, const char *hour)
 }
 
 
+/* the writer-layout counters of hour i (parts of each writer "EPOCH:SID:
+ * NPARTS"): their HLENs queued, their number into *queued */
+static int
+meter_due_count_writers(meter_redis_t *r, const char *hour,
+    const redisReply *members, size_t *queued)
+{
+    char           epoch[17], sid[24], *e;
+    size_t         k;
+    unsigned long  parts, p;
+    const char    *w, *s1, *s2;
+
+    for (k = 0; k < members->elements; k++) {
+        w = members->element[k]->str;
+        s1 = strchr(w, MTR_WRITER_SEP);
+        s2 = (s1 != NULL) ? strchr(s1 + 1, MTR_WRITER_SEP) : NULL;
+
+        if (s1 == NULL || s2 == NULL || s1 - w != 16 || s2 == s1 + 1
+            || (size_t) (s2 - s1 - 1) >= sizeof(sid))
+        {
+            continue;
+        }
+
+        parts = strtoul(s2 + 1, &e, 10);
+        if (*e != '\0' || parts > 65536) {
+            continue;
+        }
+
+        memcpy(epoch, w, 16);
+        epoch[16] = '\0';
+        memcpy(sid, s1 + 1, (size_t) (s2 - s1 - 1));
+        sid[s2 - s1 - 1] = '\0';
+
+        for (p = 0; p < parts; p++) {
+            if (meter_redis_append(r, "HLEN " MTR_WU_FMT, epoch, sid, hour,
+                                   (unsigned) p)
+                != 0)
+            {
+                return -1;
+            }
+
+            (*queued)++;
+        }
+    }
+
+    return 0;
+}
+
+
 int
 meter_due_backlog(meter_redis_t *r, time_t closed_end, time_t now,
     unsigned long long *backlog, time_t *oldest)
 {
-    size_t       i, n;
-    redisReply  *hours, *rp;
-    int          rc;
+    size_t               i, k, n, q;
+    redisReply          *hours, *rp, **members;
+    unsigned long long  *count;
+    int                  rc;
 
     *backlog = 0;
     *oldest = 0;
 
     (void) now;
 
-    /* the closed hours not yet settled: their key-hours, an estimate of
-     * the records still to send (one per key, hour and meter without
-     * customers, fewer with); open records belong to such hours (an hour
-     * with a record retrying or dead does not settle), so they are in */
+    /* the closed hours not yet settled: their counters (key-hours of the
+     * key layout, fields of the writer layout), an estimate of the records
+     * still to send (one per key, hour and meter without customers, fewer
+     * with); open records belong to such hours (an hour with a record
+     * retrying or dead does not settle), so they are in */
     hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " -inf %lld "
                             "WITHSCORES", (long long) (closed_end - 3600));
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
@@ -510,37 +560,92 @@ meter_due_backlog(meter_redis_t *r, time_t closed_end, time_t now,
     }
 
     n = hours->elements / 2;
-    rc = 0;
+    members = calloc(n + 1, sizeof(redisReply *));
+    count = calloc(n + 1, sizeof(unsigned long long));
+    if (members == NULL || count == NULL) {
+        free(members);
+        free(count);
+        freeReplyObject(hours);
+        return -1;
+    }
+
+    rc = -1;
 
     for (i = 0; i < n; i++) {
         if (meter_redis_append(r, "SCARD " MTR_IDX_FMT,
                                hours->element[2 * i]->str)
-            != 0)
+            != 0
+            || meter_redis_append(r, "SMEMBERS " MTR_WIDX_FMT,
+                                  hours->element[2 * i]->str)
+               != 0)
         {
-            n = i;
-            rc = -1;
-            break;
+            goto done;
         }
     }
 
     for (i = 0; i < n; i++) {
         rp = meter_redis_reply(r);
+        members[i] = meter_redis_reply(r);
 
-        if (meter_reply_ok(rp) && rp->type == REDIS_REPLY_INTEGER) {
-            *backlog += (unsigned long long) rp->integer;
-
-            if (rp->integer > 0 && *oldest == 0) {
-                *oldest = (time_t) strtoll(hours->element[2 * i + 1]->str,
-                                           NULL, 10);
-            }
-
-        } else {
-            rc = -1;
+        if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_INTEGER
+            || !meter_reply_ok(members[i])
+            || members[i]->type != REDIS_REPLY_ARRAY)
+        {
+            freeReplyObject(rp);
+            goto done;
         }
 
+        count[i] = (unsigned long long) rp->integer;
         freeReplyObject(rp);
     }
 
+    for (i = 0; i < n; i++) {
+        q = 0;
+
+        if (meter_due_count_writers(r, hours->element[2 * i]->str,
+                                    members[i], &q)
+            != 0)
+        {
+            goto done;
+        }
+
+        for (k = 0; k < q; k++) {
+            rp = meter_redis_reply(r);
+
+            if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_INTEGER) {
+                freeReplyObject(rp);
+                goto done;
+            }
+
+            count[i] += (unsigned long long) rp->integer;
+            freeReplyObject(rp);
+        }
+    }
+
+    for (i = 0; i < n; i++) {
+        *backlog += count[i];
+
+        if (count[i] > 0 && *oldest == 0) {
+            *oldest = (time_t) strtoll(hours->element[2 * i + 1]->str, NULL,
+                                       10);
+        }
+    }
+
+    rc = 0;
+
+done:
+
+    if (rc != 0) {
+        /* replies may be left in the pipeline: start afresh */
+        meter_redis_close(r);
+    }
+
+    for (i = 0; i < n; i++) {
+        freeReplyObject(members[i]);
+    }
+
+    free(members);
+    free(count);
     freeReplyObject(hours);
 
     return rc;

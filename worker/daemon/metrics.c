@@ -104,7 +104,7 @@ meter_metrics_render(const meter_metrics_t *m, time_t now, meter_str_t *s)
         { "requests_in_flight", "gauge", 1,
           "Provider requests open now." },
         { "backlog_records", "gauge", 0,
-          "Key-hours of closed hours not yet billed (about the records "
+          "Counters of closed hours not yet billed (about the records "
           "still to send)." },
         { "drain_rate_records_per_second", "gauge", 0,
           "Records finished per second while there was work." },
