@@ -1,0 +1,399 @@
+
+/*
+ * Copyright (C) nginx-meter authors
+ *
+ * The usage and credit of one customer (usage.h), moved here from
+ * meterctl's usage.c and credit.c.
+ */
+
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gov.h"
+#include "register.h"
+#include "usage.h"
+
+
+static int
+meter_usage_cmp(const void *a, const void *b)
+{
+    const meter_usage_row_t  *x, *y;
+
+    x = a;
+    y = b;
+
+    if (x->start != y->start) {
+        return (x->start < y->start) ? -1 : 1;
+    }
+
+    return strcmp(x->meter, y->meter);
+}
+
+
+/* the row of (start, meter), appended when new; NULL: out of memory */
+static meter_usage_row_t *
+meter_usage_row(meter_usage_row_t **rows, size_t *n, size_t *cap,
+    time_t start, const char *meter, size_t mlen)
+{
+    size_t              i;
+    meter_usage_row_t  *nr, *row;
+
+    for (i = *n; i > 0; i--) {
+        row = &(*rows)[i - 1];
+
+        if (row->start == start && strlen(row->meter) == mlen
+            && memcmp(row->meter, meter, mlen) == 0)
+        {
+            return row;
+        }
+    }
+
+    if (*n == *cap) {
+        nr = realloc(*rows, (*cap ? *cap * 2 : 64) * sizeof(*nr));
+        if (nr == NULL) {
+            return NULL;
+        }
+
+        *cap = *cap ? *cap * 2 : 64;
+        *rows = nr;
+    }
+
+    row = &(*rows)[(*n)++];
+    memset(row, 0, sizeof(meter_usage_row_t));
+    row->start = start;
+    memcpy(row->meter, meter, mlen);
+    row->meter[mlen] = '\0';
+
+    return row;
+}
+
+
+const char *
+meter_usage_state(const meter_usage_row_t *row)
+{
+    if (row->quantity == row->billed) {
+        return "billed";
+    }
+
+    if (row->dead) {
+        return "dead";
+    }
+
+    if (row->sending) {
+        return "sending";
+    }
+
+    return row->billed == 0 ? "unbilled" : "partly billed";
+}
+
+
+static int
+meter_usage_failed(meter_redis_t *r, redisReply *rp, char *err,
+    size_t errlen)
+{
+    snprintf(err, errlen, "%s", rp != NULL && rp->type == REDIS_REPLY_ERROR
+                                ? rp->str : r->err);
+    freeReplyObject(rp);
+
+    return -1;
+}
+
+
+/* one key-hour: its quantities and billed parts into hrows */
+static int
+meter_usage_key_hour(meter_redis_t *r, const char *kh, const char *hour,
+    time_t t, meter_usage_row_t **hrows, size_t *nhour, size_t *cap,
+    char *err, size_t errlen)
+{
+    size_t              f, mlen;
+    uint64_t            u, b;
+    redisReply         *ur, *br;
+    const char         *fn, *bar, *bv;
+    meter_usage_row_t  *row;
+
+    ur = meter_redis_cmd(r, "HGETALL " MTR_U_FMT, kh, hour);
+    br = meter_redis_cmd(r, "HGETALL " MTR_B_FMT, kh, hour);
+
+    if (!meter_reply_ok(ur) || !meter_reply_ok(br)
+        || ur->type != REDIS_REPLY_ARRAY || br->type != REDIS_REPLY_ARRAY)
+    {
+        freeReplyObject(br);
+        return meter_usage_failed(r, ur, err, errlen);
+    }
+
+    for (f = 0; f + 1 < ur->elements; f += 2) {
+        fn = ur->element[f]->str;
+        bar = strchr(fn, '|');
+        mlen = (bar != NULL) ? (size_t) (bar - fn) : 0;
+
+        if (mlen == 0 || mlen > MTR_METER_MAX
+            || meter_parse_u64(ur->element[f + 1]->str,
+                               ur->element[f + 1]->len, &u)
+               != 0)
+        {
+            continue;
+        }
+
+        bv = meter_reply_hget(br, fn);
+        if (bv == NULL || meter_parse_u64(bv, strlen(bv), &b) != 0) {
+            b = 0;
+        }
+
+        row = meter_usage_row(hrows, nhour, cap, t, fn, mlen);
+        if (row == NULL) {
+            freeReplyObject(ur);
+            freeReplyObject(br);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+
+        row->quantity += u;
+        row->billed += (b < u) ? b : u;
+    }
+
+    freeReplyObject(ur);
+    freeReplyObject(br);
+
+    return 0;
+}
+
+
+/* the worker's record still open for (period, customer, meter) */
+static int
+meter_usage_records(meter_redis_t *r, const char *id, time_t t, int wperiod,
+    meter_usage_row_t *hrows, size_t nhour, char *err, size_t errlen)
+{
+    char                field[160];
+    size_t              i;
+    redisReply         *rp, *st;
+    meter_usage_row_t  *row;
+
+    for (i = 0; i < nhour; i++) {
+        row = &hrows[i];
+
+        if (row->billed == row->quantity) {
+            continue;
+        }
+
+        snprintf(field, sizeof(field), MTR_PERIOD_OPEN_FMT, id, row->meter);
+        rp = meter_redis_cmd(r, "HGET " MTR_W_PERIOD_PRE "%lld %s",
+                             (long long) meter_period_start(t, wperiod),
+                             field);
+        if (!meter_reply_ok(rp)) {
+            return meter_usage_failed(r, rp, err, errlen);
+        }
+
+        if (rp->type == REDIS_REPLY_STRING && rp->len == METER_IDEM_LEN) {
+            snprintf(row->record, sizeof(row->record), "%s", rp->str);
+
+            st = meter_redis_cmd(r, "HGET " MTR_W_REC_PRE "%s state",
+                                 rp->str);
+            if (meter_reply_ok(st) && st->type == REDIS_REPLY_STRING
+                && strcmp(st->str, "dead") == 0)
+            {
+                row->dead = 1;
+
+            } else {
+                row->sending = 1;
+            }
+
+            freeReplyObject(st);
+        }
+
+        freeReplyObject(rp);
+    }
+
+    return 0;
+}
+
+
+int
+meter_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
+    int period, int wperiod, meter_usage_row_t **out, size_t *nout,
+    char *err, size_t errlen)
+{
+    char                ck[96], from_s[24], to_s[24];
+    size_t              i, h, k, nrows, cap, nhour, nhourcap;
+    time_t              t;
+    int                 rc;
+    redisReply         *hours, *keys;
+    meter_usage_row_t  *rows, *hrows, *row;
+
+    *out = NULL;
+    *nout = 0;
+
+    snprintf(ck, sizeof(ck), MTR_CKEYS_FMT, id);
+    keys = meter_redis_cmd(r, "SMEMBERS %s", ck);
+    if (!meter_reply_ok(keys) || keys->type != REDIS_REPLY_ARRAY) {
+        return meter_usage_failed(r, keys, err, errlen);
+    }
+
+    if (from != 0) {
+        snprintf(from_s, sizeof(from_s), "%lld",
+                 (long long) meter_period_start(from, METER_HOUR));
+
+    } else {
+        snprintf(from_s, sizeof(from_s), "-inf");
+    }
+
+    if (to != 0) {
+        snprintf(to_s, sizeof(to_s), "(%lld", (long long) to);
+
+    } else {
+        snprintf(to_s, sizeof(to_s), "+inf");
+    }
+
+    hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %s %s", from_s,
+                            to_s);
+    if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
+        freeReplyObject(keys);
+        return meter_usage_failed(r, hours, err, errlen);
+    }
+
+    rows = NULL;
+    nrows = 0;
+    cap = 0;
+    hrows = NULL;
+    nhourcap = 0;
+    rc = 0;
+
+    for (h = 0; h < hours->elements && rc == 0; h++) {
+        t = meter_hour_parse(hours->element[h]->str);
+        if (t == -1) {
+            continue;
+        }
+
+        /* this hour's rows first, then their records, then the period */
+        nhour = 0;
+
+        for (k = 0; k < keys->elements && rc == 0; k++) {
+            rc = meter_usage_key_hour(r, keys->element[k]->str,
+                                      hours->element[h]->str, t, &hrows,
+                                      &nhour, &nhourcap, err, errlen);
+        }
+
+        if (rc == 0) {
+            rc = meter_usage_records(r, id, t, wperiod, hrows, nhour, err,
+                                     errlen);
+        }
+
+        for (i = 0; i < nhour && rc == 0; i++) {
+            row = meter_usage_row(&rows, &nrows, &cap,
+                                  meter_period_start(hrows[i].start, period),
+                                  hrows[i].meter, strlen(hrows[i].meter));
+            if (row == NULL) {
+                snprintf(err, errlen, "out of memory");
+                rc = -1;
+                break;
+            }
+
+            row->quantity += hrows[i].quantity;
+            row->billed += hrows[i].billed;
+            row->sending |= hrows[i].sending;
+            row->dead |= hrows[i].dead;
+            if (row->record[0] == '\0') {
+                memcpy(row->record, hrows[i].record, sizeof(row->record));
+            }
+        }
+    }
+
+    free(hrows);
+    freeReplyObject(hours);
+    freeReplyObject(keys);
+
+    if (rc != 0) {
+        free(rows);
+        return -1;
+    }
+
+    if (nrows > 0) {
+        qsort(rows, nrows, sizeof(meter_usage_row_t), meter_usage_cmp);
+    }
+
+    *out = rows;
+    *nout = nrows;
+
+    return 0;
+}
+
+
+int
+meter_usage_credit(meter_redis_t *r, const char *id, const char *only,
+    meter_credit_row_t **out, size_t *nout, char *err, size_t errlen)
+{
+    size_t               i, n, cap, len;
+    int64_t              granted, left;
+    redisReply          *fields;
+    const char          *f, *m;
+    meter_credit_row_t  *rows, *nr;
+
+    *out = NULL;
+    *nout = 0;
+
+    fields = meter_redis_cmd(r, "HKEYS " MTR_GOV_CREDIT);
+    if (!meter_reply_ok(fields) || fields->type != REDIS_REPLY_ARRAY) {
+        return meter_usage_failed(r, fields, err, errlen);
+    }
+
+    rows = NULL;
+    n = 0;
+    cap = 0;
+    len = strlen(id);
+
+    for (i = 0; i < fields->elements; i++) {
+        /* fields "C|M" of this customer */
+        f = fields->element[i]->str;
+        if (strncmp(f, id, len) != 0 || f[len] != MTR_GOV_CREDIT_SEP
+            || !meter_valid_meter(f + len + 1))
+        {
+            continue;
+        }
+
+        m = f + len + 1;
+        if (only != NULL && strcmp(m, only) != 0) {
+            continue;
+        }
+
+        if (meter_gov_credit_left(r, id, m, &granted, &left, err, errlen)
+            != 0)
+        {
+            goto failed;
+        }
+
+        if (granted < 0) {
+            continue;
+        }
+
+        if (n == cap) {
+            nr = realloc(rows, (cap ? cap * 2 : 8) * sizeof(*nr));
+            if (nr == NULL) {
+                snprintf(err, errlen, "out of memory");
+                goto failed;
+            }
+
+            cap = cap ? cap * 2 : 8;
+            rows = nr;
+        }
+
+        snprintf(rows[n].meter, sizeof(rows[n].meter), "%s", m);
+        rows[n].granted = granted;
+        rows[n].left = left;
+        n++;
+    }
+
+    freeReplyObject(fields);
+    *out = rows;
+    *nout = n;
+
+    return 0;
+
+failed:
+
+    freeReplyObject(fields);
+    free(rows);
+
+    return -1;
+}
