@@ -4,6 +4,9 @@
 (function () {
   "use strict";
 
+  document.documentElement.className =
+    document.documentElement.className.replace("no-js", "js");
+
   function $(id) { return document.getElementById(id); }
 
   function text(el, s) { el.textContent = s; return el; }
