@@ -10,6 +10,7 @@ import calendar
 import hashlib
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -21,7 +22,9 @@ import pytest
 
 from conftest import MODULE_SO, ROOT, free_port, key_hash, wait_for
 
-WORKER = ROOT / "worker" / "meter-worker"
+# METER_WORKER_BIN: another build, e.g. one with -fsanitize=address
+WORKER = Path(os.environ.get("METER_WORKER_BIN",
+                             ROOT / "worker" / "meter-worker"))
 METERCTL = ROOT / "worker" / "meterctl"
 PORTAL_DIR = ROOT / "docs" / "portal"
 KEY_RE = re.compile(r"^mk_live_[a-z2-7]{32}$")
