@@ -10,22 +10,17 @@ import calendar
 import hashlib
 import http.client
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import MODULE_SO, ROOT, free_port, key_hash, wait_for
+from conftest import ROOT, free_port, key_hash, raw_request, wait_for
+# WORKER honours METER_WORKER_BIN (e.g. a build with -fsanitize=address)
+from test_sync import METERCTL, WORKER, Billing
 
-# METER_WORKER_BIN: another build, e.g. one with -fsanitize=address
-WORKER = Path(os.environ.get("METER_WORKER_BIN",
-                             ROOT / "worker" / "meter-worker"))
-METERCTL = ROOT / "worker" / "meterctl"
 PORTAL_DIR = ROOT / "docs" / "portal"
 KEY_RE = re.compile(r"^mk_live_[a-z2-7]{32}$")
 PROBLEM = "application/problem+json"
@@ -34,12 +29,16 @@ pytestmark = pytest.mark.skipif(not WORKER.exists() or not METERCTL.exists(),
                                 reason="run make worker")
 
 
-class PortalWorker:
-    """meter-worker (provider file) with the portal on its listener."""
+class PortalWorker(Billing):
+    """meter-worker (provider file) with the portal on its listener; the
+    daemon's start, stop (exit 0 on SIGTERM), log and ctl of test_sync's
+    Billing."""
 
     def __init__(self, tmp, redis, **settings):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.redis = redis
+        self.provider = "file"
         self.port = free_port()
         self.proc = None
         self.log_path = self.tmp / "worker.log"
@@ -55,44 +54,7 @@ class PortalWorker:
         self.conf.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout=15):
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(WORKER), "-c", str(self.conf)],
-                                     stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        log.close()
-
-        def up():
-            assert self.proc.poll() is None, self.log()
-            try:
-                socket.create_connection(("127.0.0.1", self.port),
-                                         0.2).close()
-                return True
-            except OSError:
-                return False
-
-        wait_for(up, timeout, msg=self.log)
-        return self
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log(self):
-        return self.log_path.read_text(errors="replace") \
-            if self.log_path.exists() else ""
-
-    def ctl(self, *args, stdin=None, expect=0):
-        r = subprocess.run([str(METERCTL), "-c", str(self.conf)]
-                           + [str(a) for a in args], capture_output=True,
-                           text=True, timeout=60, input=stdin)
-        if expect is not None:
-            assert r.returncode == expect, (args, r.stdout, r.stderr)
-        return r
+        return super().start(port=self.port, timeout=timeout)
 
 
 def portal_conf(worker_port, upstream_port, portal_dir=PORTAL_DIR):
@@ -288,17 +250,10 @@ def test_signup_method_media_type_and_size(portal, redis):
                     {"Content-Type": "application/json"}), 422,
             "invalid_name")
     # chunked straight to the worker: 411, as problem+json
-    s = socket.create_connection(("127.0.0.1", w.port), 5)
-    s.sendall(b"POST /register HTTP/1.1\r\nHost: x\r\n"
-              b"Content-Type: application/json\r\n"
-              b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
-    raw = b""
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        raw += d
-    s.close()
+    raw = raw_request(w.port, b"POST /register HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n"
+                      b"2\r\n{}\r\n0\r\n\r\n")
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 411"), raw
     assert b"application/problem+json" in head

@@ -78,18 +78,6 @@ meter_key_new(char *out)
 }
 
 
-static int
-meter_reg_redis_err(meter_redis_t *r, redisReply *rp, char *err,
-    size_t errlen)
-{
-    snprintf(err, errlen, "%s", rp != NULL && rp->type == REDIS_REPLY_ERROR
-                                ? rp->str : r->err);
-    freeReplyObject(rp);
-
-    return -1;
-}
-
-
 int
 meter_key_store(meter_redis_t *r, const char *customer, const char *key,
     char *kh, char *prefix, char *err, size_t errlen)
@@ -103,14 +91,14 @@ meter_key_store(meter_redis_t *r, const char *customer, const char *key,
                          "created %lld", kh, customer, prefix,
                          (long long) time(NULL));
     if (!meter_reply_ok(rp)) {
-        return meter_reg_redis_err(r, rp, err, errlen);
+        return meter_reply_failed(r, rp, err, errlen);
     }
 
     freeReplyObject(rp);
 
     rp = meter_redis_cmd(r, "SADD " MTR_CKEYS_FMT " %s", customer, kh);
     if (!meter_reply_ok(rp)) {
-        return meter_reg_redis_err(r, rp, err, errlen);
+        return meter_reply_failed(r, rp, err, errlen);
     }
 
     freeReplyObject(rp);
@@ -294,7 +282,7 @@ meter_reg_redis_failed(meter_reg_t *g, meter_redis_t *r, redisReply *rp,
 {
     char  e[512];
 
-    meter_reg_redis_err(r, rp, e, sizeof(e));
+    meter_reply_failed(r, rp, e, sizeof(e));
 
     if (!done) {
         return meter_reg_stop(g, METER_REG_RETRY, EX_UNAVAILABLE, "%s", e);

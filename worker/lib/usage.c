@@ -90,18 +90,6 @@ meter_usage_state(const meter_usage_row_t *row)
 }
 
 
-static int
-meter_usage_failed(meter_redis_t *r, redisReply *rp, char *err,
-    size_t errlen)
-{
-    snprintf(err, errlen, "%s", rp != NULL && rp->type == REDIS_REPLY_ERROR
-                                ? rp->str : r->err);
-    freeReplyObject(rp);
-
-    return -1;
-}
-
-
 /* one key-hour: its quantities and billed parts into hrows */
 static int
 meter_usage_key_hour(meter_redis_t *r, const char *kh, const char *hour,
@@ -121,7 +109,7 @@ meter_usage_key_hour(meter_redis_t *r, const char *kh, const char *hour,
         || ur->type != REDIS_REPLY_ARRAY || br->type != REDIS_REPLY_ARRAY)
     {
         freeReplyObject(br);
-        return meter_usage_failed(r, ur, err, errlen);
+        return meter_reply_failed(r, ur, err, errlen);
     }
 
     for (f = 0; f + 1 < ur->elements; f += 2) {
@@ -183,7 +171,7 @@ meter_usage_records(meter_redis_t *r, const char *id, time_t t, int wperiod,
                              (long long) meter_period_start(t, wperiod),
                              field);
         if (!meter_reply_ok(rp)) {
-            return meter_usage_failed(r, rp, err, errlen);
+            return meter_reply_failed(r, rp, err, errlen);
         }
 
         if (rp->type == REDIS_REPLY_STRING && rp->len == METER_IDEM_LEN) {
@@ -228,7 +216,7 @@ meter_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
     snprintf(ck, sizeof(ck), MTR_CKEYS_FMT, id);
     keys = meter_redis_cmd(r, "SMEMBERS %s", ck);
     if (!meter_reply_ok(keys) || keys->type != REDIS_REPLY_ARRAY) {
-        return meter_usage_failed(r, keys, err, errlen);
+        return meter_reply_failed(r, keys, err, errlen);
     }
 
     if (from != 0) {
@@ -250,7 +238,7 @@ meter_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
                             to_s);
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
         freeReplyObject(keys);
-        return meter_usage_failed(r, hours, err, errlen);
+        return meter_reply_failed(r, hours, err, errlen);
     }
 
     rows = NULL;
@@ -335,7 +323,7 @@ meter_usage_credit(meter_redis_t *r, const char *id, const char *only,
 
     fields = meter_redis_cmd(r, "HKEYS " MTR_GOV_CREDIT);
     if (!meter_reply_ok(fields) || fields->type != REDIS_REPLY_ARRAY) {
-        return meter_usage_failed(r, fields, err, errlen);
+        return meter_reply_failed(r, fields, err, errlen);
     }
 
     rows = NULL;
