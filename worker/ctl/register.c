@@ -73,21 +73,17 @@ meterctl_register(meterctl_opts_t *o, meter_redis_t *r)
     in.customer = o->customer;
 
     /* the input is checked before connecting, as before */
-    if (!meter_valid_email(o->email)
-        || (o->name != NULL && !meter_valid_text(o->name, 200))
-        || (o->plan != NULL && !meter_valid_text(o->plan, 64))
-        || (o->customer != NULL && !meter_valid_id(o->customer)))
-    {
-        rc = meter_register(NULL, o->cf, &in, &g);
-
-    } else {
-        rc = meterctl_open(o, r);
-        if (rc != EX_OK) {
-            return rc;
-        }
-
-        rc = meter_register(r, o->cf, &in, &g);
+    if (meter_reg_check(&in, g.err, sizeof(g.err)) != EX_OK) {
+        fprintf(stderr, "meterctl register: %s\n", g.err);
+        return EX_USAGE;
     }
+
+    rc = meterctl_open(o, r);
+    if (rc != EX_OK) {
+        return rc;
+    }
+
+    rc = meter_register(r, o->cf, &in, &g);
 
     if (rc == EX_OK) {
         meterctl_reg_print(o, &g);

@@ -308,6 +308,33 @@ meter_reg_reply(meter_reg_t *g, meter_redis_t *r, redisReply *rp, int done)
 }
 
 
+int
+meter_reg_check(const meter_reg_in_t *in, char *err, size_t errlen)
+{
+    if (in->email == NULL || !meter_valid_email(in->email)) {
+        snprintf(err, errlen, "invalid --email \"%s\"",
+                 in->email ? in->email : "");
+        return EX_USAGE;
+    }
+
+    if ((in->name != NULL && !meter_valid_text(in->name, 200))
+        || (in->plan != NULL && !meter_valid_text(in->plan, 64)))
+    {
+        snprintf(err, errlen, "invalid --name or --plan (empty, too long or "
+                 "control characters)");
+        return EX_USAGE;
+    }
+
+    if (in->customer != NULL && !meter_valid_id(in->customer)) {
+        snprintf(err, errlen, "invalid --customer \"%s\" "
+                 "([A-Za-z0-9_.-]{1,64})", in->customer);
+        return EX_USAGE;
+    }
+
+    return EX_OK;
+}
+
+
 /* the input: customer id, email, plan, provider; no Redis yet */
 static int
 meter_reg_args(meter_reg_t *g)
@@ -319,24 +346,9 @@ meter_reg_args(meter_reg_t *g)
     in = g->in;
     out = g->out;
 
-    if (in->email == NULL || !meter_valid_email(in->email)) {
-        return meter_reg_stop(g, METER_REG_INVALID, EX_USAGE,
-                              "invalid --email \"%s\"",
-                              in->email ? in->email : "");
-    }
-
-    if ((in->name != NULL && !meter_valid_text(in->name, 200))
-        || (in->plan != NULL && !meter_valid_text(in->plan, 64)))
-    {
-        return meter_reg_stop(g, METER_REG_INVALID, EX_USAGE,
-                              "invalid --name or --plan (empty, too long or "
-                              "control characters)");
-    }
-
-    if (in->customer != NULL && !meter_valid_id(in->customer)) {
-        return meter_reg_stop(g, METER_REG_INVALID, EX_USAGE,
-                              "invalid --customer \"%s\" "
-                              "([A-Za-z0-9_.-]{1,64})", in->customer);
+    if (meter_reg_check(in, out->err, sizeof(out->err)) != EX_OK) {
+        out->kind = METER_REG_INVALID;
+        return EX_USAGE;
     }
 
     for (i = 0; i < sizeof(out->email) - 1 && in->email[i] != '\0'; i++) {

@@ -70,6 +70,10 @@ int meter_register(meter_redis_t *r, const meter_conf_t *cf,
     const meter_reg_in_t *in, meter_reg_out_t *out);
 void meter_reg_wipe(meter_reg_out_t *out);
 
+/* the input alone (meter_register checks it first too): EX_OK, or
+ * EX_USAGE with err */
+int meter_reg_check(const meter_reg_in_t *in, char *err, size_t errlen);
+
 /* our customer id of an email: "c_" and 20 hex chars of its SHA-256 */
 void meter_customer_of_email(const char *email, char *out, size_t size);
 
