@@ -24,6 +24,11 @@
  * before it connects here.  Exposed directly, the per-client bound keeps
  * one client from taking every connection.
  *
+ * The portal's paths (/register, /usage) go to portal.c, with the body
+ * bound by portal.max_body and every refusal as problem+json; the rest to
+ * the provider's webhook logic (webhook.c), when the provider takes
+ * webhooks.
+ *
  * Errors found in the request head (411, 431, 400, 413) are answered
  * after the body was read and dropped: answering and closing while the
  * client still sends would reset the connection before it reads the
