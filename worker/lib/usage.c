@@ -15,6 +15,7 @@
 #include "gov.h"
 #include "register.h"
 #include "usage.h"
+#include "wusage.h"
 
 
 static int
@@ -90,16 +91,19 @@ meter_usage_state(const meter_usage_row_t *row)
 }
 
 
-/* one key-hour: its quantities and billed parts into hrows */
+/* one key-hour, from both layouts (wk: the writer layout's counters of
+ * the key, or NULL): its quantities and billed parts into hrows */
 static int
 meter_usage_key_hour(meter_redis_t *r, const char *kh, const char *hour,
-    time_t t, meter_usage_row_t **hrows, size_t *nhour, size_t *cap,
-    char *err, size_t errlen)
+    meter_wkey_t *wk, time_t t, meter_usage_row_t **hrows, size_t *nhour,
+    size_t *cap, char *err, size_t errlen)
 {
-    size_t              f, mlen;
+    int                 rc;
+    char               *ubuf;
+    size_t              f, mlen, nu;
     uint64_t            u, b;
     redisReply         *ur, *br;
-    const char         *fn, *bar, *bv;
+    const char         *fn, *bar, *bv, **uv;
     meter_usage_row_t  *row;
 
     ur = meter_redis_cmd(r, "HGETALL " MTR_U_FMT, kh, hour);
@@ -112,15 +116,22 @@ meter_usage_key_hour(meter_redis_t *r, const char *kh, const char *hour,
         return meter_reply_failed(r, ur, err, errlen);
     }
 
-    for (f = 0; f + 1 < ur->elements; f += 2) {
-        fn = ur->element[f]->str;
+    if (meter_u_merge(ur, wk, &uv, &nu, &ubuf) != 0) {
+        freeReplyObject(ur);
+        freeReplyObject(br);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+
+    rc = 0;
+
+    for (f = 0; f + 1 < nu; f += 2) {
+        fn = uv[f];
         bar = strchr(fn, '|');
         mlen = (bar != NULL) ? (size_t) (bar - fn) : 0;
 
         if (mlen == 0 || mlen > MTR_METER_MAX
-            || meter_parse_u64(ur->element[f + 1]->str,
-                               ur->element[f + 1]->len, &u)
-               != 0)
+            || meter_parse_u64(uv[f + 1], strlen(uv[f + 1]), &u) != 0)
         {
             continue;
         }
@@ -132,20 +143,21 @@ meter_usage_key_hour(meter_redis_t *r, const char *kh, const char *hour,
 
         row = meter_usage_row(hrows, nhour, cap, t, fn, mlen);
         if (row == NULL) {
-            freeReplyObject(ur);
-            freeReplyObject(br);
             snprintf(err, errlen, "out of memory");
-            return -1;
+            rc = -1;
+            break;
         }
 
         row->quantity += u;
         row->billed += (b < u) ? b : u;
     }
 
+    free(uv);
+    free(ubuf);
     freeReplyObject(ur);
     freeReplyObject(br);
 
-    return 0;
+    return rc;
 }
 
 
@@ -204,10 +216,12 @@ meter_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
     char *err, size_t errlen)
 {
     char                ck[96], from_s[24], to_s[24];
+    void              **slot;
     size_t              i, h, k, nrows, cap, nhour, nhourcap;
     time_t              t;
-    int                 rc;
+    int                 rc, created;
     redisReply         *hours, *keys;
+    meter_map_t         wm, mine;
     meter_usage_row_t  *rows, *hrows, *row;
 
     *out = NULL;
@@ -217,6 +231,23 @@ meter_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
     keys = meter_redis_cmd(r, "SMEMBERS %s", ck);
     if (!meter_reply_ok(keys) || keys->type != REDIS_REPLY_ARRAY) {
         return meter_reply_failed(r, keys, err, errlen);
+    }
+
+    /* the customer's keys: the writer layout's other counters are skipped
+     * while an hour of it is read (it may hold a million) */
+    if (meter_map_init(&mine, keys->elements + 1) != 0) {
+        freeReplyObject(keys);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+
+    for (k = 0; k < keys->elements; k++) {
+        if (meter_map_put(&mine, keys->element[k]->str, &created) == NULL) {
+            meter_map_free(&mine, NULL);
+            freeReplyObject(keys);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
     }
 
     if (from != 0) {
@@ -237,6 +268,7 @@ meter_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
     hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %s %s", from_s,
                             to_s);
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
+        meter_map_free(&mine, NULL);
         freeReplyObject(keys);
         return meter_reply_failed(r, hours, err, errlen);
     }
@@ -257,11 +289,27 @@ meter_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
         /* this hour's rows first, then their records, then the period */
         nhour = 0;
 
-        for (k = 0; k < keys->elements && rc == 0; k++) {
-            rc = meter_usage_key_hour(r, keys->element[k]->str,
-                                      hours->element[h]->str, t, &hrows,
-                                      &nhour, &nhourcap, err, errlen);
+        if (meter_map_init(&wm, 64) != 0
+            || meter_wmap_load(r, hours->element[h]->str, &wm, &mine, NULL)
+               != 0)
+        {
+            meter_map_free(&wm, meter_wkey_free);
+            snprintf(err, errlen, "the writer layout of hour %s: %s",
+                     hours->element[h]->str, r->err);
+            rc = -1;
+            break;
         }
+
+        for (k = 0; k < keys->elements && rc == 0; k++) {
+            slot = meter_map_get(&wm, keys->element[k]->str);
+            rc = meter_usage_key_hour(r, keys->element[k]->str,
+                                      hours->element[h]->str,
+                                      (slot != NULL) ? *slot : NULL, t,
+                                      &hrows, &nhour, &nhourcap, err,
+                                      errlen);
+        }
+
+        meter_map_free(&wm, meter_wkey_free);
 
         if (rc == 0) {
             rc = meter_usage_records(r, id, t, wperiod, hrows, nhour, err,
@@ -290,6 +338,7 @@ meter_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
 
     free(hrows);
     freeReplyObject(hours);
+    meter_map_free(&mine, NULL);
     freeReplyObject(keys);
 
     if (rc != 0) {

@@ -5,7 +5,8 @@
  * A customer's usage as "meterctl usage CUSTOMER" shows it, shared with
  * the portal's GET /usage (daemon/portal.c) so that both give the same
  * numbers: per period (hour or UTC day) and meter, the quantity metered
- * (Σ of mtr:u over the customer's keys and writers), the part billed
+ * (Σ over the customer's keys and writers, both layouts: mtr:u and the
+ * writer hashes, lib/wusage.c), the part billed
  * (Σ min(b, u)) and the worker's record still open for it; and the
  * customer's prepaid credit per meter (mtr:gov:credit).
  */
