@@ -27,7 +27,8 @@ def test_worker_sources_spell_no_key_themselves():
             for f in files for no, line in code_lines(f)
             if SPELLED.search(line)]
 
-    assert len(files) == 59, [str(f) for f in files]
+    # + lib/register.[ch], lib/usage.[ch], daemon/portal.[ch] (issue 14)
+    assert len(files) == 65, [str(f) for f in files]
     assert hits == []
 
 

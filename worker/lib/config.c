@@ -64,7 +64,10 @@ static const meter_key_t  meter_keys[] = {
  * sync themselves (they validate them when they start) */
 static const char  *meter_provider_prefixes[] = {
     "stripe.", "chargebee.", "recurly.", "http.", "plan.", "webhook.",
-    "sync.", "metronome.", NULL
+    "sync.", "metronome.",
+    /* portal.*: daemon/portal.c (issue 14) */
+    "portal.",
+    NULL
 };
 
 
