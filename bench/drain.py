@@ -117,7 +117,7 @@ def run_worker(worker, conf, before, timeout):
     process would include the Python image the child was forked from."""
     rss = conf.parent / "worker.rss"
     err = open(conf.parent / "worker.err", "w+")
-    timer = ["/usr/bin/time", "-f", "%M", "-o", str(rss)] \
+    timer = ["/usr/bin/time", "-f", "%U %S %M", "-o", str(rss)] \
         if os.path.exists("/usr/bin/time") else []     # Debian: time
     t0 = time.monotonic()
     try:
@@ -131,7 +131,11 @@ def run_worker(worker, conf, before, timeout):
         err.seek(0)
         text = err.read()
         err.close()
-    kib = int(rss.read_text().split()[-1]) if timer else None
+    kib = None
+    if timer:
+        f = rss.read_text().split()
+        kib = int(f[-1])
+        print("  worker CPU: user %ss, sys %ss" % (f[-3], f[-2]))
     return r.returncode, secs, kib, text
 
 
@@ -162,6 +166,17 @@ def main():
                          "stripe: 10); keys = n / hours")
     ap.add_argument("--rps", type=float, default=100,
                     help="stripe.max_rps (stripe mode)")
+    ap.add_argument("--latency", type=float, default=0.0,
+                    help="the fake answers after this many seconds "
+                         "(stripe mode; issue 13 measures at 0.05)")
+    ap.add_argument("--limit", type=float, default=None,
+                    help="the fake's own rate limit, requests/s (a token "
+                         "bucket, 429 beyond it)")
+    ap.add_argument("--in-flight", type=int, default=None,
+                    help="stripe.max_in_flight (default: the worker's)")
+    ap.add_argument("--stream", action="store_true",
+                    help="stripe.mode = meter_event_stream (v2, 100 "
+                         "events per request)")
     ap.add_argument("--no-audit", action="store_true",
                     help="no audit.path (one fsync less per record)")
     ap.add_argument("--worker", default=os.environ.get(
@@ -219,7 +234,9 @@ def main():
             # the fake writes headers and body in two send()s: without
             # TCP_NODELAY each answer waits for curl's delayed ACK (40 ms)
             base._Handler.disable_nagle_algorithm = True
-            fake = FakeStripe(api_key=STRIPE_KEY).start()
+            fake = FakeStripe(api_key=STRIPE_KEY, delay=a.latency)
+            fake.rate = a.limit
+            fake.start()
             (tmp / "api-key").write_text(STRIPE_KEY + "\n")
             (tmp / "api-key").chmod(0o600)
             lines += ["stripe.base_url = %s" % fake.url,
@@ -227,6 +244,11 @@ def main():
                       "stripe.max_rps = %g" % a.rps,
                       "stripe.timeout = 10s",
                       "meter.calls = api_calls"]
+            if a.in_flight:
+                lines.append("stripe.max_in_flight = %d" % a.in_flight)
+            if a.stream:
+                lines += ["stripe.mode = meter_event_stream",
+                          "stripe.stream_url = %s" % fake.url]
         conf = tmp / "worker.conf"
         conf.write_text("\n".join(lines) + "\n")
 
@@ -273,6 +295,10 @@ def main():
                      "(%.0f kh/s)" % (n / secs),
                      "%.1f MiB" % (rss / 1024.0) if rss else "n/a"))
         if a.mode == "stripe":
+            print("fake: latency %.3fs, limit %s/s, 429s %d, most open at "
+                  "once %d, stream requests %d"
+                  % (a.latency, a.limit, fake.limited, fake.max_open,
+                     len(fake.stream_requests)))
             rate = n / rows[0][1]
             print("stripe.max_rps %g: measured %.1f records/s; 1,000,000 "
                   "records would take about %.1f h (extrapolated, not "

@@ -150,6 +150,14 @@ class FakeServer:
         self.script = deque()
         self.delay = delay          # per request, for slow drains
         self.hangs = threading.Event()
+        # concurrency: requests being handled now, and the most at once
+        self.open = 0
+        self.max_open = 0
+        # hold(): every request waits (before or after it is processed)
+        # until release(), so that a test can kill the client meanwhile
+        self.holding = None
+        self.held = 0
+        self._release = threading.Event()
         self._server = None
         self._thread = None
         self._routes = [(m, re.compile("^" + r + "$"), getattr(self, f))
@@ -255,7 +263,44 @@ class FakeServer:
                                 for g in mo.groups()])
         return self.not_found(req)
 
+    def hold(self, after=False):
+        """From now on requests wait until release(); after=True
+        processes each one first (its effect is kept, its answer held)."""
+        with self.lock:
+            self._release.clear()
+            self.holding = "after" if after else "before"
+
+    def release(self):
+        with self.lock:
+            self.holding = None
+            self._release.set()
+
+    def _hold(self, when):
+        if self.holding != when:
+            return
+        with self.lock:
+            self.held += 1
+        try:
+            self._release.wait(60)
+        finally:
+            with self.lock:
+                self.held -= 1
+
     def _handle(self, req):
+        with self.lock:
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+        try:
+            self._hold("before")
+            resp = self._handle_one(req)
+            if resp is not None:
+                self._hold("after")
+            return resp
+        finally:
+            with self.lock:
+                self.open -= 1
+
+    def _handle_one(self, req):
         with self.lock:
             self.requests.append(req)
         if self.delay:
