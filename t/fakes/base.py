@@ -300,29 +300,50 @@ class FakeServer:
             with self.lock:
                 self.open -= 1
 
+    def begin(self, req):
+        """Before a request is processed: None, or the Response that
+        refuses it (a provider's concurrency rule); end(req) follows."""
+        return None
+
+    def end(self, req):
+        pass
+
     def _handle_one(self, req):
         with self.lock:
             self.requests.append(req)
-        if self.delay:
-            time.sleep(self.delay)
-        r = self.check_auth(req)
+        r = self.begin(req)
         if r is not None:
             return r
-        r = self.check_request(req)
-        if r is not None:
-            return r
-        action = self._take(req)
-        if action is not None and not action.after:
-            if action.hang:
-                self.hangs.wait(action.hang)
-                if action.status is None:
-                    return None
-            if action.status is not None:
-                resp = self._scripted(req, action)
-                self.saved_failure(req, resp)
-                return resp
-        with self.lock:
-            resp = self._route(req)
+        action = None
+        ended = False
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            r = self.check_auth(req)
+            if r is not None:
+                return r
+            r = self.check_request(req)
+            if r is not None:
+                return r
+            action = self._take(req)
+            if action is not None and not action.after:
+                if action.hang:
+                    # a scripted hang is not processing: the client gave
+                    # up on it long before
+                    self.end(req)
+                    ended = True
+                    self.hangs.wait(action.hang)
+                    if action.status is None:
+                        return None
+                if action.status is not None:
+                    resp = self._scripted(req, action)
+                    self.saved_failure(req, resp)
+                    return resp
+            with self.lock:
+                resp = self._route(req)
+        finally:
+            if not ended:
+                self.end(req)
         if action is not None and action.after:
             self.hangs.wait(action.hang)
             return None

@@ -199,32 +199,34 @@ class FakeStripe(FakeServer):
             self._tokens -= 1
             return True
 
-    def _handle(self, req):
-        pair = None
+    def _pair(self, req):
         if req.path == "/v1/billing/meter_events" and req.form:
-            pair = (req.form.get("payload[%s]" % self.customer_key),
+            return (req.form.get("payload[%s]" % self.customer_key),
                     req.form.get("event_name"))
+        return None
+
+    def begin(self, req):
         if self.rate is not None and req.path in (
                 "/v1/billing/meter_events", "/v2/billing/meter_event_stream"):
             if not self._take_token():
-                with self.lock:
-                    self.requests.append(req)
                 return self.error(429, "rate_limit", "Too many requests")
+        pair = self._pair(req)
         if pair is not None:
             with self.lock:
                 if pair in self._pairs:
                     self.pair_conflicts += 1
-                    self.requests.append(req)
+                    req.conflict = True
                     return self.error(429, "rate_limit",
                                       "Too many concurrent requests for "
                                       "this customer and meter")
                 self._pairs.add(pair)
-        try:
-            return super()._handle(req)
-        finally:
-            if pair is not None:
-                with self.lock:
-                    self._pairs.discard(pair)
+        return None
+
+    def end(self, req):
+        pair = self._pair(req)
+        if pair is not None and not getattr(req, "conflict", False):
+            with self.lock:
+                self._pairs.discard(pair)
 
     def check_auth(self, req):
         if req.path == "/v2/billing/meter_event_stream":

@@ -116,6 +116,8 @@ typedef struct {
     int64_t                     redis_timeout_ms;
     char                        base[256];
     char                        stream[256];
+    int                         defer_late;     /* send_batch checks
+                                                 * lateness afterwards */
     char                        token[512];     /* stream session */
     time_t                      token_until;
     char                        customer_key[64];
@@ -770,7 +772,7 @@ meter_stripe_stream_run(meter_stripe_t *st, const meter_record_t *recs,
             res[j] = jobs[g].res;
             res[j].status = jobs[g].st;
 
-            if (jobs[g].st == METER_SEND_OK) {
+            if (jobs[g].st == METER_SEND_OK && !st->defer_late) {
                 (void) meter_stripe_check(st, &recs[j], &ts, &now, &sr);
                 meter_stripe_late(st, &recs[j], ts, now);
             }
@@ -993,7 +995,7 @@ meter_stripe_out_free(meter_stripe_out_t *o)
 static meter_send_e
 meter_stripe_answer(meter_stripe_t *st, const meter_record_t *rec,
     meter_stripe_out_t *o, meter_http_resp_t *resp, meter_send_e rc,
-    meter_send_result_t *res)
+    meter_send_result_t *res, int late)
 {
     char  fresh[24];
 
@@ -1018,7 +1020,7 @@ meter_stripe_answer(meter_stripe_t *st, const meter_record_t *rec,
         rc = METER_SEND_OK;
     }
 
-    if (rc == METER_SEND_OK) {
+    if (rc == METER_SEND_OK && late) {
         meter_stripe_late(st, rec, o->ts, o->now);
     }
 
@@ -1052,7 +1054,7 @@ meter_stripe_send(meter_provider_t *p, const meter_record_t *rec,
     rc = meter_stripe_build(st, rec, &o, res);
     if (rc == METER_SEND_OK) {
         rc = meter_http_request(&st->http, &o.req, &resp, res);
-        rc = meter_stripe_answer(st, rec, &o, &resp, rc, res);
+        rc = meter_stripe_answer(st, rec, &o, &resp, rc, res, 1);
     }
 
     meter_stripe_out_free(&o);
@@ -1100,8 +1102,19 @@ meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
             }
         }
 
-        meter_stripe_late_prefetch(st, ok, m);
+        st->defer_late = 1;
         meter_stripe_stream_many(st, ok, m, r2);
+        st->defer_late = 0;
+        meter_stripe_late_prefetch(st, ok, m);
+
+        for (i = 0; i < m; i++) {
+            if (r2[i].status == METER_SEND_OK) {
+                (void) meter_stripe_check(st, &ok[i], &ts, &now, &r2[i]);
+                r2[i].status = METER_SEND_OK;
+                r2[i].error[0] = '\0';
+                meter_stripe_late(st, &ok[i], ts, now);
+            }
+        }
 
         for (i = 0; i < m; i++) {
             res[idx[i]] = r2[i];
@@ -1112,8 +1125,6 @@ meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
         free(r2);
         return;
     }
-
-    meter_stripe_late_prefetch(st, recs, n);
 
     jobs = calloc(n, sizeof(meter_http_job_t));
     outs = calloc(n, sizeof(meter_stripe_out_t));
@@ -1141,8 +1152,19 @@ meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
     for (i = 0; i < m; i++) {
         res[idx[i]] = jobs[i].res;
         (void) meter_stripe_answer(st, &recs[idx[i]], &outs[idx[i]],
-                                   &jobs[i].resp, jobs[i].st, &res[idx[i]]);
+                                   &jobs[i].resp, jobs[i].st, &res[idx[i]],
+                                   0);
         meter_buf_free(&jobs[i].resp.body);
+    }
+
+    /* after the sends, as send() does: the late checks, their periods
+     * fetched together */
+    meter_stripe_late_prefetch(st, recs, n);
+
+    for (i = 0; i < n; i++) {
+        if (res[i].status == METER_SEND_OK) {
+            meter_stripe_late(st, &recs[i], outs[i].ts, outs[i].now);
+        }
     }
 
     for (i = 0; i < n; i++) {
