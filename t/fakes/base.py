@@ -132,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # many clients connect at once: with the default backlog of 5 the rest
+    # of the SYNs are dropped and retried a second later
+    request_queue_size = 256
 
 
 class FakeServer:
@@ -276,8 +279,9 @@ class FakeServer:
             self._release.set()
 
     def _hold(self, when):
+        """True when the request was held (and is released now)."""
         if self.holding != when:
-            return
+            return False
         with self.lock:
             self.held += 1
         try:
@@ -285,13 +289,16 @@ class FakeServer:
         finally:
             with self.lock:
                 self.held -= 1
+        return True
 
     def _handle(self, req):
         with self.lock:
             self.open += 1
             self.max_open = max(self.max_open, self.open)
         try:
-            self._hold("before")
+            if self._hold("before"):
+                # lost before the provider saw it: never processed
+                return None
             resp = self._handle_one(req)
             if resp is not None:
                 self._hold("after")

@@ -688,7 +688,7 @@ int
 meter_http_next(meter_http_t *h, meter_http_resp_t *resp,
     meter_send_result_t *res, int attempt, double *delay)
 {
-    double        d;
+    double        d, wait;
     meter_send_e  st;
 
     meter_send_stats.requests++;
@@ -715,6 +715,23 @@ meter_http_next(meter_http_t *h, meter_http_resp_t *resp,
     d = h->backoff * pow(2, attempt - 1);
     d = d / 2 + d / 2 * ((double) random() / RAND_MAX);
 
+    if (resp->status == 429) {
+        meter_send_stats.throttled++;
+
+        /* the whole provider waits (an absurd Retry-After: retry_cap at
+         * most); no burst right after: the bucket refills from empty */
+        wait = resp->retry_after >= 0 ? resp->retry_after : d;
+        if (wait > h->retry_cap) {
+            wait = h->retry_cap;
+        }
+
+        if (meter_http_now() + wait > h->pause_until) {
+            h->pause_until = meter_http_now() + wait;
+        }
+
+        h->tokens = 0;
+    }
+
     if (resp->retry_after >= 0) {
         if (resp->retry_after > h->retry_cap) {
             /* too long to wait inside a call: let the drain loop
@@ -725,17 +742,6 @@ meter_http_next(meter_http_t *h, meter_http_resp_t *resp,
         if (resp->retry_after > d) {
             d = resp->retry_after;
         }
-    }
-
-    if (resp->status == 429) {
-        meter_send_stats.throttled++;
-
-        if (meter_http_now() + d > h->pause_until) {
-            h->pause_until = meter_http_now() + d;
-        }
-
-        /* no burst right after the pause: the bucket refills from empty */
-        h->tokens = 0;
     }
 
     if (attempt >= h->max_attempts) {

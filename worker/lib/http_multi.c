@@ -116,9 +116,12 @@ meter_http_start(meter_http_t *h, meter_http_job_t *job)
         return -1;
     }
 
-    /* wait for a connection that multiplexes rather than open another
-     * (HTTP/2); plain HTTP/1.1 connections are never shared */
-    curl_easy_setopt(c, CURLOPT_PIPEWAIT, 1L);
+    /* over TLS, wait for a connection that may multiplex (HTTP/2) rather
+     * than open another; plain http is HTTP/1.1, where waiting would
+     * only serialize the requests */
+    if (strncmp(job->req->url, "https:", 6) == 0) {
+        curl_easy_setopt(c, CURLOPT_PIPEWAIT, 1L);
+    }
     curl_easy_setopt(c, CURLOPT_PRIVATE, (void *) job);
 
     if (curl_multi_add_handle(h->multi, c) != CURLM_OK) {
