@@ -111,12 +111,12 @@ def seed(redis, tmp, keys, hours, first, customers):
     return khs, total
 
 
-def run_worker(worker, conf, before, timeout):
+def run_worker(worker, conf, before, timeout, name="drain"):
     """(exit status, seconds, max RSS in KiB, stderr) of one --once run.
     The RSS comes from /usr/bin/time: the ru_maxrss that wait4 gives this
     process would include the Python image the child was forked from."""
     rss = conf.parent / "worker.rss"
-    err = open(conf.parent / "worker.err", "w+")
+    err = open(conf.parent / ("worker-%s.err" % name), "w+")
     timer = ["/usr/bin/time", "-f", "%U %S %M", "-o", str(rss)] \
         if os.path.exists("/usr/bin/time") else []     # Debian: time
     t0 = time.monotonic()
@@ -254,7 +254,8 @@ def main():
 
         rows = []
         for name in ("drain", "rerun"):
-            rc, secs, rss, err = run_worker(worker, conf, before, a.timeout)
+            rc, secs, rss, err = run_worker(worker, conf, before, a.timeout,
+                                            name)
             if rc != 0:
                 raise SystemExit("%s: meter-worker exited %d:\n%s"
                                  % (name, rc, err[-4000:]))

@@ -68,6 +68,8 @@
 #define METER_STRIPE_WINDOW      86400
 #define METER_STRIPE_METERS      16
 #define METER_STRIPE_LATE_KEEP   (35 * 86400)
+/* subscription periods fetched per chunk for the late check */
+#define METER_STRIPE_PREFETCH    100
 
 
 typedef enum {
@@ -430,10 +432,10 @@ meter_stripe_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
 
     /* enough open requests to reach the rate at a 50 ms round trip; the
      * stream carries 100 events per request */
-    p->batch_max = (st->mode == METER_STRIPE_STREAM) ? 2000 : 1000;
+    p->batch_max = (st->mode == METER_STRIPE_STREAM) ? 5000 : 2000;
 
     return meter_http_init_many(&st->http, "stripe", cf, rps,
-                                st->mode == METER_STRIPE_STREAM ? 10 : 50,
+                                st->mode == METER_STRIPE_STREAM ? 20 : 100,
                                 err, errlen);
 }
 
@@ -1106,6 +1108,7 @@ meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
         meter_stripe_stream_many(st, ok, m, r2);
         st->defer_late = 0;
         meter_stripe_late_prefetch(st, ok, m);
+        st->defer_late = 1;
 
         for (i = 0; i < m; i++) {
             if (r2[i].status == METER_SEND_OK) {
@@ -1115,6 +1118,8 @@ meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
                 meter_stripe_late(st, &ok[i], ts, now);
             }
         }
+
+        st->defer_late = 0;
 
         for (i = 0; i < m; i++) {
             res[idx[i]] = r2[i];
@@ -1160,12 +1165,15 @@ meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
     /* after the sends, as send() does: the late checks, their periods
      * fetched together */
     meter_stripe_late_prefetch(st, recs, n);
+    st->defer_late = 1;
 
     for (i = 0; i < n; i++) {
         if (res[i].status == METER_SEND_OK) {
             meter_stripe_late(st, &recs[i], outs[i].ts, outs[i].now);
         }
     }
+
+    st->defer_late = 0;
 
     for (i = 0; i < n; i++) {
         meter_stripe_out_free(&outs[i]);
@@ -1950,7 +1958,10 @@ meter_stripe_period_put(meter_stripe_t *st, const char *sub, time_t start,
 
 /*
  * Before the late checks of a chunk: the periods of its subscriptions that
- * are not cached fetched concurrently, not one round trip per record.
+ * are not cached fetched concurrently, not one round trip per record, and
+ * at most METER_STRIPE_PREFETCH of them: these GETs count against Stripe's
+ * global limit (100/s live), the check is a warning, and later chunks and
+ * passes find the rest cached.
  */
 static void
 meter_stripe_late_prefetch(meter_stripe_t *st, const meter_record_t *recs,
@@ -1993,6 +2004,10 @@ meter_stripe_late_prefetch(meter_stripe_t *st, const meter_record_t *recs,
         pd = meter_stripe_period_get(st, recs[i].subscription, now);
         if (pd != NULL && now - pd->fetched <= 600) {
             continue;
+        }
+
+        if (m == METER_STRIPE_PREFETCH) {
+            break;
         }
 
         if (meter_map_put(&seen, recs[i].subscription, &created) == NULL
@@ -2075,6 +2090,11 @@ meter_stripe_late(meter_stripe_t *st, const meter_record_t *rec, time_t ts,
     }
 
     pd = meter_stripe_period_get(st, rec->subscription, now);
+
+    if (st->defer_late && (pd == NULL || now - pd->fetched > 600)) {
+        /* a chunk: only what its bounded prefetch found is checked */
+        return;
+    }
 
     if (pd == NULL || now - pd->fetched > 600) {
         memset(&url, 0, sizeof(url));
