@@ -435,7 +435,7 @@ meter_stripe_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
     p->batch_max = (st->mode == METER_STRIPE_STREAM) ? 5000 : 2000;
 
     return meter_http_init_many(&st->http, "stripe", cf, rps,
-                                st->mode == METER_STRIPE_STREAM ? 20 : 100,
+                                st->mode == METER_STRIPE_STREAM ? 50 : 100,
                                 err, errlen);
 }
 
