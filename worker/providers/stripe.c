@@ -432,11 +432,23 @@ meter_stripe_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
 
     /* enough open requests to reach the rate at a 50 ms round trip; the
      * stream carries 100 events per request */
-    p->batch_max = (st->mode == METER_STRIPE_STREAM) ? 5000 : 2000;
+    if (meter_http_init_many(&st->http, "stripe", cf, rps,
+                             st->mode == METER_STRIPE_STREAM ? 50 : 100,
+                             err, errlen) != 0)
+    {
+        return -1;
+    }
 
-    return meter_http_init_many(&st->http, "stripe", cf, rps,
-                                st->mode == METER_STRIPE_STREAM ? 50 : 100,
-                                err, errlen);
+    /* a chunk lasts about 2 s at max_rps (a SIGTERM waits for the chunk
+     * in flight): 2,000 v1 calls at 1,000/s, 100 at the sandbox's 25/s */
+    rps = (st->http.max_rps > 0) ? st->http.max_rps : 1e6;
+    rps *= (st->mode == METER_STRIPE_STREAM) ? 200 : 2;
+    p->batch_max = rps < 100 ? 100 : rps > 5000 ? 5000 : (size_t) rps;
+    if (st->mode != METER_STRIPE_STREAM && p->batch_max > 2000) {
+        p->batch_max = 2000;
+    }
+
+    return 0;
 }
 
 
