@@ -27,6 +27,7 @@
 #include <openssl/rand.h>
 
 #include "drain.h"
+#include "http.h"
 #include "log.h"
 #include "meter_schema.h"
 #include "scripts.h"
@@ -1050,6 +1051,7 @@ meter_drain_dead(meter_drain_t *d, const char *id, const char *error,
     freeReplyObject(rp);
 
     d->dead++;
+    meter_send_stats.dead++;
     meter_log(LOG_ERR, "record %s dead-lettered: %s (meterctl retry %s "
               "requeues it)", id, error, id);
 
@@ -1234,6 +1236,7 @@ meter_drain_outcome(meter_drain_t *d, meter_rec_t *r, meter_send_e st,
         freeReplyObject(rp);
 
         d->retried++;
+        meter_send_stats.failed++;
         meter_log(LOG_WARNING, "record %s: %s; attempt %ld, next in %.0fs",
                   r->id, res.error[0] ? res.error : "temporary failure",
                   r->attempts, delay);
@@ -1707,6 +1710,7 @@ meter_drain_finish(meter_drain_t *d, meter_rec_t **recs, size_t n)
 
         } else {
             d->sent++;
+            meter_send_stats.sent++;
         }
 
         freeReplyObject(rp);
@@ -2194,7 +2198,7 @@ done:
 static meter_drain_rc_e
 meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
 {
-    size_t            i, n;
+    size_t            i, n, chunk;
     meter_agg_t     **list;
     meter_drain_rc_e  rc;
 
@@ -2219,9 +2223,16 @@ meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
 
     rc = METER_DRAIN_OK;
 
-    for (i = 0; i < n && rc == METER_DRAIN_OK; i += METER_CHUNK) {
+    /* a provider that keeps many requests open takes bigger chunks, so
+     * that the chunk's Redis round trips do not leave it idle */
+    chunk = METER_CHUNK;
+    if (d->provider->send_batch != NULL && d->provider->batch_max > chunk) {
+        chunk = d->provider->batch_max;
+    }
+
+    for (i = 0; i < n && rc == METER_DRAIN_OK; i += chunk) {
         rc = meter_drain_chunk(d, pstart, &list[i],
-                               (n - i < METER_CHUNK) ? n - i : METER_CHUNK);
+                               (n - i < chunk) ? n - i : chunk);
     }
 
     free(list);

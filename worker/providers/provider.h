@@ -160,8 +160,9 @@ struct meter_provider_s {
                                       const meter_record_t *rec,
                                       meter_send_result_t *res);
 
-    /* optional: one delivery attempt of n new records together (n <= 100,
-     * a chunk of the drain); res[i] answers recs[i]; NULL: send() each */
+    /* optional: one delivery attempt of n new records together (n <=
+     * batch_max, a chunk of the drain); res[i] answers recs[i]; NULL:
+     * send() each */
     void                      (*send_batch)(meter_provider_t *p,
                                             const meter_record_t *recs,
                                             size_t n,
@@ -208,6 +209,10 @@ struct meter_provider_s {
 
     /* optional: a drain pass begins (per-pass caches are dropped) */
     void                      (*pass)(meter_provider_t *p);
+
+    /* records per send_batch call (0: 100), set by init: enough for the
+     * requests it keeps in flight */
+    size_t                      batch_max;
 
     void                       *data;   /* provider's own state */
 };
