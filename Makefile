@@ -30,7 +30,7 @@ PKGS := build-essential pkg-config nginx nginx-dev libhiredis-dev \
         libssl-dev redis-server python3-pytest python3-h2 wrk curl \
         ca-certificates time libfaketime libmicrohttpd-dev debhelper \
         dpkg-dev lintian systemd strace prometheus python3-aiosmtpd \
-        redis-sentinel stunnel4
+        redis-sentinel stunnel4 chromium chromium-driver
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -155,6 +155,9 @@ bench-cost: deps module
 # never overwritten
 DESTDIR ?=
 NGX_MODULES := /usr/lib/nginx/modules
+PORTAL_DIR := /usr/share/nginx-meter/portal
+PORTAL_FILES := docs/portal/index.html docs/portal/usage.html \
+                docs/portal/portal.css docs/portal/portal.js
 
 install: module worker
 	install -D -m 0644 $(MODULE_SO) \
@@ -172,8 +175,10 @@ install: module worker
 	install -d -m 0755 $(DESTDIR)/etc/meter
 	[ -e $(DESTDIR)/etc/meter/worker.conf ] || \
 	    install -m 0644 conf/meter-worker.conf $(DESTDIR)/etc/meter/worker.conf
-	install -D -m 0644 conf/nginx-meter.conf \
-	    $(DESTDIR)/usr/share/doc/nginx-meter/examples/nginx-meter.conf
+	install -D -m 0644 conf/nginx-meter.conf conf/nginx-portal.conf \
+	    -t $(DESTDIR)/usr/share/doc/nginx-meter/examples/
+	: "the portal's static pages, served by nginx (conf/nginx-portal.conf)"
+	install -D -m 0644 $(PORTAL_FILES) -t $(DESTDIR)$(PORTAL_DIR)/
 	install -D -m 0644 README.md docs/redis-schema.md \
 	    -t $(DESTDIR)/usr/share/doc/nginx-meter/
 	install -D -m 0644 conf/alerts/* \

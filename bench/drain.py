@@ -67,7 +67,7 @@ def quantity(k, h):
     return 1 + (k * 31 + h * 7) % 997
 
 
-def seed(redis, tmp, keys, hours, first, customers):
+def seed(redis, tmp, keys, hours, first, customers, provider="stripe"):
     """Writes the RESP of every command into a file and feeds it to
     redis-cli --pipe.  Returns (key hashes, expected total)."""
     khs = [hashlib.sha256(b"mk_bench_%08d" % k).hexdigest()
@@ -83,7 +83,7 @@ def seed(redis, tmp, keys, hours, first, customers):
                              "prefix", "mk_bench_%04d" % (k % 10000),
                              "created", "1700000000"))
                 f.write(resp("HSET", "mtr:cust:{%s}" % c, "provider",
-                             "stripe", "provider_customer", "cus_%08d" % k,
+                             provider, "provider_customer", "cus_%08d" % k,
                              "subscription", "sub_%08d" % k, "status",
                              "active", "created", "1700000000"))
                 f.write(resp("SADD", "mtr:customers", c))
@@ -114,13 +114,13 @@ def seed(redis, tmp, keys, hours, first, customers):
     return khs, total
 
 
-def run_worker(worker, conf, before, timeout):
+def run_worker(worker, conf, before, timeout, name="drain"):
     """(exit status, seconds, max RSS in KiB, stderr) of one --once run.
     The RSS comes from /usr/bin/time: the ru_maxrss that wait4 gives this
     process would include the Python image the child was forked from."""
     rss = conf.parent / "worker.rss"
-    err = open(conf.parent / "worker.err", "w+")
-    timer = ["/usr/bin/time", "-f", "%M", "-o", str(rss)] \
+    err = open(conf.parent / ("worker-%s.err" % name), "w+")
+    timer = ["/usr/bin/time", "-f", "%U %S %M", "-o", str(rss)] \
         if os.path.exists("/usr/bin/time") else []     # Debian: time
     t0 = time.monotonic()
     try:
@@ -134,7 +134,11 @@ def run_worker(worker, conf, before, timeout):
         err.seek(0)
         text = err.read()
         err.close()
-    kib = int(rss.read_text().split()[-1]) if timer else None
+    kib = None
+    if timer:
+        f = rss.read_text().split()
+        kib = int(f[-1])
+        print("  worker CPU: user %ss, sys %ss" % (f[-3], f[-2]))
     return r.returncode, secs, kib, text
 
 
@@ -155,9 +159,64 @@ def check_jsonl(path, customer):
     return n, len(ids), q
 
 
+def provider_fake(a, keys, tmp, lines):
+    """The fake Chargebee or Recurly with one subscription per key, its
+    limit (--limit requests/s, counted per minute / 5 minutes as the
+    provider does) and the worker's settings."""
+    from fakes import FakeChargebee, FakeRecurly
+    key = "bench_%s_key_0123456789" % a.mode
+    if a.mode == "chargebee":
+        fake = FakeChargebee(api_key=key, delay=a.latency)
+        if a.limit:
+            fake.rate_limit = int(a.limit * 60)
+        for k in range(keys):
+            fake.add_subscription("sub_%08d" % k,
+                                  customer_id="cus_%08d" % k,
+                                  item_prices=["calls-USD-Monthly"])
+        meter = "calls-USD-Monthly"
+        # hourly records, as the other modes (Chargebee's default: daily)
+        lines.append("report_period = hour")
+    else:
+        fake = FakeRecurly(api_key=key, delay=a.latency,
+                           rate_limit=int((a.limit or 1000) * 300),
+                           rate_window=300)
+        for k in range(keys):
+            fake.add_subscription("sub_%08d" % k, add_ons=["api_calls"])
+        meter = "api_calls"
+    fake.start()
+    (tmp / "api-key").write_text(key + "\n")
+    (tmp / "api-key").chmod(0o600)
+    lines += ["%s.base_url = %s" % (a.mode, fake.url),
+              "%s.api_key_file = %s" % (a.mode, tmp / "api-key"),
+              "%s.max_rps = %g" % (a.mode, a.rps),
+              "%s.timeout = 10s" % a.mode,
+              "meter.calls = %s" % meter]
+    if a.in_flight:
+        lines.append("%s.max_in_flight = %d" % (a.mode, a.in_flight))
+    return fake
+
+
+def check_usages(a, fake, name, n, keys, hours, total):
+    """Exactly N usages, with the seeded quantity per subscription."""
+    with fake.lock:
+        us = list(fake.usages)
+    got = {}
+    for u in us:
+        sid = u.get("subscription_id")
+        got[sid] = got.get(sid, 0) + int(u.get("quantity", u.get("amount",
+                                                                  0)))
+    want = {"sub_%08d" % k: sum(quantity(k, h) for h in range(hours))
+            for k in range(keys)}
+    if len(us) != n or got != want:
+        raise SystemExit("%s: %d usages, quantity %d; expected %d, %d"
+                         % (name, len(us), sum(got.values()), n, total))
+
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=("file", "stripe"), default="file")
+    ap.add_argument("--mode", choices=("file", "stripe", "chargebee",
+                                       "recurly"), default="file")
     ap.add_argument("--n", type=int, default=None,
                     help="key-hours (file: 1000000, stripe: 3000)")
     ap.add_argument("--hours", type=int, default=None,
@@ -165,6 +224,17 @@ def main():
                          "stripe: 10); keys = n / hours")
     ap.add_argument("--rps", type=float, default=100,
                     help="stripe.max_rps (stripe mode)")
+    ap.add_argument("--latency", type=float, default=0.0,
+                    help="the fake answers after this many seconds "
+                         "(stripe mode; issue 13 measures at 0.05)")
+    ap.add_argument("--limit", type=float, default=None,
+                    help="the fake's own rate limit, requests/s (a token "
+                         "bucket, 429 beyond it)")
+    ap.add_argument("--in-flight", type=int, default=None,
+                    help="stripe.max_in_flight (default: the worker's)")
+    ap.add_argument("--stream", action="store_true",
+                    help="stripe.mode = meter_event_stream (v2, 100 "
+                         "events per request)")
     ap.add_argument("--no-audit", action="store_true",
                     help="no audit.path (one fsync less per record)")
     ap.add_argument("--worker", default=os.environ.get(
@@ -197,7 +267,7 @@ def main():
 
         t0 = time.monotonic()
         khs, total = seed(redis, tmp, keys, hours, first,
-                          customers=(a.mode == "stripe"))
+                          customers=(a.mode != "file"), provider=a.mode)
         seeded = time.monotonic() - t0
         mem = redis.cmd("INFO", "memory")
         mem = mem.decode() if isinstance(mem, bytes) else mem
@@ -216,13 +286,17 @@ def main():
             lines.append("audit.path = %s" % (tmp / "audit.jsonl"))
         if a.mode == "file":
             lines.append("file.path = %s" % out)
+        elif a.mode in ("chargebee", "recurly"):
+            fake = provider_fake(a, keys, tmp, lines)
         else:
             from fakes import FakeStripe
             from fakes import base
             # the fake writes headers and body in two send()s: without
             # TCP_NODELAY each answer waits for curl's delayed ACK (40 ms)
             base._Handler.disable_nagle_algorithm = True
-            fake = FakeStripe(api_key=STRIPE_KEY).start()
+            fake = FakeStripe(api_key=STRIPE_KEY, delay=a.latency)
+            fake.rate = a.limit
+            fake.start()
             (tmp / "api-key").write_text(STRIPE_KEY + "\n")
             (tmp / "api-key").chmod(0o600)
             lines += ["stripe.base_url = %s" % fake.url,
@@ -230,6 +304,11 @@ def main():
                       "stripe.max_rps = %g" % a.rps,
                       "stripe.timeout = 10s",
                       "meter.calls = api_calls"]
+            if a.in_flight:
+                lines.append("stripe.max_in_flight = %d" % a.in_flight)
+            if a.stream:
+                lines += ["stripe.mode = meter_event_stream",
+                          "stripe.stream_url = %s" % fake.url]
         conf = tmp / "worker.conf"
         conf.write_text("\n".join(lines) + "\n")
         # grace 0: the confirming read of the settled hours is due at once
@@ -240,7 +319,8 @@ def main():
         rows = []
         for name, cf in (("drain", conf), ("rerun", conf),
                          ("confirm", conf0), ("idle", conf0)):
-            rc, secs, rss, err = run_worker(worker, cf, before, a.timeout)
+            rc, secs, rss, err = run_worker(worker, cf, before, a.timeout,
+                                            name)
             if rc != 0:
                 raise SystemExit("%s: meter-worker exited %d:\n%s"
                                  % (name, rc, err[-4000:]))
@@ -253,6 +333,8 @@ def main():
                     raise SystemExit("%s: %d lines, %d keys, quantity %d; "
                                      "expected %d, %d, %d"
                                      % (name, lines, ids, q, n, n, total))
+            elif a.mode in ("chargebee", "recurly"):
+                check_usages(a, fake, name, n, keys, hours, total)
             else:
                 with fake.lock:
                     evs = list(fake.events)
@@ -280,7 +362,19 @@ def main():
                      "%.0f" % (n / secs) if recs else
                      "(%.0f kh/s)" % (n / secs),
                      "%.1f MiB" % (rss / 1024.0) if rss else "n/a"))
+        if a.mode in ("chargebee", "recurly"):
+            secs = rows[0][1]
+            print("%s: limit %g requests/min, max_rps %g: %.0f records/min "
+                  "(%.0f %% of the limit), %d requests, 429s %d"
+                  % (a.mode, a.limit * 60 if a.limit else 0, a.rps,
+                     n / secs * 60,
+                     100.0 * n / secs * 60 / (a.limit * 60)
+                     if a.limit else 0, len(fake.requests), fake.limited))
         if a.mode == "stripe":
+            print("fake: latency %.3fs, limit %s/s, 429s %d, most open at "
+                  "once %d, stream requests %d"
+                  % (a.latency, a.limit, fake.limited, fake.max_open,
+                     len(fake.stream_requests)))
             rate = n / rows[0][1]
             print("stripe.max_rps %g: measured %.1f records/s; 1,000,000 "
                   "records would take about %.1f h (extrapolated, not "

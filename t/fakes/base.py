@@ -132,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # many clients connect at once: with the default backlog of 5 the rest
+    # of the SYNs are dropped and retried a second later
+    request_queue_size = 256
 
 
 class FakeServer:
@@ -150,6 +153,14 @@ class FakeServer:
         self.script = deque()
         self.delay = delay          # per request, for slow drains
         self.hangs = threading.Event()
+        # concurrency: requests being handled now, and the most at once
+        self.open = 0
+        self.max_open = 0
+        # hold(): every request waits (before or after it is processed)
+        # until release(), so that a test can kill the client meanwhile
+        self.holding = None
+        self.held = 0
+        self._release = threading.Event()
         self._server = None
         self._thread = None
         self._routes = [(m, re.compile("^" + r + "$"), getattr(self, f))
@@ -255,29 +266,91 @@ class FakeServer:
                                 for g in mo.groups()])
         return self.not_found(req)
 
+    def hold(self, after=False):
+        """From now on requests wait until release(); after=True
+        processes each one first (its effect is kept, its answer held)."""
+        with self.lock:
+            self._release.clear()
+            self.holding = "after" if after else "before"
+
+    def release(self):
+        with self.lock:
+            self.holding = None
+            self._release.set()
+
+    def _hold(self, when):
+        """True when the request was held (and is released now)."""
+        if self.holding != when:
+            return False
+        with self.lock:
+            self.held += 1
+        try:
+            self._release.wait(60)
+        finally:
+            with self.lock:
+                self.held -= 1
+        return True
+
     def _handle(self, req):
         with self.lock:
-            self.requests.append(req)
-        if self.delay:
-            time.sleep(self.delay)
-        r = self.check_auth(req)
-        if r is not None:
-            return r
-        r = self.check_request(req)
-        if r is not None:
-            return r
-        action = self._take(req)
-        if action is not None and not action.after:
-            if action.hang:
-                self.hangs.wait(action.hang)
-                if action.status is None:
-                    return None
-            if action.status is not None:
-                resp = self._scripted(req, action)
-                self.saved_failure(req, resp)
-                return resp
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+        try:
+            if self._hold("before"):
+                # lost before the provider saw it: never processed
+                return None
+            resp = self._handle_one(req)
+            if resp is not None:
+                self._hold("after")
+            return resp
+        finally:
+            with self.lock:
+                self.open -= 1
+
+    def begin(self, req):
+        """Before a request is processed: None, or the Response that
+        refuses it (a provider's concurrency rule); end(req) follows."""
+        return None
+
+    def end(self, req):
+        pass
+
+    def _handle_one(self, req):
         with self.lock:
-            resp = self._route(req)
+            self.requests.append(req)
+        r = self.begin(req)
+        if r is not None:
+            return r
+        action = None
+        ended = False
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            r = self.check_auth(req)
+            if r is not None:
+                return r
+            r = self.check_request(req)
+            if r is not None:
+                return r
+            action = self._take(req)
+            if action is not None and not action.after:
+                if action.hang:
+                    # a scripted hang is not processing: the client gave
+                    # up on it long before
+                    self.end(req)
+                    ended = True
+                    self.hangs.wait(action.hang)
+                    if action.status is None:
+                        return None
+                if action.status is not None:
+                    resp = self._scripted(req, action)
+                    self.saved_failure(req, resp)
+                    return resp
+            with self.lock:
+                resp = self._route(req)
+        finally:
+            if not ended:
+                self.end(req)
         if action is not None and action.after:
             self.hangs.wait(action.hang)
             return None

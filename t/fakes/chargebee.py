@@ -34,6 +34,7 @@ Lists: customers, subscriptions (status[is]), invoices (status[in]).
 """
 
 import base64
+import collections
 import itertools
 import json
 import random
@@ -98,6 +99,12 @@ class FakeChargebee(FakeServer):
         # a test's concurrent writer (add_usage)
         self.on_usage = None
         self._ids = itertools.count(1)
+        # rate limit: ``rate_limit`` requests a minute (PROVIDERS.md: 150
+        # test, 1,000 / 3,500 live), a sliding window; None: none
+        self.rate_limit = None
+        self.rate_window = 60
+        self.counted = collections.deque()
+        self.limited = 0
 
     def error(self, status, kind, message, code=None, param=None, **extra):
         body = {"message": message, "type": kind,
@@ -115,6 +122,20 @@ class FakeChargebee(FakeServer):
         body["error_code"] = body["api_error_code"]
         body["error_msg"] = message
         return Response(status, body)
+
+    def begin(self, req):
+        if self.rate_limit is None:
+            return None
+        with self.lock:
+            now = time.monotonic()
+            while self.counted and self.counted[0] <= now - self.rate_window:
+                self.counted.popleft()
+            if len(self.counted) >= self.rate_limit:
+                self.limited += 1
+                return self.error(429, "rate_limit", "Sorry, the request "
+                                  "limit was exceeded. Please retry later.")
+            self.counted.append(now)
+        return None
 
     def check_auth(self, req):
         ba = req.basic_auth()

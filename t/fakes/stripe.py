@@ -33,6 +33,7 @@ v1.billing.meter.error_report_triggered v2 event (GET /v2/core/events/{id})
 and returns its thin payload.
 """
 
+import collections
 import hashlib
 import hmac
 import datetime
@@ -148,6 +149,18 @@ class FakeStripe(FakeServer):
         self.versions = []          # Stripe-Version of each request
         self.v2_events = {}
         self._ids = itertools.count(1)
+        self._order = collections.deque()   # (created, identifier)
+        # meter events: a token bucket of ``rate`` requests/s (bursts of
+        # rate), as Stripe's limiters work; None: no limit
+        self.rate = None
+        self._tokens = 0.0
+        self._tick = None
+        self.limited = 0            # 429s for the rate
+        # one concurrent call per customer and meter (PROVIDERS.md)
+        self._pairs = set()
+        self.pair_conflicts = 0
+        self.session_ttl = 900      # v2 session lifetime, s
+        self.stream_requests = []   # events per stream request
 
     def _id(self, prefix):
         return "%s_%06d" % (prefix, next(self._ids))
@@ -170,6 +183,50 @@ class FakeStripe(FakeServer):
             err["code"] = "resource_missing"
         return Response(status, {"error": err},
                         headers={"Request-Id": "req_%d" % next(self._ids)})
+
+    def _take_token(self):
+        with self.lock:
+            now = time.monotonic()
+            if self._tick is None:
+                self._tokens = self.rate
+            else:
+                self._tokens = min(self.rate, self._tokens
+                                   + (now - self._tick) * self.rate)
+            self._tick = now
+            if self._tokens < 1:
+                self.limited += 1
+                return False
+            self._tokens -= 1
+            return True
+
+    def _pair(self, req):
+        if req.path == "/v1/billing/meter_events" and req.form:
+            return (req.form.get("payload[%s]" % self.customer_key),
+                    req.form.get("event_name"))
+        return None
+
+    def begin(self, req):
+        if self.rate is not None and req.path in (
+                "/v1/billing/meter_events", "/v2/billing/meter_event_stream"):
+            if not self._take_token():
+                return self.error(429, "rate_limit", "Too many requests")
+        pair = self._pair(req)
+        if pair is not None:
+            with self.lock:
+                if pair in self._pairs:
+                    self.pair_conflicts += 1
+                    req.conflict = True
+                    return self.error(429, "rate_limit",
+                                      "Too many concurrent requests for "
+                                      "this customer and meter")
+                self._pairs.add(pair)
+        return None
+
+    def end(self, req):
+        pair = self._pair(req)
+        if pair is not None and not getattr(req, "conflict", False):
+            with self.lock:
+                self._pairs.discard(pair)
 
     def check_auth(self, req):
         if req.path == "/v2/billing/meter_event_stream":
@@ -312,19 +369,31 @@ class FakeStripe(FakeServer):
               "payload": {k[8:-1]: v for k, v in f.items()
                           if k.startswith("payload[")},
               "timestamp": ts}
-        self.identifiers[ident] = ev
+        self._remember(ident, ev)
         self.events.append(ev)
         return Response(200, ev)
 
+    def _remember(self, ident, ev):
+        self.identifiers[ident] = ev
+        self._order.append((ev["created"], ident))
+
     def _forget(self, now):
-        """Identifiers are unique within a rolling ~24 h, then forgotten."""
-        for i in [i for i, e in self.identifiers.items()
-                  if e["created"] <= now - self.window]:
-            del self.identifiers[i]
+        """Identifiers are unique within a rolling ~24 h, then forgotten
+        (oldest first: O(1) a request however many are kept)."""
+        while self._order and self._order[0][0] <= now - self.window:
+            created, i = self._order.popleft()
+            e = self.identifiers.get(i)
+            if e is not None and e["created"] == created:
+                del self.identifiers[i]
+        # a test may move the clock back or set created by hand
+        if self._order and self._order[0][0] > now:
+            for i in [i for i, e in self.identifiers.items()
+                      if e["created"] <= now - self.window]:
+                del self.identifiers[i]
 
     def stream_session(self, req):
         tok = "mes_" + secrets.token_hex(16)
-        exp = int(self.now()) + 900
+        exp = int(self.now()) + self.session_ttl
         self.sessions[tok] = exp
         iso = datetime.datetime.fromtimestamp(
             exp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
@@ -343,6 +412,8 @@ class FakeStripe(FakeServer):
             return self.error(400, "invalid_request_error",
                               "events: 1 to 100 events")
         now = int(self.now())
+        with self.lock:
+            self.stream_requests.append(len(evs))
         for ev in evs:
             p = ev.get("payload") or {}
             t = ev.get("timestamp")
@@ -368,7 +439,7 @@ class FakeStripe(FakeServer):
                  "payload": dict(ev["payload"]),
                  "timestamp": int(datetime.datetime.fromisoformat(
                      ev["timestamp"].replace("Z", "+00:00")).timestamp())}
-            self.identifiers[ident] = e
+            self._remember(ident, e)
             self.events.append(e)
         if self.expire_after is not None:
             self.expire_after -= 1
@@ -535,7 +606,7 @@ class FakeStripe(FakeServer):
                           self.value_key: str(value)},
               "timestamp": int(timestamp)}
         with self.lock:
-            self.identifiers[ev["identifier"]] = ev
+            self._remember(ev["identifier"], ev)
             self.events.append(ev)
         return ev
 

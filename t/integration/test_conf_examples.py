@@ -5,13 +5,16 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from conftest import MODULE_SO, NGINX, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_example_nginx_conf_passes_nginx_t():
-    text = (ROOT / "conf" / "nginx-meter.conf").read_text()
+@pytest.mark.parametrize("name", ["nginx-meter.conf", "nginx-portal.conf"])
+def test_example_nginx_conf_passes_nginx_t(name):
+    text = (ROOT / "conf" / name).read_text()
     text = text.replace("/usr/lib/nginx/modules/ngx_http_meter_module.so",
                         str(MODULE_SO))
     # no privileged port or system paths in a test
@@ -36,7 +39,12 @@ def test_make_install_debian_layout(tmp_path):
               "usr/bin/meter-worker", "usr/bin/meterctl",
               "lib/systemd/system/meter-worker.service",
               "etc/meter/worker.conf",
-              "usr/share/doc/nginx-meter/redis-schema.md"):
+              "usr/share/doc/nginx-meter/redis-schema.md",
+              "usr/share/doc/nginx-meter/examples/nginx-portal.conf",
+              "usr/share/nginx-meter/portal/index.html",
+              "usr/share/nginx-meter/portal/usage.html",
+              "usr/share/nginx-meter/portal/portal.css",
+              "usr/share/nginx-meter/portal/portal.js"):
         assert (tmp_path / f).exists(), f
     link = tmp_path / "etc/nginx/modules-enabled/50-mod-http-meter.conf"
     assert link.is_symlink()

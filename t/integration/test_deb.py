@@ -176,13 +176,19 @@ def test_package_metadata(debs):
     assert {"/usr/bin/meter-worker", "/usr/bin/meterctl", UNIT,
             "/etc/meter/worker.conf",
             "/usr/share/man/man8/meter-worker.8.gz",
-            "/usr/share/man/man1/meterctl.1.gz"} \
+            "/usr/share/man/man1/meterctl.1.gz",
+            "/usr/share/nginx-meter/portal/index.html",
+            "/usr/share/nginx-meter/portal/usage.html",
+            "/usr/share/nginx-meter/portal/portal.css",
+            "/usr/share/nginx-meter/portal/portal.js"} \
         <= contents["nginx-meter-worker"]
     # TLS to Redis through stunnel4 (README, "TLS to Redis"): examples only
     ex = "/usr/share/doc/nginx-meter-worker/examples/"
     assert {ex + "stunnel-redis-client.conf", ex + "stunnel-redis-server.conf",
             ex + "stunnel-redis-client.service"} \
         <= contents["nginx-meter-worker"]
+    assert "/usr/share/doc/libnginx-mod-http-meter/examples/" \
+        "nginx-portal.conf" in contents["libnginx-mod-http-meter"]
     # systemd creates these for the DynamicUser; a package-owned one would
     # be moved away under dpkg's feet
     for p in PKGS:

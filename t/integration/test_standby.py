@@ -33,6 +33,9 @@ def workers(tmp_path, redis, fake):
         secret = b.write_secret("whsec", SECRET)
         with open(b.conf, "a") as f:
             f.write("stripe.webhook_secret_file = %s\n" % secret)
+            # one request at a time: the drain must still be running when
+            # the standby starts and when the active worker is killed
+            f.write("stripe.max_in_flight = 1\n")
         b.wh_port = port
         out.append(b)
     return out

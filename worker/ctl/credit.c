@@ -18,106 +18,51 @@
 
 #include "gov.h"
 #include "meterctl.h"
+#include "usage.h"
 #include "meter_schema.h"
 #include "util.h"
 
 
-/* the credit meters of a customer, from mtr:gov:credit fields "C|M" */
-static redisReply *
-meterctl_credit_fields(meter_redis_t *r, int *rc)
-{
-    redisReply  *rp;
-
-    rp = meter_redis_cmd(r, "HKEYS " MTR_GOV_CREDIT);
-    if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
-        *rc = meterctl_redis_failed(r, rp);
-        return NULL;
-    }
-
-    return rp;
-}
-
-
-/* "C|M" field of this customer: the meter, or NULL */
-static const char *
-meterctl_credit_meter(const char *field, const char *customer)
-{
-    size_t  n;
-
-    n = strlen(customer);
-
-    if (strncmp(field, customer, n) == 0 && field[n] == '|'
-        && meterctl_valid_meter(field + n + 1))
-    {
-        return field + n + 1;
-    }
-
-    return NULL;
-}
-
-
-/* credit rows of a customer: table or JSON array; an exit code */
+/* credit rows of a customer (lib/usage.c): table or JSON array; an exit
+ * code */
 int
 meterctl_credit_rows(meter_redis_t *r, const char *cmd, const char *customer,
     const char *only, cJSON *arr, int table)
 {
-    char         err[512];
-    size_t       i;
-    int          rc, n;
-    int64_t      granted, left;
-    cJSON       *c;
-    redisReply  *fields;
-    const char  *m;
+    char                 err[512];
+    size_t               i, n;
+    cJSON               *c;
+    meter_credit_row_t  *rows;
 
-    rc = EX_OK;
-    fields = meterctl_credit_fields(r, &rc);
-    if (fields == NULL) {
-        return rc;
+    if (meter_usage_credit(r, customer, only, &rows, &n, err, sizeof(err))
+        != 0)
+    {
+        return meterctl_gov_failed(cmd, err);
     }
 
-    n = 0;
-
-    for (i = 0; i < fields->elements; i++) {
-        m = meterctl_credit_meter(fields->element[i]->str, customer);
-        if (m == NULL || (only != NULL && strcmp(m, only) != 0)) {
-            continue;
-        }
-
-        if (meter_gov_credit_left(r, customer, m, &granted, &left, err,
-                                  sizeof(err))
-            != 0)
-        {
-            freeReplyObject(fields);
-            return meterctl_gov_failed(cmd, err);
-        }
-
-        if (granted < 0) {
-            continue;
-        }
-
+    for (i = 0; i < n; i++) {
         if (arr != NULL) {
             c = cJSON_CreateObject();
-            cJSON_AddStringToObject(c, "meter", m);
-            meterctl_json_int(c, "granted", granted);
-            meterctl_json_int(c, "used", granted - left);
-            meterctl_json_int(c, "left", left);
+            cJSON_AddStringToObject(c, "meter", rows[i].meter);
+            meterctl_json_int(c, "granted", rows[i].granted);
+            meterctl_json_int(c, "used", rows[i].granted - rows[i].left);
+            meterctl_json_int(c, "left", rows[i].left);
             cJSON_AddItemToArray(arr, c);
 
         } else if (table) {
-            if (n == 0) {
+            if (i == 0) {
                 printf("  %-16s  %14s  %14s  %14s\n", "METER", "GRANTED",
                        "USED", "LEFT");
             }
 
             printf("  %-16s  %14" PRId64 "  %14" PRId64 "  %14" PRId64 "%s\n",
-                   m, granted, granted - left, left,
-                   left <= 0 ? "  (exhausted: 402)" : "");
+                   rows[i].meter, rows[i].granted,
+                   rows[i].granted - rows[i].left, rows[i].left,
+                   rows[i].left <= 0 ? "  (exhausted: 402)" : "");
         }
-
-        n++;
     }
 
-    freeReplyObject(fields);
+    free(rows);
 
     if (table && arr == NULL && n == 0) {
         printf("  none%s%s%s (usage not limited)\n",

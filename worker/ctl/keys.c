@@ -2,8 +2,7 @@
 /*
  * Copyright (C) nginx-meter authors
  *
- * meterctl keys list|add|revoke|rotate, and the API key itself: 160 bits
- * from OpenSSL's CSPRNG, base32, stored only as its SHA-256.
+ * meterctl keys list|add|revoke|rotate (the key itself: lib/register.c).
  */
 
 
@@ -14,65 +13,11 @@
 #include <time.h>
 
 #include <cjson/cJSON.h>
-#include <openssl/rand.h>
 
 #include "gov.h"
 #include "meterctl.h"
 #include "meter_schema.h"
 #include "util.h"
-
-
-const char  meterctl_b32[] = "abcdefghijklmnopqrstuvwxyz234567";
-
-
-/* base32 (RFC 4648 alphabet, lowercase, no padding) of n bytes; out holds
- * (n * 8 + 4) / 5 + 1 */
-void
-meterctl_base32(const unsigned char *in, size_t n, char *out)
-{
-    size_t    i, o;
-    unsigned  bits, acc;
-
-    o = 0;
-    bits = 0;
-    acc = 0;
-
-    for (i = 0; i < n; i++) {
-        acc = (acc << 8) | in[i];
-        bits += 8;
-
-        while (bits >= 5) {
-            out[o++] = meterctl_b32[(acc >> (bits - 5)) & 31];
-            bits -= 5;
-        }
-    }
-
-    if (bits > 0) {
-        out[o++] = meterctl_b32[(acc << (5 - bits)) & 31];
-    }
-
-    out[o] = '\0';
-}
-
-
-/* a new API key from the CSPRNG; out >= METERCTL_KEY_LEN + 1; 0 or -1 */
-int
-meterctl_key_new(char *out)
-{
-    unsigned char  rnd[METERCTL_KEY_BYTES];
-    size_t         n;
-
-    if (RAND_bytes(rnd, sizeof(rnd)) != 1) {
-        return -1;
-    }
-
-    n = sizeof(METERCTL_KEY_PREFIX) - 1;
-    memcpy(out, METERCTL_KEY_PREFIX, n);
-    meterctl_base32(rnd, sizeof(rnd), out + n);
-    memset(rnd, 0, sizeof(rnd));
-
-    return 0;
-}
 
 
 /*
@@ -83,29 +28,10 @@ int
 meterctl_key_store(meter_redis_t *r, const char *cmd, const char *customer,
     const char *key, char *kh, char *prefix)
 {
-    char         err[512];
-    redisReply  *rp;
+    char  err[512];
 
-    meter_sha256_hex(key, strlen(key), kh);
-    snprintf(prefix, 13, "%.12s", key);
-
-    rp = meter_redis_cmd(r, "HSET " MTR_KEY_FMT " customer %s prefix %s "
-                         "created %lld", kh, customer, prefix,
-                         (long long) time(NULL));
-    if (!meter_reply_ok(rp)) {
-        return meterctl_redis_failed(r, rp);
-    }
-
-    freeReplyObject(rp);
-
-    rp = meter_redis_cmd(r, "SADD " MTR_CKEYS_FMT " %s", customer, kh);
-    if (!meter_reply_ok(rp)) {
-        return meterctl_redis_failed(r, rp);
-    }
-
-    freeReplyObject(rp);
-
-    if (meter_gov_project(r, customer, err, sizeof(err)) != 0) {
+    if (meter_key_store(r, customer, key, kh, prefix, err, sizeof(err)) != 0)
+    {
         return meterctl_gov_failed(cmd, err);
     }
 

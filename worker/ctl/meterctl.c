@@ -286,32 +286,6 @@ meterctl_gov_failed(const char *cmd, const char *err)
 }
 
 
-int
-meterctl_valid_id(const char *s)
-{
-    size_t  n;
-
-    n = strlen(s);
-
-    return n >= 1 && n <= 64
-           && strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                        "0123456789_.-") == n;
-}
-
-
-int
-meterctl_valid_meter(const char *s)
-{
-    size_t  n;
-
-    n = strlen(s);
-
-    return n >= 1 && n <= MTR_METER_MAX
-           && strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                        "0123456789_.-") == n;
-}
-
-
 /* 1 when the customer exists; 0 with a message; -1 Redis failed */
 int
 meterctl_customer_exists(meter_redis_t *r, const char *cmd, const char *id)
@@ -386,53 +360,6 @@ meterctl_json_str(cJSON *o, const char *name, const char *v)
     } else {
         cJSON_AddNullToObject(o, name);
     }
-}
-
-
-int
-meterctl_valid_email(const char *s)
-{
-    size_t       n, i;
-    const char  *at;
-
-    n = strlen(s);
-    at = strchr(s, '@');
-
-    if (n < 3 || n > 254 || at == NULL || at == s || at[1] == '\0'
-        || strchr(at + 1, '@') != NULL)
-    {
-        return 0;
-    }
-
-    for (i = 0; i < n; i++) {
-        if ((unsigned char) s[i] <= ' ' || s[i] == 0x7f) {
-            return 0;
-        }
-    }
-
-    return 1;
-}
-
-
-/* free text stored in Redis and shown in tables: no control characters */
-int
-meterctl_valid_text(const char *s, size_t max)
-{
-    size_t  i, n;
-
-    n = strlen(s);
-
-    if (n == 0 || n > max) {
-        return 0;
-    }
-
-    for (i = 0; i < n; i++) {
-        if ((unsigned char) s[i] < ' ' || s[i] == 0x7f) {
-            return 0;
-        }
-    }
-
-    return 1;
 }
 
 

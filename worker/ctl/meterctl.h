@@ -23,13 +23,23 @@
 #include "config.h"
 #include "meter_schema.h"
 #include "redis.h"
+#include "register.h"
+#include "usage.h"
 #include "util.h"
 
 
-#define METERCTL_KEY_PREFIX     "mk_live_"
-#define METERCTL_KEY_BYTES      20      /* 160 bits from the CSPRNG */
-/* "mk_live_" + base32 of 20 bytes (32 chars) */
-#define METERCTL_KEY_LEN        (sizeof(METERCTL_KEY_PREFIX) - 1 + 32)
+/* the key and the input checks live in lib/register.c (the portal's too) */
+#define METERCTL_KEY_PREFIX     METER_KEY_PREFIX
+#define METERCTL_KEY_BYTES      METER_KEY_BYTES
+#define METERCTL_KEY_LEN        METER_KEY_LEN
+#define meterctl_b32            meter_b32
+#define meterctl_base32         meter_base32
+#define meterctl_key_new        meter_key_new
+#define meterctl_valid_id       meter_valid_id
+#define meterctl_valid_meter    meter_valid_meter
+#define meterctl_valid_email    meter_valid_email
+#define meterctl_valid_text     meter_valid_text
+#define meterctl_customer_of_email  meter_customer_of_email
 
 
 typedef struct {
@@ -86,10 +96,6 @@ int meterctl_select(int argc, char **argv, meterctl_opts_t *o,
 int meterctl_open(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_redis_failed(meter_redis_t *r, redisReply *rp);
 int meterctl_gov_failed(const char *cmd, const char *err);
-int meterctl_valid_id(const char *s);
-int meterctl_valid_meter(const char *s);
-int meterctl_valid_email(const char *s);
-int meterctl_valid_text(const char *s, size_t max);
 int meterctl_customer_exists(meter_redis_t *r, const char *cmd,
     const char *id);
 redisReply *meterctl_sorted_set(meter_redis_t *r, const char *key, int *rc);
@@ -99,31 +105,18 @@ void meterctl_json_int(cJSON *o, const char *name, long long v);
 void meterctl_json_str(cJSON *o, const char *name, const char *v);
 
 /* keys.c */
-extern const char  meterctl_b32[];
-void meterctl_base32(const unsigned char *in, size_t n, char *out);
-int meterctl_key_new(char *out);
 int meterctl_key_store(meter_redis_t *r, const char *cmd,
     const char *customer, const char *key, char *kh, char *prefix);
 void meterctl_key_row(cJSON *arr, const char *indent, const char *kh,
     const redisReply *key);
 
-/* register.c */
-void meterctl_customer_of_email(const char *email, char *out, size_t size);
-
 /* credit.c */
 int meterctl_credit_rows(meter_redis_t *r, const char *cmd,
     const char *customer, const char *only, cJSON *arr, int table);
 
-/* usage.c: a customer's usage per period and meter */
-typedef struct {
-    time_t                      start;      /* hour, or day */
-    char                        meter[MTR_METER_MAX + 1];
-    uint64_t                    quantity;
-    uint64_t                    billed;
-    int                         sending;    /* records open or dead */
-    int                         dead;
-    char                        record[METER_IDEM_LEN + 1];
-} meterctl_urow_t;
+/* usage.c: a customer's usage per period and meter (lib/usage.c), with
+ * a message on failure; an exit code */
+typedef meter_usage_row_t  meterctl_urow_t;
 
 int meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from,
     time_t to, int period, int wperiod, meterctl_urow_t **out, size_t *nout);

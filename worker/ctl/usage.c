@@ -18,6 +18,7 @@
 
 #include "hours.h"
 #include "meterctl.h"
+#include "usage.h"
 #include "meter_schema.h"
 #include "util.h"
 #include "wusage.h"
@@ -261,296 +262,19 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
 }
 
 
-static int
-meterctl_urow_cmp(const void *a, const void *b)
-{
-    const meterctl_urow_t  *x, *y;
-
-    x = a;
-    y = b;
-
-    if (x->start != y->start) {
-        return (x->start < y->start) ? -1 : 1;
-    }
-
-    return strcmp(x->meter, y->meter);
-}
-
-
-static meterctl_urow_t *
-meterctl_urow(meterctl_urow_t **rows, size_t *n, size_t *cap, time_t start,
-    const char *meter, size_t mlen)
-{
-    size_t            i;
-    meterctl_urow_t  *nr, *row;
-
-    for (i = *n; i > 0; i--) {
-        row = &(*rows)[i - 1];
-
-        if (row->start == start && strlen(row->meter) == mlen
-            && memcmp(row->meter, meter, mlen) == 0)
-        {
-            return row;
-        }
-    }
-
-    if (*n == *cap) {
-        *cap = *cap ? *cap * 2 : 64;
-        nr = realloc(*rows, *cap * sizeof(meterctl_urow_t));
-        if (nr == NULL) {
-            fprintf(stderr, "meterctl: out of memory\n");
-            exit(EX_OSERR);
-        }
-
-        *rows = nr;
-    }
-
-    row = &(*rows)[(*n)++];
-    memset(row, 0, sizeof(meterctl_urow_t));
-    row->start = start;
-    memcpy(row->meter, meter, mlen);
-    row->meter[mlen] = '\0';
-
-    return row;
-}
-
-
-static const char *
-meterctl_urow_state(const meterctl_urow_t *row)
-{
-    if (row->quantity == row->billed) {
-        return "billed";
-    }
-
-    if (row->dead) {
-        return "dead";
-    }
-
-    if (row->sending) {
-        return "sending";
-    }
-
-    return row->billed == 0 ? "unbilled" : "partly billed";
-}
-
-
-/*
- * A customer's usage per period (hour or day) and meter in [from, to) (0:
- * unbounded), over all its keys: the quantity, the part billed and the
- * worker's record still open for it (wperiod: the worker's report period).
- * Sorted by period and meter; free(*out).  Shared by usage and reconcile.
- */
 int
 meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
     int period, int wperiod, meterctl_urow_t **out, size_t *nout)
 {
-    char              ck[96], from_s[24], to_s[24], field[160];
-    char             *ubuf;
-    void            **slot;
-    size_t            i, h, k, f, nrows, cap, mlen, nhour, nhourcap, nu;
-    time_t            t, start;
-    int               rc, created;
-    uint64_t          u, b;
-    redisReply       *hours, *keys, *ur, *br, *rp, *st;
-    const char       *fn, *bar, *bv, **uv;
-    meter_map_t       wm, mine;
-    meterctl_urow_t  *rows, *hrows, *row;
+    char  err[512];
 
-    *out = NULL;
-    *nout = 0;
-
-    snprintf(ck, sizeof(ck), MTR_CKEYS_FMT, id);
-    keys = meterctl_sorted_set(r, ck, &rc);
-    if (keys == NULL) {
-        return rc;
+    if (meter_usage_rows(r, id, from, to, period, wperiod, out, nout, err,
+                         sizeof(err))
+        != 0)
+    {
+        fprintf(stderr, "meterctl: %s\n", err);
+        return EX_UNAVAILABLE;
     }
-
-    if (from != 0) {
-        snprintf(from_s, sizeof(from_s), "%lld",
-                 (long long) meter_period_start(from, METER_HOUR));
-
-    } else {
-        snprintf(from_s, sizeof(from_s), "-inf");
-    }
-
-    if (to != 0) {
-        snprintf(to_s, sizeof(to_s), "(%lld", (long long) to);
-
-    } else {
-        snprintf(to_s, sizeof(to_s), "+inf");
-    }
-
-    /* the customer's keys: the writer layout's other counters are skipped
-     * while it is read (an hour may hold a million) */
-    if (meter_map_init(&mine, keys->elements + 1) != 0) {
-        fprintf(stderr, "meterctl: out of memory\n");
-        exit(EX_OSERR);
-    }
-
-    for (k = 0; k < keys->elements; k++) {
-        if (meter_map_put(&mine, keys->element[k]->str, &created) == NULL) {
-            fprintf(stderr, "meterctl: out of memory\n");
-            exit(EX_OSERR);
-        }
-    }
-
-    hours = meter_hours_range(r, from_s, to_s);
-    if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
-        meter_map_free(&mine, NULL);
-        freeReplyObject(keys);
-        return meterctl_redis_failed(r, hours);
-    }
-
-    rows = NULL;
-    nrows = 0;
-    cap = 0;
-    hrows = NULL;
-    nhourcap = 0;
-    rc = EX_OK;
-
-    for (h = 0; h < hours->elements && rc == EX_OK; h++) {
-        t = meter_hour_parse(hours->element[h]->str);
-        if (t == -1) {
-            continue;
-        }
-
-        /* this hour's rows first, then their records, then the period */
-        nhour = 0;
-
-        if (meter_map_init(&wm, 64) != 0
-            || meter_wmap_load(r, hours->element[h]->str, &wm, &mine, NULL)
-               != 0)
-        {
-            meter_map_free(&wm, meter_wkey_free);
-            rc = EX_UNAVAILABLE;
-            break;
-        }
-
-        for (k = 0; k < keys->elements; k++) {
-            ur = meter_redis_cmd(r, "HGETALL " MTR_U_FMT,
-                                 keys->element[k]->str,
-                                 hours->element[h]->str);
-            br = meter_redis_cmd(r, "HGETALL " MTR_B_FMT,
-                                 keys->element[k]->str,
-                                 hours->element[h]->str);
-            if (!meter_reply_ok(ur) || !meter_reply_ok(br)
-                || ur->type != REDIS_REPLY_ARRAY
-                || br->type != REDIS_REPLY_ARRAY)
-            {
-                freeReplyObject(br);
-                rc = meterctl_redis_failed(r, ur);
-                break;
-            }
-
-            slot = meter_map_get(&wm, keys->element[k]->str);
-
-            if (meter_u_merge(ur, (slot != NULL) ? *slot : NULL, &uv, &nu,
-                              &ubuf)
-                != 0)
-            {
-                fprintf(stderr, "meterctl: out of memory\n");
-                exit(EX_OSERR);
-            }
-
-            for (f = 0; f + 1 < nu; f += 2) {
-                fn = uv[f];
-                bar = strchr(fn, '|');
-                mlen = (bar != NULL) ? (size_t) (bar - fn) : 0;
-
-                if (mlen == 0 || mlen > MTR_METER_MAX
-                    || meter_parse_u64(uv[f + 1], strlen(uv[f + 1]), &u)
-                       != 0)
-                {
-                    continue;
-                }
-
-                bv = meter_reply_hget(br, fn);
-                if (bv == NULL || meter_parse_u64(bv, strlen(bv), &b) != 0) {
-                    b = 0;
-                }
-
-                row = meterctl_urow(&hrows, &nhour, &nhourcap, t, fn, mlen);
-                row->quantity += u;
-                row->billed += (b < u) ? b : u;
-            }
-
-            free(uv);
-            free(ubuf);
-            freeReplyObject(ur);
-            freeReplyObject(br);
-        }
-
-        meter_map_free(&wm, meter_wkey_free);
-
-        /* the worker's record still open for (period, customer, meter) */
-        for (i = 0; i < nhour && rc == EX_OK; i++) {
-            row = &hrows[i];
-
-            if (row->billed == row->quantity) {
-                continue;
-            }
-
-            snprintf(field, sizeof(field), MTR_PERIOD_OPEN_FMT, id, row->meter);
-            rp = meter_redis_cmd(r, "HGET " MTR_W_PERIOD_PRE "%lld %s",
-                                 (long long) meter_period_start(t, wperiod),
-                                 field);
-            if (!meter_reply_ok(rp)) {
-                rc = meterctl_redis_failed(r, rp);
-                break;
-            }
-
-            if (rp->type == REDIS_REPLY_STRING
-                && rp->len == METER_IDEM_LEN)
-            {
-                snprintf(row->record, sizeof(row->record), "%s", rp->str);
-
-                st = meter_redis_cmd(r, "HGET " MTR_W_REC_PRE "%s state",
-                                     rp->str);
-                if (meter_reply_ok(st) && st->type == REDIS_REPLY_STRING
-                    && strcmp(st->str, "dead") == 0)
-                {
-                    row->dead = 1;
-
-                } else {
-                    row->sending = 1;
-                }
-
-                freeReplyObject(st);
-            }
-
-            freeReplyObject(rp);
-        }
-
-        for (i = 0; i < nhour && rc == EX_OK; i++) {
-            start = meter_period_start(hrows[i].start, period);
-            row = meterctl_urow(&rows, &nrows, &cap, start, hrows[i].meter,
-                                strlen(hrows[i].meter));
-            row->quantity += hrows[i].quantity;
-            row->billed += hrows[i].billed;
-            row->sending |= hrows[i].sending;
-            row->dead |= hrows[i].dead;
-            if (row->record[0] == '\0') {
-                memcpy(row->record, hrows[i].record, sizeof(row->record));
-            }
-        }
-    }
-
-    free(hrows);
-    freeReplyObject(hours);
-    meter_map_free(&mine, NULL);
-    freeReplyObject(keys);
-
-    if (rc != EX_OK) {
-        free(rows);
-        return rc;
-    }
-
-    if (nrows > 0) {
-        qsort(rows, nrows, sizeof(meterctl_urow_t), meterctl_urow_cmp);
-    }
-
-    *out = rows;
-    *nout = nrows;
 
     return EX_OK;
 }
@@ -559,13 +283,13 @@ meterctl_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
 static int
 meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
 {
-    char              when[32], field[160];
-    size_t            i, nrows;
-    time_t            from, to;
-    int               rc, period, wperiod;
-    cJSON            *arr, *j;
-    const char       *id;
-    meterctl_urow_t  *rows;
+    char                when[32], num[24];
+    size_t              i, nrows;
+    time_t              from, to;
+    int                 rc, period, wperiod;
+    cJSON              *arr, *j;
+    const char         *id;
+    meter_usage_row_t  *rows;
 
     id = o->args[0];
     from = 0;
@@ -627,9 +351,8 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
         return rc == 0 ? EX_DATAERR : EX_UNAVAILABLE;
     }
 
-    rc = meterctl_usage_rows(r, id, o->from != NULL ? from : 0,
-                             o->to != NULL ? to : 0, period, wperiod, &rows,
-                             &nrows);
+    /* shared with reconcile and the portal's GET /usage: the same numbers */
+    rc = meterctl_usage_rows(r, id, from, to, period, wperiod, &rows, &nrows);
     if (rc != EX_OK) {
         return rc;
     }
@@ -645,12 +368,12 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
             meter_iso8601(rows[i].start + period, when, sizeof(when));
             cJSON_AddStringToObject(j, "period_end", when);
             cJSON_AddStringToObject(j, "meter", rows[i].meter);
-            snprintf(field, sizeof(field), "%" PRIu64, rows[i].quantity);
-            cJSON_AddRawToObject(j, "quantity", field);
-            snprintf(field, sizeof(field), "%" PRIu64, rows[i].billed);
-            cJSON_AddRawToObject(j, "billed", field);
+            snprintf(num, sizeof(num), "%" PRIu64, rows[i].quantity);
+            cJSON_AddRawToObject(j, "quantity", num);
+            snprintf(num, sizeof(num), "%" PRIu64, rows[i].billed);
+            cJSON_AddRawToObject(j, "billed", num);
             cJSON_AddStringToObject(j, "state",
-                                    meterctl_urow_state(&rows[i]));
+                                    meter_usage_state(&rows[i]));
             meterctl_json_str(j, "record",
                               rows[i].record[0] ? rows[i].record : NULL);
             cJSON_AddItemToArray(arr, j);
@@ -668,7 +391,7 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
             meter_iso8601(rows[i].start, when, sizeof(when));
             printf("%-20s  %-16s  %14" PRIu64 "  %14" PRIu64 "  %-13s  %s\n",
                    when, rows[i].meter, rows[i].quantity, rows[i].billed,
-                   meterctl_urow_state(&rows[i]),
+                   meter_usage_state(&rows[i]),
                    rows[i].record[0] ? rows[i].record : "-");
         }
 

@@ -29,6 +29,7 @@
 #include "drain.h"
 #include "due.h"
 #include "hours.h"
+#include "http.h"
 #include "log.h"
 #include "meter_schema.h"
 #include "scripts.h"
@@ -1137,6 +1138,7 @@ meter_drain_dead(meter_drain_t *d, const char *id, const char *error,
     freeReplyObject(rp);
 
     d->dead++;
+    meter_send_stats.dead++;
     meter_log(LOG_ERR, "record %s dead-lettered: %s (meterctl retry %s "
               "requeues it)", id, error, id);
 
@@ -1321,6 +1323,7 @@ meter_drain_outcome(meter_drain_t *d, meter_rec_t *r, meter_send_e st,
         freeReplyObject(rp);
 
         d->retried++;
+        meter_send_stats.failed++;
         meter_log(LOG_WARNING, "record %s: %s; attempt %ld, next in %.0fs",
                   r->id, res.error[0] ? res.error : "temporary failure",
                   r->attempts, delay);
@@ -1844,6 +1847,7 @@ meter_drain_finish(meter_drain_t *d, meter_rec_t **recs, size_t n)
     }
 
     d->sent += (unsigned) n;
+    meter_send_stats.sent += (unsigned) n;
 
     return failed ? METER_DRAIN_REDIS : METER_DRAIN_OK;
 }

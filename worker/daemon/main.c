@@ -37,6 +37,7 @@
 #include "config.h"
 #include "drain.h"
 #include "due.h"
+#include "http.h"
 #include "jsonl.h"
 #include "log.h"
 #include "meter_schema.h"
@@ -466,6 +467,7 @@ meter_worker_account(meter_worker_t *w, const meter_drain_t *d,
     m->sent += d->sent;
     m->failed += d->retried;
     m->dead += d->dead;
+    m->in_flight = meter_send_stats.in_flight;      /* lib/http_multi.c */
 
     if (rc == METER_DRAIN_OK) {
         m->last_drain = now;

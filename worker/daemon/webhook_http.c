@@ -24,6 +24,11 @@
  * before it connects here.  Exposed directly, the per-client bound keeps
  * one client from taking every connection.
  *
+ * The portal's paths (/register, /usage) go to portal.c, with the body
+ * bound by portal.max_body and every refusal as problem+json; the rest to
+ * the provider's webhook logic (webhook.c), when the provider takes
+ * webhooks.
+ *
  * Errors found in the request head (411, 431, 400, 413) are answered
  * after the body was read and dropped: answering and closing while the
  * client still sends would reset the connection before it reads the
@@ -49,6 +54,7 @@
 #include <microhttpd.h>
 
 #include "log.h"
+#include "portal.h"
 #include "util.h"
 #include "metrics.h"
 #include "webhook.h"
@@ -66,6 +72,8 @@ struct meter_webhook_srv_s {
     struct MHD_Daemon          *mhd;
     char                       *unix_path;
     meter_provider_t            provider;
+    int                         webhooks;       /* provider's served */
+    meter_portal_t             *portal;         /* NULL: off */
     meter_redis_t               redis;
     time_t                      redis_retry;
     time_t                      log_second;
@@ -82,6 +90,7 @@ typedef struct {
     int                         status;         /* 0: not refused */
     const char                 *answer;
     size_t                      dropped;
+    int                         portal;         /* a portal path */
 } meter_wh_req_t;
 
 
@@ -175,30 +184,59 @@ meter_wh_redis(meter_webhook_srv_t *s)
 
 
 static enum MHD_Result
-meter_wh_respond(struct MHD_Connection *c, int status, const char *json)
+meter_wh_send(struct MHD_Connection *c, const meter_portal_resp_t *pr)
 {
+    char                  ra[16];
     enum MHD_Result       rc;
     struct MHD_Response  *resp;
 
-    resp = MHD_create_response_from_buffer(strlen(json), (void *) json,
+    resp = MHD_create_response_from_buffer(strlen(pr->body),
+                                           (void *) pr->body,
                                            MHD_RESPMEM_MUST_COPY);
     if (resp == NULL) {
         return MHD_NO;
     }
 
+    snprintf(ra, sizeof(ra), "%d", pr->retry_after);
+
     /* one request per connection, as before: nothing to keep alive for */
-    if (MHD_add_response_header(resp, "Content-Type", "application/json")
-        != MHD_YES
-        || MHD_add_response_header(resp, "Connection", "close") != MHD_YES)
+    if (MHD_add_response_header(resp, "Content-Type", pr->ctype) != MHD_YES
+        || MHD_add_response_header(resp, "Connection", "close") != MHD_YES
+        || (pr->cache != NULL
+            && MHD_add_response_header(resp, "Cache-Control", pr->cache)
+               != MHD_YES)
+        || (pr->allow != NULL
+            && MHD_add_response_header(resp, "Allow", pr->allow) != MHD_YES)
+        || (pr->vary != NULL
+            && MHD_add_response_header(resp, "Vary", pr->vary) != MHD_YES)
+        || (pr->auth
+            && MHD_add_response_header(resp, "WWW-Authenticate",
+                                       "ApiKey realm=\"usage\"") != MHD_YES)
+        || (pr->retry_after > 0
+            && MHD_add_response_header(resp, "Retry-After", ra) != MHD_YES))
     {
         MHD_destroy_response(resp);
         return MHD_NO;
     }
 
-    rc = MHD_queue_response(c, (unsigned int) status, resp);
+    rc = MHD_queue_response(c, (unsigned int) pr->status, resp);
     MHD_destroy_response(resp);
 
     return rc;
+}
+
+
+static enum MHD_Result
+meter_wh_respond(struct MHD_Connection *c, int status, const char *json)
+{
+    meter_portal_resp_t  pr;
+
+    memset(&pr, 0, sizeof(pr));
+    pr.status = status;
+    pr.ctype = "application/json";
+    pr.body = (char *) json;
+
+    return meter_wh_send(c, &pr);
 }
 
 
@@ -240,6 +278,26 @@ meter_wh_metrics(struct MHD_Connection *c)
 }
 
 
+/* a refusal of the head: a problem+json on a portal path */
+static enum MHD_Result
+meter_wh_refuse(meter_webhook_srv_t *s, struct MHD_Connection *c,
+    const meter_wh_req_t *q)
+{
+    enum MHD_Result      rc;
+    meter_portal_resp_t  pr;
+
+    if (!q->portal) {
+        return meter_wh_respond(c, q->status, q->answer);
+    }
+
+    meter_portal_refuse(s->portal, q->status, &pr);
+    rc = meter_wh_send(c, &pr);
+    meter_portal_resp_free(&pr);
+
+    return rc;
+}
+
+
 static enum MHD_Result
 meter_wh_head_item(void *cls, enum MHD_ValueKind kind, const char *key,
     const char *value)
@@ -266,7 +324,7 @@ meter_wh_head_item(void *cls, enum MHD_ValueKind kind, const char *key,
 /* what is wrong with the request head: a status and answer, or 0 */
 static int
 meter_wh_check_head(struct MHD_Connection *c, const char *url,
-    const char **answer, size_t *length)
+    size_t max_body, const char **answer, size_t *length)
 {
     char                *end;
     meter_wh_head_t      hd;
@@ -303,7 +361,7 @@ meter_wh_check_head(struct MHD_Connection *c, const char *url,
         errno = 0;
         n = strtoull(hd.length, &end, 10);
 
-        if (errno != 0 || *end != '\0' || n > METER_WEBHOOK_MAX_BODY) {
+        if (errno != 0 || *end != '\0' || n > max_body) {
             *answer = "{\"error\":\"body too large\"}";
             return 413;
         }
@@ -332,7 +390,9 @@ meter_wh_access(void *cls, struct MHD_Connection *c, const char *url,
     char                  out[512];
     size_t                length;
     const char           *expect;
+    enum MHD_Result       rc;
     meter_wh_req_t       *q;
+    meter_portal_resp_t   pr;
     meter_webhook_srv_t  *s;
     meter_webhook_req_t   req;
 
@@ -355,8 +415,12 @@ meter_wh_access(void *cls, struct MHD_Connection *c, const char *url,
         }
 
         *con_cls = q;
+        q->portal = meter_portal_path(url);
 
-        status = meter_wh_check_head(c, url, &q->answer, &length);
+        status = meter_wh_check_head(c, url, q->portal
+                                     ? meter_portal_max_body(s->portal)
+                                     : METER_WEBHOOK_MAX_BODY,
+                                     &q->answer, &length);
 
         if (status != 0) {
             if (status == 413) {
@@ -367,11 +431,12 @@ meter_wh_access(void *cls, struct MHD_Connection *c, const char *url,
 
             expect = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
                                                  "Expect");
+            q->status = status;
+
             if (expect != NULL && strcasecmp(expect, "100-continue") == 0) {
-                return meter_wh_respond(c, status, q->answer);
+                return meter_wh_refuse(s, c, q);
             }
 
-            q->status = status;
             return MHD_YES;
         }
 
@@ -408,10 +473,14 @@ meter_wh_access(void *cls, struct MHD_Connection *c, const char *url,
 
     /* the whole request is in */
     if (q->status != 0) {
-        return meter_wh_respond(c, q->status, q->answer);
+        return meter_wh_refuse(s, c, q);
     }
 
     q->body[q->len] = '\0';
+
+    if (!q->portal && !s->webhooks) {
+        return meter_wh_respond(c, 404, "{\"error\":\"not found\"}");
+    }
 
     meter_wh_redis(s);
 
@@ -423,6 +492,14 @@ meter_wh_access(void *cls, struct MHD_Connection *c, const char *url,
     req.header = meter_wh_header;
     req.data = c;
     req.now = time(NULL);
+
+    if (q->portal) {
+        meter_portal_handle(s->portal, s->cf, &s->redis, &req, &pr);
+        rc = meter_wh_send(c, &pr);
+        meter_portal_resp_free(&pr);
+
+        return rc;
+    }
 
     status = meter_webhook_handle(&s->provider, &s->redis, &req, out,
                                   sizeof(out));
@@ -578,6 +655,7 @@ meter_wh_free(meter_webhook_srv_t *s)
     }
 
     meter_redis_close(&s->redis);
+    meter_portal_free(s->portal);
     free(s);
 }
 
@@ -603,6 +681,38 @@ meter_wh_timeout(const meter_conf_t *cf, unsigned *sec)
     *sec = (unsigned) ((ms + 999) / 1000);
 
     return 0;
+}
+
+
+/* the config key of the provider's webhook secret */
+static const char *
+meter_wh_secret_key(const meter_conf_t *cf)
+{
+    return strcmp(cf->provider, "stripe") == 0 ? "stripe.webhook_secret_file"
+           : strcmp(cf->provider, "chargebee") == 0
+             ? "chargebee.webhook_password_file"
+             : "recurly.webhook_key_file";
+}
+
+
+/*
+ * Whether /webhooks/<provider> is served: the provider takes webhooks and,
+ * when the listener is there for the portal too, its secret is set (a
+ * portal-only listener needs none; without the portal it is required and
+ * meter_webhook_check says so).
+ */
+static int
+meter_wh_serves_webhooks(const meter_conf_t *cf, int portal)
+{
+    meter_provider_t  p;
+
+    memset(&p, 0, sizeof(p));
+
+    if (meter_provider_by_name(cf->provider, &p) != 0 || p.webhook == NULL) {
+        return 0;
+    }
+
+    return !portal || meter_conf_get(cf, meter_wh_secret_key(cf)) != NULL;
 }
 
 
@@ -639,6 +749,10 @@ meter_webhook_start(const meter_conf_t *cf, meter_webhook_srv_t **srv,
         goto failed;
     }
 
+    if (meter_portal_load(cf, &s->portal, err, errlen) != 0) {
+        goto failed;
+    }
+
     /* its own provider instance: nothing shared with the drain but cf */
     if (meter_provider_by_name(cf->provider, &s->provider) != 0
         || s->provider.init(&s->provider, cf, e, sizeof(e)) != 0)
@@ -648,7 +762,9 @@ meter_webhook_start(const meter_conf_t *cf, meter_webhook_srv_t **srv,
         goto failed;
     }
 
-    if (s->provider.webhook == NULL) {
+    s->webhooks = meter_wh_serves_webhooks(cf, s->portal != NULL);
+
+    if (!s->webhooks && s->portal == NULL) {
         snprintf(err, errlen, "\"webhook.listen\": provider %s takes no "
                  "webhooks", cf->provider);
         goto failed;
@@ -688,8 +804,11 @@ meter_webhook_start(const meter_conf_t *cf, meter_webhook_srv_t **srv,
         goto failed;
     }
 
-    meter_log(LOG_NOTICE, "webhook: listening on %s for /webhooks/%s",
-              listen_at, cf->provider);
+    meter_log(LOG_NOTICE, "webhook: listening on %s for %s%s%s%s",
+              listen_at, s->webhooks ? "/webhooks/" : "",
+              s->webhooks ? cf->provider : "",
+              s->portal != NULL && s->webhooks ? " and " : "",
+              s->portal != NULL ? "the portal (/register, /usage)" : "");
 
     *srv = s;
 
@@ -721,7 +840,7 @@ meter_webhook_check(const meter_conf_t *cf, char *err, size_t errlen)
     char               *host, *path, secret[512], e[256];
     unsigned            timeout;
     const char         *listen_at, *key;
-    meter_provider_t    p;
+    meter_portal_t     *portal;
 
     listen_at = meter_conf_get(cf, "webhook.listen");
     if (listen_at == NULL) {
@@ -744,19 +863,23 @@ meter_webhook_check(const meter_conf_t *cf, char *err, size_t errlen)
         return -1;
     }
 
-    memset(&p, 0, sizeof(p));
+    if (meter_portal_load(cf, &portal, err, errlen) != 0) {
+        return -1;
+    }
 
-    if (meter_provider_by_name(cf->provider, &p) != 0 || p.webhook == NULL) {
+    meter_portal_free(portal);
+
+    if (!meter_wh_serves_webhooks(cf, portal != NULL)) {
+        if (portal != NULL) {
+            return 0;
+        }
+
         snprintf(err, errlen, "\"webhook.listen\": provider %s takes no "
                  "webhooks", cf->provider);
         return -1;
     }
 
-    /* without its secret every delivery would be refused */
-    key = strcmp(cf->provider, "stripe") == 0 ? "stripe.webhook_secret_file"
-          : strcmp(cf->provider, "chargebee") == 0
-            ? "chargebee.webhook_password_file"
-            : "recurly.webhook_key_file";
+    key = meter_wh_secret_key(cf);
 
     if (meter_conf_get(cf, key) == NULL) {
         snprintf(err, errlen, "\"webhook.listen\" is set but \"%s\" is not",

@@ -65,7 +65,10 @@ static const meter_key_t  meter_keys[] = {
  * sync themselves (they validate them when they start) */
 static const char  *meter_provider_prefixes[] = {
     "stripe.", "chargebee.", "recurly.", "http.", "plan.", "webhook.",
-    "sync.", "metronome.", "metrics.", NULL
+    "sync.", "metronome.", "metrics.",
+    /* portal.*: daemon/portal.c (issue 14) */
+    "portal.",
+    NULL
 };
 
 

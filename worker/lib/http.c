@@ -27,14 +27,13 @@ static int meter_http_conf_num(const meter_conf_t *cf, const char *prefix,
     const char *name, int duration, double def, double min, double max,
     double *out, char *err, size_t errlen);
 static void meter_http_throttle(meter_http_t *h);
-static double meter_http_now(void);
 static double meter_http_reset_delay(time_t reset);
-static int meter_http_ratelimit_wait(meter_http_t *h,
-    meter_send_result_t *res);
 static int meter_buf_grow(meter_buf_t *b, size_t n);
 
 
 static int  meter_http_global_done;
+
+meter_send_stats_t  meter_send_stats;
 
 
 static int
@@ -356,7 +355,16 @@ int
 meter_http_init(meter_http_t *h, const char *prefix, const meter_conf_t *cf,
     double default_rps, char *err, size_t errlen)
 {
-    double  connect, total, attempts;
+    return meter_http_init_many(h, prefix, cf, default_rps, 1, err, errlen);
+}
+
+
+int
+meter_http_init_many(meter_http_t *h, const char *prefix,
+    const meter_conf_t *cf, double default_rps, int default_in_flight,
+    char *err, size_t errlen)
+{
+    double  connect, total, attempts, in_flight;
 
     memset(h, 0, sizeof(*h));
     h->name = prefix;
@@ -372,7 +380,10 @@ meter_http_init(meter_http_t *h, const char *prefix, const meter_conf_t *cf,
         || meter_http_conf_num(cf, prefix, "retry_cap", 1, 30, 0, 3600,
                                &h->retry_cap, err, errlen) != 0
         || meter_http_conf_num(cf, prefix, "max_rps", 0, default_rps, 0, 1e6,
-                               &h->max_rps, err, errlen) != 0)
+                               &h->max_rps, err, errlen) != 0
+        || meter_http_conf_num(cf, prefix, "max_in_flight", 0,
+                               default_in_flight, 1, 1000, &in_flight, err,
+                               errlen) != 0)
     {
         return -1;
     }
@@ -381,6 +392,15 @@ meter_http_init(meter_http_t *h, const char *prefix, const meter_conf_t *cf,
         snprintf(err, errlen, "%s.max_attempts: not a whole number", prefix);
         return -1;
     }
+
+    if (in_flight != floor(in_flight)) {
+        snprintf(err, errlen, "%s.max_in_flight: not a whole number",
+                 prefix);
+        return -1;
+    }
+
+    h->max_in_flight = (int) in_flight;
+    meter_send_stats.provider = prefix;
 
     h->connect_timeout_ms = (long) ceil(connect * 1000);
     h->timeout_ms = (long) ceil(total * 1000);
@@ -411,6 +431,22 @@ meter_http_init(meter_http_t *h, const char *prefix, const meter_conf_t *cf,
 void
 meter_http_cleanup(meter_http_t *h)
 {
+    int  i;
+
+    for (i = 0; i < h->npool; i++) {
+        curl_easy_cleanup(h->pool[i]);
+    }
+
+    free(h->pool);
+    h->pool = NULL;
+    h->npool = 0;
+    h->nmade = 0;
+
+    if (h->multi != NULL) {
+        curl_multi_cleanup(h->multi);
+        h->multi = NULL;
+    }
+
     if (h->curl != NULL) {
         curl_easy_cleanup(h->curl);
         h->curl = NULL;
@@ -418,7 +454,7 @@ meter_http_cleanup(meter_http_t *h)
 }
 
 
-static double
+double
 meter_http_now(void)
 {
     struct timespec  ts;
@@ -430,13 +466,13 @@ meter_http_now(void)
 
 
 /* token bucket: at most max_rps requests per second, bursts of max_rps */
-static void
-meter_http_throttle(meter_http_t *h)
+double
+meter_http_token(meter_http_t *h)
 {
     double  now, burst;
 
     if (h->max_rps <= 0) {
-        return;
+        return 0;
     }
 
     burst = h->max_rps >= 1 ? h->max_rps : 1;
@@ -450,13 +486,33 @@ meter_http_throttle(meter_http_t *h)
         }
     }
 
+    h->last.tv_sec = (time_t) now;
+    h->last.tv_nsec = (long) ((now - (double) h->last.tv_sec) * 1e9);
+
     if (h->tokens < 1) {
-        meter_http_sleep((1 - h->tokens) / h->max_rps);
-        now = meter_http_now();
-        h->tokens = 1;
+        return (1 - h->tokens) / h->max_rps;
     }
 
     h->tokens -= 1;
+
+    return 0;
+}
+
+
+static void
+meter_http_throttle(meter_http_t *h)
+{
+    double  wait, now;
+
+    wait = meter_http_token(h);
+    if (wait <= 0) {
+        return;
+    }
+
+    /* the wait pays for the token: it is spent once slept */
+    meter_http_sleep(wait);
+    now = meter_http_now();
+    h->tokens = 0;
     h->last.tv_sec = (time_t) now;
     h->last.tv_nsec = (long) ((now - (double) h->last.tv_sec) * 1e9);
 }
@@ -476,41 +532,6 @@ meter_http_reset_delay(time_t reset)
     }
 
     return reset - now > 600 ? 600 : (double) (reset - now);
-}
-
-
-/*
- * X-RateLimit-Remaining: 0 from the last answer: wait for its reset (up to
- * retry_cap), else 1 with res set to RETRY after the reset.
- */
-static int
-meter_http_ratelimit_wait(meter_http_t *h, meter_send_result_t *res)
-{
-    double  wait;
-
-    if (h->rl_remaining != 0 || h->rl_reset <= 0) {
-        return 0;
-    }
-
-    wait = meter_http_reset_delay(h->rl_reset);
-    h->rl_remaining = -1;
-
-    if (wait <= 0) {
-        return 0;
-    }
-
-    if (wait <= h->retry_cap) {
-        meter_http_sleep(wait);
-        return 0;
-    }
-
-    res->status = METER_SEND_RETRY;
-    res->http_status = 429;
-    res->retry_after = wait;
-    snprintf(res->error, sizeof(res->error), "%s: rate limit spent "
-             "(X-RateLimit-Remaining: 0), resets in %.0fs", h->name, wait);
-
-    return 1;
 }
 
 
@@ -658,21 +679,159 @@ meter_http_classify(const meter_http_resp_t *resp, meter_send_result_t *res)
 }
 
 
+/*
+ * After one answer: 1 with *delay when the request is to be made again,
+ * 0 when done (res classified).  A 429 pauses the whole provider for the
+ * delay: the other requests open at the same time would only get 429s too.
+ */
+int
+meter_http_next(meter_http_t *h, meter_http_resp_t *resp,
+    meter_send_result_t *res, int attempt, double *delay)
+{
+    double        d, wait;
+    meter_send_e  st;
+
+    meter_send_stats.requests++;
+
+    h->rl_remaining = resp->rl_remaining;
+    h->rl_reset = resp->rl_reset;
+
+    /* Recurly's 429 has no Retry-After, only X-RateLimit-Reset */
+    if (resp->status == 429 && resp->retry_after < 0 && resp->rl_reset > 0) {
+        resp->retry_after = meter_http_reset_delay(resp->rl_reset);
+        h->rl_remaining = -1;   /* the wait below covers it */
+    }
+
+    st = meter_http_classify(resp, res);
+    if (st != METER_SEND_RETRY) {
+        return 0;
+    }
+
+    if (!h->resend_unknown && (resp->status == 0 || resp->status >= 500)) {
+        return 0;
+    }
+
+    /* exponential backoff with full jitter in [d/2, d] */
+    d = h->backoff * pow(2, attempt - 1);
+    d = d / 2 + d / 2 * ((double) random() / RAND_MAX);
+
+    if (resp->status == 429) {
+        meter_send_stats.throttled++;
+
+        /* the whole provider waits (an absurd Retry-After: retry_cap at
+         * most); no burst right after: the bucket refills from empty */
+        wait = resp->retry_after >= 0 ? resp->retry_after : d;
+        if (wait > h->retry_cap) {
+            wait = h->retry_cap;
+        }
+
+        if (meter_http_now() + wait > h->pause_until) {
+            h->pause_until = meter_http_now() + wait;
+        }
+
+        h->tokens = 0;
+    }
+
+    if (resp->retry_after >= 0) {
+        if (resp->retry_after > h->retry_cap) {
+            /* too long to wait inside a call: let the drain loop
+             * schedule it and go on with other customers */
+            return 0;
+        }
+
+        if (resp->retry_after > d) {
+            d = resp->retry_after;
+        }
+    }
+
+    if (attempt >= h->max_attempts) {
+        return 0;
+    }
+
+    *delay = d;
+
+    return 1;
+}
+
+
+void
+meter_http_give_up(meter_http_t *h, const meter_http_resp_t *resp,
+    meter_send_result_t *res, meter_send_e st)
+{
+    if (st != METER_SEND_RETRY) {
+        return;
+    }
+
+    if (res->retry_after <= 0) {
+        res->retry_after = h->backoff * pow(2, h->max_attempts);
+    }
+
+    snprintf(res->error + strlen(res->error),
+             sizeof(res->error) - strlen(res->error),
+             " (%s, %d attempt%s)", h->name, resp->attempts,
+             resp->attempts == 1 ? "" : "s");
+}
+
+
+double
+meter_http_paused(meter_http_t *h, meter_send_result_t *res)
+{
+    double  wait, now;
+
+    now = meter_http_now();
+
+    if (h->rl_remaining == 0 && h->rl_reset > 0) {
+        /* the window is spent: no request that can only 429 */
+        wait = meter_http_reset_delay(h->rl_reset);
+        h->rl_remaining = -1;
+
+        if (wait > 0 && now + wait > h->pause_until) {
+            h->pause_until = now + wait;
+        }
+    }
+
+    wait = h->pause_until - now;
+    if (wait <= 0) {
+        return 0;
+    }
+
+    if (wait > h->retry_cap) {
+        res->status = METER_SEND_RETRY;
+        res->http_status = 429;
+        res->retry_after = wait;
+        snprintf(res->error, sizeof(res->error), "%s: rate limited, "
+                 "paused for %.0fs more", h->name, wait);
+        return -1;
+    }
+
+    return wait;
+}
+
+
 meter_send_e
 meter_http_request(meter_http_t *h, const meter_http_req_t *req,
     meter_http_resp_t *resp, meter_send_result_t *res)
 {
     int           attempt;
-    double        delay;
+    double        delay, wait;
     meter_send_e  st;
 
-    st = METER_SEND_RETRY;
+    delay = 0;
 
     for (attempt = 1; attempt <= h->max_attempts; attempt++) {
-        if (meter_http_ratelimit_wait(h, res) != 0) {
-            /* the window is spent: no request that can only 429 */
+        wait = meter_http_paused(h, res);
+        if (wait < 0) {
             resp->attempts = attempt - 1;
             return METER_SEND_RETRY;
+        }
+
+        /* one wait covers both the backoff and a pause it caused */
+        if (wait > delay) {
+            delay = wait;
+        }
+
+        if (delay > 0) {
+            meter_http_sleep(delay);
         }
 
         meter_http_throttle(h);
@@ -680,60 +839,14 @@ meter_http_request(meter_http_t *h, const meter_http_req_t *req,
         resp->attempts = attempt;
         (void) meter_http_perform(h, req, resp);
 
-        h->rl_remaining = resp->rl_remaining;
-        h->rl_reset = resp->rl_reset;
-
-        /* Recurly's 429 has no Retry-After, only X-RateLimit-Reset */
-        if (resp->status == 429 && resp->retry_after < 0
-            && resp->rl_reset > 0)
-        {
-            resp->retry_after = meter_http_reset_delay(resp->rl_reset);
-            h->rl_remaining = -1;   /* the wait below covers it */
-        }
-
-        st = meter_http_classify(resp, res);
-        if (st != METER_SEND_RETRY) {
+        delay = 0;
+        if (!meter_http_next(h, resp, res, attempt, &delay)) {
             break;
         }
-
-        if (!h->resend_unknown && (resp->status == 0 || resp->status >= 500))
-        {
-            break;
-        }
-
-        /* exponential backoff with full jitter in [d/2, d] */
-        delay = h->backoff * pow(2, attempt - 1);
-        delay = delay / 2 + delay / 2 * ((double) random() / RAND_MAX);
-
-        if (resp->retry_after >= 0) {
-            if (resp->retry_after > h->retry_cap) {
-                /* too long to wait inside a call: let the drain loop
-                 * schedule it and go on with other customers */
-                break;
-            }
-
-            if (resp->retry_after > delay) {
-                delay = resp->retry_after;
-            }
-        }
-
-        if (attempt == h->max_attempts) {
-            break;
-        }
-
-        meter_http_sleep(delay);
     }
 
-    if (st == METER_SEND_RETRY) {
-        if (res->retry_after <= 0) {
-            res->retry_after = h->backoff * pow(2, h->max_attempts);
-        }
-
-        snprintf(res->error + strlen(res->error),
-                 sizeof(res->error) - strlen(res->error),
-                 " (%s, %d attempt%s)", h->name, resp->attempts,
-                 resp->attempts == 1 ? "" : "s");
-    }
+    st = res->status;
+    meter_http_give_up(h, resp, res, st);
 
     return st;
 }

@@ -52,6 +52,16 @@ typedef struct {
     double                      retry_cap;      /* s, longest wait inside
                                                  * one call */
     double                      max_rps;        /* 0: no limit */
+    int                         max_in_flight;  /* >= 1: requests open at
+                                                 * once (http_multi.c) */
+    CURLM                      *multi;          /* made when first needed */
+    CURL                      **pool;           /* max_in_flight easy
+                                                 * handles, npool free */
+    int                         npool;
+    int                         nmade;
+    double                      pause_until;    /* monotonic s: a 429
+                                                 * pauses the provider,
+                                                 * not just one request */
     int                         resend_unknown; /* 0: no resend inside the
                                                  * call when the request
                                                  * may have been processed
@@ -102,6 +112,47 @@ typedef struct {
 } meter_http_resp_t;
 
 
+/*
+ * Counters of the sending side, for the worker's metrics (one provider per
+ * worker): records finished by the drain loop, and the requests open now.
+ */
+typedef struct {
+    const char                 *provider;
+    unsigned long long          sent;           /* accepted */
+    unsigned long long          failed;         /* attempts to retry later */
+    unsigned long long          dead;           /* dead-lettered */
+    unsigned long long          requests;       /* HTTP requests made */
+    unsigned long long          throttled;      /* 429 answers */
+    unsigned                    in_flight;      /* open right now */
+    unsigned                    in_flight_max;  /* the most at once */
+} meter_send_stats_t;
+
+extern meter_send_stats_t  meter_send_stats;
+
+
+/* one request of meter_http_request_many() */
+typedef struct {
+    const meter_http_req_t     *req;            /* the caller's, unchanged
+                                                 * until the call returns */
+    const char                 *serial;         /* jobs with equal serial
+                                                 * keys are never in flight
+                                                 * together (Stripe: one
+                                                 * call per customer and
+                                                 * meter); NULL: none */
+    meter_http_resp_t           resp;           /* the last answer; the
+                                                 * caller frees resp.body */
+    meter_send_result_t         res;
+    meter_send_e                st;
+
+    /* the engine's */
+    int                         state;
+    int                         attempts;
+    double                      not_before;     /* monotonic s */
+    CURL                       *easy;
+    struct curl_slist          *hl;
+} meter_http_job_t;
+
+
 /* buffers */
 int meter_buf_append(meter_buf_t *b, const char *s, size_t n);
 int meter_buf_printf(meter_buf_t *b, const char *fmt, ...)
@@ -130,11 +181,42 @@ void meter_rfc3339(time_t t, char *buf, size_t size);
  * Reads "<prefix>.timeout" (default 30s), "<prefix>.connect_timeout" (5s),
  * "<prefix>.max_attempts" (3), "<prefix>.backoff" (0.5s),
  * "<prefix>.retry_cap" (30s), "<prefix>.max_rps" (default_rps; 0 = no
- * limit), creates the easy handle.  0, or -1 with err naming the key.
+ * limit), "<prefix>.max_in_flight" (1; meter_http_init_many: its
+ * default_in_flight), creates the easy handle.  0, or -1 with err naming
+ * the key.
  */
 int meter_http_init(meter_http_t *h, const char *prefix,
     const meter_conf_t *cf, double default_rps, char *err, size_t errlen);
+int meter_http_init_many(meter_http_t *h, const char *prefix,
+    const meter_conf_t *cf, double default_rps, int default_in_flight,
+    char *err, size_t errlen);
 void meter_http_cleanup(meter_http_t *h);
+
+/*
+ * Many requests at once on one thread (libcurl's multi interface, see
+ * docs/worker-concurrency.md): at most max_in_flight open, at most max_rps
+ * started per second, each with the retries and classification of
+ * meter_http_request(); a 429 pauses every request of the provider (with
+ * jitter), not only the one that got it.  jobs[i].st and .res answer
+ * jobs[i].req.
+ */
+void meter_http_request_many(meter_http_t *h, meter_http_job_t *jobs,
+    size_t n);
+
+/* the job's retry or end after one answer (http.c, shared by both paths);
+ * 1: try again after *delay seconds, 0: done with res filled */
+int meter_http_next(meter_http_t *h, meter_http_resp_t *resp,
+    meter_send_result_t *res, int attempt, double *delay);
+void meter_http_give_up(meter_http_t *h, const meter_http_resp_t *resp,
+    meter_send_result_t *res, meter_send_e st);
+
+/* 0 when a request may start now (a token taken), else the seconds to
+ * wait for one (token bucket of max_rps, bursts of max_rps) */
+double meter_http_token(meter_http_t *h);
+
+/* seconds the provider asked everyone to wait (a 429, X-RateLimit-
+ * Remaining: 0): 0 none; -1 longer than retry_cap, res filled */
+double meter_http_paused(meter_http_t *h, meter_send_result_t *res);
 
 /* a duration "1.5", "500ms", "30s", "5m"; -1 when malformed */
 double meter_http_parse_duration(const char *s);
@@ -175,6 +257,13 @@ void meter_http_error_message(const char *body, size_t len, char *buf,
 int meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
     meter_http_resp_t *resp);
 void meter_http_sleep(double seconds);
+
+/* the setup and teardown around one transfer, shared with http_multi.c */
+int meter_http_easy_prepare(meter_http_t *h, CURL *c,
+    const meter_http_req_t *req, meter_http_resp_t *resp,
+    struct curl_slist **hl);
+void meter_http_easy_release(CURL *c, struct curl_slist *hl);
+double meter_http_now(void);
 
 
 #endif /* _METER_HTTP_H_INCLUDED_ */

@@ -130,19 +130,22 @@ meter_http_header_cb(char *ptr, size_t size, size_t nmemb, void *data)
 }
 
 
+/*
+ * Sets up c for req (the answer goes into resp): the part of one request
+ * that the single and the concurrent paths share (http_multi.c).  *hl is
+ * the header list to pass to meter_http_easy_release(); 0 or -1 (out of
+ * memory, resp->error set).
+ */
 int
-meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
-    meter_http_resp_t *resp)
+meter_http_easy_prepare(meter_http_t *h, CURL *c, const meter_http_req_t *req,
+    meter_http_resp_t *resp, struct curl_slist **hl_out)
 {
-    int                 i, rc;
+    int                 i;
     char                line[600];
-    CURL               *c;
-    CURLcode            cc;
     struct curl_slist  *hl, *tmp;
 
-    c = h->curl;
     hl = NULL;
-    rc = -1;
+    *hl_out = NULL;
 
     meter_buf_reset(&resp->body);
     resp->status = 0;
@@ -167,6 +170,8 @@ meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
     curl_easy_setopt(c, CURLOPT_WRITEDATA, resp);
     curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, meter_http_header_cb);
     curl_easy_setopt(c, CURLOPT_HEADERDATA, resp);
+    /* HTTP/2 where TLS negotiates it (ALPN); plain http stays 1.1 */
+    curl_easy_setopt(c, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_2TLS);
 
     if (strcmp(req->method, "GET") == 0) {
         curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
@@ -185,7 +190,7 @@ meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
     /* no "Expect: 100-continue" round trip */
     tmp = curl_slist_append(hl, "Expect:");
     if (tmp == NULL) {
-        goto end;
+        goto nomem;
     }
     hl = tmp;
 
@@ -193,7 +198,7 @@ meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
         snprintf(line, sizeof(line), "Content-Type: %s", req->content_type);
         tmp = curl_slist_append(hl, line);
         if (tmp == NULL) {
-            goto end;
+            goto nomem;
         }
         hl = tmp;
     }
@@ -202,7 +207,7 @@ meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
         snprintf(line, sizeof(line), "Accept: %s", req->accept);
         tmp = curl_slist_append(hl, line);
         if (tmp == NULL) {
-            goto end;
+            goto nomem;
         }
         hl = tmp;
     }
@@ -210,7 +215,7 @@ meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
     for (i = 0; i < METER_HTTP_MAX_HEADERS && req->headers[i] != NULL; i++) {
         tmp = curl_slist_append(hl, req->headers[i]);
         if (tmp == NULL) {
-            goto end;
+            goto nomem;
         }
         hl = tmp;
     }
@@ -221,7 +226,7 @@ meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
         tmp = curl_slist_append(hl, line);
         explicit_bzero(line, sizeof(line));
         if (tmp == NULL) {
-            goto end;
+            goto nomem;
         }
         hl = tmp;
 
@@ -233,37 +238,66 @@ meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
     }
 
     curl_easy_setopt(c, CURLOPT_HTTPHEADER, hl);
+    *hl_out = hl;
 
-    cc = curl_easy_perform(c);
+    return 0;
 
-    if (cc != CURLE_OK) {
-        /* curl's messages name the host, never the credentials */
-        snprintf(resp->error, sizeof(resp->error), "%s",
-                 curl_easy_strerror(cc));
-        goto end;
-    }
+nomem:
 
-    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &resp->status);
-    rc = 0;
+    meter_http_easy_release(c, hl);
+    snprintf(resp->error, sizeof(resp->error), "out of memory");
 
-end:
+    return -1;
+}
 
-    if (rc != 0 && resp->error[0] == '\0') {
-        snprintf(resp->error, sizeof(resp->error), "out of memory");
-    }
+
+/* after a transfer: the header list wiped and freed, and c's references
+ * to the request's memory and the token dropped */
+void
+meter_http_easy_release(CURL *c, struct curl_slist *hl)
+{
+    struct curl_slist  *tmp;
 
     /* the header list may hold the bearer token: wipe it */
     for (tmp = hl; tmp != NULL; tmp = tmp->next) {
         explicit_bzero(tmp->data, strlen(tmp->data));
     }
 
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, NULL);
     curl_slist_free_all(hl);
 
-    /* drop the references to req's memory and the token */
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, NULL);
     curl_easy_setopt(c, CURLOPT_POSTFIELDS, NULL);
     curl_easy_setopt(c, CURLOPT_USERNAME, NULL);
     curl_easy_setopt(c, CURLOPT_PASSWORD, NULL);
+}
+
+
+int
+meter_http_perform(meter_http_t *h, const meter_http_req_t *req,
+    meter_http_resp_t *resp)
+{
+    int                 rc;
+    CURLcode            cc;
+    struct curl_slist  *hl;
+
+    if (meter_http_easy_prepare(h, h->curl, req, resp, &hl) != 0) {
+        return -1;
+    }
+
+    rc = -1;
+    cc = curl_easy_perform(h->curl);
+
+    if (cc != CURLE_OK) {
+        /* curl's messages name the host, never the credentials */
+        snprintf(resp->error, sizeof(resp->error), "%s",
+                 curl_easy_strerror(cc));
+
+    } else {
+        curl_easy_getinfo(h->curl, CURLINFO_RESPONSE_CODE, &resp->status);
+        rc = 0;
+    }
+
+    meter_http_easy_release(h->curl, hl);
 
     return rc;
 }

@@ -604,3 +604,15 @@ meter_reply_hget(const redisReply *rp, const char *field)
 
     return NULL;
 }
+
+
+int
+meter_reply_failed(meter_redis_t *r, redisReply *rp, char *err,
+    size_t errlen)
+{
+    snprintf(err, errlen, "%s", rp != NULL && rp->type == REDIS_REPLY_ERROR
+                                ? rp->str : r->err);
+    freeReplyObject(rp);
+
+    return -1;
+}

@@ -85,6 +85,10 @@ int meter_reply_ok(const redisReply *rp);       /* not NULL, not error */
 long long meter_reply_int(const redisReply *rp, long long dflt);
 /* field value of a HGETALL reply, or NULL */
 const char *meter_reply_hget(const redisReply *rp, const char *field);
+/* a failed command's message (the error reply, or r->err) into err; frees
+ * rp; returns -1 */
+int meter_reply_failed(meter_redis_t *r, redisReply *rp, char *err,
+    size_t errlen);
 
 
 #endif /* _METER_REDIS_H_INCLUDED_ */

@@ -81,6 +81,11 @@ static int meter_chargebee_lookup(meter_provider_t *p,
     const meter_record_t *rec, meter_send_result_t *res);
 static void meter_chargebee_cleanup(meter_provider_t *p);
 static void meter_chargebee_pass(meter_provider_t *p);
+static void meter_chargebee_send_batch(meter_provider_t *p,
+    const meter_record_t *recs, size_t n, meter_send_result_t *res);
+static meter_send_e meter_chargebee_sub_store(meter_chargebee_t *cb,
+    const char *id, const cJSON *json, meter_chargebee_sub_t **out,
+    meter_send_result_t *res);
 static meter_send_e meter_chargebee_call(meter_chargebee_t *cb,
     const char *url, const meter_buf_t *form, const char *idem, cJSON **json,
     meter_send_result_t *res);
@@ -205,7 +210,10 @@ meter_chargebee_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
     }
 
     /* 2/s stays under the smallest plan's 150 requests a minute */
-    return meter_http_init(&cb->http, "chargebee", cf, 2, err, errlen);
+    /* a few at once: Chargebee has concurrency limits besides the per
+     * minute ones (PROVIDERS.md) */
+    return meter_http_init_many(&cb->http, "chargebee", cf, 2, 4, err,
+                                errlen);
 }
 
 
@@ -241,15 +249,10 @@ static meter_send_e
 meter_chargebee_subscription(meter_chargebee_t *cb, const char *id,
     meter_chargebee_sub_t **out, meter_send_result_t *res)
 {
-    int                     created;
     void                  **slot;
     cJSON                  *json;
-    double                  v;
-    const char             *st;
     meter_buf_t             url;
-    const cJSON            *sub;
     meter_send_e            rc;
-    meter_chargebee_sub_t  *s;
 
     slot = meter_map_get(&cb->subs, id);
     if (slot != NULL && *slot != NULL) {
@@ -278,13 +281,35 @@ meter_chargebee_subscription(meter_chargebee_t *cb, const char *id,
         goto end;
     }
 
+    rc = meter_chargebee_sub_store(cb, id, json, out, res);
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+
+    return rc;
+}
+
+
+/* the answer of GET /api/v2/subscriptions/{id}, cached for the pass */
+static meter_send_e
+meter_chargebee_sub_store(meter_chargebee_t *cb, const char *id,
+    const cJSON *json, meter_chargebee_sub_t **out, meter_send_result_t *res)
+{
+    int                     created;
+    void                  **slot;
+    double                  v;
+    const char             *st;
+    const cJSON            *sub;
+    meter_chargebee_sub_t  *s;
+
     sub = cJSON_GetObjectItemCaseSensitive(json, "subscription");
     st = meter_json_str(sub, "status", (char *) NULL);
     if (st == NULL || strlen(st) >= sizeof(s->status)) {
         snprintf(res->error, sizeof(res->error), "chargebee: subscription "
                  "\"%s\" without a status", id);
-        rc = METER_SEND_RETRY;
-        goto end;
+        return METER_SEND_RETRY;
     }
 
     s = calloc(1, sizeof(meter_chargebee_sub_t));
@@ -292,8 +317,7 @@ meter_chargebee_subscription(meter_chargebee_t *cb, const char *id,
     if (slot == NULL) {
         free(s);
         snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
-        rc = METER_SEND_RETRY;
-        goto end;
+        return METER_SEND_RETRY;
     }
 
     *slot = s;
@@ -319,12 +343,7 @@ meter_chargebee_subscription(meter_chargebee_t *cb, const char *id,
                                     (char *) NULL));
     *out = s;
 
-end:
-
-    cJSON_Delete(json);
-    meter_buf_free(&url);
-
-    return rc;
+    return METER_SEND_OK;
 }
 
 
@@ -628,6 +647,235 @@ end:
     meter_buf_free(&resp.body);
 
     return rc;
+}
+
+
+/* the subscriptions of a chunk not cached yet, fetched concurrently */
+static void
+meter_chargebee_prefetch(meter_chargebee_t *cb, const meter_record_t *recs,
+    size_t n)
+{
+    int                     created;
+    size_t                  i, m;
+    cJSON                  *json;
+    meter_map_t             seen;
+    meter_buf_t            *urls;
+    meter_http_req_t       *reqs;
+    meter_http_job_t       *jobs;
+    const char            **ids;
+    meter_send_result_t     res;
+    meter_chargebee_sub_t  *sub;
+
+    if (meter_map_init(&seen, n) != 0) {
+        return;
+    }
+
+    jobs = calloc(n, sizeof(meter_http_job_t));
+    reqs = calloc(n, sizeof(meter_http_req_t));
+    urls = calloc(n, sizeof(meter_buf_t));
+    ids = calloc(n, sizeof(char *));
+    m = 0;
+
+    if (jobs == NULL || reqs == NULL || urls == NULL || ids == NULL) {
+        goto end;
+    }
+
+    for (i = 0; i < n; i++) {
+        if (recs[i].subscription == NULL
+            || meter_map_get(&cb->subs, recs[i].subscription) != NULL
+            || meter_map_put(&seen, recs[i].subscription, &created) == NULL
+            || !created)
+        {
+            continue;
+        }
+
+        if (meter_buf_printf(&urls[m], "%s/api/v2/subscriptions/", cb->base)
+            != 0
+            || meter_url_segment(&urls[m], cb->http.curl,
+                                 recs[i].subscription) != 0)
+        {
+            break;
+        }
+
+        reqs[m].method = "GET";
+        reqs[m].url = urls[m].data;
+        reqs[m].accept = "application/json";
+        reqs[m].auth = METER_HTTP_AUTH_BASIC;
+        reqs[m].secret = cb->api_key;
+        jobs[m].req = &reqs[m];
+        ids[m] = recs[i].subscription;
+        m++;
+    }
+
+    meter_http_request_many(&cb->http, jobs, m);
+
+    for (i = 0; i < m; i++) {
+        /* a failure is not cached: send() fetches it again and says why */
+        if (jobs[i].st == METER_SEND_OK) {
+            json = cJSON_ParseWithLength(jobs[i].resp.body.data,
+                                         jobs[i].resp.body.len);
+            if (json != NULL) {
+                memset(&res, 0, sizeof(res));
+                (void) meter_chargebee_sub_store(cb, ids[i], json, &sub,
+                                                 &res);
+                cJSON_Delete(json);
+            }
+        }
+
+        meter_buf_free(&jobs[i].resp.body);
+    }
+
+end:
+
+    if (urls != NULL) {
+        for (i = 0; i < n; i++) {
+            meter_buf_free(&urls[i]);
+        }
+    }
+
+    meter_map_free(&seen, NULL);
+    free(jobs);
+    free(reqs);
+    free(urls);
+    free(ids);
+}
+
+
+/*
+ * A chunk of new records: their subscriptions fetched together, then the
+ * first attempt of each usage concurrently (one per subscription at a
+ * time: Chargebee keeps one usage per subscription, item price and date,
+ * and has concurrency limits).  Whatever is not a plain success (a taken
+ * date, a replayed failure, a retry) goes through send(), which sends it
+ * again under the same key (Chargebee replays its first answer) and takes
+ * it from there.
+ */
+static void
+meter_chargebee_send_batch(meter_provider_t *p, const meter_record_t *recs,
+    size_t n, meter_send_result_t *res)
+{
+    int                     moved;
+    char                  (*idem)[200];
+    size_t                  i, m, *idx;
+    time_t                  lo, hi, date;
+    meter_buf_t            *urls, *bodies;
+    meter_http_req_t       *reqs;
+    meter_http_job_t       *jobs;
+    meter_chargebee_t      *cb;
+    meter_send_result_t     r;
+    meter_chargebee_sub_t  *sub;
+
+    cb = p->data;
+
+    /* nothing counts as accepted until an answer says so */
+    for (i = 0; i < n; i++) {
+        memset(&res[i], 0, sizeof(res[i]));
+        res[i].status = METER_SEND_RETRY;
+    }
+
+    meter_chargebee_prefetch(cb, recs, n);
+
+    jobs = calloc(n, sizeof(meter_http_job_t));
+    reqs = calloc(n, sizeof(meter_http_req_t));
+    urls = calloc(n, sizeof(meter_buf_t));
+    bodies = calloc(n, sizeof(meter_buf_t));
+    idem = calloc(n, sizeof(*idem));
+    idx = calloc(n, sizeof(size_t));
+    m = 0;
+
+    if (jobs == NULL || reqs == NULL || urls == NULL || bodies == NULL
+        || idem == NULL || idx == NULL)
+    {
+        goto rest;
+    }
+
+    for (i = 0; i < n; i++) {
+        memset(&r, 0, sizeof(r));
+
+        /* records the fast path cannot date (no subscription cached, a
+         * moved date needing a note): send() handles them */
+        if (recs[i].subscription == NULL || recs[i].provider_meter == NULL
+            || meter_map_get(&cb->subs, recs[i].subscription) == NULL
+            || meter_chargebee_subscription(cb, recs[i].subscription, &sub,
+                                            &r) != METER_SEND_OK
+            || meter_chargebee_window(sub, &recs[i], time(NULL), &lo, &hi,
+                                      &moved, &r) != METER_SEND_OK
+            || moved)
+        {
+            continue;
+        }
+
+        date = lo + (time_t) (meter_chargebee_spread(&recs[i])
+                              % (uint64_t) (hi - lo));
+
+        if (meter_buf_printf(&urls[m], "%s/api/v2/subscriptions/", cb->base)
+            != 0
+            || meter_url_segment(&urls[m], cb->http.curl,
+                                 recs[i].subscription) != 0
+            || meter_buf_printf(&urls[m], "/usages") != 0
+            || meter_form_add(&bodies[m], cb->http.curl, "item_price_id",
+                              recs[i].provider_meter) != 0
+            || meter_form_add_u64(&bodies[m], cb->http.curl, "quantity",
+                                  (unsigned long long) recs[i].quantity)
+               != 0
+            || meter_form_add_u64(&bodies[m], cb->http.curl, "usage_date",
+                                  (unsigned long long) date) != 0
+            || meter_form_add(&bodies[m], cb->http.curl, "id",
+                              recs[i].idempotency_key) != 0)
+        {
+            continue;
+        }
+
+        /* the key send() uses for its first probe */
+        snprintf(idem[m], sizeof(idem[m]), "chargebee-idempotency-key: %s",
+                 recs[i].idempotency_key);
+
+        reqs[m].method = "POST";
+        reqs[m].url = urls[m].data;
+        reqs[m].content_type = "application/x-www-form-urlencoded";
+        reqs[m].accept = "application/json";
+        reqs[m].headers[0] = idem[m];
+        reqs[m].body = bodies[m].data;
+        reqs[m].body_len = bodies[m].len;
+        reqs[m].auth = METER_HTTP_AUTH_BASIC;
+        reqs[m].secret = cb->api_key;
+        jobs[m].req = &reqs[m];
+        jobs[m].serial = recs[i].subscription;
+        idx[m++] = i;
+    }
+
+    meter_http_request_many(&cb->http, jobs, m);
+
+    for (i = 0; i < m; i++) {
+        if (jobs[i].st == METER_SEND_OK && !jobs[i].resp.replayed) {
+            res[idx[i]] = jobs[i].res;
+            res[idx[i]].status = METER_SEND_OK;
+        }
+
+        meter_buf_free(&jobs[i].resp.body);
+    }
+
+rest:
+
+    for (i = 0; i < n; i++) {
+        if (res[i].status != METER_SEND_OK) {
+            (void) meter_chargebee_send(p, &recs[i], &res[i]);
+        }
+    }
+
+    if (urls != NULL && bodies != NULL) {
+        for (i = 0; i < n; i++) {
+            meter_buf_free(&urls[i]);
+            meter_buf_free(&bodies[i]);
+        }
+    }
+
+    free(jobs);
+    free(reqs);
+    free(urls);
+    free(bodies);
+    free(idem);
+    free(idx);
 }
 
 
@@ -1219,6 +1467,7 @@ meter_provider_chargebee(meter_provider_t *p)
     p->name = "chargebee";
     p->init = meter_chargebee_init;
     p->send = meter_chargebee_send;
+    p->send_batch = meter_chargebee_send_batch;
     /* usage ids are unique for good: the id dedupes every resend */
     p->lookup = NULL;
     p->usage_total = meter_chargebee_usage_total;

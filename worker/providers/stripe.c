@@ -68,6 +68,8 @@
 #define METER_STRIPE_WINDOW      86400
 #define METER_STRIPE_METERS      16
 #define METER_STRIPE_LATE_KEEP   (35 * 86400)
+/* subscription periods fetched per chunk for the late check */
+#define METER_STRIPE_PREFETCH    100
 
 
 typedef enum {
@@ -101,7 +103,8 @@ typedef struct {
     time_t                      invoice_grace;
     meter_stripe_meter_t        meters[METER_STRIPE_METERS];
     int                         nmeters;
-    meter_stripe_period_t       periods[64];
+    meter_map_t                 periods;        /* subscription id ->
+                                                 * meter_stripe_period_t */
     char                      **meter_ids;      /* "meter", "id" pairs */
     size_t                      nmeter_ids;
     /* Redis, for marks made outside the drain (async rejections, late
@@ -115,6 +118,8 @@ typedef struct {
     int64_t                     redis_timeout_ms;
     char                        base[256];
     char                        stream[256];
+    int                         defer_late;     /* send_batch checks
+                                                 * lateness afterwards */
     char                        token[512];     /* stream session */
     time_t                      token_until;
     char                        customer_key[64];
@@ -128,6 +133,18 @@ typedef struct {
 
 static int meter_stripe_init(meter_provider_t *p, const meter_conf_t *cf,
     char *err, size_t errlen);
+static meter_stripe_period_t *meter_stripe_period_get(meter_stripe_t *st,
+    const char *sub, time_t now);
+static meter_stripe_period_t *meter_stripe_period_put(meter_stripe_t *st,
+    const char *sub, time_t start, time_t now);
+static time_t meter_stripe_period_start(const cJSON *json);
+static void meter_stripe_late_prefetch(meter_stripe_t *st,
+    const meter_record_t *recs, size_t n);
+static meter_send_e meter_stripe_check(meter_stripe_t *st,
+    const meter_record_t *rec, time_t *ts_out, time_t *now_out,
+    meter_send_result_t *res);
+static void meter_stripe_stream_many(meter_stripe_t *st,
+    const meter_record_t *recs, size_t n, meter_send_result_t *res);
 static meter_send_e meter_stripe_send(meter_provider_t *p,
     const meter_record_t *rec, meter_send_result_t *res);
 static int meter_stripe_duplicate(const meter_http_resp_t *resp);
@@ -413,7 +430,25 @@ meter_stripe_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
         rps = (st->mode == METER_STRIPE_USAGE_RECORDS) ? 100 : 1000;
     }
 
-    return meter_http_init(&st->http, "stripe", cf, rps, err, errlen);
+    /* enough open requests to reach the rate at a 50 ms round trip; the
+     * stream carries 100 events per request */
+    if (meter_http_init_many(&st->http, "stripe", cf, rps,
+                             st->mode == METER_STRIPE_STREAM ? 50 : 100,
+                             err, errlen) != 0)
+    {
+        return -1;
+    }
+
+    /* a chunk lasts about 2 s at max_rps (a SIGTERM waits for the chunk
+     * in flight): 2,000 v1 calls at 1,000/s, 100 at the sandbox's 25/s */
+    rps = (st->http.max_rps > 0) ? st->http.max_rps : 1e6;
+    rps *= (st->mode == METER_STRIPE_STREAM) ? 200 : 2;
+    p->batch_max = rps < 100 ? 100 : rps > 5000 ? 5000 : (size_t) rps;
+    if (st->mode != METER_STRIPE_STREAM && p->batch_max > 2000) {
+        p->batch_max = 2000;
+    }
+
+    return 0;
 }
 
 
@@ -500,7 +535,8 @@ meter_stripe_session(meter_stripe_t *st, meter_send_result_t *res)
     meter_buf_t         url;
     meter_http_req_t    req;
     meter_http_resp_t   resp;
-    const cJSON        *tok;
+    time_t              until;
+    const cJSON        *tok, *exp;
 
     rc = -1;
     json = NULL;
@@ -548,8 +584,16 @@ meter_stripe_session(meter_stripe_t *st, meter_send_result_t *res)
 
     memcpy(st->token, tok->valuestring, strlen(tok->valuestring) + 1);
 
-    /* valid 15 minutes: renew a minute early */
-    st->token_until = time(NULL) + 14 * 60;
+    /* renewed a minute before expires_at (an RFC 3339 string: stripe-node
+     * src/resources/V2/Billing/MeterEventSession.ts); valid 15 minutes
+     * when it is missing */
+    exp = cJSON_GetObjectItemCaseSensitive(json, "expires_at");
+    until = cJSON_IsString(exp) ? meter_rfc3339_parse(exp->valuestring) : -1;
+    if (until <= 0) {
+        until = time(NULL) + 15 * 60;
+    }
+
+    st->token_until = until - 60;
     rc = 0;
 
 end:
@@ -574,111 +618,425 @@ end:
 }
 
 
+/* v2 errors: type temporary_session_expired (stripe-node src/Error.ts
+ * generateV2Error), code billing_meter_event_session_expired */
 static int
 meter_stripe_session_expired(const meter_http_resp_t *resp)
 {
     return resp->status == 401 && resp->body.data != NULL
-           && strstr(resp->body.data, "billing_meter_event_session_expired")
-              != NULL;
+           && (strstr(resp->body.data, "billing_meter_event_session_expired")
+               != NULL
+               || strstr(resp->body.data, "temporary_session_expired")
+                  != NULL);
 }
 
 
-static meter_send_e
-meter_stripe_stream(meter_stripe_t *st, const meter_record_t *rec,
-    time_t ts, meter_send_result_t *res)
+/* the request body of up to 100 events; NULL when out of memory */
+static char *
+meter_stripe_stream_body(meter_stripe_t *st, const meter_record_t *recs,
+    size_t n)
 {
-    int                 again;
-    char               *js, tbuf[32], num[24];
-    cJSON              *json, *events, *ev, *payload;
-    meter_buf_t         url;
-    meter_send_e        rc;
-    meter_http_req_t    req;
-    meter_http_resp_t   resp;
+    char          *js, tbuf[32], num[24];
+    size_t         i;
+    time_t         ts, now;
+    cJSON         *json, *events, *ev, *payload;
+    meter_send_result_t  chk;
 
     js = NULL;
-    rc = METER_SEND_RETRY;
-
-    memset(&url, 0, sizeof(url));
-    memset(&req, 0, sizeof(req));
-    memset(&resp, 0, sizeof(resp));
-
-    meter_rfc3339(ts, tbuf, sizeof(tbuf));
-    snprintf(num, sizeof(num), "%llu", (unsigned long long) rec->quantity);
-
     json = cJSON_CreateObject();
     events = cJSON_AddArrayToObject(json, "events");
-    ev = cJSON_CreateObject();
-
-    if (events == NULL || ev == NULL) {
-        cJSON_Delete(ev);
-        goto nomem;
+    if (events == NULL) {
+        goto end;
     }
 
-    cJSON_AddItemToArray(events, ev);
-    payload = cJSON_AddObjectToObject(ev, "payload");
+    for (i = 0; i < n; i++) {
+        (void) meter_stripe_check(st, &recs[i], &ts, &now, &chk);
+        meter_rfc3339(ts, tbuf, sizeof(tbuf));
+        snprintf(num, sizeof(num), "%llu",
+                 (unsigned long long) recs[i].quantity);
 
-    if (payload == NULL
-        || cJSON_AddStringToObject(ev, "identifier", rec->idempotency_key)
-           == NULL
-        || cJSON_AddStringToObject(ev, "event_name", rec->provider_meter)
-           == NULL
-        || cJSON_AddStringToObject(ev, "timestamp", tbuf) == NULL
-        || cJSON_AddStringToObject(payload, st->customer_key,
-                                   rec->provider_customer) == NULL
-        || cJSON_AddStringToObject(payload, st->value_key, num) == NULL)
-    {
-        goto nomem;
+        ev = cJSON_CreateObject();
+        if (ev == NULL) {
+            goto end;
+        }
+
+        cJSON_AddItemToArray(events, ev);
+        payload = cJSON_AddObjectToObject(ev, "payload");
+
+        if (payload == NULL
+            || cJSON_AddStringToObject(ev, "identifier",
+                                       recs[i].idempotency_key) == NULL
+            || cJSON_AddStringToObject(ev, "event_name",
+                                       recs[i].provider_meter) == NULL
+            || cJSON_AddStringToObject(ev, "timestamp", tbuf) == NULL
+            || cJSON_AddStringToObject(payload, st->customer_key,
+                                       recs[i].provider_customer) == NULL
+            || cJSON_AddStringToObject(payload, st->value_key, num) == NULL)
+        {
+            goto end;
+        }
     }
 
     js = cJSON_PrintUnformatted(json);
-    if (js == NULL
-        || meter_buf_printf(&url, "%s/v2/billing/meter_event_stream",
-                            st->stream) != 0)
+
+end:
+
+    cJSON_Delete(json);
+
+    return js;
+}
+
+
+/*
+ * Records (checked already) through the v2 stream: requests of up to per
+ * events, concurrently.  The stream answers for a request as a whole
+ * (validation is asynchronous: error reports come as webhooks), so a
+ * request refused with several events in it is split into one request per
+ * event, and only the event at fault is refused; identifiers dedupe what
+ * an earlier request may have delivered.  An expired session is renewed
+ * once (renew).
+ */
+static void
+meter_stripe_stream_run(meter_stripe_t *st, const meter_record_t *recs,
+    size_t n, meter_send_result_t *res, size_t per, int renew)
+{
+    char                *url;
+    size_t               i, j, g, ng, cnt;
+    time_t               ts, now;
+    meter_http_job_t    *jobs;
+    meter_http_req_t    *reqs;
+    char               **bodies;
+    meter_send_result_t  sr;
+
+    if (n == 0) {
+        return;
+    }
+
+    memset(&sr, 0, sizeof(sr));
+
+    if (st->token[0] == '\0' || time(NULL) >= st->token_until) {
+        if (meter_stripe_session(st, &sr) != 0) {
+            for (i = 0; i < n; i++) {
+                res[i] = sr;
+            }
+
+            return;
+        }
+    }
+
+    ng = (n + per - 1) / per;
+    jobs = calloc(ng, sizeof(meter_http_job_t));
+    reqs = calloc(ng, sizeof(meter_http_req_t));
+    bodies = calloc(ng, sizeof(char *));
+    url = NULL;
+
+    if (jobs == NULL || reqs == NULL || bodies == NULL
+        || asprintf(&url, "%s/v2/billing/meter_event_stream", st->stream) < 0)
     {
+        url = NULL;
         goto nomem;
     }
 
-    req.method = "POST";
-    req.url = url.data;
-    req.content_type = "application/json";
-    req.body = js;
-    req.body_len = strlen(js);
-    req.auth = METER_HTTP_AUTH_BEARER;
-    meter_stripe_headers(st, &req, NULL);
+    for (g = 0; g < ng; g++) {
+        cnt = (g == ng - 1) ? n - g * per : per;
 
-    for (again = 1; again >= 0; again--) {
-        if (st->token[0] == '\0' || time(NULL) >= st->token_until) {
-            if (meter_stripe_session(st, res) != 0) {
-                rc = res->status;
-                goto end;
+        bodies[g] = meter_stripe_stream_body(st, &recs[g * per], cnt);
+        if (bodies[g] == NULL) {
+            goto nomem;
+        }
+
+        reqs[g].method = "POST";
+        reqs[g].url = url;
+        reqs[g].content_type = "application/json";
+        reqs[g].body = bodies[g];
+        reqs[g].body_len = strlen(bodies[g]);
+        reqs[g].auth = METER_HTTP_AUTH_BEARER;
+        reqs[g].secret = st->token;
+        meter_stripe_headers(st, &reqs[g], NULL);
+        jobs[g].req = &reqs[g];
+    }
+
+    meter_http_request_many(&st->http, jobs, ng);
+
+    for (g = 0; g < ng; g++) {
+        i = g * per;
+        cnt = (g == ng - 1) ? n - i : per;
+
+        if (jobs[g].st == METER_SEND_FATAL && renew
+            && meter_stripe_session_expired(&jobs[g].resp))
+        {
+            /* a new session, once */
+            st->token[0] = '\0';
+            meter_stripe_stream_run(st, &recs[i], cnt, &res[i], per, 0);
+            continue;
+        }
+
+        if (jobs[g].st == METER_SEND_FATAL && cnt > 1
+            && jobs[g].resp.status >= 400 && jobs[g].resp.status < 500
+            && jobs[g].resp.status != 401 && jobs[g].resp.status != 403)
+        {
+            meter_log(LOG_WARNING, "stripe: the meter event stream refused "
+                      "%zu events together (%s); sending them one by one",
+                      cnt, jobs[g].res.error);
+            meter_stripe_stream_run(st, &recs[i], cnt, &res[i], 1, renew);
+            continue;
+        }
+
+        for (j = i; j < i + cnt; j++) {
+            res[j] = jobs[g].res;
+            res[j].status = jobs[g].st;
+
+            if (jobs[g].st == METER_SEND_OK && !st->defer_late) {
+                (void) meter_stripe_check(st, &recs[j], &ts, &now, &sr);
+                meter_stripe_late(st, &recs[j], ts, now);
             }
         }
-
-        req.secret = st->token;
-        rc = meter_http_request(&st->http, &req, &resp, res);
-
-        if (rc != METER_SEND_FATAL || !meter_stripe_session_expired(&resp)) {
-            break;
-        }
-
-        /* a new session, once */
-        st->token[0] = '\0';
     }
 
     goto end;
 
 nomem:
 
-    snprintf(res->error, sizeof(res->error), "stripe: out of memory");
-    res->status = METER_SEND_RETRY;
-    rc = METER_SEND_RETRY;
+    for (i = 0; i < n; i++) {
+        memset(&res[i], 0, sizeof(res[i]));
+        res[i].status = METER_SEND_RETRY;
+        snprintf(res[i].error, sizeof(res[i].error), "stripe: out of memory");
+    }
 
 end:
 
-    cJSON_free(js);
-    cJSON_Delete(json);
-    meter_buf_free(&url);
-    meter_buf_free(&resp.body);
+    if (jobs != NULL) {
+        for (g = 0; g < ng; g++) {
+            if (jobs[g].resp.body.data != NULL) {
+                explicit_bzero(jobs[g].resp.body.data, jobs[g].resp.body.len);
+            }
+
+            meter_buf_free(&jobs[g].resp.body);
+        }
+    }
+
+    if (bodies != NULL) {
+        for (g = 0; g < ng; g++) {
+            cJSON_free(bodies[g]);
+        }
+    }
+
+    free(url);
+    free(bodies);
+    free(reqs);
+    free(jobs);
+}
+
+
+static void
+meter_stripe_stream_many(meter_stripe_t *st, const meter_record_t *recs,
+    size_t n, meter_send_result_t *res)
+{
+    meter_stripe_stream_run(st, recs, n, res, 100, 1);
+}
+
+
+/* one record's request, built before it is sent (alone or with others) */
+typedef struct {
+    meter_buf_t                 url;
+    meter_buf_t                 body;
+    char                        idem[300];
+    char                        serial[300];
+    time_t                      ts;
+    time_t                      now;
+    meter_http_req_t            req;
+} meter_stripe_out_t;
+
+
+/*
+ * The event's timestamp: the last second of the period; for a period still
+ * running (a drain with --before in the future) the present, which is
+ * inside it too: Stripe refuses timestamps more than 5 minutes ahead.
+ * METER_SEND_OK, or FATAL with res filled for what Stripe refuses anyway.
+ */
+static meter_send_e
+meter_stripe_check(meter_stripe_t *st, const meter_record_t *rec,
+    time_t *ts_out, time_t *now_out, meter_send_result_t *res)
+{
+    time_t  ts, now;
+
+    memset(res, 0, sizeof(*res));
+    res->status = METER_SEND_FATAL;
+
+    ts = rec->period_end - 1;
+    now = time(NULL);
+
+    if (ts > now && rec->period_start <= now) {
+        ts = now;
+    }
+
+    *ts_out = ts;
+    *now_out = now;
+
+    /* Stripe refuses these anyway: say why instead of a 400 later */
+    if (ts < now - METER_STRIPE_MAX_AGE) {
+        snprintf(res->error, sizeof(res->error),
+                 "stripe: record of %lld is older than the 35 days Stripe "
+                 "accepts", (long long) rec->period_start);
+        return METER_SEND_FATAL;
+    }
+
+    if (ts > now + METER_STRIPE_MAX_AHEAD) {
+        snprintf(res->error, sizeof(res->error),
+                 "stripe: record of %lld is more than 5 minutes in the "
+                 "future", (long long) rec->period_start);
+        return METER_SEND_FATAL;
+    }
+
+    if (st->mode != METER_STRIPE_USAGE_RECORDS
+        && (rec->provider_customer == NULL || rec->provider_meter == NULL))
+    {
+        snprintf(res->error, sizeof(res->error), "stripe: record without %s",
+                 rec->provider_customer == NULL
+                 ? "a Stripe customer" : "a meter event name");
+        return METER_SEND_FATAL;
+    }
+
+    res->status = METER_SEND_OK;
+
+    return METER_SEND_OK;
+}
+
+
+/* a v1 request (meter event or usage record); OK, or res filled */
+static meter_send_e
+meter_stripe_build(meter_stripe_t *st, const meter_record_t *rec,
+    meter_stripe_out_t *o, meter_send_result_t *res)
+{
+    char  pk[96];
+
+    memset(o, 0, sizeof(*o));
+
+    if (meter_stripe_check(st, rec, &o->ts, &o->now, res) != METER_SEND_OK) {
+        return res->status;
+    }
+
+    if (st->mode == METER_STRIPE_METER_EVENTS) {
+        if (meter_buf_printf(&o->url, "%s/v1/billing/meter_events", st->base)
+            != 0
+            || meter_form_add(&o->body, st->http.curl, "event_name",
+                              rec->provider_meter) != 0)
+        {
+            goto nomem;
+        }
+
+        snprintf(pk, sizeof(pk), "payload[%s]", st->customer_key);
+        if (meter_form_add(&o->body, st->http.curl, pk,
+                           rec->provider_customer) != 0)
+        {
+            goto nomem;
+        }
+
+        snprintf(pk, sizeof(pk), "payload[%s]", st->value_key);
+        if (meter_form_add_u64(&o->body, st->http.curl, pk,
+                               (unsigned long long) rec->quantity) != 0
+            || meter_form_add(&o->body, st->http.curl, "identifier",
+                              rec->idempotency_key) != 0
+            || meter_form_add_u64(&o->body, st->http.curl, "timestamp",
+                                  (unsigned long long) o->ts) != 0)
+        {
+            goto nomem;
+        }
+
+        /* one concurrent call per customer and meter (PROVIDERS.md) */
+        snprintf(o->serial, sizeof(o->serial), "%s\n%s",
+                 rec->provider_customer, rec->provider_meter);
+
+    } else {
+        if (rec->subscription_item == NULL) {
+            snprintf(res->error, sizeof(res->error),
+                     "stripe: record without a subscription item "
+                     "(usage_records mode)");
+            res->status = METER_SEND_FATAL;
+            return METER_SEND_FATAL;
+        }
+
+        if (meter_buf_printf(&o->url, "%s/v1/subscription_items/", st->base)
+            != 0
+            || meter_url_segment(&o->url, st->http.curl,
+                                 rec->subscription_item) != 0
+            || meter_buf_printf(&o->url, "/usage_records") != 0
+            || meter_form_add_u64(&o->body, st->http.curl, "quantity",
+                                  (unsigned long long) rec->quantity) != 0
+            || meter_form_add_u64(&o->body, st->http.curl, "timestamp",
+                                  (unsigned long long) o->ts) != 0
+            || meter_form_add(&o->body, st->http.curl, "action", "increment")
+               != 0)
+        {
+            goto nomem;
+        }
+
+        snprintf(o->serial, sizeof(o->serial), "%s", rec->subscription_item);
+    }
+
+    snprintf(o->idem, sizeof(o->idem), "Idempotency-Key: %s",
+             rec->idempotency_key);
+
+    o->req.method = "POST";
+    o->req.url = o->url.data;
+    o->req.content_type = "application/x-www-form-urlencoded";
+    o->req.body = o->body.data;
+    o->req.body_len = o->body.len;
+    meter_stripe_headers(st, &o->req, o->idem);
+    o->req.auth = METER_HTTP_AUTH_BEARER;
+    o->req.secret = st->api_key;
+
+    return METER_SEND_OK;
+
+nomem:
+
+    snprintf(res->error, sizeof(res->error), "stripe: out of memory");
+    res->status = METER_SEND_RETRY;
+
+    return METER_SEND_RETRY;
+}
+
+
+static void
+meter_stripe_out_free(meter_stripe_out_t *o)
+{
+    meter_buf_free(&o->url);
+    meter_buf_free(&o->body);
+}
+
+
+/* what a v1 answer means for the record */
+static meter_send_e
+meter_stripe_answer(meter_stripe_t *st, const meter_record_t *rec,
+    meter_stripe_out_t *o, meter_http_resp_t *resp, meter_send_e rc,
+    meter_send_result_t *res, int late)
+{
+    char  fresh[24];
+
+    /*
+     * Stripe saves the first answer of a key, 500s and 400s included, and
+     * replays it for 24 h.  A meter event is deduped by its identifier
+     * anyway, so a replayed failure (a 500, or a 400 whose cause the admin
+     * fixed before "meterctl retry") is tried once under a fresh header key.
+     */
+    if (rc != METER_SEND_OK && resp->replayed
+        && st->mode == METER_STRIPE_METER_EVENTS)
+    {
+        meter_fresh_suffix(fresh, sizeof(fresh));
+        snprintf(o->idem, sizeof(o->idem), "Idempotency-Key: %s%s",
+                 rec->idempotency_key, fresh);
+        rc = meter_http_request(&st->http, &o->req, resp, res);
+    }
+
+    if (rc == METER_SEND_FATAL && meter_stripe_duplicate(resp)) {
+        res->status = METER_SEND_OK;
+        res->error[0] = '\0';
+        rc = METER_SEND_OK;
+    }
+
+    if (rc == METER_SEND_OK && late) {
+        meter_stripe_late(st, rec, o->ts, o->now);
+    }
 
     return rc;
 }
@@ -688,177 +1046,164 @@ static meter_send_e
 meter_stripe_send(meter_provider_t *p, const meter_record_t *rec,
     meter_send_result_t *res)
 {
-    char               idem[300], fresh[24];
-    time_t             ts, now;
-    meter_buf_t        url, body;
-    meter_send_e       rc;
-    meter_stripe_t    *st;
-    meter_http_req_t   req;
-    meter_http_resp_t  resp;
+    time_t              ts, now;
+    meter_send_e        rc;
+    meter_stripe_t     *st;
+    meter_http_resp_t   resp;
+    meter_stripe_out_t  o;
 
     st = p->data;
 
-    memset(&url, 0, sizeof(url));
-    memset(&body, 0, sizeof(body));
-    memset(&req, 0, sizeof(req));
-    memset(&resp, 0, sizeof(resp));
-    memset(res, 0, sizeof(*res));
-
-    rc = METER_SEND_FATAL;
-    res->status = rc;
-
-    /*
-     * The last second of the period; for a period still running (a drain
-     * with --before in the future) the present, which is inside it too:
-     * Stripe refuses timestamps more than 5 minutes ahead.
-     */
-    ts = rec->period_end - 1;
-    now = time(NULL);
-
-    if (ts > now && rec->period_start <= now) {
-        ts = now;
-    }
-
-    /* Stripe refuses these anyway: say why instead of a 400 later */
-    if (ts < now - METER_STRIPE_MAX_AGE) {
-        snprintf(res->error, sizeof(res->error),
-                 "stripe: record of %lld is older than the 35 days Stripe "
-                 "accepts", (long long) rec->period_start);
-        goto end;
-    }
-
-    if (ts > now + METER_STRIPE_MAX_AHEAD) {
-        snprintf(res->error, sizeof(res->error),
-                 "stripe: record of %lld is more than 5 minutes in the "
-                 "future", (long long) rec->period_start);
-        goto end;
-    }
-
-    if (st->mode != METER_STRIPE_USAGE_RECORDS
-        && (rec->provider_customer == NULL || rec->provider_meter == NULL))
-    {
-        snprintf(res->error, sizeof(res->error), "stripe: record without %s",
-                 rec->provider_customer == NULL
-                 ? "a Stripe customer" : "a meter event name");
-        goto end;
-    }
-
     if (st->mode == METER_STRIPE_STREAM) {
-        rc = meter_stripe_stream(st, rec, ts, res);
-        if (rc == METER_SEND_OK) {
-            meter_stripe_late(st, rec, ts, now);
+        if (meter_stripe_check(st, rec, &ts, &now, res) != METER_SEND_OK) {
+            return res->status;
         }
 
-        goto end;
+        meter_stripe_stream_many(st, rec, 1, res);
+        return res->status;
     }
 
-    if (st->mode == METER_STRIPE_METER_EVENTS) {
-        char  pk[96];
+    memset(&resp, 0, sizeof(resp));
 
-        if (meter_buf_printf(&url, "%s/v1/billing/meter_events", st->base)
-            != 0
-            || meter_form_add(&body, st->http.curl, "event_name",
-                              rec->provider_meter) != 0)
-        {
-            goto nomem;
-        }
-
-        snprintf(pk, sizeof(pk), "payload[%s]", st->customer_key);
-        if (meter_form_add(&body, st->http.curl, pk, rec->provider_customer)
-            != 0)
-        {
-            goto nomem;
-        }
-
-        snprintf(pk, sizeof(pk), "payload[%s]", st->value_key);
-        if (meter_form_add_u64(&body, st->http.curl, pk,
-                               (unsigned long long) rec->quantity) != 0
-            || meter_form_add(&body, st->http.curl, "identifier",
-                              rec->idempotency_key) != 0
-            || meter_form_add_u64(&body, st->http.curl, "timestamp",
-                                  (unsigned long long) ts) != 0)
-        {
-            goto nomem;
-        }
-
-    } else {
-        if (rec->subscription_item == NULL) {
-            snprintf(res->error, sizeof(res->error),
-                     "stripe: record without a subscription item "
-                     "(usage_records mode)");
-            goto end;
-        }
-
-        if (meter_buf_printf(&url, "%s/v1/subscription_items/", st->base)
-            != 0
-            || meter_url_segment(&url, st->http.curl,
-                                 rec->subscription_item) != 0
-            || meter_buf_printf(&url, "/usage_records") != 0
-            || meter_form_add_u64(&body, st->http.curl, "quantity",
-                                  (unsigned long long) rec->quantity) != 0
-            || meter_form_add_u64(&body, st->http.curl, "timestamp",
-                                  (unsigned long long) ts) != 0
-            || meter_form_add(&body, st->http.curl, "action", "increment")
-               != 0)
-        {
-            goto nomem;
-        }
-    }
-
-    snprintf(idem, sizeof(idem), "Idempotency-Key: %s",
-             rec->idempotency_key);
-
-    req.method = "POST";
-    req.url = url.data;
-    req.content_type = "application/x-www-form-urlencoded";
-    req.body = body.data;
-    req.body_len = body.len;
-    meter_stripe_headers(st, &req, idem);
-    req.auth = METER_HTTP_AUTH_BEARER;
-    req.secret = st->api_key;
-
-    rc = meter_http_request(&st->http, &req, &resp, res);
-
-    /*
-     * Stripe saves the first answer of a key, 500s and 400s included, and
-     * replays it for 24 h.  A meter event is deduped by its identifier
-     * anyway, so a replayed failure (a 500, or a 400 whose cause the admin
-     * fixed before "meterctl retry") is tried once under a fresh header key.
-     */
-    if (rc != METER_SEND_OK && resp.replayed
-        && st->mode == METER_STRIPE_METER_EVENTS)
-    {
-        meter_fresh_suffix(fresh, sizeof(fresh));
-        snprintf(idem, sizeof(idem), "Idempotency-Key: %s%s",
-                 rec->idempotency_key, fresh);
-        rc = meter_http_request(&st->http, &req, &resp, res);
-    }
-
-    if (rc == METER_SEND_FATAL && meter_stripe_duplicate(&resp)) {
-        res->status = METER_SEND_OK;
-        res->error[0] = '\0';
-        rc = METER_SEND_OK;
-    }
-
+    rc = meter_stripe_build(st, rec, &o, res);
     if (rc == METER_SEND_OK) {
-        meter_stripe_late(st, rec, ts, now);
+        rc = meter_http_request(&st->http, &o.req, &resp, res);
+        rc = meter_stripe_answer(st, rec, &o, &resp, rc, res, 1);
     }
 
-    goto end;
-
-nomem:
-
-    snprintf(res->error, sizeof(res->error), "stripe: out of memory");
-    res->status = METER_SEND_RETRY;
-    rc = METER_SEND_RETRY;
-
-end:
-
-    meter_buf_free(&url);
-    meter_buf_free(&body);
+    meter_stripe_out_free(&o);
     meter_buf_free(&resp.body);
 
     return rc;
+}
+
+
+/*
+ * A chunk of new records: v1 calls concurrently (never two for one
+ * customer and meter at once), the stream in requests of up to 100 events.
+ */
+static void
+meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
+    size_t n, meter_send_result_t *res)
+{
+    size_t               i, m, *idx;
+    time_t               ts, now;
+    meter_stripe_t      *st;
+    meter_http_job_t    *jobs;
+    meter_stripe_out_t  *outs;
+    meter_record_t      *ok;
+
+    st = p->data;
+
+    if (st->mode == METER_STRIPE_STREAM) {
+        ok = calloc(n, sizeof(meter_record_t));
+        idx = calloc(n, sizeof(size_t));
+        meter_send_result_t  *r2 = calloc(n, sizeof(meter_send_result_t));
+
+        if (ok == NULL || idx == NULL || r2 == NULL) {
+            free(ok);
+            free(idx);
+            free(r2);
+            goto nomem;
+        }
+
+        for (i = 0, m = 0; i < n; i++) {
+            if (meter_stripe_check(st, &recs[i], &ts, &now, &res[i])
+                == METER_SEND_OK)
+            {
+                ok[m] = recs[i];
+                idx[m++] = i;
+            }
+        }
+
+        st->defer_late = 1;
+        meter_stripe_stream_many(st, ok, m, r2);
+        st->defer_late = 0;
+        meter_stripe_late_prefetch(st, ok, m);
+        st->defer_late = 1;
+
+        for (i = 0; i < m; i++) {
+            if (r2[i].status == METER_SEND_OK) {
+                (void) meter_stripe_check(st, &ok[i], &ts, &now, &r2[i]);
+                r2[i].status = METER_SEND_OK;
+                r2[i].error[0] = '\0';
+                meter_stripe_late(st, &ok[i], ts, now);
+            }
+        }
+
+        st->defer_late = 0;
+
+        for (i = 0; i < m; i++) {
+            res[idx[i]] = r2[i];
+        }
+
+        free(ok);
+        free(idx);
+        free(r2);
+        return;
+    }
+
+    jobs = calloc(n, sizeof(meter_http_job_t));
+    outs = calloc(n, sizeof(meter_stripe_out_t));
+    idx = calloc(n, sizeof(size_t));
+
+    if (jobs == NULL || outs == NULL || idx == NULL) {
+        free(jobs);
+        free(outs);
+        free(idx);
+        goto nomem;
+    }
+
+    for (i = 0, m = 0; i < n; i++) {
+        if (meter_stripe_build(st, &recs[i], &outs[i], &res[i])
+            == METER_SEND_OK)
+        {
+            jobs[m].req = &outs[i].req;
+            jobs[m].serial = outs[i].serial;
+            idx[m++] = i;
+        }
+    }
+
+    meter_http_request_many(&st->http, jobs, m);
+
+    for (i = 0; i < m; i++) {
+        res[idx[i]] = jobs[i].res;
+        (void) meter_stripe_answer(st, &recs[idx[i]], &outs[idx[i]],
+                                   &jobs[i].resp, jobs[i].st, &res[idx[i]],
+                                   0);
+        meter_buf_free(&jobs[i].resp.body);
+    }
+
+    /* after the sends, as send() does: the late checks, their periods
+     * fetched together */
+    meter_stripe_late_prefetch(st, recs, n);
+    st->defer_late = 1;
+
+    for (i = 0; i < n; i++) {
+        if (res[i].status == METER_SEND_OK) {
+            meter_stripe_late(st, &recs[i], outs[i].ts, outs[i].now);
+        }
+    }
+
+    st->defer_late = 0;
+
+    for (i = 0; i < n; i++) {
+        meter_stripe_out_free(&outs[i]);
+    }
+
+    free(jobs);
+    free(outs);
+    free(idx);
+
+    return;
+
+nomem:
+
+    for (i = 0; i < n; i++) {
+        memset(&res[i], 0, sizeof(res[i]));
+        res[i].status = METER_SEND_RETRY;
+        snprintf(res[i].error, sizeof(res[i].error), "stripe: out of memory");
+    }
 }
 
 
@@ -1541,6 +1886,196 @@ end:
 }
 
 
+/* a subscription's current period start (on its items since basil); 0
+ * unknown */
+static time_t
+meter_stripe_period_start(const cJSON *json)
+{
+    double        v;
+    const cJSON  *it;
+
+    v = meter_json_num(json, "current_period_start", (char *) NULL);
+
+    it = meter_json_obj(json, "items", "data", (char *) NULL);
+    for (it = (it != NULL) ? it->child : NULL; v < 0 && it != NULL;
+         it = it->next)
+    {
+        v = meter_json_num(it, "current_period_start", (char *) NULL);
+    }
+
+    return (v > 0 && v < 4e9) ? (time_t) v : 0;
+}
+
+
+/* the cached period of a subscription, or NULL */
+static meter_stripe_period_t *
+meter_stripe_period_get(meter_stripe_t *st, const char *sub, time_t now)
+{
+    void  **v;
+
+    (void) now;
+
+    if (st->periods.cap == 0) {
+        return NULL;
+    }
+
+    v = meter_map_get(&st->periods, sub);
+
+    return (v != NULL) ? *v : NULL;
+}
+
+
+/* caches start (0: not known: no check for 10 minutes, rather than a
+ * failing request per record); NULL when out of memory */
+static meter_stripe_period_t *
+meter_stripe_period_put(meter_stripe_t *st, const char *sub, time_t start,
+    time_t now)
+{
+    int                     created;
+    void                  **v;
+    meter_stripe_period_t  *pd;
+
+    if (st->periods.cap == 0 && meter_map_init(&st->periods, 64) != 0) {
+        return NULL;
+    }
+
+    if (st->periods.n >= 100000) {
+        /* bounded: start again rather than grow without end */
+        meter_map_free(&st->periods, free);
+        if (meter_map_init(&st->periods, 64) != 0) {
+            return NULL;
+        }
+    }
+
+    v = meter_map_put(&st->periods, sub, &created);
+    if (v == NULL) {
+        return NULL;
+    }
+
+    if (*v == NULL) {
+        *v = calloc(1, sizeof(meter_stripe_period_t));
+        if (*v == NULL) {
+            return NULL;
+        }
+    }
+
+    pd = *v;
+    (void) meter_copy(pd->id, sizeof(pd->id), sub);
+    pd->start = start;
+    pd->fetched = now;
+
+    return pd;
+}
+
+
+/*
+ * Before the late checks of a chunk: the periods of its subscriptions that
+ * are not cached fetched concurrently, not one round trip per record, and
+ * at most METER_STRIPE_PREFETCH of them: these GETs count against Stripe's
+ * global limit (100/s live), the check is a warning, and later chunks and
+ * passes find the rest cached.
+ */
+static void
+meter_stripe_late_prefetch(meter_stripe_t *st, const meter_record_t *recs,
+    size_t n)
+{
+    int                     created;
+    char                  **urls;
+    size_t                  i, m;
+    time_t                  now;
+    cJSON                  *json;
+    meter_map_t             seen;
+    meter_http_req_t       *reqs;
+    meter_http_job_t       *jobs;
+    const char            **subs;
+    meter_stripe_period_t  *pd;
+
+    now = time(NULL);
+
+    if (meter_map_init(&seen, n) != 0) {
+        return;
+    }
+
+    jobs = calloc(n, sizeof(meter_http_job_t));
+    reqs = calloc(n, sizeof(meter_http_req_t));
+    urls = calloc(n, sizeof(char *));
+    subs = calloc(n, sizeof(char *));
+    m = 0;
+
+    if (jobs == NULL || reqs == NULL || urls == NULL || subs == NULL) {
+        goto end;
+    }
+
+    for (i = 0; i < n; i++) {
+        if (recs[i].subscription == NULL
+            || recs[i].period_end - 1 >= now - st->invoice_grace)
+        {
+            continue;
+        }
+
+        pd = meter_stripe_period_get(st, recs[i].subscription, now);
+        if (pd != NULL && now - pd->fetched <= 600) {
+            continue;
+        }
+
+        if (m == METER_STRIPE_PREFETCH) {
+            break;
+        }
+
+        if (meter_map_put(&seen, recs[i].subscription, &created) == NULL
+            || !created)
+        {
+            continue;
+        }
+
+        /* ids are [A-Za-z0-9_]: no escaping needed, checked anyway */
+        if (strspn(recs[i].subscription, "abcdefghijklmnopqrstuvwxyz"
+                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+            != strlen(recs[i].subscription)
+            || asprintf(&urls[m], "%s/v1/subscriptions/%s", st->base,
+                        recs[i].subscription) < 0)
+        {
+            urls[m] = NULL;
+            continue;
+        }
+
+        reqs[m].method = "GET";
+        reqs[m].url = urls[m];
+        reqs[m].auth = METER_HTTP_AUTH_BEARER;
+        reqs[m].secret = st->api_key;
+        meter_stripe_headers(st, &reqs[m], NULL);
+        jobs[m].req = &reqs[m];
+        subs[m] = recs[i].subscription;
+        m++;
+    }
+
+    meter_http_request_many(&st->http, jobs, m);
+
+    for (i = 0; i < m; i++) {
+        json = NULL;
+        if (jobs[i].st == METER_SEND_OK) {
+            json = cJSON_ParseWithLength(jobs[i].resp.body.data,
+                                         jobs[i].resp.body.len);
+        }
+
+        (void) meter_stripe_period_put(st, subs[i],
+                                       meter_stripe_period_start(json), now);
+        cJSON_Delete(json);
+
+        meter_buf_free(&jobs[i].resp.body);
+        free(urls[i]);
+    }
+
+end:
+
+    meter_map_free(&seen, NULL);
+    free(jobs);
+    free(reqs);
+    free(urls);
+    free(subs);
+}
+
+
 /*
  * Stripe finalizes a period's invoice stripe.invoice_grace after the
  * period ends (1 h by default): usage of that period sent later misses
@@ -1553,15 +2088,12 @@ static void
 meter_stripe_late(meter_stripe_t *st, const meter_record_t *rec, time_t ts,
     time_t now)
 {
-    int                     i, slot;
     char                    line[512], score[24], old[24];
-    double                  v;
     cJSON                  *json;
     time_t                  start;
     meter_buf_t             url;
     const char             *argv[5];
     redisReply             *rp;
-    const cJSON            *it;
     meter_send_result_t     res;
     meter_stripe_period_t  *pd;
 
@@ -1569,18 +2101,11 @@ meter_stripe_late(meter_stripe_t *st, const meter_record_t *rec, time_t ts,
         return;
     }
 
-    pd = NULL;
-    slot = 0;
+    pd = meter_stripe_period_get(st, rec->subscription, now);
 
-    for (i = 0; i < 64; i++) {
-        if (strcmp(st->periods[i].id, rec->subscription) == 0) {
-            pd = &st->periods[i];
-            break;
-        }
-
-        if (st->periods[i].fetched < st->periods[slot].fetched) {
-            slot = i;
-        }
+    if (st->defer_late && (pd == NULL || now - pd->fetched > 600)) {
+        /* a chunk: only what its bounded prefetch found is checked */
+        return;
     }
 
     if (pd == NULL || now - pd->fetched > 600) {
@@ -1594,33 +2119,20 @@ meter_stripe_late(meter_stripe_t *st, const meter_record_t *rec, time_t ts,
             && meter_stripe_call(st, url.data, NULL, NULL, &json, NULL, &res)
                == METER_SEND_OK)
         {
-            v = meter_json_num(json, "current_period_start", (char *) NULL);
-
-            it = meter_json_obj(json, "items", "data", (char *) NULL);
-            for (it = (it != NULL) ? it->child : NULL; v < 0 && it != NULL;
-                 it = it->next)
-            {
-                v = meter_json_num(it, "current_period_start",
-                                   (char *) NULL);
-            }
-
-            start = (v > 0 && v < 4e9) ? (time_t) v : 0;
+            start = meter_stripe_period_start(json);
         }
 
         cJSON_Delete(json);
         meter_buf_free(&url);
 
-        if (start == 0) {
+        pd = meter_stripe_period_put(st, rec->subscription, start, now);
+        if (pd == NULL) {
             return;
         }
+    }
 
-        if (pd == NULL) {
-            pd = &st->periods[slot];
-            (void) meter_copy(pd->id, sizeof(pd->id), rec->subscription);
-        }
-
-        pd->start = start;
-        pd->fetched = now;
+    if (pd->start == 0) {
+        return;
     }
 
     if (ts >= pd->start || now <= pd->start + st->invoice_grace) {
@@ -2376,6 +2888,10 @@ meter_stripe_cleanup(meter_provider_t *p)
     meter_http_cleanup(&st->http);
     meter_redis_close(&st->redis);
 
+    if (st->periods.cap != 0) {
+        meter_map_free(&st->periods, free);
+    }
+
     for (i = 0; i < st->nmeter_ids; i++) {
         free(st->meter_ids[i]);
     }
@@ -2399,6 +2915,7 @@ meter_provider_stripe(meter_provider_t *p)
     p->name = "stripe";
     p->init = meter_stripe_init;
     p->send = meter_stripe_send;
+    p->send_batch = meter_stripe_send_batch;
     p->lookup = meter_stripe_lookup;
     p->usage_total = meter_stripe_usage_total;
     p->onboard = meter_stripe_onboard;
