@@ -321,8 +321,12 @@ def test_module_no_sentinel_answers_then_one_does(topo_quick, nginx_factory):
 
 # ------------------------------------------------------------ the worker
 
+N_DRAIN = 3000
+
+
 def test_worker_sigkill_primary_mid_drain_each_record_once(topo, tmp_path):
-    """600 records drained into the file provider through Sentinel; the
+    """3,000 records (file chunks are 500 lines: the kill must land between
+    chunks) drained into the file provider through Sentinel; the
     primary is SIGKILLed mid-drain; the worker reconnects to the promoted
     replica and finishes: each record exactly once, nothing left open."""
     w = Worker(tmp_path / "w", topo.primary,
@@ -332,7 +336,7 @@ def test_worker_sigkill_primary_mid_drain_each_record_once(topo, tmp_path):
         "redis = sentinel://%s/%s" % (topo.sentinel_list, MASTER)))
     h = NOW_HOUR - 2 * 3600
     want = []
-    for i in range(600):
+    for i in range(N_DRAIN):
         kh = put(topo.primary, "fk-%d" % i, h,
                  {"calls|%s.1" % EPOCH: i + 1})
         want.append(line(kh, None, "calls", h, i + 1))
@@ -344,7 +348,7 @@ def test_worker_sigkill_primary_mid_drain_each_record_once(topo, tmp_path):
     wait_for(lambda: len(w.lines()) > 20 or p.poll() is not None, 60)
     old.stop("kill")
     p.wait(60)
-    assert 20 < len(w.lines()) < 600, "the kill did not land mid-drain"
+    assert 20 < len(w.lines()) < N_DRAIN, "the kill did not land mid-drain"
     assert p.returncode != 0
 
     new = topo.wait_failover(old)
@@ -361,7 +365,7 @@ def test_worker_sigkill_primary_mid_drain_each_record_once(topo, tmp_path):
     assert by_key(w.lines()) == by_key(want)
     assert new.keys("mtr:{worker}:r:*") == []
     audit = read_jsonl(w.audit)
-    assert len({a["idempotency_key"] for a in audit}) == 600
+    assert len({a["idempotency_key"] for a in audit}) == N_DRAIN
 
 
 def test_worker_waits_for_the_replica_before_sending(topo_quick, tmp_path):
