@@ -41,6 +41,7 @@
 #include "meter_schema.h"
 #include "provider.h"
 #include "redis.h"
+#include "gov.h"
 #include "sync.h"
 #include "util.h"
 #include "webhook.h"
@@ -441,11 +442,34 @@ meter_run_sync_once(meter_worker_t *w)
 }
 
 
+/* quotas of plans: republished every sync_interval and at each reset
+ * (lib/gov.c); *next is when to come back */
+static void
+meter_worker_quota(meter_worker_t *w, time_t now, time_t *next)
+{
+    char  err[1024];
+
+    *next = 0;
+
+    if (meter_gov_quota_all(&w->redis, w->cf, now, next, err, sizeof(err))
+        != 0)
+    {
+        meter_log(LOG_ERR, "quota: %s", err);
+        *next = now + 5;
+        return;
+    }
+
+    if (*next == 0 || *next > now + w->cf->sync_interval) {
+        *next = now + w->cf->sync_interval;
+    }
+}
+
+
 static int
 meter_run_daemon(meter_worker_t *w)
 {
     char              err[1024];
-    time_t            now, next, retry, next_sync;
+    time_t            now, next, retry, next_sync, next_quota, wake;
     int               ready, backoff, standby;
     meter_drain_t     d;
     meter_drain_rc_e  rc;
@@ -455,6 +479,7 @@ meter_run_daemon(meter_worker_t *w)
     backoff = 1;
     next = 0;       /* catch up at once */
     next_sync = 0;
+    next_quota = 0;
 
     while (!meter_stop) {
         if (meter_reload) {
@@ -474,6 +499,7 @@ meter_run_daemon(meter_worker_t *w)
 
             next = 0;
             next_sync = 0;
+            next_quota = 0;
             continue;
         }
 
@@ -521,9 +547,18 @@ meter_run_daemon(meter_worker_t *w)
             continue;
         }
 
+        if (now >= next_quota) {
+            meter_worker_quota(w, now, &next_quota);
+
+            if (w->redis.ctx == NULL) {
+                continue;
+            }
+        }
+
         if (now < next) {
-            meter_sleep_until(w, meter_sync_enabled(w->cf, &w->provider)
-                                 && next_sync < next ? next_sync : next);
+            wake = meter_sync_enabled(w->cf, &w->provider)
+                   && next_sync < next ? next_sync : next;
+            meter_sleep_until(w, next_quota < wake ? next_quota : wake);
             continue;
         }
 
