@@ -196,6 +196,11 @@ meterctl_plan_set(meterctl_opts_t *o, meter_redis_t *r)
         }
     }
 
+    rc = meterctl_open(o, r);
+    if (rc != EX_OK) {
+        return rc;
+    }
+
     rc = meterctl_customer_exists(r, "plan set", id);
     if (rc != 1) {
         return rc == 0 ? EX_DATAERR : EX_UNAVAILABLE;
@@ -225,6 +230,11 @@ meterctl_plan_clear(meterctl_opts_t *o, meter_redis_t *r)
     if (o->nargs != 1) {
         fprintf(stderr, "meterctl plan clear: expected CUSTOMER\n");
         return EX_USAGE;
+    }
+
+    rc = meterctl_open(o, r);
+    if (rc != EX_OK) {
+        return rc;
     }
 
     rc = meterctl_customer_exists(r, "plan clear", o->args[0]);
@@ -258,6 +268,11 @@ meterctl_plan_show(meterctl_opts_t *o, meter_redis_t *r)
     if (o->nargs != 1) {
         fprintf(stderr, "meterctl plan show: expected CUSTOMER\n");
         return EX_USAGE;
+    }
+
+    rc = meterctl_open(o, r);
+    if (rc != EX_OK) {
+        return rc;
     }
 
     rc = meterctl_customer_exists(r, "plan show", o->args[0]);
@@ -317,6 +332,7 @@ int
 meterctl_plan_publish(meterctl_opts_t *o, meter_redis_t *r)
 {
     char  err[1024];
+    int   rc;
 
     if (o->nargs != 0) {
         fprintf(stderr, "meterctl plan publish: unexpected argument "
@@ -326,6 +342,11 @@ meterctl_plan_publish(meterctl_opts_t *o, meter_redis_t *r)
 
     if (!meterctl_plan_needs_config(o, "plan publish")) {
         return EX_USAGE;
+    }
+
+    rc = meterctl_open(o, r);
+    if (rc != EX_OK) {
+        return rc;
     }
 
     if (meter_gov_quota_all(r, o->cf, time(NULL), NULL, err, sizeof(err))
