@@ -199,6 +199,10 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     }
 
     /* a 402 wins over a 429: the quota is checked last */
+    if (cust->ncredits == 0) {
+        return NGX_DECLINED;
+    }
+
     return ngx_http_meter_quota_check(r, mlcf, sh, cust);
 }
 
