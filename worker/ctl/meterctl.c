@@ -575,16 +575,18 @@ const meterctl_cmd_t  meterctl_cmds[] = {
       "Granted, used and left per meter with credit.\n" },
 
     { "plan", NULL, NULL, NULL,
-      "Usage: meterctl -c FILE plan set CUSTOMER PLAN [--anchor ISO|utc]\n"
+      "Usage: meterctl plan set CUSTOMER PLAN [--anchor ISO|utc]\n"
       "       meterctl plan clear CUSTOMER\n"
       "       meterctl plan show CUSTOMER [--json]\n"
-      "       meterctl -c FILE plan publish\n"
+      "       meterctl plan publish\n"
       "\n"
+      "(set and publish need the worker config: -c FILE)\n"
       "meterctl plan SUBCOMMAND --help for each.\n" },
 
     { "plan", "set", "Aj", meterctl_plan_set,
-      "Usage: meterctl -c FILE plan set CUSTOMER PLAN [--anchor ISO|utc]\n"
+      "Usage: meterctl plan set CUSTOMER PLAN [--anchor ISO|utc]\n"
       "\n"
+      "(with -c FILE: the plans are in the worker config)\n"
       "Assigns the plan (\"plan.PLAN.*\" keys of the worker config) and\n"
       "publishes its quotas (\"plan.PLAN.quota.METER = LIMIT/day|week|month\")\n"
       "for nginx: over quota, calls get 429 until the period resets.\n"
@@ -605,8 +607,9 @@ const meterctl_cmd_t  meterctl_cmds[] = {
       "period (flushed usage), reset.\n" },
 
     { "plan", "publish", "", meterctl_plan_publish,
-      "Usage: meterctl -c FILE plan publish\n"
+      "Usage: meterctl plan publish\n"
       "\n"
+      "(with -c FILE)\n"
       "Republishes every customer's quotas (what meter-worker does every\n"
       "sync_interval and at each reset), e.g. after editing the plans.\n" },
 
