@@ -231,11 +231,23 @@ def test_reset_at_the_anchor_by_the_worker(nginx_factory, redis, tmp_path):
         w.wait(10)
 
 
-def test_bad_quota_config(redis, tmp_path):
-    conf = worker_conf(tmp_path, redis, ["plan.free.quota.calls = 10/year"])
-    register(conf, "dora", "free")
-    rc, out, err = ctl(conf, "plan", "set", "dora", "free")
-    assert rc != 0 and "plan.free.quota.calls" in err and "10/year" not in out
-    rc, out, err = ctl(conf, "plan", "set", "dora", "gold")
+@pytest.mark.parametrize("line", ["plan.free.quota.calls = 10/year",
+                                  "plan.free.quota.calls = 0/day",
+                                  "plan.free.quota.calls = ten/day",
+                                  "plan.free.quota.b@d = 10/day"])
+def test_bad_quota_config(redis, tmp_path, line):
+    """Refused when the config is read (meterctl -c, meter-worker -t),
+    naming the line; nothing is published."""
+    good = worker_conf(tmp_path, redis, ["plan.free.quota.calls = 10/day"])
+    register(good, "dora", "free")
+    bad = tmp_path / "bad.conf"
+    bad.write_text(good.read_text().replace(
+        "plan.free.quota.calls = 10/day", line))
+    rc, out, err = ctl(bad, "plan", "set", "dora", "free")
+    assert rc == 78 and "bad.conf:5: invalid quota" in err, err
+    r = subprocess.run([str(WORKER), "-t", "-c", str(bad)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 78 and "invalid quota" in r.stderr
+    rc, out, err = ctl(good, "plan", "set", "dora", "gold")
     assert rc == 65 and "no plan \"gold\"" in err
     assert redis.cmd("HGET", "mtr:gov:quota", "dora|calls") is None
