@@ -115,6 +115,11 @@ def test_quota_429_retry_after_and_ratelimit_headers(nginx_factory, redis,
     key = register(conf, "acme", "free")
     out = ok(conf, "plan", "set", "acme", "free")
     assert "plan free" in out and "calls" in out
+    st = json.loads(ok(conf, "status", "--json"))
+    assert (st["customers_with_plan"], st["quotas"]) == (1, 1)
+    assert "plans published: 1 customer, 1 quota" in ok(conf, "status")
+    assert json.loads(ok(conf, "customers", "list", "--json"))[0]["plan"] \
+        == "free"
     n = start(nginx_factory, redis)
 
     codes, policy, limits = [], set(), []
@@ -165,6 +170,11 @@ def test_quota_429_retry_after_and_ratelimit_headers(nginx_factory, redis,
     assert show["plan"] == "pro"
     assert [(q["meter"], q["limit"]) for q in show["quota"]] == \
         [("calls", 50)]
+    # flushed usage: the call that passed is in Redis within a flush
+    wait_for(lambda: [(q["meter"], q["limit"], q["used"]) for q in json.loads(
+        ok(conf, "customers", "show", "acme", "--json"))["quota"]]
+        == [("calls", 50, allowed + 1)], 5)
+    assert "over quota" not in ok(conf, "customers", "show", "acme")
 
     # no plan, no quota
     ok(conf, "plan", "clear", "acme")
