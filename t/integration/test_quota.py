@@ -113,6 +113,10 @@ def test_quota_429_retry_after_and_ratelimit_headers(nginx_factory, redis,
     conf = worker_conf(tmp_path, redis, ["plan.free.quota.calls = 10/month",
                                          "plan.pro.quota.calls = 50/month"])
     key = register(conf, "acme", "free")
+    # register --plan with -c publishes the plan's quotas at once
+    assert redis.cmd("HGET", "mtr:gov:quota", "acme") == b"free"
+    assert redis.cmd("HGET", "mtr:gov:quota", "acme|calls").startswith(
+        b"10\t")
     out = ok(conf, "plan", "set", "acme", "free")
     assert "plan free" in out and "calls" in out
     st = json.loads(ok(conf, "status", "--json"))
@@ -250,6 +254,8 @@ def test_bad_quota_config(redis, tmp_path, line):
     naming the line; nothing is published."""
     good = worker_conf(tmp_path, redis, ["plan.free.quota.calls = 10/day"])
     register(good, "dora", "free")
+    published = redis.cmd("HGET", "mtr:gov:quota", "dora|calls")
+    assert published.startswith(b"10\t86400\t")
     bad = tmp_path / "bad.conf"
     bad.write_text(good.read_text().replace(
         "plan.free.quota.calls = 10/day", line))
@@ -260,4 +266,4 @@ def test_bad_quota_config(redis, tmp_path, line):
     assert r.returncode == 78 and "invalid quota" in r.stderr
     rc, out, err = ctl(good, "plan", "set", "dora", "gold")
     assert rc == 65 and "no plan \"gold\"" in err
-    assert redis.cmd("HGET", "mtr:gov:quota", "dora|calls") is None
+    assert redis.cmd("HGET", "mtr:gov:quota", "dora|calls") == published

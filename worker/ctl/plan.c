@@ -37,50 +37,12 @@ meterctl_plan_needs_config(meterctl_opts_t *o, const char *cmd)
 }
 
 
-/* Σ over the customer's keys of mtr:used:{KH}[meter]; -1 on error */
-static int
-meterctl_plan_used(meter_redis_t *r, const char *customer,
-    const char *meter, int64_t *used)
-{
-    size_t       i;
-    redisReply  *keys, *rp;
-
-    keys = meter_redis_cmd(r, "SMEMBERS " MTR_CKEYS_FMT, customer);
-    if (!meter_reply_ok(keys) || keys->type != REDIS_REPLY_ARRAY) {
-        meterctl_redis_failed(r, keys);
-        return -1;
-    }
-
-    *used = 0;
-
-    for (i = 0; i < keys->elements; i++) {
-        rp = meter_redis_cmd(r, "HGET " MTR_USED_FMT " %s",
-                             keys->element[i]->str, meter);
-        if (!meter_reply_ok(rp)) {
-            freeReplyObject(keys);
-            meterctl_redis_failed(r, rp);
-            return -1;
-        }
-
-        if (rp->type == REDIS_REPLY_STRING) {
-            *used += strtoll(rp->str, NULL, 10);
-        }
-
-        freeReplyObject(rp);
-    }
-
-    freeReplyObject(keys);
-
-    return 0;
-}
-
-
 /* the quota rows of a customer (mtr:gov:quota): table or JSON; exit code */
 int
 meterctl_quota_rows(meter_redis_t *r, const char *customer, cJSON *arr,
     int table)
 {
-    char         reset[32], rs[32];
+    char         reset[32], rs[32], err[512];
     size_t       i, cl;
     int          n;
     int64_t      used, left;
@@ -110,9 +72,9 @@ meterctl_quota_rows(meter_redis_t *r, const char *customer, cJSON *arr,
 
         m = f + cl + 1;
 
-        if (meterctl_plan_used(r, customer, m, &used) != 0) {
+        if (meter_gov_used(r, customer, m, &used, err, sizeof(err)) != 0) {
             freeReplyObject(rp);
-            return EX_UNAVAILABLE;
+            return meterctl_gov_failed("plan", err);
         }
 
         left = allowance - used;

@@ -363,7 +363,7 @@ meter_gov_find_customer(meter_redis_t *r, const char *provider_customer,
 
 
 /* Σ over the customer's keys of mtr:used:{KH}[meter] */
-static int
+int
 meter_gov_used(meter_redis_t *r, const char *customer, const char *meter,
     int64_t *used, char *err, size_t errlen)
 {

@@ -50,6 +50,9 @@ int meter_gov_credit_set(meter_redis_t *r, const char *customer,
     const char *meter, int64_t amount, char *err, size_t errlen);
 int meter_gov_credit_add(meter_redis_t *r, const char *customer,
     const char *meter, int64_t amount, char *err, size_t errlen);
+/* Σ over the customer's keys of mtr:used:{KH}[meter]; 0 or -1 (err) */
+int meter_gov_used(meter_redis_t *r, const char *customer, const char *meter,
+    int64_t *used, char *err, size_t errlen);
 /* balance left: granted - used over all the customer's keys; 0 or -1 */
 int meter_gov_credit_left(meter_redis_t *r, const char *customer,
     const char *meter, int64_t *granted, int64_t *left, char *err,
