@@ -108,8 +108,9 @@ def refreshed(n):
     wait_for(lambda: status(n)["gov_refreshed"] >= k + 2, 10)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_quota_429_retry_after_and_ratelimit_headers(nginx_factory, redis,
-                                                     tmp_path):
+                                                     tmp_path, workers):
     conf = worker_conf(tmp_path, redis, ["plan.free.quota.calls = 10/month",
                                          "plan.pro.quota.calls = 50/month"])
     key = register(conf, "acme", "free")
@@ -124,7 +125,7 @@ def test_quota_429_retry_after_and_ratelimit_headers(nginx_factory, redis,
     assert "plans published: 1 customer, 1 quota" in ok(conf, "status")
     assert json.loads(ok(conf, "customers", "list", "--json"))[0]["plan"] \
         == "free"
-    n = start(nginx_factory, redis)
+    n = start(nginx_factory, redis, workers=workers)
 
     codes, policy, limits = [], set(), []
     for _ in range(14):
