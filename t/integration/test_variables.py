@@ -6,12 +6,13 @@ rate limits with nginx's own limit_req keyed by a map of $meter_plan.  And
 meter_governance_headers in http, server and location."""
 
 import json
+import subprocess
 import time
 
 import pytest
 
 from conftest import free_port, wait_for
-from test_quota import ok, register, status, worker_conf, get
+from test_quota import METERCTL, ok, register, status, worker_conf, get
 
 CONF = r"""
     meter_zone $http_x_api_key zone=api:1m;
@@ -98,9 +99,19 @@ def setup(nginx_factory, redis, tmp_path):
     return n, keys, conf
 
 
-def test_header_to_the_upstream(setup):
-    n, keys, _ = setup
+def test_header_to_the_upstream(setup, redis):
+    n, keys, conf = setup
     assert get(n, keys["acme"])[2] == b"customer=acme plan=free\n"
+    # a customer added while nginx runs (mtr:gov:log, applied in place)
+    key = register(conf, "cato", "pro")
+    wait_for(lambda: get(n, key)[2] == b"customer=cato plan=pro\n", 10)
+    # one without plan (no -c: nothing in mtr:gov:quota), in place only
+    r = subprocess.run([str(METERCTL), "--redis", redis.address, "register",
+                        "--email", "dan@example.com", "--customer", "dan",
+                        "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    key = json.loads(r.stdout)["key"]
+    wait_for(lambda: get(n, key)[2] == b"customer=dan plan=\n", 10)
     assert get(n, keys["bolt"])[2] == b"customer=bolt plan=pro\n"
     # unknown key: refused by the gate before any upstream sees it
     assert get(n, "mk_nobody")[0] == 401
