@@ -18,9 +18,12 @@ way the module writes them (docs/redis-schema.md: HSET mtr:u:{KH}:HOUR
                   total per customer.  At 100 requests/s, 1M records take
                   about 2.8 h: run a small N, the rate extrapolates.
 
-Then runs the worker once more ("rerun"): nothing is due, but the closed
-hours stay in Redis until retention, so this is the cost of every later
-pass.  Prints seconds, records/s and the worker's max RSS (/usr/bin/time).
+Then runs the worker three more times, nothing due: "rerun" right after
+(the hours the drain settled are not read), "confirm" with grace 0 (the
+one confirming read of every settled hour, docs/redis-schema.md "Settled
+hours"), "idle" (every later pass).  The closed hours stay in Redis until
+retention.  Prints seconds, records/s and the worker's max RSS
+(/usr/bin/time).
 """
 
 import argparse
@@ -308,10 +311,15 @@ def main():
                           "stripe.stream_url = %s" % fake.url]
         conf = tmp / "worker.conf"
         conf.write_text("\n".join(lines) + "\n")
+        # grace 0: the confirming read of the settled hours is due at once
+        conf0 = tmp / "worker0.conf"
+        conf0.write_text("\n".join(lines).replace("grace = 5m", "grace = 0s")
+                         + "\n")
 
         rows = []
-        for name in ("drain", "rerun"):
-            rc, secs, rss, err = run_worker(worker, conf, before, a.timeout,
+        for name, cf in (("drain", conf), ("rerun", conf),
+                         ("confirm", conf0), ("idle", conf0)):
+            rc, secs, rss, err = run_worker(worker, cf, before, a.timeout,
                                             name)
             if rc != 0:
                 raise SystemExit("%s: meter-worker exited %d:\n%s"

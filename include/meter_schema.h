@@ -94,6 +94,14 @@
 #define MTR_W_STATS             "mtr:{worker}:stats"
 #define MTR_W_STRIPE_LATE       "mtr:{worker}:stripe:late"
 
+/*
+ * HASH mtr:{worker}:settled, field HOUR -> "T V DIGEST": a closed hour the
+ * worker found fully billed and took out of mtr:hours at T (Unix s); V 0
+ * until one more read at least grace after T confirmed it, then 1; DIGEST
+ * the SHA1 of its writer layout before that read ("-" when it has none)
+ */
+#define MTR_W_SETTLED           "mtr:{worker}:settled"
+
 /* mtr:{worker}:p:PSTART fields: SUBJECT|METER and SUBJECT|METER|open */
 #define MTR_PERIOD_SEQ_FMT      "%s|%s"
 #define MTR_PERIOD_OPEN_SFX     "|open"

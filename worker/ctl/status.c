@@ -13,6 +13,7 @@
 #include <sysexits.h>
 #include <time.h>
 
+#include "hours.h"
 #include "meterctl.h"
 #include "meter_schema.h"
 #include "util.h"
@@ -124,6 +125,83 @@ meterctl_records(meter_redis_t *r, const char *zset, const char *title,
 }
 
 
+/*
+ * The backlog as the worker measured it after its last turn (mtr:{worker}:
+ * stats backlog, rate, oldest_unbilled, backlog_at), and the ETA it gives
+ */
+static void
+meterctl_backlog(const redisReply *stats, int json)
+{
+    char         oldest[32], at[32], eta[32];
+    double       rate;
+    long long    backlog, o, secs;
+    const char  *v;
+
+    v = meter_reply_hget(stats, "backlog");
+    backlog = (v != NULL) ? strtoll(v, NULL, 10) : -1;
+    v = meter_reply_hget(stats, "rate");
+    rate = (v != NULL) ? strtod(v, NULL) : 0.0;
+    v = meter_reply_hget(stats, "oldest_unbilled");
+    o = (v != NULL) ? strtoll(v, NULL, 10) : 0;
+    v = meter_reply_hget(stats, "backlog_at");
+
+    oldest[0] = '\0';
+    if (o > 0) {
+        meter_hour_format_dashed((time_t) o, oldest, sizeof(oldest));
+    }
+
+    at[0] = '\0';
+    if (v != NULL) {
+        meter_iso8601((time_t) strtoll(v, NULL, 10), at, sizeof(at));
+    }
+
+    secs = (backlog > 0 && rate > 0.0) ? (long long) (backlog / rate + 0.5)
+                                       : (backlog == 0 ? 0 : -1);
+
+    if (json) {
+        if (backlog >= 0) {
+            printf(",\"backlog\":%lld", backlog);
+
+        } else {
+            printf(",\"backlog\":null");
+        }
+
+        printf(",\"rate\":%.3f", rate);
+        if (secs >= 0 && backlog >= 0) {
+            printf(",\"eta_seconds\":%lld", secs);
+
+        } else {
+            printf(",\"eta_seconds\":null");
+        }
+
+        meterctl_json_field("oldest_unbilled_hour", oldest[0] ? oldest : NULL,
+                            0);
+        meterctl_json_field("backlog_at", at[0] ? at : NULL, 0);
+        return;
+    }
+
+    if (backlog < 0) {
+        printf("backlog: unknown (no daemon turn yet)\n");
+        return;
+    }
+
+    if (secs >= 3600) {
+        snprintf(eta, sizeof(eta), "%lldh%02lldm", secs / 3600,
+                 secs % 3600 / 60);
+
+    } else if (secs >= 0) {
+        snprintf(eta, sizeof(eta), "%lldm%02llds", secs / 60, secs % 60);
+
+    } else {
+        snprintf(eta, sizeof(eta), "unknown (nothing sent yet)");
+    }
+
+    printf("backlog: %lld records due%s%s%s, %.1f records/s, ETA %s "
+           "(as of %s)\n", backlog, oldest[0] ? " (oldest hour " : "",
+           oldest, oldest[0] ? ")" : "", rate, eta, at);
+}
+
+
 static int
 meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
 {
@@ -135,7 +213,8 @@ meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
     const char  *v, *sync_err;
     int          rc;
 
-    rp = meter_redis_cmd(r, "ZRANGE " MTR_HOURS " 0 -1");
+    /* settled hours too (lib/hours.c) */
+    rp = meter_hours_range(r, "-inf", "+inf");
     if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
         return meterctl_redis_failed(r, rp);
     }
@@ -214,6 +293,7 @@ meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
         meterctl_json_field("last_sync", sync_last[0] ? sync_last : NULL, 0);
         meterctl_json_field("last_sync_ok", sync_ok[0] ? sync_ok : NULL, 0);
         meterctl_json_field("sync_error", sync_err, 0);
+        meterctl_backlog(stats, 1);
 
     } else {
         if (nhours > 0) {
@@ -230,6 +310,7 @@ meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
                ? meter_reply_hget(stats, "records_sent") : "0",
                meter_reply_hget(stats, "quantity_sent")
                ? meter_reply_hget(stats, "quantity_sent") : "0");
+        meterctl_backlog(stats, 0);
         printf("drain lock: %s\n", lock > 0 ? "held" : "free");
         printf("last delinquency sync: %s%s%s\n",
                sync_last[0] ? sync_last : "never",

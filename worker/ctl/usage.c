@@ -16,6 +16,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "hours.h"
 #include "meterctl.h"
 #include "usage.h"
 #include "meter_schema.h"
@@ -53,7 +54,7 @@ meterctl_row_cmp(const void *a, const void *b)
 static int
 meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
 {
-    char             hbuf[16], dashed[16];
+    char             hbuf[16], dashed[16], tbuf[24];
     size_t           h, i, k, j, nrows, cap, mlen;
     time_t           t;
     uint64_t         v;
@@ -80,8 +81,8 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
         }
 
         meter_hour_format(t, hbuf, sizeof(hbuf));
-        hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %lld %lld",
-                                (long long) t, (long long) t);
+        snprintf(tbuf, sizeof(tbuf), "%lld", (long long) t);
+        hours = meter_hours_range(r, tbuf, tbuf);
         /* the index may know the hour even when the zset does not */
         if (meter_reply_ok(hours) && hours->elements == 0) {
             freeReplyObject(hours);
@@ -90,7 +91,7 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
         }
 
     } else {
-        hours = meter_redis_cmd(r, "ZRANGE " MTR_HOURS " 0 -1");
+        hours = meter_hours_range(r, "-inf", "+inf");
     }
 
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {

@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "alerts.h"
+#include "hours.h"
 #include "log.h"
 #include "util.h"
 #include "wusage.h"
@@ -301,7 +302,7 @@ int
 meter_alert_usage_begin(meter_alert_usage_t **out, meter_redis_t *r,
     time_t now, time_t grace)
 {
-    char                  hour[16];
+    char                  hour[16], min[24], max[24];
     size_t                i;
     time_t                t, from;
     redisReply           *hours;
@@ -320,16 +321,20 @@ meter_alert_usage_begin(meter_alert_usage_t **out, meter_redis_t *r,
     /* the closed hours the rules read: from the month before on */
     from = meter_alert_month_start(now, -1);
 
-    hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %lld %lld "
-                            "WITHSCORES", (long long) from,
-                            (long long) au->closed - 1);
+    /* settled hours have left mtr:hours (daemon/due.c): both lists */
+    snprintf(min, sizeof(min), "%lld", (long long) from);
+    snprintf(max, sizeof(max), "%lld", (long long) au->closed - 1);
+    hours = meter_hours_range(r, min, max);
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
         freeReplyObject(hours);
         return -1;
     }
 
-    for (i = 0; i + 1 < hours->elements; i += 2) {
-        t = (time_t) strtoll(hours->element[i + 1]->str, NULL, 10);
+    for (i = 0; i < hours->elements; i++) {
+        t = meter_hour_parse(hours->element[i]->str);
+        if (t == -1) {
+            continue;
+        }
 
         if (meter_alert_account(au, hours->element[i]->str, t) != 0) {
             freeReplyObject(hours);

@@ -27,6 +27,8 @@
 #include <openssl/rand.h>
 
 #include "drain.h"
+#include "due.h"
+#include "hours.h"
 #include "http.h"
 #include "log.h"
 #include "meter_schema.h"
@@ -374,10 +376,46 @@ meter_lock_release(meter_drain_t *d)
 }
 
 
+/*
+ * The bounds of a turn: its deadline, so that the loop gets to the
+ * delinquency sync and the watchdog; and the breaker, so that a provider
+ * that is down is not sent the whole backlog one timeout at a time (what
+ * is not yet created stays computed from u - b, oldest hour first).
+ */
+static int
+meter_drain_bound(meter_drain_t *d, const struct timespec *now)
+{
+    if (d->deadline.tv_sec != 0
+        && (now->tv_sec > d->deadline.tv_sec
+            || (now->tv_sec == d->deadline.tv_sec
+                && now->tv_nsec >= d->deadline.tv_nsec)))
+    {
+        return METER_DRAIN_MORE;
+    }
+
+    if (d->sent != d->streak_sent) {
+        d->streak_sent = d->sent;
+        d->streak_retried = d->retried;
+
+    } else if (d->retried - d->streak_retried >= METER_DRAIN_BREAKER) {
+        if (!d->paused) {
+            meter_log(LOG_WARNING, "%u attempts in a row failed; pausing the "
+                      "drain (the rest stays due)", METER_DRAIN_BREAKER);
+        }
+
+        d->paused = 1;
+        return METER_DRAIN_MORE;
+    }
+
+    return 0;
+}
+
+
 /* between records: stop flag, watchdog, lock renewal; 0 to go on */
 static int
 meter_drain_check(meter_drain_t *d)
 {
+    int              rc;
     struct timespec  now;
 
     if (d->stop != NULL && *d->stop) {
@@ -393,6 +431,11 @@ meter_drain_check(meter_drain_t *d)
     }
 
     clock_gettime(CLOCK_MONOTONIC, &now);
+
+    rc = meter_drain_bound(d, &now);
+    if (rc != 0) {
+        return rc;
+    }
 
     if ((now.tv_sec - d->renewed.tv_sec) * 3 >= d->cf->lock_ttl) {
         switch (meter_lock_renew(d)) {
@@ -419,7 +462,12 @@ meter_drain_run(meter_drain_t *d)
     meter_drain_rc_e  rc;
 
     d->created = d->sent = d->retried = d->dead = d->held = d->waiting = 0;
+    d->malformed = 0;
+    d->emitted = 0;
     d->next_due = 0;
+    d->paused = 0;
+    d->streak_sent = 0;
+    d->streak_retried = 0;
 
     if (meter_map_init(&d->customers, 64) != 0) {
         meter_log(LOG_ERR, "out of memory");
@@ -544,31 +592,83 @@ meter_drain_resume(meter_drain_t *d)
 }
 
 
+/* counters that tell whether a period was read and billed completely */
+typedef struct {
+    unsigned long               emitted;
+    unsigned                    sent;
+    unsigned                    other;          /* held, waiting, ... */
+} meter_drain_mark_t;
+
+
+static void
+meter_drain_mark(meter_drain_t *d, meter_drain_mark_t *m)
+{
+    m->emitted = d->emitted;
+    m->sent = d->sent;
+    m->other = d->held + d->waiting + d->retried + d->dead + d->malformed;
+}
+
+
+/*
+ * One period of the due hours, then, when every record made from it was
+ * finished and nothing was held or malformed, its hours are settled.
+ */
+static meter_drain_rc_e
+meter_drain_due_period(meter_drain_t *d, time_t pstart,
+    meter_due_hour_t *hs, size_t n)
+{
+    size_t              i;
+    char              **hours;
+    meter_drain_rc_e    rc;
+    meter_drain_mark_t  m0, m1;
+
+    hours = calloc(n + 1, sizeof(char *));
+    if (hours == NULL) {
+        return METER_DRAIN_REDIS;
+    }
+
+    for (i = 0; i < n; i++) {
+        hours[i] = hs[i].hour;
+    }
+
+    meter_drain_mark(d, &m0);
+
+    rc = meter_drain_period(d, pstart, hours, n);
+
+    meter_drain_mark(d, &m1);
+
+    if (rc == METER_DRAIN_OK && !d->dry_run
+        && m1.emitted - m0.emitted == (unsigned long) (m1.sent - m0.sent)
+        && m1.other == m0.other)
+    {
+        for (i = 0; i < n; i++) {
+            if (meter_due_settle(d, &hs[i], time(NULL)) != 0) {
+                rc = METER_DRAIN_REDIS;
+                break;
+            }
+        }
+    }
+
+    free(hours);
+
+    return rc;
+}
+
+
 static meter_drain_rc_e
 meter_drain_periods(meter_drain_t *d, time_t now)
 {
-    time_t            closed_end, hs, ps, pcur;
-    size_t            i, first;
-    char            **hours;
-    redisReply       *rp;
-    meter_drain_rc_e  rc;
+    time_t             closed_end, ps, pcur;
+    size_t             i, first, n;
+    redisReply        *rp;
+    meter_drain_rc_e   rc;
+    meter_due_hour_t  *hs;
 
     /* an hour (or day) is closed when its end is at or before closed_end */
     closed_end = (d->before != 0) ? d->before : now - d->cf->grace;
 
-    rp = meter_redis_cmd(d->redis, "ZRANGEBYSCORE %s -inf %lld",
-                         MTR_HOURS,
-                         (long long) (closed_end - METER_HOUR));
-    if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
-        meter_log(LOG_ERR, MTR_HOURS ": %s",
-                  rp != NULL ? rp->str : d->redis->err);
-        freeReplyObject(rp);
-        return METER_DRAIN_REDIS;
-    }
-
-    hours = calloc(rp->elements + 1, sizeof(char *));
-    if (hours == NULL) {
-        freeReplyObject(rp);
+    /* only the hours that may hold unbilled usage (due.c) */
+    if (meter_due_hours(d, closed_end, now, &hs, &n) != 0) {
         return METER_DRAIN_REDIS;
     }
 
@@ -581,38 +681,24 @@ meter_drain_periods(meter_drain_t *d, time_t now)
                                         MTR_W_NOCUST_NEW));
     }
 
-    /* the zset is ordered by hour start, so periods come out in order */
-    for (i = 0; i <= rp->elements && rc == METER_DRAIN_OK; i++) {
-        hs = -1;
-        ps = -1;
-
-        if (i < rp->elements) {
-            hs = meter_hour_parse(rp->element[i]->str);
-            if (hs == -1) {
-                meter_log(LOG_WARNING, MTR_HOURS ": ignoring malformed hour "
-                          "\"%.16s\"", rp->element[i]->str);
-                hours[i] = NULL;
-                continue;
-            }
-
-            ps = meter_period_start(hs, d->cf->report_period);
-            hours[i] = rp->element[i]->str;
-        }
+    /* oldest first, so periods come out in order */
+    for (i = 0; i <= n && rc == METER_DRAIN_OK; i++) {
+        ps = (i < n) ? meter_period_start(hs[i].start, d->cf->report_period)
+                     : -1;
 
         if (ps == pcur) {
             continue;
         }
 
         if (pcur != -1 && pcur + d->cf->report_period <= closed_end) {
-            rc = meter_drain_period(d, pcur, &hours[first], i - first);
+            rc = meter_drain_due_period(d, pcur, &hs[first], i - first);
         }
 
         pcur = ps;
         first = i;
     }
 
-    free(hours);
-    freeReplyObject(rp);
+    free(hs);
 
     if (rc == METER_DRAIN_OK && !d->dry_run) {
         /* the keys found without customer in this complete pass */
@@ -809,6 +895,7 @@ meter_drain_batch(meter_drain_t *d, const char *hour, const char **khs,
         free(wbuf);
 
         if (bad) {
+            d->malformed++;
             meter_log(LOG_WARNING, "hour %s key %.12s: %u malformed usage "
                       "fields ignored", hour, kh, bad);
         }
@@ -1598,6 +1685,77 @@ meter_drain_audit_line(meter_drain_t *d, const meter_rec_t *r,
 }
 
 
+/* deletes finished records, clears their open marks (meter_lua_done_all);
+ * 0, or -1 when Redis failed (they stay "sent": finished next pass) */
+static int
+meter_drain_done_all(meter_drain_t *d, meter_rec_t **recs, size_t n)
+{
+    char          nk[24], (*rkeys)[64];
+    size_t        i, argc, *argl;
+    const char  **argv;
+    redisReply   *rp;
+    int           rc;
+
+    rkeys = malloc((n + 1) * sizeof(*rkeys));
+    argv = malloc((5 * n + 8) * sizeof(char *));
+    argl = malloc((5 * n + 8) * sizeof(size_t));
+    if (rkeys == NULL || argv == NULL || argl == NULL) {
+        free(rkeys);
+        free(argv);
+        free(argl);
+        return -1;
+    }
+
+    snprintf(nk, sizeof(nk), "%zu", 2 + 2 * n);
+
+    argc = 0;
+    argv[argc++] = "EVAL";
+    argv[argc++] = meter_lua_done_all;
+    argv[argc++] = nk;
+    argv[argc++] = MTR_W_OPEN;
+    argv[argc++] = MTR_W_STATS;
+
+    for (i = 0; i < n; i++) {
+        snprintf(rkeys[i], sizeof(rkeys[i]), MTR_W_REC_FMT, recs[i]->id);
+        argv[argc++] = rkeys[i];
+        argv[argc++] = recs[i]->pkey;
+    }
+
+    for (i = 0; i < n; i++) {
+        argv[argc++] = recs[i]->id;
+        argv[argc++] = recs[i]->sm;
+        argv[argc++] = recs[i]->q;
+    }
+
+    for (i = 0; i < argc; i++) {
+        argl[i] = strlen(argv[i]);
+    }
+
+    rc = -1;
+
+    /* appended, so that it goes as EVALSHA (lib/redis_script.c) */
+    if (meter_redis_append_argv(d->redis, (int) argc, argv, argl) == 0) {
+        rp = meter_redis_reply(d->redis);
+
+        if (meter_reply_ok(rp)) {
+            rc = 0;
+
+        } else {
+            meter_log(LOG_ERR, "finishing %zu records: %s", n,
+                      rp != NULL ? rp->str : d->redis->err);
+        }
+
+        freeReplyObject(rp);
+    }
+
+    free(rkeys);
+    free(argv);
+    free(argl);
+
+    return rc;
+}
+
+
 /*
  * Records in state "sent": b marks, audit, delete.  Each step is done for
  * all of them before the next starts (one round trip or one fsync each);
@@ -1606,7 +1764,7 @@ meter_drain_audit_line(meter_drain_t *d, const meter_rec_t *r,
 static meter_drain_rc_e
 meter_drain_finish(meter_drain_t *d, meter_rec_t **recs, size_t n)
 {
-    char          rkey[64], err[512];
+    char          err[512];
     const char  **keys;
     size_t        i, queued, nkeys;
     meter_str_t   audit;
@@ -1683,42 +1841,13 @@ meter_drain_finish(meter_drain_t *d, meter_rec_t **recs, size_t n)
         }
     }
 
-    queued = 0;
-
-    for (i = 0; i < n; i++) {
-        snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, recs[i]->id);
-
-        if (meter_redis_append(d->redis, "EVAL %s 4 %s %s %s %s %s %s %s",
-                               meter_lua_done, rkey, recs[i]->pkey,
-                               MTR_W_OPEN, MTR_W_STATS, recs[i]->id,
-                               recs[i]->sm, recs[i]->q)
-            != 0)
-        {
-            failed = 1;
-            break;
-        }
-
-        queued++;
+    /* the last step of all of them in one script */
+    if (meter_drain_done_all(d, recs, n) != 0) {
+        return METER_DRAIN_REDIS;
     }
 
-    for (i = 0; i < queued; i++) {
-        rp = meter_redis_reply(d->redis);
-        if (!meter_reply_ok(rp)) {
-            meter_log(LOG_ERR, "record %s: %s", recs[i]->id,
-                      rp != NULL ? rp->str : d->redis->err);
-            failed = 1;
-
-        } else {
-            d->sent++;
-            meter_send_stats.sent++;
-        }
-
-        freeReplyObject(rp);
-
-        if (d->redis->ctx == NULL) {
-            break;
-        }
-    }
+    d->sent += (unsigned) n;
+    meter_send_stats.sent += (unsigned) n;
 
     return failed ? METER_DRAIN_REDIS : METER_DRAIN_OK;
 }
@@ -1810,21 +1939,43 @@ meter_drain_record(meter_drain_t *d, const char *id)
 }
 
 
-/* queues the script that stores a new record (see meter_lua_create) */
+/* the strings of one record for meter_lua_create_all */
+typedef struct {
+    char                        last[24];
+    char                        next[24];
+    char                        rkey[64];
+    char                        nf[8];
+} meter_new_args_t;
+
+
+/*
+ * Stores the new records of a chunk (those with agg) in one script, as
+ * meter_lua_create does one: each is created only if its sequence number
+ * is still the one read and no older record of it is open.  Sets created;
+ * 0, or -1 when Redis failed (nothing is sent then).
+ */
 static int
-meter_drain_create(meter_drain_t *d, time_t pstart, meter_new_t *nw)
+meter_drain_create_all(meter_drain_t *d, time_t pstart, meter_new_t *nw,
+    size_t m)
 {
-    char          last[24], next[24], ps[24], pe[24], now[24], expire[24];
-    char          rkey[64];
-    const char   *argv[48];
-    size_t        argl[48];
-    int           argc;
-    meter_agg_t  *a;
+    char               ps[24], pe[24], now[24], expire[24], nk[24];
+    size_t             i, k, n, argc, cap, nf0;
+    size_t            *argl;
+    const char       **argv;
+    redisReply        *rp;
+    meter_agg_t       *a;
+    meter_new_args_t  *sa;
+    int                rc;
 
-    a = nw->agg;
+    n = 0;
+    for (i = 0; i < m; i++) {
+        n += (nw[i].agg != NULL);
+    }
 
-    snprintf(last, sizeof(last), "%" PRIu64, nw->seq);
-    snprintf(next, sizeof(next), "%" PRIu64, nw->seq + 1);
+    if (n == 0) {
+        return 0;
+    }
+
     snprintf(ps, sizeof(ps), "%lld", (long long) pstart);
     snprintf(pe, sizeof(pe), "%lld",
              (long long) (pstart + d->cf->report_period));
@@ -1832,8 +1983,18 @@ meter_drain_create(meter_drain_t *d, time_t pstart, meter_new_t *nw)
     /* sequence numbers must outlive the usage they number */
     snprintf(expire, sizeof(expire), "%lld",
              (long long) (2 * d->cf->retention + 2 * METER_DAY));
+    snprintf(nk, sizeof(nk), "%zu", 1 + 2 * n);
 
-    snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, nw->id);
+    cap = 4 + 2 * n + 40 * n;
+    sa = calloc(m, sizeof(meter_new_args_t));
+    argv = malloc(cap * sizeof(char *));
+    argl = malloc(cap * sizeof(size_t));
+    if (sa == NULL || argv == NULL || argl == NULL) {
+        free(sa);
+        free(argv);
+        free(argl);
+        return -1;
+    }
 
     argc = 0;
 
@@ -1845,61 +2006,125 @@ meter_drain_create(meter_drain_t *d, time_t pstart, meter_new_t *nw)
     } while (0)
 
     meter_arg("EVAL");
-    meter_arg(meter_lua_create);
-    meter_arg("3");
-    meter_arg(nw->pkey);
-    meter_arg(rkey);
+    meter_arg(meter_lua_create_all);
+    meter_arg(nk);
     meter_arg(MTR_W_OPEN);
-    meter_arg(nw->sm);
-    meter_arg(last);
-    meter_arg(next);
-    meter_arg(nw->id);
-    meter_arg(now);
-    meter_arg(expire);
-    meter_arg("state");
-    meter_arg("sending");
-    meter_arg("pkey");
-    meter_arg(nw->pkey);
-    meter_arg("sm");
-    meter_arg(nw->sm);
-    meter_arg("subject");
-    meter_arg(a->subject);
-    meter_arg("meter");
-    meter_arg(a->meter);
-    meter_arg("seq");
-    meter_arg(next);
-    meter_arg("period_start");
-    meter_arg(ps);
-    meter_arg("period_end");
-    meter_arg(pe);
-    meter_arg("quantity");
-    meter_arg(nw->q);
-    meter_arg("created");
-    meter_arg(now);
-    /* the first attempt is counted with the record, as HINCRBY would
-     * before the send: after a crash, attempts > 0 tells that the
-     * provider may have it */
-    meter_arg("attempts");
-    meter_arg("1");
 
-    if (a->customer != NULL) {
-        meter_arg("customer");
-        meter_arg(a->customer);
+    for (i = 0; i < m; i++) {
+        if (nw[i].agg == NULL) {
+            continue;
+        }
+
+        snprintf(sa[i].rkey, sizeof(sa[i].rkey), MTR_W_REC_FMT, nw[i].id);
+        meter_arg(nw[i].pkey);
+        meter_arg(sa[i].rkey);
     }
 
-    if (a->nkeys == 1) {
-        meter_arg("key_hash");
-        meter_arg(a->key_hash);
-    }
+    for (i = 0; i < m; i++) {
+        a = nw[i].agg;
+        if (a == NULL) {
+            continue;
+        }
 
-    meter_arg("covers");
-    argv[argc] = a->covers.data;
-    argl[argc] = a->covers.len;
-    argc++;
+        snprintf(sa[i].last, sizeof(sa[i].last), "%" PRIu64, nw[i].seq);
+        snprintf(sa[i].next, sizeof(sa[i].next), "%" PRIu64, nw[i].seq + 1);
+
+        meter_arg(nw[i].sm);
+        meter_arg(sa[i].last);
+        meter_arg(sa[i].next);
+        meter_arg(nw[i].id);
+        meter_arg(now);
+        meter_arg(expire);
+        k = argc;
+        meter_arg("");          /* the count, set below */
+        nf0 = argc;
+
+        meter_arg("state");
+        meter_arg("sending");
+        meter_arg("pkey");
+        meter_arg(nw[i].pkey);
+        meter_arg("sm");
+        meter_arg(nw[i].sm);
+        meter_arg("subject");
+        meter_arg(a->subject);
+        meter_arg("meter");
+        meter_arg(a->meter);
+        meter_arg("seq");
+        meter_arg(sa[i].next);
+        meter_arg("period_start");
+        meter_arg(ps);
+        meter_arg("period_end");
+        meter_arg(pe);
+        meter_arg("quantity");
+        meter_arg(nw[i].q);
+        meter_arg("created");
+        meter_arg(now);
+        /* the first attempt is counted with the record, as HINCRBY would
+         * before the send: after a crash, attempts > 0 tells that the
+         * provider may have it */
+        meter_arg("attempts");
+        meter_arg("1");
+
+        if (a->customer != NULL) {
+            meter_arg("customer");
+            meter_arg(a->customer);
+        }
+
+        if (a->nkeys == 1) {
+            meter_arg("key_hash");
+            meter_arg(a->key_hash);
+        }
+
+        meter_arg("covers");
+        argv[argc] = a->covers.data != NULL ? a->covers.data : "";
+        argl[argc] = a->covers.len;
+        argc++;
+
+        snprintf(sa[i].nf, sizeof(sa[i].nf), "%zu", argc - nf0);
+        argv[k] = sa[i].nf;
+        argl[k] = strlen(sa[i].nf);
+    }
 
 #undef meter_arg
 
-    return meter_redis_append_argv(d->redis, argc, argv, argl);
+    rc = -1;
+
+    /* appended, so that it goes as EVALSHA (lib/redis_script.c) */
+    if (meter_redis_append_argv(d->redis, (int) argc, argv, argl) == 0) {
+        rp = meter_redis_reply(d->redis);
+
+        if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
+            || rp->elements != n)
+        {
+            meter_log(LOG_ERR, "creating %zu records: %s", n,
+                      rp != NULL && rp->str != NULL ? rp->str
+                      : d->redis->err);
+
+        } else {
+            rc = 0;
+
+            for (i = 0, k = 0; i < m; i++) {
+                if (nw[i].agg == NULL) {
+                    continue;
+                }
+
+                /* 0: someone changed the sequence under us, recomputed
+                 * next pass */
+                if (rp->element[k++]->integer == 1) {
+                    nw[i].created = 1;
+                    d->created++;
+                }
+            }
+        }
+
+        freeReplyObject(rp);
+    }
+
+    free(sa);
+    free(argv);
+    free(argl);
+
+    return rc;
 }
 
 
@@ -1915,7 +2140,7 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
     size_t n)
 {
     char              ps[32];
-    size_t            i, m, nheld, queued, nacc, nbatch;
+    size_t            i, m, nheld, nacc, nbatch;
     uint64_t          seq;
     redisReply       *rp;
     meter_agg_t      *a;
@@ -2067,47 +2292,9 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
         goto done;
     }
 
-    /* store them all (state "sending") before any is sent, one trip */
-    queued = 0;
-
-    for (i = 0; i < m; i++) {
-        if (nw[i].agg == NULL) {
-            continue;
-        }
-
-        if (meter_drain_create(d, pstart, &nw[i]) != 0) {
-            rc = METER_DRAIN_REDIS;
-            break;
-        }
-
-        queued = i + 1;
-    }
-
-    for (i = 0; i < queued; i++) {
-        if (nw[i].agg == NULL) {
-            continue;
-        }
-
-        rp = meter_redis_reply(d->redis);
-
-        if (!meter_reply_ok(rp)) {
-            meter_log(LOG_ERR, "creating record %s: %s", nw[i].id,
-                      rp != NULL ? rp->str : d->redis->err);
-            rc = METER_DRAIN_REDIS;
-
-        } else if (meter_reply_int(rp, 0) == 1) {
-            nw[i].created = 1;
-            d->created++;
-        }
-
-        /* else someone changed the sequence under us: recomputed next
-         * pass */
-
-        freeReplyObject(rp);
-
-        if (d->redis->ctx == NULL) {
-            break;
-        }
+    /* store them all (state "sending") before any is sent, one script */
+    if (meter_drain_create_all(d, pstart, nw, m) != 0) {
+        rc = METER_DRAIN_REDIS;
     }
 
     if (rc != METER_DRAIN_OK) {
@@ -2220,6 +2407,10 @@ meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
 
     /* a stable order makes runs and logs comparable */
     qsort(list, n, sizeof(meter_agg_t *), meter_agg_cmp);
+
+    for (i = 0; i < n; i++) {
+        d->emitted += (list[i]->quantity > 0);
+    }
 
     rc = METER_DRAIN_OK;
 
@@ -2408,9 +2599,11 @@ meter_drain_retention(meter_drain_t *d, time_t now)
         return;
     }
 
-    hours = meter_redis_cmd(d->redis, "ZRANGEBYSCORE " MTR_HOURS " -inf %lld",
-                            (long long) (now - METER_HOUR - d->cf->grace
-                                         - d->cf->retention));
+    /* settled hours too (hours.c) */
+    snprintf(cursor, sizeof(cursor), "%lld",
+             (long long) (now - METER_HOUR - d->cf->grace
+                          - d->cf->retention));
+    hours = meter_hours_range(d->redis, "-inf", cursor);
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
         freeReplyObject(hours);
         return;
@@ -2474,6 +2667,7 @@ meter_drain_retention(meter_drain_t *d, time_t now)
         rp = meter_redis_cmd(d->redis, "ZREM " MTR_HOURS " %s",
                              hours->element[h]->str);
         freeReplyObject(rp);
+        meter_due_forget(d, hours->element[h]->str);
 
         /* a writer indexed after the check: the hour stays listed (its
          * SADD came before its ZADD NX, this check after the ZREM) */

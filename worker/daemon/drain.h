@@ -29,8 +29,16 @@ typedef enum {
     METER_DRAIN_OK = 0,
     METER_DRAIN_REDIS = -1,         /* Redis failed: reconnect, try again */
     METER_DRAIN_LOCKED = -2,        /* another worker holds the lock */
-    METER_DRAIN_STOPPED = -3        /* stop flag seen */
+    METER_DRAIN_STOPPED = -3,       /* stop flag seen */
+    METER_DRAIN_MORE = -4           /* the turn ended early (its time was
+                                     * up, or the provider kept failing:
+                                     * paused); the rest stays due */
 } meter_drain_rc_e;
+
+
+/* a pass stops after this many failed attempts in a row (no record
+ * accepted in between): the provider is down, the rest waits in order */
+#define METER_DRAIN_BREAKER  5
 
 
 typedef struct {
@@ -56,9 +64,17 @@ typedef struct {
     unsigned                    dead;
     unsigned                    held;
     unsigned                    waiting;        /* older record open */
+    unsigned                    malformed;      /* key-hours with bad fields */
+    unsigned long               emitted;        /* aggregates to bill */
     time_t                      next_due;       /* 0: nothing open */
 
     meter_map_t                 customers;      /* per pass cache */
+
+    /* bounded work per loop turn (main.c): 0 = none */
+    struct timespec             deadline;       /* CLOCK_MONOTONIC */
+    int                         paused;         /* the breaker tripped */
+    unsigned                    streak_sent;
+    unsigned                    streak_retried;
 } meter_drain_t;
 
 

@@ -36,9 +36,12 @@
 #include "alerts.h"
 #include "config.h"
 #include "drain.h"
+#include "due.h"
+#include "http.h"
 #include "jsonl.h"
 #include "log.h"
 #include "meter_schema.h"
+#include "metrics.h"
 #include "provider.h"
 #include "redis.h"
 #include "gov.h"
@@ -62,6 +65,8 @@ typedef struct {
     meter_alerts_t             *alerts;         /* NULL: no rule */
     uint64_t                    watchdog_usec;
     struct timespec             petted;
+    meter_metrics_t             metrics;
+    time_t                      pause;          /* provider down: s */
 } meter_worker_t;
 
 
@@ -465,6 +470,60 @@ meter_worker_quota(meter_worker_t *w, time_t now, time_t *next)
 }
 
 
+/*
+ * After a drain turn: the counters, the rate while busy, the backlog and
+ * its ETA's inputs in mtr:{worker}:stats (meterctl status), the metrics.
+ */
+static void
+meter_worker_account(meter_worker_t *w, const meter_drain_t *d,
+    meter_drain_rc_e rc, double secs)
+{
+    time_t               now, oldest;
+    double               r;
+    redisReply          *rp;
+    meter_metrics_t     *m;
+    unsigned long long   backlog;
+
+    m = &w->metrics;
+    now = time(NULL);
+
+    m->provider = w->cf->provider;
+    m->sent += d->sent;
+    m->failed += d->retried;
+    m->dead += d->dead;
+    m->in_flight = meter_send_stats.in_flight;      /* lib/http_multi.c */
+
+    if (rc == METER_DRAIN_OK) {
+        m->last_drain = now;
+    }
+
+    /* records/s of the turns that had work, smoothed */
+    if (d->sent > 0 && secs > 0.001) {
+        r = (double) d->sent / secs;
+        m->rate = (m->rate == 0.0) ? r : 0.7 * m->rate + 0.3 * r;
+    }
+
+    if (w->redis.ctx == NULL
+        || meter_due_backlog(&w->redis, now - w->cf->grace, now, &backlog,
+                             &oldest)
+           != 0)
+    {
+        return;
+    }
+
+    m->backlog = backlog;
+    m->oldest_unbilled = oldest;
+
+    rp = meter_redis_cmd(&w->redis, "HSET " MTR_W_STATS " backlog %llu "
+                         "oldest_unbilled %lld rate %.3f backlog_at %lld",
+                         backlog, (long long) oldest, m->rate,
+                         (long long) now);
+    freeReplyObject(rp);
+
+    meter_metrics_publish(w->cf, m, now);
+}
+
+
 static int
 meter_run_daemon(meter_worker_t *w)
 {
@@ -472,6 +531,7 @@ meter_run_daemon(meter_worker_t *w)
     time_t            now, next, retry, next_sync, next_quota, wake;
     int               ready, backoff, standby;
     meter_drain_t     d;
+    struct timespec   t0, t1;
     meter_drain_rc_e  rc;
 
     ready = 0;
@@ -530,10 +590,16 @@ meter_run_daemon(meter_worker_t *w)
         if (now >= next_sync && meter_sync_enabled(w->cf, &w->provider)) {
             next_sync = now + w->cf->sync_interval;
 
-            if (meter_worker_sync(w) == -1) {
+            switch (meter_worker_sync(w)) {
+            case -1:
                 meter_redis_close(&w->redis);
                 next_sync = now + 5;
                 continue;
+            case 0:
+                w->metrics.sync_last = time(NULL);
+                break;
+            default:
+                break;
             }
         }
 
@@ -571,9 +637,24 @@ meter_run_daemon(meter_worker_t *w)
         d.tick = meter_tick;
         d.tick_data = w;
 
+        /* bounded work per turn: the sync and the watchdog get their turn
+         * during a long backlog (webhooks have their own thread) */
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        d.deadline = t0;
+        d.deadline.tv_sec += w->cf->turn_ms / 1000;
+        d.deadline.tv_nsec += (w->cf->turn_ms % 1000) * 1000000;
+        if (d.deadline.tv_nsec >= 1000000000) {
+            d.deadline.tv_sec++;
+            d.deadline.tv_nsec -= 1000000000;
+        }
+
         sd_notify(0, "STATUS=draining");
 
         rc = meter_drain_run(&d);
+
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        meter_worker_account(w, &d, rc, (double) (t1.tv_sec - t0.tv_sec)
+                             + (double) (t1.tv_nsec - t0.tv_nsec) / 1e9);
 
         now = time(NULL);
         next = meter_next_close(now, w->cf->grace);
@@ -584,6 +665,10 @@ meter_run_daemon(meter_worker_t *w)
 
         if (d.next_due != 0 && d.next_due < next) {
             next = (d.next_due > now) ? d.next_due : now + 1;
+        }
+
+        if (d.sent > 0 || rc == METER_DRAIN_OK) {
+            w->pause = 0;
         }
 
         switch (rc) {
@@ -630,6 +715,26 @@ meter_run_daemon(meter_worker_t *w)
             break;
 
         case METER_DRAIN_STOPPED:
+            break;
+
+        case METER_DRAIN_MORE:
+            if (d.paused) {
+                /* the provider is failing: try again soon, backing off */
+                w->pause = (w->pause == 0) ? 1 : w->pause * 2;
+                if (w->pause > 60) {
+                    w->pause = 60;
+                }
+
+                next = now + w->pause;
+                sd_notifyf(0, "STATUS=provider failing; drain paused %llds",
+                           (long long) w->pause);
+                break;
+            }
+
+            /* the turn's time is up: the loop's other work, then on */
+            next = now;
+            sd_notifyf(0, "STATUS=catching up: %llu due, %.0f records/s",
+                       w->metrics.backlog, w->metrics.rate);
             break;
 
         default:
@@ -681,7 +786,11 @@ meter_run_once(meter_worker_t *w, time_t before, int dry_run)
         dead += d.dead;
         sent += d.sent;
 
-        if (rc != METER_DRAIN_OK || dry_run) {
+        if (rc == METER_DRAIN_MORE && d.next_due == 0) {
+            d.next_due = time(NULL) + 1;
+        }
+
+        if ((rc != METER_DRAIN_OK && rc != METER_DRAIN_MORE) || dry_run) {
             break;
         }
 
@@ -703,6 +812,7 @@ meter_run_once(meter_worker_t *w, time_t before, int dry_run)
     switch (rc) {
 
     case METER_DRAIN_OK:
+    case METER_DRAIN_MORE:
         break;
 
     case METER_DRAIN_LOCKED:
@@ -864,6 +974,14 @@ main(int argc, char **argv)
     }
 
     w.provider_ok = !dry_run;
+
+    if (meter_metrics_check(w.cf, err, sizeof(err)) != 0) {
+        meter_log(LOG_ERR, "%s: %s", path, err);
+        meter_worker_close(&w);
+        meter_conf_free(w.cf);
+        curl_global_cleanup();
+        return EX_CONFIG;
+    }
 
     if (meter_alerts_open(w.cf, &w.alerts, err, sizeof(err)) != 0) {
         meter_log(LOG_ERR, "%s", err);

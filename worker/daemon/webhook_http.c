@@ -56,6 +56,7 @@
 #include "log.h"
 #include "portal.h"
 #include "util.h"
+#include "metrics.h"
 #include "webhook.h"
 
 
@@ -239,6 +240,44 @@ meter_wh_respond(struct MHD_Connection *c, int status, const char *json)
 }
 
 
+/* GET /metrics with metrics.http = on (metrics.c renders the text) */
+static enum MHD_Result
+meter_wh_metrics(struct MHD_Connection *c)
+{
+    char                 *text;
+    size_t                len;
+    enum MHD_Result       rc;
+    struct MHD_Response  *resp;
+
+    text = meter_metrics_text(&len);
+    if (text == NULL) {
+        return meter_wh_respond(c, 503, "{\"error\":\"no metrics yet\"}");
+    }
+
+    resp = MHD_create_response_from_buffer(len, text, MHD_RESPMEM_MUST_FREE);
+    if (resp == NULL) {
+        free(text);
+        return MHD_NO;
+    }
+
+    /* the exposition format's media type (prometheus.io, "Exposition
+     * formats": text/plain; version=0.0.4) */
+    if (MHD_add_response_header(resp, "Content-Type",
+                                "text/plain; version=0.0.4; charset=utf-8")
+        != MHD_YES
+        || MHD_add_response_header(resp, "Connection", "close") != MHD_YES)
+    {
+        MHD_destroy_response(resp);
+        return MHD_NO;
+    }
+
+    rc = MHD_queue_response(c, MHD_HTTP_OK, resp);
+    MHD_destroy_response(resp);
+
+    return rc;
+}
+
+
 /* a refusal of the head: a problem+json on a portal path */
 static enum MHD_Result
 meter_wh_refuse(meter_webhook_srv_t *s, struct MHD_Connection *c,
@@ -361,6 +400,12 @@ meter_wh_access(void *cls, struct MHD_Connection *c, const char *url,
 
     s = cls;
     q = *con_cls;
+
+    if (q == NULL && strcmp(method, "GET") == 0
+        && strcmp(url, "/metrics") == 0 && meter_metrics_http(s->cf))
+    {
+        return meter_wh_metrics(c);
+    }
 
     /* the head is in */
     if (q == NULL) {

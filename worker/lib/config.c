@@ -54,6 +54,7 @@ static const meter_key_t  meter_keys[] = {
     { "retry.max", METER_KEY_DURATION, meter_off(retry_max) },
     { "max_age", METER_KEY_DURATION, meter_off(max_age) },
     { "lock_ttl", METER_KEY_DURATION, meter_off(lock_ttl) },
+    { "turn_time", METER_KEY_DURATION_MS, meter_off(turn_ms) },
     { "log_level", METER_KEY_LOGLEVEL, meter_off(log_level) },
     { "file.path", METER_KEY_STRING, meter_off(file_path) },
     { "audit.path", METER_KEY_STRING, meter_off(audit_path) },
@@ -65,7 +66,7 @@ static const meter_key_t  meter_keys[] = {
  * sync themselves (they validate them when they start) */
 static const char  *meter_provider_prefixes[] = {
     "stripe.", "chargebee.", "recurly.", "http.", "plan.", "webhook.",
-    "sync.", "metronome.",
+    "sync.", "metronome.", "metrics.",
     /* portal.*: daemon/portal.c (issue 14) */
     "portal.",
     NULL
@@ -408,6 +409,7 @@ meter_conf_load(const char *path, char *err, size_t errlen)
     cf->retry_max = 3600;
     cf->max_age = -1;
     cf->lock_ttl = 60;
+    cf->turn_ms = 10000;
     cf->log_level = LOG_INFO;
 
     cf->path = strdup(path);
@@ -564,6 +566,12 @@ meter_conf_load(const char *path, char *err, size_t errlen)
                  "at most \"retry.max\"", path,
                  meter_conf_find(cf, "retry.base") != NULL
                  ? meter_conf_find(cf, "retry.base")->line : 0);
+        goto failed;
+    }
+
+    if (cf->turn_ms < 100) {
+        snprintf(err, errlen, "%s:%u: \"turn_time\" must be at least "
+                 "100ms", path, meter_conf_find(cf, "turn_time")->line);
         goto failed;
     }
 

@@ -53,6 +53,7 @@ struct meter_conf_s {
     time_t                      retry_max;
     time_t                      max_age;        /* 0: no limit */
     time_t                      lock_ttl;
+    int64_t                     turn_ms;        /* drain work per turn */
     int                         log_level;
 
     char                       *file_path;

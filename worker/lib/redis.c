@@ -295,7 +295,13 @@ meter_redis_connect(meter_redis_t *r, const char *host, int port,
         return -1;
     }
 
-    return meter_redis_handshake(r, rp, "ROLE", err, errlen);
+    if (meter_redis_handshake(r, rp, "ROLE", err, errlen) != 0) {
+        return -1;
+    }
+
+    meter_redis_scripts_load(r);
+
+    return 0;
 }
 
 
@@ -382,19 +388,79 @@ meter_redis_argv(meter_redis_t *r, int argc, const char **argv,
 }
 
 
-int
-meter_redis_append(meter_redis_t *r, const char *fmt, ...)
+/*
+ * "EVAL body ..." as RESP becomes "EVALSHA sha ..." when the body is a
+ * loaded script; 0 with *out (to free) or -1 to send it as it is
+ */
+static int
+meter_redis_evalsha(meter_redis_t *r, const char *cmd, size_t len,
+    char **out, size_t *outlen)
 {
-    va_list  ap;
-    int      rc;
+    char        *p, *e, *nc;
+    size_t       blen, hlen, rest;
+    const char  *sha, *body;
 
-    if (!meter_redis_connected(r)) {
+    /* "*N\r\n$4\r\nEVAL\r\n$L\r\nBODY\r\n..." */
+    p = memchr(cmd, '\n', len);
+    if (p == NULL || len - (size_t) (p + 1 - cmd) < 16
+        || memcmp(p + 1, "$4\r\nEVAL\r\n$", 11) != 0)
+    {
         return -1;
     }
 
-    va_start(ap, fmt);
-    rc = redisvAppendCommand(r->ctx, fmt, ap);
-    va_end(ap);
+    hlen = (size_t) (p + 1 - cmd);
+    blen = strtoul(p + 12, &e, 10);
+
+    if (e[0] != '\r' || (size_t) (e + 2 - cmd) + blen + 2 > len) {
+        return -1;
+    }
+
+    body = e + 2;
+    sha = meter_redis_script_sha(r, body, blen);
+    if (sha == NULL) {
+        return -1;
+    }
+
+    rest = len - (size_t) (body + blen + 2 - cmd);
+
+#define METER_SHA_HEAD  "$7\r\nEVALSHA\r\n$40\r\n"
+#define METER_SHA_LEN   (sizeof(METER_SHA_HEAD) - 1 + 40 + 2)
+
+    nc = malloc(hlen + METER_SHA_LEN + rest);
+    if (nc == NULL) {
+        return -1;
+    }
+
+    memcpy(nc, cmd, hlen);
+    memcpy(nc + hlen, METER_SHA_HEAD, sizeof(METER_SHA_HEAD) - 1);
+    memcpy(nc + hlen + sizeof(METER_SHA_HEAD) - 1, sha, 40);
+    memcpy(nc + hlen + METER_SHA_LEN - 2, "\r\n", 2);
+    memcpy(nc + hlen + METER_SHA_LEN, body + blen + 2, rest);
+
+    *out = nc;
+    *outlen = hlen + METER_SHA_LEN + rest;
+
+    return 0;
+}
+
+
+/* appends a formatted command, as EVALSHA where it can */
+static int
+meter_redis_append_formatted(meter_redis_t *r, char *cmd, size_t len)
+{
+    char    *sc;
+    size_t   sl;
+    int      rc;
+
+    if (r->evalsha && meter_redis_evalsha(r, cmd, len, &sc, &sl) == 0) {
+        rc = redisAppendFormattedCommand(r->ctx, sc, sl);
+        free(sc);
+
+    } else {
+        rc = redisAppendFormattedCommand(r->ctx, cmd, len);
+    }
+
+    free(cmd);
 
     if (rc != REDIS_OK) {
         meter_redis_fail(r);
@@ -406,19 +472,47 @@ meter_redis_append(meter_redis_t *r, const char *fmt, ...)
 
 
 int
-meter_redis_append_argv(meter_redis_t *r, int argc, const char **argv,
-    const size_t *argvlen)
+meter_redis_append(meter_redis_t *r, const char *fmt, ...)
 {
+    char     *cmd;
+    va_list   ap;
+    int       len;
+
     if (!meter_redis_connected(r)) {
         return -1;
     }
 
-    if (redisAppendCommandArgv(r->ctx, argc, argv, argvlen) != REDIS_OK) {
-        meter_redis_fail(r);
+    va_start(ap, fmt);
+    len = redisvFormatCommand(&cmd, fmt, ap);
+    va_end(ap);
+
+    if (len < 0) {
+        snprintf(r->err, sizeof(r->err), "redis: cannot format command");
         return -1;
     }
 
-    return 0;
+    return meter_redis_append_formatted(r, cmd, (size_t) len);
+}
+
+
+int
+meter_redis_append_argv(meter_redis_t *r, int argc, const char **argv,
+    const size_t *argvlen)
+{
+    char  *cmd;
+    int    len;
+
+    if (!meter_redis_connected(r)) {
+        return -1;
+    }
+
+    len = redisFormatCommandArgv(&cmd, argc, argv, argvlen);
+    if (len < 0) {
+        snprintf(r->err, sizeof(r->err), "redis: cannot format command");
+        return -1;
+    }
+
+    return meter_redis_append_formatted(r, cmd, (size_t) len);
 }
 
 
@@ -437,6 +531,13 @@ meter_redis_reply(meter_redis_t *r)
     }
 
     meter_redis_readonly(r, reply);
+
+    if (((redisReply *) reply)->type == REDIS_REPLY_ERROR
+        && strncmp(((redisReply *) reply)->str, "NOSCRIPT", 8) == 0)
+    {
+        /* the script cache was flushed: EVAL from now on */
+        r->evalsha = 0;
+    }
 
     return reply;
 }

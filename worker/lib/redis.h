@@ -24,6 +24,7 @@
 typedef struct {
     redisContext               *ctx;
     char                        err[256];
+    int                         evalsha;        /* scripts loaded */
 } meter_redis_t;
 
 
@@ -73,6 +74,11 @@ int meter_redis_append(meter_redis_t *r, const char *fmt, ...);
 int meter_redis_append_argv(meter_redis_t *r, int argc, const char **argv,
     const size_t *argvlen);
 redisReply *meter_redis_reply(meter_redis_t *r);
+
+/* redis_script.c: the hot scripts loaded for EVALSHA on this connection */
+void meter_redis_scripts_load(meter_redis_t *r);
+const char *meter_redis_script_sha(meter_redis_t *r, const char *body,
+    size_t len);
 
 /* reply helpers */
 int meter_reply_ok(const redisReply *rp);       /* not NULL, not error */

@@ -37,11 +37,37 @@ const char  meter_lua_create[] =
     "redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])\n"
     "redis.call('HSET', KEYS[1], ARGV[1] .. '|open', ARGV[4])\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[6])\n"
-    "for i = 7, #ARGV, 2 do\n"
-    "  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])\n"
-    "end\n"
+    /* one HSET of every field: a record has about 20 */
+    "redis.call('HSET', KEYS[2], unpack(ARGV, 7))\n"
     "redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])\n"
     "return 1\n";
+
+
+/* meter_lua_create for a chunk in one call: KEYS open zset, then period
+ * hash and record of each; ARGV per record subject|meter, last seq, new
+ * seq, id, score, expire, the number of field/value strings, those; the
+ * reply has 1 (stored) or 0 per record */
+const char  meter_lua_create_all[] =
+    "local res, a, expired = {}, 1, {}\n"
+    "for i = 1, (#KEYS - 1) / 2 do\n"
+    "  local per, rec = KEYS[2 * i], KEYS[2 * i + 1]\n"
+    "  local sm, id = ARGV[a], ARGV[a + 3]\n"
+    "  local f, e = a + 7, a + 6 + tonumber(ARGV[a + 6])\n"
+    "  res[i] = 0\n"
+    "  if redis.call('HEXISTS', per, sm .. '|open') == 0\n"
+    "     and (redis.call('HGET', per, sm) or '0') == ARGV[a + 1] then\n"
+    "    redis.call('HSET', per, sm, ARGV[a + 2], sm .. '|open', id)\n"
+    "    if not expired[per] then\n"
+    "      redis.call('EXPIRE', per, ARGV[a + 5])\n"
+    "      expired[per] = true\n"
+    "    end\n"
+    "    redis.call('HSET', rec, unpack(ARGV, f, e))\n"
+    "    redis.call('ZADD', KEYS[1], ARGV[a + 4], id)\n"
+    "    res[i] = 1\n"
+    "  end\n"
+    "  a = e + 1\n"
+    "end\n"
+    "return res\n";
 
 
 /* KEYS: record, period hash, open zset, stats; ARGV: id, subject|meter,
@@ -55,6 +81,27 @@ const char  meter_lua_done[] =
     "redis.call('HINCRBY', KEYS[4], 'records_sent', 1)\n"
     "redis.call('HINCRBY', KEYS[4], 'quantity_sent', ARGV[3])\n"
     "return 1\n";
+
+
+/* meter_lua_done for a chunk in one call: KEYS open zset, stats, then
+ * record and period hash of each; ARGV id, subject|meter, quantity of each */
+const char  meter_lua_done_all[] =
+    "local ids = {}\n"
+    "for i = 1, #ARGV / 3 do\n"
+    "  local rec, per = KEYS[1 + 2 * i], KEYS[2 + 2 * i]\n"
+    "  local id, sm = ARGV[3 * i - 2], ARGV[3 * i - 1]\n"
+    "  redis.call('DEL', rec)\n"
+    "  if redis.call('HGET', per, sm .. '|open') == id then\n"
+    "    redis.call('HDEL', per, sm .. '|open')\n"
+    "  end\n"
+    "  redis.call('HINCRBY', KEYS[2], 'quantity_sent', ARGV[3 * i])\n"
+    "  ids[i] = id\n"
+    "end\n"
+    "if #ids > 0 then\n"
+    "  redis.call('ZREM', KEYS[1], unpack(ids))\n"
+    "  redis.call('HINCRBY', KEYS[2], 'records_sent', #ids)\n"
+    "end\n"
+    "return #ids\n";
 
 
 /* KEYS: record, open zset, dead zset; ARGV: id, now, error, http status */
@@ -204,3 +251,16 @@ const char  meter_lua_quota_base[] =
     "redis.call('HSET', KEYS[1], ARGV[1], b)\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[3])\n"
     "return b\n";
+
+
+/* the due index (daemon/due.c): KEYS the writer hashes (parts) of one
+ * writer and hour, one slot ({EPOCH}); the SHA1 of their content (the
+ * order of HGETALL only changes with a write: a false "changed" costs one
+ * read, never a missed one) */
+const char  meter_lua_digest[] =
+    "local t = {}\n"
+    "for i = 1, #KEYS do\n"
+    "  t[i] = redis.sha1hex(table.concat(redis.call('HGETALL', KEYS[i]),"
+    " '\\n'))\n"
+    "end\n"
+    "return redis.sha1hex(table.concat(t, ' '))\n";

@@ -13,11 +13,16 @@
 /* the drain (daemon/drain.c): records, the lock, retention */
 extern const char  meter_lua_maxset[];
 extern const char  meter_lua_create[];
+extern const char  meter_lua_create_all[];
 extern const char  meter_lua_done[];
+extern const char  meter_lua_done_all[];
 extern const char  meter_lua_dead[];
 extern const char  meter_lua_renew[];
 extern const char  meter_lua_release[];
 extern const char  meter_lua_expire[];
+
+/* the due index (daemon/due.c) */
+extern const char  meter_lua_digest[];
 
 /* governance (lib/gov.c) */
 extern const char  meter_lua_gov_status[];

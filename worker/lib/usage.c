@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "gov.h"
+#include "hours.h"
 #include "register.h"
 #include "usage.h"
 #include "wusage.h"
@@ -265,8 +266,8 @@ meter_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
         snprintf(to_s, sizeof(to_s), "+inf");
     }
 
-    hours = meter_redis_cmd(r, "ZRANGEBYSCORE " MTR_HOURS " %s %s", from_s,
-                            to_s);
+    /* settled hours have left mtr:hours (daemon/due.c) */
+    hours = meter_hours_range(r, from_s, to_s);
     if (!meter_reply_ok(hours) || hours->type != REDIS_REPLY_ARRAY) {
         meter_map_free(&mine, NULL);
         freeReplyObject(keys);
