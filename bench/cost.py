@@ -217,11 +217,11 @@ def zone_size(nkeys):
 
 def gov_size(nkeys):
     """README meter_governance_size: 40 bytes a key slot (a power of two,
-    at least 2 slots a key), 208 a customer, two copies, slab slack."""
+    at least 2 slots a key), 400 a customer, two copies, slab slack."""
     slots = 16
     while slots < 2 * nkeys:
         slots *= 2
-    copy = slots * 40 + (nkeys // 10 + 1) * 208 + 4096
+    copy = slots * 40 + (nkeys // 10 + 1) * 400 + 4096
     return "%dm" % max(8, (2 * copy * 11 // 10) // (1 << 20) + 2)
 
 

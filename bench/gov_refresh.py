@@ -144,11 +144,11 @@ def seed(redis, tmp, n, ncredit):
 
 def gov_size(nkeys):
     """README meter_governance_size: two copies of 40 bytes a key slot
-    (a power of two, at least twice the keys) and 208 a customer."""
+    (a power of two, at least twice the keys) and 400 a customer."""
     slots = 16
     while slots < 2 * nkeys:
         slots *= 2
-    copy = slots * 40 + (nkeys // 10 + 1) * 208
+    copy = slots * 40 + (nkeys // 10 + 1) * 400
     return "%dm" % (2 * copy // (1 << 20) + 16)
 
 

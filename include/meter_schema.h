@@ -227,4 +227,29 @@
 #define MTR_GOV_CREDIT_FMT      "%s|%s"
 
 
+/*
+ * HASH mtr:gov:quota, plans and their quotas (the worker and meterctl
+ * write it, the module reads it at every refresh):
+ *   field CUSTOMER        -> PLAN
+ *   field CUSTOMER|METER  -> LIMIT \t WINDOW \t RESET \t ALLOWANCE
+ * WINDOW the period's length (s), RESET its end (Unix s), ALLOWANCE =
+ * LIMIT + the lifetime usage of the customer's keys before the period.
+ */
+#define MTR_GOV_QUOTA           "mtr:gov:quota"
+#define MTR_GOV_QUOTA_SEP       '\t'
+#define MTR_GOV_QUOTA_NFIELDS   4
+/* printf arguments: limit, window, reset, allowance */
+#define MTR_GOV_QUOTA_FMT       "%lld\t%lld\t%lld\t%lld"
+#define MTR_PLAN_MAX            32
+
+/* mtr:cust:{CUSTOMER} fields of the plan */
+#define MTR_CUST_PLAN           "plan"
+#define MTR_CUST_ANCHOR         "anchor"        /* Unix s; absent: UTC */
+
+/* HASH mtr:qbase:{KH}, field METER|PSTART -> units flushed before PSTART */
+#define MTR_QBASE_PRE           "mtr:qbase:{"
+#define MTR_QBASE_FMT           MTR_QBASE_PRE "%s}"
+#define MTR_QBASE_FIELD_FMT     "%s|%lld"
+
+
 #endif /* _METER_SCHEMA_H_INCLUDED_ */

@@ -11,9 +11,6 @@
 #include "ngx_http_meter_module.h"
 
 
-static ngx_int_t ngx_http_meter_deny(ngx_http_request_t *r,
-    ngx_http_meter_shctx_t *sh, ngx_uint_t status, ngx_uint_t why,
-    const char *reason, const char *detail);
 static ngx_int_t ngx_http_meter_warn(ngx_http_request_t *r, time_t until);
 static ngx_int_t ngx_http_meter_header(ngx_http_request_t *r,
     const char *name, const char *meter, int64_t value);
@@ -177,6 +174,10 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
     }
 
     for (i = 0; i < cust->ncredits; i++) {
+        if (cust->credits[i].q.window) {
+            continue;                           /* a quota: below */
+        }
+
         left = cust->credits[i].remaining
                - __atomic_load_n(&cust->credits[i].local, __ATOMIC_RELAXED);
 
@@ -197,7 +198,12 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
         }
     }
 
-    return NGX_DECLINED;
+    /* a 402 wins over a 429: the quota is checked last */
+    if (cust->ncredits == 0) {
+        return NGX_DECLINED;
+    }
+
+    return ngx_http_meter_quota_check(r, mlcf, sh, cust);
 }
 
 
@@ -206,7 +212,7 @@ ngx_http_meter_access_handler(ngx_http_request_t *r)
  * error_page for the status, which nginx then serves as usual.
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_meter_deny(ngx_http_request_t *r, ngx_http_meter_shctx_t *sh,
     ngx_uint_t status, ngx_uint_t why, const char *reason,
     const char *detail)
@@ -220,7 +226,10 @@ ngx_http_meter_deny(ngx_http_request_t *r, ngx_http_meter_shctx_t *sh,
     ngx_http_complex_value_t   cv;
     ngx_http_core_loc_conf_t  *clcf;
 
-    (void) __atomic_fetch_add(&sh->gov_denied[why], 1, __ATOMIC_RELAXED);
+    if (why < NGX_HTTP_METER_DENY_N) {
+        (void) __atomic_fetch_add(&sh->gov_denied[why], 1,
+                                  __ATOMIC_RELAXED);
+    }
 
     /* reached through "error_page 404 /paid/x;" (no "="), nginx would keep
      * the 404: the refusal is the answer */
@@ -263,6 +272,8 @@ ngx_http_meter_deny(ngx_http_request_t *r, ngx_http_meter_shctx_t *sh,
                      "\"detail\":\"%s\",\"reason\":\"%s\"}\n",
                      reason,
                      status == 402 ? "Payment Required"
+                     : status == NGX_HTTP_TOO_MANY_REQUESTS
+                     ? "Too Many Requests"
                      : status == NGX_HTTP_UNAUTHORIZED ? "Unauthorized"
                      : status == NGX_HTTP_FORBIDDEN ? "Forbidden"
                      : status == NGX_HTTP_BAD_REQUEST ? "Bad Request"

@@ -88,7 +88,6 @@ static void ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 static void ngx_http_meter_gov_log_reply(redisAsyncContext *ac, void *r,
     void *privdata);
-static void ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr);
 static void ngx_http_meter_gov_scan_start(ngx_http_meter_gov_refresh_t *gr);
 static ngx_int_t ngx_http_meter_gov_delta_send(
     ngx_http_meter_gov_refresh_t *gr);
@@ -371,6 +370,9 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
                                        7, argv, len6);
     }
 
+    /* plans and quotas: ngx_http_meter_quota.c */
+    (void) ngx_http_meter_quota_read(gr);
+
     if (gr->gov_busy == 0) {
         ngx_http_meter_gov_abort(gr, 0);
     }
@@ -586,6 +588,8 @@ ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
             break;
         }
 
+        ngx_memzero(g, sizeof(ngx_http_meter_gov_grant_t));
+
         g->cust.len = bar - f;
         g->cust.data = ngx_pnalloc(gr->gov_tmp, g->cust.len);
         g->meter.len = f + flen - bar - 1;
@@ -696,7 +700,7 @@ ngx_http_meter_gov_log_reply(redisAsyncContext *ac, void *r, void *privdata)
 /* version, HLEN, every grant and the log are in: the key map, if its
  * version moved */
 
-static void
+void
 ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr)
 {
     ngx_http_meter_gov_zone_t   *gz;
@@ -1073,6 +1077,8 @@ ngx_http_meter_gov_apply_field(ngx_http_meter_gov_refresh_t *gr,
         if (gr->gov_inplace) {
             pc = &snap->custs[v->custs.nelts - 1];
             ngx_memzero(pc, sizeof(ngx_http_meter_gov_cust_t));
+            ngx_memcpy(pc->id, c->id.data,
+                       ngx_min(c->id.len, MTR_CUSTOMER_MAX));
             __atomic_store_n(&snap->ncust, (uint32_t) v->custs.nelts,
                              __ATOMIC_RELEASE);
         }
@@ -2093,6 +2099,7 @@ ngx_http_meter_gov_reset(ngx_http_meter_gov_refresh_t *gr)
         }
 
         cr[gr->gov_i].n = 0;
+        cr[gr->gov_i].plan[0] = '\0';
     }
 
     gr->gov_phase = NGX_HTTP_METER_GOV_ASSIGN;
@@ -2145,6 +2152,13 @@ ngx_http_meter_gov_assign(ngx_http_meter_gov_refresh_t *gr)
 
         cr = &((ngx_http_meter_gov_ccredits_t *) v->credits.elts)[c->credit];
 
+        if (g[gr->gov_i].plan.len) {
+            ngx_memzero(cr->plan, MTR_PLAN_MAX);
+            ngx_memcpy(cr->plan, g[gr->gov_i].plan.data,
+                       ngx_min(g[gr->gov_i].plan.len, MTR_PLAN_MAX));
+            continue;
+        }
+
         if (cr->n == NGX_HTTP_METER_GOV_CREDITS) {
             continue;
         }
@@ -2155,6 +2169,7 @@ ngx_http_meter_gov_assign(ngx_http_meter_gov_refresh_t *gr)
         ngx_memcpy(cc->meter, g[gr->gov_i].meter.data, cc->len);
         cc->granted = g[gr->gov_i].granted;
         cc->used = 0;
+        cc->q = g[gr->gov_i].q;
 
         gr->gov_credit = 1;
     }
@@ -2285,13 +2300,20 @@ ngx_http_meter_gov_check(ngx_http_meter_gov_refresh_t *gr)
             return NGX_AGAIN;
         }
 
-        if (cr[gr->gov_i].n != cr[gr->gov_i].npub) {
+        if (cr[gr->gov_i].n != cr[gr->gov_i].npub
+            || ngx_memcmp(cr[gr->gov_i].plan, cr[gr->gov_i].pubplan,
+                          MTR_PLAN_MAX)
+               != 0)
+        {
             goto changed;
         }
 
         for (j = 0; j < cr[gr->gov_i].n; j++) {
             if (cr[gr->gov_i].c[j].granted != cr[gr->gov_i].pub[j].granted
                 || cr[gr->gov_i].c[j].used != cr[gr->gov_i].pub[j].used
+                || ngx_memcmp(&cr[gr->gov_i].c[j].q, &cr[gr->gov_i].pub[j].q,
+                              sizeof(ngx_http_meter_gov_quota_t))
+                   != 0
                 || ngx_memcmp(cr[gr->gov_i].c[j].meter,
                               cr[gr->gov_i].pub[j].meter, METER_NAME_MAX)
                    != 0)
@@ -2375,6 +2397,7 @@ ngx_http_meter_gov_custs(ngx_http_meter_gov_refresh_t *gr)
         ngx_memzero(c, sizeof(ngx_http_meter_gov_cust_t));
 
         c->reason = cc->reason;
+        ngx_memcpy(c->id, cc->id.data, ngx_min(cc->id.len, MTR_CUSTOMER_MAX));
 
         /* dated ahead: from now on (and since + grace cannot overflow) */
         c->since = ngx_min(cc->since, (int64_t) now);
@@ -2391,8 +2414,9 @@ ngx_http_meter_gov_custs(ngx_http_meter_gov_refresh_t *gr)
                 ngx_memcpy(c->credits[j].meter, cr->c[j].meter,
                            METER_NAME_MAX);
                 c->credits[j].remaining = cr->c[j].granted - cr->c[j].used;
+                c->credits[j].q = cr->c[j].q;
 
-                if (c->credits[j].remaining <= 0) {
+                if (c->credits[j].remaining <= 0 && cr->c[j].q.window == 0) {
                     blocked = 1;
                 }
 
@@ -2400,6 +2424,8 @@ ngx_http_meter_gov_custs(ngx_http_meter_gov_refresh_t *gr)
             }
 
             cr->npub = cr->n;
+            ngx_memcpy(c->plan, cr->plan, MTR_PLAN_MAX);
+            ngx_memcpy(cr->pubplan, cr->plan, MTR_PLAN_MAX);
         }
 
         if (c->reason) {

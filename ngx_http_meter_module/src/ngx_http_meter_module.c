@@ -107,7 +107,7 @@ static ngx_command_t  ngx_http_meter_commands[] = {
 
 
 static ngx_http_module_t  ngx_http_meter_module_ctx = {
-    NULL,                                  /* preconfiguration */
+    ngx_http_meter_add_variables,          /* preconfiguration */
     ngx_http_meter_init,                   /* postconfiguration */
 
     ngx_http_meter_create_main_conf,       /* create main configuration */

@@ -107,17 +107,27 @@ typedef struct {
     uint32_t                     revoked;
 } ngx_http_meter_gov_key_t;
 
+/* a quota of the customer's plan (mtr:gov:quota); window 0: credit */
+typedef struct {
+    int64_t                      limit;
+    int64_t                      window;    /* s */
+    int64_t                      reset;     /* Unix s, the period's end */
+} ngx_http_meter_gov_quota_t;
+
 typedef struct {
     char                         meter[METER_NAME_MAX];
     int64_t                      remaining; /* when the copy was made */
     int64_t                      local;     /* atomic: counted here since */
+    ngx_http_meter_gov_quota_t   q;
 } ngx_http_meter_gov_credit_t;
 
 typedef struct {
     uint32_t                     reason;    /* 0: in good standing */
-    uint32_t                     ncredits;
+    uint32_t                     ncredits;  /* credits and quotas */
     int64_t                      since;
     ngx_http_meter_gov_credit_t  credits[NGX_HTTP_METER_GOV_CREDITS];
+    u_char                       plan[MTR_PLAN_MAX]; /* NUL padded */
+    u_char                       id[MTR_CUSTOMER_MAX]; /* same */
 } ngx_http_meter_gov_cust_t;
 
 typedef struct {
@@ -230,6 +240,7 @@ typedef struct {
     ngx_http_meter_gov_cust_t   *cust;
     ngx_uint_t                   gated;     /* a gate has decided */
     ngx_uint_t                   unbilled;  /* refused as no one's call */
+    void                        *vars;      /* ngx_http_meter_variables.c */
     uint8_t                      hash[METER_HASH_LEN]; /* last: not zeroed,
                                              * valid once zone is set */
 } ngx_http_meter_req_ctx_t;
@@ -313,6 +324,7 @@ typedef struct {
     size_t                       len;
     int64_t                      granted;
     int64_t                      used;
+    ngx_http_meter_gov_quota_t   q;
 } ngx_http_meter_gov_ccredit_t;
 
 /* a customer that had credit once: now and in the published copy */
@@ -322,6 +334,8 @@ typedef struct {
     uint32_t                     npub;
     ngx_http_meter_gov_ccredit_t c[NGX_HTTP_METER_GOV_CREDITS];
     ngx_http_meter_gov_ccredit_t pub[NGX_HTTP_METER_GOV_CREDITS];
+    u_char                       plan[MTR_PLAN_MAX];
+    u_char                       pubplan[MTR_PLAN_MAX];
 } ngx_http_meter_gov_ccredits_t;
 
 typedef struct {
@@ -362,10 +376,13 @@ typedef struct {
     ngx_uint_t                   nrevoked;
 } ngx_http_meter_gov_view_t;
 
+/* a grant of credit, a quota, or (plan set) the customer's plan */
 typedef struct {
     ngx_str_t                    cust;
     ngx_str_t                    meter;
     int64_t                      granted;
+    ngx_http_meter_gov_quota_t   q;
+    ngx_str_t                    plan;
 } ngx_http_meter_gov_grant_t;
 
 /* a field of mtr:gov that mtr:gov:log says a version rewrote */
@@ -508,6 +525,7 @@ typedef struct {
     uint64_t                      gov_pubgen; /* pubgen of our publish */
     ngx_uint_t                    gov_rebuilt; /* 0, 1 customers, 2 keys */
     char                          gov_cursor[24]; /* HSCAN cursor */
+    char                          gov_qcursor[24]; /* of mtr:gov:quota */
     redisReply                  **gov_page; /* a page taken from hiredis */
     size_t                        gov_page_n;
     ngx_uint_t                    gov_last_page;
@@ -631,10 +649,23 @@ void ngx_http_meter_flush_exit(ngx_http_meter_flush_t *fl, ngx_log_t *log);
 
 /* ngx_http_meter_gov.c */
 ngx_int_t ngx_http_meter_access_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_meter_deny(ngx_http_request_t *r,
+    ngx_http_meter_shctx_t *sh, ngx_uint_t status, ngx_uint_t why,
+    const char *reason, const char *detail);
+
+/* ngx_http_meter_quota.c */
+ngx_int_t ngx_http_meter_quota_read(ngx_http_meter_gov_refresh_t *gr);
+ngx_int_t ngx_http_meter_quota_check(ngx_http_request_t *r,
+    ngx_http_meter_loc_conf_t *mlcf, ngx_http_meter_shctx_t *sh,
+    ngx_http_meter_gov_cust_t *cust);
+
+/* ngx_http_meter_variables.c */
+ngx_int_t ngx_http_meter_add_variables(ngx_conf_t *cf);
 
 /* ngx_http_meter_gov_refresh.c */
 void ngx_http_meter_gov_refresh_init(ngx_http_meter_gov_refresh_t *gr,
     ngx_http_meter_redis_t *rd);
+void ngx_http_meter_gov_read_done(ngx_http_meter_gov_refresh_t *gr);
 void ngx_http_meter_gov_refresh_exit(ngx_http_meter_gov_refresh_t *gr);
 
 

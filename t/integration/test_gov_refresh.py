@@ -212,7 +212,7 @@ def test_rebuild_of_many_keys_leaves_the_loop_to_requests(nginx_factory,
     # the customer that changes: one key (a customer's keys share a state)
     fields[key_hash("mk_solo")] = gov_value("solo")
     seed(redis, tmp_path, fields)
-    # README: two copies of 2^20 key slots x 40 bytes + 30k x 208 bytes
+    # README: two copies of 2^20 key slots x 40 bytes + 30k x 400 bytes
     n = start(nginx_factory, redis, refresh="500ms", govsize="112m")
 
     stop = threading.Event()

@@ -50,8 +50,8 @@ meterctl_customers_list(meterctl_opts_t *o, meter_redis_t *r)
     arr = cJSON_CreateArray();
 
     if (!o->json) {
-        printf("%-24s  %-10s  %-16s  %-9s  %4s  %s\n", "CUSTOMER", "STATUS",
-               "REASON", "PROVIDER", "KEYS", "EMAIL");
+        printf("%-24s  %-10s  %-16s  %-9s  %-12s  %4s  %s\n", "CUSTOMER",
+               "STATUS", "REASON", "PROVIDER", "PLAN", "KEYS", "EMAIL");
     }
 
     for (i = 0; i < ids->elements; i++) {
@@ -93,10 +93,12 @@ meterctl_customers_list(meterctl_opts_t *o, meter_redis_t *r)
             cJSON_AddItemToArray(arr, c);
 
         } else {
-            printf("%-24s  %-10s  %-16s  %-9s  %4lld  %s\n", id, status,
-                   reason ? reason : "-",
+            printf("%-24s  %-10s  %-16s  %-9s  %-12s  %4lld  %s\n", id,
+                   status, reason ? reason : "-",
                    meter_reply_hget(cust, "provider")
                    ? meter_reply_hget(cust, "provider") : "-",
+                   meter_reply_hget(cust, MTR_CUST_PLAN)
+                   ? meter_reply_hget(cust, MTR_CUST_PLAN) : "-",
                    nkeys,
                    meter_reply_hget(cust, "email")
                    ? meter_reply_hget(cust, "email") : "-");
@@ -122,7 +124,7 @@ meterctl_customers_show(meterctl_opts_t *o, meter_redis_t *r)
     char          when[32], label[96];
     size_t        i, j;
     int           rc;
-    cJSON        *out, *keys, *credit;
+    cJSON        *out, *keys, *credit, *quota;
     redisReply   *cust, *kh, *key;
     const char   *id, *f, *status;
 
@@ -171,6 +173,7 @@ meterctl_customers_show(meterctl_opts_t *o, meter_redis_t *r)
     out = cJSON_CreateObject();
     keys = cJSON_CreateArray();
     credit = cJSON_CreateArray();
+    quota = NULL;
 
     if (o->json) {
         cJSON_AddStringToObject(out, "customer", id);
@@ -262,16 +265,28 @@ meterctl_customers_show(meterctl_opts_t *o, meter_redis_t *r)
     rc = meterctl_credit_rows(r, "customers show", id, NULL,
                               o->json ? credit : NULL, !o->json);
 
+    if (rc == EX_OK) {
+        if (!o->json) {
+            printf("quota:\n");
+        }
+
+        quota = cJSON_CreateArray();
+        rc = meterctl_quota_rows(r, id, o->json ? quota : NULL, !o->json);
+    }
+
     if (rc == EX_OK && o->json) {
         cJSON_AddItemToObject(out, "keys", keys);
         cJSON_AddItemToObject(out, "credit", credit);
+        cJSON_AddItemToObject(out, "quota", quota);
         keys = NULL;
         credit = NULL;
+        quota = NULL;
         meterctl_json_print(out);
     }
 
     cJSON_Delete(keys);
     cJSON_Delete(credit);
+    cJSON_Delete(quota);
     cJSON_Delete(out);
 
     return rc;

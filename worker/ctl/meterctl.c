@@ -60,6 +60,7 @@ static const struct option  meterctl_options[] = {
     { "from", required_argument, NULL, 'F' },
     { "to", required_argument, NULL, 'T' },
     { "period", required_argument, NULL, 'D' },
+    { "anchor", required_argument, NULL, 'A' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 }
 };
@@ -82,6 +83,7 @@ static const char  meterctl_help[] =
     "  keys          list, add, revoke, rotate API keys\n"
     "  delinquent    set, clear a manual delinquency mark (402)\n"
     "  credit        set, add, show prepaid credit\n"
+    "  plan          set, clear, show a customer's plan and quotas\n"
     "  usage         metered usage per customer or per key, and its billing\n"
     "  status        hours pending, open and dead records, last drain/sync\n"
     "  retry         requeue dead-lettered records\n"
@@ -156,6 +158,7 @@ meterctl_parse(int argc, char **argv, meterctl_opts_t *o, int global)
         case 'F': o->from = optarg; break;
         case 'T': o->to = optarg; break;
         case 'D': o->period = optarg; break;
+        case 'A': o->anchor = optarg; break;
         case 'h': o->help = 1; break;
         default:
             return -1;
@@ -570,6 +573,45 @@ const meterctl_cmd_t  meterctl_cmds[] = {
       "Usage: meterctl credit show CUSTOMER [--meter NAME] [--json]\n"
       "\n"
       "Granted, used and left per meter with credit.\n" },
+
+    { "plan", NULL, NULL, NULL,
+      "Usage: meterctl plan set CUSTOMER PLAN [--anchor ISO|utc]\n"
+      "       meterctl plan clear CUSTOMER\n"
+      "       meterctl plan show CUSTOMER [--json]\n"
+      "       meterctl plan publish\n"
+      "\n"
+      "(set and publish need the worker config: -c FILE)\n"
+      "meterctl plan SUBCOMMAND --help for each.\n" },
+
+    { "plan", "set", "Aj", meterctl_plan_set,
+      "Usage: meterctl plan set CUSTOMER PLAN [--anchor ISO|utc]\n"
+      "\n"
+      "(with -c FILE: the plans are in the worker config)\n"
+      "Assigns the plan (\"plan.PLAN.*\" keys of the worker config) and\n"
+      "publishes its quotas (\"plan.PLAN.quota.METER = LIMIT/day|week|month\")\n"
+      "for nginx: over quota, calls get 429 until the period resets.\n"
+      "Periods start at UTC midnight, on Monday, on the 1st; --anchor (the\n"
+      "subscription's billing anchor, e.g. Stripe's billing_cycle_anchor)\n"
+      "moves them to its time of day, weekday or day of month; \"utc\"\n"
+      "removes it.  The worker republishes at each reset.\n" },
+
+    { "plan", "clear", "j", meterctl_plan_clear,
+      "Usage: meterctl plan clear CUSTOMER\n"
+      "\n"
+      "Removes the customer's plan and its quotas.\n" },
+
+    { "plan", "show", "j", meterctl_plan_show,
+      "Usage: meterctl plan show CUSTOMER [--json]\n"
+      "\n"
+      "Plan, anchor, and per quota meter: limit, used and remaining this\n"
+      "period (flushed usage), reset.\n" },
+
+    { "plan", "publish", "", meterctl_plan_publish,
+      "Usage: meterctl plan publish\n"
+      "\n"
+      "(with -c FILE)\n"
+      "Republishes every customer's quotas (what meter-worker does every\n"
+      "sync_interval and at each reset), e.g. after editing the plans.\n" },
 
     { "usage", NULL, "jHFTD", meterctl_usage,
       "Usage: meterctl usage CUSTOMER [--from ISO] [--to ISO]\n"

@@ -64,6 +64,7 @@ typedef struct {
     const char                 *from;
     const char                 *to;
     const char                 *period;
+    const char                 *anchor;
     const char                 *items[16];
     int                         nitems;
     int                         help;
@@ -133,6 +134,12 @@ int meterctl_keys_rotate(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_delinquent_set(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_delinquent_clear(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_credit_set(meterctl_opts_t *o, meter_redis_t *r);
+int meterctl_plan_set(meterctl_opts_t *o, meter_redis_t *r);
+int meterctl_plan_clear(meterctl_opts_t *o, meter_redis_t *r);
+int meterctl_plan_show(meterctl_opts_t *o, meter_redis_t *r);
+int meterctl_plan_publish(meterctl_opts_t *o, meter_redis_t *r);
+int meterctl_quota_rows(meter_redis_t *r, const char *customer, cJSON *arr,
+    int table);
 int meterctl_credit_add(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_credit_show(meterctl_opts_t *o, meter_redis_t *r);
 int meterctl_usage(meterctl_opts_t *o, meter_redis_t *r);

@@ -10,9 +10,11 @@
 #include <stdio.h>
 #include <string.h>
 #include <sysexits.h>
+#include <time.h>
 
 #include <cjson/cJSON.h>
 
+#include "gov.h"
 #include "meterctl.h"
 #include "register.h"
 
@@ -87,6 +89,18 @@ meterctl_register(meterctl_opts_t *o, meter_redis_t *r)
 
     if (rc == EX_OK) {
         meterctl_reg_print(o, &g);
+
+        /* the plan's quotas for nginx now, not at the worker's next pass;
+         * the customer is made either way (the worker publishes them) */
+        if (o->cf != NULL
+            && meter_gov_quota_publish(r, o->cf, g.id, time(NULL), NULL,
+                                       g.err, sizeof(g.err))
+               != 0)
+        {
+            fprintf(stderr, "meterctl register: warning: quotas not "
+                    "published (meter-worker does at its next pass): %s\n",
+                    g.err);
+        }
 
     } else {
         fprintf(stderr, "meterctl register: %s\n", g.err);

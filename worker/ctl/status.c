@@ -207,9 +207,9 @@ meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
 {
     char         last[32], oldest[16], newest[16], sync_last[32];
     char         sync_ok[32];
-    size_t       i;
+    size_t       i, nplans, nquotas;
     long long    nhours, lock, late;
-    redisReply  *rp, *stats, *nocust, *sync;
+    redisReply  *rp, *stats, *nocust, *sync, *plans;
     const char  *v, *sync_err;
     int          rc;
 
@@ -323,6 +323,36 @@ meterctl_status(meterctl_opts_t *o, meter_redis_t *r)
 
     freeReplyObject(stats);
     freeReplyObject(sync);
+
+    /* plans published for nginx (mtr:gov:quota): CUSTOMER and C|METER */
+    plans = meter_redis_cmd(r, "HKEYS " MTR_GOV_QUOTA);
+    if (!meter_reply_ok(plans) || plans->type != REDIS_REPLY_ARRAY) {
+        freeReplyObject(nocust);
+        return meterctl_redis_failed(r, plans);
+    }
+
+    nplans = 0;
+    nquotas = 0;
+
+    for (i = 0; i < plans->elements; i++) {
+        if (strchr(plans->element[i]->str, MTR_GOV_CREDIT_SEP) != NULL) {
+            nquotas++;
+
+        } else {
+            nplans++;
+        }
+    }
+
+    freeReplyObject(plans);
+
+    if (o->json) {
+        printf(",\"customers_with_plan\":%zu,\"quotas\":%zu", nplans,
+               nquotas);
+
+    } else {
+        printf("plans published: %zu customer%s, %zu quota%s\n", nplans,
+               nplans == 1 ? "" : "s", nquotas, nquotas == 1 ? "" : "s");
+    }
 
     rc = meterctl_records(r, MTR_W_OPEN, o->json ? "open" : "open records",
                           o->json);

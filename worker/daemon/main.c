@@ -44,6 +44,7 @@
 #include "metrics.h"
 #include "provider.h"
 #include "redis.h"
+#include "gov.h"
 #include "sync.h"
 #include "util.h"
 #include "webhook.h"
@@ -446,6 +447,29 @@ meter_run_sync_once(meter_worker_t *w)
 }
 
 
+/* quotas of plans: republished every sync_interval and at each reset
+ * (lib/gov.c); *next is when to come back */
+static void
+meter_worker_quota(meter_worker_t *w, time_t now, time_t *next)
+{
+    char  err[1024];
+
+    *next = 0;
+
+    if (meter_gov_quota_all(&w->redis, w->cf, now, next, err, sizeof(err))
+        != 0)
+    {
+        meter_log(LOG_ERR, "quota: %s", err);
+        *next = now + 5;
+        return;
+    }
+
+    if (*next == 0 || *next > now + w->cf->sync_interval) {
+        *next = now + w->cf->sync_interval;
+    }
+}
+
+
 /*
  * After a drain turn: the counters, the rate while busy, the backlog and
  * its ETA's inputs in mtr:{worker}:stats (meterctl status), the metrics.
@@ -504,7 +528,7 @@ static int
 meter_run_daemon(meter_worker_t *w)
 {
     char              err[1024];
-    time_t            now, next, retry, next_sync;
+    time_t            now, next, retry, next_sync, next_quota, wake;
     int               ready, backoff, standby;
     meter_drain_t     d;
     struct timespec   t0, t1;
@@ -515,6 +539,7 @@ meter_run_daemon(meter_worker_t *w)
     backoff = 1;
     next = 0;       /* catch up at once */
     next_sync = 0;
+    next_quota = 0;
 
     while (!meter_stop) {
         if (meter_reload) {
@@ -534,6 +559,7 @@ meter_run_daemon(meter_worker_t *w)
 
             next = 0;
             next_sync = 0;
+            next_quota = 0;
             continue;
         }
 
@@ -587,9 +613,18 @@ meter_run_daemon(meter_worker_t *w)
             continue;
         }
 
+        if (now >= next_quota) {
+            meter_worker_quota(w, now, &next_quota);
+
+            if (w->redis.ctx == NULL) {
+                continue;
+            }
+        }
+
         if (now < next) {
-            meter_sleep_until(w, meter_sync_enabled(w->cf, &w->provider)
-                                 && next_sync < next ? next_sync : next);
+            wake = meter_sync_enabled(w->cf, &w->provider)
+                   && next_sync < next ? next_sync : next;
+            meter_sleep_until(w, next_quota < wake ? next_quota : wake);
             continue;
         }
 

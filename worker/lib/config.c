@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "gov.h"
 #include "log.h"
 #include "redis.h"
 #include "util.h"
@@ -353,6 +354,28 @@ meter_conf_find(const meter_conf_t *cf, const char *key)
 }
 
 
+/* "plan.NAME.quota.METER = LIMIT/unit" (lib/gov.c reads them) */
+static int
+meter_conf_bad_quota(const char *key, const char *value)
+{
+    int          unit;
+    int64_t      limit;
+    const char  *q;
+
+    if (strncmp(key, "plan.", 5) != 0) {
+        return 0;
+    }
+
+    q = strstr(key + 5, ".quota.");
+    if (q == NULL) {
+        return 0;
+    }
+
+    return q == key + 5 || !meter_valid_name(q + 7, 32)
+           || meter_quota_parse(value, &limit, &unit) != 0;
+}
+
+
 meter_conf_t *
 meter_conf_load(const char *path, char *err, size_t errlen)
 {
@@ -465,6 +488,13 @@ meter_conf_load(const char *path, char *err, size_t errlen)
             {
                 snprintf(err, errlen, "%s:%u: unknown key \"%s\"", path,
                          lineno, key);
+                goto failed_file;
+            }
+
+            if (meter_conf_bad_quota(key, value)) {
+                snprintf(err, errlen, "%s:%u: invalid quota \"%s\" for "
+                         "\"%s\" (LIMIT/day|week|month, a meter name "
+                         "[A-Za-z0-9_.-]{1,32})", path, lineno, value, key);
                 goto failed_file;
             }
         }

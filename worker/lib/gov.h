@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <time.h>
 
+#include "config.h"
 #include "redis.h"
 
 
@@ -49,9 +50,45 @@ int meter_gov_credit_set(meter_redis_t *r, const char *customer,
     const char *meter, int64_t amount, char *err, size_t errlen);
 int meter_gov_credit_add(meter_redis_t *r, const char *customer,
     const char *meter, int64_t amount, char *err, size_t errlen);
+/* Σ over the customer's keys of mtr:used:{KH}[meter]; 0 or -1 (err) */
+int meter_gov_used(meter_redis_t *r, const char *customer, const char *meter,
+    int64_t *used, char *err, size_t errlen);
 /* balance left: granted - used over all the customer's keys; 0 or -1 */
 int meter_gov_credit_left(meter_redis_t *r, const char *customer,
     const char *meter, int64_t *granted, int64_t *left, char *err,
+    size_t errlen);
+
+
+/*
+ * Plans with quotas: "plan.NAME.quota.METER = LIMIT/day|week|month" in the
+ * worker config; a customer's plan is mtr:cust:{C} "plan", its optional
+ * "anchor" (Unix s, the subscription's billing anchor) moves the period
+ * boundaries from UTC midnight / Monday / the 1st to the anchor's time,
+ * weekday or day of month.  Published into mtr:gov:quota.
+ */
+#define METER_QUOTA_DAY     1
+#define METER_QUOTA_WEEK    2
+#define METER_QUOTA_MONTH   3
+
+/* "10000/month": 0, or -1 */
+int meter_quota_parse(const char *s, int64_t *limit, int *unit);
+/* the period [start, end) of unit containing now; anchor 0: UTC */
+void meter_quota_period(int unit, time_t anchor, time_t now, time_t *start,
+    time_t *end);
+/* the plan has a key in the config ("plan.NAME.*") */
+int meter_quota_plan_known(const meter_conf_t *cf, const char *plan);
+
+/* rewrites the customer's mtr:gov:quota fields from its plan and cf;
+ * *next (if not NULL) lowered to the earliest reset; 0 or -1 (err) */
+int meter_gov_quota_publish(meter_redis_t *r, const meter_conf_t *cf,
+    const char *customer, time_t now, time_t *next, char *err,
+    size_t errlen);
+/* the same for every customer; 0, or -1 after the first error */
+int meter_gov_quota_all(meter_redis_t *r, const meter_conf_t *cf,
+    time_t now, time_t *next, char *err, size_t errlen);
+/* plan NULL clears it; anchor -1 keeps it, 0 removes it; then publishes */
+int meter_gov_plan_set(meter_redis_t *r, const meter_conf_t *cf,
+    const char *customer, const char *plan, time_t anchor, char *err,
     size_t errlen);
 
 

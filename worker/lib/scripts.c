@@ -223,6 +223,36 @@ const char  meter_lua_retry[] =
     "return 1\n";
 
 
+/*
+ * The usage of one key and meter before a quota period, once per period
+ * (docs/redis-schema.md, mtr:qbase): the lifetime total less what the
+ * period's hours hold, all in the key's slot.  Kept once computed, so
+ * retention deleting the period's early hours cannot move it.
+ * KEYS[1] mtr:qbase:{KH}, KEYS[2] mtr:used:{KH}, KEYS[3..] mtr:u:{KH}:HOUR
+ * of the period so far; ARGV[1] METER|PSTART, ARGV[2] METER, ARGV[3] TTL.
+ * Totals are doubles in Lua: exact below 2^53 units.
+ */
+const char  meter_lua_quota_base[] =
+    "local b = redis.call('HGET', KEYS[1], ARGV[1])\n"
+    "if b then return b end\n"
+    "local used = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')\n"
+    "local p = ARGV[2] .. '|'\n"
+    "for i = 3, #KEYS do\n"
+    "  local f = redis.call('HGETALL', KEYS[i])\n"
+    "  for j = 1, #f, 2 do\n"
+    "    if f[j]:sub(1, #p) == p then used = used - tonumber(f[j + 1]) end\n"
+    "  end\n"
+    "end\n"
+    "if used < 0 then used = 0 end\n"
+    "for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do\n"
+    "  if k:sub(1, #p) == p then redis.call('HDEL', KEYS[1], k) end\n"
+    "end\n"
+    "b = string.format('%.0f', used)\n"
+    "redis.call('HSET', KEYS[1], ARGV[1], b)\n"
+    "redis.call('EXPIRE', KEYS[1], ARGV[3])\n"
+    "return b\n";
+
+
 /* the due index (daemon/due.c): KEYS the writer hashes (parts) of one
  * writer and hour, one slot ({EPOCH}); the SHA1 of their content (the
  * order of HGETALL only changes with a write: a false "changed" costs one

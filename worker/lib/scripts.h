@@ -26,6 +26,7 @@ extern const char  meter_lua_digest[];
 
 /* governance (lib/gov.c) */
 extern const char  meter_lua_gov_status[];
+extern const char  meter_lua_quota_base[];
 
 /* Stripe (providers/stripe.c) */
 extern const char  meter_lua_stripe_rejected[];

@@ -469,6 +469,90 @@ test_credit_left(void **state)
 }
 
 
+/* plans: "LIMIT/unit" and the periods (UTC, or at an anchor) */
+
+static void
+test_quota_parse(void **state)
+{
+    int      unit;
+    int64_t  limit;
+
+    (void) state;
+
+    assert_int_equal(meter_quota_parse("10000/month", &limit, &unit), 0);
+    assert_int_equal(limit, 10000);
+    assert_int_equal(unit, METER_QUOTA_MONTH);
+    assert_int_equal(meter_quota_parse("1/day", &limit, &unit), 0);
+    assert_int_equal(unit, METER_QUOTA_DAY);
+    assert_int_equal(meter_quota_parse("7/week", &limit, &unit), 0);
+    assert_int_equal(unit, METER_QUOTA_WEEK);
+
+    assert_int_equal(meter_quota_parse("10/year", &limit, &unit), -1);
+    assert_int_equal(meter_quota_parse("0/day", &limit, &unit), -1);
+    assert_int_equal(meter_quota_parse("-5/day", &limit, &unit), -1);
+    assert_int_equal(meter_quota_parse("5", &limit, &unit), -1);
+    assert_int_equal(meter_quota_parse("5/day ", &limit, &unit), -1);
+    assert_int_equal(meter_quota_parse("9223372036854775807/day", &limit,
+                                       &unit), -1);
+    assert_int_equal(meter_quota_parse(NULL, &limit, &unit), -1);
+}
+
+
+static void
+test_quota_period_utc(void **state)
+{
+    time_t  s, e;
+
+    (void) state;
+
+    /* Wed 2026-11-25 13:14:15Z */
+    meter_quota_period(METER_QUOTA_DAY, 0, 1795612455, &s, &e);
+    assert_int_equal(s, 1795564800);
+    assert_int_equal(e, 1795651200);
+
+    /* ISO week: Monday 2026-11-23 */
+    meter_quota_period(METER_QUOTA_WEEK, 0, 1795612455, &s, &e);
+    assert_int_equal(s, 1795392000);
+    assert_int_equal(e, 1795996800);
+
+    meter_quota_period(METER_QUOTA_MONTH, 0, 1795612455, &s, &e);
+    assert_int_equal(s, 1793491200);
+    assert_int_equal(e, 1796083200);
+
+    /* December rolls into the next year; the boundary itself starts one */
+    meter_quota_period(METER_QUOTA_MONTH, 0, 1796083200, &s, &e);
+    assert_int_equal(s, 1796083200);
+    assert_int_equal(e, 1798761600);
+}
+
+
+static void
+test_quota_period_anchor(void **state)
+{
+    time_t  s, e;
+
+    (void) state;
+
+    /* anchored on the 31st at 09:30: February clamps to its last day */
+    meter_quota_period(METER_QUOTA_MONTH, 1761903000, 1802260800, &s, &e);
+    assert_int_equal(s, 1801387800);
+    assert_int_equal(e, 1803807000);
+    meter_quota_period(METER_QUOTA_MONTH, 1761903000, 1803859200, &s, &e);
+    assert_int_equal(s, 1803807000);
+    assert_int_equal(e, 1806485400);
+
+    /* before the day's anchor time: the period began the day before */
+    meter_quota_period(METER_QUOTA_DAY, 1761903000, 1795612455, &s, &e);
+    assert_int_equal(s, 1795599000);
+    assert_int_equal(e, 1795599000 + 86400);
+
+    /* a week anchored on a Friday */
+    meter_quota_period(METER_QUOTA_WEEK, 1790964000, 1795612455, &s, &e);
+    assert_int_equal(s, 1795197600);
+    assert_int_equal(e, 1795197600 + 7 * 86400);
+}
+
+
 int
 main(void)
 {
@@ -485,6 +569,9 @@ main(void)
         cmocka_unit_test(test_credit_set_adds_usage),
         cmocka_unit_test(test_credit_add),
         cmocka_unit_test(test_credit_left),
+        cmocka_unit_test(test_quota_parse),
+        cmocka_unit_test(test_quota_period_utc),
+        cmocka_unit_test(test_quota_period_anchor),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
