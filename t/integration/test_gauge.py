@@ -116,12 +116,25 @@ def test_gauge_counters_across_nodes_take_the_largest(redis, tmp_path):
                {("key-g", "disk:max", 9): 45})
     assert w.once(h + 3600 - 1).returncode == 0
     assert w.lines() == []
+
+    # meterctl shows the figure (per key and per customer), not a sum
+    from test_meterctl import ok, okj
+    hn = hour_name(h)
+    keys = json.loads(ok(redis, "usage", "--hour", "%s-%s-%sT%s" % (
+        hn[:4], hn[4:6], hn[6:8], hn[8:]), "--json"))
+    rows = {r["meter"]: r["value"] for r in keys}
+    assert rows == {"disk:max": 50, "calls": 4}, keys
+    ok(redis, "customers", "add", "cust-g", "--email", "g@example.com")
+    ok(redis, "keys", "add", "key-g", "--customer", "cust-g")
+    cr = {r["meter"]: r for r in okj(redis, "usage", "cust-g")}
+    assert (cr["disk:max"]["quantity"], cr["disk:max"]["billed"]) == (50, 0)
+    assert cr["calls"]["quantity"] == 4
     # drained before retention applies (the hour is 3 days old, retention
     # 1d: every counter billed is then deleted)
     assert w.once(h + 3600).returncode == 0
     got = sorted(w.lines(), key=lambda d: d["meter"])
-    assert got == [line(kh, None, "calls", h, 4),
-                   line(kh, None, "disk", h, 50)]
+    assert got == [line(kh, "cust-g", "calls", h, 4),
+                   line(kh, "cust-g", "disk", h, 50)]
     assert redis.keys("mtr:wu:*") == [] and redis.keys("mtr:b:*") == []
     assert redis.zrange_withscores("mtr:hours") == {}
 
