@@ -196,3 +196,68 @@ def test_gauge_directive_contexts(where):
                             "        location = /status {" % g)
     rc, out, _, _ = nginx_t(text, redis="127.0.0.1:1")
     assert rc == 0, out
+
+
+def test_sigkill_mid_drain_stripe_gauge_billed_once(redis, tmp_path):
+    """The gauge's records go through the same claim/send/confirm state
+    machine: a worker SIGKILLed twice mid-drain, then a full pass, sends
+    each customer's largest value once; a later larger value is sent as
+    the increase (Stripe meter with formula sum adds them up to it)."""
+    import signal
+    from test_worker import idem, iso, lock_expired
+    fakes = pytest.importorskip("fakes.stripe")
+    stripe = fakes.FakeStripe(api_key="sk_test_g1", delay=0.02).start()
+    try:
+        keyfile = tmp_path / "stripe-key"
+        keyfile.write_text("sk_test_g1\n")
+        w = Worker(tmp_path, redis, provider="stripe",
+                   stripe__base_url=stripe.url,
+                   stripe__api_key_file=keyfile, meter__disk="storage_gb",
+                   retry__base="1s", retry__max="2s", lock_ttl="5s")
+        h = NOW_HOUR - 2 * 3600
+        want = {}
+        for i in range(60):
+            cust = "g%03d" % i
+            redis.cmd("HSET", "mtr:cust:{%s}" % cust, "provider", "stripe",
+                      "provider_customer", "cus_g%03d" % i)
+            redis.cmd("HSET", "mtr:key:{%s}" % key_hash("gk-%d" % i),
+                      "customer", cust)
+            # two nodes; the largest, i + 10, is on the second
+            put_writer(redis, EPOCH2, 1, h, {("gk-%d" % i, "disk:max", 1):
+                                             i + 3})
+            put_writer(redis, "00112233aabbccdd", 1, h,
+                       {("gk-%d" % i, "disk:max", 2): i + 10})
+            want["cus_g%03d" % i] = i + 10
+
+        for kills in range(2):
+            lock_expired(redis)
+            p = w.spawn("--once", "--before", iso(h + 3600))
+            n0 = len(stripe.events)
+            wait_for(lambda: len(stripe.events) > n0 + 5
+                     or p.poll() is not None, timeout=60)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        assert 0 < len(stripe.events) < 60, "the kills did not land mid-drain"
+
+        lock_expired(redis)
+        assert w.once(h + 3600).returncode == 0
+        for cus, total in want.items():
+            assert stripe.total(cus, "storage_gb") == total, cus
+        idents = [e["identifier"] for e in stripe.events]
+        assert len(idents) == len(set(idents)) == 60
+        assert sorted(idents) == sorted(idem(h, "g%03d" % i, "disk")
+                                        for i in range(60))
+
+        # late: customer 0's first node reports 25 (> 10): +15 as seq 2;
+        # customer 1's reports 5 (< 11): nothing
+        put_writer(redis, EPOCH2, 2, h, {("gk-0", "disk:max", 1): 25,
+                                         ("gk-1", "disk:max", 1): 5})
+        assert w.once(h + 3600).returncode == 0
+        assert stripe.total("cus_g000", "storage_gb") == 25
+        assert stripe.total("cus_g001", "storage_gb") == 11
+        assert len(stripe.events) == 61
+        assert stripe.events[-1]["identifier"] == idem(h, "g000", "disk", 2)
+        assert w.once(h + 3600).returncode == 0
+        assert len(stripe.events) == 61
+    finally:
+        stripe.stop()
