@@ -98,5 +98,5 @@ def test_module_sources_spell_no_key_themselves():
             if '"mtr:' in line and "-- KEYS[1] = mtr:u:" not in line:
                 hits.append("%s:%d: %s" % (f.name, no, line.strip()))
 
-    assert len(files) == 16
+    assert len(files) == 17       # ngx_http_meter_gauge.c is the 17th
     assert hits == []
