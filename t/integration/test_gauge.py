@@ -127,7 +127,8 @@ def test_gauge_counters_across_nodes_take_the_largest(redis, tmp_path):
     ok(redis, "customers", "add", "cust-g", "--email", "g@example.com")
     ok(redis, "keys", "add", "key-g", "--customer", "cust-g")
     cr = {r["meter"]: r for r in okj(redis, "usage", "cust-g")}
-    assert (cr["disk:max"]["quantity"], cr["disk:max"]["billed"]) == (50, 0)
+    # per customer under the name billed (as reconcile compares it)
+    assert (cr["disk"]["quantity"], cr["disk"]["billed"]) == (50, 0)
     assert cr["calls"]["quantity"] == 4
     # drained before retention applies (the hour is 3 days old, retention
     # 1d: every counter billed is then deleted)
@@ -142,10 +143,18 @@ def test_gauge_counters_across_nodes_take_the_largest(redis, tmp_path):
 def test_gauge_late_values(redis, tmp_path):
     w = Worker(tmp_path, redis, grace="5m")
     h = NOW_HOUR - 5 * 3600
+    from test_meterctl import ok, okj
     kh = key_hash("key-l")
+    ok(redis, "customers", "add", "cust-l", "--email", "l@example.com")
+    ok(redis, "keys", "add", "key-l", "--customer", "cust-l")
     put_writer(redis, EPOCH2, 1, h, {("key-l", "disk:max", 1): 20})
     assert w.once(h + 3600).returncode == 0
-    assert w.lines() == [line(kh, None, "disk", h, 20)]
+    assert w.lines() == [line(kh, "cust-l", "disk", h, 20)]
+
+    def shown():
+        return {(r["meter"], r["quantity"], r["billed"])
+                for r in okj(redis, "usage", "cust-l")}
+    assert shown() == {("disk", 20, 20)}
 
     # a late, smaller value of another counter: nothing billed, marked
     put_writer(redis, EPOCH2, 2, h, {("key-l", "disk:max", 2): 8})
@@ -156,8 +165,10 @@ def test_gauge_late_values(redis, tmp_path):
 
     # a late larger one: the increase, as seq 2
     put_writer(redis, EPOCH2, 3, h, {("key-l", "disk:max", 2): 26})
+    assert shown() == {("disk", 26, 20)}
     assert w.once(h + 3600).returncode == 0
-    assert w.lines()[1:] == [line(kh, None, "disk", h, 6, seq=2)]
+    assert shown() == {("disk", 26, 26)}
+    assert w.lines()[1:] == [line(kh, "cust-l", "disk", h, 6, seq=2)]
     assert w.once(h + 3600).returncode == 0
     assert len(w.lines()) == 2
 
