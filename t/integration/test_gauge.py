@@ -214,25 +214,17 @@ def test_sigkill_mid_drain_stripe_gauge_billed_once(redis, tmp_path):
     machine: a worker SIGKILLed twice mid-drain, then a full pass, sends
     each customer's largest value once; a later larger value is sent as
     the increase (Stripe meter with formula sum adds them up to it)."""
-    import signal
-    from test_worker import idem, iso, lock_expired
+    from test_worker import (idem, sigkill_twice_mid_drain, stripe_customer,
+                             stripe_worker)
     fakes = pytest.importorskip("fakes.stripe")
     stripe = fakes.FakeStripe(api_key="sk_test_g1", delay=0.02).start()
     try:
-        keyfile = tmp_path / "stripe-key"
-        keyfile.write_text("sk_test_g1\n")
-        w = Worker(tmp_path, redis, provider="stripe",
-                   stripe__base_url=stripe.url,
-                   stripe__api_key_file=keyfile, meter__disk="storage_gb",
-                   retry__base="1s", retry__max="2s", lock_ttl="5s")
+        w = stripe_worker(tmp_path, redis, stripe, "sk_test_g1",
+                          meter__disk="storage_gb")
         h = NOW_HOUR - 2 * 3600
         want = {}
         for i in range(60):
-            cust = "g%03d" % i
-            redis.cmd("HSET", "mtr:cust:{%s}" % cust, "provider", "stripe",
-                      "provider_customer", "cus_g%03d" % i)
-            redis.cmd("HSET", "mtr:key:{%s}" % key_hash("gk-%d" % i),
-                      "customer", cust)
+            stripe_customer(redis, "g%03d" % i, "cus_g%03d" % i, "gk-%d" % i)
             # two nodes; the largest, i + 10, is on the second
             put_writer(redis, EPOCH2, 1, h, {("gk-%d" % i, "disk:max", 1):
                                              i + 3})
@@ -240,14 +232,8 @@ def test_sigkill_mid_drain_stripe_gauge_billed_once(redis, tmp_path):
                        {("gk-%d" % i, "disk:max", 2): i + 10})
             want["cus_g%03d" % i] = i + 10
 
-        for kills in range(2):
-            lock_expired(redis)
-            p = w.spawn("--once", "--before", iso(h + 3600))
-            n0 = len(stripe.events)
-            wait_for(lambda: len(stripe.events) > n0 + 5
-                     or p.poll() is not None, timeout=60)
-            p.send_signal(signal.SIGKILL)
-            p.wait()
+        sigkill_twice_mid_drain(redis, w, h + 3600,
+                                lambda: len(stripe.events))
         assert 0 < len(stripe.events) < 60, "the kills did not land mid-drain"
 
         lock_expired(redis)
