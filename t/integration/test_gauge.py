@@ -214,8 +214,8 @@ def test_sigkill_mid_drain_stripe_gauge_billed_once(redis, tmp_path):
     machine: a worker SIGKILLed twice mid-drain, then a full pass, sends
     each customer's largest value once; a later larger value is sent as
     the increase (Stripe meter with formula sum adds them up to it)."""
-    from test_worker import (idem, sigkill_twice_mid_drain, stripe_customer,
-                             stripe_worker)
+    from test_worker import (idem, lock_expired, sigkill_twice_mid_drain,
+                             stripe_customer, stripe_worker)
     fakes = pytest.importorskip("fakes.stripe")
     stripe = fakes.FakeStripe(api_key="sk_test_g1", delay=0.02).start()
     try:
