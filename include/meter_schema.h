@@ -80,6 +80,16 @@
 #define MTR_FIELD_FMT           "%s" MTR_WRITER_FMT
 
 
+/*
+ * A gauge meter (meter ... max=$var): its METER in every usage field is the
+ * name followed by this suffix, so the worker knows to take the largest
+ * value over counters and keys instead of their sum (a gauge's name is
+ * then at most MTR_METER_MAX - 4 characters).
+ */
+#define MTR_GAUGE_MAX_SFX       ":max"
+#define MTR_GAUGE_SFX_LEN       4
+
+
 /* worker state: every key carries the hash tag {worker} */
 
 #define MTR_W_LOCK              "mtr:{worker}:lock"

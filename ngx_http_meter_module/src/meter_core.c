@@ -64,6 +64,11 @@ static unsigned meter_sweep_pass(meter_table_t *t, uint32_t from,
     uint32_t to, uint32_t current_hour, uint32_t now, int pressure);
 static int meter_tomb_reusable(meter_table_t *t, meter_entry_t *e);
 static void meter_publish_safe(meter_table_t *t);
+/* inlined into each of its two callers, max a constant there: a sum
+ * meter's add costs what it did before gauges */
+static inline int meter_table_update(meter_table_t *t, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
+    uint64_t value, uint32_t now, int max) __attribute__((always_inline));
 
 
 static const char  *meter_methods[] = {
@@ -579,6 +584,26 @@ meter_table_add(meter_table_t *t, uint32_t hour,
     const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
     uint64_t value, uint32_t now)
 {
+    return meter_table_update(t, hour, key, meter, mlen, value, now, 0);
+}
+
+
+int
+meter_table_max(meter_table_t *t, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
+    uint64_t value, uint32_t now)
+{
+    return meter_table_update(t, hour, key, meter, mlen, value, now, 1);
+}
+
+
+/* with max, the count becomes the largest value instead of the sum: it
+ * still only grows, so flushing and eviction are the same */
+static inline int
+meter_table_update(meter_table_t *t, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
+    uint64_t value, uint32_t now, int max)
+{
     uint32_t        home, nprobe, i, tomb, st, expect;
     uint64_t        c;
     meter_entry_t  *e;
@@ -620,7 +645,18 @@ again:
                      * would overflow into the DEAD bit: look further,
                      * a new slot is a new Redis field */
 
-                    while ((c & METER_DEAD) == 0
+                    while (max && (c & METER_DEAD) == 0) {
+                        if (value <= c) {
+                            return 0;
+                        }
+
+                        if (meter_cas(&e->count, &c, value)) {
+                            meter_mark(t, (uint32_t) (e - t->slots));
+                            return 0;
+                        }
+                    }
+
+                    while (!max && (c & METER_DEAD) == 0
                            && value <= METER_VALUE_MAX - c)
                     {
                         if (meter_cas(&e->count, &c, c + value)) {

@@ -210,6 +210,11 @@ int meter_table_add(meter_table_t *t, uint32_t hour,
     const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
     uint64_t value, uint32_t now);
 
+/* the same for a gauge: the counter keeps the largest value added */
+int meter_table_max(meter_table_t *t, uint32_t hour,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
+    uint64_t value, uint32_t now);
+
 /*
  * A quiescent point of process pid (its flush timer, never inside an add):
  * registers it on first call, which must come before its first add.

@@ -408,10 +408,21 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         cvp = NULL;
 
-        if (ngx_strncmp(value[i].data, "value=", 6) == 0) {
+        if (ngx_strncmp(value[i].data, "value=", 6) == 0
+            || ngx_strncmp(value[i].data, "max=", 4) == 0)
+        {
+            if (m->value != NULL) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "\"%V\" in \"%V\" directive: only one "
+                                   "of \"value=\" and \"max=\" is allowed",
+                                   &value[i], &cmd->name);
+                return NGX_CONF_ERROR;
+            }
+
+            m->gauge = (value[i].data[0] == 'm');
             cvp = &m->value;
-            s.data = value[i].data + 6;
-            s.len = value[i].len - 6;
+            s.data = (u_char *) ngx_strchr(value[i].data, '=') + 1;
+            s.len = value[i].data + value[i].len - s.data;
 
         } else if (ngx_strncmp(value[i].data, "if=", 3) == 0) {
             cvp = &m->filter;
@@ -478,6 +489,10 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     if (m->name.len == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"meter\" must have a meter name");
+        return NGX_CONF_ERROR;
+    }
+
+    if (m->gauge && ngx_http_meter_gauge_name(cf, m) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
 

@@ -273,9 +273,18 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
             return NGX_ERROR;
         }
 
+        /* a gauge without a reading (no header) has nothing to count */
+        if (m->gauge && v.len == 0) {
+            return NGX_OK;
+        }
+
         if (meter_parse_value((const char *) v.data, v.len, &value) != 0) {
             (void) __atomic_fetch_add(&sh->value_errors, 1,
                                       __ATOMIC_RELAXED);
+            if (m->gauge) {
+                ngx_http_meter_gauge_bad(r, m, &v);
+            }
+
             return NGX_OK;
         }
     }
@@ -317,10 +326,10 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
     }
 
     /* meter_hour() of a start time, never negative, inlined */
-    if (meter_table_add(&sh->table, (uint32_t) (r->start_sec / 3600),
-                        rctx->hash,
-                        (const char *) m->name.data, m->name.len, value,
-                        (uint32_t) now)
+    if ((m->gauge ? meter_table_max : meter_table_add)
+            (&sh->table, (uint32_t) (r->start_sec / 3600), rctx->hash,
+             (const char *) m->name.data, m->name.len, value,
+             (uint32_t) now)
         == 0)
     {
         return NGX_OK;

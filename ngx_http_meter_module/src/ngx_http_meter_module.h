@@ -254,6 +254,8 @@ typedef struct {
     ngx_uint_t                   subrequests; /* subrequests=on */
     ngx_http_complex_value_t    *value;
     ngx_http_complex_value_t    *filter;    /* if= */
+    ngx_uint_t                   gauge;     /* max=: the name carries
+                                             * MTR_GAUGE_MAX_SFX */
     ngx_array_t                 *vars;      /* indexes in value and if=,
                                              * read afresh at the log
                                              * phase */
@@ -606,6 +608,11 @@ void ngx_http_meter_key_init(ngx_cycle_t *cycle,
     ngx_http_meter_main_conf_t *mcf);
 ngx_int_t ngx_http_meter_rewrite_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_meter_log_handler(ngx_http_request_t *r);
+
+/* gauges (ngx_http_meter_gauge.c) */
+ngx_int_t ngx_http_meter_gauge_name(ngx_conf_t *cf, ngx_http_meter_t *m);
+void ngx_http_meter_gauge_bad(ngx_http_request_t *r, ngx_http_meter_t *m,
+    ngx_str_t *v);
 
 /* ngx_http_meter_status.c, _status_json.c, _status_prometheus.c */
 ngx_int_t ngx_http_meter_status_handler(ngx_http_request_t *r);

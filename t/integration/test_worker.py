@@ -51,11 +51,8 @@ def stripe_usage(redis, prefix, n, h, second):
     i + 1 + second calls in hour h over two writers; {cus_NNN: total}."""
     want = {}
     for i in range(n):
-        cust = "c%03d" % i
-        redis.cmd("HSET", "mtr:cust:{%s}" % cust, "provider", "stripe",
-                  "provider_customer", "cus_%03d" % i)
-        redis.cmd("HSET", "mtr:key:{%s}" % key_hash("%s-%d" % (prefix, i)),
-                  "customer", cust)
+        stripe_customer(redis, "c%03d" % i, "cus_%03d" % i,
+                        "%s-%d" % (prefix, i))
         put(redis, "%s-%d" % (prefix, i), h, {"calls|%s.1" % EPOCH: i + 1,
                                               "calls|%s.2" % EPOCH: second})
         want["cus_%03d" % i] = i + 1 + second
@@ -358,27 +355,45 @@ def test_sigkill_mid_drain_file_each_record_once(redis, tmp_path):
     assert redis.keys("mtr:{worker}:r:*") == []
 
 
+def stripe_worker(tmp_path, redis, stripe, key, **settings):
+    """A worker billing the Stripe fake (api key key), retrying fast."""
+    keyfile = tmp_path / "stripe-key"
+    keyfile.write_text(key + "\n")
+    return Worker(tmp_path, redis, provider="stripe",
+                  stripe__base_url=stripe.url, stripe__api_key_file=keyfile,
+                  retry__base="1s", retry__max="2s", lock_ttl="5s",
+                  **settings)
+
+
+def stripe_customer(redis, cust, provider_customer, key):
+    redis.cmd("HSET", "mtr:cust:{%s}" % cust, "provider", "stripe",
+              "provider_customer", provider_customer)
+    redis.cmd("HSET", "mtr:key:{%s}" % key_hash(key), "customer", cust)
+
+
+def sigkill_twice_mid_drain(redis, w, before, sent):
+    """Two --once passes, each SIGKILLed once sent() grew by 5."""
+    for kills in range(2):
+        lock_expired(redis)
+        p = w.spawn("--once", "--before", iso(before))
+        n0 = sent()
+        wait_for(lambda: sent() > n0 + 5 or p.poll() is not None,
+                 timeout=60)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
 def test_sigkill_mid_drain_stripe_each_record_once(redis, tmp_path):
     fakes = pytest.importorskip("fakes.stripe")
     stripe = fakes.FakeStripe(api_key="sk_test_w1", delay=0.02).start()
     try:
-        keyfile = tmp_path / "stripe-key"
-        keyfile.write_text("sk_test_w1\n")
-        w = Worker(tmp_path, redis, provider="stripe",
-                   stripe__base_url=stripe.url,
-                   stripe__api_key_file=keyfile, meter__calls="api_calls",
-                   retry__base="1s", retry__max="2s", lock_ttl="5s")
+        w = stripe_worker(tmp_path, redis, stripe, "sk_test_w1",
+                          meter__calls="api_calls")
         h = NOW_HOUR - 2 * 3600
         want = stripe_usage(redis, "sk", 80, h, 3)
 
-        for kills in range(2):
-            lock_expired(redis)
-            p = w.spawn("--once", "--before", iso(h + 3600))
-            n0 = len(stripe.events)
-            wait_for(lambda: len(stripe.events) > n0 + 5
-                     or p.poll() is not None, timeout=60)
-            p.send_signal(signal.SIGKILL)
-            p.wait()
+        sigkill_twice_mid_drain(redis, w, h + 3600,
+                                lambda: len(stripe.events))
         assert 0 < len(stripe.events) < 80
 
         lock_expired(redis)

@@ -2415,6 +2415,68 @@ test_concurrent_reclaim(void **state)
 }
 
 
+/* a gauge keeps the largest value; it only grows, so it flushes and
+ * evicts like a sum; a sum meter beside it is unaffected */
+static void
+test_gauge_max(void **state)
+{
+    uint8_t         key[METER_HASH_LEN];
+    meter_entry_t  *e, *c;
+    meter_table_t  *t;
+    meter_batch_t   b;
+    meter_batch_item_t  items[8];
+
+    (void) state;
+
+    memset(key, 7, sizeof(key));
+    t = table_new(64);
+
+    assert_int_equal(meter_table_max(t, TEST_HOUR, key, "gb:max", 6, 5,
+                                     TEST_NOW), 0);
+    assert_int_equal(meter_table_max(t, TEST_HOUR, key, "gb:max", 6, 17,
+                                     TEST_NOW), 0);
+    assert_int_equal(meter_table_max(t, TEST_HOUR, key, "gb:max", 6, 3,
+                                     TEST_NOW), 0);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 5, TEST_NOW), 0);
+    assert_int_equal(add(t, TEST_HOUR, key, "calls", 5, TEST_NOW), 0);
+
+    e = find(t, TEST_HOUR, key, "gb:max");
+    c = find(t, TEST_HOUR, key, "calls");
+    assert_non_null(e);
+    assert_non_null(c);
+    assert_int_equal(meter_entry_count(e), 17);
+    assert_int_equal(meter_entry_count(c), 10);
+
+    /* flushed at 17: a smaller or equal reading leaves nothing pending */
+    flush_entry(e);
+    assert_int_equal(meter_entry_pending(e), 0);
+    assert_int_equal(meter_table_max(t, TEST_HOUR, key, "gb:max", 6, 17,
+                                     TEST_NOW), 0);
+    assert_int_equal(meter_table_max(t, TEST_HOUR, key, "gb:max", 6, 0,
+                                     TEST_NOW), 0);
+    assert_int_equal(meter_entry_pending(e), 0);
+
+    memset(&b, 0, sizeof(b));
+    b.items = items;
+    b.cap = 8;
+    assert_int_equal(meter_batch_collect(t, &b, 64), 1);
+    assert_ptr_equal(b.items[0].e, c);
+
+    /* a larger one is pending again, sent as the absolute value */
+    assert_int_equal(meter_table_max(t, TEST_HOUR, key, "gb:max", 6,
+                                     METER_VALUE_MAX, TEST_NOW), 0);
+    assert_int_equal(meter_entry_count(e), METER_VALUE_MAX);
+    assert_int_equal(meter_entry_pending(e), METER_VALUE_MAX - 17);
+
+    /* above the largest count: dropped, counted */
+    assert_int_equal(meter_table_max(t, TEST_HOUR, key, "gb:max", 6,
+                                     METER_VALUE_MAX + 1, TEST_NOW), -1);
+    assert_int_equal(t->dropped, 1);
+
+    free(t);
+}
+
+
 int
 main(void)
 {
@@ -2424,6 +2486,7 @@ main(void)
         cmocka_unit_test(test_status_errors),
         cmocka_unit_test(test_methods),
         cmocka_unit_test(test_value),
+        cmocka_unit_test(test_gauge_max),
         cmocka_unit_test(test_name),
         cmocka_unit_test(test_hour),
         cmocka_unit_test(test_hour_format),

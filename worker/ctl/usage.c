@@ -215,7 +215,13 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
                     row->value = 0;
                 }
 
-                row->value += v;
+                /* a gauge's figure is its largest counter, not the sum */
+                if (meter_gauge_name(f, mlen)) {
+                    row->value = (v > row->value) ? v : row->value;
+
+                } else {
+                    row->value += v;
+                }
             }
 
             free(uv);

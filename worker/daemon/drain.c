@@ -48,6 +48,9 @@ typedef struct {
     char                        meter[MTR_METER_MAX + 1];
     uint64_t                    quantity;
     meter_str_t                 covers;         /* "HOUR KH FIELD VALUE\n" */
+    int                         gauge;          /* largest, not sum */
+    uint64_t                    gu;             /* gauge: largest u */
+    uint64_t                    gb;             /* gauge: largest b */
 } meter_agg_t;
 
 
@@ -156,8 +159,9 @@ meter_usage_compute(const char *const *u, size_t nu, const char *const *b,
     size_t nb, const char *prefix, meter_usage_t **out, size_t *nout,
     unsigned *bad)
 {
+    int             gauge;
     size_t          i, j, mlen;
-    uint64_t        delta;
+    uint64_t        delta, gu, gb;
     const char     *bar, *bv;
     meter_usage_t  *us, *m;
 
@@ -187,7 +191,18 @@ meter_usage_compute(const char *const *u, size_t nu, const char *const *b,
             continue;
         }
 
-        if (delta == 0) {
+        gauge = meter_gauge_name(u[i], mlen);
+        gu = 0;
+        gb = 0;
+
+        if (gauge) {
+            /* both parsed by meter_delta already */
+            (void) meter_parse_u64(u[i + 1], strlen(u[i + 1]), &gu);
+            if (bv != NULL) {
+                (void) meter_parse_u64(bv, strlen(bv), &gb);
+            }
+
+        } else if (delta == 0) {
             continue;
         }
 
@@ -212,14 +227,27 @@ meter_usage_compute(const char *const *u, size_t nu, const char *const *b,
             memset(m, 0, sizeof(meter_usage_t));
             memcpy(m->meter, u[i], mlen);
             m->meter[mlen] = '\0';
+            m->gauge = gauge;
         }
 
-        if (m->quantity > UINT64_MAX - delta) {
+        if (gauge) {
+            /* the figure is the largest value, billed or not; only
+             * counters above their mark need (new) marks */
+            m->gu = (gu > m->gu) ? gu : m->gu;
+            m->gb = (gb > m->gb) ? gb : m->gb;
+
+            if (delta == 0) {
+                continue;
+            }
+
+        } else if (m->quantity > UINT64_MAX - delta) {
             (*bad)++;
             continue;
         }
 
-        m->quantity += delta;
+        if (!gauge) {
+            m->quantity += delta;
+        }
 
         if (meter_str_printf(&m->covers, "%s%s %s\n", prefix, u[i], u[i + 1])
             != 0)
@@ -756,6 +784,11 @@ meter_agg_get(meter_map_t *aggs, const char *subject, const char *customer,
     a->nkeys = 1;
     snprintf(a->meter, sizeof(a->meter), "%s", meter);
 
+    /* a gauge is billed under its name */
+    if (meter_gauge_name(meter, strlen(meter))) {
+        a->meter[strlen(meter) - MTR_GAUGE_SFX_LEN] = '\0';
+    }
+
     if (a->subject == NULL || (customer != NULL && a->customer == NULL)) {
         meter_agg_free(a);
         return NULL;
@@ -917,6 +950,12 @@ meter_drain_batch(meter_drain_t *d, const char *hour, const char **khs,
             }
 
             a->quantity += us[k].quantity;
+
+            if (us[k].gauge) {
+                a->gauge = 1;
+                a->gu = (us[k].gu > a->gu) ? us[k].gu : a->gu;
+                a->gb = (us[k].gb > a->gb) ? us[k].gb : a->gb;
+            }
         }
 
         meter_usage_free(us, nus);
@@ -2129,6 +2168,56 @@ meter_drain_create_all(meter_drain_t *d, time_t pstart, meter_new_t *nw,
 
 
 /*
+ * A gauge's record bills the increase of its figure, the largest value
+ * over the period's counters and keys, over the figure billed before
+ * (the largest b mark): the records of a period add up to its largest
+ * value.  Counters above their mark that do not raise the figure add
+ * nothing; with nothing to send their marks are set here, so that
+ * retention finds them billed (a crash before: set again next pass).
+ */
+static meter_drain_rc_e
+meter_drain_gauge(meter_drain_t *d, meter_agg_t *a)
+{
+    size_t        i, queued;
+    redisReply   *rp;
+    meter_rec_t   r;
+    meter_drain_rc_e  rc;
+
+    a->quantity = (a->gu > a->gb) ? a->gu - a->gb : 0;
+
+    if (a->quantity > 0 || d->dry_run) {
+        return METER_DRAIN_OK;
+    }
+
+    memset(&r, 0, sizeof(meter_rec_t));
+    r.id = "(gauge)";
+    r.covers = a->covers.data;
+    queued = 0;
+
+    if (meter_drain_bmarks(d, &r, &queued) != 0) {
+        return METER_DRAIN_REDIS;
+    }
+
+    rc = METER_DRAIN_OK;
+
+    for (i = 0; i < queued; i++) {
+        rp = meter_redis_reply(d->redis);
+        if (!meter_reply_ok(rp)) {
+            rc = METER_DRAIN_REDIS;
+        }
+
+        freeReplyObject(rp);
+
+        if (d->redis->ctx == NULL) {
+            return METER_DRAIN_REDIS;
+        }
+    }
+
+    return rc;
+}
+
+
+/*
  * Up to METER_CHUNK aggregates of one period: each step is pipelined for
  * all of them (sequence numbers, create, state sent, b marks, delete) and
  * the audit lines share one fsync; the provider gets one record at a time
@@ -2163,6 +2252,13 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
 
     for (i = 0; i < n; i++) {
         a = list[i];
+
+        if (a->gauge && a->covers.len > 0) {
+            rc = meter_drain_gauge(d, a);
+            if (rc != METER_DRAIN_OK) {
+                break;
+            }
+        }
 
         if (a->quantity == 0) {
             continue;

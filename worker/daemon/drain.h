@@ -92,6 +92,11 @@ typedef struct {
     char                        meter[MTR_METER_MAX + 1];
     uint64_t                    quantity;
     meter_str_t                 covers;         /* "PREFIXFIELD VALUE\n" */
+    /* a gauge (METER ends in MTR_GAUGE_MAX_SFX): quantity stays 0, the
+     * largest u and b over its counters instead */
+    int                         gauge;
+    uint64_t                    gu;
+    uint64_t                    gb;
 } meter_usage_t;
 
 /*

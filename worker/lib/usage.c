@@ -99,7 +99,7 @@ meter_usage_key_hour(meter_redis_t *r, const char *kh, const char *hour,
     meter_wkey_t *wk, time_t t, meter_usage_row_t **hrows, size_t *nhour,
     size_t *cap, char *err, size_t errlen)
 {
-    int                 rc;
+    int                 rc, gauge;
     char               *ubuf;
     size_t              f, mlen, nu;
     uint64_t            u, b;
@@ -142,15 +142,28 @@ meter_usage_key_hour(meter_redis_t *r, const char *kh, const char *hour,
             b = 0;
         }
 
-        row = meter_usage_row(hrows, nhour, cap, t, fn, mlen);
+        /* a gauge's row is under the name its records are billed
+         * under; its figure is its largest counter */
+        gauge = meter_gauge_name(fn, mlen);
+        row = meter_usage_row(hrows, nhour, cap, t, fn,
+                              gauge ? mlen - MTR_GAUGE_SFX_LEN : mlen);
         if (row == NULL) {
             snprintf(err, errlen, "out of memory");
             rc = -1;
             break;
         }
 
-        row->quantity += u;
-        row->billed += (b < u) ? b : u;
+        row->gauge = gauge;
+        b = (b < u) ? b : u;
+
+        if (gauge) {
+            row->quantity = (u > row->quantity) ? u : row->quantity;
+            row->billed = (b > row->billed) ? b : row->billed;
+
+        } else {
+            row->quantity += u;
+            row->billed += b;
+        }
     }
 
     free(uv);
@@ -327,8 +340,19 @@ meter_usage_rows(meter_redis_t *r, const char *id, time_t from, time_t to,
                 break;
             }
 
-            row->quantity += hrows[i].quantity;
-            row->billed += hrows[i].billed;
+            row->gauge = hrows[i].gauge;
+
+            if (row->gauge) {
+                row->quantity = (hrows[i].quantity > row->quantity)
+                                ? hrows[i].quantity : row->quantity;
+                row->billed = (hrows[i].billed > row->billed)
+                              ? hrows[i].billed : row->billed;
+
+            } else {
+                row->quantity += hrows[i].quantity;
+                row->billed += hrows[i].billed;
+            }
+
             row->sending |= hrows[i].sending;
             row->dead |= hrows[i].dead;
             if (row->record[0] == '\0') {

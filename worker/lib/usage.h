@@ -33,6 +33,8 @@ typedef struct {
     int                         sending;    /* records open or dead */
     int                         dead;
     char                        record[METER_IDEM_LEN + 1];
+    int                         gauge;      /* meter: the name billed,
+                                             * quantity: the largest */
 } meter_usage_row_t;
 
 

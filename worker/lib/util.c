@@ -15,6 +15,7 @@
 
 #include <openssl/sha.h>
 
+#include "meter_schema.h"
 #include "util.h"
 
 
@@ -664,4 +665,20 @@ meter_time_from_num(double v)
     }
 
     return (time_t) v;
+}
+
+
+int
+meter_gauge_name(const char *m, size_t len)
+{
+    size_t  n;
+
+    if (len <= MTR_GAUGE_SFX_LEN || len > MTR_METER_MAX) {
+        return 0;
+    }
+
+    n = len - MTR_GAUGE_SFX_LEN;
+
+    return memcmp(m + n, MTR_GAUGE_MAX_SFX, MTR_GAUGE_SFX_LEN) == 0
+           && strspn(m, MTR_NAME_CHARS) == n;
 }

@@ -61,6 +61,9 @@ int meter_parse_duration(const char *s, int64_t *ms);
 /* a decimal uint64; -1 when malformed or out of range */
 int meter_parse_u64(const char *s, size_t len, uint64_t *v);
 
+/* 1 when m (len bytes) is a gauge's METER: a name, then MTR_GAUGE_MAX_SFX */
+int meter_gauge_name(const char *m, size_t len);
+
 /*
  * Delay before attempt number "attempt" (1 = the first retry):
  * min(max, base * 2^(attempt-1)) scaled by a jitter factor in [0.5, 1.0)

@@ -80,7 +80,8 @@ meter_wfield_parse(const char *field, size_t len, const char *epoch,
     glen = (size_t) (end - g);
 
     if (mlen == 0 || mlen > MTR_METER_MAX
-        || strspn(m, MTR_NAME_CHARS) < mlen
+        || (strspn(m, MTR_NAME_CHARS) < mlen
+            && !meter_gauge_name(m, mlen))
         || glen == 0 || glen > 10 || strspn(g, "0123456789") != glen
         || strlen(epoch) != 16)
     {

@@ -218,6 +218,64 @@ test_usage_big(void **state)
 }
 
 
+/* a gauge: the largest u and b over its counters, no sum; only counters
+ * above their mark in covers; a sum meter of the same key beside it */
+static void
+test_usage_gauge(void **state)
+{
+    static const char  *u[] = {
+        "gb:max|a.1", "30",
+        "gb:max|b.2", "50",
+        "gb:max|c.3", "12",
+        "calls|a.1", "4",
+        "bad:min|a.1", "3",
+    };
+
+    static const char  *b[] = {
+        "gb:max|a.1", "30",
+        "gb:max|b.2", "40",
+    };
+
+    size_t          n;
+    unsigned        bad;
+    meter_usage_t  *us;
+
+    (void) state;
+
+    bad = 0;
+    assert_int_equal(meter_usage_compute(u, 10, b, 4, "H KH ", &us, &n,
+                                         &bad), 0);
+    assert_int_equal(n, 3);
+
+    assert_string_equal(us[0].meter, "gb:max");
+    assert_true(us[0].gauge);
+    assert_true(us[0].quantity == 0);
+    assert_true(us[0].gu == 50);
+    assert_true(us[0].gb == 40);
+    assert_string_equal(us[0].covers.data,
+                        "H KH gb:max|b.2 50\n"
+                        "H KH gb:max|c.3 12\n");
+
+    assert_string_equal(us[1].meter, "calls");
+    assert_false(us[1].gauge);
+    assert_true(us[1].quantity == 4);
+
+    /* not a gauge suffix: an ordinary (if odd) meter, summed */
+    assert_string_equal(us[2].meter, "bad:min");
+    assert_false(us[2].gauge);
+    assert_true(us[2].quantity == 3);
+
+    meter_usage_free(us, n);
+
+    /* all billed: the figure is still known, nothing to cover */
+    assert_int_equal(meter_usage_compute(u, 2, u, 2, "", &us, &n, &bad), 0);
+    assert_int_equal(n, 1);
+    assert_true(us[0].gu == 30 && us[0].gb == 30);
+    assert_int_equal(us[0].covers.len, 0);
+    meter_usage_free(us, n);
+}
+
+
 static void
 test_lock(void **state)
 {
@@ -282,6 +340,7 @@ main(void)
         cmocka_unit_test(test_usage_compute),
         cmocka_unit_test(test_writer_fields),
         cmocka_unit_test(test_usage_big),
+        cmocka_unit_test(test_usage_gauge),
         cmocka_unit_test(test_lock),
     };
 
