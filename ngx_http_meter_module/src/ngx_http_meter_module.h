@@ -80,6 +80,7 @@ typedef enum {
     NGX_HTTP_METER_STAT_SHM_FREE,
     NGX_HTTP_METER_STAT_PENDING,
     NGX_HTTP_METER_STAT_FLUSHED_TOTAL,
+    NGX_HTTP_METER_STAT_FLUSHED_COUNTERS,
     NGX_HTTP_METER_STAT_FLUSHES,
     NGX_HTTP_METER_STAT_FLUSH_ERRORS,
     NGX_HTTP_METER_STAT_LAST_FLUSH_MS,
@@ -132,6 +133,7 @@ typedef struct {
 typedef struct {
     uint64_t                     lease;     /* pid << 32 | expiry (s) */
     uint64_t                     flushed_total;
+    uint64_t                     flushed_counters; /* values confirmed */
     uint64_t                     flushes;
     uint64_t                     flush_errors;
     uint64_t                     last_flush_ms;
