@@ -70,6 +70,16 @@ def gov_value(i, status="a", reason=""):
     return "c%07d\t%s\t%s\t0\t0" % ((i - 1) // 10, status, reason)
 
 
+def gov_change(redis, i, status, reason):
+    """Key i's governance state changed, as every writer does it
+    (docs/redis-schema.md, mtr:gov:log): the field, the version, the log
+    entry naming the field.  Without the entry the module reads all of
+    mtr:gov, as after an old writer."""
+    redis.cmd("HSET", "mtr:gov", khash(i), gov_value(i, status, reason))
+    v = int(redis.cmd("INCR", "mtr:gov:version"))
+    redis.cmd("ZADD", "mtr:gov:log", v, "%d %s" % (v, khash(i)))
+
+
 def resp(*args):
     out = [b"*%d\r\n" % len(args)]
     for a in args:
@@ -885,10 +895,9 @@ def stall_part(a, tmp, redis, results):
 
                     def change(j):
                         # one key delinquent, then active again
-                        redis.cmd("HSET", "mtr:gov", khash(1), gov_value(
-                            1, *(("d", "invoice_overdue") if j % 2 == 0
-                                 else ("a", ""))))
-                        redis.cmd("INCR", "mtr:gov:version")
+                        gov_change(redis, 1, *(
+                            ("d", "invoice_overdue") if j % 2 == 0
+                            else ("a", "")))
                     cases["one_change"] = stall_stats(
                         tight_loop(n.port2, a.stall_seconds, change),
                         refresh)
@@ -994,9 +1003,8 @@ def cg_stall_part(a, tmp, redis, results):
                 same.append(ir_of_dump())
             changed = []
             for j in range(2):
-                redis.cmd("HSET", "mtr:gov", khash(1), gov_value(
-                    1, *(("d", "invoice_overdue") if j == 0 else ("a", ""))))
-                redis.cmd("INCR", "mtr:gov:version")
+                gov_change(redis, 1, *(("d", "invoice_overdue") if j == 0
+                                       else ("a", "")))
                 last = wait_for(lambda: refreshed(last), 1200, 0.1,
                                 "a refresh")
                 dump("changed")
