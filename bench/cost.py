@@ -13,8 +13,10 @@ Three parts (--parts, default all):
              sets of 10k hot and 200k / 1M long-tail keys picked at random
              per request.  CPU of nginx (master + worker) and redis-server
              from /proc/PID/stat over the window (the requests and the flush
-             of what they counted), rps, p99, Redis per flushed key from
-             INFO commandstats.  R rounds, configurations interleaved.
+             of what they counted; no status request inside it), rps, p99,
+             counters flushed (meter_status flushed_counters, both
+             layouts), Redis CPU and INFO commandstats usec per flushed
+             counter.  R rounds, configurations interleaved.
   callgrind  nginx in one process under valgrind --tool=callgrind: a fixed
              sequence of keep-alive requests after a warm-up, the window
              between `callgrind_control --zero` and `--dump`: instructions
