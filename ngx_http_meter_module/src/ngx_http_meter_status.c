@@ -32,6 +32,9 @@ ngx_http_meter_stat_t  ngx_http_meter_stats[NGX_HTTP_METER_NSTATS] = {
           "gauge", "pending_units" },
     [NGX_HTTP_METER_STAT_FLUSHED_TOTAL] =
         { "flushed_total", "Units confirmed by Redis.", "counter" },
+    [NGX_HTTP_METER_STAT_FLUSHED_COUNTERS] =
+        { "flushed_counters", "Counter values confirmed by Redis (one per "
+          "dirty counter and flush).", "counter", "flushed_counters_total" },
     [NGX_HTTP_METER_STAT_FLUSHES] =
         { "flushes", "Completed flush passes.", "counter", "flushes_total" },
     [NGX_HTTP_METER_STAT_FLUSH_ERRORS] =
@@ -114,6 +117,8 @@ ngx_http_meter_collect_stats(ngx_shm_zone_t *zone, ngx_shm_zone_t *gov_zone,
     v[NGX_HTTP_METER_STAT_PENDING] = pending;
     v[NGX_HTTP_METER_STAT_FLUSHED_TOTAL] =
         __atomic_load_n(&sh->flushed_total, __ATOMIC_RELAXED);
+    v[NGX_HTTP_METER_STAT_FLUSHED_COUNTERS] =
+        __atomic_load_n(&sh->flushed_counters, __ATOMIC_RELAXED);
     v[NGX_HTTP_METER_STAT_FLUSHES] =
         __atomic_load_n(&sh->flushes, __ATOMIC_RELAXED);
     v[NGX_HTTP_METER_STAT_FLUSH_ERRORS] =

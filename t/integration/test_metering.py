@@ -442,6 +442,17 @@ def test_meter_status_json_and_prometheus(redis, nginx_factory):
     assert z["flushes"] >= 1
     assert 0 < z["shm_used"] <= z["shm_bytes"]
     assert status_json(n, "/default")["api"]["flushed_total"] == total
+    # counter values: at least one per counter Redis holds, and one more
+    # for each counter a single new request makes dirty
+    assert z["flushed_counters"] >= len(usage_fields(redis)) > 0
+    c = Client(n.port)
+    for k in ("mk_status_a", "mk_status_b"):
+        assert c.request("GET", "/api", {"X-Api-Key": k}) == 200
+    wait_for(lambda: status_json(n)["api"]["pending"] == 0, 5)
+    z2 = status_json(n)["api"]
+    assert z2["flushed_counters"] == z["flushed_counters"] + 2
+    assert z2["flushed_total"] == total + 2
+    total += 2
 
     code, body = n.get("/metrics")
     assert code == 200
@@ -449,6 +460,7 @@ def test_meter_status_json_and_prometheus(redis, nginx_factory):
     samples = dict(re.findall(
         r'^nginx_meter_(\w+)\{zone="api"\} ([\d.]+)$', text, re.M))
     assert int(samples["flushed_total"]) == total
+    assert int(samples["flushed_counters_total"]) == z2["flushed_counters"]
     assert int(samples["pending_units"]) == 0
     assert int(samples["redis_connected"]) == 1
     assert int(samples["dropped_total"]) == 0
