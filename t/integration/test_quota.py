@@ -149,9 +149,12 @@ def test_quota_429_retry_after_and_ratelimit_headers(nginx_factory, redis,
     name, r, t_ = limits[0].split(";")
     assert (name, r) == ('"calls"', "r=10")
     assert abs(int(t_[2:]) - (reset - now)) <= 3, limits[0]
-    # one fewer a call; a refresh's round trip may repeat one (the bound)
+    # one fewer a call; a refresh's round trip may repeat one, and with
+    # two workers a count confirmed by one worker's flush may be seen by the
+    # other's refresh before its shm count drops: one step of 2 (the bound)
     r = [int(l.split(";")[1][2:]) for l in limits[:allowed]]
-    assert all(a - b in (0, 1) for a, b in zip(r, r[1:])), r
+    assert all(a - b in (0, 1, 2) for a, b in zip(r, r[1:])), r
+    assert sum(a - b == 2 for a, b in zip(r, r[1:])) <= workers - 1, r
     assert r[0] == 10 and len(r) - len(set(r)) <= 3, r
 
     code, h, body = get(n, key)
