@@ -17,6 +17,8 @@
 # Environment:
 #   NGINX_TESTS  the checkout (default build/nginx-tests)
 #   MODULE_SO    the module (default build/nginx/ngx_http_meter_module.so)
+#   METERCTL     meterctl (default worker/meterctl): adds 127.0.0.1 as a
+#                customer's key, and reads what the module run metered
 #   RUNS         "plain module" (default), or "module" to rerun only the
 #                module half against the plain results of the last run
 #   JOBS         prove -j (default 2)
@@ -87,6 +89,7 @@ install_missing
 [ -f "$NGINX_TESTS/lib/Test/Nginx.pm" ] \
     || die "no nginx-tests checkout at $NGINX_TESTS (see the top of $0)"
 [ -f "$MODULE_SO" ] || die "no $MODULE_SO: run make module"
+[ -x "$METERCTL" ] || die "no $METERCTL: run make worker"
 
 # as root the suite runs as nobody, who must reach the module and the suite
 AS=()
@@ -231,12 +234,10 @@ for r in $RUNS; do
     module)
         [ -f "$OUT/plain.log" ] || die "no plain run in $OUT: RUNS=\"plain module\""
         start_redis
-        if [ -x "$METERCTL" ]; then
-            "$METERCTL" --redis "unix:$RUN/redis.sock" \
-                customers add nginx-tests > /dev/null
-            "$METERCTL" --redis "unix:$RUN/redis.sock" \
-                keys add 127.0.0.1 --customer nginx-tests > /dev/null
-        fi
+        "$METERCTL" --redis "unix:$RUN/redis.sock" \
+            customers add nginx-tests > /dev/null
+        "$METERCTL" --redis "unix:$RUN/redis.sock" \
+            keys add 127.0.0.1 --customer nginx-tests > /dev/null
         run_suite module
         ;;
     *)
@@ -264,12 +265,23 @@ printf '%-7s %6s %6s %7s %6s %s\n' \
     "$(cat "$OUT/module.seconds")"
 
 # the comparison proves nothing unless the module really counted: Redis must
-# hold the calls of 127.0.0.1, and have seen flushes and governance reads
+# hold the calls of 127.0.0.1, and have seen flushes and governance reads.
+# Read through meterctl, the schema's reader: nodes write most usage in the
+# writer layout (mtr:wu), not per key (docs/redis-schema.md)
 kh=$(printf '%s' 127.0.0.1 | sha256sum | cut -d' ' -f1)
-calls=$(redis-cli -s "$RUN/redis.sock" hget "mtr:used:{$kh}" calls)
-used=$(redis-cli -s "$RUN/redis.sock" --no-raw hgetall "mtr:used:{$kh}" \
-       | sed -E 's/^[0-9]+\) //; s/"//g' | paste -sd' ' | sed -E 's/([^ ]+) ([^ ]+)/\1=\2/g')
-hours=$(redis-cli -s "$RUN/redis.sock" --scan --pattern 'mtr:u:*' | wc -l)
+"$METERCTL" --redis "unix:$RUN/redis.sock" usage --json > "$OUT/usage.json" \
+    || die "meterctl usage failed"
+read -r calls hours used < <(perl -MJSON::PP -e '
+    my ($kh, %hours, %meters) = shift;
+    local $/;
+    for (@{decode_json(<STDIN>)}) {
+        next unless $_->{key_hash} eq $kh;
+        $hours{$_->{hour}} = 1;
+        $meters{$_->{meter}} += $_->{value};
+    }
+    print $meters{calls} // 0, " ", scalar(keys %hours), " ",
+          join(",", map { "$_=$meters{$_}" } sort keys %meters) || "-", "\n";
+    ' "$kh" < "$OUT/usage.json")
 redis-cli -s "$RUN/redis.sock" info commandstats \
     | grep -E '^cmdstat_(evalsha|get|hgetall):' > "$OUT/redis.stats" || true
 echo "module: Redis holds ${calls:-0} calls of 127.0.0.1 in $hours key-hours;" \

@@ -249,12 +249,19 @@ ngx_http_meter_deny(ngx_http_request_t *r, ngx_http_meter_shctx_t *sh,
 
     clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
+    /*
+     * Finalized here, not returned: under "satisfy any" the access phase
+     * takes a returned 401 or 403 as one check failed and lets "allow" or
+     * auth_basic admit the call (src/http/ngx_http_core_module.c
+     * ngx_http_core_access_phase()).  A refusal is final.
+     */
     if (clcf->error_pages) {
         err_page = clcf->error_pages->elts;
 
         for (i = 0; i < clcf->error_pages->nelts; i++) {
             if ((ngx_uint_t) err_page[i].status == status) {
-                return status;
+                ngx_http_finalize_request(r, status);
+                return NGX_DONE;
             }
         }
     }
