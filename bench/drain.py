@@ -18,6 +18,10 @@ way the module writes them (docs/redis-schema.md: HSET mtr:u:{KH}:HOUR
                   total per customer.  At 100 requests/s, 1M records take
                   about 2.8 h: run a small N, the rate extrapolates.
 
+  --fail-first N  (stripe) the first N calls answer 503: a first run leaves
+                  them open for a retry, they are made due, and the timed
+                  "drain" row is their resume (same checks).
+
 Then runs the worker three more times, nothing due: "rerun" right after
 (the hours the drain settled are not read), "confirm" with grace 0 (the
 one confirming read of every settled hour, docs/redis-schema.md "Settled
@@ -235,6 +239,11 @@ def main():
     ap.add_argument("--stream", action="store_true",
                     help="stripe.mode = meter_event_stream (v2, 100 "
                          "events per request)")
+    ap.add_argument("--fail-first", type=int, default=0,
+                    help="stripe: the first N meter-event calls answer 503 "
+                    "(stripe.max_attempts 1, retry.base 10m): a first run "
+                    "leaves them open, they are made due, and the timed "
+                    "drain run is their resume")
     ap.add_argument("--no-audit", action="store_true",
                     help="no audit.path (one fsync less per record)")
     ap.add_argument("--worker", default=os.environ.get(
@@ -309,12 +318,32 @@ def main():
             if a.stream:
                 lines += ["stripe.mode = meter_event_stream",
                           "stripe.stream_url = %s" % fake.url]
+            if a.fail_first:
+                # past --once's 60 s wait: the first run ends with them open
+                lines += ["stripe.max_attempts = 1", "retry.base = 10m",
+                          "retry.max = 1h"]
+                fake.fail_next(a.fail_first, 503,
+                               match=r"/(meter_events|meter_event_stream)$")
         conf = tmp / "worker.conf"
         conf.write_text("\n".join(lines) + "\n")
         # grace 0: the confirming read of the settled hours is due at once
         conf0 = tmp / "worker0.conf"
         conf0.write_text("\n".join(lines).replace("grace = 5m", "grace = 0s")
                          + "\n")
+
+        if a.fail_first:
+            rc, secs, rss, err = run_worker(worker, conf, before, a.timeout,
+                                            "fail")
+            got = int(redis.cmd("ZCARD", "mtr:{worker}:open"))
+            if rc != 75 or got != a.fail_first:
+                raise SystemExit("fail: meter-worker exited %d with %d open "
+                                 "records; expected 75 and %d:\n%s"
+                                 % (rc, got, a.fail_first, err[-4000:]))
+            print("first run: %d records failed (503) and wait for a retry "
+                  "(%.1fs); made due now" % (got, secs))
+            # as time passing makes them due (the score is next_attempt)
+            for rid in redis.cmd("ZRANGE", "mtr:{worker}:open", "0", "-1"):
+                redis.cmd("ZADD", "mtr:{worker}:open", "1", rid)
 
         rows = []
         for name, cf in (("drain", conf), ("rerun", conf),

@@ -276,3 +276,71 @@ def test_stream_session_renewed_before_expiry(redis, tmp_path):
         # refused as expired
         assert len(fake.requests_to("POST", r"/meter_event_session$")) == 2
         assert len(fake.requests_to("POST", r"/meter_event_stream$")) == 2
+
+
+def test_resumed_records_go_concurrently(redis, tmp_path):
+    """200 records whose first send fails (503, stripe.max_attempts 1) go
+    to retry; the resume pass sends them concurrently under their SAME
+    identifiers (Stripe replays the saved 503 for the header key: resent
+    together under fresh header keys), each billed once; records already
+    "sent" are finished without a request."""
+    with FakeStripe(api_key=STRIPE_KEY, delay=0.05) as fake:
+        seed = many_customers(redis, 200)
+        # retry.base past --once's wait: the run ends with them open
+        w = stripe_worker(tmp_path, redis, fake,
+                          **{"stripe.max_in_flight": 20,
+                             "stripe.max_attempts": 1,
+                             "retry.base": "10m", "retry.max": "1h"})
+        w.conf.write_text("".join(
+            l for l in w.conf.read_text().splitlines(True)
+            if l not in ("retry.base = 1s\n", "retry.max = 2s\n")))
+        fake.fail_next(200, 503)
+        r = w.run(now_hour())
+        assert r.returncode == 75, r.stderr     # EX_TEMPFAIL: retries wait
+        assert "records wait for a retry" in r.stderr
+        assert fake.events == []
+        first = fake.requests_to("POST", r"/meter_events$")
+        assert len(first) == 200
+        keys = {p.form["identifier"] for p in first}
+        assert len(keys) == 200
+        assert int(redis.cmd("ZCARD", "mtr:{worker}:open")) == 200
+        # ten as a crash right after the provider's OK leaves them
+        done = sorted(keys)[:10]
+        done_cus = set()
+        for k in done:
+            redis.cmd("HSET", "mtr:{worker}:r:" + k, "state", "sent")
+            c = redis.cmd("HGET", "mtr:{worker}:r:" + k, "customer")
+            done_cus.add("cus_" + (c.decode() if isinstance(c, bytes)
+                                   else c)[1:])
+        # the retries come due (as time passing would make them)
+        for k in keys:
+            redis.cmd("ZADD", "mtr:{worker}:open", "1", k)
+        fake.max_open = 0
+        t0 = time.monotonic()
+        r = w.run(now_hour())
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        again = fake.requests_to("POST", r"/meter_events$")[200:]
+        # the saved 503 replayed once per key, then a fresh header key
+        assert len(again) == 2 * 190
+        # the same identifiers, never a "sent" one
+        assert {p.form["identifier"] for p in again} == keys - set(done)
+        assert all(p.headers["Idempotency-Key"].startswith(
+            p.form["identifier"]) for p in again)
+        assert fake.max_open > 1
+        assert fake.max_open <= 20
+        assert fake.pair_conflicts == 0
+        # one at a time: 380 x 50 ms = 19 s
+        assert took < 12, took
+        assert len(fake.events) == 190
+        assert fake.duplicates == 0
+        # the ten "sent" ones were finished, not billed again
+        got, want = totals(fake, seed)
+        assert {c for c in got if got[c] == 0} == done_cus
+        assert all(got[c] == want[c] for c in got if c not in done_cus)
+        assert int(redis.cmd("ZCARD", "mtr:{worker}:open")) == 0
+        assert redis.cmd("KEYS", "mtr:{worker}:r:*") in (None, [])
+        # nothing left: a rerun sends nothing
+        n = len(fake.requests)
+        assert w.run(now_hour()).returncode == 0
+        assert len(fake.requests) == n

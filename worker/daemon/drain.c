@@ -96,6 +96,8 @@ static meter_drain_rc_e meter_drain_period(meter_drain_t *d, time_t pstart,
 static meter_drain_rc_e meter_drain_emit(meter_drain_t *d, time_t pstart,
     meter_map_t *aggs);
 static meter_drain_rc_e meter_drain_record(meter_drain_t *d, const char *id);
+static meter_drain_rc_e meter_drain_resume_chunk(meter_drain_t *d,
+    redisReply *ids);
 static void meter_drain_retention(meter_drain_t *d, time_t now);
 static meter_drain_rc_e meter_drain_replicated(meter_drain_t *d);
 
@@ -563,7 +565,7 @@ meter_drain_run(meter_drain_t *d)
 static meter_drain_rc_e
 meter_drain_resume(meter_drain_t *d)
 {
-    size_t            i;
+    size_t            i, chunk;
     redisReply       *rp;
     meter_drain_rc_e  rc;
 
@@ -582,10 +584,20 @@ meter_drain_resume(meter_drain_t *d)
         return METER_DRAIN_OK;
     }
 
+    /* the same chunks as new records get (meter_drain_emit) */
+    chunk = METER_BATCH;
+    if (d->provider->send_batch != NULL) {
+        chunk = METER_CHUNK;
+        if (d->provider->batch_max > chunk) {
+            chunk = d->provider->batch_max;
+        }
+    }
+
     for ( ;; ) {
-        rp = meter_redis_cmd(d->redis, "ZRANGEBYSCORE %s -inf %lld LIMIT 0 %d",
+        rp = meter_redis_cmd(d->redis,
+                             "ZRANGEBYSCORE %s -inf %lld LIMIT 0 %lld",
                              MTR_W_OPEN, (long long) time(NULL),
-                             METER_BATCH);
+                             (long long) chunk);
         if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
             meter_log(LOG_ERR, "resume: %s",
                       rp != NULL ? rp->str : d->redis->err);
@@ -598,7 +610,20 @@ meter_drain_resume(meter_drain_t *d)
             return METER_DRAIN_OK;
         }
 
-        for (i = 0; i < rp->elements; i++) {
+        if (d->provider->send_batch != NULL) {
+            rc = meter_drain_check(d);
+            if (rc == METER_DRAIN_OK) {
+                rc = meter_drain_resume_chunk(d, rp);
+            }
+
+            if (rc != METER_DRAIN_OK) {
+                freeReplyObject(rp);
+                return rc;
+            }
+        }
+
+        for (i = 0; d->provider->send_batch == NULL && i < rp->elements; i++)
+        {
             rc = meter_drain_check(d);
             if (rc == METER_DRAIN_OK) {
                 rc = meter_drain_record(d, rp->element[i]->str);
@@ -613,7 +638,7 @@ meter_drain_resume(meter_drain_t *d)
         i = rp->elements;
         freeReplyObject(rp);
 
-        if (i < METER_BATCH) {
+        if (i < chunk) {
             return METER_DRAIN_OK;
         }
     }
@@ -1477,15 +1502,16 @@ meter_drain_send(meter_drain_t *d, meter_rec_t *r, int count)
 
 
 /*
- * New records of a chunk through the provider's send_batch: each checked
- * and counted as meter_drain_send does, delivered together, and each
- * answer recorded.  Only new records come here (attempts 1: no lookup).
+ * Records of a chunk through the provider's send_batch: each checked,
+ * counted (count: resumed from Redis) and looked up as meter_drain_send
+ * does, delivered together, and each answer recorded.
  */
 static meter_drain_rc_e
-meter_drain_send_batch(meter_drain_t *d, meter_rec_t **recs, size_t n)
+meter_drain_send_batch(meter_drain_t *d, meter_rec_t **recs, size_t n,
+    int count)
 {
-    int                   ready;
-    size_t                i, m, *idx;
+    int                   ready, found;
+    size_t                i, k, m, *idx;
     meter_record_t       *prs;
     meter_drain_rc_e      rc;
     meter_send_result_t  *res;
@@ -1502,7 +1528,7 @@ meter_drain_send_batch(meter_drain_t *d, meter_rec_t **recs, size_t n)
     m = 0;
 
     for (i = 0; i < n; i++) {
-        rc = meter_drain_prepare(d, recs[i], 0, &prs[m], &ready);
+        rc = meter_drain_prepare(d, recs[i], count, &prs[m], &ready);
         if (rc != METER_DRAIN_OK) {
             /* the rest stay "sending": the next pass sends them */
             goto done;
@@ -1519,6 +1545,55 @@ meter_drain_send_batch(meter_drain_t *d, meter_rec_t **recs, size_t n)
             goto done;
         }
 
+    }
+
+    /* an earlier send may have reached the provider: its lookup decides,
+     * as in meter_drain_send; only what it did not find is sent */
+    for (i = 0, k = 0; i < m && rc == METER_DRAIN_OK; i++) {
+        found = 0;
+
+        if (recs[idx[i]]->attempts > 1 && d->provider->lookup != NULL) {
+            memset(&res[i], 0, sizeof(meter_send_result_t));
+            found = d->provider->lookup(d->provider, &prs[i], &res[i]);
+        }
+
+        if (found == 0) {
+            prs[k] = prs[i];
+            idx[k++] = idx[i];
+            continue;
+        }
+
+        if (found == -2) {
+            rc = meter_drain_dead(d, recs[idx[i]]->id, res[i].error[0]
+                                  ? res[i].error : "outcome unknown",
+                                  res[i].http_status);
+            continue;
+        }
+
+        if (found == 1) {
+            meter_log(LOG_INFO, "record %s: the provider has it already",
+                      recs[idx[i]]->id);
+            rc = meter_drain_outcome(d, recs[idx[i]], METER_SEND_OK,
+                                     &res[i]);
+            continue;
+        }
+
+        if (res[i].error[0] == '\0') {
+            snprintf(res[i].error, sizeof(res[i].error), "lookup failed");
+        }
+
+        rc = meter_drain_outcome(d, recs[idx[i]], METER_SEND_RETRY, &res[i]);
+    }
+
+    if (rc != METER_DRAIN_OK) {
+        /* those not looked up yet stay due: the next pass sends them */
+        goto done;
+    }
+
+    m = k;
+
+    if (m > 0) {
+        memset(res, 0, m * sizeof(meter_send_result_t));
         d->provider->send_batch(d->provider, prs, m, res);
     }
 
@@ -1892,12 +1967,236 @@ meter_drain_finish(meter_drain_t *d, meter_rec_t **recs, size_t n)
 }
 
 
+/* the fields of a stored record (HGETALL reply); r points into it */
+static void
+meter_drain_rec_read(redisReply *rec, const char *id, meter_rec_t *r)
+{
+    const char  *v;
+
+    memset(r, 0, sizeof(meter_rec_t));
+
+    r->id = id;
+    r->key_hash = meter_reply_hget(rec, "key_hash");
+    r->customer = meter_reply_hget(rec, "customer");
+    r->meter = meter_reply_hget(rec, "meter");
+    r->covers = meter_reply_hget(rec, "covers");
+    r->pkey = meter_reply_hget(rec, "pkey");
+    r->sm = meter_reply_hget(rec, "sm");
+    r->q = meter_reply_hget(rec, "quantity");
+
+    v = meter_reply_hget(rec, "period_start");
+    r->period_start = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
+    v = meter_reply_hget(rec, "period_end");
+    r->period_end = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
+    r->quantity = strtoull(r->q != NULL ? r->q : "0", NULL, 10);
+    v = meter_reply_hget(rec, "created");
+    r->created = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
+    v = meter_reply_hget(rec, "seq");
+    r->seq = strtoul(v != NULL ? v : "0", NULL, 10);
+}
+
+
+/* oldest period first, then the record's own order */
+static int
+meter_rec_cmp(const void *a, const void *b)
+{
+    const meter_rec_t  *x, *y;
+
+    x = *(meter_rec_t *const *) a;
+    y = *(meter_rec_t *const *) b;
+
+    if (x->period_start != y->period_start) {
+        return x->period_start < y->period_start ? -1 : 1;
+    }
+
+    return strcmp(x->id, y->id);
+}
+
+
+/*
+ * A chunk of due records (ids: the ZRANGEBYSCORE reply) as a chunk of new
+ * ones goes: read in one round trip, the "sending" ones sent together
+ * through send_batch under their own keys (attempts counted, the lookup
+ * first where the provider has one), the "sent" ones only finished.
+ */
+static meter_drain_rc_e
+meter_drain_resume_chunk(meter_drain_t *d, redisReply *ids)
+{
+    char               rkey[64];
+    size_t             i, k, n, nsend, nacc, nstale, nrec;
+    const char        *state;
+    redisReply       **recs, *rp;
+    meter_rec_t       *rs, **send, **acc;
+    meter_drain_rc_e   rc, rc2;
+
+    n = ids->elements;
+    recs = calloc(n, sizeof(redisReply *));
+    rs = calloc(n, sizeof(meter_rec_t));
+    send = calloc(n, sizeof(meter_rec_t *));
+    acc = calloc(n, sizeof(meter_rec_t *));
+    rc = METER_DRAIN_OK;
+    nrec = 0;
+
+    if (recs == NULL || rs == NULL || send == NULL || acc == NULL) {
+        rc = METER_DRAIN_REDIS;
+        goto done;
+    }
+
+    for (i = 0; i < n; i++) {
+        snprintf(rkey, sizeof(rkey), MTR_W_REC_FMT, ids->element[i]->str);
+
+        if (meter_redis_append(d->redis, "HGETALL %s", rkey) != 0) {
+            rc = METER_DRAIN_REDIS;
+            break;
+        }
+
+        nrec++;
+    }
+
+    for (i = 0; i < nrec; i++) {
+        recs[i] = meter_redis_reply(d->redis);
+
+        if (!meter_reply_ok(recs[i]) || recs[i]->type != REDIS_REPLY_ARRAY) {
+            meter_log(LOG_ERR, "record %s: %s", ids->element[i]->str,
+                      recs[i] != NULL ? recs[i]->str : d->redis->err);
+            rc = METER_DRAIN_REDIS;
+
+            if (d->redis->ctx == NULL) {
+                break;
+            }
+        }
+    }
+
+    if (rc != METER_DRAIN_OK) {
+        goto done;
+    }
+
+    nsend = 0;
+    nacc = 0;
+    nstale = 0;
+
+    for (i = 0; i < n; i++) {
+        state = meter_reply_hget(recs[i], "state");
+
+        if (state == NULL
+            || (strcmp(state, "sent") != 0 && strcmp(state, "sending") != 0))
+        {
+            /* gone (meterctl, a finished pass) or dead: drop the entry */
+            if (meter_redis_append(d->redis, "ZREM %s %s", MTR_W_OPEN,
+                                   ids->element[i]->str)
+                != 0)
+            {
+                rc = METER_DRAIN_REDIS;
+                break;
+            }
+
+            nstale++;
+            continue;
+        }
+
+        meter_drain_rec_read(recs[i], ids->element[i]->str, &rs[i]);
+
+        if (strcmp(state, "sent") == 0) {
+            /* accepted before: finished, never sent again */
+            rs[i].accepted = 1;
+            acc[nacc++] = &rs[i];
+
+        } else {
+            send[nsend++] = &rs[i];
+        }
+    }
+
+    for (i = 0; i < nstale; i++) {
+        rp = meter_redis_reply(d->redis);
+        freeReplyObject(rp);
+
+        if (d->redis->ctx == NULL) {
+            rc = METER_DRAIN_REDIS;
+            break;
+        }
+    }
+
+    if (rc != METER_DRAIN_OK) {
+        goto done;
+    }
+
+    qsort(send, nsend, sizeof(meter_rec_t *), meter_rec_cmp);
+
+    if (nsend > 0) {
+        rc = meter_drain_send_batch(d, send, nsend, 1);
+
+        for (i = 0, k = 0; i < nsend; i++) {
+            if (send[i]->accepted) {
+                send[k++] = send[i];
+            }
+        }
+
+        nsend = k;
+    }
+
+    if (d->redis->ctx == NULL) {
+        goto done;
+    }
+
+    /* what the provider accepted is finished even when stopping */
+    if (nsend > 0) {
+        rc2 = meter_drain_mark_sent(d, send, nsend);
+        if (rc2 != METER_DRAIN_OK) {
+            /* still "sending": resent (and deduped) next pass */
+            rc = rc2;
+            nsend = 0;
+        }
+    }
+
+    for (i = 0; i < nsend; i++) {
+        acc[nacc++] = send[i];
+    }
+
+    for (i = 0, k = 0; i < nacc; i++) {
+        if (acc[i]->covers == NULL || acc[i]->q == NULL
+            || acc[i]->pkey == NULL || acc[i]->sm == NULL)
+        {
+            meter_log(LOG_ERR, "record %s is malformed", acc[i]->id);
+            rc2 = meter_drain_dead(d, acc[i]->id,
+                                   "malformed record in Redis", 0);
+            if (rc2 != METER_DRAIN_OK) {
+                rc = rc2;
+            }
+
+            continue;
+        }
+
+        acc[k++] = acc[i];
+    }
+
+    if (k > 0) {
+        rc2 = meter_drain_finish(d, acc, k);
+        if (rc2 != METER_DRAIN_OK) {
+            rc = rc2;
+        }
+    }
+
+done:
+
+    for (i = 0; i < nrec; i++) {
+        freeReplyObject(recs[i]);
+    }
+
+    free(recs);
+    free(rs);
+    free(send);
+    free(acc);
+
+    return rc;
+}
+
+
 /* a record stored in Redis (open, retried, resumed after a crash) */
 static meter_drain_rc_e
 meter_drain_record(meter_drain_t *d, const char *id)
 {
     char              rkey[64];
-    const char       *state, *v;
+    const char       *state;
     redisReply       *rec, *rp;
     meter_rec_t       r, *rs;
     meter_drain_rc_e  rc;
@@ -1924,26 +2223,7 @@ meter_drain_record(meter_drain_t *d, const char *id)
         return METER_DRAIN_OK;
     }
 
-    memset(&r, 0, sizeof(meter_rec_t));
-
-    r.id = id;
-    r.key_hash = meter_reply_hget(rec, "key_hash");
-    r.customer = meter_reply_hget(rec, "customer");
-    r.meter = meter_reply_hget(rec, "meter");
-    r.covers = meter_reply_hget(rec, "covers");
-    r.pkey = meter_reply_hget(rec, "pkey");
-    r.sm = meter_reply_hget(rec, "sm");
-    r.q = meter_reply_hget(rec, "quantity");
-
-    v = meter_reply_hget(rec, "period_start");
-    r.period_start = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
-    v = meter_reply_hget(rec, "period_end");
-    r.period_end = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
-    r.quantity = strtoull(r.q != NULL ? r.q : "0", NULL, 10);
-    v = meter_reply_hget(rec, "created");
-    r.created = (time_t) strtoll(v != NULL ? v : "0", NULL, 10);
-    v = meter_reply_hget(rec, "seq");
-    r.seq = strtoul(v != NULL ? v : "0", NULL, 10);
+    meter_drain_rec_read(rec, id, &r);
 
     rs = &r;
 
@@ -2445,7 +2725,7 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
     }
 
     if (nbatch > 0 && rc == METER_DRAIN_OK) {
-        rc2 = meter_drain_send_batch(d, acc, nbatch);
+        rc2 = meter_drain_send_batch(d, acc, nbatch, 0);
         if (rc2 != METER_DRAIN_OK && rc == METER_DRAIN_OK) {
             rc = rc2;
         }

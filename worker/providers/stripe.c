@@ -1086,10 +1086,11 @@ static void
 meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
     size_t n, meter_send_result_t *res)
 {
-    size_t               i, m, *idx;
+    char                 fresh[24];
+    size_t               i, k, m, *idx;
     time_t               ts, now;
     meter_stripe_t      *st;
-    meter_http_job_t    *jobs;
+    meter_http_job_t    *jobs, *again;
     meter_stripe_out_t  *outs;
     meter_record_t      *ok;
 
@@ -1144,11 +1145,13 @@ meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
     }
 
     jobs = calloc(n, sizeof(meter_http_job_t));
+    again = calloc(n, sizeof(meter_http_job_t));
     outs = calloc(n, sizeof(meter_stripe_out_t));
     idx = calloc(n, sizeof(size_t));
 
-    if (jobs == NULL || outs == NULL || idx == NULL) {
+    if (jobs == NULL || again == NULL || outs == NULL || idx == NULL) {
         free(jobs);
+        free(again);
         free(outs);
         free(idx);
         goto nomem;
@@ -1166,11 +1169,32 @@ meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
 
     meter_http_request_many(&st->http, jobs, m);
 
-    for (i = 0; i < m; i++) {
+    /* replayed failures (a resumed record's key, Stripe saved its 5xx):
+     * resent together under fresh header keys, as meter_stripe_answer
+     * does one; the identifier still dedupes */
+    for (i = 0, k = 0; i < m; i++) {
+        if (jobs[i].st != METER_SEND_OK && jobs[i].resp.replayed) {
+            meter_fresh_suffix(fresh, sizeof(fresh));
+            snprintf(outs[idx[i]].idem, sizeof(outs[idx[i]].idem),
+                     "Idempotency-Key: %s%s", recs[idx[i]].idempotency_key,
+                     fresh);
+            meter_buf_free(&jobs[i].resp.body);
+            again[k++] = jobs[i];
+        }
+    }
+
+    meter_http_request_many(&st->http, again, k);
+
+    for (i = 0, k = 0; i < m; i++) {
+        if (jobs[i].st != METER_SEND_OK && jobs[i].resp.replayed) {
+            jobs[i] = again[k++];
+        }
+
         res[idx[i]] = jobs[i].res;
-        (void) meter_stripe_answer(st, &recs[idx[i]], &outs[idx[i]],
-                                   &jobs[i].resp, jobs[i].st, &res[idx[i]],
-                                   0);
+        res[idx[i]].status = meter_stripe_answer(st, &recs[idx[i]],
+                                                 &outs[idx[i]],
+                                                 &jobs[i].resp, jobs[i].st,
+                                                 &res[idx[i]], 0);
         meter_buf_free(&jobs[i].resp.body);
     }
 
@@ -1192,6 +1216,7 @@ meter_stripe_send_batch(meter_provider_t *p, const meter_record_t *recs,
     }
 
     free(jobs);
+    free(again);
     free(outs);
     free(idx);
 
