@@ -538,6 +538,11 @@ meter_table_init(meter_table_t *t, uint32_t nslots, uint64_t epoch)
 }
 
 
+/* this process's stripe of counted[], set when it registers (an nginx
+ * worker is one thread; before any announce: stripe 0) */
+static uint32_t  meter_stripe;
+
+
 static uint32_t
 meter_slot_home(meter_table_t *t, uint32_t hour,
     const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen)
@@ -652,6 +657,8 @@ again:
 
                         if (meter_cas(&e->count, &c, value)) {
                             meter_mark(t, (uint32_t) (e - t->slots));
+                            meter_fetch_add(&t->counted[meter_stripe].v,
+                                            value - c);
                             return 0;
                         }
                     }
@@ -661,6 +668,8 @@ again:
                     {
                         if (meter_cas(&e->count, &c, c + value)) {
                             meter_mark(t, (uint32_t) (e - t->slots));
+                            meter_fetch_add(&t->counted[meter_stripe].v,
+                                            value);
                             return 0;
                         }
                     }
@@ -732,6 +741,7 @@ again:
     }
 
     meter_mark(t, (uint32_t) (e - t->slots));
+    meter_fetch_add(&t->counted[meter_stripe].v, value);
 
     return 0;
 
@@ -999,6 +1009,8 @@ meter_table_announce(meter_table_t *t, uint32_t pid)
         return -1;
     }
 
+    meter_stripe = (uint32_t) (q - t->qs) % METER_COUNT_STRIPES;
+
     __atomic_store_n(&q->era, __atomic_load_n(&t->era, __ATOMIC_SEQ_CST),
                      __ATOMIC_SEQ_CST);
 
@@ -1045,6 +1057,26 @@ uint64_t
 meter_entry_count(meter_entry_t *e)
 {
     return meter_load(&e->count) & ~METER_DEAD;
+}
+
+
+uint64_t
+meter_table_pending(meter_table_t *t)
+{
+    uint32_t  i;
+    uint64_t  c, f;
+
+    /* confirmed first: a confirmed value was counted before, so a reader
+     * only sees counted < confirmed while an add is between its count's
+     * compare-and-swap and its fetch-and-add */
+    f = __atomic_load_n(&t->confirmed, __ATOMIC_ACQUIRE);
+    c = 0;
+
+    for (i = 0; i < METER_COUNT_STRIPES; i++) {
+        c += __atomic_load_n(&t->counted[i].v, __ATOMIC_RELAXED);
+    }
+
+    return c > f ? c - f : 0;
 }
 
 
@@ -1190,8 +1222,8 @@ meter_batch_remark(meter_table_t *t, const meter_batch_t *b)
 }
 
 
-void
-meter_batch_confirm(const meter_batch_item_t *item)
+uint64_t
+meter_batch_confirm(meter_table_t *t, const meter_batch_item_t *item)
 {
     uint64_t        f;
     meter_entry_t  *e;
@@ -1199,16 +1231,20 @@ meter_batch_confirm(const meter_batch_item_t *item)
     e = item->e;
 
     if (meter_load(&e->state) != METER_SLOT_LIVE || e->gen != item->gen) {
-        return;
+        return 0;
     }
 
     f = meter_load(&e->flushed);
 
     while (f < item->value) {
         if (meter_cas(&e->flushed, &f, item->value)) {
-            return;
+            (void) __atomic_fetch_add(&t->confirmed, item->value - f,
+                                      __ATOMIC_RELEASE);
+            return item->value - f;
         }
     }
+
+    return 0;
 }
 
 

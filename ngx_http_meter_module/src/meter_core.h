@@ -165,6 +165,15 @@ typedef struct {
     char                        meter[METER_NAME_MAX]; /* NUL padded */
 } meter_entry_t;
 
+/* units counted, striped by process (its record's index) so that workers
+ * adding at once do not share a cache line; one stripe is 64 bytes */
+#define METER_COUNT_STRIPES     16
+
+typedef struct {
+    uint64_t                    v;          /* atomic */
+    uint64_t                    pad[7];
+} meter_stripe_t;
+
 /* a process that adds: its quiescent-state record */
 typedef struct {
     uint32_t                    pid;        /* atomic, 0: free */
@@ -191,6 +200,12 @@ typedef struct {
                                              * hours a full pass swept */
     uint32_t                    pad;
     meter_qs_t                  qs[METER_QS_MAX];
+
+    /* pending = counted - confirmed, so meter_status costs O(1), not a
+     * walk of every slot */
+    meter_stripe_t              counted[METER_COUNT_STRIPES];
+    uint64_t                    confirmed;  /* atomic, flushed raised by */
+    uint64_t                    pad2[7];
 
     meter_entry_t               slots[];
 } meter_table_t;
@@ -253,6 +268,10 @@ unsigned meter_table_sweep(meter_table_t *t, uint32_t current_hour,
 unsigned meter_table_sweep_range(meter_table_t *t, uint32_t from,
     uint32_t to, uint32_t current_hour, uint32_t now);
 
+/* units counted in LIVE slots and not confirmed yet (every slot's
+ * count - flushed, summed), in O(METER_COUNT_STRIPES) */
+uint64_t meter_table_pending(meter_table_t *t);
+
 /* slot's current count without the DEAD bit; its unflushed part */
 uint64_t meter_entry_count(meter_entry_t *e);
 uint64_t meter_entry_pending(meter_entry_t *e);
@@ -304,9 +323,10 @@ void meter_batch_remark(meter_table_t *t, const meter_batch_t *b);
 
 /*
  * Redis acknowledged item->value: raises the slot's flushed to it (atomic
- * max) unless the slot was reused since (gen differs).
+ * max) unless the slot was reused since (gen differs), and t->confirmed
+ * by as much.  Returns by how much flushed rose.
  */
-void meter_batch_confirm(const meter_batch_item_t *item);
+uint64_t meter_batch_confirm(meter_table_t *t, const meter_batch_item_t *item);
 
 /*
  * Flusher only, after the batch's replies: evicts the items of hours

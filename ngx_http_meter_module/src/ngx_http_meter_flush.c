@@ -924,18 +924,15 @@ ngx_http_meter_confirm_tag(ngx_http_meter_flush_t *fl,
 static void
 ngx_http_meter_confirm(ngx_http_meter_shctx_t *sh, meter_batch_item_t *it)
 {
-    uint64_t  before;
+    uint64_t  d;
 
-    before = __atomic_load_n(&it->e->flushed, __ATOMIC_ACQUIRE);
-
-    meter_batch_confirm(it);
+    d = meter_batch_confirm(&sh->table, it);
 
     /* what a flush costs grows with these, not with units (bench/cost.py) */
     (void) __atomic_fetch_add(&sh->flushed_counters, 1, __ATOMIC_RELAXED);
 
-    if (it->value > before && it->e->gen == it->gen) {
-        (void) __atomic_fetch_add(&sh->flushed_total, it->value - before,
-                                  __ATOMIC_RELAXED);
+    if (d) {
+        (void) __atomic_fetch_add(&sh->flushed_total, d, __ATOMIC_RELAXED);
     }
 }
 

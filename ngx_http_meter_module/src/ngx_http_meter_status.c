@@ -85,7 +85,6 @@ static void
 ngx_http_meter_collect_stats(ngx_shm_zone_t *zone, ngx_shm_zone_t *gov_zone,
     ngx_uint_t connected, uint64_t *v)
 {
-    uint32_t                     i;
     uint64_t                     pending, nfree;
     meter_table_t               *t;
     ngx_http_meter_shctx_t      *sh;
@@ -96,15 +95,9 @@ ngx_http_meter_collect_stats(ngx_shm_zone_t *zone, ngx_shm_zone_t *gov_zone,
     sh = ctx->sh;
     t = &sh->table;
 
-    pending = 0;
-
-    for (i = 0; i < t->nslots; i++) {
-        if (__atomic_load_n(&t->slots[i].state, __ATOMIC_ACQUIRE)
-            == METER_SLOT_LIVE)
-        {
-            pending += meter_entry_pending(&t->slots[i]);
-        }
-    }
+    /* kept by the adds and confirms: no walk over the slots, so a scrape
+     * of a 1M-key zone does not stall this worker's event loop */
+    pending = meter_table_pending(t);
 
     nfree = (uint64_t) ctx->shpool->pfree * ngx_pagesize;
 

@@ -110,7 +110,7 @@ find(meter_table_t *t, uint32_t hour, const uint8_t *key, const char *meter)
 
 /* what the flusher does when Redis acknowledged the slot's whole count */
 static void
-flush_entry(meter_entry_t *e)
+flush_entry(meter_table_t *t, meter_entry_t *e)
 {
     meter_batch_item_t  item;
 
@@ -119,7 +119,7 @@ flush_entry(meter_entry_t *e)
     item.hour = e->hour;
     item.value = meter_entry_count(e);
 
-    meter_batch_confirm(&item);
+    (void) meter_batch_confirm(t, &item);
 }
 
 
@@ -992,13 +992,13 @@ test_evict_only_flushed(void **state)
     item.gen = e->gen;
     item.hour = TEST_HOUR;
     item.value = 3;
-    meter_batch_confirm(&item);
+    (void) meter_batch_confirm(t, &item);
     assert_int_equal(e->flushed, 3);
     assert_int_equal(meter_entry_pending(e), 2);
     assert_int_equal(meter_table_evict(t, e, TEST_NOW), 0);
 
     item.value = 5;
-    meter_batch_confirm(&item);
+    (void) meter_batch_confirm(t, &item);
     assert_int_equal(meter_entry_pending(e), 0);
 
     /* a request came in after the flush */
@@ -1007,7 +1007,7 @@ test_evict_only_flushed(void **state)
     assert_int_equal(e->state, METER_SLOT_LIVE);
 
     item.value = 6;
-    meter_batch_confirm(&item);
+    (void) meter_batch_confirm(t, &item);
     assert_int_equal(meter_table_evict(t, e, TEST_NOW + 10), 1);
 
     /* the tombstone holds the eviction's era ticket, not a time */
@@ -1041,7 +1041,7 @@ test_dead_blocks_add(void **state)
     assert_int_equal(add(t, TEST_HOUR, key, "calls", 5, TEST_NOW), 0);
     e = find(t, TEST_HOUR, key, "calls");
     gen = e->gen;
-    flush_entry(e);
+    flush_entry(t, e);
     assert_int_equal(meter_table_evict(t, e, TEST_NOW), 1);
 
     assert_int_equal(add(t, TEST_HOUR, key, "calls", 2, TEST_NOW), 0);
@@ -1058,7 +1058,7 @@ test_dead_blocks_add(void **state)
      * the evictor won the race between a request's lookup and its
      * compare-and-swap: the slot is still LIVE but DEAD
      */
-    flush_entry(e2);
+    flush_entry(t, e2);
     e2->count |= METER_DEAD;
 
     assert_int_equal(add(t, TEST_HOUR, key, "calls", 3, TEST_NOW), 0);
@@ -1093,7 +1093,7 @@ test_tomb_grace(void **state)
     assert_int_equal(add(t, TEST_HOUR, a, "calls", 5, TEST_NOW), 0);
     e = &t->slots[0];
     gen = e->gen;
-    flush_entry(e);
+    flush_entry(t, e);
     assert_int_equal(meter_table_evict(t, e, TEST_NOW + 100), 1);
     assert_int_equal(e->stamp, 0);
     assert_int_equal(t->era, 1);
@@ -1149,7 +1149,7 @@ test_tomb_fallback(void **state)
     assert_int_equal(meter_table_announce(t, (uint32_t) getppid()), 0);
 
     assert_int_equal(add(t, TEST_HOUR, a, "calls", 5, TEST_NOW), 0);
-    flush_entry(e);
+    flush_entry(t, e);
     assert_int_equal(meter_table_evict(t, e, TEST_NOW), 1);
 
     meter_table_quiesce(t, TEST_NOW);
@@ -1174,7 +1174,7 @@ test_tomb_fallback(void **state)
 
     /* no record left for a process: only the grace is safe */
     memset(t->qs, 0, sizeof(t->qs));
-    flush_entry(e);
+    flush_entry(t, e);
     assert_int_equal(meter_table_evict(t, e, TEST_NOW + 100), 1);
 
     for (unsigned i = 0; i < METER_QS_MAX; i++) {
@@ -1231,7 +1231,7 @@ test_tomb_dead_process(void **state)
     assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     assert_int_equal(t->qs[0].pid, (uint32_t) pid);
 
-    flush_entry(e);
+    flush_entry(t, e);
     assert_int_equal(meter_table_evict(t, e, TEST_NOW), 1);
     meter_table_quiesce(t, TEST_NOW);
     assert_int_equal(t->qs[0].pid, 0);
@@ -1256,7 +1256,7 @@ test_tomb_preferred(void **state)
     assert_int_equal(meter_table_announce(t, (uint32_t) getpid()), 0);
     assert_int_equal(add(t, TEST_HOUR, key, "calls", 5, TEST_NOW), 0);
     e = find(t, TEST_HOUR, key, "calls");
-    flush_entry(e);
+    flush_entry(t, e);
     assert_int_equal(meter_table_evict(t, e, TEST_NOW), 1);
 
     assert_int_equal(add(t, TEST_HOUR, key, "calls", 1, TEST_NOW), 0);
@@ -1265,7 +1265,7 @@ test_tomb_preferred(void **state)
     assert_int_equal(e->state, METER_SLOT_TOMB);
 
     assert_int_equal(meter_table_announce(t, (uint32_t) getpid()), 0);
-    flush_entry(e2);
+    flush_entry(t, e2);
     assert_int_equal(meter_table_evict(t, e2, TEST_NOW), 1);
 
     /* both are tombstones now, e is reusable and first in the chain (e2
@@ -1324,7 +1324,7 @@ test_rollover_reclaim(void **state)
 
         for (i = 0; i < b.n; i++) {
             total += (unsigned) b.items[i].value;
-            meter_batch_confirm(&b.items[i]);
+            (void) meter_batch_confirm(t, &b.items[i]);
         }
 
         assert_int_equal(meter_batch_reclaim(t, &b, TEST_HOUR - 1,
@@ -1392,8 +1392,8 @@ test_reclaim_after_confirm(void **state)
     /* a late add between collect and reply: not evicted, dirty again */
     assert_int_equal(meter_batch_collect_dirty(t, &b, UINT32_MAX), 2);
     assert_int_equal(add(t, TEST_HOUR - 1, k0, "calls", 2, TEST_NOW), 0);
-    meter_batch_confirm(&items[0]);
-    meter_batch_confirm(&items[1]);
+    (void) meter_batch_confirm(t, &items[0]);
+    (void) meter_batch_confirm(t, &items[1]);
     assert_int_equal(meter_batch_reclaim(t, &b, TEST_HOUR, TEST_NOW), 0);
     assert_int_equal(e0->state, METER_SLOT_LIVE);
     assert_int_equal(meter_entry_pending(e0), 2);
@@ -1403,7 +1403,7 @@ test_reclaim_after_confirm(void **state)
     assert_int_equal(meter_batch_collect_dirty(t, &b, UINT32_MAX), 1);
     assert_ptr_equal(items[0].e, e0);
     assert_true(items[0].value == 5);
-    meter_batch_confirm(&items[0]);
+    (void) meter_batch_confirm(t, &items[0]);
     assert_int_equal(meter_batch_reclaim(t, &b, TEST_HOUR, TEST_NOW), 1);
     assert_int_equal(e0->state, METER_SLOT_TOMB);
     assert_int_equal(e1->state, METER_SLOT_LIVE);
@@ -1422,7 +1422,7 @@ test_reclaim_after_confirm(void **state)
 
     /* not confirmed (Redis failed): kept */
     assert_int_equal(meter_batch_reclaim(t, &b, TEST_HOUR, TEST_NOW + 1), 0);
-    meter_batch_confirm(&items[0]);
+    (void) meter_batch_confirm(t, &items[0]);
 
     /* a stale item (slot reused since) is not evicted */
     items[0].gen++;
@@ -1451,7 +1451,7 @@ test_sweep_old_hours(void **state)
                          0);
 
         if (i < 3) {
-            flush_entry(find(t, TEST_HOUR - 1, key, "calls"));
+            flush_entry(t, find(t, TEST_HOUR - 1, key, "calls"));
         }
     }
 
@@ -1459,7 +1459,7 @@ test_sweep_old_hours(void **state)
     for (i = 4; i < 6; i++) {
         key_of(i, key);
         assert_int_equal(add(t, TEST_HOUR, key, "calls", 10, TEST_NOW), 0);
-        flush_entry(find(t, TEST_HOUR, key, "calls"));
+        flush_entry(t, find(t, TEST_HOUR, key, "calls"));
     }
 
     assert_int_equal(meter_table_sweep(t, TEST_HOUR, TEST_NOW + 1), 3);
@@ -1483,7 +1483,7 @@ test_sweep_old_hours(void **state)
 
     assert_int_equal(meter_table_sweep(t, TEST_HOUR, TEST_NOW + 2), 0);
 
-    flush_entry(e);
+    flush_entry(t, e);
     assert_int_equal(meter_table_sweep(t, TEST_HOUR, TEST_NOW + 3), 1);
     assert_int_equal(t->live, 2);
 }
@@ -1506,7 +1506,7 @@ test_sweep_pressure(void **state)
                          0);
 
         if (i != 5) {
-            flush_entry(find(t, TEST_HOUR, key, "calls"));
+            flush_entry(t, find(t, TEST_HOUR, key, "calls"));
         }
     }
 
@@ -1541,7 +1541,7 @@ test_sweep_pressure_old_first(void **state)
 
     for (i = 0; i < t->nslots; i++) {
         if (t->slots[i].state == METER_SLOT_LIVE) {
-            flush_entry(&t->slots[i]);
+            flush_entry(t, &t->slots[i]);
         }
     }
 
@@ -1609,7 +1609,7 @@ test_batch_collect(void **state)
     /* two more that must not be collected: flushed and zero */
     key_of(10, key);
     assert_int_equal(add(t, TEST_HOUR, key, "calls", 4, TEST_NOW), 0);
-    flush_entry(find(t, TEST_HOUR, key, "calls"));
+    flush_entry(t, find(t, TEST_HOUR, key, "calls"));
     key_of(11, key);
     assert_int_equal(add(t, TEST_HOUR, key, "calls", 0, TEST_NOW), 0);
 
@@ -1658,7 +1658,7 @@ test_batch_collect(void **state)
         key_of(i, key);
         e = find(t, TEST_HOUR + (i & 1), key, "calls");
         assert_int_equal(seen[e - t->slots], 1);
-        flush_entry(e);
+        flush_entry(t, e);
     }
 
     /* all flushed: one pass finds nothing */
@@ -1731,7 +1731,7 @@ test_batch_collect_dirty(void **state)
 
         for (i = 0; i < b.n; i++) {
             total += (unsigned) b.items[i].value;
-            meter_batch_confirm(&b.items[i]);
+            (void) meter_batch_confirm(t, &b.items[i]);
         }
 
         n += b.n;
@@ -1757,7 +1757,7 @@ test_batch_collect_dirty(void **state)
     b.cursor = 0;
     assert_int_equal(meter_batch_collect_dirty(t, &b, UINT32_MAX), 1);
     assert_true(b.items[0].value == 14);
-    meter_batch_confirm(&b.items[0]);
+    (void) meter_batch_confirm(t, &b.items[0]);
 
     /* a mark lost with a killed flusher: the full scan still finds it */
     assert_int_equal(add(t, 5, key, "calls", 1, 100), 0);
@@ -1802,9 +1802,9 @@ test_batch_confirm(void **state)
     assert_int_equal(old.value, 8);
 
     /* acknowledgements may arrive out of order: flushed never drops */
-    meter_batch_confirm(&old);
+    (void) meter_batch_confirm(t, &old);
     assert_int_equal(e->flushed, 8);
-    meter_batch_confirm(&older);
+    (void) meter_batch_confirm(t, &older);
     assert_int_equal(e->flushed, 8);
     assert_int_equal(meter_entry_pending(e), 0);
     assert_int_equal(meter_batch_collect(t, &b, 1), 0);
@@ -1812,7 +1812,7 @@ test_batch_confirm(void **state)
     /* the slot is evicted and reused for another key */
     assert_int_equal(meter_table_evict(t, e, TEST_NOW), 1);
 
-    meter_batch_confirm(&old);
+    (void) meter_batch_confirm(t, &old);
     assert_true(e->flushed == 8);
 
     /* no process registered: reusable at the flusher's next pass */
@@ -1823,14 +1823,14 @@ test_batch_confirm(void **state)
     assert_int_equal(e->flushed, 0);
 
     /* a late acknowledgement of the old slot must not touch the new */
-    meter_batch_confirm(&old);
-    meter_batch_confirm(&older);
+    (void) meter_batch_confirm(t, &old);
+    (void) meter_batch_confirm(t, &older);
     assert_int_equal(e->flushed, 0);
     assert_int_equal(meter_entry_pending(e), 2);
 
     assert_int_equal(meter_batch_collect(t, &b, 1), 1);
     assert_int_equal(items[0].gen, e->gen);
-    meter_batch_confirm(&items[0]);
+    (void) meter_batch_confirm(t, &items[0]);
     assert_int_equal(e->flushed, 2);
 
     free(t);
@@ -2065,7 +2065,7 @@ conc_flusher(meter_table_t *t, conc_shared_t *sh)
                 sh->redis[it->gen].value = it->value;
             }
 
-            meter_batch_confirm(it);
+            (void) meter_batch_confirm(t, it);
 
             if (evicted < CONC_EVICT_MAX
                 && meter_table_evict(t, it->e, TEST_NOW))
@@ -2281,7 +2281,7 @@ conc_reclaim_flusher(meter_table_t *t, conc_shared_t *sh)
                 sh->redis[it->gen].value = it->value;
             }
 
-            meter_batch_confirm(it);
+            (void) meter_batch_confirm(t, it);
         }
 
         evicted += meter_batch_reclaim(t, &b, hour, TEST_NOW);
@@ -2316,8 +2316,8 @@ test_concurrent_reclaim(void **state)
     pid_t           pids[CONC_PROCS], flusher;
     size_t          size, shsize;
     uint32_t        g, hour;
-    unsigned        p, i;
-    uint64_t       *want, *got;
+    unsigned        p, i, stripes;
+    uint64_t       *want, *got, total, counted;
     conc_shared_t  *sh;
     meter_table_t  *t;
 
@@ -2391,9 +2391,27 @@ test_concurrent_reclaim(void **state)
         }
     }
 
+    total = 0;
+
     for (i = 0; i < CONC_KEYS * CONC_HOURS; i++) {
         assert_true(got[i] == want[i]);
+        total += want[i];
     }
+
+    /* meter_status's pending: each process added to its own stripe, the
+     * stripes hold every unit, the confirms every unit once */
+    counted = 0;
+    stripes = 0;
+
+    for (p = 0; p < METER_COUNT_STRIPES; p++) {
+        counted += t->counted[p].v;
+        stripes += t->counted[p].v != 0;
+    }
+
+    assert_true(counted == total);
+    assert_true(t->confirmed == total);
+    assert_true(meter_table_pending(t) == 0);
+    assert_true(stripes > 1);
 
     /* far more counters than slots went through: tombstones were reused */
     print_message("reclaim: %u claims, %llu evictions, %llu retried adds "
@@ -2412,6 +2430,102 @@ test_concurrent_reclaim(void **state)
     free(got);
     assert_int_equal(munmap(sh, shsize), 0);
     assert_int_equal(munmap(t, size), 0);
+}
+
+
+/* the pending figure of meter_status, kept by adds and confirms, equals
+ * the walk over every LIVE slot it replaced, through claims, sums, gauges,
+ * partial and stale confirms, evictions and reuse */
+static uint64_t
+pending_walk(meter_table_t *t)
+{
+    uint32_t  i;
+    uint64_t  n;
+
+    n = 0;
+
+    for (i = 0; i < t->nslots; i++) {
+        if (t->slots[i].state == METER_SLOT_LIVE) {
+            n += meter_entry_pending(&t->slots[i]);
+        }
+    }
+
+    return n;
+}
+
+
+static void
+test_table_pending(void **state)
+{
+    uint8_t              key[METER_HASH_LEN];
+    unsigned             i, r, n, stale, checks;
+    uint32_t             hour, now;
+    meter_table_t       *t;
+    meter_batch_t        b;
+    meter_batch_item_t   items[64], old;
+
+    (void) state;
+
+    t = table_new(128);
+    srand(12);
+    stale = 0;
+    checks = 0;
+    memset(&old, 0, sizeof(old));
+
+    assert_int_equal(meter_table_pending(t), 0);
+
+    for (i = 0; i < 20000; i++) {
+        r = (unsigned) rand();
+        key_of(r % 40, key);
+        hour = TEST_HOUR + i / 5000;
+        now = TEST_NOW + i / 10;
+
+        if (r % 3 == 0) {
+            (void) meter_table_max(t, hour, key, "g:max", 5,
+                                   (uint64_t) (r % 1000), now);
+
+        } else {
+            (void) add(t, hour, key, "calls", r % 7, now);
+        }
+
+        if (i % 97 == 0) {
+            /* a pass: most items confirmed at what was sent, one kept to
+             * be confirmed late (its slot may be reused meanwhile) */
+            memset(&b, 0, sizeof(b));
+            b.items = items;
+            b.cap = 64;
+            (void) meter_batch_collect(t, &b, t->nslots);
+
+            for (n = 0; n < b.n; n++) {
+                if (n == 0 && !stale) {
+                    old = b.items[0];
+                    stale = 1;
+
+                } else if ((r >> 8) % 4 != 0) {
+                    (void) meter_batch_confirm(t, &b.items[n]);
+                }
+            }
+
+            if (stale && i % 3 == 0) {
+                (void) meter_batch_confirm(t, &old);
+                stale = 0;
+            }
+
+            (void) meter_table_sweep(t, hour, now);
+            meter_table_quiesce(t, now);
+        }
+
+        if (i % 89 == 0) {
+            assert_true(meter_table_pending(t) == pending_walk(t));
+            checks += pending_walk(t) != 0;
+        }
+    }
+
+    assert_true(meter_table_pending(t) == pending_walk(t));
+    assert_true(checks > 10);               /* not all zero */
+    assert_true(t->gen > t->nslots);        /* slots were reused */
+
+    free(t);
 }
 
 
@@ -2448,7 +2562,7 @@ test_gauge_max(void **state)
     assert_int_equal(meter_entry_count(c), 10);
 
     /* flushed at 17: a smaller or equal reading leaves nothing pending */
-    flush_entry(e);
+    flush_entry(t, e);
     assert_int_equal(meter_entry_pending(e), 0);
     assert_int_equal(meter_table_max(t, TEST_HOUR, key, "gb:max", 6, 17,
                                      TEST_NOW), 0);
@@ -2487,6 +2601,7 @@ main(void)
         cmocka_unit_test(test_methods),
         cmocka_unit_test(test_value),
         cmocka_unit_test(test_gauge_max),
+        cmocka_unit_test(test_table_pending),
         cmocka_unit_test(test_name),
         cmocka_unit_test(test_hour),
         cmocka_unit_test(test_hour_format),
