@@ -74,8 +74,6 @@ static void ngx_http_meter_gov_tick(ngx_event_t *ev);
 static ngx_int_t ngx_http_meter_gov_send(ngx_http_meter_gov_refresh_t *gr,
     redisCallbackFn *fn, void *privdata, int argc, const char **argv,
     const size_t *len);
-static ngx_int_t ngx_http_meter_gov_hscan(ngx_http_meter_gov_refresh_t *gr,
-    const char *key, size_t klen, redisCallbackFn *fn);
 static ngx_int_t ngx_http_meter_gov_reply_ok(ngx_http_meter_gov_refresh_t *gr,
     redisReply *reply, int type);
 static ngx_int_t ngx_http_meter_gov_page(ngx_http_meter_gov_refresh_t *gr,
@@ -342,6 +340,7 @@ ngx_http_meter_gov_tick(ngx_event_t *ev)
     ngx_memcpy(gr->gov_cursor, "0", 2);
     (void) ngx_http_meter_gov_hscan(gr, MTR_GOV_CREDIT,
                                     sizeof(MTR_GOV_CREDIT) - 1,
+                                    gr->gov_cursor,
                                     ngx_http_meter_gov_credit_reply);
 
     /* what the versions after the view's changed, if it can be applied */
@@ -400,18 +399,18 @@ ngx_http_meter_gov_send(ngx_http_meter_gov_refresh_t *gr, redisCallbackFn *fn,
 }
 
 
-/* HSCAN KEY CURSOR COUNT n: one page of a hash, gr->gov_cursor on */
+/* HSCAN KEY CURSOR COUNT n: one page of a hash (the quota pages too) */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_meter_gov_hscan(ngx_http_meter_gov_refresh_t *gr, const char *key,
-    size_t klen, redisCallbackFn *fn)
+    size_t klen, const char *cursor, redisCallbackFn *fn)
 {
     size_t       len[5];
     const char  *argv[5];
 
     argv[0] = "HSCAN"; len[0] = 5;
     argv[1] = key; len[1] = klen;
-    argv[2] = gr->gov_cursor; len[2] = ngx_strlen(gr->gov_cursor);
+    argv[2] = cursor; len[2] = ngx_strlen(cursor);
     argv[3] = "COUNT"; len[3] = 5;
     argv[4] = NGX_HTTP_METER_GOV_COUNT;
     len[4] = sizeof(NGX_HTTP_METER_GOV_COUNT) - 1;
@@ -608,6 +607,7 @@ ngx_http_meter_gov_credit_reply(redisAsyncContext *ac, void *r,
     if (rc == NGX_OK && !gr->gov_failed) {
         (void) ngx_http_meter_gov_hscan(gr, MTR_GOV_CREDIT,
                                         sizeof(MTR_GOV_CREDIT) - 1,
+                                        gr->gov_cursor,
                                         ngx_http_meter_gov_credit_reply);
     }
 
@@ -772,6 +772,7 @@ ngx_http_meter_gov_scan_start(ngx_http_meter_gov_refresh_t *gr)
     ngx_memcpy(gr->gov_cursor, "0", 2);
 
     if (ngx_http_meter_gov_hscan(gr, MTR_GOV, sizeof(MTR_GOV) - 1,
+                                 gr->gov_cursor,
                                  ngx_http_meter_gov_scan_reply)
         != NGX_OK)
     {
@@ -1597,6 +1598,7 @@ ngx_http_meter_gov_scan_page(ngx_http_meter_gov_refresh_t *gr)
         gr->gov_phase = NGX_HTTP_METER_GOV_SCAN;
 
         if (ngx_http_meter_gov_hscan(gr, MTR_GOV, sizeof(MTR_GOV) - 1,
+                                     gr->gov_cursor,
                                      ngx_http_meter_gov_scan_reply)
             != NGX_OK)
         {

@@ -670,6 +670,10 @@ ngx_int_t ngx_http_meter_deny(ngx_http_request_t *r,
     ngx_http_meter_shctx_t *sh, ngx_uint_t status, ngx_uint_t why,
     const char *reason, const char *detail);
 
+/* ngx_http_meter_gov_refresh.c: one HSCAN page of KEY from CURSOR */
+ngx_int_t ngx_http_meter_gov_hscan(ngx_http_meter_gov_refresh_t *gr,
+    const char *key, size_t klen, const char *cursor, redisCallbackFn *fn);
+
 /* ngx_http_meter_quota.c */
 ngx_int_t ngx_http_meter_quota_read(ngx_http_meter_gov_refresh_t *gr);
 ngx_int_t ngx_http_meter_quota_check(ngx_http_request_t *r,

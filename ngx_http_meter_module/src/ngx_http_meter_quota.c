@@ -46,28 +46,10 @@ ngx_http_meter_quota_read(ngx_http_meter_gov_refresh_t *gr)
 static ngx_int_t
 ngx_http_meter_quota_send(ngx_http_meter_gov_refresh_t *gr)
 {
-    size_t       len[5];
-    const char  *argv[5];
-
-    argv[0] = "HSCAN"; len[0] = 5;
-    argv[1] = MTR_GOV_QUOTA; len[1] = sizeof(MTR_GOV_QUOTA) - 1;
-    argv[2] = gr->gov_qcursor; len[2] = ngx_strlen(gr->gov_qcursor);
-    argv[3] = "COUNT"; len[3] = 5;
-    argv[4] = NGX_HTTP_METER_GOV_COUNT;
-    len[4] = sizeof(NGX_HTTP_METER_GOV_COUNT) - 1;
-
-    if (gr->redis->ac == NULL
-        || redisAsyncCommandArgv(gr->redis->ac, ngx_http_meter_quota_reply,
-                                 gr, 5, argv, len)
-           != REDIS_OK)
-    {
-        gr->gov_failed = 1;
-        return NGX_ERROR;
-    }
-
-    gr->gov_busy++;
-
-    return NGX_OK;
+    return ngx_http_meter_gov_hscan(gr, MTR_GOV_QUOTA,
+                                    sizeof(MTR_GOV_QUOTA) - 1,
+                                    gr->gov_qcursor,
+                                    ngx_http_meter_quota_reply);
 }
 
 
