@@ -230,6 +230,7 @@ def test_rebuild_of_many_keys_leaves_the_loop_to_requests(nginx_factory,
     t = threading.Thread(target=change, daemon=True)
     t.start()
     worst = 0.0
+    slow = 0
     try:
         c = http.client.HTTPConnection("127.0.0.1", n.port2, timeout=10)
         end = time.monotonic() + 8
@@ -237,17 +238,21 @@ def test_rebuild_of_many_keys_leaves_the_loop_to_requests(nginx_factory,
             t0 = time.monotonic()
             c.request("GET", "/ping")
             c.getresponse().read()
-            worst = max(worst, time.monotonic() - t0)
+            took = time.monotonic() - t0
+            worst = max(worst, took)
+            slow += took >= 0.15
         c.close()
     finally:
         stop.set()
         t.join()
 
     rebuilt = [r for r in refreshes(n, off) if r["rebuilt"] == "keys"]
-    print("worst latency %.1f ms; rebuilds: %s" % (worst * 1e3, rebuilt))
-    # the rebuild in one go held it ~0.25 s here; slices, a few ms at most
-    # but for the noise of a shared machine
-    assert worst < 0.15, worst
+    print("worst latency %.1f ms, %d at 150 ms or more; rebuilds: %s"
+          % (worst * 1e3, slow, rebuilt))
+    # the rebuild in one go held it ~0.25 s at every refresh (16 requests
+    # in 8 s); slices, a few ms at most.  A shared machine may preempt
+    # nginx once or twice that long, hence a count, not the worst
+    assert slow <= 2, (slow, worst)
     assert rebuilt, refreshes(n, off)
     for r in rebuilt:
         assert r["keys"] == str(nkeys)

@@ -218,9 +218,11 @@ def lose_answers(redis, tmp_path, created_ago):
         redis, tmp_path, ncust=2, fake_customers=cust,
         **{"metronome.timeout": "1s", "metronome.max_attempts": "1"})
     w = worker(redis, tmp_path, fake, settings)
-    # retries far enough out that --once leaves them open (exit 75)
-    text = w.conf.read_text().replace("retry.base = 1s", "retry.base = 2m")
-    w.conf.write_text(text.replace("retry.max = 2s", "retry.max = 4m"))
+    # retries far enough out that --once leaves them open (exit 75): the
+    # jitter spreads a retry over [base/2, base], and --once waits for
+    # retries due within 60 s, so base/2 must be well past a minute
+    text = w.conf.read_text().replace("retry.base = 1s", "retry.base = 10m")
+    w.conf.write_text(text.replace("retry.max = 2s", "retry.max = 20m"))
     fake.hang_next(2, seconds=3, after=True)
     r = w.run(now_hour())
     assert r.returncode == 75, r.stderr
