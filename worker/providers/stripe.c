@@ -863,7 +863,10 @@ meter_stripe_check(meter_stripe_t *st, const meter_record_t *rec,
     memset(res, 0, sizeof(*res));
     res->status = METER_SEND_FATAL;
 
-    ts = rec->period_end - 1;
+    /* a figure's: the end of its latest hour, increasing per customer
+     * and meter (figures.c), so that the meter's "last" is the newest */
+    ts = (rec->figure && rec->usage_end > 0) ? rec->usage_end - 1
+                                             : rec->period_end - 1;
     now = time(NULL);
 
     if (ts > now && rec->period_start <= now) {
@@ -965,8 +968,8 @@ meter_stripe_build(meter_stripe_t *st, const meter_record_t *rec,
                                   (unsigned long long) rec->quantity) != 0
             || meter_form_add_u64(&o->body, st->http.curl, "timestamp",
                                   (unsigned long long) o->ts) != 0
-            || meter_form_add(&o->body, st->http.curl, "action", "increment")
-               != 0)
+            || meter_form_add(&o->body, st->http.curl, "action",
+                              rec->figure ? "set" : "increment") != 0)
         {
             goto nomem;
         }
@@ -2947,5 +2950,6 @@ meter_provider_stripe(meter_provider_t *p)
     p->overdue = meter_stripe_overdue;
     p->webhook = meter_stripe_webhook;
     p->cleanup = meter_stripe_cleanup;
+    p->absolute = 1;
     p->data = NULL;
 }
