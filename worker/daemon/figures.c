@@ -1277,10 +1277,9 @@ meter_figures_run(meter_drain_t *d, time_t closed_end, time_t now)
         }
 
         if (scan) {
-            /* cleared first: a raise meanwhile sets it again */
-            freeReplyObject(meter_redis_cmd(d->redis, "HDEL %s %s|dirty",
-                                            MTR_W_FIGMON, month));
-
+            /* dirty is cleared only after a complete scan (a pass killed
+             * or cut short scans again); raises come from this worker's
+             * own pass, under the lock, before it */
             rc = meter_fig_bill(d, ms[k], closed, now, &left);
 
             if (left) {
@@ -1288,11 +1287,16 @@ meter_figures_run(meter_drain_t *d, time_t closed_end, time_t now)
                                                 "HSET %s %s|dirty 1",
                                                 MTR_W_FIGMON, month));
 
-            } else if (closed && rc == METER_DRAIN_OK) {
-                freeReplyObject(meter_redis_cmd(d->redis,
-                                                "HSET %s %s|closed 1",
+            } else {
+                freeReplyObject(meter_redis_cmd(d->redis, "HDEL %s %s|dirty",
                                                 MTR_W_FIGMON, month));
-                done[k] = 1;
+
+                if (closed) {
+                    freeReplyObject(meter_redis_cmd(d->redis,
+                                                    "HSET %s %s|closed 1",
+                                                    MTR_W_FIGMON, month));
+                    done[k] = 1;
+                }
             }
 
             dirty[k] = left;
