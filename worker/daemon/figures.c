@@ -257,13 +257,12 @@ meter_uperiod_parse(const char *s, size_t len, time_t *start, time_t *end)
 }
 
 
-int
-meter_fig_raise(meter_drain_t *d, const char *subject, const char *fmeter,
-    meter_fig_kind_e kind, time_t hour, uint64_t value, uint64_t raw,
-    const char *kh)
+static int
+meter_fig_raise_append(meter_drain_t *d, const char *subject,
+    const char *fmeter, meter_fig_kind_e kind, time_t hour, uint64_t value,
+    uint64_t raw, const char *kh)
 {
-    char         month[8], key[64], field[160], f[24], h[16], r[24];
-    redisReply  *rp;
+    char  month[8], key[64], field[160], f[24], h[16], r[24];
 
     meter_month_name(hour, month, sizeof(month));
     meter_hour_format(hour, h, sizeof(h));
@@ -272,20 +271,54 @@ meter_fig_raise(meter_drain_t *d, const char *subject, const char *fmeter,
     snprintf(f, sizeof(f), "%" PRIu64, value);
     snprintf(r, sizeof(r), "%" PRIu64, (kind == METER_FIG_LAST) ? raw : 0);
 
-    rp = meter_redis_cmd(d->redis, "EVAL %s 2 %s %s %s %s %s %s %s %s %s",
-                         meter_lua_fig_raise, key, MTR_W_FIGMON, field,
-                         (kind == METER_FIG_LAST) ? "last" : "max", f, h, r,
-                         kh, month);
-    if (!meter_reply_ok(rp)) {
-        meter_log(LOG_ERR, "%s %s: %s", key, field,
-                  rp != NULL ? rp->str : d->redis->err);
+    return meter_redis_append(d->redis, "EVAL %s 2 %s %s %s %s %s %s %s %s %s",
+                              meter_lua_fig_raise, key, MTR_W_FIGMON, field,
+                              (kind == METER_FIG_LAST) ? "last" : "max", f, h,
+                              r, kh, month);
+}
+
+
+/* n replies of queued commands; -1 when one failed */
+static int
+meter_fig_replies(meter_drain_t *d, size_t n)
+{
+    size_t       i;
+    int          failed;
+    redisReply  *rp;
+
+    failed = 0;
+
+    for (i = 0; i < n; i++) {
+        rp = meter_redis_reply(d->redis);
+        if (!meter_reply_ok(rp)) {
+            meter_log(LOG_ERR, "figures: %s",
+                      rp != NULL ? rp->str : d->redis->err);
+            failed = 1;
+        }
+
         freeReplyObject(rp);
+
+        if (d->redis->ctx == NULL) {
+            return -1;
+        }
+    }
+
+    return failed ? -1 : 0;
+}
+
+
+int
+meter_fig_raise(meter_drain_t *d, const char *subject, const char *fmeter,
+    meter_fig_kind_e kind, time_t hour, uint64_t value, uint64_t raw,
+    const char *kh)
+{
+    if (meter_fig_raise_append(d, subject, fmeter, kind, hour, value, raw,
+                               kh) != 0)
+    {
         return -1;
     }
 
-    freeReplyObject(rp);
-
-    return 0;
+    return meter_fig_replies(d, 1);
 }
 
 
@@ -351,6 +384,8 @@ typedef struct {
     size_t                      n;
     size_t                      cap;
     uint64_t                   *scard;
+    uint64_t                    count;
+    int                         big;            /* a set at the limit */
 } meter_ugroup_t;
 
 typedef struct {
@@ -386,58 +421,14 @@ meter_ugroup_free(void *p)
 }
 
 
-/* the union of several keys' sets or HLLs, in the worker's slot */
+/* the union of several keys' HLLs (one set at the limit), merged in the
+ * worker's slot: PFMERGE needs its keys in one */
 static int
 meter_fig_union(meter_drain_t *d, meter_ugroup_t *g, const char *name,
     const char *up, uint64_t *count)
 {
-    int          big;
-    size_t       i, k, n;
+    size_t       i, n;
     redisReply  *rp;
-    meter_map_t  seen;
-
-    big = 0;
-    for (i = 0; i < g->n; i++) {
-        big |= (g->scard[i] >= MTR_UNIQUE_EXACT);
-    }
-
-    if (!big) {
-        /* exact: the members themselves (each set under the limit) */
-        if (meter_map_init(&seen, 64) != 0) {
-            return -1;
-        }
-
-        for (i = 0; i < g->n; i++) {
-            rp = meter_redis_cmd(d->redis, "SMEMBERS " MTR_UQ_FMT, g->khs[i],
-                                 name, up);
-            if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY) {
-                freeReplyObject(rp);
-                meter_map_free(&seen, NULL);
-                return -1;
-            }
-
-            for (k = 0; k < rp->elements; k++) {
-                if (rp->element[k]->type == REDIS_REPLY_STRING) {
-                    int  created;
-
-                    if (meter_map_put(&seen, rp->element[k]->str, &created)
-                        == NULL)
-                    {
-                        freeReplyObject(rp);
-                        meter_map_free(&seen, NULL);
-                        return -1;
-                    }
-                }
-            }
-
-            freeReplyObject(rp);
-        }
-
-        *count = seen.n;
-        meter_map_free(&seen, NULL);
-
-        return 0;
-    }
 
     /* PFMERGE needs one slot: copies of the HLLs into the worker's */
     n = 0;
@@ -484,29 +475,42 @@ meter_fig_union(meter_drain_t *d, meter_ugroup_t *g, const char *name,
 }
 
 
-/* the distinct counts of groups [from, to) of list, one pipeline each */
+/* the name and period of a group ("NAME|UPERIOD") */
+static const char *
+meter_fig_group_name(const meter_ugroup_t *g, char *name, size_t size)
+{
+    const char  *up;
+
+    up = strrchr(g->fmeter, '|') + 1;
+    snprintf(name, size, "%.*s", (int) (up - 1 - g->fmeter), g->fmeter);
+
+    return up;
+}
+
+
+/*
+ * The distinct counts of groups [from, to) of list, pipelined: every
+ * SCARD, then a PFCOUNT per large single key and the SMEMBERS of the keys
+ * of each small union; a union with a large set merges HLLs (rare).
+ */
 static int
 meter_fig_count(meter_drain_t *d, meter_ugroup_t **list, size_t from,
     size_t to, meter_map_t *sums)
 {
     char            sk[192], name[MTR_METER_MAX + 1];
     const char     *up;
-    size_t          i, k, nq;
+    size_t          i, k, j;
     uint64_t        c;
     redisReply     *rp;
     void          **slot;
-    int             created, failed;
+    int             created, big;
     meter_usum_t   *s;
+    meter_map_t     seen;
     meter_ugroup_t *g;
-
-    failed = 0;
-    nq = 0;
 
     for (i = from; i < to; i++) {
         g = list[i];
-        up = strrchr(g->fmeter, '|') + 1;
-        snprintf(name, sizeof(name), "%.*s", (int) (up - 1 - g->fmeter),
-                 g->fmeter);
+        up = meter_fig_group_name(g, name, sizeof(name));
 
         for (k = 0; k < g->n; k++) {
             if (meter_redis_append(d->redis, "SCARD " MTR_UQ_FMT, g->khs[k],
@@ -514,8 +518,6 @@ meter_fig_count(meter_drain_t *d, meter_ugroup_t **list, size_t from,
             {
                 return -1;
             }
-
-            nq++;
         }
     }
 
@@ -534,25 +536,99 @@ meter_fig_count(meter_drain_t *d, meter_ugroup_t **list, size_t from,
         }
     }
 
-    for (i = from; i < to && !failed; i++) {
+    /* second round trip: what a count needs beyond SCARD */
+    for (i = from; i < to; i++) {
         g = list[i];
-        up = strrchr(g->fmeter, '|') + 1;
-        snprintf(name, sizeof(name), "%.*s", (int) (up - 1 - g->fmeter),
-                 g->fmeter);
+        up = meter_fig_group_name(g, name, sizeof(name));
 
-        if (g->n == 1 && g->scard[0] < MTR_UNIQUE_EXACT) {
+        big = 0;
+        for (k = 0; k < g->n; k++) {
+            big |= (g->scard[k] >= MTR_UNIQUE_EXACT);
+        }
+
+        g->big = big;
+
+        if (g->n == 1 && big) {
+            if (meter_redis_append(d->redis, "PFCOUNT " MTR_UH_FMT,
+                                   g->khs[0], name, up) != 0)
+            {
+                return -1;
+            }
+
+        } else if (g->n > 1 && !big) {
+            for (k = 0; k < g->n; k++) {
+                if (meter_redis_append(d->redis, "SMEMBERS " MTR_UQ_FMT,
+                                       g->khs[k], name, up) != 0)
+                {
+                    return -1;
+                }
+            }
+        }
+    }
+
+    for (i = from; i < to; i++) {
+        g = list[i];
+        up = meter_fig_group_name(g, name, sizeof(name));
+        c = 0;
+
+        if (g->n == 1 && !g->big) {
             c = g->scard[0];
 
         } else if (g->n == 1) {
-            rp = meter_redis_cmd(d->redis, "PFCOUNT " MTR_UH_FMT, g->khs[0],
-                                 name, up);
+            rp = meter_redis_reply(d->redis);
+            if (rp == NULL) {
+                return -1;
+            }
+
             c = meter_fig_distinct(g->scard[0],
                                    (uint64_t) meter_reply_int(rp, 0));
             freeReplyObject(rp);
 
-        } else if (meter_fig_union(d, g, name, up, &c) != 0) {
-            failed = 1;
-            break;
+        } else if (!g->big) {
+            /* exact: the union of the members (each set under the limit) */
+            if (meter_map_init(&seen, 64) != 0) {
+                return -1;
+            }
+
+            for (k = 0; k < g->n; k++) {
+                rp = meter_redis_reply(d->redis);
+                if (rp == NULL) {
+                    meter_map_free(&seen, NULL);
+                    return -1;
+                }
+
+                for (j = 0; rp->type == REDIS_REPLY_ARRAY
+                            && j < rp->elements; j++)
+                {
+                    if (rp->element[j]->type == REDIS_REPLY_STRING
+                        && meter_map_put(&seen, rp->element[j]->str,
+                                         &created) == NULL)
+                    {
+                        freeReplyObject(rp);
+                        meter_map_free(&seen, NULL);
+                        return -1;
+                    }
+                }
+
+                freeReplyObject(rp);
+            }
+
+            c = seen.n;
+            meter_map_free(&seen, NULL);
+        }
+
+        g->count = c;
+    }
+
+    /* the rare unions over a large set, one by one */
+    for (i = from; i < to; i++) {
+        g = list[i];
+        up = meter_fig_group_name(g, name, sizeof(name));
+
+        if (g->n > 1 && g->big
+            && meter_fig_union(d, g, name, up, &g->count) != 0)
+        {
+            return -1;
         }
 
         /* the month's figure: the sum over its unique periods */
@@ -560,15 +636,13 @@ meter_fig_count(meter_drain_t *d, meter_ugroup_t **list, size_t from,
                  name);
         slot = meter_map_put(sums, sk, &created);
         if (slot == NULL) {
-            failed = 1;
-            break;
+            return -1;
         }
 
         if (created) {
             s = calloc(1, sizeof(meter_usum_t));
             if (s == NULL) {
-                failed = 1;
-                break;
+                return -1;
             }
 
             snprintf(s->kh, sizeof(s->kh), "%s",
@@ -577,16 +651,14 @@ meter_fig_count(meter_drain_t *d, meter_ugroup_t **list, size_t from,
         }
 
         s = *slot;
-        s->f += c;
+        s->f += g->count;
 
         if (g->n != 1 || strcmp(s->kh, g->khs[0]) != 0) {
             strcpy(s->kh, "*");
         }
     }
 
-    (void) nq;
-
-    return failed ? -1 : 0;
+    return 0;
 }
 
 
@@ -821,23 +893,37 @@ meter_fig_uniques(meter_drain_t *d, time_t mstart, time_t closed_end,
 
     /* raise each figure: it only grows (max-only, a recount that read
      * fewer members changes nothing) */
+    n = 0;
+
     for (i = 0; i < sums.cap; i++) {
         if (sums.keys[i] == NULL || sums.vals[i] == NULL) {
             continue;
         }
 
         s = sums.vals[i];
-        p1 = strchr(sums.keys[i], '|');
+        p1 = strrchr(sums.keys[i], '|');
         *p1 = '\0';
 
-        if (meter_fig_raise(d, sums.keys[i], p1 + 1, METER_FIG_UNIQUE, hour,
-                            s->f, 0, s->kh) != 0)
+        if (meter_fig_raise_append(d, sums.keys[i], p1 + 1, METER_FIG_UNIQUE,
+                                   hour, s->f, 0, s->kh) != 0)
         {
             *p1 = '|';
             goto done;
         }
 
         *p1 = '|';
+
+        if (++n == METER_FIG_BATCH) {
+            if (meter_fig_replies(d, n) != 0) {
+                goto done;
+            }
+
+            n = 0;
+        }
+    }
+
+    if (meter_fig_replies(d, n) != 0) {
+        goto done;
     }
 
     rc = 0;
