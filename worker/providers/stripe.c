@@ -18,6 +18,11 @@
  * The event timestamp is period_end - 1: the last second inside the
  * period, so a record stays inside Stripe's 35-day window as long as
  * possible and an hour's usage lands in the billing period of that hour.
+ * A figure's record (a gauge or unique count, month to date: figures.c)
+ * carries the figure itself at the end of its latest hour, for a meter
+ * created with default_aggregation[formula]=last (the formulas are count,
+ * sum and last: stripe/stripe-dotnet src/Stripe.net/Services/Billing/
+ * Meters/MeterDefaultAggregationOptions.cs), and usage_records action=set.
  *
  * Stripe allows one concurrent call per customer and meter: the worker
  * sends one record at a time, so this holds.  stripe.max_rps defaults to
@@ -1821,7 +1826,10 @@ meter_stripe_lookup(meter_provider_t *p, const meter_record_t *rec,
 
     memset(res, 0, sizeof(*res));
 
-    if (!meter_past_window(rec, now, METER_STRIPE_WINDOW)) {
+    /* a figure is the month-to-date value itself at its own timestamp, for
+     * a meter whose formula is "last" (or action=set): counted twice it is
+     * still the same last value, so it is resent */
+    if (rec->figure || !meter_past_window(rec, now, METER_STRIPE_WINDOW)) {
         return 0;
     }
 
