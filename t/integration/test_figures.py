@@ -197,16 +197,30 @@ def test_gauge_max_recurly_sums_to_the_month_max(redis, tmp_path):
 
 # --------------------------------------------------------------- stripe
 
-def test_stripe_gets_the_month_to_date_figure(redis, tmp_path):
+@pytest.mark.parametrize("mode", ["meter_events", "meter_event_stream",
+                                  "usage_records"])
+def test_stripe_gets_the_month_to_date_figure(redis, tmp_path, mode):
     fakes = pytest.importorskip("fakes.stripe")
     stripe = fakes.FakeStripe(api_key="sk_test_f1").start()
     try:
+        extra = {"stripe__api_version": "2025-02-24.acacia"} \
+            if mode == "usage_records" else {}
         w = stripe_worker(tmp_path, redis, stripe, "sk_test_f1",
-                          meter__disk="storage_gb", grace="5m")
+                          meter__disk="storage_gb", grace="5m",
+                          stripe__mode=mode, stripe__stream_url=stripe.url,
+                          **extra)
         stripe_customer(redis, "s1", "cus_s1", "ks-1")
+        redis.cmd("HSET", "mtr:cust:{s1}", "item.disk", "si_disk")
         for i, v in enumerate((30, 70, 50)):
             gauge_hours(redis, "ks-1", "disk:max", [v], BASE + i * 3600)
             assert w.once(BASE + (i + 1) * 3600 + 300).returncode == 0
+        if mode == "usage_records":
+            # each the figure, action=set: the item's usage is the last
+            recs = stripe.usage_records
+            assert [(r["quantity"], r["action"]) for r in recs] == [
+                (30, "set"), (70, "set")]
+            assert stripe.usage_total("si_disk") == 70
+            return
         # each event carries the figure so far; the third hour raised
         # nothing, so no third event
         vals = [int(e["payload"]["value"]) for e in stripe.events]
