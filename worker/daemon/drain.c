@@ -2323,6 +2323,7 @@ typedef struct {
     char                        rkey[64];
     char                        nf[8];
     char                        pe[24];
+    char                        ex[24];
 } meter_new_args_t;
 
 
@@ -2412,7 +2413,17 @@ meter_drain_create_all(meter_drain_t *d, time_t pstart, meter_new_t *nw,
         meter_arg(sa[i].next);
         meter_arg(nw[i].id);
         meter_arg(now);
-        meter_arg(expire);
+
+        if (a->figure) {
+            /* a month's sequence numbers outlive the month too */
+            snprintf(sa[i].ex, sizeof(sa[i].ex), "%lld",
+                     (long long) (a->pend - time(NULL) + 2 * d->cf->retention
+                                  + 2 * METER_DAY));
+            meter_arg(sa[i].ex);
+
+        } else {
+            meter_arg(expire);
+        }
         k = argc;
         meter_arg("");          /* the count, set below */
         nf0 = argc;
