@@ -370,8 +370,13 @@ def test_unique_union_over_a_customers_keys(redis, tmp_path):
                    fig_line(None, "cu", "users", "unique", BASE, 5)]
     # a new user in the next hour: +1; no new hour: not even read
     seed_unique(redis, "ku-2", "users", up, ["u6", "u1"])
+    redis.cmd("CONFIG", "RESETSTAT")
     assert w.once(BASE + 3600 + 300).returncode == 0
     assert len(w.lines()) == 2
+    stats = redis.cmd("INFO", "commandstats")
+    stats = stats.decode() if isinstance(stats, bytes) else stats
+    for cmd in ("sscan", "scard", "smembers", "pfcount"):
+        assert "cmdstat_%s:" % cmd not in stats, stats
     assert w.once(BASE + 2 * 3600 + 300).returncode == 0
     assert w.lines()[2:] == [fig_line(None, "cu", "users", "unique",
                                       BASE, 1, seq=2)]
@@ -441,3 +446,34 @@ def test_future_hours_are_not_billed_early(redis, tmp_path):
     assert w.once(NOW - 300).returncode == 0
     assert w.lines() == []
     assert "cf|disk:max|f" not in fig_hash(redis, future)
+
+
+def test_month_removed_after_retention(redis, tmp_path):
+    """A closed, billed month past retention: its sets, HLLs, index and
+    figures are deleted; a month still inside retention keeps them."""
+    if NOW - PREV_END < 3 * 3600:
+        pytest.skip("the month before ended less than 3 h ago")
+    w = Worker(tmp_path, redis, grace="5m", retention="1h")
+    customer(redis, "cr", "kr-1")
+    kh = key_hash("kr-1")
+    seed_unique(redis, "kr-1", "users", yyyymm(PREV), ["a", "b", "c"])
+    put_writer(redis, EPOCH2, 1, PREV_END - 3600, {("kr-1", "disk:max", 1):
+                                                   7})
+    seed_unique(redis, "kr-1", "users", yyyymm(NOW), ["a"])
+    assert w.once(NOW - 300).returncode == 0
+    got = sorted((x["period_start"], x["meter"], x["quantity"])
+                 for x in w.lines())
+    assert (iso(PREV), "disk", 7) in got and (iso(PREV), "users", 3) in got
+    prev = yyyymm(PREV)
+    assert redis.keys("mtr:uq:{%s}:users:%s" % (kh, prev)) == []
+    assert redis.keys("mtr:uh:{%s}:users:%s" % (kh, prev)) == []
+    assert redis.cmd("EXISTS", "mtr:uqidx:%s" % prev) == 0
+    assert redis.cmd("EXISTS", "mtr:{worker}:fig:%s" % prev) == 0
+    assert not any(f.startswith(prev)
+                   for f in redis.hgetall("mtr:{worker}:figmon"))
+    # this month is not closed: kept
+    cur = yyyymm(NOW)
+    assert redis.cmd("EXISTS", "mtr:uqidx:%s" % cur) == 1
+    assert redis.cmd("EXISTS", "mtr:uq:{%s}:users:%s" % (kh, cur)) == 1
+    assert fig_hash(redis, NOW)["cr|users:unique"] == "1"
+
