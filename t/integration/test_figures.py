@@ -477,3 +477,21 @@ def test_month_removed_after_retention(redis, tmp_path):
     assert redis.cmd("EXISTS", "mtr:uq:{%s}:users:%s" % (kh, cur)) == 1
     assert fig_hash(redis, NOW)["cr|users:unique"] == "1"
 
+
+
+def test_key_without_customer_is_held_from_stripe(redis, tmp_path):
+    """Stripe needs a customer: a key without one is held (not sent, not
+    lost), listed in mtr:{worker}:nocust like held usage."""
+    fakes = pytest.importorskip("fakes.stripe")
+    stripe = fakes.FakeStripe(api_key="sk_test_f5").start()
+    try:
+        w = stripe_worker(tmp_path, redis, stripe, "sk_test_f5",
+                          meter__disk="storage_gb", grace="5m")
+        gauge_hours(redis, "kn-1", "disk:max", [9])
+        assert w.once(BASE + 3600 + 300).returncode == 0
+        assert stripe.events == []
+        kh = key_hash("kn-1")
+        assert redis.cmd("SMEMBERS", "mtr:{worker}:nocust") == [kh.encode()]
+        assert fig_hash(redis, BASE)["%s|disk:max|f" % kh].split()[0] == "9"
+    finally:
+        stripe.stop()

@@ -537,12 +537,6 @@ meter_drain_run(meter_drain_t *d)
         rc = meter_drain_periods(d, now);
     }
 
-    if (rc == METER_DRAIN_OK) {
-        rc = meter_figures_run(d, (d->before != 0) ? d->before
-                                                   : now - d->cf->grace,
-                               time(NULL));
-    }
-
     if (rc == METER_DRAIN_OK && !d->dry_run) {
         meter_drain_retention(d, time(NULL));
 
@@ -766,6 +760,11 @@ meter_drain_periods(meter_drain_t *d, time_t now)
     }
 
     free(hs);
+
+    /* the month's figures (gauges, uniques), after their hours */
+    if (rc == METER_DRAIN_OK) {
+        rc = meter_figures_run(d, closed_end, time(NULL));
+    }
 
     if (rc == METER_DRAIN_OK && !d->dry_run) {
         /* the keys found without customer in this complete pass */
