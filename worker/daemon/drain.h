@@ -92,8 +92,9 @@ typedef struct {
     char                        meter[MTR_METER_MAX + 1];
     uint64_t                    quantity;
     meter_str_t                 covers;         /* "PREFIXFIELD VALUE\n" */
-    /* a gauge (METER ends in MTR_GAUGE_MAX_SFX): quantity stays 0, the
-     * largest u and b over its counters instead */
+    /* a gauge (METER ends in MTR_GAUGE_MAX_SFX or MTR_GAUGE_LAST_SFX:
+     * meter_gauge_name()): quantity stays 0, the largest u and b over its
+     * counters instead */
     int                         gauge;
     uint64_t                    gu;
     uint64_t                    gb;
