@@ -89,6 +89,32 @@
 #define MTR_GAUGE_MAX_SFX       ":max"
 #define MTR_GAUGE_SFX_LEN       4
 
+/*
+ * A gauge of the latest value (meter ... last=$var): METER is the name
+ * followed by this suffix; the counter's absolute value encodes
+ * (ms into the UTC hour) << MTR_GAUGE_LAST_SHIFT | value, so the largest
+ * copy is the latest reading (value = v & MTR_GAUGE_LAST_MASK).
+ */
+#define MTR_GAUGE_LAST_SFX      ":last"
+#define MTR_GAUGE_LAST_SHIFT    40
+#define MTR_GAUGE_LAST_MASK     ((1ULL << MTR_GAUGE_LAST_SHIFT) - 1)
+
+
+/*
+ * Unique users (meter ... unique=$var), written by the module: per key,
+ * meter and unique period UPERIOD (YYYYMM, YYYYMMDD or YYYYMMDDHH) a SET
+ * of members while it has fewer than MTR_UNIQUE_EXACT, and a HyperLogLog
+ * of all; mtr:uqidx:YYYYMM lists "KH|NAME|UPERIOD" of the month
+ * (printf arguments: KH, NAME, UPERIOD; YYYYMM).
+ */
+#define MTR_UQ_PRE              "mtr:uq:{"
+#define MTR_UQ_FMT              MTR_UQ_PRE "%s}:%s:%s"
+#define MTR_UH_PRE              "mtr:uh:{"
+#define MTR_UH_FMT              MTR_UH_PRE "%s}:%s:%s"
+#define MTR_UQIDX_PRE           "mtr:uqidx:"
+#define MTR_UQIDX_FMT           MTR_UQIDX_PRE "%s"
+#define MTR_UNIQUE_EXACT        1000
+
 
 /* worker state: every key carries the hash tag {worker} */
 
@@ -103,6 +129,23 @@
 #define MTR_W_NOCUST_NEW        "mtr:{worker}:nocust:new" /* being built */
 #define MTR_W_STATS             "mtr:{worker}:stats"
 #define MTR_W_STRIPE_LATE       "mtr:{worker}:stripe:late"
+
+/*
+ * Billing a figure (a unique count, a gauge's max or last: the month to
+ * date).  HASH mtr:{worker}:fig:YYYYMM, fields SUBJECT|METER -> the figure
+ * billed B, SUBJECT|METER|b -> "AT HOUR" of that record, SUBJECT|METER|f
+ * -> "F HOUR RAW KH" the figure computed.  METER is NAME:max, NAME:last or
+ * NAME:unique.  HASH mtr:{worker}:figmon, fields YYYYMM (Unix start of
+ * the last closed hour the month's uniques were counted for),
+ * YYYYMM|dirty, YYYYMM|closed.  mtr:{worker}:uh:tmp:N: HyperLogLogs of a
+ * customer's keys copied into the worker's slot for PFMERGE.
+ */
+#define MTR_W_FIG_PRE           "mtr:{worker}:fig:"     /* + YYYYMM */
+#define MTR_W_FIG_FMT           MTR_W_FIG_PRE "%s"
+#define MTR_W_FIGMON            "mtr:{worker}:figmon"
+#define MTR_W_UHTMP_PRE         "mtr:{worker}:uh:tmp:"  /* + N */
+#define MTR_W_UHTMP_FMT         MTR_W_UHTMP_PRE "%u"
+#define MTR_FIG_UNIQUE_SFX      ":unique"
 
 /*
  * HASH mtr:{worker}:settled, field HOUR -> "T V DIGEST": a closed hour the

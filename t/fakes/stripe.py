@@ -535,6 +535,17 @@ class FakeStripe(FakeServer):
                        if e["event_name"] == event_name
                        and e["payload"].get(self.customer_key) == customer)
 
+    def last(self, customer, event_name):
+        """A meter with formula "last": the value of the newest event
+        (by timestamp, then arrival); None without events."""
+        with self.lock:
+            evs = [(e["timestamp"], i, e) for i, e in enumerate(self.events)
+                   if e["event_name"] == event_name
+                   and e["payload"].get(self.customer_key) == customer]
+            if not evs:
+                return None
+            return int(max(evs)[2]["payload"].get(self.value_key, 1))
+
     def usage_total(self, subscription_item):
         with self.lock:
             t = 0

@@ -39,11 +39,11 @@ def test_billed_hours_settle_and_a_rerun_reads_nothing(redis, tmp_path):
     assert all(v[1] == "0" and v[2] == "-" and
                int(v[0]) <= time.time() for v in s.values())
 
-    # nothing due: the key-hours are not read at all (the one HGETALL is
-    # of mtr:{worker}:settled)
+    # nothing due: the key-hours are not read at all (the two HGETALLs
+    # are of mtr:{worker}:settled and mtr:{worker}:figmon)
     redis.cmd("CONFIG", "RESETSTAT")
     assert w.once(NOW_HOUR).returncode == 0
-    assert stat_calls(redis, "hgetall") == 1
+    assert stat_calls(redis, "hgetall") == 2
     assert stat_calls(redis, "sscan") == 0
     assert len(w.lines()) == 30
 

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import key_hash, line_of, nginx_t, usage_fields, wait_for
 from test_flush_layout import EPOCH2, put_writer
+from test_figures import fig_line, month_start
 from test_worker import NOW_HOUR, Worker, hour_name, line
 
 CONF = r"""
@@ -134,8 +135,9 @@ def test_gauge_counters_across_nodes_take_the_largest(redis, tmp_path):
     # 1d: every counter billed is then deleted)
     assert w.once(h + 3600).returncode == 0
     got = sorted(w.lines(), key=lambda d: d["meter"])
+    # the gauge as the month's figure (test_figures.py)
     assert got == [line(kh, "cust-g", "calls", h, 4),
-                   line(kh, "cust-g", "disk", h, 50)]
+                   fig_line(kh, "cust-g", "disk", "max", h, 50)]
     assert redis.keys("mtr:wu:*") == [] and redis.keys("mtr:b:*") == []
     assert redis.zrange_withscores("mtr:hours") == {}
 
@@ -149,7 +151,7 @@ def test_gauge_late_values(redis, tmp_path):
     ok(redis, "keys", "add", "key-l", "--customer", "cust-l")
     put_writer(redis, EPOCH2, 1, h, {("key-l", "disk:max", 1): 20})
     assert w.once(h + 3600).returncode == 0
-    assert w.lines() == [line(kh, "cust-l", "disk", h, 20)]
+    assert w.lines() == [fig_line(kh, "cust-l", "disk", "max", h, 20)]
 
     def shown():
         return {(r["meter"], r["quantity"], r["billed"])
@@ -168,7 +170,8 @@ def test_gauge_late_values(redis, tmp_path):
     assert shown() == {("disk", 26, 20)}
     assert w.once(h + 3600).returncode == 0
     assert shown() == {("disk", 26, 26)}
-    assert w.lines()[1:] == [line(kh, "cust-l", "disk", h, 6, seq=2)]
+    assert w.lines()[1:] == [fig_line(kh, "cust-l", "disk", "max", h, 6,
+                                      seq=2)]
     assert w.once(h + 3600).returncode == 0
     assert len(w.lines()) == 2
 
@@ -213,7 +216,7 @@ def test_sigkill_mid_drain_stripe_gauge_billed_once(redis, tmp_path):
     """The gauge's records go through the same claim/send/confirm state
     machine: a worker SIGKILLed twice mid-drain, then a full pass, sends
     each customer's largest value once; a later larger value is sent as
-    the increase (Stripe meter with formula sum adds them up to it)."""
+    the new month-to-date figure (the Stripe meter's formula is last)."""
     from test_worker import (idem, lock_expired, sigkill_twice_mid_drain,
                              stripe_customer, stripe_worker)
     fakes = pytest.importorskip("fakes.stripe")
@@ -239,21 +242,23 @@ def test_sigkill_mid_drain_stripe_gauge_billed_once(redis, tmp_path):
         lock_expired(redis)
         assert w.once(h + 3600).returncode == 0
         for cus, total in want.items():
-            assert stripe.total(cus, "storage_gb") == total, cus
+            assert stripe.last(cus, "storage_gb") == total, cus
         idents = [e["identifier"] for e in stripe.events]
         assert len(idents) == len(set(idents)) == 60
-        assert sorted(idents) == sorted(idem(h, "g%03d" % i, "disk")
+        ms = month_start(h)
+        assert sorted(idents) == sorted(idem(ms, "g%03d" % i, "disk:max")
                                         for i in range(60))
 
-        # late: customer 0's first node reports 25 (> 10): +15 as seq 2;
+        # late: customer 0's first node reports 25 (> 10): 25 as seq 2;
         # customer 1's reports 5 (< 11): nothing
         put_writer(redis, EPOCH2, 2, h, {("gk-0", "disk:max", 1): 25,
                                          ("gk-1", "disk:max", 1): 5})
         assert w.once(h + 3600).returncode == 0
-        assert stripe.total("cus_g000", "storage_gb") == 25
-        assert stripe.total("cus_g001", "storage_gb") == 11
+        assert stripe.last("cus_g000", "storage_gb") == 25
+        assert stripe.last("cus_g001", "storage_gb") == 11
         assert len(stripe.events) == 61
-        assert stripe.events[-1]["identifier"] == idem(h, "g000", "disk", 2)
+        assert stripe.events[-1]["identifier"] == idem(ms, "g000",
+                                                       "disk:max", 2)
         assert w.once(h + 3600).returncode == 0
         assert len(stripe.events) == 61
     finally:

@@ -28,6 +28,7 @@
 
 #include "drain.h"
 #include "due.h"
+#include "figures.h"
 #include "hours.h"
 #include "http.h"
 #include "log.h"
@@ -48,9 +49,16 @@ typedef struct {
     char                        meter[MTR_METER_MAX + 1];
     uint64_t                    quantity;
     meter_str_t                 covers;         /* "HOUR KH FIELD VALUE\n" */
-    int                         gauge;          /* largest, not sum */
-    uint64_t                    gu;             /* gauge: largest u */
+    int                         gauge;          /* meter_fig_kind_e: a
+                                                 * figure, not a sum */
+    uint64_t                    gu;             /* gauge: largest u, or
+                                                 * last: latest reading */
     uint64_t                    gb;             /* gauge: largest b */
+    time_t                      ghour;          /* gauge: latest hour */
+    char                        fmeter[MTR_METER_MAX + 16]; /* NAME:kind */
+    int                         figure;         /* a month's figure's
+                                                 * record (figures.c) */
+    time_t                      pend;           /* figure: month's end */
 } meter_agg_t;
 
 
@@ -753,6 +761,11 @@ meter_drain_periods(meter_drain_t *d, time_t now)
 
     free(hs);
 
+    /* the month's figures (gauges, uniques), after their hours */
+    if (rc == METER_DRAIN_OK) {
+        rc = meter_figures_run(d, closed_end, time(NULL));
+    }
+
     if (rc == METER_DRAIN_OK && !d->dry_run) {
         /* the keys found without customer in this complete pass */
         rp = meter_redis_cmd(d->redis, "EXISTS %s", MTR_W_NOCUST_NEW);
@@ -809,9 +822,14 @@ meter_agg_get(meter_map_t *aggs, const char *subject, const char *customer,
     a->nkeys = 1;
     snprintf(a->meter, sizeof(a->meter), "%s", meter);
 
-    /* a gauge is billed under its name */
-    if (meter_gauge_name(meter, strlen(meter))) {
+    /* a gauge's figure is billed under its name (figures.c) */
+    snprintf(a->fmeter, sizeof(a->fmeter), "%s", meter);
+    a->gauge = meter_gauge_name(meter, strlen(meter));
+    if (a->gauge == METER_FIG_MAX) {
         a->meter[strlen(meter) - MTR_GAUGE_SFX_LEN] = '\0';
+
+    } else if (a->gauge == METER_FIG_LAST) {
+        a->meter[strlen(meter) - (sizeof(MTR_GAUGE_LAST_SFX) - 1)] = '\0';
     }
 
     if (a->subject == NULL || (customer != NULL && a->customer == NULL)) {
@@ -845,9 +863,11 @@ meter_drain_batch(meter_drain_t *d, const char *hour, const char **khs,
     meter_map_t      *aggs;
     meter_wkey_t     *wk;
     meter_usage_t    *us;
+    time_t            th;
     meter_drain_rc_e  rc;
 
     rc = METER_DRAIN_OK;
+    th = meter_hour_parse(hour);
 
     for (i = 0; i < nkh; i++) {
         kh = khs[i];
@@ -977,8 +997,20 @@ meter_drain_batch(meter_drain_t *d, const char *hour, const char **khs,
             a->quantity += us[k].quantity;
 
             if (us[k].gauge) {
-                a->gauge = 1;
-                a->gu = (us[k].gu > a->gu) ? us[k].gu : a->gu;
+                /* max: the largest of the period; last: the latest
+                 * hour's largest copy, the latest reading (its encoding
+                 * starts with the time into the hour) */
+                if (a->gauge != METER_FIG_LAST) {
+                    a->gu = (us[k].gu > a->gu) ? us[k].gu : a->gu;
+                    a->ghour = (th > a->ghour) ? th : a->ghour;
+
+                } else if (th > a->ghour
+                           || (th == a->ghour && us[k].gu > a->gu))
+                {
+                    a->gu = us[k].gu;
+                    a->ghour = th;
+                }
+
                 a->gb = (us[k].gb > a->gb) ? us[k].gb : a->gb;
             }
         }
@@ -1255,14 +1287,17 @@ meter_drain_prepare(meter_drain_t *d, meter_rec_t *r, int count,
     meter_record_t *out, int *ready)
 {
     char                  rkey[64], field[64], err[600];
-    time_t                now;
+    time_t                now, age;
     redisReply           *cust, *rp;
     meter_record_t        pr;
 
     r->accepted = 0;
     *ready = 0;
 
-    if (r->meter == NULL || r->period_start == 0 || r->quantity == 0) {
+    if (r->meter == NULL || r->period_start == 0
+        || (r->quantity == 0
+            && !meter_fig_covers(r->covers, &pr.usage_start, &pr.usage_end)))
+    {
         return meter_drain_dead(d, r->id, "malformed record in Redis", 0);
     }
 
@@ -1277,7 +1312,10 @@ meter_drain_prepare(meter_drain_t *d, meter_rec_t *r, int count,
     pr.quantity = r->quantity;
     pr.created = r->created;
     pr.seq = r->seq;
-    meter_drain_hours(r->covers, &pr.usage_start, &pr.usage_end);
+    pr.figure = meter_fig_covers(r->covers, &pr.usage_start, &pr.usage_end);
+    if (!pr.figure) {
+        meter_drain_hours(r->covers, &pr.usage_start, &pr.usage_end);
+    }
 
     pr.provider_meter = meter_conf_meter(d->cf, r->meter);
     if (pr.provider_meter == NULL) {
@@ -1286,10 +1324,13 @@ meter_drain_prepare(meter_drain_t *d, meter_rec_t *r, int count,
 
     now = time(NULL);
 
-    if (d->cf->max_age > 0 && now - r->period_start > d->cf->max_age) {
+    /* a figure's age is its event time's: its period is the month */
+    age = pr.figure ? pr.usage_end - 1 : r->period_start;
+
+    if (d->cf->max_age > 0 && now - age > d->cf->max_age) {
         snprintf(err, sizeof(err), "period starts %llds ago, older than the "
                  "%llds \"%s\" accepts (max_age)",
-                 (long long) (now - r->period_start),
+                 (long long) (now - age),
                  (long long) d->cf->max_age, d->provider->name);
         return meter_drain_dead(d, r->id, err, 0);
     }
@@ -1688,6 +1729,22 @@ meter_drain_bmarks(meter_drain_t *d, const meter_rec_t *r, size_t *queued)
 
     for (line = r->covers; *line != '\0'; line = nl + 1) {
         nl = strchr(line, '\n');
+
+        if (nl != NULL && strncmp(line, METER_FIG_COVERS,
+                                  sizeof(METER_FIG_COVERS) - 1) == 0)
+        {
+            /* a figure's: B raised (figures.c) */
+            if (meter_fig_billed_append(d, line, (size_t) (nl - line)) != 0)
+            {
+                meter_log(LOG_ERR, "record %s: malformed covers", r->id);
+                failed = 1;
+                break;
+            }
+
+            (*queued)++;
+            continue;
+        }
+
         sp1 = strchr(line, ' ');
         sp2 = (sp1 != NULL) ? strchr(sp1 + 1, ' ') : NULL;
         sp3 = (sp2 != NULL) ? strchr(sp2 + 1, ' ') : NULL;
@@ -2264,6 +2321,8 @@ typedef struct {
     char                        next[24];
     char                        rkey[64];
     char                        nf[8];
+    char                        pe[24];
+    char                        ex[24];
 } meter_new_args_t;
 
 
@@ -2353,7 +2412,17 @@ meter_drain_create_all(meter_drain_t *d, time_t pstart, meter_new_t *nw,
         meter_arg(sa[i].next);
         meter_arg(nw[i].id);
         meter_arg(now);
-        meter_arg(expire);
+
+        if (a->figure) {
+            /* a month's sequence numbers outlive the month too */
+            snprintf(sa[i].ex, sizeof(sa[i].ex), "%lld",
+                     (long long) (a->pend - time(NULL) + 2 * d->cf->retention
+                                  + 2 * METER_DAY));
+            meter_arg(sa[i].ex);
+
+        } else {
+            meter_arg(expire);
+        }
         k = argc;
         meter_arg("");          /* the count, set below */
         nf0 = argc;
@@ -2373,7 +2442,13 @@ meter_drain_create_all(meter_drain_t *d, time_t pstart, meter_new_t *nw,
         meter_arg("period_start");
         meter_arg(ps);
         meter_arg("period_end");
-        meter_arg(pe);
+        if (a->figure) {
+            snprintf(sa[i].pe, sizeof(sa[i].pe), "%lld", (long long) a->pend);
+            meter_arg(sa[i].pe);
+
+        } else {
+            meter_arg(pe);
+        }
         meter_arg("quantity");
         meter_arg(nw[i].q);
         meter_arg("created");
@@ -2448,12 +2523,11 @@ meter_drain_create_all(meter_drain_t *d, time_t pstart, meter_new_t *nw,
 
 
 /*
- * A gauge's record bills the increase of its figure, the largest value
- * over the period's counters and keys, over the figure billed before
- * (the largest b mark): the records of a period add up to its largest
- * value.  Counters above their mark that do not raise the figure add
- * nothing; with nothing to send their marks are set here, so that
- * retention finds them billed (a crash before: set again next pass).
+ * A gauge is billed as the month's figure (figures.c): the period's
+ * largest value (max) or latest reading (last) raises it, and the
+ * counters above their marks get their marks here, so that retention
+ * finds them billed.  The figure first: a crash before the marks reads
+ * the hour again and raises it to the same value.
  */
 static meter_drain_rc_e
 meter_drain_gauge(meter_drain_t *d, meter_agg_t *a)
@@ -2463,10 +2537,19 @@ meter_drain_gauge(meter_drain_t *d, meter_agg_t *a)
     meter_rec_t   r;
     meter_drain_rc_e  rc;
 
-    a->quantity = (a->gu > a->gb) ? a->gu - a->gb : 0;
+    a->quantity = 0;
 
-    if (a->quantity > 0 || d->dry_run) {
+    if (d->dry_run) {
         return METER_DRAIN_OK;
+    }
+
+    if (meter_fig_raise(d, a->subject, a->fmeter, a->gauge, a->ghour,
+                        (a->gauge == METER_FIG_LAST)
+                        ? meter_fig_last_value(a->gu) : a->gu, a->gu,
+                        (a->nkeys == 1) ? a->key_hash : "*")
+        != 0)
+    {
+        return METER_DRAIN_REDIS;
     }
 
     memset(&r, 0, sizeof(meter_rec_t));
@@ -2533,14 +2616,19 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
     for (i = 0; i < n; i++) {
         a = list[i];
 
-        if (a->gauge && a->covers.len > 0) {
-            rc = meter_drain_gauge(d, a);
-            if (rc != METER_DRAIN_OK) {
-                break;
+        if (a->gauge && !a->figure) {
+            if (a->covers.len > 0) {
+                rc = meter_drain_gauge(d, a);
+                if (rc != METER_DRAIN_OK) {
+                    break;
+                }
             }
+
+            continue;
         }
 
-        if (a->quantity == 0) {
+        /* a figure's record may carry 0 (Stripe's last falling to 0) */
+        if (a->quantity == 0 && !a->figure) {
             continue;
         }
 
@@ -2606,7 +2694,8 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
         snprintf(nw[i].pkey, sizeof(nw[i].pkey), MTR_W_PERIOD_FMT,
                  (long long) pstart);
         snprintf(nw[i].sm, sizeof(nw[i].sm), MTR_PERIOD_SEQ_FMT,
-                 nw[i].agg->subject, nw[i].agg->meter);
+                 nw[i].agg->subject, nw[i].agg->figure ? nw[i].agg->fmeter
+                                                       : nw[i].agg->meter);
 
         if (meter_redis_append(d->redis, "HMGET %s %s %s" MTR_PERIOD_OPEN_SFX,
                                nw[i].pkey, nw[i].sm, nw[i].sm)
@@ -2659,8 +2748,12 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
         freeReplyObject(rp);
 
         nw[i].seq = seq;
-        meter_idem_key(pstart, nw[i].agg->subject, nw[i].agg->meter, seq + 1,
-                       nw[i].id);
+        /* a figure's under NAME:kind: never the key of a sum meter's
+         * record of the hour that starts the month */
+        meter_idem_key(pstart, nw[i].agg->subject,
+                       nw[i].agg->figure ? nw[i].agg->fmeter
+                                         : nw[i].agg->meter,
+                       seq + 1, nw[i].id);
         snprintf(nw[i].q, sizeof(nw[i].q), "%" PRIu64, nw[i].agg->quantity);
     }
 
@@ -2702,7 +2795,8 @@ meter_drain_chunk(meter_drain_t *d, time_t pstart, meter_agg_t **list,
         nw[i].rec.sm = nw[i].sm;
         nw[i].rec.q = nw[i].q;
         nw[i].rec.period_start = pstart;
-        nw[i].rec.period_end = pstart + d->cf->report_period;
+        nw[i].rec.period_end = a->figure ? a->pend
+                                         : pstart + d->cf->report_period;
         nw[i].rec.quantity = a->quantity;
         nw[i].rec.attempts = 1;
         nw[i].rec.created = time(NULL);
@@ -2758,6 +2852,63 @@ done:
 }
 
 
+meter_drain_rc_e
+meter_drain_figures(meter_drain_t *d, time_t mstart, time_t mend,
+    meter_fig_rec_t *recs, size_t n)
+{
+    size_t            i;
+    void            **slot;
+    int               created;
+    meter_agg_t      *a;
+    meter_map_t       aggs;
+    meter_drain_rc_e  rc;
+
+    if (meter_map_init(&aggs, n) != 0) {
+        return METER_DRAIN_REDIS;
+    }
+
+    rc = METER_DRAIN_OK;
+
+    for (i = 0; i < n; i++) {
+        slot = meter_map_put(&aggs, recs[i].covers, &created);
+        a = (slot != NULL) ? calloc(1, sizeof(meter_agg_t)) : NULL;
+        if (a == NULL) {
+            rc = METER_DRAIN_REDIS;
+            break;
+        }
+
+        *slot = a;
+        a->subject = strdup(recs[i].subject);
+        a->customer = (recs[i].customer != NULL) ? strdup(recs[i].customer)
+                                                 : NULL;
+        if (a->subject == NULL
+            || (recs[i].customer != NULL && a->customer == NULL)
+            || meter_str_add(&a->covers, recs[i].covers,
+                             strlen(recs[i].covers)) != 0)
+        {
+            rc = METER_DRAIN_REDIS;
+            break;
+        }
+
+        a->nkeys = (strcmp(recs[i].key_hash, "*") == 0) ? 2 : 1;
+        snprintf(a->key_hash, sizeof(a->key_hash), "%s", recs[i].key_hash);
+        snprintf(a->meter, sizeof(a->meter), "%s", recs[i].meter);
+        snprintf(a->fmeter, sizeof(a->fmeter), "%s", recs[i].smeter);
+        a->quantity = recs[i].quantity;
+        a->figure = 1;
+        a->pend = mend;
+    }
+
+    if (rc == METER_DRAIN_OK) {
+        rc = meter_drain_emit(d, mstart, &aggs);
+    }
+
+    meter_map_free(&aggs, meter_agg_free);
+
+    return rc;
+}
+
+
 static meter_drain_rc_e
 meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
 {
@@ -2785,7 +2936,7 @@ meter_drain_emit(meter_drain_t *d, time_t pstart, meter_map_t *aggs)
     qsort(list, n, sizeof(meter_agg_t *), meter_agg_cmp);
 
     for (i = 0; i < n; i++) {
-        d->emitted += (list[i]->quantity > 0);
+        d->emitted += (list[i]->quantity > 0 || list[i]->figure);
     }
 
     rc = METER_DRAIN_OK;

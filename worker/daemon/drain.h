@@ -92,8 +92,9 @@ typedef struct {
     char                        meter[MTR_METER_MAX + 1];
     uint64_t                    quantity;
     meter_str_t                 covers;         /* "PREFIXFIELD VALUE\n" */
-    /* a gauge (METER ends in MTR_GAUGE_MAX_SFX): quantity stays 0, the
-     * largest u and b over its counters instead */
+    /* a gauge (METER ends in MTR_GAUGE_MAX_SFX or MTR_GAUGE_LAST_SFX:
+     * meter_gauge_name()): quantity stays 0, the largest u and b over its
+     * counters instead */
     int                         gauge;
     uint64_t                    gu;
     uint64_t                    gb;
@@ -109,6 +110,23 @@ int meter_usage_compute(const char *const *u, size_t nu,
     const char *const *b, size_t nb, const char *prefix,
     meter_usage_t **out, size_t *nout, unsigned *bad);
 void meter_usage_free(meter_usage_t *us, size_t n);
+
+
+/* one record of a figure (figures.c) for the month [mstart, mend) */
+typedef struct {
+    const char                 *subject;
+    const char                 *customer;       /* NULL: key without one */
+    char                        key_hash[65];   /* "*": several keys */
+    char                        meter[MTR_METER_MAX + 1];   /* billed as */
+    char                        smeter[MTR_METER_MAX + 16]; /* NAME:kind */
+    uint64_t                    quantity;
+    time_t                      at;             /* event time */
+    char                        covers[320];    /* the "#fig" line */
+} meter_fig_rec_t;
+
+/* the records of figures through the state machine, as a period's */
+meter_drain_rc_e meter_drain_figures(meter_drain_t *d, time_t mstart,
+    time_t mend, meter_fig_rec_t *recs, size_t n);
 
 
 

@@ -171,9 +171,12 @@ meter_due_digests(meter_drain_t *d, meter_due_hour_t *hs, size_t n)
     nw = 0;
 
     for (i = 0; i < n; i++) {
-        /* sorted: SMEMBERS has no order */
-        qsort(members[i]->element, members[i]->elements,
-              sizeof(redisReply *), meter_due_str_cmp);
+        /* sorted: SMEMBERS has no order (an empty one has no array:
+         * qsort must not get NULL) */
+        if (members[i]->elements > 1) {
+            qsort(members[i]->element, members[i]->elements,
+                  sizeof(redisReply *), meter_due_str_cmp);
+        }
 
         for (k = 0; k < members[i]->elements; k++) {
             if (meter_due_writer(d, members[i]->element[k]->str, hs[i].hour)

@@ -57,7 +57,9 @@ const char  meter_lua_create_all[] =
     "  if redis.call('HEXISTS', per, sm .. '|open') == 0\n"
     "     and (redis.call('HGET', per, sm) or '0') == ARGV[a + 1] then\n"
     "    redis.call('HSET', per, sm, ARGV[a + 2], sm .. '|open', id)\n"
-    "    if not expired[per] then\n"
+    /* never lowered: a month's figures share the hash of its first hour */
+    "    if not expired[per]\n"
+    "       and redis.call('TTL', per) < tonumber(ARGV[a + 5]) then\n"
     "      redis.call('EXPIRE', per, ARGV[a + 5])\n"
     "      expired[per] = true\n"
     "    end\n"

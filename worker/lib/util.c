@@ -671,14 +671,23 @@ meter_time_from_num(double v)
 int
 meter_gauge_name(const char *m, size_t len)
 {
-    size_t  n;
+    size_t  n, k;
 
-    if (len <= MTR_GAUGE_SFX_LEN || len > MTR_METER_MAX) {
-        return 0;
+    /* 1: NAME:max, 2: NAME:last */
+    for (k = 1; k <= 2; k++) {
+        n = (k == 1) ? MTR_GAUGE_SFX_LEN : sizeof(MTR_GAUGE_LAST_SFX) - 1;
+
+        if (len <= n || len > MTR_METER_MAX) {
+            continue;
+        }
+
+        if (memcmp(m + len - n, (k == 1) ? MTR_GAUGE_MAX_SFX
+                                         : MTR_GAUGE_LAST_SFX, n) == 0
+            && strspn(m, MTR_NAME_CHARS) == len - n)
+        {
+            return (int) k;
+        }
     }
 
-    n = len - MTR_GAUGE_SFX_LEN;
-
-    return memcmp(m + n, MTR_GAUGE_MAX_SFX, MTR_GAUGE_SFX_LEN) == 0
-           && strspn(m, MTR_NAME_CHARS) == n;
+    return 0;
 }

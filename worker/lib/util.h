@@ -61,7 +61,8 @@ int meter_parse_duration(const char *s, int64_t *ms);
 /* a decimal uint64; -1 when malformed or out of range */
 int meter_parse_u64(const char *s, size_t len, uint64_t *v);
 
-/* 1 when m (len bytes) is a gauge's METER: a name, then MTR_GAUGE_MAX_SFX */
+/* a gauge's METER (len bytes): 1 a name then MTR_GAUGE_MAX_SFX, 2 then
+ * MTR_GAUGE_LAST_SFX; 0 not a gauge */
 int meter_gauge_name(const char *m, size_t len);
 
 /*

@@ -265,8 +265,10 @@ meter_metronome_event(const meter_metronome_t *mt, const meter_record_t *rec)
     props = cJSON_AddObjectToObject(ev, "properties");
 
     /* the last second inside the period: the event stays in the 34-day
-     * backdating window as long as possible, in the period's own hour */
-    meter_rfc3339(rec->period_end - 1, ts, sizeof(ts));
+     * backdating window as long as possible, in the period's own hour; a
+     * month's figure at its event time (the month may still run) */
+    meter_rfc3339((rec->figure && rec->usage_end > 0) ? rec->usage_end - 1
+                  : rec->period_end - 1, ts, sizeof(ts));
     snprintf(q, sizeof(q), "%llu", (unsigned long long) rec->quantity);
 
     if (props == NULL

@@ -55,6 +55,12 @@ typedef struct {
                                                  * (start); 0 unknown */
     time_t                      usage_end;      /* the last hour it covers
                                                  * (end, exclusive) */
+    int                         figure;         /* a month's figure
+                                                 * (figures.c): usage_end
+                                                 * - 1 is its event time;
+                                                 * absolute providers get
+                                                 * F (may be 0), others
+                                                 * the increase */
 } meter_record_t;
 
 
@@ -213,6 +219,11 @@ struct meter_provider_s {
     /* records per send_batch call (0: 100), set by init: enough for the
      * requests it keeps in flight */
     size_t                      batch_max;
+
+    /* 1: figures (unique counts, gauges) are sent as the month-to-date
+     * value itself (Stripe, its meter aggregating with "last"); 0: as
+     * the increase over what was billed */
+    int                         absolute;
 
     void                       *data;   /* provider's own state */
 };

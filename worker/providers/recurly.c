@@ -337,7 +337,9 @@ meter_recurly_send(meter_provider_t *p, const meter_record_t *rec,
         goto nomem;
     }
 
-    meter_rfc3339(rec->period_end, ts, sizeof(ts));
+    /* a month's figure is complete at its event time, not the month's end */
+    meter_rfc3339((rec->figure && rec->usage_end > 0) ? rec->usage_end
+                  : rec->period_end, ts, sizeof(ts));
     if (cJSON_AddStringToObject(json, "recording_timestamp", ts) == NULL) {
         goto nomem;
     }

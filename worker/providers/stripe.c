@@ -18,6 +18,11 @@
  * The event timestamp is period_end - 1: the last second inside the
  * period, so a record stays inside Stripe's 35-day window as long as
  * possible and an hour's usage lands in the billing period of that hour.
+ * A figure's record (a gauge or unique count, month to date: figures.c)
+ * carries the figure itself at the end of its latest hour, for a meter
+ * created with default_aggregation[formula]=last (the formulas are count,
+ * sum and last: stripe/stripe-dotnet src/Stripe.net/Services/Billing/
+ * Meters/MeterDefaultAggregationOptions.cs), and usage_records action=set.
  *
  * Stripe allows one concurrent call per customer and meter: the worker
  * sends one record at a time, so this holds.  stripe.max_rps defaults to
@@ -863,7 +868,10 @@ meter_stripe_check(meter_stripe_t *st, const meter_record_t *rec,
     memset(res, 0, sizeof(*res));
     res->status = METER_SEND_FATAL;
 
-    ts = rec->period_end - 1;
+    /* a figure's: the end of its latest hour, increasing per customer
+     * and meter (figures.c), so that the meter's "last" is the newest */
+    ts = (rec->figure && rec->usage_end > 0) ? rec->usage_end - 1
+                                             : rec->period_end - 1;
     now = time(NULL);
 
     if (ts > now && rec->period_start <= now) {
@@ -965,8 +973,8 @@ meter_stripe_build(meter_stripe_t *st, const meter_record_t *rec,
                                   (unsigned long long) rec->quantity) != 0
             || meter_form_add_u64(&o->body, st->http.curl, "timestamp",
                                   (unsigned long long) o->ts) != 0
-            || meter_form_add(&o->body, st->http.curl, "action", "increment")
-               != 0)
+            || meter_form_add(&o->body, st->http.curl, "action",
+                              rec->figure ? "set" : "increment") != 0)
         {
             goto nomem;
         }
@@ -1818,7 +1826,10 @@ meter_stripe_lookup(meter_provider_t *p, const meter_record_t *rec,
 
     memset(res, 0, sizeof(*res));
 
-    if (!meter_past_window(rec, now, METER_STRIPE_WINDOW)) {
+    /* a figure is the month-to-date value itself at its own timestamp, for
+     * a meter whose formula is "last" (or action=set): counted twice it is
+     * still the same last value, so it is resent */
+    if (rec->figure || !meter_past_window(rec, now, METER_STRIPE_WINDOW)) {
         return 0;
     }
 
@@ -2947,5 +2958,6 @@ meter_provider_stripe(meter_provider_t *p)
     p->overdue = meter_stripe_overdue;
     p->webhook = meter_stripe_webhook;
     p->cleanup = meter_stripe_cleanup;
+    p->absolute = 1;
     p->data = NULL;
 }
