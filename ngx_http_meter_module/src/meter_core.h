@@ -413,7 +413,7 @@ extern const char meter_script_max[];
 #define METER_U_STATE(s)        ((uint32_t) ((s) & 0xff))
 
 #define METER_UPROBE            32      /* probe window */
-#define METER_UNIQ_MIN          64      /* entries, at least */
+#define METER_UNIQ_MIN          METER_UPROBE /* entries, at least */
 #define METER_UNIQ_SHARE        16      /* 1/16 of a zone is the table */
 #define METER_MEMBER_LEN        16      /* hex chars of a member */
 #define METER_UPERIOD_LEN       10      /* "YYYYMMDDHH", the longest */
