@@ -1566,11 +1566,48 @@ meter_uniq_slots_for(size_t size)
 
 
 void
-meter_uniq_init(meter_uniq_t *u, uint32_t nslots)
+meter_uniq_init(meter_uniq_t *u, uint32_t nslots, uint64_t seed)
 {
     memset(u, 0, meter_uniq_size(nslots));
 
     u->nslots = nslots;
+    u->seed = seed;
+}
+
+
+#define meter_rotl(x, r)     (((x) << (r)) | ((x) >> (64 - (r))))
+
+uint64_t
+meter_value_hash(const void *value, size_t len, uint64_t seed)
+{
+    uint64_t        h, w;
+    const uint8_t  *p;
+
+    p = value;
+    h = seed ^ ((uint64_t) len * 0x9e3779b97f4a7c15ULL);
+
+    /* 8 bytes a step: each word multiplied (injective), folded in */
+    for ( /* void */ ; len >= 8; len -= 8, p += 8) {
+        memcpy(&w, p, 8);
+        h ^= w * 0xbf58476d1ce4e5b9ULL;
+        h = meter_rotl(h, 29) * 0x94d049bb133111ebULL;
+    }
+
+    if (len) {
+        w = 0;
+        memcpy(&w, p, len);
+        h ^= w * 0xbf58476d1ce4e5b9ULL;
+        h = meter_rotl(h, 29) * 0x94d049bb133111ebULL;
+    }
+
+    /* splitmix64 finalizer */
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ULL;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebULL;
+    h ^= h >> 31;
+
+    return h;
 }
 
 
@@ -1658,7 +1695,7 @@ meter_member(const void *value, size_t len)
 
 static uint64_t
 meter_uniq_fp(const uint8_t key[METER_HASH_LEN], const char *meter,
-    size_t mlen, uint32_t period, uint64_t member)
+    size_t mlen, uint32_t period, uint64_t vhash)
 {
     size_t    i;
     uint64_t  h, k, fnv;
@@ -1672,8 +1709,8 @@ meter_uniq_fp(const uint8_t key[METER_HASH_LEN], const char *meter,
 
     memcpy(&k, key, sizeof(uint64_t));
 
-    /* member is a hash already; key and name mixed in, then splitmix64 */
-    h = member ^ (k * 0x9e3779b97f4a7c15ULL) ^ (fnv * 0xc2b2ae3d27d4eb4fULL)
+    /* vhash is a hash already; key and name mixed in, then splitmix64 */
+    h = vhash ^ (k * 0x9e3779b97f4a7c15ULL) ^ (fnv * 0xc2b2ae3d27d4eb4fULL)
         ^ ((uint64_t) period << 17);
 
     h ^= h >> 30;
@@ -1688,9 +1725,9 @@ meter_uniq_fp(const uint8_t key[METER_HASH_LEN], const char *meter,
 
 static int
 meter_uentry_match(meter_uentry_t *e, const uint8_t key[METER_HASH_LEN],
-    const char *meter, size_t mlen, uint32_t period, uint64_t member)
+    const char *meter, size_t mlen, uint32_t period, uint64_t vhash)
 {
-    return e->member == member && e->period == period
+    return e->vhash == vhash && e->period == period
            && memcmp(e->key, key, METER_HASH_LEN) == 0
            && memcmp(e->meter, meter, mlen) == 0
            && (mlen == METER_NAME_MAX || e->meter[mlen] == '\0');
@@ -1702,13 +1739,16 @@ meter_uentry_match(meter_uentry_t *e, const uint8_t key[METER_HASH_LEN],
 static void
 meter_uniq_fill(meter_uniq_t *u, uint32_t j, uint64_t gen,
     const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
-    uint32_t period, uint64_t member, uint64_t fp, uint32_t now)
+    uint32_t period, uint64_t vhash, const void *value, size_t vlen,
+    uint64_t fp, uint32_t now)
 {
     meter_uentry_t  *e;
 
     e = meter_uniq_entry(u, j);
 
-    e->member = member;
+    /* SHA-256 only for a value new here */
+    e->vhash = vhash;
+    e->member = meter_member(value, vlen);
     e->period = period;
     e->stamp = now;
     memcpy(e->key, key, METER_HASH_LEN);
@@ -1723,18 +1763,19 @@ meter_uniq_fill(meter_uniq_t *u, uint32_t j, uint64_t gen,
 
 int
 meter_uniq_add(meter_uniq_t *u, const uint8_t key[METER_HASH_LEN],
-    const char *meter, size_t mlen, uint32_t period, uint64_t member,
-    uint32_t now)
+    const char *meter, size_t mlen, uint32_t period, const void *value,
+    size_t vlen, uint32_t now)
 {
     uint32_t         home, nprobe, i, j, victim, tries;
-    uint64_t         fp, tag, s1, s2, st;
+    uint64_t         fp, tag, s1, s2, st, vhash;
     meter_uentry_t  *e;
 
     if (u == NULL || u->nslots == 0 || mlen == 0 || mlen > METER_NAME_MAX) {
         goto dropped;
     }
 
-    fp = meter_uniq_fp(key, meter, mlen, period, member);
+    vhash = meter_value_hash(value, vlen, u->seed);
+    fp = meter_uniq_fp(key, meter, mlen, period, vhash);
     home = (uint32_t) (fp % u->nslots);
     nprobe = u->nslots < METER_UPROBE ? u->nslots : METER_UPROBE;
 
@@ -1758,7 +1799,7 @@ meter_uniq_add(meter_uniq_t *u, const uint8_t key[METER_HASH_LEN],
                 {
                     meter_fetch_add(&u->live, 1);
                     meter_uniq_fill(u, j, 1, key, meter, mlen, period,
-                                    member, fp, now);
+                                    vhash, value, vlen, fp, now);
                     return 1;
                 }
 
@@ -1770,7 +1811,7 @@ meter_uniq_add(meter_uniq_t *u, const uint8_t key[METER_HASH_LEN],
             s1 = meter_load(&e->state);
 
             if (tag == fp && METER_U_STATE(s1) >= METER_U_DIRTY
-                && meter_uentry_match(e, key, meter, mlen, period, member))
+                && meter_uentry_match(e, key, meter, mlen, period, vhash))
             {
                 __atomic_thread_fence(__ATOMIC_ACQUIRE);
                 s2 = meter_load_relaxed(&e->state);
@@ -1806,7 +1847,7 @@ meter_uniq_add(meter_uniq_t *u, const uint8_t key[METER_HASH_LEN],
         {
             meter_fetch_add(&u->evicted, 1);
             meter_uniq_fill(u, victim, (st >> 8) + 1, key, meter, mlen,
-                            period, member, fp, now);
+                            period, vhash, value, vlen, fp, now);
             return 1;
         }
 

@@ -24,7 +24,7 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     size_t                      size;
     uint32_t                    nslots, nuniq;
-    uint64_t                    epoch;
+    uint64_t                    epoch, seed;
     meter_uniq_t               *uniq;
     ngx_http_meter_shctx_t     *sh;
     ngx_http_meter_zone_ctx_t  *ctx;
@@ -88,8 +88,6 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         return NGX_ERROR;
     }
 
-    meter_uniq_init(uniq, nuniq);
-
     /* the largest table the slab allocator can place; failed tries are
      * expected, so keep them out of the log */
     ctx->shpool->log_nomem = 0;
@@ -123,6 +121,13 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     }
 
     meter_table_init(&sh->table, nslots, epoch);
+
+    /* the value hash's seed: another random word, not the public epoch */
+    if (RAND_bytes((unsigned char *) &seed, sizeof(seed)) != 1) {
+        seed = epoch * 0x9e3779b97f4a7c15ULL ^ (uint64_t) ngx_random();
+    }
+
+    meter_uniq_init(uniq, nuniq, seed);
     sh->uniq = uniq;
 
     ctx->sh = sh;

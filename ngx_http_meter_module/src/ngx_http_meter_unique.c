@@ -108,7 +108,7 @@ ngx_http_meter_unique_count(ngx_http_request_t *r, ngx_http_meter_t *m,
     uint8_t *hash)
 {
     time_t                       now;
-    uint64_t                     last, member;
+    uint64_t                     last;
     uint32_t                     up;
     ngx_str_t                    v;
     ngx_http_meter_shctx_t      *sh;
@@ -126,14 +126,13 @@ ngx_http_meter_unique_count(ngx_http_request_t *r, ngx_http_meter_t *m,
     ctx = m->shm_zone->data;
     sh = ctx->sh;
 
-    member = meter_member(v.data, v.len);
     up = meter_uperiod(r->start_sec,
                        m->uperiod ? m->uperiod - 1 : METER_UPERIOD_MONTH);
 
     now = ngx_time();
 
     if (meter_uniq_add(sh->uniq, hash, (const char *) m->name.data,
-                       m->name.len, up, member, (uint32_t) now)
+                       m->name.len, up, v.data, v.len, (uint32_t) now)
         >= 0)
     {
         return NGX_OK;

@@ -143,8 +143,8 @@ def test_exact_distinct_users_through_proxy(nginx_factory, redis):
     z = status(n)
     assert z["unique_entries"] >= 40
     assert z["unique_dropped"] == 0 and z["unique_evicted"] == 0
-    # 1/16 of the 1 MB zone, 96 bytes an entry (tag and meter_uentry_t)
-    assert z["unique_slots"] == (1048576 // 16 - 64) // 96
+    # 1/16 of the 1 MB zone, 104 bytes an entry (tag and meter_uentry_t)
+    assert z["unique_slots"] == (1048576 // 16 - 64) // 104
     prom = n.get("/metrics")[1].decode()
     for name in ("unique_entries", "unique_slots", "unique_dirty",
                  "unique_evicted_total", "unique_dropped_total"):
@@ -186,7 +186,7 @@ def test_repeated_values_cost_no_redis_writes(nginx_factory, redis):
 
 
 def test_over_the_exact_limit(nginx_factory, redis):
-    # 4 MB: 1/16 is 2,730 entries, more than the 1,500 users
+    # 4 MB: 1/16 is 2,520 entries, more than the 1,500 users
     n = nginx_factory(conf("4m"), workers=1, redis=redis.address)
     users = ["big-%d" % i for i in range(1500)]
     for u in users:

@@ -2600,9 +2600,24 @@ uniq_new(uint32_t n)
 
     u = malloc(meter_uniq_size(n));
     assert_non_null(u);
-    meter_uniq_init(u, n);
+    meter_uniq_init(u, n, TEST_EPOCH);
 
     return u;
+}
+
+
+/* value n is "v<n>" */
+static int
+uadd(meter_uniq_t *u, const uint8_t key[METER_HASH_LEN], const char *meter,
+    size_t mlen, uint32_t period, unsigned long long n, uint32_t now)
+{
+    int   len;
+    char  buf[32];
+
+    len = snprintf(buf, sizeof(buf), "v%llu", n);
+
+    return meter_uniq_add(u, key, meter, mlen, period, buf, (size_t) len,
+                          now);
 }
 
 
@@ -2665,6 +2680,37 @@ test_member(void **state)
 
 
 static void
+test_value_hash(void **state)
+{
+    char      big[3000];
+    uint64_t  a, b;
+
+    (void) state;
+
+    /* deterministic per seed, another seed another hash */
+    assert_true(meter_value_hash("user-1", 6, 1)
+                == meter_value_hash("user-1", 6, 1));
+    assert_true(meter_value_hash("user-1", 6, 1)
+                != meter_value_hash("user-1", 6, 2));
+    assert_true(meter_value_hash("user-1", 6, 1)
+                != meter_value_hash("user-2", 6, 1));
+    /* the length counts: a trailing NUL is another value */
+    assert_true(meter_value_hash("ab", 2, 1)
+                != meter_value_hash("ab\0", 3, 1));
+    assert_true(meter_value_hash("", 0, 1) != meter_value_hash("\0", 1, 1));
+
+    /* every byte of a long value counts, the tail's too */
+    memset(big, 'x', sizeof(big));
+    a = meter_value_hash(big, sizeof(big), 7);
+    big[sizeof(big) - 1] = 'y';
+    b = meter_value_hash(big, sizeof(big), 7);
+    assert_true(a != b);
+    big[1500] = 'z';
+    assert_true(meter_value_hash(big, sizeof(big), 7) != b);
+}
+
+
+static void
 test_uniq_dedupe(void **state)
 {
     uint8_t          k1[METER_HASH_LEN], k2[METER_HASH_LEN];
@@ -2678,15 +2724,15 @@ test_uniq_dedupe(void **state)
     key_of(1, k1);
     key_of(2, k2);
 
-    assert_int_equal(meter_uniq_add(u, k1, "users", 5, 202611, 42, 1), 1);
-    assert_int_equal(meter_uniq_add(u, k1, "users", 5, 202611, 42, 1), 0);
-    assert_int_equal(meter_uniq_add(u, k1, "users", 5, 202611, 42, 1), 0);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 42, 1), 1);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 42, 1), 0);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 42, 1), 0);
 
     /* another member, key, meter, period: new entries */
-    assert_int_equal(meter_uniq_add(u, k1, "users", 5, 202611, 43, 1), 1);
-    assert_int_equal(meter_uniq_add(u, k2, "users", 5, 202611, 42, 1), 1);
-    assert_int_equal(meter_uniq_add(u, k1, "user", 4, 202611, 42, 1), 1);
-    assert_int_equal(meter_uniq_add(u, k1, "users", 5, 20261124, 42, 1), 1);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 43, 1), 1);
+    assert_int_equal(uadd(u, k2, "users", 5, 202611, 42, 1), 1);
+    assert_int_equal(uadd(u, k1, "user", 4, 202611, 42, 1), 1);
+    assert_int_equal(uadd(u, k1, "users", 5, 20261124, 42, 1), 1);
     assert_int_equal(u->live, 5);
     assert_int_equal(u->dirty, 5);
 
@@ -2696,8 +2742,25 @@ test_uniq_dedupe(void **state)
 
     assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 5);
     assert_true(b.wrapped);
+
+    /* the entries hold the members: SHA-256 prefixes of the values */
+    {
+        unsigned         i, n42, n43;
+        meter_uentry_t  *e;
+
+        n42 = n43 = 0;
+
+        for (i = 0; i < b.n; i++) {
+            e = meter_uniq_entry(u, b.items[i].slot);
+            n42 += (e->member == meter_member("v42", 3));
+            n43 += (e->member == meter_member("v43", 3));
+        }
+
+        assert_int_equal(n42, 4);
+        assert_int_equal(n43, 1);
+    }
     /* SENT still dedupes, and is still unconfirmed */
-    assert_int_equal(meter_uniq_add(u, k1, "users", 5, 202611, 42, 1), 0);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 42, 1), 0);
     assert_int_equal(u->dirty, 5);
 
     /* Redis did not answer: DIRTY again, taken by the next collect */
@@ -2718,7 +2781,7 @@ test_uniq_dedupe(void **state)
     assert_int_equal(b.cursor, 0);
 
     /* a confirmed member costs nothing again */
-    assert_int_equal(meter_uniq_add(u, k1, "users", 5, 202611, 42, 1), 0);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 42, 1), 0);
     assert_int_equal(u->dirty, 0);
 
     /* a restarted Redis: every entry again (all), confirmed again */
@@ -2734,7 +2797,7 @@ test_uniq_dedupe(void **state)
 
     /* a stale confirm (the entry was sent again since) changes nothing */
     b.all = 0;
-    assert_int_equal(meter_uniq_add(u, k1, "users", 5, 202611, 44, 1), 1);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 44, 1), 1);
     assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 1);
     items[1] = items[0];
     meter_uniq_remark(u, &b);
@@ -2764,16 +2827,16 @@ test_uniq_full(void **state)
 
     /* a window's worth of members fills the table exactly */
     for (i = 0; i < METER_UPROBE; i++) {
-        assert_int_equal(meter_uniq_add(u, key, "u", 1, 202611, i, 1), 1);
+        assert_int_equal(uadd(u, key, "u", 1, 202611, i, 1), 1);
     }
 
     assert_int_equal(u->live, METER_UPROBE);
 
     /* nothing confirmed (Redis down): a new member is dropped, counted;
      * the recorded ones still dedupe */
-    assert_int_equal(meter_uniq_add(u, key, "u", 1, 202611, 1000, 1), -1);
+    assert_int_equal(uadd(u, key, "u", 1, 202611, 1000, 1), -1);
     assert_int_equal(u->dropped, 1);
-    assert_int_equal(meter_uniq_add(u, key, "u", 1, 202611, 5, 1), 0);
+    assert_int_equal(uadd(u, key, "u", 1, 202611, 5, 1), 0);
 
     /* confirmed: a new member overwrites one, preferably of another
      * period (none here), and the one overwritten is new again */
@@ -2786,14 +2849,14 @@ test_uniq_full(void **state)
         meter_uniq_confirm(u, &b.items[i]);
     }
 
-    assert_int_equal(meter_uniq_add(u, key, "u", 1, 202611, 1000, 1), 1);
+    assert_int_equal(uadd(u, key, "u", 1, 202611, 1000, 1), 1);
     assert_int_equal(u->evicted, 1);
     assert_int_equal(u->live, METER_UPROBE);
     assert_int_equal(u->dirty, 1);
 
     n = 0;
     for (i = 0; i < METER_UPROBE; i++) {
-        n += (meter_uniq_add(u, key, "u", 1, 202611, i, 1) == 1);
+        n += (uadd(u, key, "u", 1, 202611, i, 1) == 1);
     }
 
     /* the one overwritten came back as new, taking the place of another
@@ -2816,7 +2879,7 @@ test_uniq_full(void **state)
     u = uniq_new(METER_UPROBE);
 
     for (i = 0; i < METER_UPROBE; i++) {
-        assert_int_equal(meter_uniq_add(u, key, "u", 1, i ? 202612 : 202611,
+        assert_int_equal(uadd(u, key, "u", 1, i ? 202612 : 202611,
                                         i, 1), 1);
     }
 
@@ -2829,13 +2892,13 @@ test_uniq_full(void **state)
         meter_uniq_confirm(u, &b.items[i]);
     }
 
-    assert_int_equal(meter_uniq_add(u, key, "u", 1, 202612, 999, 1), 1);
+    assert_int_equal(uadd(u, key, "u", 1, 202612, 999, 1), 1);
     /* the November one was overwritten, every December one is kept */
-    assert_int_equal(meter_uniq_add(u, key, "u", 1, 202611, 0, 1), 1);
+    assert_int_equal(uadd(u, key, "u", 1, 202611, 0, 1), 1);
     assert_int_equal(u->evicted, 2);
     n = 0;
     for (i = 1; i < METER_UPROBE; i++) {
-        n += (meter_uniq_add(u, key, "u", 1, 202612, i, 1) == 1);
+        n += (uadd(u, key, "u", 1, 202612, i, 1) == 1);
     }
     /* ... the second overwrite had only December ones to take */
     assert_true(n >= 1);
@@ -2865,7 +2928,7 @@ test_uniq_concurrent(void **state)
     u = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
              -1, 0);
     assert_true(u != MAP_FAILED);
-    meter_uniq_init(u, 8192);
+    meter_uniq_init(u, 8192, TEST_EPOCH);
     key_of(7, key);
 
     for (p = 0; p < UCONC_PROCS; p++) {
@@ -2874,7 +2937,7 @@ test_uniq_concurrent(void **state)
 
         if (pids[p] == 0) {
             for (i = 0; i < UCONC_MEMBERS * 5; i++) {
-                if (meter_uniq_add(u, key, "users", 5, 202611,
+                if (uadd(u, key, "users", 5, 202611,
                                    (i * 7919 + p) % UCONC_MEMBERS, 1)
                     < 0)
                 {
@@ -2894,7 +2957,7 @@ test_uniq_concurrent(void **state)
     /* every member is recorded (duplicates of a race are allowed) */
     n = 0;
     for (i = 0; i < UCONC_MEMBERS; i++) {
-        n += (meter_uniq_add(u, key, "users", 5, 202611, i, 1) == 0);
+        n += (uadd(u, key, "users", 5, 202611, i, 1) == 0);
     }
 
     assert_int_equal(n, UCONC_MEMBERS);
@@ -2972,6 +3035,7 @@ main(void)
         cmocka_unit_test(test_concurrent_reclaim),
         cmocka_unit_test(test_uperiod),
         cmocka_unit_test(test_member),
+        cmocka_unit_test(test_value_hash),
         cmocka_unit_test(test_uniq_dedupe),
         cmocka_unit_test(test_uniq_full),
         cmocka_unit_test(test_uniq_concurrent),
