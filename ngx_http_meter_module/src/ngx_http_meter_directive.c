@@ -441,6 +441,10 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 return NGX_CONF_ERROR;
             }
 
+            /* read without the script engine, as a zone's key */
+            m->vindex = m->unique ? ngx_http_meter_key_index(cf, &s)
+                                  : NGX_ERROR;
+
         } else if (ngx_strncmp(value[i].data, "if=", 3) == 0) {
             cvp = &m->filter;
             s.data = value[i].data + 3;

@@ -279,6 +279,8 @@ typedef struct {
                                              * variable counted */
     ngx_uint_t                   uperiod;   /* period=: METER_UPERIOD_*
                                              * + 1; 0: unset (month) */
+    ngx_int_t                    vindex;    /* unique= is one variable:
+                                             * its index; else NGX_ERROR */
     ngx_array_t                 *vars;      /* indexes in value and if=,
                                              * read afresh at the log
                                              * phase */

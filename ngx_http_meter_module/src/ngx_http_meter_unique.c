@@ -111,11 +111,23 @@ ngx_http_meter_unique_count(ngx_http_request_t *r, ngx_http_meter_t *m,
     uint64_t                     last;
     uint32_t                     up;
     ngx_str_t                    v;
+    ngx_http_variable_value_t   *vv;
     ngx_http_meter_shctx_t      *sh;
     ngx_http_meter_zone_ctx_t   *ctx;
     ngx_http_meter_main_conf_t  *mcf;
 
-    if (ngx_http_complex_value(r, m->value, &v) != NGX_OK) {
+    if (m->vindex != NGX_ERROR) {
+        /* one variable: its value as it is (read afresh, see m->vars) */
+        vv = ngx_http_get_indexed_variable(r, m->vindex);
+
+        if (vv == NULL || vv->not_found) {
+            return NGX_OK;
+        }
+
+        v.data = vv->data;
+        v.len = vv->len;
+
+    } else if (ngx_http_complex_value(r, m->value, &v) != NGX_OK) {
         return NGX_ERROR;
     }
 

@@ -431,3 +431,52 @@ def test_directive_ok():
            "status=2xx method=GET,POST if=$http_x_user;")
     rc, out, text, _ = nginx_t(conf(loc=loc), redis="127.0.0.1:1")
     assert rc == 0, out
+
+
+def test_noscript_reloads_the_script(nginx_factory, redis):
+    n = nginx_factory(conf(), workers=1, redis=redis.address)
+    call(n, "s1")
+    wait_for(lambda: confirmed(n), 10)
+    # a Redis that forgot its scripts (SCRIPT FLUSH, a failover): NOSCRIPT,
+    # the script is loaded again, the user still arrives
+    redis.cmd("SCRIPT", "FLUSH")
+    call(n, "s2")
+    kh = key_hash(KEY)
+    uq = "mtr:uq:{%s}:users:%s" % (kh, month())
+    wait_for(lambda: confirmed(n) and smembers(redis, uq) == {
+        member("s1"), member("s2")}, 10)
+    assert status(n)["flush_errors"] >= 1
+    assert "NOSCRIPT" in n.log()
+
+
+def test_graceful_stop_sends_the_last_users(nginx_factory, redis):
+    # no pass runs before the stop: only the exit's blocking flush
+    text = conf().replace("meter_flush_interval 100ms;",
+                          "meter_flush_interval 1h;")
+    n = nginx_factory(text, workers=2, redis=redis.address)
+    for u in ("g1", "g2", "g3", "g1"):
+        call(n, u)
+    assert status(n)["unique_dirty"] == 3
+    assert redis.keys("mtr:uq*") == []
+    n.stop()
+    kh = key_hash(KEY)
+    assert smembers(redis, "mtr:uq:{%s}:users:%s" % (kh, month())) == {
+        member(u) for u in ("g1", "g2", "g3")}
+    assert smembers(redis, "mtr:uqidx:" + month()) == {
+        "%s|users|%s" % (kh, month())}
+
+
+def test_composite_and_set_values(nginx_factory, redis):
+    # text with variables (the script engine) and a variable "set" wrote
+    loc = ("meter zone=api users unique=${http_x_user}@$arg_app;\n"
+           "set $uid \"id-$http_x_user\";\n"
+           "meter zone=api sets unique=$uid;")
+    n = nginx_factory(conf(loc=loc), workers=1, redis=redis.address)
+    for u, app in (("a", "1"), ("a", "2"), ("b", "1"), ("a", "1")):
+        call(n, u, path="/api?app=" + app)
+    wait_for(lambda: confirmed(n) and len(redis.keys("mtr:uq:*")) == 2, 10)
+    kh = key_hash(KEY)
+    assert smembers(redis, "mtr:uq:{%s}:users:%s" % (kh, month())) == {
+        member(v) for v in ("a@1", "a@2", "b@1")}
+    assert smembers(redis, "mtr:uq:{%s}:sets:%s" % (kh, month())) == {
+        member(v) for v in ("id-a", "id-b")}
