@@ -480,3 +480,36 @@ def test_composite_and_set_values(nginx_factory, redis):
         member(v) for v in ("a@1", "a@2", "b@1")}
     assert smembers(redis, "mtr:uq:{%s}:sets:%s" % (kh, month())) == {
         member(v) for v in ("id-a", "id-b")}
+
+
+def test_a_full_table_evicts_and_only_resends(nginx_factory, redis):
+    """More users than the table holds (1 MB zone: 629 entries): confirmed
+    entries are overwritten, nothing is lost, a user who comes back after
+    being evicted is sent again, which changes nothing in Redis."""
+    text = conf().replace("meter zone=api calls;", "")
+    n = nginx_factory(text, workers=1, redis=redis.address)
+    assert status(n)["unique_slots"] == 629
+    users = ["f%d" % i for i in range(900)]
+    for lo in range(0, 900, 100):
+        for u in users[lo:lo + 100]:
+            call(n, u)
+        # paced: at most 100 unconfirmed at a time, so none is dropped
+        wait_for(lambda: confirmed(n), 10)
+    kh = key_hash(KEY)
+    uq = "mtr:uq:{%s}:users:%s" % (kh, month())
+    assert int(redis.cmd("SCARD", uq)) == 900
+    z = status(n)
+    assert z["unique_dropped"] == 0
+    assert z["unique_entries"] == 629
+    # one worker, one request at a time: each new user past 629 is one
+    # overwrite
+    assert z["unique_evicted"] == 900 - 629
+
+    # the first ones again: the evicted ones are new to the table, resent
+    redis.cmd("CONFIG", "RESETSTAT")
+    for u in users[:100]:
+        call(n, u)
+    wait_for(lambda: confirmed(n), 10)
+    assert commandstats(redis).get("evalsha", 0) >= 1
+    assert int(redis.cmd("SCARD", uq)) == 900
+    assert smembers(redis, uq) == {member(u) for u in users}
