@@ -26,7 +26,7 @@ Configurations (each run R times; callgrind counts, so repeats agree):
                   the window finds its member in the dedupe table
   unique-new      the same, a new user every request: each one claims an
                   entry (64m zones for both: the table is 1/16 of it,
-                  43,690 entries, less than half full at the end)
+                  40,280 entries, less than half full at the end)
 
 Reports instructions per request, the differences (metered - plain, gov -
 static, gov - metered-static) and the functions whose own (exclusive)

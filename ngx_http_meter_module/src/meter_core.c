@@ -1546,7 +1546,32 @@ const char  meter_script_uniq[] =
 size_t
 meter_uniq_size(uint32_t nslots)
 {
-    return sizeof(meter_uniq_t) + (size_t) nslots * METER_UNIQ_ENTRY_SIZE;
+    /* the tags, the entries, the dirty bitmap */
+    return sizeof(meter_uniq_t) + (size_t) nslots * METER_UNIQ_ENTRY_SIZE
+           + (((size_t) nslots + 63) / 64) * sizeof(uint64_t);
+}
+
+
+static uint64_t *
+meter_uniq_dirty(meter_uniq_t *u)
+{
+    return (uint64_t *) (void *) (meter_uniq_entry(u, 0) + u->nslots);
+}
+
+
+/* as meter_mark(): the bit after the state, both sequentially consistent */
+
+static void
+meter_uniq_mark(meter_uniq_t *u, uint32_t i)
+{
+    uint64_t  *w, bit;
+
+    w = &meter_uniq_dirty(u)[i >> 6];
+    bit = (uint64_t) 1 << (i & 63);
+
+    if ((__atomic_load_n(w, __ATOMIC_SEQ_CST) & bit) == 0) {
+        (void) __atomic_fetch_or(w, bit, __ATOMIC_SEQ_CST);
+    }
 }
 
 
@@ -1561,7 +1586,15 @@ meter_uniq_slots_for(size_t size)
 
     n = (size - sizeof(meter_uniq_t)) / METER_UNIQ_ENTRY_SIZE;
 
-    return n > UINT32_MAX ? UINT32_MAX : (uint32_t) n;
+    if (n > UINT32_MAX) {
+        n = UINT32_MAX;
+    }
+
+    while (n > 0 && meter_uniq_size((uint32_t) n) > size) {
+        n--;
+    }
+
+    return (uint32_t) n;
 }
 
 
@@ -1757,7 +1790,8 @@ meter_uniq_fill(meter_uniq_t *u, uint32_t j, uint64_t gen,
 
     meter_store(&u->tags[j], fp);
     meter_fetch_add(&u->dirty, 1);
-    meter_store(&e->state, gen << 8 | METER_U_DIRTY);
+    __atomic_store_n(&e->state, gen << 8 | METER_U_DIRTY, __ATOMIC_SEQ_CST);
+    meter_uniq_mark(u, j);
 }
 
 
@@ -1871,12 +1905,43 @@ meter_member_format(uint64_t member, char *buf)
 }
 
 
+/* takes entry i into the batch if it is to be sent: SENT now */
+
+static void
+meter_uniq_take(meter_uniq_t *u, meter_ubatch_t *b, uint32_t i, int sent)
+{
+    uint32_t         st;
+    uint64_t         s, ns;
+    meter_uentry_t  *e;
+
+    e = meter_uniq_entry(u, i);
+    s = __atomic_load_n(&e->state, __ATOMIC_SEQ_CST);
+    st = METER_U_STATE(s);
+
+    if (st == METER_U_DIRTY || (sent && st == METER_U_SENT)
+        || (b->all && st == METER_U_CLEAN))
+    {
+        ns = (s & ~(uint64_t) 0xff) | METER_U_SENT;
+
+        if (s == ns || meter_cas(&e->state, &s, ns)) {
+            if (st == METER_U_CLEAN) {
+                meter_fetch_add(&u->dirty, 1);
+            }
+
+            b->items[b->n].slot = i;
+            b->items[b->n].group = 0;
+            b->items[b->n].state = ns;
+            b->n++;
+        }
+    }
+}
+
+
 unsigned
 meter_uniq_collect(meter_uniq_t *u, meter_ubatch_t *b, uint32_t max_scan)
 {
-    uint32_t         scanned, st;
-    uint64_t         s, ns;
-    meter_uentry_t  *e;
+    uint32_t   scanned, nwords, words, bit, i;
+    uint64_t   bits, *w;
 
     b->n = 0;
     b->wrapped = 0;
@@ -1890,31 +1955,57 @@ meter_uniq_collect(meter_uniq_t *u, meter_ubatch_t *b, uint32_t max_scan)
         return 0;
     }
 
+    if (!b->all && !b->full) {
+        nwords = (u->nslots + 63) / 64;
+
+        for (words = 0; words < max_scan / 64 + 1; words++) {
+
+            if (b->cursor >= nwords) {
+                break;
+            }
+
+            w = &meter_uniq_dirty(u)[b->cursor];
+
+            if (__atomic_load_n(w, __ATOMIC_RELAXED) == 0) {
+                b->cursor++;
+                continue;
+            }
+
+            bits = __atomic_exchange_n(w, 0, __ATOMIC_SEQ_CST);
+
+            while (bits) {
+                if (b->n == b->cap) {
+                    /* full: what is not taken stays marked */
+                    (void) __atomic_fetch_or(w, bits, __ATOMIC_SEQ_CST);
+                    return b->n;
+                }
+
+                bit = (uint32_t) __builtin_ctzll(bits);
+                bits &= bits - 1;
+                i = b->cursor * 64 + bit;
+
+                if (i < u->nslots) {
+                    meter_uniq_take(u, b, i, 0);
+                }
+            }
+
+            b->cursor++;
+        }
+
+        if (b->cursor >= nwords) {
+            b->cursor = 0;
+            b->wrapped = 1;
+        }
+
+        return b->n;
+    }
+
     if (b->cursor >= u->nslots) {
         b->cursor = 0;
     }
 
     for (scanned = 0; scanned < max_scan && b->n < b->cap; scanned++) {
-        e = meter_uniq_entry(u, b->cursor);
-        s = meter_load(&e->state);
-        st = METER_U_STATE(s);
-
-        if (st == METER_U_DIRTY || st == METER_U_SENT
-            || (b->all && st == METER_U_CLEAN))
-        {
-            ns = (s & ~(uint64_t) 0xff) | METER_U_SENT;
-
-            if (s == ns || meter_cas(&e->state, &s, ns)) {
-                if (st == METER_U_CLEAN) {
-                    meter_fetch_add(&u->dirty, 1);
-                }
-
-                b->items[b->n].slot = b->cursor;
-                b->items[b->n].group = 0;
-                b->items[b->n].state = ns;
-                b->n++;
-            }
-        }
+        meter_uniq_take(u, b, b->cursor, 1);
 
         if (++b->cursor == u->nslots) {
             b->cursor = 0;
@@ -1953,7 +2044,9 @@ meter_uniq_remark(meter_uniq_t *u, const meter_ubatch_t *b)
         e = meter_uniq_entry(u, b->items[i].slot);
         s = b->items[i].state;
 
-        (void) meter_cas(&e->state, &s,
-                         (s & ~(uint64_t) 0xff) | METER_U_DIRTY);
+        if (meter_cas(&e->state, &s, (s & ~(uint64_t) 0xff) | METER_U_DIRTY))
+        {
+            meter_uniq_mark(u, b->items[i].slot);
+        }
     }
 }

@@ -449,6 +449,7 @@ typedef struct {
 
 /* bytes per entry: its tag and the entry */
 #define METER_UNIQ_ENTRY_SIZE   (sizeof(uint64_t) + sizeof(meter_uentry_t))
+                                /* + 1 bit of the dirty bitmap */
 
 size_t meter_uniq_size(uint32_t nslots);
 uint32_t meter_uniq_slots_for(size_t size);
@@ -493,13 +494,17 @@ typedef struct {
     uint32_t                    cursor;     /* next slot to scan */
     unsigned                    wrapped;    /* cursor passed the end */
     unsigned                    all;        /* CLEAN ones too (resync) */
+    unsigned                    full;       /* every slot, not the bitmap */
 } meter_ubatch_t;
 
 /*
- * Flusher only: marks up to b->cap DIRTY entries (and SENT ones, a dead
- * flusher's; with b->all CLEAN ones too) SENT into the batch, scanning at
- * most max_scan slots from b->cursor; sets b->wrapped at the end.  Resets
- * b->n first.  Returns b->n.
+ * Flusher only: marks up to b->cap DIRTY entries SENT into the batch and
+ * sets b->wrapped at the end; resets b->n first, returns b->n.  By the
+ * dirty bitmap (a bit per entry, set when it becomes DIRTY), at most
+ * max_scan / 64 words from b->cursor, so a pass costs what is new, not
+ * the table; with b->full or b->all, every slot instead, at most max_scan
+ * from b->cursor, taking SENT ones too (a dead flusher's, whose bits it
+ * took) and with b->all CLEAN ones (resync).
  */
 unsigned meter_uniq_collect(meter_uniq_t *u, meter_ubatch_t *b,
     uint32_t max_scan);

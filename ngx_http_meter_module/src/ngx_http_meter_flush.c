@@ -405,6 +405,8 @@ ngx_http_meter_next_slice(ngx_http_meter_flush_t  *fl)
             fl->ubatch.cursor = 0;
             fl->ubatch.wrapped = 0;
             fl->ubatch.all = fl->batch.all;
+            /* a takeover's full scan finds a dead flusher's SENT ones */
+            fl->ubatch.full = (fl->zone_mode >= NGX_HTTP_METER_MODE_FULL);
         }
 
         if (!fl->usent) {
@@ -1305,6 +1307,7 @@ ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
         ngx_memzero(&ubatch, sizeof(meter_ubatch_t));
         ubatch.items = uitems;
         ubatch.cap = NGX_HTTP_METER_UBATCH;
+        ubatch.full = 1;
 
         while (!ubatch.wrapped) {
             if (meter_uniq_collect(sh->uniq, &ubatch, sh->uniq->nslots)

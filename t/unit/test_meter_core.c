@@ -2807,6 +2807,53 @@ test_uniq_dedupe(void **state)
     assert_int_equal(u->evicted, 0);
     assert_int_equal(u->dropped, 0);
 
+    /* a flusher killed with a batch in hand: its bits are gone, the
+     * entries SENT; the bitmap finds nothing, a full scan finds them */
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 45, 1), 1);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 46, 1), 1);
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 2);
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 0);
+    assert_true(b.wrapped);
+    assert_int_equal(u->dirty, 2);
+    b.full = 1;
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 2);
+    assert_true(b.wrapped);
+
+    for (unsigned i = 0; i < b.n; i++) {
+        meter_uniq_confirm(u, &b.items[i]);
+    }
+
+    assert_int_equal(u->dirty, 0);
+    b.full = 0;
+
+    /* the bitmap: a batch that fills up leaves the rest marked */
+    for (unsigned i = 0; i < 40; i++) {
+        assert_int_equal(uadd(u, k2, "many", 4, 202611, i, 1), 1);
+    }
+
+    b.cap = 16;
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 16);
+    assert_false(b.wrapped);
+    meter_uniq_remark(u, &b);
+
+    /* every one of the 40 comes back, the 16 put back too, none twice */
+    {
+        unsigned  k, n;
+
+        n = 0;
+
+        for (k = 0; k < 8 && u->dirty > 0; k++) {
+            n += meter_uniq_collect(u, &b, u->nslots);
+
+            for (unsigned i = 0; i < b.n; i++) {
+                meter_uniq_confirm(u, &b.items[i]);
+            }
+        }
+
+        assert_int_equal(n, 40);
+        assert_int_equal(u->dirty, 0);
+    }
+
     free(u);
 }
 
