@@ -390,9 +390,9 @@ extern const char meter_script_max[];
  * is a fast 64-bit hash seeded at random per table: a value seen before
  * for the same key, meter and period costs the request path that hash and
  * one probe, no SHA-256 (two thirds of the cost, bench/README.md) and no
- * Redis work; a new one computes its member and is claimed DIRTY for the
- * flush, which marks it SENT, then CLEAN once Redis answered (or DIRTY
- * again when it did not).
+ * Redis work; a new one computes its member, is claimed DIRTY and marked
+ * in a dirty bitmap (a bit an entry) that the flush walks, which marks it
+ * SENT, then CLEAN once Redis answered (or DIRTY again when it did not).
  *
  * Lock-free as the counter table: a slot is claimed with a compare-and-
  * swap of its state word (gen << 8 | METER_U_*), filled, then published.
