@@ -515,3 +515,29 @@ def test_a_full_table_evicts_and_only_resends(nginx_factory, redis):
     assert commandstats(redis).get("evalsha", 0) >= 1
     assert int(redis.cmd("SCARD", uq)) == 900
     assert smembers(redis, uq) == {member(u) for u in users}
+
+
+def test_billed_by_the_worker(nginx_factory, redis, tmp_path):
+    """End to end with the real worker (file provider): what this module
+    writes is the month's figure of distinct users, per customer over its
+    keys (a user on two keys counts once), and the calls as usual."""
+    from test_figures import customer, fig_line
+    from test_worker import Worker
+    n = nginx_factory(conf(), workers=2, redis=redis.address)
+    customer(redis, "cu", KEY)
+    customer(redis, "cu", "mk_live_uniq02")
+    start = int(time.time()) // 3600 * 3600
+    for u in ("a", "b", "c", "a"):
+        call(n, u)
+    for u in ("c", "d"):
+        call(n, u, key="mk_live_uniq02")
+    wait_for(lambda: confirmed(n) and len(redis.keys("mtr:uq:*")) == 2, 10)
+    if int(time.time()) // 3600 * 3600 != start:
+        pytest.skip("crossed an hour boundary")
+    w = Worker(tmp_path / "w", redis, grace="5m")
+    assert w.once(start + 3600 + 600).returncode == 0
+    got = w.lines()
+    figs = [x for x in got if x["meter"] == "users"]
+    # the customer's figure (no one key's): a, b, c, d
+    assert figs == [fig_line(None, "cu", "users", "unique", start, 4)], got
+    assert sum(x["quantity"] for x in got if x["meter"] == "calls") == 6
