@@ -20,6 +20,13 @@ Configurations (each run R times; callgrind counts, so repeats agree):
                   state of K keys (10 per customer) loaded from a
                   redis-server before the window; flush and refresh every
                   hour, so neither runs inside the window
+  unique          metered + meter zone=api users unique=$http_x_user, the
+                  user of key i "u-<i>": every (key, user) is seen in the
+                  warm-up (at least K requests then), so each request of
+                  the window finds its member in the dedupe table
+  unique-new      the same, a new user every request: each one claims an
+                  entry (64m zones for both: the table is 1/16 of it,
+                  40,280 entries, less than half full at the end)
 
 Reports instructions per request, the differences (metered - plain, gov -
 static, gov - metered-static) and the functions whose own (exclusive)
@@ -47,7 +54,8 @@ sys.path.insert(0, str(ROOT / "t"))
 from conftest import (MODULE_SO, NGINX, RedisServer,  # noqa: E402
                       free_port, wait_for)
 
-CONFIGS = ("plain", "metered", "static", "metered-static", "gov")
+CONFIGS = ("plain", "metered", "static", "metered-static", "gov", "unique",
+           "unique-new")
 
 CONF = """\
 {load_module}
@@ -83,6 +91,15 @@ def key(i):
     return "mk_cost_%07d_4f9c2a7e" % i
 
 
+def user(name, i, a):
+    """The X-User of request i: none, the key's own user, or a new one."""
+    if name == "unique":
+        return "u-%d" % (i % a.keys + 1)
+    if name == "unique-new":
+        return "n-%d" % i
+    return None
+
+
 def seed_gov(redis, n):
     """mtr:gov holding keys 1..n, active, 10 keys per customer
     (docs/redis-schema.md: CUSTOMER \\t STATUS \\t REASON \\t SINCE \\t
@@ -107,9 +124,14 @@ class KeepAlive:
         self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.req = b"GET /api HTTP/1.1\r\nHost: bench\r\nX-Api-Key: %s\r\n\r\n"
+        self.ureq = (b"GET /api HTTP/1.1\r\nHost: bench\r\nX-Api-Key: %s"
+                     b"\r\nX-User: %s\r\n\r\n")
 
-    def get(self, k):
-        self.s.sendall(self.req % k.encode())
+    def get(self, k, user=None):
+        if user is None:
+            self.s.sendall(self.req % k.encode())
+        else:
+            self.s.sendall(self.ureq % (k.encode(), user.encode()))
         while b"\r\n\r\n" not in self.buf:
             self._more()
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
@@ -178,18 +200,22 @@ def run(a, tmp, name, redis):
     port = free_port()
     metered = name not in ("plain", "static")
     http = server = loc = ""
-    if name in ("plain", "metered"):
+    if name in ("plain", "metered", "unique", "unique-new"):
         content = 'return 200 "ok\\n";'
     else:
         content = "root %s/www;" % d
     if metered:
         gov = name == "gov"
-        http = ("meter_zone $http_x_api_key zone=api:16m;\n"
+        http = ("meter_zone $http_x_api_key zone=api:%s;\n"
+                % ("64m" if name.startswith("unique") else "16m")
+                + 
                 "    meter_redis 127.0.0.1:%d;\n"
                 # the window holds the request path only
                 "    meter_flush_interval 1h;\n"
                 % (redis.port if gov else free_port()))
         loc = "meter zone=api calls;"
+        if name.startswith("unique"):
+            loc += "\n            meter zone=api users unique=$http_x_user;"
         if gov:
             http += ("    meter_governance_size 16m;\n"
                      "    meter_governance_refresh 1h;\n")
@@ -224,14 +250,16 @@ def run(a, tmp, name, redis):
             # 401 for a key not in the state: the state is loaded
             wait_for(lambda: c.get("mk_cost_unknown") == 401, 120, 0.5,
                      "governance state under callgrind")
-        for i in range(a.warmup):
-            if c.get(key(i % a.keys + 1)) != 200:
+        # unique: every (key, user) of the window is seen in the warm-up
+        warmup = max(a.warmup, a.keys) if name == "unique" else a.warmup
+        for i in range(warmup):
+            if c.get(key(i % a.keys + 1), user(name, i, a)) != 200:
                 raise SystemExit("%s: warm-up request %d refused"
                                  % (name, i))
         subprocess.run(["callgrind_control", "--zero", str(proc.pid)],
                        check=True, capture_output=True, timeout=120)
-        for i in range(a.warmup, a.warmup + a.requests):
-            if c.get(key(i % a.keys + 1)) != 200:
+        for i in range(warmup, warmup + a.requests):
+            if c.get(key(i % a.keys + 1), user(name, i, a)) != 200:
                 raise SystemExit("%s: request %d refused" % (name, i))
         subprocess.run(["callgrind_control", "--dump=window",
                         str(proc.pid)], check=True, capture_output=True,
@@ -307,13 +335,14 @@ def main():
         print("  %-15s %s  %.3f %%" % (k, "  ".join("%9.1f" % x for x in v),
                                        (max(v) - min(v)) / min(v) * 100))
     pairs = (("metered", "plain"), ("metered-static", "static"),
-             ("gov", "static"), ("gov", "metered-static"))
+             ("gov", "static"), ("gov", "metered-static"),
+             ("unique", "metered"), ("unique-new", "metered"))
     for hi, lo in pairs:
         if hi in per and lo in per:
             x = min(per[hi]) - min(per[lo])
             out["diff"]["%s - %s" % (hi, lo)] = round(x, 1)
             print("  %-30s %+9.1f / request" % ("%s - %s" % (hi, lo), x))
-    for hi, lo in pairs[:1] + pairs[2:3]:
+    for hi, lo in pairs[:1] + pairs[2:3] + pairs[4:]:
         if hi in runs and lo in runs:
             g = grown(runs[lo][0][1], runs[hi][0][1], n, a.top)
             out["grown"]["%s - %s" % (hi, lo)] = g

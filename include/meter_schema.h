@@ -108,6 +108,7 @@
  * (printf arguments: KH, NAME, UPERIOD; YYYYMM).
  */
 #define MTR_UQ_PRE              "mtr:uq:{"
+#define MTR_UQ_MID              "}:"            /* between KH and NAME */
 #define MTR_UQ_FMT              MTR_UQ_PRE "%s}:%s:%s"
 #define MTR_UH_PRE              "mtr:uh:{"
 #define MTR_UH_FMT              MTR_UH_PRE "%s}:%s:%s"

@@ -1526,3 +1526,527 @@ meter_resp_wfield(char *p, const meter_batch_item_t *it)
 
     return p;
 }
+
+
+/* verbatim from docs/redis-schema.md ("Unique users") */
+const char  meter_script_uniq[] =
+    "-- KEYS[1] = the exact set, KEYS[2] = the HyperLogLog\n"
+    "-- ARGV = limit, member [, member ...]\n"
+    "-- idempotent: a resent call adds nothing twice\n"
+    "redis.call('PFADD', KEYS[2], unpack(ARGV, 2))\n"
+    "local n = redis.call('SCARD', KEYS[1])\n"
+    "local limit = tonumber(ARGV[1])\n"
+    "for i = 2, #ARGV do\n"
+    "  if n >= limit then break end\n"
+    "  n = n + redis.call('SADD', KEYS[1], ARGV[i])\n"
+    "end\n"
+    "return n\n";
+
+
+size_t
+meter_uniq_size(uint32_t nslots)
+{
+    /* the tags, the entries, the dirty bitmap */
+    return sizeof(meter_uniq_t) + (size_t) nslots * METER_UNIQ_ENTRY_SIZE
+           + (((size_t) nslots + 63) / 64) * sizeof(uint64_t);
+}
+
+
+static uint64_t *
+meter_uniq_dirty(meter_uniq_t *u)
+{
+    return (uint64_t *) (void *) (meter_uniq_entry(u, 0) + u->nslots);
+}
+
+
+/* as meter_mark(): the bit after the state, both sequentially consistent */
+
+static void
+meter_uniq_mark(meter_uniq_t *u, uint32_t i)
+{
+    uint64_t  *w, bit;
+
+    w = &meter_uniq_dirty(u)[i >> 6];
+    bit = (uint64_t) 1 << (i & 63);
+
+    if ((__atomic_load_n(w, __ATOMIC_SEQ_CST) & bit) == 0) {
+        (void) __atomic_fetch_or(w, bit, __ATOMIC_SEQ_CST);
+    }
+}
+
+
+uint32_t
+meter_uniq_slots_for(size_t size)
+{
+    size_t  n;
+
+    if (size < sizeof(meter_uniq_t)) {
+        return 0;
+    }
+
+    n = (size - sizeof(meter_uniq_t)) / METER_UNIQ_ENTRY_SIZE;
+
+    if (n > UINT32_MAX) {
+        n = UINT32_MAX;
+    }
+
+    while (n > 0 && meter_uniq_size((uint32_t) n) > size) {
+        n--;
+    }
+
+    return (uint32_t) n;
+}
+
+
+void
+meter_uniq_init(meter_uniq_t *u, uint32_t nslots, uint64_t seed)
+{
+    memset(u, 0, meter_uniq_size(nslots));
+
+    u->nslots = nslots;
+    u->seed = seed;
+}
+
+
+#define meter_rotl(x, r)     (((x) << (r)) | ((x) >> (64 - (r))))
+
+uint64_t
+meter_value_hash(const void *value, size_t len, uint64_t seed)
+{
+    uint64_t        h, w;
+    const uint8_t  *p;
+
+    p = value;
+    h = seed ^ ((uint64_t) len * 0x9e3779b97f4a7c15ULL);
+
+    /* 8 bytes a step: each word multiplied (injective), folded in */
+    for ( /* void */ ; len >= 8; len -= 8, p += 8) {
+        memcpy(&w, p, 8);
+        h ^= w * 0xbf58476d1ce4e5b9ULL;
+        h = meter_rotl(h, 29) * 0x94d049bb133111ebULL;
+    }
+
+    if (len) {
+        w = 0;
+        memcpy(&w, p, len);
+        h ^= w * 0xbf58476d1ce4e5b9ULL;
+        h = meter_rotl(h, 29) * 0x94d049bb133111ebULL;
+    }
+
+    /* splitmix64 finalizer */
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ULL;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebULL;
+    h ^= h >> 31;
+
+    return h;
+}
+
+
+meter_uentry_t *
+meter_uniq_entry(meter_uniq_t *u, uint32_t i)
+{
+    return (meter_uentry_t *) (void *) &u->tags[u->nslots] + i;
+}
+
+
+/*
+ * One gmtime_r() an hour per process, not one a request (an nginx worker
+ * is one thread).
+ */
+
+static time_t    meter_up_hour = -1;
+static uint32_t  meter_up_cache[3];
+
+uint32_t
+meter_uperiod(time_t t, unsigned period)
+{
+    time_t     h;
+    struct tm  tm;
+
+    if (t < 0) {
+        t = 0;
+    }
+
+    h = t / 3600;
+
+    if (h != meter_up_hour) {
+        if (gmtime_r(&t, &tm) == NULL || tm.tm_year + 1900 > 9999) {
+            memset(&tm, 0, sizeof(struct tm));
+            tm.tm_year = 70;
+            tm.tm_mday = 1;
+        }
+
+        meter_up_cache[0] = (uint32_t) (tm.tm_year + 1900) * 100
+                            + (uint32_t) tm.tm_mon + 1;
+        meter_up_cache[1] = meter_up_cache[0] * 100 + (uint32_t) tm.tm_mday;
+        meter_up_cache[2] = meter_up_cache[1] * 100 + (uint32_t) tm.tm_hour;
+        meter_up_hour = h;
+    }
+
+    return meter_up_cache[period > METER_UPERIOD_HOUR ? METER_UPERIOD_HOUR
+                                                      : period];
+}
+
+
+uint32_t
+meter_uperiod_month(uint32_t up)
+{
+    while (up >= 1000000) {
+        up /= 100;
+    }
+
+    return up;
+}
+
+
+size_t
+meter_uperiod_format(uint32_t up, char *buf)
+{
+    size_t  n;
+
+    n = up >= 100000000 ? 10 : up >= 1000000 ? 8 : 6;
+    meter_digits(buf, up, (unsigned) n);
+
+    return n;
+}
+
+
+uint64_t
+meter_member(const void *value, size_t len)
+{
+    uint8_t   h[METER_HASH_LEN];
+    uint64_t  m;
+
+    meter_key_hash(value, len, h);
+    memcpy(&m, h, sizeof(uint64_t));
+
+    return meter_be64(m);
+}
+
+
+static uint64_t
+meter_uniq_fp(const uint8_t key[METER_HASH_LEN], const char *meter,
+    size_t mlen, uint32_t period, uint64_t vhash)
+{
+    size_t    i;
+    uint64_t  h, k, fnv;
+
+    fnv = 0xcbf29ce484222325ULL;
+
+    for (i = 0; i < mlen; i++) {
+        fnv ^= (uint8_t) meter[i];
+        fnv *= 0x100000001b3ULL;
+    }
+
+    memcpy(&k, key, sizeof(uint64_t));
+
+    /* vhash is a hash already; key and name mixed in, then splitmix64 */
+    h = vhash ^ (k * 0x9e3779b97f4a7c15ULL) ^ (fnv * 0xc2b2ae3d27d4eb4fULL)
+        ^ ((uint64_t) period << 17);
+
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ULL;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebULL;
+    h ^= h >> 31;
+
+    return h ? h : 1;
+}
+
+
+static int
+meter_uentry_match(meter_uentry_t *e, const uint8_t key[METER_HASH_LEN],
+    const char *meter, size_t mlen, uint32_t period, uint64_t vhash)
+{
+    return e->vhash == vhash && e->period == period
+           && memcmp(e->key, key, METER_HASH_LEN) == 0
+           && memcmp(e->meter, meter, mlen) == 0
+           && (mlen == METER_NAME_MAX || e->meter[mlen] == '\0');
+}
+
+
+/* fills a claimed slot and publishes it DIRTY with gen */
+
+static void
+meter_uniq_fill(meter_uniq_t *u, uint32_t j, uint64_t gen,
+    const uint8_t key[METER_HASH_LEN], const char *meter, size_t mlen,
+    uint32_t period, uint64_t vhash, const void *value, size_t vlen,
+    uint64_t fp, uint32_t now)
+{
+    meter_uentry_t  *e;
+
+    e = meter_uniq_entry(u, j);
+
+    /* SHA-256 only for a value new here */
+    e->vhash = vhash;
+    e->member = meter_member(value, vlen);
+    e->period = period;
+    e->stamp = now;
+    memcpy(e->key, key, METER_HASH_LEN);
+    memset(e->meter, 0, METER_NAME_MAX);
+    memcpy(e->meter, meter, mlen);
+
+    meter_store(&u->tags[j], fp);
+    meter_fetch_add(&u->dirty, 1);
+    __atomic_store_n(&e->state, gen << 8 | METER_U_DIRTY, __ATOMIC_SEQ_CST);
+    meter_uniq_mark(u, j);
+}
+
+
+int
+meter_uniq_add(meter_uniq_t *u, const uint8_t key[METER_HASH_LEN],
+    const char *meter, size_t mlen, uint32_t period, const void *value,
+    size_t vlen, uint32_t now)
+{
+    uint32_t         home, nprobe, i, j, victim, tries;
+    uint64_t         fp, tag, s1, s2, st, vhash;
+    meter_uentry_t  *e;
+
+    if (u == NULL || u->nslots == 0 || mlen == 0 || mlen > METER_NAME_MAX) {
+        goto dropped;
+    }
+
+    vhash = meter_value_hash(value, vlen, u->seed);
+    fp = meter_uniq_fp(key, meter, mlen, period, vhash);
+    home = (uint32_t) (fp % u->nslots);
+    nprobe = u->nslots < METER_UPROBE ? u->nslots : METER_UPROBE;
+
+    for (tries = 0; tries < 4; tries++) {
+
+        victim = UINT32_MAX;
+
+        for (i = 0; i < nprobe; i++) {
+            j = home + i;
+            j = (j >= u->nslots) ? j - u->nslots : j;
+            e = meter_uniq_entry(u, j);
+
+            tag = meter_load(&u->tags[j]);
+
+            if (tag == 0) {
+                /* never used: the member is not further down */
+                st = 0;
+
+                if (meter_cas(&e->state, &st, (uint64_t) 1 << 8
+                                              | METER_U_CLAIM))
+                {
+                    meter_fetch_add(&u->live, 1);
+                    meter_uniq_fill(u, j, 1, key, meter, mlen, period,
+                                    vhash, value, vlen, fp, now);
+                    return 1;
+                }
+
+                /* another claimed it meanwhile: maybe for this member,
+                 * a duplicate entry is harmless */
+                continue;
+            }
+
+            s1 = meter_load(&e->state);
+
+            if (tag == fp && METER_U_STATE(s1) >= METER_U_DIRTY
+                && meter_uentry_match(e, key, meter, mlen, period, vhash))
+            {
+                __atomic_thread_fence(__ATOMIC_ACQUIRE);
+                s2 = meter_load_relaxed(&e->state);
+
+                /* the same gen: not overwritten while compared */
+                if ((s2 >> 8) == (s1 >> 8)
+                    && METER_U_STATE(s2) >= METER_U_DIRTY)
+                {
+                    return 0;
+                }
+            }
+
+            if (METER_U_STATE(s1) == METER_U_CLEAN
+                && (victim == UINT32_MAX
+                    || (e->period != period
+                        && meter_uniq_entry(u, victim)->period == period)))
+            {
+                victim = j;
+            }
+        }
+
+        if (victim == UINT32_MAX) {
+            break;
+        }
+
+        /* every slot of the window is used: overwrite a confirmed one */
+        e = meter_uniq_entry(u, victim);
+        st = meter_load(&e->state);
+
+        if (METER_U_STATE(st) == METER_U_CLEAN
+            && meter_cas(&e->state, &st,
+                         ((st >> 8) + 1) << 8 | METER_U_CLAIM))
+        {
+            meter_fetch_add(&u->evicted, 1);
+            meter_uniq_fill(u, victim, (st >> 8) + 1, key, meter, mlen,
+                            period, vhash, value, vlen, fp, now);
+            return 1;
+        }
+
+        /* lost the victim to another request or the flusher: again */
+    }
+
+dropped:
+
+    if (u != NULL) {
+        meter_fetch_add(&u->dropped, 1);
+    }
+
+    return -1;
+}
+
+
+void
+meter_member_format(uint64_t member, char *buf)
+{
+    (void) meter_hex16(buf, member);
+}
+
+
+/* takes entry i into the batch if it is to be sent: SENT now */
+
+static void
+meter_uniq_take(meter_uniq_t *u, meter_ubatch_t *b, uint32_t i, int sent)
+{
+    uint32_t         st;
+    uint64_t         s, ns;
+    meter_uentry_t  *e;
+
+    e = meter_uniq_entry(u, i);
+    s = __atomic_load_n(&e->state, __ATOMIC_SEQ_CST);
+    st = METER_U_STATE(s);
+
+    if (st == METER_U_DIRTY || (sent && st == METER_U_SENT)
+        || (b->all && st == METER_U_CLEAN))
+    {
+        ns = (s & ~(uint64_t) 0xff) | METER_U_SENT;
+
+        if (s == ns || meter_cas(&e->state, &s, ns)) {
+            if (st == METER_U_CLEAN) {
+                meter_fetch_add(&u->dirty, 1);
+            }
+
+            b->items[b->n].slot = i;
+            b->items[b->n].group = 0;
+            b->items[b->n].state = ns;
+            b->n++;
+        }
+    }
+}
+
+
+unsigned
+meter_uniq_collect(meter_uniq_t *u, meter_ubatch_t *b, uint32_t max_scan)
+{
+    uint32_t   scanned, nwords, words, bit, i;
+    uint64_t   bits, *w;
+
+    b->n = 0;
+    b->wrapped = 0;
+
+    if (u == NULL || u->nslots == 0
+        || (!b->all && meter_load(&u->dirty) == 0))
+    {
+        /* nothing to send: no scan at all */
+        b->cursor = 0;
+        b->wrapped = 1;
+        return 0;
+    }
+
+    if (!b->all && !b->full) {
+        nwords = (u->nslots + 63) / 64;
+
+        for (words = 0; words < max_scan / 64 + 1; words++) {
+
+            if (b->cursor >= nwords) {
+                break;
+            }
+
+            w = &meter_uniq_dirty(u)[b->cursor];
+
+            if (__atomic_load_n(w, __ATOMIC_RELAXED) == 0) {
+                b->cursor++;
+                continue;
+            }
+
+            bits = __atomic_exchange_n(w, 0, __ATOMIC_SEQ_CST);
+
+            while (bits) {
+                if (b->n == b->cap) {
+                    /* full: what is not taken stays marked */
+                    (void) __atomic_fetch_or(w, bits, __ATOMIC_SEQ_CST);
+                    return b->n;
+                }
+
+                bit = (uint32_t) __builtin_ctzll(bits);
+                bits &= bits - 1;
+                i = b->cursor * 64 + bit;
+
+                if (i < u->nslots) {
+                    meter_uniq_take(u, b, i, 0);
+                }
+            }
+
+            b->cursor++;
+        }
+
+        if (b->cursor >= nwords) {
+            b->cursor = 0;
+            b->wrapped = 1;
+        }
+
+        return b->n;
+    }
+
+    if (b->cursor >= u->nslots) {
+        b->cursor = 0;
+    }
+
+    for (scanned = 0; scanned < max_scan && b->n < b->cap; scanned++) {
+        meter_uniq_take(u, b, b->cursor, 1);
+
+        if (++b->cursor == u->nslots) {
+            b->cursor = 0;
+            b->wrapped = 1;
+            break;
+        }
+    }
+
+    return b->n;
+}
+
+
+void
+meter_uniq_confirm(meter_uniq_t *u, const meter_uitem_t *it)
+{
+    uint64_t         s;
+    meter_uentry_t  *e;
+
+    e = meter_uniq_entry(u, it->slot);
+    s = it->state;
+
+    if (meter_cas(&e->state, &s, (s & ~(uint64_t) 0xff) | METER_U_CLEAN)) {
+        meter_fetch_sub(&u->dirty, 1);
+    }
+}
+
+
+void
+meter_uniq_remark(meter_uniq_t *u, const meter_ubatch_t *b)
+{
+    unsigned         i;
+    uint64_t         s;
+    meter_uentry_t  *e;
+
+    for (i = 0; i < b->n; i++) {
+        e = meter_uniq_entry(u, b->items[i].slot);
+        s = b->items[i].state;
+
+        if (meter_cas(&e->state, &s, (s & ~(uint64_t) 0xff) | METER_U_DIRTY))
+        {
+            meter_uniq_mark(u, b->items[i].slot);
+        }
+    }
+}

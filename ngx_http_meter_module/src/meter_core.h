@@ -383,4 +383,138 @@ char *meter_resp_wfield(char *p, const meter_batch_item_t *it);
 extern const char meter_script_max[];
 
 
+/*
+ * Unique users (meter ... unique=$var): a dedupe table in the zone.  A
+ * member is the first 64 bits of SHA-256(value); an entry is (key hash,
+ * meter, unique period, value hash) and holds the member.  The value hash
+ * is a fast 64-bit hash seeded at random per table: a value seen before
+ * for the same key, meter and period costs the request path that hash and
+ * one probe, no SHA-256 (two thirds of the cost, bench/README.md) and no
+ * Redis work; a new one computes its member, is claimed DIRTY and marked
+ * in a dirty bitmap (a bit an entry) that the flush walks, which marks it
+ * SENT, then CLEAN once Redis answered (or DIRTY again when it did not).
+ *
+ * Lock-free as the counter table: a slot is claimed with a compare-and-
+ * swap of its state word (gen << 8 | METER_U_*), filled, then published.
+ * The tags (one 64-bit fingerprint per slot, contiguous, 0: never used)
+ * keep the probe to one or two cache lines.  Slots never become empty
+ * again, so a member's entry is always before the first empty slot of its
+ * probe window, where a lookup stops.  When the window has no empty slot,
+ * a CLEAN entry is overwritten (preferably one of another period): that
+ * only costs a resend if it comes back (SADD and PFADD are idempotent).
+ * A reader checks an entry like a seqlock: state, fields, state again; an
+ * overwrite changes the gen, so a torn read is never taken as seen.  When
+ * every slot of the window is unconfirmed (Redis down long enough to fill
+ * it) the member is not recorded and counts in "dropped".
+ */
+
+#define METER_U_EMPTY           0
+#define METER_U_CLAIM           1
+#define METER_U_DIRTY           2       /* new, to be sent */
+#define METER_U_SENT            3       /* in a batch not answered yet */
+#define METER_U_CLEAN           4       /* Redis holds it */
+#define METER_U_STATE(s)        ((uint32_t) ((s) & 0xff))
+
+#define METER_UPROBE            32      /* probe window */
+#define METER_UNIQ_MIN          METER_UPROBE /* entries, at least */
+#define METER_UNIQ_SHARE        16      /* 1/16 of a zone is the table */
+#define METER_MEMBER_LEN        16      /* hex chars of a member */
+#define METER_UPERIOD_LEN       10      /* "YYYYMMDDHH", the longest */
+
+#define METER_UPERIOD_MONTH     0
+#define METER_UPERIOD_DAY       1
+#define METER_UPERIOD_HOUR      2
+
+typedef struct {
+    uint64_t                    state;      /* atomic: gen << 8 | METER_U_ */
+    uint64_t                    vhash;      /* the value's fast hash */
+    uint64_t                    member;
+    uint32_t                    period;     /* YYYYMM, YYYYMMDD, YYYYMMDDHH */
+    uint32_t                    stamp;      /* claimed, Unix s */
+    uint8_t                     key[METER_HASH_LEN];
+    char                        meter[METER_NAME_MAX]; /* NUL padded */
+} meter_uentry_t;
+
+typedef struct {
+    uint32_t                    nslots;
+    uint32_t                    pad;
+    uint64_t                    live;       /* atomic: entries in use */
+    uint64_t                    dirty;      /* atomic: DIRTY or SENT */
+    uint64_t                    evicted;    /* atomic: CLEAN overwritten */
+    uint64_t                    dropped;    /* atomic: not recorded */
+    uint64_t                    seed;       /* random, of the value hash */
+    uint64_t                    pad2[2];
+    uint64_t                    tags[];     /* nslots, then the entries */
+} meter_uniq_t;
+
+/* bytes per entry: its tag and the entry */
+#define METER_UNIQ_ENTRY_SIZE   (sizeof(uint64_t) + sizeof(meter_uentry_t))
+                                /* + 1 bit of the dirty bitmap */
+
+size_t meter_uniq_size(uint32_t nslots);
+uint32_t meter_uniq_slots_for(size_t size);
+void meter_uniq_init(meter_uniq_t *u, uint32_t nslots, uint64_t seed);
+meter_uentry_t *meter_uniq_entry(meter_uniq_t *u, uint32_t i);
+
+/* the unique period of t as a number: YYYYMM, YYYYMMDD or YYYYMMDDHH */
+uint32_t meter_uperiod(time_t t, unsigned period);
+/* its month, YYYYMM */
+uint32_t meter_uperiod_month(uint32_t up);
+/* decimal, no NUL: the length (6, 8 or 10) */
+size_t meter_uperiod_format(uint32_t up, char *buf);
+/* the member of a value: the first 64 bits of its SHA-256 */
+uint64_t meter_member(const void *value, size_t len);
+/* 16 lowercase hex digits, no NUL */
+void meter_member_format(uint64_t member, char *buf);
+/* the dedupe table's hash of a value: fast, 64 bits, seeded */
+uint64_t meter_value_hash(const void *value, size_t len, uint64_t seed);
+
+/*
+ * Records (key, meter, period, value).  Returns 0 when it was there
+ * already, 1 when it is new (DIRTY, its member computed: the flush sends
+ * it), -1 when it could not be recorded (counted in dropped).  Lock-free,
+ * any process.
+ */
+int meter_uniq_add(meter_uniq_t *u, const uint8_t key[METER_HASH_LEN],
+    const char *meter, size_t mlen, uint32_t period, const void *value,
+    size_t vlen, uint32_t now);
+
+/* the flush of the table: a batch of entries marked SENT */
+
+typedef struct {
+    uint32_t                    slot;
+    uint32_t                    group;      /* the flush's (KH, NAME, UP) */
+    uint64_t                    state;      /* as marked SENT */
+} meter_uitem_t;
+
+typedef struct {
+    meter_uitem_t              *items;      /* caller-owned array */
+    unsigned                    cap;
+    unsigned                    n;
+    uint32_t                    cursor;     /* next slot to scan */
+    unsigned                    wrapped;    /* cursor passed the end */
+    unsigned                    all;        /* CLEAN ones too (resync) */
+    unsigned                    full;       /* every slot, not the bitmap */
+} meter_ubatch_t;
+
+/*
+ * Flusher only: marks up to b->cap DIRTY entries SENT into the batch and
+ * sets b->wrapped at the end; resets b->n first, returns b->n.  By the
+ * dirty bitmap (a bit per entry, set when it becomes DIRTY), at most
+ * max_scan / 64 words from b->cursor, so a pass costs what is new, not
+ * the table; with b->full or b->all, every slot instead, at most max_scan
+ * from b->cursor, taking SENT ones too (a dead flusher's, whose bits it
+ * took) and with b->all CLEAN ones (resync).
+ */
+unsigned meter_uniq_collect(meter_uniq_t *u, meter_ubatch_t *b,
+    uint32_t max_scan);
+/* Redis holds the item: SENT -> CLEAN, unless it changed since */
+void meter_uniq_confirm(meter_uniq_t *u, const meter_uitem_t *it);
+/* not confirmed: SENT -> DIRTY, resent by the next pass */
+void meter_uniq_remark(meter_uniq_t *u, const meter_ubatch_t *b);
+
+/* the unique users script of docs/redis-schema.md */
+extern const char meter_script_uniq[];
+
+
 #endif /* _METER_CORE_H_INCLUDED_ */

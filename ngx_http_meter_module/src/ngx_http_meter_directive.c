@@ -406,23 +406,44 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        if (ngx_strncmp(value[i].data, "period=", 7) == 0) {
+            if (ngx_http_meter_unique_period(cf, m, &value[i]) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
         cvp = NULL;
 
         if (ngx_strncmp(value[i].data, "value=", 6) == 0
-            || ngx_strncmp(value[i].data, "max=", 4) == 0)
+            || ngx_strncmp(value[i].data, "max=", 4) == 0
+            || ngx_strncmp(value[i].data, "unique=", 7) == 0)
         {
             if (m->value != NULL) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "\"%V\" in \"%V\" directive: only one "
-                                   "of \"value=\" and \"max=\" is allowed",
+                                   "of \"value=\", \"max=\" and "
+                                   "\"unique=\" is allowed",
                                    &value[i], &cmd->name);
                 return NGX_CONF_ERROR;
             }
 
             m->gauge = (value[i].data[0] == 'm');
+            m->unique = (value[i].data[0] == 'u');
             cvp = &m->value;
             s.data = (u_char *) ngx_strchr(value[i].data, '=') + 1;
             s.len = value[i].data + value[i].len - s.data;
+
+            if (m->unique && ngx_http_meter_unique_var(cf, &value[i], &s)
+                             != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
+            /* read without the script engine, as a zone's key */
+            m->vindex = m->unique ? ngx_http_meter_key_index(cf, &s)
+                                  : NGX_ERROR;
 
         } else if (ngx_strncmp(value[i].data, "if=", 3) == 0) {
             cvp = &m->filter;
@@ -493,6 +514,13 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     if (m->gauge && ngx_http_meter_gauge_name(cf, m) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (m->uperiod && !m->unique) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"period=\" in \"%V\" directive is only for "
+                           "a \"unique=\" meter", &cmd->name);
         return NGX_CONF_ERROR;
     }
 

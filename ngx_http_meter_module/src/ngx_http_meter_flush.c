@@ -26,21 +26,10 @@
 #include "ngx_http_meter_module.h"
 
 
-/*
- * A reply's tag: an item of the key layout (< BATCH), the writer HSET of
- * group tag - BATCH (an hour and part), or an index command.
- */
-#define NGX_HTTP_METER_TAG_GROUP    NGX_HTTP_METER_BATCH
-#define NGX_HTTP_METER_TAG_INDEX    (2 * NGX_HTTP_METER_BATCH)
-
 /* the RESP of one batch at most (see ngx_http_meter_batch_cmds) */
 #define NGX_HTTP_METER_OUT_ITEM     768
 #define NGX_HTTP_METER_OUT_SIZE                                               \
     (NGX_HTTP_METER_BATCH * NGX_HTTP_METER_OUT_ITEM + 1024)
-
-
-typedef ngx_int_t (*ngx_http_meter_emit_pt)(void *data, u_char *cmd,
-    size_t len, ngx_uint_t tag);
 
 
 /* the blocking flush at exit: which reply belongs to which command */
@@ -61,6 +50,10 @@ static void ngx_http_meter_slice_handler(ngx_event_t *ev);
 static void ngx_http_meter_next_slice(ngx_http_meter_flush_t *fl);
 static ngx_int_t ngx_http_meter_send_batch(ngx_http_meter_flush_t *fl,
     ngx_http_meter_zone_ctx_t *ctx);
+static ngx_int_t ngx_http_meter_send_ubatch(ngx_http_meter_flush_t *fl,
+    ngx_http_meter_zone_ctx_t *ctx);
+static ngx_int_t ngx_http_meter_load_scripts(ngx_http_meter_flush_t *fl);
+static ngx_int_t ngx_http_meter_sha1(const char *script, char *hex);
 static ngx_uint_t ngx_http_meter_keyed(ngx_http_meter_main_conf_t *mcf,
     meter_batch_item_t *it);
 static ngx_int_t ngx_http_meter_batch_cmds(ngx_http_meter_flush_t *fl,
@@ -75,7 +68,8 @@ static ngx_int_t ngx_http_meter_emit_sync(void *data, u_char *cmd,
 static void ngx_http_meter_reply(redisAsyncContext *ac, void *r,
     void *privdata);
 static void ngx_http_meter_confirm_tag(ngx_http_meter_flush_t *fl,
-    ngx_http_meter_shctx_t *sh, meter_batch_t *b, ngx_uint_t tag);
+    ngx_http_meter_shctx_t *sh, meter_batch_t *b, meter_ubatch_t *ub,
+    ngx_uint_t tag);
 static void ngx_http_meter_confirm(ngx_http_meter_shctx_t *sh,
     meter_batch_item_t *it);
 static void ngx_http_meter_batch_done(ngx_http_meter_flush_t *fl);
@@ -89,13 +83,13 @@ ngx_int_t
 ngx_http_meter_flush_init(ngx_http_meter_flush_t *fl,
     ngx_http_meter_redis_t *rd)
 {
-    uint8_t  sha[20];
-
     fl->mcf = rd->mcf;
     fl->log = rd->log;
     fl->redis = rd;
     fl->batch.items = fl->items;
     fl->batch.cap = NGX_HTTP_METER_BATCH;
+    fl->ubatch.items = fl->uitems;
+    fl->ubatch.cap = NGX_HTTP_METER_UBATCH;
 
     fl->sess = ngx_pcalloc(ngx_cycle->pool, sizeof(ngx_http_meter_wsess_t)
                                             * ngx_max(fl->mcf->zones.nelts,
@@ -112,18 +106,32 @@ ngx_http_meter_flush_init(ngx_http_meter_flush_t *fl,
 
     /* the script's SHA-1 is its name in Redis: known before SCRIPT LOAD
      * answers, so EVALSHA can follow it in the same pipeline */
-    if (EVP_Digest(meter_script_max, ngx_strlen(meter_script_max), sha,
-                   NULL, EVP_sha1(), NULL)
+    if (ngx_http_meter_sha1(meter_script_max, fl->script_sha) != NGX_OK
+        || ngx_http_meter_sha1(meter_script_uniq, fl->uscript_sha) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    ngx_http_meter_redis_hook(rd, ngx_http_meter_flush_ready,
+                              ngx_http_meter_flush_refused,
+                              ngx_http_meter_flush_down, fl);
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_sha1(const char *script, char *hex)
+{
+    uint8_t  sha[20];
+
+    if (EVP_Digest(script, ngx_strlen(script), sha, NULL, EVP_sha1(), NULL)
         != 1)
     {
         return NGX_ERROR;
     }
 
-    meter_hex(sha, 20, fl->script_sha);
-
-    ngx_http_meter_redis_hook(rd, ngx_http_meter_flush_ready,
-                              ngx_http_meter_flush_refused,
-                              ngx_http_meter_flush_down, fl);
+    meter_hex(sha, 20, hex);
 
     return NGX_OK;
 }
@@ -391,6 +399,34 @@ ngx_http_meter_next_slice(ngx_http_meter_flush_t  *fl)
             }
 
             fl->batch.all = (fl->zone_mode == NGX_HTTP_METER_MODE_RESYNC);
+
+            /* unique users first: a few, and new ones are each a user */
+            fl->usent = 0;
+            fl->ubatch.cursor = 0;
+            fl->ubatch.wrapped = 0;
+            fl->ubatch.all = fl->batch.all;
+            /* a takeover's full scan finds a dead flusher's SENT ones */
+            fl->ubatch.full = (fl->zone_mode >= NGX_HTTP_METER_MODE_FULL);
+        }
+
+        if (!fl->usent) {
+            if (meter_uniq_collect(ctx->sh->uniq, &fl->ubatch,
+                                   NGX_HTTP_METER_SCAN)
+                > 0)
+            {
+                if (ngx_http_meter_send_ubatch(fl, ctx) != NGX_OK) {
+                    fl->pass = 0;
+                }
+
+                return;
+            }
+
+            if (!fl->ubatch.wrapped) {
+                ngx_post_event(&fl->slice, &ngx_posted_events);
+                return;
+            }
+
+            fl->usent = 1;
         }
 
         if (fl->zone_mode == NGX_HTTP_METER_MODE_DIRTY) {
@@ -784,20 +820,26 @@ ngx_http_meter_emit_sync(void *data, u_char *cmd, size_t len, ngx_uint_t tag)
 }
 
 
+/* both scripts, after a new connection or a NOSCRIPT, before the batch */
+
 static ngx_int_t
-ngx_http_meter_send_batch(ngx_http_meter_flush_t  *fl,
-    ngx_http_meter_zone_ctx_t *ctx)
+ngx_http_meter_load_scripts(ngx_http_meter_flush_t *fl)
 {
     size_t       len[3];
-    const char  *argv[3];
+    ngx_uint_t   i;
+    const char  *argv[3], *scripts[2];
 
-    fl->outstanding = 0;
-    fl->failed = 0;
+    if (!fl->reload_script) {
+        return NGX_OK;
+    }
 
-    if (fl->reload_script) {
+    scripts[0] = meter_script_max;
+    scripts[1] = meter_script_uniq;
+
+    for (i = 0; i < 2; i++) {
         argv[0] = "SCRIPT"; len[0] = 6;
         argv[1] = "LOAD"; len[1] = 4;
-        argv[2] = meter_script_max; len[2] = ngx_strlen(meter_script_max);
+        argv[2] = scripts[i]; len[2] = ngx_strlen(scripts[i]);
 
         if (redisAsyncCommandArgv(fl->redis->ac,
                                   ngx_http_meter_redis_setup_reply,
@@ -808,8 +850,60 @@ ngx_http_meter_send_batch(ngx_http_meter_flush_t  *fl,
                                       fl->redis->ac->errstr);
             return NGX_ERROR;
         }
+    }
 
-        fl->reload_script = 0;
+    fl->reload_script = 0;
+
+    return NGX_OK;
+}
+
+
+/* a batch of unique users, the zone's before its counters */
+
+static ngx_int_t
+ngx_http_meter_send_ubatch(ngx_http_meter_flush_t *fl,
+    ngx_http_meter_zone_ctx_t *ctx)
+{
+    fl->outstanding = 0;
+    fl->failed = 0;
+    fl->ubusy = 1;
+
+    if (ngx_http_meter_load_scripts(fl) != NGX_OK) {
+        meter_uniq_remark(ctx->sh->uniq, &fl->ubatch);
+        return NGX_ERROR;
+    }
+
+    fl->index_failed = 0;
+
+    if (ngx_http_meter_unique_cmds(fl, ctx->sh, &fl->ubatch,
+                                   ngx_http_meter_emit_async, fl)
+        != NGX_OK)
+    {
+        /* callbacks already queued will be called with no reply */
+        meter_uniq_remark(ctx->sh->uniq, &fl->ubatch);
+        fl->failed = 1;
+        ngx_http_meter_redis_fail(fl->redis, "send",
+                                  fl->redis->ac ? fl->redis->ac->errstr
+                                                : "");
+        return NGX_ERROR;
+    }
+
+    ngx_http_meter_redis_wait(fl->redis);
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_meter_send_batch(ngx_http_meter_flush_t  *fl,
+    ngx_http_meter_zone_ctx_t *ctx)
+{
+    fl->outstanding = 0;
+    fl->failed = 0;
+    fl->ubusy = 0;
+
+    if (ngx_http_meter_load_scripts(fl) != NGX_OK) {
+        return NGX_ERROR;
     }
 
     fl->index_failed = 0;
@@ -887,7 +981,8 @@ ngx_http_meter_reply(redisAsyncContext *ac, void *r, void *privdata)
         zones = fl->mcf->zones.elts;
         sh = ((ngx_http_meter_zone_ctx_t *) zones[fl->zone]->data)->sh;
 
-        ngx_http_meter_confirm_tag(fl, sh, &fl->batch, tag);
+        ngx_http_meter_confirm_tag(fl, sh, &fl->batch,
+                                   fl->ubusy ? &fl->ubatch : NULL, tag);
     }
 
     if (--fl->outstanding == 0) {
@@ -898,9 +993,27 @@ ngx_http_meter_reply(redisAsyncContext *ac, void *r, void *privdata)
 
 static void
 ngx_http_meter_confirm_tag(ngx_http_meter_flush_t *fl,
-    ngx_http_meter_shctx_t *sh, meter_batch_t *b, ngx_uint_t tag)
+    ngx_http_meter_shctx_t *sh, meter_batch_t *b, meter_ubatch_t *ub,
+    ngx_uint_t tag)
 {
     ngx_uint_t  g, i, n;
+
+    if (ub != NULL) {
+        /* unique users: the script of group g holds its members now */
+        if (tag < NGX_HTTP_METER_TAG_UGROUP) {
+            return;
+        }
+
+        g = tag - NGX_HTTP_METER_TAG_UGROUP;
+
+        for (i = 0; i < ub->n; i++) {
+            if (ub->items[i].group == g) {
+                meter_uniq_confirm(sh->uniq, &ub->items[i]);
+            }
+        }
+
+        return;
+    }
 
     if (tag < NGX_HTTP_METER_TAG_GROUP) {
         ngx_http_meter_confirm(sh, &b->items[tag]);
@@ -949,6 +1062,25 @@ ngx_http_meter_batch_done(ngx_http_meter_flush_t  *fl)
     zones = fl->mcf->zones.elts;
     ctx = zones[fl->zone]->data;
 
+    if (fl->ubusy) {
+        fl->ubusy = 0;
+
+        if (fl->failed) {
+            /* not confirmed: DIRTY again, with the index, next pass */
+            meter_uniq_remark(ctx->sh->uniq, &fl->ubatch);
+            (void) __atomic_fetch_add(&ctx->sh->flush_errors, 1,
+                                      __ATOMIC_RELAXED);
+            fl->pass = 0;
+            return;
+        }
+
+        if (fl->ubatch.wrapped) {
+            fl->usent = 1;
+        }
+
+        goto next;
+    }
+
     /* what Redis now holds of past hours frees its slot, in every pass */
     now = ngx_time();
     (void) meter_batch_reclaim(&ctx->sh->table, &fl->batch, meter_hour(now),
@@ -969,6 +1101,8 @@ ngx_http_meter_batch_done(ngx_http_meter_flush_t  *fl)
     if (fl->batch.wrapped) {
         ngx_http_meter_zone_done(fl, ctx);
     }
+
+next:
 
     if (ngx_exiting || ngx_quit || ngx_terminate) {
         fl->pass = 0;
@@ -1030,6 +1164,8 @@ ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
     struct timeval              tv;
     redisContext               *rc;
     meter_batch_t               batch;
+    meter_ubatch_t              ubatch;
+    meter_uitem_t              *uitems;
     meter_batch_item_t         *items;
     ngx_http_meter_sync_t      *sc;
     ngx_http_meter_wsess_t      ws;
@@ -1040,6 +1176,7 @@ ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
 
     mcf = fl->mcf;
     items = NULL;
+    uitems = NULL;
     sc = NULL;
 
     tv.tv_sec = mcf->redis_timeout / 1000;
@@ -1074,8 +1211,15 @@ ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
         }
     }
 
-    /* the key layout's script, by name as in the async flush */
+    /* the scripts, by name as in the async flush */
     reply = redisCommand(rc, "SCRIPT LOAD %s", meter_script_max);
+    if (reply == NULL) {
+        goto done;
+    }
+
+    freeReplyObject(reply);
+
+    reply = redisCommand(rc, "SCRIPT LOAD %s", meter_script_uniq);
     if (reply == NULL) {
         goto done;
     }
@@ -1084,9 +1228,10 @@ ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
 
     items = ngx_alloc(sizeof(meter_batch_item_t) * NGX_HTTP_METER_BATCH,
                       log);
+    uitems = ngx_alloc(sizeof(meter_uitem_t) * NGX_HTTP_METER_UBATCH, log);
     sc = ngx_alloc(sizeof(ngx_http_meter_sync_t), log);
 
-    if (items == NULL || sc == NULL) {
+    if (items == NULL || uitems == NULL || sc == NULL) {
         goto done;
     }
 
@@ -1142,7 +1287,8 @@ ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
                     continue;
                 }
 
-                ngx_http_meter_confirm_tag(fl, sh, &batch, sc->tags[i]);
+                ngx_http_meter_confirm_tag(fl, sh, &batch, NULL,
+                                           sc->tags[i]);
 
                 sent++;
             }
@@ -1156,12 +1302,68 @@ ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
                            "meter: final flush sent %ui commands of %ui",
                            sent, sc->n);
         }
+
+        /* unique users not confirmed yet, the same way */
+        ngx_memzero(&ubatch, sizeof(meter_ubatch_t));
+        ubatch.items = uitems;
+        ubatch.cap = NGX_HTTP_METER_UBATCH;
+        ubatch.full = 1;
+
+        while (!ubatch.wrapped) {
+            if (meter_uniq_collect(sh->uniq, &ubatch, sh->uniq->nslots)
+                == 0)
+            {
+                continue;
+            }
+
+            sc->rc = rc;
+            sc->n = 0;
+
+            if (ngx_http_meter_unique_cmds(fl, sh, &ubatch,
+                                           ngx_http_meter_emit_sync, sc)
+                != NGX_OK)
+            {
+                meter_uniq_remark(sh->uniq, &ubatch);
+                goto done;
+            }
+
+            index_ok = 1;
+
+            for (i = 0; i < sc->n; i++) {
+                if (redisGetReply(rc, (void **) &reply) != REDIS_OK) {
+                    ngx_log_error(NGX_LOG_WARN, log, 0,
+                                  "meter: final flush: %s; unique users "
+                                  "stay in shared memory", rc->errstr);
+                    meter_uniq_remark(sh->uniq, &ubatch);
+                    goto done;
+                }
+
+                ok = (reply->type != REDIS_REPLY_ERROR);
+                freeReplyObject(reply);
+
+                if (!ok && sc->tags[i] == NGX_HTTP_METER_TAG_INDEX) {
+                    index_ok = 0;
+                }
+
+                if (ok && index_ok) {
+                    ngx_http_meter_confirm_tag(fl, sh, &batch, &ubatch,
+                                               sc->tags[i]);
+                }
+            }
+
+            /* what was not confirmed is sent by the next flusher */
+            meter_uniq_remark(sh->uniq, &ubatch);
+        }
     }
 
 done:
 
     if (items) {
         ngx_free(items);
+    }
+
+    if (uitems) {
+        ngx_free(uitems);
     }
 
     if (sc) {

@@ -266,6 +266,11 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
         }
     }
 
+    if (m->unique) {
+        /* no credit drawn, no counter: the dedupe table */
+        return ngx_http_meter_unique_count(r, m, rctx->hash);
+    }
+
     value = 1;
 
     if (m->value) {

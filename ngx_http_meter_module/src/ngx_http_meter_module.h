@@ -26,6 +26,7 @@
 
 
 #define NGX_HTTP_METER_BATCH        512     /* items per pipelined slice */
+#define NGX_HTTP_METER_UBATCH       256     /* unique users per slice */
 #define NGX_HTTP_METER_SCAN         2048    /* slots scanned per slice */
 #define NGX_HTTP_METER_SCAN_WORDS   4096    /* dirty bitmap words, same */
 /*
@@ -104,6 +105,11 @@ typedef enum {
     NGX_HTTP_METER_STAT_GOV_DENIED_CREDIT,
     NGX_HTTP_METER_STAT_GOV_DENIED_UNKNOWN,
     NGX_HTTP_METER_STAT_GOV_DENIED_DOWN,
+    NGX_HTTP_METER_STAT_UNIQUE_ENTRIES,
+    NGX_HTTP_METER_STAT_UNIQUE_SLOTS,
+    NGX_HTTP_METER_STAT_UNIQUE_DIRTY,
+    NGX_HTTP_METER_STAT_UNIQUE_EVICTED,
+    NGX_HTTP_METER_STAT_UNIQUE_DROPPED,
     NGX_HTTP_METER_NSTATS
 } ngx_http_meter_stat_e;
 
@@ -170,6 +176,9 @@ typedef struct {
     uint64_t                     writers;
 
     uint64_t                     gov_denied[NGX_HTTP_METER_DENY_N];
+
+    meter_uniq_t                *uniq;      /* unique users, in the zone */
+    uint64_t                     uniq_logged; /* time of last log (s) */
 
     meter_table_t                table;     /* last: slots follow */
 } ngx_http_meter_shctx_t;
@@ -266,6 +275,12 @@ typedef struct {
     ngx_http_complex_value_t    *filter;    /* if= */
     ngx_uint_t                   gauge;     /* max=: the name carries
                                              * MTR_GAUGE_MAX_SFX */
+    ngx_uint_t                   unique;    /* unique=: value is the
+                                             * variable counted */
+    ngx_uint_t                   uperiod;   /* period=: METER_UPERIOD_*
+                                             * + 1; 0: unset (month) */
+    ngx_int_t                    vindex;    /* unique= is one variable:
+                                             * its index; else NGX_ERROR */
     ngx_array_t                 *vars;      /* indexes in value and if=,
                                              * read afresh at the log
                                              * phase */
@@ -471,6 +486,20 @@ typedef struct {
 } ngx_http_meter_wsess_t;
 
 
+/*
+ * A reply's tag: an item of the key layout (< BATCH), the writer HSET of
+ * group tag - BATCH (an hour and part), an index command, or the unique
+ * users script of group tag - TAG_UGROUP (a key, meter and period).
+ */
+#define NGX_HTTP_METER_TAG_GROUP    NGX_HTTP_METER_BATCH
+#define NGX_HTTP_METER_TAG_INDEX    (2 * NGX_HTTP_METER_BATCH)
+#define NGX_HTTP_METER_TAG_UGROUP   (4 * NGX_HTTP_METER_BATCH)
+
+/* sends one command built in cmd, whose reply gets tag */
+typedef ngx_int_t (*ngx_http_meter_emit_pt)(void *data, u_char *cmd,
+    size_t len, ngx_uint_t tag);
+
+
 /* the flush */
 typedef struct {
     ngx_http_meter_main_conf_t   *mcf;
@@ -479,6 +508,7 @@ typedef struct {
 
     ngx_uint_t                    reload_script;
     char                          script_sha[41];
+    char                          uscript_sha[41]; /* unique users' */
 
     ngx_event_t                   tick;     /* flush interval timer */
     ngx_event_t                   slice;    /* next slice, posted */
@@ -495,6 +525,13 @@ typedef struct {
     ngx_uint_t                    index_failed;
     meter_batch_t                 batch;
     meter_batch_item_t            items[NGX_HTTP_METER_BATCH];
+
+    /* unique users: sent first in each zone of a pass */
+    ngx_uint_t                    usent;    /* the zone's are done */
+    ngx_uint_t                    ubusy;    /* the batch in flight is ubatch */
+    ngx_uint_t                    ngroups_u;
+    meter_ubatch_t                ubatch;
+    meter_uitem_t                 uitems[NGX_HTTP_METER_UBATCH];
 
     ngx_http_meter_wsess_t       *sess;     /* one per zone */
     u_char                       *out;      /* the batch's RESP, reused */
@@ -623,6 +660,17 @@ ngx_int_t ngx_http_meter_log_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_meter_gauge_name(ngx_conf_t *cf, ngx_http_meter_t *m);
 void ngx_http_meter_gauge_bad(ngx_http_request_t *r, ngx_http_meter_t *m,
     ngx_str_t *v);
+
+/* unique users (ngx_http_meter_unique.c) */
+ngx_int_t ngx_http_meter_unique_period(ngx_conf_t *cf, ngx_http_meter_t *m,
+    ngx_str_t *arg);
+ngx_int_t ngx_http_meter_unique_var(ngx_conf_t *cf, ngx_str_t *arg,
+    ngx_str_t *var);
+ngx_int_t ngx_http_meter_unique_count(ngx_http_request_t *r,
+    ngx_http_meter_t *m, uint8_t *hash);
+ngx_int_t ngx_http_meter_unique_cmds(ngx_http_meter_flush_t *fl,
+    ngx_http_meter_shctx_t *sh, meter_ubatch_t *b,
+    ngx_http_meter_emit_pt emit, void *data);
 
 /* ngx_http_meter_status.c, _status_json.c, _status_prometheus.c */
 ngx_int_t ngx_http_meter_status_handler(ngx_http_request_t *r);

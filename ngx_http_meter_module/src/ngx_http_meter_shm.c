@@ -23,8 +23,9 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     ngx_http_meter_zone_ctx_t  *octx = data;
 
     size_t                      size;
-    uint32_t                    nslots;
-    uint64_t                    epoch;
+    uint32_t                    nslots, nuniq;
+    uint64_t                    epoch, seed;
+    meter_uniq_t               *uniq;
     ngx_http_meter_shctx_t     *sh;
     ngx_http_meter_zone_ctx_t  *ctx;
 
@@ -72,11 +73,26 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     ngx_sprintf(ctx->shpool->log_ctx, " in meter_zone \"%V\"%Z",
                 &shm_zone->shm.name);
 
+    /*
+     * Unique users: 1/16 of the zone (at least 64 entries), whether or not
+     * a meter uses it yet, so that a reload that adds unique= finds it.
+     */
+    nuniq = meter_uniq_slots_for(shm_zone->shm.size / METER_UNIQ_SHARE);
+    nuniq = ngx_max(nuniq, METER_UNIQ_MIN);
+
+    uniq = ngx_slab_alloc(ctx->shpool, meter_uniq_size(nuniq));
+    if (uniq == NULL) {
+        ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                      "meter_zone \"%V\" is too small",
+                      &shm_zone->shm.name);
+        return NGX_ERROR;
+    }
+
     /* the largest table the slab allocator can place; failed tries are
      * expected, so keep them out of the log */
     ctx->shpool->log_nomem = 0;
 
-    size = shm_zone->shm.size;
+    size = shm_zone->shm.size - meter_uniq_size(nuniq);
 
     nslots = meter_table_slots_for(size - sizeof(ngx_http_meter_shctx_t));
 
@@ -105,6 +121,14 @@ ngx_http_meter_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     }
 
     meter_table_init(&sh->table, nslots, epoch);
+
+    /* the value hash's seed: another random word, not the public epoch */
+    if (RAND_bytes((unsigned char *) &seed, sizeof(seed)) != 1) {
+        seed = epoch * 0x9e3779b97f4a7c15ULL ^ (uint64_t) ngx_random();
+    }
+
+    meter_uniq_init(uniq, nuniq, seed);
+    sh->uniq = uniq;
 
     ctx->sh = sh;
     ctx->shpool->data = sh;

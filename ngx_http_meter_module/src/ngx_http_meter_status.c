@@ -77,7 +77,23 @@ ngx_http_meter_stat_t  ngx_http_meter_stats[NGX_HTTP_METER_NSTATS] = {
           "revoked key.", "counter", "gov_denied_unknown_key_total" },
     [NGX_HTTP_METER_STAT_GOV_DENIED_DOWN] =
         { "gov_denied_redis_down", "Requests refused: state unavailable.",
-          "counter", "gov_denied_redis_down_total" }
+          "counter", "gov_denied_redis_down_total" },
+    [NGX_HTTP_METER_STAT_UNIQUE_ENTRIES] =
+        { "unique_entries", "Unique users table: entries in use.",
+          "gauge" },
+    [NGX_HTTP_METER_STAT_UNIQUE_SLOTS] =
+        { "unique_slots", "Unique users table: entries in the zone.",
+          "gauge" },
+    [NGX_HTTP_METER_STAT_UNIQUE_DIRTY] =
+        { "unique_dirty", "Unique users not yet confirmed by Redis.",
+          "gauge" },
+    [NGX_HTTP_METER_STAT_UNIQUE_EVICTED] =
+        { "unique_evicted", "Confirmed unique users overwritten by new "
+          "ones (a resend if they come back).", "counter",
+          "unique_evicted_total" },
+    [NGX_HTTP_METER_STAT_UNIQUE_DROPPED] =
+        { "unique_dropped", "Unique users not counted: the table was full "
+          "of unconfirmed ones.", "counter", "unique_dropped_total" }
 };
 
 
@@ -150,6 +166,15 @@ ngx_http_meter_collect_stats(ngx_shm_zone_t *zone, ngx_shm_zone_t *gov_zone,
     v[NGX_HTTP_METER_STAT_GOV_DENIED_DOWN] =
         __atomic_load_n(&sh->gov_denied[NGX_HTTP_METER_DENY_DOWN],
                         __ATOMIC_RELAXED);
+    v[NGX_HTTP_METER_STAT_UNIQUE_ENTRIES] =
+        __atomic_load_n(&sh->uniq->live, __ATOMIC_RELAXED);
+    v[NGX_HTTP_METER_STAT_UNIQUE_SLOTS] = sh->uniq->nslots;
+    v[NGX_HTTP_METER_STAT_UNIQUE_DIRTY] =
+        __atomic_load_n(&sh->uniq->dirty, __ATOMIC_RELAXED);
+    v[NGX_HTTP_METER_STAT_UNIQUE_EVICTED] =
+        __atomic_load_n(&sh->uniq->evicted, __ATOMIC_RELAXED);
+    v[NGX_HTTP_METER_STAT_UNIQUE_DROPPED] =
+        __atomic_load_n(&sh->uniq->dropped, __ATOMIC_RELAXED);
 }
 
 

@@ -2591,6 +2591,432 @@ test_gauge_max(void **state)
 }
 
 
+/* unique users: the dedupe table */
+
+static meter_uniq_t *
+uniq_new(uint32_t n)
+{
+    meter_uniq_t  *u;
+
+    u = malloc(meter_uniq_size(n));
+    assert_non_null(u);
+    meter_uniq_init(u, n, TEST_EPOCH);
+
+    return u;
+}
+
+
+/* value n is "v<n>" */
+static int
+uadd(meter_uniq_t *u, const uint8_t key[METER_HASH_LEN], const char *meter,
+    size_t mlen, uint32_t period, unsigned long long n, uint32_t now)
+{
+    int   len;
+    char  buf[32];
+
+    len = snprintf(buf, sizeof(buf), "v%llu", n);
+
+    return meter_uniq_add(u, key, meter, mlen, period, buf, (size_t) len,
+                          now);
+}
+
+
+static void
+test_uperiod(void **state)
+{
+    char  buf[16];
+
+    (void) state;
+
+    /* 2026-11-24 10:30:00 UTC */
+    assert_int_equal(meter_uperiod(1795516200, METER_UPERIOD_MONTH), 202611);
+    assert_int_equal(meter_uperiod(1795516200, METER_UPERIOD_DAY), 20261124);
+    assert_int_equal(meter_uperiod(1795516200, METER_UPERIOD_HOUR),
+                     2026112410);
+    /* the next hour: the cache follows */
+    assert_int_equal(meter_uperiod(1795516200 + 3600, METER_UPERIOD_HOUR),
+                     2026112411);
+    /* 2026-12-31 23:59:59 and the second after */
+    assert_int_equal(meter_uperiod(1798761599, METER_UPERIOD_HOUR),
+                     2026123123);
+    assert_int_equal(meter_uperiod(1798761600, METER_UPERIOD_MONTH), 202701);
+
+    assert_int_equal(meter_uperiod_month(202611), 202611);
+    assert_int_equal(meter_uperiod_month(20261124), 202611);
+    assert_int_equal(meter_uperiod_month(2026112410), 202611);
+
+    assert_int_equal(meter_uperiod_format(202611, buf), 6);
+    assert_memory_equal(buf, "202611", 6);
+    assert_int_equal(meter_uperiod_format(20261104, buf), 8);
+    assert_memory_equal(buf, "20261104", 8);
+    assert_int_equal(meter_uperiod_format(2026110409, buf), 10);
+    assert_memory_equal(buf, "2026110409", 10);
+}
+
+
+static void
+test_member(void **state)
+{
+    char      buf[METER_MEMBER_LEN + 1];
+    char      big[2000];
+    uint64_t  a, b;
+
+    (void) state;
+
+    /* SHA-256("abc") = ba7816bf 8f01cfea ... (FIPS 180-2 B.1) */
+    assert_true(meter_member("abc", 3) == 0xba7816bf8f01cfeaULL);
+
+    meter_member_format(meter_member("abc", 3), buf);
+    buf[METER_MEMBER_LEN] = '\0';
+    assert_string_equal(buf, "ba7816bf8f01cfea");
+
+    /* long values are hashed whole: one byte at the end differs */
+    memset(big, 'x', sizeof(big));
+    a = meter_member(big, sizeof(big));
+    big[sizeof(big) - 1] = 'y';
+    b = meter_member(big, sizeof(big));
+    assert_true(a != b);
+}
+
+
+static void
+test_value_hash(void **state)
+{
+    char      big[3000];
+    uint64_t  a, b;
+
+    (void) state;
+
+    /* deterministic per seed, another seed another hash */
+    assert_true(meter_value_hash("user-1", 6, 1)
+                == meter_value_hash("user-1", 6, 1));
+    assert_true(meter_value_hash("user-1", 6, 1)
+                != meter_value_hash("user-1", 6, 2));
+    assert_true(meter_value_hash("user-1", 6, 1)
+                != meter_value_hash("user-2", 6, 1));
+    /* the length counts: a trailing NUL is another value */
+    assert_true(meter_value_hash("ab", 2, 1)
+                != meter_value_hash("ab\0", 3, 1));
+    assert_true(meter_value_hash("", 0, 1) != meter_value_hash("\0", 1, 1));
+
+    /* every byte of a long value counts, the tail's too */
+    memset(big, 'x', sizeof(big));
+    a = meter_value_hash(big, sizeof(big), 7);
+    big[sizeof(big) - 1] = 'y';
+    b = meter_value_hash(big, sizeof(big), 7);
+    assert_true(a != b);
+    big[1500] = 'z';
+    assert_true(meter_value_hash(big, sizeof(big), 7) != b);
+}
+
+
+static void
+test_uniq_dedupe(void **state)
+{
+    uint8_t          k1[METER_HASH_LEN], k2[METER_HASH_LEN];
+    meter_uniq_t    *u;
+    meter_uitem_t    items[16];
+    meter_ubatch_t   b;
+
+    (void) state;
+
+    u = uniq_new(1024);
+    key_of(1, k1);
+    key_of(2, k2);
+
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 42, 1), 1);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 42, 1), 0);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 42, 1), 0);
+
+    /* another member, key, meter, period: new entries */
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 43, 1), 1);
+    assert_int_equal(uadd(u, k2, "users", 5, 202611, 42, 1), 1);
+    assert_int_equal(uadd(u, k1, "user", 4, 202611, 42, 1), 1);
+    assert_int_equal(uadd(u, k1, "users", 5, 20261124, 42, 1), 1);
+    assert_int_equal(u->live, 5);
+    assert_int_equal(u->dirty, 5);
+
+    memset(&b, 0, sizeof(b));
+    b.items = items;
+    b.cap = 16;
+
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 5);
+    assert_true(b.wrapped);
+
+    /* the entries hold the members: SHA-256 prefixes of the values */
+    {
+        unsigned         i, n42, n43;
+        meter_uentry_t  *e;
+
+        n42 = n43 = 0;
+
+        for (i = 0; i < b.n; i++) {
+            e = meter_uniq_entry(u, b.items[i].slot);
+            n42 += (e->member == meter_member("v42", 3));
+            n43 += (e->member == meter_member("v43", 3));
+        }
+
+        assert_int_equal(n42, 4);
+        assert_int_equal(n43, 1);
+    }
+    /* SENT still dedupes, and is still unconfirmed */
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 42, 1), 0);
+    assert_int_equal(u->dirty, 5);
+
+    /* Redis did not answer: DIRTY again, taken by the next collect */
+    meter_uniq_remark(u, &b);
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 5);
+
+    for (unsigned i = 0; i < b.n; i++) {
+        meter_uniq_confirm(u, &b.items[i]);
+    }
+
+    assert_int_equal(u->dirty, 0);
+    assert_int_equal(u->live, 5);
+
+    /* nothing dirty: no scan, nothing collected */
+    b.cursor = 7;
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 0);
+    assert_true(b.wrapped);
+    assert_int_equal(b.cursor, 0);
+
+    /* a confirmed member costs nothing again */
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 42, 1), 0);
+    assert_int_equal(u->dirty, 0);
+
+    /* a restarted Redis: every entry again (all), confirmed again */
+    b.all = 1;
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 5);
+    assert_int_equal(u->dirty, 5);
+
+    for (unsigned i = 0; i < b.n; i++) {
+        meter_uniq_confirm(u, &b.items[i]);
+    }
+
+    assert_int_equal(u->dirty, 0);
+
+    /* a stale confirm (the entry was sent again since) changes nothing */
+    b.all = 0;
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 44, 1), 1);
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 1);
+    items[1] = items[0];
+    meter_uniq_remark(u, &b);
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 1);
+    meter_uniq_confirm(u, &items[0]);
+    assert_int_equal(u->dirty, 0);
+    assert_int_equal(u->evicted, 0);
+    assert_int_equal(u->dropped, 0);
+
+    /* a flusher killed with a batch in hand: its bits are gone, the
+     * entries SENT; the bitmap finds nothing, a full scan finds them */
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 45, 1), 1);
+    assert_int_equal(uadd(u, k1, "users", 5, 202611, 46, 1), 1);
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 2);
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 0);
+    assert_true(b.wrapped);
+    assert_int_equal(u->dirty, 2);
+    b.full = 1;
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 2);
+    assert_true(b.wrapped);
+
+    for (unsigned i = 0; i < b.n; i++) {
+        meter_uniq_confirm(u, &b.items[i]);
+    }
+
+    assert_int_equal(u->dirty, 0);
+    b.full = 0;
+
+    /* the bitmap: a batch that fills up leaves the rest marked */
+    for (unsigned i = 0; i < 40; i++) {
+        assert_int_equal(uadd(u, k2, "many", 4, 202611, i, 1), 1);
+    }
+
+    b.cap = 16;
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 16);
+    assert_false(b.wrapped);
+    meter_uniq_remark(u, &b);
+
+    /* every one of the 40 comes back, the 16 put back too, none twice */
+    {
+        unsigned  k, n;
+
+        n = 0;
+
+        for (k = 0; k < 8 && u->dirty > 0; k++) {
+            n += meter_uniq_collect(u, &b, u->nslots);
+
+            for (unsigned i = 0; i < b.n; i++) {
+                meter_uniq_confirm(u, &b.items[i]);
+            }
+        }
+
+        assert_int_equal(n, 40);
+        assert_int_equal(u->dirty, 0);
+    }
+
+    free(u);
+}
+
+
+static void
+test_uniq_full(void **state)
+{
+    uint8_t          key[METER_HASH_LEN];
+    unsigned         i, n;
+    meter_uniq_t    *u;
+    meter_uitem_t    items[64];
+    meter_ubatch_t   b;
+
+    (void) state;
+
+    u = uniq_new(METER_UPROBE);
+    key_of(1, key);
+
+    /* a window's worth of members fills the table exactly */
+    for (i = 0; i < METER_UPROBE; i++) {
+        assert_int_equal(uadd(u, key, "u", 1, 202611, i, 1), 1);
+    }
+
+    assert_int_equal(u->live, METER_UPROBE);
+
+    /* nothing confirmed (Redis down): a new member is dropped, counted;
+     * the recorded ones still dedupe */
+    assert_int_equal(uadd(u, key, "u", 1, 202611, 1000, 1), -1);
+    assert_int_equal(u->dropped, 1);
+    assert_int_equal(uadd(u, key, "u", 1, 202611, 5, 1), 0);
+
+    /* confirmed: a new member overwrites one, preferably of another
+     * period (none here), and the one overwritten is new again */
+    memset(&b, 0, sizeof(b));
+    b.items = items;
+    b.cap = 64;
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), METER_UPROBE);
+
+    for (i = 0; i < b.n; i++) {
+        meter_uniq_confirm(u, &b.items[i]);
+    }
+
+    assert_int_equal(uadd(u, key, "u", 1, 202611, 1000, 1), 1);
+    assert_int_equal(u->evicted, 1);
+    assert_int_equal(u->live, METER_UPROBE);
+    assert_int_equal(u->dirty, 1);
+
+    n = 0;
+    for (i = 0; i < METER_UPROBE; i++) {
+        n += (uadd(u, key, "u", 1, 202611, i, 1) == 1);
+    }
+
+    /* the one overwritten came back as new, taking the place of another
+     * confirmed one (which may come back later in the loop): each new
+     * one is one overwrite, nothing is dropped */
+    assert_true(n >= 1);
+    assert_int_equal(u->evicted, 1 + n);
+    assert_int_equal(u->dirty, 1 + n);
+    assert_int_equal(u->live, METER_UPROBE);
+    assert_int_equal(u->dropped, 1);
+
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), 1 + n);
+
+    for (i = 0; i < b.n; i++) {
+        meter_uniq_confirm(u, &b.items[i]);
+    }
+
+    free(u);
+
+    u = uniq_new(METER_UPROBE);
+
+    for (i = 0; i < METER_UPROBE; i++) {
+        assert_int_equal(uadd(u, key, "u", 1, i ? 202612 : 202611,
+                                        i, 1), 1);
+    }
+
+    memset(&b, 0, sizeof(b));
+    b.items = items;
+    b.cap = 64;
+    assert_int_equal(meter_uniq_collect(u, &b, u->nslots), METER_UPROBE);
+
+    for (i = 0; i < b.n; i++) {
+        meter_uniq_confirm(u, &b.items[i]);
+    }
+
+    assert_int_equal(uadd(u, key, "u", 1, 202612, 999, 1), 1);
+    /* the November one was overwritten, every December one is kept */
+    assert_int_equal(uadd(u, key, "u", 1, 202611, 0, 1), 1);
+    assert_int_equal(u->evicted, 2);
+    n = 0;
+    for (i = 1; i < METER_UPROBE; i++) {
+        n += (uadd(u, key, "u", 1, 202612, i, 1) == 1);
+    }
+    /* ... the second overwrite had only December ones to take */
+    assert_true(n >= 1);
+    assert_int_equal(u->evicted, 2 + n);
+
+    free(u);
+}
+
+
+#define UCONC_PROCS    4
+#define UCONC_MEMBERS  2000
+
+static void
+test_uniq_concurrent(void **state)
+{
+    int            st;
+    pid_t          pids[UCONC_PROCS];
+    uint8_t        key[METER_HASH_LEN];
+    unsigned       p, i, n;
+    meter_uniq_t  *u;
+    size_t         size;
+
+    (void) state;
+
+    /* processes add the same members at once into a shared table */
+    size = meter_uniq_size(8192);
+    u = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+             -1, 0);
+    assert_true(u != MAP_FAILED);
+    meter_uniq_init(u, 8192, TEST_EPOCH);
+    key_of(7, key);
+
+    for (p = 0; p < UCONC_PROCS; p++) {
+        pids[p] = fork();
+        assert_true(pids[p] >= 0);
+
+        if (pids[p] == 0) {
+            for (i = 0; i < UCONC_MEMBERS * 5; i++) {
+                if (uadd(u, key, "users", 5, 202611,
+                                   (i * 7919 + p) % UCONC_MEMBERS, 1)
+                    < 0)
+                {
+                    _exit(1);
+                }
+            }
+
+            _exit(0);
+        }
+    }
+
+    for (p = 0; p < UCONC_PROCS; p++) {
+        assert_int_equal(waitpid(pids[p], &st, 0), pids[p]);
+        assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    }
+
+    /* every member is recorded (duplicates of a race are allowed) */
+    n = 0;
+    for (i = 0; i < UCONC_MEMBERS; i++) {
+        n += (uadd(u, key, "users", 5, 202611, i, 1) == 0);
+    }
+
+    assert_int_equal(n, UCONC_MEMBERS);
+    assert_true(u->live >= UCONC_MEMBERS);
+    assert_true(u->live <= UCONC_MEMBERS + UCONC_MEMBERS / 10);
+    assert_int_equal(u->dirty, u->live);
+    assert_int_equal(u->dropped, 0);
+
+    munmap(u, size);
+}
+
+
 int
 main(void)
 {
@@ -2654,6 +3080,12 @@ main(void)
         cmocka_unit_test(test_concurrent_add),
         cmocka_unit_test(test_concurrent_flush),
         cmocka_unit_test(test_concurrent_reclaim),
+        cmocka_unit_test(test_uperiod),
+        cmocka_unit_test(test_member),
+        cmocka_unit_test(test_value_hash),
+        cmocka_unit_test(test_uniq_dedupe),
+        cmocka_unit_test(test_uniq_full),
+        cmocka_unit_test(test_uniq_concurrent),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
