@@ -30,7 +30,7 @@ ngx_http_meter_gauge_name(ngx_conf_t *cf, ngx_http_meter_t *m)
 
     if (m->gauge == NGX_HTTP_METER_GAUGE_LAST) {
         sfx = MTR_GAUGE_LAST_SFX;
-        len = MTR_GAUGE_LAST_SFX_LEN;
+        len = NGX_HTTP_METER_LAST_SFX_LEN;
         arg = "last=";
 
     } else {
@@ -86,8 +86,8 @@ ngx_http_meter_gauge_last(ngx_http_request_t *r, uint64_t value)
 
     ms = (uint64_t) (r->start_sec % 3600) * 1000 + r->start_msec;
 
-    if (value > MTR_GAUGE_LAST_MAX) {
-        value = MTR_GAUGE_LAST_MAX;
+    if (value > MTR_GAUGE_LAST_MASK) {
+        value = MTR_GAUGE_LAST_MASK;
     }
 
     return ms << MTR_GAUGE_LAST_SHIFT | value;
@@ -106,7 +106,7 @@ ngx_http_meter_gauge_bad(ngx_http_request_t *r, ngx_http_meter_t *m,
     s.data = v->data;
     s.len = ngx_min(v->len, 32);
 
-    sfx = (m->gauge == NGX_HTTP_METER_GAUGE_LAST) ? MTR_GAUGE_LAST_SFX_LEN
+    sfx = (m->gauge == NGX_HTTP_METER_GAUGE_LAST) ? NGX_HTTP_METER_LAST_SFX_LEN
                                                   : MTR_GAUGE_SFX_LEN;
 
     ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,

@@ -284,7 +284,7 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
             if (m->gauge == NGX_HTTP_METER_GAUGE_LAST
                 && ngx_http_meter_gauge_digits(&v))
             {
-                value = MTR_GAUGE_LAST_MAX;
+                value = MTR_GAUGE_LAST_MASK;
 
             } else {
                 (void) __atomic_fetch_add(&sh->value_errors, 1,

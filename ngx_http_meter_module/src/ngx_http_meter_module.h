@@ -624,6 +624,7 @@ ngx_int_t ngx_http_meter_log_handler(ngx_http_request_t *r);
  * latest reading of the hour */
 #define NGX_HTTP_METER_GAUGE_MAX    1
 #define NGX_HTTP_METER_GAUGE_LAST   2
+#define NGX_HTTP_METER_LAST_SFX_LEN (sizeof(MTR_GAUGE_LAST_SFX) - 1)
 
 ngx_int_t ngx_http_meter_gauge_name(ngx_conf_t *cf, ngx_http_meter_t *m);
 ngx_int_t ngx_http_meter_gauge_digits(ngx_str_t *v);
