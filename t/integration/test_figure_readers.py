@@ -1,0 +1,199 @@
+"""The readers of figure meters (issue 15): meterctl usage (per customer,
+--period day and month, and per key), meterctl reconcile and the portal's
+GET /usage decode last= gauges ((ms into the hour) << 40 | reading), take
+max= gauges as their largest and unique meters (mtr:uqidx:YYYYMM,
+mtr:uq:/mtr:uh:) as the distinct count per key and per customer (the union
+over its keys: SCARD's exact union under 1000 members, else
+max(1000, PFCOUNT) of the merged HyperLogLogs), seeded in Redis as the
+module writes them; exact numbers."""
+
+import calendar
+import json
+import subprocess
+import time
+
+from conftest import key_hash
+from test_flush_layout import EPOCH2, put_writer
+from test_meterctl import METERCTL, ok, okj
+
+M = (1 << 40) - 1
+OCT = calendar.timegm((2026, 10, 1, 0, 0, 0))
+H1 = calendar.timegm((2026, 10, 5, 10, 0, 0))
+H2 = calendar.timegm((2026, 10, 6, 3, 0, 0))
+
+
+def enc(ms, v):
+    return ms << 40 | v
+
+
+def hour_name(t):
+    return time.strftime("%Y%m%d%H", time.gmtime(t))
+
+
+def put(redis, key, t, fields):
+    kh = key_hash(key)
+    h = hour_name(t)
+    redis.cmd("SADD", "mtr:idx:%s" % h, kh)
+    redis.cmd("ZADD", "mtr:hours", "NX", str(t), h)
+    args = []
+    for f, v in fields.items():
+        args += [f, str(v)]
+    redis.cmd("HSET", "mtr:u:{%s}:%s" % (kh, h), *args)
+
+
+def unique(redis, key, name, uperiod, members, hll=None):
+    """The module's unique= writes: the index first, then set and HLL."""
+    kh = key_hash(key)
+    redis.cmd("SADD", "mtr:uqidx:%s" % uperiod[:6],
+              "%s|%s|%s" % (kh, name, uperiod))
+    if members:
+        redis.cmd("SADD", "mtr:uq:{%s}:%s:%s" % (kh, name, uperiod),
+                  *members[:1000])
+    redis.cmd("PFADD", "mtr:uh:{%s}:%s:%s" % (kh, name, uperiod),
+              *(hll if hll is not None else members))
+
+
+def customer(redis, cid, *keys):
+    redis.cmd("HSET", "mtr:cust:{%s}" % cid, "provider", "file", "status",
+              "active", "created", "1")
+    redis.cmd("SADD", "mtr:customers", cid)
+    for k in keys:
+        kh = key_hash(k)
+        redis.cmd("HSET", "mtr:key:{%s}" % kh, "customer", cid, "prefix",
+                  k[:12], "created", "1")
+        redis.cmd("SADD", "mtr:ckeys:{%s}" % cid, kh)
+
+
+def members(prefix, n):
+    return ["%s%013x" % (prefix, i) for i in range(n)]
+
+
+def seed(redis, month=OCT, h1=H1, h2=H2):
+    """Two keys of acme, one of globex; returns the PFCOUNT the union of
+    acme's "big" HyperLogLogs must show."""
+    ym = time.strftime("%Y%m", time.gmtime(month))
+    d1 = time.strftime("%Y%m%d", time.gmtime(h1))
+    d2 = time.strftime("%Y%m%d", time.gmtime(h2))
+    customer(redis, "acme", "key_a", "key_b")
+    customer(redis, "globex", "key_c")
+    # hour 1: key_a's disk has two counters, the later (ms 2000) reads 30;
+    # key_b's reads 70 at ms 1500: the customer's hour is 30
+    put(redis, "key_a", h1, {"calls|%s.1" % ("a" * 16): 3,
+                             "cpu:max|%s.2" % ("a" * 16): 5,
+                             "disk:last|%s.3" % ("a" * 16): enc(1000, 50),
+                             "disk:last|%s.4" % ("a" * 16): enc(2000, 30)})
+    put(redis, "key_b", h1, {"calls|%s.1" % ("b" * 16): 4,
+                             "cpu:max|%s.2" % ("b" * 16): 9})
+    # key_b's disk in the writer layout (a new node)
+    put_writer(redis, EPOCH2, 1, h1, {("key_b", "disk:last", 9):
+                                      enc(1500, 70)})
+    # hour 2: the month's latest reading, 12 (smaller than before)
+    put(redis, "key_a", h2, {"calls|%s.1" % ("a" * 16): 10,
+                             "cpu:max|%s.2" % ("a" * 16): 7})
+    put(redis, "key_b", h2, {"disk:last|%s.5" % ("b" * 16): enc(10, 12)})
+    put(redis, "key_c", h2, {"disk:last|%s.6" % ("c" * 16): enc(9, 99),
+                             "calls|%s.7" % ("c" * 16): 1000})
+    # unique, period=month: u3 on both keys counts once -> 4
+    unique(redis, "key_a", "users", ym, members("a", 3))
+    unique(redis, "key_b", "users", ym, members("a", 3)[2:] + ["b" * 16])
+    unique(redis, "key_c", "users", ym, members("c", 50))
+    # period=day: 3 users on day 1 (x2 on both keys), 1 on day 2
+    unique(redis, "key_a", "visitors", d1, members("d", 2))
+    unique(redis, "key_a", "visitors", d2, members("d", 1))
+    unique(redis, "key_b", "visitors", d1, members("d", 3)[1:])
+    # over the limit: key_a's set is full (1000), its HLL has 1500; key_b
+    # 20, 10 of them key_a's too
+    big_a = members("e", 1500)
+    unique(redis, "key_a", "big", ym, big_a[:1000], hll=big_a)
+    unique(redis, "key_b", "big", ym, big_a[:10] + members("f", 10))
+    kha, khb = key_hash("key_a"), key_hash("key_b")
+    return int(redis.cmd("PFCOUNT", "mtr:uh:{%s}:big:%s" % (kha, ym),
+                         "mtr:uh:{%s}:big:%s" % (khb, ym)))
+
+
+def by_meter(rows):
+    return {(r["period_start"][:10], r["meter"]): (r["quantity"], r["billed"])
+            for r in rows}
+
+
+def test_usage_month_figures_per_customer(redis):
+    big = seed(redis)
+    assert 1500 < big < 1560       # 1510 distinct, 0.81 % standard error
+    redis.cmd("HSET", "mtr:{worker}:fig:202610", "acme|disk:last",
+              "12 2026100603", "acme|users:unique", "3")
+
+    rows = okj(redis, "usage", "acme", "--period", "month")
+    assert by_meter(rows) == {
+        ("2026-10-01", "calls"): (17, 0),
+        ("2026-10-01", "cpu"): (9, 0),
+        ("2026-10-01", "disk"): (12, 12),
+        ("2026-10-01", "users"): (4, 3),
+        ("2026-10-01", "visitors"): (4, 0),
+        ("2026-10-01", "big"): (big, 0)}
+    assert {r["period_end"] for r in rows} == {"2026-11-01T00:00:00Z"}
+    st = {r["meter"]: r["state"] for r in rows}
+    assert st["disk"] == "billed" and st["users"] == "partly billed"
+
+    days = okj(redis, "usage", "acme", "--period", "day", "--from",
+               "2026-10-01", "--to", "2026-11-01")
+    assert {k: q for k, (q, _) in by_meter(days).items()} == {
+        ("2026-10-01", "users"): 4, ("2026-10-01", "big"): big,
+        ("2026-10-05", "calls"): 7, ("2026-10-05", "cpu"): 9,
+        ("2026-10-05", "disk"): 30, ("2026-10-05", "visitors"): 3,
+        ("2026-10-06", "calls"): 10, ("2026-10-06", "cpu"): 7,
+        ("2026-10-06", "disk"): 12, ("2026-10-06", "visitors"): 1}
+
+    # globex: its own key only
+    g = by_meter(okj(redis, "usage", "globex", "--period", "month"))
+    assert g == {("2026-10-01", "calls"): (1000, 0),
+                 ("2026-10-01", "disk"): (99, 0),
+                 ("2026-10-01", "users"): (50, 0)}
+
+    table = ok(redis, "usage", "acme", "--period", "month")
+    assert table.splitlines()[0].startswith("MONTH ")
+
+
+def test_usage_per_key_decodes_last_and_counts_unique(redis):
+    seed(redis)
+    rows = okj(redis, "usage")
+    kha, khb = key_hash("key_a"), key_hash("key_b")
+    got = {(r["key_hash"], r["hour"], r["meter"]): r["value"] for r in rows}
+    assert got[(kha, "2026-10-05T10", "disk:last")] == 30
+    assert got[(khb, "2026-10-05T10", "disk:last")] == 70
+    assert got[(khb, "2026-10-06T03", "disk:last")] == 12
+    assert got[(kha, "2026-10-05T10", "cpu:max")] == 5
+    assert got[(kha, "2026-10-01T00", "users:unique")] == 3
+    assert got[(khb, "2026-10-01T00", "users:unique")] == 2
+    assert got[(kha, "2026-10-05T00", "visitors:unique")] == 2
+    assert got[(kha, "2026-10-01T00", "big:unique")] == max(
+        1000, int(redis.cmd("PFCOUNT", "mtr:uh:{%s}:big:202610" % kha)))
+    uq = {(r["key_hash"], r["meter"], r["unique_period"]) for r in rows
+          if "unique_period" in r}
+    assert len(uq) == 8 and (kha, "visitors:unique", "20261006") in uq
+    # --hour: only the unique periods holding that hour
+    one = okj(redis, "usage", "--hour", "2026-10-06T03")
+    assert {(r["key_hash"], r["meter"]) for r in one
+            if "unique_period" in r} == {
+        (kha, "users:unique"), (khb, "users:unique"),
+        (key_hash("key_c"), "users:unique"), (kha, "big:unique"),
+        (khb, "big:unique"), (kha, "visitors:unique")}
+
+
+def test_reconcile_counts_a_figure_as_the_months(redis):
+    seed(redis)
+    redis.cmd("HSET", "mtr:{worker}:fig:202610", "acme|disk:last", "12",
+              "acme|cpu:max", "9", "acme|users:unique", "3")
+    r = subprocess.run([str(METERCTL), "--redis", redis.address,
+                        "reconcile", "--customer", "acme", "--period",
+                        "2026-10", "--json"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode in (0, 1), r.stderr
+    rows = {o["meter"]: o for o in json.loads(r.stdout)}
+    assert {m: (o["counted"], o["billed"]) for m, o in rows.items()} == {
+        "calls": (17, 0), "cpu": (9, 9), "disk": (12, 12), "users": (4, 3),
+        "visitors": (4, 0), "big": (rows["big"]["counted"], 0)}
+    assert rows["disk"]["result"] == "equal"
+    assert rows["cpu"]["result"] == "equal"
+    # the month has closed: the figure's unbilled part is late, not pending
+    assert [(d["kind"], d["quantity"]) for d in rows["users"]["differences"]
+            ] == [("late_usage", 1)]
