@@ -68,45 +68,47 @@ def members(prefix, n):
     return ["%s%013x" % (prefix, i) for i in range(n)]
 
 
-def seed(redis, month=OCT, h1=H1, h2=H2):
-    """Two keys of acme, one of globex; returns the PFCOUNT the union of
-    acme's "big" HyperLogLogs must show."""
+def seed(redis, month=OCT, h1=H1, h2=H2, keys=("key_a", "key_b"),
+         cust="acme"):
+    """Two keys of acme (keys, of cust when given), one of globex; returns
+    the PFCOUNT the union of acme's "big" HyperLogLogs must show."""
     ym = time.strftime("%Y%m", time.gmtime(month))
     d1 = time.strftime("%Y%m%d", time.gmtime(h1))
     d2 = time.strftime("%Y%m%d", time.gmtime(h2))
-    customer(redis, "acme", "key_a", "key_b")
+    if cust is not None:
+        customer(redis, cust, *keys)
     customer(redis, "globex", "key_c")
     # hour 1: key_a's disk has two counters, the later (ms 2000) reads 30;
     # key_b's reads 70 at ms 1500: the customer's hour is 30
-    put(redis, "key_a", h1, {"calls|%s.1" % ("a" * 16): 3,
+    put(redis, keys[0], h1, {"calls|%s.1" % ("a" * 16): 3,
                              "cpu:max|%s.2" % ("a" * 16): 5,
                              "disk:last|%s.3" % ("a" * 16): enc(1000, 50),
                              "disk:last|%s.4" % ("a" * 16): enc(2000, 30)})
-    put(redis, "key_b", h1, {"calls|%s.1" % ("b" * 16): 4,
+    put(redis, keys[1], h1, {"calls|%s.1" % ("b" * 16): 4,
                              "cpu:max|%s.2" % ("b" * 16): 9})
     # key_b's disk in the writer layout (a new node)
-    put_writer(redis, EPOCH2, 1, h1, {("key_b", "disk:last", 9):
+    put_writer(redis, EPOCH2, 1, h1, {(keys[1], "disk:last", 9):
                                       enc(1500, 70)})
     # hour 2: the month's latest reading, 12 (smaller than before)
-    put(redis, "key_a", h2, {"calls|%s.1" % ("a" * 16): 10,
+    put(redis, keys[0], h2, {"calls|%s.1" % ("a" * 16): 10,
                              "cpu:max|%s.2" % ("a" * 16): 7})
-    put(redis, "key_b", h2, {"disk:last|%s.5" % ("b" * 16): enc(10, 12)})
+    put(redis, keys[1], h2, {"disk:last|%s.5" % ("b" * 16): enc(10, 12)})
     put(redis, "key_c", h2, {"disk:last|%s.6" % ("c" * 16): enc(9, 99),
                              "calls|%s.7" % ("c" * 16): 1000})
     # unique, period=month: u3 on both keys counts once -> 4
-    unique(redis, "key_a", "users", ym, members("a", 3))
-    unique(redis, "key_b", "users", ym, members("a", 3)[2:] + ["b" * 16])
+    unique(redis, keys[0], "users", ym, members("a", 3))
+    unique(redis, keys[1], "users", ym, members("a", 3)[2:] + ["b" * 16])
     unique(redis, "key_c", "users", ym, members("c", 50))
     # period=day: 3 users on day 1 (x2 on both keys), 1 on day 2
-    unique(redis, "key_a", "visitors", d1, members("d", 2))
-    unique(redis, "key_a", "visitors", d2, members("d", 1))
-    unique(redis, "key_b", "visitors", d1, members("d", 3)[1:])
+    unique(redis, keys[0], "visitors", d1, members("d", 2))
+    unique(redis, keys[0], "visitors", d2, members("d", 1))
+    unique(redis, keys[1], "visitors", d1, members("d", 3)[1:])
     # over the limit: key_a's set is full (1000), its HLL has 1500; key_b
     # 20, 10 of them key_a's too
     big_a = members("e", 1500)
-    unique(redis, "key_a", "big", ym, big_a[:1000], hll=big_a)
-    unique(redis, "key_b", "big", ym, big_a[:10] + members("f", 10))
-    kha, khb = key_hash("key_a"), key_hash("key_b")
+    unique(redis, keys[0], "big", ym, big_a[:1000], hll=big_a)
+    unique(redis, keys[1], "big", ym, big_a[:10] + members("f", 10))
+    kha, khb = key_hash(keys[0]), key_hash(keys[1])
     return int(redis.cmd("PFCOUNT", "mtr:uh:{%s}:big:%s" % (kha, ym),
                          "mtr:uh:{%s}:big:%s" % (khb, ym)))
 
@@ -197,3 +199,39 @@ def test_reconcile_counts_a_figure_as_the_months(redis):
     # the month has closed: the figure's unbilled part is late, not pending
     assert [(d["kind"], d["quantity"]) for d in rows["users"]["differences"]
             ] == [("late_usage", 1)]
+
+
+# ---------------------------------------------------------------- portal
+
+def test_portal_usage_shows_the_months_figures(tmp_path, redis,
+                                               nginx_factory, backend):
+    from test_portal import PortalWorker, get_usage, month_start, portal_conf
+    from test_portal import signup
+    w = PortalWorker(tmp_path / "w", redis)
+    w.start()
+    try:
+        n = nginx_factory(portal_conf(w.port, backend.port),
+                          redis=redis.address)
+        r = json.loads(signup(n, "fig@example.com")[2])
+        key, cid = r["api_key"], r["customer"]
+        w.ctl("keys", "add", "mk_test_second_fig", "--customer", cid)
+        start = month_start(int(time.time()))
+        ym = time.strftime("%Y%m", time.gmtime(start))
+        big = seed(redis, start, start, start + 86400 + 3 * 3600,
+                   keys=(key, "mk_test_second_fig"), cust=None)
+        redis.cmd("HSET", "mtr:{worker}:fig:" + ym, cid + "|disk:last", "12",
+                  cid + "|users:unique", "3")
+        u = get_usage(n, key)
+        got = {m["meter"]: (m["figure"], m["metered"]) for m in u["meters"]}
+        assert got == {"calls": ("sum", 17), "cpu": ("max", 9),
+                       "disk": ("last", 12), "users": ("unique", 4),
+                       "visitors": ("unique", 4), "big": ("unique", big)}
+        billed = {m["meter"]: (m["billed"], m["pending"])
+                  for m in u["meters"] if m["figure"] in ("last", "unique")}
+        assert billed["disk"] == (12, 0) and billed["users"] == (3, 1)
+        days = {(d["day"][8:], d["meter"]): d["metered"] for d in u["days"]}
+        assert days[("01", "disk")] == 30 and days[("02", "disk")] == 12
+        assert days[("01", "visitors")] == 3 and days[("02", "visitors")] == 1
+        assert days[("01", "cpu")] == 9 and days[("01", "users")] == 4
+    finally:
+        w.stop()
