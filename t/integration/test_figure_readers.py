@@ -235,3 +235,51 @@ def test_portal_usage_shows_the_months_figures(tmp_path, redis,
         assert days[("01", "cpu")] == 9 and days[("01", "users")] == 4
     finally:
         w.stop()
+
+
+# ---------------------------------------------------------------- retention
+
+def month_back(n):
+    g = time.gmtime()
+    y, m = g.tm_year, g.tm_mon - n
+    while m < 1:
+        y, m = y - 1, m + 12
+    return calendar.timegm((y, m, 1, 0, 0, 0))
+
+
+def test_worker_removes_unique_months_past_retention_once_billed(redis,
+                                                                 tmp_path):
+    from test_worker import Worker
+    w = Worker(tmp_path, redis, retention="1d", grace="5m")
+    ms = {n: time.strftime("%Y%m", time.gmtime(month_back(n)))
+          for n in (0, 3, 4, 5)}
+    for n, ym in ms.items():
+        unique(redis, "key_a", "users", ym, members("a", 3))
+        unique(redis, "key_b", "users", ym + "02", members("b", 2))
+        # a full set's month: the HyperLogLog goes as well
+        unique(redis, "key_a", "big", ym, members("c", 1000),
+               hll=members("c", 1200))
+    # the figure biller knows month -4 but has not closed it; -5 it closed
+    redis.cmd("HSET", "mtr:{worker}:figmon", ms[4], "1", ms[5], "1",
+              ms[5] + "|closed", "1")
+
+    r = w.once(int(time.time()))
+    assert r.returncode == 0, r.stderr
+
+    def left(ym):
+        return sorted(k for k in redis.keys("mtr:u[qh]*")
+                      if k.endswith(":" + ym) or k.endswith(":" + ym + "02")
+                      or k == "mtr:uqidx:" + ym)
+
+    for n in (3, 5):
+        assert left(ms[n]) == [], n
+    for n in (0, 4):
+        assert len(left(ms[n])) == 7, (n, left(ms[n]))
+        assert int(redis.cmd("SCARD", "mtr:uqidx:" + ms[n])) == 3
+    assert "unique users of month %s removed after retention (6 keys)" \
+        % ms[3] in r.stderr
+    assert "unique users of month %s are past retention but not billed" \
+        % ms[4] in r.stderr
+    # nothing more the next time
+    r = w.once(int(time.time()))
+    assert "removed after retention" not in r.stderr
