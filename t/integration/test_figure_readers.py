@@ -283,3 +283,64 @@ def test_worker_removes_unique_months_past_retention_once_billed(redis,
     # nothing more the next time
     r = w.once(int(time.time()))
     assert "removed after retention" not in r.stderr
+
+
+# ---------------------------------------------------------------- alerts
+
+def test_alerts_take_gauges_and_unique_meters_as_figures(redis, tmp_path):
+    from conftest import wait_for
+    from test_alerts import HttpSink, Worker as AlertWorker
+    from test_alerts import customer as alert_customer
+    hooks = HttpSink()
+    try:
+        prev = month_back(1)
+        ym = time.strftime("%Y%m", time.gmtime(prev))
+        p1, p2 = prev + 86400 + 10 * 3600, prev + 2 * 86400 + 10 * 3600
+        kh1 = alert_customer(redis, "g", "mk_test_fig1", "g@g.example")
+        kh2 = key_hash("mk_test_fig2")
+        r = subprocess.run([str(METERCTL), "--redis", redis.address, "keys",
+                            "add", "-", "--customer", "g"],
+                           input="mk_test_fig2", capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        put(redis, "mk_test_fig1", p1, {"disk:last|%s.1" % ("a" * 16):
+                                        enc(100, 80),
+                                        "cpu:max|%s.2" % ("a" * 16): 40})
+        put(redis, "mk_test_fig2", p1, {"cpu:max|%s.3" % ("b" * 16): 55})
+        put(redis, "mk_test_fig1", p2, {"disk:last|%s.1" % ("a" * 16):
+                                        enc(5, 20)})
+        put(redis, "mk_test_fig2", p2, {"cpu:max|%s.3" % ("b" * 16): 30})
+        unique(redis, "mk_test_fig1", "users", ym, ["a" * 16, "b" * 16,
+                                                    "c" * 16])
+        unique(redis, "mk_test_fig2", "users", ym, ["c" * 16, "d" * 16,
+                                                    "e" * 16])
+        rules = {}
+        for name, cond in (("c", "usage_above 50 cpu"),
+                           ("c2", "usage_above 55 cpu"),
+                           ("d", "usage_above 15 disk"),
+                           ("d2", "usage_above 25 disk"),
+                           ("u", "usage_above 4 users"),
+                           ("u2", "usage_above 5 users")):
+            rules["alert.%s.when" % name] = cond + " per month"
+            rules["alert.%s.notify" % name] = "webhook:%s" % hooks.url(
+                "/" + name)
+        w = AlertWorker(tmp_path / "aw", redis, rules).start()
+        try:
+            wait_for(lambda: len(hooks.accepted) >= 3, 20, msg=w.log)
+            time.sleep(3)
+            got = sorted((json.loads(x["body"])["rule"],
+                          json.loads(x["body"])["period"],
+                          json.loads(x["body"])["value"])
+                         for x in hooks.accepted)
+            label = time.strftime("%Y-%m", time.gmtime(prev))
+            # a sum would be 125 cpu and 100 disk; the figures: 55, 20, 5
+            assert got == [("c", label, 55), ("d", label, 20),
+                           ("u", label, 5)], got
+            m = redis.hgetall("mtr:{alert}:m:%d" % prev)
+            assert m["%s|disk:last" % kh1] == "20"
+            assert m["%s|disk:last@" % kh1] == str(p2 * 1000 + 5)
+            assert m["%s|cpu:max" % kh2] == "55"
+        finally:
+            w.stop()
+    finally:
+        hooks.stop()
