@@ -10,6 +10,7 @@ import pytest
 
 from conftest import key_hash, line_of, nginx_t, usage_fields, wait_for
 from test_gauge import CONF as MAX_CONF, flushed
+from test_meterctl import okj
 
 MASK = (1 << 40) - 1
 
@@ -54,6 +55,11 @@ def test_gauge_last_keeps_the_later_reading(nginx_factory, redis):
     # the time part is the request's start, in ms into its hour
     if int(before) // 3600 == int(after) // 3600:
         assert ms_into_hour(before) - 1 <= v >> 40 <= ms_into_hour(after) + 1
+    # meterctl decodes it: the key's hour shows the reading, 5
+    rows = okj(redis, "usage", "--hour", time.strftime(
+        "%Y-%m-%dT%H", time.gmtime(before)))
+    assert [r["value"] for r in rows if r["key_hash"] == kh
+            and r["meter"] == "storage_gb:last"] == [5]
     # every request was a call, bad readings included
     calls = {f: c for (k, h, f), c in usage_fields(redis).items()
              if k == kh and f.startswith("calls|")}

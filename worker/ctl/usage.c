@@ -374,6 +374,7 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
                     memcpy(row->meter, f, mlen);
                     row->meter[mlen] = '\0';
                     row->value = 0;
+                    row->uperiod[0] = '\0';
                 }
 
                 /* a gauge's figure is its largest counter, not the sum */
