@@ -259,9 +259,13 @@ def test_worker_removes_unique_months_past_retention_once_billed(redis,
         # a full set's month: the HyperLogLog goes as well
         unique(redis, "key_a", "big", ym, members("c", 1000),
                hll=members("c", 1200))
-    # the figure biller knows month -4 but has not closed it; -5 it closed
+    # the figure biller knows month -4 but has not closed it; -5 it closed;
+    # -6 it closed with records still to make (dirty)
+    ms[6] = time.strftime("%Y%m", time.gmtime(month_back(6)))
+    unique(redis, "key_a", "users", ms[6], members("a", 3))
     redis.cmd("HSET", "mtr:{worker}:figmon", ms[4], "1", ms[5], "1",
-              ms[5] + "|closed", "1")
+              ms[5] + "|closed", "1", ms[6] + "|closed", "1",
+              ms[6] + "|dirty", "1")
 
     r = w.once(int(time.time()))
     assert r.returncode == 0, r.stderr
@@ -280,6 +284,10 @@ def test_worker_removes_unique_months_past_retention_once_billed(redis,
         % ms[3] in r.stderr
     assert "unique users of month %s are past retention but not billed" \
         % ms[4] in r.stderr
+    assert sorted(left(ms[6])) == sorted(
+        ["mtr:uqidx:" + ms[6],
+         "mtr:uq:{%s}:users:%s" % (key_hash("key_a"), ms[6]),
+         "mtr:uh:{%s}:users:%s" % (key_hash("key_a"), ms[6])])
     # nothing more the next time
     r = w.once(int(time.time()))
     assert "removed after retention" not in r.stderr

@@ -7,9 +7,12 @@
  * (a month's count must outlive its hours), so the worker deletes a
  * month's sets, HyperLogLogs and index once retention has passed since the
  * month's end and grace.  Unbilled data is never deleted: a month the
- * figure biller has state for (field YYYYMM of mtr:{worker}:figmon) goes
- * only once that state says it closed (YYYYMM|closed); a month it never
- * saw has no biller to wait for, and goes on the time rule alone.
+ * figure biller (daemon/figures.c) has state for (a field YYYYMM... of
+ * mtr:{worker}:figmon) goes only once that state says it closed
+ * (YYYYMM|closed) with nothing left to bill (no YYYYMM|dirty 1); a month
+ * it never saw has no biller to wait for, and goes on the time rule
+ * alone.  The biller removes the months it billed itself; this covers
+ * the rest (a worker without it, months older than it looks back).
  * The index goes last, so a crash midway leaves it to list what is left.
  */
 
@@ -26,23 +29,29 @@
 #define METER_UQ_DEL_BATCH      500
 
 
-/* 1 when the month may go: the biller does not know it or closed it */
+/* 1 when the month may go: the biller does not know it, or closed it
+ * with nothing left to bill (no "|dirty" 1) */
 static int
 meter_unique_billed(meter_redis_t *r, const char *m)
 {
     int          ok;
     redisReply  *rp;
 
-    rp = meter_redis_cmd(r, "HMGET " MTR_W_FIGMON " %s %s|closed", m, m);
+    rp = meter_redis_cmd(r, "HMGET " MTR_W_FIGMON " %s %s|closed %s|dirty",
+                         m, m, m);
     if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
-        || rp->elements != 2)
+        || rp->elements != 3)
     {
         freeReplyObject(rp);
         return 0;
     }
 
-    ok = rp->element[0]->type != REDIS_REPLY_STRING
-         || rp->element[1]->type == REDIS_REPLY_STRING;
+    ok = (rp->element[0]->type != REDIS_REPLY_STRING
+          && rp->element[1]->type != REDIS_REPLY_STRING
+          && rp->element[2]->type != REDIS_REPLY_STRING)
+         || (rp->element[1]->type == REDIS_REPLY_STRING
+             && (rp->element[2]->type != REDIS_REPLY_STRING
+                 || strcmp(rp->element[2]->str, "1") != 0));
 
     freeReplyObject(rp);
 
