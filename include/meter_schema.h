@@ -129,6 +129,7 @@
 #define MTR_W_NOCUST_NEW        "mtr:{worker}:nocust:new" /* being built */
 #define MTR_W_STATS             "mtr:{worker}:stats"
 #define MTR_W_STRIPE_LATE       "mtr:{worker}:stripe:late"
+
 /*
  * Billing a figure (a unique count, a gauge's max or last: the month to
  * date).  HASH mtr:{worker}:fig:YYYYMM, fields SUBJECT|METER -> the figure
@@ -145,7 +146,6 @@
 #define MTR_W_UHTMP_PRE         "mtr:{worker}:uh:tmp:"  /* + N */
 #define MTR_W_UHTMP_FMT         MTR_W_UHTMP_PRE "%u"
 #define MTR_FIG_UNIQUE_SFX      ":unique"
-
 
 /*
  * Billing a figure (a unique count, a gauge's max or last: the month to

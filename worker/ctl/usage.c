@@ -138,7 +138,7 @@ meterctl_usage_keys_unique(meter_redis_t *r, time_t hour,
     w.failed = 0;
 
     if (hour != -1) {
-        meter_month_name(hour, m);
+        meter_month_label(hour, m);
 
         if (meter_unique_month(r, m, meterctl_usage_uq, &w, err, sizeof(err))
             != 0)

@@ -556,7 +556,7 @@ meter_alert_uq_load(meter_alert_usage_t *au)
     au->uq_loaded = 1;
 
     for (d = -1; d <= 0; d++) {
-        meter_month_name(meter_month_start(au->now, d), m);
+        meter_month_label(meter_month_shift(au->now, d), m);
 
         if (meter_unique_month(au->r, m, meter_alert_uq_entry, &au->uq, err,
                                sizeof(err))

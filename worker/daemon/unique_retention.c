@@ -155,15 +155,15 @@ meter_unique_retention(meter_redis_t *r, const meter_conf_t *cf, time_t now)
 
     /* the latest month past retention: its end before this */
     last = now - cf->grace - cf->retention;
-    t = meter_month_start(last, -1);
+    t = meter_month_shift(last, -1);
 
-    if (meter_month_start(t, 1) > last) {
+    if (meter_month_shift(t, 1) > last) {
         return 0;
     }
 
     /* which of the months up to it still have an index: one round trip */
     for (i = 0; i < METER_UQ_RETAIN_MONTHS; i++) {
-        meter_month_name(meter_month_start(t, -i), m[i]);
+        meter_month_label(meter_month_shift(t, -i), m[i]);
 
         if (meter_redis_append(r, "EXISTS " MTR_UQIDX_FMT, m[i]) != 0) {
             return 0;

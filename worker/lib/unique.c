@@ -329,7 +329,7 @@ meter_uperiod_range(const char *uperiod, time_t *start, time_t *end)
     }
 
     if (len == 6) {
-        *end = meter_month_start(*start, 1);
+        *end = meter_month_shift(*start, 1);
 
     } else {
         *end = *start + (len == 8 ? METER_DAY : METER_HOUR);
@@ -340,7 +340,7 @@ meter_uperiod_range(const char *uperiod, time_t *start, time_t *end)
 
 
 void
-meter_month_name(time_t t, char *yyyymm)
+meter_month_label(time_t t, char *yyyymm)
 {
     struct tm  tm;
 
@@ -350,7 +350,7 @@ meter_month_name(time_t t, char *yyyymm)
 
 
 time_t
-meter_month_start(time_t t, int delta)
+meter_month_shift(time_t t, int delta)
 {
     struct tm  tm;
 

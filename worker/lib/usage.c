@@ -114,7 +114,7 @@ meter_usage_fold(meter_usage_row_t *dst, const meter_usage_row_t *src)
 time_t
 meter_usage_pstart(time_t t, int period)
 {
-    return (period == METER_USAGE_MONTH) ? meter_month_start(t, 0)
+    return (period == METER_USAGE_MONTH) ? meter_month_shift(t, 0)
                                          : meter_period_start(t, period);
 }
 
@@ -122,7 +122,7 @@ meter_usage_pstart(time_t t, int period)
 time_t
 meter_usage_pend(time_t start, int period)
 {
-    return (period == METER_USAGE_MONTH) ? meter_month_start(start, 1)
+    return (period == METER_USAGE_MONTH) ? meter_month_shift(start, 1)
                                          : start + period;
 }
 
@@ -405,7 +405,7 @@ meter_usage_uq_months(meter_redis_t *r, time_t from, time_t to)
 
     if (from != 0 && to != 0) {
         n = 0;
-        for (t = meter_month_start(from, 0); t < to; t = meter_month_start(t, 1)) {
+        for (t = meter_month_shift(from, 0); t < to; t = meter_month_shift(t, 1)) {
             n++;
         }
 
@@ -415,8 +415,8 @@ meter_usage_uq_months(meter_redis_t *r, time_t from, time_t to)
             return NULL;
         }
 
-        for (t = meter_month_start(from, 0); t < to; t = meter_month_start(t, 1)) {
-            meter_month_name(t, m);
+        for (t = meter_month_shift(from, 0); t < to; t = meter_month_shift(t, 1)) {
+            meter_month_label(t, m);
             rp = calloc(1, sizeof(redisReply));
             if (rp == NULL || (rp->str = strdup(m)) == NULL) {
                 free(rp);
@@ -617,7 +617,7 @@ meter_usage_fig_billed(meter_redis_t *r, const char *id,
             continue;
         }
 
-        meter_month_name(rows[i].start, m);
+        meter_month_label(rows[i].start, m);
         snprintf(field, sizeof(field), "%s%c%s%s", id, MTR_FIELD_SEP,
                  rows[i].meter, sfx);
 

@@ -140,11 +140,11 @@ test_uperiod(void **state)
     assert_int_equal(meter_uperiod_range("2026-10", &s, &e), -1);
     assert_int_equal(meter_uperiod_range("", &s, &e), -1);
 
-    meter_month_name(H1, m);
+    meter_month_label(H1, m);
     assert_string_equal(m, "202610");
-    assert_int_equal(meter_month_start(H1, 0), 1790812800);
-    assert_int_equal(meter_month_start(H1, 1), 1793491200);
-    assert_int_equal(meter_month_start(H1, -10), 1764547200); /* 2025-12 */
+    assert_int_equal(meter_month_shift(H1, 0), 1790812800);
+    assert_int_equal(meter_month_shift(H1, 1), 1793491200);
+    assert_int_equal(meter_month_shift(H1, -10), 1764547200); /* 2025-12 */
 }
 
 
