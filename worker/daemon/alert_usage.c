@@ -576,7 +576,7 @@ meter_alert_uq_load(meter_alert_usage_t *au)
  * count over the keys that have them */
 static int
 meter_alert_unique(meter_alert_usage_t *au, const redisReply *keys,
-    const char *meter, time_t start, time_t end, uint64_t *sum, int *found)
+    const char *meter, time_t start, time_t end, uint64_t *sum)
 {
     char               key[METER_ALERT_SUM_FIELD], err[512];
     void             **slot;
@@ -640,7 +640,6 @@ meter_alert_unique(meter_alert_usage_t *au, const redisReply *keys,
             }
 
             *sum += count;
-            *found = 1;
         }
     }
 
@@ -688,7 +687,6 @@ meter_alert_usage_get(meter_alert_usage_t *au, const redisReply *keys,
     const char *meter, int period, time_t start, time_t end, uint64_t *sum)
 {
     char                field[METER_ALERT_SUM_FIELD], key[64];
-    int                 found, rc;
     size_t              i, k, g;
     uint64_t            v;
     void              **slot;
@@ -782,10 +780,5 @@ meter_alert_usage_get(meter_alert_usage_t *au, const redisReply *keys,
         return 0;
     }
 
-    found = 0;
-    rc = meter_alert_unique(au, keys, meter, start, end, sum, &found);
-
-    (void) found;
-
-    return rc;
+    return meter_alert_unique(au, keys, meter, start, end, sum);
 }
