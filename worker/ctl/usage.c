@@ -41,6 +41,7 @@ typedef struct {
     size_t                     *nrows;
     size_t                     *cap;
     time_t                      hour;       /* --hour, or -1 */
+    meter_map_t                 seen;       /* KH|NAME|UPERIOD */
     int                         failed;
 } meterctl_uq_walk_t;
 
@@ -67,13 +68,17 @@ meterctl_row_push(meterctl_row_t **rows, size_t *nrows, size_t *cap)
 }
 
 
+static int meterctl_usage_keys_unique_walk(meter_redis_t *r,
+    meterctl_uq_walk_t *w);
+
+
 /* one index entry: its key's distinct count as a row NAME:unique */
 static int
 meterctl_usage_uq(const char *kh, const char *meter, const char *uperiod,
     void *arg)
 {
-    char                 err[512];
-    size_t               i;
+    char                 err[512], id[160];
+    int                  created;
     time_t               s, e;
     uint64_t             count;
     meterctl_row_t      *row;
@@ -88,15 +93,14 @@ meterctl_usage_uq(const char *kh, const char *meter, const char *uperiod,
     }
 
     /* SSCAN may return a member twice */
-    for (i = 0; i < *w->nrows; i++) {
-        row = &(*w->rows)[i];
-        if (row->uperiod[0] != '\0' && strcmp(row->uperiod, uperiod) == 0
-            && strcmp(row->key_hash, kh) == 0
-            && strncmp(row->meter, meter, strlen(meter)) == 0
-            && strcmp(row->meter + strlen(meter), MTR_FIG_UNIQUE_SFX) == 0)
-        {
-            return 0;
-        }
+    snprintf(id, sizeof(id), "%s|%s|%s", kh, meter, uperiod);
+    if (meter_map_put(&w->seen, id, &created) == NULL) {
+        fprintf(stderr, "meterctl: out of memory\n");
+        exit(EX_OSERR);
+    }
+
+    if (!created) {
+        return 0;
     }
 
     if (meter_unique_count(w->r, &kh, 1, meter, uperiod, &count, err,
@@ -125,9 +129,7 @@ static int
 meterctl_usage_keys_unique(meter_redis_t *r, time_t hour,
     meterctl_row_t **rows, size_t *nrows, size_t *cap)
 {
-    char                 m[8], cursor[32], err[512];
-    size_t               i;
-    redisReply          *rp;
+    int                  rc;
     meterctl_uq_walk_t   w;
 
     w.r = r;
@@ -137,13 +139,35 @@ meterctl_usage_keys_unique(meter_redis_t *r, time_t hour,
     w.hour = hour;
     w.failed = 0;
 
+    if (meter_map_init(&w.seen, 64) != 0) {
+        fprintf(stderr, "meterctl: out of memory\n");
+        exit(EX_OSERR);
+    }
+
+    rc = meterctl_usage_keys_unique_walk(r, &w);
+    meter_map_free(&w.seen, NULL);
+
+    return rc;
+}
+
+
+static int
+meterctl_usage_keys_unique_walk(meter_redis_t *r, meterctl_uq_walk_t *w)
+{
+    char                 m[8], cursor[32], err[512];
+    size_t               i;
+    time_t               hour;
+    redisReply          *rp;
+
+    hour = w->hour;
+
     if (hour != -1) {
         meter_month_label(hour, m);
 
-        if (meter_unique_month(r, m, meterctl_usage_uq, &w, err, sizeof(err))
+        if (meter_unique_month(r, m, meterctl_usage_uq, w, err, sizeof(err))
             != 0)
         {
-            if (!w.failed) {
+            if (!w->failed) {
                 fprintf(stderr, "meterctl: the unique index: %s\n", err);
             }
 
@@ -169,10 +193,10 @@ meterctl_usage_keys_unique(meter_redis_t *r, time_t hour,
         for (i = 0; i < rp->element[1]->elements; i++) {
             if (meter_unique_month(r, rp->element[1]->element[i]->str
                                       + strlen(MTR_UQIDX_PRE),
-                                   meterctl_usage_uq, &w, err, sizeof(err))
+                                   meterctl_usage_uq, w, err, sizeof(err))
                 != 0)
             {
-                if (!w.failed) {
+                if (!w->failed) {
                     fprintf(stderr, "meterctl: the unique index: %s\n",
                             err);
                 }
