@@ -149,6 +149,23 @@
 #define MTR_FIG_UNIQUE_SFX      ":unique"
 
 /*
+ * Billing a figure (a unique count, a gauge's max or last: the month to
+ * date).  HASH mtr:{worker}:fig:YYYYMM, fields SUBJECT|METER -> the figure
+ * billed B, SUBJECT|METER|b -> "AT HOUR" of that record, SUBJECT|METER|f
+ * -> "F HOUR RAW KH" the figure computed.  METER is NAME:max, NAME:last or
+ * NAME:unique.  HASH mtr:{worker}:figmon, fields YYYYMM (Unix start of
+ * the last closed hour the month's uniques were counted for),
+ * YYYYMM|dirty, YYYYMM|closed.  mtr:{worker}:uh:tmp:N: HyperLogLogs of a
+ * customer's keys copied into the worker's slot for PFMERGE.
+ */
+#define MTR_W_FIG_PRE           "mtr:{worker}:fig:"     /* + YYYYMM */
+#define MTR_W_FIG_FMT           MTR_W_FIG_PRE "%s"
+#define MTR_W_FIGMON            "mtr:{worker}:figmon"
+#define MTR_W_UHTMP_PRE         "mtr:{worker}:uh:tmp:"  /* + N */
+#define MTR_W_UHTMP_FMT         MTR_W_UHTMP_PRE "%u"
+#define MTR_FIG_UNIQUE_SFX      ":unique"
+
+/*
  * HASH mtr:{worker}:settled, field HOUR -> "T V DIGEST": a closed hour the
  * worker found fully billed and took out of mtr:hours at T (Unix s); V 0
  * until one more read at least grace after T confirmed it, then 1; DIGEST

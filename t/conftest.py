@@ -275,8 +275,10 @@ def redis(tmp_path):
 
 _DATA_KEY = re.compile(r"^mtr:u:\{([0-9a-f]{64})\}:(\d{10})$")
 _WRITER_KEY = re.compile(r"^mtr:wu:\{([0-9a-f]{16})\}:(\d+):(\d{10}):(\d+)$")
-# METER: a name, or a gauge's name and ":max" (MTR_GAUGE_MAX_SFX)
+# METER: a name, or a gauge's name and ":max" (MTR_GAUGE_MAX_SFX) or
+# ":last" (MTR_GAUGE_LAST_SFX)
 _WRITER_FIELD = re.compile(r"^([0-9a-f]{64})\|([A-Za-z0-9_.-]{1,28}:max"
+                           r"|[A-Za-z0-9_.-]{1,27}:last"
                            r"|[A-Za-z0-9_.-]{1,32})\|(\d+)$")
 
 

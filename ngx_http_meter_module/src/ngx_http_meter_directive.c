@@ -418,18 +418,21 @@ ngx_http_meter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         if (ngx_strncmp(value[i].data, "value=", 6) == 0
             || ngx_strncmp(value[i].data, "max=", 4) == 0
+            || ngx_strncmp(value[i].data, "last=", 5) == 0
             || ngx_strncmp(value[i].data, "unique=", 7) == 0)
         {
             if (m->value != NULL) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "\"%V\" in \"%V\" directive: only one "
-                                   "of \"value=\", \"max=\" and "
-                                   "\"unique=\" is allowed",
+                                   "of \"value=\", \"max=\", \"last=\" "
+                                   "and \"unique=\" is allowed",
                                    &value[i], &cmd->name);
                 return NGX_CONF_ERROR;
             }
 
-            m->gauge = (value[i].data[0] == 'm');
+            m->gauge = (value[i].data[0] == 'm') ? NGX_HTTP_METER_GAUGE_MAX
+                       : (value[i].data[0] == 'l') ? NGX_HTTP_METER_GAUGE_LAST
+                       : 0;
             m->unique = (value[i].data[0] == 'u');
             cvp = &m->value;
             s.data = (u_char *) ngx_strchr(value[i].data, '=') + 1;

@@ -284,13 +284,22 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
         }
 
         if (meter_parse_value((const char *) v.data, v.len, &value) != 0) {
-            (void) __atomic_fetch_add(&sh->value_errors, 1,
-                                      __ATOMIC_RELAXED);
-            if (m->gauge) {
-                ngx_http_meter_gauge_bad(r, m, &v);
-            }
 
-            return NGX_OK;
+            /* a last= reading too large for a count is clamped anyway */
+            if (m->gauge == NGX_HTTP_METER_GAUGE_LAST
+                && ngx_http_meter_gauge_digits(&v))
+            {
+                value = MTR_GAUGE_LAST_MASK;
+
+            } else {
+                (void) __atomic_fetch_add(&sh->value_errors, 1,
+                                          __ATOMIC_RELAXED);
+                if (m->gauge) {
+                    ngx_http_meter_gauge_bad(r, m, &v);
+                }
+
+                return NGX_OK;
+            }
         }
     }
 
@@ -328,6 +337,10 @@ ngx_http_meter_count(ngx_http_request_t *r, ngx_http_meter_t *m,
                                           (int64_t) value, __ATOMIC_RELAXED);
             }
         }
+    }
+
+    if (m->gauge == NGX_HTTP_METER_GAUGE_LAST) {
+        value = ngx_http_meter_gauge_last(r, value);
     }
 
     /* meter_hour() of a start time, never negative, inlined */

@@ -273,8 +273,9 @@ typedef struct {
     ngx_uint_t                   subrequests; /* subrequests=on */
     ngx_http_complex_value_t    *value;
     ngx_http_complex_value_t    *filter;    /* if= */
-    ngx_uint_t                   gauge;     /* max=: the name carries
-                                             * MTR_GAUGE_MAX_SFX */
+    ngx_uint_t                   gauge;     /* NGX_HTTP_METER_GAUGE_*:
+                                             * the name carries its
+                                             * suffix */
     ngx_uint_t                   unique;    /* unique=: value is the
                                              * variable counted */
     ngx_uint_t                   uperiod;   /* period=: METER_UPERIOD_*
@@ -656,8 +657,15 @@ void ngx_http_meter_key_init(ngx_cycle_t *cycle,
 ngx_int_t ngx_http_meter_rewrite_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_meter_log_handler(ngx_http_request_t *r);
 
-/* gauges (ngx_http_meter_gauge.c) */
+/* gauges (ngx_http_meter_gauge.c): max= keeps the largest, last= the
+ * latest reading of the hour */
+#define NGX_HTTP_METER_GAUGE_MAX    1
+#define NGX_HTTP_METER_GAUGE_LAST   2
+#define NGX_HTTP_METER_LAST_SFX_LEN (sizeof(MTR_GAUGE_LAST_SFX) - 1)
+
 ngx_int_t ngx_http_meter_gauge_name(ngx_conf_t *cf, ngx_http_meter_t *m);
+ngx_int_t ngx_http_meter_gauge_digits(ngx_str_t *v);
+uint64_t ngx_http_meter_gauge_last(ngx_http_request_t *r, uint64_t value);
 void ngx_http_meter_gauge_bad(ngx_http_request_t *r, ngx_http_meter_t *m,
     ngx_str_t *v);
 

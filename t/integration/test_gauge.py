@@ -178,9 +178,9 @@ def test_gauge_late_values(redis, tmp_path):
 
 @pytest.mark.parametrize("conf, err", [
     ("meter zone=api g max=$arg_g value=$arg_v;",
-     'only one of "value=", "max=" and "unique=" is allowed'),
+     'only one of "value=", "max=", "last=" and "unique=" is allowed'),
     ("meter zone=api g value=$arg_v max=$arg_g;",
-     'only one of "value=", "max=" and "unique=" is allowed'),
+     'only one of "value=", "max=", "last=" and "unique=" is allowed'),
     ("meter zone=api g max=;", "a variable is expected"),
     ("meter zone=api g max=5;", "a variable is expected"),
     ("meter zone=api abcdefghijklmnopqrstuvwxyz0123 max=$arg_g;",

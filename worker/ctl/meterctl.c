@@ -615,7 +615,7 @@ const meterctl_cmd_t  meterctl_cmds[] = {
 
     { "usage", NULL, "jHFTD", meterctl_usage,
       "Usage: meterctl usage CUSTOMER [--from ISO] [--to ISO]\n"
-      "                      [--period hour|day] [--json]\n"
+      "                      [--period hour|day|month] [--json]\n"
       "       meterctl usage [--hour YYYY-MM-DDTHH] [--json]\n"
       "\n"
       "With CUSTOMER: usage per hour (or UTC day) and meter over all the\n"
@@ -623,9 +623,15 @@ const meterctl_cmd_t  meterctl_cmds[] = {
       "billed, unbilled (not drained yet), partly billed, sending (a record\n"
       "is being sent or retried) or dead (a dead-lettered record: see\n"
       "\"meterctl retry\").  --from is inclusive, --to exclusive (UTC).\n"
+      "Gauges show their figure (max: the largest, last: the latest\n"
+      "reading), unique meters the customer's distinct count of each unique\n"
+      "period; --period month: the month's figure, billed as the worker's\n"
+      "figure record.\n"
       "\n"
       "Without CUSTOMER: totals per key hash, hour and meter; --json gives\n"
-      "[{\"key_hash\",\"hour\",\"meter\",\"value\"}].\n" },
+      "[{\"key_hash\",\"hour\",\"meter\",\"value\"}]; a unique meter's row\n"
+      "(meter NAME:unique) is the key's distinct count of its unique period\n"
+      "(\"unique_period\", \"hour\" its start).\n" },
 
     { "status", NULL, "j", meterctl_status_cmd,
       "Usage: meterctl status [--json]\n"

@@ -19,6 +19,10 @@
  *                customer mapping missing)
  *   unknown      anything else: the provider holds more or less than billed
  *
+ * A figure meter (a gauge's max or last, a unique count) is compared as
+ * its month's figure: counted is the month's figure, billed the worker's
+ * figure record (mtr:{worker}:fig:YYYYMM), months of the range added.
+ *
  * Exit status 0: equal or only pending; 1: differences beyond pending;
  * 2: an error (Redis or a provider unreachable or refusing: said so, no
  * figure guessed); 64: bad command line.
@@ -40,6 +44,7 @@
 #include "meterctl.h"
 #include "meter_schema.h"
 #include "provider.h"
+#include "usage.h"
 #include "util.h"
 
 
@@ -246,6 +251,73 @@ meterctl_recon_rejected(meterctl_rctx_t *x, const char *id,
 
 
 /* our side: counted, billed, and why the unbilled part is unbilled */
+/*
+ * A figure meter (gauge max or last, unique): what nginx counted is its
+ * month's figure, not a sum of hours, and what the worker billed is its
+ * figure record (mtr:{worker}:fig:YYYYMM); the months of the range add.
+ */
+static int
+meterctl_recon_figures(meterctl_rctx_t *x, const char *id,
+    meterctl_recon_t *ms, int *nms)
+{
+    int               rc;
+    char              when[32];
+    size_t            i, nrows;
+    time_t            closes;
+    uint64_t          unbilled;
+    meterctl_recon_t  *m;
+    meterctl_urow_t   *rows;
+
+    rc = meterctl_usage_rows(x->r, id, x->from, x->to, METER_USAGE_MONTH,
+                             x->wperiod, &rows, &nrows);
+    if (rc != EX_OK) {
+        return -1;
+    }
+
+    for (i = 0; i < nrows; i++) {
+        if ((x->o->meter != NULL && strcmp(rows[i].meter, x->o->meter) != 0)
+            || rows[i].kind == METER_KIND_SUM)
+        {
+            continue;
+        }
+
+        m = meterctl_recon_meter(ms, nms, rows[i].meter);
+        if (m == NULL) {
+            continue;
+        }
+
+        m->counted += rows[i].quantity;
+        m->billed += rows[i].billed;
+
+        if (rows[i].billed >= rows[i].quantity) {
+            continue;
+        }
+
+        unbilled = rows[i].quantity - rows[i].billed;
+        closes = meter_usage_pend(rows[i].start, METER_USAGE_MONTH)
+                 + x->grace;
+        meter_iso8601(rows[i].start, when, sizeof(when));
+
+        if (x->now < closes) {
+            m->pending += unbilled;
+            snprintf(m->pending_why, sizeof(m->pending_why), "the figure of "
+                     "the month from %s is billed as it grows (the month "
+                     "closes grace after its end)", when);
+
+        } else {
+            m->late += unbilled;
+            if (m->late_at[0] == '\0') {
+                snprintf(m->late_at, sizeof(m->late_at), "%s", when);
+            }
+        }
+    }
+
+    free(rows);
+
+    return 0;
+}
+
+
 static int
 meterctl_recon_ours(meterctl_rctx_t *x, const char *id, meterctl_recon_t *ms,
     int *nms)
@@ -267,7 +339,9 @@ meterctl_recon_ours(meterctl_rctx_t *x, const char *id, meterctl_recon_t *ms,
     seen[0] = '\0';
 
     for (i = 0; i < nrows; i++) {
-        if (x->o->meter != NULL && strcmp(rows[i].meter, x->o->meter) != 0) {
+        if ((x->o->meter != NULL && strcmp(rows[i].meter, x->o->meter) != 0)
+            || rows[i].kind != METER_KIND_SUM)
+        {
             continue;
         }
 
@@ -347,7 +421,7 @@ meterctl_recon_ours(meterctl_rctx_t *x, const char *id, meterctl_recon_t *ms,
 
     free(rows);
 
-    return 0;
+    return meterctl_recon_figures(x, id, ms, nms);
 }
 
 

@@ -16,10 +16,12 @@
 
 #include <cjson/cJSON.h>
 
+#include "figure_read.h"
 #include "hours.h"
 #include "meterctl.h"
 #include "usage.h"
 #include "meter_schema.h"
+#include "unique.h"
 #include "util.h"
 #include "wusage.h"
 
@@ -27,9 +29,189 @@
 typedef struct {
     time_t                      hour;
     char                        key_hash[65];
-    char                        meter[MTR_METER_MAX + 1];
+    char                        meter[MTR_METER_MAX + 1 + 8];
     uint64_t                    value;
+    char                        uperiod[METER_UPERIOD_MAX + 1];
 } meterctl_row_t;
+
+
+typedef struct {
+    meter_redis_t              *r;
+    meterctl_row_t            **rows;
+    size_t                     *nrows;
+    size_t                     *cap;
+    time_t                      hour;       /* --hour, or -1 */
+    meter_map_t                 seen;       /* KH|NAME|UPERIOD */
+    int                         failed;
+} meterctl_uq_walk_t;
+
+
+static meterctl_row_t *
+meterctl_row_push(meterctl_row_t **rows, size_t *nrows, size_t *cap)
+{
+    meterctl_row_t  *nr;
+
+    if (*nrows == *cap) {
+        *cap = *cap ? *cap * 2 : 64;
+        nr = realloc(*rows, *cap * sizeof(meterctl_row_t));
+        if (nr == NULL) {
+            fprintf(stderr, "meterctl: out of memory\n");
+            exit(EX_OSERR);
+        }
+
+        *rows = nr;
+    }
+
+    memset(&(*rows)[*nrows], 0, sizeof(meterctl_row_t));
+
+    return &(*rows)[(*nrows)++];
+}
+
+
+static int meterctl_usage_keys_unique_walk(meter_redis_t *r,
+    meterctl_uq_walk_t *w);
+
+
+/* one index entry: its key's distinct count as a row NAME:unique */
+static int
+meterctl_usage_uq(const char *kh, const char *meter, const char *uperiod,
+    void *arg)
+{
+    char                 err[512], id[160];
+    int                  created;
+    time_t               s, e;
+    uint64_t             count;
+    meterctl_row_t      *row;
+    meterctl_uq_walk_t  *w;
+
+    w = arg;
+
+    if (meter_uperiod_range(uperiod, &s, &e) != 0
+        || (w->hour != -1 && (w->hour < s || w->hour >= e)))
+    {
+        return 0;
+    }
+
+    /* SSCAN may return a member twice */
+    snprintf(id, sizeof(id), "%s|%s|%s", kh, meter, uperiod);
+    if (meter_map_put(&w->seen, id, &created) == NULL) {
+        fprintf(stderr, "meterctl: out of memory\n");
+        exit(EX_OSERR);
+    }
+
+    if (!created) {
+        return 0;
+    }
+
+    if (meter_unique_count(w->r, &kh, 1, meter, uperiod, &count, err,
+                           sizeof(err))
+        != 0)
+    {
+        fprintf(stderr, "meterctl: unique count of %s: %s\n", meter, err);
+        w->failed = 1;
+        return -1;
+    }
+
+    row = meterctl_row_push(w->rows, w->nrows, w->cap);
+    row->hour = s;
+    snprintf(row->key_hash, sizeof(row->key_hash), "%s", kh);
+    snprintf(row->meter, sizeof(row->meter), "%s" MTR_FIG_UNIQUE_SFX, meter);
+    snprintf(row->uperiod, sizeof(row->uperiod), "%s", uperiod);
+    row->value = count;
+
+    return 0;
+}
+
+
+/* the unique meters of every key: of the month of --hour (the unique
+ * periods that hold it), else of every month with an index */
+static int
+meterctl_usage_keys_unique(meter_redis_t *r, time_t hour,
+    meterctl_row_t **rows, size_t *nrows, size_t *cap)
+{
+    int                  rc;
+    meterctl_uq_walk_t   w;
+
+    w.r = r;
+    w.rows = rows;
+    w.nrows = nrows;
+    w.cap = cap;
+    w.hour = hour;
+    w.failed = 0;
+
+    if (meter_map_init(&w.seen, 64) != 0) {
+        fprintf(stderr, "meterctl: out of memory\n");
+        exit(EX_OSERR);
+    }
+
+    rc = meterctl_usage_keys_unique_walk(r, &w);
+    meter_map_free(&w.seen, NULL);
+
+    return rc;
+}
+
+
+static int
+meterctl_usage_keys_unique_walk(meter_redis_t *r, meterctl_uq_walk_t *w)
+{
+    char                 m[8], cursor[32], err[512];
+    size_t               i;
+    time_t               hour;
+    redisReply          *rp;
+
+    hour = w->hour;
+
+    if (hour != -1) {
+        meter_month_label(hour, m);
+
+        if (meter_unique_month(r, m, meterctl_usage_uq, w, err, sizeof(err))
+            != 0)
+        {
+            if (!w->failed) {
+                fprintf(stderr, "meterctl: the unique index: %s\n", err);
+            }
+
+            return EX_UNAVAILABLE;
+        }
+
+        return EX_OK;
+    }
+
+    strcpy(cursor, "0");
+
+    do {
+        rp = meter_redis_cmd(r, "SCAN %s MATCH " MTR_UQIDX_PRE "* COUNT 1000",
+                             cursor);
+        if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
+            || rp->elements != 2)
+        {
+            return meterctl_redis_failed(r, rp);
+        }
+
+        snprintf(cursor, sizeof(cursor), "%s", rp->element[0]->str);
+
+        for (i = 0; i < rp->element[1]->elements; i++) {
+            if (meter_unique_month(r, rp->element[1]->element[i]->str
+                                      + strlen(MTR_UQIDX_PRE),
+                                   meterctl_usage_uq, w, err, sizeof(err))
+                != 0)
+            {
+                if (!w->failed) {
+                    fprintf(stderr, "meterctl: the unique index: %s\n",
+                            err);
+                }
+
+                freeReplyObject(rp);
+                return EX_UNAVAILABLE;
+            }
+        }
+
+        freeReplyObject(rp);
+
+    } while (strcmp(cursor, "0") != 0);
+
+    return EX_OK;
+}
 
 
 static int
@@ -55,8 +237,9 @@ static int
 meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
 {
     char             hbuf[16], dashed[16], tbuf[24];
+    int              rc;
     size_t           h, i, k, j, nrows, cap, mlen;
-    time_t           t;
+    time_t           t, only;
     uint64_t         v;
     char            *ubuf;
     void           **slot;
@@ -71,9 +254,11 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
     rows = NULL;
     nrows = 0;
     cap = 0;
+    only = -1;
 
     if (o->hour != NULL) {
         t = meter_hour_parse_dashed(o->hour);
+        only = t;
         if (t == -1) {
             fprintf(stderr, "meterctl: invalid --hour \"%s\" (expected "
                     "YYYY-MM-DDTHH)\n", o->hour);
@@ -213,6 +398,7 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
                     memcpy(row->meter, f, mlen);
                     row->meter[mlen] = '\0';
                     row->value = 0;
+                    row->uperiod[0] = '\0';
                 }
 
                 /* a gauge's figure is its largest counter, not the sum */
@@ -235,6 +421,21 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
 
     freeReplyObject(hours);
 
+    /* a last= gauge's largest counter is its latest reading: decoded */
+    for (i = 0; i < nrows; i++) {
+        if (meter_meter_kind(rows[i].meter, strlen(rows[i].meter))
+            == METER_KIND_LAST)
+        {
+            rows[i].value = meter_last_value(rows[i].value);
+        }
+    }
+
+    rc = meterctl_usage_keys_unique(r, only, &rows, &nrows, &cap);
+    if (rc != EX_OK) {
+        free(rows);
+        return rc;
+    }
+
     if (nrows > 0) {
         qsort(rows, nrows, sizeof(meterctl_row_t), meterctl_row_cmp);
     }
@@ -245,8 +446,15 @@ meterctl_usage_keys(meterctl_opts_t *o, meter_redis_t *r)
         for (i = 0; i < nrows; i++) {
             meter_hour_format_dashed(rows[i].hour, dashed, sizeof(dashed));
             printf("%s\n{\"key_hash\":\"%s\",\"hour\":\"%s\",\"meter\":\"%s\","
-                   "\"value\":%" PRIu64 "}", i ? "," : "", rows[i].key_hash,
+                   "\"value\":%" PRIu64, i ? "," : "", rows[i].key_hash,
                    dashed, rows[i].meter, rows[i].value);
+
+            /* a unique meter's row: the distinct count of this period */
+            if (rows[i].uperiod[0] != '\0') {
+                printf(",\"unique_period\":\"%s\"", rows[i].uperiod);
+            }
+
+            printf("}");
         }
 
         printf("%s]\n", nrows ? "\n" : "");
@@ -337,9 +545,13 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
         } else if (strcmp(o->period, "day") == 0) {
             period = METER_DAY;
 
+        } else if (strcmp(o->period, "month") == 0) {
+            /* a figure meter's row is then its month's figure */
+            period = METER_USAGE_MONTH;
+
         } else {
-            fprintf(stderr, "meterctl usage: invalid --period \"%s\" (hour or "
-                    "day)\n", o->period);
+            fprintf(stderr, "meterctl usage: invalid --period \"%s\" (hour, "
+                    "day or month)\n", o->period);
             return EX_USAGE;
         }
     }
@@ -371,7 +583,8 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
             meter_iso8601(rows[i].start, when, sizeof(when));
             cJSON_AddStringToObject(j, "customer", id);
             cJSON_AddStringToObject(j, "period_start", when);
-            meter_iso8601(rows[i].start + period, when, sizeof(when));
+            meter_iso8601(meter_usage_pend(rows[i].start, period), when,
+                          sizeof(when));
             cJSON_AddStringToObject(j, "period_end", when);
             cJSON_AddStringToObject(j, "meter", rows[i].meter);
             snprintf(num, sizeof(num), "%" PRIu64, rows[i].quantity);
@@ -390,7 +603,9 @@ meterctl_usage_customer(meterctl_opts_t *o, meter_redis_t *r)
 
     } else {
         printf("%-20s  %-16s  %14s  %14s  %-13s  %s\n",
-               period == METER_DAY ? "DAY" : "HOUR", "METER", "QUANTITY",
+               period == METER_DAY ? "DAY"
+               : period == METER_USAGE_MONTH ? "MONTH" : "HOUR",
+               "METER", "QUANTITY",
                "BILLED", "STATE", "RECORD");
 
         for (i = 0; i < nrows; i++) {

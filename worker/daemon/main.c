@@ -46,6 +46,7 @@
 #include "redis.h"
 #include "gov.h"
 #include "sync.h"
+#include "unique_retention.h"
 #include "util.h"
 #include "webhook.h"
 
@@ -652,6 +653,11 @@ meter_run_daemon(meter_worker_t *w)
 
         rc = meter_drain_run(&d);
 
+        /* unique users have no EXPIRE: removed here, after a full pass */
+        if (rc == METER_DRAIN_OK && !d.dry_run) {
+            (void) meter_unique_retention(&w->redis, w->cf, time(NULL));
+        }
+
         clock_gettime(CLOCK_MONOTONIC, &t1);
         meter_worker_account(w, &d, rc, (double) (t1.tv_sec - t0.tv_sec)
                              + (double) (t1.tv_nsec - t0.tv_nsec) / 1e9);
@@ -782,6 +788,10 @@ meter_run_once(meter_worker_t *w, time_t before, int dry_run)
         d.stop = &meter_stop;
 
         rc = meter_drain_run(&d);
+
+        if (rc == METER_DRAIN_OK && !dry_run) {
+            (void) meter_unique_retention(&w->redis, w->cf, time(NULL));
+        }
 
         dead += d.dead;
         sent += d.sent;

@@ -799,8 +799,7 @@ meter_portal_usage(meter_portal_t *p, const meter_conf_t *cf,
     size_t               i, k, nrows, ncredit, nmeters;
     time_t               start, end;
     cJSON               *j, *arr, *o, *met;
-    uint64_t             tq[64], tb[64];
-    const char          *names[64];
+    meter_usage_row_t    tot[64];
     redisReply          *cust;
     meter_usage_row_t   *rows;
     meter_credit_row_t  *credit;
@@ -854,11 +853,15 @@ meter_portal_usage(meter_portal_t *p, const meter_conf_t *cf,
     meter_portal_time(o, "start", start);
     meter_portal_time(o, "end", end);
 
-    /* per meter over the period, in the order of first use */
+    /* per meter over the period, in the order of first use: a figure
+     * meter's month is its figure (max, last reading, Σ of its unique
+     * periods), not a sum of days, and billed its figure record */
     nmeters = 0;
 
     for (i = 0; i < nrows; i++) {
-        for (k = 0; k < nmeters && strcmp(names[k], rows[i].meter) != 0;
+        for (k = 0; k < nmeters
+                    && (strcmp(tot[k].meter, rows[i].meter) != 0
+                        || tot[k].kind != rows[i].kind);
              k++)
         {
             /* void */
@@ -869,24 +872,34 @@ meter_portal_usage(meter_portal_t *p, const meter_conf_t *cf,
                 continue;
             }
 
-            names[k] = rows[i].meter;
-            tq[k] = 0;
-            tb[k] = 0;
+            memset(&tot[k], 0, sizeof(tot[k]));
+            memcpy(tot[k].meter, rows[i].meter, sizeof(tot[k].meter));
+            tot[k].kind = rows[i].kind;
+            tot[k].start = start;
             nmeters++;
         }
 
-        tq[k] += rows[i].quantity;
-        tb[k] += rows[i].billed;
+        meter_usage_fold(&tot[k], &rows[i]);
+    }
+
+    if (meter_usage_fig_billed(r, id, tot, nmeters, err, sizeof(err)) != 0) {
+        free(rows);
+        free(credit);
+        freeReplyObject(cust);
+        goto failed;
     }
 
     arr = cJSON_AddArrayToObject(j, "meters");
 
     for (k = 0; k < nmeters; k++) {
         met = cJSON_CreateObject();
-        cJSON_AddStringToObject(met, "meter", names[k]);
-        meter_portal_u64(met, "metered", tq[k]);
-        meter_portal_u64(met, "billed", tb[k]);
-        meter_portal_u64(met, "pending", tq[k] - tb[k]);
+        cJSON_AddStringToObject(met, "meter", tot[k].meter);
+        cJSON_AddStringToObject(met, "figure", meter_usage_kind(tot[k].kind));
+        meter_portal_u64(met, "metered", tot[k].quantity);
+        meter_portal_u64(met, "billed", tot[k].billed);
+        meter_portal_u64(met, "pending", tot[k].quantity > tot[k].billed
+                                         ? tot[k].quantity - tot[k].billed
+                                         : 0);
         cJSON_AddItemToArray(arr, met);
     }
 
@@ -900,7 +913,9 @@ meter_portal_usage(meter_portal_t *p, const meter_conf_t *cf,
         cJSON_AddStringToObject(met, "meter", rows[i].meter);
         meter_portal_u64(met, "metered", rows[i].quantity);
         meter_portal_u64(met, "billed", rows[i].billed);
-        meter_portal_u64(met, "pending", rows[i].quantity - rows[i].billed);
+        meter_portal_u64(met, "pending", rows[i].quantity > rows[i].billed
+                                         ? rows[i].quantity - rows[i].billed
+                                         : 0);
         cJSON_AddStringToObject(met, "state", meter_usage_state(&rows[i]));
         cJSON_AddItemToArray(arr, met);
     }
