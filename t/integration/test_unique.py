@@ -402,8 +402,8 @@ def test_long_and_binary_values(nginx_factory, redis):
      'invalid "period=week" in "meter" directive: the unique period is '
      '"month", "day" or "hour"'),
     ("meter zone=api u unique=$http_x_user max=$arg_a;",
-     '"max=$arg_a" in "meter" directive: only one of "value=", "max=" '
-     'and "unique=" is allowed'),
+     '"max=$arg_a" in "meter" directive: only one of "value=", "max=", '
+     '"last=" and "unique=" is allowed'),
     ("meter zone=api u value=$arg_a unique=$http_x_user;",
      '"unique=$http_x_user" in "meter" directive: only one of'),
     ("meter zone=api u unique=;",
