@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "figures.h"
+#include "unique_retention.h"
 #include "log.h"
 #include "meter_schema.h"
 
@@ -1167,75 +1168,6 @@ meter_fig_bill(meter_drain_t *d, time_t mstart, int closed, time_t now,
 }
 
 
-/* the month's data past retention: its unique sets and HLLs */
-static int
-meter_fig_remove(meter_drain_t *d, time_t mstart)
-{
-    char         cursor[32], month[8], kh[65], name[MTR_METER_MAX + 1];
-    const char  *m, *p1;
-    size_t       i, n;
-    redisReply  *rp, *r;
-    int          failed;
-
-    meter_month_name(mstart, month, sizeof(month));
-    strcpy(cursor, "0");
-    failed = 0;
-
-    do {
-        rp = meter_redis_cmd(d->redis, "SSCAN " MTR_UQIDX_FMT " %s COUNT %d",
-                             month, cursor, METER_FIG_BATCH);
-        if (!meter_reply_ok(rp) || rp->type != REDIS_REPLY_ARRAY
-            || rp->elements != 2)
-        {
-            freeReplyObject(rp);
-            return -1;
-        }
-
-        snprintf(cursor, sizeof(cursor), "%s", rp->element[0]->str);
-        n = 0;
-
-        for (i = 0; i < rp->element[1]->elements; i++) {
-            m = rp->element[1]->element[i]->str;
-            p1 = (m != NULL && strlen(m) > 66 && m[64] == '|')
-                 ? strchr(m + 65, '|') : NULL;
-            if (p1 == NULL || (size_t) (p1 - m - 65) > MTR_METER_MAX) {
-                continue;
-            }
-
-            memcpy(kh, m, 64);
-            kh[64] = '\0';
-            snprintf(name, sizeof(name), "%.*s", (int) (p1 - m - 65), m + 65);
-
-            /* both in the key's slot: one command */
-            if (meter_redis_append(d->redis, "UNLINK " MTR_UQ_FMT " "
-                                   MTR_UH_FMT, kh, name, p1 + 1, kh, name,
-                                   p1 + 1) != 0)
-            {
-                freeReplyObject(rp);
-                return -1;
-            }
-
-            n++;
-        }
-
-        freeReplyObject(rp);
-
-        for (i = 0; i < n; i++) {
-            r = meter_redis_reply(d->redis);
-            if (r == NULL) {
-                return -1;
-            }
-
-            failed |= !meter_reply_ok(r);
-            freeReplyObject(r);
-        }
-
-    } while (strcmp(cursor, "0") != 0);
-
-    return failed ? -1 : 0;
-}
-
-
 meter_drain_rc_e
 meter_figures_run(meter_drain_t *d, time_t closed_end, time_t now)
 {
@@ -1248,6 +1180,7 @@ meter_figures_run(meter_drain_t *d, time_t closed_end, time_t now)
     int               known[METER_FIG_MONTHS + 2];
     int               closed, scan, left;
     redisReply       *rp;
+    unsigned long     nkeys;
     meter_drain_rc_e  rc;
 
     if (d->dry_run) {
@@ -1392,13 +1325,13 @@ meter_figures_run(meter_drain_t *d, time_t closed_end, time_t now)
         if (rc == METER_DRAIN_OK && closed && done[k] && !dirty[k]
             && meter_month_end(ms[k]) + d->cf->retention <= now)
         {
-            if (meter_fig_remove(d, ms[k]) != 0) {
+            nkeys = 0;
+
+            /* data, then its index, then the billing state (own slots) */
+            if (meter_unique_remove(d->redis, month, &nkeys) != 0) {
                 return METER_DRAIN_REDIS;
             }
 
-            /* data, then its index, then the billing state (own slots) */
-            freeReplyObject(meter_redis_cmd(d->redis, "DEL " MTR_UQIDX_FMT,
-                                            month));
             freeReplyObject(meter_redis_cmd(d->redis, "DEL " MTR_W_FIG_FMT,
                                             month));
             rp = meter_redis_cmd(d->redis, "HDEL %s %s %s|dirty %s|closed",

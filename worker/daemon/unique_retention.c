@@ -59,8 +59,7 @@ meter_unique_billed(meter_redis_t *r, const char *m)
 }
 
 
-/* every entry's set and HyperLogLog, then the index; -1 on Redis errors */
-static int
+int
 meter_unique_remove(meter_redis_t *r, const char *m, unsigned long *nkeys)
 {
     char          cursor[32], kh[65], name[MTR_METER_MAX + 1];

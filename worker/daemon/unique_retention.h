@@ -24,6 +24,14 @@
  * mtr:uqidx:YYYYMM; a month the figure biller knows (mtr:{worker}:figmon
  * has it) only once it closed there.  Returns the months removed.
  */
+/*
+ * Deletes every set and HyperLogLog listed in mtr:uqidx:M (M = YYYYMM),
+ * then the index, adding the keys deleted to *nkeys; -1 on Redis errors
+ * (the index is kept to list what is left).  Also the figure biller's.
+ */
+int meter_unique_remove(meter_redis_t *r, const char *m,
+    unsigned long *nkeys);
+
 unsigned meter_unique_retention(meter_redis_t *r, const meter_conf_t *cf,
     time_t now);
 
