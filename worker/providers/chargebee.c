@@ -963,6 +963,12 @@ meter_chargebee_send_one(meter_provider_t *p, const meter_record_t *rec0,
             r2.subscription = sid;
             rec = &r2;
             sub = next;
+
+        } else if (rc == METER_SEND_FATAL
+                   && strcmp(sub->status, "cancelled") == 0)
+        {
+            /* none: the window says why the usage is not billable */
+            rc = METER_SEND_OK;
         }
     }
 
