@@ -155,3 +155,173 @@ def test_stripe_one_request_per_record_and_late_checks(redis, tmp_path):
                           "GET /v1/subscriptions/*": 60}
     finally:
         fake.stop()
+
+
+# ------------------------------------------- a subscription replaced
+
+
+def cb_setup(redis, tmp_path, fake, names, **extra):
+    seed = Seed(redis)
+    for c in names:
+        fake.add_subscription("sub_" + c, customer_id="cust_" + c,
+                              item_prices=[ITEM])
+        seed.customer(c, "chargebee", provider_customer="cust_" + c,
+                      subscription="sub_" + c)
+        seed.key("key_" + c, c)
+    settings = {"chargebee.base_url": fake.url,
+                "chargebee.api_key_file": "@KEY@", "_api_key": CB_KEY,
+                "chargebee.max_rps": 0, "chargebee.backoff": "50ms",
+                "report_period": "hour", "meter.calls": ITEM}
+    settings.update(extra)
+    return seed, Worker(tmp_path / "w", redis, "chargebee", settings)
+
+
+def ours(fake, sid):
+    """(usage id, quantity) of our usages on sid, sorted."""
+    with fake.lock:
+        return sorted((u["id"], int(u["quantity"])) for u in fake.usages
+                      if u["subscription_id"] == sid)
+
+
+def test_chargebee_deleted_subscription_followed_to_the_new_one(
+        redis, tmp_path):
+    """The cached subscription is deleted at Chargebee and the customer
+    given a new one: the usage POST's 404 drops the cache, the old one is
+    asked (404), the customer's active subscription found and billed; the
+    next pass goes there at once.  Every record billed once, none lost."""
+    with FakeChargebee(api_key=CB_KEY) as fake:
+        names = ["c0", "c1", "c2"]
+        seed, worker = cb_setup(redis, tmp_path, fake, names)
+        hours = [hours_ago(4), hours_ago(3), hours_ago(2)]
+        for c in names:
+            for j, h in enumerate(hours):
+                seed.usage("key_" + c, c, "calls", h, [100 + j])
+
+        r = worker.run(hours[0] + 3600 + 600)
+        assert r.returncode == 0, r.stderr
+        assert by_path(fake) == {
+            "POST /api/v2/subscriptions/*/usages": 3,
+            "GET /api/v2/subscriptions/*": 3}
+
+        # replaced at Chargebee: the old one deleted, a new one started
+        fake.remove_subscription("sub_c0")
+        fake.add_subscription("sub_c0_new", customer_id="cust_c0",
+                              item_prices=[ITEM], started_at=hours[1])
+        # another customer's subscription, and one without the item price:
+        # never taken
+        fake.add_subscription("sub_other", customer_id="cust_c1",
+                              item_prices=[ITEM])
+        fake.add_subscription("sub_c0_misc", customer_id="cust_c0",
+                              item_prices=["seats-USD-Monthly"],
+                              started_at=hours[1])
+        fake.requests.clear()
+        r = worker.run(hours[1] + 3600 + 600)
+        assert r.returncode == 0, r.stderr
+        assert "usage of customer \"cust_c0\" goes to its subscription " \
+            "\"sub_c0_new\"" in r.stderr
+        counts = by_path(fake)
+        print("pass 2:", counts)
+        # 3 usages + the one answered 404; the deleted one asked once; the
+        # list gives the new one whole (no GET of it)
+        assert counts == {"POST /api/v2/subscriptions/*/usages": 4,
+                          "GET /api/v2/subscriptions/*": 1,
+                          "GET /api/v2/subscriptions": 1}
+        assert [r.path for r in fake.requests_to("GET", r"^/api/v2/sub")] \
+            == ["/api/v2/subscriptions/sub_c0",
+                "/api/v2/subscriptions"]
+
+        fake.requests.clear()
+        r = worker.run(hours[2] + 3600 + 600)
+        assert r.returncode == 0, r.stderr
+        assert by_path(fake) == {"POST /api/v2/subscriptions/*/usages": 3}
+        assert [p.path for p in fake.requests_to("POST", "sub_c0")] == \
+            ["/api/v2/subscriptions/sub_c0_new/usages"]
+
+        # billed once each, where Chargebee bills them
+        assert [q for _, q in ours(fake, "sub_c0")] == [100]
+        assert sorted(q for _, q in ours(fake, "sub_c0_new")) == [101, 102]
+        for c in ("c1", "c2"):
+            assert sorted(q for _, q in ours(fake, "sub_" + c)) == \
+                [100, 101, 102]
+        assert ours(fake, "sub_other") == [] == ours(fake, "sub_c0_misc")
+        # 3 x 3 usage ids, each once
+        assert len({u["id"] for u in fake.usages}) == len(fake.usages) == 9
+        assert fake.unbillable() == []
+        assert redis.cmd("ZCARD", "mtr:{worker}:dead") == 0
+        v = redis.cmd("GET", "mtr:{worker}:cb:sub:sub_c0").decode()
+        assert v == "1 gone 0 0 0 0 0 sub_c0_new"
+
+
+def test_chargebee_cancelled_subscription_webhook_then_new_one(
+        redis, tmp_path):
+    """A subscription_cancelled webhook drops the cached subscription; the
+    next pass finds it cancelled before the usage and bills the customer's
+    new subscription.  Without a successor the usage is dead-lettered with
+    the reason, never sent to where Chargebee would not bill it."""
+    from conftest import free_port, wait_for
+    from fakes import chargebee as cbfake
+    from test_sync import Billing
+
+    with FakeChargebee(api_key=CB_KEY) as fake:
+        names = ["c0", "c1"]
+        seed, worker = cb_setup(redis, tmp_path, fake, names)
+        h1, h2 = hours_ago(3), hours_ago(2)
+        for c in names:
+            seed.usage("key_" + c, c, "calls", h1, [7])
+        r = worker.run(h1 + 3600 + 600)
+        assert r.returncode == 0, r.stderr
+        assert redis.cmd("GET", "mtr:{worker}:cb:sub:sub_c0") \
+            .decode().startswith("1 active ")
+
+        # c0 moves to a new subscription from h2 on; c1's is cancelled
+        # with nothing after it
+        fake.cancel("sub_c0", at=h2)
+        fake.add_subscription("sub_c0_new", customer_id="cust_c0",
+                              item_prices=[ITEM], started_at=h2)
+        fake.cancel("sub_c1", at=h2)
+
+        # the listener (nothing to drain yet) gets the webhooks
+        pw = tmp_path / "cbpw"
+        pw.write_text("hook-pw\n")
+        wh = free_port()
+        b = Billing(tmp_path / "d", redis, "chargebee", fake,
+                    sync__delinquency="off",
+                    webhook__listen="127.0.0.1:%d" % wh,
+                    chargebee__webhook_user="hooks",
+                    chargebee__webhook_password_file=pw,
+                    report_period="hour", meter__calls=ITEM)
+        b.start(port=wh)
+        try:
+            url = "http://127.0.0.1:%d/webhooks/chargebee" % wh
+            for c in names:
+                st, _ = cbfake.send_webhook(
+                    url, "subscription_cancelled",
+                    {"subscription": dict(fake.subscriptions["sub_" + c]),
+                     "customer": {"id": "cust_" + c}}, "hooks", "hook-pw")
+                assert st == 200
+            wait_for(lambda: redis.cmd("EXISTS", "mtr:{worker}:cb:sub:sub_c0",
+                                       "mtr:{worker}:cb:sub:sub_c1") == 0, 5)
+        finally:
+            b.stop()
+        assert "hook-pw" not in b.log()
+
+        for c in names:
+            seed.usage("key_" + c, c, "calls", h2, [11])
+        fake.requests.clear()
+        r = worker.run(h2 + 3600 + 600)
+        assert r.returncode == 65, r.stderr
+        assert [q for _, q in ours(fake, "sub_c0")] == [7]
+        assert [q for _, q in ours(fake, "sub_c0_new")] == [11]
+        assert [q for _, q in ours(fake, "sub_c1")] == [7]
+        assert fake.unbillable() == []
+        dead = redis.cmd("ZRANGE", "mtr:{worker}:dead", "0", "-1")
+        assert len(dead) == 1
+        rec = redis.hgetall("mtr:{worker}:r:%s" % dead[0].decode())
+        assert rec["quantity"] == "11" and rec["customer"] == "c1"
+        assert "after subscription \"sub_c1\" was cancelled" in \
+            rec["last_error"]
+        # the cancelled one with its successor, the new one: cached again
+        assert redis.cmd("GET", "mtr:{worker}:cb:sub:sub_c0").decode() \
+            .endswith(" sub_c0_new")
+        assert redis.cmd("GET", "mtr:{worker}:cb:sub:sub_c0_new") \
+            .decode().startswith("1 active ")

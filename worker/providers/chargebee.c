@@ -742,6 +742,20 @@ end:
 }
 
 
+static uint32_t
+meter_chargebee_fnv32(const char *s)
+{
+    uint32_t  h;
+
+    for (h = 2166136261U; *s; s++) {
+        h ^= (uint8_t) *s;
+        h *= 16777619U;
+    }
+
+    return h;
+}
+
+
 /* usage wholly after old's end, or old unknown to Chargebee: another
  * subscription must take it */
 static int
@@ -920,6 +934,7 @@ meter_chargebee_send_one(meter_provider_t *p, const meter_record_t *rec0,
 {
     int                     found, moved, probe;
     char                    idem[200], note[120], a[24], b[24], sid[128];
+    char                    ikey[96];
     time_t                  lo, hi, date;
     meter_buf_t             url, body;
     meter_send_e            rc;
@@ -934,6 +949,7 @@ meter_chargebee_send_one(meter_provider_t *p, const meter_record_t *rec0,
     cb = p->data;
     rec = rec0;
     *gone = 0;
+    snprintf(ikey, sizeof(ikey), "%s", rec->idempotency_key);
 
     memset(&url, 0, sizeof(url));
     memset(&body, 0, sizeof(body));
@@ -963,6 +979,12 @@ meter_chargebee_send_one(meter_provider_t *p, const meter_record_t *rec0,
             r2.subscription = sid;
             rec = &r2;
             sub = next;
+
+            /* Chargebee replays a key's first answer (the old one's 404):
+             * the successor's POSTs have their own key; the usage id
+             * still dedupes */
+            snprintf(ikey, sizeof(ikey), "%s-s%08x", rec->idempotency_key,
+                     meter_chargebee_fnv32(sid));
 
         } else if (rc == METER_SEND_FATAL
                    && strcmp(sub->status, "cancelled") == 0)
@@ -1025,11 +1047,11 @@ meter_chargebee_send_one(meter_provider_t *p, const meter_record_t *rec0,
         /* each date its own key: a saved answer is for its parameters */
         if (probe == 0) {
             snprintf(idem, sizeof(idem), "chargebee-idempotency-key: %s",
-                     rec->idempotency_key);
+                     ikey);
 
         } else {
             snprintf(idem, sizeof(idem), "chargebee-idempotency-key: %s-d%lld",
-                     rec->idempotency_key, (long long) date);
+                     ikey, (long long) date);
         }
 
         req.body = body.data;
@@ -1040,7 +1062,7 @@ meter_chargebee_send_one(meter_provider_t *p, const meter_record_t *rec0,
         /* a replayed failure: the usage id dedupes, so try a fresh key */
         if (rc == METER_SEND_RETRY && resp.replayed) {
             snprintf(idem, sizeof(idem), "chargebee-idempotency-key: "
-                     "%s-r%lx%04lx", rec->idempotency_key,
+                     "%s-r%lx%04lx", ikey,
                      (unsigned long) time(NULL),
                      (unsigned long) (random() & 0xffff));
             rc = meter_http_request(&cb->http, &req, &resp, res);
@@ -1060,6 +1082,10 @@ meter_chargebee_send_one(meter_provider_t *p, const meter_record_t *rec0,
         /* the usage id may exist from an earlier attempt */
         memset(&lres, 0, sizeof(lres));
         found = meter_chargebee_lookup(p, rec, &lres);
+        if (found == 0 && rec != rec0) {
+            /* accepted by the old subscription before it was replaced */
+            found = meter_chargebee_lookup(p, rec0, &lres);
+        }
 
         if (found == 1) {
             res->status = METER_SEND_OK;
