@@ -114,7 +114,7 @@ def test_chargebee_subscription_fetched_once_per_ttl(redis, tmp_path):
         ttl = int(redis.cmd("TTL", "mtr:{worker}:cb:sub:sub_c007"))
         assert 0 < ttl <= 6 * 3600
         v = redis.cmd("GET", "mtr:{worker}:cb:sub:sub_c007").decode()
-        assert v.startswith("1 active ")
+        assert re.match(r"^1\.[0-9a-f]{8} active \d+ \d+ \d+ 0 0 -$", v), v
         assert CB_KEY not in v
     finally:
         fake.stop()
@@ -249,7 +249,7 @@ def test_chargebee_deleted_subscription_followed_to_the_new_one(
         assert fake.unbillable() == []
         assert redis.cmd("ZCARD", "mtr:{worker}:dead") == 0
         v = redis.cmd("GET", "mtr:{worker}:cb:sub:sub_c0").decode()
-        assert v == "1 gone 0 0 0 0 0 sub_c0_new"
+        assert re.match(r"^1\.[0-9a-f]{8} gone 0 0 0 0 0 sub_c0_new$", v), v
 
 
 def test_chargebee_cancelled_subscription_webhook_then_new_one(
@@ -271,7 +271,7 @@ def test_chargebee_cancelled_subscription_webhook_then_new_one(
         r = worker.run(h1 + 3600 + 600)
         assert r.returncode == 0, r.stderr
         assert redis.cmd("GET", "mtr:{worker}:cb:sub:sub_c0") \
-            .decode().startswith("1 active ")
+            .decode().split()[1] == "active"
 
         # c0 moves to a new subscription from h2 on; c1's is cancelled
         # with nothing after it
@@ -324,4 +324,40 @@ def test_chargebee_cancelled_subscription_webhook_then_new_one(
         assert redis.cmd("GET", "mtr:{worker}:cb:sub:sub_c0").decode() \
             .endswith(" sub_c0_new")
         assert redis.cmd("GET", "mtr:{worker}:cb:sub:sub_c0_new") \
-            .decode().startswith("1 active ")
+            .decode().split()[1] == "active"
+
+
+def test_chargebee_cache_bounded_by_term_trial_and_site(redis, tmp_path):
+    """An entry lives at most until its term ends or its trial begins; one
+    written for another Chargebee site (same Redis) is not used."""
+    with FakeChargebee(api_key=CB_KEY) as fake:
+        now = int(time.time())
+        seed, worker = cb_setup(redis, tmp_path, fake, ["a", "b"])
+        fake.subscriptions["sub_a"]["current_term_end"] = now + 7200
+        fake.add_subscription("sub_t", customer_id="cust_t", status="in_trial",
+                              item_prices=[ITEM], trial_end=now + 3000)
+        seed.customer("t", "chargebee", provider_customer="cust_t",
+                      subscription="sub_t")
+        seed.key("key_t", "t")
+        # another site's word on sub_b: cancelled long ago
+        redis.cmd("SET", "mtr:{worker}:cb:sub:sub_b",
+                  "1.0badc0de cancelled 1 1 2 3 0 -", "EX", "3600")
+        h = hours_ago(2)
+        for c in ("a", "b", "t"):
+            seed.usage("key_" + c, c, "calls", h, [5])
+        r = worker.run(h + 3600 + 600)
+        assert r.returncode == 65, r.stderr     # the trial's usage
+        assert sorted(p.path for p in fake.requests_to(
+            "GET", r"^/api/v2/subscriptions/")) == [
+            "/api/v2/subscriptions/sub_a", "/api/v2/subscriptions/sub_b",
+            "/api/v2/subscriptions/sub_t"]
+        assert fake.total("sub_a", ITEM) == fake.total("sub_b", ITEM) == 5
+        assert fake.total("sub_t", ITEM) == 0
+        ttl = {s: int(redis.cmd("TTL", "mtr:{worker}:cb:sub:" + s))
+               for s in ("sub_a", "sub_b", "sub_t")}
+        assert 7000 < ttl["sub_a"] <= 7200
+        assert 6 * 3600 - 100 < ttl["sub_b"] <= 6 * 3600
+        assert 2800 < ttl["sub_t"] <= 3000
+        ours_b = redis.cmd("GET", "mtr:{worker}:cb:sub:sub_b").decode()
+        assert ours_b.split()[1] == "active"
+        assert not ours_b.startswith("1.0badc0de ")

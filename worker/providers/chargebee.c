@@ -97,6 +97,7 @@ typedef struct {
     meter_plans_t               plans;
     meter_map_t                 subs;           /* id -> _sub_t, per pass */
     time_t                      ttl;            /* of the Redis copy; 0 off */
+    char                        site[16];       /* FNV-1a of base, hex */
     meter_pcache_t              cache;
 } meter_chargebee_t;
 
@@ -124,6 +125,21 @@ static int meter_chargebee_overdue(meter_provider_t *p, meter_overdue_pt cb,
     void *data, meter_send_result_t *res);
 static void meter_chargebee_webhook(meter_provider_t *p,
     const meter_webhook_req_t *req, meter_webhook_event_t *ev);
+
+
+/* FNV-1a, 32 bits: short tags of ids and URLs */
+static uint32_t
+meter_chargebee_fnv32(const char *s)
+{
+    uint32_t  h;
+
+    for (h = 2166136261U; *s; s++) {
+        h ^= (uint8_t) *s;
+        h *= 16777619U;
+    }
+
+    return h;
+}
 
 
 /* the expected "Authorization: Basic base64(user:password)" */
@@ -239,6 +255,9 @@ meter_chargebee_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
         return -1;
     }
 
+    snprintf(cb->site, sizeof(cb->site), "%08x",
+             meter_chargebee_fnv32(cb->base));
+
     cb->ttl = METER_CHARGEBEE_TTL;
     ttl = meter_conf_get(cf, "chargebee.subscription_ttl");
     if (ttl != NULL) {
@@ -287,9 +306,9 @@ meter_chargebee_pass(meter_provider_t *p)
 }
 
 
-/* the Redis copy of a subscription: "1 STATUS START TERM_START TERM_END END
- * BEGINS NEXT" (Unix s, 0 unknown; NEXT "-" none); status "gone" for a
- * 404 */
+/* the Redis copy of a subscription: "1.SITE STATUS START TERM_START
+ * TERM_END END BEGINS NEXT" (SITE the base URL's tag; Unix s, 0 unknown;
+ * NEXT "-" none); status "gone" for a 404 */
 static void
 meter_chargebee_cache_key(char *buf, size_t size, const char *id)
 {
@@ -298,15 +317,18 @@ meter_chargebee_cache_key(char *buf, size_t size, const char *id)
 
 
 static int
-meter_chargebee_cache_parse(const char *v, meter_chargebee_sub_t *s)
+meter_chargebee_cache_parse(const meter_chargebee_t *cb, const char *v,
+    meter_chargebee_sub_t *s)
 {
-    char       st[24], next[128];
+    char       st[24], next[128], site[16];
     long long  a, b, c, d, e;
 
     memset(s, 0, sizeof(meter_chargebee_sub_t));
 
-    if (sscanf(v, METER_CHARGEBEE_CACHE_V " %23s %lld %lld %lld %lld %lld "
-               "%127s", st, &a, &b, &c, &d, &e, next) != 7)
+    /* another site's (test and live share the Redis): not ours */
+    if (sscanf(v, METER_CHARGEBEE_CACHE_V ".%15s %23s %lld %lld %lld %lld "
+               "%lld %127s", site, st, &a, &b, &c, &d, &e, next) != 8
+        || strcmp(site, cb->site) != 0)
     {
         return -1;
     }
@@ -375,8 +397,8 @@ meter_chargebee_cache_put(meter_chargebee_t *cb, const char *id,
     }
 
     meter_chargebee_cache_key(key, sizeof(key), id);
-    snprintf(val, sizeof(val), METER_CHARGEBEE_CACHE_V " %s %lld %lld %lld "
-             "%lld %lld %s", s->status, (long long) s->start,
+    snprintf(val, sizeof(val), METER_CHARGEBEE_CACHE_V ".%s %s %lld %lld "
+             "%lld %lld %lld %s", cb->site, s->status, (long long) s->start,
              (long long) s->term_start, (long long) s->term_end,
              (long long) s->end, (long long) s->begins,
              s->next[0] != '\0' ? s->next : "-");
@@ -499,7 +521,7 @@ meter_chargebee_cached(meter_chargebee_t *cb, const char *id)
 
     k = NULL;
     if (rp->type == REDIS_REPLY_STRING
-        && meter_chargebee_cache_parse(rp->str, &s) == 0)
+        && meter_chargebee_cache_parse(cb, rp->str, &s) == 0)
     {
         k = meter_chargebee_keep(cb, id, &s);
     }
@@ -739,20 +761,6 @@ end:
     meter_buf_free(&q);
 
     return rc;
-}
-
-
-static uint32_t
-meter_chargebee_fnv32(const char *s)
-{
-    uint32_t  h;
-
-    for (h = 2166136261U; *s; s++) {
-        h ^= (uint8_t) *s;
-        h *= 16777619U;
-    }
-
-    return h;
 }
 
 
