@@ -82,7 +82,8 @@ typedef struct {
     time_t                      end;            /* cancelled_at, or
                                                  * pause_date when paused;
                                                  * 0: none */
-    time_t                      begins;         /* trial_end / start_date */
+    time_t                      begins;         /* trial_end / start_date /
+                                                 * resume_date */
     char                        next[128];      /* the customer's
                                                  * subscription replacing
                                                  * this one; "" none */
@@ -349,7 +350,7 @@ meter_chargebee_cache_parse(const meter_chargebee_t *cb, const char *v,
 
 
 /* how long the copy may live: the configured time, at most until the
- * term ends or the trial (or the future start) begins */
+ * term ends or the trial, a future start or a pause's resumption begins */
 static time_t
 meter_chargebee_cache_ttl(const meter_chargebee_t *cb,
     const meter_chargebee_sub_t *s, time_t now)
@@ -623,9 +624,13 @@ meter_chargebee_sub_store(meter_chargebee_t *cb, const char *id,
                                                ? "pause_date"
                                                : "cancelled_at",
                                                (char *) NULL));
+    /* when it changes by itself: a trial ends, a future start, a pause
+     * resumes (the cache lives until then at most) */
     s.begins = meter_time_from_num(meter_json_num(sub,
                                    strcmp(st, "in_trial") == 0
-                                   ? "trial_end" : "start_date",
+                                   ? "trial_end"
+                                   : strcmp(st, "paused") == 0
+                                   ? "resume_date" : "start_date",
                                    (char *) NULL));
 
     *out = meter_chargebee_keep(cb, id, &s);
