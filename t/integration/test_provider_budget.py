@@ -328,8 +328,9 @@ def test_chargebee_cancelled_subscription_webhook_then_new_one(
 
 
 def test_chargebee_cache_bounded_by_term_trial_and_site(redis, tmp_path):
-    """An entry lives at most until its term ends or its trial begins; one
-    written for another Chargebee site (same Redis) is not used."""
+    """An entry lives at most until its term ends, its trial ends or its
+    pause resumes; one written for another Chargebee site (same Redis) is
+    not used."""
     with FakeChargebee(api_key=CB_KEY) as fake:
         now = int(time.time())
         seed, worker = cb_setup(redis, tmp_path, fake, ["a", "b"])
@@ -339,25 +340,33 @@ def test_chargebee_cache_bounded_by_term_trial_and_site(redis, tmp_path):
         seed.customer("t", "chargebee", provider_customer="cust_t",
                       subscription="sub_t")
         seed.key("key_t", "t")
+        fake.add_subscription("sub_p", customer_id="cust_p", status="paused",
+                              item_prices=[ITEM], pause_date=now - 86400,
+                              resume_date=now + 4000)
+        seed.customer("p", "chargebee", provider_customer="cust_p",
+                      subscription="sub_p")
+        seed.key("key_p", "p")
         # another site's word on sub_b: cancelled long ago
         redis.cmd("SET", "mtr:{worker}:cb:sub:sub_b",
                   "1.0badc0de cancelled 1 1 2 3 0 -", "EX", "3600")
         h = hours_ago(2)
-        for c in ("a", "b", "t"):
+        for c in ("a", "b", "t", "p"):
             seed.usage("key_" + c, c, "calls", h, [5])
         r = worker.run(h + 3600 + 600)
-        assert r.returncode == 65, r.stderr     # the trial's usage
+        assert r.returncode == 65, r.stderr     # in trial, paused
         assert sorted(p.path for p in fake.requests_to(
             "GET", r"^/api/v2/subscriptions/")) == [
             "/api/v2/subscriptions/sub_a", "/api/v2/subscriptions/sub_b",
-            "/api/v2/subscriptions/sub_t"]
+            "/api/v2/subscriptions/sub_p", "/api/v2/subscriptions/sub_t"]
         assert fake.total("sub_a", ITEM) == fake.total("sub_b", ITEM) == 5
-        assert fake.total("sub_t", ITEM) == 0
+        assert fake.total("sub_t", ITEM) == fake.total("sub_p", ITEM) == 0
+        assert redis.cmd("ZCARD", "mtr:{worker}:dead") == 2
         ttl = {s: int(redis.cmd("TTL", "mtr:{worker}:cb:sub:" + s))
-               for s in ("sub_a", "sub_b", "sub_t")}
+               for s in ("sub_a", "sub_b", "sub_t", "sub_p")}
         assert 7000 < ttl["sub_a"] <= 7200
         assert 6 * 3600 - 100 < ttl["sub_b"] <= 6 * 3600
         assert 2800 < ttl["sub_t"] <= 3000
+        assert 3800 < ttl["sub_p"] <= 4000
         ours_b = redis.cmd("GET", "mtr:{worker}:cb:sub:sub_b").decode()
         assert ours_b.split()[1] == "active"
         assert not ours_b.startswith("1.0badc0de ")

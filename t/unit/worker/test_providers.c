@@ -919,6 +919,50 @@ test_chargebee_dates_billable(void **state)
 }
 
 
+/* chargebee.subscription_ttl: a duration of 0 to 7 days */
+static void
+test_chargebee_subscription_ttl(void **state)
+{
+    int                 i;
+    char                err[512], conf[512];
+    meter_conf_t       *cf;
+    meter_provider_t    p;
+
+    static const char  *bad[] = { "soon", "-1s", "8d", NULL };
+    static const char  *good[] = { "0", "30m", "7d", NULL };
+
+    (void) state;
+
+    for (i = 0; bad[i] != NULL; i++) {
+        snprintf(conf, sizeof(conf), "provider = chargebee\n"
+                 "chargebee.api_key_file = %%s\n"
+                 "chargebee.base_url = http://127.0.0.1:9\n"
+                 "chargebee.subscription_ttl = %s\n", bad[i]);
+        cf = load_conf(conf);
+        meter_provider_chargebee(&p);
+        err[0] = '\0';
+        assert_int_equal(p.init(&p, cf, err, sizeof(err)), -1);
+        assert_non_null(strstr(err, "chargebee.subscription_ttl: \""));
+        assert_non_null(strstr(err, "0 to 7d"));
+        assert_null(strstr(err, "sk_test_secret"));
+        assert_null(p.data);
+        meter_conf_free(cf);
+    }
+
+    for (i = 0; good[i] != NULL; i++) {
+        snprintf(conf, sizeof(conf), "provider = chargebee\n"
+                 "chargebee.api_key_file = %%s\n"
+                 "chargebee.base_url = http://127.0.0.1:9\n"
+                 "chargebee.subscription_ttl = %s\n", good[i]);
+        cf = load_conf(conf);
+        meter_provider_chargebee(&p);
+        assert_int_equal(p.init(&p, cf, err, sizeof(err)), 0);
+        p.cleanup(&p);
+        meter_conf_free(cf);
+    }
+}
+
+
 static void
 test_chargebee_date_taken_next_second(void **state)
 {
@@ -1438,6 +1482,7 @@ main(void)
         cmocka_unit_test(test_stripe_lookup_past_window),
         cmocka_unit_test(test_chargebee_usage),
         cmocka_unit_test(test_chargebee_dates_billable),
+        cmocka_unit_test(test_chargebee_subscription_ttl),
         cmocka_unit_test(test_chargebee_date_taken_next_second),
         cmocka_unit_test(test_chargebee_400_checks_usage_id),
         cmocka_unit_test(test_recurly_usage),
