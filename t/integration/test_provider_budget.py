@@ -12,11 +12,9 @@ bench/provider_budget.py prints the same counts for larger N and M.
 import re
 import time
 
-import pytest
-
 from fakes import FakeChargebee, FakeRecurly, FakeStripe
-from test_providers import (CB_KEY, RK, STRIPE_KEY, WORKER, Seed, Worker,
-                            hours_ago, pytestmark)  # noqa: F401
+from test_providers import (CB_KEY, RK, STRIPE_KEY, Seed, Worker, hours_ago,
+                            pytestmark)  # noqa: F401
 
 ITEM = "calls-USD-Monthly"
 
