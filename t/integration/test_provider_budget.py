@@ -14,7 +14,7 @@ import time
 
 from fakes import FakeChargebee, FakeRecurly, FakeStripe
 from test_providers import (CB_KEY, RK, STRIPE_KEY, Seed, Worker, hours_ago,
-                            pytestmark)  # noqa: F401
+                            iso, pytestmark)  # noqa: F401
 
 ITEM = "calls-USD-Monthly"
 
@@ -159,7 +159,8 @@ def test_stripe_one_request_per_record_and_late_checks(redis, tmp_path):
 
 
 def cb_setup(redis, tmp_path, fake, names, **extra):
-    seed = Seed(redis)
+    from test_reconcile import RSeed
+    seed = RSeed(redis)         # with mtr:ckeys, for meterctl reconcile
     for c in names:
         fake.add_subscription("sub_" + c, customer_id="cust_" + c,
                               item_prices=[ITEM])
@@ -248,6 +249,14 @@ def test_chargebee_deleted_subscription_followed_to_the_new_one(
         assert redis.cmd("ZCARD", "mtr:{worker}:dead") == 0
         v = redis.cmd("GET", "mtr:{worker}:cb:sub:sub_c0").decode()
         assert re.match(r"^1\.[0-9a-f]{8} gone 0 0 0 0 0 sub_c0_new$", v), v
+
+        # meterctl reconcile counts what went to the successor too
+        from test_reconcile import reconcile
+        r, rows = reconcile(worker, "--from", iso(hours[0]), "--to",
+                            iso(hours[2] + 3600))
+        assert r.returncode == 0, r.stderr
+        a = rows[("c0", "calls")]
+        assert (a["counted"], a["billed"], a["provider"]) == (303, 303, 303)
 
 
 def test_chargebee_cancelled_subscription_webhook_then_new_one(

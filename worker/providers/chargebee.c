@@ -1793,12 +1793,14 @@ static int
 meter_chargebee_usage_total(meter_provider_t *p, const meter_usage_query_t *q,
     double *total, meter_send_result_t *res)
 {
-    int                 rc;
-    char                between[64];
-    void               *ctx[2];
-    meter_buf_t         url, qs;
-    meter_list_t        l;
-    meter_chargebee_t  *cb;
+    int                     rc, i;
+    char                    between[64], next[128];
+    void                   *ctx[2];
+    const char             *subs[2];
+    meter_buf_t             url, qs;
+    meter_list_t            l;
+    meter_chargebee_t      *cb;
+    meter_chargebee_sub_t  *s;
 
     cb = p->data;
     *total = 0;
@@ -1815,28 +1817,49 @@ meter_chargebee_usage_total(meter_provider_t *p, const meter_usage_query_t *q,
         return -1;
     }
 
+    /* and the successor the drain sent the usage to, while it is cached
+     * (usage ids are unique: nothing is counted twice) */
+    subs[0] = q->subscription;
+    subs[1] = NULL;
+
+    s = meter_chargebee_cached(cb, q->subscription);
+    if (s != NULL && s->next[0] != '\0') {
+        snprintf(next, sizeof(next), "%s", s->next);
+        subs[1] = next;
+    }
+
     snprintf(between, sizeof(between), "[%lld,%lld]", (long long) q->from,
              (long long) q->to - 1);
 
-    if (meter_form_add(&qs, cb->http.curl, "subscription_id[is]",
-                       q->subscription) != 0
-        || meter_form_add(&qs, cb->http.curl, "item_price_id[is]",
-                          q->provider_meter) != 0
-        || meter_form_add(&qs, cb->http.curl, "usage_date[between]", between)
-           != 0
-        || meter_buf_printf(&url, "%s/api/v2/usages?limit=100&%s", cb->base,
-                            qs.data) != 0)
-    {
-        snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
-        res->status = METER_SEND_RETRY;
-        goto end;
+    for (i = 0; i < 2 && subs[i] != NULL; i++) {
+        meter_buf_reset(&url);
+        meter_buf_reset(&qs);
+
+        if (meter_form_add(&qs, cb->http.curl, "subscription_id[is]",
+                           subs[i]) != 0
+            || meter_form_add(&qs, cb->http.curl, "item_price_id[is]",
+                              q->provider_meter) != 0
+            || meter_form_add(&qs, cb->http.curl, "usage_date[between]",
+                              between) != 0
+            || meter_buf_printf(&url, "%s/api/v2/usages?limit=100&%s",
+                                cb->base, qs.data) != 0)
+        {
+            snprintf(res->error, sizeof(res->error),
+                     "chargebee: out of memory");
+            res->status = METER_SEND_RETRY;
+            rc = -1;
+            goto end;
+        }
+
+        meter_chargebee_list(cb, &l, "chargebee: usage list",
+                             meter_chargebee_usage_item, ctx);
+        ctx[1] = total;
+
+        rc = meter_list_walk(&l, url.data, res) == 0 ? 0 : -1;
+        if (rc != 0) {
+            goto end;
+        }
     }
-
-    meter_chargebee_list(cb, &l, "chargebee: usage list",
-                         meter_chargebee_usage_item, ctx);
-    ctx[1] = total;
-
-    rc = meter_list_walk(&l, url.data, res) == 0 ? 0 : -1;
 
 end:
 
