@@ -130,6 +130,9 @@
 #define MTR_W_NOCUST_NEW        "mtr:{worker}:nocust:new" /* being built */
 #define MTR_W_STATS             "mtr:{worker}:stats"
 #define MTR_W_STRIPE_LATE       "mtr:{worker}:stripe:late"
+/* Chargebee: a subscription's billable time, cached (chargebee.c) */
+#define MTR_W_CB_SUB_PRE        "mtr:{worker}:cb:sub:"  /* + SUBSCRIPTION */
+#define MTR_W_CB_SUB_FMT        MTR_W_CB_SUB_PRE "%s"
 
 /*
  * Billing a figure (a unique count, a gauge's max or last: the month to

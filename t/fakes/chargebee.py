@@ -29,7 +29,9 @@ admin console; ``on_usage`` can do it just before a POST is handled).  ``next_of
 '["1517505980000","230000000011"]'); an offset the fake did not hand out
 is a 400.
 
-Lists: customers, subscriptions (status[is]), invoices (status[in]).
+Lists: customers, subscriptions (status[is], status[in], customer_id[is]),
+invoices (status[in]).  ``remove_subscription()`` deletes one (404 from
+then on).
 ``send_webhook`` posts an event with Basic auth.
 """
 
@@ -203,6 +205,10 @@ class FakeChargebee(FakeServer):
             s = self.subscriptions[sid]
             s["status"] = "cancelled"
             s["cancelled_at"] = int(self.now() if at is None else at)
+
+    def remove_subscription(self, sid):
+        with self.lock:
+            del self.subscriptions[sid]
 
     def add_usage(self, sid, item_price_id, usage_date, quantity=1,
                   source="admin_console"):
@@ -450,6 +456,14 @@ class FakeChargebee(FakeServer):
         items = list(self.subscriptions.values())
         if req.q("status[is]"):
             items = [s for s in items if s["status"] == req.q("status[is]")]
+        if req.q("status[in]"):
+            # filter.d.ts Enum "in": a JSON array of statuses
+            try:
+                wanted = json.loads(req.q("status[in]"))
+            except ValueError:
+                return self.error(400, "invalid_request",
+                                  "status[in] : invalid value")
+            items = [s for s in items if s["status"] in wanted]
         if req.q("customer_id[is]"):
             items = [s for s in items
                      if s["customer_id"] == req.q("customer_id[is]")]

@@ -512,11 +512,13 @@ def test_chargebee_dates_only_where_billed(redis, tmp_path):
                    billable=False)
         # renew: the day before yesterday, sent before the renewal
         seed.usage("key_renew", "renew", "calls", d2 + 20 * 3600, [29])
+        # no webhook tells of the renewal here: every pass fetches the
+        # subscriptions (test_provider_budget.py covers the cache)
         worker = Worker(tmp_path / "w", redis, "chargebee", {
             "chargebee.base_url": fake.url,
             "chargebee.api_key_file": "@KEY@", "_api_key": CB_KEY,
             "chargebee.max_rps": 0, "chargebee.backoff": "50ms",
-            "meter.calls": item})
+            "chargebee.subscription_ttl": "0", "meter.calls": item})
 
         # the day before yesterday closes
         r = worker.run(d1 + 600)

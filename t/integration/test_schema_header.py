@@ -17,6 +17,7 @@ PLACEHOLDERS = [
     (":SID", ":%s"), (":HOUR", ":%s"), (":PART", ":%u"),
     (":PSTART", ":%lld"), (":ID", ":%s"), (":PROVIDER:EVENT_ID", ":%s:%s"),
     (":NAME:UPERIOD", ":%s:%s"), (":YYYYMM", ":%s"), (":tmp:N", ":tmp:%u"),
+    (":SUBSCRIPTION", ":%s"),
 ]
 
 
@@ -59,7 +60,7 @@ def test_every_documented_key_has_a_macro(tmp_path):
             if k not in ("mtr:", "mtr:u", "mtr:b", "mtr:ckeys", "mtr:used",
                          "mtr:b:{%s}:H")}
 
-    assert len(docs) == 45, sorted(docs)
+    assert len(docs) == 46, sorted(docs)
     missing = sorted(docs - values)
     assert missing == []
 
@@ -71,7 +72,7 @@ def test_the_header_names_no_undocumented_key(tmp_path):
     full = {n: v for n, v in keys.items()
             if v.startswith("mtr:") and not n.endswith(("_PRE", "_PREFIX"))}
 
-    assert len(full) == 45, sorted(full)
+    assert len(full) == 46, sorted(full)
     extra = sorted(n for n, v in full.items() if v not in docs)
     assert extra == []
 
@@ -82,7 +83,7 @@ def test_prefixes_start_their_formats(tmp_path):
     pairs = [(n, n[:-len("_PRE")] + "_FMT") for n in keys
              if n.endswith("_PRE")]
 
-    assert len(pairs) == 23
+    assert len(pairs) == 24
     for pre, fmt in pairs:
         assert keys[fmt].startswith(keys[pre]), (pre, fmt)
 

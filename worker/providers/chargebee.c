@@ -28,6 +28,21 @@
  * meter) plus seq, so the records of one period get distinct dates; a
  * duplicate usage_date (another source, a hash collision) moves to the
  * next second, up to METER_CHARGEBEE_PROBES times.
+ *
+ * The request budget (150 a minute on a test site, PROVIDERS.md): the
+ * subscription is kept in Redis (mtr:{worker}:cb:sub:SUBSCRIPTION, its
+ * billable time, never a secret) for chargebee.subscription_ttl (6 h), at
+ * most until its term ends (a renewal moves the term) or its trial
+ * begins, so an hourly pass spends its requests on usage rather than on
+ * one GET per subscription.  A webhook about the subscription drops it,
+ * and so does a 404 to a usage POST.  A subscription Chargebee no longer
+ * knows (404), or usage wholly after its cancellation, goes to the
+ * customer's other active subscription carrying the item price when there
+ * is exactly one (GET /api/v2/subscriptions, customer_id and status
+ * filters: chargebee-node types/resources/Subscription.d.ts
+ * ListInputParam); it is remembered in the old one's entry.  The usage id
+ * stays the record's key, which Chargebee keeps unique, so a record billed
+ * to either is never billed twice.
  */
 
 
@@ -41,12 +56,20 @@
 #include <openssl/evp.h>
 
 #include "http.h"
+#include "log.h"
+#include "meter_schema.h"
 #include "provider.h"
 #include "provider_util.h"
+#include "redis.h"
 #include "util.h"
 
 
 #define METER_CHARGEBEE_PROBES  16
+/* chargebee.subscription_ttl default, and its bound */
+#define METER_CHARGEBEE_TTL     (6 * 3600)
+#define METER_CHARGEBEE_TTL_MAX (7 * 86400)
+/* the cache entry's format version (its first word) */
+#define METER_CHARGEBEE_CACHE_V "1"
 
 
 /* a subscription's billable time, fetched once per drain pass */
@@ -59,7 +82,11 @@ typedef struct {
     time_t                      end;            /* cancelled_at, or
                                                  * pause_date when paused;
                                                  * 0: none */
-    time_t                      begins;         /* trial_end / start_date */
+    time_t                      begins;         /* trial_end / start_date /
+                                                 * resume_date */
+    char                        next[128];      /* the customer's
+                                                 * subscription replacing
+                                                 * this one; "" none */
 } meter_chargebee_sub_t;
 
 
@@ -70,6 +97,9 @@ typedef struct {
     char                        webhook_auth[1024];  /* "Basic ..." */
     meter_plans_t               plans;
     meter_map_t                 subs;           /* id -> _sub_t, per pass */
+    time_t                      ttl;            /* of the Redis copy; 0 off */
+    char                        site[16];       /* FNV-1a of base, hex */
+    meter_pcache_t              cache;
 } meter_chargebee_t;
 
 
@@ -96,6 +126,21 @@ static int meter_chargebee_overdue(meter_provider_t *p, meter_overdue_pt cb,
     void *data, meter_send_result_t *res);
 static void meter_chargebee_webhook(meter_provider_t *p,
     const meter_webhook_req_t *req, meter_webhook_event_t *ev);
+
+
+/* FNV-1a, 32 bits: short tags of ids and URLs */
+static uint32_t
+meter_chargebee_fnv32(const char *s)
+{
+    uint32_t  h;
+
+    for (h = 2166136261U; *s; s++) {
+        h ^= (uint8_t) *s;
+        h *= 16777619U;
+    }
+
+    return h;
+}
 
 
 /* the expected "Authorization: Basic base64(user:password)" */
@@ -150,7 +195,8 @@ meter_chargebee_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
 {
     int                 n;
     size_t              len;
-    const char         *base, *site;
+    int64_t             ms;
+    const char         *base, *site, *ttl;
     meter_chargebee_t  *cb;
 
     cb = calloc(1, sizeof(meter_chargebee_t));
@@ -203,10 +249,28 @@ meter_chargebee_setup(meter_provider_t *p, const meter_conf_t *cf, char *err,
     }
 
     if (meter_plans_copy(&cb->plans, cf) != 0
-        || meter_map_init(&cb->subs, 16) != 0)
+        || meter_map_init(&cb->subs, 16) != 0
+        || meter_pcache_init(&cb->cache, cf, "chargebee") != 0)
     {
         snprintf(err, errlen, "chargebee: out of memory");
         return -1;
+    }
+
+    snprintf(cb->site, sizeof(cb->site), "%08x",
+             meter_chargebee_fnv32(cb->base));
+
+    cb->ttl = METER_CHARGEBEE_TTL;
+    ttl = meter_conf_get(cf, "chargebee.subscription_ttl");
+    if (ttl != NULL) {
+        if (meter_parse_duration(ttl, &ms) != 0 || ms < 0
+            || ms > METER_CHARGEBEE_TTL_MAX * 1000LL)
+        {
+            snprintf(err, errlen, "chargebee.subscription_ttl: \"%s\" is "
+                     "not a duration of 0 to 7d", ttl);
+            return -1;
+        }
+
+        cb->ttl = (time_t) (ms / 1000);
     }
 
     /* 2/s stays under the smallest plan's 150 requests a minute */
@@ -243,20 +307,246 @@ meter_chargebee_pass(meter_provider_t *p)
 }
 
 
+/* the Redis copy of a subscription: "1.SITE STATUS START TERM_START
+ * TERM_END END BEGINS NEXT" (SITE the base URL's tag; Unix s, 0 unknown;
+ * NEXT "-" none); status "gone" for a 404 */
+static void
+meter_chargebee_cache_key(char *buf, size_t size, const char *id)
+{
+    snprintf(buf, size, MTR_W_CB_SUB_FMT, id);
+}
+
+
+static int
+meter_chargebee_cache_parse(const meter_chargebee_t *cb, const char *v,
+    meter_chargebee_sub_t *s)
+{
+    char       st[24], next[128], site[16];
+    long long  a, b, c, d, e;
+
+    memset(s, 0, sizeof(meter_chargebee_sub_t));
+
+    /* another site's (test and live share the Redis): not ours */
+    if (sscanf(v, METER_CHARGEBEE_CACHE_V ".%15s %23s %lld %lld %lld %lld "
+               "%lld %127s", site, st, &a, &b, &c, &d, &e, next) != 8
+        || strcmp(site, cb->site) != 0)
+    {
+        return -1;
+    }
+
+    strcpy(s->status, st);
+    s->start = (time_t) a;
+    s->term_start = (time_t) b;
+    s->term_end = (time_t) c;
+    s->end = (time_t) d;
+    s->begins = (time_t) e;
+
+    if (strcmp(next, "-") != 0) {
+        strcpy(s->next, next);
+    }
+
+    return 0;
+}
+
+
+/* how long the copy may live: the configured time, at most until the
+ * term ends or the trial, a future start or a pause's resumption begins */
+static time_t
+meter_chargebee_cache_ttl(const meter_chargebee_t *cb,
+    const meter_chargebee_sub_t *s, time_t now)
+{
+    time_t  ttl;
+
+    ttl = cb->ttl;
+
+    if (strcmp(s->status, "cancelled") == 0
+        || strcmp(s->status, "gone") == 0)
+    {
+        return ttl;
+    }
+
+    if (s->term_end > 0 && s->term_end - now < ttl) {
+        ttl = s->term_end - now;
+    }
+
+    if (s->begins > now && s->begins - now < ttl) {
+        ttl = s->begins - now;
+    }
+
+    return ttl;
+}
+
+
+static void
+meter_chargebee_cache_put(meter_chargebee_t *cb, const char *id,
+    const meter_chargebee_sub_t *s)
+{
+    char            key[200], val[300], ex[24];
+    time_t          ttl;
+    const char     *argv[5];
+    redisReply     *rp;
+    meter_redis_t  *r;
+
+    ttl = meter_chargebee_cache_ttl(cb, s, time(NULL));
+    if (cb->ttl == 0 || ttl < 60 || strlen(id) > 150) {
+        return;
+    }
+
+    r = meter_pcache_redis(&cb->cache);
+    if (r == NULL) {
+        return;
+    }
+
+    meter_chargebee_cache_key(key, sizeof(key), id);
+    snprintf(val, sizeof(val), METER_CHARGEBEE_CACHE_V ".%s %s %lld %lld "
+             "%lld %lld %lld %s", cb->site, s->status, (long long) s->start,
+             (long long) s->term_start, (long long) s->term_end,
+             (long long) s->end, (long long) s->begins,
+             s->next[0] != '\0' ? s->next : "-");
+    snprintf(ex, sizeof(ex), "%lld", (long long) ttl);
+
+    argv[0] = "SET";
+    argv[1] = key;
+    argv[2] = val;
+    argv[3] = "EX";
+    argv[4] = ex;
+
+    rp = meter_redis_argv(r, 5, argv, NULL);
+    if (!meter_reply_ok(rp)) {
+        meter_pcache_fail(&cb->cache);
+    }
+
+    freeReplyObject(rp);
+}
+
+
+/* forgets a subscription: its answer said it changed */
+static void
+meter_chargebee_cache_drop(meter_chargebee_t *cb, const char *id)
+{
+    char            key[200];
+    void          **slot;
+    const char     *argv[2];
+    redisReply     *rp;
+    meter_redis_t  *r;
+
+    if (cb->subs.keys != NULL) {
+        slot = meter_map_get(&cb->subs, id);
+        if (slot != NULL) {
+            free(*slot);
+            *slot = NULL;
+        }
+    }
+
+    if (cb->ttl == 0 || strlen(id) > 150) {
+        return;
+    }
+
+    r = meter_pcache_redis(&cb->cache);
+    if (r == NULL) {
+        return;
+    }
+
+    meter_chargebee_cache_key(key, sizeof(key), id);
+    argv[0] = "DEL";
+    argv[1] = key;
+
+    rp = meter_redis_argv(r, 2, argv, NULL);
+    if (!meter_reply_ok(rp)) {
+        meter_pcache_fail(&cb->cache);
+    }
+
+    freeReplyObject(rp);
+}
+
+
+/* s kept for the pass under id (a copy); the kept one, or NULL */
+static meter_chargebee_sub_t *
+meter_chargebee_keep(meter_chargebee_t *cb, const char *id,
+    const meter_chargebee_sub_t *s)
+{
+    int                     created;
+    void                  **slot;
+    meter_chargebee_sub_t  *k;
+
+    k = malloc(sizeof(meter_chargebee_sub_t));
+    slot = (k != NULL) ? meter_map_put(&cb->subs, id, &created) : NULL;
+    if (slot == NULL) {
+        free(k);
+        return NULL;
+    }
+
+    free(*slot);
+    *k = *s;
+    *slot = k;
+
+    return k;
+}
+
+
+/* the subscription kept for the pass, else its Redis copy; NULL */
+static meter_chargebee_sub_t *
+meter_chargebee_cached(meter_chargebee_t *cb, const char *id)
+{
+    char                    key[200];
+    void                  **slot;
+    const char             *argv[2];
+    redisReply             *rp;
+    meter_redis_t          *r;
+    meter_chargebee_sub_t   s, *k;
+
+    slot = meter_map_get(&cb->subs, id);
+    if (slot != NULL && *slot != NULL) {
+        return *slot;
+    }
+
+    if (cb->ttl == 0 || strlen(id) > 150) {
+        return NULL;
+    }
+
+    r = meter_pcache_redis(&cb->cache);
+    if (r == NULL) {
+        return NULL;
+    }
+
+    meter_chargebee_cache_key(key, sizeof(key), id);
+    argv[0] = "GET";
+    argv[1] = key;
+
+    rp = meter_redis_argv(r, 2, argv, NULL);
+    if (!meter_reply_ok(rp)) {
+        meter_pcache_fail(&cb->cache);
+        freeReplyObject(rp);
+        return NULL;
+    }
+
+    k = NULL;
+    if (rp->type == REDIS_REPLY_STRING
+        && meter_chargebee_cache_parse(cb, rp->str, &s) == 0)
+    {
+        k = meter_chargebee_keep(cb, id, &s);
+    }
+
+    freeReplyObject(rp);
+
+    return k;
+}
+
+
 /* GET /api/v2/subscriptions/{id}: the fields of types/resources/
- * Subscription.d.ts (chargebee-node) that bound billable usage */
+ * Subscription.d.ts (chargebee-node) that bound billable usage; a 404
+ * is kept as status "gone" (OK) */
 static meter_send_e
 meter_chargebee_subscription(meter_chargebee_t *cb, const char *id,
     meter_chargebee_sub_t **out, meter_send_result_t *res)
 {
-    void                  **slot;
     cJSON                  *json;
     meter_buf_t             url;
     meter_send_e            rc;
+    meter_chargebee_sub_t   gone;
 
-    slot = meter_map_get(&cb->subs, id);
-    if (slot != NULL && *slot != NULL) {
-        *out = *slot;
+    *out = meter_chargebee_cached(cb, id);
+    if (*out != NULL) {
         return METER_SEND_OK;
     }
 
@@ -272,12 +562,16 @@ meter_chargebee_subscription(meter_chargebee_t *cb, const char *id,
     }
 
     rc = meter_chargebee_call(cb, url.data, NULL, NULL, &json, res);
-    if (rc != METER_SEND_OK) {
-        if (res->http_status == 404) {
-            snprintf(res->error, sizeof(res->error), "chargebee: "
-                     "subscription \"%s\" not found", id);
-        }
+    if (rc == METER_SEND_FATAL && res->http_status == 404) {
+        memset(&gone, 0, sizeof(gone));
+        strcpy(gone.status, "gone");
+        meter_chargebee_cache_put(cb, id, &gone);
+        *out = meter_chargebee_keep(cb, id, &gone);
+        rc = (*out != NULL) ? METER_SEND_OK : METER_SEND_RETRY;
+        goto end;
+    }
 
+    if (rc != METER_SEND_OK) {
         goto end;
     }
 
@@ -292,58 +586,205 @@ end:
 }
 
 
-/* the answer of GET /api/v2/subscriptions/{id}, cached for the pass */
+/* an answer {"subscription": {...}} (GET, or an item of the list), kept
+ * for the pass and in Redis */
 static meter_send_e
 meter_chargebee_sub_store(meter_chargebee_t *cb, const char *id,
     const cJSON *json, meter_chargebee_sub_t **out, meter_send_result_t *res)
 {
-    int                     created;
-    void                  **slot;
     double                  v;
     const char             *st;
     const cJSON            *sub;
-    meter_chargebee_sub_t  *s;
+    meter_chargebee_sub_t   s;
 
     sub = cJSON_GetObjectItemCaseSensitive(json, "subscription");
     st = meter_json_str(sub, "status", (char *) NULL);
-    if (st == NULL || strlen(st) >= sizeof(s->status)) {
+    if (st == NULL || strlen(st) >= sizeof(s.status)
+        || strcmp(st, "gone") == 0 || strchr(st, ' ') != NULL)
+    {
         snprintf(res->error, sizeof(res->error), "chargebee: subscription "
                  "\"%s\" without a status", id);
         return METER_SEND_RETRY;
     }
 
-    s = calloc(1, sizeof(meter_chargebee_sub_t));
-    slot = (s != NULL) ? meter_map_put(&cb->subs, id, &created) : NULL;
-    if (slot == NULL) {
-        free(s);
-        snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
-        return METER_SEND_RETRY;
-    }
-
-    *slot = s;
-    strcpy(s->status, st);
+    memset(&s, 0, sizeof(s));
+    strcpy(s.status, st);
 
     v = meter_json_num(sub, "activated_at", (char *) NULL);
     if (v <= 0) {
         v = meter_json_num(sub, "started_at", (char *) NULL);
     }
 
-    s->start = meter_time_from_num(v);
-    s->term_start = meter_time_from_num(meter_json_num(sub,
-                                        "current_term_start", (char *) NULL));
-    s->term_end = meter_time_from_num(meter_json_num(sub,
-                                      "current_term_end", (char *) NULL));
-    s->end = meter_time_from_num(meter_json_num(sub, strcmp(st, "paused") == 0
-                                                ? "pause_date"
-                                                : "cancelled_at",
-                                                (char *) NULL));
-    s->begins = meter_time_from_num(meter_json_num(sub,
-                                    strcmp(st, "in_trial") == 0
-                                    ? "trial_end" : "start_date",
-                                    (char *) NULL));
-    *out = s;
+    s.start = meter_time_from_num(v);
+    s.term_start = meter_time_from_num(meter_json_num(sub,
+                                       "current_term_start", (char *) NULL));
+    s.term_end = meter_time_from_num(meter_json_num(sub,
+                                     "current_term_end", (char *) NULL));
+    s.end = meter_time_from_num(meter_json_num(sub, strcmp(st, "paused") == 0
+                                               ? "pause_date"
+                                               : "cancelled_at",
+                                               (char *) NULL));
+    /* when it changes by itself: a trial ends, a future start, a pause
+     * resumes (the cache lives until then at most) */
+    s.begins = meter_time_from_num(meter_json_num(sub,
+                                   strcmp(st, "in_trial") == 0
+                                   ? "trial_end"
+                                   : strcmp(st, "paused") == 0
+                                   ? "resume_date" : "start_date",
+                                   (char *) NULL));
+
+    *out = meter_chargebee_keep(cb, id, &s);
+    if (*out == NULL) {
+        snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
+        return METER_SEND_RETRY;
+    }
+
+    meter_chargebee_cache_put(cb, id, &s);
 
     return METER_SEND_OK;
+}
+
+
+/*
+ * The customer's subscription that takes over from old (gone, or
+ * cancelled before the usage): one active or non_renewing subscription of
+ * rec->provider_customer other than old, with the record's item price
+ * among its items.  OK with *out, or FATAL with res->error.
+ */
+static meter_send_e
+meter_chargebee_successor(meter_chargebee_t *cb, const meter_record_t *rec,
+    const char *old, meter_chargebee_sub_t *olds,
+    meter_chargebee_sub_t **out, meter_send_result_t *res)
+{
+    int                     n, has;
+    char                    what[160];
+    cJSON                  *json;
+    const char             *id, *price;
+    meter_buf_t             url, q;
+    meter_send_e            rc;
+    const cJSON            *list, *item, *found, *its, *it;
+
+    json = NULL;
+    found = NULL;
+    memset(&url, 0, sizeof(url));
+    memset(&q, 0, sizeof(q));
+
+    snprintf(what, sizeof(what), "%s", strcmp(olds->status, "gone") == 0
+             ? "not found" : "cancelled before the usage");
+
+    if (olds->next[0] != '\0') {
+        /* one step only: a successor replaced in turn is looked up anew */
+        rc = meter_chargebee_subscription(cb, olds->next, out, res);
+        if (rc != METER_SEND_OK
+            || (strcmp((*out)->status, "active") == 0
+                || strcmp((*out)->status, "non_renewing") == 0))
+        {
+            return rc;
+        }
+
+        olds->next[0] = '\0';
+    }
+
+    if (rec->provider_customer == NULL) {
+        snprintf(res->error, sizeof(res->error), "chargebee: subscription "
+                 "\"%s\" %s", old, what);
+        return METER_SEND_FATAL;
+    }
+
+    if (meter_form_add(&q, cb->http.curl, "customer_id[is]",
+                       rec->provider_customer) != 0
+        || meter_form_add(&q, cb->http.curl, "status[in]",
+                          "[\"active\",\"non_renewing\"]") != 0
+        || meter_buf_printf(&url, "%s/api/v2/subscriptions?limit=100&%s",
+                            cb->base, q.data) != 0)
+    {
+        snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
+        rc = METER_SEND_RETRY;
+        goto end;
+    }
+
+    rc = meter_chargebee_call(cb, url.data, NULL, NULL, &json, res);
+    if (rc != METER_SEND_OK) {
+        goto end;
+    }
+
+    list = cJSON_GetObjectItemCaseSensitive(json, "list");
+    n = 0;
+
+    cJSON_ArrayForEach(item, list) {
+        id = meter_json_str(item, "subscription", "id", (char *) NULL);
+        if (id == NULL || strcmp(id, old) == 0 || strlen(id) >= 128) {
+            continue;
+        }
+
+        /* without items listed, any; else the one billing the price */
+        its = meter_json_obj(item, "subscription", "subscription_items",
+                             (char *) NULL);
+        has = !cJSON_IsArray(its) || cJSON_GetArraySize(its) == 0;
+
+        cJSON_ArrayForEach(it, its) {
+            price = meter_json_str(it, "item_price_id", (char *) NULL);
+            if (price != NULL && strcmp(price, rec->provider_meter) == 0) {
+                has = 1;
+            }
+        }
+
+        if (has) {
+            found = item;
+            n++;
+        }
+    }
+
+    if (n != 1) {
+        snprintf(res->error, sizeof(res->error), "chargebee: subscription "
+                 "\"%s\" %s, and customer \"%s\" has %s active "
+                 "subscription with item price \"%s\"", old, what,
+                 rec->provider_customer, n == 0 ? "no other" : "more than "
+                 "one", rec->provider_meter);
+        rc = METER_SEND_FATAL;
+        goto end;
+    }
+
+    id = meter_json_str(found, "subscription", "id", (char *) NULL);
+    rc = meter_chargebee_sub_store(cb, id, found, out, res);
+    if (rc != METER_SEND_OK) {
+        goto end;
+    }
+
+    /* remembered with the old one: later records go there at once */
+    strcpy(olds->next, id);
+    meter_chargebee_cache_put(cb, old, olds);
+
+    meter_log(LOG_NOTICE, "chargebee: subscription \"%s\" %s: usage of "
+              "customer \"%s\" goes to its subscription \"%s\"", old, what,
+              rec->provider_customer, id);
+
+end:
+
+    cJSON_Delete(json);
+    meter_buf_free(&url);
+    meter_buf_free(&q);
+
+    return rc;
+}
+
+
+/* usage wholly after old's end, or old unknown to Chargebee: another
+ * subscription must take it */
+static int
+meter_chargebee_replaced(const meter_chargebee_sub_t *s,
+    const meter_record_t *rec)
+{
+    time_t  ustart;
+
+    if (strcmp(s->status, "gone") == 0) {
+        return 1;
+    }
+
+    ustart = rec->usage_start > 0 ? rec->usage_start : rec->period_start;
+
+    return strcmp(s->status, "cancelled") == 0 && s->end > 0
+           && ustart >= s->end;
 }
 
 
@@ -499,22 +940,29 @@ meter_chargebee_date_taken(const meter_http_resp_t *resp)
 }
 
 
+/* one attempt; *gone: the usage POST answered 404 */
 static meter_send_e
-meter_chargebee_send(meter_provider_t *p, const meter_record_t *rec,
-    meter_send_result_t *res)
+meter_chargebee_send_one(meter_provider_t *p, const meter_record_t *rec0,
+    meter_send_result_t *res, int *gone)
 {
     int                     found, moved, probe;
-    char                    idem[200], note[120], a[24], b[24];
+    char                    idem[200], note[120], a[24], b[24], sid[128];
+    char                    ikey[96];
     time_t                  lo, hi, date;
     meter_buf_t             url, body;
     meter_send_e            rc;
+    meter_record_t          r2;
     meter_http_req_t        req;
     meter_chargebee_t      *cb;
     meter_http_resp_t       resp;
     meter_send_result_t     lres;
-    meter_chargebee_sub_t  *sub;
+    const meter_record_t   *rec;
+    meter_chargebee_sub_t  *sub, *next;
 
     cb = p->data;
+    rec = rec0;
+    *gone = 0;
+    snprintf(ikey, sizeof(ikey), "%s", rec->idempotency_key);
 
     memset(&url, 0, sizeof(url));
     memset(&body, 0, sizeof(body));
@@ -533,6 +981,32 @@ meter_chargebee_send(meter_provider_t *p, const meter_record_t *rec,
     }
 
     rc = meter_chargebee_subscription(cb, rec->subscription, &sub, res);
+
+    if (rc == METER_SEND_OK && meter_chargebee_replaced(sub, rec)) {
+        rc = meter_chargebee_successor(cb, rec, rec->subscription, sub,
+                                       &next, res);
+        if (rc == METER_SEND_OK) {
+            /* the record as it goes to the successor; same usage id */
+            snprintf(sid, sizeof(sid), "%s", sub->next);
+            r2 = *rec;
+            r2.subscription = sid;
+            rec = &r2;
+            sub = next;
+
+            /* Chargebee replays a key's first answer (the old one's 404):
+             * the successor's POSTs have their own key; the usage id
+             * still dedupes */
+            snprintf(ikey, sizeof(ikey), "%s-s%08x", rec->idempotency_key,
+                     meter_chargebee_fnv32(sid));
+
+        } else if (rc == METER_SEND_FATAL
+                   && strcmp(sub->status, "cancelled") == 0)
+        {
+            /* none: the window says why the usage is not billable */
+            rc = METER_SEND_OK;
+        }
+    }
+
     if (rc == METER_SEND_OK) {
         rc = meter_chargebee_window(sub, rec, time(NULL), &lo, &hi, &moved,
                                     res);
@@ -586,11 +1060,11 @@ meter_chargebee_send(meter_provider_t *p, const meter_record_t *rec,
         /* each date its own key: a saved answer is for its parameters */
         if (probe == 0) {
             snprintf(idem, sizeof(idem), "chargebee-idempotency-key: %s",
-                     rec->idempotency_key);
+                     ikey);
 
         } else {
             snprintf(idem, sizeof(idem), "chargebee-idempotency-key: %s-d%lld",
-                     rec->idempotency_key, (long long) date);
+                     ikey, (long long) date);
         }
 
         req.body = body.data;
@@ -601,10 +1075,17 @@ meter_chargebee_send(meter_provider_t *p, const meter_record_t *rec,
         /* a replayed failure: the usage id dedupes, so try a fresh key */
         if (rc == METER_SEND_RETRY && resp.replayed) {
             snprintf(idem, sizeof(idem), "chargebee-idempotency-key: "
-                     "%s-r%lx%04lx", rec->idempotency_key,
+                     "%s-r%lx%04lx", ikey,
                      (unsigned long) time(NULL),
                      (unsigned long) (random() & 0xffff));
             rc = meter_http_request(&cb->http, &req, &resp, res);
+        }
+
+        if (rc == METER_SEND_FATAL && res->http_status == 404) {
+            /* gone since it was cached: forgotten, asked again */
+            meter_chargebee_cache_drop(cb, rec->subscription);
+            *gone = 1;
+            break;
         }
 
         if (rc != METER_SEND_FATAL || res->http_status != 400) {
@@ -614,6 +1095,10 @@ meter_chargebee_send(meter_provider_t *p, const meter_record_t *rec,
         /* the usage id may exist from an earlier attempt */
         memset(&lres, 0, sizeof(lres));
         found = meter_chargebee_lookup(p, rec, &lres);
+        if (found == 0 && rec != rec0) {
+            /* accepted by the old subscription before it was replaced */
+            found = meter_chargebee_lookup(p, rec0, &lres);
+        }
 
         if (found == 1) {
             res->status = METER_SEND_OK;
@@ -650,6 +1135,25 @@ end:
 }
 
 
+static meter_send_e
+meter_chargebee_send(meter_provider_t *p, const meter_record_t *rec,
+    meter_send_result_t *res)
+{
+    int           gone;
+    meter_send_e  rc;
+
+    rc = meter_chargebee_send_one(p, rec, res, &gone);
+
+    if (gone) {
+        /* the cached subscription (or its successor) is gone: the usage
+         * follows Chargebee's fresh answer */
+        rc = meter_chargebee_send_one(p, rec, res, &gone);
+    }
+
+    return rc;
+}
+
+
 /* the subscriptions of a chunk not cached yet, fetched concurrently */
 static void
 meter_chargebee_prefetch(meter_chargebee_t *cb, const meter_record_t *recs,
@@ -681,10 +1185,11 @@ meter_chargebee_prefetch(meter_chargebee_t *cb, const meter_record_t *recs,
     }
 
     for (i = 0; i < n; i++) {
+        /* kept for the pass or in Redis: no request */
         if (recs[i].subscription == NULL
-            || meter_map_get(&cb->subs, recs[i].subscription) != NULL
             || meter_map_put(&seen, recs[i].subscription, &created) == NULL
-            || !created)
+            || !created
+            || meter_chargebee_cached(cb, recs[i].subscription) != NULL)
         {
             continue;
         }
@@ -795,9 +1300,8 @@ meter_chargebee_send_batch(meter_provider_t *p, const meter_record_t *recs,
         /* records the fast path cannot date (no subscription cached, a
          * moved date needing a note): send() handles them */
         if (recs[i].subscription == NULL || recs[i].provider_meter == NULL
-            || meter_map_get(&cb->subs, recs[i].subscription) == NULL
-            || meter_chargebee_subscription(cb, recs[i].subscription, &sub,
-                                            &r) != METER_SEND_OK
+            || (sub = meter_chargebee_cached(cb, recs[i].subscription))
+               == NULL
             || meter_chargebee_window(sub, &recs[i], time(NULL), &lo, &hi,
                                       &moved, &r) != METER_SEND_OK
             || moved)
@@ -850,6 +1354,10 @@ meter_chargebee_send_batch(meter_provider_t *p, const meter_record_t *recs,
         if (jobs[i].st == METER_SEND_OK && !jobs[i].resp.replayed) {
             res[idx[i]] = jobs[i].res;
             res[idx[i]].status = METER_SEND_OK;
+
+        } else if (jobs[i].resp.status == 404) {
+            /* gone since it was cached: send() asks again */
+            meter_chargebee_cache_drop(cb, jobs[i].serial);
         }
 
         meter_buf_free(&jobs[i].resp.body);
@@ -1285,12 +1793,14 @@ static int
 meter_chargebee_usage_total(meter_provider_t *p, const meter_usage_query_t *q,
     double *total, meter_send_result_t *res)
 {
-    int                 rc;
-    char                between[64];
-    void               *ctx[2];
-    meter_buf_t         url, qs;
-    meter_list_t        l;
-    meter_chargebee_t  *cb;
+    int                     rc, i;
+    char                    between[64], next[128];
+    void                   *ctx[2];
+    const char             *subs[2];
+    meter_buf_t             url, qs;
+    meter_list_t            l;
+    meter_chargebee_t      *cb;
+    meter_chargebee_sub_t  *s;
 
     cb = p->data;
     *total = 0;
@@ -1307,28 +1817,49 @@ meter_chargebee_usage_total(meter_provider_t *p, const meter_usage_query_t *q,
         return -1;
     }
 
+    /* and the successor the drain sent the usage to, while it is cached
+     * (usage ids are unique: nothing is counted twice) */
+    subs[0] = q->subscription;
+    subs[1] = NULL;
+
+    s = meter_chargebee_cached(cb, q->subscription);
+    if (s != NULL && s->next[0] != '\0') {
+        snprintf(next, sizeof(next), "%s", s->next);
+        subs[1] = next;
+    }
+
     snprintf(between, sizeof(between), "[%lld,%lld]", (long long) q->from,
              (long long) q->to - 1);
 
-    if (meter_form_add(&qs, cb->http.curl, "subscription_id[is]",
-                       q->subscription) != 0
-        || meter_form_add(&qs, cb->http.curl, "item_price_id[is]",
-                          q->provider_meter) != 0
-        || meter_form_add(&qs, cb->http.curl, "usage_date[between]", between)
-           != 0
-        || meter_buf_printf(&url, "%s/api/v2/usages?limit=100&%s", cb->base,
-                            qs.data) != 0)
-    {
-        snprintf(res->error, sizeof(res->error), "chargebee: out of memory");
-        res->status = METER_SEND_RETRY;
-        goto end;
+    for (i = 0; i < 2 && subs[i] != NULL; i++) {
+        meter_buf_reset(&url);
+        meter_buf_reset(&qs);
+
+        if (meter_form_add(&qs, cb->http.curl, "subscription_id[is]",
+                           subs[i]) != 0
+            || meter_form_add(&qs, cb->http.curl, "item_price_id[is]",
+                              q->provider_meter) != 0
+            || meter_form_add(&qs, cb->http.curl, "usage_date[between]",
+                              between) != 0
+            || meter_buf_printf(&url, "%s/api/v2/usages?limit=100&%s",
+                                cb->base, qs.data) != 0)
+        {
+            snprintf(res->error, sizeof(res->error),
+                     "chargebee: out of memory");
+            res->status = METER_SEND_RETRY;
+            rc = -1;
+            goto end;
+        }
+
+        meter_chargebee_list(cb, &l, "chargebee: usage list",
+                             meter_chargebee_usage_item, ctx);
+        ctx[1] = total;
+
+        rc = meter_list_walk(&l, url.data, res) == 0 ? 0 : -1;
+        if (rc != 0) {
+            goto end;
+        }
     }
-
-    meter_chargebee_list(cb, &l, "chargebee: usage list",
-                         meter_chargebee_usage_item, ctx);
-    ctx[1] = total;
-
-    rc = meter_list_walk(&l, url.data, res) == 0 ? 0 : -1;
 
 end:
 
@@ -1432,6 +1963,12 @@ meter_chargebee_webhook(meter_provider_t *p, const meter_webhook_req_t *req,
 
     meter_webhook_ids(ev, cus, sub);
 
+    /* whatever the event says about the subscription, the cached copy
+     * may be out of date now */
+    if (sub != NULL) {
+        meter_chargebee_cache_drop(cb, sub);
+    }
+
 end:
 
     cJSON_Delete(json);
@@ -1452,6 +1989,8 @@ meter_chargebee_cleanup(meter_provider_t *p)
     if (cb->subs.keys != NULL) {
         meter_map_free(&cb->subs, free);
     }
+
+    meter_pcache_free(&cb->cache);
 
     explicit_bzero(cb->api_key, sizeof(cb->api_key));
     explicit_bzero(cb->webhook_auth, sizeof(cb->webhook_auth));

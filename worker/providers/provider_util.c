@@ -16,6 +16,7 @@
 #include "config.h"
 #include <openssl/rand.h>
 
+#include "log.h"
 #include "provider_util.h"
 #include "util.h"
 
@@ -582,4 +583,80 @@ end:
     meter_buf_free(&u);
 
     return rc;
+}
+
+
+int
+meter_pcache_init(meter_pcache_t *c, const meter_conf_t *cf, const char *who)
+{
+    memset(c, 0, sizeof(meter_pcache_t));
+
+    c->who = who;
+    c->port = cf->redis_port;
+    c->db = cf->redis_db;
+    c->timeout_ms = cf->redis_timeout_ms;
+
+    if ((cf->redis_host != NULL
+         && (c->host = strdup(cf->redis_host)) == NULL)
+        || (cf->redis_unix != NULL
+            && (c->unix_path = strdup(cf->redis_unix)) == NULL)
+        || (cf->redis_password_file != NULL
+            && (c->password_file = strdup(cf->redis_password_file)) == NULL))
+    {
+        meter_pcache_free(c);
+        return -1;
+    }
+
+    return 0;
+}
+
+
+meter_redis_t *
+meter_pcache_redis(meter_pcache_t *c)
+{
+    int     rc;
+    char    err[256];
+    time_t  now;
+
+    if (c->redis.ctx != NULL) {
+        return &c->redis;
+    }
+
+    now = time(NULL);
+    if (c->failed != 0 && now - c->failed < 60) {
+        return NULL;
+    }
+
+    rc = meter_redis_open(&c->redis, c->host, c->port, c->unix_path,
+                          c->password_file, c->db, c->timeout_ms, err,
+                          sizeof(err));
+    if (rc != 0) {
+        c->failed = now;
+        meter_log(LOG_WARNING, "%s: cache in Redis unavailable (%s): asking "
+                  "the provider instead", c->who, err);
+        return NULL;
+    }
+
+    c->failed = 0;
+
+    return &c->redis;
+}
+
+
+void
+meter_pcache_fail(meter_pcache_t *c)
+{
+    meter_redis_close(&c->redis);
+    c->failed = time(NULL);
+}
+
+
+void
+meter_pcache_free(meter_pcache_t *c)
+{
+    meter_redis_close(&c->redis);
+    free(c->host);
+    free(c->unix_path);
+    free(c->password_file);
+    c->host = c->unix_path = c->password_file = NULL;
 }

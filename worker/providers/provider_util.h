@@ -19,6 +19,7 @@
 
 #include "http.h"
 #include "provider.h"
+#include "redis.h"
 
 
 #define METER_PLAN_ITEMS    8
@@ -146,6 +147,34 @@ typedef struct {
  * with, 0 at the end, -1 with res filled (malformed answers: RETRY) */
 int meter_list_walk(const meter_list_t *l, const char *url,
     meter_send_result_t *res);
+
+/*
+ * A provider's own Redis connection for its caches of provider objects
+ * (never a secret), opened from the config's redis settings when first
+ * needed.  A cache is an optimisation: when Redis fails, the provider asks
+ * the provider instead, and tries Redis again after a minute (not once per
+ * record).
+ */
+typedef struct {
+    meter_redis_t               redis;
+    char                       *host;
+    char                       *unix_path;
+    char                       *password_file;
+    int                         port;
+    int                         db;
+    int64_t                     timeout_ms;
+    time_t                      failed;     /* last failure; 0 none */
+    const char                 *who;        /* "chargebee", for logs */
+} meter_pcache_t;
+
+/* 0, or -1 out of memory */
+int meter_pcache_init(meter_pcache_t *c, const meter_conf_t *cf,
+    const char *who);
+/* the connection, or NULL (Redis unavailable: go without the cache) */
+meter_redis_t *meter_pcache_redis(meter_pcache_t *c);
+/* a command failed on it: drop the connection, wait a minute */
+void meter_pcache_fail(meter_pcache_t *c);
+void meter_pcache_free(meter_pcache_t *c);
 
 /* copies s into dst (size) when it fits; 0 or -1 */
 int meter_copy(char *dst, size_t size, const char *s);

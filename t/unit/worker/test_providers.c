@@ -716,7 +716,8 @@ test_stripe_init_errors(void **state)
     "chargebee.api_key_file = %s\n"                                          \
     "chargebee.base_url = http://127.0.0.1:9\n"                              \
     "chargebee.max_rps = 0\n"                                                \
-    "chargebee.max_attempts = 1\n"
+    "chargebee.max_attempts = 1\n"                                           \
+    "chargebee.subscription_ttl = 0\n"
 
 
 /* GET /api/v2/subscriptions/{id}'s answer; extra: more fields */
@@ -844,6 +845,7 @@ test_chargebee_dates_billable(void **state)
     meter_send_result_t  res;
 
     static const fake_answer_t  ok = { 200, "{\"usage\":{}}", 0 };
+    static const fake_answer_t  none = { 200, "{\"list\":[]}", 0 };
 
     (void) state;
 
@@ -873,15 +875,19 @@ test_chargebee_dates_billable(void **state)
     assert_int_equal(p.send(&p, &rec, &res), METER_SEND_OK);
     assert_int_equal(cb_date(3), h);
 
-    /* the next hour is wholly after it: dead-lettered, nothing sent */
+    /* the next hour is wholly after it: the customer has no other
+     * subscription, so dead-lettered, no usage sent */
     rec.period_start = rec.usage_start = h + 3600;
     rec.period_end = rec.usage_end = h + 7200;
+    will_return(__wrap_meter_http_perform, &none);
     assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_string_equal(seen[4].method, "GET");
+    assert_non_null(strstr(seen[4].url, "/api/v2/subscriptions?"));
     meter_iso8601(h + 1, at, sizeof(at));
     assert_non_null(strstr(res.error, "was cancelled at "));
     assert_non_null(strstr(res.error, at));
     assert_non_null(strstr(res.error, "never bill it"));
-    assert_int_equal(nseen, 4);
+    assert_int_equal(nseen, 5);
 
     /* a term invoiced since: dated in the current term's first hour, with
      * a note naming the hours */
@@ -910,6 +916,50 @@ test_chargebee_dates_billable(void **state)
     assert_int_equal(nseen, 3);
 
     p.cleanup(&p);
+}
+
+
+/* chargebee.subscription_ttl: a duration of 0 to 7 days */
+static void
+test_chargebee_subscription_ttl(void **state)
+{
+    int                 i;
+    char                err[512], conf[512];
+    meter_conf_t       *cf;
+    meter_provider_t    p;
+
+    static const char  *bad[] = { "soon", "-1s", "8d", NULL };
+    static const char  *good[] = { "0", "30m", "7d", NULL };
+
+    (void) state;
+
+    for (i = 0; bad[i] != NULL; i++) {
+        snprintf(conf, sizeof(conf), "provider = chargebee\n"
+                 "chargebee.api_key_file = %%s\n"
+                 "chargebee.base_url = http://127.0.0.1:9\n"
+                 "chargebee.subscription_ttl = %s\n", bad[i]);
+        cf = load_conf(conf);
+        meter_provider_chargebee(&p);
+        err[0] = '\0';
+        assert_int_equal(p.init(&p, cf, err, sizeof(err)), -1);
+        assert_non_null(strstr(err, "chargebee.subscription_ttl: \""));
+        assert_non_null(strstr(err, "0 to 7d"));
+        assert_null(strstr(err, "sk_test_secret"));
+        assert_null(p.data);
+        meter_conf_free(cf);
+    }
+
+    for (i = 0; good[i] != NULL; i++) {
+        snprintf(conf, sizeof(conf), "provider = chargebee\n"
+                 "chargebee.api_key_file = %%s\n"
+                 "chargebee.base_url = http://127.0.0.1:9\n"
+                 "chargebee.subscription_ttl = %s\n", good[i]);
+        cf = load_conf(conf);
+        meter_provider_chargebee(&p);
+        assert_int_equal(p.init(&p, cf, err, sizeof(err)), 0);
+        p.cleanup(&p);
+        meter_conf_free(cf);
+    }
 }
 
 
@@ -1017,13 +1067,29 @@ test_chargebee_400_checks_usage_id(void **state)
     assert_string_equal(res.error, "HTTP 400: The value is already present.");
     assert_int_equal(res.http_status, 400);
 
-    /* a subscription Chargebee does not know */
+    /* a subscription Chargebee does not know, and the customer has no
+     * other one */
     p.pass(&p);
+    will_return(__wrap_meter_http_perform, &e404);
+    will_return(__wrap_meter_http_perform, &none);
+    assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
+    assert_string_equal(res.error, "chargebee: subscription \"sub_9\" not "
+                        "found, and customer \"cus_123\" has no other "
+                        "active subscription with item price \"api_calls\"");
+    assert_int_equal(nseen, 7);
+    assert_string_equal(seen[6].url, "http://127.0.0.1:9/api/v2/"
+                        "subscriptions?limit=100&customer_id[is]=cus_123"
+                        "&status[in]=%5B%22active%22%2C%22non_renewing"
+                        "%22%5D");
+
+    /* without a customer id nothing else is asked */
+    p.pass(&p);
+    rec.provider_customer = NULL;
     will_return(__wrap_meter_http_perform, &e404);
     assert_int_equal(p.send(&p, &rec, &res), METER_SEND_FATAL);
     assert_string_equal(res.error, "chargebee: subscription \"sub_9\" not "
                         "found");
-    assert_int_equal(nseen, 6);
+    assert_int_equal(nseen, 8);
 
     p.cleanup(&p);
 }
@@ -1416,6 +1482,7 @@ main(void)
         cmocka_unit_test(test_stripe_lookup_past_window),
         cmocka_unit_test(test_chargebee_usage),
         cmocka_unit_test(test_chargebee_dates_billable),
+        cmocka_unit_test(test_chargebee_subscription_ttl),
         cmocka_unit_test(test_chargebee_date_taken_next_second),
         cmocka_unit_test(test_chargebee_400_checks_usage_id),
         cmocka_unit_test(test_recurly_usage),
