@@ -8,7 +8,11 @@
  * connects there; every connect checks that ROLE says master (redis/redis
  * src/replication.c, roleCommand()), so nothing is written to a replica.
  * A -READONLY reply (a master demoted while we were connected) drops the
- * connection: the caller's reconnect asks the Sentinels again.
+ * connection: the caller's reconnect asks the Sentinels again.  A master
+ * that was stopped (kill -STOP, a hung VM) while Sentinel promoted its
+ * replica still says "master" and takes writes when it wakes up, until
+ * Sentinel demotes it (seconds later) and its data is replaced: only the
+ * Sentinels know, so meter_redis_follow() asks them again.
  */
 
 
@@ -232,6 +236,8 @@ meter_redis_connect(meter_redis_t *r, const char *host, int port,
         host = mhost;
     }
 
+    r->master[0] = '\0';
+
     if (unix_path != NULL) {
         r->ctx = redisConnectUnixWithTimeout(unix_path, tv);
 
@@ -301,7 +307,48 @@ meter_redis_connect(meter_redis_t *r, const char *host, int port,
 
     meter_redis_scripts_load(r);
 
+    if (host != NULL && host == mhost) {
+        memcpy(r->master, mhost, sizeof(r->master));
+        r->master_port = port;
+    }
+
     return 0;
+}
+
+
+int
+meter_redis_follow(meter_redis_t *r, const char *url, int64_t timeout_ms)
+{
+    int             port;
+    char            host[256], err[256];
+    struct timeval  tv;
+
+    if (url == NULL || strncmp(url, "sentinel://", 11) != 0
+        || r->ctx == NULL || r->master[0] == '\0')
+    {
+        return 0;
+    }
+
+    tv.tv_sec = timeout_ms / 1000;
+    tv.tv_usec = (timeout_ms % 1000) * 1000;
+
+    if (meter_sentinel_resolve(url, tv, host, sizeof(host), &port, err,
+                               sizeof(err))
+        != 0)
+    {
+        return 0;
+    }
+
+    if (port == r->master_port && strcmp(host, r->master) == 0) {
+        return 0;
+    }
+
+    snprintf(r->err, sizeof(r->err), "redis: the Sentinels name %.64s:%d the "
+             "master now, not %.64s:%d: reconnecting", host, port, r->master,
+             r->master_port);
+    meter_redis_close(r);
+
+    return 1;
 }
 
 
