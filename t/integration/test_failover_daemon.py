@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import free_port, wait_for
+from fakes import stripe as stfake
 from fakes.stripe import FakeStripe
 from test_failover import MASTER, pytestmark as failover_mark, topo  # noqa
 from test_sync import Billing, pytestmark as worker_mark
@@ -25,17 +26,45 @@ pytestmark = [failover_mark, worker_mark]
 N = 120             # records: 2 chunks of 100 (drain.c METER_CHUNK)
 
 
-def daemon(tmp_path, topo, fake):
+SECRET = "whsec_test_failover_0123456789"
+
+
+def daemon(tmp_path, topo, fake, webhooks=False):
+    extra = {}
+    if webhooks:
+        extra = {"webhook__listen": "127.0.0.1:%d" % free_port(),
+                 "webhook__timeout": "2s"}
     b = Billing(tmp_path / "w", topo.primary, "stripe", fake,
                 sync__delinquency="off", meter__calls="api_calls",
                 lock_ttl="5s", grace="0s", sync_interval="1s",
-                redis__timeout="1s", retry__base="1s")
+                redis__timeout="1s", retry__base="1s", **extra)
     text = b.conf.read_text().replace(
         "redis = %s" % topo.primary.address,
         "redis = sentinel://%s/%s" % (topo.sentinel_list, MASTER))
     # one request at a time (50 ms each): the drain takes ~6 s
-    b.conf.write_text(text + "stripe.max_in_flight = 1\n")
+    text += "stripe.max_in_flight = 1\n"
+    if webhooks:
+        text += "stripe.webhook_secret_file = %s\n" % b.write_secret(
+            "whsec", SECRET)
+        b.wh_port = int(extra["webhook__listen"].rsplit(":", 1)[1])
+    b.conf.write_text(text)
     return b
+
+
+def delinquent(b, fake, cid):
+    """meterctl adds the customer (through the Sentinels), a Stripe
+    invoice.payment_failed delivery marks it delinquent; b.redis is where
+    the test looks (the master)."""
+    cus = fake.add_customer()
+    sub = fake.add_subscription(cus["id"])
+    b.customer(cid, None, cus["id"], sub["id"])
+    inv = {"id": "in_" + cid, "object": "invoice", "customer": cus["id"],
+           "subscription": sub["id"], "status": "open"}
+    st, body = stfake.send_webhook(
+        "http://127.0.0.1:%d/webhooks/stripe" % b.wh_port,
+        "invoice.payment_failed", inv, SECRET)
+    assert st == 200, body
+    assert b.status(cid)[0] == "delinquent"
 
 
 def scripts_run(node):
@@ -137,12 +166,16 @@ def test_daemon_follows_sigstop_failover_each_record_once(topo, tmp_path):
 def test_daemon_follows_sentinel_failover_each_record_once(topo, tmp_path):
     """SENTINEL FAILOVER mid-drain: the replica is promoted, then the old
     master is made a replica (its clients killed, -READONLY to writes in
-    between); the daemon follows without a double bill."""
+    between); the daemon follows without a double bill.  meterctl and the
+    webhook listener (README: they "follow the same address") write to
+    the new master after it."""
     with FakeStripe(api_key="sk_test_failover", delay=0.05) as fake:
-        b = daemon(tmp_path, topo, fake)
+        b = daemon(tmp_path, topo, fake, webhooks=True)
         h, want = usage(topo)
         old = topo.primary
-        b.start()
+        b.start(port=b.wh_port)
+        # the listener holds a connection to the old master
+        delinquent(b, fake, "hook-1")
         wait_for(lambda: len(fake.events) >= 10, 30, 0.02, msg=b.log)
         assert topo.sentinels[0].cmd("SENTINEL", "FAILOVER", MASTER) == "OK"
         at = len(fake.events)
@@ -153,6 +186,9 @@ def test_daemon_follows_sentinel_failover_each_record_once(topo, tmp_path):
                  and b"master_link_status:up"
                  in old.cmd("INFO", "replication"), 20, 0.2)
 
+        b.redis = new
+        assert b.status("hook-1")[0] == "delinquent"
+        delinquent(b, fake, "hook-2")
         after_failover(topo, b, fake, new, old, h, want)
         print("events at the failover %d; duplicates refused by the fake %d"
               % (at, fake.duplicates))

@@ -148,12 +148,13 @@ meter_sentinel_parse(const char *url, meter_sentinels_t *sl)
 }
 
 
-/* the master's address from the first Sentinel that names it */
+/* the master's address from the first Sentinel that names it, from the
+ * one that answered last (*first): a dead one costs a timeout once */
 static int
 meter_sentinel_resolve(const char *url, struct timeval tv, char *host,
-    size_t hostlen, int *port, char *err, size_t errlen)
+    size_t hostlen, int *port, size_t *first, char *err, size_t errlen)
 {
-    size_t              i;
+    size_t              i, k;
     long                n;
     redisReply         *rp;
     redisContext       *c;
@@ -167,7 +168,8 @@ meter_sentinel_resolve(const char *url, struct timeval tv, char *host,
     snprintf(err, errlen, "redis: no Sentinel named the master \"%s\"",
              sl.master);
 
-    for (i = 0; i < sl.n; i++) {
+    for (k = 0; k < sl.n; k++) {
+        i = (*first + k) % sl.n;
         c = redisConnectWithTimeout(sl.host[i], sl.port[i], tv);
 
         if (c == NULL || c->err || redisSetTimeout(c, tv) != REDIS_OK) {
@@ -190,6 +192,7 @@ meter_sentinel_resolve(const char *url, struct timeval tv, char *host,
             if (n >= 1 && n <= 65535) {
                 memcpy(host, rp->element[0]->str, rp->element[0]->len + 1);
                 *port = (int) n;
+                *first = i;
                 freeReplyObject(rp);
                 redisFree(c);
                 return 0;
@@ -227,7 +230,7 @@ meter_redis_connect(meter_redis_t *r, const char *host, int port,
 
     if (host != NULL && strncmp(host, "sentinel://", 11) == 0) {
         if (meter_sentinel_resolve(host, tv, mhost, sizeof(mhost), &port,
-                                   err, errlen)
+                                   &r->sentinel, err, errlen)
             != 0)
         {
             return -1;
@@ -332,8 +335,8 @@ meter_redis_follow(meter_redis_t *r, const char *url, int64_t timeout_ms)
     tv.tv_sec = timeout_ms / 1000;
     tv.tv_usec = (timeout_ms % 1000) * 1000;
 
-    if (meter_sentinel_resolve(url, tv, host, sizeof(host), &port, err,
-                               sizeof(err))
+    if (meter_sentinel_resolve(url, tv, host, sizeof(host), &port,
+                               &r->sentinel, err, sizeof(err))
         != 0)
     {
         return 0;

@@ -27,6 +27,8 @@ typedef struct {
     int                         evalsha;        /* scripts loaded */
     char                        master[256];    /* Sentinel's answer, the */
     int                         master_port;    /* address connected to */
+    size_t                      sentinel;       /* asked first: the last
+                                                 * one that answered */
 } meter_redis_t;
 
 
