@@ -10,9 +10,6 @@ and bill what reaches the new master afterwards: every record exactly
 once, nothing left open, nothing written to the demoted master."""
 
 import signal
-import time
-
-import pytest
 
 from conftest import free_port, wait_for
 from fakes import stripe as stfake
@@ -110,7 +107,7 @@ def after_failover(topo, b, fake, new, old, h, want):
                           for k in new.keys("mtr:{worker}:r:*")])
     billed_once(fake, want, h)
 
-    late = stripe_usage(new, "late", 1, h, 40)      # c000 = cus_000 again
+    stripe_usage(new, "late", 1, h, 40)      # c000 = cus_000 again
     late_total = want["cus_000"] + 41
     wait_for(lambda: fake.total("cus_000", "api_calls") == late_total,
              30, 0.2, msg=lambda: b.log()[-3000:])

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 
 from conftest import Resp, Traffic, expect_totals, totals, wait_for
-from test_failover import (MASTER, pytestmark, sentinel_conf,  # noqa: F401
+from test_failover import (pytestmark, sentinel_conf,  # noqa: F401
                            topo, topo_quick)
 from test_metering import API, KEYS, api_plan, expected
 

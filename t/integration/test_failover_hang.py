@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import Client, expect_totals, free_port  # noqa: F401
+from conftest import Client, expect_totals
 from test_failover import MASTER, pytestmark, topo_quick  # noqa: F401
 from test_metering import API, KEYS
 from test_worker import EPOCH, NOW_HOUR, Worker, line, put

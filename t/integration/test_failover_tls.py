@@ -17,7 +17,7 @@ from conftest import Traffic, expect_totals, free_port, port_open, wait_for
 from test_failover import MASTER, REDIS_SENTINEL, Node, Sentinel
 from test_failover import pytestmark as failover_mark
 from test_metering import API, KEYS, api_plan, expected
-from test_redis_tls import OPENSSL, STUNNEL, shipped, stunnel
+from test_redis_tls import OPENSSL, shipped, stunnel
 from test_redis_tls import pytestmark as tls_mark
 from test_worker import EPOCH, NOW_HOUR, Worker, line, put
 
