@@ -77,6 +77,8 @@ static void ngx_http_meter_zone_done(ngx_http_meter_flush_t *fl,
     ngx_http_meter_zone_ctx_t *ctx);
 static void ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl,
     ngx_log_t *log);
+static ngx_uint_t ngx_http_meter_final_resync(ngx_http_meter_shctx_t *sh,
+    u_char *run_id, ngx_str_t *zone, ngx_log_t *log);
 
 
 ngx_int_t
@@ -1148,6 +1150,33 @@ ngx_http_meter_zone_done(ngx_http_meter_flush_t  *fl,
 
 
 /*
+ * A Redis the zone did not flush to yet (a failover the async connection
+ * had not followed when the worker began to exit), or one the zone owes a
+ * rewrite: every counter, not only those that moved, as the async flush
+ * does after INFO (what the old master acknowledged may not have reached
+ * the new one).
+ */
+
+static ngx_uint_t
+ngx_http_meter_final_resync(ngx_http_meter_shctx_t *sh, u_char *run_id,
+    ngx_str_t *zone, ngx_log_t *log)
+{
+    if (!__atomic_load_n(&sh->resync, __ATOMIC_ACQUIRE)
+        && (run_id[0] == '\0' || sh->run_id[0] == '\0'
+            || ngx_memcmp(sh->run_id, run_id, 40) == 0))
+    {
+        return 0;
+    }
+
+    ngx_log_error(NGX_LOG_NOTICE, log, 0,
+                  "meter: final flush: redis was restarted or replaced; "
+                  "rewriting every counter of meter_zone \"%V\"", zone);
+
+    return 1;
+}
+
+
+/*
  * On exit nothing drives the event loop any more: one last blocking
  * pipeline with the same commands and the same max-only script.  What it
  * cannot send stays in the zone, which outlives a reload.
@@ -1156,10 +1185,8 @@ ngx_http_meter_zone_done(ngx_http_meter_flush_t  *fl,
 static void
 ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
 {
-    char                        db[24];
-    size_t                      len[3][2];
-    ngx_uint_t                  z, i, n, sent, ok, index_ok;
-    const char                 *argv[3][2];
+    u_char                      run_id[40];
+    ngx_uint_t                  z, i, sent, ok, index_ok;
     redisReply                 *reply;
     struct timeval              tv;
     redisContext               *rc;
@@ -1182,33 +1209,11 @@ ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
     tv.tv_sec = mcf->redis_timeout / 1000;
     tv.tv_usec = (mcf->redis_timeout % 1000) * 1000;
 
-    /* the master Sentinel names, or the address; NULL: logged */
-    rc = ngx_http_meter_redis_connect_sync(mcf, tv, log);
+    /* the master Sentinel names, or the address, after AUTH and SELECT,
+     * ROLE master; NULL: logged */
+    rc = ngx_http_meter_redis_connect_sync(mcf, tv, log, run_id);
     if (rc == NULL) {
         goto done;
-    }
-
-    (void) redisSetTimeout(rc, tv);
-
-    n = ngx_http_meter_redis_setup_cmds(mcf, argv, len, db);
-
-    for (i = 0; i < n; i++) {
-        redisAppendCommandArgv(rc, 2, argv[i], len[i]);
-    }
-
-    for (i = 0; i < n; i++) {
-        if (redisGetReply(rc, (void **) &reply) != REDIS_OK) {
-            goto done;
-        }
-
-        ok = (reply->type != REDIS_REPLY_ERROR);
-        freeReplyObject(reply);
-
-        if (!ok) {
-            ngx_log_error(NGX_LOG_WARN, log, 0,
-                          "meter: final flush: redis refused AUTH/SELECT");
-            goto done;
-        }
     }
 
     /* the scripts, by name as in the async flush */
@@ -1247,6 +1252,8 @@ ngx_http_meter_final_flush(ngx_http_meter_flush_t *fl, ngx_log_t *log)
         ngx_memzero(&batch, sizeof(meter_batch_t));
         batch.items = items;
         batch.cap = NGX_HTTP_METER_BATCH;
+        batch.all = ngx_http_meter_final_resync(sh, run_id,
+                                                &zones[z]->shm.name, log);
 
         while (!batch.wrapped) {
             if (meter_batch_collect(&sh->table, &batch, sh->table.nslots)

@@ -709,8 +709,10 @@ ngx_uint_t ngx_http_meter_redis_setup_cmds(ngx_http_meter_main_conf_t *mcf,
     const char *argv[2][2], size_t len[2][2], char *db);
 void ngx_http_meter_redis_error(ngx_http_meter_redis_t *rd,
     redisReply *reply);
+/* run_id: 40 bytes, or "" */
 redisContext *ngx_http_meter_redis_connect_sync(
-    ngx_http_meter_main_conf_t *mcf, struct timeval tv, ngx_log_t *log);
+    ngx_http_meter_main_conf_t *mcf, struct timeval tv, ngx_log_t *log,
+    u_char *run_id);
 void ngx_http_meter_redis_wait(ngx_http_meter_redis_t *rd);
 void ngx_http_meter_redis_answered(ngx_http_meter_redis_t *rd);
 

@@ -48,6 +48,9 @@ static void ngx_http_meter_sentinel_reply(redisAsyncContext *ac, void *r,
 static const char *ngx_http_meter_sentinel_addr(redisReply *reply,
     char *host, int *port);
 static const char *ngx_http_meter_role(redisReply *reply);
+static const char *ngx_http_meter_redis_sync_ready(
+    ngx_http_meter_main_conf_t *mcf, redisContext *rc, struct timeval tv,
+    u_char *run_id);
 
 
 void
@@ -669,17 +672,20 @@ ngx_http_meter_redis_close(ngx_http_meter_redis_t *rd)
 
 
 /*
- * The blocking connection of the final flush, at exit: the Sentinels
- * asked in turn (from the one the async connection used last), then the
- * master they name, each step bounded by the timeout.  AUTH and SELECT are
- * the caller's.  No ROLE check here: a replica refuses its writes with
- * -READONLY (replica-read-only, on by default), and they stay in shared
- * memory.  NULL: logged.
+ * The blocking connection of the final flush, at exit, ready as the async
+ * one is: AUTH and SELECT, then ROLE must say master, so that the last
+ * counts never go to a replica (-READONLY: they would stay in a zone about
+ * to go) nor, with sentinel=, to a master the Sentinels no longer name (a
+ * demoted one that took them would lose them at its resync).  The
+ * Sentinels are asked in turn (from the one the async connection used
+ * last) until one names a master that says so; each step bounded by the
+ * timeout.  run_id gets the server's (INFO server; "" if none) for the
+ * caller's resync.  NULL: logged.
  */
 
 redisContext *
 ngx_http_meter_redis_connect_sync(ngx_http_meter_main_conf_t *mcf,
-    struct timeval tv, ngx_log_t *log)
+    struct timeval tv, ngx_log_t *log, u_char *run_id)
 {
     int                     port;
     char                    host[NGX_HTTP_METER_HOST_LEN];
@@ -724,6 +730,19 @@ ngx_http_meter_redis_connect_sync(ngx_http_meter_main_conf_t *mcf,
                 && ngx_http_meter_sentinel_addr(reply, host, &port) == NULL)
             {
                 rc = redisConnectWithTimeout(host, port, tv);
+                err = ngx_http_meter_redis_sync_ready(mcf, rc, tv, run_id);
+
+                if (err != NULL) {
+                    ngx_log_error(NGX_LOG_WARN, log, 0,
+                                  "meter: final flush: %s:%d: %s", host,
+                                  port, err);
+                    if (rc != NULL) {
+                        redisFree(rc);
+                        rc = NULL;
+                    }
+
+                    err = "no master the Sentinels named";
+                }
             }
 
             freeReplyObject(reply);
@@ -734,7 +753,10 @@ ngx_http_meter_redis_connect_sync(ngx_http_meter_main_conf_t *mcf,
             goto failed;
         }
 
-    } else if (mcf->redis_path.len) {
+        return rc;
+    }
+
+    if (mcf->redis_path.len) {
         rc = redisConnectUnixWithTimeout((char *) mcf->redis_path.data, tv);
 
     } else {
@@ -742,12 +764,11 @@ ngx_http_meter_redis_connect_sync(ngx_http_meter_main_conf_t *mcf,
                                      (int) mcf->redis_port, tv);
     }
 
-    if (rc == NULL || rc->err) {
-        err = rc ? rc->errstr : "out of memory";
-        goto failed;
-    }
+    err = ngx_http_meter_redis_sync_ready(mcf, rc, tv, run_id);
 
-    return rc;
+    if (err == NULL) {
+        return rc;
+    }
 
 failed:
 
@@ -760,4 +781,85 @@ failed:
     }
 
     return NULL;
+}
+
+
+/* AUTH, SELECT, ROLE and INFO server, one round trip; NULL: a master */
+
+static const char *
+ngx_http_meter_redis_sync_ready(ngx_http_meter_main_conf_t *mcf,
+    redisContext *rc, struct timeval tv, u_char *run_id)
+{
+    char               db[24];
+    u_char            *p, *end;
+    size_t             len[2][2];
+    ngx_uint_t         i, n;
+    const char        *argv[2][2], *err, *role;
+    redisReply        *reply;
+
+    static u_char      buf[64];
+
+    run_id[0] = '\0';
+
+    if (rc == NULL) {
+        return "out of memory";
+    }
+
+    if (rc->err) {
+        return rc->errstr;
+    }
+
+    if (redisSetTimeout(rc, tv) != REDIS_OK) {
+        return "cannot set the timeout";
+    }
+
+    n = ngx_http_meter_redis_setup_cmds(mcf, argv, len, db);
+
+    for (i = 0; i < n; i++) {
+        (void) redisAppendCommandArgv(rc, 2, argv[i], len[i]);
+    }
+
+    (void) redisAppendCommand(rc, "ROLE");
+    (void) redisAppendCommand(rc, "INFO server");
+
+    err = NULL;
+
+    for (i = 0; i < n + 2; i++) {
+        if (redisGetReply(rc, (void **) &reply) != REDIS_OK) {
+            return rc->errstr;
+        }
+
+        if (err != NULL) {
+            /* read on: the replies are in order */
+
+        } else if (i < n) {
+            if (reply->type == REDIS_REPLY_ERROR) {
+                err = "AUTH/SELECT refused";
+            }
+
+        } else if (i == n) {
+            role = ngx_http_meter_role(reply);
+
+            if (role != NULL) {
+                p = ngx_snprintf(buf, sizeof(buf) - 1,
+                                 "is %s, not the master", role);
+                *p = '\0';
+                err = (char *) buf;
+            }
+
+        } else if (reply->type == REDIS_REPLY_STRING) {
+            p = (u_char *) ngx_strnstr((u_char *) reply->str, "run_id:",
+                                       reply->len);
+            end = (u_char *) reply->str + reply->len;
+
+            if (p != NULL && end - p >= (ssize_t) sizeof("run_id:") - 1 + 40)
+            {
+                ngx_memcpy(run_id, p + sizeof("run_id:") - 1, 40);
+            }
+        }
+
+        freeReplyObject(reply);
+    }
+
+    return err;
 }

@@ -10,6 +10,7 @@ Sentinel's timing is kept short (down-after-milliseconds 1000,
 failover-timeout 3000: redis/redis sentinel.conf documents both)."""
 
 import os
+import re
 import signal
 import shutil
 import subprocess
@@ -389,9 +390,21 @@ def test_worker_waits_for_the_replica_before_sending(topo_quick, tmp_path):
     assert r.returncode != 0
     assert "only 0 of the 1 replicas" in r.stderr
     assert w.lines() == []
+    # continued, the replica acknowledges what it missed (REPLCONF ACK, once
+    # a second): on a loaded machine later than WAIT's 500 ms
+    wait_for(lambda: acked(topo_quick.primary), 10, 0.05)
     r = w.once(h + 3600)
     assert r.returncode == 0, r.stderr
     assert w.lines() == [line(kh, None, "calls", h, 7)]
+
+
+def acked(primary):
+    """The replica's acknowledged offset is the master's (INFO
+    replication: master_repl_offset, slave0:...,offset=N)."""
+    info = primary.cmd("INFO", "replication").decode()
+    master = re.search(r"master_repl_offset:(\d+)", info)
+    replica = re.search(r"slave0:.*offset=(\d+)", info)
+    return master and replica and master.group(1) == replica.group(1)
 
 
 def test_worker_refuses_a_replica(topo_quick, tmp_path):

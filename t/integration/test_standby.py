@@ -6,6 +6,7 @@ poll), billing every record exactly once into the fake Stripe (which
 dedupes by identifier, as Stripe does).  The webhook listener runs on both:
 a delivery to either one applies."""
 
+import re
 import signal
 import time
 
@@ -107,3 +108,54 @@ def test_standby_takes_over_and_bills_each_record_once(redis, tmp_path):
         assert "standby: another worker holds the drain lock" in b.log()
         assert "the drain lock is free: this worker drains now" in b.log()
         assert b.log().count("standby:") == 1, "logged once, not per poll"
+
+
+SUMMARY = re.compile(r"sync: (\d+) listed, (\d+) of our customers overdue "
+                     r"\((\d+) newly\), (\d+) cleared")
+
+
+def summaries(w):
+    return [tuple(int(x) for x in m.groups())
+            for m in SUMMARY.finditer(w.log())]
+
+
+def test_both_sync_delinquency_and_agree(redis, tmp_path):
+    """README: "The delinquency sync runs on both (it only reads the
+    provider and writes the same statuses)": two daemons polling every
+    second; a past_due subscription is marked once (by whichever polls
+    first), kept by both (since unchanged), and cleared once when paid."""
+    with FakeStripe(api_key="sk_test_standby") as fake:
+        ws = [Billing(tmp_path / name, redis, "stripe", fake,
+                      sync_interval="1s", meter__calls="api_calls",
+                      lock_ttl="%ds" % LOCK_TTL)
+              for name in ("a", "b")]
+        a, b = ws
+        cus = fake.add_customer()
+        sub = fake.add_subscription(cus["id"], status="active")
+        a.customer("both", "mk_test_both", cus["id"], sub["id"])
+        for w in ws:
+            w.start()
+        try:
+            wait_for(lambda: all(len(summaries(w)) >= 2 for w in ws), 20)
+            fake.set_subscription_status(sub["id"], "past_due")
+            wait_for(lambda: a.status("both")[0] == "delinquent", 10)
+            since = a.cust("both")["since"]
+            n0 = [len(summaries(w)) for w in ws]
+            # each polls at least twice more with it listed
+            wait_for(lambda: all(
+                len([s for s in summaries(w)[n0[i]:] if s[1] == 1]) >= 2
+                for i, w in enumerate(ws)), 20)
+            assert a.cust("both")["since"] == since
+            fake.set_subscription_status(sub["id"], "active")
+            wait_for(lambda: a.status("both")[0] == "active", 10)
+            n1 = [len(summaries(w)) for w in ws]
+            wait_for(lambda: all(len(summaries(w)) >= n1[i] + 2
+                                 for i, w in enumerate(ws)), 20)
+        finally:
+            for w in ws:
+                w.stop()
+        every = summaries(a) + summaries(b)
+        assert sum(s[2] for s in every) == 1, every     # marked once
+        assert sum(s[3] for s in every) == 1, every     # cleared once
+        assert all(summaries(w) for w in ws)
+        assert a.status("both")[:2] == ("active", None)

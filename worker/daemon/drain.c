@@ -108,6 +108,7 @@ static meter_drain_rc_e meter_drain_resume_chunk(meter_drain_t *d,
     redisReply *ids);
 static void meter_drain_retention(meter_drain_t *d, time_t now);
 static meter_drain_rc_e meter_drain_replicated(meter_drain_t *d);
+static meter_drain_rc_e meter_drain_follow(meter_drain_t *d, long every_ms);
 
 
 static double
@@ -475,6 +476,11 @@ meter_drain_check(meter_drain_t *d)
         return rc;
     }
 
+    rc = meter_drain_follow(d, 1000);
+    if (rc != 0) {
+        return rc;
+    }
+
     if ((now.tv_sec - d->renewed.tv_sec) * 3 >= d->cf->lock_ttl) {
         switch (meter_lock_renew(d)) {
         case 1:
@@ -514,6 +520,11 @@ meter_drain_run(meter_drain_t *d)
 
     if (d->provider->pass != NULL) {
         d->provider->pass(d->provider);
+    }
+
+    if (!d->dry_run && meter_drain_follow(d, 0) != METER_DRAIN_OK) {
+        meter_map_free(&d->customers, meter_reply_free);
+        return METER_DRAIN_REDIS;
     }
 
     if (!d->dry_run) {
@@ -1486,6 +1497,48 @@ meter_drain_replicated(meter_drain_t *d)
 
 
 /*
+ * redis = sentinel://: is the connection still to the master the Sentinels
+ * name?  Asked at most every every_ms.  A master stopped while its replica
+ * was promoted wakes up a master still and takes writes until Sentinel
+ * demotes it, seconds later; they are lost then (t/integration/
+ * test_failover_daemon.py).  Another master named: the connection is
+ * dropped, the caller's reconnect goes to the new one.
+ */
+static meter_drain_rc_e
+meter_drain_follow(meter_drain_t *d, long every_ms)
+{
+    struct timespec  now;
+
+    if (d->dry_run || d->cf->redis_host == NULL
+        || strncmp(d->cf->redis_host, "sentinel://", 11) != 0)
+    {
+        return METER_DRAIN_OK;
+    }
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+
+    if (every_ms > 0 && d->followed.tv_sec != 0
+        && (now.tv_sec - d->followed.tv_sec) * 1000
+           + (now.tv_nsec - d->followed.tv_nsec) / 1000000 < every_ms)
+    {
+        return METER_DRAIN_OK;
+    }
+
+    d->followed = now;
+
+    if (meter_redis_follow(d->redis, d->cf->redis_host,
+                           d->cf->redis_timeout_ms)
+        != 0)
+    {
+        meter_log(LOG_WARNING, "%s", d->redis->err);
+        return METER_DRAIN_REDIS;
+    }
+
+    return METER_DRAIN_OK;
+}
+
+
+/*
  * One delivery attempt (the lookup first for a record whose earlier send
  * may have reached the provider).  Sets r->accepted when the provider has
  * the record; a retry or a dead letter is recorded here.
@@ -1664,7 +1717,14 @@ meter_drain_mark_sent(meter_drain_t *d, meter_rec_t **recs, size_t n)
     redisReply       *rp;
     meter_drain_rc_e  rc;
 
-    rc = METER_DRAIN_OK;
+    /* the provider has them: their marks must not go to a master that
+     * Sentinel replaced while they were out (they would be lost, and the
+     * records resent); still "sending" on the new one, resent (deduped) */
+    rc = meter_drain_follow(d, 100);
+    if (rc != METER_DRAIN_OK) {
+        return rc;
+    }
+
     queued = 0;
 
     for (i = 0; i < n; i++) {

@@ -54,6 +54,7 @@ typedef struct {
 
     char                        token[33];      /* lock token */
     struct timespec             renewed;
+    struct timespec             followed;       /* Sentinels last asked */
     long long                   lock_pttl;      /* LOCKED: ms the other
                                                  * worker's lock has left */
 

@@ -588,6 +588,16 @@ meter_run_daemon(meter_worker_t *w)
 
         now = time(NULL);
 
+        /* the sync, alerts and quotas write too: not to a master that the
+         * Sentinels replaced (drain.c asks them again during a pass) */
+        if (meter_redis_follow(&w->redis, w->cf->redis_host,
+                               w->cf->redis_timeout_ms)
+            != 0)
+        {
+            meter_log(LOG_WARNING, "%s", w->redis.err);
+            continue;
+        }
+
         if (now >= next_sync && meter_sync_enabled(w->cf, &w->provider)) {
             next_sync = now + w->cf->sync_interval;
 

@@ -156,8 +156,20 @@ meter_wh_redis(meter_webhook_srv_t *s)
     time_t               now;
     const meter_conf_t  *cf;
 
+    cf = s->cf;
+
+    /* still the master the Sentinels name (one question per delivery):
+     * after a failover the old one would take the delivery and lose it */
     if (s->redis.ctx != NULL) {
-        return;
+        if (meter_redis_follow(&s->redis, cf->redis_host,
+                               cf->redis_timeout_ms)
+            == 0)
+        {
+            return;
+        }
+
+        meter_log(LOG_WARNING, "webhook: %s", s->redis.err);
+        s->redis_retry = 0;
     }
 
     /* a Redis that is down is tried again at most once a second */
@@ -167,7 +179,6 @@ meter_wh_redis(meter_webhook_srv_t *s)
     }
 
     s->redis_retry = now + 1;
-    cf = s->cf;
 
     rc = meter_redis_open(&s->redis, cf->redis_host, cf->redis_port,
                           cf->redis_unix, cf->redis_password_file,

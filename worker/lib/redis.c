@@ -8,7 +8,11 @@
  * connects there; every connect checks that ROLE says master (redis/redis
  * src/replication.c, roleCommand()), so nothing is written to a replica.
  * A -READONLY reply (a master demoted while we were connected) drops the
- * connection: the caller's reconnect asks the Sentinels again.
+ * connection: the caller's reconnect asks the Sentinels again.  A master
+ * that was stopped (kill -STOP, a hung VM) while Sentinel promoted its
+ * replica still says "master" and takes writes when it wakes up, until
+ * Sentinel demotes it (seconds later) and its data is replaced: only the
+ * Sentinels know, so meter_redis_follow() asks them again.
  */
 
 
@@ -144,12 +148,13 @@ meter_sentinel_parse(const char *url, meter_sentinels_t *sl)
 }
 
 
-/* the master's address from the first Sentinel that names it */
+/* the master's address from the first Sentinel that names it, from the
+ * one that answered last (*first): a dead one costs a timeout once */
 static int
 meter_sentinel_resolve(const char *url, struct timeval tv, char *host,
-    size_t hostlen, int *port, char *err, size_t errlen)
+    size_t hostlen, int *port, size_t *first, char *err, size_t errlen)
 {
-    size_t              i;
+    size_t              i, k;
     long                n;
     redisReply         *rp;
     redisContext       *c;
@@ -163,7 +168,8 @@ meter_sentinel_resolve(const char *url, struct timeval tv, char *host,
     snprintf(err, errlen, "redis: no Sentinel named the master \"%s\"",
              sl.master);
 
-    for (i = 0; i < sl.n; i++) {
+    for (k = 0; k < sl.n; k++) {
+        i = (*first + k) % sl.n;
         c = redisConnectWithTimeout(sl.host[i], sl.port[i], tv);
 
         if (c == NULL || c->err || redisSetTimeout(c, tv) != REDIS_OK) {
@@ -186,6 +192,7 @@ meter_sentinel_resolve(const char *url, struct timeval tv, char *host,
             if (n >= 1 && n <= 65535) {
                 memcpy(host, rp->element[0]->str, rp->element[0]->len + 1);
                 *port = (int) n;
+                *first = i;
                 freeReplyObject(rp);
                 redisFree(c);
                 return 0;
@@ -223,7 +230,7 @@ meter_redis_connect(meter_redis_t *r, const char *host, int port,
 
     if (host != NULL && strncmp(host, "sentinel://", 11) == 0) {
         if (meter_sentinel_resolve(host, tv, mhost, sizeof(mhost), &port,
-                                   err, errlen)
+                                   &r->sentinel, err, errlen)
             != 0)
         {
             return -1;
@@ -231,6 +238,8 @@ meter_redis_connect(meter_redis_t *r, const char *host, int port,
 
         host = mhost;
     }
+
+    r->master[0] = '\0';
 
     if (unix_path != NULL) {
         r->ctx = redisConnectUnixWithTimeout(unix_path, tv);
@@ -301,7 +310,48 @@ meter_redis_connect(meter_redis_t *r, const char *host, int port,
 
     meter_redis_scripts_load(r);
 
+    if (host != NULL && host == mhost) {
+        memcpy(r->master, mhost, sizeof(r->master));
+        r->master_port = port;
+    }
+
     return 0;
+}
+
+
+int
+meter_redis_follow(meter_redis_t *r, const char *url, int64_t timeout_ms)
+{
+    int             port;
+    char            host[256], err[256];
+    struct timeval  tv;
+
+    if (url == NULL || strncmp(url, "sentinel://", 11) != 0
+        || r->ctx == NULL || r->master[0] == '\0')
+    {
+        return 0;
+    }
+
+    tv.tv_sec = timeout_ms / 1000;
+    tv.tv_usec = (timeout_ms % 1000) * 1000;
+
+    if (meter_sentinel_resolve(url, tv, host, sizeof(host), &port,
+                               &r->sentinel, err, sizeof(err))
+        != 0)
+    {
+        return 0;
+    }
+
+    if (port == r->master_port && strcmp(host, r->master) == 0) {
+        return 0;
+    }
+
+    snprintf(r->err, sizeof(r->err), "redis: the Sentinels name %.64s:%d the "
+             "master now, not %.64s:%d: reconnecting", host, port, r->master,
+             r->master_port);
+    meter_redis_close(r);
+
+    return 1;
 }
 
 

@@ -25,6 +25,10 @@ typedef struct {
     redisContext               *ctx;
     char                        err[256];
     int                         evalsha;        /* scripts loaded */
+    char                        master[256];    /* Sentinel's answer, the */
+    int                         master_port;    /* address connected to */
+    size_t                      sentinel;       /* asked first: the last
+                                                 * one that answered */
 } meter_redis_t;
 
 
@@ -55,6 +59,11 @@ int meter_redis_open(meter_redis_t *r, const char *host, int port,
     const char *unix_path, const char *password_file, int db,
     int64_t timeout_ms, char *err, size_t errlen);
 void meter_redis_close(meter_redis_t *r);
+/* with a sentinel:// url: 1 when the Sentinels now name another master
+ * than the one connected (the connection is closed, r->err says so), 0
+ * when the same or no Sentinel answered (nothing to go by) */
+int meter_redis_follow(meter_redis_t *r, const char *url,
+    int64_t timeout_ms);
 /* records the error and drops the context (reconnect later) */
 void meter_redis_fail(meter_redis_t *r);
 /* the same for a -READONLY reply (a demoted master); else nothing */

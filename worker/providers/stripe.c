@@ -2486,7 +2486,12 @@ meter_stripe_redis(meter_stripe_t *st)
     int   rc;
     char  err[256];
 
-    if (st->redis.ctx != NULL) {
+    /* still the master the Sentinels name: these marks are rare */
+    if (st->redis.ctx != NULL
+        && meter_redis_follow(&st->redis, st->redis_host,
+                              st->redis_timeout_ms)
+           == 0)
+    {
         return 0;
     }
 
