@@ -53,24 +53,13 @@ sys.path.insert(0, str(ROOT / "t"))
 
 from conftest import (MODULE_SO, NGINX, RedisServer,  # noqa: E402
                       free_port, wait_for)
+from nginx_conf import head  # noqa: E402
 
 CONFIGS = ("plain", "metered", "static", "metered-static", "gov", "unique",
            "unique-new")
 
 CONF = """\
-{load_module}
-{user}
-daemon off;
-master_process off;
-error_log {tmp}/error.log notice;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/client_body_temp;
-    proxy_temp_path {tmp}/proxy_temp;
-    fastcgi_temp_path {tmp}/fastcgi_temp;
-    uwsgi_temp_path {tmp}/uwsgi_temp;
-    scgi_temp_path {tmp}/scgi_temp;
+{head}
     keepalive_requests 1000000;
     default_type text/plain;
     {http}
@@ -221,9 +210,8 @@ def run(a, tmp, name, redis):
                      "    meter_governance_refresh 1h;\n")
             server = "meter_governance zone=api unknown_key=401;"
     (d / "nginx.conf").write_text(CONF.format(
-        load_module=("load_module %s;" % a.module) if metered else "",
-        user="user root root;" if os.geteuid() == 0 else "",
-        tmp=d, http=http, server=server, loc=loc, content=content,
+        head=head(d, 64, module=a.module if metered else None),
+        http=http, server=server, loc=loc, content=content,
         port=port))
     out = d / "callgrind.out"
     log = open(d / "valgrind.log", "wb")
