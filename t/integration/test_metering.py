@@ -429,7 +429,7 @@ def test_meter_status_json_and_prometheus(redis, nginx_factory):
     total = sum(t.ok.values())
     expect_totals(redis, {(k, "calls"): n_ for ((k,), _), n_ in t.ok.items()})
 
-    wait_for(lambda: status_json(n)["api"]["pending"] == 0, 5)
+    wait_for(lambda: status_json(n)["api"]["pending"] == 0, 30)
     z = status_json(n)["api"]
     for f in ("keys", "slots", "shm_bytes", "shm_used", "shm_free",
               "pending", "flushed_total", "flushes", "flush_errors",
@@ -448,7 +448,7 @@ def test_meter_status_json_and_prometheus(redis, nginx_factory):
     c = Client(n.port)
     for k in ("mk_status_a", "mk_status_b"):
         assert c.request("GET", "/api", {"X-Api-Key": k}) == 200
-    wait_for(lambda: status_json(n)["api"]["pending"] == 0, 5)
+    wait_for(lambda: status_json(n)["api"]["pending"] == 0, 30)
     z2 = status_json(n)["api"]
     assert z2["flushed_counters"] == z["flushed_counters"] + 2
     assert z2["flushed_total"] == total + 2
@@ -562,7 +562,7 @@ def test_redis_lost_data_is_rewritten(redis, nginx_factory):
     hour0 = utc_hour()
 
     def crash(t):
-        wait_for(lambda: totals(redis), 5)
+        wait_for(lambda: totals(redis), 30)
         redis.stop("kill")
         time.sleep(0.5)
         redis.start()
