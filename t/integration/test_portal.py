@@ -452,7 +452,7 @@ def test_usage_numbers_match_meterctl_exactly(portal, redis):
         time.sleep(0.2)
         return int(redis.hgetall(used).get("calls", 0)) > used0
 
-    wait_for(charged, 10)
+    wait_for(charged, 30)
     wait_for(lambda: metered_calls() == before + 7 + len(extra), 30,
              msg=metered_calls)
     used1 = int(redis.hgetall(used)["calls"])
