@@ -30,7 +30,7 @@ PKGS := build-essential pkg-config nginx nginx-dev libhiredis-dev \
         libssl-dev redis-server python3-pytest python3-h2 wrk curl \
         ca-certificates time libfaketime libmicrohttpd-dev debhelper \
         dpkg-dev lintian systemd strace prometheus python3-aiosmtpd \
-        redis-sentinel stunnel4 chromium chromium-driver
+        redis-sentinel stunnel4 chromium chromium-driver git
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

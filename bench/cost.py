@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "t"))
 
 from conftest import (MODULE_SO, NGINX, Nginx, RedisServer,  # noqa: E402
                       free_port, usage_fields, wait_for)
+from nginx_conf import head  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 CONNECTIONS = 50
@@ -525,19 +526,7 @@ def report_load(label, kind, rows):
 # ---------------------------------------------------------------- callgrind
 
 CG_CONF = """\
-{load_module}
-{user}
-daemon off;
-master_process off;
-error_log {tmp}/error.log notice;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/client_body_temp;
-    proxy_temp_path {tmp}/proxy_temp;
-    fastcgi_temp_path {tmp}/fastcgi_temp;
-    uwsgi_temp_path {tmp}/uwsgi_temp;
-    scgi_temp_path {tmp}/scgi_temp;
+{head}
     keepalive_requests 1000000;
     {http}
     upstream backend {{
@@ -644,9 +633,8 @@ def callgrind_run(a, tmp, name, redis, backend, gov_keys):
                  "    meter_governance_refresh 1h;\n")
         server = GATE
     (d / "nginx.conf").write_text(CG_CONF.format(
-        load_module=("load_module %s;" % MODULE_SO) if metered else "",
-        user="user root root;" if os.geteuid() == 0 else "",
-        tmp=d, http=http, server=server, loc=loc, backend=backend.port,
+        head=head(d, 256, module=MODULE_SO if metered else None),
+        http=http, server=server, loc=loc, backend=backend.port,
         port=port))
     out = d / "callgrind.out"
     log = open(d / "valgrind.log", "wb")
@@ -953,9 +941,8 @@ def cg_stall_part(a, tmp, redis, results):
                 % (zone_size(nkeys), redis.port, gov_size(nkeys), refresh,
                    sport))
         (d / "nginx.conf").write_text(CG_CONF.format(
-            load_module="load_module %s;" % MODULE_SO,
-            user="user root root;" if os.geteuid() == 0 else "",
-            tmp=d, http=http, server="meter zone=api calls; " + GATE,
+            head=head(d, 256, module=MODULE_SO), http=http,
+            server="meter zone=api calls; " + GATE,
             loc="", backend=free_port(), port=port))
         proc = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--collect-atstart=no",

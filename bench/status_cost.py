@@ -32,21 +32,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "t"))
 
 from conftest import MODULE_SO, NGINX, free_port, wait_for  # noqa: E402
+from nginx_conf import head  # noqa: E402
 
 CONF = """\
-load_module {module};
-{user}
-daemon off;
-master_process off;
-error_log {tmp}/error.log notice;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/client_body_temp;
-    proxy_temp_path {tmp}/proxy_temp;
-    fastcgi_temp_path {tmp}/fastcgi_temp;
-    uwsgi_temp_path {tmp}/uwsgi_temp;
-    scgi_temp_path {tmp}/scgi_temp;
+{head}
     keepalive_requests 10000000;
     default_type text/plain;
     meter_zone $http_x_api_key zone=api:{size}m;
@@ -131,9 +120,9 @@ def main():
 
     tmp = Path(tempfile.mkdtemp(prefix="status-cost-"))
     port = free_port()
-    conf = CONF.format(module=a.module, tmp=tmp, port=port, dead=free_port(),
-                       size=max(8, a.keys * 2 * 110 // (1 << 20) + 1),
-                       user="user root;" if os.geteuid() == 0 else "")
+    conf = CONF.format(head=head(tmp, 256, module=a.module), port=port,
+                       dead=free_port(),
+                       size=max(8, a.keys * 2 * 110 // (1 << 20) + 1))
     (tmp / "nginx.conf").write_text(conf)
     p = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(tmp / "nginx.conf"),
                           "-e", str(tmp / "error.log")],

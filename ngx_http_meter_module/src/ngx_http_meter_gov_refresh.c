@@ -122,6 +122,8 @@ static ngx_int_t ngx_http_meter_gov_scan_page(
 static void ngx_http_meter_gov_take(ngx_http_meter_gov_refresh_t *gr,
     redisReply *items, ngx_uint_t phase);
 static void ngx_http_meter_gov_page_free(ngx_http_meter_gov_refresh_t *gr);
+static ngx_int_t ngx_http_meter_gov_next(ngx_http_meter_gov_refresh_t *gr,
+    ngx_uint_t phase, ngx_uint_t why);
 static ngx_int_t ngx_http_meter_gov_scan_field(
     ngx_http_meter_gov_refresh_t *gr, ngx_http_meter_gov_view_t *v,
     redisReply *f, redisReply *val);
@@ -919,14 +921,7 @@ ngx_http_meter_gov_apply(ngx_http_meter_gov_refresh_t *gr)
                          __ATOMIC_RELAXED);
     }
 
-    if (gr->gov_rebuilt == 0) {
-        gr->gov_rebuilt = 3;
-    }
-
-    gr->gov_phase = NGX_HTTP_METER_GOV_RESET;
-    gr->gov_i = 0;
-
-    return NGX_OK;
+    return ngx_http_meter_gov_next(gr, NGX_HTTP_METER_GOV_RESET, 3);
 }
 
 
@@ -1567,6 +1562,27 @@ ngx_http_meter_gov_take(ngx_http_meter_gov_refresh_t *gr, redisReply *items,
 }
 
 
+/*
+ * A phase is done: the next starts at its first element. why, if not 0, is
+ * what makes this refresh rebuild (1 customers, 3 the delta); the first
+ * reason stays, for the debug line and the finish.
+ */
+
+static ngx_int_t
+ngx_http_meter_gov_next(ngx_http_meter_gov_refresh_t *gr, ngx_uint_t phase,
+    ngx_uint_t why)
+{
+    if (why != 0 && gr->gov_rebuilt == 0) {
+        gr->gov_rebuilt = why;
+    }
+
+    gr->gov_phase = phase;
+    gr->gov_i = 0;
+
+    return NGX_OK;
+}
+
+
 static ngx_int_t
 ngx_http_meter_gov_scan_page(ngx_http_meter_gov_refresh_t *gr)
 {
@@ -1615,10 +1631,8 @@ ngx_http_meter_gov_scan_page(ngx_http_meter_gov_refresh_t *gr)
 
     gr->gov_valid = 1;
     gr->gov_kbuf = -1;
-    gr->gov_phase = NGX_HTTP_METER_GOV_ZERO;
-    gr->gov_i = 0;
 
-    return NGX_OK;
+    return ngx_http_meter_gov_next(gr, NGX_HTTP_METER_GOV_ZERO, 0);
 }
 
 
@@ -2014,10 +2028,7 @@ ngx_http_meter_gov_zero(ngx_http_meter_gov_refresh_t *gr)
         gr->gov_i += n;
     }
 
-    gr->gov_phase = NGX_HTTP_METER_GOV_KEYS;
-    gr->gov_i = 0;
-
-    return NGX_OK;
+    return ngx_http_meter_gov_next(gr, NGX_HTTP_METER_GOV_KEYS, 0);
 }
 
 
@@ -2080,10 +2091,8 @@ ngx_http_meter_gov_keys(ngx_http_meter_gov_refresh_t *gr)
     }
 
     gr->gov_kbuf = gr->gov_spare;
-    gr->gov_phase = NGX_HTTP_METER_GOV_RESET;
-    gr->gov_i = 0;
 
-    return NGX_OK;
+    return ngx_http_meter_gov_next(gr, NGX_HTTP_METER_GOV_RESET, 0);
 }
 
 
@@ -2263,10 +2272,7 @@ ngx_http_meter_gov_send_used(ngx_http_meter_gov_refresh_t *gr)
         return NGX_DONE;
     }
 
-    gr->gov_phase = NGX_HTTP_METER_GOV_CHECK;
-    gr->gov_i = 0;
-
-    return NGX_OK;
+    return ngx_http_meter_gov_next(gr, NGX_HTTP_METER_GOV_CHECK, 0);
 }
 
 
@@ -2334,14 +2340,7 @@ ngx_http_meter_gov_check(ngx_http_meter_gov_refresh_t *gr)
 
 changed:
 
-    if (gr->gov_rebuilt == 0) {
-        gr->gov_rebuilt = 1;
-    }
-
-    gr->gov_phase = NGX_HTTP_METER_GOV_CUSTS;
-    gr->gov_i = 0;
-
-    return NGX_OK;
+    return ngx_http_meter_gov_next(gr, NGX_HTTP_METER_GOV_CUSTS, 1);
 }
 
 

@@ -62,8 +62,11 @@ def test_outage_then_catch_up_oldest_first(redis, tmp_path):
         keyfile.write_text("sk_test_bl\n")
         keyfile.chmod(0o600)
         textfile = tmp_path / "worker.prom"
+        # stripe.backoff: a chunk of 20 records goes out before the turn
+        # ends and the metrics are written; at the default 0.5 s between a
+        # request's 3 attempts that first turn took 20-30 s, past the wait
         w = Worker(tmp_path / "w", redis, provider="stripe",
-                   stripe__base_url=stripe.url,
+                   stripe__base_url=stripe.url, stripe__backoff="50ms",
                    stripe__api_key_file=keyfile, meter__calls="api_calls",
                    retry__base="1s", retry__max="2s", lock_ttl="5s",
                    sync_interval="1s", turn_time="300ms",
@@ -77,7 +80,7 @@ def test_outage_then_catch_up_oldest_first(redis, tmp_path):
         wait_for(lambda: textfile.exists() and
                  sample(textfile.read_text(),
                         "meter_worker_records_failed_total") >= 5,
-                 timeout=30)
+                 timeout=120, msg=lambda: (w.tmp / "worker.log").read_text())
         time.sleep(2)
         # paused after a few failures: not every record was made and sent
         # into the outage; the rest is still due, counted in the backlog

@@ -226,7 +226,7 @@ def wait_gated(n, probes, exp):
         count(exp, gated[0], "mk_bad", status)
         return status == 402
 
-    wait_for(refused, REFRESH * 15,
+    wait_for(refused, 30,
              msg="governance never applied at %r (no refresh?)" % gated[0])
 
 

@@ -77,7 +77,9 @@ def test_write_racing_the_settle_is_billed_by_the_confirming_read(
     """A batch whose ZADD ran before the worker's ZREM but whose data came
     after the worker read the key: no ZADD follows, only the confirming
     read (grace after the settle) finds it."""
-    w = Worker(tmp_path, redis, grace="2s")
+    # grace: the second run below must start before it has passed since
+    # the settle (whole seconds: 4-5 s later), however loaded the machine
+    w = Worker(tmp_path, redis, grace="5s")
     h = NOW_HOUR - 4 * 3600
     a = put(redis, "key-race", h, {"calls": 5})
     assert w.once(h + 3600).returncode == 0
@@ -91,14 +93,14 @@ def test_write_racing_the_settle_is_billed_by_the_confirming_read(
     assert w.once(h + 3600).returncode == 0
     assert len(w.lines()) == 1
     # ... after it, once, and then it is confirmed
-    time.sleep(2.2)
+    time.sleep(5.2)
     assert w.once(h + 3600).returncode == 0
     assert w.lines() == [line(a, None, "calls", h, 5),
                          line(a, None, "calls", h, 4, seq=2)]
     assert settled(redis)[hn][1] == "1"
 
     redis.cmd("CONFIG", "RESETSTAT")
-    time.sleep(2.2)
+    time.sleep(5.2)
     assert w.once(h + 3600).returncode == 0
     assert stat_calls(redis, "sscan") == 0
     assert len(w.lines()) == 2

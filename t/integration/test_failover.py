@@ -220,7 +220,7 @@ def test_module_sigkill_primary_mid_flush_writes_lost_then_repaired(
     n = nginx_factory(sentinel_conf(topo), redis="-")
     old = topo.primary
     t = traffic(n)
-    wait_for(lambda: totals(old), 5)
+    wait_for(lambda: totals(old), 30)
 
     sleeper = Resp("127.0.0.1", topo.replica.port, timeout=10)
     sleeper.sock.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$1\r\n2\r\n")
@@ -258,7 +258,7 @@ def test_module_debug_sleep_primary_failover_exact(topo, nginx_factory):
     n = nginx_factory(sentinel_conf(topo), redis="-")
     old = topo.primary
     t = traffic(n)
-    wait_for(lambda: totals(old), 5)
+    wait_for(lambda: totals(old), 30)
 
     sleeper = Resp("127.0.0.1", old.port, timeout=10)
     sleeper.sock.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$1\r\n4\r\n")

@@ -112,7 +112,7 @@ def test_credit_mid_hour_moves_a_counter_between_layouts(nginx_factory,
     """Real nodes: a key's counter is in the writer layout until its
     customer gets credit, then the same slot goes on in the key layout.
     The worker bills it once; mtr:used holds only what came after."""
-    from test_meterctl import REFRESH, call, ok, okj, register, start
+    from test_meterctl import call, ok, okj, refreshed_since, register, start
 
     c = register(redis, "switch@example.com")
     n = start(nginx_factory, redis, workers=1)
@@ -123,8 +123,9 @@ def test_credit_mid_hour_moves_a_counter_between_layouts(nginx_factory,
              10)
     assert redis.keys("mtr:u:*") == []
 
+    t = time.time()
     ok(redis, "credit", "set", c["customer"], "--meter", "calls", 100)
-    time.sleep(REFRESH * 5)
+    refreshed_since(n, t)
     for _ in range(6):
         assert call(n, c["key"])[0] == 200
     wait_for(lambda: int(redis.cmd("HGET", "mtr:used:{%s}" % c["key_hash"],

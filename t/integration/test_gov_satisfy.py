@@ -71,7 +71,7 @@ def test_refusal_final_under_satisfy_any(nginx_factory, redis, backend):
     meterctl(redis, "delinquent", "set", "bad")
     n = nginx_factory(CONF, workers=1, redis=redis.address,
                       backend=backend.port)
-    wait_for(lambda: get(n, "/probe", "mk_nobody")[0] == 401, 5,
+    wait_for(lambda: get(n, "/probe", "mk_nobody")[0] == 401, 30,
              msg="no governance refresh")
 
     for path, key, want in (

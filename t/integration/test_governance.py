@@ -162,7 +162,7 @@ def test_delinquent_customer_gets_402_on_all_keys(nginx_factory, redis, gov):
         assert call(n, k)[0] == 200
 
     gov.delinquent("acme")
-    wait_for(lambda: call(n, "mk_a1")[0] == 402, REFRESH * 10)
+    wait_for(lambda: call(n, "mk_a1")[0] == 402, 30)
     settle()
 
     for k in ("mk_a1", "mk_a2"):
@@ -181,7 +181,7 @@ def test_delinquent_customer_gets_402_on_all_keys(nginx_factory, redis, gov):
     assert st["gov_denied_invoice_overdue"] >= 3
 
     gov.clear("acme")
-    wait_for(lambda: call(n, "mk_a1")[0] == 200, REFRESH * 10)
+    wait_for(lambda: call(n, "mk_a1")[0] == 200, 30)
     settle()
     assert call(n, "mk_a2")[0] == 200
     assert status(n)["gov_customers_delinquent"] == 0
@@ -232,7 +232,7 @@ def test_missing_unknown_and_revoked_keys(nginx_factory, redis, gov):
 
     assert call(n, "mk_a2")[0] == 200
     gov.revoke("mk_a2", "acme")
-    wait_for(lambda: call(n, "mk_a2")[0] == 401, REFRESH * 10)
+    wait_for(lambda: call(n, "mk_a2")[0] == 401, 30)
     code, body = call(n, "mk_a2")
     assert json.loads(body)["reason"] == "revoked_key"
     assert call(n, "mk_a1")[0] == 200
@@ -347,7 +347,7 @@ def test_prepaid_credit(nginx_factory, redis, gov, workers):
 
     gov.credit_add("prepaid", "calls", 10)
     wait_for(lambda: c.request("GET", "/", {"X-Api-Key": "mk_c1"}) == 200,
-             REFRESH * 10)
+             30)
     more = 1
     for _ in range(30):
         if c.request("GET", "/", {"X-Api-Key": "mk_c2"}) == 200:

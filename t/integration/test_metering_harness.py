@@ -54,7 +54,7 @@ def test_nginx_fixture_reload_and_kill(nginx_factory):
     t = Traffic(n.port, [("GET", "/", {}, "a"), ("GET", "/missing", {}, "b")],
                 threads=2, limit=50).run()
     assert t.ok == {("a", 200): 50, ("b", 404): 50}
-    wait_for(lambda: n.get("/")[0] == 200, 2)
+    wait_for(lambda: n.get("/")[0] == 200, 30)
 
 
 def test_nginx_t_reports_file_and_line():

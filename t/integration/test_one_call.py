@@ -52,7 +52,7 @@ def start(nginx_factory, redis, backend, locs, listen="", workers=1):
     n = nginx_factory(BASE % {"locs": locs, "listen": listen},
                       workers=workers, redis=redis.address,
                       backend=backend.port)
-    wait_for(lambda: get(n, "/probe", "mk_bad")[0] == 402, REFRESH * 15,
+    wait_for(lambda: get(n, "/probe", "mk_bad")[0] == 402, 30,
              msg="no governance refresh")
     return n
 
@@ -416,7 +416,7 @@ def test_subrequests_not_billed_nor_gated(nginx_factory, redis, backend,
         for _ in range(3):
             status, got, _ = get(n, path, "mk_nobody")
             assert (status, got) == (200, body), (path, status, got)
-        wait_for(lambda: backend.hits[sub_path] == 3, 5,
+        wait_for(lambda: backend.hits[sub_path] == 3, 30,
                  msg=lambda: "%s: %r" % (sub_path, backend.hits))
         exp[("mk_nobody", main_meter)] = 3
         if sub:
@@ -514,7 +514,7 @@ def test_client_gone_and_upstream_timeout(nginx_factory, redis, backend):
             s.sendall(b"GET /gone/a%d?ms=2000 HTTP/1.1\r\nHost: x\r\n"
                       b"X-Api-Key: mk_good\r\n\r\n" % i)
             time.sleep(0.1)
-        wait_for(lambda: len(log_lines(n, "/gone/")) == i + 1, 5)
+        wait_for(lambda: len(log_lines(n, "/gone/")) == i + 1, 30)
     assert [line[1] for line in log_lines(n, "/gone/")] == ["499"] * 3
     # the upstream does not answer in time: 504
     for i in range(2):
@@ -562,7 +562,7 @@ def test_value_variables_match_access_log(nginx_factory, redis, backend,
         sent["bytes"] += len(resp)
         sent["body"] += len(resp.partition(b"\r\n\r\n")[2])
         sent["reqlen"] += len(req)
-    wait_for(lambda: len(log_lines(n, "/v/")) == 4, 5)
+    wait_for(lambda: len(log_lines(n, "/v/")) == 4, 30)
     logged = {"bytes": 0, "body": 0, "reqlen": 0, "uplen": 0}
     for line in log_lines(n, "/v/"):
         logged["bytes"] += int(line[3])

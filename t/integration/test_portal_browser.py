@@ -176,7 +176,7 @@ def test_sign_up_call_and_see_usage_in_chromium(stack, redis, tmp_path):
         assert key not in b.js("return document.body.innerHTML")
 
         # ---- calls through nginx to the upstream, with that key
-        wait_for(lambda: call_api(n, key) == 200, 5)
+        wait_for(lambda: call_api(n, key) == 200, 30)
         for _ in range(6):
             assert call_api(n, key, "/api/thing") == 200
         start = time.strftime("%Y-%m-%d", time.gmtime(month_start(
@@ -187,7 +187,7 @@ def test_sign_up_call_and_see_usage_in_chromium(stack, redis, tmp_path):
                                     "--json", "--from", start).stdout)
 
         # flushed (writer layout) and read back by meterctl
-        wait_for(lambda: sum(c["quantity"] for c in cli_rows()) == 7, 5,
+        wait_for(lambda: sum(c["quantity"] for c in cli_rows()) == 7, 30,
                  msg=cli_rows)
         w.ctl("credit", "set", cid, "--meter", "calls", "100")
         used0 = int(redis.hgetall("mtr:used:{%s}" % key_hash(key))

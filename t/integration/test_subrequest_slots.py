@@ -127,7 +127,7 @@ def test_auth_request_and_mirror_bill_once(nginx_factory, redis, backend,
     n = nginx_factory(CONF % {"sub": sub}, workers=1, redis=redis.address,
                       backend=backend.port)
     # the first refresh: the gate knows mk_good (and the slots are used)
-    wait_for(lambda: get(n.port, "/probe", "mk_good")[0] == 200, 5,
+    wait_for(lambda: get(n.port, "/probe", "mk_good")[0] == 200, 30,
              msg="no governance refresh")
     backend.hits.clear()
 
@@ -141,7 +141,7 @@ def test_auth_request_and_mirror_bill_once(nginx_factory, redis, backend,
     def hits_done():
         return all(backend.hits[p] == v for p, v in HITS.items())
 
-    wait_for(hits_done, 5, msg=lambda: "backend hits %r" % backend.hits)
+    wait_for(hits_done, 30, msg=lambda: "backend hits %r" % backend.hits)
 
     per_call = 2 if sub else 1
     exp = {}

@@ -452,7 +452,7 @@ def test_daemon_polls_and_nginx_answers_402(nginx_factory, redis, stripe,
     n = nginx_factory(GOV_CONF, redis=redis.address)
     b.start()
     try:
-        assert wait_for(lambda: call(n, "mk_test_daemon") == 200, 5)
+        assert wait_for(lambda: call(n, "mk_test_daemon") == 200, 30)
         t0 = time.monotonic()
         stripe.set_subscription_status(sub["id"], "past_due")
         wait_for(lambda: call(n, "mk_test_daemon") == 402, 10,

@@ -70,12 +70,12 @@ class Hooks:
     """nginx + the worker daemon with webhooks for one provider."""
 
     def __init__(self, nginx_factory, redis, tmp_path, provider, fake,
-                 **settings):
+                 idle="2s", **settings):
         self.wh_port = free_port()
         self.b = Billing(tmp_path / "w", redis, provider, fake,
                          sync__delinquency="off",
                          webhook__listen="127.0.0.1:%d" % self.wh_port,
-                         webhook__timeout="2s", **settings)
+                         webhook__timeout=idle, **settings)
         self.b.start(port=self.wh_port)
         self.n = nginx_factory(CONF, redis=redis.address, wh=self.wh_port)
         self.url = "http://127.0.0.1:%d/webhooks/%s" % (self.n.port, provider)
@@ -86,21 +86,32 @@ class Hooks:
         self.b.stop()
 
 
-@pytest.fixture
-def stripe_hooks(nginx_factory, redis, tmp_path):
+def stripe_hooks_with(nginx_factory, redis, tmp_path, idle):
     with FakeStripe() as f:
         secret = tmp_path / "whsec"
         secret.write_text(SECRET + "\n")
-        h = Hooks(nginx_factory, redis, tmp_path, "stripe", f,
+        h = Hooks(nginx_factory, redis, tmp_path, "stripe", f, idle=idle,
                   stripe__webhook_secret_file=secret)
         cus = f.add_customer()
         sub = f.add_subscription(cus["id"])
         h.b.customer("acme", "mk_test_hook_1", cus["id"], sub["id"])
         h.cus, h.sub = cus["id"], sub["id"]
         h.fake = f
-        wait_for(lambda: call(h.n, "mk_test_hook_1") == 200, 5)
+        wait_for(lambda: call(h.n, "mk_test_hook_1") == 200, 30)
         yield h
         h.stop()
+
+
+@pytest.fixture
+def stripe_hooks(nginx_factory, redis, tmp_path):
+    yield from stripe_hooks_with(nginx_factory, redis, tmp_path, "2s")
+
+
+@pytest.fixture
+def stripe_hooks_patient(nginx_factory, redis, tmp_path):
+    """Idle clients closed after 30 s: what the listener does well before
+    that is its own doing, however slow the machine."""
+    yield from stripe_hooks_with(nginx_factory, redis, tmp_path, "30s")
 
 
 def invoice(h):
@@ -114,15 +125,15 @@ def version(redis):
 
 def test_stripe_failed_then_paid(stripe_hooks, redis):
     h = stripe_hooks
-    t0 = time.monotonic()
     st, body = stfake.send_webhook(h.url, "invoice.payment_failed",
                                    invoice(h), SECRET)
     assert st == 200, body
     assert json.loads(body)["changed"] is True
     # stored before the answer
     assert h.b.status("acme") == ("delinquent", "invoice_overdue", "sync")
-    wait_for(lambda: call(h.n, "mk_test_hook_1") == 402, 5)
-    assert time.monotonic() - t0 < REFRESH * 10
+    # sync is off: only the webhook's write can refuse the key, by the
+    # next governance refresh; no wall-clock bound (a loaded machine)
+    wait_for(lambda: call(h.n, "mk_test_hook_1") == 402, 30)
 
     st, body = stfake.send_webhook(h.url, "invoice.paid", invoice(h), SECRET,
                                    created=time.time() + 1)
@@ -351,15 +362,26 @@ def refused(s):
         return True
 
 
-def test_idle_clients_do_not_block_deliveries(stripe_hooks):
+def test_idle_clients_do_not_block_deliveries(stripe_hooks_patient):
     """64 idle clients: the listener keeps 32 of one address (the rest are
     closed at once) and serves another; through nginx, which buffers the
-    request before it connects upstream, they never reach the listener."""
-    h = stripe_hooks
+    request before it connects upstream, they never reach the listener.
+    Idle clients time out after 30 s here: the bounds below have room for
+    a loaded machine and still tell "at once" from "at the timeout"."""
+    h = stripe_hooks_patient
     socks = idle_clients(h.wh_port, 64, source="127.0.0.2")
     try:
-        time.sleep(0.5)
-        closed = select.select(socks, [], [], 1.0)[0]
+        closed = set()
+
+        def closing():
+            closed.update(select.select([s for s in socks
+                                         if s not in closed], [], [],
+                                        0.2)[0])
+            return len(closed) >= 64 - 32
+        wait_for(closing, 15)
+        # and no more than those
+        assert not select.select([s for s in socks if s not in closed],
+                                 [], [], 0.5)[0]
         assert all(refused(s) for s in closed)
         assert len(closed) == 64 - 32
         t0 = time.monotonic()
@@ -367,7 +389,7 @@ def test_idle_clients_do_not_block_deliveries(stripe_hooks):
                                        invoice(h), SECRET,
                                        event_id="evt_idle_1")
         assert st == 200, body
-        assert time.monotonic() - t0 < 1
+        assert time.monotonic() - t0 < 10
         assert h.b.cust("acme")["status"] == "delinquent"
     finally:
         for s in socks:
@@ -415,7 +437,7 @@ def test_future_dated_event_does_not_freeze(stripe_hooks, redis):
     assert "is now active" in r.stdout
     assert h.b.cust("acme")["status"] == "active"
     assert int(h.b.cust("acme")["status_at"]) <= int(time.time())
-    wait_for(lambda: call(h.n, "mk_test_hook_1") == 200, 5)
+    wait_for(lambda: call(h.n, "mk_test_hook_1") == 200, 30)
 
 
 def test_ids_from_bodies_cannot_forge_log_lines(stripe_hooks):
@@ -457,7 +479,8 @@ def test_reload_and_sigterm_with_the_listener(nginx_factory, redis, tmp_path,
     with FakeStripe() as f:
         secret = tmp_path / "whsec"
         secret.write_text(SECRET + "\n")
-        h = Hooks(nginx_factory, redis, tmp_path, "stripe", f,
+        # idle clients time out after 30 s: the exit below is far sooner
+        h = Hooks(nginx_factory, redis, tmp_path, "stripe", f, idle="30s",
                   stripe__webhook_secret_file=secret)
         try:
             cus = f.add_customer()
@@ -483,8 +506,8 @@ def test_reload_and_sigterm_with_the_listener(nginx_factory, redis, tmp_path,
             idle = idle_clients(h.wh_port, 3)
             t0 = time.monotonic()
             h.b.proc.send_signal(signal.SIGTERM)
-            assert h.b.proc.wait(10) == 0
-            assert time.monotonic() - t0 < 3
+            assert h.b.proc.wait(30) == 0
+            assert time.monotonic() - t0 < 15
             assert all(refused(c) for c in idle)
             for c in idle:
                 c.close()
@@ -555,7 +578,7 @@ def test_chargebee_basic_auth(nginx_factory, redis, tmp_path):
             assert st == 200
             assert h.b.status("cbacme") == ("delinquent", "invoice_overdue",
                                             "sync")
-            wait_for(lambda: call(h.n, "mk_test_cb") == 402, 5)
+            wait_for(lambda: call(h.n, "mk_test_cb") == 402, 30)
 
             # paid, but the subscription still owes another invoice
             owing = dict(content, subscription=dict(
@@ -571,7 +594,7 @@ def test_chargebee_basic_auth(nginx_factory, redis, tmp_path):
                                         occurred_at=now + 2)
             assert st == 200
             assert h.b.cust("cbacme")["status"] == "active"
-            wait_for(lambda: call(h.n, "mk_test_cb") == 200, 5)
+            wait_for(lambda: call(h.n, "mk_test_cb") == 200, 30)
             assert "s3cret-pw" not in h.b.log()
             assert base64.b64encode(b"hooks:s3cret-pw").decode() \
                 not in h.b.log()
@@ -608,7 +631,7 @@ def test_recurly_signature(nginx_factory, redis, tmp_path):
                                         event_time=now)
             assert st == 200
             assert h.b.cust("racme")["status"] == "delinquent"
-            wait_for(lambda: call(h.n, "mk_test_rc") == 402, 5)
+            wait_for(lambda: call(h.n, "mk_test_rc") == 402, 30)
 
             # a second signature (key rotation) in the header is accepted
             body = json.dumps({"id": "n2", "object_type": "charge_invoice",
@@ -622,7 +645,7 @@ def test_recurly_signature(nginx_factory, redis, tmp_path):
                 "recurly-signature": "%s,%s,%s" % (t_ms, "0" * 64, good)})
             assert st == 200
             assert h.b.cust("racme")["status"] == "active"
-            wait_for(lambda: call(h.n, "mk_test_rc") == 200, 5)
+            wait_for(lambda: call(h.n, "mk_test_rc") == 200, 30)
         finally:
             h.stop()
 
@@ -642,7 +665,7 @@ def test_register_then_webhooks(nginx_factory, redis, tmp_path):
             r = h.b.ctl("register", "--email", "flow@example.com", "--json")
             out = json.loads(r.stdout)
             key, cid = out["key"], out["customer"]
-            wait_for(lambda: call(h.n, key) == 200, 5)
+            wait_for(lambda: call(h.n, key) == 200, 30)
             cus, sub = f.customers[0]["id"], f.subscriptions[0]["id"]
             inv = {"id": "in_f", "object": "invoice", "customer": cus,
                    "subscription": sub}
@@ -651,11 +674,11 @@ def test_register_then_webhooks(nginx_factory, redis, tmp_path):
                                         SECRET, created=now)
             assert st == 200
             assert h.b.cust(cid)["status"] == "delinquent"
-            wait_for(lambda: call(h.n, key) == 402, 5)
+            wait_for(lambda: call(h.n, key) == 402, 30)
             st, _ = stfake.send_webhook(h.url, "invoice.paid", inv, SECRET,
                                         created=now + 1)
             assert st == 200
-            wait_for(lambda: call(h.n, key) == 200, 5)
+            wait_for(lambda: call(h.n, key) == 200, 30)
         finally:
             h.stop()
 
@@ -729,7 +752,7 @@ def test_stripe_dunning_end_does_not_flip_flop(stripe_hooks, redis, tmp_path):
                                    created=time.time() + 2)
     assert st == 200, body
     assert h.b.status("acme")[0] == "delinquent"
-    wait_for(lambda: call(h.n, "mk_test_hook_1") == 402, 5)
+    wait_for(lambda: call(h.n, "mk_test_hook_1") == 402, 30)
     # the poll agrees
     poll = Billing(tmp_path / "poll", redis, "stripe", h.fake)
     poll.sync()
@@ -742,7 +765,7 @@ def test_stripe_dunning_end_does_not_flip_flop(stripe_hooks, redis, tmp_path):
     assert h.b.cust("acme")["status"] == "active"
     poll.sync()
     assert h.b.cust("acme")["status"] == "active"
-    wait_for(lambda: call(h.n, "mk_test_hook_1") == 200, 5)
+    wait_for(lambda: call(h.n, "mk_test_hook_1") == 200, 30)
 
 
 def test_stripe_thin_error_report_dead_letters(stripe_hooks, redis):
