@@ -194,26 +194,7 @@ meter_alert_fieldf(meter_alert_fields_t *fl, const char *name,
 time_t
 meter_alert_month_start(time_t t, int delta)
 {
-    struct tm  tm;
-
-    gmtime_r(&t, &tm);
-    tm.tm_mday = 1;
-    tm.tm_hour = 0;
-    tm.tm_min = 0;
-    tm.tm_sec = 0;
-    tm.tm_mon += delta;
-
-    while (tm.tm_mon < 0) {
-        tm.tm_mon += 12;
-        tm.tm_year--;
-    }
-
-    while (tm.tm_mon > 11) {
-        tm.tm_mon -= 12;
-        tm.tm_year++;
-    }
-
-    return timegm(&tm);
+    return meter_month_shift(t, delta);
 }
 
 

@@ -166,41 +166,23 @@ meter_fig_time(time_t hour, time_t prev, time_t now, time_t mstart,
 time_t
 meter_month_start(time_t t)
 {
-    struct tm  tm;
-
-    gmtime_r(&t, &tm);
-    tm.tm_mday = 1;
-    tm.tm_hour = 0;
-    tm.tm_min = 0;
-    tm.tm_sec = 0;
-
-    return timegm(&tm);
+    return meter_month_shift(t, 0);
 }
 
 
 time_t
 meter_month_end(time_t t)
 {
-    struct tm  tm;
-
-    gmtime_r(&t, &tm);
-    tm.tm_mday = 1;
-    tm.tm_hour = 0;
-    tm.tm_min = 0;
-    tm.tm_sec = 0;
-    tm.tm_mon++;
-
-    return timegm(&tm);
+    return meter_month_shift(t, 1);
 }
 
 
 void
 meter_month_name(time_t t, char *buf, size_t size)
 {
-    struct tm  tm;
-
-    gmtime_r(&t, &tm);
-    strftime(buf, size, "%Y%m", &tm);
+    if (size >= 7) {
+        meter_month_label(t, buf);
+    }
 }
 
 

@@ -654,17 +654,8 @@ meter_portal_register(meter_portal_t *p, const meter_conf_t *cf,
 static void
 meter_portal_month(time_t t, time_t *start, time_t *end)
 {
-    struct tm  tm;
-
-    gmtime_r(&t, &tm);
-    tm.tm_mday = 1;
-    tm.tm_hour = 0;
-    tm.tm_min = 0;
-    tm.tm_sec = 0;
-    *start = timegm(&tm);
-
-    tm.tm_mon++;
-    *end = timegm(&tm);
+    *start = meter_month_shift(t, 0);
+    *end = meter_month_shift(t, 1);
 }
 
 

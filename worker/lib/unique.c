@@ -339,32 +339,6 @@ meter_uperiod_range(const char *uperiod, time_t *start, time_t *end)
 }
 
 
-void
-meter_month_label(time_t t, char *yyyymm)
-{
-    struct tm  tm;
-
-    gmtime_r(&t, &tm);
-    (void) strftime(yyyymm, 7, "%Y%m", &tm);
-}
-
-
-time_t
-meter_month_shift(time_t t, int delta)
-{
-    struct tm  tm;
-
-    gmtime_r(&t, &tm);
-    tm.tm_mon += delta;
-    tm.tm_mday = 1;
-    tm.tm_hour = 0;
-    tm.tm_min = 0;
-    tm.tm_sec = 0;
-
-    return timegm(&tm);
-}
-
-
 int
 meter_unique_month(meter_redis_t *r, const char *yyyymm,
     meter_unique_cb_t cb, void *arg, char *err, size_t errlen)

@@ -52,11 +52,6 @@ int meter_unique_month(meter_redis_t *r, const char *yyyymm,
  * 0, or -1 when malformed */
 int meter_uperiod_range(const char *uperiod, time_t *start, time_t *end);
 
-/* YYYYMM (7 bytes) of the month t is in */
-void meter_month_label(time_t t, char *yyyymm);
-
-/* the start of the month t is in, moved by delta months */
-time_t meter_month_shift(time_t t, int delta);
 
 
 #endif /* _METER_UNIQUE_H_INCLUDED_ */

@@ -141,6 +141,32 @@ meter_hour_parse(const char *s)
 
 
 void
+meter_month_label(time_t t, char *yyyymm)
+{
+    struct tm  tm;
+
+    gmtime_r(&t, &tm);
+    (void) strftime(yyyymm, 7, "%Y%m", &tm);
+}
+
+
+time_t
+meter_month_shift(time_t t, int delta)
+{
+    struct tm  tm;
+
+    gmtime_r(&t, &tm);
+    tm.tm_mon += delta;
+    tm.tm_mday = 1;
+    tm.tm_hour = 0;
+    tm.tm_min = 0;
+    tm.tm_sec = 0;
+
+    return timegm(&tm);
+}
+
+
+void
 meter_hour_format(time_t t, char *buf, size_t size)
 {
     struct tm  tm;

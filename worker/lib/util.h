@@ -38,6 +38,12 @@ time_t meter_period_start(time_t t, int period);
 
 /* "YYYYMMDDHH" <-> Unix seconds of the hour's start; -1 when malformed */
 time_t meter_hour_parse(const char *s);
+/* YYYYMM (7 bytes) of the month t is in */
+void meter_month_label(time_t t, char *yyyymm);
+
+/* the start of the month t is in, moved by delta months */
+time_t meter_month_shift(time_t t, int delta);
+
 void meter_hour_format(time_t t, char *buf, size_t size);
 
 /* "YYYY-MM-DDTHH" (meterctl) */

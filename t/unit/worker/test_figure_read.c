@@ -18,6 +18,7 @@
 
 #include "figure_read.h"
 #include "unique.h"
+#include "util.h"
 
 
 /* 2026-10-05T10:00:00Z */
