@@ -7,9 +7,9 @@ its final flush at exit, and the worker, write to db 2 of the master."""
 
 import pytest
 
-from conftest import Traffic, expect_totals, totals
-from test_failover import (MASTER, pytestmark, sentinel_conf,  # noqa: F401
-                           Topology)
+from conftest import Traffic, expect_totals, totals, wait_for
+from test_failover import (MASTER, acked, pytestmark,  # noqa: F401
+                           sentinel_conf, Topology)
 from test_metering import KEYS, api_plan, expected
 from test_worker import EPOCH, NOW_HOUR, Worker, line, put
 
@@ -66,6 +66,9 @@ def test_worker_authenticates_and_selects(topo_auth, tmp_path):
         "redis = sentinel://%s/%s" % (topo_auth.sentinel_list, MASTER)))
     h = NOW_HOUR - 2 * 3600
     kh = put(topo_auth.primary, "auth-1", h, {"calls|%s.1" % EPOCH: 9})
+    # redis.wait 1: the replica must be in sync first (a fresh topology may
+    # still be in its first full sync on a loaded machine)
+    wait_for(lambda: acked(topo_auth.primary), 30, 0.05)
     r = w.once(h + 3600)
     assert r.returncode == 0, r.stderr
     assert w.lines() == [line(kh, None, "calls", h, 9)]

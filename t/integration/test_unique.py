@@ -502,10 +502,11 @@ def test_a_full_table_evicts_and_only_resends(nginx_factory, redis):
     assert int(redis.cmd("SCARD", uq)) == 900
     z = status(n)
     assert z["unique_dropped"] == 0
-    assert z["unique_entries"] == 628
-    # one worker, one request at a time: each new user past 628 is one
-    # overwrite
-    assert z["unique_evicted"] == 900 - 628
+    # the value hash is seeded per zone: a slot no user's probe window
+    # reached may stay empty; one worker, one request at a time, so each
+    # new user either filled an empty slot or overwrote exactly one
+    assert 628 - 8 <= z["unique_entries"] <= 628, z
+    assert z["unique_evicted"] == 900 - z["unique_entries"], z
 
     # the first ones again: the evicted ones are new to the table, resent
     redis.cmd("CONFIG", "RESETSTAT")
