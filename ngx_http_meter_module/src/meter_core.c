@@ -492,16 +492,24 @@ meter_dirty(meter_table_t *t)
  */
 
 static void
-meter_mark(meter_table_t *t, uint32_t i)
+meter_bit_set(uint64_t *map, uint32_t i)
 {
     uint64_t  *w, bit;
 
-    w = &meter_dirty(t)[i >> 6];
+    w = &map[i >> 6];
     bit = (uint64_t) 1 << (i & 63);
 
+    /* a set bit costs a load, not a locked write to a shared line */
     if ((__atomic_load_n(w, __ATOMIC_SEQ_CST) & bit) == 0) {
         (void) __atomic_fetch_or(w, bit, __ATOMIC_SEQ_CST);
     }
+}
+
+
+static void
+meter_mark(meter_table_t *t, uint32_t i)
+{
+    meter_bit_set(meter_dirty(t), i);
 }
 
 
@@ -1564,14 +1572,7 @@ meter_uniq_dirty(meter_uniq_t *u)
 static void
 meter_uniq_mark(meter_uniq_t *u, uint32_t i)
 {
-    uint64_t  *w, bit;
-
-    w = &meter_uniq_dirty(u)[i >> 6];
-    bit = (uint64_t) 1 << (i & 63);
-
-    if ((__atomic_load_n(w, __ATOMIC_SEQ_CST) & bit) == 0) {
-        (void) __atomic_fetch_or(w, bit, __ATOMIC_SEQ_CST);
-    }
+    meter_bit_set(meter_uniq_dirty(u), i);
 }
 
 
